@@ -1,0 +1,47 @@
+# Two commands do all the set-up: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# The CPU wheel that lies on these machines' disk; GPU users install their own CUDA torch.
+TORCH_PIN ?= torch==2.13.0
+PORT ?= 8000
+MODEL_DIR ?= artefacts/default
+DATA_DIR ?= ../shared/data
+
+.PHONY: install run test lint bench model clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[train,serve,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Trains the default model once (small CNN on Omniglot, multi-similarity + TCM), then serves it.
+$(MODEL_DIR)/manifest.json: | $(STAMP)
+	$(VENV)/bin/tcm-train default-model --data-dir $(DATA_DIR) --out $(MODEL_DIR)
+
+model: $(MODEL_DIR)/manifest.json
+
+run: $(STAMP) $(MODEL_DIR)/manifest.json
+	TCM_ARTEFACT_PATH=$(MODEL_DIR) $(VENV)/bin/tcm-serve --host 127.0.0.1 --port $(PORT)
+
+test: $(STAMP)
+	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } || echo "warning: could not install prometheus (promtool); deploy tests will fail"
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not gpu"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache

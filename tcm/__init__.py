@@ -1,0 +1,61 @@
+"""Threshold-consistent metric learning: TCM loss, OPIS / eps-OPIS, calibration, retrieval metrics.
+
+Torch and numpy only (safetensors for the artefact format). See ``docs/architecture.md``.
+"""
+
+from tcm.artefact import (
+    Baseline,
+    Calibration,
+    Manifest,
+    load_artefact,
+    read_manifest,
+    save_artefact,
+)
+from tcm.calibration import (
+    ThresholdCalibration,
+    calibrate_threshold,
+    calibrate_threshold_from_scores,
+    threshold_at_far,
+)
+from tcm.consistency import (
+    AtThreshold,
+    ConsistencyReport,
+    consistency_from_scores,
+    consistency_report,
+    eps_opis,
+    opis,
+    range_average,
+    utility,
+)
+from tcm.embedders import build_embedder
+from tcm.loss import TCMLoss
+from tcm.preprocess import Preprocessing, to_input_tensor
+from tcm.retrieval import map_at_r, recall_at_k, retrieval_metrics
+
+__all__ = [
+    "AtThreshold",
+    "Baseline",
+    "Calibration",
+    "ConsistencyReport",
+    "Manifest",
+    "Preprocessing",
+    "TCMLoss",
+    "ThresholdCalibration",
+    "build_embedder",
+    "calibrate_threshold",
+    "calibrate_threshold_from_scores",
+    "consistency_from_scores",
+    "consistency_report",
+    "eps_opis",
+    "load_artefact",
+    "map_at_r",
+    "opis",
+    "range_average",
+    "read_manifest",
+    "recall_at_k",
+    "retrieval_metrics",
+    "save_artefact",
+    "threshold_at_far",
+    "to_input_tensor",
+    "utility",
+]

@@ -1,0 +1,170 @@
+"""The exported model artefact: the one contract between ``training`` and ``service``.
+
+An artefact is a directory with ``model.safetensors`` (weights, never pickles) and
+``manifest.json``. The manifest says how to rebuild the network (architecture name + kwargs, see
+:mod:`tcm.embedders`), how to preprocess pixels (:class:`tcm.preprocess.Preprocessing`), the single
+global threshold tau with the FAR it was calibrated for, the calibration range that monitoring must
+reuse, and the baseline consistency numbers measured on held-out classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tcm.embedders import build_embedder
+from tcm.preprocess import Preprocessing
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Global threshold and calibration range, computed once on held-out classes."""
+
+    tau: float  # accept a pair iff cosine score >= tau
+    target_far: float
+    far_at_tau: float
+    frr_at_tau: float
+    tau_lo: float  # threshold with global FAR = far_range[1]
+    tau_hi: float  # threshold with global FAR = far_range[0]
+    far_range: tuple[float, float] = (1e-3, 1e-1)
+    num_thresholds: int = 101
+    beta: float = 1.0
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Consistency and accuracy on held-out classes, the reference for live drift."""
+
+    opis: float
+    eps_opis: float
+    eps: float
+    recall_at_1: float
+    map_at_r: float
+    num_classes: int
+    num_images: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_version: str
+    architecture: str
+    architecture_kwargs: dict[str, Any]
+    preprocessing: Preprocessing
+    embedding_dim: int
+    calibration: Calibration
+    baseline: Baseline
+    dataset: dict[str, Any] = field(default_factory=dict)
+    training_config: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
+    similarity: str = "cosine"
+    format_version: int = FORMAT_VERSION
+    created_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        d["calibration"]["far_range"] = list(self.calibration.far_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"artefact format_version {version!r} is not supported (this build reads "
+                f"{FORMAT_VERSION}); re-export the model with a matching training package"
+            )
+        try:
+            cal = dict(d["calibration"])
+            cal["far_range"] = tuple(cal["far_range"])
+            return cls(
+                model_version=str(d["model_version"]),
+                architecture=str(d["architecture"]),
+                architecture_kwargs=dict(d["architecture_kwargs"]),
+                preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+                embedding_dim=int(d["embedding_dim"]),
+                calibration=Calibration(**cal),
+                baseline=Baseline(**d["baseline"]),
+                dataset=dict(d.get("dataset", {})),
+                training_config=dict(d.get("training_config", {})),
+                weights_sha256=str(d.get("weights_sha256", "")),
+                similarity=str(d.get("similarity", "cosine")),
+                format_version=int(version),
+                created_at=str(d.get("created_at", "")),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"manifest is missing or has a malformed field: {exc}") from exc
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_artefact(directory: str | Path, model: nn.Module, manifest: Manifest) -> Manifest:
+    """Writes weights and manifest (each atomically); returns the manifest with the weights hash."""
+    from safetensors.torch import save
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(out / WEIGHTS_FILE, save(state))
+    d = manifest.to_dict()
+    d["weights_sha256"] = _sha256(out / WEIGHTS_FILE)
+    _write_atomic(out / MANIFEST_FILE, json.dumps(d, indent=2, sort_keys=True).encode())
+    return Manifest.from_dict(d)
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise ValueError(f"no {MANIFEST_FILE} in {directory}: is this an exported artefact?")
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def load_artefact(
+    directory: str | Path, *, device: str | torch.device = "cpu", verify: bool = True
+) -> tuple[nn.Module, Manifest]:
+    """Rebuilds the network from the manifest and loads its weights, in eval mode."""
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"no {WEIGHTS_FILE} in {directory}")
+    if verify and manifest.weights_sha256 and _sha256(weights) != manifest.weights_sha256:
+        raise ValueError(f"{weights} does not match the sha256 in its manifest; re-export it")
+    model = build_embedder(manifest.architecture, **manifest.architecture_kwargs)
+    model.load_state_dict(load_file(str(weights), device="cpu"))
+    return model.to(device).eval(), manifest

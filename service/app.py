@@ -1,0 +1,93 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` builds an app whose lifespan owns every resource: it loads the model,
+opens the store, rebuilds the indexes and starts the batcher on start-up, and closes them all on
+shutdown. Nothing is created at import time. The Prometheus registry is created here, per app,
+and kept at ``app.state.registry`` (the runtime at ``app.state.runtime``, the live monitor at
+``app.state.monitor``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from service import errors
+from service.body_limit import BodySizeLimitMiddleware
+from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.monitor import attach_monitor
+from service.routers import (
+    admin,
+    embed,
+    feedback,
+    gallery,
+    health,
+    match,
+    model,
+    monitor,
+    verify,
+)
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+StartupHook = Callable[[FastAPI, Runtime], object]
+
+
+def create_app(settings: Settings | None = None, *,
+               on_startup: list[StartupHook] | None = None) -> FastAPI:
+    """``on_startup`` hooks run after the runtime is up, after the monitor (attached first
+    unless ``monitor_enabled`` is off); an awaitable result is awaited, and one with a
+    ``close()`` is closed at shutdown, in reverse order."""
+    settings = settings or Settings()
+    hooks: list[StartupHook] = [attach_monitor, *(on_startup or [])]
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = ServiceMetrics(registry, tenant_label_cap=settings.tenant_label_cap)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await Runtime.start(settings, metrics)
+        app.state.runtime = runtime
+        closers = []
+        try:
+            for hook in hooks:
+                result = hook(app, runtime)
+                if hasattr(result, "__await__"):
+                    result = await result  # type: ignore[misc]
+                if hasattr(result, "close"):
+                    closers.append(result)
+            if settings.admin_token is None:
+                log.warning("no admin token configured: the admin API is disabled")
+            yield
+        finally:
+            for c in reversed(closers):
+                try:
+                    res = c.close()
+                    if hasattr(res, "__await__"):
+                        await res
+                except Exception:
+                    log.exception("closing a start-up hook's resource failed")
+            app.state.runtime = None
+            app.state.monitor = None
+            await runtime.close()
+
+    app = FastAPI(title="threshold-consistent retrieval", version="1", lifespan=lifespan)
+    app.state.registry = registry
+    app.state.settings = settings
+    app.state.runtime = None
+    app.state.monitor = None
+    errors.install(app)
+    for r in (health.router, model.router, admin.router, gallery.router, match.router,
+              verify.router, embed.router, feedback.router, monitor.router):
+        app.include_router(r)
+    # the last added is the outermost: request metrics see every response, the 413s of the
+    # body limit included, which refuses oversize bodies before any route runs
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app
+

@@ -1,0 +1,200 @@
+"""The embedding model behind a dynamic batcher.
+
+Concurrent requests put their (preprocessed) images on one queue; a single worker task takes what
+is queued, waits at most ``max_wait`` for more until ``max_batch`` images are gathered, and runs
+one forward pass for all of them in a worker thread. Under load, batches fill up while the
+previous pass runs, so throughput grows with concurrency instead of requests queueing behind one
+another's forward passes. The worker only waits while other requests are still being
+preprocessed (about to join): a lone request is never delayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from starlette.concurrency import run_in_threadpool
+from torch import nn
+
+from service.errors import InvalidInputError, NotReadyError
+from service.metrics import ServiceMetrics
+from tcm import Preprocessing, to_input_tensor
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+@dataclass
+class _Job:
+    inputs: torch.Tensor  # (n, C, H, W), CPU
+    future: asyncio.Future[np.ndarray]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def size(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+class EmbeddingBatcher:
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, *, device: torch.device,
+                 max_batch: int, max_wait_s: float, metrics: ServiceMetrics | None = None
+                 ) -> None:
+        self.model = model
+        self.preprocessing = preprocessing
+        self.device = device
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.metrics = metrics
+        self.batches_run = 0
+        self.images_embedded = 0
+        self.largest_batch = 0
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._carry: deque[_Job] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._preparing = 0  # requests being preprocessed, i.e. about to join the queue
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._run(), name="embedding-batcher")
+        log.info("embedding batcher on %s: max_batch=%d max_wait=%.1f ms", self.device,
+                 self.max_batch, self.max_wait_s * 1e3)
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        pending = list(self._carry)
+        self._carry.clear()
+        while self._queue is not None and not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for job in pending:
+            if not job.future.done():
+                job.future.set_exception(NotReadyError("the service is shutting down"))
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    # --- public ----------------------------------------------------------------------------
+    async def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """uint8 images -> float32 (n, d) L2-normalised embeddings."""
+        if not images:
+            raise InvalidInputError("no images given")
+        self._preparing += 1
+        try:
+            try:
+                inputs = await run_in_threadpool(to_input_tensor, images, self.preprocessing)
+            except ValueError as exc:
+                raise InvalidInputError(f"cannot preprocess the image: {exc}") from exc
+            futures = self._enqueue(inputs)
+        finally:
+            self._preparing -= 1
+        return await self._gather(futures)
+
+    async def embed_tensor(self, inputs: torch.Tensor) -> np.ndarray:
+        """Preprocessed input (n, C, H, W) -> embeddings."""
+        return await self._gather(self._enqueue(inputs))
+
+    def _enqueue(self, inputs: torch.Tensor) -> list[asyncio.Future[np.ndarray]]:
+        if self._queue is None or not self.running:
+            raise NotReadyError("the embedding model is not running")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for start in range(0, inputs.shape[0], self.max_batch):
+            job = _Job(inputs[start:start + self.max_batch], loop.create_future())
+            futures.append(job.future)
+            self._queue.put_nowait(job)
+        return futures
+
+    @staticmethod
+    async def _gather(futures: list[asyncio.Future[np.ndarray]]) -> np.ndarray:
+        parts = await asyncio.gather(*futures)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    # --- worker ----------------------------------------------------------------------------
+    async def _next(self, timeout: float | None) -> _Job | None:
+        assert self._queue is not None
+        if self._carry:
+            return self._carry.popleft()
+        if timeout is None:
+            return await self._queue.get()
+        if timeout <= 0:
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next(None)
+            assert first is not None
+            jobs, size = [first], first.size
+            deadline = loop.time() + self.max_wait_s
+            while size < self.max_batch:
+                # wait only if someone is about to join; else take what is queued and go
+                wait = deadline - loop.time() if self._preparing else 0.0
+                job = await self._next(wait)
+                if job is None:
+                    break
+                if size + job.size > self.max_batch:
+                    self._carry.append(job)
+                    break
+                jobs.append(job)
+                size += job.size
+            jobs = [j for j in jobs if not j.future.done()]  # cancelled by disconnected clients
+            if jobs:
+                await self._forward_jobs(jobs)
+
+    async def _forward_jobs(self, jobs: list[_Job]) -> None:
+        started = time.perf_counter()
+        batch = torch.cat([j.inputs for j in jobs]) if len(jobs) > 1 else jobs[0].inputs
+        try:
+            out = await run_in_threadpool(self._forward, batch)
+        except Exception as exc:
+            log.exception("forward pass failed for a batch of %d images", batch.shape[0])
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(exc)
+            return
+        n = int(batch.shape[0])
+        self.batches_run += 1
+        self.images_embedded += n
+        self.largest_batch = max(self.largest_batch, n)
+        if self.metrics is not None:
+            self.metrics.embed_batch_images.observe(n)
+            self.metrics.embed_forward_seconds.observe(time.perf_counter() - started)
+            self.metrics.embedded_images.inc(n)
+            for j in jobs:
+                self.metrics.embed_queue_wait_seconds.observe(started - j.enqueued)
+        offset = 0
+        for j in jobs:
+            if not j.future.done():
+                j.future.set_result(out[offset:offset + j.size])
+            offset += j.size
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            out = self.model(batch.to(self.device, non_blocking=True))
+            out = torch.nn.functional.normalize(out.float(), dim=-1)
+        return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)

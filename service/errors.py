@@ -1,0 +1,150 @@
+"""Domain errors, and the one place where they become HTTP responses.
+
+Code below the routers raises these plain exceptions and knows nothing of HTTP; ``install``
+maps each class to a status code and renders every error, FastAPI's own validation errors and
+malformed JSON included, in one body shape: ``{"code": ..., "message": ..., "detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see; ``code`` is stable, ``message`` is for people."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, detail: Any = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        if code is not None:
+            self.code = code
+
+
+class InvalidInputError(ServiceError):
+    code = "invalid_input"
+
+
+class NotFoundError(ServiceError):
+    """Also raised for other tenants' resources, so that their existence does not leak."""
+
+    code = "not_found"
+
+
+class ConflictError(ServiceError):
+    code = "conflict"
+
+
+class AuthenticationError(ServiceError):
+    code = "unauthorized"
+
+
+class PayloadTooLargeError(ServiceError):
+    code = "payload_too_large"
+
+
+class StoreUnavailableError(ServiceError):
+    """The store cannot be reached; the request may be retried once it is back."""
+
+    code = "store_unavailable"
+
+
+class NotReadyError(ServiceError):
+    code = "not_ready"
+
+
+STATUS: dict[type[ServiceError], int] = {
+    InvalidInputError: 422,
+    NotFoundError: 404,
+    ConflictError: 409,
+    AuthenticationError: 401,
+    PayloadTooLargeError: 413,
+    StoreUnavailableError: 503,
+    NotReadyError: 503,
+}
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+               413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_input",
+               429: "too_many_requests", 503: "unavailable"}
+
+
+def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
+    return {"code": code, "message": message, "detail": detail}
+
+
+def status_of(exc: ServiceError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def _response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+              ) -> JSONResponse:
+    return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    status = status_of(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 503:
+        headers = {"Retry-After": "1"}
+        log.warning("%s: %s", exc.code, exc.message)
+        runtime = getattr(request.app.state, "runtime", None)
+        if isinstance(exc, StoreUnavailableError) and runtime is not None:
+            runtime.metrics.store_errors.inc()
+    return _response(status, error_body(exc.code, exc.message, exc.detail), headers)
+
+
+def _clean_validation_errors(errors: Any) -> list[dict[str, Any]]:
+    """Keeps loc/msg/type: echoing ``input`` back could return megabytes of base64."""
+    out = []
+    for e in errors:
+        item = {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        ctx = e.get("ctx")
+        if ctx:
+            item["ctx"] = {k: str(v) for k, v in ctx.items()}
+        out.append(item)
+    return out
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = _clean_validation_errors(exc.errors())
+    if any(e["type"] == "json_invalid" for e in errors):
+        return _response(400, error_body("malformed_json", "the request body is not valid JSON",
+                                         errors))
+    return _response(422, error_body("invalid_input", "the request does not match the schema",
+                                     errors))
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return _response(exc.status_code, error_body(code, message), getattr(exc, "headers", None))
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return _response(500, error_body("internal_error", "an unexpected error occurred"))
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

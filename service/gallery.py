@@ -1,0 +1,138 @@
+"""Enrolling, reading and deleting gallery items: the store of record first, then the index.
+
+Writes for one tenant are serialised by an asyncio lock, so that an enrolment and a delete of the
+same item cannot reach the index in the opposite order from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter, defaultdict
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import ConflictError, InvalidInputError, NotFoundError
+from service.images import decode_base64
+from service.index import IndexRegistry
+from service.inputs import InputResolver
+from service.metrics import ServiceMetrics
+from service.schemas import EnrolItem
+from service.store import GalleryItem, NewItem, Store
+
+
+class Gallery:
+    def __init__(self, *, store: Store, indexes: IndexRegistry, resolver: InputResolver,
+                 metrics: ServiceMetrics, model_version: str, max_batch_items: int,
+                 max_list_limit: int) -> None:
+        self.store = store
+        self.indexes = indexes
+        self.resolver = resolver
+        self.metrics = metrics
+        self.model_version = model_version
+        self.max_batch_items = max_batch_items
+        self.max_list_limit = max_list_limit
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def _update_size_metric(self) -> None:
+        self.metrics.set_gallery_size(self.indexes.sizes())
+
+    async def enrol(self, tenant_id: str, items: list[EnrolItem],
+                    images: dict[int, bytes] | None = None) -> list[str]:
+        """All items or none. ``images`` optionally gives raw bytes (uploads) by position,
+        in place of the base64 ``image`` field."""
+        images = images or {}
+        if len(items) > self.max_batch_items:
+            raise InvalidInputError(f"{len(items)} items in one request, the limit is "
+                                    f"{self.max_batch_items}", code="too_many_items")
+        counts = Counter(it.item_id for it in items if it.item_id is not None)
+        dupes = sorted(i for i, n in counts.items() if n > 1)
+        if dupes:
+            raise ConflictError("the request repeats item ids", code="duplicate_item_id",
+                                detail={"item_ids": dupes})
+        vectors: list[np.ndarray | None] = [None] * len(items)
+        to_embed: list[tuple[str, bytes | str]] = []
+        positions: list[int] = []
+        raw_images: list[bytes | None] = [None] * len(items)
+        for i, it in enumerate(items):
+            if it.embedding is not None:
+                vectors[i] = self.resolver.embedding(it.embedding, where=f"items[{i}].embedding")
+            else:
+                data = images.get(i, it.image)
+                assert data is not None
+                to_embed.append((f"items[{i}].image", data))
+                positions.append(i)
+        if to_embed:
+            decoded_bytes = await run_in_threadpool(_raw_bytes, to_embed)
+            for i, raw in zip(positions, decoded_bytes, strict=True):
+                raw_images[i] = raw
+            embedded = await self.resolver.images(
+                [(w, raw) for (w, _), raw in zip(to_embed, decoded_bytes, strict=True)])
+            for i, v in zip(positions, embedded, strict=True):
+                vectors[i] = v
+        new_items = [
+            NewItem(item_id=it.item_id or uuid.uuid4().hex, subject=it.subject,
+                    embedding=vec, metadata=it.metadata, image=raw)
+            for it, vec, raw in zip(items, vectors, raw_images, strict=True)
+            if vec is not None
+        ]
+        assert len(new_items) == len(items)
+        async with self._locks[tenant_id]:
+            seqs = await run_in_threadpool(lambda: self.store.add_items(
+                tenant_id, new_items, model_version=self.model_version, created_at=time.time()))
+            await run_in_threadpool(
+                self.indexes.get(tenant_id).add, seqs, [n.item_id for n in new_items],
+                [n.subject for n in new_items], np.stack([n.embedding for n in new_items]))
+        self._update_size_metric()
+        return [n.item_id for n in new_items]
+
+    async def get(self, tenant_id: str, item_id: str) -> GalleryItem:
+        item = await run_in_threadpool(lambda: self.store.get_item(
+            tenant_id, item_id, model_version=self.model_version))
+        if item is None:
+            raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
+        return item
+
+    async def list(self, tenant_id: str, *, subject: str | None, cursor: str | None,
+                   limit: int) -> tuple[list[GalleryItem], str | None]:
+        if not 1 <= limit <= self.max_list_limit:
+            raise InvalidInputError(f"limit must lie in 1..{self.max_list_limit}, got {limit}",
+                                    code="invalid_limit")
+        after = 0
+        if cursor is not None:
+            if not cursor.isdigit() or len(cursor) > 19:
+                raise InvalidInputError("cursor is not one this API returned",
+                                        code="invalid_cursor")
+            after = int(cursor)
+        rows = await run_in_threadpool(lambda: self.store.list_items(
+            tenant_id, subject=subject, after_seq=after, limit=limit + 1))
+        page = rows[:limit]
+        next_cursor = str(page[-1].seq) if len(rows) > limit else None
+        return page, next_cursor
+
+    async def delete_item(self, tenant_id: str, item_id: str) -> None:
+        async with self._locks[tenant_id]:
+            seq = await run_in_threadpool(self.store.delete_item, tenant_id, item_id)
+            if seq is None:
+                raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
+            await run_in_threadpool(self.indexes.get(tenant_id).remove, [seq])
+        self._update_size_metric()
+
+    async def delete_subject(self, tenant_id: str, subject: str) -> int:
+        async with self._locks[tenant_id]:
+            seqs = await run_in_threadpool(self.store.delete_subject, tenant_id, subject)
+            if not seqs:
+                raise NotFoundError(f"no gallery items for subject {subject!r}",
+                                    detail={"subject": subject})
+            await run_in_threadpool(self.indexes.get(tenant_id).remove, seqs)
+        self._update_size_metric()
+        return len(seqs)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        self._locks.pop(tenant_id, None)
+
+
+def _raw_bytes(images: list[tuple[str, bytes | str]]) -> list[bytes]:
+    return [decode_base64(d, where=w) if isinstance(d, str) else d for w, d in images]

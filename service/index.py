@@ -1,0 +1,217 @@
+"""In-memory FAISS indexes, one per tenant, rebuilt from the store at start-up.
+
+Each index is ``IndexIDMap2`` over an inner-product index built from the configured factory string
+(``Flat`` by default: exact search), holding L2-normalised float32 vectors so that inner product is
+cosine similarity. FAISS ids are the store's int64 ``seq`` of each item; the index keeps the map
+from id to (item_id, subject) so that a search needs no store round trip.
+
+Deletes call ``remove_ids`` where the index supports it. GPU indexes and some CPU ones (HNSW)
+cannot remove: their ids become tombstones that searches over-fetch past and filter out, and the
+index is rebuilt from the live vectors once tombstones pile up. Factories that need training (IVF,
+PQ) are trained on the tenant's vectors at rebuild when there are enough of them; until then the
+tenant gets an exact flat index.
+
+The GPU is used only when this faiss build has GPU support and CUDA is present: decided once per
+process, and logged. Every method is blocking and guarded by a per-tenant lock: call it from a
+worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_MIN_TRAIN_PER_CENTROID = 39  # faiss's own warning threshold for k-means
+
+
+@dataclass(frozen=True)
+class Hit:
+    seq: int
+    item_id: str
+    subject: str
+    score: float
+
+
+def gpu_available(device: str) -> bool:
+    """Whether indexes go to the GPU: needs faiss GPU support, a CUDA device, and device != cpu."""
+    if device == "cpu":
+        return False
+    has_gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if not has_gpu_faiss:
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover
+        return True
+
+
+class TenantIndex:
+    def __init__(self, dim: int, factory: str, *, gpu_resources: object | None = None,
+                 tombstone_limit: int = 1024) -> None:
+        self.dim = dim
+        self.factory = factory
+        self._gpu_res = gpu_resources
+        self._tombstone_limit = tombstone_limit
+        self._lock = threading.Lock()
+        self._items: dict[int, tuple[str, str]] = {}
+        self._tombstones: set[int] = set()
+        self._index = self._empty_index(trainable_vectors=None)
+
+    # --- construction ----------------------------------------------------------------------
+    def _empty_index(self, trainable_vectors: np.ndarray | None) -> faiss.Index:
+        base = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+        if not base.is_trained:
+            n = 0 if trainable_vectors is None else len(trainable_vectors)
+            nlist = int(getattr(faiss.extract_index_ivf(base), "nlist", 1)) if _is_ivf(base) else 1
+            if n >= max(nlist * _MIN_TRAIN_PER_CENTROID, 256):
+                base.train(trainable_vectors)
+            else:
+                base = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIDMap2(base)
+        if self._gpu_res is not None:
+            index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+        return index
+
+    def rebuild(self, seqs: np.ndarray, item_ids: list[str], subjects: list[str],
+                vectors: np.ndarray) -> None:
+        """Replaces the contents (training the factory's index on these vectors if it needs it)."""
+        vectors = _as_matrix(vectors, self.dim)
+        with self._lock:
+            self._index = self._empty_index(trainable_vectors=vectors if len(vectors) else None)
+            self._items = {}
+            self._tombstones = set()
+            self._add_locked(np.asarray(seqs, np.int64), item_ids, subjects, vectors)
+
+    # --- mutation --------------------------------------------------------------------------
+    def add(self, seqs: list[int] | np.ndarray, item_ids: list[str], subjects: list[str],
+            vectors: np.ndarray) -> None:
+        with self._lock:
+            self._add_locked(np.asarray(seqs, np.int64), item_ids, subjects,
+                             _as_matrix(vectors, self.dim))
+
+    def _add_locked(self, seqs: np.ndarray, item_ids: list[str], subjects: list[str],
+                    vectors: np.ndarray) -> None:
+        assert len(seqs) == len(item_ids) == len(subjects) == len(vectors)
+        fresh = np.array([int(s) not in self._items for s in seqs], dtype=bool)
+        if not fresh.any():
+            return
+        self._index.add_with_ids(vectors[fresh], seqs[fresh])
+        for s, iid, subj, ok in zip(seqs, item_ids, subjects, fresh, strict=True):
+            if ok:
+                self._items[int(s)] = (iid, subj)
+
+    def remove(self, seqs: list[int]) -> None:
+        with self._lock:
+            present = [s for s in seqs if s in self._items]
+            if not present:
+                return
+            for s in present:
+                del self._items[s]
+            ids = np.asarray(present, np.int64)
+            try:
+                self._index.remove_ids(ids)
+            except RuntimeError:  # GPU, HNSW, ...: not removable; filter at search time
+                self._tombstones.update(present)
+                if len(self._tombstones) > max(self._tombstone_limit, len(self._items)):
+                    self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        live = np.fromiter(self._items.keys(), dtype=np.int64, count=len(self._items))
+        vectors = (self._index.reconstruct_batch(live) if len(live)
+                   else np.zeros((0, self.dim), np.float32))
+        items = dict(self._items)
+        self._index = self._empty_index(trainable_vectors=vectors if len(vectors) else None)
+        self._items = {}
+        self._tombstones = set()
+        self._add_locked(live, [items[int(s)][0] for s in live], [items[int(s)][1] for s in live],
+                         _as_matrix(vectors, self.dim))
+        log.info("compacted a FAISS index to %d live vectors", len(live))
+
+    # --- queries ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-k hits per query row, best first (fewer when the gallery is smaller)."""
+        queries = _as_matrix(queries, self.dim)
+        with self._lock:
+            n = len(self._items)
+            if n == 0 or k <= 0:
+                return [[] for _ in range(len(queries))]
+            fetch = min(k + len(self._tombstones), n + len(self._tombstones))
+            scores, ids = self._index.search(queries, fetch)
+            items = self._items
+            out = []
+            for row_s, row_i in zip(scores, ids, strict=True):
+                hits = []
+                for s, i in zip(row_s, row_i, strict=True):
+                    entry = items.get(int(i))
+                    if i < 0 or entry is None:
+                        continue
+                    hits.append(Hit(int(i), entry[0], entry[1],
+                                    float(min(1.0, max(-1.0, float(s))))))
+                    if len(hits) == k:
+                        break
+                out.append(hits)
+            return out
+
+
+class IndexRegistry:
+    """All tenants' indexes; created on first use, dropped with the tenant."""
+
+    def __init__(self, dim: int, factory: str = "Flat", *, device: str = "cpu") -> None:
+        self.dim = dim
+        self.factory = factory
+        # check the factory string once, at start-up, rather than at a tenant's first enrolment
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        self.on_gpu = gpu_available(device)
+        self._gpu_res = faiss.StandardGpuResources() if self.on_gpu else None
+        log.info("FAISS indexes: factory=%r dim=%d on %s", factory, dim,
+                 "GPU" if self.on_gpu else "CPU")
+        self._lock = threading.Lock()
+        self._indexes: dict[str, TenantIndex] = {}
+
+    def get(self, tenant_id: str) -> TenantIndex:
+        with self._lock:
+            index = self._indexes.get(tenant_id)
+            if index is None:
+                index = TenantIndex(self.dim, self.factory, gpu_resources=self._gpu_res)
+                self._indexes[tenant_id] = index
+            return index
+
+    def drop(self, tenant_id: str) -> None:
+        with self._lock:
+            self._indexes.pop(tenant_id, None)
+
+    def sizes(self) -> dict[str, int]:
+        with self._lock:
+            return {t: len(ix) for t, ix in self._indexes.items()}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._indexes.clear()
+
+
+def _is_ivf(index: faiss.Index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    if v.ndim == 1:
+        v = v.reshape(1, -1) if v.size else v.reshape(0, dim)
+    if v.shape[1] != dim:
+        raise ValueError(f"expected vectors of dimension {dim}, got {v.shape}")
+    return v

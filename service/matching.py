@@ -1,0 +1,151 @@
+"""1:N match, 1:1 verify, and feedback on past matches.
+
+One rule decides everywhere: a pair is accepted iff its cosine score >= tau, the model's global
+threshold. A match is decided by its best candidate. In verify, a subject stands for its best
+matching enrolled item (max score over the subject's items, the same rule 1:N matching applies),
+so "is this the person enrolled as S?" gets the answer match would give if S were the only
+subject in the gallery.
+
+Listeners (``match_listeners``, ``feedback_listeners``) let the monitor observe decisions as
+they happen; a failing listener is logged and never fails the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import InvalidInputError, NotFoundError
+from service.index import Hit, IndexRegistry
+from service.inputs import InputResolver
+from service.metrics import ServiceMetrics
+from service.schemas import VerifyInput
+from service.store import Feedback, MatchRecord, Outcome, Store
+
+log = logging.getLogger(__name__)
+
+MatchListener = Callable[[MatchRecord], None]
+FeedbackListener = Callable[[MatchRecord, Feedback], None]
+
+
+def label_decision(match: MatchRecord, *, true_subject: str | None, subject_given: bool,
+                   correct: bool | None) -> tuple[bool | None, Outcome]:
+    """Ground truth for a match -> (genuine, outcome).
+
+    ``genuine``: do the query and the best candidate share a subject (None without a candidate
+    or when only ``correct`` was given for a reject)? With ``true_subject`` it is
+    ``true_subject == top_subject``; null means the query's subject is not enrolled, so every
+    candidate is an impostor. With ``correct``, an accept that was correct is genuine and a
+    wrong one is not; a reject that was correct is an impostor pair, a wrong one genuine.
+    """
+    if subject_given:
+        genuine = (match.top_subject is not None and true_subject is not None
+                   and true_subject == match.top_subject)
+        known: bool | None = genuine if match.top_subject is not None else None
+    else:
+        assert correct is not None
+        genuine = correct if match.accepted else not correct
+        known = genuine if match.top_subject is not None else None
+    if match.accepted:
+        outcome: Outcome = "true_accept" if genuine else "false_accept"
+    else:
+        outcome = "false_reject" if genuine else "true_reject"
+    return known, outcome
+
+
+class Matcher:
+    def __init__(self, *, store: Store, indexes: IndexRegistry, resolver: InputResolver,
+                 metrics: ServiceMetrics, threshold: float, model_version: str,
+                 max_k: int) -> None:
+        self.store = store
+        self.indexes = indexes
+        self.resolver = resolver
+        self.metrics = metrics
+        self.threshold = threshold
+        self.model_version = model_version
+        self.max_k = max_k
+        self.match_listeners: list[MatchListener] = []
+        self.feedback_listeners: list[FeedbackListener] = []
+
+    def accepts(self, score: float) -> bool:
+        return score >= self.threshold
+
+    def check_k(self, k: int) -> int:
+        if not 1 <= k <= self.max_k:
+            raise InvalidInputError(f"k must lie in 1..{self.max_k}, got {k}", code="invalid_k",
+                                    detail={"k": k, "max_k": self.max_k})
+        return k
+
+    async def match(self, tenant_id: str, query: np.ndarray, k: int
+                    ) -> tuple[MatchRecord, list[Hit]]:
+        self.check_k(k)
+        index = self.indexes.get(tenant_id)
+        started = time.perf_counter()
+        (hits,) = await run_in_threadpool(index.search, query.reshape(1, -1), k)
+        self.metrics.index_search_seconds.observe(time.perf_counter() - started)
+        top = hits[0] if hits else None
+        accepted = top is not None and self.accepts(top.score)
+        record = MatchRecord(
+            match_id=uuid.uuid4().hex, tenant_id=tenant_id, accepted=accepted,
+            subject=top.subject if accepted and top else None,
+            top_item_id=top.item_id if top else None, top_subject=top.subject if top else None,
+            score=top.score if top else None, threshold=self.threshold,
+            model_version=self.model_version, created_at=time.time())
+        await run_in_threadpool(self.store.add_match, record)
+        self.metrics.match_decisions.labels(
+            tenant=self.metrics.tenant_label(tenant_id),
+            decision="accept" if accepted else "reject").inc()
+        self._notify(self.match_listeners, record)
+        return record, hits
+
+    async def vectors(self, tenant_id: str, inp: VerifyInput, *, where: str,
+                      upload: bytes | None = None) -> np.ndarray:
+        """One verify input -> its vectors (several for a subject)."""
+        if upload is not None or inp.image is not None:
+            data: bytes | str = upload if upload is not None else inp.image  # type: ignore[assignment]
+            return await self.resolver.images([(f"{where}.image", data)])
+        if inp.embedding is not None:
+            return self.resolver.embedding(inp.embedding, where=f"{where}.embedding")[None]
+        if inp.item_id is not None:
+            return await self.resolver.item_vector(tenant_id, inp.item_id)
+        assert inp.subject is not None
+        return await self.resolver.subject_vectors(tenant_id, inp.subject)
+
+    async def verify(self, tenant_id: str, a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
+        """Best cosine over all pairs of a's and b's vectors (one pair unless subjects)."""
+        best = await run_in_threadpool(lambda: float((a @ b.T).max()))  # subjects can be large
+        score = float(np.clip(best, -1.0, 1.0))
+        accepted = self.accepts(score)
+        self.metrics.verify_decisions.labels(
+            tenant=self.metrics.tenant_label(tenant_id),
+            decision="accept" if accepted else "reject").inc()
+        return score, accepted
+
+    async def feedback(self, tenant_id: str, match_id: str, *, true_subject: str | None,
+                       subject_given: bool, correct: bool | None) -> Feedback:
+        match = await run_in_threadpool(self.store.get_match, tenant_id, match_id)
+        if match is None:
+            raise NotFoundError(f"no match {match_id!r}", detail={"match_id": match_id})
+        genuine, outcome = label_decision(match, true_subject=true_subject,
+                                          subject_given=subject_given, correct=correct)
+        fb = Feedback(match_id=match_id, tenant_id=tenant_id,
+                      true_subject=true_subject if subject_given else None,
+                      correct=correct, genuine=genuine, outcome=outcome, created_at=time.time())
+        await run_in_threadpool(self.store.add_feedback, fb)
+        self.metrics.decisions.labels(tenant=self.metrics.tenant_label(tenant_id),
+                                      outcome=outcome).inc()
+        self._notify(self.feedback_listeners, match, fb)
+        return fb
+
+    @staticmethod
+    def _notify(listeners: list, *args: object) -> None:
+        for listener in listeners:
+            try:
+                listener(*args)
+            except Exception:
+                log.exception("a decision listener failed")

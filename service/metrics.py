@@ -1,0 +1,175 @@
+"""The service's Prometheus metrics, created against a registry owned by the app.
+
+Names follow ``tcm_<noun>_<unit>``; counters end in ``_total``. A tenant label is capped
+(``tenant_label_cap``): the oldest tenants keep their id as label value, later ones are reported
+as ``other``, so a large deployment cannot blow up the series count. The monitor's metrics
+(``service.monitoring``) use the same :class:`TenantLabels`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+OTHER_TENANTS = "other"
+OUTCOMES = ("true_accept", "false_accept", "true_reject", "false_reject")
+
+
+class TenantLabels:
+    """Maps tenant ids to label values, at most ``cap`` distinct ones (plus ``other``).
+
+    The policy is "the ``cap`` oldest tenants keep their id": at start-up the indexes are
+    registered oldest first, and :meth:`sync` (called by the monitor with the store's tenant
+    list) re-applies it, so that every replica, and every metric, folds the same tenants into
+    ``other``. Between syncs a new tenant keeps its id while the cap has room.
+    ``on_new_label`` is called once per label value handed out (to create series at 0).
+    """
+
+    def __init__(self, cap: int, *, on_new_label: Callable[[str], None] | None = None) -> None:
+        self.cap = cap
+        self._seen: set[str] = set()
+        self._issued: set[str] = set()
+        self._lock = threading.Lock()
+        self._on_new_label = on_new_label
+
+    def __call__(self, tenant_id: str) -> str:
+        with self._lock:
+            if tenant_id in self._seen:
+                label = tenant_id
+            elif len(self._seen) < self.cap:
+                self._seen.add(tenant_id)
+                label = tenant_id
+            else:
+                label = OTHER_TENANTS
+        self._issue(label)
+        return label
+
+    def sync(self, tenant_ids_oldest_first: Sequence[str]) -> dict[str, str]:
+        """Re-applies the policy to the current tenants; returns their label values."""
+        ids = list(dict.fromkeys(tenant_ids_oldest_first))
+        labels = tenant_label_values(ids, self.cap)
+        with self._lock:
+            self._seen = set(ids[:self.cap])
+        for label in dict.fromkeys(labels.values()):
+            self._issue(label)
+        return labels
+
+    def _issue(self, label: str) -> None:
+        if label in self._issued:
+            return
+        with self._lock:
+            if label in self._issued:
+                return
+            self._issued.add(label)
+        if self._on_new_label is not None:
+            self._on_new_label(label)
+
+
+def tenant_label_values(tenant_ids_oldest_first: Sequence[str], cap: int) -> dict[str, str]:
+    """The labelling policy as a pure function: the first ``cap`` tenants keep their id."""
+    return {t: (t if i < cap else OTHER_TENANTS)
+            for i, t in enumerate(dict.fromkeys(tenant_ids_oldest_first))}
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry, *, tenant_label_cap: int) -> None:
+        self.registry = registry
+        self.tenant_label = TenantLabels(tenant_label_cap, on_new_label=self._init_tenant)
+        self.request_seconds = Histogram(
+            "tcm_http_request_duration_seconds", "HTTP request latency by route template",
+            ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.embed_batch_images = Histogram(
+            "tcm_embed_batch_images", "images per forward pass of the embedding model",
+            buckets=BATCH_BUCKETS, registry=registry)
+        self.embed_queue_wait_seconds = Histogram(
+            "tcm_embed_queue_wait_seconds", "time a request waited for its forward pass",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.embed_forward_seconds = Histogram(
+            "tcm_embed_forward_seconds", "duration of one batched forward pass",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.embedded_images = Counter(
+            "tcm_embedded_images_total", "images embedded by the model", registry=registry)
+        self.index_search_seconds = Histogram(
+            "tcm_index_search_seconds", "FAISS search latency", buckets=LATENCY_BUCKETS,
+            registry=registry)
+        self.gallery_items = Gauge(
+            "tcm_gallery_items", "enrolled gallery items indexed for the active model",
+            ["tenant"], registry=registry)
+        self.tenants = Gauge("tcm_tenants", "tenants known to this replica", registry=registry)
+        self.match_decisions = Counter(
+            "tcm_match_decisions_total", "1:N match decisions at the global threshold",
+            ["tenant", "decision"], registry=registry)
+        self.verify_decisions = Counter(
+            "tcm_verify_decisions_total", "1:1 verify decisions at the global threshold",
+            ["tenant", "decision"], registry=registry)
+        self.decisions = Counter(
+            "tcm_decisions_total", "1:N decisions labelled by feedback, by outcome at the "
+            "decision's own threshold (per-tenant FAR/FRR: recording rules)",
+            ["tenant", "outcome"], registry=registry)
+        self.store_errors = Counter(
+            "tcm_store_errors_total", "requests failed because the store was unavailable",
+            registry=registry)
+        self.model = Info("tcm_model", "the served model", registry=registry)
+        self.threshold = Gauge("tcm_model_threshold_score",
+                               "global cosine threshold tau of the served model",
+                               registry=registry)
+
+    def _init_tenant(self, label: str) -> None:
+        """The four outcome series start at 0, so FAR/FRR ratios exist before the first error
+        (a missing series would make the rate ratio vanish instead of reading 0)."""
+        for outcome in OUTCOMES:
+            self.decisions.labels(tenant=label, outcome=outcome)
+
+    def set_gallery_size(self, sizes: dict[str, int]) -> None:
+        """Sets gallery sizes; tenants folded into ``other`` are summed."""
+        totals: dict[str, int] = {}
+        for tenant, n in sizes.items():
+            label = self.tenant_label(tenant)
+            totals[label] = totals.get(label, 0) + n
+        for label, n in totals.items():
+            self.gallery_items.labels(tenant=label).set(n)
+        self.tenants.set(len(sizes))
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        label = self.tenant_label(tenant_id)
+        if label != OTHER_TENANTS:
+            with contextlib.suppress(KeyError):
+                self.gallery_items.remove(label)
+
+
+class RequestMetricsMiddleware:
+    """Observes each request's latency under its route template (``/v1/gallery/{item_id}``),
+    never the raw path, so ids do not become label values."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_seconds.labels(
+                method=scope.get("method", ""), route=template, status=str(status)
+            ).observe(time.perf_counter() - start)

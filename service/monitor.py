@@ -1,0 +1,312 @@
+"""Live threshold-consistency monitoring, run in the background of the service.
+
+Every ``interval_s`` a :class:`Monitor` reads each tenant's labelled pairs from the store
+(feedback in the sliding window, a deterministic sample of gallery pairs), computes the snapshot
+(:func:`service.monitoring.compute_snapshot`: per-tenant FAR/FRR/utility at tau, OPIS and
+eps-OPIS across tenants vs the model's baseline, score histograms) in a worker thread, stores it
+(``Store.put_monitor_snapshot``) and exposes it on ``/metrics``. Nothing of this runs on the
+request path: the request path only counts ``tcm_decisions_total`` (``Matcher.feedback``).
+
+Replicas sharing a store share the snapshot: a replica adopts the stored one while it is younger
+than half an interval and was computed for the same model and configuration, else computes and
+stores its own. Two replicas racing compute the same numbers from the same store (gallery samples
+are seeded by tenant and model), so the race is harmless.
+
+``GET /v1/monitor`` serves the snapshot (a tenant sees only its own row) and a what-if view at a
+candidate threshold, computed from the snapshot's pairs: those the monitor just computed from are
+kept in memory (up to ``whatif_cache_pairs``), others are reloaded once per snapshot, so a
+what-if costs O(tenants * log pairs) once loaded and at most one bounded reload per tenant and
+snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from service.errors import StoreUnavailableError
+from service.metrics import ServiceMetrics
+from service.monitoring import (
+    LabelledScores,
+    MonitorConfig,
+    MonitorMetrics,
+    compute_snapshot,
+    feedback_scores,
+    gallery_scores,
+    seed_for,
+    tenant_view,
+    what_if,
+)
+from service.store.base import Decision, GalleryVectors, Tenant
+from tcm import Manifest
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from service.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+Pairs = dict[str, LabelledScores]  # source -> labelled scores of one tenant
+
+
+class MonitorStore(Protocol):
+    """The part of :class:`service.store.Store` the monitor uses (blocking, thread-safe)."""
+
+    def list_tenants(self) -> list[Tenant]: ...
+
+    def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
+                       limit: int | None = None) -> list[Decision]: ...
+
+    def gallery_vectors(self, tenant_id: str, *, model_version: str,
+                        subject: str | None = None) -> GalleryVectors: ...
+
+    def put_monitor_snapshot(self, snapshot: Mapping[str, Any]) -> None: ...
+
+    def get_monitor_snapshot(self) -> dict[str, Any] | None: ...
+
+
+class PairCache:
+    """Tenants' pairs of one snapshot, least recently used first out, at most ``budget``
+    pairs in all (a tenant larger than the budget is not cached)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._key: Hashable = None
+        self._entries: OrderedDict[str, Pairs] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def reset(self, key: Hashable, pairs: Mapping[str, Pairs] | None = None) -> None:
+        with self._lock:
+            self._reset(key)
+            for t, parts in (pairs or {}).items():
+                self._put(t, parts)
+
+    def get_many(self, key: Hashable, tenants: Sequence[str],
+                 load: Callable[[list[str]], dict[str, Pairs]]) -> dict[str, Pairs]:
+        """The tenants' pairs for snapshot ``key``, loading those not cached (outside the
+        lock). ``key=None`` (no snapshot yet) loads without caching."""
+        found: dict[str, Pairs] = {}
+        with self._lock:
+            if key is None or key != self._key:
+                self._reset(key)
+            for t in tenants:
+                if t in self._entries:
+                    self._entries.move_to_end(t)
+                    found[t] = self._entries[t]
+        missing = [t for t in tenants if t not in found]
+        if missing:
+            loaded = load(missing)
+            with self._lock:
+                if key is not None and key == self._key:
+                    for t in missing:
+                        self._put(t, loaded[t])
+            found.update(loaded)
+        return {t: found[t] for t in tenants}
+
+    def _reset(self, key: Hashable) -> None:
+        self._key = key
+        self._entries.clear()
+        self._size = 0
+
+    def _put(self, tenant: str, parts: Pairs) -> None:
+        size = sum(p.size for p in parts.values())
+        if size > self.budget or tenant in self._entries:
+            return
+        while self._entries and self._size + size > self.budget:
+            _, old = self._entries.popitem(last=False)
+            self._size -= sum(p.size for p in old.values())
+        self._entries[tenant] = parts
+        self._size += size
+
+
+class Monitor:
+    """Recomputes the snapshot on a schedule in a worker thread and publishes it.
+
+    ``refresh()`` is the blocking unit of work (tests call it directly); ``start()`` /
+    ``close()`` run it every ``config.interval_s`` (with a little jitter so that replicas
+    spread out) on an asyncio task that never blocks the event loop.
+    """
+
+    def __init__(self, store: MonitorStore, manifest: Manifest, metrics: ServiceMetrics,
+                 config: MonitorConfig | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.config = config or MonitorConfig(tenant_label_cap=metrics.tenant_label.cap)
+        if self.config.tenant_label_cap != metrics.tenant_label.cap:
+            raise ValueError("the monitor's tenant_label_cap must be the service metrics' one "
+                             f"({self.config.tenant_label_cap} != {metrics.tenant_label.cap})")
+        self.clock = clock
+        self.labels = metrics.tenant_label
+        self.metrics = MonitorMetrics(metrics.registry, manifest, self.config)
+        self.pairs = PairCache(self.config.whatif_cache_pairs)
+        self._key = self.config.key(manifest.model_version)
+        self._refresh_lock = threading.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+
+    # -- the current numbers --
+    @property
+    def snapshot(self) -> dict[str, Any] | None:
+        return self.metrics.snapshot.snapshot
+
+    def view(self, tenant_id: str | None = None) -> dict[str, Any] | None:
+        """The snapshot (admin), or what ``tenant_id`` may see of it; None before the first."""
+        snap = self.snapshot
+        if snap is None or tenant_id is None:
+            return snap
+        return tenant_view(snap, tenant_id)
+
+    # -- blocking work (worker thread) --
+    def load_scores(self, tenant_ids: Sequence[str], *, now: float) -> dict[str, Pairs]:
+        """Each tenant's labelled pairs as of ``now``: feedback on decisions made in
+        ``(now - window, now]`` and labelled by ``now``, and its gallery's sampled pairs."""
+        cfg, version = self.config, self.manifest.model_version
+        out: dict[str, Pairs] = {}
+        for t in tenant_ids:
+            decisions = self.store.list_decisions(t, since=now - cfg.window_s,
+                                                  labelled_only=True)
+            vectors = self.store.gallery_vectors(t, model_version=version)
+            out[t] = {
+                "feedback": feedback_scores(decisions, model_version=version, until=now,
+                                            max_pairs=cfg.max_pairs),
+                "gallery": gallery_scores(vectors.subjects, vectors.vectors,
+                                          max_items=cfg.max_gallery_items,
+                                          max_pairs=cfg.max_pairs, seed=seed_for(t, version)),
+            }
+        return out
+
+    def compute(self) -> dict[str, Any]:
+        now = self.clock()
+        tenants = [t.tenant_id for t in self.store.list_tenants()]
+        scores = self.load_scores(tenants, now=now)
+        snap = compute_snapshot(scores, manifest=self.manifest, config=self.config,
+                                tenant_order=tenants, now=now)
+        self.pairs.reset(self._snapshot_id(snap), scores)
+        return snap
+
+    def is_current(self, snap: Mapping[str, Any] | None) -> bool:
+        """Computed for this model and configuration less than half an interval ago: a
+        replica's fresh snapshot is adopted, but one that would be an interval old by the next
+        cycle is recomputed, so the numbers are never much more than an interval stale."""
+        if not snap or snap.get("config_key") != self._key:
+            return False
+        age = self.clock() - float(snap.get("computed_at", 0.0))
+        return -self.config.interval_s < age < 0.5 * self.config.interval_s
+
+    def refresh(self, *, force: bool = False) -> dict[str, Any]:
+        """Adopts the stored snapshot if current (unless ``force``), else computes and stores
+        one; publishes it. Raises (and counts a failed run) when the store is unavailable."""
+        with self._refresh_lock:
+            try:
+                stored = None if force else self.store.get_monitor_snapshot()
+                if stored is not None and self.is_current(stored):
+                    self.publish(stored)
+                    self.metrics.runs.labels(result="adopted").inc()
+                    return stored
+                started = time.perf_counter()
+                snap = self.compute()
+                self.metrics.compute_seconds.observe(time.perf_counter() - started)
+                self.store.put_monitor_snapshot(snap)
+            except Exception:
+                self.metrics.runs.labels(result="failed").inc()
+                raise
+            self.publish(snap)
+            self.metrics.runs.labels(result="computed").inc()
+            return snap
+
+    def publish(self, snap: dict[str, Any]) -> None:
+        """Makes ``snap`` the reported one, and re-applies the tenant label policy to the
+        snapshot's tenants so that the request-path counters use the same labels."""
+        self.labels.sync(list(snap["tenants"]))
+        self.metrics.snapshot.snapshot = snap
+
+    def what_if(self, threshold: float, tenant_ids: Sequence[str] | None = None
+                ) -> dict[str, Any]:
+        """Per-tenant FAR/FRR at ``threshold`` from the current snapshot's pairs (all tenants,
+        or only ``tenant_ids``; pooled over tenants only for all). Blocking: run it in a
+        thread pool. Before the first snapshot the pairs are read as of now, uncached."""
+        snap = self.snapshot
+        if snap is not None:
+            key: Hashable = self._snapshot_id(snap)
+            now = float(snap["computed_at"])
+            everyone = list(snap["tenants"])
+        else:
+            key, now = None, self.clock()
+            everyone = [t.tenant_id for t in self.store.list_tenants()]
+        wanted = everyone if tenant_ids is None else list(dict.fromkeys(tenant_ids))
+        pairs = self.pairs.get_many(key, wanted, lambda ts: self.load_scores(ts, now=now))
+        cal = self.manifest.calibration
+        result = what_if(pairs, threshold, tau=cal.tau, beta=cal.beta,
+                         include_pooled=tenant_ids is None)
+        result.update(in_calibration_range=cal.tau_lo <= threshold <= cal.tau_hi,
+                      tau_lo=cal.tau_lo, tau_hi=cal.tau_hi, pairs_as_of=now,
+                      window_s=self.config.window_s)
+        return result
+
+    @staticmethod
+    def _snapshot_id(snap: Mapping[str, Any]) -> Hashable:
+        return (snap["config_key"], snap["computed_at"])
+
+    # -- the schedule --
+    async def start(self) -> Monitor:
+        if self._task is None:
+            self._stop = asyncio.Event()
+            self._task = asyncio.create_task(self._run(), name="tcm-monitor")
+        return self
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Stops the schedule, letting a refresh in progress finish (up to ``timeout_s``) so
+        that it does not outlive the store it reads."""
+        if self._task is None:
+            return
+        assert self._stop is not None
+        self._stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except TimeoutError:
+            log.warning("monitor refresh still running after %.0fs; abandoning it", timeout_s)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        assert self._stop is not None
+        while not self._stop.is_set():
+            try:
+                await asyncio.to_thread(self.refresh)
+            except Exception as exc:
+                unavailable = isinstance(exc, StoreUnavailableError)
+                log.warning("monitor refresh failed, retrying next interval: %s",
+                            exc.message if unavailable else exc,  # type: ignore[attr-defined]
+                            exc_info=not unavailable)
+            delay = self.config.interval_s * random.uniform(0.95, 1.05)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+
+async def attach_monitor(app: FastAPI, runtime: Runtime) -> Monitor | None:
+    """``create_app`` start-up hook: builds and starts the monitor (``app.state.monitor``);
+    the app's lifespan closes it at shutdown. None when ``monitor_enabled`` is off."""
+    settings = runtime.settings
+    if not settings.monitor_enabled:
+        app.state.monitor = None
+        return None
+    monitor = Monitor(runtime.store, runtime.manifest, runtime.metrics,
+                      MonitorConfig.from_settings(settings))
+    app.state.monitor = monitor
+    return await monitor.start()

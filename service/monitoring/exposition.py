@@ -1,0 +1,160 @@
+"""The monitor's Prometheus metrics.
+
+The snapshot's numbers are exposed by a custom collector that reads the current snapshot at
+scrape time: swapping the snapshot is one reference assignment, so a scrape sees the old numbers
+or the new ones, never a mix. Every replica mirrors the same stored snapshot, so these gauges are
+identical across replicas: aggregate them with ``max``, not ``sum``.
+
+Score distributions are gauge histograms (``_bucket{le}``, ``_gcount``, ``_gsum``) of the pairs
+in the monitor's window, not counters: read them directly, never with ``rate()``. FAR at a
+threshold t that is a bucket bound: ``1 - bucket{le="t"} / gcount`` (scores equal to t count as
+accepted, as the service decides, so for t on a bound this is exact only when no score equals t);
+FRR at t: ``bucket{le="t"} / gcount`` up to the same tie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+
+from service.monitoring.pairs import KINDS, SOURCES
+from service.monitoring.snapshot import POOLED, MonitorConfig
+from tcm import Manifest
+
+COMPUTE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+RATE_SOURCES = (*SOURCES, POOLED)
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+class SnapshotCollector:
+    """Exposes the model's reference points always, and the current snapshot once there is
+    one (nothing is made up before the first snapshot; OPIS is absent while it cannot be
+    computed, so alerts on it stay quiet)."""
+
+    def __init__(self, manifest: Manifest, config: MonitorConfig) -> None:
+        self.manifest = manifest
+        self.config = config
+        self.snapshot: dict[str, Any] | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        fams = self._families()
+        cal, base = self.manifest.calibration, self.manifest.baseline
+        fams["opis_baseline"].add_metric([], base.opis)
+        fams["eps_baseline"].add_metric([], base.eps_opis)
+        fams["target_far"].add_metric([], cal.target_far)
+        fams["cal_far"].add_metric([], cal.far_at_tau)
+        fams["cal_frr"].add_metric([], cal.frr_at_tau)
+        fams["range"].add_metric(["lo"], cal.tau_lo)
+        fams["range"].add_metric(["hi"], cal.tau_hi)
+        fams["interval"].add_metric([], self.config.interval_s)
+        snap = self.snapshot
+        if snap is not None:
+            _add_snapshot(fams, snap)
+        yield from fams.values()
+
+    @staticmethod
+    def _families() -> dict[str, Metric]:
+        rate = ["tenant", "source"]
+        return {
+            "opis": GaugeMetricFamily(
+                "tcm_opis", "live OPIS across tenants over the model's calibration range "
+                "(lower is more consistent); absent with fewer than 2 eligible tenants"),
+            "eps_opis": GaugeMetricFamily("tcm_eps_opis", "live eps-OPIS across tenants"),
+            "opis_baseline": GaugeMetricFamily(
+                "tcm_opis_baseline", "the model's OPIS on held-out classes (manifest)"),
+            "eps_baseline": GaugeMetricFamily(
+                "tcm_eps_opis_baseline", "the model's eps-OPIS on held-out classes (manifest)"),
+            "far": GaugeMetricFamily(
+                "tcm_tenant_far_ratio", "share of a tenant's labelled impostor pairs accepted "
+                "at the global tau, by pair source (feedback, gallery, pooled)", labels=rate),
+            "frr": GaugeMetricFamily(
+                "tcm_tenant_frr_ratio", "share of a tenant's labelled genuine pairs rejected at "
+                "the global tau, by pair source", labels=rate),
+            "utility": GaugeMetricFamily(
+                "tcm_tenant_utility_ratio", "a tenant's F-beta utility of TPR and TNR at the "
+                "global tau, by pair source", labels=rate),
+            "pairs": GaugeMetricFamily(
+                "tcm_tenant_pairs", "labelled pairs in the monitor's window behind a tenant's "
+                "numbers", labels=["tenant", "kind", "source"]),
+            "tenants": GaugeMetricFamily(
+                "tcm_monitor_tenants", "tenants in OPIS (eligible) or not (excluded: too few "
+                "labelled pairs)", labels=["status"]),
+            "genuine": GaugeHistogramMetricFamily(
+                "tcm_genuine_score", "scores of genuine pairs in the monitor's window (gauge "
+                "histogram: FRR at t = bucket{le=t} / gcount)", labels=["tenant", "source"]),
+            "impostor": GaugeHistogramMetricFamily(
+                "tcm_impostor_score", "scores of impostor pairs in the monitor's window (gauge "
+                "histogram: FAR at t = 1 - bucket{le=t} / gcount)", labels=["tenant", "source"]),
+            "ts": GaugeMetricFamily("tcm_monitor_snapshot_timestamp_seconds",
+                                    "when the reported snapshot was computed (Unix time)"),
+            "window": GaugeMetricFamily("tcm_monitor_window_seconds",
+                                        "sliding window of feedback the snapshot covers"),
+            "interval": GaugeMetricFamily("tcm_monitor_interval_seconds",
+                                          "how often the snapshot is recomputed"),
+            "info": GaugeMetricFamily("tcm_monitor_snapshot_info", "the model version the "
+                                      "reported snapshot was computed for (value 1)",
+                                      labels=["model_version"]),
+            "target_far": GaugeMetricFamily("tcm_model_target_far_ratio",
+                                            "the FAR the global tau was calibrated for"),
+            "cal_far": GaugeMetricFamily("tcm_model_calibration_far_ratio",
+                                         "global FAR at tau on the calibration set"),
+            "cal_frr": GaugeMetricFamily("tcm_model_calibration_frr_ratio",
+                                         "global FRR at tau on the calibration set"),
+            "range": GaugeMetricFamily("tcm_model_calibration_range_score",
+                                       "bounds of the calibration range OPIS averages over",
+                                       labels=["bound"]),
+        }
+
+
+def _add_snapshot(fams: dict[str, Metric], snap: dict[str, Any]) -> None:
+    if snap.get("opis") is not None:
+        fams["opis"].add_metric([], snap["opis"])
+    if snap.get("eps_opis") is not None:
+        fams["eps_opis"].add_metric([], snap["eps_opis"])
+    fams["ts"].add_metric([], snap["computed_at"])
+    fams["window"].add_metric([], snap["window_s"])
+    fams["info"].add_metric([snap["model_version"]], 1.0)
+    fams["tenants"].add_metric(["eligible"], snap["eligible_tenants"])
+    fams["tenants"].add_metric(["excluded"], snap["tenants_total"] - snap["eligible_tenants"])
+    bounds = [_le(b) for b in snap["score_buckets"]]
+    for label, row in snap["labels"].items():
+        for src in RATE_SOURCES:
+            rates = row[POOLED] if src == POOLED else row["by_source"][src]
+            for key in ("far", "frr", "utility"):
+                if rates[key] is not None:
+                    fams[key].add_metric([label, src], rates[key])
+        for src in SOURCES:
+            rates = row["by_source"][src]
+            fams["pairs"].add_metric([label, "genuine", src], rates["genuine_pairs"])
+            fams["pairs"].add_metric([label, "impostor", src], rates["impostor_pairs"])
+        for kind in KINDS:
+            for src, h in row["histograms"][kind].items():
+                buckets = [(le, float(c)) for le, c in zip(bounds, h["buckets"], strict=True)]
+                buckets.append(("+Inf", float(h["count"])))
+                fams[kind].add_metric([label, src], buckets, gsum_value=h["sum"])
+
+
+class MonitorMetrics:
+    """The monitor's own metrics, created once against the registry passed in."""
+
+    def __init__(self, registry: CollectorRegistry, manifest: Manifest,
+                 config: MonitorConfig) -> None:
+        self.runs = Counter(
+            "tcm_monitor_runs_total", "monitor cycles: computed a snapshot, adopted a "
+            "replica's, or failed", ["result"], registry=registry)
+        for result in ("computed", "adopted", "failed"):
+            self.runs.labels(result=result)
+        self.compute_seconds = Histogram(
+            "tcm_monitor_compute_duration_seconds", "time to compute one snapshot",
+            buckets=COMPUTE_BUCKETS, registry=registry)
+        self.snapshot = SnapshotCollector(manifest, config)
+        registry.register(self.snapshot)

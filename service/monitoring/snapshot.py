@@ -1,0 +1,293 @@
+"""The monitor's snapshot: per-tenant error rates at tau and live OPIS / eps-OPIS across tenants.
+
+Tenants play the role of classes (SPEC "Live monitoring"). :func:`compute_snapshot` pools each
+tenant's labelled pairs (feedback and gallery) into its utility curve over the model's stored
+calibration range with ``tcm.consistency_from_scores``, using the manifest's range, grid, beta,
+tau and eps, so live OPIS is comparable with the baseline OPIS measured at training time. Rates
+are also given per source with the number of pairs behind each, and aggregated per tenant label
+(the capped label Prometheus sees) with score histograms.
+
+The snapshot is a JSON-able dict (no NaN): it is stored in the store and served as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from service.metrics import OUTCOMES, tenant_label_values
+from service.monitoring.pairs import KINDS, SOURCES, LabelledScores, pooled
+from tcm import Manifest, consistency_from_scores, utility
+
+SNAPSHOT_FORMAT = 2
+POOLED = "pooled"  # the source value of rates over both sources together
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What the monitor computes and how often. Every field but ``interval_s`` and
+    ``whatif_cache_pairs`` changes the numbers, so they make up the snapshot's identity
+    (:meth:`key`): a replica adopts only a snapshot computed the way it would compute it."""
+
+    interval_s: float = 60.0  # recompute (or adopt a replica's snapshot) this often
+    window_s: float = 24 * 3600.0  # sliding window of feedback, by the decision's time
+    min_pairs: int = 20  # genuine AND impostor pairs a tenant needs to enter OPIS
+    tenant_label_cap: int = 50  # distinct tenant label values; the rest are "other"
+    max_gallery_items: int = 1000  # gallery items sampled per tenant (whole subjects)
+    max_pairs: int = 20_000  # pairs kept per tenant, kind and source
+    fine_step: float = 0.01  # histogram bucket width around the calibration range
+    fine_margin: float = 0.1  # ... over [tau_lo - margin, tau_hi + margin]
+    coarse_step: float = 0.1  # bucket width elsewhere in [-1, 1]
+    whatif_cache_pairs: int = 4_000_000  # pairs kept in memory for what-if queries (float64)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.interval_s > 0, "interval_s must be > 0"),
+            (self.window_s > 0, "window_s must be > 0"),
+            (self.min_pairs >= 1, "min_pairs must be >= 1"),
+            (self.tenant_label_cap >= 0, "tenant_label_cap must be >= 0"),
+            (self.max_gallery_items >= 2, "max_gallery_items must be >= 2"),
+            (self.max_pairs >= 1, "max_pairs must be >= 1"),
+            (0 < self.fine_step <= self.coarse_step <= 2,
+             "need 0 < fine_step <= coarse_step <= 2"),
+            (self.fine_margin >= 0, "fine_margin must be >= 0"),
+            (self.whatif_cache_pairs >= 0, "whatif_cache_pairs must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid monitor configuration: {message}")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> MonitorConfig:
+        """The ``monitor_*`` settings (and ``tenant_label_cap``)."""
+        return cls(interval_s=settings.monitor_interval_s, window_s=settings.monitor_window_s,
+                   min_pairs=settings.monitor_min_pairs,
+                   tenant_label_cap=settings.tenant_label_cap,
+                   max_gallery_items=settings.monitor_max_gallery_items,
+                   max_pairs=settings.monitor_max_pairs)
+
+    def key(self, model_version: str) -> str:
+        d = asdict(self)
+        d.pop("interval_s")
+        d.pop("whatif_cache_pairs")
+        d["model_version"] = model_version
+        d["format"] = SNAPSHOT_FORMAT
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- error rates ----------------------------------------------------------------------------
+def accepted(sorted_scores: np.ndarray, threshold: float) -> int:
+    """How many scores are >= threshold (accept iff score >= tau), by binary search."""
+    return int(len(sorted_scores) - np.searchsorted(sorted_scores, threshold, side="left"))
+
+
+def error_rates(genuine: np.ndarray, impostor: np.ndarray, threshold: float, *,
+                beta: float = 1.0) -> dict[str, Any]:
+    """FAR, FRR and F-beta utility at ``threshold`` from sorted scores, with the number of
+    pairs behind them; a rate without pairs is None."""
+    n_g, n_i = len(genuine), len(impostor)
+    far = accepted(impostor, threshold) / n_i if n_i else None
+    frr = (n_g - accepted(genuine, threshold)) / n_g if n_g else None
+    u = None
+    if far is not None and frr is not None:
+        u = float(utility(np.array([1.0 - frr]), np.array([1.0 - far]), beta)[0])
+    return {"far": far, "frr": frr, "utility": u, "genuine_pairs": n_g, "impostor_pairs": n_i}
+
+
+def source_rates(parts: Mapping[str, LabelledScores], threshold: float, *, beta: float
+                 ) -> dict[str, Any]:
+    """Rates per source and pooled (``{"pooled": ..., "by_source": {...}}``)."""
+    by_source = {src: error_rates(parts[src].genuine if src in parts else np.zeros(0),
+                                  parts[src].impostor if src in parts else np.zeros(0),
+                                  threshold, beta=beta) for src in SOURCES}
+    return {POOLED: error_rates(pooled(parts, "genuine"), pooled(parts, "impostor"), threshold,
+                                beta=beta),
+            "by_source": by_source}
+
+
+# --- histograms -----------------------------------------------------------------------------
+def score_buckets(*, tau_lo: float, tau_hi: float, tau: float, fine_step: float = 0.01,
+                  fine_margin: float = 0.1, coarse_step: float = 0.1) -> tuple[float, ...]:
+    """Histogram upper bounds (``le``): ``fine_step`` apart over [tau_lo - margin,
+    tau_hi + margin] so that FAR/FRR at any threshold in and near the calibration range can be
+    read in PromQL, ``coarse_step`` apart elsewhere in [-1, 1], and tau itself (FAR at tau
+    exactly). Grid points are on multiples of the step (readable ``le`` labels)."""
+    def grid(lo: float, hi: float, step: float) -> np.ndarray:
+        k0, k1 = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+        return np.round(np.arange(k0, k1 + 1) * step, 10)
+
+    lo = max(-1.0, tau_lo - fine_margin)
+    hi = min(1.0, tau_hi + fine_margin)
+    b = np.concatenate([grid(-1.0, 1.0, coarse_step), grid(lo, hi, fine_step), [tau]])
+    b = np.unique(np.clip(b, -1.0, 1.0))
+    return tuple(float(x) for x in b)
+
+
+def cumulative_counts(sorted_scores: np.ndarray, bounds: Sequence[float]) -> list[int]:
+    """Prometheus ``le`` semantics: how many scores are <= each bound."""
+    return np.searchsorted(sorted_scores, np.asarray(bounds, np.float64), side="right"
+                           ).astype(int).tolist()
+
+
+def histogram(sorted_scores: np.ndarray, bounds: Sequence[float]) -> dict[str, Any]:
+    return {"buckets": cumulative_counts(sorted_scores, bounds), "count": len(sorted_scores),
+            "sum": float(sorted_scores.sum())}
+
+
+# --- the snapshot ---------------------------------------------------------------------------
+def merge_sources(scores: Mapping[str, Mapping[str, LabelledScores]], tenants: Sequence[str]
+                  ) -> dict[str, LabelledScores]:
+    """Several tenants' pairs added up, source by source (sorted)."""
+    def cat(src: str, kind: str) -> np.ndarray:
+        arrays = [getattr(scores[t][src], kind) for t in tenants if src in scores.get(t, {})]
+        return np.sort(np.concatenate(arrays)) if arrays else np.zeros(0, np.float64)
+
+    return {src: LabelledScores(genuine=cat(src, "genuine"), impostor=cat(src, "impostor"))
+            for src in SOURCES}
+
+
+def compute_snapshot(
+    scores: Mapping[str, Mapping[str, LabelledScores]],
+    *,
+    manifest: Manifest,
+    config: MonitorConfig,
+    tenant_order: Sequence[str],
+    now: float | None = None,
+) -> dict[str, Any]:
+    """``scores[tenant][source]`` -> the snapshot dict (see the module doc).
+
+    A tenant enters OPIS with at least ``config.min_pairs`` genuine and impostor pairs (both
+    sources pooled); with fewer than two such tenants OPIS is None and
+    ``opis_unavailable_reason`` says why. ``tenant_order`` (oldest first) decides which tenants
+    keep their own label under the cap.
+    """
+    cal, base = manifest.calibration, manifest.baseline
+    now = time.time() if now is None else float(now)
+    order = list(dict.fromkeys([*tenant_order, *scores]))
+    labels = tenant_label_values(order, config.tenant_label_cap)
+    empty: dict[str, LabelledScores] = {}
+
+    tenants: dict[str, Any] = {}
+    for t in order:
+        parts = scores.get(t, empty)
+        rates = source_rates(parts, cal.tau, beta=cal.beta)
+        p = rates[POOLED]
+        fb = parts.get("feedback")
+        tenants[t] = {
+            "label": labels[t],
+            "eligible": p["genuine_pairs"] >= config.min_pairs
+            and p["impostor_pairs"] >= config.min_pairs,
+            **p, "mean_utility": None, "by_source": rates["by_source"],
+            "outcomes": dict(fb.outcomes) if fb is not None else dict.fromkeys(OUTCOMES, 0),
+        }
+
+    eligible = [t for t in order if tenants[t]["eligible"]]
+    opis = eps_opis = None
+    reason = None
+    if len(eligible) >= 2:
+        report = consistency_from_scores(
+            {t: pooled(scores[t], "genuine") for t in eligible},
+            {t: pooled(scores[t], "impostor") for t in eligible},
+            tau_range=(cal.tau_lo, cal.tau_hi), num_thresholds=cal.num_thresholds,
+            beta=cal.beta, eps=base.eps, tau=cal.tau)
+        opis, eps_opis = float(report.opis), float(report.eps_opis)
+        for row, t in enumerate(report.classes):
+            tenants[t]["mean_utility"] = float(report.mean_utility[row])
+    else:
+        reason = (f"{len(eligible)} of {len(order)} tenant(s) have at least {config.min_pairs} "
+                  f"genuine and {config.min_pairs} impostor labelled pairs; OPIS compares "
+                  "tenants, so it needs at least 2")
+
+    bounds = score_buckets(tau_lo=cal.tau_lo, tau_hi=cal.tau_hi, tau=cal.tau,
+                           fine_step=config.fine_step, fine_margin=config.fine_margin,
+                           coarse_step=config.coarse_step)
+    by_label: dict[str, Any] = {}
+    for label in dict.fromkeys(labels[t] for t in order):
+        members = [t for t in order if labels[t] == label]
+        merged = merge_sources(scores, members)
+        rates = source_rates(merged, cal.tau, beta=cal.beta)
+        by_label[label] = {
+            "tenants": len(members),
+            POOLED: rates[POOLED],
+            "by_source": rates["by_source"],
+            "histograms": {kind: {src: histogram(getattr(merged[src], kind), bounds)
+                                  for src in SOURCES if len(getattr(merged[src], kind))}
+                           for kind in KINDS},
+        }
+
+    everyone = merge_sources(scores, order)
+    return {
+        "format": SNAPSHOT_FORMAT,
+        "config_key": config.key(manifest.model_version),
+        "computed_at": now,
+        "window_s": config.window_s,
+        "since": now - config.window_s,
+        "interval_s": config.interval_s,
+        "model_version": manifest.model_version,
+        "tau": cal.tau, "tau_lo": cal.tau_lo, "tau_hi": cal.tau_hi,
+        "target_far": cal.target_far, "num_thresholds": cal.num_thresholds,
+        "beta": cal.beta, "eps": base.eps,
+        "min_pairs": config.min_pairs, "max_pairs": config.max_pairs,
+        "max_gallery_items": config.max_gallery_items,
+        "opis": opis, "eps_opis": eps_opis, "opis_unavailable_reason": reason,
+        "baseline": {"opis": base.opis, "eps_opis": base.eps_opis, "eps": base.eps},
+        "global": source_rates(everyone, cal.tau, beta=cal.beta),
+        "tenants_total": len(order),
+        "eligible_tenants": len(eligible),
+        "excluded_tenants": [t for t in order if not tenants[t]["eligible"]],
+        "tenants": tenants,
+        "labels": by_label,
+        "score_buckets": list(bounds),
+    }
+
+
+# What a tenant may see of a snapshot: the model's reference points and its own row, never
+# anything computed from other tenants' data (OPIS, global rates, other rows or labels).
+TENANT_VISIBLE = ("format", "computed_at", "window_s", "since", "interval_s", "model_version",
+                  "tau", "tau_lo", "tau_hi", "target_far", "num_thresholds", "beta",
+                  "min_pairs", "max_pairs", "max_gallery_items")
+
+
+def tenant_view(snapshot: Mapping[str, Any], tenant_id: str) -> dict[str, Any]:
+    view = {k: snapshot[k] for k in TENANT_VISIBLE if k in snapshot}
+    view["tenant"] = snapshot["tenants"].get(tenant_id)
+    return view
+
+
+def what_if(pairs: Mapping[str, Mapping[str, LabelledScores]], threshold: float, *,
+            tau: float, beta: float, include_pooled: bool = True) -> dict[str, Any]:
+    """Per-tenant FAR/FRR at a candidate threshold (and at tau, for comparison), per source and
+    pooled, with the pairs behind each; ``pooled_over_tenants`` adds all tenants' pairs up.
+    Cost: O(tenants * log pairs) on sorted scores."""
+    if not (isinstance(threshold, int | float) and math.isfinite(threshold)
+            and -1.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must be a cosine score in [-1, 1], got {threshold!r}")
+    tenants: dict[str, Any] = {}
+    totals = {src: {"g": 0, "i": 0, "fa": 0, "fr": 0} for src in SOURCES}
+    for t, parts in pairs.items():
+        at = source_rates(parts, threshold, beta=beta)
+        at_tau = source_rates(parts, tau, beta=beta)
+        tenants[t] = {**at[POOLED], "by_source": at["by_source"],
+                      "at_tau": {"far": at_tau[POOLED]["far"], "frr": at_tau[POOLED]["frr"]}}
+        for src, p in parts.items():
+            tot = totals[src]
+            tot["g"] += len(p.genuine)
+            tot["i"] += len(p.impostor)
+            tot["fa"] += accepted(p.impostor, threshold)
+            tot["fr"] += len(p.genuine) - accepted(p.genuine, threshold)
+    out: dict[str, Any] = {"threshold": float(threshold), "tau": tau, "tenants": tenants}
+    if include_pooled:
+        g = sum(v["g"] for v in totals.values())
+        i = sum(v["i"] for v in totals.values())
+        out["pooled_over_tenants"] = {
+            "far": sum(v["fa"] for v in totals.values()) / i if i else None,
+            "frr": sum(v["fr"] for v in totals.values()) / g if g else None,
+            "genuine_pairs": g, "impostor_pairs": i}
+    return out

@@ -1,0 +1,32 @@
+"""Images -> embeddings with the served model (no gallery involved)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, UploadFile
+
+from service.dependencies import RuntimeDep, TenantId
+from service.errors import InvalidInputError
+from service.routers.uploads import read_upload
+from service.schemas import ERROR_RESPONSES, EmbedRequest, EmbedResponse
+
+router = APIRouter(tags=["embed"], responses=ERROR_RESPONSES)
+
+
+@router.post("/v1/embed")
+async def embed(body: EmbedRequest, tenant: TenantId, runtime: RuntimeDep) -> EmbedResponse:
+    limit = runtime.settings.max_batch_items
+    if len(body.images) > limit:
+        raise InvalidInputError(f"{len(body.images)} images in one request, the limit is "
+                                f"{limit}", code="too_many_items")
+    vectors = await runtime.resolver.images(
+        [(f"images[{i}]", img) for i, img in enumerate(body.images)])
+    return EmbedResponse(embeddings=vectors.tolist(), model_version=runtime.model_version)
+
+
+@router.post("/v1/embed/upload")
+async def embed_upload(tenant: TenantId, runtime: RuntimeDep,
+                       file: Annotated[UploadFile, File()]) -> EmbedResponse:
+    vectors = await runtime.resolver.images([("file", await read_upload(file, field="file"))])
+    return EmbedResponse(embeddings=vectors.tolist(), model_version=runtime.model_version)

@@ -1,0 +1,19 @@
+"""Ground truth for past matches, the labels live FAR/FRR and OPIS are computed from."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.dependencies import RuntimeDep, TenantId
+from service.schemas import ERROR_RESPONSES, FeedbackRequest, FeedbackResponse
+
+router = APIRouter(tags=["feedback"], responses=ERROR_RESPONSES)
+
+
+@router.post("/v1/feedback", status_code=201)
+async def feedback(body: FeedbackRequest, tenant: TenantId, runtime: RuntimeDep
+                   ) -> FeedbackResponse:
+    fb = await runtime.matcher.feedback(
+        tenant, body.match_id, true_subject=body.true_subject,
+        subject_given="true_subject" in body.model_fields_set, correct=body.correct)
+    return FeedbackResponse(match_id=fb.match_id, outcome=fb.outcome, genuine=fb.genuine)

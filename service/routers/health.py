@@ -1,0 +1,35 @@
+"""Probes and metrics (public): liveness, readiness, Prometheus exposition."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> Health:
+    """The process is up and serving HTTP."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", responses={503: {"model": Readiness}})
+async def readyz(request: Request) -> JSONResponse:
+    """Model loaded, store reachable and indexes built: send traffic."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        body = Readiness(status="not_ready", checks={"runtime": "starting"})
+        return JSONResponse(body.model_dump(), status_code=503)
+    checks = await runtime.readiness()
+    ready = all(v == "ok" for v in checks.values())
+    body = Readiness(status="ready" if ready else "not_ready", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,53 @@
+"""1:N match of a query (embedding, base64 image, or uploaded image) against the gallery."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, File, Form, UploadFile
+
+from service.dependencies import RuntimeDep, TenantId
+from service.index import Hit
+from service.routers.uploads import read_upload
+from service.runtime import Runtime
+from service.schemas import ERROR_RESPONSES, Candidate, DecisionOut, MatchRequest, MatchResponse
+from service.store import MatchRecord
+
+router = APIRouter(tags=["match"], responses=ERROR_RESPONSES)
+
+
+def _response(record: MatchRecord, hits: list[Hit]) -> MatchResponse:
+    return MatchResponse(
+        match_id=record.match_id,
+        decision=DecisionOut(accepted=record.accepted, subject=record.subject,
+                             score=record.score),
+        candidates=[Candidate(item_id=h.item_id, subject=h.subject, score=h.score)
+                    for h in hits],
+        threshold=record.threshold, model_version=record.model_version)
+
+
+async def _match(runtime: Runtime, tenant: str, query: np.ndarray, k: int) -> MatchResponse:
+    record, hits = await runtime.matcher.match(tenant, query, k)
+    return _response(record, hits)
+
+
+@router.post("/v1/match")
+async def match(body: MatchRequest, tenant: TenantId, runtime: RuntimeDep) -> MatchResponse:
+    runtime.matcher.check_k(body.k)
+    if body.embedding is not None:
+        query = runtime.resolver.embedding(body.embedding, where="embedding")
+    else:
+        assert body.image is not None
+        query = (await runtime.resolver.images([("image", body.image)]))[0]
+    return await _match(runtime, tenant, query, body.k)
+
+
+@router.post("/v1/match/upload")
+async def match_upload(tenant: TenantId, runtime: RuntimeDep,
+                       file: Annotated[UploadFile, File()],
+                       k: Annotated[int, Form()] = 5) -> MatchResponse:
+    runtime.matcher.check_k(k)
+    data = await read_upload(file, field="file")
+    query = (await runtime.resolver.images([("file", data)]))[0]
+    return await _match(runtime, tenant, query, k)

@@ -1,0 +1,26 @@
+"""The served model: version, threshold and calibration (public)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.dependencies import RuntimeDep
+from service.schemas import ModelInfo
+
+router = APIRouter(tags=["model"])
+
+
+@router.get("/v1/model")
+async def model_info(runtime: RuntimeDep) -> ModelInfo:
+    m = runtime.manifest
+    cal, base = m.calibration, m.baseline
+    return ModelInfo(
+        model_version=m.model_version, architecture=m.architecture,
+        embedding_dim=m.embedding_dim, similarity=m.similarity, threshold=cal.tau,
+        target_far=cal.target_far, far_at_threshold=cal.far_at_tau,
+        frr_at_threshold=cal.frr_at_tau, calibration_range=(cal.tau_lo, cal.tau_hi),
+        far_range=cal.far_range, num_thresholds=cal.num_thresholds,
+        baseline_opis=base.opis, baseline_eps_opis=base.eps_opis, baseline_eps=base.eps,
+        baseline_recall_at_1=base.recall_at_1, baseline_map_at_r=base.map_at_r,
+        preprocessing=m.preprocessing.to_dict(), created_at=m.created_at,
+        weights_sha256=m.weights_sha256)

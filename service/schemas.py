@@ -1,0 +1,298 @@
+"""Every request and response body of the v1 API.
+
+Requests forbid unknown fields (a misspelt ``embeding`` is a 422, not a silently ignored field)
+and reject NaN/inf. Limits that depend on settings (``max_k``, batch sizes, the embedding
+dimension) are checked by the domain code, which knows the settings.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+MAX_METADATA_BYTES = 16 * 1024
+MAX_DIM = 65536
+
+# ids and subjects travel in URL paths: no slashes, no control characters
+Name = Annotated[str, StringConstraints(min_length=1, max_length=256,
+                                        pattern=r"^[^/\x00-\x1f\x7f]+$")]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Embedding = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_DIM)]
+Base64Image = Annotated[str, Field(min_length=1, description="base64 (or a data: URL)")]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _exactly_one(model: BaseModel, fields: tuple[str, ...]) -> None:
+    given = [f for f in fields if getattr(model, f) is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(fields)} (got {given or 'none'})")
+
+
+class ErrorBody(BaseModel):
+    """The one shape of every error response."""
+
+    code: str = Field(description="stable, machine-readable (e.g. not_found, invalid_embedding)")
+    message: str = Field(description="for people: what went wrong and what to do")
+    detail: Any = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in (
+        (400, "malformed JSON"), (401, "missing or invalid API key"),
+        (404, "no such resource (or another tenant's)"), (409, "conflict"),
+        (413, "request body too large"), (422, "invalid input"), (503, "store unavailable"))
+}
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+# --- admin ---------------------------------------------------------------------------------
+class TenantCreate(Request):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class TenantCreated(BaseModel):
+    tenant_id: str
+    name: str
+    key_id: str
+    api_key: str = Field(description="shown once; only its hash is stored")
+
+
+class TenantOut(BaseModel):
+    tenant_id: str
+    name: str
+    created_at: datetime
+
+
+class TenantList(BaseModel):
+    tenants: list[TenantOut]
+
+
+class KeyIssue(Request):
+    revoke_existing: bool = Field(
+        False, description="revoke the tenant's other keys at once (e.g. after a leak); "
+                           "by default they stay valid until revoked, for zero-downtime rotation")
+
+
+class KeyIssued(BaseModel):
+    tenant_id: str
+    key_id: str
+    api_key: str
+    revoked_key_ids: list[str]
+
+
+class KeyOut(BaseModel):
+    key_id: str
+    created_at: datetime
+    revoked_at: datetime | None
+    active: bool
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+# --- gallery -------------------------------------------------------------------------------
+class EnrolItem(Request):
+    subject: Name
+    embedding: Embedding | None = None
+    image: Base64Image | None = None
+    item_id: Name | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnrolItem:
+        _exactly_one(self, ("embedding", "image"))
+        return self
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(v, allow_nan=False).encode())
+        except ValueError as exc:
+            raise ValueError(f"metadata must be plain JSON: {exc}") from exc
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is {size} bytes of JSON, the limit is "
+                             f"{MAX_METADATA_BYTES}")
+        return v
+
+
+class EnrolRequest(Request):
+    items: list[EnrolItem] = Field(min_length=1)
+
+
+class EnrolResponse(BaseModel):
+    item_ids: list[str]
+
+
+class GalleryItemOut(BaseModel):
+    item_id: str
+    subject: str
+    metadata: dict[str, Any]
+    created_at: datetime
+    has_image: bool
+    embedding: list[float] | None = None
+
+
+class GalleryPage(BaseModel):
+    items: list[GalleryItemOut]
+    next_cursor: str | None
+
+
+class Deleted(BaseModel):
+    deleted: int
+
+
+# --- match, verify, embed --------------------------------------------------------------------
+class MatchRequest(Request):
+    embedding: Embedding | None = None
+    image: Base64Image | None = None
+    k: int = Field(5, description="candidates to return, 1..max_k")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> MatchRequest:
+        _exactly_one(self, ("embedding", "image"))
+        return self
+
+
+class Candidate(BaseModel):
+    item_id: str
+    subject: str
+    score: float
+
+
+class DecisionOut(BaseModel):
+    accepted: bool
+    subject: str | None
+    score: float | None = Field(description="best candidate's score; null for an empty gallery")
+
+
+class MatchResponse(BaseModel):
+    match_id: str
+    decision: DecisionOut
+    candidates: list[Candidate]
+    threshold: float
+    model_version: str
+
+
+class VerifyInput(Request):
+    image: Base64Image | None = None
+    embedding: Embedding | None = None
+    item_id: Name | None = None
+    subject: Name | None = Field(
+        None, description="a subject stands for its best-matching enrolled item (max score)")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VerifyInput:
+        _exactly_one(self, ("image", "embedding", "item_id", "subject"))
+        return self
+
+
+class VerifyRequest(Request):
+    a: VerifyInput
+    b: VerifyInput
+
+
+class VerifyResponse(BaseModel):
+    score: float
+    accepted: bool
+    threshold: float
+    model_version: str
+
+
+class EmbedRequest(Request):
+    images: list[Base64Image] = Field(min_length=1)
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+    model_version: str
+
+
+# --- feedback --------------------------------------------------------------------------------
+class FeedbackRequest(Request):
+    """Either ``true_subject`` (null: the query's subject is not enrolled) or ``correct``."""
+
+    match_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    true_subject: Name | None = None
+    correct: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_label(self) -> FeedbackRequest:
+        has_subject = "true_subject" in self.model_fields_set
+        has_correct = self.correct is not None
+        if has_subject == has_correct:
+            raise ValueError("give exactly one of true_subject (a subject, or null when the "
+                             "query's subject is not enrolled) or correct (true/false)")
+        return self
+
+
+Outcome = Literal["true_accept", "false_accept", "true_reject", "false_reject"]
+
+
+class FeedbackResponse(BaseModel):
+    match_id: str
+    outcome: Outcome
+    genuine: bool | None
+
+
+# --- model and health ------------------------------------------------------------------------
+class ModelInfo(BaseModel):
+    model_version: str
+    architecture: str
+    embedding_dim: int
+    similarity: str
+    threshold: float
+    target_far: float
+    far_at_threshold: float
+    frr_at_threshold: float
+    calibration_range: tuple[float, float]
+    far_range: tuple[float, float]
+    num_thresholds: int
+    baseline_opis: float
+    baseline_eps_opis: float
+    baseline_eps: float
+    baseline_recall_at_1: float
+    baseline_map_at_r: float
+    preprocessing: dict[str, Any]
+    created_at: str
+    weights_sha256: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]
+
+
+# --- monitoring ------------------------------------------------------------------------------
+class MonitorView(BaseModel):
+    """``GET /v1/monitor``: the monitor's latest snapshot (admin: everything; a tenant key: the
+    model's reference points and that tenant's own row only) and, with ``?threshold=``, per-tenant
+    FAR/FRR at that candidate threshold. Field meanings: ``service/README.md``."""
+
+    scope: Literal["admin", "tenant"]
+    tenant_id: str | None = None
+    status: Literal["ok", "pending"]
+    message: str | None = None
+    snapshot: dict[str, Any] | None = None
+    what_if: dict[str, Any] | None = None

@@ -1,0 +1,93 @@
+"""The service's one settings class, read from ``TCM_*`` environment variables.
+
+Every knob the service has lives here so that a deployment is described by its environment alone
+and a bad value stops the process at start-up instead of at the first request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TCM_", extra="ignore", frozen=True)
+
+    # --- model -----------------------------------------------------------------------------
+    artefact_path: Path = Field(
+        Path("artefacts/default"), description="exported artefact directory (manifest.json)"
+    )
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+
+    # --- store -----------------------------------------------------------------------------
+    store_url: str = Field(
+        "sqlite:///./data/tcm.db",
+        description="sqlite:///relative/path.db, sqlite:////absolute/path.db, or redis://...",
+    )
+    redis_key_prefix: str = Field("tcm:", min_length=1, max_length=64)
+    store_timeout_s: float = Field(2.0, gt=0, description="socket/busy timeout of the store")
+
+    # --- security and request limits -------------------------------------------------------
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of the admin API; tcm-serve generates one when unset"
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_batch_items: int = Field(256, ge=1, description="items or images per request")
+    max_k: int = Field(100, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="width*height cap per image")
+    max_list_limit: int = Field(1000, ge=1)
+
+    # --- index and embedding ---------------------------------------------------------------
+    index_factory: str = Field("Flat", min_length=1, description="faiss index_factory string")
+    embed_max_batch: int = Field(32, ge=1, description="images per forward pass")
+    embed_max_wait_ms: float = Field(
+        5.0, ge=0, description="how long a forward pass waits for more requests to join it"
+    )
+
+    # --- metrics and monitoring ------------------------------------------------------------
+    tenant_label_cap: int = Field(
+        50, ge=0, description="distinct tenant label values in metrics; the rest are 'other'"
+    )
+    monitor_enabled: bool = Field(
+        True, description="compute live FAR/FRR and OPIS in the background (/v1/monitor)")
+    monitor_interval_s: float = Field(
+        60.0, gt=0, description="how often the monitor recomputes (or adopts) its snapshot")
+    monitor_window_s: float = Field(
+        24 * 3600.0, gt=0, description="sliding window of feedback the snapshot covers")
+    monitor_min_pairs: int = Field(
+        20, ge=1, description="genuine and impostor pairs a tenant needs to enter OPIS")
+    monitor_max_gallery_items: int = Field(
+        1000, ge=2, description="gallery items per tenant sampled for gallery pairs")
+    monitor_max_pairs: int = Field(
+        20_000, ge=1, description="labelled pairs kept per tenant, kind and source")
+
+    @field_validator("store_url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not v.startswith(STORE_SCHEMES):
+            raise ValueError(
+                f"store_url must start with one of {STORE_SCHEMES} (got {v!r}); e.g. "
+                "sqlite:///./data/tcm.db or redis://localhost:6379/0"
+            )
+        if v.startswith("sqlite:///") and v.removeprefix("sqlite:///") in ("", ":memory:"):
+            raise ValueError("store_url needs a file path: an in-memory SQLite would lose data")
+        return v
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_admin_token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("admin_token must be at least 16 characters long")
+        return v
+
+    @field_validator("index_factory")
+    @classmethod
+    def _no_idmap_in_factory(cls, v: str) -> str:
+        if "IDMap" in v:
+            raise ValueError("index_factory must not contain IDMap: the service adds IDMap2")
+        return v

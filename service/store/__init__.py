@@ -1,0 +1,37 @@
+"""The system of record behind the service: an interface and two implementations.
+
+``open_store`` picks one from the store URL: ``sqlite:///...`` (default, embedded) or
+``redis://...`` / ``rediss://...`` / ``unix://...`` (shared by replicas).
+"""
+
+from __future__ import annotations
+
+from service.settings import Settings
+from service.store.base import (
+    ApiKey,
+    Change,
+    Decision,
+    Feedback,
+    GalleryItem,
+    GalleryVectors,
+    MatchRecord,
+    NewItem,
+    Outcome,
+    Store,
+    Tenant,
+)
+
+
+def open_store(settings: Settings) -> Store:
+    url = settings.store_url
+    if url.startswith("sqlite:///"):
+        from service.store.sqlite import SQLiteStore, path_from_url
+
+        return SQLiteStore(path_from_url(url), timeout_s=settings.store_timeout_s)
+    from service.store.redis_store import RedisStore
+
+    return RedisStore(url, prefix=settings.redis_key_prefix, timeout_s=settings.store_timeout_s)
+
+
+__all__ = ["ApiKey", "Change", "Decision", "Feedback", "GalleryItem", "GalleryVectors",
+           "MatchRecord", "NewItem", "Outcome", "Store", "Tenant", "open_store"]

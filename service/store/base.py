@@ -1,0 +1,261 @@
+"""The store's interface and the records it keeps.
+
+The store is the system of record: tenants, API-key hashes, gallery items (with an embedding per
+model version and, when enrolled from an image, the image bytes), match records and feedback.
+FAISS indexes are caches rebuilt from it. Two implementations exist, embedded SQLite (default)
+and Redis (shared by replicas); both pass the same test-suite.
+
+Contract every implementation keeps:
+
+- Methods are **blocking** and **thread-safe**; the service calls them from a thread pool, never
+  on the event loop. ``close()`` is called once at shutdown.
+- Every piece of tenant data is addressed by ``(tenant_id, ...)``: a lookup with another tenant's
+  id behaves exactly as if the thing did not exist.
+- A write that returns has been made durable (SQLite: WAL with ``synchronous=FULL``; Redis: as
+  durable as the server is configured to be) and multi-record writes are all-or-nothing.
+- When the backing server or file cannot be used, methods raise
+  :class:`service.errors.StoreUnavailableError` (the API answers 503) and the next call tries
+  again, so the service recovers without a restart.
+- Conflicts (duplicate item ids, repeated feedback) raise :class:`service.errors.ConflictError`
+  with the offending ids in ``detail``.
+- ``seq`` is a positive int64 assigned by the store, unique within the store and never reused; it
+  is the id of the item's vector in FAISS.
+- Times are Unix seconds (float).
+
+Reading for monitoring: :meth:`Store.list_tenants`, :meth:`Store.list_decisions` (match records
+joined with their feedback, per tenant) and :meth:`Store.gallery_vectors` (a tenant's enrolled
+embeddings with their subjects, for genuine/impostor pairs within the gallery) are the read API the
+monitor builds its per-tenant FAR/FRR and live OPIS from; :meth:`Store.put_monitor_snapshot` /
+:meth:`Store.get_monitor_snapshot` keep its latest result, so that every replica sharing the store
+reports the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+Outcome = Literal["true_accept", "false_accept", "true_reject", "false_reject"]
+
+
+@dataclass(frozen=True)
+class Tenant:
+    tenant_id: str
+    name: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as stored: only the sha256 of the token, never the token itself."""
+
+    key_id: str
+    tenant_id: str
+    key_hash: str  # sha256 hex digest of the whole bearer token
+    created_at: float
+    revoked_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """A gallery item to enrol; ``embedding`` is float32, L2-normalised, for one model version."""
+
+    item_id: str
+    subject: str
+    embedding: np.ndarray
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    image: bytes | None = None
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    seq: int
+    item_id: str
+    subject: str
+    metadata: dict[str, Any]
+    created_at: float
+    has_image: bool
+    embedding: np.ndarray | None = None  # for the model version asked for; None when missing
+    image: bytes | None = None  # only when asked for
+
+
+@dataclass(frozen=True)
+class GalleryVectors:
+    """A tenant's embeddings for one model version, row-aligned, in ``seq`` order."""
+
+    seqs: np.ndarray  # int64 (n,)
+    item_ids: list[str]
+    subjects: list[str]
+    vectors: np.ndarray  # float32 (n, d)
+
+    @classmethod
+    def empty(cls, dim: int) -> GalleryVectors:
+        return cls(np.zeros(0, np.int64), [], [], np.zeros((0, dim), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+@dataclass(frozen=True)
+class MatchRecord:
+    """One 1:N decision, kept so that feedback can label it later."""
+
+    match_id: str
+    tenant_id: str
+    accepted: bool
+    subject: str | None  # the decided subject (None when rejected)
+    top_item_id: str | None  # best candidate, also when rejected; None for an empty gallery
+    top_subject: str | None
+    score: float | None  # best candidate's score
+    threshold: float
+    model_version: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """Ground truth for a match.
+
+    ``genuine`` says whether the query and the best candidate share a subject (None when there was
+    no candidate); ``outcome`` places the decision in the confusion matrix.
+    """
+
+    match_id: str
+    tenant_id: str
+    true_subject: str | None
+    correct: bool | None
+    genuine: bool | None
+    outcome: Outcome
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A match record with its feedback (None while unlabelled)."""
+
+    match: MatchRecord
+    feedback: Feedback | None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the change feed replicas tail to keep their indexes in sync."""
+
+    op: Literal["add", "remove", "drop_tenant"]
+    tenant_id: str
+    item_ids: tuple[str, ...] = ()  # for "add": look their vectors up (they may be gone again)
+    seqs: tuple[int, ...] = ()  # for "remove"
+
+
+@runtime_checkable
+class Store(Protocol):
+    # --- lifecycle -------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raises StoreUnavailableError unless the store answers."""
+
+    def close(self) -> None: ...
+
+    # --- tenants and keys ------------------------------------------------------------------
+    def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
+        """Creates the tenant together with its first key."""
+
+    def get_tenant(self, tenant_id: str) -> Tenant | None: ...
+
+    def list_tenants(self) -> list[Tenant]:
+        """All tenants, oldest first."""
+
+    def delete_tenant(self, tenant_id: str) -> bool:
+        """Deletes the tenant and everything it owns; False if there was no such tenant."""
+
+    def add_key(self, key: ApiKey, *, revoke_others_at: float | None = None) -> list[str]:
+        """Adds a key; with ``revoke_others_at`` also revokes the tenant's other active keys in
+        the same transaction. Returns the ids of the keys it revoked."""
+
+    def get_key(self, key_id: str) -> ApiKey | None: ...
+
+    def list_keys(self, tenant_id: str) -> list[ApiKey]:
+        """The tenant's keys, revoked ones included, oldest first."""
+
+    def revoke_key(self, tenant_id: str, key_id: str, at: float) -> bool:
+        """Revokes one key (idempotent); False if the tenant has no such key."""
+
+    # --- gallery ---------------------------------------------------------------------------
+    def add_items(self, tenant_id: str, items: Sequence[NewItem], *, model_version: str,
+                  created_at: float) -> list[int]:
+        """Adds all items or none; returns their seqs in order. Raises ConflictError (detail
+        ``{"item_ids": [...]}``) if any item id already exists for this tenant."""
+
+    def get_item(self, tenant_id: str, item_id: str, *, model_version: str,
+                 with_image: bool = False) -> GalleryItem | None: ...
+
+    def list_items(self, tenant_id: str, *, subject: str | None = None, after_seq: int = 0,
+                   limit: int = 100) -> list[GalleryItem]:
+        """Items with ``seq > after_seq`` in seq order (no embeddings, no images)."""
+
+    def count_items(self, tenant_id: str) -> int: ...
+
+    def delete_item(self, tenant_id: str, item_id: str) -> int | None:
+        """Deletes an item; returns its seq, or None if there was no such item."""
+
+    def delete_subject(self, tenant_id: str, subject: str) -> list[int]:
+        """Deletes all items of a subject; returns their seqs (empty if none)."""
+
+    def gallery_vectors(self, tenant_id: str, *, model_version: str,
+                        subject: str | None = None) -> GalleryVectors:
+        """Embeddings of one model version (optionally of one subject), items without one
+        skipped."""
+
+    def items_without_embedding(self, tenant_id: str, *, model_version: str
+                                ) -> list[tuple[str, bytes | None]]:
+        """(item_id, image bytes or None) of items lacking an embedding for the version."""
+
+    def put_embeddings(self, tenant_id: str, vectors: Mapping[str, np.ndarray], *,
+                       model_version: str) -> None:
+        """Stores embeddings of a model version for existing items (deleted ones skipped)."""
+
+    def vectors_of_items(self, tenant_id: str, item_ids: Sequence[str], *,
+                         model_version: str) -> GalleryVectors:
+        """Embeddings of the given items that exist and have one for the version."""
+
+    # --- matches and feedback --------------------------------------------------------------
+    def add_match(self, record: MatchRecord) -> None: ...
+
+    def get_match(self, tenant_id: str, match_id: str) -> MatchRecord | None: ...
+
+    def add_feedback(self, feedback: Feedback) -> None:
+        """Stores feedback for an existing match; ConflictError if it already has some."""
+
+    def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
+                       limit: int | None = None) -> list[Decision]:
+        """Match records created at or after ``since``, oldest first, with their feedback."""
+
+    # --- monitoring ------------------------------------------------------------------------
+    def put_monitor_snapshot(self, snapshot: Mapping[str, Any]) -> None:
+        """Replaces the latest monitoring snapshot (a JSON-able dict; NaN/inf not allowed)."""
+
+    def get_monitor_snapshot(self) -> dict[str, Any] | None:
+        """The latest monitoring snapshot as stored, or None before the first one."""
+
+    # --- change feed (replicas) ------------------------------------------------------------
+    def change_cursor(self) -> str | None:
+        """The feed's current end, to tail from after a rebuild; None when the store has no
+        feed because only one process uses it (SQLite)."""
+
+    def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
+        """Changes after ``cursor`` (waiting up to ``block_ms`` for one) and the new cursor.
+        Every gallery write appends to the feed in the same transaction as the write."""
+
+
+def encode_vector(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype="<f4").tobytes()
+
+
+def decode_vector(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, dtype="<f4").astype(np.float32)

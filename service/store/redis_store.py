@@ -1,0 +1,566 @@
+"""Redis store, shared by several service replicas.
+
+Layout (every key starts with the configured prefix ``P``, default ``tcm:``; ``T`` is a tenant id,
+hex, so no key is a prefix-collision of another)::
+
+    P tenants                   zset   tenant_id -> created_at
+    P tenant:T                  hash   name, created_at
+    P tenant:T:keys             set    key ids of the tenant
+    P key:K                     hash   tenant_id, key_hash, created_at, revoked_at ("" = active)
+    P seq                       string counter behind every item's seq (FAISS id), never reused
+    P tenant:T:items            zset   item_id -> seq            (listing order, rebuilds)
+    P tenant:T:subject:S        zset   item_id -> seq            (one per subject)
+    P tenant:T:item:I           hash   seq, subject, metadata (JSON), created_at, has_image,
+                                       image (bytes, when enrolled from an image),
+                                       emb:<model_version> (float32 little-endian bytes)
+    P tenant:T:matches          zset   match_id -> created_at
+    P tenant:T:match:M          hash   decision fields of the match record
+    P tenant:T:feedback:M       hash   feedback fields
+    P changes                   stream op (add | remove | drop_tenant), tenant, items / seqs (JSON)
+    P monitor:snapshot          string the monitor's latest snapshot (JSON), shared by replicas
+
+Multi-key writes run in MULTI/EXEC transactions (all-or-nothing); checks that must hold when
+they commit (item ids still free, feedback not yet given) WATCH their keys. Every gallery write
+appends its change to the ``changes`` stream inside the same transaction, so a replica tailing
+the stream (XREAD) sees exactly the committed writes, in order; the stream is capped at about
+``CHANGES_MAXLEN`` entries (a replica that falls further behind than that would miss changes; at
+normal rates that is hours). Connection failures become :class:`StoreUnavailableError`; the client
+reconnects on the next call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import numpy as np
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from service.errors import ConflictError, StoreUnavailableError
+from service.store.base import (
+    ApiKey,
+    Change,
+    Decision,
+    Feedback,
+    GalleryItem,
+    GalleryVectors,
+    MatchRecord,
+    NewItem,
+    Tenant,
+    decode_vector,
+    encode_vector,
+)
+
+T = TypeVar("T")
+_CHUNK = 500
+CHANGES_MAXLEN = 100_000
+_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError, redis.exceptions.BusyLoadingError,
+    *((redis.exceptions.MasterDownError,) if hasattr(redis.exceptions, "MasterDownError") else ()),
+)
+
+
+def _s(v: bytes | str | None) -> str | None:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _f(v: bytes | str | None) -> float | None:
+    return None if v is None or v in (b"", "") else float(v)
+
+
+def _b(v: bytes | str | None) -> bool | None:
+    return None if v is None or v in (b"", "") else v in (b"1", "1")
+
+
+def _enc(v: Any) -> str:
+    """Hash values: None as "", bools as 0/1."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    return str(v)
+
+
+class RedisStore:
+    def __init__(self, url: str, *, prefix: str = "tcm:", timeout_s: float = 2.0,
+                 client: redis.Redis | None = None) -> None:
+        self.prefix = prefix
+        self._glob_prefix = re.sub(r"([*?\[\]\\])", r"\\\1", prefix)
+        # one quick retry: a dead server must turn into a 503 within about timeout_s
+        self.r = client or redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1), health_check_interval=30)
+        self._url = url
+        self._timeout_s = timeout_s
+        self._feed: redis.Redis | None = None  # blocking XREADs get their own connection
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def _tenant(self, tid: str, *rest: str) -> str:
+        return self._k("tenant", tid, *rest)
+
+    @contextmanager
+    def _translate(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailableError(
+                f"the Redis store cannot be reached ({what}): {exc}",
+                detail={"store": "redis"}) from exc
+
+    def _tx(self, what: str, watch: Sequence[str],
+            body: Callable[[redis.client.Pipeline], T]) -> T:
+        """Runs ``body`` (which checks state in immediate mode, then calls ``pipe.multi()`` and
+        queues writes) under WATCH; a concurrent change to a watched key is a conflict."""
+        with self._translate(what), self.r.pipeline() as pipe:
+            try:
+                if watch:
+                    pipe.watch(*watch)
+                result = body(pipe)
+                pipe.execute()
+                return result
+            except redis.exceptions.WatchError as exc:
+                raise ConflictError(f"a concurrent request changed the same data ({what}); "
+                                    "retry", code="concurrent_update") from exc
+
+    def ping(self) -> None:
+        with self._translate("ping"):
+            self.r.ping()
+
+    def close(self) -> None:
+        for client in (self.r, self._feed):
+            if client is not None:
+                client.close()
+                client.connection_pool.disconnect()
+
+    def _queue_change(self, pipe: redis.client.Pipeline, op: str, tenant_id: str, *,
+                      item_ids: Sequence[str] = (), seqs: Sequence[int] = ()) -> None:
+        fields = {"op": op, "tenant": tenant_id}
+        if item_ids:
+            fields["items"] = json.dumps(list(item_ids))
+        if seqs:
+            fields["seqs"] = json.dumps([int(s) for s in seqs])
+        pipe.xadd(self._k("changes"), fields,  # type: ignore[arg-type]
+                  maxlen=CHANGES_MAXLEN, approximate=True)
+
+    # --- tenants and keys ------------------------------------------------------------------
+    def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
+        with self._translate("create tenant"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(self._tenant(tenant.tenant_id),
+                      mapping={"name": tenant.name, "created_at": _enc(tenant.created_at)})
+            pipe.zadd(self._k("tenants"), {tenant.tenant_id: tenant.created_at})
+            self._queue_key(pipe, key)
+            pipe.execute()
+
+    def _queue_key(self, pipe: redis.client.Pipeline, key: ApiKey) -> None:
+        pipe.hset(self._k("key", key.key_id), mapping={
+            "tenant_id": key.tenant_id, "key_hash": key.key_hash,
+            "created_at": _enc(key.created_at), "revoked_at": _enc(key.revoked_at)})
+        pipe.sadd(self._tenant(key.tenant_id, "keys"), key.key_id)
+
+    def get_tenant(self, tenant_id: str) -> Tenant | None:
+        with self._translate("get tenant"):
+            h = self.r.hgetall(self._tenant(tenant_id))
+        if not h:
+            return None
+        return Tenant(tenant_id, _s(h[b"name"]) or "", float(h[b"created_at"]))
+
+    def list_tenants(self) -> list[Tenant]:
+        with self._translate("list tenants"):
+            ids = [_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1)]
+            pipe = self.r.pipeline(transaction=False)
+            for tid in ids:
+                pipe.hgetall(self._tenant(tid))
+            rows = pipe.execute()
+        return [Tenant(tid, _s(h[b"name"]) or "", float(h[b"created_at"]))
+                for tid, h in zip(ids, rows, strict=True) if h]
+
+    def delete_tenant(self, tenant_id: str) -> bool:
+        with self._translate("delete tenant"):
+            key_ids = [_s(k) or "" for k in self.r.smembers(self._tenant(tenant_id, "keys"))]
+            pipe = self.r.pipeline(transaction=True)
+            pipe.zrem(self._k("tenants"), tenant_id)
+            pipe.delete(self._tenant(tenant_id))
+            for kid in key_ids:
+                pipe.delete(self._k("key", kid))
+            self._queue_change(pipe, "drop_tenant", tenant_id)
+            existed = bool(pipe.execute()[0])
+            # the tenant is gone (no key authenticates); sweep its data
+            pattern = self._glob_prefix + f"tenant:{tenant_id}:*"
+            batch: list[bytes] = []
+            for k in self.r.scan_iter(match=pattern, count=1000):
+                batch.append(k)
+                if len(batch) >= _CHUNK:
+                    self.r.unlink(*batch)
+                    batch.clear()
+            if batch:
+                self.r.unlink(*batch)
+        return existed
+
+    def add_key(self, key: ApiKey, *, revoke_others_at: float | None = None) -> list[str]:
+        keys_set = self._tenant(key.tenant_id, "keys")
+
+        def body(pipe: redis.client.Pipeline) -> list[str]:
+            revoked: list[str] = []
+            if revoke_others_at is not None:
+                for kid in sorted(_s(k) or "" for k in pipe.smembers(keys_set)):
+                    if pipe.hget(self._k("key", kid), "revoked_at") in (b"", ""):
+                        revoked.append(kid)
+            pipe.multi()
+            for kid in revoked:
+                pipe.hset(self._k("key", kid), "revoked_at", _enc(revoke_others_at))
+            self._queue_key(pipe, key)
+            return revoked
+
+        return self._tx("add key", [keys_set], body)
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        with self._translate("get key"):
+            h = self.r.hgetall(self._k("key", key_id))
+        return self._key(key_id, h) if h else None
+
+    @staticmethod
+    def _key(key_id: str, h: Mapping[bytes, bytes]) -> ApiKey:
+        return ApiKey(key_id=key_id, tenant_id=_s(h[b"tenant_id"]) or "",
+                      key_hash=_s(h[b"key_hash"]) or "", created_at=float(h[b"created_at"]),
+                      revoked_at=_f(h.get(b"revoked_at")))
+
+    def list_keys(self, tenant_id: str) -> list[ApiKey]:
+        with self._translate("list keys"):
+            ids = sorted(_s(k) or "" for k in self.r.smembers(self._tenant(tenant_id, "keys")))
+            pipe = self.r.pipeline(transaction=False)
+            for kid in ids:
+                pipe.hgetall(self._k("key", kid))
+            rows = pipe.execute()
+        keys = [self._key(kid, h) for kid, h in zip(ids, rows, strict=True) if h]
+        return sorted(keys, key=lambda k: (k.created_at, k.key_id))
+
+    def revoke_key(self, tenant_id: str, key_id: str, at: float) -> bool:
+        with self._translate("revoke key"):
+            if not self.r.sismember(self._tenant(tenant_id, "keys"), key_id):
+                return False
+            # only sets revoked_at if still active (keeps the first revocation time)
+            self.r.eval("if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "
+                        "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) end return 1",
+                        1, self._k("key", key_id), _enc(at))
+            return True
+
+    # --- gallery ---------------------------------------------------------------------------
+    def add_items(self, tenant_id: str, items: Sequence[NewItem], *, model_version: str,
+                  created_at: float) -> list[int]:
+        item_keys = [self._tenant(tenant_id, "item", it.item_id) for it in items]
+
+        def body(pipe: redis.client.Pipeline) -> list[int]:
+            existing: list[str] = []
+            for chunk_keys, chunk_items in zip(_chunks(item_keys), _chunks(items), strict=True):
+                flags = [pipe.exists(k) for k in chunk_keys]
+                existing += [it.item_id for it, f in zip(chunk_items, flags, strict=True) if f]
+            if existing:
+                raise ConflictError("some item ids already exist in this gallery",
+                                    detail={"item_ids": sorted(existing)},
+                                    code="duplicate_item_id")
+            last = int(pipe.incrby(self._k("seq"), len(items)))
+            seqs = list(range(last - len(items) + 1, last + 1))
+            pipe.multi()
+            for key, it, seq in zip(item_keys, items, seqs, strict=True):
+                fields: dict[str, Any] = {
+                    "seq": seq, "subject": it.subject, "metadata": json.dumps(dict(it.metadata)),
+                    "created_at": _enc(created_at), "has_image": _enc(it.image is not None),
+                    f"emb:{model_version}": encode_vector(it.embedding)}
+                if it.image is not None:
+                    fields["image"] = it.image
+                pipe.hset(key, mapping=fields)
+                pipe.zadd(self._tenant(tenant_id, "items"), {it.item_id: seq})
+                pipe.zadd(self._tenant(tenant_id, "subject", it.subject), {it.item_id: seq})
+            self._queue_change(pipe, "add", tenant_id, item_ids=[it.item_id for it in items])
+            return seqs
+
+        return self._tx("add items", item_keys, body)
+
+    def get_item(self, tenant_id: str, item_id: str, *, model_version: str,
+                 with_image: bool = False) -> GalleryItem | None:
+        fields = ["seq", "subject", "metadata", "created_at", "has_image", f"emb:{model_version}"]
+        if with_image:
+            fields.append("image")
+        with self._translate("get item"):
+            vals = self.r.hmget(self._tenant(tenant_id, "item", item_id), fields)
+        if vals[0] is None:
+            return None
+        return self._item(item_id, vals, with_embedding=True,
+                          image=vals[6] if with_image else None)
+
+    @staticmethod
+    def _item(item_id: str, vals: Sequence[Any], *, with_embedding: bool,
+              image: bytes | None = None) -> GalleryItem:
+        emb = vals[5] if with_embedding and len(vals) > 5 else None
+        return GalleryItem(seq=int(vals[0]), item_id=item_id, subject=_s(vals[1]) or "",
+                           metadata=json.loads(vals[2]), created_at=float(vals[3]),
+                           has_image=bool(_b(vals[4])),
+                           embedding=None if emb is None else decode_vector(emb), image=image)
+
+    def list_items(self, tenant_id: str, *, subject: str | None = None, after_seq: int = 0,
+                   limit: int = 100) -> list[GalleryItem]:
+        zkey = (self._tenant(tenant_id, "items") if subject is None
+                else self._tenant(tenant_id, "subject", subject))
+        with self._translate("list items"):
+            ids = [_s(i) or "" for i in
+                   self.r.zrangebyscore(zkey, f"({after_seq}", "+inf", start=0, num=limit)]
+            pipe = self.r.pipeline(transaction=False)
+            for iid in ids:
+                pipe.hmget(self._tenant(tenant_id, "item", iid),
+                           ["seq", "subject", "metadata", "created_at", "has_image"])
+            rows = pipe.execute()
+        return [self._item(iid, vals, with_embedding=False)
+                for iid, vals in zip(ids, rows, strict=True) if vals[0] is not None]
+
+    def count_items(self, tenant_id: str) -> int:
+        with self._translate("count items"):
+            return int(self.r.zcard(self._tenant(tenant_id, "items")))
+
+    def delete_item(self, tenant_id: str, item_id: str) -> int | None:
+        key = self._tenant(tenant_id, "item", item_id)
+
+        def body(pipe: redis.client.Pipeline) -> int | None:
+            seq, subject = pipe.hmget(key, ["seq", "subject"])
+            if seq is None:
+                pipe.multi()
+                return None
+            pipe.multi()
+            pipe.delete(key)
+            pipe.zrem(self._tenant(tenant_id, "items"), item_id)
+            pipe.zrem(self._tenant(tenant_id, "subject", _s(subject) or ""), item_id)
+            self._queue_change(pipe, "remove", tenant_id, seqs=[int(seq)])
+            return int(seq)
+
+        return self._tx("delete item", [key], body)
+
+    def delete_subject(self, tenant_id: str, subject: str) -> list[int]:
+        zkey = self._tenant(tenant_id, "subject", subject)
+
+        def body(pipe: redis.client.Pipeline) -> list[int]:
+            members = pipe.zrange(zkey, 0, -1, withscores=True)
+            pipe.multi()
+            ids = [_s(m) or "" for m, _ in members]
+            for chunk in _chunks(ids):
+                pipe.delete(*[self._tenant(tenant_id, "item", i) for i in chunk])
+                pipe.zrem(self._tenant(tenant_id, "items"), *chunk)
+            pipe.delete(zkey)
+            seqs = sorted(int(s) for _, s in members)
+            if seqs:
+                self._queue_change(pipe, "remove", tenant_id, seqs=seqs)
+            return seqs
+
+        return self._tx("delete subject", [zkey], body)
+
+    def gallery_vectors(self, tenant_id: str, *, model_version: str,
+                        subject: str | None = None) -> GalleryVectors:
+        zkey = (self._tenant(tenant_id, "items") if subject is None
+                else self._tenant(tenant_id, "subject", subject))
+        field = f"emb:{model_version}"
+        seqs: list[int] = []
+        ids: list[str] = []
+        subjects: list[str] = []
+        vecs: list[np.ndarray] = []
+        with self._translate("read vectors"):
+            members = self.r.zrange(zkey, 0, -1, withscores=True)
+            for chunk in _chunks(members):
+                pipe = self.r.pipeline(transaction=False)
+                for m, _ in chunk:
+                    pipe.hmget(self._tenant(tenant_id, "item", _s(m) or ""), ["subject", field])
+                for (m, score), (subj, emb) in zip(chunk, pipe.execute(), strict=True):
+                    if emb is None:
+                        continue
+                    seqs.append(int(score))
+                    ids.append(_s(m) or "")
+                    subjects.append(_s(subj) or "")
+                    vecs.append(decode_vector(emb))
+        if not vecs:
+            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32))
+        return GalleryVectors(np.array(seqs, dtype=np.int64), ids, subjects, np.stack(vecs))
+
+    def items_without_embedding(self, tenant_id: str, *, model_version: str
+                                ) -> list[tuple[str, bytes | None]]:
+        field = f"emb:{model_version}"
+        out: list[tuple[str, bytes | None]] = []
+        with self._translate("read items without embedding"):
+            ids = [_s(m) or "" for m in self.r.zrange(self._tenant(tenant_id, "items"), 0, -1)]
+            for chunk in _chunks(ids):
+                pipe = self.r.pipeline(transaction=False)
+                for iid in chunk:
+                    pipe.hexists(self._tenant(tenant_id, "item", iid), field)
+                missing = [iid for iid, has in zip(chunk, pipe.execute(), strict=True)
+                           if not has]
+                for iid in missing:
+                    out.append((iid, self.r.hget(self._tenant(tenant_id, "item", iid), "image")))
+        return out
+
+    def put_embeddings(self, tenant_id: str, vectors: Mapping[str, np.ndarray], *,
+                       model_version: str) -> None:
+        field = f"emb:{model_version}"
+        with self._translate("put embeddings"):
+            for chunk in _chunks(list(vectors.items())):
+                pipe = self.r.pipeline(transaction=True)
+                for iid, vec in chunk:
+                    # only for items that still exist: HSET on a deleted key would resurrect it
+                    pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
+                              "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 1",
+                              1, self._tenant(tenant_id, "item", iid), field,
+                              encode_vector(vec))
+                self._queue_change(pipe, "add", tenant_id, item_ids=[iid for iid, _ in chunk])
+                pipe.execute()
+
+    def vectors_of_items(self, tenant_id: str, item_ids: Sequence[str], *,
+                         model_version: str) -> GalleryVectors:
+        field = f"emb:{model_version}"
+        rows = []
+        with self._translate("read vectors"):
+            for chunk in _chunks(list(item_ids)):
+                pipe = self.r.pipeline(transaction=False)
+                for iid in chunk:
+                    pipe.hmget(self._tenant(tenant_id, "item", iid), ["seq", "subject", field])
+                for iid, (seq, subj, emb) in zip(chunk, pipe.execute(), strict=True):
+                    if seq is not None and emb is not None:
+                        rows.append((int(seq), iid, _s(subj) or "", decode_vector(emb)))
+        rows.sort(key=lambda r: r[0])
+        if not rows:
+            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32))
+        return GalleryVectors(np.array([r[0] for r in rows], dtype=np.int64),
+                              [r[1] for r in rows], [r[2] for r in rows],
+                              np.stack([r[3] for r in rows]))
+
+    # --- change feed -----------------------------------------------------------------------
+    def change_cursor(self) -> str | None:
+        with self._translate("read change feed"):
+            last = self.r.xrevrange(self._k("changes"), count=1)
+        return _s(last[0][0]) if last else "0-0"
+
+    def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
+        if self._feed is None:
+            self._feed = redis.Redis(
+                connection_pool=redis.ConnectionPool.from_url(
+                    self._url, socket_timeout=self._timeout_s + block_ms / 1e3,
+                    socket_connect_timeout=self._timeout_s,
+                    retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1)))
+        with self._translate("read change feed"):
+            reply = self._feed.xread({self._k("changes"): cursor}, count=1000,
+                                     block=block_ms)
+        changes: list[Change] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                cursor = _s(entry_id) or cursor
+                op = _s(fields.get(b"op"))
+                tenant = _s(fields.get(b"tenant")) or ""
+                items = json.loads(fields[b"items"]) if b"items" in fields else []
+                seqs = json.loads(fields[b"seqs"]) if b"seqs" in fields else []
+                if op in ("add", "remove", "drop_tenant"):
+                    changes.append(Change(op, tenant, tuple(items), tuple(seqs)))  # type: ignore[arg-type]
+        return cursor, changes
+
+    # --- matches and feedback --------------------------------------------------------------
+    def add_match(self, record: MatchRecord) -> None:
+        r = record
+        with self._translate("add match"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(self._tenant(r.tenant_id, "match", r.match_id), mapping={
+                "accepted": _enc(r.accepted), "subject": _enc(r.subject),
+                "subject_set": _enc(r.subject is not None),
+                "top_item_id": _enc(r.top_item_id), "top_subject": _enc(r.top_subject),
+                "has_top": _enc(r.top_item_id is not None),
+                "score": _enc(r.score), "threshold": _enc(r.threshold),
+                "model_version": r.model_version, "created_at": _enc(r.created_at)})
+            pipe.zadd(self._tenant(r.tenant_id, "matches"), {r.match_id: r.created_at})
+            pipe.execute()
+
+    @staticmethod
+    def _match(tenant_id: str, match_id: str, h: Mapping[bytes, bytes]) -> MatchRecord:
+        has_top = _b(h.get(b"has_top"))
+        return MatchRecord(
+            match_id=match_id, tenant_id=tenant_id, accepted=bool(_b(h[b"accepted"])),
+            subject=_s(h[b"subject"]) if _b(h.get(b"subject_set")) else None,
+            top_item_id=_s(h[b"top_item_id"]) if has_top else None,
+            top_subject=_s(h[b"top_subject"]) if has_top else None,
+            score=_f(h.get(b"score")), threshold=float(h[b"threshold"]),
+            model_version=_s(h[b"model_version"]) or "", created_at=float(h[b"created_at"]))
+
+    @staticmethod
+    def _feedback(tenant_id: str, match_id: str, h: Mapping[bytes, bytes]) -> Feedback | None:
+        if not h:
+            return None
+        return Feedback(
+            match_id=match_id, tenant_id=tenant_id,
+            true_subject=_s(h[b"true_subject"]) if _b(h.get(b"true_subject_set")) else None,
+            correct=_b(h.get(b"correct")), genuine=_b(h.get(b"genuine")),
+            outcome=_s(h[b"outcome"]),  # type: ignore[arg-type]
+            created_at=float(h[b"created_at"]))
+
+    def get_match(self, tenant_id: str, match_id: str) -> MatchRecord | None:
+        with self._translate("get match"):
+            h = self.r.hgetall(self._tenant(tenant_id, "match", match_id))
+        return self._match(tenant_id, match_id, h) if h else None
+
+    def add_feedback(self, feedback: Feedback) -> None:
+        f = feedback
+        key = self._tenant(f.tenant_id, "feedback", f.match_id)
+        match_key = self._tenant(f.tenant_id, "match", f.match_id)
+
+        def body(pipe: redis.client.Pipeline) -> None:
+            if pipe.exists(key):
+                raise ConflictError("this match already has feedback",
+                                    detail={"match_id": f.match_id}, code="feedback_exists")
+            if not pipe.exists(match_key):
+                raise ConflictError("the match record is gone", detail={"match_id": f.match_id})
+            pipe.multi()
+            pipe.hset(key, mapping={
+                "true_subject": _enc(f.true_subject),
+                "true_subject_set": _enc(f.true_subject is not None),
+                "correct": _enc(f.correct), "genuine": _enc(f.genuine), "outcome": f.outcome,
+                "created_at": _enc(f.created_at)})
+
+        self._tx("add feedback", [key, match_key], body)
+
+    def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
+                       limit: int | None = None) -> list[Decision]:
+        out: list[Decision] = []
+        with self._translate("list decisions"):
+            ids = [_s(m) or "" for m in
+                   self.r.zrangebyscore(self._tenant(tenant_id, "matches"), since, "+inf")]
+            for chunk in _chunks(ids):
+                pipe = self.r.pipeline(transaction=False)
+                for mid in chunk:
+                    pipe.hgetall(self._tenant(tenant_id, "match", mid))
+                    pipe.hgetall(self._tenant(tenant_id, "feedback", mid))
+                rows = pipe.execute()
+                for i, mid in enumerate(chunk):
+                    m, fb = rows[2 * i], rows[2 * i + 1]
+                    if not m or (labelled_only and not fb):
+                        continue
+                    out.append(Decision(self._match(tenant_id, mid, m),
+                                        self._feedback(tenant_id, mid, fb)))
+                    if limit is not None and len(out) >= limit:
+                        return out
+        return out
+
+    # --- monitoring ------------------------------------------------------------------------
+    def put_monitor_snapshot(self, snapshot: Mapping[str, Any]) -> None:
+        body = json.dumps(snapshot, allow_nan=False, separators=(",", ":"))
+        with self._translate("put monitor snapshot"):
+            self.r.set(self._k("monitor", "snapshot"), body)
+
+    def get_monitor_snapshot(self) -> dict[str, Any] | None:
+        with self._translate("get monitor snapshot"):
+            raw = self.r.get(self._k("monitor", "snapshot"))
+        return None if raw is None else json.loads(raw)
+
+
+def _chunks(xs: Sequence[T], n: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(xs), n):
+        yield xs[i:i + n]

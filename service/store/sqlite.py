@@ -1,0 +1,470 @@
+"""Embedded store: one SQLite file, for single-process deployments.
+
+WAL journal with ``synchronous=FULL``: a write the API acknowledged survives a kill of the
+process or the machine. Each thread gets its own connection (WAL lets readers run beside the one
+writer); writes take the write lock up front (``BEGIN IMMEDIATE``) and wait ``busy_timeout``
+for it. Deleting a tenant or an item cascades through foreign keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import ConflictError, StoreUnavailableError
+from service.store.base import (
+    ApiKey,
+    Change,
+    Decision,
+    Feedback,
+    GalleryItem,
+    GalleryVectors,
+    MatchRecord,
+    NewItem,
+    Tenant,
+    decode_vector,
+    encode_vector,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant_id TEXT PRIMARY KEY, name TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id) ON DELETE CASCADE,
+    key_hash TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL);
+CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys(tenant_id);
+CREATE TABLE IF NOT EXISTS items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id) ON DELETE CASCADE,
+    item_id TEXT NOT NULL, subject TEXT NOT NULL, metadata TEXT NOT NULL,
+    has_image INTEGER NOT NULL, created_at REAL NOT NULL,
+    UNIQUE (tenant_id, item_id));
+CREATE INDEX IF NOT EXISTS items_by_subject ON items(tenant_id, subject, seq);
+CREATE TABLE IF NOT EXISTS item_images (
+    seq INTEGER PRIMARY KEY REFERENCES items(seq) ON DELETE CASCADE, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS embeddings (
+    seq INTEGER NOT NULL REFERENCES items(seq) ON DELETE CASCADE,
+    model_version TEXT NOT NULL, vector BLOB NOT NULL,
+    PRIMARY KEY (seq, model_version)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS matches (
+    match_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id) ON DELETE CASCADE,
+    accepted INTEGER NOT NULL, subject TEXT, top_item_id TEXT, top_subject TEXT, score REAL,
+    threshold REAL NOT NULL, model_version TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS matches_by_tenant ON matches(tenant_id, created_at);
+CREATE TABLE IF NOT EXISTS feedback (
+    match_id TEXT PRIMARY KEY REFERENCES matches(match_id) ON DELETE CASCADE,
+    tenant_id TEXT NOT NULL, true_subject TEXT, correct INTEGER, genuine INTEGER,
+    outcome TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS monitor_snapshot (
+    id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT NOT NULL);
+"""
+
+# OperationalErrors that mean "the database cannot be used right now", not a bug in our SQL.
+_UNAVAILABLE = ("locked", "busy", "unable to open", "disk i/o", "readonly", "read-only",
+                "database or disk is full", "no such table", "malformed", "not a database")
+
+
+def path_from_url(url: str) -> Path:
+    """``sqlite:///rel/path.db`` -> ``rel/path.db``; ``sqlite:////abs/path.db`` -> ``/abs/...``."""
+    if not url.startswith("sqlite:///"):
+        raise ValueError(f"not a sqlite URL: {url!r}")
+    return Path(url.removeprefix("sqlite:///"))
+
+
+def _bool(v: Any) -> bool | None:
+    return None if v is None else bool(v)
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path, *, timeout_s: float = 2.0) -> None:
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        # (owner thread, connection): the thread pool retires idle threads, whose connections
+        # are closed when the next one is opened
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot create the directory of {self.path}: {exc}"
+                                        ) from exc
+        with self._translate("open"):
+            conn = self._conn()
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT version FROM schema_info").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_info VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise ValueError(f"{self.path} has schema version {row[0]}, this build uses "
+                                 f"{SCHEMA_VERSION}")
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise StoreUnavailableError("the store is closed")
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
+            self._local.conn = conn
+            with self._lock:
+                live = []
+                for thread, other in self._connections:
+                    if thread.is_alive():
+                        live.append((thread, other))
+                    else:
+                        with contextlib.suppress(sqlite3.Error):
+                            other.close()
+                live.append((threading.current_thread(), conn))
+                self._connections = live
+        return conn
+
+    @contextmanager
+    def _translate(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if any(s in str(exc).lower() for s in _UNAVAILABLE):
+                raise StoreUnavailableError(
+                    f"the SQLite store at {self.path} cannot be used ({what}): {exc}") from exc
+            raise
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise
+            raise StoreUnavailableError(
+                f"the SQLite store at {self.path} cannot be used ({what}): {exc}") from exc
+
+    @contextmanager
+    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._translate(what):
+            yield self._conn()
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._translate(what):
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def ping(self) -> None:
+        with self._read("ping") as conn:
+            conn.execute("SELECT 1 FROM schema_info").fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for _, conn in self._connections:
+                with contextlib.suppress(sqlite3.Error):  # closing is best effort
+                    conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # --- tenants and keys ------------------------------------------------------------------
+    def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
+        with self._write("create tenant") as conn:
+            conn.execute("INSERT INTO tenants VALUES (?, ?, ?)",
+                         (tenant.tenant_id, tenant.name, tenant.created_at))
+            self._insert_key(conn, key)
+
+    @staticmethod
+    def _insert_key(conn: sqlite3.Connection, key: ApiKey) -> None:
+        conn.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?)",
+                     (key.key_id, key.tenant_id, key.key_hash, key.created_at, key.revoked_at))
+
+    def get_tenant(self, tenant_id: str) -> Tenant | None:
+        with self._read("get tenant") as conn:
+            row = conn.execute("SELECT tenant_id, name, created_at FROM tenants WHERE tenant_id=?",
+                               (tenant_id,)).fetchone()
+        return Tenant(*row) if row else None
+
+    def list_tenants(self) -> list[Tenant]:
+        with self._read("list tenants") as conn:
+            rows = conn.execute("SELECT tenant_id, name, created_at FROM tenants "
+                                "ORDER BY created_at, tenant_id").fetchall()
+        return [Tenant(*r) for r in rows]
+
+    def delete_tenant(self, tenant_id: str) -> bool:
+        with self._write("delete tenant") as conn:
+            # feedback rows cascade from matches; everything else from tenants
+            cur = conn.execute("DELETE FROM tenants WHERE tenant_id=?", (tenant_id,))
+            return cur.rowcount > 0
+
+    def add_key(self, key: ApiKey, *, revoke_others_at: float | None = None) -> list[str]:
+        with self._write("add key") as conn:
+            revoked: list[str] = []
+            if revoke_others_at is not None:
+                revoked = [r[0] for r in conn.execute(
+                    "SELECT key_id FROM api_keys WHERE tenant_id=? AND revoked_at IS NULL "
+                    "ORDER BY created_at", (key.tenant_id,))]
+                conn.execute("UPDATE api_keys SET revoked_at=? WHERE tenant_id=? AND "
+                             "revoked_at IS NULL", (revoke_others_at, key.tenant_id))
+            self._insert_key(conn, key)
+        return revoked
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        with self._read("get key") as conn:
+            row = conn.execute("SELECT key_id, tenant_id, key_hash, created_at, revoked_at "
+                               "FROM api_keys WHERE key_id=?", (key_id,)).fetchone()
+        return ApiKey(*row) if row else None
+
+    def list_keys(self, tenant_id: str) -> list[ApiKey]:
+        with self._read("list keys") as conn:
+            rows = conn.execute("SELECT key_id, tenant_id, key_hash, created_at, revoked_at "
+                                "FROM api_keys WHERE tenant_id=? ORDER BY created_at, key_id",
+                                (tenant_id,)).fetchall()
+        return [ApiKey(*r) for r in rows]
+
+    def revoke_key(self, tenant_id: str, key_id: str, at: float) -> bool:
+        with self._write("revoke key") as conn:
+            row = conn.execute("SELECT revoked_at FROM api_keys WHERE tenant_id=? AND key_id=?",
+                               (tenant_id, key_id)).fetchone()
+            if row is None:
+                return False
+            if row[0] is None:
+                conn.execute("UPDATE api_keys SET revoked_at=? WHERE key_id=?", (at, key_id))
+            return True
+
+    # --- gallery ---------------------------------------------------------------------------
+    def add_items(self, tenant_id: str, items: Sequence[NewItem], *, model_version: str,
+                  created_at: float) -> list[int]:
+        ids = [it.item_id for it in items]
+        with self._write("add items") as conn:
+            existing: list[str] = []
+            for chunk in _chunks(ids, 500):
+                marks = ",".join("?" * len(chunk))
+                existing += [r[0] for r in conn.execute(
+                    f"SELECT item_id FROM items WHERE tenant_id=? AND item_id IN ({marks})",
+                    (tenant_id, *chunk))]
+            if existing:
+                raise ConflictError("some item ids already exist in this gallery",
+                                    detail={"item_ids": sorted(existing)},
+                                    code="duplicate_item_id")
+            seqs = []
+            for it in items:
+                cur = conn.execute(
+                    "INSERT INTO items (tenant_id, item_id, subject, metadata, has_image, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (tenant_id, it.item_id, it.subject, json.dumps(dict(it.metadata)),
+                     int(it.image is not None), created_at))
+                seq = int(cur.lastrowid)  # type: ignore[arg-type]
+                seqs.append(seq)
+                conn.execute("INSERT INTO embeddings VALUES (?, ?, ?)",
+                             (seq, model_version, encode_vector(it.embedding)))
+                if it.image is not None:
+                    conn.execute("INSERT INTO item_images VALUES (?, ?)", (seq, it.image))
+        return seqs
+
+    def get_item(self, tenant_id: str, item_id: str, *, model_version: str,
+                 with_image: bool = False) -> GalleryItem | None:
+        with self._read("get item") as conn:
+            row = conn.execute(
+                "SELECT i.seq, i.item_id, i.subject, i.metadata, i.created_at, i.has_image, "
+                "e.vector FROM items i LEFT JOIN embeddings e ON e.seq = i.seq AND "
+                "e.model_version = ? WHERE i.tenant_id=? AND i.item_id=?",
+                (model_version, tenant_id, item_id)).fetchone()
+            if row is None:
+                return None
+            image = None
+            if with_image and row[5]:
+                img = conn.execute("SELECT data FROM item_images WHERE seq=?",
+                                   (row[0],)).fetchone()
+                image = bytes(img[0]) if img else None
+        return GalleryItem(seq=row[0], item_id=row[1], subject=row[2],
+                           metadata=json.loads(row[3]), created_at=row[4],
+                           has_image=bool(row[5]),
+                           embedding=None if row[6] is None else decode_vector(row[6]),
+                           image=image)
+
+    def list_items(self, tenant_id: str, *, subject: str | None = None, after_seq: int = 0,
+                   limit: int = 100) -> list[GalleryItem]:
+        sql = ("SELECT seq, item_id, subject, metadata, created_at, has_image FROM items "
+               "WHERE tenant_id=? AND seq>?")
+        args: list[Any] = [tenant_id, after_seq]
+        if subject is not None:
+            sql += " AND subject=?"
+            args.append(subject)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        with self._read("list items") as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [GalleryItem(seq=r[0], item_id=r[1], subject=r[2], metadata=json.loads(r[3]),
+                            created_at=r[4], has_image=bool(r[5])) for r in rows]
+
+    def count_items(self, tenant_id: str) -> int:
+        with self._read("count items") as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM items WHERE tenant_id=?",
+                                    (tenant_id,)).fetchone()[0])
+
+    def delete_item(self, tenant_id: str, item_id: str) -> int | None:
+        with self._write("delete item") as conn:
+            row = conn.execute("DELETE FROM items WHERE tenant_id=? AND item_id=? RETURNING seq",
+                               (tenant_id, item_id)).fetchone()
+        return None if row is None else int(row[0])
+
+    def delete_subject(self, tenant_id: str, subject: str) -> list[int]:
+        with self._write("delete subject") as conn:
+            rows = conn.execute("DELETE FROM items WHERE tenant_id=? AND subject=? RETURNING seq",
+                                (tenant_id, subject)).fetchall()
+        return sorted(int(r[0]) for r in rows)
+
+    def gallery_vectors(self, tenant_id: str, *, model_version: str,
+                        subject: str | None = None) -> GalleryVectors:
+        sql = ("SELECT i.seq, i.item_id, i.subject, e.vector FROM items i JOIN embeddings e "
+               "ON e.seq = i.seq AND e.model_version=? WHERE i.tenant_id=?")
+        args: list[Any] = [model_version, tenant_id]
+        if subject is not None:
+            sql += " AND i.subject=?"
+            args.append(subject)
+        with self._read("read vectors") as conn:
+            rows = conn.execute(sql + " ORDER BY i.seq", args).fetchall()
+        return _vectors(rows)
+
+    def items_without_embedding(self, tenant_id: str, *, model_version: str
+                                ) -> list[tuple[str, bytes | None]]:
+        with self._read("read items without embedding") as conn:
+            rows = conn.execute(
+                "SELECT i.item_id, im.data FROM items i LEFT JOIN item_images im ON "
+                "im.seq = i.seq WHERE i.tenant_id=? AND NOT EXISTS (SELECT 1 FROM embeddings e "
+                "WHERE e.seq = i.seq AND e.model_version=?) ORDER BY i.seq",
+                (tenant_id, model_version)).fetchall()
+        return [(r[0], None if r[1] is None else bytes(r[1])) for r in rows]
+
+    def put_embeddings(self, tenant_id: str, vectors: Mapping[str, np.ndarray], *,
+                       model_version: str) -> None:
+        with self._write("put embeddings") as conn:
+            for item_id, vec in vectors.items():
+                conn.execute(
+                    "INSERT OR REPLACE INTO embeddings SELECT seq, ?, ? FROM items "
+                    "WHERE tenant_id=? AND item_id=?",
+                    (model_version, encode_vector(vec), tenant_id, item_id))
+
+    def vectors_of_items(self, tenant_id: str, item_ids: Sequence[str], *,
+                         model_version: str) -> GalleryVectors:
+        rows: list[Any] = []
+        with self._read("read vectors") as conn:
+            for chunk in _chunks(list(item_ids), 500):
+                marks = ",".join("?" * len(chunk))
+                rows += conn.execute(
+                    "SELECT i.seq, i.item_id, i.subject, e.vector FROM items i JOIN embeddings e "
+                    "ON e.seq = i.seq AND e.model_version=? WHERE i.tenant_id=? AND "
+                    f"i.item_id IN ({marks}) ORDER BY i.seq",
+                    (model_version, tenant_id, *chunk)).fetchall()
+        return _vectors(rows)
+
+    # --- change feed -----------------------------------------------------------------------
+    def change_cursor(self) -> str | None:
+        return None  # one process per SQLite file: nothing to follow
+
+    def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
+        return cursor, []
+
+    # --- matches and feedback --------------------------------------------------------------
+    def add_match(self, record: MatchRecord) -> None:
+        r = record
+        with self._write("add match") as conn:
+            conn.execute("INSERT INTO matches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (r.match_id, r.tenant_id, int(r.accepted), r.subject, r.top_item_id,
+                          r.top_subject, r.score, r.threshold, r.model_version, r.created_at))
+
+    _MATCH_COLS = ("m.match_id, m.tenant_id, m.accepted, m.subject, m.top_item_id, "
+                   "m.top_subject, m.score, m.threshold, m.model_version, m.created_at")
+    _FEEDBACK_COLS = ("f.match_id, f.tenant_id, f.true_subject, f.correct, f.genuine, "
+                      "f.outcome, f.created_at")
+
+    @staticmethod
+    def _match(r: Sequence[Any]) -> MatchRecord:
+        return MatchRecord(match_id=r[0], tenant_id=r[1], accepted=bool(r[2]), subject=r[3],
+                           top_item_id=r[4], top_subject=r[5], score=r[6], threshold=r[7],
+                           model_version=r[8], created_at=r[9])
+
+    @staticmethod
+    def _feedback(r: Sequence[Any]) -> Feedback | None:
+        if r[0] is None:
+            return None
+        return Feedback(match_id=r[0], tenant_id=r[1], true_subject=r[2], correct=_bool(r[3]),
+                        genuine=_bool(r[4]), outcome=r[5], created_at=r[6])
+
+    def get_match(self, tenant_id: str, match_id: str) -> MatchRecord | None:
+        with self._read("get match") as conn:
+            row = conn.execute(f"SELECT {self._MATCH_COLS} FROM matches m "
+                               "WHERE m.tenant_id=? AND m.match_id=?",
+                               (tenant_id, match_id)).fetchone()
+        return None if row is None else self._match(row)
+
+    def add_feedback(self, feedback: Feedback) -> None:
+        f = feedback
+        with self._write("add feedback") as conn:
+            if conn.execute("SELECT 1 FROM feedback WHERE match_id=?",
+                            (f.match_id,)).fetchone():
+                raise ConflictError("this match already has feedback",
+                                    detail={"match_id": f.match_id}, code="feedback_exists")
+            conn.execute("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (f.match_id, f.tenant_id, f.true_subject,
+                          None if f.correct is None else int(f.correct),
+                          None if f.genuine is None else int(f.genuine), f.outcome,
+                          f.created_at))
+
+    def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
+                       limit: int | None = None) -> list[Decision]:
+        join = "JOIN" if labelled_only else "LEFT JOIN"
+        sql = (f"SELECT {self._MATCH_COLS}, {self._FEEDBACK_COLS} FROM matches m {join} "
+               "feedback f ON f.match_id = m.match_id WHERE m.tenant_id=? AND m.created_at>=? "
+               "ORDER BY m.created_at, m.match_id")
+        args: list[Any] = [tenant_id, since]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._read("list decisions") as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [Decision(self._match(r[:10]), self._feedback(r[10:])) for r in rows]
+
+    # --- monitoring ------------------------------------------------------------------------
+    def put_monitor_snapshot(self, snapshot: Mapping[str, Any]) -> None:
+        body = json.dumps(snapshot, allow_nan=False, separators=(",", ":"))
+        with self._write("put monitor snapshot") as conn:
+            conn.execute("INSERT INTO monitor_snapshot (id, body) VALUES (1, ?) "
+                         "ON CONFLICT (id) DO UPDATE SET body = excluded.body", (body,))
+
+    def get_monitor_snapshot(self) -> dict[str, Any] | None:
+        with self._read("get monitor snapshot") as conn:
+            row = conn.execute("SELECT body FROM monitor_snapshot WHERE id = 1").fetchone()
+        return None if row is None else json.loads(row[0])
+
+
+def _vectors(rows: Sequence[Any]) -> GalleryVectors:
+    if not rows:
+        return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32))
+    return GalleryVectors(
+        seqs=np.array([r[0] for r in rows], dtype=np.int64),
+        item_ids=[r[1] for r in rows], subjects=[r[2] for r in rows],
+        vectors=np.stack([decode_vector(r[3]) for r in rows]))
+
+
+def _chunks(xs: Sequence[str], n: int) -> Iterator[Sequence[str]]:
+    for i in range(0, len(xs), n):
+        yield xs[i:i + n]

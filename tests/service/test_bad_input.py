@@ -1,0 +1,257 @@
+"""Every kind of bad input gets a clear 4xx in the one error shape, never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from httpx import Response
+from PIL import Image
+
+from service.body_limit import BodySizeLimitMiddleware
+from tests.service.conftest import DIM, Api, Digits, Tenant, b64, b64_png, png_bytes, unit
+
+
+def assert_error(r: Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"code", "message", "detail"}, body
+    assert isinstance(body["message"], str) and body["message"]
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims ``width x height`` pixels (a decompression bomb)."""
+    data = bytearray(png_bytes(np.zeros((4, 4), np.uint8)))
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes of header data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+@pytest.fixture
+def enrolled(api: Api, tenant: Tenant) -> Tenant:
+    api.enrol(tenant, [{"subject": "s", "embedding": unit(1), "item_id": "i1"}])
+    return tenant
+
+
+def test_bad_embeddings(api: Api, enrolled: Tenant) -> None:
+    c, h = api.client, enrolled.auth
+    for bad in ([0.1] * (DIM - 1), [0.1] * (DIM + 1), [0.0] * DIM):
+        for path, body in (("/v1/match", {"embedding": bad}),
+                           ("/v1/gallery", {"items": [{"subject": "s", "embedding": bad}]}),
+                           ("/v1/verify", {"a": {"embedding": bad}, "b": {"item_id": "i1"}})):
+            err = assert_error(c.post(path, json=body, headers=h), 422, "invalid_embedding")
+            assert "dimension" in err["message"] or "zero" in err["message"]
+    assert_error(c.post("/v1/match", json={"embedding": []}, headers=h), 422, "invalid_input")
+    # NaN and Infinity are not JSON, but Python's parser accepts them: they must not get through
+    for token in ("NaN", "Infinity", "-Infinity"):
+        raw = '{"embedding": [' + ", ".join([token] + ["0.1"] * (DIM - 1)) + "]}"
+        r = c.post("/v1/match", content=raw, headers=h | {"content-type": "application/json"})
+        assert_error(r, 422, "invalid_input")
+    for bad_value in ('"abc"', "null", "[1]", "{}"):
+        raw = '{"embedding": [' + ", ".join([bad_value] + ["0.1"] * (DIM - 1)) + "]}"
+        r = c.post("/v1/match", content=raw, headers=h | {"content-type": "application/json"})
+        assert_error(r, 422, "invalid_input")
+    # huge but finite values are fine: only the direction matters
+    r = c.post("/v1/match", json={"embedding": [1e308] + [0.0] * (DIM - 1)}, headers=h)
+    assert r.status_code == 200
+
+
+def test_bad_images(api: Api, tenant: Tenant, digits: Digits) -> None:
+    c, h = api.client, tenant.auth
+    good = png_bytes(digits.images[0])
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((600, 600), np.uint8)).save(buf, format="PNG")
+    cases = {
+        "not base64": ("!!!not base64!!!", "invalid_image"),
+        "not an image": (b64(b"hello world, not an image"), "invalid_image"),
+        "truncated png": (b64(good[: len(good) // 2]), "invalid_image"),
+        "bomb": (b64(png_claiming_size(100_000, 100_000)), "image_too_large"),
+        "too many pixels": (b64(buf.getvalue()), "image_too_large"),
+        "empty after decoding": ("data:image/png;base64,", "invalid_image"),
+    }
+    for name, (data, code) in cases.items():
+        for path, body in (("/v1/match", {"image": data}),
+                           ("/v1/embed", {"images": [b64_png(digits.images[1]), data]}),
+                           ("/v1/gallery", {"items": [{"subject": "s", "image": data}]}),
+                           ("/v1/verify", {"a": {"image": data}, "b": {"embedding": unit(0)}})):
+            err = assert_error(c.post(path, json=body, headers=h), 422)
+            assert err["code"] == code, (name, path, err)
+    # the offending image is named
+    err = c.post("/v1/embed", json={"images": [b64_png(digits.images[1]), "!!"]},
+                 headers=h).json()
+    assert err["detail"]["where"] == "images[1]"
+    assert_error(c.post("/v1/match", json={"image": ""}, headers=h), 422, "invalid_input")
+    # a data: URL prefix is accepted
+    r = c.post("/v1/match", json={"image": "data:image/png;base64," + b64(good)}, headers=h)
+    assert r.status_code == 200
+    # uploads: empty, not an image, missing
+    for files in ({"file": ("e.png", b"", "image/png")},
+                  {"file": ("t.txt", b"plain text", "text/plain")},
+                  {"file": ("b.png", png_claiming_size(50_000, 50_000), "image/png")}):
+        for path in ("/v1/match/upload", "/v1/embed/upload"):
+            assert_error(c.post(path, files=files, headers=h), 422)
+    assert_error(c.post("/v1/match/upload", data={"k": "1"}, headers=h), 422)
+    assert_error(c.post("/v1/gallery/upload", files={"file": ("a.png", good, "image/png")},
+                        data={"subject": "s", "metadata": "[1, 2]"}, headers=h), 422)
+    assert_error(c.post("/v1/gallery/upload", files={"file": ("a.png", good, "image/png")},
+                        data={"subject": "a/b"}, headers=h), 422)
+    assert_error(c.post("/v1/verify/upload", files={"a": ("a.png", good, "image/png")},
+                        headers=h), 422)
+
+
+def test_k_out_of_range(api: Api, enrolled: Tenant, digits: Digits) -> None:
+    c, h = api.client, enrolled.auth
+    for k in (0, -1, api.settings.max_k + 1, 10**9):
+        assert_error(c.post("/v1/match", json={"embedding": unit(0), "k": k}, headers=h), 422)
+        up = c.post("/v1/match/upload", data={"k": str(k)}, headers=h,
+                    files={"file": ("a.png", png_bytes(digits.images[0]), "image/png")})
+        assert_error(up, 422)
+    for k in ("abc", 1.5, None, True):
+        r = c.post("/v1/match", json={"embedding": unit(0), "k": k}, headers=h)
+        if k is True:  # pydantic's lax mode reads true as 1; still a valid k
+            assert r.status_code in (200, 422)
+            continue
+        assert_error(r, 422, "invalid_input")
+    r = c.post("/v1/match", json={"embedding": unit(0), "k": api.settings.max_k}, headers=h)
+    assert r.status_code == 200 and len(r.json()["candidates"]) == 1
+
+
+def test_malformed_and_mis_shaped_json(api: Api, enrolled: Tenant) -> None:
+    c, h = api.client, enrolled.auth | {"content-type": "application/json"}
+    for raw in ('{"embedding": [0.1, ', "not json", '{"a": 1,}', "\x00\x01"):
+        assert_error(c.post("/v1/match", content=raw, headers=h), 400, "malformed_json")
+    for body in ([1, 2, 3], "a string", 42, None, {}):
+        r = c.post("/v1/match", content=json.dumps(body), headers=h)
+        assert_error(r, 422, "invalid_input")
+    assert_error(c.post("/v1/match", content=b"", headers=h), 422, "invalid_input")
+    # unknown fields, both or neither of the alternatives
+    for body in ({"embeding": unit(0)},
+                 {"embedding": unit(0), "image": "aGVsbG8="},
+                 {"k": 3}):
+        assert_error(c.post("/v1/match", json=body, headers=enrolled.auth), 422, "invalid_input")
+    for body in ({"a": {"embedding": unit(0)}},
+                 {"a": {"embedding": unit(0), "item_id": "i1"}, "b": {"item_id": "i1"}},
+                 {"a": {}, "b": {"item_id": "i1"}}):
+        assert_error(c.post("/v1/verify", json=body, headers=enrolled.auth), 422)
+    for body in ({"match_id": "m"}, {"match_id": "m", "true_subject": "s", "correct": True},
+                 {"match_id": "m", "correct": None}, {"true_subject": "s"}):
+        assert_error(c.post("/v1/feedback", json=body, headers=enrolled.auth), 422)
+
+
+def test_gallery_limits(api: Api, tenant: Tenant) -> None:
+    c, h = api.client, tenant.auth
+    n = api.settings.max_batch_items + 1
+    r = c.post("/v1/gallery", json={"items": [{"subject": "s", "embedding": unit(i)}
+                                              for i in range(n)]}, headers=h)
+    assert_error(r, 422, "too_many_items")
+    r = c.post("/v1/embed", json={"images": ["aGVsbG8="] * n}, headers=h)
+    assert_error(r, 422, "too_many_items")
+    assert_error(c.post("/v1/gallery", json={"items": []}, headers=h), 422)
+    assert_error(c.post("/v1/embed", json={"images": []}, headers=h), 422)
+    r = c.post("/v1/gallery", headers=h, json={"items": [
+        {"subject": "s", "embedding": unit(1), "item_id": "dup"},
+        {"subject": "s", "embedding": unit(2), "item_id": "dup"}]})
+    assert assert_error(r, 409, "duplicate_item_id")["detail"] == {"item_ids": ["dup"]}
+    for item in ({"subject": "", "embedding": unit(1)},
+                 {"subject": "a/b", "embedding": unit(1)},
+                 {"subject": "s", "embedding": unit(1), "item_id": "x/y"},
+                 {"subject": "s", "embedding": unit(1), "item_id": "tab\there"},
+                 {"subject": "s" * 257, "embedding": unit(1)},
+                 {"subject": "s", "embedding": unit(1), "metadata": {"x": "y" * 20_000}},
+                 {"subject": "s", "embedding": unit(1), "metadata": [1, 2]},
+                 {"subject": "s", "embedding": unit(1), "extra": 1}):
+        assert_error(c.post("/v1/gallery", json={"items": [item]}, headers=h), 422)
+    for params in ({"limit": 0}, {"limit": 100_000}, {"limit": "x"}, {"cursor": "abc"},
+                   {"cursor": "-5"}, {"cursor": "9" * 40}):
+        assert_error(c.get("/v1/gallery", params=params, headers=h), 422)
+    assert_error(c.get("/v1/gallery/nope", headers=h), 404, "not_found")
+    assert_error(c.delete("/v1/subjects/nobody", headers=h), 404, "not_found")
+    # unknown routes and methods use the same shape
+    assert_error(c.get("/v1/nothing-here", headers=h), 404)
+    assert_error(c.put("/v1/match", json={}, headers=h), 405)
+
+
+def test_oversize_bodies_are_413(api: Api, tenant: Tenant) -> None:
+    c, h = api.client, tenant.auth
+    limit = api.settings.max_body_bytes
+    big = {"items": [{"subject": "s", "image": "A" * (limit + 10)}]}
+    assert_error(c.post("/v1/gallery", json=big, headers=h), 413, "payload_too_large")
+
+    def chunks():  # no Content-Length: streamed with chunked transfer encoding
+        yield b'{"images": ["'
+        for _ in range(limit // 65536 + 2):
+            yield b"A" * 65536
+        yield b'"]}'
+
+    r = c.post("/v1/embed", content=chunks(), headers=h | {"content-type": "application/json"})
+    assert_error(r, 413, "payload_too_large")
+    r = c.post("/v1/match/upload", headers=h,
+               files={"file": ("big.png", b"\x89PNG" + b"\x00" * (limit + 1), "image/png")})
+    assert_error(r, 413, "payload_too_large")
+    # the limit applies before authentication: nobody gets to make the server buffer it
+    assert_error(c.post("/v1/gallery", json=big), 413)
+    text = c.get("/metrics").text
+    assert 'route="unmatched",status="413"' in text or 'status="413"' in text
+
+
+def test_body_limit_counts_bytes_when_content_length_lies() -> None:
+    """A client declaring a small Content-Length but streaming more is cut off at the limit."""
+    seen: list[bytes] = []
+
+    async def app(scope, receive, send):  # reads the whole body, like FastAPI does
+        while True:
+            msg = await receive()
+            seen.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = BodySizeLimitMiddleware(app, max_body_bytes=1000)
+    chunks = [{"type": "http.request", "body": b"x" * 400, "more_body": True}] * 5 + [
+        {"type": "http.request", "body": b"", "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        return chunks.pop(0)
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length",
+                                                                         b"10")]}
+    asyncio.run(mw(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["code"] == "payload_too_large"
+    assert sum(len(b) for b in seen) <= 1000
+    # a declared length over the limit is refused before reading anything
+    sent.clear()
+    scope["headers"] = [(b"content-length", b"5000")]
+    asyncio.run(mw(scope, receive, send))
+    assert sent[0]["status"] == 413
+    scope["headers"] = [(b"content-length", b"abc")]
+    sent.clear()
+    asyncio.run(mw(scope, receive, send))
+    assert sent[0]["status"] == 400
+
+
+def test_base64_of_rgba_and_palette_images(api: Api, tenant: Tenant) -> None:
+    """Unusual but valid modes are converted, not rejected."""
+    for mode in ("RGBA", "P", "1", "LA", "I;16"):
+        img = Image.new(mode, (9, 7))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        r = api.client.post("/v1/embed", json={"images": [base64.b64encode(buf.getvalue())
+                                                          .decode()]}, headers=tenant.auth)
+        assert r.status_code == 200, (mode, r.text)

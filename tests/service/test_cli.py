@@ -1,0 +1,94 @@
+"""``tcm-serve`` end to end: a real uvicorn process, its printed admin token, and acknowledged
+writes surviving ``kill -9`` (SQLite WAL, synchronous=FULL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+from tests.service.conftest import unit
+from tests.service.test_redis_down import free_port
+
+
+def test_help_lists_options() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "--host" in result.output and "--port" in result.output
+
+
+def test_invalid_settings_exit_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TCM_STORE_URL", "postgres://nope")
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 2
+    assert "store_url" in result.output
+
+
+def _start(env: dict[str, str], port: int) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    token = ""
+    deadline = time.monotonic() + 60
+    assert proc.stderr is not None
+    while not token:
+        line = proc.stderr.readline()
+        if "admin token for this process" in line:
+            token = proc.stderr.readline().strip()
+        elif line == "" and proc.poll() is not None:
+            raise RuntimeError("tcm-serve exited")
+        assert time.monotonic() < deadline
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc, token
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, "tcm-serve exited"
+        assert time.monotonic() < deadline, "tcm-serve did not become ready"
+        time.sleep(0.1)
+
+
+def test_serve_prints_token_and_survives_kill(tmp_path: Path, artefact: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
+    env |= {"TCM_ARTEFACT_PATH": str(artefact), "TCM_DEVICE": "cpu",
+            "TCM_STORE_URL": f"sqlite:///{tmp_path / 'tcm.db'}"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc, token = _start(env, port)
+    try:
+        assert len(token) >= 32
+        r = httpx.post(f"{base}/v1/tenants", json={"name": "t"},
+                       headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 201, r.text
+        auth = {"Authorization": f"Bearer {r.json()['api_key']}"}
+        r = httpx.post(f"{base}/v1/gallery", headers=auth, json={"items": [
+            {"subject": "a", "embedding": unit(1), "item_id": "acked"}]})
+        assert r.status_code == 201
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no shutdown, no checkpoint
+        proc.wait(timeout=10)
+        proc.stderr.close()
+        proc.stdout.close()
+    proc, token2 = _start(env, port)
+    try:
+        assert token2 != token  # generated per process
+        r = httpx.post(f"{base}/v1/match", json={"embedding": unit(1)}, headers=auth)
+        assert r.status_code == 200
+        assert r.json()["candidates"][0]["item_id"] == "acked"
+        r = httpx.get(f"{base}/v1/tenants", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401  # the old process's admin token died with it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        proc.stderr.close()
+        proc.stdout.close()

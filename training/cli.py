@@ -1,0 +1,166 @@
+"""``tcm-train``: fit, evaluate, export, compare, sweep, and the default model ``make run`` serves.
+
+Every command validates its inputs (config keys and values, data folders, resume checkpoints)
+before any training starts, and reports a bad input as one line saying what to fix (exit code 2).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from training.compare import compare as compare_runs
+from training.config import load_config
+from training.pipeline import evaluate_run, export_run, train_evaluate_export
+from training.sweep import parse_grid
+from training.sweep import sweep as run_sweep
+from training.trainer import fit as fit_model
+from training.trainer import is_main_process
+
+app = typer.Typer(help="Train threshold-consistent embedders (TCM) and export artefacts.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+# piped output (CI logs, make) gets a wide console so that comparison tables are not truncated
+console = Console() if sys.stdout.isatty() else Console(width=200)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
+SetOpt = Annotated[list[str] | None,
+                   typer.Option("--set", "-s", help="override: key=value (repeatable)")]
+DataDirOpt = Annotated[str | None, typer.Option(
+    "--data-dir", help="folder with the shared data sets (an ImageFolder root for "
+    "dataset=imagefolder); default ../shared/data relative to the working directory")]
+
+# The default model: small CNN on Omniglot (28x28), multi-similarity + TCM with the Omniglot
+# margins of TrainConfig (m_plus=0.8, m_minus=0.3, chosen on a validation split of background
+# classes, see training/README.md); 1,600 steps of 128 images, ~4 minutes on a 2-core CPU.
+DEFAULT_MODEL = ["dataset=omniglot", "arch=small_cnn", "loss=multi_similarity", "tcm=true",
+                 "epochs=8", "steps_per_epoch=200"]
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _overrides(set_: list[str] | None, data_dir: str | None) -> list[str]:
+    return [*(set_ or []), *([f"data_dir={data_dir}"] if data_dir is not None else [])]
+
+
+def _summary(result: dict[str, Any]) -> str:
+    cal = result["calibration"]
+    return (f"R@1={result['recall_at_1']:.4f} MAP@R={result['map_at_r']:.4f} "
+            f"OPIS={result['opis']:.4g} eps-OPIS={result['eps_opis']:.4g} "
+            f"tau={cal['tau']:.4f} (FAR {cal['far']:.4g}, FRR {cal['frr']:.4f}, "
+            f"per-class FAR spread {result['per_class_at_tau']['far_spread']:.4f})")
+
+
+@app.command()
+def fit(out: Annotated[Path, typer.Option("--out", "-o", help="run folder")],
+        config: ConfigOpt = None, set_: SetOpt = None, data_dir: DataDirOpt = None,
+        resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt")] = False,
+        evaluate: Annotated[bool, typer.Option(help="evaluate on held-out classes")] = True,
+        export: Annotated[Path | None, typer.Option(help="also export the artefact here")] = None,
+        ) -> None:
+    """Train a model, checkpointing each epoch into OUT (works under torchrun)."""
+    try:
+        cfg = load_config(config, _overrides(set_, data_dir))
+        if evaluate or export is not None:
+            result = train_evaluate_export(cfg, out, export, resume=resume)
+            if result:  # rank 0 only under torchrun
+                console.print(_summary(result))
+                if export is not None:
+                    console.print(f"artefact {result['model_version']} written to {export}")
+        else:
+            fit_model(cfg, out, resume=resume)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def evaluate(run: Annotated[Path, typer.Option("--run", "-r", help="run folder")],
+             split: Annotated[str, typer.Option(help="test or val")] = "test",
+             data_dir: DataDirOpt = None,
+             plots: Annotated[bool, typer.Option(help="write the plots")] = True) -> None:
+    """R@k, MAP@R, OPIS, eps-OPIS, tau at the target FAR; writes report.json and plots."""
+    try:
+        console.print(_summary(evaluate_run(run, split=split, data_dir=data_dir, plots=plots)))
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def export(run: Annotated[Path, typer.Option("--run", "-r", help="run folder")],
+           out: Annotated[Path, typer.Option("--out", "-o", help="artefact folder")],
+           data_dir: DataDirOpt = None) -> None:
+    """Write the artefact (safetensors + manifest) with tau and baseline OPIS."""
+    try:
+        manifest = export_run(run, out, data_dir=data_dir)
+        cal = manifest.calibration
+        console.print(f"exported {manifest.model_version} to {out} "
+                      f"(tau={cal.tau:.4f} at FAR {cal.far_at_tau:.4g})")
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def compare(runs: Annotated[list[Path], typer.Argument(help="run folders")],
+            plot: Annotated[Path | None, typer.Option(help="write a scatter plot here")] = None,
+            split: Annotated[str, typer.Option(help="test or val")] = "test") -> None:
+    """Runs side by side: R@1, MAP@R, OPIS, eps-OPIS, tau and per-class spread."""
+    try:
+        compare_runs(runs, plot, console, split=split)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def sweep(out: Annotated[Path, typer.Option("--out", "-o", help="folder for the runs")],
+          grid: Annotated[list[str], typer.Option(
+              "--grid", "-g", help="key=v1,v2,... (repeatable; the product is trained)")],
+          config: ConfigOpt = None, set_: SetOpt = None, data_dir: DataDirOpt = None,
+          split: Annotated[str, typer.Option(help="val (default) or test")] = "val") -> None:
+    """Train a grid (e.g. -g m_plus=0.7,0.8 -g m_minus=0.2,0.3) and compare it on SPLIT."""
+    try:
+        base = load_config(config, _overrides(set_, data_dir))
+        run_sweep(base, parse_grid(grid), out, split=split, console=console)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command("default-model")
+def default_model(out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefacts/default"),
+                  data_dir: Annotated[str, typer.Option()] = "../shared/data",
+                  run: Annotated[Path, typer.Option(help="run folder")] = Path("runs/default"),
+                  force: Annotated[bool, typer.Option(help="retrain even if OUT exists")] = False,
+                  ) -> None:
+    """Train, evaluate and export the default model, unless OUT already holds one."""
+    if (out / "manifest.json").exists() and not force:
+        console.print(f"default model already at {out} (pass --force to retrain)")
+        return
+    try:
+        cfg = load_config(None, [*DEFAULT_MODEL, f"data_dir={data_dir}"])
+        if force:
+            (run / "checkpoint.pt").unlink(missing_ok=True)
+        resume = (run / "checkpoint.pt").is_file()
+        if resume:
+            console.print(f"continuing the default model's run in {run}")
+        t0 = time.perf_counter()
+        result = train_evaluate_export(cfg, run, out, resume=resume)
+        if not is_main_process():
+            return
+        result["wall_seconds"] = time.perf_counter() - t0
+        console.print(_summary(result))
+        console.print(f"artefact {result['model_version']} written to {out} in "
+                      f"{result['wall_seconds']:.0f} s")
+        (run / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    except ValueError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    app()

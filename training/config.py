@@ -1,0 +1,164 @@
+"""The run configuration: one frozen dataclass, loadable from YAML, with ``key=value`` overrides.
+
+The resolved config is saved in every run folder and inside every checkpoint (as a plain dict), so
+a run can be reproduced and a resume from another config is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("omniglot", "digits", "mnist", "fashion_mnist", "imagefolder", "att_faces", "lfw")
+LOSSES = ("multi_similarity", "contrastive", "proxy_anchor", "arcface")
+OPTIMIZERS = ("adamw", "sgd")
+NORMS = ("batch", "group")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    dataset: str = "omniglot"
+    data_dir: str = "../shared/data"
+    image_size: int = 28
+    max_train_classes: int = 0  # 0 = all; a subset keeps tests and sweeps small
+    max_test_classes: int = 0
+    val_classes: int = 0  # carve this many training classes out as a validation split
+    test_fraction: float = 0.5  # class share held out for sets without an official split
+    augment: bool = True
+    # model
+    arch: str = "small_cnn"
+    embedding_dim: int = 128
+    width: int = 32
+    norm: str = "batch"  # "group": batch-independent, exact DDP on CPU (no SyncBatchNorm)
+    # loss
+    loss: str = "multi_similarity"
+    ms_alpha: float = 2.0
+    ms_beta: float = 50.0
+    ms_base: float = 0.5
+    contrastive_pos_margin: float = 1.0  # cosine similarity: positives pulled above this
+    contrastive_neg_margin: float = 0.3  # negatives pushed below this
+    proxy_margin: float = 0.1
+    proxy_alpha: float = 32.0
+    arcface_margin: float = 28.6  # degrees
+    arcface_scale: float = 64.0
+    tcm: bool = True
+    m_plus: float = 0.8
+    m_minus: float = 0.3
+    lambda_plus: float = 1.0
+    lambda_minus: float = 1.0
+    # optimisation
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
+    epochs: int = 6
+    steps_per_epoch: int = 150
+    batch_size: int = 128
+    m_per_class: int = 4
+    lr: float = 1e-3
+    proxy_lr: float = 1e-2
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # used on CUDA only
+    # evaluation
+    target_far: float = 1e-2
+    far_lo: float = 1e-3
+    far_hi: float = 1e-1
+    num_thresholds: int = 101
+    beta: float = 1.0
+    eps: float = 0.05
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.dataset not in DATASETS:
+            problems.append(f"dataset {self.dataset!r} is not one of {list(DATASETS)}")
+        if self.loss not in LOSSES:
+            problems.append(f"loss {self.loss!r} is not one of {list(LOSSES)}")
+        from tcm.embedders import ARCHITECTURES
+
+        if self.arch not in ARCHITECTURES:
+            problems.append(f"arch {self.arch!r} is not one of {sorted(ARCHITECTURES)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        if self.norm not in NORMS:
+            problems.append(f"norm {self.norm!r} is not one of {list(NORMS)}")
+        if self.batch_size % self.m_per_class or self.batch_size < 2 * self.m_per_class:
+            problems.append("batch_size must be a multiple of m_per_class holding >= 2 classes")
+        if self.m_per_class < 2:
+            problems.append("m_per_class must be >= 2 (positives need two samples of a class)")
+        for name in ("epochs", "steps_per_epoch", "embedding_dim", "width", "image_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if not (-1 <= self.m_minus <= 1 and -1 <= self.m_plus <= 1):
+            problems.append("TCM margins m_plus and m_minus must lie in [-1, 1]")
+        if not (0 < self.far_lo < self.target_far < self.far_hi < 1):
+            problems.append("need 0 < far_lo < target_far < far_hi < 1")
+        if not (0 < self.test_fraction < 1):
+            problems.append("test_fraction must lie in (0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append("device must be auto, cpu or cuda")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Converts a YAML value or a CLI string to the field's type."""
+    field = next(f for f in fields(TrainConfig) if f.name == name)
+    kind = field.type if isinstance(field.type, type) else str(field.type)
+    if not isinstance(raw, str):
+        return raw
+    if kind in (bool, "bool"):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} expects true/false, got {raw!r}")
+    try:
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} expects a {kind}, got {raw!r}") from exc
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: TrainConfig | None = None) -> TrainConfig:
+    """YAML file (optional) then ``key=value`` overrides; unknown keys stop with a message."""
+    values: dict[str, Any] = (base or TrainConfig()).to_dict()
+    known = set(values)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{p} must hold a mapping of config keys")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys in {p}: {unknown}; known keys: {sorted(known)}")
+        values.update({k: _coerce(k, v) for k, v in data.items()})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in known:
+            raise ValueError(f"unknown config key {key!r}; known keys: {sorted(known)}")
+        values[key] = _coerce(key, raw)
+    return TrainConfig(**values)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))

@@ -1,0 +1,295 @@
+"""Open-world data: train and test classes are disjoint, as in the paper.
+
+Each loader returns raw uint8 images and labels for a training split and a test split of disjoint
+classes; :func:`load_splits` preprocesses them with the artefact's own :func:`tcm.to_input_tensor`
+(so evaluation embeds exactly what the service will) into in-memory tensors. Everything is read
+from local files (``data_dir``, default ``../shared/data``) or from scikit-learn's bundled digits;
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tcm import Preprocessing, to_input_tensor
+from training.config import TrainConfig
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class RawSplit:
+    images: list[np.ndarray] | np.ndarray  # uint8/bool (H, W[, C]) each
+    labels: np.ndarray  # int64 class ids, unique across train and test
+    class_names: dict[int, str]
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # (N, C, H, W) float, preprocessed
+    y: torch.Tensor  # (N,) int64 class ids
+    class_names: dict[int, str]
+
+    @property
+    def num_classes(self) -> int:
+        return int(torch.unique(self.y).numel())
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    test: Split
+    val: Split | None
+    preprocessing: Preprocessing
+    description: dict[str, object]
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise ValueError(f"{what} not found at {path}: set data_dir (--data-dir) to the folder "
+                         "holding the shared data sets")
+    return path
+
+
+def _omniglot(root: Path) -> tuple[RawSplit, RawSplit]:
+    folder = _require(root / "omniglot", "Omniglot")
+    splits = []
+    offset = 0
+    for name in ("images_background", "images_evaluation"):
+        with np.load(_require(folder / f"{name}.npz", f"Omniglot {name}")) as z:
+            images, labels = z["images"], z["labels"]
+        n_chars = images.shape[0]
+        flat = images.reshape(-1, *images.shape[2:])
+        y = labels.reshape(-1).astype(np.int64) + offset
+        names = {offset + i: f"{name.split('_')[1]}/{i}" for i in range(n_chars)}
+        splits.append(RawSplit(flat, y, names))
+        offset += n_chars
+    return splits[0], splits[1]
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return np.round(d.images * (255.0 / 16.0)).astype(np.uint8), d.target.astype(np.int64)
+
+
+def _idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _mnist_like(root: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    folder = _require(root / name, name)
+    images = [_idx(folder / "t10k-images-idx3-ubyte.gz")]
+    labels = [_idx(folder / "t10k-labels-idx1-ubyte.gz")]
+    if (folder / "train-images-idx3-ubyte.gz").exists():
+        images.append(_idx(folder / "train-images-idx3-ubyte.gz"))
+        labels.append(_idx(folder / "train-labels-idx1-ubyte.gz"))
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+
+
+def _decode(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB" if img.mode not in ("L", "1") else "L"))
+
+
+def _image_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray, dict[int, str]]:
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist (expected root/<class>/<image>)")
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-folders (root/<class>/<image>)")
+    images, labels, names = [], [], {}
+    for k, cdir in enumerate(classes):
+        files = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        names[k] = cdir.name
+        for f in files:
+            images.append(_decode(f.read_bytes()))
+            labels.append(k)
+    if not images:
+        raise ValueError(f"image folder {root} holds no images ({sorted(IMAGE_SUFFIXES)})")
+    return images, np.asarray(labels, np.int64), names
+
+
+def _att_faces(root: Path) -> tuple[list[np.ndarray], np.ndarray, dict[int, str]]:
+    path = _require(root / "att_faces" / "orl_faces.zip", "AT&T/ORL faces")
+    images, labels = [], []
+    with zipfile.ZipFile(path) as z:
+        for info in sorted(z.infolist(), key=lambda i: i.filename):
+            parts = info.filename.split("/")
+            if len(parts) == 3 and parts[2].endswith(".pgm"):
+                images.append(_decode(z.read(info)))
+                labels.append(int(parts[1][1:]) - 1)
+    return images, np.asarray(labels, np.int64), {k: f"s{k + 1}" for k in range(40)}
+
+
+def _lfw(root: Path) -> tuple[RawSplit, RawSplit]:
+    """Official View 1: train on peopleDevTrain, test on peopleDevTest (identity-disjoint)."""
+    folder = _require(root / "lfw", "LFW")
+
+    def people(fname: str) -> list[str]:
+        lines = (folder / fname).read_text().split("\n")[1:]
+        return [ln.split("\t")[0] for ln in lines if "\t" in ln]
+
+    train_people, test_people = people("peopleDevTrain.txt"), people("peopleDevTest.txt")
+    index = {name: i for i, name in enumerate(train_people + test_people)}
+    out: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
+    train_set = set(train_people)
+    with zipfile.ZipFile(_require(folder / "lfw-deepfunneled-crop160.zip", "LFW zip")) as z:
+        for info in z.infolist():
+            parts = info.filename.split("/")
+            if len(parts) != 3 or not parts[2].endswith(".jpg") or parts[1] not in index:
+                continue
+            side = "train" if parts[1] in train_set else "test"
+            out[side][0].append(_decode(z.read(info)))
+            out[side][1].append(index[parts[1]])
+    names = {i: n for n, i in index.items()}
+    return (RawSplit(out["train"][0], np.asarray(out["train"][1], np.int64), names),
+            RawSplit(out["test"][0], np.asarray(out["test"][1], np.int64), names))
+
+
+def _class_disjoint(images, labels: np.ndarray, names: dict[int, str], test_fraction: float,
+                    seed: int) -> tuple[RawSplit, RawSplit]:
+    classes = np.unique(labels)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(classes)
+    n_test = max(1, round(len(classes) * test_fraction))
+    test_classes = set(perm[:n_test].tolist())
+    pick = np.array([lab in test_classes for lab in labels])
+
+    def sub(mask: np.ndarray) -> RawSplit:
+        idx = np.flatnonzero(mask)
+        imgs = images[idx] if isinstance(images, np.ndarray) else [images[i] for i in idx]
+        return RawSplit(imgs, labels[idx], names)
+
+    return sub(~pick), sub(pick)
+
+
+def _fixed_digit_split(images: np.ndarray, labels: np.ndarray) -> tuple[RawSplit, RawSplit]:
+    # the paper's toy protocol: digits 0-4 to train, 5-9 held out
+    names = {k: str(k) for k in range(10)}
+    train = labels < 5
+    return (RawSplit(images[train], labels[train], names),
+            RawSplit(images[~train], labels[~train], names))
+
+
+def preprocessing_for(config: TrainConfig) -> Preprocessing:
+    size = (config.image_size, config.image_size)
+    if config.dataset == "omniglot":
+        return Preprocessing(image_size=size, channels=1, mean=(0.5,), std=(0.5,), invert=True)
+    if config.dataset == "lfw":
+        return Preprocessing(image_size=size, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    if config.dataset == "imagefolder":
+        return Preprocessing(image_size=size, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return Preprocessing(image_size=size, channels=1, mean=(0.5,), std=(0.5,))
+
+
+def load_raw(config: TrainConfig) -> tuple[RawSplit, RawSplit]:
+    root = Path(config.data_dir)
+    if config.dataset == "omniglot":
+        return _omniglot(root)
+    if config.dataset == "lfw":
+        return _lfw(root)
+    if config.dataset == "digits":
+        return _fixed_digit_split(*_digits())
+    if config.dataset in ("mnist", "fashion_mnist"):
+        return _fixed_digit_split(*_mnist_like(root, config.dataset))
+    if config.dataset == "att_faces":
+        return _class_disjoint(*_att_faces(root), config.test_fraction, config.seed)
+    return _class_disjoint(*_image_folder(root), config.test_fraction, config.seed)
+
+
+def _limit(raw: RawSplit, max_classes: int, seed: int) -> RawSplit:
+    classes = np.unique(raw.labels)
+    if max_classes <= 0 or max_classes >= len(classes):
+        return raw
+    keep = set(np.random.default_rng(seed).permutation(classes)[:max_classes].tolist())
+    idx = np.flatnonzero([lab in keep for lab in raw.labels])
+    imgs = raw.images[idx] if isinstance(raw.images, np.ndarray) else [raw.images[i] for i in idx]
+    return RawSplit(imgs, raw.labels[idx], raw.class_names)
+
+
+def _check(raw: RawSplit, side: str, dataset: str) -> None:
+    if len(raw.labels) == 0:
+        raise ValueError(f"the {side} split of {dataset!r} is empty")
+    classes, counts = np.unique(raw.labels, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(f"the {side} split of {dataset!r} has fewer than 2 classes: add classes "
+                         "(root/<class>/<image>) or lower test_fraction")
+    if (counts < 2).all():
+        need = ("metric learning needs at least 2 images per class" if side == "train" else
+                "held-out classes need at least 2 images each to form genuine pairs")
+        raise ValueError(f"every {side} class of {dataset!r} has a single image: {need}; add "
+                         "images or merge the data into classes with several images each")
+
+
+def _to_split(raw: RawSplit, spec: Preprocessing, chunk: int = 4096) -> Split:
+    parts = [to_input_tensor(raw.images[i:i + chunk], spec)
+             for i in range(0, len(raw.labels), chunk)]
+    return Split(torch.cat(parts), torch.as_tensor(raw.labels, dtype=torch.int64), raw.class_names)
+
+
+def load_splits(config: TrainConfig) -> Splits:
+    """Raw images -> preprocessed, class-disjoint train / (val) / test tensors."""
+    train_raw, test_raw = load_raw(config)
+    train_raw = _limit(train_raw, config.max_train_classes, config.seed)
+    test_raw = _limit(test_raw, config.max_test_classes, config.seed + 1)
+    overlap = set(np.unique(train_raw.labels)) & set(np.unique(test_raw.labels))
+    assert not overlap, "train and test classes must be disjoint"
+    _check(train_raw, "train", config.dataset)
+    _check(test_raw, "test", config.dataset)
+    # single-image training classes have no positives and cannot fill an m-per-class batch: they
+    # are dropped (and counted); in the test split they stay, as impostors for the other classes
+    classes, counts = np.unique(train_raw.labels, return_counts=True)
+    dropped = int((counts < 2).sum())
+    if dropped:
+        keep = set(classes[counts >= 2].tolist())
+        idx = np.flatnonzero([lab in keep for lab in train_raw.labels])
+        imgs = (train_raw.images[idx] if isinstance(train_raw.images, np.ndarray)
+                else [train_raw.images[i] for i in idx])
+        train_raw = RawSplit(imgs, train_raw.labels[idx], train_raw.class_names)
+    val_raw = None
+    if config.val_classes > 0:
+        n_train_classes = len(np.unique(train_raw.labels))
+        if config.val_classes >= n_train_classes - 1:
+            raise ValueError(f"val_classes={config.val_classes} leaves too few of the "
+                             f"{n_train_classes} training classes")
+        fraction = config.val_classes / n_train_classes
+        train_raw, val_raw = _class_disjoint(train_raw.images, train_raw.labels,
+                                             train_raw.class_names, fraction, config.seed + 2)
+    spec = preprocessing_for(config)
+    train = _to_split(train_raw, spec)
+    test = _to_split(test_raw, spec)
+    val = _to_split(val_raw, spec) if val_raw is not None else None
+    description = {
+        "dataset": config.dataset,
+        "train_classes": train.num_classes, "train_images": len(train.y),
+        "test_classes": test.num_classes, "test_images": len(test.y),
+        "val_classes": val.num_classes if val else 0, "val_images": len(val.y) if val else 0,
+        "dropped_single_image_train_classes": dropped,
+        "protocol": _protocol(config.dataset),
+    }
+    return Splits(train=train, test=test, val=val, preprocessing=spec, description=description)
+
+
+def _protocol(dataset: str) -> str:
+    return {
+        "omniglot": "background classes train, evaluation classes test (class-disjoint)",
+        "digits": "digits 0-4 train, 5-9 test",
+        "mnist": "digits 0-4 train, 5-9 test",
+        "fashion_mnist": "labels 0-4 train, 5-9 test",
+        "lfw": "View 1: peopleDevTrain train, peopleDevTest test (identity-disjoint)",
+    }.get(dataset, "random class-disjoint split by seed")

@@ -1,0 +1,165 @@
+"""Evaluation on held-out classes: accuracy and threshold consistency side by side.
+
+The report carries everything the artefact needs (tau at the target FAR, the calibration range,
+baseline OPIS/eps-OPIS, R@1, MAP@R) plus the per-class FAR/FRR spread at tau, and the plots a
+person would rather look at: per-class utility-vs-threshold curves over the calibration range,
+genuine vs impostor score histograms and, for small sets, a 2-D view of the embedding space.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tcm import calibrate_threshold, consistency_report, retrieval_metrics
+from training.config import TrainConfig
+
+
+def report_name(split: str) -> str:
+    """``report.json`` for the held-out test classes, ``report_<split>.json`` otherwise."""
+    return "report.json" if split == "test" else f"report_{split}.json"
+
+
+@torch.no_grad()
+def embed(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
+          device: torch.device | str = "cpu") -> torch.Tensor:
+    """L2-normalised embeddings on the CPU; the model stays in eval mode on ``device``."""
+    model.eval().to(device)
+    out = [model(x[i:i + batch_size].to(device)).float().cpu()
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out)
+
+
+def evaluate_embeddings(emb: torch.Tensor, labels: torch.Tensor,
+                        config: TrainConfig) -> dict[str, Any]:
+    """All report numbers for one labelled embedding set, with the parameters they used."""
+    cal = calibrate_threshold(emb, labels, target_far=config.target_far)
+    cons = consistency_report(emb, labels, far_range=(config.far_lo, config.far_hi),
+                              num_thresholds=config.num_thresholds, beta=config.beta,
+                              eps=config.eps, tau=cal.tau)
+    ret = retrieval_metrics(emb, labels, ks=(1, 2, 4, 8))
+    at = cons.at_tau
+    assert at is not None
+    return {
+        "num_images": len(labels),
+        "num_classes": len(cons.classes),
+        "excluded_classes": len(cons.excluded_classes),
+        "recall_at_1": ret["recall_at_1"],
+        "recall_at_2": ret["recall_at_2"],
+        "recall_at_4": ret["recall_at_4"],
+        "recall_at_8": ret["recall_at_8"],
+        "map_at_r": ret["map_at_r"],
+        "opis": cons.opis,
+        "eps_opis": cons.eps_opis,
+        "calibration": {
+            "tau": cal.tau, "target_far": cal.target_far, "far": cal.far, "frr": cal.frr,
+            "tar": cal.tar, "tau_lo": cons.tau_lo, "tau_hi": cons.tau_hi,
+            "far_range": [config.far_lo, config.far_hi],
+            "num_thresholds": config.num_thresholds, "beta": config.beta, "eps": config.eps,
+        },
+        "per_class_at_tau": {
+            "far_min": float(at.far.min()), "far_max": float(at.far.max()),
+            "far_std": float(at.far.std()), "frr_min": float(at.frr.min()),
+            "frr_max": float(at.frr.max()), "frr_std": float(at.frr.std()),
+            "far_spread": float(np.ptp(at.far)), "frr_spread": float(np.ptp(at.frr)),
+            "far_over_2x_target": int((at.far > 2 * config.target_far).sum()),
+        },
+        "_curves": cons,  # not serialised: used for plots
+    }
+
+
+def write_report(result: dict[str, Any], run_dir: Path, *, extra: dict[str, Any],
+                 split: str = "test") -> Path:
+    clean = {k: v for k, v in result.items() if not k.startswith("_")}
+    clean.update(extra)
+    path = run_dir / report_name(split)
+    path.write_text(json.dumps(clean, indent=2, sort_keys=True))
+    return path
+
+
+def _score_samples(emb: torch.Tensor, labels: torch.Tensor, max_pairs: int = 200_000,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    i = torch.randint(0, n, (max_pairs,), generator=g)
+    j = torch.randint(0, n, (max_pairs,), generator=g)
+    keep = i != j
+    i, j = i[keep], j[keep]
+    s = (emb[i] * emb[j]).sum(1).numpy()
+    same = (labels[i] == labels[j]).numpy()
+    # genuine pairs are rare among random ones: add every within-class pair of up to 200 classes
+    gen = [s[same]]
+    for k in torch.unique(labels)[:200]:
+        members = emb[labels == k]
+        sim = members @ members.T
+        iu = torch.triu_indices(len(members), len(members), 1)
+        gen.append(sim[iu[0], iu[1]].numpy())
+    return np.concatenate(gen), s[~same]
+
+
+def plot_report(result: dict[str, Any], emb: torch.Tensor, labels: torch.Tensor, run_dir: Path,
+                title: str, prefix: str = "") -> list[Path]:
+    """Writes ``<prefix>utility_curves.png``, ``<prefix>score_histogram.png`` and, for small sets,
+    ``<prefix>embedding_2d.png``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cons = result["_curves"]
+    tau = result["calibration"]["tau"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    alpha = float(np.clip(6.0 / max(1, len(cons.utility)), 0.05, 0.7))
+    for row in cons.utility:
+        ax.plot(cons.thresholds, row, color="tab:blue", alpha=alpha, linewidth=0.8)
+    ax.plot(cons.thresholds, cons.utility.mean(axis=0), color="black", linewidth=2,
+            label="mean over classes")
+    ax.axvline(tau, color="tab:red", linestyle="--", label=f"tau = {tau:.3f}")
+    ax.set(xlabel="threshold (cosine)", ylabel="utility (F1 of TPR, TNR)",
+           title=f"{title}\nOPIS={cons.opis:.4g}  eps-OPIS={cons.eps_opis:.4g}",
+           ylim=(0, 1.02))
+    ax.legend(loc="lower left")
+    paths.append(run_dir / f"{prefix}utility_curves.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    gen, imp = _score_samples(emb, labels)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(-1, 1, 161)
+    ax.hist(imp, bins=bins, density=True, alpha=0.55, label="impostor pairs")
+    ax.hist(gen, bins=bins, density=True, alpha=0.55, label="genuine pairs")
+    ax.axvline(tau, color="tab:red", linestyle="--", label="tau")
+    ax.axvspan(cons.tau_lo, cons.tau_hi, color="grey", alpha=0.15, label="calibration range")
+    ax.set(xlabel="cosine score", ylabel="density", title=title)
+    ax.legend()
+    paths.append(run_dir / f"{prefix}score_histogram.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    classes = torch.unique(labels)
+    if len(classes) <= 12 or len(labels) <= 3000:
+        chosen = classes[:12]
+        mask = torch.isin(labels, chosen)
+        x = emb[mask].numpy()
+        x = x - x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        xy = x @ vt[:2].T
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        lab = labels[mask].numpy()
+        for k in np.unique(lab):
+            ax.scatter(*xy[lab == k].T, s=8, label=str(k))
+        ax.set(title=f"{title}: 2-D PCA of held-out embeddings", xticks=[], yticks=[])
+        ax.legend(fontsize=7, markerscale=2, ncol=2)
+        paths.append(run_dir / f"{prefix}embedding_2d.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,62 @@
+"""Writes the artefact the service loads: safetensors weights + manifest with tau, the
+calibration range and the baseline consistency measured on held-out classes.
+
+Export is separate from checkpointing: a checkpoint is for resuming (optimiser state, plain dicts
+for ``torch.load``), an artefact is for serving (weights only, never a pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from tcm import Baseline, Calibration, Manifest, Preprocessing, save_artefact
+from training.config import TrainConfig
+from training.models import architecture_kwargs
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """The sha256 ``tcm.save_artefact`` will record for these weights (same serialisation)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return hashlib.sha256(safetensors_bytes(state)).hexdigest()
+
+
+def model_version(config: TrainConfig, weights_digest: str, when: float | None = None) -> str:
+    """``<dataset>-<arch>-<loss>[-tcm]-<yyyymmddHHMMSS UTC>-<first 8 of the weights' sha256>``."""
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(when))
+    tcm = "-tcm" if config.tcm else ""
+    return f"{config.dataset}-{config.arch}-{config.loss}{tcm}-{stamp}-{weights_digest[:8]}"
+
+
+def export_artefact(model: nn.Module, config: TrainConfig, result: dict[str, Any],
+                    preprocessing: Preprocessing, in_channels: int, out_dir: str | Path,
+                    data_description: dict[str, Any]) -> Manifest:
+    """``result`` is :func:`training.evaluate.evaluate_embeddings` on the held-out classes."""
+    model = model.cpu().eval()
+    now = time.time()
+    cal = result["calibration"]
+    manifest = Manifest(
+        model_version=model_version(config, weights_sha256(model), now),
+        architecture=config.arch,
+        architecture_kwargs=architecture_kwargs(config, in_channels),
+        preprocessing=preprocessing,
+        embedding_dim=config.embedding_dim,
+        calibration=Calibration(
+            tau=cal["tau"], target_far=cal["target_far"], far_at_tau=cal["far"],
+            frr_at_tau=cal["frr"], tau_lo=cal["tau_lo"], tau_hi=cal["tau_hi"],
+            far_range=(config.far_lo, config.far_hi), num_thresholds=config.num_thresholds,
+            beta=config.beta),
+        baseline=Baseline(
+            opis=result["opis"], eps_opis=result["eps_opis"], eps=config.eps,
+            recall_at_1=result["recall_at_1"], map_at_r=result["map_at_r"],
+            num_classes=result["num_classes"], num_images=result["num_images"]),
+        dataset=data_description,
+        training_config=config.to_dict(),
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+    )
+    return save_artefact(out_dir, model, manifest)

@@ -1,0 +1,339 @@
+"""Builds the Grafana dashboard of the threshold-consistent retrieval service.
+
+    python deploy/grafana/build_dashboard.py            # writes deploy/grafana/dashboards/tcm.json
+    python deploy/grafana/build_dashboard.py --check    # exits 1 if the JSON is out of date
+
+The JSON is generated so that panels stay uniform and every PromQL expression sits in one
+readable list; ``tests/deploy/test_grafana.py`` checks that each expression parses (promtool) and
+names only metrics the code defines or recording rules in ``deploy/prometheus/rules``.
+
+Reading across replicas: counters and latency histograms are summed; the monitor's gauges mirror
+one shared snapshot, identical on every replica, so they are taken with ``max``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).resolve().parent / "dashboards" / "tcm.json"
+DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+UID = "tcm-service"
+T = '{tenant=~"$tenant"}'
+
+
+def target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[str, Any]:
+    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto",
+            "refId": ref, "range": True, **extra}
+
+
+def targets(*pairs: tuple[str, str]) -> list[dict[str, Any]]:
+    return [target(e, legend, chr(ord("A") + i)) for i, (e, legend) in enumerate(pairs)]
+
+
+class Layout:
+    """Places panels left to right in rows of 24 grid units."""
+
+    def __init__(self) -> None:
+        self.x = 0
+        self.y = 0
+        self.row_h = 0
+        self.next_id = 1
+        self.panels: list[dict[str, Any]] = []
+
+    def row(self, title: str) -> None:
+        self._newline()
+        self.panels.append({"type": "row", "title": title, "id": self._id(), "collapsed": False,
+                            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y}, "panels": []})
+        self.y += 1
+
+    def add(self, panel: dict[str, Any], w: int = 12, h: int = 8) -> None:
+        if self.x + w > 24:
+            self._newline()
+        panel["id"] = self._id()
+        panel["gridPos"] = {"h": h, "w": w, "x": self.x, "y": self.y}
+        panel.setdefault("datasource", DATASOURCE)
+        self.panels.append(panel)
+        self.x += w
+        self.row_h = max(self.row_h, h)
+
+    def _newline(self) -> None:
+        self.y += self.row_h
+        self.x, self.row_h = 0, 0
+
+    def _id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+
+def timeseries(title: str, description: str, tgts: list[dict[str, Any]], *, unit: str = "short",
+               log: bool = False, thresholds: list[tuple[float, str]] | None = None,
+               min_: float | None = None) -> dict[str, Any]:
+    defaults: dict[str, Any] = {"unit": unit, "custom": {"drawStyle": "line", "lineWidth": 2,
+                                                         "fillOpacity": 5, "showPoints": "never",
+                                                         "spanNulls": True}}
+    if log:
+        defaults["custom"]["scaleDistribution"] = {"type": "log", "log": 10}
+    if min_ is not None:
+        defaults["min"] = min_
+    if thresholds:
+        defaults["thresholds"] = {"mode": "absolute", "steps": [
+            {"color": c, "value": v} for v, c in [(None, "green"), *thresholds]]}
+        defaults["custom"]["thresholdsStyle"] = {"mode": "dashed"}
+    return {"type": "timeseries", "title": title, "description": description, "targets": tgts,
+            "fieldConfig": {"defaults": defaults, "overrides": []},
+            "options": {"legend": {"displayMode": "table", "placement": "right",
+                                   "calcs": ["lastNotNull", "max"]},
+                        "tooltip": {"mode": "multi", "sort": "desc"}}}
+
+
+def stat(title: str, description: str, tgts: list[dict[str, Any]], *, unit: str = "short",
+         thresholds: list[tuple[float, str]] | None = None) -> dict[str, Any]:
+    steps = [{"color": c, "value": v} for v, c in [(None, "green"), *(thresholds or [])]]
+    return {"type": "stat", "title": title, "description": description, "targets": tgts,
+            "fieldConfig": {"defaults": {"unit": unit, "thresholds": {"mode": "absolute",
+                                                                      "steps": steps}},
+                            "overrides": []},
+            "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "",
+                                          "values": False},
+                        "colorMode": "background", "graphMode": "area", "textMode": "auto"}}
+
+
+def heatmap(title: str, description: str, expr: str) -> dict[str, Any]:
+    return {"type": "heatmap", "title": title, "description": description,
+            "targets": [target(expr, "{{le}}", format="heatmap")],
+            "options": {"calculate": False, "yAxis": {"unit": "short"},
+                        "cellGap": 1, "color": {"scheme": "Oranges", "mode": "scheme"},
+                        "rowsFrame": {"layout": "auto"}, "tooltip": {"show": True}},
+            "fieldConfig": {"defaults": {}, "overrides": []}}
+
+
+def build() -> dict[str, Any]:
+    lay = Layout()
+
+    lay.row("Threshold consistency (drift: retrain when OPIS leaves its baseline)")
+    lay.add(timeseries(
+        "OPIS: live vs baseline",
+        "Variance of the tenants' utility curves over the model's calibration range (lower is "
+        "better). Baseline: held-out classes at training time. Above the dashed line for 30m "
+        "fires TCMOpisDegraded (retrain).",
+        targets(("max(tcm_opis)", "live OPIS"),
+                ("max(tcm_opis_baseline)", "baseline"),
+                ("max(tcm_opis_baseline) * scalar(tcm_config:opis_degraded_factor)",
+                 "retrain above")), min_=0), w=9)
+    lay.add(timeseries(
+        "eps-OPIS: live vs baseline",
+        "Squared gap between the best and worst tenants' utility curves.",
+        targets(("max(tcm_eps_opis)", "live eps-OPIS"),
+                ("max(tcm_eps_opis_baseline)", "baseline"),
+                ("max(tcm_eps_opis_baseline) * scalar(tcm_config:eps_opis_degraded_factor)",
+                 "alert above")), min_=0), w=9)
+    lay.add(stat("OPIS / baseline", "Live OPIS over the model's baseline OPIS.",
+                 targets(("tcm:opis_over_baseline:ratio", "OPIS / baseline")),
+                 thresholds=[(1.5, "orange"), (2, "red")]), w=3, h=4)
+    lay.add(stat("Tenants in OPIS", "Tenants with enough labelled pairs to enter OPIS "
+                 "(eligible), and those without (excluded).",
+                 targets(("max by (status) (tcm_monitor_tenants)", "{{status}}"))), w=3, h=4)
+
+    lay.row("Per-tenant error rates vs target (NIST-style log ratios: 0 = on target)")
+    lay.add(timeseries(
+        "FAR / target FAR, log10 (feedback, 1h)",
+        "log10 of each tenant's false accept rate from feedback on 1:N decisions over the "
+        "model's target FAR. +1 = ten times the target. Above the dashed line (alert factor) "
+        "for 15m fires TCMTenantFARHigh.",
+        targets((f"tenant:tcm_far_over_target:log10_ratio_rate1h{T}", "{{tenant}}"),
+                ("log10(tcm_config:far_alert_factor)", "alert above")),
+        thresholds=[(0.0, "orange"), (1.0, "red")]))
+    lay.add(timeseries(
+        "FRR / calibration FRR, log10 (feedback, 1h)",
+        "log10 of each tenant's false reject rate from feedback over the FRR the model had at "
+        "tau on its calibration set.",
+        targets((f"tenant:tcm_frr_over_calibration:log10_ratio_rate1h{T}", "{{tenant}}")),
+        thresholds=[(0.0, "orange"), (1.0, "red")]))
+    lay.add(timeseries(
+        "FAR by tenant (feedback, 5m) vs target",
+        "False accepts / impostor decisions. A 1:N impostor pair is the best of N impostors, "
+        "so this rate grows with the gallery.",
+        targets((f"tenant:tcm_far:ratio_rate5m{T}", "{{tenant}}"),
+                ("max(tcm_model_target_far_ratio)", "target FAR")),
+        unit="percentunit", log=True))
+    lay.add(timeseries(
+        "FRR by tenant (feedback, 5m)",
+        "False rejects / genuine decisions.",
+        targets((f"tenant:tcm_frr:ratio_rate5m{T}", "{{tenant}}"),
+                ("max(tcm_model_calibration_frr_ratio)", "calibration FRR")),
+        unit="percentunit", log=True))
+    lay.add(timeseries(
+        "Pair FAR at tau / target, log10 (monitor window)",
+        "From all labelled pairs in the monitor's window (feedback and gallery pairs).",
+        targets((f"tenant:tcm_tenant_far_over_target:log10_ratio{T}", "{{tenant}}")),
+        thresholds=[(0.0, "orange"), (1.0, "red")]), w=8)
+    lay.add(timeseries(
+        "Pair FRR at tau (monitor window)",
+        "Genuine pairs rejected at the global tau.",
+        targets((f"max by (tenant) (tcm_tenant_frr_ratio{T})", "{{tenant}}"),
+                ("max(tcm_model_calibration_frr_ratio)", "calibration FRR")),
+        unit="percentunit"), w=8)
+    lay.add(timeseries(
+        "Utility at tau by tenant",
+        "F-beta of TPR and TNR at the global threshold (1 = perfect).",
+        targets((f"max by (tenant) (tcm_tenant_utility_ratio{T})", "{{tenant}}")),
+        unit="percentunit"), w=8)
+
+    lay.row("Scores (monitor window) and what-if threshold")
+    src = '{tenant=~"$tenant",source=~"$source"}'
+    lay.add(heatmap(
+        "Impostor scores",
+        "Gauge histogram of impostor pair scores in the monitor's window (not a rate).",
+        f"sum by (le) (max by (le, tenant, source) (tcm_impostor_score_bucket{src}))"), w=8)
+    lay.add(heatmap(
+        "Genuine scores",
+        "Gauge histogram of genuine pair scores in the monitor's window.",
+        f"sum by (le) (max by (le, tenant, source) (tcm_genuine_score_bucket{src}))"), w=8)
+    lay.add(timeseries(
+        "Labelled pairs in the window",
+        "Pairs behind each tenant's numbers, by kind and source.",
+        targets((f"max by (tenant, kind, source) (tcm_tenant_pairs{T})",
+                 "{{tenant}} {{kind}} {{source}}"))), w=8)
+    lay.add(timeseries(
+        "What-if: FAR at threshold $threshold",
+        "Share of each tenant's impostor pairs scoring above the chosen threshold (pick it "
+        "above; bucket bounds are dense inside the calibration range).",
+        targets((
+            'max by (tenant) (1 - sum by (tenant, instance) (tcm_impostor_score_bucket'
+            '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
+            f'(tcm_impostor_score_gcount{T}))', "{{tenant}}"),
+            ("max(tcm_model_target_far_ratio)", "target FAR")),
+        unit="percentunit"))
+    lay.add(timeseries(
+        "What-if: FRR at threshold $threshold",
+        "Share of each tenant's genuine pairs scoring at or below the chosen threshold.",
+        targets((
+            'max by (tenant) (sum by (tenant, instance) (tcm_genuine_score_bucket'
+            '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
+            f'(tcm_genuine_score_gcount{T}))', "{{tenant}}")),
+        unit="percentunit"))
+
+    lay.row("Serving")
+    rate = "[$__rate_interval]"
+    lay.add(timeseries(
+        "Requests by route",
+        "Requests per second by route template and status.",
+        targets((f"sum by (route, status) (rate(tcm_http_request_duration_seconds_count{rate}))",
+                 "{{route}} {{status}}")), unit="reqps"), w=8)
+    lay.add(timeseries(
+        "Decisions and feedback",
+        "1:N match and 1:1 verify decisions, and feedback outcomes, per second.",
+        targets((f"sum by (decision) (rate(tcm_match_decisions_total{rate}))",
+                 "match {{decision}}"),
+                (f"sum by (decision) (rate(tcm_verify_decisions_total{rate}))",
+                 "verify {{decision}}"),
+                (f"sum by (outcome) (rate(tcm_decisions_total{rate}))",
+                 "feedback {{outcome}}")), unit="ops"), w=8)
+    lay.add(timeseries(
+        "Latency p50 / p99 by route",
+        "From the request duration histogram.",
+        targets((f"histogram_quantile(0.99, sum by (le, route) "
+                 f"(rate(tcm_http_request_duration_seconds_bucket{rate})))", "p99 {{route}}"),
+                (f"histogram_quantile(0.5, sum by (le, route) "
+                 f"(rate(tcm_http_request_duration_seconds_bucket{rate})))", "p50 {{route}}")),
+        unit="s"), w=8)
+    lay.add(timeseries(
+        "Embedding batch size",
+        "Images per forward pass of the dynamic batcher: mean and p90.",
+        targets((f"sum(rate(tcm_embed_batch_images_sum{rate})) / "
+                 f"sum(rate(tcm_embed_batch_images_count{rate}))", "mean"),
+                (f"histogram_quantile(0.9, sum by (le) (rate(tcm_embed_batch_images_bucket"
+                 f"{rate})))", "p90"))), w=8)
+    lay.add(timeseries(
+        "Embedding queue wait and forward pass p99",
+        "Time a request waits for its batch, and the batch's forward pass.",
+        targets((f"histogram_quantile(0.99, sum by (le) (rate(tcm_embed_queue_wait_seconds_bucket"
+                 f"{rate})))", "queue wait p99"),
+                (f"histogram_quantile(0.99, sum by (le) (rate(tcm_embed_forward_seconds_bucket"
+                 f"{rate})))", "forward p99"),
+                (f"histogram_quantile(0.99, sum by (le) (rate(tcm_index_search_seconds_bucket"
+                 f"{rate})))", "index search p99")), unit="s"), w=8)
+    lay.add(timeseries(
+        "Gallery items by tenant",
+        "Items indexed for the active model.",
+        targets((f"max by (tenant) (tcm_gallery_items{T})", "{{tenant}}"))), w=8)
+    lay.add(timeseries(
+        "Health",
+        "Targets up, store errors, and the monitor's snapshot age and compute time.",
+        targets(('sum(up{job="tcm-service"})', "replicas up"),
+                (f"sum(rate(tcm_store_errors_total{rate}))", "store errors/s"),
+                ("time() - max(tcm_monitor_snapshot_timestamp_seconds)", "snapshot age (s)"),
+                (f"sum by (result) (rate(tcm_monitor_runs_total{rate}))",
+                 "monitor {{result}}/s"),
+                (f"histogram_quantile(0.9, sum by (le) "
+                 f"(rate(tcm_monitor_compute_duration_seconds_bucket{rate})))",
+                 "snapshot compute p90 (s)"))), w=24)
+
+    variables = [
+        {"name": "tenant", "label": "tenant", "type": "query", "datasource": DATASOURCE,
+         "query": {"query": "label_values(tcm_decisions_total, tenant)", "refId": "tenant"},
+         "definition": "label_values(tcm_decisions_total, tenant)", "refresh": 2,
+         "includeAll": True, "multi": True, "allValue": ".*",
+         "current": {"text": "All", "value": "$__all"}, "sort": 1},
+        {"name": "source", "label": "pair source", "type": "custom",
+         "query": "feedback,gallery", "includeAll": True, "multi": True, "allValue": ".*",
+         "current": {"text": "All", "value": "$__all"},
+         "options": [{"text": "All", "value": "$__all", "selected": True},
+                     {"text": "feedback", "value": "feedback", "selected": False},
+                     {"text": "gallery", "value": "gallery", "selected": False}]},
+        {"name": "threshold", "label": "what-if threshold", "type": "query",
+         "datasource": DATASOURCE,
+         "query": {"query": "label_values(tcm_impostor_score_bucket, le)",
+                   "refId": "threshold"},
+         "definition": "label_values(tcm_impostor_score_bucket, le)", "refresh": 2,
+         "includeAll": False, "multi": False, "sort": 3},
+    ]
+    return {
+        "uid": UID,
+        "title": "Threshold-consistent retrieval",
+        "description": "Live threshold consistency (OPIS, eps-OPIS vs baseline), per-tenant "
+                       "FAR/FRR vs target, score distributions, and serving health.",
+        "tags": ["tcm", "retrieval", "slo"],
+        "timezone": "utc",
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-24h", "to": "now"},
+        "templating": {"list": variables},
+        "annotations": {"list": [{
+            "name": "Annotations & Alerts", "type": "dashboard", "builtIn": 1, "enable": True,
+            "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
+            "datasource": {"type": "grafana", "uid": "-- Grafana --"}}]},
+        "panels": lay.panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the JSON is out of date")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not args.out.is_file() or args.out.read_text() != text:
+            print(f"{args.out} is out of date: run python {Path(__file__).name}", file=sys.stderr)
+            return 1
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

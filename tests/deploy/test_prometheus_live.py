@@ -1,0 +1,270 @@
+"""A real Prometheus scraping the monitor's metrics and evaluating the project's rules.
+
+The metrics come from the monitor code itself (``service.monitor``), served by
+prometheus_client's HTTP server on a free loopback port; Prometheus (the ``prometheus`` binary,
+1 s scrape and evaluation intervals) loads ``deploy/prometheus/prometheus.yml`` with only the
+target and the intervals changed, and the rule files as they are. A scripted pattern feeds
+feedback: three tenants stay healthy, then one drifts (its impostors score above tau). The
+recording rule shows the drifter's FAR rising while the healthy tenants stay within target, and
+the monitor's snapshot (OPIS, gauge histograms) arrives intact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, start_http_server
+
+from service.metrics import ServiceMetrics
+from service.monitor import Monitor
+from service.monitoring import MonitorConfig, decision_outcome
+from service.store import Decision, Feedback, GalleryVectors, MatchRecord, Tenant
+from tests.deploy.conftest import PROM_DIR, RULE_FILES, sample_manifest, tool
+
+pytestmark = pytest.mark.slow
+HEALTHY = ("alpha", "beta", "gamma")
+DRIFTER = "delta"
+TENANTS = (*HEALTHY, DRIFTER)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class FeedbackLog:
+    """The monitor's store API over the decisions the script made."""
+
+    decisions: dict[str, list[Decision]] = field(default_factory=dict)
+    snapshot: dict[str, Any] | None = None
+
+    def list_tenants(self) -> list[Tenant]:
+        return [Tenant(t, t, float(i)) for i, t in enumerate(TENANTS)]
+
+    def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
+                       limit: int | None = None) -> list[Decision]:
+        return [d for d in self.decisions.get(tenant_id, []) if d.match.created_at >= since]
+
+    def gallery_vectors(self, tenant_id: str, *, model_version: str,
+                        subject: str | None = None) -> GalleryVectors:
+        return GalleryVectors.empty(8)
+
+    def put_monitor_snapshot(self, snapshot: dict[str, Any]) -> None:
+        self.snapshot = dict(snapshot)
+
+    def get_monitor_snapshot(self) -> dict[str, Any] | None:
+        return self.snapshot
+
+
+class Prometheus:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.proc, self.log = url, proc, log
+
+    def get(self, path: str, **params: str) -> Any:
+        q = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}{path}?{q}", timeout=5) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> dict[str, float]:
+        """An instant query -> {tenant (or ''): value}."""
+        return {s["metric"].get("tenant", ""): float(s["value"][1])
+                for s in self.get("/api/v1/query", query=expr)["result"]}
+
+    def log_tail(self) -> str:
+        return self.log.read_text()[-3000:] if self.log.exists() else ""
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, prom: Prometheus,
+             tick: Callable[[], None] = lambda: None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        tick()
+        try:
+            if check():
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}\nprometheus log:\n{prom.log_tail()}")
+        time.sleep(0.25)
+
+
+@pytest.fixture
+def metrics_server() -> Iterator[tuple[int, CollectorRegistry]]:
+    port = free_port()
+    registry = CollectorRegistry(auto_describe=True)
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    yield port, registry
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, metrics_server: tuple[int, CollectorRegistry]
+               ) -> Iterator[Prometheus]:
+    binary = tool("prometheus")
+    cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["global"]["evaluation_interval"] = "1s"
+    cfg["rule_files"] = [str(f) for f in RULE_FILES]
+    port = free_port()
+    for job in cfg["scrape_configs"]:
+        target = (f"127.0.0.1:{metrics_server[0]}" if job["job_name"] == "tcm-service"
+                  else f"127.0.0.1:{port}")
+        job["static_configs"] = [{"targets": [target]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "prometheus.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=out, stderr=subprocess.STDOUT)
+    prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, f"prometheus exited:\n{prom.log_tail()}"
+            with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as r:
+                return r.status == 200
+
+        wait_for(ready, 30, "prometheus to be ready", prom)
+        yield prom
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+class Script:
+    """Feedback on 1:N decisions at a steady rate; ``drift`` shifts the drifter's impostors."""
+
+    def __init__(self, monitor: Monitor, metrics: ServiceMetrics, log: FeedbackLog,
+                 tau: float) -> None:
+        self.monitor, self.metrics, self.log, self.tau = monitor, metrics, log, tau
+        self.rng = np.random.default_rng(5)
+        self.ids = itertools.count()
+        self.drift = False
+        self.last_refresh = 0.0
+
+    def decide(self, tenant: str, genuine: bool) -> None:
+        if genuine:
+            score = self.rng.normal(self.tau + 0.2, 0.05)
+        elif tenant == DRIFTER and self.drift:
+            score = self.rng.normal(self.tau + 0.05, 0.03)  # a new camera: everyone alike
+        else:
+            score = self.rng.normal(self.tau - 0.3, 0.08)
+        score = float(np.clip(score, -1.0, 1.0))
+        accepted = score >= self.tau
+        now = time.time()
+        mid = f"m{next(self.ids)}"
+        match = MatchRecord(mid, tenant, accepted, "s" if accepted else None, "i", "s", score,
+                            self.tau, self.monitor.manifest.model_version, now)
+        outcome = decision_outcome(accepted=accepted, genuine=genuine)
+        fb = Feedback(mid, tenant, None, None, genuine, outcome, now)  # type: ignore[arg-type]
+        self.log.decisions.setdefault(tenant, []).append(Decision(match, fb))
+        # what the feedback endpoint counts on the request path (Matcher.feedback)
+        self.metrics.decisions.labels(tenant=self.metrics.tenant_label(tenant),
+                                      outcome=outcome).inc()
+
+    def tick(self) -> None:
+        for tenant in TENANTS:
+            for _ in range(4):
+                self.decide(tenant, genuine=False)
+            self.decide(tenant, genuine=True)
+        if time.monotonic() - self.last_refresh >= 1.0:  # the monitor's schedule, sped up
+            self.monitor.refresh(force=True)
+            self.last_refresh = time.monotonic()
+
+    def run_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.tick()
+            time.sleep(0.1)
+
+
+def test_recording_rules_see_one_tenant_drift(prometheus: Prometheus,
+                                              metrics_server: tuple[int, CollectorRegistry]
+                                              ) -> None:
+    manifest = sample_manifest()
+    target = manifest.calibration.target_far
+    log = FeedbackLog()
+    metrics = ServiceMetrics(metrics_server[1], tenant_label_cap=10)
+    monitor = Monitor(log, manifest, metrics,
+                      MonitorConfig(interval_s=1.0, min_pairs=10, tenant_label_cap=10))
+    script = Script(monitor, metrics, log, manifest.calibration.tau)
+
+    # phase 1: everyone healthy, until Prometheus has a FAR for every tenant
+    def all_far() -> bool:
+        far = prometheus.query("tenant:tcm_far:ratio_rate5m")
+        return set(far) == set(TENANTS) and "" in prometheus.query(
+            "tcm:opis_over_baseline:ratio")
+
+    wait_for(all_far, 30, "per-tenant FAR and OPIS from the rules", prometheus, script.tick)
+    script.run_for(2.0)
+    healthy_far = prometheus.query("tenant:tcm_far:ratio_rate5m")
+    assert all(v <= target for v in healthy_far.values()), healthy_far
+    opis_before = prometheus.query("tcm:opis_over_baseline:ratio")[""]
+
+    # phase 2: the drifter's impostors pass the threshold; its FAR climbs, the others' do not
+    script.drift = True
+    rising: list[float] = []
+
+    def drifter_far_high() -> bool:
+        far = prometheus.query("tenant:tcm_far:ratio_rate5m")
+        rising.append(far[DRIFTER])
+        return far[DRIFTER] > 0.3
+
+    wait_for(drifter_far_high, 30, "the drifter's FAR to rise", prometheus, script.tick)
+    far = prometheus.query("tenant:tcm_far:ratio_rate5m")
+    assert far[DRIFTER] > 30 * target
+    for t in HEALTHY:
+        assert far[t] <= target, (t, far)
+    # it rose steadily (the 5m window still holds the healthy minutes, so it climbs)
+    assert all(b >= a - 0.01 for a, b in itertools.pairwise(rising)), rising
+    # the evidence behind it, and the log-ratio chart's series
+    log_ratio = prometheus.query("tenant:tcm_far_over_target:log10_ratio_rate1h")
+    assert log_ratio[DRIFTER] > 1.0  # more than ten times the target
+    assert all(log_ratio[t] < 0 for t in HEALTHY)  # -Inf when no false accept at all
+
+    # the monitor's snapshot came through: OPIS left its baseline, the gauge histograms parse
+    def opis_high() -> bool:
+        return prometheus.query("tcm:opis_over_baseline:ratio")[""] > 2.0
+
+    wait_for(opis_high, 20, "live OPIS above twice its baseline", prometheus, script.tick)
+    assert opis_before < 2.0
+    pair_far = prometheus.query("max by (tenant) (tcm_tenant_far_ratio)")
+    assert pair_far[DRIFTER] > pair_far["alpha"]
+    tau = manifest.calibration.tau
+    from_buckets = prometheus.query(
+        f'1 - sum by (tenant) (tcm_impostor_score_bucket{{le="{tau!r}",source="feedback"}}) '
+        '/ sum by (tenant) (tcm_impostor_score_gcount{source="feedback"})')
+    assert from_buckets[DRIFTER] > 10 * from_buckets["alpha"]
+    assert from_buckets["alpha"] <= target
+
+    # every rule evaluates cleanly against the real metrics
+    groups = prometheus.get("/api/v1/rules")["groups"]
+    assert {g["file"] for g in groups} == {str(f) for f in RULE_FILES}
+    broken = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"]
+              if r.get("health") != "ok"]
+    assert not broken, broken

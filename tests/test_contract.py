@@ -1,0 +1,124 @@
+"""The artefact contract: what `training` exports, `service` loads and serves unchanged.
+
+The two packages never import each other; this test is the one place that uses both. A small
+model is trained on real Omniglot (background alphabets), exported, and served over HTTP. The
+held-out images are sent as PNG bytes, exactly as a client would, and must come back as the
+training package's own embeddings; the service's threshold is the artefact's tau, and its 1:N
+decisions are "best score >= tau" on those embeddings.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+from tcm import load_artefact
+from tests.training.conftest import OMNIGLOT_SMALL
+from training.config import load_config
+from training.data import load_raw, load_splits
+from training.evaluate import embed
+from training.pipeline import train_evaluate_export
+from training.trainer import load_trained_model
+
+ADMIN = "contract-admin-token-" + "y" * 16
+CLASSES = 8  # held-out classes enrolled
+PER_CLASS = 3  # images per class: 2 enrolled, 1 probe
+
+
+def png_b64(image: np.ndarray) -> str:
+    arr = image.astype(np.uint8) * 255 if image.dtype == bool else image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> tuple:
+    root = tmp_path_factory.mktemp("contract")
+    cfg = load_config(None, [*OMNIGLOT_SMALL, f"data_dir={data_dir}"])
+    train_evaluate_export(cfg, root / "run", root / "artefact", progress=False, plots=False)
+    return cfg, root
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> str:
+    from tests.training.conftest import DATA_DIR
+
+    if not Path(DATA_DIR, "omniglot").is_dir():
+        pytest.fail(f"shared data sets missing at {DATA_DIR}")
+    return DATA_DIR
+
+
+def test_trained_artefact_serves_the_training_embeddings(trained, tmp_path: Path) -> None:
+    cfg, root = trained
+    _, manifest = load_artefact(root / "artefact")
+    _, raw = load_raw(cfg)
+    test = load_splits(cfg).test
+    keep = set(test.y.tolist())
+    idx = [i for i, y in enumerate(raw.labels) if int(y) in keep]
+    images = [raw.images[i] for i in idx]
+    labels = np.asarray(raw.labels)[idx]
+    model, _ = load_trained_model(root / "run")
+    reference = embed(model, test.x).numpy()  # training's view: same images, same order
+    assert reference.shape[0] == len(images)
+
+    # pick CLASSES held-out classes with PER_CLASS images each
+    chosen: dict[int, list[int]] = {}
+    for i, y in enumerate(labels.tolist()):
+        if len(chosen.get(y, [])) < PER_CLASS and (y in chosen or len(chosen) < CLASSES):
+            chosen.setdefault(y, []).append(i)
+    assert len(chosen) == CLASSES and all(len(v) == PER_CLASS for v in chosen.values())
+
+    settings = Settings(artefact_path=root / "artefact", admin_token=ADMIN, device="cpu",
+                        store_url=f"sqlite:///{tmp_path / 'tcm.db'}", embed_max_wait_ms=2.0,
+                        monitor_enabled=False)
+    with TestClient(create_app(settings)) as client:
+        info = client.get("/v1/model").json()
+        assert info["model_version"] == manifest.model_version
+        assert info["threshold"] == manifest.calibration.tau
+        assert info["baseline_opis"] == manifest.baseline.opis
+        tau = info["threshold"]
+
+        # the same pixels give the same vectors in both packages
+        probe_idx = [v[PER_CLASS - 1] for v in chosen.values()]
+        t = client.post("/v1/tenants", json={"name": "contract"},
+                        headers={"Authorization": f"Bearer {ADMIN}"})
+        assert t.status_code == 201, t.text
+        auth = {"Authorization": f"Bearer {t.json()['api_key']}"}
+        r = client.post("/v1/embed", json={"images": [png_b64(images[i]) for i in probe_idx]},
+                        headers=auth)
+        assert r.status_code == 200, r.text
+        served = np.asarray(r.json()["embeddings"], dtype=np.float32)
+        np.testing.assert_allclose(served, reference[probe_idx], atol=1e-5, rtol=1e-5)
+
+        # enrol two images per class by image, probe with the third: decisions at tau
+        items = [{"subject": f"class-{y}", "image": png_b64(images[i])}
+                 for y, v in chosen.items() for i in v[:PER_CLASS - 1]]
+        r = client.post("/v1/gallery", json={"items": items}, headers=auth)
+        assert r.status_code == 201, r.text
+        enrolled = [i for v in chosen.values() for i in v[:PER_CLASS - 1]]
+        subjects = np.asarray([f"class-{labels[i]}" for i in enrolled])
+        for v in chosen.values():
+            probe = v[PER_CLASS - 1]
+            r = client.post("/v1/match", json={"image": png_b64(images[probe]), "k": 3},
+                            headers=auth)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["threshold"] == tau and body["model_version"] == manifest.model_version
+            scores = reference[enrolled] @ reference[probe]
+            order = np.argsort(-scores, kind="stable")[:3]
+            got = body["candidates"]
+            assert [c["subject"] for c in got] == subjects[order].tolist()
+            assert [c["score"] for c in got] == pytest.approx(scores[order].tolist(), abs=1e-4)
+            top = got[0]
+            assert body["decision"]["accepted"] == bool(top["score"] >= tau)
+            assert body["decision"]["subject"] == (top["subject"] if top["score"] >= tau
+                                                   else None)

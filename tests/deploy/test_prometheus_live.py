@@ -12,38 +12,27 @@ the monitor's snapshot (OPIS, gauge histograms) arrives intact.
 from __future__ import annotations
 
 import itertools
-import json
-import socket
-import subprocess
 import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
 from service.metrics import ServiceMetrics
 from service.monitor import Monitor
 from service.monitoring import MonitorConfig, decision_outcome
 from service.store import Decision, Feedback, GalleryVectors, MatchRecord, Tenant
-from tests.deploy.conftest import PROM_DIR, RULE_FILES, sample_manifest, tool
+from tests.deploy.conftest import RULE_FILES, sample_manifest
+from tests.deploy.promserver import Prometheus, free_port, running_prometheus, wait_for
 
 pytestmark = pytest.mark.slow
 HEALTHY = ("alpha", "beta", "gamma")
 DRIFTER = "delta"
 TENANTS = (*HEALTHY, DRIFTER)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -71,41 +60,6 @@ class FeedbackLog:
         return self.snapshot
 
 
-class Prometheus:
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
-        self.url, self.proc, self.log = url, proc, log
-
-    def get(self, path: str, **params: str) -> Any:
-        q = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}{path}?{q}", timeout=5) as r:
-            body = json.load(r)
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expr: str) -> dict[str, float]:
-        """An instant query -> {tenant (or ''): value}."""
-        return {s["metric"].get("tenant", ""): float(s["value"][1])
-                for s in self.get("/api/v1/query", query=expr)["result"]}
-
-    def log_tail(self) -> str:
-        return self.log.read_text()[-3000:] if self.log.exists() else ""
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str, prom: Prometheus,
-             tick: Callable[[], None] = lambda: None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        tick()
-        try:
-            if check():
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}\nprometheus log:\n{prom.log_tail()}")
-        time.sleep(0.25)
-
-
 @pytest.fixture
 def metrics_server() -> Iterator[tuple[int, CollectorRegistry]]:
     port = free_port()
@@ -120,40 +74,8 @@ def metrics_server() -> Iterator[tuple[int, CollectorRegistry]]:
 @pytest.fixture
 def prometheus(tmp_path: Path, metrics_server: tuple[int, CollectorRegistry]
                ) -> Iterator[Prometheus]:
-    binary = tool("prometheus")
-    cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
-    cfg["global"]["scrape_interval"] = "1s"
-    cfg["global"]["evaluation_interval"] = "1s"
-    cfg["rule_files"] = [str(f) for f in RULE_FILES]
-    port = free_port()
-    for job in cfg["scrape_configs"]:
-        target = (f"127.0.0.1:{metrics_server[0]}" if job["job_name"] == "tcm-service"
-                  else f"127.0.0.1:{port}")
-        job["static_configs"] = [{"targets": [target]}]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    log = tmp_path / "prometheus.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=out, stderr=subprocess.STDOUT)
-    prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        def ready() -> bool:
-            assert proc.poll() is None, f"prometheus exited:\n{prom.log_tail()}"
-            with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as r:
-                return r.status == 200
-
-        wait_for(ready, 30, "prometheus to be ready", prom)
+    with running_prometheus(tmp_path, metrics_server[0]) as prom:
         yield prom
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 class Script:

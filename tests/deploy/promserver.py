@@ -1,0 +1,100 @@
+"""A real Prometheus server for the deploy tests: the project's prometheus.yml and rule files,
+with only the scrape target and the intervals (1 s) changed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.conftest import PROM_DIR, RULE_FILES, tool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Prometheus:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.proc, self.log = url, proc, log
+
+    def get(self, path: str, **params: str) -> Any:
+        q = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}{path}?{q}", timeout=5) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> dict[str, float]:
+        """An instant query -> {tenant (or ''): value}."""
+        return {s["metric"].get("tenant", ""): float(s["value"][1])
+                for s in self.get("/api/v1/query", query=expr)["result"]}
+
+    def log_tail(self) -> str:
+        return self.log.read_text()[-3000:] if self.log.exists() else ""
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, prom: Prometheus,
+             tick: Callable[[], None] = lambda: None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        tick()
+        try:
+            if check():
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}\nprometheus log:\n{prom.log_tail()}")
+        time.sleep(0.25)
+
+
+@contextmanager
+def running_prometheus(tmp_path: Path, target_port: int) -> Iterator[Prometheus]:
+    """Prometheus scraping ``127.0.0.1:target_port`` as the tcm-service job, every second."""
+    binary = tool("prometheus")
+    cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["global"]["evaluation_interval"] = "1s"
+    cfg["rule_files"] = [str(f) for f in RULE_FILES]
+    port = free_port()
+    for job in cfg["scrape_configs"]:
+        target = (f"127.0.0.1:{target_port}" if job["job_name"] == "tcm-service"
+                  else f"127.0.0.1:{port}")
+        job["static_configs"] = [{"targets": [target]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "prometheus.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=out, stderr=subprocess.STDOUT)
+    prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, f"prometheus exited:\n{prom.log_tail()}"
+            with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as r:
+                return r.status == 200
+
+        wait_for(ready, 30, "prometheus to be ready", prom)
+        yield prom
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)

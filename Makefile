@@ -11,7 +11,7 @@ PORT ?= 8000
 MODEL_DIR ?= artefacts/default
 DATA_DIR ?= ../shared/data
 
-.PHONY: install run test lint bench model clean
+.PHONY: install run test lint bench study model clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
+
+# The evidence in docs/results.md: margin sweep on validation classes, MS/contrastive +- TCM over
+# 3 seeds on Omniglot, the 2-D digits toy (~1 hour on a 2-core CPU; resumes from runs/study).
+study: $(STAMP)
+	$(PY) -m studies.omniglot --data-dir $(DATA_DIR) --out runs/study --docs docs/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -35,6 +35,9 @@ class TrainConfig:
     embedding_dim: int = 128
     width: int = 32
     norm: str = "batch"  # "group": batch-independent, exact DDP on CPU (no SyncBatchNorm)
+    # a local weights file (.safetensors, or a .pt/.pth state dict) or an artefact folder to
+    # start from; nothing is ever downloaded
+    pretrained: str = ""
     # loss
     loss: str = "multi_similarity"
     ms_alpha: float = 2.0
@@ -100,6 +103,9 @@ class TrainConfig:
             problems.append("test_fraction must lie in (0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append("device must be auto, cpu or cuda")
+        if self.pretrained and not Path(self.pretrained).exists():
+            problems.append(f"pretrained weights {self.pretrained!r} do not exist (give a local "
+                            ".safetensors/.pt file or an artefact folder; nothing downloads)")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 

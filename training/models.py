@@ -7,8 +7,10 @@ checkpoint, the exported manifest and the service's rebuild.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from tcm import build_embedder
@@ -27,3 +29,43 @@ def architecture_kwargs(config: TrainConfig, in_channels: int) -> dict[str, Any]
 
 def build_model(config: TrainConfig, in_channels: int) -> nn.Module:
     return build_embedder(config.arch, **architecture_kwargs(config, in_channels))
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        path = path / "model.safetensors"  # an exported artefact
+    if not path.is_file():
+        raise ValueError(f"pretrained weights {str(path)!r} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read pretrained weights {str(path)!r}: {exc}") from exc
+    for key in ("state_dict", "model"):  # common wrappers (Lightning, our checkpoints)
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} does not hold a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> dict[str, int]:
+    """Loads the tensors of ``path`` that fit ``model``: either the whole embedder (an artefact,
+    a checkpoint) or its backbone (e.g. torchvision ResNet weights, whose ``fc`` and, for other
+    channel counts, ``conv1`` are skipped). Raises when nothing fits; returns the counts."""
+    state = _read_state(Path(path))
+    own = model.state_dict()
+
+    def fitting(prefix: str) -> dict[str, torch.Tensor]:
+        return {prefix + k: v for k, v in state.items()
+                if prefix + k in own and own[prefix + k].shape == v.shape}
+
+    best = max((fitting(""), fitting("backbone.")), key=len)
+    if not best:
+        raise ValueError(f"none of the {len(state)} tensors in {str(path)!r} fit this "
+                         f"architecture (names or shapes differ)")
+    model.load_state_dict(best, strict=False)
+    return {"loaded": len(best), "skipped": len(state) - len(best), "model_tensors": len(own)}

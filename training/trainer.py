@@ -34,7 +34,7 @@ from training.augment import augment_batch
 from training.config import TrainConfig, save_config
 from training.data import Splits, load_splits
 from training.losses import CombinedLoss, build_loss
-from training.models import build_model
+from training.models import build_model, load_pretrained
 from training.optimisation import build_optimiser, build_scheduler
 
 CHECKPOINT = "checkpoint.pt"
@@ -218,6 +218,11 @@ def _fit(config: TrainConfig, run: Path, ctx: RunContext, splits: Splits, y_trai
     run.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     model = build_model(config, train.x.shape[1])
+    if config.pretrained and saved is None:
+        counts = load_pretrained(model, config.pretrained)
+        if ctx.is_main:
+            print(f"pretrained: {counts['loaded']} of {counts['model_tensors']} tensors loaded "
+                  f"from {config.pretrained} ({counts['skipped']} skipped)", flush=True)
     loss_fn = build_loss(config, num_classes)
     start_epoch, history = 0, []
     if saved is not None:

@@ -10,7 +10,9 @@ decisions are "best score >= tau" on those embeddings.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from PIL import Image
 from service.app import create_app
 from service.settings import Settings
 from tcm import load_artefact
+from tests.service.conftest import REDIS_URL, redis_cleanup
 from tests.training.conftest import OMNIGLOT_SMALL
 from training.config import load_config
 from training.data import load_raw, load_splits
@@ -57,7 +60,9 @@ def data_dir() -> str:
     return DATA_DIR
 
 
-def test_trained_artefact_serves_the_training_embeddings(trained, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def test_trained_artefact_serves_the_training_embeddings(trained, tmp_path: Path,
+                                                         store: str) -> None:
     cfg, root = trained
     _, manifest = load_artefact(root / "artefact")
     _, raw = load_raw(cfg)
@@ -77,9 +82,18 @@ def test_trained_artefact_serves_the_training_embeddings(trained, tmp_path: Path
             chosen.setdefault(y, []).append(i)
     assert len(chosen) == CLASSES and all(len(v) == PER_CLASS for v in chosen.values())
 
+    prefix = f"tcmcontract:{uuid.uuid4().hex}:"
+    where = ({"store_url": f"sqlite:///{tmp_path / 'tcm.db'}"} if store == "sqlite" else
+             {"store_url": REDIS_URL, "redis_key_prefix": prefix})
     settings = Settings(artefact_path=root / "artefact", admin_token=ADMIN, device="cpu",
-                        store_url=f"sqlite:///{tmp_path / 'tcm.db'}", embed_max_wait_ms=2.0,
-                        monitor_enabled=False)
+                        embed_max_wait_ms=2.0, monitor_enabled=False, **where)
+    with contextlib.ExitStack() as cleanup:
+        if store == "redis":
+            cleanup.callback(redis_cleanup, REDIS_URL, prefix)
+        serve_and_check(settings, manifest, images, labels, reference, chosen)
+
+
+def serve_and_check(settings: Settings, manifest, images, labels, reference, chosen) -> None:
     with TestClient(create_app(settings)) as client:
         info = client.get("/v1/model").json()
         assert info["model_version"] == manifest.model_version

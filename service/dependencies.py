@@ -1,6 +1,7 @@
 """FastAPI dependencies, as ``Annotated`` aliases the routers declare parameters with.
 
-``RuntimeDep`` is the app's :class:`Runtime`; ``TenantId`` authenticates a tenant API key and
+``RuntimeDep`` is the app's :class:`Runtime`; ``TenantId`` authenticates a tenant API key,
+takes one request from that tenant's rate limit (429 when spent, ``TCM_RATE_LIMIT_*``) and
 yields its tenant id (and makes sure the indexes are loaded); ``AdminAuth`` checks the admin
 token.
 """
@@ -37,6 +38,7 @@ def bearer_token(request: Request) -> str:
 
 async def tenant_id(runtime: RuntimeDep, token: Annotated[str, Depends(bearer_token)]) -> str:
     tid = await runtime.tenants.authenticate(token)
+    await runtime.check_rate(tid)
     await runtime.ensure_indexes()
     return tid
 

@@ -64,6 +64,16 @@ class NotReadyError(ServiceError):
     code = "not_ready"
 
 
+class RateLimitedError(ServiceError):
+    """The tenant's request rate is over its limit; ``retry_after_s`` goes in ``Retry-After``."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int, detail: Any = None) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after_s = retry_after_s
+
+
 STATUS: dict[type[ServiceError], int] = {
     InvalidInputError: 422,
     NotFoundError: 404,
@@ -72,6 +82,7 @@ STATUS: dict[type[ServiceError], int] = {
     PayloadTooLargeError: 413,
     StoreUnavailableError: 503,
     NotReadyError: 503,
+    RateLimitedError: 429,
 }
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -106,6 +117,8 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
         runtime = getattr(request.app.state, "runtime", None)
         if isinstance(exc, StoreUnavailableError) and runtime is not None:
             runtime.metrics.store_errors.inc()
+    elif isinstance(exc, RateLimitedError):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     return _response(status, error_body(exc.code, exc.message, exc.detail), headers)
 
 

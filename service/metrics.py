@@ -113,6 +113,9 @@ class ServiceMetrics:
             "tcm_decisions_total", "1:N decisions labelled by feedback, by outcome at the "
             "decision's own threshold (per-tenant FAR/FRR: recording rules)",
             ["tenant", "outcome"], registry=registry)
+        self.rate_limited = Counter(
+            "tcm_rate_limited_total", "requests refused with 429 by the per-tenant rate limit",
+            ["tenant"], registry=registry)
         self.store_errors = Counter(
             "tcm_store_errors_total", "requests failed because the store was unavailable",
             registry=registry)

@@ -30,13 +30,19 @@ from starlette.concurrency import run_in_threadpool
 from torch import nn
 
 from service.embedding import EmbeddingBatcher, resolve_device
-from service.errors import InvalidInputError, NotReadyError, StoreUnavailableError
+from service.errors import (
+    InvalidInputError,
+    NotReadyError,
+    RateLimitedError,
+    StoreUnavailableError,
+)
 from service.gallery import Gallery
 from service.images import decode_image
 from service.index import IndexRegistry
 from service.inputs import InputResolver
 from service.matching import Matcher
 from service.metrics import ServiceMetrics
+from service.ratelimit import RateLimiter, open_rate_limiter
 from service.settings import Settings
 from service.store import Change, Store, open_store
 from service.tenants import Tenants
@@ -60,6 +66,7 @@ class Runtime:
     tenants: Tenants
     gallery: Gallery
     matcher: Matcher
+    rate_limiter: RateLimiter | None = None
     indexes_loaded: bool = False
     skipped_items: int = 0
     _load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -111,7 +118,8 @@ class Runtime:
                             max_list_limit=settings.max_list_limit),
             matcher=Matcher(store=store, indexes=indexes, resolver=resolver, metrics=metrics,
                             threshold=manifest.calibration.tau,
-                            model_version=manifest.model_version, max_k=settings.max_k))
+                            model_version=manifest.model_version, max_k=settings.max_k),
+            rate_limiter=open_rate_limiter(settings, store))
         await batcher.start()
         try:
             await runtime.ensure_indexes()
@@ -241,6 +249,16 @@ class Runtime:
         if not self.batcher.running:
             checks["model"] = "embedding worker not running"
         return checks
+
+    async def check_rate(self, tenant_id: str) -> None:
+        """Takes one request from the tenant's rate limit; RateLimitedError (429) when spent."""
+        if self.rate_limiter is None:
+            return
+        try:
+            await self.rate_limiter.check(tenant_id)
+        except RateLimitedError:
+            self.metrics.rate_limited.labels(tenant=self.metrics.tenant_label(tenant_id)).inc()
+            raise
 
     def require_ready(self) -> None:
         if not self.indexes_loaded:

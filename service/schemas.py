@@ -53,7 +53,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text} for status, text in (
         (400, "malformed JSON"), (401, "missing or invalid API key"),
         (404, "no such resource (or another tenant's)"), (409, "conflict"),
-        (413, "request body too large"), (422, "invalid input"), (503, "store unavailable"))
+        (413, "request body too large"), (422, "invalid input"),
+        (429, "rate limit exceeded (see Retry-After)"), (503, "store unavailable"))
 }
 
 

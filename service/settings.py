@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     max_k: int = Field(100, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width*height cap per image")
     max_list_limit: int = Field(1000, ge=1)
+    rate_limit_per_s: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="requests per second per tenant (token bucket refill rate); 0 = no limit")
+    rate_limit_burst: int = Field(
+        0, ge=0, description="bucket capacity per tenant; 0 = one second's worth (at least 1)")
 
     # --- index and embedding ---------------------------------------------------------------
     index_factory: str = Field("Flat", min_length=1, description="faiss index_factory string")

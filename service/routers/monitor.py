@@ -29,6 +29,7 @@ async def monitor_view(request: Request, runtime: RuntimeDep,
     tenant_id: str | None = None
     if admin is None or not same_secret(token, admin.get_secret_value()):
         tenant_id = await runtime.tenants.authenticate(token)  # 401 unless a tenant key
+        await runtime.check_rate(tenant_id)
     monitor: Monitor | None = getattr(request.app.state, "monitor", None)
     if monitor is None:
         raise NotFoundError("monitoring is disabled on this service (TCM_MONITOR_ENABLED)",

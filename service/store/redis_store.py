@@ -18,6 +18,8 @@ hex, so no key is a prefix-collision of another)::
     P tenant:T:feedback:M       hash   feedback fields
     P changes                   stream op (add | remove | drop_tenant), tenant, items / seqs (JSON)
     P monitor:snapshot          string the monitor's latest snapshot (JSON), shared by replicas
+    P ratelimit:T               hash   tokens, ts: the tenant's rate-limit bucket (with a TTL;
+                                       written only by ``service.ratelimit``'s Lua script)
 
 Multi-key writes run in MULTI/EXEC transactions (all-or-nothing); checks that must hold when
 they commit (item ids still free, feedback not yet given) WATCH their keys. Every gallery write

@@ -31,6 +31,14 @@ from tcm.embedders import build_embedder
 from tcm.loss import TCMLoss
 from tcm.preprocess import Preprocessing, to_input_tensor
 from tcm.retrieval import map_at_r, recall_at_k, retrieval_metrics
+from tcm.verification import (
+    PairAccuracy,
+    accuracy_at,
+    best_accuracy_threshold,
+    kfold_pair_accuracy,
+    roc_points,
+    tar_at_far,
+)
 
 __all__ = [
     "AtThreshold",
@@ -38,15 +46,19 @@ __all__ = [
     "Calibration",
     "ConsistencyReport",
     "Manifest",
+    "PairAccuracy",
     "Preprocessing",
     "TCMLoss",
     "ThresholdCalibration",
+    "accuracy_at",
+    "best_accuracy_threshold",
     "build_embedder",
     "calibrate_threshold",
     "calibrate_threshold_from_scores",
     "consistency_from_scores",
     "consistency_report",
     "eps_opis",
+    "kfold_pair_accuracy",
     "load_artefact",
     "map_at_r",
     "opis",
@@ -54,7 +66,9 @@ __all__ = [
     "read_manifest",
     "recall_at_k",
     "retrieval_metrics",
+    "roc_points",
     "save_artefact",
+    "tar_at_far",
     "threshold_at_far",
     "to_input_tensor",
     "utility",

@@ -46,6 +46,13 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", splits: Splits | N
     part = _part(splits, split)
     emb = embed(model, part.x, device=resolve_device(config.device))
     result = evaluate_embeddings(emb, part.y, config)
+    det = None
+    if config.dataset == "lfw" and split == "test":  # the official pair protocols as well
+        from training.faces import lfw_verification
+
+        result["verification"], det = lfw_verification(
+            model, splits.preprocessing, config.data_dir, result["calibration"]["tau"],
+            resolve_device(config.device))
     history = load_checkpoint(run)["history"]
     write_report(result, run, split=split,
                  extra={"split": split, "config": config.to_dict(), "data": splits.description,
@@ -53,6 +60,10 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", splits: Splits | N
     if plots:
         title = f"{config.dataset} {config.loss}{' + TCM' if config.tcm else ''} ({split})"
         plot_report(result, emb, part.y, run, title, prefix="" if split == "test" else f"{split}_")
+        if det is not None:
+            from training.faces import plot_det
+
+            plot_det(det, run / "det.png", title, result["calibration"]["tau"])
     return result
 
 

@@ -1,16 +1,21 @@
-"""docker-compose.yml and the Dockerfile, checked without a Docker engine: structure, files
-that exist, health checks, start-up order, pinned images, a non-root service."""
+"""docker-compose.yml, the GPU override and the Dockerfiles (CPU, GPU), checked without a Docker
+engine: structure, files that exist, health checks, start-up order, pinned images, non-root."""
 
 from __future__ import annotations
 
 import re
+import tomllib
+from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.deploy.conftest import DEPLOY, ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+DOCKERFILE_GPU = DEPLOY / "docker" / "Dockerfile.gpu"
+COMPOSE_GPU = DEPLOY / "docker" / "compose.gpu.yml"
 
 
 def compose() -> dict:
@@ -90,17 +95,71 @@ def test_prometheus_and_grafana_mount_files_that_exist() -> None:
     assert targets == ["tcm:8000"]  # the compose service name and port
 
 
-def test_dockerfile_runs_as_non_root_and_copies_what_exists() -> None:
-    text = DOCKERFILE.read_text()
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, DOCKERFILE_GPU], ids=["cpu", "gpu"])
+def test_dockerfile_runs_as_non_root_and_copies_what_exists(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and not users[-1].startswith(("root", "0"))
+    copied = []
     for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for path in src.split():
             assert (ROOT / path).exists(), path
+            copied.append(path)
     assert re.search(r"^HEALTHCHECK .*", text, re.M)
     assert re.search(r'^CMD \["tcm-serve"', text, re.M)
-    ignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text()
-    assert "!service/**" in ignore and "!tcm/**" in ignore
+    # the build context's ignore file lets through exactly what is copied
+    ignore = Path(f"{dockerfile}.dockerignore").read_text()
+    for path in copied:
+        allowed = f"!{path}/**" if (ROOT / path).is_dir() else f"!{path}"
+        assert allowed in ignore.splitlines(), (dockerfile.name, allowed)
+
+
+def test_gpu_dockerfile() -> None:
+    text = DOCKERFILE_GPU.read_text()
+    # a CUDA runtime base, pinned, in both stages
+    bases = re.findall(r"^ARG CUDA_IMAGE=(\S+)", text, re.M)
+    assert bases and re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+",
+                                  bases[0])
+    assert re.findall(r"^FROM (\S+)", text, re.M) == ["${CUDA_IMAGE}"] * 2
+    assert "latest" not in text
+    # CUDA torch pinned to the Makefile's version, from a CUDA index
+    torch_pin = re.search(r"^ARG TORCH_VERSION=(\S+)", text, re.M)
+    makefile_pin = re.search(r"torch==(\d+\.\d+\.\d+)", (ROOT / "Makefile").read_text())
+    assert torch_pin and makefile_pin and torch_pin.group(1) == makefile_pin.group(1)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+$", text,
+                     re.M)
+    # faiss-gpu through the [gpu] extra, pinned, and faiss-cpu (the [serve] extra) removed
+    assert re.search(r"^ARG FAISS_GPU_VERSION=\d+\.\d+\.\d+$", text, re.M)
+    assert '".[serve,train,gpu]"' in text
+    assert "pip uninstall -y faiss-cpu" in text
+    assert text.index("pip uninstall -y faiss-cpu") < text.index("--force-reinstall --no-deps")
+    assert "StandardGpuResources" in text  # the build fails on a faiss without GPU support
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    assert any(d.startswith("faiss-gpu") for d in extras["gpu"])
+    assert any(d.startswith("faiss-cpu") for d in extras["serve"])
+    # the service runs on CUDA and can write CUDA's cache on a read-only root
+    assert "TCM_DEVICE=cuda" in text and "CUDA_CACHE_PATH=/tmp/" in text
+
+
+def test_gpu_compose_override() -> None:
+    override = yaml.safe_load(COMPOSE_GPU.read_text())
+    tcm = override["services"]["tcm"]
+    assert set(override["services"]) == {"tcm"}  # layered over docker-compose.yml
+    # paths in an override resolve against the first file's directory (the repository root)
+    assert (ROOT / tcm["build"]["context"] / tcm["build"]["dockerfile"]).resolve() == \
+        DOCKERFILE_GPU
+    tag = re.search(r"docker build -f deploy/docker/Dockerfile\.gpu -t (\S+) \.",
+                    DOCKERFILE_GPU.read_text())
+    assert tag and tcm["image"] == tag.group(1)
+    from service.settings import Settings
+
+    fields = {f"TCM_{n.upper()}" for n in Settings.model_fields}
+    assert set(tcm["environment"]) <= fields
+    assert tcm["environment"]["TCM_DEVICE"] == "cuda"
+    (device,) = tcm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert f"-f {COMPOSE_GPU.relative_to(ROOT)}" in COMPOSE_GPU.read_text()
 
 
 def test_readme_documents_running_it() -> None:

@@ -1,0 +1,497 @@
+"""deploy/k8s, checked without a cluster: every kustomization builds (kustomize_lite, and the
+same output as ``kubectl kustomize`` where kubectl is installed), every manifest validates
+against the Kubernetes OpenAPI schemas (kubernetes-validate, bundled schemas, strict: unknown
+fields fail), and what the manifests say agrees with the code: probes on routes the app has,
+ports, TCM_* names that are real settings with values they accept, image names the Dockerfiles
+and compose build, the PrometheusRule generated from the rule files."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy.conftest import DEPLOY, PROM_DIR, ROOT, RULE_FILES, run_promtool
+from tests.deploy.kustomize_lite import Manifest, build, containers, json_patch, pod_template
+
+K8S = DEPLOY / "k8s"
+KUSTOMIZATIONS = ["overlays/cpu", "overlays/gpu", "monitoring", "retrain"]
+OVERLAYS = ["overlays/cpu", "overlays/gpu"]
+K8S_VERSIONS = ["1.28.0", "1.37.0"]  # the oldest we claim and the newest schemas bundled
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+DOCKERFILE_GPU = DEPLOY / "docker" / "Dockerfile.gpu"
+
+
+def built(directory: str) -> list[Manifest]:
+    return build(K8S / directory)
+
+
+def one(manifests: list[Manifest], kind: str, name: str | None = None) -> Manifest:
+    found = [m for m in manifests if m["kind"] == kind
+             and (name is None or m["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, [m["metadata"]["name"] for m in found])
+    return found[0]
+
+
+def pod_specs(manifests: list[Manifest]) -> Iterator[tuple[Manifest, dict[str, Any]]]:
+    for m in manifests:
+        tpl = pod_template(m)
+        if tpl is not None:
+            yield m, tpl["spec"]
+
+
+def settings_fields() -> dict[str, Any]:
+    from service.settings import Settings
+
+    return {f"TCM_{name.upper()}": f for name, f in Settings.model_fields.items()}
+
+
+# --- building -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_kustomizations_build(directory: str) -> None:
+    manifests = built(directory)
+    assert manifests
+    for m in manifests:
+        assert m["metadata"]["namespace"] == "tcm", (m["kind"], m["metadata"]["name"])
+        assert m["metadata"]["labels"]["app.kubernetes.io/name"] == "tcm"
+    kinds = {m["kind"] for m in manifests}
+    expected = {
+        "overlays/cpu": {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service",
+                         "HorizontalPodAutoscaler", "PodDisruptionBudget", "StatefulSet",
+                         "NetworkPolicy"},
+        "overlays/gpu": {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service",
+                         "HorizontalPodAutoscaler", "PodDisruptionBudget", "StatefulSet",
+                         "NetworkPolicy"},
+        "monitoring": {"ServiceMonitor", "PrometheusRule"},
+        "retrain": {"Job", "Service"},
+    }[directory]
+    assert kinds == expected
+    # no Secret is committed: the admin token is created by hand (deploy/README.md)
+    assert "Secret" not in kinds
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_resolver_agrees_with_kubectl_kustomize(directory: str) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: kustomize_lite alone builds the manifests")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / directory)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    theirs = {(m["kind"], m["metadata"]["name"]): m for m in yaml.safe_load_all(out) if m}
+    ours = {(m["kind"], m["metadata"]["name"]): m for m in built(directory)}
+    assert ours == theirs
+
+
+def test_resolver_refuses_what_it_does_not_know(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(
+        {"resources": [], "configMapGenerator": [{"name": "x", "literals": ["a=b"]}]}))
+    with pytest.raises(ValueError, match="configMapGenerator"):
+        build(tmp_path)
+    doc = {"spec": {"list": [1, 2]}}
+    json_patch(doc, {"op": "add", "path": "/spec/list/-", "value": 3})
+    json_patch(doc, {"op": "replace", "path": "/spec/list/0", "value": 0})
+    json_patch(doc, {"op": "add", "path": "/spec/new", "value": {"a": 1}})
+    assert doc == {"spec": {"list": [0, 2, 3], "new": {"a": 1}}}
+    with pytest.raises(ValueError, match="does not exist"):
+        json_patch(doc, {"op": "replace", "path": "/spec/missing", "value": 1})
+
+
+# --- schemas ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_manifests_validate_against_kubernetes_schemas(directory: str, version: str) -> None:
+    checked = 0
+    for m in built(directory):
+        if m["kind"] in CRD_KINDS:
+            continue  # not in the Kubernetes API: see test_prometheus_operator_resources
+        kubernetes_validate.validate(m, version, strict=True)
+        checked += 1
+    assert checked == sum(m["kind"] not in CRD_KINDS for m in built(directory))
+
+
+def test_schema_validation_is_strict_and_offline() -> None:
+    """The validator really checks (bundled schemas, no network): a misspelt field and a wrong
+    type are refused."""
+    deployment = one(built("overlays/cpu"), "Deployment", "tcm")
+    typo = yaml.safe_load(yaml.safe_dump(deployment))
+    c = typo["spec"]["template"]["spec"]["containers"][0]
+    c["readinesProbe"] = c.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
+        kubernetes_validate.validate(typo, K8S_VERSIONS[-1], strict=True)
+    wrong = yaml.safe_load(yaml.safe_dump(deployment))
+    wrong["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(wrong, K8S_VERSIONS[-1], strict=True)
+
+
+# The Prometheus Operator's CRDs are not in kubernetes-validate; the fields these manifests use,
+# as the operator's CRDs (monitoring.coreos.com/v1) name them, with unknown fields refused.
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_META = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _STR_MAP,
+    "annotations": _STR_MAP}, "additionalProperties": False}
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+        "metadata": _META,
+        "spec": {"type": "object", "required": ["selector", "endpoints"],
+                 "additionalProperties": False, "properties": {
+                     "selector": {"type": "object", "properties": {"matchLabels": _STR_MAP},
+                                  "additionalProperties": False},
+                     "endpoints": {"type": "array", "minItems": 1, "items": {
+                         "type": "object", "additionalProperties": False, "properties": {
+                             "port": {"type": "string"}, "path": {"type": "string"},
+                             "interval": {"type": "string", "pattern": r"^\d+[smh]$"},
+                             "scrapeTimeout": {"type": "string", "pattern": r"^\d+[smh]$"}}}}}},
+    },
+}
+_RULE = {"type": "object", "required": ["expr"], "additionalProperties": False,
+         "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+         "properties": {"record": {"type": "string"}, "alert": {"type": "string"},
+                        "expr": {"type": "string"}, "for": {"type": "string"},
+                        "labels": _STR_MAP, "annotations": _STR_MAP}}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "metadata": _META,
+        "spec": {"type": "object", "required": ["groups"], "additionalProperties": False,
+                 "properties": {"groups": {"type": "array", "minItems": 1, "items": {
+                     "type": "object", "required": ["name", "rules"],
+                     "additionalProperties": False, "properties": {
+                         "name": {"type": "string"}, "interval": {"type": "string"},
+                         "rules": {"type": "array", "items": _RULE}}}}}},
+    },
+}
+
+
+def test_prometheus_operator_resources() -> None:
+    manifests = built("monitoring")
+    sm = one(manifests, "ServiceMonitor", "tcm")
+    jsonschema.validate(sm, SERVICE_MONITOR_SCHEMA)
+    rule = one(manifests, "PrometheusRule", "tcm")
+    jsonschema.validate(rule, PROMETHEUS_RULE_SCHEMA)
+    # the ServiceMonitor selects the Service, by a port name the Service has
+    svc = one(built("overlays/cpu"), "Service", "tcm")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+# --- the PrometheusRule is the rule files ---------------------------------------------------------
+def test_prometheus_rule_is_generated_from_the_rule_files(promtool: str, tmp_path: Path) -> None:
+    script = K8S / "build_prometheus_rule.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rule = one(built("monitoring"), "PrometheusRule", "tcm")
+    groups = [g for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"]]
+    assert rule["spec"]["groups"] == groups
+    # and what the operator will load is valid for Prometheus itself
+    f = tmp_path / "from_prometheus_rule.yml"
+    f.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    run_promtool(promtool, "check", "rules", str(f), cwd=tmp_path)
+
+
+def test_prometheus_rule_check_detects_drift(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_prometheus_rule",
+                                                  K8S / "build_prometheus_rule.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "rule.yaml"
+    assert mod.main(["--out", str(out)]) == 0
+    assert mod.main(["--check", "--out", str(out)]) == 0
+    out.write_text(out.read_text().replace("for: 30m", "for: 1m", 1))
+    assert mod.main(["--check", "--out", str(out)]) == 1
+
+
+def test_prometheus_k8s_scrape_config(promtool: str, tmp_path: Path) -> None:
+    """The config for a Prometheus without the operator: promtool checks it with the pod
+    discovery swapped for a static target (Debian's promtool is built without Kubernetes
+    discovery), and the relabelling reads the annotations the Deployment sets."""
+    cfg = yaml.safe_load((K8S / "monitoring" / "prometheus-k8s.yml").read_text())
+    job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "tcm-service")
+    alerts = (PROM_DIR / "rules" / "tcm_alerts.yml").read_text()
+    assert 'up{job="tcm-service"}' in alerts  # the job name the alerts expect
+    sd = job.pop("kubernetes_sd_configs")
+    assert sd == [{"role": "pod", "namespaces": {"names": ["tcm"]}}]
+    job["static_configs"] = [{"targets": ["127.0.0.1:8000"]}]
+    (tmp_path / "rules").mkdir()
+    for f in RULE_FILES:
+        shutil.copy(f, tmp_path / "rules" / f.name)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    run_promtool(promtool, "check", "config", "prometheus.yml", cwd=tmp_path)
+
+    annotations = one(built("overlays/cpu"), "Deployment", "tcm")["spec"]["template"][
+        "metadata"]["annotations"]
+    used = {re.sub(r"^__meta_kubernetes_pod_annotation_", "", s)
+            for rc in job["relabel_configs"] for s in rc.get("source_labels", [])
+            if s.startswith("__meta_kubernetes_pod_annotation_")}
+    as_label = {re.sub(r"[^A-Za-z0-9_]", "_", k): k for k in annotations}
+    assert used and used <= set(as_label), (used, annotations)
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+# --- the manifests agree with the code -----------------------------------------------------------
+def probe_status(path: str) -> int:
+    """What the app answers on ``path`` before start-up (no lifespan: nothing is loaded)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    client = TestClient(create_app(Settings(admin_token="x" * 16)))
+    return client.get(path).status_code
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_and_ports(overlay: str) -> None:
+    manifests = built(overlay)
+    dep = one(manifests, "Deployment", "tcm")
+    spec = dep["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    # liveness answers while the process is up; readiness says "not yet" until the runtime is
+    # up (a 404 would mean the probe points nowhere); /metrics is served
+    assert probe_status("/healthz") == 200
+    assert probe_status("/readyz") == 503
+    assert probe_status("/metrics") == 200
+    assert probe_status("/no-such-route") == 404
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["port"] in ports
+    # the port tcm-serve binds, the port the image exposes, the port Prometheus scrapes
+    cmd = c["command"]
+    assert cmd[0] == "tcm-serve" and int(cmd[cmd.index("--port") + 1]) == ports["http"] == 8000
+    dockerfile = DOCKERFILE_GPU if overlay.endswith("gpu") else DOCKERFILE
+    assert re.search(rf"^EXPOSE {ports['http']}$", dockerfile.read_text(), re.M)
+    tpl_annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert int(tpl_annotations["prometheus.io/port"]) == ports["http"]
+    svc = one(manifests, "Service", "tcm")
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+    # the Service, PDB and HPA point at these pods / this Deployment
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    pdb = one(manifests, "PodDisruptionBudget", "tcm")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    hpa = one(manifests, "HorizontalPodAutoscaler", "tcm")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "tcm"}
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert pdb["spec"]["minAvailable"] < max(hpa["spec"]["minReplicas"], 2)
+    # resources: requests for scheduling and the HPA's CPU ratio, a memory limit
+    res = c["resources"]
+    assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_environment_is_real_settings(overlay: str) -> None:
+    from service.settings import Settings
+
+    manifests = built(overlay)
+    fields = settings_fields()
+    cm = one(manifests, "ConfigMap", "tcm-config")
+    assert set(cm["data"]) <= set(fields), set(cm["data"]) - set(fields)
+    dep = one(manifests, "Deployment", "tcm")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["envFrom"] == [{"configMapRef": {"name": "tcm-config"}}]
+    env = {e["name"]: e for e in c["env"]}
+    assert set(env) <= set(fields)
+    assert env["TCM_ADMIN_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "tcm-admin", "key": "admin-token"}}
+    # the values are ones the service accepts (a token stands in for the Secret)
+    values = {k.removeprefix("TCM_").lower(): v for k, v in cm["data"].items()}
+    settings = Settings(**values, admin_token="x" * 32)
+    assert str(settings.artefact_path) == "/models/default"
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert settings.artefact_path.parent.as_posix() in mounts
+    assert mounts["/models"]["readOnly"] is True
+    # the store is the Redis of these manifests, on the port its Service serves
+    m = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)/\d+", settings.store_url)
+    assert m is not None, settings.store_url
+    redis_svc = one(manifests, "Service", m.group(1))
+    assert int(m.group(2)) in {p["port"] for p in redis_svc["spec"]["ports"]}
+    assert settings.device == ("cuda" if overlay.endswith("gpu") else "cpu")
+
+
+def test_image_names_match_dockerfiles_and_compose() -> None:
+    compose_image = COMPOSE["services"]["tcm"]["image"]
+    cpu_name = compose_image.rsplit(":", 1)[0]
+    assert f"-t {compose_image} ." in DOCKERFILE.read_text()
+    gpu_tags = re.findall(r"docker build -f deploy/docker/Dockerfile\.gpu -t (\S+) \.",
+                          DOCKERFILE_GPU.read_text())
+    assert gpu_tags, "Dockerfile.gpu documents its build command and tag"
+    gpu_name = gpu_tags[0].rsplit(":", 1)[0]
+    images = {d: {c["image"] for m in built(d) for c in containers(m)} for d in
+              ("overlays/cpu", "overlays/gpu", "retrain")}
+    server = {"overlays/cpu": cpu_name, "overlays/gpu": gpu_name}
+    redis_image = COMPOSE["services"]["redis"]["image"]
+    for overlay, name in server.items():
+        tcm = one(built(overlay), "Deployment", "tcm")["spec"]["template"]["spec"]
+        (image,) = [c["image"] for c in tcm["containers"]]
+        assert re.fullmatch(rf"{re.escape(name)}:\d+\.\d+\.\d+", image), image
+        assert images[overlay] == {image, redis_image}  # the same Redis as compose
+    # the retraining Job runs the GPU image, which carries training/
+    (job_image,) = images["retrain"]
+    assert job_image.rsplit(":", 1)[0] == gpu_name
+    assert re.search(r"^COPY training \./training$", DOCKERFILE_GPU.read_text(), re.M)
+
+
+def _uid(dockerfile: Path) -> int:
+    users = re.findall(r"^USER\s+(\d+)", dockerfile.read_text(), re.M)
+    assert users
+    return int(users[-1])
+
+
+@pytest.mark.parametrize("directory", ["overlays/cpu", "overlays/gpu", "retrain"])
+def test_pods_are_locked_down(directory: str) -> None:
+    for m, spec in pod_specs(built(directory)):
+        what = m["metadata"]["name"]
+        sc = spec["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0, what
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault", what
+        assert spec["automountServiceAccountToken"] is False, what
+        for c in spec["containers"]:
+            csc = c["securityContext"]
+            assert csc["allowPrivilegeEscalation"] is False, what
+            assert csc["readOnlyRootFilesystem"] is True, what
+            assert csc["capabilities"]["drop"] == ["ALL"], what
+            assert "memory" in c["resources"]["limits"], what
+            image = c["image"]
+            assert not image.endswith(":latest") and ":" in image, image
+        if m["metadata"]["name"] in {"tcm", "tcm-retrain"}:
+            # the uid the images create; /tmp writable on a read-only root
+            gpu = "gpu" in spec["containers"][0]["image"]
+            assert sc["runAsUser"] == _uid(DOCKERFILE_GPU if gpu else DOCKERFILE), what
+            mounts = {vm["mountPath"] for vm in spec["containers"][0]["volumeMounts"]}
+            assert "/tmp" in mounts, what
+
+
+def test_gpu_overlay() -> None:
+    cpu, gpu = built("overlays/cpu"), built("overlays/gpu")
+    spec = one(gpu, "Deployment", "tcm")["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} \
+        in spec["tolerations"]
+    assert one(gpu, "ConfigMap", "tcm-config")["data"]["TCM_DEVICE"] == "cuda"
+    cpu_spec = one(cpu, "Deployment", "tcm")["spec"]["template"]["spec"]
+    assert "nodeSelector" not in cpu_spec and "tolerations" not in cpu_spec
+    assert "nvidia.com/gpu" not in str(cpu_spec)
+    # the patches changed only what they say: same probes, env, mounts
+    for key in ("readinessProbe", "livenessProbe", "env", "envFrom", "volumeMounts"):
+        assert c[key] == cpu_spec["containers"][0][key], key
+
+
+def test_redis_statefulset_persists_and_is_private() -> None:
+    manifests = built("overlays/cpu")
+    sts = one(manifests, "StatefulSet", "tcm-redis")
+    spec = sts["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    args = c["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] in {"always", "everysec"}
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    data_dir = args[args.index("--dir") + 1]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": data_dir} in c["volumeMounts"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    compose_redis = COMPOSE["services"]["redis"]["command"]
+    assert compose_redis[compose_redis.index("--appendfsync") + 1] == \
+        args[args.index("--appendfsync") + 1]
+    svc = one(manifests, "Service", "tcm-redis")
+    assert sts["spec"]["serviceName"] == "tcm-redis" and svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"][
+        "labels"].items()
+    # only the service's pods reach Redis
+    pol = one(manifests, "NetworkPolicy", "tcm-redis")
+    redis_labels = sts["spec"]["template"]["metadata"]["labels"]
+    server_labels = one(manifests, "Deployment", "tcm")["spec"]["template"]["metadata"]["labels"]
+    assert pol["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    (rule,) = pol["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= server_labels.items()
+    assert not peer["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+
+def test_retrain_job_runs_torchrun_on_the_training_cli() -> None:
+    import typer.main
+
+    from training.cli import app as train_app
+    from training.config import TrainConfig
+
+    manifests = built("retrain")
+    job = one(manifests, "Job", "tcm-retrain")
+    spec = job["spec"]
+    tpl = spec["template"]["spec"]
+    (c,) = tpl["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    nnodes = int(env["NNODES"]["value"])
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == nnodes
+    assert tpl["restartPolicy"] == "Never"
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert int(env["NPROC_PER_NODE"]["value"]) == int(c["resources"]["limits"]["nvidia.com/gpu"])
+    args = c["args"]
+    assert c["command"] == ["torchrun"]
+    assert args[args.index("-m") + 1: args.index("-m") + 3] == ["training.cli", "fit"]
+    opts = dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    assert opts["--nnodes"] == "$(NNODES)" and opts["--node_rank"] == "$(NODE_RANK)"
+    assert opts["--nproc_per_node"] == "$(NPROC_PER_NODE)"
+    # every $(VAR) the args use is defined (Kubernetes leaves unknown ones unexpanded)
+    assert set(re.findall(r"\$\((\w+)\)", " ".join(args))) <= set(env)
+    # rendezvous: pod 0 of this Job under the headless Service named by the subdomain
+    svc = one(manifests, "Service", tpl["subdomain"])
+    assert svc["spec"]["clusterIP"] == "None"
+    assert opts["--master_addr"] == f"{job['metadata']['name']}-0.{tpl['subdomain']}"
+    assert int(opts["--master_port"]) in {p["port"] for p in svc["spec"]["ports"]}
+    assert svc["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    # the training CLI has these options, and the --set keys are config fields
+    fit = typer.main.get_command(train_app).commands["fit"]  # type: ignore[attr-defined]
+    known = {o for p in fit.params for o in p.opts}
+    script = args[args.index("fit") + 1:]
+    for a in script:
+        if a.startswith("-"):
+            assert a.split("=", 1)[0] in known, a
+    sets = [script[i + 1] for i, a in enumerate(script) if a == "--set"]
+    assert sets and {s.split("=", 1)[0] for s in sets} <= set(TrainConfig.__dataclass_fields__)
+    # it writes to the models volume the service reads
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in tpl["volumes"]}
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "tcm-models"
+    assert opts["--export"].startswith(mounts["models"] + "/")
+    assert opts["--data-dir"] == mounts["data"]
+
+
+def test_readme_documents_kubernetes() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    for needed in ("kubectl apply -k deploy/k8s/overlays/cpu",
+                   "kubectl apply -k deploy/k8s/overlays/gpu", "deploy/k8s/retrain",
+                   "create secret generic tcm-admin", "build_prometheus_rule.py", "Sentinel",
+                   "Cluster"):
+        assert needed in readme, needed

@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed
 # The CPU wheel that lies on these machines' disk; GPU users install their own CUDA torch.
 TORCH_PIN ?= torch==2.13.0
 PORT ?= 8000
-MODEL_DIR ?= artefacts/default
+# MODEL=default serves the Omniglot glyph model, MODEL=faces an LFW face model
+MODEL ?= default
+MODEL_DIR ?= artefacts/$(MODEL)
+PRESET := $(if $(filter faces,$(MODEL)),faces,omniglot)
 DATA_DIR ?= ../shared/data
 
-.PHONY: install run test lint bench study model clean
+.PHONY: install run test lint bench study study-faces model clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +27,8 @@ install: $(STAMP)
 
 # Trains the default model once (small CNN on Omniglot, multi-similarity + TCM), then serves it.
 $(MODEL_DIR)/manifest.json: | $(STAMP)
-	$(VENV)/bin/tcm-train default-model --data-dir $(DATA_DIR) --out $(MODEL_DIR)
+	$(VENV)/bin/tcm-train default-model --preset $(PRESET) --data-dir $(DATA_DIR) \
+		--out $(MODEL_DIR) --run runs/$(MODEL)
 
 model: $(MODEL_DIR)/manifest.json
 
@@ -47,6 +51,10 @@ bench: $(STAMP)
 # 3 seeds on Omniglot, the 2-D digits toy (~1 hour on a 2-core CPU; resumes from runs/study).
 study: $(STAMP)
 	$(PY) -m studies.omniglot --data-dir $(DATA_DIR) --out runs/study --docs docs/results
+
+# The LFW face study beside it (MS/ArcFace +- TCM, 2 seeds; ~40 min on a 2-core CPU).
+study-faces: $(STAMP)
+	$(PY) -m studies.faces --data-dir $(DATA_DIR) --out runs/study_faces --docs docs/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -40,6 +40,11 @@ DataDirOpt = Annotated[str | None, typer.Option(
 # classes, see training/README.md); 1,600 steps of 128 images, ~4 minutes on a 2-core CPU.
 DEFAULT_MODEL = ["dataset=omniglot", "arch=small_cnn", "loss=multi_similarity", "tcm=true",
                  "epochs=8", "steps_per_epoch=200"]
+# The face model (`make run MODEL=faces`): the same CNN on LFW View 1 (peopleDevTrain identities;
+# evaluated on the disjoint peopleDevTest and the official pair lists), 48x48 RGB crops.
+FACE_MODEL = ["dataset=lfw", "arch=small_cnn", "image_size=48", "loss=multi_similarity",
+              "tcm=true", "epochs=6", "steps_per_epoch=200"]
+PRESETS = {"omniglot": DEFAULT_MODEL, "faces": FACE_MODEL}
 
 
 def _fail(exc: Exception) -> None:
@@ -137,13 +142,17 @@ def default_model(out: Annotated[Path, typer.Option("--out", "-o")] = Path("arte
                   data_dir: Annotated[str, typer.Option()] = "../shared/data",
                   run: Annotated[Path, typer.Option(help="run folder")] = Path("runs/default"),
                   force: Annotated[bool, typer.Option(help="retrain even if OUT exists")] = False,
+                  preset: Annotated[str, typer.Option(
+                      help="omniglot (glyphs, the default) or faces (LFW)")] = "omniglot",
                   ) -> None:
-    """Train, evaluate and export the default model, unless OUT already holds one."""
+    """Train, evaluate and export a ready-made model, unless OUT already holds one."""
+    if preset not in PRESETS:
+        _fail(ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}"))
     if (out / "manifest.json").exists() and not force:
-        console.print(f"default model already at {out} (pass --force to retrain)")
+        console.print(f"model already at {out} (pass --force to retrain)")
         return
     try:
-        cfg = load_config(None, [*DEFAULT_MODEL, f"data_dir={data_dir}"])
+        cfg = load_config(None, [*PRESETS[preset], f"data_dir={data_dir}"])
         if force:
             (run / "checkpoint.pt").unlink(missing_ok=True)
         resume = (run / "checkpoint.pt").is_file()

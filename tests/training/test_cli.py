@@ -65,6 +65,17 @@ def test_default_model_is_skipped_when_present(tmp_path) -> None:
     assert r.exit_code == 0 and "already" in r.output
 
 
+def test_presets_are_valid_configs_and_unknown_ones_refused(tmp_path) -> None:
+    from training.cli import PRESETS
+    from training.config import load_config
+
+    for name, settings in PRESETS.items():
+        cfg = load_config(None, settings)
+        assert cfg.tcm and cfg.dataset == {"omniglot": "omniglot", "faces": "lfw"}[name]
+    r = runner.invoke(app, ["default-model", "--preset", "cats", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown preset 'cats'" in r.output
+
+
 def _folder(root, counts: dict[str, int]):
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)

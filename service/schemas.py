@@ -21,6 +21,9 @@ from pydantic import (
 )
 
 MAX_METADATA_BYTES = 16 * 1024
+# nesting of metadata objects/arrays: responses serialise at most ~255 levels, so deeper
+# metadata would be stored and then break every read of the item (and its tenant's listing)
+MAX_METADATA_DEPTH = 32
 MAX_DIM = 65536
 
 # ids and subjects travel in URL paths: no slashes, no control characters
@@ -56,6 +59,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "request body too large"), (422, "invalid input"),
         (429, "rate limit exceeded (see Retry-After)"), (503, "store unavailable"))
 }
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0, ``{}`` and ``[]`` are 1); iterative."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d + 1)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def utc(ts: float) -> datetime:
@@ -131,6 +145,10 @@ class EnrolItem(Request):
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is {size} bytes of JSON, the limit is "
                              f"{MAX_METADATA_BYTES}")
+        depth = json_depth(v)
+        if depth > MAX_METADATA_DEPTH:
+            raise ValueError(f"metadata nests {depth} levels deep, the limit is "
+                             f"{MAX_METADATA_DEPTH}")
         return v
 
 
@@ -254,6 +272,11 @@ class FeedbackResponse(BaseModel):
 
 
 # --- model and health ------------------------------------------------------------------------
+# a pair as a 2-item list, not a tuple: a tuple's OpenAPI 3.1 ``prefixItems`` is beyond many
+# OpenAPI tools (schemathesis 4 among them), and the JSON is the same array either way
+Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
 class ModelInfo(BaseModel):
     model_version: str
     architecture: str
@@ -263,8 +286,8 @@ class ModelInfo(BaseModel):
     target_far: float
     far_at_threshold: float
     frr_at_threshold: float
-    calibration_range: tuple[float, float]
-    far_range: tuple[float, float]
+    calibration_range: Pair
+    far_range: Pair
     num_thresholds: int
     baseline_opis: float
     baseline_eps_opis: float

@@ -255,3 +255,139 @@ def test_base64_of_rgba_and_palette_images(api: Api, tenant: Tenant) -> None:
         r = api.client.post("/v1/embed", json={"images": [base64.b64encode(buf.getvalue())
                                                           .decode()]}, headers=tenant.auth)
         assert r.status_code == 200, (mode, r.text)
+
+
+def _encoded(img: Image.Image, fmt: str, **save: object) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return b64(buf.getvalue())
+
+
+def test_unusual_modes_and_formats_decode(api: Api, tenant: Tenant) -> None:
+    """CMYK JPEG, 32-bit integer and float TIFF, 16-bit PNG, 1-bit, palette with transparency,
+    RGBA WebP, multi-frame GIF: converted like the training loader does, never a 500."""
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray(rng.integers(0, 256, (12, 10), np.uint8))
+    cases = {
+        "cmyk jpeg": _encoded(grey.convert("CMYK"), "JPEG"),
+        "int32 tiff": _encoded(grey.convert("I"), "TIFF"),
+        "float tiff": _encoded(grey.convert("F"), "TIFF"),
+        "16-bit png": _encoded(Image.fromarray(
+            rng.integers(0, 65535, (12, 10)).astype(np.uint16)), "PNG"),
+        "1-bit bmp": _encoded(grey.convert("1"), "BMP"),
+        "palette+transparency png": _encoded(grey.convert("P"), "PNG", transparency=0),
+        "rgba webp": _encoded(grey.convert("RGBA"), "WEBP"),
+        "2-frame gif": _encoded(grey.convert("P"), "GIF", save_all=True,
+                                append_images=[grey.convert("P").rotate(90)]),
+    }
+    for name, data in cases.items():
+        r = api.client.post("/v1/embed", json={"images": [data]}, headers=tenant.auth)
+        assert r.status_code == 200, (name, r.text)
+        vec = np.asarray(r.json()["embeddings"][0])
+        assert vec.shape == (DIM,) and abs(np.linalg.norm(vec) - 1) < 1e-5, name
+    # the same pixels give the same vector whatever the container: CMYK is converted, not
+    # misread as four grey channels
+    r = api.client.post("/v1/embed", headers=tenant.auth, json={"images": [
+        _encoded(grey, "PNG"), _encoded(grey, "TIFF"), _encoded(grey, "BMP")]})
+    a, b, c = (np.asarray(v) for v in r.json()["embeddings"])
+    assert np.allclose(a, b, atol=1e-6) and np.allclose(a, c, atol=1e-6)
+
+
+def test_truncated_images_in_every_format(api: Api, tenant: Tenant) -> None:
+    grey = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40), np.uint8))
+    for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"):
+        buf = io.BytesIO()
+        grey.save(buf, format=fmt)
+        data = buf.getvalue()
+        for cut in (8, len(data) // 3, len(data) - 5):
+            r = api.client.post("/v1/match", json={"image": b64(data[:cut])},
+                                headers=tenant.auth)
+            # some decoders pad a truncated tail; what must never happen is a 5xx
+            assert r.status_code in (200, 422), (fmt, cut, r.text)
+            if r.status_code == 422:
+                assert r.json()["code"] in ("invalid_image", "image_too_large"), r.text
+
+
+def _png_of_zeros(side: int) -> bytes:
+    """A genuinely compressed grey PNG of side x side zeros (a real zlib bomb)."""
+    row = b"\x00" * (side + 1)  # filter byte + a grey row
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+def test_real_decompression_bomb(api: Api, tenant: Tenant) -> None:
+    """Small PNGs that really inflate to 25 and 100 megapixels: refused from the header before
+    anything is decompressed (our cap, then Pillow's own guard beyond it)."""
+    for side in (5_000, 10_000):
+        png = _png_of_zeros(side)
+        assert len(png) < 200_000
+        err = assert_error(api.client.post("/v1/match", json={"image": b64(png)},
+                                           headers=tenant.auth), 422, "image_too_large")
+        assert err["detail"]["max_pixels"] == api.settings.max_image_pixels
+        if side == 5_000:
+            assert err["detail"]["width"] == err["detail"]["height"] == side
+
+
+def test_hostile_embeddings(api: Api, enrolled: Tenant) -> None:
+    c, h = api.client, enrolled.auth
+    ok = [[1e308] * DIM,  # the naive norm overflows to inf
+          [5e-324] + [0.0] * (DIM - 1),  # one denormal: still a direction
+          [-1e-300] * DIM]
+    for v in ok:
+        r = c.post("/v1/match", json={"embedding": v}, headers=h)
+        assert r.status_code == 200, r.text
+        assert all(np.isfinite(x["score"]) for x in r.json()["candidates"])
+    for v in ([-0.0] * DIM, [0] * DIM):
+        assert_error(c.post("/v1/match", json={"embedding": v}, headers=h), 422,
+                     "invalid_embedding")
+    # 1e400 parses to inf; a 5000-digit integer is beyond Python's int-from-text limit
+    for token in ("1e400", "-1e400", "9" * 5000):
+        raw = '{"embedding": [' + ", ".join([token] + ["0.1"] * (DIM - 1)) + "]}"
+        r = c.post("/v1/match", content=raw, headers=h | {"content-type": "application/json"})
+        assert r.status_code in (400, 422), (token[:10], r.text)
+        assert set(r.json()) == {"code", "message", "detail"}
+
+
+def test_deep_nesting_and_huge_arrays(api: Api, tenant: Tenant) -> None:
+    c, h = api.client, tenant.auth | {"content-type": "application/json"}
+    for depth in (1_000, 100_000):  # beyond the JSON parser's recursion limit
+        for raw in ('{"embedding": ' + "[" * depth + "]" * depth + "}",
+                    '{"items": [{"subject": "s", "embedding": [1], "metadata": '
+                    + '{"a":' * depth + "1" + "}" * depth + "}]}"):
+            path = "/v1/match" if raw.startswith('{"embedding"') else "/v1/gallery"
+            assert_error(c.post(path, content=raw, headers=h), 400)
+    # metadata that parses but nests deeper than responses can serialise is refused at
+    # enrolment (it used to be stored, then every read of it and its tenant's list was a 500)
+    for depth in (33, 300):
+        meta = json.loads('{"a":' * depth + "1" + "}" * depth)
+        r = c.post("/v1/gallery", headers=tenant.auth, json={"items": [
+            {"subject": "deep", "embedding": unit(depth), "metadata": meta}]})
+        err = assert_error(r, 422, "invalid_input")
+        assert "nests" in json.dumps(err["detail"])
+    meta = json.loads('{"a":' * 32 + "1" + "}" * 32)
+    r = c.post("/v1/gallery", headers=tenant.auth, json={"items": [
+        {"subject": "deep", "embedding": unit(1), "metadata": meta, "item_id": "deep32"}]})
+    assert r.status_code == 201, r.text
+    assert c.get("/v1/gallery/deep32", headers=tenant.auth).json()["metadata"] == meta
+    assert c.get("/v1/gallery", headers=tenant.auth).status_code == 200
+    r = c.post("/v1/gallery/upload", headers=tenant.auth, data={
+        "subject": "deep", "metadata": '{"a":' * 40 + "1" + "}" * 40},
+        files={"file": ("a.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png")})
+    assert_error(r, 422, "invalid_input")
+    # huge arrays: a 400k-element embedding, ten thousand tiny images, wide metadata
+    big = '{"embedding": [' + ",".join(["0.1"] * 400_000) + "]}"
+    assert len(big) < api.settings.max_body_bytes
+    assert_error(c.post("/v1/match", content=big, headers=h), 422)
+    assert_error(c.post("/v1/embed", json={"images": ["QQ=="] * 10_000},
+                        headers=tenant.auth), 422, "too_many_items")
+    wide = {str(i): i for i in range(5_000)}
+    assert_error(c.post("/v1/gallery", headers=tenant.auth, json={"items": [
+        {"subject": "s", "embedding": unit(1), "metadata": wide}]}), 422, "invalid_input")

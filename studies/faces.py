@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 
-from studies.omniglot import choose_margins, console
+from studies.common import console, margin_sweep
 from training.compare import compare, summarise
 from training.config import load_config
 from training.data import load_splits
 from training.pipeline import read_report, train_evaluate_export
-from training.sweep import sweep
 
 LOSSES = ("multi_similarity", "arcface")
 COMMON = ["dataset=lfw", "arch=small_cnn", "image_size=48"]
@@ -69,16 +68,10 @@ def main() -> None:
     common = [*COMMON, f"data_dir={args.data_dir}", f"steps_per_epoch={args.steps}"]
     args.docs.mkdir(parents=True, exist_ok=True)
 
-    sweep_base = load_config(None, [*common, f"epochs={args.sweep_epochs}",
-                                    f"val_classes={args.val_classes}", "loss=multi_similarity"])
-    sweep_dir = args.out / "sweep"
-    sweep(sweep_base, {"tcm": ["false"]}, sweep_dir, console=console, progress=False)
-    sweep(sweep_base, {"m_plus": args.m_plus.split(","), "m_minus": args.m_minus.split(",")},
-          sweep_dir, console=console, progress=False)
-    sweep_runs = sorted(d for d in sweep_dir.iterdir() if (d / "report_val.json").is_file())
-    sweep_rows = compare(sweep_runs, args.docs / "faces_sweep_val.png", console, split="val")
-    chosen = choose_margins(sweep_rows, args.r1_slack)
-    console.print(f"chosen margins: m_plus={chosen['m_plus']} m_minus={chosen['m_minus']}")
+    sweep_rows, chosen = margin_sweep(
+        [*common, f"epochs={args.sweep_epochs}", f"val_classes={args.val_classes}"],
+        args.out / "sweep", args.docs / "faces_sweep_val.png", m_plus=args.m_plus,
+        m_minus=args.m_minus, slack=args.r1_slack)
 
     margins = [f"m_plus={chosen['m_plus']}", f"m_minus={chosen['m_minus']}"]
     splits = None  # LFW View 1 is a fixed official split: decode it once for every run

@@ -25,14 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
+from studies.common import console, margin_sweep
 from training.compare import compare, summarise
 from training.config import load_config
 from training.pipeline import train_evaluate_export
-from training.sweep import sweep
 
-console = Console(width=200)
 DEFAULT = ["dataset=omniglot", "arch=small_cnn"]
 LOSSES = ("multi_similarity", "contrastive")
 METRICS = ("recall_at_1", "map_at_r", "opis", "eps_opis", "tau", "frr_at_tau", "far_spread",
@@ -44,17 +42,6 @@ def run_once(settings: list[str], run: Path, *, plots: bool = True) -> dict[str,
         train_evaluate_export(load_config(None, settings), run, None, plots=plots,
                               progress=False)
     return summarise(run)
-
-
-def choose_margins(rows: list[dict[str, Any]], slack: float) -> dict[str, Any]:
-    base = next(r for r in rows if not r["config"]["tcm"])
-    tcm = [r for r in rows if r["config"]["tcm"]]
-    ok = [r for r in tcm if r["recall_at_1"] >= base["recall_at_1"] - slack]
-    pick = min(ok, key=lambda r: r["opis"]) if ok else max(tcm, key=lambda r: r["recall_at_1"])
-    return {"m_plus": pick["config"]["m_plus"], "m_minus": pick["config"]["m_minus"],
-            "rule": (f"lowest validation OPIS among TCM runs with validation R@1 >= no-TCM R@1 "
-                     f"- {slack}" if ok else "no TCM run within the R@1 slack: best R@1"),
-            "base": base, "picked": pick}
 
 
 def mean_std(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -88,18 +75,10 @@ def main() -> None:
     args.docs.mkdir(parents=True, exist_ok=True)
 
     # 1. margins on the validation split of the training alphabets
-    sweep_base = load_config(None, [*common, f"epochs={args.sweep_epochs}",
-                                    f"val_classes={args.val_classes}",
-                                    "loss=multi_similarity"])
-    sweep_dir = args.out / "sweep"
-    sweep(sweep_base, {"tcm": ["false"]}, sweep_dir, console=console, progress=False)
-    sweep(sweep_base, {"m_plus": args.m_plus.split(","), "m_minus": args.m_minus.split(",")},
-          sweep_dir, console=console, progress=False)
-    sweep_runs = sorted(d for d in sweep_dir.iterdir() if (d / "report_val.json").is_file())
-    sweep_rows = compare(sweep_runs, args.docs / "sweep_val.png", console, split="val")
-    chosen = choose_margins(sweep_rows, args.r1_slack)
-    console.print(f"chosen margins: m_plus={chosen['m_plus']} m_minus={chosen['m_minus']} "
-                  f"({chosen['rule']})")
+    sweep_rows, chosen = margin_sweep(
+        [*common, f"epochs={args.sweep_epochs}", f"val_classes={args.val_classes}"],
+        args.out / "sweep", args.docs / "sweep_val.png", m_plus=args.m_plus,
+        m_minus=args.m_minus, slack=args.r1_slack)
 
     # 2. main runs on the held-out evaluation alphabets
     margins = [f"m_plus={chosen['m_plus']}", f"m_minus={chosen['m_minus']}"]

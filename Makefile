@@ -14,7 +14,7 @@ MODEL_DIR ?= artefacts/$(MODEL)
 PRESET := $(if $(filter faces,$(MODEL)),faces,omniglot)
 DATA_DIR ?= ../shared/data
 
-.PHONY: install run test lint bench study study-faces model clean
+.PHONY: install run test lint bench study study-faces model clean audit
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ test: $(STAMP)
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } || echo "warning: could not install prometheus (promtool); deploy tests will fail"
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not gpu"
+
+# Known vulnerabilities (PyPA advisory data) in every installed distribution, by its public
+# version (a local tag like torch's +cpu is stripped). --strict: a package that cannot be looked
+# up fails the audit instead of being skipped silently. AUDIT_SERVICE=osv asks osv.dev instead.
+AUDIT_SERVICE ?= pypi
+audit: $(STAMP)
+	$(PY) -m pip list --format=freeze --exclude-editable 2>/dev/null \
+		| sed -E 's/\+[A-Za-z0-9.]+$$//' > $(VENV)/audit-requirements.txt
+	$(VENV)/bin/pip-audit --strict --progress-spinner off --desc on \
+		--vulnerability-service $(AUDIT_SERVICE) --disable-pip --no-deps \
+		-r $(VENV)/audit-requirements.txt
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -119,6 +119,9 @@ class ServiceMetrics:
         self.store_errors = Counter(
             "tcm_store_errors_total", "requests failed because the store was unavailable",
             registry=registry)
+        self.feed_resyncs = Counter(
+            "tcm_change_feed_resyncs_total", "full index rebuilds because the store's change "
+            "feed had lost entries this replica had not read yet", registry=registry)
         self.model = Info("tcm_model", "the served model", registry=registry)
         self.threshold = Gauge("tcm_model_threshold_score",
                                "global cosine threshold tau of the served model",

@@ -13,6 +13,9 @@ Replicas sharing a Redis store keep their indexes in sync by tailing the store's
 in the store (so an item deleted in the meantime is not resurrected), a "remove" drops ids, a
 "drop_tenant" drops the index. Applying a change twice is harmless, so a replica applies its own
 writes again without harm, and the feed is read from the position taken before the rebuild.
+The feed is capped: when the store reports that entries after this replica's position were
+trimmed before it read them (a "resync" change: it was cut off for longer than the cap lasts),
+the replica rebuilds every index from the store and follows on from there.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class Runtime:
     _load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _follower: asyncio.Task[None] | None = None
     changes_applied: int = 0
+    feed_cursor: str | None = None  # the change feed's position the indexes reflect
+    resyncs: int = 0  # full rebuilds because the feed lost entries this replica had not read
 
     @property
     def model_version(self) -> str:
@@ -129,10 +134,7 @@ class Runtime:
         return runtime
 
     async def close(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        await self.stop_follower()
         await self.batcher.stop()
         self.indexes.clear()
         await run_in_threadpool(self.store.close)
@@ -144,28 +146,48 @@ class Runtime:
         async with self._load_lock:
             if self.indexes_loaded:
                 return
-            cursor = await run_in_threadpool(self.store.change_cursor)
-            tenants = await run_in_threadpool(self.store.list_tenants)
-            skipped = 0
-            for tenant in tenants:
-                skipped += await self._backfill(tenant.tenant_id)
-                vectors = await run_in_threadpool(
-                    lambda t=tenant.tenant_id: self.store.gallery_vectors(
-                        t, model_version=self.model_version))
-                await run_in_threadpool(self.indexes.get(tenant.tenant_id).rebuild,
-                                        vectors.seqs, vectors.item_ids, vectors.subjects,
-                                        vectors.vectors if len(vectors) else
-                                        np.zeros((0, self.manifest.embedding_dim), np.float32))
-            self.skipped_items = skipped
+            await self._rebuild_all()
             self.indexes_loaded = True
-            if cursor is not None and self._follower is None:
-                self._follower = asyncio.create_task(self._follow_changes(cursor),
-                                                     name="store-change-follower")
-            sizes = self.indexes.sizes()
-            self.metrics.set_gallery_size(sizes)
-            log.info("indexes rebuilt: %d tenants, %d items%s", len(sizes), sum(sizes.values()),
-                     f", {skipped} items without an embedding for {self.model_version} and "
-                     "without an image were skipped" if skipped else "")
+            self.start_follower()
+
+    async def _rebuild_all(self) -> None:
+        """Every tenant's index from the store, and the feed position to follow on from (taken
+        first: a write that lands during the rebuild is applied again from the feed)."""
+        cursor = await run_in_threadpool(self.store.change_cursor)
+        tenants = await run_in_threadpool(self.store.list_tenants)
+        skipped = 0
+        for tenant in tenants:
+            skipped += await self._backfill(tenant.tenant_id)
+            vectors = await run_in_threadpool(
+                lambda t=tenant.tenant_id: self.store.gallery_vectors(
+                    t, model_version=self.model_version))
+            await run_in_threadpool(self.indexes.get(tenant.tenant_id).rebuild,
+                                    vectors.seqs, vectors.item_ids, vectors.subjects,
+                                    vectors.vectors if len(vectors) else
+                                    np.zeros((0, self.manifest.embedding_dim), np.float32))
+        live = {t.tenant_id for t in tenants}
+        for tenant_id in set(self.indexes.sizes()) - live:  # deleted while we were not looking
+            self.indexes.drop(tenant_id)
+        self.skipped_items = skipped
+        self.feed_cursor = cursor
+        sizes = self.indexes.sizes()
+        self.metrics.set_gallery_size(sizes)
+        log.info("indexes rebuilt: %d tenants, %d items%s", len(sizes), sum(sizes.values()),
+                 f", {skipped} items without an embedding for {self.model_version} and "
+                 "without an image were skipped" if skipped else "")
+
+    def start_follower(self) -> None:
+        """Tails the change feed from ``feed_cursor`` (no-op without a feed, or if running)."""
+        if self.feed_cursor is not None and self._follower is None:
+            self._follower = asyncio.create_task(self._follow_changes(),
+                                                 name="store-change-follower")
+
+    async def stop_follower(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
 
     async def _backfill(self, tenant_id: str) -> int:
         """Embeds, with the served model, items stored with an image but without an embedding
@@ -199,16 +221,27 @@ class Runtime:
                  len(with_image), self.model_version)
         return skipped
 
-    async def _follow_changes(self, cursor: str) -> None:
-        """Applies the store's change feed to the indexes until cancelled."""
+    async def _follow_changes(self) -> None:
+        """Applies the store's change feed to the indexes until cancelled. ``feed_cursor``
+        moves past a batch once all of it is applied (a batch cut short is applied again)."""
         while True:
             try:
                 # abandoned on cancel: shutdown need not wait for a blocking read to time out
+                assert self.feed_cursor is not None
                 cursor, changes = await anyio.to_thread.run_sync(
-                    lambda c=cursor: self.store.read_changes(c, block_ms=1000),
+                    lambda c=self.feed_cursor: self.store.read_changes(c, block_ms=1000),
                     abandon_on_cancel=True)
+                if any(change.op == "resync" for change in changes):
+                    log.warning("the change feed lost entries this replica had not read yet "
+                                "(it was cut off for longer than the feed's cap lasts): "
+                                "rebuilding every index from the store")
+                    await self._rebuild_all()
+                    self.resyncs += 1
+                    self.metrics.feed_resyncs.inc()
+                    continue
                 for change in changes:
                     await self._apply(change)
+                self.feed_cursor = cursor
             except asyncio.CancelledError:
                 raise
             except StoreUnavailableError as exc:

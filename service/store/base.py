@@ -148,7 +148,9 @@ class Decision:
 class Change:
     """One entry of the change feed replicas tail to keep their indexes in sync."""
 
-    op: Literal["add", "remove", "drop_tenant"]
+    # "resync": entries after the reader's cursor are gone (the feed is capped); the reader must
+    # rebuild from the store and follow on from a fresh change_cursor()
+    op: Literal["add", "remove", "drop_tenant", "resync"]
     tenant_id: str
     item_ids: tuple[str, ...] = ()  # for "add": look their vectors up (they may be gone again)
     seqs: tuple[int, ...] = ()  # for "remove"

@@ -25,9 +25,10 @@ Multi-key writes run in MULTI/EXEC transactions (all-or-nothing); checks that mu
 they commit (item ids still free, feedback not yet given) WATCH their keys. Every gallery write
 appends its change to the ``changes`` stream inside the same transaction, so a replica tailing
 the stream (XREAD) sees exactly the committed writes, in order; the stream is capped at about
-``CHANGES_MAXLEN`` entries (a replica that falls further behind than that would miss changes; at
-normal rates that is hours). Connection failures become :class:`StoreUnavailableError`; the client
-reconnects on the next call.
+``CHANGES_MAXLEN`` entries (hours at normal rates). A replica that falls further behind than
+that (cut off from Redis, or stalled) is told so by a "resync" change and rebuilds its indexes
+from the store (:meth:`RedisStore.read_changes`). Connection failures become
+:class:`StoreUnavailableError`; the client reconnects on the next call.
 """
 
 from __future__ import annotations
@@ -440,32 +441,75 @@ class RedisStore:
                               np.stack([r[3] for r in rows]))
 
     # --- change feed -----------------------------------------------------------------------
+    # The cursor is "<entry id>#<n>": the last entry read and how many entries the stream had
+    # ever received up to it (XINFO's entries-added, Redis >= 7). Trimming removes the oldest
+    # entries first, so entries after the cursor were lost exactly when more than n entries
+    # have been removed (entries-added - length). Before Redis 7 the cursor is the bare id.
     def change_cursor(self) -> str | None:
+        """The position after the last entry ever added (the stream may be trimmed empty);
+        the start of the stream before it exists."""
         with self._translate("read change feed"):
-            last = self.r.xrevrange(self._k("changes"), count=1)
-        return _s(last[0][0]) if last else "0-0"
+            try:
+                info = self.r.xinfo_stream(self._k("changes"))
+            except redis.exceptions.ResponseError:  # no such key: nothing written yet
+                return "0-0#0"
+        return _cursor(_s(info["last-generated-id"]) or "0-0", info.get("entries-added"))
 
     def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
+        """Entries after ``cursor``; ``[Change("resync", "")]`` (cursor unchanged) when some of
+        them were trimmed away before this reader could see them."""
         if self._feed is None:
             self._feed = redis.Redis(
                 connection_pool=redis.ConnectionPool.from_url(
                     self._url, socket_timeout=self._timeout_s + block_ms / 1e3,
                     socket_connect_timeout=self._timeout_s,
                     retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1)))
+        key = self._k("changes")
+        entry_id, _, counted = cursor.partition("#")
+        n = int(counted) if counted else None
         with self._translate("read change feed"):
-            reply = self._feed.xread({self._k("changes"): cursor}, count=1000,
-                                     block=block_ms)
+            reply = self._feed.xread({key: entry_id}, count=1000, block=block_ms)
+            if reply:
+                removed = self._removed(self._feed.xinfo_stream(key))
+                if n is None:
+                    if self._oldest_after(key, entry_id):
+                        return cursor, [Change("resync", "")]
+                elif removed is not None and removed > n:
+                    # trimmed before or after this read? read and count in one transaction
+                    pipe = self._feed.pipeline(transaction=True)
+                    pipe.xread({key: entry_id}, count=1000)
+                    pipe.xinfo_stream(key)
+                    reply, info = pipe.execute()
+                    removed = self._removed(info)
+                    if removed is not None and removed > n:
+                        return cursor, [Change("resync", "")]
         changes: list[Change] = []
         for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                cursor = _s(entry_id) or cursor
+            for entry_id_b, fields in entries:
+                entry_id = _s(entry_id_b) or entry_id
+                n = None if n is None else n + 1
                 op = _s(fields.get(b"op"))
                 tenant = _s(fields.get(b"tenant")) or ""
                 items = json.loads(fields[b"items"]) if b"items" in fields else []
                 seqs = json.loads(fields[b"seqs"]) if b"seqs" in fields else []
                 if op in ("add", "remove", "drop_tenant"):
                     changes.append(Change(op, tenant, tuple(items), tuple(seqs)))  # type: ignore[arg-type]
-        return cursor, changes
+        return _cursor(entry_id, n), changes
+
+    @staticmethod
+    def _removed(info: Mapping[str, Any]) -> int | None:
+        """Entries trimmed from the stream so far (None before Redis 7)."""
+        added = info.get("entries-added")
+        return None if added is None else int(added) - int(info["length"])
+
+    def _oldest_after(self, key: str, entry_id: str) -> bool:
+        """Before Redis 7: whether the oldest entry left is newer than ``entry_id``, i.e. the
+        entry at the cursor was trimmed and entries after it may have been (a conservative
+        resync: the reader is a whole cap behind)."""
+        assert self._feed is not None
+        first = self._feed.xinfo_stream(key).get("first-entry")
+        return entry_id != "0-0" and (first is None or
+                                      _stream_id(_s(first[0]) or "0-0") > _stream_id(entry_id))
 
     # --- matches and feedback --------------------------------------------------------------
     def add_match(self, record: MatchRecord) -> None:
@@ -561,6 +605,15 @@ class RedisStore:
         with self._translate("get monitor snapshot"):
             raw = self.r.get(self._k("monitor", "snapshot"))
         return None if raw is None else json.loads(raw)
+
+
+def _cursor(entry_id: str, entries_added: Any) -> str:
+    return entry_id if entries_added is None else f"{entry_id}#{int(entries_added)}"
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _chunks(xs: Sequence[T], n: int = _CHUNK) -> Iterator[Sequence[T]]:

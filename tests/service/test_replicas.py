@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -50,3 +51,88 @@ def test_replicas_follow_each_others_writes(artefact: Path, store_settings) -> N
         assert a.delete(f"/v1/tenants/{tid}", headers=ADMIN).status_code == 204
         eventually(lambda: tid not in b.app.state.runtime.indexes.sizes())
         assert b.app.state.runtime.changes_applied >= 4
+
+
+def test_replica_behind_a_trimmed_stream_resyncs(artefact: Path, store_settings) -> None:
+    """Regression: the change stream is capped; a replica whose next entries were trimmed
+    before it read them (cut off from Redis for longer than the cap lasts) used to resume after
+    the gap and silently miss those writes. It must notice and rebuild from the store."""
+    store = store_settings("redis")
+    settings = make_settings(artefact, store)
+    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        key = a.post("/v1/tenants", json={"name": "t"}, headers=ADMIN).json()
+        auth = {"Authorization": f"Bearer {key['api_key']}"}
+
+        def ids_seen(client: TestClient) -> list[str]:
+            r = client.post("/v1/match", json={"embedding": unit(1), "k": 10}, headers=auth)
+            return sorted(x["item_id"] for x in r.json()["candidates"])
+
+        a.post("/v1/gallery", headers=auth, json={"items": [
+            {"subject": "s", "embedding": unit(1), "item_id": "before"}]})
+        eventually(lambda: ids_seen(b) == ["before"])
+        rb = b.app.state.runtime
+        b.portal.call(rb.stop_follower)  # B is cut off from the stream ...
+        assert rb.feed_cursor is not None
+        for i in range(3):  # ... while A writes, and the stream's cap trims those entries
+            a.post("/v1/gallery", headers=auth, json={"items": [
+                {"subject": "s", "embedding": unit(10 + i), "item_id": f"missed-{i}"}]})
+        assert a.delete("/v1/gallery/before", headers=auth).status_code == 204
+        r = redis.Redis.from_url(store["store_url"])
+        try:
+            assert r.xtrim(f"{store['redis_key_prefix']}changes", maxlen=0,
+                           approximate=False) == 5  # "before", 3 adds, 1 remove
+        finally:
+            r.close()
+        a.post("/v1/gallery", headers=auth, json={"items": [
+            {"subject": "s", "embedding": unit(20), "item_id": "after"}]})
+        resyncs = rb.resyncs
+        b.portal.call(rb.start_follower)  # B is back, at the cursor it had
+        want = ["after", "missed-0", "missed-1", "missed-2"]
+        eventually(lambda: ids_seen(b) == want)
+        assert ids_seen(a) == want
+        assert rb.resyncs == resyncs + 1
+        metrics = b.get("/metrics").text
+        assert "tcm_change_feed_resyncs_total 1.0" in metrics
+        # and it follows the stream again after the rebuild
+        assert b.delete("/v1/gallery/missed-0", headers=auth).status_code == 204
+        a.post("/v1/gallery", headers=auth, json={"items": [
+            {"subject": "s", "embedding": unit(30), "item_id": "later"}]})
+        eventually(lambda: ids_seen(b) == ["after", "later", "missed-1", "missed-2"])
+        eventually(lambda: ids_seen(a) == ["after", "later", "missed-1", "missed-2"])
+        assert rb.resyncs == resyncs + 1  # a healthy stream does not trigger rebuilds
+
+
+def test_feed_reports_lost_entries_only_when_lost(store_settings) -> None:
+    """The store's side of the resync: trimming that leaves the reader's entries alone (the
+    normal cap) is no gap; entries after the reader's cursor trimmed before it read them is."""
+    from service.store import Change
+    from service.store.redis_store import RedisStore
+
+    cfg = store_settings("redis")
+    store = RedisStore(cfg["store_url"], prefix=cfg["redis_key_prefix"], timeout_s=2.0)
+    key = f"{cfg['redis_key_prefix']}changes"
+    try:
+        fresh = store.change_cursor()
+        assert fresh == "0-0#0"  # no stream yet: its start, no entry counted
+        for i in (1, 2):
+            store.r.xadd(key, {"op": "remove", "tenant": "t", "seqs": f"[{i}]"})
+        cursor, changes = store.read_changes(fresh, block_ms=50)
+        assert [c.seqs for c in changes] == [(1,), (2,)]  # a new stream: nothing lost
+        for i in (3, 4, 5, 6):
+            store.r.xadd(key, {"op": "remove", "tenant": "t", "seqs": f"[{i}]"})
+        # the cap trims the oldest entry, which the reader has read: no gap
+        assert store.r.xtrim(key, maxlen=5, approximate=False) == 1
+        _, changes = store.read_changes(cursor, block_ms=50)
+        assert [c.seqs for c in changes] == [(3,), (4,), (5,), (6,)]
+        # (2,) to (4,) trimmed: (3,) and (4,) were never read by this reader, lost
+        store.r.xtrim(key, maxlen=2, approximate=False)
+        assert store.read_changes(cursor, block_ms=50) == (cursor, [Change("resync", "")])
+        assert store.read_changes(fresh, block_ms=50) == (fresh, [Change("resync", "")])
+        # a rebuild takes the position of the last entry ever added, even on an empty stream
+        store.r.xtrim(key, maxlen=0, approximate=False)
+        end = store.change_cursor()
+        assert end.startswith(store.r.xinfo_stream(key)["last-generated-id"].decode())
+        store.r.xadd(key, {"op": "remove", "tenant": "t", "seqs": "[9]"})
+        assert store.read_changes(end, block_ms=50)[1] == [Change("remove", "t", seqs=(9,))]
+    finally:
+        store.close()

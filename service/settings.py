@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://", "redis+sentinel://")
 
 
 class Settings(BaseSettings):
@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     # --- store -----------------------------------------------------------------------------
     store_url: str = Field(
         "sqlite:///./data/tcm.db",
-        description="sqlite:///relative/path.db, sqlite:////absolute/path.db, or redis://...",
+        description="sqlite:///relative/path.db, sqlite:////absolute/path.db, redis://..., or "
+        "redis+sentinel://host:26379[,host:26379]/service[/db] (the primary Sentinel names)",
     )
     redis_key_prefix: str = Field("tcm:", min_length=1, max_length=64)
     store_timeout_s: float = Field(2.0, gt=0, description="socket/busy timeout of the store")
@@ -81,6 +82,10 @@ class Settings(BaseSettings):
             )
         if v.startswith("sqlite:///") and v.removeprefix("sqlite:///") in ("", ":memory:"):
             raise ValueError("store_url needs a file path: an in-memory SQLite would lose data")
+        if v.startswith("redis+sentinel://"):
+            from service.store.redis_store import SentinelURL
+
+            SentinelURL.parse(v)  # a malformed one stops the process at start-up
         return v
 
     @field_validator("admin_token")

@@ -1,7 +1,7 @@
 """The system of record behind the service: an interface and two implementations.
 
 ``open_store`` picks one from the store URL: ``sqlite:///...`` (default, embedded) or
-``redis://...`` / ``rediss://...`` / ``unix://...`` (shared by replicas).
+``redis://...`` / ``rediss://...`` / ``unix://...`` / ``redis+sentinel://...`` (shared by replicas).
 """
 
 from __future__ import annotations

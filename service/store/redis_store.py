@@ -37,10 +37,13 @@ import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote
 
 import numpy as np
 import redis
+import redis.sentinel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -69,6 +72,57 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
 )
 
 
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``: the
+    Sentinels to ask, the name of the monitored primary, the database; the credentials are the
+    primary's (Sentinels that need their own: ``?sentinel_password=...``)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL:
+        if not url.startswith(SENTINEL_SCHEME):
+            raise ValueError(f"not a {SENTINEL_SCHEME} URL")
+        rest, _, query = url.removeprefix(SENTINEL_SCHEME).partition("?")
+        userinfo, _, hostpath = rest.rpartition("@")
+        hosts, _, path = hostpath.partition("/")
+        sentinels = []
+        for hp in hosts.split(","):
+            host, _, port = hp.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"Sentinel address {hp!r} is not host:port")
+            sentinels.append((host, int(port)))
+        parts = [unquote(p) for p in path.split("/") if p]
+        if not 1 <= len(parts) <= 2 or (len(parts) == 2 and not parts[1].isdigit()):
+            raise ValueError("a Sentinel URL names the primary's service, and optionally a "
+                             "database: redis+sentinel://host:26379/mymaster/0")
+        username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+        params = parse_qs(query)
+        unknown = set(params) - {"sentinel_password"}
+        if unknown:
+            raise ValueError(f"unknown Sentinel URL parameters {sorted(unknown)}")
+        return cls(tuple(sentinels), parts[0], int(parts[1]) if len(parts) == 2 else 0,
+                   unquote(username) or None, unquote(password) or None,
+                   params["sentinel_password"][0] if "sentinel_password" in params else None)
+
+    def primary(self, **options: Any) -> redis.Redis:
+        sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
+        if self.sentinel_password is not None:
+            sentinel_kwargs["password"] = self.sentinel_password
+        sentinel = redis.sentinel.Sentinel(list(self.sentinels), sentinel_kwargs=sentinel_kwargs)
+        return sentinel.master_for(self.service, db=self.db, username=self.username,
+                                   password=self.password, **options)
+
+
 def _s(v: bytes | str | None) -> str | None:
     return v.decode() if isinstance(v, bytes) else v
 
@@ -95,13 +149,22 @@ class RedisStore:
                  client: redis.Redis | None = None) -> None:
         self.prefix = prefix
         self._glob_prefix = re.sub(r"([*?\[\]\\])", r"\\\1", prefix)
-        # one quick retry: a dead server must turn into a 503 within about timeout_s
-        self.r = client or redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1), health_check_interval=30)
         self._url = url
         self._timeout_s = timeout_s
+        self._sentinel = SentinelURL.parse(url) if url.startswith(SENTINEL_SCHEME) else None
+        self.r = client or self._connect(socket_timeout=timeout_s, health_check_interval=30)
         self._feed: redis.Redis | None = None  # blocking XREADs get their own connection
+
+    def _connect(self, *, socket_timeout: float, **kwargs: Any) -> redis.Redis:
+        """A client of the primary: from the URL, or the one Sentinel names (asked again on
+        every new connection, so a failover is followed by reconnecting)."""
+        # one quick retry: a dead server must turn into a 503 within about timeout_s
+        options: dict[str, Any] = {
+            "socket_timeout": socket_timeout, "socket_connect_timeout": self._timeout_s,
+            "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), 1), **kwargs}
+        if self._sentinel is None:
+            return redis.Redis.from_url(self._url, **options)
+        return self._sentinel.primary(**options)
 
     # --- plumbing --------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
@@ -459,11 +522,7 @@ class RedisStore:
         """Entries after ``cursor``; ``[Change("resync", "")]`` (cursor unchanged) when some of
         them were trimmed away before this reader could see them."""
         if self._feed is None:
-            self._feed = redis.Redis(
-                connection_pool=redis.ConnectionPool.from_url(
-                    self._url, socket_timeout=self._timeout_s + block_ms / 1e3,
-                    socket_connect_timeout=self._timeout_s,
-                    retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1)))
+            self._feed = self._connect(socket_timeout=self._timeout_s + block_ms / 1e3)
         key = self._k("changes")
         entry_id, _, counted = cursor.partition("#")
         n = int(counted) if counted else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -53,7 +54,8 @@ def test_replicas_follow_each_others_writes(artefact: Path, store_settings) -> N
         assert b.app.state.runtime.changes_applied >= 4
 
 
-def test_replica_behind_a_trimmed_stream_resyncs(artefact: Path, store_settings) -> None:
+def test_replica_behind_a_trimmed_stream_resyncs(
+        artefact: Path, store_settings: Callable[[str], dict[str, Any]]) -> None:
     """Regression: the change stream is capped; a replica whose next entries were trimmed
     before it read them (cut off from Redis for longer than the cap lasts) used to resume after
     the gap and silently miss those writes. It must notice and rebuild from the store."""
@@ -102,7 +104,8 @@ def test_replica_behind_a_trimmed_stream_resyncs(artefact: Path, store_settings)
         assert rb.resyncs == resyncs + 1  # a healthy stream does not trigger rebuilds
 
 
-def test_feed_reports_lost_entries_only_when_lost(store_settings) -> None:
+def test_feed_reports_lost_entries_only_when_lost(
+        store_settings: Callable[[str], dict[str, Any]]) -> None:
     """The store's side of the resync: trimming that leaves the reader's entries alone (the
     normal cap) is no gap; entries after the reader's cursor trimmed before it read them is."""
     from service.store import Change

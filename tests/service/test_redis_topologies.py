@@ -1,0 +1,194 @@
+"""Redis topologies. Sentinel: ``TCM_STORE_URL=redis+sentinel://...`` finds the primary through
+Sentinel, and a failover (the primary killed, its replica promoted) costs 503s for a moment, then
+every replica writes to and follows the new primary without a restart, the acknowledged data
+still there (its own primary, replica and ``redis-server --sentinel`` on free loopback ports).
+Cluster: why it is not supported, shown on the key layout.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.settings import Settings
+from service.store.redis_store import SentinelURL
+from tests.service.conftest import ADMIN_TOKEN, make_settings, unit
+from tests.service.test_redis_down import free_port
+
+pytestmark = [pytest.mark.redis,
+              pytest.mark.skipif(shutil.which("redis-server") is None,
+                                 reason="redis-server is not installed")]
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+SERVICE = "tcmprimary"
+
+
+def test_sentinel_urls_parse() -> None:
+    u = SentinelURL.parse("redis+sentinel://s1:26379,10.0.0.2:26380/mymaster/3")
+    assert u == SentinelURL((("s1", 26379), ("10.0.0.2", 26380)), "mymaster", 3)
+    u = SentinelURL.parse("redis+sentinel://:p%40ss@s1:26379/mymaster?sentinel_password=x")
+    assert (u.username, u.password, u.db, u.sentinel_password) == (None, "p@ss", 0, "x")
+    u = SentinelURL.parse("redis+sentinel://app:pw@s1:26379/m")
+    assert (u.username, u.password) == ("app", "pw")
+    assert Settings(store_url="redis+sentinel://s1:26379/m").store_url.startswith("redis+")
+    for bad in ("redis+sentinel://s1/m", "redis+sentinel://s1:26379", "redis+sentinel://s1:x/m",
+                "redis+sentinel://s1:26379/m/zero", "redis+sentinel://s1:26379/m?db=1"):
+        with pytest.raises(ValidationError):
+            Settings(store_url=bad)
+
+
+@dataclass
+class Topology:
+    primary: subprocess.Popen[bytes]
+    primary_port: int
+    replica: subprocess.Popen[bytes]
+    replica_port: int
+    sentinel: subprocess.Popen[bytes]
+    sentinel_port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{SERVICE}/0"
+
+
+def _redis(port: int, data: Path, *extra: str) -> subprocess.Popen[bytes]:
+    data.mkdir()
+    return subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if check():
+                return
+        except redis.exceptions.RedisError:
+            pass
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def topology(tmp_path: Path) -> Iterator[Topology]:
+    pp, rp, sp = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(_redis(pp, tmp_path / "primary"))
+        procs.append(_redis(rp, tmp_path / "replica", "--replicaof", "127.0.0.1", str(pp)))
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(
+            f"port {sp}\nbind 127.0.0.1\ndir {tmp_path}\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {pp} 1\n"
+            f"sentinel down-after-milliseconds {SERVICE} 500\n"
+            f"sentinel failover-timeout {SERVICE} 5000\n")
+        procs.append(subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        replica = redis.Redis(port=rp, socket_timeout=0.5)
+        sentinel = redis.Redis(port=sp, socket_timeout=0.5)
+        _wait(lambda: replica.info("replication")["master_link_status"] == "up", 15,
+              "the replica did not sync")
+        _wait(lambda: len(sentinel.sentinel_slaves(SERVICE)) == 1, 15,
+              "Sentinel did not discover the replica")
+        replica.close()
+        sentinel.close()
+        yield Topology(procs[0], pp, procs[1], rp, procs[2], sp)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def test_service_on_sentinel_survives_a_failover(topology: Topology, artefact: Path) -> None:
+    settings = make_settings(artefact, {"store_url": topology.url,
+                                        "redis_key_prefix": "tcm:"}, store_timeout_s=0.5)
+    with TestClient(create_app(settings)) as c, TestClient(create_app(settings)) as other:
+        key = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN)
+        assert key.status_code == 201, key.text
+        auth = {"Authorization": f"Bearer {key.json()['api_key']}"}
+        r = c.post("/v1/gallery", headers=auth, json={"items": [
+            {"subject": "a", "embedding": unit(1), "item_id": "before"}]})
+        assert r.status_code == 201
+        primary = redis.Redis(port=topology.primary_port)
+        assert primary.exists(f"tcm:tenant:{key.json()['tenant_id']}:item:before")
+        assert primary.wait(1, 2000) == 1  # replicated before the crash (replication is async)
+        primary.close()
+
+        topology.primary.kill()  # the primary dies; Sentinel promotes the replica
+        topology.primary.wait(timeout=10)
+        started = time.monotonic()
+        statuses = set()
+        while True:
+            r = c.post("/v1/gallery", headers=auth, json={"items": [
+                {"subject": "b", "embedding": unit(2), "item_id": "after"}]})
+            statuses.add(r.status_code)
+            if r.status_code == 201:
+                break
+            assert r.status_code == 503, r.text  # unavailable, never a wrong answer
+            assert time.monotonic() - started < 30, "no failover"
+            time.sleep(0.2)
+        print(f"\nSentinel failover: writes refused (503) for {time.monotonic() - started:.1f} s")
+        assert 503 in statuses
+        promoted = redis.Redis(port=topology.replica_port)
+        try:
+            assert promoted.info("replication")["role"] == "master"
+            # everything is on the new primary: the write before the crash and the one after
+            ids = sorted(m.decode() for m in promoted.zrange(
+                f"tcm:tenant:{key.json()['tenant_id']}:items", 0, -1))
+            assert ids == ["after", "before"]
+        finally:
+            promoted.close()
+        # the other replica's change-feed follower found the new primary too: the write made
+        # on this replica after the failover reaches its index
+        def seen_by_other() -> bool:
+            r = other.post("/v1/match", json={"embedding": unit(2), "k": 5}, headers=auth)
+            return r.status_code == 200 and \
+                [x["item_id"] for x in r.json()["candidates"]] == ["after", "before"]
+
+        _wait(seen_by_other, 15, "the other replica did not follow the new primary's stream")
+        assert c.get("/readyz").status_code == 200 and other.get("/readyz").status_code == 200
+
+
+def test_key_layout_spans_cluster_slots(store_settings: Callable[[str], dict[str, Any]]) -> None:
+    """Why Redis Cluster is not supported (deploy/README.md): one enrolment's transaction
+    touches keys in several hash slots (Cluster refuses it: CROSSSLOT), unless the prefix is a
+    hash tag, which puts every key in one slot, i.e. on one shard."""
+    from redis.crc import key_slot
+
+    from service.store import NewItem, Tenant
+    from service.store.base import ApiKey
+    from service.store.redis_store import RedisStore
+
+    cfg = store_settings("redis")
+    for prefix, one_slot in ((cfg["redis_key_prefix"], False),
+                             ("{" + cfg["redis_key_prefix"].rstrip(":") + "}:", True)):
+        store = RedisStore(cfg["store_url"], prefix=prefix, timeout_s=2.0)
+        try:
+            before = set(store.r.scan_iter(match=store._glob_prefix + "*"))
+            store.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
+            after_tenant = set(store.r.scan_iter(match=store._glob_prefix + "*"))
+            store.add_items("t", [NewItem("i", "s", np.ones(8, np.float32) / np.sqrt(8))],
+                            model_version="v", created_at=1.0)
+            touched = set(store.r.scan_iter(match=store._glob_prefix + "*")) - after_tenant
+            assert before == set()
+            # the enrolment wrote the item, two sorted sets, the seq counter and the stream
+            assert {k.decode().removeprefix(prefix) for k in touched} == {
+                "tenant:t:item:i", "tenant:t:items", "tenant:t:subject:s", "seq", "changes"}
+            slots = {key_slot(k) for k in touched}
+            assert (len(slots) == 1) is one_slot, slots
+        finally:
+            store.r.delete(*store.r.scan_iter(match=store._glob_prefix + "*"))
+            store.close()

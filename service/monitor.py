@@ -10,7 +10,11 @@ request path: the request path only counts ``tcm_decisions_total`` (``Matcher.fe
 Replicas sharing a store share the snapshot: a replica adopts the stored one while it is younger
 than half an interval and was computed for the same model and configuration, else computes and
 stores its own. Two replicas racing compute the same numbers from the same store (gallery samples
-are seeded by tenant and model), so the race is harmless.
+are seeded by tenant and model), so the race is harmless. Between its own refreshes a replica
+polls the store (every ``poll_s``, a few seconds) and publishes a newer stored snapshot at once:
+without that, replicas whose schedules are out of phase would each report a different snapshot,
+taking turns to compute, and never agree; with it they report the same one within ``poll_s`` of
+its computation.
 
 ``GET /v1/monitor`` serves the snapshot (a tenant sees only its own row) and a what-if view at a
 candidate threshold, computed from the snapshot's pairs: those the monitor just computed from are
@@ -228,6 +232,33 @@ class Monitor:
             self.metrics.runs.labels(result="computed").inc()
             return snap
 
+    @property
+    def poll_s(self) -> float:
+        """How often, between refreshes, the store is checked for a replica's newer snapshot."""
+        return max(0.2, min(5.0, self.config.interval_s / 4))
+
+    def adopt_newer(self) -> bool:
+        """Publishes the stored snapshot if a replica computed it after the reported one (for
+        this model and configuration); one store read, no pairs. Skipped while a refresh is
+        under way (it publishes the newest anyway)."""
+        if not self._refresh_lock.acquire(blocking=False):
+            return False
+        try:
+            stored = self.store.get_monitor_snapshot()
+            if stored is None or stored.get("config_key") != self._key:
+                return False
+            current = self.snapshot
+            stored_at = float(stored.get("computed_at", 0.0))
+            if current is not None and stored_at <= float(current.get("computed_at", 0.0)):
+                return False
+            if stored_at - self.clock() > self.config.interval_s:  # from a clock far ahead
+                return False
+            self.publish(stored)
+            self.metrics.runs.labels(result="adopted").inc()
+            return True
+        finally:
+            self._refresh_lock.release()
+
     def publish(self, snap: dict[str, Any]) -> None:
         """Makes ``snap`` the reported one, and re-applies the tenant label policy to the
         snapshot's tenants so that the request-path counters use the same labels."""
@@ -286,6 +317,7 @@ class Monitor:
 
     async def _run(self) -> None:
         assert self._stop is not None
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             try:
                 await asyncio.to_thread(self.refresh)
@@ -294,9 +326,19 @@ class Monitor:
                 log.warning("monitor refresh failed, retrying next interval: %s",
                             exc.message if unavailable else exc,  # type: ignore[attr-defined]
                             exc_info=not unavailable)
-            delay = self.config.interval_s * random.uniform(0.95, 1.05)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+            next_refresh = loop.time() + self.config.interval_s * random.uniform(0.95, 1.05)
+            while not self._stop.is_set():
+                wait = min(self.poll_s, next_refresh - loop.time())
+                if wait <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), wait)
+                if self._stop.is_set() or loop.time() >= next_refresh:
+                    break
+                try:  # a replica's newer snapshot, published now rather than next interval
+                    await asyncio.to_thread(self.adopt_newer)
+                except Exception as exc:  # the next refresh reports (and counts) failures
+                    log.debug("polling the store for a newer snapshot failed: %s", exc)
 
 
 async def attach_monitor(app: FastAPI, runtime: Runtime) -> Monitor | None:

@@ -299,6 +299,7 @@ def test_probes_and_ports(overlay: str) -> None:
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": "tcm"}
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert "replicas" not in dep["spec"]  # the HPA owns it; apply must not reset it
     assert pdb["spec"]["minAvailable"] < max(hpa["spec"]["minReplicas"], 2)
     # resources: requests for scheduling and the HPA's CPU ratio, a memory limit
     res = c["resources"]

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import RateLimitedError, StoreUnavailableError
 from service.settings import Settings
 from service.store import Store
+from service.store.redis_store import _UNAVAILABLE as REDIS_UNAVAILABLE
 from service.store.redis_store import RedisStore
 
 # KEYS[1] bucket key; ARGV rate (tokens/s), burst (capacity), cost (tokens this request takes).
@@ -120,7 +121,8 @@ class LocalRateLimiter:
 
 
 class RedisRateLimiter:
-    """Token buckets in Redis, one atomic Lua script per request; shared by all replicas."""
+    """Token buckets in Redis, one atomic Lua script per request; shared by all replicas. Uses
+    the store's client, so a Sentinel-managed primary is followed across failovers."""
 
     def __init__(self, client: redis.Redis, *, prefix: str, rate: float, burst: int) -> None:
         self.rate = rate
@@ -135,8 +137,7 @@ class RedisRateLimiter:
         try:
             allowed, wait = self._script(keys=[self.key(tenant_id)],
                                          args=[repr(self.rate), self.burst, repr(cost)])
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.ReadOnlyError, redis.exceptions.BusyLoadingError) as exc:
+        except REDIS_UNAVAILABLE as exc:  # the store's own list: down, timeout, failover
             raise StoreUnavailableError(
                 f"the Redis store cannot be reached (rate limit): {exc}",
                 detail={"store": "redis"}) from exc

@@ -35,9 +35,9 @@ DataDirOpt = Annotated[str | None, typer.Option(
     "--data-dir", help="folder with the shared data sets (an ImageFolder root for "
     "dataset=imagefolder); default ../shared/data relative to the working directory")]
 
-# The default model: small CNN on Omniglot (28x28), multi-similarity + TCM with the Omniglot
-# margins of TrainConfig (m_plus=0.8, m_minus=0.3, chosen on a validation split of background
-# classes, see training/README.md); 1,600 steps of 128 images, ~4 minutes on a 2-core CPU.
+# The default model: small CNN on Omniglot (28x28), multi-similarity + TCM with the margins of
+# TrainConfig (m_plus=0.8, m_minus=0.5: the sweep on 200 validation classes carved from the
+# background alphabets, docs/results.md); 1,600 steps of 128 images, ~4 minutes on a 2-core CPU.
 DEFAULT_MODEL = ["dataset=omniglot", "arch=small_cnn", "loss=multi_similarity", "tcm=true",
                  "epochs=8", "steps_per_epoch=200"]
 # The face model (`make run MODEL=faces`): the same CNN on LFW View 1 (peopleDevTrain identities;

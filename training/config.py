@@ -51,7 +51,7 @@ class TrainConfig:
     arcface_scale: float = 64.0
     tcm: bool = True
     m_plus: float = 0.8
-    m_minus: float = 0.3
+    m_minus: float = 0.5  # m_plus/m_minus: chosen on Omniglot validation classes (make study)
     lambda_plus: float = 1.0
     lambda_minus: float = 1.0
     # optimisation

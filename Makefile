@@ -63,7 +63,7 @@ bench: $(STAMP)
 study: $(STAMP)
 	$(PY) -m studies.omniglot --data-dir $(DATA_DIR) --out runs/study --docs docs/results
 
-# The LFW face study beside it (MS/ArcFace +- TCM, 2 seeds; ~40 min on a 2-core CPU).
+# The LFW face study beside it (MS/ArcFace +- TCM, margins swept on validation identities).
 study-faces: $(STAMP)
 	$(PY) -m studies.faces --data-dir $(DATA_DIR) --out runs/study_faces --docs docs/results
 

@@ -12,7 +12,8 @@ PORT ?= 8000
 MODEL ?= default
 MODEL_DIR ?= artefacts/$(MODEL)
 PRESET := $(if $(filter faces,$(MODEL)),faces,omniglot)
-DATA_DIR ?= ../shared/data
+# the shared data sets: beside the checkout, else the machines' standard place
+DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
 .PHONY: install run test lint bench study study-faces model clean audit
 

@@ -1,10 +1,24 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-DATA_DIR = str(Path(__file__).resolve().parents[3] / "shared" / "data")
+
+def _find_data_dir() -> str:
+    """The shared data sets: $TCM_DATA_DIR, else ``../shared/data`` beside the checkout (as the
+    Makefile assumes), else the machines' standard place."""
+    root = Path(__file__).resolve().parents[2]
+    candidates = [os.environ.get("TCM_DATA_DIR"), root.parent / "shared" / "data",
+                  "/work/shared/data"]
+    for c in candidates:
+        if c and Path(c, "omniglot").is_dir():
+            return str(c)
+    return str(root.parent / "shared" / "data")  # the data_dir fixture fails with this path
+
+
+DATA_DIR = _find_data_dir()
 
 # Tiny but real: sklearn digits, classes 0-4 train, 5-9 held out.
 DIGITS = ["dataset=digits", "image_size=16", "width=8", "embedding_dim=32", "batch_size=40",

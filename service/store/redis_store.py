@@ -72,6 +72,17 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
 )
 
 
+def _connection_lost(exc: BaseException) -> bool:
+    """redis-py reports a connection that died while keys were WATCHed as a WatchError (raised
+    while handling the connection error): that is the store being unavailable, not a conflict."""
+    seen: BaseException | None = exc.__context__ or exc.__cause__
+    while seen is not None:
+        if isinstance(seen, _UNAVAILABLE):
+            return True
+        seen = seen.__context__ or seen.__cause__
+    return "occurred while watching" in str(exc)
+
+
 SENTINEL_SCHEME = "redis+sentinel://"
 
 
@@ -194,6 +205,10 @@ class RedisStore:
                 pipe.execute()
                 return result
             except redis.exceptions.WatchError as exc:
+                if _connection_lost(exc):  # not a conflict: the server went away mid-transaction
+                    raise StoreUnavailableError(
+                        f"the Redis store connection was lost during a write ({what}); retry",
+                        detail={"store": "redis"}) from exc
                 raise ConflictError(f"a concurrent request changed the same data ({what}); "
                                     "retry", code="concurrent_update") from exc
 

@@ -28,6 +28,7 @@ from service.routers import (
     health,
     match,
     model,
+    models,
     monitor,
     verify,
 )
@@ -82,8 +83,8 @@ def create_app(settings: Settings | None = None, *,
     app.state.runtime = None
     app.state.monitor = None
     errors.install(app)
-    for r in (health.router, model.router, admin.router, gallery.router, match.router,
-              verify.router, embed.router, feedback.router, monitor.router):
+    for r in (health.router, model.router, models.router, admin.router, gallery.router,
+              match.router, verify.router, embed.router, feedback.router, monitor.router):
         app.include_router(r)
     # the last added is the outermost: request metrics see every response, the 413s of the
     # body limit included, which refuses oversize bodies before any route runs

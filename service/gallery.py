@@ -1,7 +1,9 @@
 """Enrolling, reading and deleting gallery items: the store of record first, then the index.
 
 Writes for one tenant are serialised by an asyncio lock, so that an enrolment and a delete of the
-same item cannot reach the index in the opposite order from the store.
+same item cannot reach the index in the opposite order from the store. Every write holds the
+runtime's switch gate (shared) from embedding to index update and uses the model being served
+when it took the gate, so a model switch never sees half of a write (see ``service.serving``).
 """
 
 from __future__ import annotations
@@ -10,34 +12,35 @@ import asyncio
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import ConflictError, InvalidInputError, NotFoundError
 from service.images import decode_base64
-from service.index import IndexRegistry
-from service.inputs import InputResolver
 from service.metrics import ServiceMetrics
 from service.schemas import EnrolItem
 from service.store import GalleryItem, NewItem, Store
 
+if TYPE_CHECKING:
+    from service.serving import Serving, SwitchGate
+
 
 class Gallery:
-    def __init__(self, *, store: Store, indexes: IndexRegistry, resolver: InputResolver,
-                 metrics: ServiceMetrics, model_version: str, max_batch_items: int,
-                 max_list_limit: int) -> None:
+    def __init__(self, *, store: Store, serving: Callable[[], Serving], gate: SwitchGate,
+                 metrics: ServiceMetrics, max_batch_items: int, max_list_limit: int) -> None:
         self.store = store
-        self.indexes = indexes
-        self.resolver = resolver
+        self.serving = serving
+        self.gate = gate
         self.metrics = metrics
-        self.model_version = model_version
         self.max_batch_items = max_batch_items
         self.max_list_limit = max_list_limit
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def _update_size_metric(self) -> None:
-        self.metrics.set_gallery_size(self.indexes.sizes())
+        self.metrics.set_gallery_size(self.serving().indexes.sizes())
 
     async def enrol(self, tenant_id: str, items: list[EnrolItem],
                     images: dict[int, bytes] | None = None) -> list[str]:
@@ -52,13 +55,20 @@ class Gallery:
         if dupes:
             raise ConflictError("the request repeats item ids", code="duplicate_item_id",
                                 detail={"item_ids": dupes})
+        async with self.gate.shared():
+            ids = await self._enrol(self.serving(), tenant_id, items, images)
+        self._update_size_metric()
+        return ids
+
+    async def _enrol(self, serving: Serving, tenant_id: str, items: list[EnrolItem],
+                     images: dict[int, bytes]) -> list[str]:
         vectors: list[np.ndarray | None] = [None] * len(items)
         to_embed: list[tuple[str, bytes | str]] = []
         positions: list[int] = []
         raw_images: list[bytes | None] = [None] * len(items)
         for i, it in enumerate(items):
             if it.embedding is not None:
-                vectors[i] = self.resolver.embedding(it.embedding, where=f"items[{i}].embedding")
+                vectors[i] = serving.resolver.embedding(it.embedding, where=f"items[{i}].embedding")
             else:
                 data = images.get(i, it.image)
                 assert data is not None
@@ -68,7 +78,7 @@ class Gallery:
             decoded_bytes = await run_in_threadpool(_raw_bytes, to_embed)
             for i, raw in zip(positions, decoded_bytes, strict=True):
                 raw_images[i] = raw
-            embedded = await self.resolver.images(
+            embedded = await serving.resolver.images(
                 [(w, raw) for (w, _), raw in zip(to_embed, decoded_bytes, strict=True)])
             for i, v in zip(positions, embedded, strict=True):
                 vectors[i] = v
@@ -81,16 +91,16 @@ class Gallery:
         assert len(new_items) == len(items)
         async with self._locks[tenant_id]:
             seqs = await run_in_threadpool(lambda: self.store.add_items(
-                tenant_id, new_items, model_version=self.model_version, created_at=time.time()))
+                tenant_id, new_items, model_version=serving.model_version,
+                created_at=time.time()))
             await run_in_threadpool(
-                self.indexes.get(tenant_id).add, seqs, [n.item_id for n in new_items],
+                serving.indexes.get(tenant_id).add, seqs, [n.item_id for n in new_items],
                 [n.subject for n in new_items], np.stack([n.embedding for n in new_items]))
-        self._update_size_metric()
         return [n.item_id for n in new_items]
 
     async def get(self, tenant_id: str, item_id: str) -> GalleryItem:
         item = await run_in_threadpool(lambda: self.store.get_item(
-            tenant_id, item_id, model_version=self.model_version))
+            tenant_id, item_id, model_version=self.serving().model_version))
         if item is None:
             raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
         return item
@@ -113,20 +123,20 @@ class Gallery:
         return page, next_cursor
 
     async def delete_item(self, tenant_id: str, item_id: str) -> None:
-        async with self._locks[tenant_id]:
+        async with self.gate.shared(), self._locks[tenant_id]:
             seq = await run_in_threadpool(self.store.delete_item, tenant_id, item_id)
             if seq is None:
                 raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
-            await run_in_threadpool(self.indexes.get(tenant_id).remove, [seq])
+            await run_in_threadpool(self.serving().indexes.get(tenant_id).remove, [seq])
         self._update_size_metric()
 
     async def delete_subject(self, tenant_id: str, subject: str) -> int:
-        async with self._locks[tenant_id]:
+        async with self.gate.shared(), self._locks[tenant_id]:
             seqs = await run_in_threadpool(self.store.delete_subject, tenant_id, subject)
             if not seqs:
                 raise NotFoundError(f"no gallery items for subject {subject!r}",
                                     detail={"subject": subject})
-            await run_in_threadpool(self.indexes.get(tenant_id).remove, seqs)
+            await run_in_threadpool(self.serving().indexes.get(tenant_id).remove, seqs)
         self._update_size_metric()
         return len(seqs)
 

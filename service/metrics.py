@@ -123,6 +123,20 @@ class ServiceMetrics:
             "tcm_change_feed_resyncs_total", "full index rebuilds because the store's change "
             "feed had lost entries this replica had not read yet", registry=registry)
         self.model = Info("tcm_model", "the served model", registry=registry)
+        self.model_activation_items = Gauge(
+            "tcm_model_activation_items", "the activation in progress on this replica: "
+            "gallery items in all (total), re-embedded with the new model (embedded), without "
+            "a stored image to re-embed (skipped)", ["state"], registry=registry)
+        for state in ("total", "embedded", "skipped"):
+            self.model_activation_items.labels(state=state)
+        self.model_activation_running = Gauge(
+            "tcm_model_activation_running", "1 while this replica prepares a model switch",
+            registry=registry)
+        self.model_activations = Counter(
+            "tcm_model_activations_total", "model switches on this replica by result",
+            ["result"], registry=registry)
+        for result in ("completed", "failed"):
+            self.model_activations.labels(result=result)
         self.threshold = Gauge("tcm_model_threshold_score",
                                "global cosine threshold tau of the served model",
                                registry=registry)

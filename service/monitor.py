@@ -161,6 +161,19 @@ class Monitor:
         self._refresh_lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
+        self._wake = asyncio.Event()  # a model switch: refresh now
+
+    def set_manifest(self, manifest: Manifest) -> None:
+        """After a model switch: the new model's baseline, threshold and version; the
+        snapshot is recomputed at once (the old one was computed for the old model). Called
+        on the event loop; a refresh already running finishes for the old model and the one
+        woken here follows it."""
+        self.manifest = manifest
+        self.metrics.snapshot.manifest = manifest
+        self._key = self.config.key(manifest.model_version)
+        self.pairs.reset(None)
+        self.metrics.snapshot.snapshot = None
+        self._wake.set()
 
     # -- the current numbers --
     @property
@@ -328,12 +341,16 @@ class Monitor:
                             exc_info=not unavailable)
             next_refresh = loop.time() + self.config.interval_s * random.uniform(0.95, 1.05)
             while not self._stop.is_set():
+                if self._wake.is_set():
+                    self._wake.clear()
+                    break
                 wait = min(self.poll_s, next_refresh - loop.time())
                 if wait <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), wait)
-                if self._stop.is_set() or loop.time() >= next_refresh:
+                if self._stop.is_set() or loop.time() >= next_refresh or self._wake.is_set():
+                    self._wake.clear()
                     break
                 try:  # a replica's newer snapshot, published now rather than next interval
                     await asyncio.to_thread(self.adopt_newer)
@@ -351,4 +368,7 @@ async def attach_monitor(app: FastAPI, runtime: Runtime) -> Monitor | None:
     monitor = Monitor(runtime.store, runtime.manifest, runtime.metrics,
                       MonitorConfig.from_settings(settings))
     app.state.monitor = monitor
+    if runtime.lifecycle is not None:  # a model switch resets the baseline to the new model's
+        runtime.lifecycle.switch_listeners.append(lambda serving: monitor.set_manifest(
+            serving.manifest))
     return await monitor.start()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio.to_thread
@@ -43,13 +44,15 @@ from service.gallery import Gallery
 from service.images import decode_image
 from service.index import IndexRegistry
 from service.inputs import InputResolver
-from service.matching import Matcher
+from service.lifecycle import ModelLifecycle, startup_model
+from service.matching import FeedbackListener, Matcher, MatchListener
 from service.metrics import ServiceMetrics
 from service.ratelimit import RateLimiter, open_rate_limiter
+from service.serving import Serving, SwitchGate, build_serving
 from service.settings import Settings
 from service.store import Change, Store, open_store
 from service.tenants import Tenants
-from tcm import Manifest, load_artefact
+from tcm import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -57,86 +60,115 @@ log = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     settings: Settings
-    manifest: Manifest
-    model: nn.Module
-    device: torch.device
+    serving: Serving  # the served model; replaced whole by a model switch (service.lifecycle)
     registry: CollectorRegistry
     metrics: ServiceMetrics
     store: Store
-    indexes: IndexRegistry
-    batcher: EmbeddingBatcher
-    resolver: InputResolver
     tenants: Tenants
     gallery: Gallery
-    matcher: Matcher
+    gate: SwitchGate
     rate_limiter: RateLimiter | None = None
     indexes_loaded: bool = False
     skipped_items: int = 0
+    lifecycle: ModelLifecycle | None = None
     _load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _follower: asyncio.Task[None] | None = None
     changes_applied: int = 0
     feed_cursor: str | None = None  # the change feed's position the indexes reflect
     resyncs: int = 0  # full rebuilds because the feed lost entries this replica had not read
+    match_listeners: list[MatchListener] = field(default_factory=list)
+    feedback_listeners: list[FeedbackListener] = field(default_factory=list)
+
+    # the served model's parts, as of now (a request takes ``serving`` once and keeps it)
+    @property
+    def manifest(self) -> Manifest:
+        return self.serving.manifest
+
+    @property
+    def model(self) -> nn.Module:
+        return self.serving.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.serving.device
+
+    @property
+    def batcher(self) -> EmbeddingBatcher:
+        return self.serving.batcher
+
+    @property
+    def resolver(self) -> InputResolver:
+        return self.serving.resolver
+
+    @property
+    def indexes(self) -> IndexRegistry:
+        return self.serving.indexes
+
+    @property
+    def matcher(self) -> Matcher:
+        return self.serving.matcher
 
     @property
     def model_version(self) -> str:
-        return self.manifest.model_version
+        return self.serving.model_version
 
     @property
     def threshold(self) -> float:
-        return float(self.manifest.calibration.tau)
+        return self.serving.threshold
 
     @classmethod
     async def start(cls, settings: Settings, metrics: ServiceMetrics) -> Runtime:
         device = resolve_device(settings.device)
-        model, manifest = await run_in_threadpool(
-            load_artefact, settings.artefact_path, device=device)
-        log.info("loaded model %s (%s, dim %d) on %s; tau=%.6f", manifest.model_version,
-                 manifest.architecture, manifest.embedding_dim, device, manifest.calibration.tau)
-        metrics.model.info({"model_version": manifest.model_version,
-                            "architecture": manifest.architecture,
-                            "embedding_dim": str(manifest.embedding_dim),
-                            "device": str(device)})
-        metrics.threshold.set(manifest.calibration.tau)
         store = await run_in_threadpool(open_store, settings)
+        match_listeners: list[MatchListener] = []
+        feedback_listeners: list[FeedbackListener] = []
         try:
-            indexes = IndexRegistry(manifest.embedding_dim, settings.index_factory,
-                                    device=str(device.type))
+            path, pending = await run_in_threadpool(startup_model, store, settings)
+            serving = await build_serving(settings, path, device=device, store=store,
+                                          metrics=metrics, match_listeners=match_listeners,
+                                          feedback_listeners=feedback_listeners)
         except Exception:
             await run_in_threadpool(store.close)
             raise
-        batcher = EmbeddingBatcher(model, manifest.preprocessing, device=device,
-                                   max_batch=settings.embed_max_batch,
-                                   max_wait_s=settings.embed_max_wait_ms / 1e3, metrics=metrics)
-        resolver = InputResolver(batcher=batcher, store=store, dim=manifest.embedding_dim,
-                                 channels=manifest.preprocessing.channels,
-                                 max_image_pixels=settings.max_image_pixels,
-                                 model_version=manifest.model_version)
+        manifest = serving.manifest
+        log.info("loaded model %s (%s, dim %d) on %s; tau=%.6f", manifest.model_version,
+                 manifest.architecture, manifest.embedding_dim, device, manifest.calibration.tau)
+        gate = SwitchGate()
+        holder: dict[str, Runtime] = {}
         runtime = cls(
-            settings=settings, manifest=manifest, model=model, device=device,
-            registry=metrics.registry, metrics=metrics, store=store, indexes=indexes,
-            batcher=batcher, resolver=resolver,
-            tenants=Tenants(store, indexes, metrics),
-            gallery=Gallery(store=store, indexes=indexes, resolver=resolver, metrics=metrics,
-                            model_version=manifest.model_version,
-                            max_batch_items=settings.max_batch_items,
+            settings=settings, serving=serving, registry=metrics.registry, metrics=metrics,
+            store=store, gate=gate,
+            tenants=Tenants(store, lambda: holder["rt"].indexes, metrics),
+            gallery=Gallery(store=store, serving=lambda: holder["rt"].serving, gate=gate,
+                            metrics=metrics, max_batch_items=settings.max_batch_items,
                             max_list_limit=settings.max_list_limit),
-            matcher=Matcher(store=store, indexes=indexes, resolver=resolver, metrics=metrics,
-                            threshold=manifest.calibration.tau,
-                            model_version=manifest.model_version, max_k=settings.max_k),
-            rate_limiter=open_rate_limiter(settings, store))
-        await batcher.start()
+            rate_limiter=open_rate_limiter(settings, store),
+            match_listeners=match_listeners, feedback_listeners=feedback_listeners)
+        holder["rt"] = runtime
+        runtime.publish_model()
         try:
             await runtime.ensure_indexes()
         except StoreUnavailableError as exc:
             log.warning("store unavailable at start-up, indexes will load once it is back: %s",
                         exc.message)
+        runtime.lifecycle = ModelLifecycle(runtime)
+        runtime.lifecycle.start(resume=pending)
         return runtime
 
+    def publish_model(self) -> None:
+        """The served model's info and threshold on /metrics."""
+        m = self.manifest
+        self.metrics.model.info({"model_version": m.model_version,
+                                 "architecture": m.architecture,
+                                 "embedding_dim": str(m.embedding_dim),
+                                 "device": str(self.device)})
+        self.metrics.threshold.set(m.calibration.tau)
+
     async def close(self) -> None:
+        if self.lifecycle is not None:
+            await self.lifecycle.close()
         await self.stop_follower()
-        await self.batcher.stop()
-        self.indexes.clear()
+        await self.serving.close()
         await run_in_threadpool(self.store.close)
 
     async def ensure_indexes(self) -> None:
@@ -146,35 +178,41 @@ class Runtime:
         async with self._load_lock:
             if self.indexes_loaded:
                 return
-            await self._rebuild_all()
+            async with self.gate.exclusive():
+                await self.rebuild_all(self.serving)
             self.indexes_loaded = True
             self.start_follower()
 
-    async def _rebuild_all(self) -> None:
-        """Every tenant's index from the store, and the feed position to follow on from (taken
-        first: a write that lands during the rebuild is applied again from the feed)."""
+    async def rebuild_all(self, serving: Serving) -> dict[str, int]:
+        """Every tenant's index of ``serving`` from the store (re-embedding stored images that
+        lack its embedding), and the feed position to follow on from (taken first: a write
+        that lands during the rebuild is applied again from the feed). Returns, per tenant,
+        how many items had to be left out (no embedding for this model and no image)."""
         cursor = await run_in_threadpool(self.store.change_cursor)
         tenants = await run_in_threadpool(self.store.list_tenants)
-        skipped = 0
+        skipped: dict[str, int] = {}
+        version, dim = serving.model_version, serving.manifest.embedding_dim
         for tenant in tenants:
-            skipped += await self._backfill(tenant.tenant_id)
+            left_out = await self.backfill(serving, tenant.tenant_id)
+            if left_out:
+                skipped[tenant.tenant_id] = left_out
             vectors = await run_in_threadpool(
-                lambda t=tenant.tenant_id: self.store.gallery_vectors(
-                    t, model_version=self.model_version))
-            await run_in_threadpool(self.indexes.get(tenant.tenant_id).rebuild,
+                lambda t=tenant.tenant_id: self.store.gallery_vectors(t, model_version=version))
+            await run_in_threadpool(serving.indexes.get(tenant.tenant_id).rebuild,
                                     vectors.seqs, vectors.item_ids, vectors.subjects,
                                     vectors.vectors if len(vectors) else
-                                    np.zeros((0, self.manifest.embedding_dim), np.float32))
+                                    np.zeros((0, dim), np.float32))
         live = {t.tenant_id for t in tenants}
-        for tenant_id in set(self.indexes.sizes()) - live:  # deleted while we were not looking
-            self.indexes.drop(tenant_id)
-        self.skipped_items = skipped
+        for tenant_id in set(serving.indexes.sizes()) - live:  # deleted meanwhile
+            serving.indexes.drop(tenant_id)
+        self.skipped_items = sum(skipped.values())
         self.feed_cursor = cursor
-        sizes = self.indexes.sizes()
+        sizes = serving.indexes.sizes()
         self.metrics.set_gallery_size(sizes)
-        log.info("indexes rebuilt: %d tenants, %d items%s", len(sizes), sum(sizes.values()),
-                 f", {skipped} items without an embedding for {self.model_version} and "
-                 "without an image were skipped" if skipped else "")
+        log.info("indexes of %s rebuilt: %d tenants, %d items%s", version, len(sizes),
+                 sum(sizes.values()), f", {self.skipped_items} items without an embedding for "
+                 "it and without an image were left out" if skipped else "")
+        return skipped
 
     def start_follower(self) -> None:
         """Tails the change feed from ``feed_cursor`` (no-op without a feed, or if running)."""
@@ -189,36 +227,44 @@ class Runtime:
                 await self._follower
             self._follower = None
 
-    async def _backfill(self, tenant_id: str) -> int:
-        """Embeds, with the served model, items stored with an image but without an embedding
-        for it (enrolled under another model version). Returns how many had to be skipped."""
+    async def backfill(self, serving: Serving, tenant_id: str,
+                       on_progress: Callable[[int, int], None] | None = None) -> int:
+        """Embeds, with ``serving``'s model, the tenant's items stored with an image but without
+        an embedding for it (enrolled under another model version), chunk by chunk, reporting
+        ``on_progress(embedded, skipped)`` after each. Returns how many had to be skipped."""
         missing = await run_in_threadpool(lambda: self.store.items_without_embedding(
-            tenant_id, model_version=self.model_version))
+            tenant_id, model_version=serving.model_version))
         if not missing:
             return 0
         skipped = 0
         chunk = max(1, self.settings.embed_max_batch)
         with_image = [(iid, img) for iid, img in missing if img is not None]
         skipped += len(missing) - len(with_image)
+        if on_progress is not None and skipped:
+            on_progress(0, skipped)
         for start in range(0, len(with_image), chunk):
             part = with_image[start:start + chunk]
-            arrays, ids = [], []
+            arrays, ids, bad = [], [], 0
             for iid, img in part:
                 try:
                     arrays.append(await run_in_threadpool(
                         lambda b=img, w=iid: decode_image(
-                            b, channels=self.manifest.preprocessing.channels,
+                            b, channels=serving.manifest.preprocessing.channels,
                             max_pixels=self.settings.max_image_pixels, where=f"item {w}")))
                     ids.append(iid)
                 except InvalidInputError as exc:
                     log.warning("cannot re-embed stored image: %s", exc.message)
-                    skipped += 1
+                    bad += 1
             if arrays:
-                vectors = await self.batcher.embed(arrays)
+                vectors = await serving.batcher.embed(arrays)
                 await run_in_threadpool(lambda i=ids, v=vectors: self.store.put_embeddings(
-                    tenant_id, dict(zip(i, v, strict=True)), model_version=self.model_version))
+                    tenant_id, dict(zip(i, v, strict=True)),
+                    model_version=serving.model_version))
+            skipped += bad
+            if on_progress is not None:
+                on_progress(len(ids), bad)
         log.info("tenant %s: re-embedded %d stored images for model %s", tenant_id,
-                 len(with_image), self.model_version)
+                 len(with_image), serving.model_version)
         return skipped
 
     async def _follow_changes(self) -> None:
@@ -235,7 +281,8 @@ class Runtime:
                     log.warning("the change feed lost entries this replica had not read yet "
                                 "(it was cut off for longer than the feed's cap lasts): "
                                 "rebuilding every index from the store")
-                    await self._rebuild_all()
+                    async with self.gate.shared():
+                        await self.rebuild_all(self.serving)
                     self.resyncs += 1
                     self.metrics.feed_resyncs.inc()
                     continue
@@ -252,19 +299,56 @@ class Runtime:
                 await asyncio.sleep(0.5)
 
     async def _apply(self, change: Change) -> None:
-        if change.op == "drop_tenant":
-            self.indexes.drop(change.tenant_id)
-        elif change.op == "remove":
-            await run_in_threadpool(self.indexes.get(change.tenant_id).remove,
-                                    list(change.seqs))
-        elif change.op == "add":
+        async with self.gate.shared():
+            serving = self.serving
+            indexes = serving.indexes
+            if change.op == "drop_tenant":
+                indexes.drop(change.tenant_id)
+            elif change.op == "remove":
+                await run_in_threadpool(indexes.get(change.tenant_id).remove, list(change.seqs))
+            elif change.op == "add":
+                await self._apply_add(serving, change.tenant_id, change.item_ids)
+            self.changes_applied += 1
+            self.metrics.set_gallery_size(indexes.sizes())
+
+    async def _apply_add(self, serving: Serving, tenant_id: str, item_ids: Sequence[str]
+                         ) -> None:
+        version = serving.model_version
+        vectors = await run_in_threadpool(lambda: self.store.vectors_of_items(
+            tenant_id, item_ids, model_version=version))
+        if len(vectors) < len(item_ids):
+            # enrolled by a replica still serving another model: embed the stored images
+            have = set(vectors.item_ids)
+            lacking = [i for i in item_ids if i not in have]
+            await self.embed_items(serving, tenant_id, lacking)
             vectors = await run_in_threadpool(lambda: self.store.vectors_of_items(
-                change.tenant_id, change.item_ids, model_version=self.model_version))
-            if len(vectors):
-                await run_in_threadpool(self.indexes.get(change.tenant_id).add, vectors.seqs,
-                                        vectors.item_ids, vectors.subjects, vectors.vectors)
-        self.changes_applied += 1
-        self.metrics.set_gallery_size(self.indexes.sizes())
+                tenant_id, item_ids, model_version=version))
+        if len(vectors):
+            await run_in_threadpool(serving.indexes.get(tenant_id).add, vectors.seqs,
+                                    vectors.item_ids, vectors.subjects, vectors.vectors)
+
+    async def embed_items(self, serving: Serving, tenant_id: str, item_ids: Sequence[str]
+                          ) -> None:
+        """Embeds the stored images of these items with ``serving``'s model (items without
+        an image, or gone, are left as they are)."""
+        version, channels = serving.model_version, serving.manifest.preprocessing.channels
+        arrays, ids = [], []
+        for iid in item_ids:
+            item = await run_in_threadpool(lambda i=iid: self.store.get_item(
+                tenant_id, i, model_version=version, with_image=True))
+            if item is None or item.image is None or item.embedding is not None:
+                continue
+            try:
+                arrays.append(await run_in_threadpool(
+                    decode_image, item.image, channels=channels,
+                    max_pixels=self.settings.max_image_pixels, where=f"item {iid}"))
+                ids.append(iid)
+            except InvalidInputError as exc:
+                log.warning("cannot re-embed stored image: %s", exc.message)
+        if arrays:
+            vectors = await serving.batcher.embed(arrays)
+            await run_in_threadpool(lambda: self.store.put_embeddings(
+                tenant_id, dict(zip(ids, vectors, strict=True)), model_version=version))
 
     async def readiness(self) -> dict[str, str]:
         checks: dict[str, str] = {"model": "ok"}

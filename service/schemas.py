@@ -297,6 +297,65 @@ class ModelInfo(BaseModel):
     preprocessing: dict[str, Any]
     created_at: str
     weights_sha256: str
+    activation: Activation | None = None  # a model switch this replica is running, or ran last
+
+
+class Activation(BaseModel):
+    """A model switch as the replica running it sees it."""
+
+    version: str
+    from_: str | None = Field(None, alias="from")
+    kind: str
+    state: Literal["loading", "embedding", "switching", "done", "failed"]
+    started_at: float
+    finished_at: float | None
+    tenants_total: int
+    tenants_done: int
+    items_total: int
+    items_embedded: int
+    items_skipped: int
+    skipped_by_tenant: dict[str, int]
+    error: str | None
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
+class ModelStage(Request):
+    path: str = Field(min_length=1, max_length=4096,
+                      description="artefact directory on the service's filesystem")
+
+
+class ModelVersionOut(BaseModel):
+    model_version: str
+    path: str
+    registered_at: float
+    architecture: str
+    embedding_dim: int
+    threshold: float
+    baseline_opis: float
+    baseline_eps_opis: float
+    created_at: str
+    weights_sha256: str = ""
+    active: bool = False
+    embeddings_purged: bool = False
+
+
+class ModelRegistryOut(BaseModel):
+    active: str | None
+    served: str  # the version this replica serves (differs from active only during a switch)
+    activation: dict[str, Any] | None  # the registry's running or failed activation
+    progress: Activation | None  # this replica's latest switch
+    rollback_to: str | None
+    versions: list[ModelVersionOut]
+    history: list[dict[str, Any]]
+
+
+ModelInfo.model_rebuild()
+
+
+class UnembeddedItems(BaseModel):
+    model_version: str
+    items: dict[str, list[str]]  # tenant id -> item ids without an embedding and without image
 
 
 class Health(BaseModel):

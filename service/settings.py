@@ -23,6 +23,17 @@ class Settings(BaseSettings):
         Path("artefacts/default"), description="exported artefact directory (manifest.json)"
     )
     device: Literal["cpu", "cuda", "auto"] = "auto"
+    model_retain_versions: int = Field(
+        2, ge=1, description="model versions whose gallery embeddings are kept: the active one "
+        "and the last ones before it (a rollback to a kept version only switches indexes)")
+    model_poll_s: float = Field(
+        2.0, gt=0, description="how often a replica checks the model registry for a switch")
+    model_heartbeat_s: float = Field(
+        5.0, gt=0, description="an activation's heartbeat; one silent for 3 beats was cut "
+        "short (its process died) and another replica, or the restarted one, resumes it")
+    model_retire_grace_s: float = Field(
+        5.0, ge=0, description="how long the previous model keeps serving requests that "
+        "started before a switch")
 
     # --- store -----------------------------------------------------------------------------
     store_url: str = Field(

@@ -15,6 +15,7 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
 
@@ -43,10 +44,15 @@ def same_secret(presented: str, expected: str) -> bool:
 
 
 class Tenants:
-    def __init__(self, store: Store, indexes: IndexRegistry, metrics: ServiceMetrics) -> None:
+    def __init__(self, store: Store, indexes: Callable[[], IndexRegistry],
+                 metrics: ServiceMetrics) -> None:
         self.store = store
-        self.indexes = indexes
+        self._indexes = indexes  # the served model's: it changes with a model switch
         self.metrics = metrics
+
+    @property
+    def indexes(self) -> IndexRegistry:
+        return self._indexes()
 
     async def create(self, name: str) -> tuple[Tenant, ApiKey, str]:
         now = time.time()

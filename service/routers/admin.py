@@ -57,7 +57,8 @@ async def get_tenant(tenant_id: str, runtime: RuntimeDep) -> TenantOut:
 
 @router.delete("/{tenant_id}", status_code=204)
 async def delete_tenant(tenant_id: str, runtime: RuntimeDep) -> Response:
-    await runtime.tenants.delete(tenant_id)
+    async with runtime.gate.shared():  # not in the middle of a model switch
+        await runtime.tenants.delete(tenant_id)
     runtime.gallery.forget_tenant(tenant_id)
     return Response(status_code=204)
 

@@ -20,13 +20,15 @@ async def embed(body: EmbedRequest, tenant: TenantId, runtime: RuntimeDep) -> Em
     if len(body.images) > limit:
         raise InvalidInputError(f"{len(body.images)} images in one request, the limit is "
                                 f"{limit}", code="too_many_items")
-    vectors = await runtime.resolver.images(
+    serving = runtime.serving
+    vectors = await serving.resolver.images(
         [(f"images[{i}]", img) for i, img in enumerate(body.images)])
-    return EmbedResponse(embeddings=vectors.tolist(), model_version=runtime.model_version)
+    return EmbedResponse(embeddings=vectors.tolist(), model_version=serving.model_version)
 
 
 @router.post("/v1/embed/upload")
 async def embed_upload(tenant: TenantId, runtime: RuntimeDep,
                        file: Annotated[UploadFile, File()]) -> EmbedResponse:
-    vectors = await runtime.resolver.images([("file", await read_upload(file, field="file"))])
-    return EmbedResponse(embeddings=vectors.tolist(), model_version=runtime.model_version)
+    serving = runtime.serving
+    vectors = await serving.resolver.images([("file", await read_upload(file, field="file"))])
+    return EmbedResponse(embeddings=vectors.tolist(), model_version=serving.model_version)

@@ -10,8 +10,8 @@ from fastapi import APIRouter, File, Form, UploadFile
 from service.dependencies import RuntimeDep, TenantId
 from service.index import Hit
 from service.routers.uploads import read_upload
-from service.runtime import Runtime
 from service.schemas import ERROR_RESPONSES, Candidate, DecisionOut, MatchRequest, MatchResponse
+from service.serving import Serving
 from service.store import MatchRecord
 
 router = APIRouter(tags=["match"], responses=ERROR_RESPONSES)
@@ -27,27 +27,29 @@ def _response(record: MatchRecord, hits: list[Hit]) -> MatchResponse:
         threshold=record.threshold, model_version=record.model_version)
 
 
-async def _match(runtime: Runtime, tenant: str, query: np.ndarray, k: int) -> MatchResponse:
-    record, hits = await runtime.matcher.match(tenant, query, k)
+async def _match(serving: Serving, tenant: str, query: np.ndarray, k: int) -> MatchResponse:
+    record, hits = await serving.matcher.match(tenant, query, k)
     return _response(record, hits)
 
 
 @router.post("/v1/match")
 async def match(body: MatchRequest, tenant: TenantId, runtime: RuntimeDep) -> MatchResponse:
-    runtime.matcher.check_k(body.k)
+    serving = runtime.serving  # one model answers the whole request, even across a switch
+    serving.matcher.check_k(body.k)
     if body.embedding is not None:
-        query = runtime.resolver.embedding(body.embedding, where="embedding")
+        query = serving.resolver.embedding(body.embedding, where="embedding")
     else:
         assert body.image is not None
-        query = (await runtime.resolver.images([("image", body.image)]))[0]
-    return await _match(runtime, tenant, query, body.k)
+        query = (await serving.resolver.images([("image", body.image)]))[0]
+    return await _match(serving, tenant, query, body.k)
 
 
 @router.post("/v1/match/upload")
 async def match_upload(tenant: TenantId, runtime: RuntimeDep,
                        file: Annotated[UploadFile, File()],
                        k: Annotated[int, Form()] = 5) -> MatchResponse:
-    runtime.matcher.check_k(k)
+    serving = runtime.serving
+    serving.matcher.check_k(k)
     data = await read_upload(file, field="file")
-    query = (await runtime.resolver.images([("file", data)]))[0]
-    return await _match(runtime, tenant, query, k)
+    query = (await serving.resolver.images([("file", data)]))[0]
+    return await _match(serving, tenant, query, k)

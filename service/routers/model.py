@@ -1,4 +1,5 @@
-"""The served model: version, threshold and calibration (public)."""
+"""The served model: version, threshold and calibration, and the progress of a model switch
+this replica is running (public)."""
 
 from __future__ import annotations
 
@@ -23,4 +24,5 @@ async def model_info(runtime: RuntimeDep) -> ModelInfo:
         baseline_opis=base.opis, baseline_eps_opis=base.eps_opis, baseline_eps=base.eps,
         baseline_recall_at_1=base.recall_at_1, baseline_map_at_r=base.map_at_r,
         preprocessing=m.preprocessing.to_dict(), created_at=m.created_at,
-        weights_sha256=m.weights_sha256)
+        weights_sha256=m.weights_sha256,
+        activation=runtime.lifecycle.status() if runtime.lifecycle else None)

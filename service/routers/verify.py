@@ -13,20 +13,22 @@ from fastapi import APIRouter, File, UploadFile
 from service.dependencies import RuntimeDep, TenantId
 from service.routers.uploads import read_upload
 from service.schemas import ERROR_RESPONSES, VerifyRequest, VerifyResponse
+from service.serving import Serving
 
 router = APIRouter(tags=["verify"], responses=ERROR_RESPONSES)
 
 
-def _response(runtime: RuntimeDep, score: float, accepted: bool) -> VerifyResponse:
-    return VerifyResponse(score=score, accepted=accepted, threshold=runtime.threshold,
-                          model_version=runtime.model_version)
+def _response(serving: Serving, score: float, accepted: bool) -> VerifyResponse:
+    return VerifyResponse(score=score, accepted=accepted, threshold=serving.threshold,
+                          model_version=serving.model_version)
 
 
 @router.post("/v1/verify")
 async def verify(body: VerifyRequest, tenant: TenantId, runtime: RuntimeDep) -> VerifyResponse:
-    a = await runtime.matcher.vectors(tenant, body.a, where="a")
-    b = await runtime.matcher.vectors(tenant, body.b, where="b")
-    return _response(runtime, *await runtime.matcher.verify(tenant, a, b))
+    serving = runtime.serving  # one model answers the whole request, even across a switch
+    a = await serving.matcher.vectors(tenant, body.a, where="a")
+    b = await serving.matcher.vectors(tenant, body.b, where="b")
+    return _response(serving, *await serving.matcher.verify(tenant, a, b))
 
 
 @router.post("/v1/verify/upload")
@@ -34,6 +36,7 @@ async def verify_upload(tenant: TenantId, runtime: RuntimeDep,
                         a: Annotated[UploadFile, File()],
                         b: Annotated[UploadFile, File()]) -> VerifyResponse:
     images = [("a", await read_upload(a, field="a")), ("b", await read_upload(b, field="b"))]
-    vectors = await runtime.resolver.images(images)
-    return _response(runtime, *await runtime.matcher.verify(tenant, vectors[:1], vectors[1:]))
+    serving = runtime.serving
+    vectors = await serving.resolver.images(images)
+    return _response(serving, *await serving.matcher.verify(tenant, vectors[:1], vectors[1:]))
 

@@ -245,6 +245,18 @@ class Store(Protocol):
     def get_monitor_snapshot(self) -> dict[str, Any] | None:
         """The latest monitoring snapshot as stored, or None before the first one."""
 
+    # --- model registry --------------------------------------------------------------------
+    def get_model_registry(self) -> tuple[dict[str, Any] | None, int]:
+        """The model registry document (None before the first write) and its revision (0
+        before the first write)."""
+
+    def put_model_registry(self, registry: Mapping[str, Any], *, expected_rev: int) -> bool:
+        """Replaces the registry iff its revision is still ``expected_rev`` (compare-and-set:
+        replicas racing to change it cannot overwrite each other); False when it moved on."""
+
+    def delete_embeddings(self, model_version: str) -> int:
+        """Drops every tenant's embeddings of one model version (retention); returns how many."""
+
     # --- change feed (replicas) ------------------------------------------------------------
     def change_cursor(self) -> str | None:
         """The feed's current end, to tail from after a rebuild; None when the store has no

@@ -18,6 +18,7 @@ hex, so no key is a prefix-collision of another)::
     P tenant:T:feedback:M       hash   feedback fields
     P changes                   stream op (add | remove | drop_tenant), tenant, items / seqs (JSON)
     P monitor:snapshot          string the monitor's latest snapshot (JSON), shared by replicas
+    P models                    hash   rev, body: the model registry (JSON), compare-and-set on rev
     P ratelimit:T               hash   tokens, ts: the tenant's rate-limit bucket (with a TTL;
                                        written only by ``service.ratelimit``'s Lua script)
 
@@ -679,6 +680,37 @@ class RedisStore:
         with self._translate("get monitor snapshot"):
             raw = self.r.get(self._k("monitor", "snapshot"))
         return None if raw is None else json.loads(raw)
+
+
+    # --- model registry --------------------------------------------------------------------
+    def get_model_registry(self) -> tuple[dict[str, Any] | None, int]:
+        with self._translate("get model registry"):
+            rev, body = self.r.hmget(self._k("models"), ["rev", "body"])
+        return (None, 0) if body is None else (json.loads(body), int(rev or 0))
+
+    def put_model_registry(self, registry: Mapping[str, Any], *, expected_rev: int) -> bool:
+        body = json.dumps(registry, allow_nan=False, separators=(",", ":"))
+        with self._translate("put model registry"):
+            done = self.r.eval(
+                "local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0') "
+                "if rev ~= tonumber(ARGV[1]) then return 0 end "
+                "redis.call('HSET', KEYS[1], 'rev', rev + 1, 'body', ARGV[2]) return 1",
+                1, self._k("models"), expected_rev, body)
+        return bool(done)
+
+    def delete_embeddings(self, model_version: str) -> int:
+        field = f"emb:{model_version}"
+        removed = 0
+        with self._translate("delete embeddings"):
+            for tenant in self.r.zrange(self._k("tenants"), 0, -1):
+                tid = _s(tenant) or ""
+                ids = [_s(m) or "" for m in self.r.zrange(self._tenant(tid, "items"), 0, -1)]
+                for chunk in _chunks(ids):
+                    pipe = self.r.pipeline(transaction=False)
+                    for iid in chunk:
+                        pipe.hdel(self._tenant(tid, "item", iid), field)
+                    removed += sum(int(n) for n in pipe.execute())
+        return removed
 
 
 def _cursor(entry_id: str, entries_added: Any) -> str:

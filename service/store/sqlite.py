@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     outcome TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS monitor_snapshot (
     id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS model_registry (
+    id INTEGER PRIMARY KEY CHECK (id = 1), rev INTEGER NOT NULL, body TEXT NOT NULL);
 """
 
 # OperationalErrors that mean "the database cannot be used right now", not a bug in our SQL.
@@ -454,6 +456,29 @@ class SQLiteStore:
         with self._read("get monitor snapshot") as conn:
             row = conn.execute("SELECT body FROM monitor_snapshot WHERE id = 1").fetchone()
         return None if row is None else json.loads(row[0])
+
+
+    # --- model registry --------------------------------------------------------------------
+    def get_model_registry(self) -> tuple[dict[str, Any] | None, int]:
+        with self._read("get model registry") as conn:
+            row = conn.execute("SELECT rev, body FROM model_registry WHERE id = 1").fetchone()
+        return (None, 0) if row is None else (json.loads(row[1]), int(row[0]))
+
+    def put_model_registry(self, registry: Mapping[str, Any], *, expected_rev: int) -> bool:
+        body = json.dumps(registry, allow_nan=False, separators=(",", ":"))
+        with self._write("put model registry") as conn:
+            row = conn.execute("SELECT rev FROM model_registry WHERE id = 1").fetchone()
+            if (0 if row is None else int(row[0])) != expected_rev:
+                return False
+            conn.execute("INSERT INTO model_registry (id, rev, body) VALUES (1, ?, ?) "
+                         "ON CONFLICT (id) DO UPDATE SET rev = excluded.rev, body = excluded.body",
+                         (expected_rev + 1, body))
+        return True
+
+    def delete_embeddings(self, model_version: str) -> int:
+        with self._write("delete embeddings") as conn:
+            cur = conn.execute("DELETE FROM embeddings WHERE model_version = ?", (model_version,))
+        return int(cur.rowcount)
 
 
 def _vectors(rows: Sequence[Any]) -> GalleryVectors:

@@ -1,0 +1,92 @@
+"""Admin API (admin token): the model registry. Stage an artefact version, activate it (a hot
+swap in the background: ``202`` at once, progress on ``GET /v1/models`` and ``GET /v1/model``),
+roll back to the version active before, and list the items a version cannot index.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from service import registry as reg
+from service.dependencies import AdminAuth, RuntimeDep
+from service.errors import NotFoundError, NotReadyError
+from service.lifecycle import ModelLifecycle
+from service.runtime import Runtime
+from service.schemas import (
+    ERROR_RESPONSES,
+    Activation,
+    ModelRegistryOut,
+    ModelStage,
+    ModelVersionOut,
+    UnembeddedItems,
+)
+
+router = APIRouter(prefix="/v1/models", tags=["admin"], dependencies=[AdminAuth],
+                   responses=ERROR_RESPONSES)
+
+
+def _lifecycle(runtime: Runtime) -> ModelLifecycle:
+    if runtime.lifecycle is None:
+        raise NotReadyError("the model lifecycle is not running yet")
+    return runtime.lifecycle
+
+
+def _version(doc: reg.Doc, version: str) -> ModelVersionOut:
+    return ModelVersionOut(model_version=version, **doc["versions"][version],
+                           active=version == doc["active"],
+                           embeddings_purged=version in doc["purged"])
+
+
+@router.get("")
+async def list_models(runtime: RuntimeDep) -> ModelRegistryOut:
+    lifecycle = _lifecycle(runtime)
+    doc = await run_in_threadpool(lifecycle.registry.read)
+    status = lifecycle.status()
+    return ModelRegistryOut(
+        active=doc["active"], served=runtime.model_version, activation=doc["activation"],
+        progress=Activation.model_validate(status) if status else None,
+        rollback_to=reg.previous(doc),
+        versions=[_version(doc, v) for v in sorted(doc["versions"],
+                                                   key=lambda v: doc["versions"][v][
+                                                       "registered_at"])],
+        history=doc["history"])
+
+
+@router.post("", status_code=201)
+async def stage_model(body: ModelStage, runtime: RuntimeDep) -> ModelVersionOut:
+    record = await _lifecycle(runtime).stage(body.path)
+    doc = await run_in_threadpool(_lifecycle(runtime).registry.read)
+    return _version(doc, record["model_version"])
+
+
+@router.post("/rollback", status_code=202)
+async def rollback(runtime: RuntimeDep) -> Activation:
+    return Activation.model_validate(await _lifecycle(runtime).rollback())
+
+
+@router.post("/{version}/activate", status_code=202)
+async def activate(version: str, runtime: RuntimeDep) -> Activation:
+    return Activation.model_validate(await _lifecycle(runtime).activate(version))
+
+
+@router.get("/{version}/unembedded")
+async def unembedded(version: str, runtime: RuntimeDep) -> UnembeddedItems:
+    """Items that have no embedding for ``version`` and no stored image to make one from: a
+    switch to it leaves them out of the index (they stay in the store)."""
+    doc = await run_in_threadpool(_lifecycle(runtime).registry.read)
+    if version not in doc["versions"]:
+        raise NotFoundError(f"no registered model version {version!r}",
+                            detail={"model_version": version})
+    store = runtime.store
+
+    def scan() -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for tenant in store.list_tenants():
+            ids = [iid for iid, img in store.items_without_embedding(
+                tenant.tenant_id, model_version=version) if img is None]
+            if ids:
+                out[tenant.tenant_id] = ids
+        return out
+
+    return UnembeddedItems(model_version=version, items=await run_in_threadpool(scan))

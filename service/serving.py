@@ -1,0 +1,125 @@
+"""One served model and everything tied to it: weights, batcher, input resolver, matcher and the
+per-tenant indexes of its embeddings.
+
+A :class:`Serving` is built whole (:func:`build_serving`) and never changed model-wise; a model
+switch builds a new one beside it and swaps the runtime's reference in one assignment. A request
+takes the runtime's current ``Serving`` once, at its start, and uses only that object, so it is
+answered by one model from start to end, and one index only ever holds one model version's
+embeddings.
+
+:class:`SwitchGate` orders gallery writes against a switch: writes share the gate, the switch's
+final step (catch-up, build the new indexes, swap) takes it alone, so no write can land in the
+old model's indexes after the new ones were built from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from starlette.concurrency import run_in_threadpool
+from torch import nn
+
+from service.embedding import EmbeddingBatcher
+from service.index import IndexRegistry
+from service.inputs import InputResolver
+from service.matching import FeedbackListener, Matcher, MatchListener
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+from service.store import Store
+from tcm import Manifest, load_artefact
+
+
+@dataclass
+class Serving:
+    manifest: Manifest
+    model: nn.Module
+    device: torch.device
+    path: Path
+    batcher: EmbeddingBatcher
+    resolver: InputResolver
+    indexes: IndexRegistry
+    matcher: Matcher
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest.model_version
+
+    @property
+    def threshold(self) -> float:
+        return float(self.manifest.calibration.tau)
+
+    async def close(self) -> None:
+        await self.batcher.stop()
+        self.indexes.clear()
+
+
+async def build_serving(settings: Settings, path: Path, *, device: torch.device, store: Store,
+                        metrics: ServiceMetrics,
+                        match_listeners: list[MatchListener] | None = None,
+                        feedback_listeners: list[FeedbackListener] | None = None) -> Serving:
+    """Loads the artefact at ``path`` and starts its batcher; the indexes start empty."""
+    model, manifest = await run_in_threadpool(load_artefact, path, device=device)
+    indexes = IndexRegistry(manifest.embedding_dim, settings.index_factory,
+                            device=str(device.type))
+    batcher = EmbeddingBatcher(model, manifest.preprocessing, device=device,
+                               max_batch=settings.embed_max_batch,
+                               max_wait_s=settings.embed_max_wait_ms / 1e3, metrics=metrics)
+    resolver = InputResolver(batcher=batcher, store=store, dim=manifest.embedding_dim,
+                             channels=manifest.preprocessing.channels,
+                             max_image_pixels=settings.max_image_pixels,
+                             model_version=manifest.model_version)
+    matcher = Matcher(store=store, indexes=indexes, resolver=resolver, metrics=metrics,
+                      threshold=manifest.calibration.tau, model_version=manifest.model_version,
+                      max_k=settings.max_k)
+    if match_listeners is not None:
+        matcher.match_listeners = match_listeners
+    if feedback_listeners is not None:
+        matcher.feedback_listeners = feedback_listeners
+    await batcher.start()
+    return Serving(manifest=manifest, model=model, device=device, path=Path(path),
+                   batcher=batcher, resolver=resolver, indexes=indexes, matcher=matcher)
+
+
+class SwitchGate:
+    """An asyncio read-write gate: many ``shared()`` holders (gallery writes) or one
+    ``exclusive()`` holder (a model switch), the switch preferred once it waits."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            try:
+                await self._cond.wait_for(lambda: self._shared == 0)
+            except BaseException:
+                self._exclusive = False
+                self._cond.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()

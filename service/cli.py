@@ -1,15 +1,24 @@
-"""``tcm-serve``: run the service with uvicorn.
+"""``tcm-serve``: run the service with uvicorn, and the operator's commands around it.
 
-Settings come from ``TCM_*`` environment variables (see :mod:`service.settings`). Without
-``TCM_ADMIN_TOKEN`` a fresh admin token is generated and printed once: it is valid for this
-process only, so set the variable for anything but a trial run.
+``tcm-serve [--host --port]`` serves. Settings come from ``TCM_*`` environment variables (see
+:mod:`service.settings`). Without ``TCM_ADMIN_TOKEN`` a fresh admin token is generated and
+printed once: it is valid for this process only, so set the variable for anything but a trial.
+
+``tcm-serve export-dataset --out DIR`` writes the gallery of record (stored images by tenant and
+subject) and the labelled feedback as a dataset ``tcm-train`` reads (``service.export``), from
+the store ``TCM_STORE_URL`` names. ``tcm-serve models list|stage|activate|rollback`` drive a
+running service's model registry over its admin API (``--url``, ``TCM_ADMIN_TOKEN``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import secrets
-from typing import Annotated
+import time
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -19,24 +28,36 @@ from rich.console import Console
 from service.app import create_app
 from service.settings import Settings
 
-app = typer.Typer(add_completion=False, help="Serve a threshold-consistent embedding model.")
+app = typer.Typer(add_completion=False, no_args_is_help=False,
+                  help="Serve a threshold-consistent embedding model.")
+models_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="The model registry of a running service (admin API).")
+app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 
-@app.command()
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        console.print(f"[red]invalid settings (TCM_* environment variables):[/red]\n{exc}")
+        raise typer.Exit(2) from exc
+
+
+@app.callback(invoke_without_command=True)
 def serve(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn/python log level")] = "info",
 ) -> None:
-    """Loads the artefact at TCM_ARTEFACT_PATH and serves the v1 API."""
+    """Loads the artefact at TCM_ARTEFACT_PATH (or the registry's active one) and serves the
+    v1 API; with a command, runs that instead."""
+    if ctx.invoked_subcommand is not None:
+        return
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        console.print(f"[red]invalid settings (TCM_* environment variables):[/red]\n{exc}")
-        raise typer.Exit(2) from exc
+    settings = _settings()
     if settings.admin_token is None:
         token = secrets.token_urlsafe(32)
         settings = settings.model_copy(update={"admin_token": SecretStr(token)})
@@ -44,6 +65,122 @@ def serve(
                       "(shown once):[/yellow]")
         console.print(token, markup=False, highlight=False)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
+
+
+@app.command("export-dataset")
+def export_dataset_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="new folder for the dataset")],
+    tenant: Annotated[list[str] | None, typer.Option(
+        "--tenant", help="export only this tenant (repeat; e.g. the consenting ones)")] = None,
+    min_images: Annotated[int, typer.Option(
+        help="leave out subjects with fewer stored images")] = 2,
+) -> None:
+    """Writes the stored gallery images (a class per tenant and subject) and the labelled
+    feedback into a dataset folder tcm-train reads (dataset=imagefolder)."""
+    from service.errors import StoreUnavailableError
+    from service.export import export_dataset
+    from service.store import open_store
+
+    settings = _settings()
+    try:
+        store = open_store(settings)
+    except StoreUnavailableError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from exc
+    try:
+        summary = export_dataset(store, out, tenants=tenant, min_images_per_subject=min_images)
+    except (ValueError, StoreUnavailableError) as exc:
+        console.print(f"[red]{getattr(exc, 'message', exc)}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        store.close()
+    left = sum(len(v) for v in summary["items_without_image"].values())
+    console.print(f"exported {summary['num_images']} images of {summary['num_classes']} "
+                  f"subjects from {len(summary['tenants'])} tenants, "
+                  f"{summary['feedback_records']} feedback records to {out}"
+                  + (f"; {left} items without a stored image left out" if left else ""))
+    console.print(f"train: tcm-train fit --out runs/retrain --set dataset=imagefolder "
+                  f"--set data_dir={out} --set pretrained=<active artefact>", markup=False)
+
+
+# --- the model registry over HTTP -------------------------------------------------------------
+UrlOpt = Annotated[str, typer.Option("--url", envvar="TCM_URL", help="the service")]
+
+
+def _admin(url: str, method: str, path: str, **kwargs: Any) -> Any:
+    import httpx
+
+    token = os.environ.get("TCM_ADMIN_TOKEN")
+    if not token:
+        console.print("[red]set TCM_ADMIN_TOKEN to the service's admin token[/red]")
+        raise typer.Exit(2)
+    try:
+        r = httpx.request(method, url.rstrip("/") + path, timeout=30.0,
+                          headers={"Authorization": f"Bearer {token}"}, **kwargs)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]cannot reach {url}: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+    if r.status_code >= 400:
+        console.print(f"[red]{r.status_code} {body.get('code', '')}: "
+                      f"{body.get('message', r.text)}[/red]")
+        raise typer.Exit(1)
+    return body
+
+
+def _print(body: Any) -> None:
+    typer.echo(json.dumps(body, indent=2))
+
+
+def _wait(url: str, version: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = _admin(url, "GET", "/v1/models")
+        prog = body.get("progress") or {}
+        if prog.get("version") == version and prog.get("state") == "failed":
+            console.print(f"[red]activation failed: {prog.get('error')}[/red]")
+            raise typer.Exit(1)
+        if body["active"] == version and body["served"] == version:
+            console.print(f"{version} is active ({prog.get('items_embedded', 0)} items "
+                          f"re-embedded, {prog.get('items_skipped', 0)} left out)")
+            return
+        time.sleep(0.5)
+    console.print(f"[red]{version} not active after {timeout_s:.0f}s[/red]")
+    raise typer.Exit(1)
+
+
+@models_app.command("list")
+def models_list(url: UrlOpt = "http://127.0.0.1:8000") -> None:
+    """Registered versions, the active one, the activation in progress, the history."""
+    _print(_admin(url, "GET", "/v1/models"))
+
+
+@models_app.command("stage")
+def models_stage(path: Annotated[str, typer.Argument(help="artefact folder (on the server)")],
+                 url: UrlOpt = "http://127.0.0.1:8000") -> None:
+    """Registers an exported artefact so that it can be activated."""
+    _print(_admin(url, "POST", "/v1/models", json={"path": path}))
+
+
+@models_app.command("activate")
+def models_activate(version: str, url: UrlOpt = "http://127.0.0.1:8000",
+                    wait: Annotated[bool, typer.Option(help="until switched")] = True,
+                    timeout_s: float = 3600.0) -> None:
+    """Switches to a registered version without downtime (re-embeds the galleries first)."""
+    _print(_admin(url, "POST", f"/v1/models/{version}/activate"))
+    if wait:
+        _wait(url, version, timeout_s)
+
+
+@models_app.command("rollback")
+def models_rollback(url: UrlOpt = "http://127.0.0.1:8000",
+                    wait: Annotated[bool, typer.Option(help="until switched")] = True,
+                    timeout_s: float = 3600.0) -> None:
+    """Switches back to the version active before the current one."""
+    body = _admin(url, "POST", "/v1/models/rollback")
+    _print(body)
+    if wait:
+        _wait(url, body["version"], timeout_s)
 
 
 if __name__ == "__main__":  # pragma: no cover

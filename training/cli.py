@@ -6,6 +6,7 @@ before any training starts, and reports a bad input as one line saying what to f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -15,8 +16,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from tcm import read_manifest
 from training.compare import compare as compare_runs
-from training.config import load_config
+from training.config import TrainConfig, load_config
 from training.pipeline import evaluate_run, export_run, train_evaluate_export
 from training.sweep import parse_grid
 from training.sweep import sweep as run_sweep
@@ -134,6 +136,44 @@ def sweep(out: Annotated[Path, typer.Option("--out", "-o", help="folder for the 
     try:
         base = load_config(config, _overrides(set_, data_dir))
         run_sweep(base, parse_grid(grid), out, split=split, console=console)
+    except ValueError as exc:
+        _fail(exc)
+
+
+# what a retrain starts from: the artefact's own training config, minus what names its data
+RETRAIN_FIXED = ("dataset", "data_dir", "pretrained", "max_train_classes", "max_test_classes")
+
+
+def retrain_config(artefact: Path, data: Path, overrides: list[str] | None = None
+                   ) -> TrainConfig:
+    """The config that fine-tunes ``artefact`` on an exported dataset (``tcm-serve
+    export-dataset``): the artefact's training config (architecture, loss, margins) on the new
+    image folder, starting from its weights and input format, TCM on; ``overrides`` last."""
+    manifest = read_manifest(artefact)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in manifest.training_config.items()
+              if k in known and k not in RETRAIN_FIXED}
+    base = TrainConfig(**values) if values else TrainConfig(arch=manifest.architecture)
+    return load_config(None, ["dataset=imagefolder", f"data_dir={data}",
+                              f"pretrained={artefact}", "tcm=true", *(overrides or [])],
+                       base=base)
+
+
+@app.command()
+def retrain(artefact: Annotated[Path, typer.Option("--from", help="the active artefact")],
+            data: Annotated[Path, typer.Option(help="folder from tcm-serve export-dataset")],
+            out: Annotated[Path, typer.Option("--out", "-o", help="run folder")],
+            export: Annotated[Path, typer.Option(help="the new artefact's folder")],
+            set_: SetOpt = None) -> None:
+    """Fine-tune an artefact on data exported from the service (TCM on, held-out subjects for
+    evaluation and calibration) and export the new version with its own tau and baseline."""
+    try:
+        cfg = retrain_config(artefact, data, set_)
+        result = train_evaluate_export(cfg, out, export)
+        if result:
+            console.print(_summary(result))
+            console.print(f"artefact {result['model_version']} written to {export}; "
+                          f"stage it: tcm-serve models stage {export}")
     except ValueError as exc:
         _fail(exc)
 

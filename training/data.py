@@ -187,6 +187,12 @@ def _fixed_digit_split(images: np.ndarray, labels: np.ndarray) -> tuple[RawSplit
 
 
 def preprocessing_for(config: TrainConfig) -> Preprocessing:
+    pretrained = Path(config.pretrained) if config.pretrained else None
+    if pretrained is not None and (pretrained / "manifest.json").is_file():
+        # fine-tuning an exported artefact: its network expects its own input format
+        from tcm import read_manifest
+
+        return read_manifest(pretrained).preprocessing
     size = (config.image_size, config.image_size)
     if config.dataset == "omniglot":
         return Preprocessing(image_size=size, channels=1, mean=(0.5,), std=(0.5,), invert=True)

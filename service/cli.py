@@ -33,7 +33,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=False,
 models_app = typer.Typer(add_completion=False, no_args_is_help=True,
                          help="The model registry of a running service (admin API).")
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths and messages stay on one line
 
 
 def _settings() -> Settings:

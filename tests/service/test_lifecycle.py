@@ -31,6 +31,7 @@ from tests.service.conftest import (
     make_settings,
     unit,
 )
+from tests.service.test_restart import _answers as answers
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 FAST = {"model_poll_s": 0.1, "model_heartbeat_s": 0.2, "model_retire_grace_s": 0.5,
@@ -79,17 +80,6 @@ def enrol_digits(c: TestClient, auth: dict[str, str], digits: Digits, idx: range
     for start in range(0, len(items), 50):
         r = c.post("/v1/gallery", json={"items": items[start:start + 50]}, headers=auth)
         assert r.status_code == 201, r.text
-
-
-def answers(c: TestClient, auth: dict[str, str], queries: list[dict]) -> list[dict]:
-    out = []
-    for q in queries:
-        r = c.post("/v1/match", json=q, headers=auth)
-        assert r.status_code == 200, r.text
-        body = r.json()
-        body.pop("match_id")
-        out.append(body)
-    return out
 
 
 def index_matches_store(c: TestClient, tenant_id: str) -> None:

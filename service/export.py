@@ -20,6 +20,7 @@ exported for evaluation and auditing, not as extra training images.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import time
@@ -44,8 +45,6 @@ def class_folder(tenant_id: str, subject: str) -> str:
 
 
 def _suffix(image: bytes) -> str | None:
-    import io
-
     try:
         with Image.open(io.BytesIO(image)) as im:
             return _SUFFIX.get(im.format or "")

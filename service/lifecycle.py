@@ -53,8 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def startup_model(store: Store, settings: Settings) -> tuple[Path, bool]:
-    """Which artefact a starting replica serves, and whether an activation was left running.
+def startup_model(store: Store, settings: Settings) -> Path:
+    """Which artefact a starting replica serves.
 
     The configured artefact (``TCM_ARTEFACT_PATH``) becomes active when the configuration
     names another version than the one the registry last saw configured (a deploy that changes
@@ -81,10 +81,8 @@ def startup_model(store: Store, settings: Settings) -> tuple[Path, bool]:
     except StoreUnavailableError as exc:
         log.warning("model registry unreadable at start-up, serving %s: %s", configured,
                     exc.message)
-        return configured, False
-    active = doc["versions"][doc["active"]]
-    act = doc["activation"]
-    return Path(active["path"]), bool(act and act["state"] == "running")
+        return configured
+    return Path(doc["versions"][doc["active"]]["path"])
 
 
 @dataclass
@@ -124,8 +122,9 @@ class ModelLifecycle:
         self.switch_listeners: list[Any] = []  # called with the new Serving after a switch
 
     # --- admin operations -------------------------------------------------------------------
-    async def stage(self, path: str) -> dict[str, Any]:
-        """Registers the artefact at ``path`` (loaded once here to prove it is usable)."""
+    async def stage(self, path: str) -> tuple[str, reg.Doc]:
+        """Registers the artefact at ``path`` (loaded once here to prove it is usable);
+        returns its version and the registry as written."""
         p = Path(path)
         try:
             _, manifest = await run_in_threadpool(load_artefact, p, device="cpu")
@@ -135,19 +134,18 @@ class ModelLifecycle:
         now = time.time()
         doc = await run_in_threadpool(
             self.registry.update, lambda d: reg.register(d, manifest, p, now=now))
-        return {"model_version": manifest.model_version,
-                **doc["versions"][manifest.model_version]}
+        return manifest.model_version, doc
 
     async def activate(self, version: str, *, kind: str = "activate") -> dict[str, Any]:
         """Starts switching to ``version`` in the background; returns the activation."""
-        if self._task is not None and not self._task.done():
+        if self.busy:
             raise ConflictError("this replica is already switching models; wait for it",
                                 code="activation_in_progress",
                                 detail={"activation": self.status()})
         now = time.time()
-        doc = await run_in_threadpool(self.registry.update, lambda d: reg.begin(
+        await run_in_threadpool(self.registry.update, lambda d: reg.begin(
             d, version, kind=kind, owner=self.owner, now=now))
-        self._run_in_background(version, kind=kind, commit=True, source=doc["activation"])
+        self._run_in_background(version, kind=kind, commit=True)
         assert self.progress is not None
         return self.progress.as_dict()
 
@@ -164,12 +162,9 @@ class ModelLifecycle:
         return None if self.progress is None else self.progress.as_dict()
 
     # --- the background ---------------------------------------------------------------------
-    def start(self, *, resume: bool = False) -> None:
-        """Starts the registry watcher; ``resume``: an activation was left running (it is taken
-        over once its heartbeat is stale, unless its owner is alive and beating)."""
-        if resume:
-            log.info("an activation is in progress in the registry; it resumes here if its "
-                     "owner stopped")
+    def start(self) -> None:
+        """Starts the registry watcher (it also takes over an activation left running by a
+        process that died, this one's predecessor included)."""
         self._watcher = asyncio.create_task(self._watch(), name="model-registry-watcher")
 
     async def close(self) -> None:
@@ -184,8 +179,7 @@ class ModelLifecycle:
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def _run_in_background(self, version: str, *, kind: str, commit: bool,
-                           source: dict[str, Any] | None) -> None:
+    def _run_in_background(self, version: str, *, kind: str, commit: bool) -> None:
         self.progress = Progress(version=version, kind=kind,
                                  from_version=self.rt.model_version)
         self._task = asyncio.create_task(self._run(version, kind=kind, commit=commit),
@@ -204,8 +198,7 @@ class ModelLifecycle:
                 if doc["active"] is not None and doc["active"] != self.rt.model_version:
                     log.info("the registry's active model is %s: switching to it",
                              doc["active"])
-                    self._run_in_background(doc["active"], kind="follow", commit=False,
-                                            source=None)
+                    self._run_in_background(doc["active"], kind="follow", commit=False)
                 elif act is not None and act["state"] == "running" and self._stale(act):
                     await self._take_over(act)
             except asyncio.CancelledError:
@@ -234,7 +227,7 @@ class ModelLifecycle:
             return
         log.warning("resuming the activation of %s left by %s (its heartbeat stopped)",
                     version, act["owner"])
-        self._run_in_background(version, kind=act["kind"], commit=True, source=act)
+        self._run_in_background(version, kind=act["kind"], commit=True)
 
     async def _beat(self, version: str) -> None:
         now = time.time()

@@ -123,7 +123,7 @@ class Runtime:
         match_listeners: list[MatchListener] = []
         feedback_listeners: list[FeedbackListener] = []
         try:
-            path, pending = await run_in_threadpool(startup_model, store, settings)
+            path = await run_in_threadpool(startup_model, store, settings)
             serving = await build_serving(settings, path, device=device, store=store,
                                           metrics=metrics, match_listeners=match_listeners,
                                           feedback_listeners=feedback_listeners)
@@ -152,7 +152,7 @@ class Runtime:
             log.warning("store unavailable at start-up, indexes will load once it is back: %s",
                         exc.message)
         runtime.lifecycle = ModelLifecycle(runtime)
-        runtime.lifecycle.start(resume=pending)
+        runtime.lifecycle.start()
         return runtime
 
     def publish_model(self) -> None:
@@ -236,36 +236,40 @@ class Runtime:
             tenant_id, model_version=serving.model_version))
         if not missing:
             return 0
-        skipped = 0
         chunk = max(1, self.settings.embed_max_batch)
         with_image = [(iid, img) for iid, img in missing if img is not None]
-        skipped += len(missing) - len(with_image)
+        skipped = len(missing) - len(with_image)
         if on_progress is not None and skipped:
             on_progress(0, skipped)
         for start in range(0, len(with_image), chunk):
-            part = with_image[start:start + chunk]
-            arrays, ids, bad = [], [], 0
-            for iid, img in part:
-                try:
-                    arrays.append(await run_in_threadpool(
-                        lambda b=img, w=iid: decode_image(
-                            b, channels=serving.manifest.preprocessing.channels,
-                            max_pixels=self.settings.max_image_pixels, where=f"item {w}")))
-                    ids.append(iid)
-                except InvalidInputError as exc:
-                    log.warning("cannot re-embed stored image: %s", exc.message)
-                    bad += 1
-            if arrays:
-                vectors = await serving.batcher.embed(arrays)
-                await run_in_threadpool(lambda i=ids, v=vectors: self.store.put_embeddings(
-                    tenant_id, dict(zip(i, v, strict=True)),
-                    model_version=serving.model_version))
+            embedded, bad = await self._embed_stored(serving, tenant_id,
+                                                     with_image[start:start + chunk])
             skipped += bad
             if on_progress is not None:
-                on_progress(len(ids), bad)
+                on_progress(embedded, bad)
         log.info("tenant %s: re-embedded %d stored images for model %s", tenant_id,
                  len(with_image), serving.model_version)
         return skipped
+
+    async def _embed_stored(self, serving: Serving, tenant_id: str,
+                            images: Sequence[tuple[str, bytes]]) -> tuple[int, int]:
+        """Decodes stored images (item id, bytes), embeds them with ``serving``'s model in one
+        batch and stores the embeddings; returns (embedded, undecodable)."""
+        arrays, ids = [], []
+        for iid, img in images:
+            try:
+                arrays.append(await run_in_threadpool(
+                    decode_image, img, channels=serving.manifest.preprocessing.channels,
+                    max_pixels=self.settings.max_image_pixels, where=f"item {iid}"))
+                ids.append(iid)
+            except InvalidInputError as exc:
+                log.warning("cannot re-embed stored image: %s", exc.message)
+        if arrays:
+            vectors = await serving.batcher.embed(arrays)
+            await run_in_threadpool(lambda: self.store.put_embeddings(
+                tenant_id, dict(zip(ids, vectors, strict=True)),
+                model_version=serving.model_version))
+        return len(ids), len(images) - len(ids)
 
     async def _follow_changes(self) -> None:
         """Applies the store's change feed to the indexes until cancelled. ``feed_cursor``
@@ -331,24 +335,14 @@ class Runtime:
                           ) -> None:
         """Embeds the stored images of these items with ``serving``'s model (items without
         an image, or gone, are left as they are)."""
-        version, channels = serving.model_version, serving.manifest.preprocessing.channels
-        arrays, ids = [], []
+        images = []
         for iid in item_ids:
             item = await run_in_threadpool(lambda i=iid: self.store.get_item(
-                tenant_id, i, model_version=version, with_image=True))
-            if item is None or item.image is None or item.embedding is not None:
-                continue
-            try:
-                arrays.append(await run_in_threadpool(
-                    decode_image, item.image, channels=channels,
-                    max_pixels=self.settings.max_image_pixels, where=f"item {iid}"))
-                ids.append(iid)
-            except InvalidInputError as exc:
-                log.warning("cannot re-embed stored image: %s", exc.message)
-        if arrays:
-            vectors = await serving.batcher.embed(arrays)
-            await run_in_threadpool(lambda: self.store.put_embeddings(
-                tenant_id, dict(zip(ids, vectors, strict=True)), model_version=version))
+                tenant_id, i, model_version=serving.model_version, with_image=True))
+            if item is not None and item.image is not None and item.embedding is None:
+                images.append((iid, item.image))
+        if images:
+            await self._embed_stored(serving, tenant_id, images)
 
     async def readiness(self) -> dict[str, str]:
         checks: dict[str, str] = {"model": "ok"}

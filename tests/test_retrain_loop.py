@@ -1,6 +1,6 @@
 """The loop users live in, end to end and small enough for CI: drift injected -> the OPIS alert
 condition holds -> export the gallery -> retrain from the active artefact -> stage, activate ->
-OPIS back under the alert bound, on the drifted tenant's data.
+OPIS back under the alert bound, on the drifted tenant's data. ``pytest -s`` prints the figures.
 
 Real parts throughout: a model trained here on sklearn's digits (digits 0-4), a running app on
 SQLite, the two CLIs (``tcm-serve export-dataset``, ``tcm-train retrain``), the admin API, the
@@ -55,6 +55,9 @@ def alert_fires(c: TestClient, factor: float) -> tuple[bool, dict]:
     text = c.get("/metrics").text
     opis, base = gauge(text, "tcm_opis"), gauge(text, "tcm_opis_baseline")
     assert snap["eligible_tenants"] >= 2
+    print(f"{snap['model_version']}: live OPIS {opis:.3g}, baseline {base:.3g}, alert bound "
+          f"{factor * base:.3g}; utility at tau by tenant "
+          f"{[round(t['utility'], 3) for t in snap['tenants'].values()]}")
     return opis > factor * base, snap
 
 

@@ -55,9 +55,8 @@ async def list_models(runtime: RuntimeDep) -> ModelRegistryOut:
 
 @router.post("", status_code=201)
 async def stage_model(body: ModelStage, runtime: RuntimeDep) -> ModelVersionOut:
-    record = await _lifecycle(runtime).stage(body.path)
-    doc = await run_in_threadpool(_lifecycle(runtime).registry.read)
-    return _version(doc, record["model_version"])
+    version, doc = await _lifecycle(runtime).stage(body.path)
+    return _version(doc, version)
 
 
 @router.post("/rollback", status_code=202)

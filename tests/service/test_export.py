@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -63,7 +64,7 @@ def test_export_dataset(kind: str, artefact: Path, store_settings, digits: Digit
         # the bytes are the enrolled ones, and tcm-train reads the folder as it is
         folder = out / class_folder(tenants["a"], "y")
         assert sorted(p.read_bytes() for p in folder.iterdir()) == sorted(
-            __import__("base64").b64decode(b64_png(digits.images[10 + i])) for i in range(3))
+            base64.b64decode(b64_png(digits.images[10 + i])) for i in range(3))
         train, test = load_raw(load_config(None, ["dataset=imagefolder", f"data_dir={out}",
                                                   "test_fraction=0.34"]))
         assert len(train.labels) + len(test.labels) == 9

@@ -349,8 +349,7 @@ class Monitor:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), wait)
-                if self._stop.is_set() or loop.time() >= next_refresh or self._wake.is_set():
-                    self._wake.clear()
+                if self._stop.is_set() or loop.time() >= next_refresh:
                     break
                 try:  # a replica's newer snapshot, published now rather than next interval
                     await asyncio.to_thread(self.adopt_newer)

@@ -15,7 +15,7 @@ PRESET := $(if $(filter faces,$(MODEL)),faces,omniglot)
 # the shared data sets: beside the checkout, else the machines' standard place
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
-.PHONY: install run test lint bench study study-faces model clean audit
+.PHONY: install run test lint bench study study-faces study-orl model clean audit
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ study: $(STAMP)
 # The LFW face study beside it (MS/ArcFace +- TCM, margins swept on validation identities).
 study-faces: $(STAMP)
 	$(PY) -m studies.faces --data-dir $(DATA_DIR) --out runs/study_faces --docs docs/results
+
+# ORL (AT&T faces, 40 people): multi-similarity +- TCM over 3 seeds, margins on validation people.
+study-orl: $(STAMP)
+	$(PY) -m studies.orl --data-dir $(DATA_DIR) --out runs/study_orl --docs docs/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

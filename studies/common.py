@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from training.compare import compare
@@ -43,3 +46,36 @@ def margin_sweep(settings: list[str], out: Path, plot: Path, *, m_plus: str, m_m
     console.print(f"chosen margins: m_plus={chosen['m_plus']} m_minus={chosen['m_minus']} "
                   f"({chosen['rule']})")
     return rows, chosen
+
+
+Key = tuple[str, str, float, str]  # (row key, column title, scale, format spec)
+
+
+def mean_std_table(groups: dict[str, list[dict[str, Any]]], keys: list[Key]
+                   ) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+    """A markdown table, one line per group: mean ± std over its runs of every key; and the
+    same numbers unscaled as {group: {key: [mean, std]}}."""
+    lines = ["| loss | " + " | ".join(h for _, h, _, _ in keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    summary: dict[str, dict[str, list[float]]] = {}
+    for name, rows in groups.items():
+        summary[name], cells = {}, []
+        for key, _, scale, spec in keys:
+            vals = [float(r[key]) * scale for r in rows]
+            m = statistics.fmean(vals)
+            s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            summary[name][key] = [m / scale, s / scale]
+            cells.append(f"{m:{spec}} ± {s:{spec}}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines, summary
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| run | R@1 (val) | OPIS (val, ×1e-3) | ε-OPIS (val) |", "|---|---|---|---|"]
+    return lines + [f"| {Path(r['run']).name} | {r['recall_at_1']:.4f} | "
+                    f"{r['opis'] * 1e3:.2f} | {r['eps_opis']:.3f} |" for r in rows]
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, cuda={torch.cuda.is_available()}")

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from studies.common import console, margin_sweep
+from studies.common import console, machine, margin_sweep, mean_std_table, sweep_table
 from training.compare import compare, summarise
 from training.config import load_config
 from training.data import load_splits
@@ -96,35 +92,20 @@ def main() -> None:
                         args.docs / f"faces_utility_{loss}_tcm={tcm}.png")
             shutil.copy(run / "det.png", args.docs / f"faces_det_{loss}_tcm={tcm}.png")
 
-    head = "| loss | " + " | ".join(h for _, h, _, _ in KEYS) + " |"
-    lines = [head, "|---" * (len(KEYS) + 1) + "|"]
-    summary: dict[str, dict[str, list[float]]] = {}
-    for name, rows in groups.items():
-        summary[name] = {}
-        cells = []
-        for key, _, scale, spec in KEYS:
-            vals = [float(r[key]) * scale for r in rows]
-            m = statistics.fmean(vals)
-            s = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            summary[name][key] = [m / scale, s / scale]
-            cells.append(f"{m:{spec}} ± {s:{spec}}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    sweep_lines = ["| run | R@1 (val) | OPIS (val, ×1e-3) | ε-OPIS (val) |", "|---|---|---|---|"]
-    sweep_lines += [f"| {Path(r['run']).name} | {r['recall_at_1']:.4f} | {r['opis'] * 1e3:.2f} "
-                    f"| {r['eps_opis']:.3f} |" for r in sweep_rows]
-    machine = (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-               f"torch {torch.__version__}, cuda={torch.cuda.is_available()}")
+    lines, summary = mean_std_table(groups, KEYS)
+    sweep_lines = sweep_table(sweep_rows)
+    machine_desc = machine()
     (args.docs / "faces_table.md").write_text("\n".join([
         f"## LFW main runs (mean ± std over seeds {', '.join(map(str, args.seeds))})", "",
         *lines, "", "*View 2 identities overlap the training identities (peopleDevTrain).", "",
         "## LFW margin sweep (validation identities)", "", *sweep_lines, "",
         f"Chosen: m_plus={chosen['m_plus']}, m_minus={chosen['m_minus']} ({chosen['rule']}).",
-        "", f"Machine: {machine}; wall time {(time.perf_counter() - started) / 60:.0f} min.",
+        "", f"Machine: {machine_desc}; wall time {(time.perf_counter() - started) / 60:.0f} min.",
         ""]))
     (args.docs / "faces_study.json").write_text(json.dumps(
         {"summary": summary, "runs": [r for rows in groups.values() for r in rows],
          "sweep": sweep_rows, "chosen": {k: chosen[k] for k in ("m_plus", "m_minus", "rule")},
-         "machine": machine, "args": {k: str(v) for k, v in vars(args).items()}},
+         "machine": machine_desc, "args": {k: str(v) for k, v in vars(args).items()}},
         indent=2, default=str))
     console.print((args.docs / "faces_table.md").read_text())
 

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from studies.common import console, margin_sweep
+from studies.common import console, machine, margin_sweep
 from training.compare import compare, summarise
 from training.config import load_config
 from training.pipeline import train_evaluate_export
@@ -131,19 +128,18 @@ def main() -> None:
     for name, r in toy.items():
         toy_lines.append(f"| {name} | {r['recall_at_1']:.4f} | {r['opis'] * 1e3:.2f} "
                          f"| {r['eps_opis']:.4f} |")
-    machine = (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-               f"torch {torch.__version__}, cuda={torch.cuda.is_available()}")
+    machine_desc = machine()
     (args.docs / "table.md").write_text(
         "\n".join(["## Main runs (mean ± std over seeds " + ", ".join(map(str, args.seeds))
                    + ")", "", *lines, "", "## Margin sweep (validation split)", "",
                    *sweep_lines, "", f"Chosen: m_plus={chosen['m_plus']}, "
                    f"m_minus={chosen['m_minus']} ({chosen['rule']}).", "", "## Digits toy", "",
-                   *toy_lines, "", f"Machine: {machine}; study wall time "
+                   *toy_lines, "", f"Machine: {machine_desc}; study wall time "
                    f"{(time.perf_counter() - started) / 60:.0f} min.", ""]))
     (args.docs / "study.json").write_text(json.dumps(
         {"summary": summary, "runs": all_main, "sweep": sweep_rows, "chosen": {
             k: chosen[k] for k in ("m_plus", "m_minus", "rule")}, "toy": toy,
-         "machine": machine, "args": {k: str(v) for k, v in vars(args).items()}},
+         "machine": machine_desc, "args": {k: str(v) for k, v in vars(args).items()}},
         indent=2, default=str))
     console.print((args.docs / "table.md").read_text())
 

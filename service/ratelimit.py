@@ -25,6 +25,7 @@ import redis
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import RateLimitedError, StoreUnavailableError
+from service.ids import key_part
 from service.settings import Settings
 from service.store import Store
 from service.store.redis_store import _UNAVAILABLE as REDIS_UNAVAILABLE
@@ -131,7 +132,7 @@ class RedisRateLimiter:
         self._script = client.register_script(TOKEN_BUCKET_LUA)
 
     def key(self, tenant_id: str) -> str:
-        return f"{self.prefix}ratelimit:{tenant_id}"
+        return f"{self.prefix}ratelimit:{key_part(tenant_id)}"
 
     def take(self, tenant_id: str, cost: float = 1.0) -> float:
         try:

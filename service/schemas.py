@@ -20,15 +20,16 @@ from pydantic import (
     model_validator,
 )
 
+from service.ids import Id
+
 MAX_METADATA_BYTES = 16 * 1024
 # nesting of metadata objects/arrays: responses serialise at most ~255 levels, so deeper
 # metadata would be stored and then break every read of the item (and its tenant's listing)
 MAX_METADATA_DEPTH = 32
 MAX_DIM = 65536
 
-# ids and subjects travel in URL paths: no slashes, no control characters
-Name = Annotated[str, StringConstraints(min_length=1, max_length=256,
-                                        pattern=r"^[^/\x00-\x1f\x7f]+$")]
+# ids and subjects: the one id pattern of the API (service.ids)
+Name = Id
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Embedding = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_DIM)]
 Base64Image = Annotated[str, Field(min_length=1, description="base64 (or a data: URL)")]
@@ -248,7 +249,7 @@ class EmbedResponse(BaseModel):
 class FeedbackRequest(Request):
     """Either ``true_subject`` (null: the query's subject is not enrolled) or ``correct``."""
 
-    match_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    match_id: Id
     true_subject: Name | None = None
     correct: bool | None = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from service.dependencies import AdminAuth, RuntimeDep
+from service.ids import IdPath
 from service.schemas import (
     ERROR_RESPONSES,
     KeyIssue,
@@ -51,12 +52,12 @@ async def list_tenants(runtime: RuntimeDep) -> TenantList:
 
 
 @router.get("/{tenant_id}")
-async def get_tenant(tenant_id: str, runtime: RuntimeDep) -> TenantOut:
+async def get_tenant(tenant_id: IdPath, runtime: RuntimeDep) -> TenantOut:
     return _tenant(await runtime.tenants.get(tenant_id))
 
 
 @router.delete("/{tenant_id}", status_code=204)
-async def delete_tenant(tenant_id: str, runtime: RuntimeDep) -> Response:
+async def delete_tenant(tenant_id: IdPath, runtime: RuntimeDep) -> Response:
     async with runtime.gate.shared():  # not in the middle of a model switch
         await runtime.tenants.delete(tenant_id)
     runtime.gallery.forget_tenant(tenant_id)
@@ -64,7 +65,7 @@ async def delete_tenant(tenant_id: str, runtime: RuntimeDep) -> Response:
 
 
 @router.post("/{tenant_id}/keys", status_code=201)
-async def issue_key(tenant_id: str, runtime: RuntimeDep, body: KeyIssue | None = None
+async def issue_key(tenant_id: IdPath, runtime: RuntimeDep, body: KeyIssue | None = None
                     ) -> KeyIssued:
     key, token, revoked = await runtime.tenants.issue_key(
         tenant_id, revoke_existing=body.revoke_existing if body else False)
@@ -73,11 +74,11 @@ async def issue_key(tenant_id: str, runtime: RuntimeDep, body: KeyIssue | None =
 
 
 @router.get("/{tenant_id}/keys")
-async def list_keys(tenant_id: str, runtime: RuntimeDep) -> KeyList:
+async def list_keys(tenant_id: IdPath, runtime: RuntimeDep) -> KeyList:
     return KeyList(keys=[_key(k) for k in await runtime.tenants.list_keys(tenant_id)])
 
 
 @router.delete("/{tenant_id}/keys/{key_id}", status_code=204)
-async def revoke_key(tenant_id: str, key_id: str, runtime: RuntimeDep) -> Response:
+async def revoke_key(tenant_id: IdPath, key_id: IdPath, runtime: RuntimeDep) -> Response:
     await runtime.tenants.revoke_key(tenant_id, key_id)
     return Response(status_code=204)

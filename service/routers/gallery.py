@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
 from service.dependencies import RuntimeDep, TenantId
+from service.ids import IdPath, IdQuery
 from service.routers.uploads import build, parse_json_object, read_upload
 from service.schemas import (
     ERROR_RESPONSES,
@@ -49,7 +50,7 @@ async def enrol_upload(
 
 @router.get("/v1/gallery")
 async def list_items(
-    tenant: TenantId, runtime: RuntimeDep, subject: str | None = None,
+    tenant: TenantId, runtime: RuntimeDep, subject: IdQuery = None,
     cursor: str | None = None, limit: Annotated[int, Query()] = 100,
 ) -> GalleryPage:
     items, next_cursor = await runtime.gallery.list(tenant, subject=subject, cursor=cursor,
@@ -58,17 +59,17 @@ async def list_items(
 
 
 @router.get("/v1/gallery/{item_id}")
-async def get_item(item_id: str, tenant: TenantId, runtime: RuntimeDep,
+async def get_item(item_id: IdPath, tenant: TenantId, runtime: RuntimeDep,
                    include_embedding: bool = False) -> GalleryItemOut:
     return _out(await runtime.gallery.get(tenant, item_id), with_embedding=include_embedding)
 
 
 @router.delete("/v1/gallery/{item_id}", status_code=204)
-async def delete_item(item_id: str, tenant: TenantId, runtime: RuntimeDep) -> Response:
+async def delete_item(item_id: IdPath, tenant: TenantId, runtime: RuntimeDep) -> Response:
     await runtime.gallery.delete_item(tenant, item_id)
     return Response(status_code=204)
 
 
 @router.delete("/v1/subjects/{subject}")
-async def delete_subject(subject: str, tenant: TenantId, runtime: RuntimeDep) -> Deleted:
+async def delete_subject(subject: IdPath, tenant: TenantId, runtime: RuntimeDep) -> Deleted:
     return Deleted(deleted=await runtime.gallery.delete_subject(tenant, subject))

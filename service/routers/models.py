@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service import registry as reg
 from service.dependencies import AdminAuth, RuntimeDep
 from service.errors import NotFoundError, NotReadyError
+from service.ids import IdPath
 from service.lifecycle import ModelLifecycle
 from service.runtime import Runtime
 from service.schemas import (
@@ -65,12 +66,12 @@ async def rollback(runtime: RuntimeDep) -> Activation:
 
 
 @router.post("/{version}/activate", status_code=202)
-async def activate(version: str, runtime: RuntimeDep) -> Activation:
+async def activate(version: IdPath, runtime: RuntimeDep) -> Activation:
     return Activation.model_validate(await _lifecycle(runtime).activate(version))
 
 
 @router.get("/{version}/unembedded")
-async def unembedded(version: str, runtime: RuntimeDep) -> UnembeddedItems:
+async def unembedded(version: IdPath, runtime: RuntimeDep) -> UnembeddedItems:
     """Items that have no embedding for ``version`` and no stored image to make one from: a
     switch to it leaves them out of the index (they stay in the store)."""
     doc = await run_in_threadpool(_lifecycle(runtime).registry.read)

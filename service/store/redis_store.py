@@ -1,7 +1,8 @@
 """Redis store, shared by several service replicas.
 
 Layout (every key starts with the configured prefix ``P``, default ``tcm:``; ``T`` is a tenant id,
-hex, so no key is a prefix-collision of another)::
+hex; every id in a key goes through :func:`service.ids.key_part`, so no id contains the ``:``
+separator and no key is a prefix-collision of another)::
 
     P tenants                   zset   tenant_id -> created_at
     P tenant:T                  hash   name, created_at
@@ -35,7 +36,6 @@ from the store (:meth:`RedisStore.read_changes`). Connection failures become
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +49,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from service.errors import ConflictError, StoreUnavailableError
+from service.ids import glob_escape, key_part
 from service.store.base import (
     ApiKey,
     Change,
@@ -160,7 +161,6 @@ class RedisStore:
     def __init__(self, url: str, *, prefix: str = "tcm:", timeout_s: float = 2.0,
                  client: redis.Redis | None = None) -> None:
         self.prefix = prefix
-        self._glob_prefix = re.sub(r"([*?\[\]\\])", r"\\\1", prefix)
         self._url = url
         self._timeout_s = timeout_s
         self._sentinel = SentinelURL.parse(url) if url.startswith(SENTINEL_SCHEME) else None
@@ -180,7 +180,7 @@ class RedisStore:
 
     # --- plumbing --------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
+        return self.prefix + ":".join(key_part(p) for p in parts)
 
     def _tenant(self, tid: str, *rest: str) -> str:
         return self._k("tenant", tid, *rest)
@@ -267,17 +267,30 @@ class RedisStore:
                 for tid, h in zip(ids, rows, strict=True) if h]
 
     def delete_tenant(self, tenant_id: str) -> bool:
-        with self._translate("delete tenant"):
-            key_ids = [_s(k) or "" for k in self.r.smembers(self._tenant(tenant_id, "keys"))]
-            pipe = self.r.pipeline(transaction=True)
+        """Removes the tenant record and its keys in one transaction (from then on no key
+        authenticates), then sweeps its data. Nothing is swept for a tenant that does not
+        exist: the sweep's pattern is built from the escaped id, and only after the record
+        was found and removed."""
+        record, keys_set = self._tenant(tenant_id), self._tenant(tenant_id, "keys")
+
+        def body(pipe: redis.client.Pipeline) -> bool:
+            if not pipe.exists(record):
+                pipe.multi()
+                return False
+            key_ids = [_s(k) or "" for k in pipe.smembers(keys_set)]
+            pipe.multi()
             pipe.zrem(self._k("tenants"), tenant_id)
-            pipe.delete(self._tenant(tenant_id))
+            pipe.delete(record)
             for kid in key_ids:
                 pipe.delete(self._k("key", kid))
             self._queue_change(pipe, "drop_tenant", tenant_id)
-            existed = bool(pipe.execute()[0])
+            return True
+
+        if not self._tx("delete tenant", [record, keys_set], body):
+            return False
+        with self._translate("delete tenant"):
             # the tenant is gone (no key authenticates); sweep its data
-            pattern = self._glob_prefix + f"tenant:{tenant_id}:*"
+            pattern = glob_escape(self._tenant(tenant_id) + ":") + "*"
             batch: list[bytes] = []
             for k in self.r.scan_iter(match=pattern, count=1000):
                 batch.append(k)
@@ -286,7 +299,7 @@ class RedisStore:
                     batch.clear()
             if batch:
                 self.r.unlink(*batch)
-        return existed
+        return True
 
     def add_key(self, key: ApiKey, *, revoke_others_at: float | None = None) -> list[str]:
         keys_set = self._tenant(key.tenant_id, "keys")

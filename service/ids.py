@@ -1,0 +1,53 @@
+"""The one shape of every id the API takes, and how ids are made safe where they meet a store.
+
+Tenant ids, key ids, item ids, subjects, match ids and model versions all match ``ID_PATTERN``:
+an ASCII letter or digit, then up to 127 letters, digits or ``. _ @ -``. The service's own ids
+(uuid4 hex, 16-hex key ids, ``<dataset>-<arch>-...`` model versions) fit it; so do e-mail-like
+subjects. It has no ``/`` (ids are URL path segments), no ``:`` (the Redis key separator), no
+glob characters, no whitespace or control characters, and cannot be ``.`` or ``..``.
+
+The API refuses anything else with a 422 at its boundary (path, query and body). The stores do
+not rely on that: :func:`key_part` encodes what would make a Redis key ambiguous, and
+:func:`glob_escape` escapes every character that is special in a ``SCAN MATCH`` pattern, so a
+bug upstream cannot turn an id into a pattern that matches another tenant's keys.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Path, Query
+from pydantic import StringConstraints
+
+ID_MAX_LENGTH = 128
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
+ID_RULE = "1-128 characters: ASCII letters, digits and . _ @ -, starting with a letter or digit"
+
+# a request or response body field; FastAPI path and query parameters
+Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]
+IdPath = Annotated[
+    str, Path(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN, description=ID_RULE)
+]
+IdQuery = Annotated[
+    str | None,
+    Query(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN, description=ID_RULE),
+]
+
+_GLOB_SPECIAL = frozenset("*?[]\\")
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a Redis glob (``SCAN MATCH``, ``KEYS``) that matches exactly ``text``: each
+    of ``* ? [ ] \\`` gets a backslash (Redis' ``stringmatchlen`` treats ``\\x`` as a literal
+    ``x`` everywhere, inside brackets too)."""
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
+
+
+def key_part(text: str) -> str:
+    """``text`` as one ``:``-separated segment of a Redis key: ``%`` and ``:`` are
+    percent-encoded, so no id can reach into another key's segments (``T:items`` as a tenant id
+    would otherwise name tenant ``T``'s item set). Injective, and the identity for every id
+    matching ``ID_PATTERN`` (so keys written before this encoding existed are unchanged)."""
+    if "%" not in text and ":" not in text:
+        return text
+    return text.replace("%", "%25").replace(":", "%3A")

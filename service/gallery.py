@@ -9,6 +9,7 @@ when it took the gate, so a model switch never sees half of a write (see ``servi
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -110,12 +111,7 @@ class Gallery:
         if not 1 <= limit <= self.max_list_limit:
             raise InvalidInputError(f"limit must lie in 1..{self.max_list_limit}, got {limit}",
                                     code="invalid_limit")
-        after = 0
-        if cursor is not None:
-            if not cursor.isdigit() or len(cursor) > 19:
-                raise InvalidInputError("cursor is not one this API returned",
-                                        code="invalid_cursor")
-            after = int(cursor)
+        after = 0 if cursor is None else parse_cursor(cursor)
         rows = await run_in_threadpool(lambda: self.store.list_items(
             tenant_id, subject=subject, after_seq=after, limit=limit + 1))
         page = rows[:limit]
@@ -142,6 +138,20 @@ class Gallery:
 
     def forget_tenant(self, tenant_id: str) -> None:
         self._locks.pop(tenant_id, None)
+
+
+_CURSOR = re.compile(r"[0-9]{1,19}")
+MAX_CURSOR = 2**63 - 1  # SQLite's INTEGER (and the seq counter's) range
+
+
+def parse_cursor(cursor: str) -> int:
+    """A listing cursor (an item's seq, as the API returned it) -> int. ASCII digits only
+    (``str.isdigit`` also accepts ``"²"``, which ``int`` refuses) and within SQLite's 64-bit
+    range (a larger one overflowed the query): anything else is a 422, never a 500."""
+    if _CURSOR.fullmatch(cursor) is None or int(cursor) > MAX_CURSOR:
+        raise InvalidInputError("cursor is not one this API returned (use next_cursor from "
+                                "the previous page)", code="invalid_cursor")
+    return int(cursor)
 
 
 def _raw_bytes(images: list[tuple[str, bytes | str]]) -> list[bytes]:

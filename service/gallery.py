@@ -136,6 +136,10 @@ class Gallery:
         self._update_size_metric()
         return len(seqs)
 
+    def tenant_lock(self, tenant_id: str) -> asyncio.Lock:
+        """The lock that serialises the tenant's writes on this replica (store, then index)."""
+        return self._locks[tenant_id]
+
     def forget_tenant(self, tenant_id: str) -> None:
         self._locks.pop(tenant_id, None)
 

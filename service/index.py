@@ -178,18 +178,24 @@ class IndexRegistry:
                  "GPU" if self.on_gpu else "CPU")
         self._lock = threading.Lock()
         self._indexes: dict[str, TenantIndex] = {}
+        # tenants dropped from this registry: ids are never reused, so a late request of a
+        # deleted tenant (authenticated just before the delete) gets a throwaway empty index
+        # instead of re-creating one that would stay in memory and in the size metric
+        self._dropped: set[str] = set()
 
     def get(self, tenant_id: str) -> TenantIndex:
         with self._lock:
             index = self._indexes.get(tenant_id)
             if index is None:
                 index = TenantIndex(self.dim, self.factory, gpu_resources=self._gpu_res)
-                self._indexes[tenant_id] = index
+                if tenant_id not in self._dropped:
+                    self._indexes[tenant_id] = index
             return index
 
     def drop(self, tenant_id: str) -> None:
         with self._lock:
             self._indexes.pop(tenant_id, None)
+            self._dropped.add(tenant_id)
 
     def sizes(self) -> dict[str, int]:
         with self._lock:

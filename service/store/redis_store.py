@@ -48,7 +48,7 @@ import redis.sentinel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from service.errors import ConflictError, StoreUnavailableError
+from service.errors import ConflictError, NotFoundError, StoreUnavailableError
 from service.ids import glob_escape, key_part
 from service.store.base import (
     ApiKey,
@@ -213,6 +213,14 @@ class RedisStore:
                 raise ConflictError(f"a concurrent request changed the same data ({what}); "
                                     "retry", code="concurrent_update") from exc
 
+    def _check_tenant(self, pipe: redis.client.Pipeline, tenant_id: str) -> None:
+        """Every write under ``tenant:T:`` WATCHes the tenant record and checks it here: a
+        write that would commit after :meth:`delete_tenant` removed the record aborts instead
+        (its keys would escape the sweep and stay behind forever)."""
+        if not pipe.exists(self._tenant(tenant_id)):
+            raise ConflictError("the tenant was deleted while this request ran",
+                                code="tenant_deleted", detail={"tenant_id": tenant_id})
+
     def ping(self) -> None:
         with self._translate("ping"):
             self.r.ping()
@@ -303,8 +311,12 @@ class RedisStore:
 
     def add_key(self, key: ApiKey, *, revoke_others_at: float | None = None) -> list[str]:
         keys_set = self._tenant(key.tenant_id, "keys")
+        record = self._tenant(key.tenant_id)
 
         def body(pipe: redis.client.Pipeline) -> list[str]:
+            if not pipe.exists(record):
+                raise NotFoundError(f"no tenant {key.tenant_id!r}",
+                                    detail={"tenant_id": key.tenant_id})
             revoked: list[str] = []
             if revoke_others_at is not None:
                 for kid in sorted(_s(k) or "" for k in pipe.smembers(keys_set)):
@@ -316,7 +328,7 @@ class RedisStore:
             self._queue_key(pipe, key)
             return revoked
 
-        return self._tx("add key", [keys_set], body)
+        return self._tx("add key", [keys_set, record], body)
 
     def get_key(self, key_id: str) -> ApiKey | None:
         with self._translate("get key"):
@@ -353,8 +365,10 @@ class RedisStore:
     def add_items(self, tenant_id: str, items: Sequence[NewItem], *, model_version: str,
                   created_at: float) -> list[int]:
         item_keys = [self._tenant(tenant_id, "item", it.item_id) for it in items]
+        record = self._tenant(tenant_id)
 
         def body(pipe: redis.client.Pipeline) -> list[int]:
+            self._check_tenant(pipe, tenant_id)
             existing: list[str] = []
             for chunk_keys, chunk_items in zip(_chunks(item_keys), _chunks(items), strict=True):
                 flags = [pipe.exists(k) for k in chunk_keys]
@@ -379,7 +393,7 @@ class RedisStore:
             self._queue_change(pipe, "add", tenant_id, item_ids=[it.item_id for it in items])
             return seqs
 
-        return self._tx("add items", item_keys, body)
+        return self._tx("add items", [record, *item_keys], body)
 
     def get_item(self, tenant_id: str, item_id: str, *, model_version: str,
                  with_image: bool = False) -> GalleryItem | None:
@@ -602,8 +616,10 @@ class RedisStore:
     # --- matches and feedback --------------------------------------------------------------
     def add_match(self, record: MatchRecord) -> None:
         r = record
-        with self._translate("add match"):
-            pipe = self.r.pipeline(transaction=True)
+
+        def body(pipe: redis.client.Pipeline) -> None:
+            self._check_tenant(pipe, r.tenant_id)
+            pipe.multi()
             pipe.hset(self._tenant(r.tenant_id, "match", r.match_id), mapping={
                 "accepted": _enc(r.accepted), "subject": _enc(r.subject),
                 "subject_set": _enc(r.subject is not None),
@@ -612,7 +628,8 @@ class RedisStore:
                 "score": _enc(r.score), "threshold": _enc(r.threshold),
                 "model_version": r.model_version, "created_at": _enc(r.created_at)})
             pipe.zadd(self._tenant(r.tenant_id, "matches"), {r.match_id: r.created_at})
-            pipe.execute()
+
+        self._tx("add match", [self._tenant(r.tenant_id)], body)
 
     @staticmethod
     def _match(tenant_id: str, match_id: str, h: Mapping[bytes, bytes]) -> MatchRecord:
@@ -647,6 +664,7 @@ class RedisStore:
         match_key = self._tenant(f.tenant_id, "match", f.match_id)
 
         def body(pipe: redis.client.Pipeline) -> None:
+            self._check_tenant(pipe, f.tenant_id)
             if pipe.exists(key):
                 raise ConflictError("this match already has feedback",
                                     detail={"match_id": f.match_id}, code="feedback_exists")
@@ -659,7 +677,7 @@ class RedisStore:
                 "correct": _enc(f.correct), "genuine": _enc(f.genuine), "outcome": f.outcome,
                 "created_at": _enc(f.created_at)})
 
-        self._tx("add feedback", [key, match_key], body)
+        self._tx("add feedback", [self._tenant(f.tenant_id), key, match_key], body)
 
     def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
                        limit: int | None = None) -> list[Decision]:

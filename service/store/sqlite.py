@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import ConflictError, StoreUnavailableError
+from service.errors import ConflictError, NotFoundError, StoreUnavailableError
 from service.store.base import (
     ApiKey,
     Change,
@@ -149,9 +149,12 @@ class SQLiteStore:
                 raise StoreUnavailableError(
                     f"the SQLite store at {self.path} cannot be used ({what}): {exc}") from exc
             raise
+        except sqlite3.IntegrityError as exc:
+            # a row this write refers to is gone: its tenant (or match) was deleted by a
+            # concurrent request. The client's request is refused, not a 500.
+            raise ConflictError(f"the data this write refers to was deleted meanwhile ({what})",
+                                code="conflict_deleted") from exc
         except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.IntegrityError):
-                raise
             raise StoreUnavailableError(
                 f"the SQLite store at {self.path} cannot be used ({what}): {exc}") from exc
 
@@ -218,6 +221,10 @@ class SQLiteStore:
 
     def add_key(self, key: ApiKey, *, revoke_others_at: float | None = None) -> list[str]:
         with self._write("add key") as conn:
+            if conn.execute("SELECT 1 FROM tenants WHERE tenant_id=?", (key.tenant_id,)
+                            ).fetchone() is None:
+                raise NotFoundError(f"no tenant {key.tenant_id!r}",
+                                    detail={"tenant_id": key.tenant_id})
             revoked: list[str] = []
             if revoke_others_at is not None:
                 revoked = [r[0] for r in conn.execute(
@@ -256,6 +263,11 @@ class SQLiteStore:
                   created_at: float) -> list[int]:
         ids = [it.item_id for it in items]
         with self._write("add items") as conn:
+            # in the write transaction: a tenant delete is wholly before or after this write
+            if conn.execute("SELECT 1 FROM tenants WHERE tenant_id=?", (tenant_id,)
+                            ).fetchone() is None:
+                raise ConflictError("the tenant was deleted while this request ran",
+                                    code="tenant_deleted", detail={"tenant_id": tenant_id})
             existing: list[str] = []
             for chunk in _chunks(ids, 500):
                 marks = ",".join("?" * len(chunk))

@@ -24,6 +24,7 @@ from service.errors import InvalidInputError, NotFoundError
 from service.index import Hit, IndexRegistry
 from service.inputs import InputResolver
 from service.metrics import ServiceMetrics
+from service.pairwise import max_inner_product
 from service.schemas import VerifyInput
 from service.store import Feedback, MatchRecord, Outcome, Store
 
@@ -61,7 +62,7 @@ def label_decision(match: MatchRecord, *, true_subject: str | None, subject_give
 class Matcher:
     def __init__(self, *, store: Store, indexes: IndexRegistry, resolver: InputResolver,
                  metrics: ServiceMetrics, threshold: float, model_version: str,
-                 max_k: int) -> None:
+                 max_k: int, max_verify_pairs: int = 50_000_000) -> None:
         self.store = store
         self.indexes = indexes
         self.resolver = resolver
@@ -69,6 +70,7 @@ class Matcher:
         self.threshold = threshold
         self.model_version = model_version
         self.max_k = max_k
+        self.max_verify_pairs = max_verify_pairs
         self.match_listeners: list[MatchListener] = []
         self.feedback_listeners: list[FeedbackListener] = []
 
@@ -117,8 +119,16 @@ class Matcher:
         return await self.resolver.subject_vectors(tenant_id, inp.subject)
 
     async def verify(self, tenant_id: str, a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
-        """Best cosine over all pairs of a's and b's vectors (one pair unless subjects)."""
-        best = await run_in_threadpool(lambda: float((a @ b.T).max()))  # subjects can be large
+        """Best cosine over all pairs of a's and b's vectors (one pair unless subjects), in
+        tiles (bounded memory) and at most ``max_verify_pairs`` pairs (bounded CPU)."""
+        pairs = len(a) * len(b)
+        if pairs > self.max_verify_pairs:
+            raise InvalidInputError(
+                f"verifying these inputs compares {len(a)} x {len(b)} = {pairs} pairs, the limit "
+                f"is {self.max_verify_pairs} (TCM_MAX_VERIFY_PAIRS); verify against one item or "
+                "an image instead of a whole subject", code="too_many_pairs",
+                detail={"pairs": pairs, "max_verify_pairs": self.max_verify_pairs})
+        best = await run_in_threadpool(max_inner_product, a, b)
         score = float(np.clip(best, -1.0, 1.0))
         accepted = self.accepts(score)
         self.metrics.verify_decisions.labels(

@@ -75,7 +75,7 @@ async def build_serving(settings: Settings, path: Path, *, device: torch.device,
                              model_version=manifest.model_version)
     matcher = Matcher(store=store, indexes=indexes, resolver=resolver, metrics=metrics,
                       threshold=manifest.calibration.tau, model_version=manifest.model_version,
-                      max_k=settings.max_k)
+                      max_k=settings.max_k, max_verify_pairs=settings.max_verify_pairs)
     if match_listeners is not None:
         matcher.match_listeners = match_listeners
     if feedback_listeners is not None:

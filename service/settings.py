@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_k: int = Field(100, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width*height cap per image")
     max_list_limit: int = Field(1000, ge=1)
+    max_verify_pairs: int = Field(
+        50_000_000, ge=1, description="pairs one verify may compare (subject vs subject: the "
+        "product of their sizes); more is a 422 too_many_pairs")
     rate_limit_per_s: float = Field(
         0.0, ge=0, allow_inf_nan=False,
         description="requests per second per tenant (token bucket refill rate); 0 = no limit")

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,10 +97,16 @@ class EmbeddingBatcher:
         """uint8 images -> float32 (n, d) L2-normalised embeddings."""
         if not images:
             raise InvalidInputError("no images given")
+        return await self.embed_prepared(lambda: to_input_tensor(images, self.preprocessing))
+
+    async def embed_prepared(self, prepare: Callable[[], torch.Tensor]) -> np.ndarray:
+        """Embeds what ``prepare`` (run in a worker thread) returns: the input tensor
+        (n, C, H, W), e.g. built image by image as they are decoded, so that no more than one
+        full-size image is held at a time."""
         self._preparing += 1
         try:
             try:
-                inputs = await run_in_threadpool(to_input_tensor, images, self.preprocessing)
+                inputs = await run_in_threadpool(prepare)
             except ValueError as exc:
                 raise InvalidInputError(f"cannot preprocess the image: {exc}") from exc
             futures = self._enqueue(inputs)

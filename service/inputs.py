@@ -3,6 +3,11 @@
 An input is a raw embedding, an image (base64 or uploaded bytes), or, for verify, a gallery
 item or a whole subject. Embeddings are checked here (dimension, finite, non-zero) and
 L2-normalised, so that inner products downstream are cosines; images go through the batcher.
+
+A request's images are bounded together: the pixels their headers claim may add up to at most
+``max_request_pixels`` (413 ``too_many_pixels`` before any is decoded), and each image becomes
+its small input tensor (shrunk while decoded, see ``service.images``) before the next is
+decoded, so a request holds at most one full-size image at a time.
 """
 
 from __future__ import annotations
@@ -10,12 +15,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from starlette.concurrency import run_in_threadpool
 
 from service.embedding import EmbeddingBatcher
-from service.errors import ConflictError, InvalidInputError, NotFoundError
-from service.images import decode_base64, decode_image
+from service.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
+from service.images import decode_base64, decode_image, header_pixels
 from service.store import Store
+from tcm import to_input_tensor
 
 
 def as_unit_vector(values: Sequence[float] | np.ndarray, dim: int, *, where: str) -> np.ndarray:
@@ -39,35 +51,50 @@ def as_unit_vector(values: Sequence[float] | np.ndarray, dim: int, *, where: str
 
 class InputResolver:
     def __init__(self, *, batcher: EmbeddingBatcher, store: Store, dim: int, channels: int,
-                 max_image_pixels: int, model_version: str) -> None:
+                 max_image_pixels: int, model_version: str,
+                 max_request_pixels: int | None = None) -> None:
         self.batcher = batcher
         self.store = store
         self.dim = dim
         self.channels = channels
         self.max_image_pixels = max_image_pixels
+        self.max_request_pixels = max_request_pixels
         self.model_version = model_version
 
     def embedding(self, values: Sequence[float], *, where: str) -> np.ndarray:
         return as_unit_vector(values, self.dim, where=where)
 
-    async def decode(self, images: Sequence[tuple[str, bytes | str]]) -> list[np.ndarray]:
-        """(where, base64 text or raw bytes) pairs -> uint8 arrays, off the event loop."""
+    def check_pixels(self, raws: Sequence[tuple[str, bytes]]) -> None:
+        """The request's pixel budget, from the headers alone: 413 before any decoding."""
+        if self.max_request_pixels is None:
+            return
+        total = sum(header_pixels(raw) or 0 for _, raw in raws)
+        if total > self.max_request_pixels:
+            raise PayloadTooLargeError(
+                f"the request's {len(raws)} images have {total} pixels together, the limit is "
+                f"{self.max_request_pixels} per request (TCM_MAX_REQUEST_PIXELS); send fewer "
+                "or smaller images per request", code="too_many_pixels",
+                detail={"pixels": total, "max_request_pixels": self.max_request_pixels,
+                        "images": len(raws)})
 
-        def work() -> list[np.ndarray]:
-            out = []
-            for where, data in images:
-                raw = decode_base64(data, where=where) if isinstance(data, str) else data
-                out.append(decode_image(raw, channels=self.channels,
-                                        max_pixels=self.max_image_pixels, where=where))
-            return out
-
-        return await run_in_threadpool(work)
+    def prepare(self, images: Sequence[tuple[str, bytes | str]]) -> torch.Tensor:
+        """(where, base64 text or raw bytes) pairs -> the model's input tensor, one image at a
+        time (decode, shrink, preprocess, drop the pixels); call in a worker thread."""
+        raws = [(where, decode_base64(data, where=where) if isinstance(data, str) else data)
+                for where, data in images]
+        self.check_pixels(raws)
+        spec = self.batcher.preprocessing
+        tensors = [to_input_tensor(decode_image(raw, channels=self.channels,
+                                                max_pixels=self.max_image_pixels, where=where,
+                                                target=spec.image_size), spec)
+                   for where, raw in raws]
+        return torch.cat(tensors)
 
     async def images(self, images: Sequence[tuple[str, bytes | str]]) -> np.ndarray:
         """Decodes and embeds images; (n, d) float32."""
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        return await self.batcher.embed(await self.decode(images))
+        return await self.batcher.embed_prepared(lambda: self.prepare(images))
 
     async def item_vector(self, tenant_id: str, item_id: str) -> np.ndarray:
         item = await run_in_threadpool(self.store.get_item, tenant_id, item_id,

@@ -260,7 +260,8 @@ class Runtime:
             try:
                 arrays.append(await run_in_threadpool(
                     decode_image, img, channels=serving.manifest.preprocessing.channels,
-                    max_pixels=self.settings.max_image_pixels, where=f"item {iid}"))
+                    max_pixels=self.settings.max_image_pixels, where=f"item {iid}",
+                    target=serving.manifest.preprocessing.image_size))
                 ids.append(iid)
             except InvalidInputError as exc:
                 log.warning("cannot re-embed stored image: %s", exc.message)

@@ -72,6 +72,7 @@ async def build_serving(settings: Settings, path: Path, *, device: torch.device,
     resolver = InputResolver(batcher=batcher, store=store, dim=manifest.embedding_dim,
                              channels=manifest.preprocessing.channels,
                              max_image_pixels=settings.max_image_pixels,
+                             max_request_pixels=settings.max_request_pixels,
                              model_version=manifest.model_version)
     matcher = Matcher(store=store, indexes=indexes, resolver=resolver, metrics=metrics,
                       threshold=manifest.calibration.tau, model_version=manifest.model_version,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://", "redis+sentinel://")
@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_batch_items: int = Field(256, ge=1, description="items or images per request")
     max_k: int = Field(100, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width*height cap per image")
+    max_request_pixels: int = Field(
+        256 * 1024 * 1024, ge=1, description="width*height summed over one request's images "
+        "(from their headers, before decoding); more is a 413 too_many_pixels")
     max_list_limit: int = Field(1000, ge=1)
     max_verify_pairs: int = Field(
         50_000_000, ge=1, description="pairs one verify may compare (subject vs subject: the "
@@ -101,6 +104,14 @@ class Settings(BaseSettings):
 
             SentinelURL.parse(v)  # a malformed one stops the process at start-up
         return v
+
+    @model_validator(mode="after")
+    def _request_fits_one_image(self) -> Settings:
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(f"max_request_pixels ({self.max_request_pixels}) must be at least "
+                             f"max_image_pixels ({self.max_image_pixels}): one image of the "
+                             "largest size must fit a request")
+        return self
 
     @field_validator("admin_token")
     @classmethod

@@ -11,8 +11,23 @@ import pytest
 from service.gallery import MAX_CURSOR, parse_cursor
 from tests.service.conftest import Api, unit
 
-BAD = ["9999999999999999999", "²", "١٢", "-1", "+1", "1e3", " 1", "1 ", "1\n", "0x10", "",
-       "1.0", "99999999999999999999", str(MAX_CURSOR + 1), "𝟏"]
+BAD = [
+    "9999999999999999999",
+    "²",
+    "١٢",
+    "-1",
+    "+1",
+    "1e3",
+    " 1",
+    "1 ",
+    "1\n",
+    "0x10",
+    "",
+    "1.0",
+    "99999999999999999999",
+    str(MAX_CURSOR + 1),
+    "𝟏",
+]
 
 
 @pytest.mark.parametrize("cursor", BAD)
@@ -39,8 +54,12 @@ def test_cursors_in_range_page_through(api: Api) -> None:
     for edge in ("0", "00", str(MAX_CURSOR)):
         r = api.client.get("/v1/gallery", params={"cursor": edge}, headers=t.auth)
         assert r.status_code == 200, (edge, r.text)
-    assert api.client.get("/v1/gallery", params={"cursor": str(MAX_CURSOR)},
-                          headers=t.auth).json()["items"] == []
+    assert (
+        api.client.get("/v1/gallery", params={"cursor": str(MAX_CURSOR)}, headers=t.auth).json()[
+            "items"
+        ]
+        == []
+    )
 
 
 def test_parse_cursor() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -189,3 +190,21 @@ def test_settings() -> None:
                 {"rate_limit_burst": -1}):
         with pytest.raises(ValidationError):
             Settings(**bad)
+
+
+@pytest.mark.redis
+def test_redis_bucket_caps_at_burst() -> None:
+    """The Lua script's ``min(burst, ...)``: a bucket idle for a million seconds holds
+    ``burst`` tokens, not a million (issue 15: dropping the cap went unnoticed)."""
+    prefix = f"tcmtest:{uuid.uuid4().hex}:"
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        limiter = RedisRateLimiter(client, prefix=prefix, rate=1.0, burst=3)
+        now = float(client.time()[0])
+        client.hset(limiter.key("t"), mapping={"tokens": "0", "ts": str(now - 1e6)})
+        assert [limiter.take("t") for _ in range(3)] == [0.0, 0.0, 0.0]
+        assert limiter.take("t") > 0.5  # the fourth waits for a refill
+        assert float(client.hget(limiter.key("t"), "tokens")) < 1.0
+    finally:
+        client.delete(limiter.key("t"))
+        client.close()

@@ -32,7 +32,9 @@ def threshold_at_far(neg_scores: list[float], far: float) -> float:
 
 
 def opis_bruteforce(x: np.ndarray, labels: list, *, tau_range=None, far_range=(1e-3, 1e-1),
-                    num_thresholds: int = 101, beta: float = 1.0, eps: float = 0.05) -> dict:
+                    num_thresholds: int = 101, beta: float = 1.0, eps: float = 0.05,
+                    weights: dict | None = None) -> dict:
+    """``weights``: class -> weight (normalised to sum 1 here); uniform when None."""
     sim = cosine_matrix(x)
     n = len(labels)
     classes = sorted(set(labels))
@@ -77,8 +79,10 @@ def opis_bruteforce(x: np.ndarray, labels: list, *, tau_range=None, far_range=(1
 
     ks = list(curves)
     c = len(ks)
-    ubar = [sum(curves[k][t] for k in ks) / c for t in range(len(grid))]
-    opis = sum(avg([(curves[k][t] - ubar[t]) ** 2 for t in range(len(grid))]) for k in ks) / c
+    raw = {k: (1.0 if weights is None else float(weights[k])) for k in ks}
+    w = {k: raw[k] / sum(raw.values()) for k in ks}
+    ubar = [sum(w[k] * curves[k][t] for k in ks) for t in range(len(grid))]
+    opis = sum(w[k] * avg([(curves[k][t] - ubar[t]) ** 2 for t in range(len(grid))]) for k in ks)
     means = {k: avg(curves[k]) for k in ks}
     ranked = sorted(ks, key=lambda k: means[k])
     m = max(1, math.ceil(eps * c))

@@ -220,3 +220,17 @@ def test_opis_and_eps_opis_shortcuts() -> None:
     assert eps_opis(x, y, eps=0.2) == pytest.approx(rep.eps_opis)
     d = rep.to_dict()
     assert d["num_classes"] == 8 and len(d["utility"]) == 8
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weighted_opis_matches_bruteforce(seed: int) -> None:
+    """Weights against the reference (issue 15: only ``skewed != uniform`` was checked, so OPIS
+    ignoring its weights, or weighting only Ubar or only the sum, went unnoticed)."""
+    x, y = clustered(seed, num_classes=5, per_class=5, spread=1.0)
+    weights = {0: 10.0, 1: 1.0, 2: 0.0, 3: 3.5, 4: 0.25}
+    ref = opis_bruteforce(x, y, tau_range=(0.1, 0.7), num_thresholds=21, weights=weights)
+    uniform = opis_bruteforce(x, y, tau_range=(0.1, 0.7), num_thresholds=21)
+    assert ref["opis"] != pytest.approx(uniform["opis"], rel=1e-3)  # the weights matter here
+    for w in (weights, [weights[k] for k in range(5)]):
+        rep = consistency_report(x, y, tau_range=(0.1, 0.7), num_thresholds=21, weights=w)
+        assert rep.opis == pytest.approx(ref["opis"], rel=1e-9, abs=1e-12)

@@ -160,3 +160,18 @@ def test_bad_shapes_rejected() -> None:
         TCMLoss()(torch.randn(4, 2), torch.arange(3))
     with pytest.raises(ValueError, match="together"):
         TCMLoss()(torch.randn(4, 2), torch.arange(4), ref_emb=torch.randn(3, 2))
+
+
+def test_ties_at_the_margins_are_hard_pairs() -> None:
+    """SPEC: hard pairs are ``s <= m_plus`` and ``s >= m_minus`` (inclusive). A pair exactly at
+    the margin adds 0 to its term's sum but 1 to its count, so the mean halves here; excluding
+    ties (``<``/``>``) would give 1.0 instead."""
+    # one class: positive pairs at s = 0 (x0-x1, x1-x2; exactly, with these unit vectors) and
+    # s = -1 (x0-x2); m_plus = 0 puts four ordered pairs on the tie, two below it
+    pos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    loss = TCMLoss(m_plus=0.0, m_minus=0.5)(pos, torch.tensor([0, 0, 0]))
+    assert loss.item() == pytest.approx(1.0 / 3.0, abs=1e-7)
+    # negatives at s = 0 (x0-x1) and s = 1 (x0-x2), m_minus = 0: two on the tie, two above
+    neg = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    loss = TCMLoss(m_plus=-1.0, m_minus=0.0)(neg, torch.tensor([0, 1, 1]))
+    assert loss.item() == pytest.approx(0.5, abs=1e-7)

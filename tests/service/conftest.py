@@ -11,6 +11,7 @@ import base64
 import io
 import os
 import secrets
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -107,6 +108,17 @@ def unit(seed: int, dim: int = DIM) -> list[float]:
 
 
 # --- stores and apps ------------------------------------------------------------------------
+@pytest.fixture
+def redis_server_binary() -> str:
+    """The ``redis-server`` binary, for tests that start (and kill) their own Redis. Missing,
+    those tests fail rather than skip: a skipped fault test is a fault nobody tested."""
+    path = shutil.which("redis-server")
+    if path is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server): the Redis "
+                    "process tests start their own servers", pytrace=False)
+    return path
+
+
 def redis_cleanup(url: str, prefix: str) -> None:
     r = redis.Redis.from_url(url)
     try:

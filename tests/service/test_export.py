@@ -38,7 +38,7 @@ def test_export_dataset(kind: str, artefact: Path, store_settings, digits: Digit
     settings = make_settings(artefact, store_settings(kind))
     with TestClient(create_app(settings)) as c:
         tenants = {}
-        for name, subjects in (("a", ["x 1", "y"]), ("b", ["x 1"]), ("skip", ["z"])):
+        for name, subjects in (("a", ["x@1", "y"]), ("b", ["x@1"]), ("skip", ["z"])):
             r = c.post("/v1/tenants", json={"name": name}, headers=ADMIN).json()
             auth = {"Authorization": f"Bearer {r['api_key']}"}
             tenants[name] = r["tenant_id"]
@@ -60,7 +60,7 @@ def test_export_dataset(kind: str, artefact: Path, store_settings, digits: Digit
         assert summary["items_without_image"] == {tenants["a"]: ["vec-only"],
                                                   tenants["b"]: ["vec-only"]}
         assert summary["feedback_records"] == 0  # the labelled match was the skipped tenant's
-        assert {v["subject"] for v in summary["classes"].values()} == {"x 1", "y"}
+        assert {v["subject"] for v in summary["classes"].values()} == {"x@1", "y"}
         # the bytes are the enrolled ones, and tcm-train reads the folder as it is
         folder = out / class_folder(tenants["a"], "y")
         assert sorted(p.read_bytes() for p in folder.iterdir()) == sorted(

@@ -6,7 +6,6 @@ the kill -9 as it would with a persistent production Redis).
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,9 +20,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from tests.service.conftest import ADMIN_TOKEN, Digits, b64_png, make_settings, unit
 
-pytestmark = [pytest.mark.redis,
-              pytest.mark.skipif(shutil.which("redis-server") is None,
-                                 reason="redis-server is not installed")]
+pytestmark = [pytest.mark.redis, pytest.mark.usefixtures("redis_server_binary")]
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 

@@ -7,7 +7,6 @@ Cluster: why it is not supported, shown on the key layout.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -27,9 +26,7 @@ from service.store.redis_store import SentinelURL
 from tests.service.conftest import ADMIN_TOKEN, make_settings, unit
 from tests.service.test_redis_down import free_port
 
-pytestmark = [pytest.mark.redis,
-              pytest.mark.skipif(shutil.which("redis-server") is None,
-                                 reason="redis-server is not installed")]
+pytestmark = [pytest.mark.redis, pytest.mark.usefixtures("redis_server_binary")]
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SERVICE = "tcmprimary"
 

@@ -22,8 +22,6 @@ def _pairs(x: np.ndarray, y: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("target", [1e-3, 1e-2, 0.1, 0.37])
 def test_smallest_tau_with_far_at_most_target(device: str, seed: int, target: float) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("CUDA not available")
     x, y = clustered(seed, num_classes=10, per_class=6)
     s, same, _ = _pairs(x, y)
     cal = calibrate_threshold(torch.as_tensor(x, device=device), y, target_far=target,

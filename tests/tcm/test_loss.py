@@ -11,15 +11,9 @@ ORACLE_EMB = [[0.0, 1.0], [0.43, 0.9], [1.0, 0.0], [0.5, 0.5]]
 ORACLE_LABELS = [0, 0, 1, 1]
 
 
-def _skip_without(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("CUDA not available")
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_spec_oracle(device: str, dtype: torch.dtype) -> None:
-    _skip_without(device)
     emb = torch.tensor(ORACLE_EMB, dtype=dtype, device=device)
     labels = torch.tensor(ORACLE_LABELS, device=device)
     loss = TCMLoss()(emb, labels)

@@ -37,8 +37,6 @@ def _bruteforce(x: np.ndarray, y: list, ks: tuple[int, ...]) -> dict[str, float]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(3))
 def test_matches_bruteforce(device: str, seed: int) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("CUDA not available")
     x, y = clustered(seed, num_classes=9, per_class=5, spread=1.5, sizes=[5] * 8 + [1])
     got = retrieval_metrics(torch.as_tensor(x, device=device), y, ks=(1, 3), block_size=7)
     ref = _bruteforce(x, y, (1, 3))

@@ -43,7 +43,7 @@ def decode_base64(data: str, *, where: str) -> bytes:
 
 
 SHRINK_MARGIN = 4
-_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F", "I;16")
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F")
 
 
 def header_pixels(raw: bytes) -> int | None:

@@ -84,9 +84,9 @@ class InputResolver:
                 for where, data in images]
         self.check_pixels(raws)
         spec = self.batcher.preprocessing
-        tensors = [to_input_tensor(decode_image(raw, channels=self.channels,
-                                                max_pixels=self.max_image_pixels, where=where,
-                                                target=spec.image_size), spec)
+        tensors = [to_input_tensor([decode_image(raw, channels=self.channels,
+                                                 max_pixels=self.max_image_pixels, where=where,
+                                                 target=spec.image_size)], spec)
                    for where, raw in raws]
         return torch.cat(tensors)
 

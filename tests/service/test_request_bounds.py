@@ -217,3 +217,32 @@ def test_max_inner_product_matches_the_full_matrix(n, m, d, block, data) -> None
     a = data.draw(arrays(np.float32, (n, d), elements=floats))
     b = data.draw(arrays(np.float32, (m, d), elements=floats))
     assert max_inner_product(a, b, block=block) == float((a @ b.T).max())
+
+
+def _modes() -> dict[str, bytes]:
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 255, (512, 512), dtype=np.uint8)
+    rgb = rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    images = {
+        "png16": (Image.fromarray(grey.astype(np.uint16) * 257), "PNG"),
+        "palette": (Image.fromarray(rgb).convert("P"), "PNG"),
+        "1bit": (Image.fromarray(grey).convert("1"), "PNG"),
+        "cmyk-jpeg": (Image.fromarray(rgb).convert("CMYK"), "JPEG"),
+        "rgba-webp": (Image.fromarray(rgb).convert("RGBA"), "WEBP"),
+        "int32-tiff": (Image.fromarray(grey.astype(np.int32)), "TIFF"),
+        "float-tiff": (Image.fromarray(grey.astype(np.float32) / 255), "TIFF"),
+    }
+    out = {}
+    for name, (img, fmt) in images.items():
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        out[name] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_mode_is_shrunk_while_decoded(channels: int) -> None:
+    for name, raw in _modes().items():
+        arr = decode_image(raw, channels=channels, max_pixels=10**8, where=name, target=(16, 16))
+        assert arr.shape[:2] == (64, 64) and arr.dtype == np.uint8, name
+        assert arr.ndim == (2 if channels == 1 else 3), name

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.ids import glob_escape
 from service.settings import Settings
 from service.store.redis_store import SentinelURL
 from tests.service.conftest import ADMIN_TOKEN, make_settings, unit
@@ -174,12 +175,12 @@ def test_key_layout_spans_cluster_slots(store_settings: Callable[[str], dict[str
                              ("{" + cfg["redis_key_prefix"].rstrip(":") + "}:", True)):
         store = RedisStore(cfg["store_url"], prefix=prefix, timeout_s=2.0)
         try:
-            before = set(store.r.scan_iter(match=store._glob_prefix + "*"))
+            before = set(store.r.scan_iter(match=glob_escape(store.prefix) + "*"))
             store.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
-            after_tenant = set(store.r.scan_iter(match=store._glob_prefix + "*"))
+            after_tenant = set(store.r.scan_iter(match=glob_escape(store.prefix) + "*"))
             store.add_items("t", [NewItem("i", "s", np.ones(8, np.float32) / np.sqrt(8))],
                             model_version="v", created_at=1.0)
-            touched = set(store.r.scan_iter(match=store._glob_prefix + "*")) - after_tenant
+            touched = set(store.r.scan_iter(match=glob_escape(store.prefix) + "*")) - after_tenant
             assert before == set()
             # the enrolment wrote the item, two sorted sets, the seq counter and the stream
             assert {k.decode().removeprefix(prefix) for k in touched} == {
@@ -187,5 +188,5 @@ def test_key_layout_spans_cluster_slots(store_settings: Callable[[str], dict[str
             slots = {key_slot(k) for k in touched}
             assert (len(slots) == 1) is one_slot, slots
         finally:
-            store.r.delete(*store.r.scan_iter(match=store._glob_prefix + "*"))
+            store.r.delete(*store.r.scan_iter(match=glob_escape(store.prefix) + "*"))
             store.close()

@@ -107,5 +107,8 @@ def test_registry_and_gpu_decision() -> None:
     reg.get("b")
     reg.drop("a")
     assert reg.sizes() == {"b": 0}
+    # a late request of the deleted tenant gets a throwaway index, never a registered one
+    fill(reg.get("a"), 2)
+    assert reg.sizes() == {"b": 0} and len(reg.get("a")) == 0
     with pytest.raises(RuntimeError):
         IndexRegistry(DIM, "NotAFactory")

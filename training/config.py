@@ -28,6 +28,13 @@ class TrainConfig:
     max_train_classes: int = 0  # 0 = all; a subset keeps tests and sweeps small
     max_test_classes: int = 0
     val_classes: int = 0  # carve this many training classes out as a validation split
+    # data sets without an official split (att_faces, imagefolder) draw their validation classes
+    # once with val_seed, whatever the seed, and every seed's test classes avoid them: margins
+    # chosen on them are then never judged on them
+    val_seed: int = 0
+    # main runs after a sweep: the (fixed) validation classes join training; still kept out of
+    # every seed's test classes
+    val_in_train: bool = False
     test_fraction: float = 0.5  # class share held out for sets without an official split
     augment: bool = True
     # model

@@ -161,21 +161,42 @@ def _lfw(root: Path) -> tuple[RawSplit, RawSplit]:
             RawSplit(out["test"][0], np.asarray(out["test"][1], np.int64), names))
 
 
+def fixed_validation_classes(labels: np.ndarray, n_val: int, val_seed: int) -> set[int]:
+    """The validation classes of a split drawn per seed: ``n_val`` of the classes with at least
+    two images (a validation class needs genuine pairs), drawn with ``val_seed`` alone, so they
+    are the same for every seed and every seed's test draw can leave them out."""
+    if n_val <= 0:
+        return set()
+    classes, counts = np.unique(labels, return_counts=True)
+    eligible = classes[counts >= 2]
+    if n_val >= len(eligible) - 1:
+        raise ValueError(f"val_classes={n_val} leaves too few of the {len(eligible)} classes "
+                         "with at least 2 images")
+    return set(np.random.default_rng(val_seed).permutation(eligible)[:n_val].tolist())
+
+
 def _class_disjoint(images, labels: np.ndarray, names: dict[int, str], test_fraction: float,
-                    seed: int) -> tuple[RawSplit, RawSplit]:
+                    seed: int, keep_out: set[int] | frozenset[int] = frozenset()
+                    ) -> tuple[RawSplit, RawSplit]:
+    """Draws ``test_fraction`` of all classes as test classes with ``seed``, never one of
+    ``keep_out`` (the fixed validation classes; they stay on the training side)."""
     classes = np.unique(labels)
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(classes)
+    perm = rng.permutation(np.array([c for c in classes if c not in keep_out], np.int64))
     n_test = max(1, round(len(classes) * test_fraction))
+    if n_test >= len(perm):
+        raise ValueError(f"test_fraction={test_fraction} leaves no training classes beside the "
+                         f"{len(keep_out)} validation classes")
     test_classes = set(perm[:n_test].tolist())
     pick = np.array([lab in test_classes for lab in labels])
+    whole = RawSplit(images, labels, names)
+    return _subset(whole, ~pick), _subset(whole, pick)
 
-    def sub(mask: np.ndarray) -> RawSplit:
-        idx = np.flatnonzero(mask)
-        imgs = images[idx] if isinstance(images, np.ndarray) else [images[i] for i in idx]
-        return RawSplit(imgs, labels[idx], names)
 
-    return sub(~pick), sub(pick)
+def _subset(raw: RawSplit, mask: np.ndarray) -> RawSplit:
+    idx = np.flatnonzero(mask)
+    imgs = raw.images[idx] if isinstance(raw.images, np.ndarray) else [raw.images[i] for i in idx]
+    return RawSplit(imgs, raw.labels[idx], raw.class_names)
 
 
 def _fixed_digit_split(images: np.ndarray, labels: np.ndarray) -> tuple[RawSplit, RawSplit]:
@@ -203,6 +224,10 @@ def preprocessing_for(config: TrainConfig) -> Preprocessing:
     return Preprocessing(image_size=size, channels=1, mean=(0.5,), std=(0.5,))
 
 
+# data sets without an official split: the class-disjoint split is drawn per seed
+SEEDED_SPLITS = ("att_faces", "imagefolder")
+
+
 def load_raw(config: TrainConfig) -> tuple[RawSplit, RawSplit]:
     root = Path(config.data_dir)
     if config.dataset == "omniglot":
@@ -213,9 +238,10 @@ def load_raw(config: TrainConfig) -> tuple[RawSplit, RawSplit]:
         return _fixed_digit_split(*_digits())
     if config.dataset in ("mnist", "fashion_mnist"):
         return _fixed_digit_split(*_mnist_like(root, config.dataset))
-    if config.dataset == "att_faces":
-        return _class_disjoint(*_att_faces(root), config.test_fraction, config.seed)
-    return _class_disjoint(*_image_folder(root), config.test_fraction, config.seed)
+    load = _att_faces if config.dataset == "att_faces" else _image_folder
+    images, labels, names = load(root)
+    keep_out = fixed_validation_classes(labels, config.val_classes, config.val_seed)
+    return _class_disjoint(images, labels, names, config.test_fraction, config.seed, keep_out)
 
 
 def _limit(raw: RawSplit, max_classes: int, seed: int) -> RawSplit:
@@ -223,9 +249,7 @@ def _limit(raw: RawSplit, max_classes: int, seed: int) -> RawSplit:
     if max_classes <= 0 or max_classes >= len(classes):
         return raw
     keep = set(np.random.default_rng(seed).permutation(classes)[:max_classes].tolist())
-    idx = np.flatnonzero([lab in keep for lab in raw.labels])
-    imgs = raw.images[idx] if isinstance(raw.images, np.ndarray) else [raw.images[i] for i in idx]
-    return RawSplit(imgs, raw.labels[idx], raw.class_names)
+    return _subset(raw, np.array([lab in keep for lab in raw.labels]))
 
 
 def _check(raw: RawSplit, side: str, dataset: str) -> None:
@@ -251,6 +275,10 @@ def _to_split(raw: RawSplit, spec: Preprocessing, chunk: int = 4096) -> Split:
 def load_splits(config: TrainConfig) -> Splits:
     """Raw images -> preprocessed, class-disjoint train / (val) / test tensors."""
     train_raw, test_raw = load_raw(config)
+    # load_raw's two sides hold every class, so this is the very set its test draw left out
+    val_set = (fixed_validation_classes(np.concatenate([train_raw.labels, test_raw.labels]),
+                                        config.val_classes, config.val_seed)
+               if config.dataset in SEEDED_SPLITS else set())
     train_raw = _limit(train_raw, config.max_train_classes, config.seed)
     test_raw = _limit(test_raw, config.max_test_classes, config.seed + 1)
     overlap = set(np.unique(train_raw.labels)) & set(np.unique(test_raw.labels))
@@ -263,19 +291,23 @@ def load_splits(config: TrainConfig) -> Splits:
     dropped = int((counts < 2).sum())
     if dropped:
         keep = set(classes[counts >= 2].tolist())
-        idx = np.flatnonzero([lab in keep for lab in train_raw.labels])
-        imgs = (train_raw.images[idx] if isinstance(train_raw.images, np.ndarray)
-                else [train_raw.images[i] for i in idx])
-        train_raw = RawSplit(imgs, train_raw.labels[idx], train_raw.class_names)
+        train_raw = _subset(train_raw, np.array([lab in keep for lab in train_raw.labels]))
     val_raw = None
-    if config.val_classes > 0:
+    if config.val_classes > 0 and not config.val_in_train:
         n_train_classes = len(np.unique(train_raw.labels))
         if config.val_classes >= n_train_classes - 1:
             raise ValueError(f"val_classes={config.val_classes} leaves too few of the "
                              f"{n_train_classes} training classes")
-        fraction = config.val_classes / n_train_classes
-        train_raw, val_raw = _class_disjoint(train_raw.images, train_raw.labels,
-                                             train_raw.class_names, fraction, config.seed + 2)
+        if config.dataset in SEEDED_SPLITS:
+            # the fixed validation classes load_raw kept out of this seed's test draw
+            pick = np.array([lab in val_set for lab in train_raw.labels])
+            train_raw, val_raw = _subset(train_raw, ~pick), _subset(train_raw, pick)
+        else:
+            # an official split: validation classes come from the training classes, which no
+            # seed's test classes ever meet
+            fraction = config.val_classes / n_train_classes
+            train_raw, val_raw = _class_disjoint(train_raw.images, train_raw.labels,
+                                                 train_raw.class_names, fraction, config.seed + 2)
     spec = preprocessing_for(config)
     train = _to_split(train_raw, spec)
     test = _to_split(test_raw, spec)
@@ -286,6 +318,7 @@ def load_splits(config: TrainConfig) -> Splits:
         "test_classes": test.num_classes, "test_images": len(test.y),
         "val_classes": val.num_classes if val else 0, "val_images": len(val.y) if val else 0,
         "dropped_single_image_train_classes": dropped,
+        "fixed_val_classes": sorted(int(c) for c in val_set),
         "protocol": _protocol(config.dataset),
     }
     return Splits(train=train, test=test, val=val, preprocessing=spec, description=description)
@@ -298,4 +331,5 @@ def _protocol(dataset: str) -> str:
         "mnist": "digits 0-4 train, 5-9 test",
         "fashion_mnist": "labels 0-4 train, 5-9 test",
         "lfw": "View 1: peopleDevTrain train, peopleDevTest test (identity-disjoint)",
-    }.get(dataset, "random class-disjoint split by seed")
+    }.get(dataset, "class-disjoint: fixed validation classes (val_seed), the rest split into "
+                   "train/test by seed")

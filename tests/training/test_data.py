@@ -74,3 +74,38 @@ def test_att_faces_split(data_dir: str) -> None:
     s = load_splits(TrainConfig(dataset="att_faces", data_dir=data_dir, image_size=32))
     assert s.train.num_classes == 20 and s.test.num_classes == 20
     assert len(s.train.y) == 200
+
+
+def test_att_faces_validation_people_fixed_across_seeds(data_dir: str) -> None:
+    # margins chosen on the validation people must never be judged on them: the validation
+    # people are drawn once (val_seed) and no seed's test draw may contain one of them
+    common = dict(dataset="att_faces", data_dir=data_dir, image_size=8, val_classes=6)
+    sweep = load_splits(TrainConfig(**common, seed=0))
+    assert sweep.val is not None
+    val = set(sweep.val.y.tolist())
+    assert len(val) == 6 and sweep.train.num_classes == 14 and sweep.test.num_classes == 20
+    tests = []
+    for seed in range(4):
+        main = load_splits(TrainConfig(**common, seed=seed, val_in_train=True))
+        test, train = set(main.test.y.tolist()), set(main.train.y.tolist())
+        assert main.val is None and not test & val and val <= train and not train & test
+        assert len(test) == 20 and len(train) == 20
+        assert main.description["fixed_val_classes"] == sorted(val)
+        again = load_splits(TrainConfig(**common, seed=seed))
+        assert set(again.val.y.tolist()) == val  # the same people whatever the seed
+        tests.append(frozenset(test))
+    assert len(set(tests)) > 1  # the test people still change with the seed
+    other = load_splits(TrainConfig(**common, seed=0, val_seed=1))
+    assert set(other.val.y.tolist()) != val
+
+
+def test_image_folder_validation_classes_need_two_images(tmp_path) -> None:
+    root = _folder(tmp_path, {f"c{i}": 2 for i in range(8)} | {f"solo{i}": 1 for i in range(4)})
+    for seed in range(3):
+        s = load_splits(TrainConfig(dataset="imagefolder", data_dir=str(root), image_size=8,
+                                    test_fraction=0.25, val_classes=2, seed=seed))
+        assert s.val is not None and int(torch.bincount(s.val.y).max()) >= 2
+        assert not set(s.val.y.tolist()) & set(s.test.y.tolist())
+    with pytest.raises(ValueError, match="val_classes=7 leaves too few"):
+        load_splits(TrainConfig(dataset="imagefolder", data_dir=str(root), image_size=8,
+                                val_classes=7))

@@ -15,7 +15,7 @@ PRESET := $(if $(filter faces,$(MODEL)),faces,omniglot)
 # the shared data sets: beside the checkout, else the machines' standard place
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
-.PHONY: install run test lint bench study study-faces study-orl model clean audit
+.PHONY: install run test lint bench study study-faces study-orl noise-floor derived model clean audit
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,16 @@ study-faces: $(STAMP)
 # ORL (AT&T faces, 40 people): multi-similarity +- TCM over 3 seeds, margins on validation people.
 study-orl: $(STAMP)
 	$(PY) -m studies.orl --data-dir $(DATA_DIR) --out runs/study_orl --docs docs/results
+
+# LFW OPIS's noise floor: a simulated model whose identities all behave alike, LFW's test class
+# sizes, each arm's operating point (a few minutes; writes docs/results/lfw_noise_floor.json).
+noise-floor: $(STAMP)
+	$(PY) -m studies.lfw_noise_floor --data-dir $(DATA_DIR) --docs docs/results
+
+# The figures docs/results.md derives from the committed study JSON: paired per-seed differences
+# with 95% intervals, relative changes, genuine pairs below tau, LFW identity counts (seconds).
+derived: $(STAMP)
+	$(PY) -m studies.derived --data-dir $(DATA_DIR) --docs docs/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

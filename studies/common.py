@@ -1,4 +1,5 @@
-"""What both studies share: the console, the margin sweep on validation classes and its rule."""
+"""What the studies share: the console, the margin sweep on validation classes and its rule, the
+mean ± std table and the paired per-seed differences with their intervals."""
 
 from __future__ import annotations
 
@@ -79,3 +80,45 @@ def sweep_table(rows: list[dict[str, Any]]) -> list[str]:
 def machine() -> str:
     return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}, cuda={torch.cuda.is_available()}")
+
+
+def paired_differences(base: list[dict[str, Any]], treated: list[dict[str, Any]],
+                       keys: list[str]) -> dict[str, dict[str, Any]]:
+    """Per seed, ``treated - base`` of each key (runs paired by ``config["seed"]``: same split
+    and initialisation seed), with the mean, a 95% Student-t interval over the seeds and the
+    mean's change relative to the base mean. ``inside_noise``: the interval covers 0, i.e.
+    the seeds cannot tell the two arms apart. With 2-3 seeds the interval is wide, on purpose:
+    that is what the data support."""
+    from scipy import stats
+
+    by_seed = {r["config"]["seed"]: r for r in base}
+    pairs = [(by_seed[r["config"]["seed"]], r) for r in treated if r["config"]["seed"] in by_seed]
+    if len(pairs) < 2:
+        raise ValueError("paired differences need at least 2 seeds run with both arms")
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        diffs = [float(t[key]) - float(b[key]) for b, t in pairs]
+        mean = statistics.fmean(diffs)
+        t = float(stats.t.ppf(0.975, len(diffs) - 1))
+        half = t * statistics.stdev(diffs) / len(diffs) ** 0.5
+        base_mean = statistics.fmean(float(b[key]) for b, _ in pairs)
+        out[key] = {"seeds": [b["config"]["seed"] for b, _ in pairs], "per_seed": diffs,
+                    "mean": mean, "ci95": [mean - half, mean + half],
+                    "relative": mean / base_mean if base_mean else None,
+                    "inside_noise": mean - half <= 0 <= mean + half}
+    return out
+
+
+def differences_table(diffs: dict[str, dict[str, Any]], keys: list[Key]) -> list[str]:
+    """Markdown lines: one row per key, the per-seed differences, their mean, the 95% interval,
+    the relative change and whether the interval covers 0."""
+    lines = ["| metric | per seed | mean | 95% interval (t, over seeds) | relative | covers 0 |",
+             "|---|---|---|---|---|---|"]
+    for key, head, scale, spec in keys:
+        d = diffs[key]
+        per = ", ".join(f"{v * scale:+{spec}}" for v in d["per_seed"])
+        lo, hi = (v * scale for v in d["ci95"])
+        rel = "" if d["relative"] is None else f"{d['relative']:+.1%}"
+        lines.append(f"| {head} | {per} | {d['mean'] * scale:+{spec}} | [{lo:+{spec}}, "
+                     f"{hi:+{spec}}] | {rel} | {'yes' if d['inside_noise'] else 'no'} |")
+    return lines

@@ -21,9 +21,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from studies.common import console, machine, margin_sweep, mean_std_table, sweep_table
+import numpy as np
+
+from studies.common import (
+    console,
+    differences_table,
+    machine,
+    margin_sweep,
+    mean_std_table,
+    paired_differences,
+    sweep_table,
+)
 from training.compare import summarise
 from training.config import load_config
+from training.data import fixed_validation_classes, load_raw
 from training.pipeline import train_evaluate_export
 
 COMMON = ["dataset=att_faces", "arch=small_cnn", "image_size=48", "test_fraction=0.5",
@@ -32,6 +43,23 @@ KEYS = [("recall_at_1", "R@1", 1, ".3f"), ("opis", "OPIS (×1e-3)", 1e3, ".1f"),
         ("eps_opis", "ε-OPIS", 1, ".3f"), ("far_spread", "per-identity FAR spread", 1, ".3f"),
         ("frr_spread", "per-identity FRR spread", 1, ".3f"),
         ("tar_at_tau", "TAR at τ (FAR 1e-2)", 1, ".3f")]
+
+
+def held_out_people(common: list[str], val_classes: int, seeds: list[int]) -> dict[str, Any]:
+    """The fixed validation people and each seed's test people, by name; stops if a seed would
+    test on a validation person (the margins would then be judged on the people they were
+    chosen on)."""
+    out: dict[str, Any] = {"test": {}}
+    for seed in seeds:
+        cfg = load_config(None, [*common, f"seed={seed}", f"val_classes={val_classes}"])
+        train, test = load_raw(cfg)
+        val = fixed_validation_classes(np.concatenate([train.labels, test.labels]),
+                                       val_classes, cfg.val_seed)
+        if val & set(test.labels.tolist()):
+            raise RuntimeError(f"seed {seed} tests on validation people")
+        out["validation"] = [train.class_names[c] for c in sorted(val)]
+        out["test"][str(seed)] = [test.class_names[c] for c in sorted(set(test.labels.tolist()))]
+    return out
 
 
 def main() -> None:
@@ -57,6 +85,7 @@ def main() -> None:
         slack=args.r1_slack)
     margins = [f"m_plus={chosen['m_plus']}", f"m_minus={chosen['m_minus']}"]
     groups: dict[str, list[dict[str, Any]]] = {}
+    people = held_out_people(common, args.val_classes, args.seeds)
     for tcm in (False, True):
         for seed in args.seeds:
             run = args.out / "main" / f"tcm={str(tcm).lower()}_seed={seed}"
@@ -71,17 +100,24 @@ def main() -> None:
             groups.setdefault("multi-similarity" + (" + TCM" if tcm else ""), []).append(row)
 
     lines, summary = mean_std_table(groups, KEYS)
+    diffs = paired_differences(groups["multi-similarity"], groups["multi-similarity + TCM"],
+                               [k for k, *_ in KEYS])
     sweep_lines = sweep_table(sweep_rows)
     machine_desc = machine()
     (args.docs / "orl_table.md").write_text("\n".join([
         f"## ORL main runs (mean ± std over seeds {', '.join(map(str, args.seeds))})", "",
-        *lines, "", "## ORL margin sweep (validation identities)", "", *sweep_lines, "",
+        *lines, "", "## ORL paired differences (with TCM − without, same seed = same split)", "",
+        *differences_table(diffs, KEYS), "",
+        f"Validation people (fixed for every seed): {', '.join(people['validation'])}; no seed's "
+        "test people include one of them.", "",
+        "## ORL margin sweep (validation identities)", "", *sweep_lines, "",
         f"Chosen: m_plus={chosen['m_plus']}, m_minus={chosen['m_minus']} ({chosen['rule']}).",
         "", f"Machine: {machine_desc}; wall time {(time.perf_counter() - started) / 60:.0f} min.",
         ""]))
     (args.docs / "orl_study.json").write_text(json.dumps(
-        {"summary": summary, "runs": [r for rows in groups.values() for r in rows],
-         "sweep": sweep_rows, "chosen": {k: chosen[k] for k in ("m_plus", "m_minus", "rule")},
+        {"summary": summary, "paired_differences": diffs, "people": people,
+         "runs": [r for rows in groups.values() for r in rows], "sweep": sweep_rows,
+         "chosen": {k: chosen[k] for k in ("m_plus", "m_minus", "rule")},
          "machine": machine_desc, "args": {k: str(v) for k, v in vars(args).items()}},
         indent=2, default=str))
     console.print((args.docs / "orl_table.md").read_text())

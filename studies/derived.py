@@ -1,0 +1,182 @@
+"""Every figure docs/results.md derives from the committed study JSON, recomputed from it.
+
+The studies write one JSON each (``docs/results/study.json``, ``faces_study.json``,
+``orl_study.json``, ``lfw_noise_floor.json``); the write-up quotes differences, relative changes,
+shares of genuine pairs and identity counts that are not printed in their tables. This command
+recomputes each of them from those files (and, for the LFW identity counts, from the data's
+people lists), so that every number in the write-up has a command behind it:
+
+    python -m studies.derived --data-dir ../shared/data   # seconds; no training
+
+Writes ``<docs>/derived.md`` and ``<docs>/derived.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from studies.common import Key, differences_table, paired_differences
+
+OMNIGLOT_KEYS: list[Key] = [
+    ("recall_at_1", "R@1 (pt)", 100, ".2f"),
+    ("map_at_r", "MAP@R (pt)", 100, ".2f"),
+    ("opis", "OPIS (×1e-3)", 1e3, ".2f"),
+    ("eps_opis", "ε-OPIS", 1, ".4f"),
+    ("frr_at_tau", "FRR at τ", 1, ".4f"),
+    ("far_spread", "per-class FAR spread", 1, ".4f"),
+    ("frr_spread", "per-class FRR spread", 1, ".4f"),
+]
+LFW_KEYS: list[Key] = [
+    ("recall_at_1", "R@1 (pt)", 100, ".2f"),
+    ("opis", "OPIS (×1e-3)", 1e3, ".2f"),
+    ("eps_opis", "ε-OPIS", 1, ".3f"),
+    ("tau", "τ (FAR 1e-2)", 1, ".3f"),
+    ("frr_at_tau", "FRR at τ", 1, ".3f"),
+    ("tar_far_1e-2_dev", "TAR@FAR 1e-2 (DevTest)", 1, ".3f"),
+    ("tar_far_1e-3_dev", "TAR@FAR 1e-3 (DevTest)", 1, ".3f"),
+]
+
+
+def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        out.setdefault(r["loss"], []).append(r)
+    return out
+
+
+def _people(path: Path) -> list[int]:
+    lines = path.read_text().split("\n")[1:]
+    return [int(ln.split("\t")[1]) for ln in lines if "\t" in ln]
+
+
+def lfw_counts(data_dir: Path) -> dict[str, int]:
+    """Identities of LFW View 1 as the study uses them: single-image training identities are
+    dropped (training/data.py), so ArcFace has one proxy per remaining training identity."""
+    train = _people(data_dir / "lfw" / "peopleDevTrain.txt")
+    test = _people(data_dir / "lfw" / "peopleDevTest.txt")
+    return {
+        "train_identities_listed": len(train),
+        "train_identities_used": sum(n >= 2 for n in train),
+        "train_images_used": sum(n for n in train if n >= 2),
+        "test_identities": len(test),
+        "test_images": sum(test),
+        "test_identities_eligible": sum(n >= 2 for n in test),
+        "test_eligible_with_2_images": sum(n == 2 for n in test),
+        "test_eligible_with_4_or_more": sum(n >= 4 for n in test),
+    }
+
+
+def section(
+    title: str, runs: list[dict[str, Any]], pairs: list[tuple[str, str]], keys: list[Key]
+) -> tuple[list[str], dict[str, Any]]:
+    groups = _groups(runs)
+    lines, out = [f"## {title}", ""], {}
+    for base, treated in pairs:
+        d = paired_differences(groups[base], groups[treated], [k for k, *_ in keys])
+        out[f"{treated} - {base}"] = d
+        lines += [f"### {treated} − {base}", "", *differences_table(d, keys), ""]
+    lines += [
+        "Per run: τ at FAR 1e-2 and the share of genuine test pairs scoring below it (= FRR at τ):",
+        "",
+    ]
+    lines += [
+        f"- {Path(r['run']).name}: τ {r['tau']:.4f}, {r['frr_at_tau']:.1%} of genuine pairs below τ"
+        for r in runs
+    ]
+    return [*lines, ""], out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--docs", type=Path, default=Path("docs/results"))
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
+    args = p.parse_args()
+    read = lambda name: json.loads((args.docs / name).read_text())  # noqa: E731
+    md = ["# Derived figures (python -m studies.derived; from the committed study JSON)", ""]
+    out: dict[str, Any] = {}
+
+    omni = read("study.json")
+    lines, out["omniglot"] = section(
+        "Omniglot (docs/results/study.json), paired by seed",
+        omni["runs"],
+        [("multi_similarity", "multi_similarity + TCM"), ("contrastive", "contrastive + TCM")],
+        OMNIGLOT_KEYS,
+    )
+    md += lines
+    toy = omni["toy"]
+    md += [
+        "Digits 2-D toy (one seed): "
+        + "; ".join(
+            f"{name}: τ {r['tau']:.4f}, FRR at τ {r['frr_at_tau']:.3f}" for name, r in toy.items()
+        )
+        + " (a global τ near 1 that rejects almost every genuine pair: the calibration range is "
+        "degenerate on the circle).",
+        "",
+    ]
+
+    faces = read("faces_study.json")
+    lines, out["lfw"] = section(
+        "LFW (docs/results/faces_study.json), paired by seed",
+        faces["runs"],
+        [("multi_similarity", "multi_similarity + TCM"), ("arcface", "arcface + TCM")],
+        LFW_KEYS,
+    )
+    md += lines
+    floor_path = args.docs / "lfw_noise_floor.json"
+    if floor_path.is_file():
+        floor = json.loads(floor_path.read_text())
+        out["lfw_noise_floor"] = {}
+        md += [
+            "## LFW OPIS against its noise floor (docs/results/lfw_noise_floor.json)",
+            "",
+            f"Test split: {floor['identities']} identities, {floor['images']} images; "
+            f"{floor['eligible_identities']} with ≥ 2 images, of which "
+            f"{floor['eligible_with_2_images']} "
+            f"({floor['eligible_with_2_images'] / floor['eligible_identities']:.0%}) have "
+            f"exactly 2 and {floor['eligible_with_4_or_more']} have ≥ 4. Floor: "
+            f"{floor['model']}.",
+            "",
+            "| arm | OPIS (×1e-3), seeds | floor OPIS (×1e-3) | OPIS / floor | ε-OPIS, seeds "
+            "| floor ε-OPIS |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arm, rows in _groups(faces["runs"]).items():
+            f = floor["arms"][arm]
+            opis, eps = [r["opis"] for r in rows], [r["eps_opis"] for r in rows]
+            ratio = sum(opis) / len(opis) / f["opis"][0]
+            out["lfw_noise_floor"][arm] = {"opis": opis, "floor": f["opis"], "ratio": ratio}
+            md.append(
+                f"| {arm} | {', '.join(f'{v * 1e3:.1f}' for v in opis)} | "
+                f"{f['opis'][0] * 1e3:.1f} ± {f['opis'][1] * 1e3:.1f} | {ratio:.2f} | "
+                f"{', '.join(f'{v:.3f}' for v in eps)} | "
+                f"{f['eps_opis'][0]:.3f} ± {f['eps_opis'][1]:.3f} |"
+            )
+        md.append("")
+    if (args.data_dir / "lfw" / "peopleDevTrain.txt").is_file():
+        out["lfw_counts"] = lfw_counts(args.data_dir)
+        md += [
+            "## LFW View 1 identity counts (from the data's people lists)",
+            "",
+            *(f"- {k}: {v:,}" for k, v in out["lfw_counts"].items()),
+            "",
+        ]
+
+    orl = read("orl_study.json")
+    lines, out["orl"] = section(
+        "ORL (docs/results/orl_study.json), paired by seed (same seed = same split)",
+        orl["runs"],
+        [("multi_similarity", "multi_similarity + TCM")],
+        OMNIGLOT_KEYS,
+    )
+    md += lines
+
+    (args.docs / "derived.md").write_text("\n".join(md))
+    (args.docs / "derived.json").write_text(json.dumps(out, indent=2))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

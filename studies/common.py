@@ -77,6 +77,19 @@ def sweep_table(rows: list[dict[str, Any]]) -> list[str]:
                     f"{r['opis'] * 1e3:.2f} | {r['eps_opis']:.3f} |" for r in rows]
 
 
+def training_minutes(runs: list[Path]) -> float:
+    """Training time summed over runs from their epoch histories: unlike the wall time of a
+    study invocation it stays true when the tables are re-rendered from cached runs."""
+    import json
+
+    total = 0.0
+    for run in runs:
+        path = Path(run) / "history.json"
+        if path.is_file():
+            total += sum(float(e.get("seconds", 0.0)) for e in json.loads(path.read_text()))
+    return total / 60
+
+
 def machine() -> str:
     return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}, cuda={torch.cuda.is_available()}")

@@ -31,6 +31,7 @@ from studies.common import (
     mean_std_table,
     paired_differences,
     sweep_table,
+    training_minutes,
 )
 from training.compare import summarise
 from training.config import load_config
@@ -100,6 +101,7 @@ def main() -> None:
             groups.setdefault("multi-similarity" + (" + TCM" if tcm else ""), []).append(row)
 
     lines, summary = mean_std_table(groups, KEYS)
+    trained = sorted(p.parent for p in args.out.glob("*/*/history.json"))
     diffs = paired_differences(groups["multi-similarity"], groups["multi-similarity + TCM"],
                                [k for k, *_ in KEYS])
     sweep_lines = sweep_table(sweep_rows)
@@ -112,7 +114,9 @@ def main() -> None:
         "test people include one of them.", "",
         "## ORL margin sweep (validation identities)", "", *sweep_lines, "",
         f"Chosen: m_plus={chosen['m_plus']}, m_minus={chosen['m_minus']} ({chosen['rule']}).",
-        "", f"Machine: {machine_desc}; wall time {(time.perf_counter() - started) / 60:.0f} min.",
+        "", f"Machine: {machine_desc}; training time summed over the {len(trained)} runs "
+        f"(epoch histories) {training_minutes(trained):.0f} min; this invocation's wall time "
+        f"{(time.perf_counter() - started) / 60:.0f} min (runs already in --out are reused).",
         ""]))
     (args.docs / "orl_study.json").write_text(json.dumps(
         {"summary": summary, "paired_differences": diffs, "people": people,

@@ -89,6 +89,19 @@ def section(
     return [*lines, ""], out
 
 
+def sweep_lines(title: str, sweep: list[dict[str, Any]]) -> list[str]:
+    """Each sweep setting's validation OPIS and R@1 against the no-TCM sweep run (one seed)."""
+    base = next(r for r in sweep if not r["config"]["tcm"])
+    lines = [f"{title} margin sweep (validation split, one seed), against no TCM:", ""]
+    for r in sweep:
+        if r["config"]["tcm"]:
+            lines.append(
+                f"- {Path(r['run']).name}: OPIS {r['opis'] / base['opis'] - 1:+.1%}, "
+                f"R@1 {(r['recall_at_1'] - base['recall_at_1']) * 100:+.2f} pt"
+            )
+    return [*lines, ""]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--docs", type=Path, default=Path("docs/results"))
@@ -105,7 +118,7 @@ def main() -> None:
         [("multi_similarity", "multi_similarity + TCM"), ("contrastive", "contrastive + TCM")],
         OMNIGLOT_KEYS,
     )
-    md += lines
+    md += lines + sweep_lines("Omniglot", omni["sweep"])
     toy = omni["toy"]
     md += [
         "Digits 2-D toy (one seed): "
@@ -124,7 +137,7 @@ def main() -> None:
         [("multi_similarity", "multi_similarity + TCM"), ("arcface", "arcface + TCM")],
         LFW_KEYS,
     )
-    md += lines
+    md += lines + sweep_lines("LFW", faces["sweep"])
     floor_path = args.docs / "lfw_noise_floor.json"
     if floor_path.is_file():
         floor = json.loads(floor_path.read_text())
@@ -171,7 +184,15 @@ def main() -> None:
         [("multi_similarity", "multi_similarity + TCM")],
         OMNIGLOT_KEYS,
     )
-    md += lines
+    md += lines + sweep_lines("ORL", orl["sweep"])
+    people = orl.get("people")
+    if people:
+        md += [
+            f"ORL validation people (every seed): {', '.join(people['validation'])}; "
+            "test people per seed: "
+            + "; ".join(f"seed {k}: {', '.join(v)}" for k, v in people["test"].items()),
+            "",
+        ]
 
     (args.docs / "derived.md").write_text("\n".join(md))
     (args.docs / "derived.json").write_text(json.dumps(out, indent=2))

@@ -92,9 +92,10 @@ def main() -> None:
             run = args.out / "main" / f"tcm={str(tcm).lower()}_seed={seed}"
             console.print(f"[bold]{run.name}[/bold]")
             if not (run / "report.json").is_file():
+                # the margins only act with TCM: runs without it keep the config's defaults
                 cfg = load_config(None, [*common, f"tcm={str(tcm).lower()}", f"seed={seed}",
-                                         *margins, f"val_classes={args.val_classes}",
-                                         "val_in_train=true"])
+                                         *(margins if tcm else []),
+                                         f"val_classes={args.val_classes}", "val_in_train=true"])
                 train_evaluate_export(cfg, run, None, progress=False)
             row = summarise(run)
             row["tar_at_tau"] = 1.0 - row["frr_at_tau"]

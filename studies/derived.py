@@ -152,18 +152,27 @@ def main() -> None:
             f"exactly 2 and {floor['eligible_with_4_or_more']} have ≥ 4. Floor: "
             f"{floor['model']}.",
             "",
-            "| arm | OPIS (×1e-3), seeds | floor OPIS (×1e-3) | OPIS / floor | ε-OPIS, seeds "
+            "| arm | OPIS (×1e-3), seeds | floor OPIS (×1e-3) | OPIS / floor "
+            "| OPIS − floor (×1e-3) "
+            "| ε-OPIS, seeds "
             "| floor ε-OPIS |",
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
         ]
         for arm, rows in _groups(faces["runs"]).items():
             f = floor["arms"][arm]
             opis, eps = [r["opis"] for r in rows], [r["eps_opis"] for r in rows]
-            ratio = sum(opis) / len(opis) / f["opis"][0]
-            out["lfw_noise_floor"][arm] = {"opis": opis, "floor": f["opis"], "ratio": ratio}
+            mean = sum(opis) / len(opis)
+            ratio, excess = mean / f["opis"][0], mean - f["opis"][0]
+            out["lfw_noise_floor"][arm] = {
+                "opis": opis,
+                "floor": f["opis"],
+                "ratio": ratio,
+                "excess": excess,
+            }
             md.append(
                 f"| {arm} | {', '.join(f'{v * 1e3:.1f}' for v in opis)} | "
                 f"{f['opis'][0] * 1e3:.1f} ± {f['opis'][1] * 1e3:.1f} | {ratio:.2f} | "
+                f"{excess * 1e3:.1f} | "
                 f"{', '.join(f'{v:.3f}' for v in eps)} | "
                 f"{f['eps_opis'][0]:.3f} ± {f['eps_opis'][1]:.3f} |"
             )

@@ -73,7 +73,7 @@ study-orl: $(STAMP)
 	$(PY) -m studies.orl --data-dir $(DATA_DIR) --out runs/study_orl --docs docs/results
 
 # LFW OPIS's noise floor: a simulated model whose identities all behave alike, LFW's test class
-# sizes, each arm's operating point (a few minutes; writes docs/results/lfw_noise_floor.json).
+# sizes, each arm's operating point (39 min on the busy 2-core VM; docs/results/lfw_noise_floor.json).
 noise-floor: $(STAMP)
 	$(PY) -m studies.lfw_noise_floor --data-dir $(DATA_DIR) --docs docs/results
 

@@ -14,7 +14,7 @@ over seeds; OPIS and eps-OPIS are then measured by the same code as the study
 OPIS sits at or below this floor shows no identity-dependent inconsistency that this test split
 can resolve.
 
-    python -m studies.lfw_noise_floor --data-dir ../shared/data   # ~2 min on 2 cores
+    python -m studies.lfw_noise_floor --data-dir ../shared/data   # 39 min on the shared 2-core VM
 
 Writes ``<docs>/lfw_noise_floor.json`` (read by ``python -m studies.derived``).
 """

@@ -16,10 +16,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from service import errors
+from service import errors, openapi
 from service.body_limit import BodySizeLimitMiddleware
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.monitor import attach_monitor
+from service.request_id import RequestIdMiddleware
 from service.routers import (
     admin,
     embed,
@@ -77,7 +78,8 @@ def create_app(settings: Settings | None = None, *,
             app.state.monitor = None
             await runtime.close()
 
-    app = FastAPI(title="threshold-consistent retrieval", version="1", lifespan=lifespan)
+    app = FastAPI(title="threshold-consistent retrieval", version="1", lifespan=lifespan,
+                  generate_unique_id_function=openapi.operation_id)
     app.state.registry = registry
     app.state.settings = settings
     app.state.runtime = None
@@ -90,5 +92,7 @@ def create_app(settings: Settings | None = None, *,
     # body limit included, which refuses oversize bodies before any route runs
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-ID
+    openapi.install(app, settings)
     return app
 

@@ -15,6 +15,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     if status == 503:
         headers = {"Retry-After": "1"}
-        log.warning("%s: %s", exc.code, exc.message)
+        log.warning("%s: %s (request_id=%s)", exc.code, exc.message, _request_id())
         runtime = getattr(request.app.state, "runtime", None)
         if isinstance(exc, StoreUnavailableError) and runtime is not None:
             runtime.metrics.store_errors.inc()
@@ -144,15 +145,37 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
                                      errors))
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's own 405 names only the first
+    route that matched the path, so a path with GET and DELETE routes answered ``Allow: GET``)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\x00"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-    return _response(exc.status_code, error_body(code, message), getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        allow = allowed_methods(request)
+        headers["Allow"] = ", ".join(allow)
+        message = f"{request.method} is not allowed here; use {', '.join(allow)}"
+    return _response(exc.status_code, error_body(code, message), headers or None)
+
+
+def _request_id() -> str | None:
+    from service.request_id import request_id  # imported late: it imports this module
+
+    return request_id.get()
 
 
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
+    log.exception("unhandled error (request_id=%s)", _request_id(), exc_info=exc)
     return _response(500, error_body("internal_error", "an unexpected error occurred"))
 
 

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import ConflictError, InvalidInputError, NotFoundError
 from service.images import decode_base64
 from service.metrics import ServiceMetrics
-from service.schemas import EnrolItem
+from service.schemas import EnrolItem, PutItem
 from service.store import GalleryItem, NewItem, Store
 
 if TYPE_CHECKING:
@@ -96,8 +96,57 @@ class Gallery:
                 created_at=time.time()))
             await run_in_threadpool(
                 serving.indexes.get(tenant_id).add, seqs, [n.item_id for n in new_items],
-                [n.subject for n in new_items], np.stack([n.embedding for n in new_items]))
+                [n.subject for n in new_items], np.stack([n.embedding for n in new_items]),
+                [n.metadata for n in new_items])
         return [n.item_id for n in new_items]
+
+    async def put(self, tenant_id: str, item_id: str, body: PutItem) -> bool:
+        """Creates or replaces one item (idempotent); True when it was created."""
+        async with self.gate.shared():
+            serving = self.serving()
+            if body.embedding is not None:
+                vector = serving.resolver.embedding(body.embedding, where="embedding")
+                raw = None
+            else:
+                assert body.image is not None
+                raw = (await run_in_threadpool(_raw_bytes, [("image", body.image)]))[0]
+                vector = (await serving.resolver.images([("image", raw)]))[0]
+            new = NewItem(item_id=item_id, subject=body.subject, embedding=vector,
+                          metadata=body.metadata, image=raw)
+            async with self._locks[tenant_id]:
+                seq, old = await run_in_threadpool(lambda: self.store.put_item(
+                    tenant_id, new, model_version=serving.model_version,
+                    created_at=time.time()))
+                index = serving.indexes.get(tenant_id)
+                if old is not None:
+                    await run_in_threadpool(index.remove, [old])
+                await run_in_threadpool(index.add, [seq], [item_id], [body.subject],
+                                        vector[None], [body.metadata])
+        self._update_size_metric()
+        return old is None
+
+    async def subjects(self, tenant_id: str, *, cursor: str | None, limit: int
+                       ) -> tuple[list[tuple[str, int]], str | None]:
+        """A page of (subject, item count) in code-point order; the cursor is the last
+        subject's UTF-8 in hex (any such text is a valid cursor)."""
+        self._check_limit(limit)
+        after = None
+        if cursor is not None:
+            try:
+                after = bytes.fromhex(cursor).decode("utf-8", errors="replace")
+            except ValueError as exc:
+                raise InvalidInputError("cursor is not one this API returned",
+                                        code="invalid_cursor") from exc
+        rows = await run_in_threadpool(lambda: self.store.list_subjects(
+            tenant_id, after=after, limit=limit + 1))
+        page = rows[:limit]
+        next_cursor = page[-1][0].encode().hex() if len(rows) > limit else None
+        return page, next_cursor
+
+    def _check_limit(self, limit: int) -> None:
+        if not 1 <= limit <= self.max_list_limit:
+            raise InvalidInputError(f"limit must lie in 1..{self.max_list_limit}, got {limit}",
+                                    code="invalid_limit")
 
     async def get(self, tenant_id: str, item_id: str) -> GalleryItem:
         item = await run_in_threadpool(lambda: self.store.get_item(
@@ -108,9 +157,7 @@ class Gallery:
 
     async def list(self, tenant_id: str, *, subject: str | None, cursor: str | None,
                    limit: int) -> tuple[list[GalleryItem], str | None]:
-        if not 1 <= limit <= self.max_list_limit:
-            raise InvalidInputError(f"limit must lie in 1..{self.max_list_limit}, got {limit}",
-                                    code="invalid_limit")
+        self._check_limit(limit)
         after = 0 if cursor is None else parse_cursor(cursor)
         rows = await run_in_threadpool(lambda: self.store.list_items(
             tenant_id, subject=subject, after_seq=after, limit=limit + 1))

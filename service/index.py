@@ -5,6 +5,13 @@ Each index is ``IndexIDMap2`` over an inner-product index built from the configu
 cosine similarity. FAISS ids are the store's int64 ``seq`` of each item; the index keeps the map
 from id to (item_id, subject) so that a search needs no store round trip.
 
+Metadata filters (``service.metadata_filter``) are applied inside the FAISS search: each index
+keeps postings ``(key, canonical value) -> seqs`` of its items' top-level scalar metadata, and a
+filtered search passes the intersection as an ``IDSelectorBatch`` in ``SearchParameters``, so it
+returns the k best among the matching items (not the matching ones among the k best). Where the
+index cannot take a selector (GPU indexes), the matching vectors are reconstructed and scored
+exactly.
+
 Deletes call ``remove_ids`` where the index supports it. GPU indexes and some CPU ones (HNSW)
 cannot remove: their ids become tombstones that searches over-fetch past and filter out, and the
 index is rebuilt from the live vectors once tombstones pile up. Factories that need training (IVF,
@@ -20,10 +27,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
+
+from service.metadata_filter import filter_terms, terms
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +73,8 @@ class TenantIndex:
         self._tombstone_limit = tombstone_limit
         self._lock = threading.Lock()
         self._items: dict[int, tuple[str, str]] = {}
+        self._terms: dict[int, list[tuple[str, str]]] = {}  # seq -> its metadata terms
+        self._postings: dict[tuple[str, str], set[int]] = {}
         self._tombstones: set[int] = set()
         self._index = self._empty_index(trainable_vectors=None)
 
@@ -81,32 +94,52 @@ class TenantIndex:
         return index
 
     def rebuild(self, seqs: np.ndarray, item_ids: list[str], subjects: list[str],
-                vectors: np.ndarray) -> None:
+                vectors: np.ndarray, metadata: Sequence[Mapping[str, Any]] | None = None
+                ) -> None:
         """Replaces the contents (training the factory's index on these vectors if it needs it)."""
         vectors = _as_matrix(vectors, self.dim)
         with self._lock:
             self._index = self._empty_index(trainable_vectors=vectors if len(vectors) else None)
             self._items = {}
+            self._terms = {}
+            self._postings = {}
             self._tombstones = set()
-            self._add_locked(np.asarray(seqs, np.int64), item_ids, subjects, vectors)
+            self._add_locked(np.asarray(seqs, np.int64), item_ids, subjects, vectors,
+                             [list(terms(m)) for m in metadata] if metadata is not None else None)
 
     # --- mutation --------------------------------------------------------------------------
     def add(self, seqs: list[int] | np.ndarray, item_ids: list[str], subjects: list[str],
-            vectors: np.ndarray) -> None:
+            vectors: np.ndarray, metadata: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """``metadata``, row-aligned, makes the items findable by a filtered search."""
         with self._lock:
             self._add_locked(np.asarray(seqs, np.int64), item_ids, subjects,
-                             _as_matrix(vectors, self.dim))
+                             _as_matrix(vectors, self.dim),
+                             [list(terms(m)) for m in metadata] if metadata is not None else None)
 
     def _add_locked(self, seqs: np.ndarray, item_ids: list[str], subjects: list[str],
-                    vectors: np.ndarray) -> None:
+                    vectors: np.ndarray, item_terms: list[list[tuple[str, str]]] | None
+                    ) -> None:
         assert len(seqs) == len(item_ids) == len(subjects) == len(vectors)
         fresh = np.array([int(s) not in self._items for s in seqs], dtype=bool)
         if not fresh.any():
             return
         self._index.add_with_ids(vectors[fresh], seqs[fresh])
-        for s, iid, subj, ok in zip(seqs, item_ids, subjects, fresh, strict=True):
+        for row, (s, iid, subj, ok) in enumerate(zip(seqs, item_ids, subjects, fresh,
+                                                     strict=True)):
             if ok:
                 self._items[int(s)] = (iid, subj)
+                if item_terms is not None and item_terms[row]:
+                    self._terms[int(s)] = item_terms[row]
+                    for t in item_terms[row]:
+                        self._postings.setdefault(t, set()).add(int(s))
+
+    def _forget_terms_locked(self, seq: int) -> None:
+        for t in self._terms.pop(seq, ()):
+            posting = self._postings.get(t)
+            if posting is not None:
+                posting.discard(seq)
+                if not posting:
+                    del self._postings[t]
 
     def remove(self, seqs: list[int]) -> None:
         with self._lock:
@@ -115,6 +148,7 @@ class TenantIndex:
                 return
             for s in present:
                 del self._items[s]
+                self._forget_terms_locked(s)
             ids = np.asarray(present, np.int64)
             try:
                 self._index.remove_ids(ids)
@@ -127,27 +161,55 @@ class TenantIndex:
         live = np.fromiter(self._items.keys(), dtype=np.int64, count=len(self._items))
         vectors = (self._index.reconstruct_batch(live) if len(live)
                    else np.zeros((0, self.dim), np.float32))
-        items = dict(self._items)
+        items, item_terms = dict(self._items), dict(self._terms)
         self._index = self._empty_index(trainable_vectors=vectors if len(vectors) else None)
         self._items = {}
+        self._terms = {}
+        self._postings = {}
         self._tombstones = set()
         self._add_locked(live, [items[int(s)][0] for s in live], [items[int(s)][1] for s in live],
-                         _as_matrix(vectors, self.dim))
+                         _as_matrix(vectors, self.dim),
+                         [item_terms.get(int(s), []) for s in live])
         log.info("compacted a FAISS index to %d live vectors", len(live))
 
     # --- queries ---------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._items)
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-k hits per query row, best first (fewer when the gallery is smaller)."""
+    def matching(self, where: Mapping[str, Any]) -> set[int]:
+        """Seqs of the live items whose metadata passes the filter."""
+        wanted = filter_terms(where)
+        with self._lock:
+            return self._matching_locked(wanted)
+
+    def _matching_locked(self, wanted: list[tuple[str, str]]) -> set[int]:
+        postings = sorted((self._postings.get(t, set()) for t in wanted), key=len)
+        if not postings or not postings[0]:
+            return set()
+        out = set(postings[0])
+        for p in postings[1:]:
+            out &= p
+        return out
+
+    def search(self, queries: np.ndarray, k: int, where: Mapping[str, Any] | None = None
+               ) -> list[list[Hit]]:
+        """Top-k hits per query row, best first (fewer when the gallery is smaller); with
+        ``where``, the top k among the items whose metadata passes that filter."""
         queries = _as_matrix(queries, self.dim)
+        wanted = filter_terms(where) if where else None
         with self._lock:
             n = len(self._items)
             if n == 0 or k <= 0:
                 return [[] for _ in range(len(queries))]
-            fetch = min(k + len(self._tombstones), n + len(self._tombstones))
-            scores, ids = self._index.search(queries, fetch)
+            if wanted is not None:
+                allowed = self._matching_locked(wanted)
+                if not allowed:
+                    return [[] for _ in range(len(queries))]
+                scores, ids = self._filtered_search_locked(queries, min(k, len(allowed)),
+                                                           allowed)
+            else:
+                fetch = min(k + len(self._tombstones), n + len(self._tombstones))
+                scores, ids = self._index.search(queries, fetch)
             items = self._items
             out = []
             for row_s, row_i in zip(scores, ids, strict=True):
@@ -162,6 +224,27 @@ class TenantIndex:
                         break
                 out.append(hits)
             return out
+
+    def _params(self, selector: faiss.IDSelector) -> faiss.SearchParameters:
+        """Search parameters carrying the selector, of the type the inner index expects (IVF
+        ones keep the index's nprobe)."""
+        try:
+            ivf = faiss.extract_index_ivf(self._index)
+        except RuntimeError:
+            return faiss.SearchParameters(sel=selector)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+
+    def _filtered_search_locked(self, queries: np.ndarray, k: int, allowed: set[int]
+                                ) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.fromiter(sorted(allowed), dtype=np.int64, count=len(allowed))
+        selector = faiss.IDSelectorBatch(ids)
+        try:
+            return self._index.search(queries, k, params=self._params(selector))
+        except RuntimeError:  # GPU indexes take no selector: score the few exactly
+            vectors = self._index.reconstruct_batch(ids)
+            scores = queries @ vectors.T
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(scores, order, axis=1), ids[order]
 
 
 class IndexRegistry:

@@ -12,7 +12,8 @@ decoded, so a request holds at most one full-size image at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,10 +97,13 @@ class InputResolver:
             return np.zeros((0, self.dim), np.float32)
         return await self.batcher.embed_prepared(lambda: self.prepare(images))
 
-    async def item_vector(self, tenant_id: str, item_id: str) -> np.ndarray:
+    async def item_vector(self, tenant_id: str, item_id: str, *,
+                          accept: Callable[[Mapping[str, Any]], bool] | None = None
+                          ) -> np.ndarray:
+        """``accept``: a test of the item's metadata; an item failing it is not found."""
         item = await run_in_threadpool(self.store.get_item, tenant_id, item_id,
                                        model_version=self.model_version)
-        if item is None:
+        if item is None or (accept is not None and not accept(item.metadata)):
             raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
         if item.embedding is None:
             raise ConflictError(
@@ -107,10 +111,16 @@ class InputResolver:
                 code="not_embedded", detail={"item_id": item_id})
         return item.embedding.reshape(1, -1)
 
-    async def subject_vectors(self, tenant_id: str, subject: str) -> np.ndarray:
+    async def subject_vectors(self, tenant_id: str, subject: str, *,
+                              seqs: Collection[int] | None = None) -> np.ndarray:
+        """The subject's vectors (only those of items in ``seqs`` when given)."""
         vectors = await run_in_threadpool(self.store.gallery_vectors, tenant_id,
                                           model_version=self.model_version, subject=subject)
-        if len(vectors) == 0:
+        rows = vectors.vectors
+        if seqs is not None and len(vectors):
+            keep = np.isin(vectors.seqs, np.fromiter(seqs, np.int64, len(seqs)))
+            rows = rows[keep]
+        if len(rows) == 0:
             raise NotFoundError(f"no gallery items for subject {subject!r}",
                                 detail={"subject": subject})
-        return vectors.vectors
+        return rows

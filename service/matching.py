@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -23,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import InvalidInputError, NotFoundError
 from service.index import Hit, IndexRegistry
 from service.inputs import InputResolver
+from service.metadata_filter import matches
 from service.metrics import ServiceMetrics
 from service.pairwise import max_inner_product
 from service.schemas import VerifyInput
@@ -83,12 +85,14 @@ class Matcher:
                                     detail={"k": k, "max_k": self.max_k})
         return k
 
-    async def match(self, tenant_id: str, query: np.ndarray, k: int
-                    ) -> tuple[MatchRecord, list[Hit]]:
+    async def match(self, tenant_id: str, query: np.ndarray, k: int,
+                    where: Mapping[str, Any] | None = None) -> tuple[MatchRecord, list[Hit]]:
+        """``where``: a metadata filter, applied inside the index search (the k best among the
+        items that pass it); the decision is the usual one over those candidates."""
         self.check_k(k)
         index = self.indexes.get(tenant_id)
         started = time.perf_counter()
-        (hits,) = await run_in_threadpool(index.search, query.reshape(1, -1), k)
+        (hits,) = await run_in_threadpool(index.search, query.reshape(1, -1), k, where)
         self.metrics.index_search_seconds.observe(time.perf_counter() - started)
         top = hits[0] if hits else None
         accepted = top is not None and self.accepts(top.score)
@@ -106,17 +110,24 @@ class Matcher:
         return record, hits
 
     async def vectors(self, tenant_id: str, inp: VerifyInput, *, where: str,
-                      upload: bytes | None = None) -> np.ndarray:
-        """One verify input -> its vectors (several for a subject)."""
+                      upload: bytes | None = None, filter: Mapping[str, Any] | None = None
+                      ) -> np.ndarray:
+        """One verify input -> its vectors (several for a subject). ``filter`` restricts
+        gallery inputs to items whose metadata passes it (others are as if absent)."""
         if upload is not None or inp.image is not None:
             data: bytes | str = upload if upload is not None else inp.image  # type: ignore[assignment]
             return await self.resolver.images([(f"{where}.image", data)])
         if inp.embedding is not None:
             return self.resolver.embedding(inp.embedding, where=f"{where}.embedding")[None]
         if inp.item_id is not None:
-            return await self.resolver.item_vector(tenant_id, inp.item_id)
+            return await self.resolver.item_vector(
+                tenant_id, inp.item_id,
+                accept=None if not filter else (lambda meta: matches(meta, filter)))
         assert inp.subject is not None
-        return await self.resolver.subject_vectors(tenant_id, inp.subject)
+        allowed = None
+        if filter:
+            allowed = await run_in_threadpool(self.indexes.get(tenant_id).matching, filter)
+        return await self.resolver.subject_vectors(tenant_id, inp.subject, seqs=allowed)
 
     async def verify(self, tenant_id: str, a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
         """Best cosine over all pairs of a's and b's vectors (one pair unless subjects), in

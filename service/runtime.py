@@ -197,11 +197,12 @@ class Runtime:
             if left_out:
                 skipped[tenant.tenant_id] = left_out
             vectors = await run_in_threadpool(
-                lambda t=tenant.tenant_id: self.store.gallery_vectors(t, model_version=version))
+                lambda t=tenant.tenant_id: self.store.gallery_vectors(
+                    t, model_version=version, with_metadata=True))
             await run_in_threadpool(serving.indexes.get(tenant.tenant_id).rebuild,
                                     vectors.seqs, vectors.item_ids, vectors.subjects,
                                     vectors.vectors if len(vectors) else
-                                    np.zeros((0, dim), np.float32))
+                                    np.zeros((0, dim), np.float32), vectors.metadata)
         live = {t.tenant_id for t in tenants}
         for tenant_id in set(serving.indexes.sizes()) - live:  # deleted meanwhile
             serving.indexes.drop(tenant_id)
@@ -330,7 +331,8 @@ class Runtime:
                 tenant_id, item_ids, model_version=version))
         if len(vectors):
             await run_in_threadpool(serving.indexes.get(tenant_id).add, vectors.seqs,
-                                    vectors.item_ids, vectors.subjects, vectors.vectors)
+                                    vectors.item_ids, vectors.subjects, vectors.vectors,
+                                    vectors.metadata)
 
     async def embed_items(self, serving: Serving, tenant_id: str, item_ids: Sequence[str]
                           ) -> None:

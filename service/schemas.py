@@ -1,15 +1,20 @@
 """Every request and response body of the v1 API.
 
-Requests forbid unknown fields (a misspelt ``embeding`` is a 422, not a silently ignored field)
-and reject NaN/inf. Limits that depend on settings (``max_k``, batch sizes, the embedding
-dimension) are checked by the domain code, which knows the settings.
+The published schema states what validation enforces (a client generated from it builds no
+request the service refuses for its shape): requests forbid unknown fields (a misspelt
+``embeding`` is a 422, not a silently ignored field) and reject NaN/inf; "exactly one of" rules
+are ``oneOf`` of ``required`` (and those fields are never null); base64 is a pattern; a vector
+has a non-zero component (``contains``). Limits that depend on settings or on the served model
+(``max_k``, batch sizes, list limits, the embedding dimension) are checked by the domain code,
+which knows them, and carry an ``x-limit`` marker that ``service.openapi`` replaces with the
+live bound when it renders ``/openapi.json``.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.ids import Id
+from service.ids import ID_PATTERN, Id
 
 MAX_METADATA_BYTES = 16 * 1024
 # nesting of metadata objects/arrays: responses serialise at most ~255 levels, so deeper
@@ -29,14 +34,77 @@ MAX_METADATA_DEPTH = 32
 MAX_DIM = 65536
 
 # ids and subjects: the one id pattern of the API (service.ids)
+NAME_PATTERN = ID_PATTERN
 Name = Id
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Embedding = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_DIM)]
-Base64Image = Annotated[str, Field(min_length=1, description="base64 (or a data: URL)")]
+# a vector needs one non-zero component (the zero vector has no direction): JSON Schema says so
+# with "contains"; the dimension is the served model's (x-limit)
+Embedding = Annotated[list[FiniteFloat], Field(
+    min_length=1, max_length=MAX_DIM, description="the model's embedding: embedding_dim finite "
+    "numbers, not all zero (normalised by the service)",
+    json_schema_extra={"contains": {"type": "number", "not": {"const": 0}},
+                       "x-limit": "embedding_dim"})]
+# exactly what ``service.images.decode_base64`` accepts: standard base64 with its padding, not
+# empty, optionally behind a data: URL prefix
+BASE64_PATTERN = (r"^(data:[^,]*,)?([A-Za-z0-9+/]{4})*"
+                  r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$")
+Base64Image = Annotated[str, StringConstraints(pattern=BASE64_PATTERN), Field(
+    description="an image file (PNG, JPEG, BMP, GIF, WEBP, TIFF, PPM) in standard base64, "
+    "optionally as a data: URL", json_schema_extra={"format": "byte",
+                                                    "contentEncoding": "base64",
+                                                    "contentMediaType": "image/*"})]
+# list cursors are the seq of the last item returned (always < 10**18)
+CURSOR_PATTERN = r"^[0-9]{1,18}$"
+# subject cursors: the last subject's UTF-8 bytes in hex (every such string is a valid cursor)
+SUBJECT_CURSOR_PATTERN = r"^([0-9a-f]{2}){1,1024}$"
+# metadata filters: exact match of top-level keys to scalar values (JSON numbers compare as
+# numbers: 1 and 1.0 are equal; true is not 1)
+MAX_FILTER_KEYS = 16
+FilterValue = Annotated[str, StringConstraints(max_length=1024)] | FiniteFloat | int | bool | None
+MetadataFilter = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=256)],
+                                FilterValue],
+                           Field(max_length=MAX_FILTER_KEYS, description=(
+                               "only gallery items whose metadata has each of these top-level "
+                               "keys with exactly this value (applied inside the index "
+                               "search: k results still come back when k items match)"))]
+
+
+def _exact_one_of(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """JSON Schema of a request with a ``one_of`` rule: ``oneOf`` of ``required``, and those
+    fields not nullable (a null counts as given, and is refused)."""
+    fields: tuple[str, ...] = getattr(cls, "one_of", ())
+    if not fields:
+        return
+    schema["oneOf"] = [{"required": [f]} for f in fields]
+    for f in fields:
+        prop = schema.get("properties", {}).get(f, {})
+        prop.pop("default", None)
+        if "anyOf" in prop:  # X | None: keep X
+            kept = [s for s in prop.pop("anyOf") if s.get("type") != "null"]
+            prop.update(kept[0] if len(kept) == 1 else {"anyOf": kept})
 
 
 class Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body. ``one_of``: fields of which exactly one must be given, never as null."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exact_one_of)
+    one_of: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_choice(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = [f for f in cls.one_of if f in data and data[f] is None]
+            if nulls:
+                raise ValueError(f"{', '.join(nulls)} must not be null: leave out what you do "
+                                 "not give")
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one_given(self) -> Request:
+        if self.one_of:
+            _exactly_one(self, self.one_of)
+        return self
 
 
 def _exactly_one(model: BaseModel, fields: tuple[str, ...]) -> None:
@@ -53,13 +121,20 @@ class ErrorBody(BaseModel):
     detail: Any = None
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": text} for status, text in (
-        (400, "malformed JSON"), (401, "missing or invalid API key"),
-        (404, "no such resource (or another tenant's)"), (409, "conflict"),
-        (413, "request body too large"), (422, "invalid input"),
-        (429, "rate limit exceeded (see Retry-After)"), (503, "store unavailable"))
+ERROR_TEXT: dict[int, str] = {
+    400: "malformed JSON, or an invalid X-Request-ID", 401: "missing or invalid API key",
+    404: "no such resource (or another tenant's)", 409: "conflict",
+    413: "request body too large", 422: "invalid input",
+    429: "rate limit exceeded (see Retry-After)",
+    503: "store unavailable or service starting (see Retry-After)",
 }
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in ERROR_TEXT.items()}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error responses a route can give (each route lists only its own)."""
+    return {s: {"model": ErrorBody, "description": ERROR_TEXT[s]} for s in sorted(statuses)}
 
 
 def json_depth(value: Any) -> int:
@@ -124,17 +199,16 @@ class KeyList(BaseModel):
 
 
 # --- gallery -------------------------------------------------------------------------------
-class EnrolItem(Request):
+class ItemBody(Request):
+    """An item's content: its subject, exactly one of embedding / image, and metadata."""
+
+    one_of = ("embedding", "image")
     subject: Name
     embedding: Embedding | None = None
     image: Base64Image | None = None
-    item_id: Name | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> EnrolItem:
-        _exactly_one(self, ("embedding", "image"))
-        return self
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description=f"a JSON object, at most {MAX_METADATA_BYTES} bytes "
+        f"of JSON and {MAX_METADATA_DEPTH} levels deep")
 
     @field_validator("metadata")
     @classmethod
@@ -153,8 +227,21 @@ class EnrolItem(Request):
         return v
 
 
+class EnrolItem(ItemBody):
+    item_id: Name | None = Field(None, description="generated when left out")
+
+
 class EnrolRequest(Request):
-    items: list[EnrolItem] = Field(min_length=1)
+    items: list[EnrolItem] = Field(min_length=1, json_schema_extra={"x-limit": "max_batch_items"})
+
+
+class PutItem(ItemBody):
+    """``PUT /v1/gallery/{item_id}``: the whole item (replaces one that exists)."""
+
+
+class PutResponse(BaseModel):
+    item_id: str
+    created: bool = Field(description="true when there was no such item before")
 
 
 class EnrolResponse(BaseModel):
@@ -179,16 +266,24 @@ class Deleted(BaseModel):
     deleted: int
 
 
+class SubjectOut(BaseModel):
+    subject: str
+    items: int = Field(description="gallery items enrolled under it")
+
+
+class SubjectPage(BaseModel):
+    subjects: list[SubjectOut]
+    next_cursor: str | None = Field(description="pass as cursor for the next page; null at the end")
+
+
 # --- match, verify, embed --------------------------------------------------------------------
 class MatchRequest(Request):
+    one_of = ("embedding", "image")
     embedding: Embedding | None = None
     image: Base64Image | None = None
-    k: int = Field(5, description="candidates to return, 1..max_k")
-
-    @model_validator(mode="after")
-    def _one_query(self) -> MatchRequest:
-        _exactly_one(self, ("embedding", "image"))
-        return self
+    k: int = Field(5, ge=1, description="candidates to return, 1..max_k",
+                   json_schema_extra={"x-limit": "max_k"})
+    filter: MetadataFilter | None = None
 
 
 class Candidate(BaseModel):
@@ -212,21 +307,20 @@ class MatchResponse(BaseModel):
 
 
 class VerifyInput(Request):
+    one_of = ("image", "embedding", "item_id", "subject")
     image: Base64Image | None = None
     embedding: Embedding | None = None
     item_id: Name | None = None
     subject: Name | None = Field(
         None, description="a subject stands for its best-matching enrolled item (max score)")
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> VerifyInput:
-        _exactly_one(self, ("image", "embedding", "item_id", "subject"))
-        return self
-
 
 class VerifyRequest(Request):
     a: VerifyInput
     b: VerifyInput
+    filter: MetadataFilter | None = Field(None, description=(
+        "gallery inputs (item_id, subject) count only items whose metadata matches (exact "
+        "match of each key); an item that does not is answered like one that does not exist"))
 
 
 class VerifyResponse(BaseModel):
@@ -237,7 +331,8 @@ class VerifyResponse(BaseModel):
 
 
 class EmbedRequest(Request):
-    images: list[Base64Image] = Field(min_length=1)
+    images: list[Base64Image] = Field(min_length=1,
+                                      json_schema_extra={"x-limit": "max_batch_items"})
 
 
 class EmbedResponse(BaseModel):
@@ -246,12 +341,30 @@ class EmbedResponse(BaseModel):
 
 
 # --- feedback --------------------------------------------------------------------------------
-class FeedbackRequest(Request):
+def _feedback_schema(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = [{"required": ["match_id", "true_subject"]},
+                       {"required": ["match_id", "correct"]}]
+    correct = schema["properties"]["correct"]
+    correct.pop("anyOf", None)
+    correct.pop("default", None)
+    correct["type"] = "boolean"
+    schema["properties"]["true_subject"].pop("default", None)
+
+
+class FeedbackRequest(BaseModel):
     """Either ``true_subject`` (null: the query's subject is not enrolled) or ``correct``."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_feedback_schema)
     match_id: Id
     true_subject: Name | None = None
     correct: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _correct_not_null(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "correct" in data and data["correct"] is None:
+            raise ValueError("correct must be true or false (leave it out to give true_subject)")
+        return data
 
     @model_validator(mode="after")
     def _one_label(self) -> FeedbackRequest:
@@ -341,14 +454,42 @@ class ModelVersionOut(BaseModel):
     embeddings_purged: bool = False
 
 
+class RegistryActivation(BaseModel):
+    """The registry's running (or last failed) activation, shared by every replica."""
+
+    version: str
+    from_: str | None = Field(alias="from")
+    kind: str
+    started_at: float
+    heartbeat: float
+    owner: str
+    state: Literal["running", "failed"]
+    error: str | None = None
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
+class HistoryEntry(BaseModel):
+    """One switch of the active model."""
+
+    version: str
+    from_: str | None = Field(alias="from")
+    kind: str
+    at: float
+    skipped: dict[str, int] = Field(description="per tenant: items left out of the index "
+                                                "(no embedding for this model, no image)")
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
 class ModelRegistryOut(BaseModel):
     active: str | None
     served: str  # the version this replica serves (differs from active only during a switch)
-    activation: dict[str, Any] | None  # the registry's running or failed activation
+    activation: RegistryActivation | None  # the registry's running or failed activation
     progress: Activation | None  # this replica's latest switch
     rollback_to: str | None
     versions: list[ModelVersionOut]
-    history: list[dict[str, Any]]
+    history: list[HistoryEntry]
 
 
 ModelInfo.model_rebuild()
@@ -369,6 +510,149 @@ class Readiness(BaseModel):
 
 
 # --- monitoring ------------------------------------------------------------------------------
+# The monitor's snapshot is computed and stored as a plain dict (``service.monitoring``); these
+# models describe it exactly (responses are validated against them) so that clients get types.
+class Rates(BaseModel):
+    far: float | None = Field(description="null without impostor pairs")
+    frr: float | None = Field(description="null without genuine pairs")
+    utility: float | None
+    genuine_pairs: int
+    impostor_pairs: int
+
+
+class RatesBySource(BaseModel):
+    feedback: Rates
+    gallery: Rates
+
+
+class SourceRates(BaseModel):
+    pooled: Rates
+    by_source: RatesBySource
+
+
+class OutcomeCounts(BaseModel):
+    true_accept: int
+    false_accept: int
+    true_reject: int
+    false_reject: int
+
+
+class TenantMonitorRow(Rates):
+    label: str = Field(description="the tenant's value of the capped metrics label")
+    eligible: bool = Field(description="enough genuine and impostor pairs to enter OPIS")
+    mean_utility: float | None
+    by_source: RatesBySource
+    outcomes: OutcomeCounts
+
+
+class ScoreHistogram(BaseModel):
+    buckets: list[int] = Field(description="cumulative counts at score_buckets (le)")
+    count: int
+    sum: float
+
+
+class LabelMonitorRow(BaseModel):
+    tenants: int
+    pooled: Rates
+    by_source: RatesBySource
+    histograms: dict[Literal["genuine", "impostor"], dict[Literal["feedback", "gallery"],
+                                                          ScoreHistogram]]
+
+
+class BaselineOut(BaseModel):
+    opis: float
+    eps_opis: float
+    eps: float
+
+
+class TenantMonitorSnapshot(BaseModel):
+    """What a tenant key sees: the model's reference points and its own row only."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int
+    computed_at: float
+    window_s: float
+    since: float
+    interval_s: float
+    model_version: str
+    tau: float
+    tau_lo: float
+    tau_hi: float
+    target_far: float
+    num_thresholds: int
+    beta: float
+    min_pairs: int
+    max_pairs: int
+    max_gallery_items: int
+    tenant: TenantMonitorRow | None = Field(description="null before the tenant's first row")
+
+
+class MonitorSnapshot(BaseModel):
+    """What the admin token sees: every tenant, OPIS across tenants, global rates."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int
+    config_key: str
+    computed_at: float
+    window_s: float
+    since: float
+    interval_s: float
+    model_version: str
+    tau: float
+    tau_lo: float
+    tau_hi: float
+    target_far: float
+    num_thresholds: int
+    beta: float
+    eps: float
+    min_pairs: int
+    max_pairs: int
+    max_gallery_items: int
+    opis: float | None
+    eps_opis: float | None
+    opis_unavailable_reason: str | None
+    baseline: BaselineOut
+    global_: SourceRates = Field(alias="global")
+    tenants_total: int
+    eligible_tenants: int
+    excluded_tenants: list[str]
+    tenants: dict[str, TenantMonitorRow]
+    labels: dict[str, LabelMonitorRow]
+    score_buckets: list[float]
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+
+class AtTau(BaseModel):
+    far: float | None
+    frr: float | None
+
+
+class WhatIfTenant(Rates):
+    by_source: RatesBySource
+    at_tau: AtTau
+
+
+class PooledRates(BaseModel):
+    far: float | None
+    frr: float | None
+    genuine_pairs: int
+    impostor_pairs: int
+
+
+class WhatIf(BaseModel):
+    threshold: float
+    tau: float
+    tenants: dict[str, WhatIfTenant]
+    pooled_over_tenants: PooledRates | None = Field(
+        None, description="all tenants' pairs added up (admin only)")
+    in_calibration_range: bool
+    tau_lo: float
+    tau_hi: float
+    pairs_as_of: float
+    window_s: float
+
+
 class MonitorView(BaseModel):
     """``GET /v1/monitor``: the monitor's latest snapshot (admin: everything; a tenant key: the
     model's reference points and that tenant's own row only) and, with ``?threshold=``, per-tenant
@@ -378,5 +662,5 @@ class MonitorView(BaseModel):
     tenant_id: str | None = None
     status: Literal["ok", "pending"]
     message: str | None = None
-    snapshot: dict[str, Any] | None = None
-    what_if: dict[str, Any] | None = None
+    snapshot: MonitorSnapshot | TenantMonitorSnapshot | None = None
+    what_if: WhatIf | None = None

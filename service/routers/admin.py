@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.dependencies import AdminAuth, RuntimeDep
-from service.ids import IdPath
+from service.dependencies import AdminAuth, IdPath, RuntimeDep
 from service.schemas import (
-    ERROR_RESPONSES,
     KeyIssue,
     KeyIssued,
     KeyList,
@@ -21,12 +19,12 @@ from service.schemas import (
     TenantCreated,
     TenantList,
     TenantOut,
+    errors,
     utc,
 )
 from service.store import ApiKey, Tenant
 
-router = APIRouter(prefix="/v1/tenants", tags=["admin"], dependencies=[AdminAuth],
-                   responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/tenants", tags=["tenants"], dependencies=[AdminAuth])
 
 
 def _tenant(t: Tenant) -> TenantOut:
@@ -39,24 +37,24 @@ def _key(k: ApiKey) -> KeyOut:
                   active=k.active)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=errors(400, 401, 413, 422, 503))
 async def create_tenant(body: TenantCreate, runtime: RuntimeDep) -> TenantCreated:
     tenant, key, token = await runtime.tenants.create(body.name)
     return TenantCreated(tenant_id=tenant.tenant_id, name=tenant.name, key_id=key.key_id,
                          api_key=token)
 
 
-@router.get("")
+@router.get("", responses=errors(400, 401, 503))
 async def list_tenants(runtime: RuntimeDep) -> TenantList:
     return TenantList(tenants=[_tenant(t) for t in await runtime.tenants.list()])
 
 
-@router.get("/{tenant_id}")
+@router.get("/{tenant_id}", responses=errors(400, 401, 404, 422, 503))
 async def get_tenant(tenant_id: IdPath, runtime: RuntimeDep) -> TenantOut:
     return _tenant(await runtime.tenants.get(tenant_id))
 
 
-@router.delete("/{tenant_id}", status_code=204)
+@router.delete("/{tenant_id}", status_code=204, responses=errors(400, 401, 404, 422, 503))
 async def delete_tenant(tenant_id: IdPath, runtime: RuntimeDep) -> Response:
     # not in the middle of a model switch, nor of one of the tenant's gallery writes on this
     # replica (an enrolment stored before the delete must not re-create the dropped index)
@@ -66,7 +64,8 @@ async def delete_tenant(tenant_id: IdPath, runtime: RuntimeDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{tenant_id}/keys", status_code=201)
+@router.post("/{tenant_id}/keys", status_code=201,
+             responses=errors(400, 401, 404, 413, 422, 503))
 async def issue_key(tenant_id: IdPath, runtime: RuntimeDep, body: KeyIssue | None = None
                     ) -> KeyIssued:
     key, token, revoked = await runtime.tenants.issue_key(
@@ -75,12 +74,13 @@ async def issue_key(tenant_id: IdPath, runtime: RuntimeDep, body: KeyIssue | Non
                      revoked_key_ids=revoked)
 
 
-@router.get("/{tenant_id}/keys")
+@router.get("/{tenant_id}/keys", responses=errors(400, 401, 404, 422, 503))
 async def list_keys(tenant_id: IdPath, runtime: RuntimeDep) -> KeyList:
     return KeyList(keys=[_key(k) for k in await runtime.tenants.list_keys(tenant_id)])
 
 
-@router.delete("/{tenant_id}/keys/{key_id}", status_code=204)
+@router.delete("/{tenant_id}/keys/{key_id}", status_code=204,
+               responses=errors(400, 401, 404, 422, 503))
 async def revoke_key(tenant_id: IdPath, key_id: IdPath, runtime: RuntimeDep) -> Response:
     await runtime.tenants.revoke_key(tenant_id, key_id)
     return Response(status_code=204)

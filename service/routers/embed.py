@@ -9,12 +9,13 @@ from fastapi import APIRouter, File, UploadFile
 from service.dependencies import RuntimeDep, TenantId
 from service.errors import InvalidInputError
 from service.routers.uploads import read_upload
-from service.schemas import ERROR_RESPONSES, EmbedRequest, EmbedResponse
+from service.schemas import EmbedRequest, EmbedResponse, errors
 
-router = APIRouter(tags=["embed"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["embed"])
 
 
-@router.post("/v1/embed")
+@router.post("/v1/embed", operation_id="embed",
+             responses=errors(400, 401, 413, 422, 429, 503))
 async def embed(body: EmbedRequest, tenant: TenantId, runtime: RuntimeDep) -> EmbedResponse:
     limit = runtime.settings.max_batch_items
     if len(body.images) > limit:
@@ -26,9 +27,11 @@ async def embed(body: EmbedRequest, tenant: TenantId, runtime: RuntimeDep) -> Em
     return EmbedResponse(embeddings=vectors.tolist(), model_version=serving.model_version)
 
 
-@router.post("/v1/embed/upload")
+@router.post("/v1/embed/upload", operation_id="embedUpload",
+             responses=errors(400, 401, 413, 422, 429, 503))
 async def embed_upload(tenant: TenantId, runtime: RuntimeDep,
-                       file: Annotated[UploadFile, File()]) -> EmbedResponse:
+                       file: Annotated[UploadFile, File(description="an image file")]
+                       ) -> EmbedResponse:
     serving = runtime.serving
     vectors = await serving.resolver.images([("file", await read_upload(file, field="file"))])
     return EmbedResponse(embeddings=vectors.tolist(), model_version=serving.model_version)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.dependencies import RuntimeDep, TenantId
-from service.schemas import ERROR_RESPONSES, FeedbackRequest, FeedbackResponse
+from service.schemas import FeedbackRequest, FeedbackResponse, errors
 
-router = APIRouter(tags=["feedback"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["feedback"])
 
 
-@router.post("/v1/feedback", status_code=201)
+@router.post("/v1/feedback", status_code=201, operation_id="sendFeedback",
+             responses=errors(400, 401, 404, 409, 413, 422, 429, 503))
 async def feedback(body: FeedbackRequest, tenant: TenantId, runtime: RuntimeDep
                    ) -> FeedbackResponse:
     fb = await runtime.matcher.feedback(

@@ -1,4 +1,5 @@
-"""Gallery items: enrol (JSON batches or one uploaded image), get, list, delete."""
+"""Gallery items: enrol (JSON batches or one uploaded image), upsert one (PUT), get, list,
+delete; subjects: list with item counts, delete."""
 
 from __future__ import annotations
 
@@ -6,22 +7,32 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from service.dependencies import RuntimeDep, TenantId
-from service.ids import IdPath, IdQuery
-from service.routers.uploads import build, parse_json_object, read_upload
+from service.dependencies import IdPath, RuntimeDep, TenantId
+from service.ids import ID_MAX_LENGTH, IdQuery
+from service.routers.uploads import UPLOAD_PLACEHOLDER, build, parse_json_object, read_upload
 from service.schemas import (
-    ERROR_RESPONSES,
+    CURSOR_PATTERN,
+    NAME_PATTERN,
+    SUBJECT_CURSOR_PATTERN,
     Deleted,
     EnrolItem,
     EnrolRequest,
     EnrolResponse,
     GalleryItemOut,
     GalleryPage,
+    PutItem,
+    PutResponse,
+    SubjectOut,
+    SubjectPage,
+    errors,
     utc,
 )
 from service.store import GalleryItem
 
-router = APIRouter(tags=["gallery"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["gallery"])
+
+Limit = Annotated[int, Query(ge=1, description="page size, 1..max_list_limit",
+                             json_schema_extra={"x-limit": "max_list_limit"})]
 
 
 def _out(item: GalleryItem, *, with_embedding: bool = False) -> GalleryItemOut:
@@ -31,45 +42,86 @@ def _out(item: GalleryItem, *, with_embedding: bool = False) -> GalleryItemOut:
                           embedding=emb)
 
 
-@router.post("/v1/gallery", status_code=201)
+@router.post("/v1/gallery", status_code=201, operation_id="enrolItems",
+             responses=errors(400, 401, 409, 413, 422, 429, 503))
 async def enrol(body: EnrolRequest, tenant: TenantId, runtime: RuntimeDep) -> EnrolResponse:
+    """All items or none; an item id that exists (or repeats) is a 409."""
     return EnrolResponse(item_ids=await runtime.gallery.enrol(tenant, body.items))
 
 
-@router.post("/v1/gallery/upload", status_code=201)
+@router.post("/v1/gallery/upload", status_code=201, operation_id="enrolUpload",
+             responses=errors(400, 401, 409, 413, 422, 429, 503))
 async def enrol_upload(
-    tenant: TenantId, runtime: RuntimeDep, file: Annotated[UploadFile, File()],
-    subject: Annotated[str, Form()], item_id: Annotated[str | None, Form()] = None,
-    metadata: Annotated[str | None, Form(description="a JSON object")] = None,
+    tenant: TenantId, runtime: RuntimeDep,
+    file: Annotated[UploadFile, File(description="an image file")],
+    subject: Annotated[str, Form(min_length=1, max_length=ID_MAX_LENGTH, pattern=NAME_PATTERN)],
+    item_id: Annotated[str | None, Form(min_length=1, max_length=256,
+                                        pattern=NAME_PATTERN)] = None,
+    metadata: Annotated[str | None, Form(description="a JSON object (as text)")] = None,
 ) -> EnrolResponse:
     data = await read_upload(file, field="file")
-    item = build(EnrolItem, subject=subject, item_id=item_id or None, image="upload",
+    item = build(EnrolItem, subject=subject, item_id=item_id or None, image=UPLOAD_PLACEHOLDER,
                  metadata=parse_json_object(metadata, field="metadata"))
     return EnrolResponse(item_ids=await runtime.gallery.enrol(tenant, [item], images={0: data}))
 
 
-@router.get("/v1/gallery")
+@router.put("/v1/gallery/{item_id}", operation_id="putItem",
+            responses={201: {"model": PutResponse, "description": "created"},
+                       **errors(400, 401, 409, 413, 422, 429, 503)})
+async def put_item(item_id: IdPath, body: PutItem, tenant: TenantId, runtime: RuntimeDep,
+                   response: Response) -> PutResponse:
+    """Creates the item, or replaces the one with this id (subject, vector, metadata): sending
+    the same request again leaves the same item. 201 when created, 200 when replaced."""
+    created = await runtime.gallery.put(tenant, item_id, body)
+    response.status_code = 201 if created else 200
+    return PutResponse(item_id=item_id, created=created)
+
+
+@router.get("/v1/gallery", operation_id="listItems",
+            responses=errors(400, 401, 422, 429, 503))
 async def list_items(
-    tenant: TenantId, runtime: RuntimeDep, subject: IdQuery = None,
-    cursor: str | None = None, limit: Annotated[int, Query()] = 100,
+    tenant: TenantId, runtime: RuntimeDep,
+    subject: Annotated[str | None, Query(min_length=1, max_length=256,
+                                         pattern=NAME_PATTERN)] = None,
+    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description=(
+        "next_cursor of the previous page"))] = None,
+    limit: Limit = 100,
 ) -> GalleryPage:
+    """The tenant's items in enrolment order, a page at a time."""
     items, next_cursor = await runtime.gallery.list(tenant, subject=subject, cursor=cursor,
                                                     limit=limit)
     return GalleryPage(items=[_out(i) for i in items], next_cursor=next_cursor)
 
 
-@router.get("/v1/gallery/{item_id}")
+@router.get("/v1/gallery/{item_id}", operation_id="getItem",
+            responses=errors(400, 401, 404, 422, 429, 503))
 async def get_item(item_id: IdPath, tenant: TenantId, runtime: RuntimeDep,
                    include_embedding: bool = False) -> GalleryItemOut:
     return _out(await runtime.gallery.get(tenant, item_id), with_embedding=include_embedding)
 
 
-@router.delete("/v1/gallery/{item_id}", status_code=204)
+@router.delete("/v1/gallery/{item_id}", status_code=204, operation_id="deleteItem",
+               responses=errors(400, 401, 404, 422, 429, 503))
 async def delete_item(item_id: IdPath, tenant: TenantId, runtime: RuntimeDep) -> Response:
     await runtime.gallery.delete_item(tenant, item_id)
     return Response(status_code=204)
 
 
-@router.delete("/v1/subjects/{subject}")
+@router.get("/v1/subjects", operation_id="listSubjects",
+            responses=errors(400, 401, 422, 429, 503))
+async def list_subjects(
+    tenant: TenantId, runtime: RuntimeDep,
+    cursor: Annotated[str | None, Query(pattern=SUBJECT_CURSOR_PATTERN, description=(
+        "next_cursor of the previous page"))] = None,
+    limit: Limit = 100,
+) -> SubjectPage:
+    """The tenant's subjects in name order (by code point), each with its item count."""
+    rows, next_cursor = await runtime.gallery.subjects(tenant, cursor=cursor, limit=limit)
+    return SubjectPage(subjects=[SubjectOut(subject=s, items=n) for s, n in rows],
+                       next_cursor=next_cursor)
+
+
+@router.delete("/v1/subjects/{subject}", operation_id="deleteSubject",
+               responses=errors(400, 401, 404, 422, 429, 503))
 async def delete_subject(subject: IdPath, tenant: TenantId, runtime: RuntimeDep) -> Deleted:
     return Deleted(deleted=await runtime.gallery.delete_subject(tenant, subject))

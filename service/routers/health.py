@@ -6,18 +6,19 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.schemas import Health, Readiness
+from service.schemas import Health, Readiness, errors
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", operation_id="liveness", responses=errors(400))
 async def healthz() -> Health:
     """The process is up and serving HTTP."""
     return Health(status="ok")
 
 
-@router.get("/readyz", responses={503: {"model": Readiness}})
+@router.get("/readyz", operation_id="readiness",
+            responses={**errors(400), 503: {"model": Readiness, "description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
     """Model loaded, store reachable and indexes built: send traffic."""
     runtime = getattr(request.app.state, "runtime", None)
@@ -31,6 +32,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=PlainTextResponse,
-            responses={200: {"description": "Prometheus text exposition format"}})
+            operation_id="metrics",
+            responses={200: {"description": "Prometheus text exposition format"}, **errors(400)})
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

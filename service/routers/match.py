@@ -1,8 +1,9 @@
-"""1:N match of a query (embedding, base64 image, or uploaded image) against the gallery."""
+"""1:N match of a query (embedding, base64 image, or uploaded image) against the gallery,
+optionally restricted to items whose metadata matches a filter."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
@@ -10,11 +11,17 @@ from fastapi import APIRouter, File, Form, UploadFile
 from service.dependencies import RuntimeDep, TenantId
 from service.index import Hit
 from service.routers.uploads import read_upload
-from service.schemas import ERROR_RESPONSES, Candidate, DecisionOut, MatchRequest, MatchResponse
+from service.schemas import (
+    Candidate,
+    DecisionOut,
+    MatchRequest,
+    MatchResponse,
+    errors,
+)
 from service.serving import Serving
 from service.store import MatchRecord
 
-router = APIRouter(tags=["match"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["match"])
 
 
 def _response(record: MatchRecord, hits: list[Hit]) -> MatchResponse:
@@ -27,13 +34,17 @@ def _response(record: MatchRecord, hits: list[Hit]) -> MatchResponse:
         threshold=record.threshold, model_version=record.model_version)
 
 
-async def _match(serving: Serving, tenant: str, query: np.ndarray, k: int) -> MatchResponse:
-    record, hits = await serving.matcher.match(tenant, query, k)
+async def _match(serving: Serving, tenant: str, query: np.ndarray, k: int,
+                 where: dict[str, Any] | None = None) -> MatchResponse:
+    record, hits = await serving.matcher.match(tenant, query, k, where=where)
     return _response(record, hits)
 
 
-@router.post("/v1/match")
+@router.post("/v1/match", operation_id="match",
+             responses=errors(400, 401, 413, 422, 429, 503))
 async def match(body: MatchRequest, tenant: TenantId, runtime: RuntimeDep) -> MatchResponse:
+    """The k best candidates (among the items matching ``filter`` when given) and the
+    decision: accepted iff the best one scores >= the threshold."""
     serving = runtime.serving  # one model answers the whole request, even across a switch
     serving.matcher.check_k(body.k)
     if body.embedding is not None:
@@ -41,13 +52,15 @@ async def match(body: MatchRequest, tenant: TenantId, runtime: RuntimeDep) -> Ma
     else:
         assert body.image is not None
         query = (await serving.resolver.images([("image", body.image)]))[0]
-    return await _match(serving, tenant, query, body.k)
+    return await _match(serving, tenant, query, body.k, body.filter)
 
 
-@router.post("/v1/match/upload")
+@router.post("/v1/match/upload", operation_id="matchUpload",
+             responses=errors(400, 401, 413, 422, 429, 503))
 async def match_upload(tenant: TenantId, runtime: RuntimeDep,
-                       file: Annotated[UploadFile, File()],
-                       k: Annotated[int, Form()] = 5) -> MatchResponse:
+                       file: Annotated[UploadFile, File(description="an image file")],
+                       k: Annotated[int, Form(ge=1, json_schema_extra={"x-limit": "max_k"})] = 5
+                       ) -> MatchResponse:
     serving = runtime.serving
     serving.matcher.check_k(k)
     data = await read_upload(file, field="file")

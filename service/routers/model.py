@@ -6,13 +6,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.dependencies import RuntimeDep
-from service.schemas import ModelInfo
+from service.schemas import ModelInfo, errors
 
 router = APIRouter(tags=["model"])
 
 
-@router.get("/v1/model")
-async def model_info(runtime: RuntimeDep) -> ModelInfo:
+@router.get("/v1/model", responses=errors(400, 503))
+async def get_model(runtime: RuntimeDep) -> ModelInfo:
     m = runtime.manifest
     cal, base = m.calibration, m.baseline
     return ModelInfo(

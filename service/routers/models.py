@@ -9,22 +9,22 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from service import registry as reg
-from service.dependencies import AdminAuth, RuntimeDep
+from service.dependencies import AdminAuth, IdPath, RuntimeDep
 from service.errors import NotFoundError, NotReadyError
-from service.ids import IdPath
 from service.lifecycle import ModelLifecycle
 from service.runtime import Runtime
 from service.schemas import (
-    ERROR_RESPONSES,
     Activation,
+    HistoryEntry,
     ModelRegistryOut,
     ModelStage,
     ModelVersionOut,
+    RegistryActivation,
     UnembeddedItems,
+    errors,
 )
 
-router = APIRouter(prefix="/v1/models", tags=["admin"], dependencies=[AdminAuth],
-                   responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[AdminAuth])
 
 
 def _lifecycle(runtime: Runtime) -> ModelLifecycle:
@@ -39,39 +39,42 @@ def _version(doc: reg.Doc, version: str) -> ModelVersionOut:
                            embeddings_purged=version in doc["purged"])
 
 
-@router.get("")
+@router.get("", responses=errors(400, 401, 503))
 async def list_models(runtime: RuntimeDep) -> ModelRegistryOut:
     lifecycle = _lifecycle(runtime)
     doc = await run_in_threadpool(lifecycle.registry.read)
     status = lifecycle.status()
     return ModelRegistryOut(
-        active=doc["active"], served=runtime.model_version, activation=doc["activation"],
+        active=doc["active"], served=runtime.model_version,
+        activation=None if doc["activation"] is None else
+        RegistryActivation.model_validate(doc["activation"]),
         progress=Activation.model_validate(status) if status else None,
         rollback_to=reg.previous(doc),
         versions=[_version(doc, v) for v in sorted(doc["versions"],
                                                    key=lambda v: doc["versions"][v][
                                                        "registered_at"])],
-        history=doc["history"])
+        history=[HistoryEntry.model_validate(h) for h in doc["history"]])
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=errors(400, 401, 404, 409, 413, 422, 503))
 async def stage_model(body: ModelStage, runtime: RuntimeDep) -> ModelVersionOut:
     version, doc = await _lifecycle(runtime).stage(body.path)
     return _version(doc, version)
 
 
-@router.post("/rollback", status_code=202)
-async def rollback(runtime: RuntimeDep) -> Activation:
+@router.post("/rollback", status_code=202, responses=errors(400, 401, 404, 409, 503))
+async def rollback_model(runtime: RuntimeDep) -> Activation:
     return Activation.model_validate(await _lifecycle(runtime).rollback())
 
 
-@router.post("/{version}/activate", status_code=202)
-async def activate(version: IdPath, runtime: RuntimeDep) -> Activation:
+@router.post("/{version}/activate", status_code=202,
+             responses=errors(400, 401, 404, 409, 422, 503))
+async def activate_model(version: IdPath, runtime: RuntimeDep) -> Activation:
     return Activation.model_validate(await _lifecycle(runtime).activate(version))
 
 
-@router.get("/{version}/unembedded")
-async def unembedded(version: IdPath, runtime: RuntimeDep) -> UnembeddedItems:
+@router.get("/{version}/unembedded", responses=errors(400, 401, 404, 422, 503))
+async def list_unembedded_items(version: IdPath, runtime: RuntimeDep) -> UnembeddedItems:
     """Items that have no embedding for ``version`` and no stored image to make one from: a
     switch to it leaves them out of the index (they stay in the store)."""
     doc = await run_in_threadpool(_lifecycle(runtime).registry.read)

@@ -4,48 +4,49 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request, Security
 from starlette.concurrency import run_in_threadpool
 
-from service.dependencies import RuntimeDep, bearer_token
-from service.errors import InvalidInputError, NotFoundError
+from service.dependencies import Credentials, RuntimeDep, admin_bearer, is_admin, tenant_bearer
+from service.dependencies import token_of as _token
+from service.errors import NotFoundError
 from service.monitor import Monitor
-from service.schemas import ERROR_RESPONSES, MonitorView
-from service.tenants import same_secret
+from service.schemas import MonitorSnapshot, MonitorView, TenantMonitorSnapshot, WhatIf, errors
 
-router = APIRouter(tags=["monitor"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["monitor"])
 
 Threshold = Annotated[float | None, Query(
+    ge=-1.0, le=1.0, allow_inf_nan=False,
     description="candidate cosine threshold in [-1, 1]: per-tenant FAR/FRR there")]
 
 
-@router.get("/v1/monitor")
+@router.get("/v1/monitor", operation_id="getMonitor",
+            responses=errors(400, 401, 404, 422, 429, 503))
 async def monitor_view(request: Request, runtime: RuntimeDep,
-                       token: Annotated[str, Depends(bearer_token)],
+                       admin: Annotated[Credentials, Security(admin_bearer)],
+                       tenant: Annotated[Credentials, Security(tenant_bearer)],
                        threshold: Threshold = None) -> MonitorView:
     """The admin token sees every tenant; a tenant API key sees only its own row, and
     nothing computed from other tenants' data."""
-    admin = runtime.settings.admin_token
+    token = _token(admin or tenant)
     tenant_id: str | None = None
-    if admin is None or not same_secret(token, admin.get_secret_value()):
+    if not is_admin(runtime, token):
         tenant_id = await runtime.tenants.authenticate(token)  # 401 unless a tenant key
         await runtime.check_rate(tenant_id)
     monitor: Monitor | None = getattr(request.app.state, "monitor", None)
     if monitor is None:
         raise NotFoundError("monitoring is disabled on this service (TCM_MONITOR_ENABLED)",
                             code="monitor_disabled")
-    if threshold is not None and not -1.0 <= threshold <= 1.0:  # NaN fails this too
-        raise InvalidInputError(f"threshold must be a cosine score in [-1, 1], got {threshold}",
-                                code="invalid_threshold", detail={"threshold": str(threshold)})
     snapshot = monitor.view(tenant_id)
     what_if = None
     if threshold is not None:
-        what_if = await run_in_threadpool(
-            monitor.what_if, threshold, None if tenant_id is None else [tenant_id])
+        what_if = WhatIf.model_validate(await run_in_threadpool(
+            monitor.what_if, threshold, None if tenant_id is None else [tenant_id]))
     pending = snapshot is None
+    model = MonitorSnapshot if tenant_id is None else TenantMonitorSnapshot
     return MonitorView(
         scope="admin" if tenant_id is None else "tenant", tenant_id=tenant_id,
         status="pending" if pending else "ok",
         message=("the monitor has not produced a snapshot yet (it runs every "
                  f"{monitor.config.interval_s:g}s)") if pending else None,
-        snapshot=snapshot, what_if=what_if)
+        snapshot=None if snapshot is None else model.model_validate(snapshot), what_if=what_if)

@@ -11,6 +11,9 @@ from pydantic import BaseModel, ValidationError
 from service.errors import InvalidInputError
 
 M = TypeVar("M", bound=BaseModel)
+# stands in the JSON model's base64 ``image`` field for an uploaded file (valid base64, so the
+# model's pattern passes; the bytes used are the upload's)
+UPLOAD_PLACEHOLDER = "dXBsb2Fk"
 
 
 async def read_upload(file: UploadFile, *, field: str) -> bytes:
@@ -28,10 +31,10 @@ def parse_json_object(text: str | None, *, field: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"form field {field!r} is not valid JSON: {exc}",
-                                detail={"where": field}) from exc
+                                code="invalid_json_field", detail={"where": field}) from exc
     if not isinstance(value, dict):
         raise InvalidInputError(f"form field {field!r} must be a JSON object",
-                                detail={"where": field})
+                                code="invalid_json_field", detail={"where": field})
     return value
 
 

@@ -12,10 +12,10 @@ from fastapi import APIRouter, File, UploadFile
 
 from service.dependencies import RuntimeDep, TenantId
 from service.routers.uploads import read_upload
-from service.schemas import ERROR_RESPONSES, VerifyRequest, VerifyResponse
+from service.schemas import VerifyRequest, VerifyResponse, errors
 from service.serving import Serving
 
-router = APIRouter(tags=["verify"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["verify"])
 
 
 def _response(serving: Serving, score: float, accepted: bool) -> VerifyResponse:
@@ -23,18 +23,21 @@ def _response(serving: Serving, score: float, accepted: bool) -> VerifyResponse:
                           model_version=serving.model_version)
 
 
-@router.post("/v1/verify")
+@router.post("/v1/verify", operation_id="verify",
+             responses=errors(400, 401, 404, 409, 413, 422, 429, 503))
 async def verify(body: VerifyRequest, tenant: TenantId, runtime: RuntimeDep) -> VerifyResponse:
     serving = runtime.serving  # one model answers the whole request, even across a switch
-    a = await serving.matcher.vectors(tenant, body.a, where="a")
-    b = await serving.matcher.vectors(tenant, body.b, where="b")
+    a = await serving.matcher.vectors(tenant, body.a, where="a", filter=body.filter)
+    b = await serving.matcher.vectors(tenant, body.b, where="b", filter=body.filter)
     return _response(serving, *await serving.matcher.verify(tenant, a, b))
 
 
-@router.post("/v1/verify/upload")
+@router.post("/v1/verify/upload", operation_id="verifyUpload",
+             responses=errors(400, 401, 413, 422, 429, 503))
 async def verify_upload(tenant: TenantId, runtime: RuntimeDep,
-                        a: Annotated[UploadFile, File()],
-                        b: Annotated[UploadFile, File()]) -> VerifyResponse:
+                        a: Annotated[UploadFile, File(description="an image file")],
+                        b: Annotated[UploadFile, File(description="an image file")]
+                        ) -> VerifyResponse:
     images = [("a", await read_upload(a, field="a")), ("b", await read_upload(b, field="b"))]
     serving = runtime.serving
     vectors = await serving.resolver.images(images)

@@ -94,10 +94,11 @@ class GalleryVectors:
     item_ids: list[str]
     subjects: list[str]
     vectors: np.ndarray  # float32 (n, d)
+    metadata: list[dict[str, Any]] | None = None  # row-aligned, when asked for
 
     @classmethod
     def empty(cls, dim: int) -> GalleryVectors:
-        return cls(np.zeros(0, np.int64), [], [], np.zeros((0, dim), np.float32))
+        return cls(np.zeros(0, np.int64), [], [], np.zeros((0, dim), np.float32), [])
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -203,6 +204,17 @@ class Store(Protocol):
 
     def count_items(self, tenant_id: str) -> int: ...
 
+    def put_item(self, tenant_id: str, item: NewItem, *, model_version: str,
+                 created_at: float) -> tuple[int, int | None]:
+        """Adds the item, or replaces the tenant's item with this id (subject, metadata, image,
+        embeddings: the old item's embeddings of other model versions are dropped, and its
+        ``created_at`` is kept), in one transaction. Returns (new seq, the replaced item's seq
+        or None)."""
+
+    def list_subjects(self, tenant_id: str, *, after: str | None = None, limit: int = 100
+                      ) -> list[tuple[str, int]]:
+        """(subject, item count) of subjects after ``after`` in code-point order."""
+
     def delete_item(self, tenant_id: str, item_id: str) -> int | None:
         """Deletes an item; returns its seq, or None if there was no such item."""
 
@@ -210,9 +222,10 @@ class Store(Protocol):
         """Deletes all items of a subject; returns their seqs (empty if none)."""
 
     def gallery_vectors(self, tenant_id: str, *, model_version: str,
-                        subject: str | None = None) -> GalleryVectors:
+                        subject: str | None = None, with_metadata: bool = False
+                        ) -> GalleryVectors:
         """Embeddings of one model version (optionally of one subject), items without one
-        skipped."""
+        skipped; ``with_metadata`` adds each item's metadata (for filtered search)."""
 
     def items_without_embedding(self, tenant_id: str, *, model_version: str
                                 ) -> list[tuple[str, bytes | None]]:
@@ -224,7 +237,8 @@ class Store(Protocol):
 
     def vectors_of_items(self, tenant_id: str, item_ids: Sequence[str], *,
                          model_version: str) -> GalleryVectors:
-        """Embeddings of the given items that exist and have one for the version."""
+        """Embeddings of the given items that exist and have one for the version, with their
+        metadata."""
 
     # --- matches and feedback --------------------------------------------------------------
     def add_match(self, record: MatchRecord) -> None: ...

@@ -11,6 +11,8 @@ separator and no key is a prefix-collision of another)::
     P seq                       string counter behind every item's seq (FAISS id), never reused
     P tenant:T:items            zset   item_id -> seq            (listing order, rebuilds)
     P tenant:T:subject:S        zset   item_id -> seq            (one per subject)
+    P tenant:T:subjects         zset   subject -> 0 (lexicographic: the subject listing; may
+                                       hold emptied subjects, dropped when a listing meets them)
     P tenant:T:item:I           hash   seq, subject, metadata (JSON), created_at, has_image,
                                        image (bytes, when enrolled from an image),
                                        emb:<model_version> (float32 little-endian bytes)
@@ -246,7 +248,8 @@ class RedisStore:
         with self._translate("create tenant"):
             pipe = self.r.pipeline(transaction=True)
             pipe.hset(self._tenant(tenant.tenant_id),
-                      mapping={"name": tenant.name, "created_at": _enc(tenant.created_at)})
+                      mapping={"name": tenant.name, "created_at": _enc(tenant.created_at),
+                               "subjects_indexed": "1"})
             pipe.zadd(self._k("tenants"), {tenant.tenant_id: tenant.created_at})
             self._queue_key(pipe, key)
             pipe.execute()
@@ -390,10 +393,80 @@ class RedisStore:
                 pipe.hset(key, mapping=fields)
                 pipe.zadd(self._tenant(tenant_id, "items"), {it.item_id: seq})
                 pipe.zadd(self._tenant(tenant_id, "subject", it.subject), {it.item_id: seq})
+                pipe.zadd(self._tenant(tenant_id, "subjects"), {it.subject: 0})
             self._queue_change(pipe, "add", tenant_id, item_ids=[it.item_id for it in items])
             return seqs
 
         return self._tx("add items", [record, *item_keys], body)
+
+    def put_item(self, tenant_id: str, item: NewItem, *, model_version: str,
+                 created_at: float) -> tuple[int, int | None]:
+        key = self._tenant(tenant_id, "item", item.item_id)
+
+        def body(pipe: redis.client.Pipeline) -> tuple[int, int | None]:
+            old_seq, old_subject, old_created = pipe.hmget(key, ["seq", "subject", "created_at"])
+            seq = int(pipe.incr(self._k("seq")))
+            pipe.multi()
+            if old_seq is not None:
+                pipe.delete(key)
+                pipe.zrem(self._tenant(tenant_id, "subject", _s(old_subject) or ""), item.item_id)
+                self._queue_change(pipe, "remove", tenant_id, seqs=[int(old_seq)])
+            fields: dict[str, Any] = {
+                "seq": seq, "subject": item.subject, "metadata": json.dumps(dict(item.metadata)),
+                "created_at": _s(old_created) if old_created is not None else _enc(created_at),
+                "has_image": _enc(item.image is not None),
+                f"emb:{model_version}": encode_vector(item.embedding)}
+            if item.image is not None:
+                fields["image"] = item.image
+            pipe.hset(key, mapping=fields)
+            pipe.zadd(self._tenant(tenant_id, "items"), {item.item_id: seq})
+            pipe.zadd(self._tenant(tenant_id, "subject", item.subject), {item.item_id: seq})
+            pipe.zadd(self._tenant(tenant_id, "subjects"), {item.subject: 0})
+            self._queue_change(pipe, "add", tenant_id, item_ids=[item.item_id])
+            return seq, None if old_seq is None else int(old_seq)
+
+        return self._tx("put item", [key], body)
+
+    def list_subjects(self, tenant_id: str, *, after: str | None = None, limit: int = 100
+                      ) -> list[tuple[str, int]]:
+        index = self._tenant(tenant_id, "subjects")
+        out: list[tuple[str, int]] = []
+        with self._translate("list subjects"):
+            self._index_subjects(tenant_id)
+            start = "-" if after is None else "(" + after
+            while len(out) < limit:
+                names = [_s(n) or "" for n in self.r.zrangebylex(index, start, "+", start=0,
+                                                                 num=limit - len(out))]
+                if not names:
+                    break
+                pipe = self.r.pipeline(transaction=False)
+                for name in names:
+                    pipe.zcard(self._tenant(tenant_id, "subject", name))
+                counts = pipe.execute()
+                empty = [n for n, c in zip(names, counts, strict=True) if not c]
+                if empty:  # emptied by item deletes; a later enrolment adds them back
+                    self.r.eval("for i, s in ipairs(ARGV) do "
+                                "if redis.call('ZCARD', KEYS[1] .. s) == 0 then "
+                                "redis.call('ZREM', KEYS[2], s) end end return 1",
+                                2, self._tenant(tenant_id, "subject", ""), index, *empty)
+                out += [(n, int(c)) for n, c in zip(names, counts, strict=True) if c]
+                start = "(" + names[-1]
+        return out
+
+    def _index_subjects(self, tenant_id: str) -> None:
+        """Builds the subject listing of a tenant enrolled before it existed (once)."""
+        tkey = self._tenant(tenant_id)
+        if self.r.hexists(tkey, "subjects_indexed") or not self.r.exists(tkey):
+            return
+        ids = [_s(m) or "" for m in self.r.zrange(self._tenant(tenant_id, "items"), 0, -1)]
+        for chunk in _chunks(ids):
+            pipe = self.r.pipeline(transaction=False)
+            for iid in chunk:
+                pipe.hget(self._tenant(tenant_id, "item", iid), "subject")
+            subjects = {_s(x) or "": 0 for x in pipe.execute() if x is not None}
+            if subjects:
+                self.r.zadd(self._tenant(tenant_id, "subjects"), subjects)
+        self.r.hset(tkey, "subjects_indexed", "1")
 
     def get_item(self, tenant_id: str, item_id: str, *, model_version: str,
                  with_image: bool = False) -> GalleryItem | None:
@@ -463,6 +536,7 @@ class RedisStore:
                 pipe.delete(*[self._tenant(tenant_id, "item", i) for i in chunk])
                 pipe.zrem(self._tenant(tenant_id, "items"), *chunk)
             pipe.delete(zkey)
+            pipe.zrem(self._tenant(tenant_id, "subjects"), subject)
             seqs = sorted(int(s) for _, s in members)
             if seqs:
                 self._queue_change(pipe, "remove", tenant_id, seqs=seqs)
@@ -471,7 +545,8 @@ class RedisStore:
         return self._tx("delete subject", [zkey], body)
 
     def gallery_vectors(self, tenant_id: str, *, model_version: str,
-                        subject: str | None = None) -> GalleryVectors:
+                        subject: str | None = None, with_metadata: bool = False
+                        ) -> GalleryVectors:
         zkey = (self._tenant(tenant_id, "items") if subject is None
                 else self._tenant(tenant_id, "subject", subject))
         field = f"emb:{model_version}"
@@ -479,22 +554,29 @@ class RedisStore:
         ids: list[str] = []
         subjects: list[str] = []
         vecs: list[np.ndarray] = []
+        metas: list[dict[str, Any]] = []
+        wanted = ["subject", field, *(["metadata"] if with_metadata else [])]
         with self._translate("read vectors"):
             members = self.r.zrange(zkey, 0, -1, withscores=True)
             for chunk in _chunks(members):
                 pipe = self.r.pipeline(transaction=False)
                 for m, _ in chunk:
-                    pipe.hmget(self._tenant(tenant_id, "item", _s(m) or ""), ["subject", field])
-                for (m, score), (subj, emb) in zip(chunk, pipe.execute(), strict=True):
-                    if emb is None:
+                    pipe.hmget(self._tenant(tenant_id, "item", _s(m) or ""), wanted)
+                for (m, score), vals in zip(chunk, pipe.execute(), strict=True):
+                    if vals[1] is None:
                         continue
                     seqs.append(int(score))
                     ids.append(_s(m) or "")
-                    subjects.append(_s(subj) or "")
-                    vecs.append(decode_vector(emb))
+                    subjects.append(_s(vals[0]) or "")
+                    vecs.append(decode_vector(vals[1]))
+                    if with_metadata:
+                        metas.append(json.loads(vals[2]) if vals[2] is not None else {})
+        meta = metas if with_metadata else None
         if not vecs:
-            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32))
-        return GalleryVectors(np.array(seqs, dtype=np.int64), ids, subjects, np.stack(vecs))
+            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32),
+                                  meta)
+        return GalleryVectors(np.array(seqs, dtype=np.int64), ids, subjects, np.stack(vecs),
+                              meta)
 
     def items_without_embedding(self, tenant_id: str, *, model_version: str
                                 ) -> list[tuple[str, bytes | None]]:
@@ -535,16 +617,19 @@ class RedisStore:
             for chunk in _chunks(list(item_ids)):
                 pipe = self.r.pipeline(transaction=False)
                 for iid in chunk:
-                    pipe.hmget(self._tenant(tenant_id, "item", iid), ["seq", "subject", field])
-                for iid, (seq, subj, emb) in zip(chunk, pipe.execute(), strict=True):
+                    pipe.hmget(self._tenant(tenant_id, "item", iid),
+                               ["seq", "subject", field, "metadata"])
+                for iid, (seq, subj, emb, meta) in zip(chunk, pipe.execute(), strict=True):
                     if seq is not None and emb is not None:
-                        rows.append((int(seq), iid, _s(subj) or "", decode_vector(emb)))
+                        rows.append((int(seq), iid, _s(subj) or "", decode_vector(emb),
+                                     json.loads(meta) if meta is not None else {}))
         rows.sort(key=lambda r: r[0])
         if not rows:
-            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32))
+            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32),
+                                  [])
         return GalleryVectors(np.array([r[0] for r in rows], dtype=np.int64),
                               [r[1] for r in rows], [r[2] for r in rows],
-                              np.stack([r[3] for r in rows]))
+                              np.stack([r[3] for r in rows]), [r[4] for r in rows])
 
     # --- change feed -----------------------------------------------------------------------
     # The cursor is "<entry id>#<n>": the last entry read and how many entries the stream had

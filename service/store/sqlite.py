@@ -329,6 +329,35 @@ class SQLiteStore:
         return [GalleryItem(seq=r[0], item_id=r[1], subject=r[2], metadata=json.loads(r[3]),
                             created_at=r[4], has_image=bool(r[5])) for r in rows]
 
+    def put_item(self, tenant_id: str, item: NewItem, *, model_version: str,
+                 created_at: float) -> tuple[int, int | None]:
+        with self._write("put item") as conn:
+            old = conn.execute("DELETE FROM items WHERE tenant_id=? AND item_id=? "
+                               "RETURNING seq, created_at", (tenant_id, item.item_id)).fetchone()
+            cur = conn.execute(
+                "INSERT INTO items (tenant_id, item_id, subject, metadata, has_image, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant_id, item.item_id, item.subject, json.dumps(dict(item.metadata)),
+                 int(item.image is not None), old[1] if old else created_at))
+            seq = int(cur.lastrowid)  # type: ignore[arg-type]
+            conn.execute("INSERT INTO embeddings VALUES (?, ?, ?)",
+                         (seq, model_version, encode_vector(item.embedding)))
+            if item.image is not None:
+                conn.execute("INSERT INTO item_images VALUES (?, ?)", (seq, item.image))
+        return seq, None if old is None else int(old[0])
+
+    def list_subjects(self, tenant_id: str, *, after: str | None = None, limit: int = 100
+                      ) -> list[tuple[str, int]]:
+        sql = "SELECT subject, COUNT(*) FROM items WHERE tenant_id=?"
+        args: list[Any] = [tenant_id]
+        if after is not None:
+            sql += " AND subject > ?"
+            args.append(after)
+        sql += " GROUP BY subject ORDER BY subject LIMIT ?"
+        args.append(limit)
+        with self._read("list subjects") as conn:
+            return [(r[0], int(r[1])) for r in conn.execute(sql, args).fetchall()]
+
     def count_items(self, tenant_id: str) -> int:
         with self._read("count items") as conn:
             return int(conn.execute("SELECT COUNT(*) FROM items WHERE tenant_id=?",
@@ -347,8 +376,10 @@ class SQLiteStore:
         return sorted(int(r[0]) for r in rows)
 
     def gallery_vectors(self, tenant_id: str, *, model_version: str,
-                        subject: str | None = None) -> GalleryVectors:
-        sql = ("SELECT i.seq, i.item_id, i.subject, e.vector FROM items i JOIN embeddings e "
+                        subject: str | None = None, with_metadata: bool = False
+                        ) -> GalleryVectors:
+        sql = ("SELECT i.seq, i.item_id, i.subject, e.vector, "
+               f"{'i.metadata' if with_metadata else 'NULL'} FROM items i JOIN embeddings e "
                "ON e.seq = i.seq AND e.model_version=? WHERE i.tenant_id=?")
         args: list[Any] = [model_version, tenant_id]
         if subject is not None:
@@ -356,7 +387,7 @@ class SQLiteStore:
             args.append(subject)
         with self._read("read vectors") as conn:
             rows = conn.execute(sql + " ORDER BY i.seq", args).fetchall()
-        return _vectors(rows)
+        return _vectors(rows, with_metadata=with_metadata)
 
     def items_without_embedding(self, tenant_id: str, *, model_version: str
                                 ) -> list[tuple[str, bytes | None]]:
@@ -384,11 +415,13 @@ class SQLiteStore:
             for chunk in _chunks(list(item_ids), 500):
                 marks = ",".join("?" * len(chunk))
                 rows += conn.execute(
-                    "SELECT i.seq, i.item_id, i.subject, e.vector FROM items i JOIN embeddings e "
+                    "SELECT i.seq, i.item_id, i.subject, e.vector, i.metadata FROM items i "
+                    "JOIN embeddings e "
                     "ON e.seq = i.seq AND e.model_version=? WHERE i.tenant_id=? AND "
                     f"i.item_id IN ({marks}) ORDER BY i.seq",
                     (model_version, tenant_id, *chunk)).fetchall()
-        return _vectors(rows)
+        rows.sort(key=lambda r: r[0])
+        return _vectors(rows, with_metadata=True)
 
     # --- change feed -----------------------------------------------------------------------
     def change_cursor(self) -> str | None:
@@ -493,13 +526,15 @@ class SQLiteStore:
         return int(cur.rowcount)
 
 
-def _vectors(rows: Sequence[Any]) -> GalleryVectors:
+def _vectors(rows: Sequence[Any], *, with_metadata: bool) -> GalleryVectors:
     if not rows:
-        return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32))
+        return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32),
+                              [] if with_metadata else None)
     return GalleryVectors(
         seqs=np.array([r[0] for r in rows], dtype=np.int64),
         item_ids=[r[1] for r in rows], subjects=[r[2] for r in rows],
-        vectors=np.stack([decode_vector(r[3]) for r in rows]))
+        vectors=np.stack([decode_vector(r[3]) for r in rows]),
+        metadata=[json.loads(r[4]) for r in rows] if with_metadata else None)
 
 
 def _chunks(xs: Sequence[str], n: int) -> Iterator[Sequence[str]]:

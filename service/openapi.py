@@ -112,6 +112,10 @@ def complete(spec: dict[str, Any], limits: dict[str, int | None]) -> dict[str, A
                 "name": HEADER, "in": "header", "required": False, "schema": id_schema,
                 "description": "your id for this request (echoed; generated when left out)"})
             for status, response in op.get("responses", {}).items():
+                content = response.get("content", {})
+                if status >= "400" and content and "application/json" not in content:
+                    # errors are JSON whatever the route's own media type (/metrics: text)
+                    response["content"] = {"application/json": next(iter(content.values()))}
                 headers = response.setdefault("headers", {})
                 headers[HEADER] = {"description": "the request's id", "required": True,
                                    "schema": {"type": "string"}}
@@ -137,6 +141,8 @@ def _apply_limits(node: Any, limits: dict[str, int | None]) -> None:
                     node["minItems"] = value
             else:
                 node["maximum"] = value
+                if isinstance(node.get("default"), int) and node["default"] > value:
+                    node["default"] = value
         for v in node.values():
             _apply_limits(v, limits)
     elif isinstance(node, list):

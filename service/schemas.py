@@ -87,7 +87,8 @@ def _exact_one_of(schema: dict[str, Any], cls: type[BaseModel]) -> None:
 class Request(BaseModel):
     """A request body. ``one_of``: fields of which exactly one must be given, never as null."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_exact_one_of)
+    # strict: a JSON type the schema does not name (0 for a boolean, "5" for k) is refused
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exact_one_of)
     one_of: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
@@ -354,7 +355,7 @@ def _feedback_schema(schema: dict[str, Any]) -> None:
 class FeedbackRequest(BaseModel):
     """Either ``true_subject`` (null: the query's subject is not enrolled) or ``correct``."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_feedback_schema)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_feedback_schema)
     match_id: Id
     true_subject: Name | None = None
     correct: bool | None = None

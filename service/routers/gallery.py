@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 
 from service.dependencies import IdPath, RuntimeDep, TenantId
 from service.ids import ID_MAX_LENGTH, IdQuery
@@ -31,8 +31,14 @@ from service.store import GalleryItem
 
 router = APIRouter(tags=["gallery"])
 
-Limit = Annotated[int, Query(ge=1, description="page size, 1..max_list_limit",
+Limit = Annotated[int, Query(ge=1, description="page size, 1..max_list_limit (default 100, "
+                             "or max_list_limit when that is smaller)",
                              json_schema_extra={"x-limit": "max_list_limit"})]
+
+
+def _page_size(request: Request, limit: int, max_limit: int) -> int:
+    """The default page size is capped by the deployment's limit; a given one is checked."""
+    return limit if "limit" in request.query_params else min(limit, max_limit)
 
 
 def _out(item: GalleryItem, *, with_embedding: bool = False) -> GalleryItemOut:
@@ -80,7 +86,7 @@ async def put_item(item_id: IdPath, body: PutItem, tenant: TenantId, runtime: Ru
 @router.get("/v1/gallery", operation_id="listItems",
             responses=errors(400, 401, 422, 429, 503))
 async def list_items(
-    tenant: TenantId, runtime: RuntimeDep,
+    request: Request, tenant: TenantId, runtime: RuntimeDep,
     subject: Annotated[str | None, Query(min_length=1, max_length=256,
                                          pattern=NAME_PATTERN)] = None,
     cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description=(
@@ -88,8 +94,9 @@ async def list_items(
     limit: Limit = 100,
 ) -> GalleryPage:
     """The tenant's items in enrolment order, a page at a time."""
-    items, next_cursor = await runtime.gallery.list(tenant, subject=subject, cursor=cursor,
-                                                    limit=limit)
+    items, next_cursor = await runtime.gallery.list(
+        tenant, subject=subject, cursor=cursor,
+        limit=_page_size(request, limit, runtime.settings.max_list_limit))
     return GalleryPage(items=[_out(i) for i in items], next_cursor=next_cursor)
 
 
@@ -110,13 +117,14 @@ async def delete_item(item_id: IdPath, tenant: TenantId, runtime: RuntimeDep) ->
 @router.get("/v1/subjects", operation_id="listSubjects",
             responses=errors(400, 401, 422, 429, 503))
 async def list_subjects(
-    tenant: TenantId, runtime: RuntimeDep,
+    request: Request, tenant: TenantId, runtime: RuntimeDep,
     cursor: Annotated[str | None, Query(pattern=SUBJECT_CURSOR_PATTERN, description=(
         "next_cursor of the previous page"))] = None,
     limit: Limit = 100,
 ) -> SubjectPage:
     """The tenant's subjects in name order (by code point), each with its item count."""
-    rows, next_cursor = await runtime.gallery.subjects(tenant, cursor=cursor, limit=limit)
+    rows, next_cursor = await runtime.gallery.subjects(
+        tenant, cursor=cursor, limit=_page_size(request, limit, runtime.settings.max_list_limit))
     return SubjectPage(subjects=[SubjectOut(subject=s, items=n) for s, n in rows],
                        next_cursor=next_cursor)
 

@@ -1,0 +1,105 @@
+"""The published OpenAPI contract, checked by schemathesis against a real ``tcm-serve``.
+
+Every check and every phase (examples, coverage, fuzzing, stateful: the links in the schema
+lead from an enrolment to its item, from a tenant to its keys), once with a tenant key over the
+tenant operations and once with the admin token over the admin ones, bounded (``-n``,
+deterministic generation) so both runs take well under a minute; 0 failures required.
+Schemathesis' ``positive_data_acceptance`` is replaced by the hooks' variant that also accepts
+refusals for content no schema can state (undecodable image bytes, a folder without an
+artefact): see ``schemathesis_hooks.py``. This is what the issue's run found 13 failures in
+(ST202 schema looser than validation, ST205 wrong ``Allow``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import ADMIN_TOKEN, unit
+from tests.service.test_redis_down import free_port
+
+TENANT_TAGS = ["gallery", "match", "verify", "embed", "feedback", "monitor", "model", "health"]
+ADMIN_TAGS = ["tenants", "models", "monitor"]
+ST = str(Path(sys.executable).with_name("st"))
+
+
+@pytest.fixture(scope="module")
+def server(artefact: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("contract")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
+    env |= {"TCM_ARTEFACT_PATH": str(artefact), "TCM_DEVICE": "cpu",
+            "TCM_STORE_URL": f"sqlite:///{tmp / 'tcm.db'}", "TCM_ADMIN_TOKEN": ADMIN_TOKEN,
+            "TCM_MAX_BATCH_ITEMS": "8", "TCM_MAX_K": "10", "TCM_MONITOR_INTERVAL_S": "2",
+            "TCM_MONITOR_MIN_PAIRS": "2"}
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, proc)
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        created = httpx.post(f"{base}/v1/tenants", json={"name": "contract"},
+                             headers=admin).json()
+        auth = {"Authorization": f"Bearer {created['api_key']}"}
+        items = [{"subject": f"s{i % 2}", "embedding": unit(i), "item_id": f"item{i}",
+                  "metadata": {"g": i % 2}} for i in range(4)]
+        assert httpx.post(f"{base}/v1/gallery", json={"items": items},
+                          headers=auth).status_code == 201
+        yield base, created["api_key"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _wait_ready(base: str, proc: subprocess.Popen[str]) -> None:
+    import time
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "tcm-serve exited"
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("tcm-serve did not become ready")
+
+
+def _schemathesis(base: str, token: str, tags: list[str], report: Path
+                  ) -> subprocess.Popen[str]:
+    cmd = [ST, "run", f"{base}/openapi.json", "--checks", "all",
+           "--exclude-checks", "positive_data_acceptance",
+           "--phases", "examples,coverage,fuzzing,stateful", "-n", "5",
+           "--generation-deterministic", "--no-color", "--max-failures", "20",
+           "-H", f"Authorization: Bearer {token}", "--report", "junit",
+           "--report-junit-path", str(report)]
+    for t in tags:
+        cmd += ["--include-tag", t]
+    env = os.environ | {"SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks",
+                        "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_schemathesis_finds_no_contract_failure(server: tuple[str, str], tmp_path: Path
+                                                ) -> None:
+    """Both keys' runs side by side (one server), each must end with 0 failures."""
+    base, tenant_key = server
+    runs = {"tenant": _schemathesis(base, tenant_key, TENANT_TAGS, tmp_path / "tenant.xml"),
+            "admin": _schemathesis(base, ADMIN_TOKEN, ADMIN_TAGS, tmp_path / "admin.xml")}
+    for who, proc in runs.items():
+        out, _ = proc.communicate(timeout=300)
+        summary = [line.strip() for line in out.splitlines()
+                   if "generated" in line or "Tested:" in line]
+        print(who, summary)
+        assert proc.returncode == 0, out[-6000:]
+        # the run got past authentication to the service's logic, and found nothing
+        assert " passed" in out and "unique failure" not in out, out[-3000:]

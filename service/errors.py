@@ -8,6 +8,7 @@ malformed JSON included, in one body shape: ``{"code": ..., "message": ..., "det
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,7 +16,6 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +146,19 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this path (Starlette's own 405 names only the first
-    route that matched the path, so a path with GET and DELETE routes answered ``Allow: GET``)."""
+    """Every method the API serves at this path, as its OpenAPI document lists them
+    (Starlette's own 405 names only the first route that matched the path, so a path with GET
+    and DELETE routes answered ``Allow: GET``)."""
+    patterns = getattr(request.app.state, "path_methods", None)
+    if patterns is None:
+        patterns = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$"),
+                     {m.upper() for m in ops})
+                    for path, ops in request.app.openapi().get("paths", {}).items()]
+        request.app.state.path_methods = patterns
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "\x00"})
-        if match != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
+    for pattern, ops in patterns:
+        if pattern.match(request.url.path):
+            methods |= ops
     return sorted(methods)
 
 

@@ -128,6 +128,15 @@ NAMED = [
     # a 409 feedback_exists here would tell B that A's match exists
     ("feedback on labelled match", "POST", "/v1/feedback",
      {"match_id": "{labelled}", "correct": True}),
+    # PUT of A's item id creates B's own item, exactly as a free id does (A's is untouched)
+    ("put item", "PUT", "/v1/gallery/{item}",
+     {"subject": "{subject}", "embedding": unit(3), "metadata": {"k": "v"}}),
+    ("verify filtered by A's metadata", "POST", "/v1/verify",
+     {"a": {"item_id": "{item}"}, "b": {"embedding": unit(1)},
+      "filter": {"note": "a-metadata-marker-q7x"}}),
+    ("verify subject filtered", "POST", "/v1/verify",
+     {"a": {"subject": "{subject}"}, "b": {"embedding": unit(1)},
+      "filter": {"note": "a-metadata-marker-q7x"}}),
 ]
 
 
@@ -153,7 +162,7 @@ def test_b_naming_a_resource_is_the_same_as_naming_nothing(
         return c.request(method, _fill(path, names), headers=b.auth, **kwargs)
 
     theirs, missing = send(theirs_names), send(missing_names)
-    assert theirs.status_code in (200, 404), theirs.text
+    assert theirs.status_code in (200, 201, 404), theirs.text
     assert theirs.status_code == missing.status_code
     expected = missing.json()
     for k in ("item", "subject", "match", "labelled"):
@@ -161,6 +170,8 @@ def test_b_naming_a_resource_is_the_same_as_naming_nothing(
     assert theirs.json() == expected, (theirs.text, missing.text)
     if theirs.status_code == 200:  # a listing: empty, like the missing subject's
         assert theirs.json()["items"] == []
+    if method == "PUT":  # B's own new item, not A's
+        assert theirs.status_code == 201 and theirs.json()["created"] is True
     world.assert_no_leak(theirs, named=tuple(theirs_names.values()))
     # nothing of A's changed, and A can still label its open match
     assert world.state_of_a() == before
@@ -184,6 +195,18 @@ def test_b_searches_and_lists_see_only_b(world: World, digits: Digits) -> None:
         body = r.json()
         assert [x["item_id"] for x in body["candidates"]] == ["b-item"]
         assert body["decision"]["subject"] in (None, "bob")
+        world.assert_no_leak(r)
+    # a filter naming A's metadata finds nothing of A's (and k candidates of B's otherwise)
+    r = c.post("/v1/match", json={"embedding": unit(1), "k": 50, "filter": {"note": A_META}},
+               headers=b.auth)
+    assert r.status_code == 200 and r.json()["candidates"] == []
+    world.assert_no_leak(r, named=(A_META,))
+    # subjects: only B's, whatever the cursor (even one made from A's subject names)
+    for params in ({}, {"limit": 1}, {"cursor": A_SUBJECT.encode().hex()},
+                   {"cursor": "00"}):
+        r = c.get("/v1/subjects", params=params, headers=b.auth)
+        assert r.status_code == 200, r.text
+        assert r.json()["subjects"] in ([{"subject": "bob", "items": 1}], [])
         world.assert_no_leak(r)
     for params in ({}, {"cursor": "0"}, {"limit": 1}, {"subject": "bob"}):
         r = c.get("/v1/gallery", params=params, headers=b.auth)

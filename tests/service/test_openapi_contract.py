@@ -12,13 +12,14 @@ artefact): see ``schemathesis_hooks.py``. This is what the issue's run found 13 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.service.conftest import ADMIN_TOKEN, unit
 from tests.service.test_redis_down import free_port
@@ -28,9 +29,11 @@ ADMIN_TAGS = ["tenants", "models", "monitor"]
 ST = str(Path(sys.executable).with_name("st"))
 
 
-@pytest.fixture(scope="module")
-def server(artefact: Path, tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("contract")
+@contextlib.contextmanager
+def serve(artefact: Path, tmp: Path) -> Iterator[tuple[str, str]]:
+    """A tcm-serve on its own SQLite store, with a tenant and a few items: (base URL, the
+    tenant's key). The tenant and admin runs get one each: the admin run's stateful phase
+    deletes tenants it finds, which must not be the one the tenant run uses."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
     env |= {"TCM_ARTEFACT_PATH": str(artefact), "TCM_DEVICE": "cpu",
             "TCM_STORE_URL": f"sqlite:///{tmp / 'tcm.db'}", "TCM_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -89,12 +92,19 @@ def _schemathesis(base: str, token: str, tags: list[str], report: Path
                             text=True, cwd=Path(__file__).resolve().parents[2])
 
 
-def test_schemathesis_finds_no_contract_failure(server: tuple[str, str], tmp_path: Path
-                                                ) -> None:
-    """Both keys' runs side by side (one server), each must end with 0 failures."""
-    base, tenant_key = server
-    runs = {"tenant": _schemathesis(base, tenant_key, TENANT_TAGS, tmp_path / "tenant.xml"),
-            "admin": _schemathesis(base, ADMIN_TOKEN, ADMIN_TAGS, tmp_path / "admin.xml")}
+def test_schemathesis_finds_no_contract_failure(artefact: Path, tmp_path: Path) -> None:
+    """Both keys' runs side by side, each must end with 0 failures."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "a").mkdir()
+    with serve(artefact, tmp_path / "t") as (base, tenant_key), \
+            serve(artefact, tmp_path / "a") as (admin_base, _):
+        runs = {"tenant": _schemathesis(base, tenant_key, TENANT_TAGS, tmp_path / "t.xml"),
+                "admin": _schemathesis(admin_base, ADMIN_TOKEN, ADMIN_TAGS,
+                                       tmp_path / "a.xml")}
+        _check(runs)
+
+
+def _check(runs: dict[str, subprocess.Popen[str]]) -> None:
     for who, proc in runs.items():
         out, _ = proc.communicate(timeout=300)
         summary = [line.strip() for line in out.splitlines()

@@ -148,16 +148,21 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 def allowed_methods(request: Request) -> list[str]:
     """Every method the API serves at this path, as its OpenAPI document lists them
     (Starlette's own 405 names only the first route that matched the path, so a path with GET
-    and DELETE routes answered ``Allow: GET``)."""
+    and DELETE routes answered ``Allow: GET``). A literal path (``/v1/gallery/upload``) is
+    answered with its own methods, not those of a template it also fits."""
+    paths: dict[str, set[str]] = {p: {m.upper() for m in ops}
+                                  for p, ops in request.app.openapi().get("paths", {}).items()}
+    path = request.url.path
+    if path in paths:
+        return sorted(paths[path])
     patterns = getattr(request.app.state, "path_methods", None)
     if patterns is None:
-        patterns = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$"),
-                     {m.upper() for m in ops})
-                    for path, ops in request.app.openapi().get("paths", {}).items()]
+        patterns = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(p)) + "$"),
+                     ops) for p, ops in paths.items()]
         request.app.state.path_methods = patterns
     methods: set[str] = set()
     for pattern, ops in patterns:
-        if pattern.match(request.url.path):
+        if pattern.match(path):
             methods |= ops
     return sorted(methods)
 

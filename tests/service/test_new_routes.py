@@ -146,3 +146,5 @@ def test_405_allows_every_method_of_the_path(api: Api, tenant: Tenant) -> None:
     assert c.post("/v1/gallery/x", headers=h).headers["allow"] == "DELETE, GET, PUT"
     assert c.delete("/v1/gallery", headers=h).headers["allow"] == "GET, POST"
     assert c.put("/v1/tenants/abc/keys", headers=h).headers["allow"] == "GET, POST"
+    # a literal path answers with its own methods, not those of a template it also fits
+    assert c.options("/v1/gallery/upload", headers=h).headers["allow"] == "POST"

@@ -50,5 +50,4 @@ def filter_terms(where: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def matches(metadata: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
     """Whether an item with this metadata passes the filter (the brute-force rule)."""
-    return all(key in metadata and canonical(metadata[key]) == c
-               for key, c in filter_terms(where))
+    return all(key in metadata and canonical(metadata[key]) == c for key, c in filter_terms(where))

@@ -45,35 +45,76 @@ TAGS = [
 
 _LINKS: dict[str, dict[str, dict[str, Any]]] = {
     # operationId -> {status: {link name: link}}
-    "enrolItems": {"201": {
-        "getItem": {"operationId": "getItem",
-                    "parameters": {"item_id": "$response.body#/item_ids/0"}},
-        "putItem": {"operationId": "putItem",
-                    "parameters": {"item_id": "$response.body#/item_ids/0"}},
-        "deleteItem": {"operationId": "deleteItem",
-                       "parameters": {"item_id": "$response.body#/item_ids/0"}}}},
-    "enrolUpload": {"201": {
-        "getItem": {"operationId": "getItem",
-                    "parameters": {"item_id": "$response.body#/item_ids/0"}}}},
-    "putItem": {status: {
-        "getItem": {"operationId": "getItem", "parameters": {"item_id": "$response.body#/item_id"}},
-        "deleteItem": {"operationId": "deleteItem",
-                       "parameters": {"item_id": "$response.body#/item_id"}}}
-        for status in ("200", "201")},
-    "getItem": {"200": {
-        "deleteSubject": {"operationId": "deleteSubject",
-                          "parameters": {"subject": "$response.body#/subject"}}}},
-    "match": {"200": {
-        "sendFeedback": {"operationId": "sendFeedback",
-                         "requestBody": {"match_id": "$response.body#/match_id",
-                                         "correct": True}}}},
-    "createTenant": {"201": {
-        name: {"operationId": name, "parameters": {"tenant_id": "$response.body#/tenant_id"}}
-        for name in ("getTenant", "listKeys", "issueKey", "deleteTenant")}},
-    "issueKey": {"201": {
-        "revokeKey": {"operationId": "revokeKey",
-                      "parameters": {"tenant_id": "$response.body#/tenant_id",
-                                     "key_id": "$response.body#/key_id"}}}},
+    "enrolItems": {
+        "201": {
+            "getItem": {
+                "operationId": "getItem",
+                "parameters": {"item_id": "$response.body#/item_ids/0"},
+            },
+            "putItem": {
+                "operationId": "putItem",
+                "parameters": {"item_id": "$response.body#/item_ids/0"},
+            },
+            "deleteItem": {
+                "operationId": "deleteItem",
+                "parameters": {"item_id": "$response.body#/item_ids/0"},
+            },
+        }
+    },
+    "enrolUpload": {
+        "201": {
+            "getItem": {
+                "operationId": "getItem",
+                "parameters": {"item_id": "$response.body#/item_ids/0"},
+            }
+        }
+    },
+    "putItem": {
+        status: {
+            "getItem": {
+                "operationId": "getItem",
+                "parameters": {"item_id": "$response.body#/item_id"},
+            },
+            "deleteItem": {
+                "operationId": "deleteItem",
+                "parameters": {"item_id": "$response.body#/item_id"},
+            },
+        }
+        for status in ("200", "201")
+    },
+    "getItem": {
+        "200": {
+            "deleteSubject": {
+                "operationId": "deleteSubject",
+                "parameters": {"subject": "$response.body#/subject"},
+            }
+        }
+    },
+    "match": {
+        "200": {
+            "sendFeedback": {
+                "operationId": "sendFeedback",
+                "requestBody": {"match_id": "$response.body#/match_id", "correct": True},
+            }
+        }
+    },
+    "createTenant": {
+        "201": {
+            name: {"operationId": name, "parameters": {"tenant_id": "$response.body#/tenant_id"}}
+            for name in ("getTenant", "listKeys", "issueKey", "deleteTenant")
+        }
+    },
+    "issueKey": {
+        "201": {
+            "revokeKey": {
+                "operationId": "revokeKey",
+                "parameters": {
+                    "tenant_id": "$response.body#/tenant_id",
+                    "key_id": "$response.body#/key_id",
+                },
+            }
+        }
+    },
 }
 
 
@@ -91,11 +132,19 @@ def install(app: FastAPI, settings: Settings) -> None:
         runtime = getattr(app.state, "runtime", None)
         dim = runtime.manifest.embedding_dim if runtime is not None else None
         if dim not in cache:
-            base = get_openapi(title=app.title, version=app.version, description=DESCRIPTION,
-                               routes=app.routes, tags=TAGS)
-            limits = {"embedding_dim": dim, "max_k": settings.max_k,
-                      "max_batch_items": settings.max_batch_items,
-                      "max_list_limit": settings.max_list_limit}
+            base = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=DESCRIPTION,
+                routes=app.routes,
+                tags=TAGS,
+            )
+            limits = {
+                "embedding_dim": dim,
+                "max_k": settings.max_k,
+                "max_batch_items": settings.max_batch_items,
+                "max_list_limit": settings.max_list_limit,
+            }
             cache[dim] = complete(base, limits)
         return cache[dim]
 
@@ -108,20 +157,31 @@ def complete(spec: dict[str, Any], limits: dict[str, int | None]) -> dict[str, A
     id_schema = {"type": "string", "pattern": REQUEST_ID_PATTERN}
     for ops in spec.get("paths", {}).values():
         for op in ops.values():
-            op.setdefault("parameters", []).append({
-                "name": HEADER, "in": "header", "required": False, "schema": id_schema,
-                "description": "your id for this request (echoed; generated when left out)"})
+            op.setdefault("parameters", []).append(
+                {
+                    "name": HEADER,
+                    "in": "header",
+                    "required": False,
+                    "schema": id_schema,
+                    "description": "your id for this request (echoed; generated when left out)",
+                }
+            )
             for status, response in op.get("responses", {}).items():
                 content = response.get("content", {})
                 if status >= "400" and content and "application/json" not in content:
                     # errors are JSON whatever the route's own media type (/metrics: text)
                     response["content"] = {"application/json": next(iter(content.values()))}
                 headers = response.setdefault("headers", {})
-                headers[HEADER] = {"description": "the request's id", "required": True,
-                                   "schema": {"type": "string"}}
+                headers[HEADER] = {
+                    "description": "the request's id",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
                 if status in ("429", "503"):
-                    headers["Retry-After"] = {"description": "seconds to wait before retrying",
-                                              "schema": {"type": "integer"}}
+                    headers["Retry-After"] = {
+                        "description": "seconds to wait before retrying",
+                        "schema": {"type": "integer"},
+                    }
                 if status == "401":
                     headers["WWW-Authenticate"] = {"schema": {"type": "string"}}
             for status, links in _LINKS.get(op.get("operationId", ""), {}).items():

@@ -56,8 +56,9 @@ class RequestIdMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", [])
-                           if k.lower() != b"x-request-id"]
+                headers = [
+                    (k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"
+                ]
                 message["headers"] = [*headers, (b"x-request-id", rid.encode())]
             await send(message)
 
@@ -66,19 +67,36 @@ class RequestIdMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             # the route template, never the raw path or query (they may carry pasted secrets)
-            log.info("request_id=%s %s %s -> %d in %.1f ms", rid, scope.get("method", ""),
-                     route, status, (time.perf_counter() - start) * 1e3)
+            log.info(
+                "request_id=%s %s %s -> %d in %.1f ms",
+                rid,
+                scope.get("method", ""),
+                route,
+                status,
+                (time.perf_counter() - start) * 1e3,
+            )
             request_id.reset(token)
 
 
 async def _refuse(send: Send) -> None:
     rid = new_request_id()
-    body = json.dumps(error_body(
-        "invalid_request_id", f"{HEADER} must match {REQUEST_ID_PATTERN} (letters, digits and "
-        "._:+/=-, at most 128), or be left out to have one generated")).encode()
-    await send({"type": "http.response.start", "status": 400,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"x-request-id", rid.encode())]})
+    body = json.dumps(
+        error_body(
+            "invalid_request_id",
+            f"{HEADER} must match {REQUEST_ID_PATTERN} (letters, digits and "
+            "._:+/=-, at most 128), or be left out to have one generated",
+        )
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", rid.encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
     log.info("request_id=%s refused: invalid %s", rid, HEADER)

@@ -32,8 +32,14 @@ class ApiError(Exception):
     """An error answer: ``status``, the service's ``code`` and ``message``, ``detail``, and
     the request's id (``request_id``) to quote in a support ticket."""
 
-    def __init__(self, status: int, code: str, message: str, detail: Any = None,
-                 request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: Any = None,
+        request_id: str | None = None,
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
         self.detail, self.request_id = detail, request_id
@@ -86,8 +92,11 @@ class _Routes:
         return Call("POST", "/v1/tenants", _model(m.TenantCreated), json={"name": name})
 
     def list_tenants(self) -> Call[list[m.Tenant]]:
-        return Call("GET", "/v1/tenants",
-                    lambda r: [m.Tenant.model_validate(t) for t in r.json()["tenants"]])
+        return Call(
+            "GET",
+            "/v1/tenants",
+            lambda r: [m.Tenant.model_validate(t) for t in r.json()["tenants"]],
+        )
 
     def get_tenant(self, tenant_id: str) -> Call[m.Tenant]:
         return Call("GET", f"/v1/tenants/{_seg(tenant_id)}", _model(m.Tenant))
@@ -96,12 +105,19 @@ class _Routes:
         return Call("DELETE", f"/v1/tenants/{_seg(tenant_id)}", _none)
 
     def issue_key(self, tenant_id: str, *, revoke_existing: bool = False) -> Call[m.KeyIssued]:
-        return Call("POST", f"/v1/tenants/{_seg(tenant_id)}/keys", _model(m.KeyIssued),
-                    json={"revoke_existing": revoke_existing})
+        return Call(
+            "POST",
+            f"/v1/tenants/{_seg(tenant_id)}/keys",
+            _model(m.KeyIssued),
+            json={"revoke_existing": revoke_existing},
+        )
 
     def list_keys(self, tenant_id: str) -> Call[list[m.Key]]:
-        return Call("GET", f"/v1/tenants/{_seg(tenant_id)}/keys",
-                    lambda r: [m.Key.model_validate(k) for k in r.json()["keys"]])
+        return Call(
+            "GET",
+            f"/v1/tenants/{_seg(tenant_id)}/keys",
+            lambda r: [m.Key.model_validate(k) for k in r.json()["keys"]],
+        )
 
     def revoke_key(self, tenant_id: str, key_id: str) -> Call[None]:
         return Call("DELETE", f"/v1/tenants/{_seg(tenant_id)}/keys/{_seg(key_id)}", _none)
@@ -120,89 +136,138 @@ class _Routes:
         return Call("POST", "/v1/models/rollback", _model(m.Activation))
 
     def unembedded_items(self, version: str) -> Call[dict[str, list[str]]]:
-        return Call("GET", f"/v1/models/{_seg(version)}/unembedded",
-                    lambda r: r.json()["items"])
+        return Call("GET", f"/v1/models/{_seg(version)}/unembedded", lambda r: r.json()["items"])
 
     # --- gallery ---------------------------------------------------------------------------
     def enrol(self, items: Sequence[Mapping[str, Any]]) -> Call[list[str]]:
         """Items: ``{"subject", "embedding" (array) | "image" (base64), "item_id"?,
         "metadata"?}``; all or none."""
-        body = [{**it, "embedding": _vector(it["embedding"])} if it.get("embedding") is not None
-                else dict(it) for it in items]
-        return Call("POST", "/v1/gallery", lambda r: r.json()["item_ids"],
-                    json={"items": body})
+        body = [
+            {**it, "embedding": _vector(it["embedding"])}
+            if it.get("embedding") is not None
+            else dict(it)
+            for it in items
+        ]
+        return Call("POST", "/v1/gallery", lambda r: r.json()["item_ids"], json={"items": body})
 
-    def enrol_upload(self, file: bytes, *, subject: str, item_id: str | None = None,
-                     metadata: str | None = None) -> Call[list[str]]:
-        return Call("POST", "/v1/gallery/upload", lambda r: r.json()["item_ids"],
-                    files={"file": ("image", file)},
-                    data=_drop_none({"subject": subject, "item_id": item_id,
-                                     "metadata": metadata}))
+    def enrol_upload(
+        self, file: bytes, *, subject: str, item_id: str | None = None, metadata: str | None = None
+    ) -> Call[list[str]]:
+        return Call(
+            "POST",
+            "/v1/gallery/upload",
+            lambda r: r.json()["item_ids"],
+            files={"file": ("image", file)},
+            data=_drop_none({"subject": subject, "item_id": item_id, "metadata": metadata}),
+        )
 
-    def put_item(self, item_id: str, *, subject: str, embedding: Vector | None = None,
-                 image: str | None = None, metadata: Mapping[str, Any] | None = None
-                 ) -> Call[m.PutResult]:
+    def put_item(
+        self,
+        item_id: str,
+        *,
+        subject: str,
+        embedding: Vector | None = None,
+        image: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Call[m.PutResult]:
         body = {"subject": subject, **_source(embedding, image), "metadata": dict(metadata or {})}
         return Call("PUT", f"/v1/gallery/{_seg(item_id)}", _model(m.PutResult), json=body)
 
-    def list_items(self, *, subject: str | None = None, cursor: str | None = None,
-                   limit: int | None = None) -> Call[m.ItemPage]:
-        return Call("GET", "/v1/gallery", _model(m.ItemPage),
-                    params=_drop_none({"subject": subject, "cursor": cursor, "limit": limit}))
+    def list_items(
+        self, *, subject: str | None = None, cursor: str | None = None, limit: int | None = None
+    ) -> Call[m.ItemPage]:
+        return Call(
+            "GET",
+            "/v1/gallery",
+            _model(m.ItemPage),
+            params=_drop_none({"subject": subject, "cursor": cursor, "limit": limit}),
+        )
 
-    def get_item(self, item_id: str, *, include_embedding: bool = False
-                 ) -> Call[m.GalleryItem]:
-        return Call("GET", f"/v1/gallery/{_seg(item_id)}", _model(m.GalleryItem),
-                    params={"include_embedding": str(include_embedding).lower()})
+    def get_item(self, item_id: str, *, include_embedding: bool = False) -> Call[m.GalleryItem]:
+        return Call(
+            "GET",
+            f"/v1/gallery/{_seg(item_id)}",
+            _model(m.GalleryItem),
+            params={"include_embedding": str(include_embedding).lower()},
+        )
 
     def delete_item(self, item_id: str) -> Call[None]:
         return Call("DELETE", f"/v1/gallery/{_seg(item_id)}", _none)
 
-    def list_subjects(self, *, cursor: str | None = None, limit: int | None = None
-                      ) -> Call[m.SubjectPage]:
-        return Call("GET", "/v1/subjects", _model(m.SubjectPage),
-                    params=_drop_none({"cursor": cursor, "limit": limit}))
+    def list_subjects(
+        self, *, cursor: str | None = None, limit: int | None = None
+    ) -> Call[m.SubjectPage]:
+        return Call(
+            "GET",
+            "/v1/subjects",
+            _model(m.SubjectPage),
+            params=_drop_none({"cursor": cursor, "limit": limit}),
+        )
 
     def delete_subject(self, subject: str) -> Call[int]:
         return Call("DELETE", f"/v1/subjects/{_seg(subject)}", lambda r: r.json()["deleted"])
 
     # --- match, verify, embed, feedback ----------------------------------------------------
-    def match(self, *, embedding: Vector | None = None, image: str | None = None, k: int = 5,
-              filter: Mapping[str, Any] | None = None) -> Call[m.MatchResult]:
+    def match(
+        self,
+        *,
+        embedding: Vector | None = None,
+        image: str | None = None,
+        k: int = 5,
+        filter: Mapping[str, Any] | None = None,
+    ) -> Call[m.MatchResult]:
         body = {**_source(embedding, image), "k": k}
         if filter is not None:
             body["filter"] = dict(filter)
         return Call("POST", "/v1/match", _model(m.MatchResult), json=body)
 
     def match_upload(self, file: bytes, *, k: int = 5) -> Call[m.MatchResult]:
-        return Call("POST", "/v1/match/upload", _model(m.MatchResult),
-                    files={"file": ("image", file)}, data={"k": str(k)})
+        return Call(
+            "POST",
+            "/v1/match/upload",
+            _model(m.MatchResult),
+            files={"file": ("image", file)},
+            data={"k": str(k)},
+        )
 
-    def verify(self, a: Mapping[str, Any], b: Mapping[str, Any], *,
-               filter: Mapping[str, Any] | None = None) -> Call[m.VerifyResult]:
+    def verify(
+        self, a: Mapping[str, Any], b: Mapping[str, Any], *, filter: Mapping[str, Any] | None = None
+    ) -> Call[m.VerifyResult]:
         """``a`` and ``b``: one of ``{"embedding": array}``, ``{"image": base64}``,
         ``{"item_id": ...}``, ``{"subject": ...}``."""
+
         def side(x: Mapping[str, Any]) -> dict[str, Any]:
             return {**x, "embedding": _vector(x["embedding"])} if "embedding" in x else dict(x)
+
         body: dict[str, Any] = {"a": side(a), "b": side(b)}
         if filter is not None:
             body["filter"] = dict(filter)
         return Call("POST", "/v1/verify", _model(m.VerifyResult), json=body)
 
     def verify_upload(self, a: bytes, b: bytes) -> Call[m.VerifyResult]:
-        return Call("POST", "/v1/verify/upload", _model(m.VerifyResult),
-                    files={"a": ("a", a), "b": ("b", b)})
+        return Call(
+            "POST",
+            "/v1/verify/upload",
+            _model(m.VerifyResult),
+            files={"a": ("a", a), "b": ("b", b)},
+        )
 
     def embed(self, images: Sequence[str]) -> Call[m.EmbedResult]:
         return Call("POST", "/v1/embed", _model(m.EmbedResult), json={"images": list(images)})
 
     def embed_upload(self, file: bytes) -> Call[m.EmbedResult]:
-        return Call("POST", "/v1/embed/upload", _model(m.EmbedResult),
-                    files={"file": ("image", file)})
+        return Call(
+            "POST", "/v1/embed/upload", _model(m.EmbedResult), files={"file": ("image", file)}
+        )
 
-    def feedback(self, match_id: str, *, correct: bool | None = None,
-                 true_subject: str | None = None, subject_given: bool = False
-                 ) -> Call[m.FeedbackResult]:
+    def feedback(
+        self,
+        match_id: str,
+        *,
+        correct: bool | None = None,
+        true_subject: str | None = None,
+        subject_given: bool = False,
+    ) -> Call[m.FeedbackResult]:
         """``correct=True/False``, or ``true_subject`` (``subject_given=True`` with
         ``true_subject=None``: the query's subject is not enrolled)."""
         body: dict[str, Any] = {"match_id": match_id}
@@ -214,8 +279,9 @@ class _Routes:
 
     # --- monitor, model, health ------------------------------------------------------------
     def monitor(self, *, threshold: float | None = None) -> Call[m.MonitorView]:
-        return Call("GET", "/v1/monitor", _model(m.MonitorView),
-                    params=_drop_none({"threshold": threshold}))
+        return Call(
+            "GET", "/v1/monitor", _model(m.MonitorView), params=_drop_none({"threshold": threshold})
+        )
 
     def model(self) -> Call[m.ModelInfo]:
         return Call("GET", "/v1/model", _model(m.ModelInfo))
@@ -239,8 +305,7 @@ def _error(r: httpx.Response) -> ApiError:
     return ApiError(r.status_code, code, message, detail, r.headers.get("x-request-id"))
 
 
-def retry_after(r: httpx.Response, attempt: int, *, backoff_s: float, max_wait_s: float
-                ) -> float:
+def retry_after(r: httpx.Response, attempt: int, *, backoff_s: float, max_wait_s: float) -> float:
     """Seconds to wait before retrying: the server's Retry-After (seconds) when valid, else
     exponential backoff; capped at ``max_wait_s``."""
     header = r.headers.get("retry-after", "")
@@ -252,13 +317,15 @@ def retry_after(r: httpx.Response, attempt: int, *, backoff_s: float, max_wait_s
 
 
 def _request_args(call: Call[Any]) -> dict[str, Any]:
-    return _drop_none({"json": call.json, "params": call.params, "files": call.files,
-                       "data": call.data}) | {"headers": dict(call.headers)}
+    return _drop_none(
+        {"json": call.json, "params": call.params, "files": call.files, "data": call.data}
+    ) | {"headers": dict(call.headers)}
 
 
 class _Base(_Routes):
-    def __init__(self, base_url: str, token: str | None, *, retries: int, backoff_s: float,
-                 max_wait_s: float) -> None:
+    def __init__(
+        self, base_url: str, token: str | None, *, retries: int, backoff_s: float, max_wait_s: float
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.retries, self.backoff_s, self.max_wait_s = retries, backoff_s, max_wait_s
@@ -274,13 +341,23 @@ class Client(_Base):
     """Blocking client: ``Client(url, token).match(embedding=v)``. Use as a context manager
     (or call ``close()``)."""
 
-    def __init__(self, base_url: str, token: str | None = None, *, retries: int = 4,
-                 backoff_s: float = 0.2, max_wait_s: float = 30.0, timeout_s: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        super().__init__(base_url, token, retries=retries, backoff_s=backoff_s,
-                         max_wait_s=max_wait_s)
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers,
-                                  timeout=timeout_s, transport=transport)
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        retries: int = 4,
+        backoff_s: float = 0.2,
+        max_wait_s: float = 30.0,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            base_url, token, retries=retries, backoff_s=backoff_s, max_wait_s=max_wait_s
+        )
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self.headers, timeout=timeout_s, transport=transport
+        )
 
     def send(self, call: Call[T]) -> T:
         for attempt in range(self.retries + 1):
@@ -288,12 +365,14 @@ class Client(_Base):
             if r.status_code not in RETRYABLE or attempt == self.retries:
                 return self._result(call, r)
             self.retried += 1
-            time.sleep(retry_after(r, attempt, backoff_s=self.backoff_s,
-                                   max_wait_s=self.max_wait_s))
+            time.sleep(
+                retry_after(r, attempt, backoff_s=self.backoff_s, max_wait_s=self.max_wait_s)
+            )
         raise AssertionError("unreachable")
 
-    def iter_items(self, *, subject: str | None = None, limit: int | None = None
-                   ) -> Iterator[m.GalleryItem]:
+    def iter_items(
+        self, *, subject: str | None = None, limit: int | None = None
+    ) -> Iterator[m.GalleryItem]:
         """Every item, following the cursors."""
         cursor = None
         while True:
@@ -316,13 +395,23 @@ class Client(_Base):
 class AsyncClient(_Base):
     """Asynchronous client: ``await AsyncClient(url, token).match(embedding=v)``."""
 
-    def __init__(self, base_url: str, token: str | None = None, *, retries: int = 4,
-                 backoff_s: float = 0.2, max_wait_s: float = 30.0, timeout_s: float = 30.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(base_url, token, retries=retries, backoff_s=backoff_s,
-                         max_wait_s=max_wait_s)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers,
-                                       timeout=timeout_s, transport=transport)
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        retries: int = 4,
+        backoff_s: float = 0.2,
+        max_wait_s: float = 30.0,
+        timeout_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            base_url, token, retries=retries, backoff_s=backoff_s, max_wait_s=max_wait_s
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self.headers, timeout=timeout_s, transport=transport
+        )
 
     async def send(self, call: Call[T]) -> T:
         for attempt in range(self.retries + 1):
@@ -330,8 +419,9 @@ class AsyncClient(_Base):
             if r.status_code not in RETRYABLE or attempt == self.retries:
                 return self._result(call, r)
             self.retried += 1
-            await asyncio.sleep(retry_after(r, attempt, backoff_s=self.backoff_s,
-                                            max_wait_s=self.max_wait_s))
+            await asyncio.sleep(
+                retry_after(r, attempt, backoff_s=self.backoff_s, max_wait_s=self.max_wait_s)
+            )
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
@@ -352,11 +442,14 @@ def _bind(cls: type[_Base], *, is_async: bool) -> None:
 
         def make(route: Callable[..., Call[Any]]) -> Callable[..., Any]:
             if is_async:
+
                 async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
                     return await self.send(route(self, *args, **kwargs))
             else:
+
                 def method(self: Any, *args: Any, **kwargs: Any) -> Any:
                     return self.send(route(self, *args, **kwargs))
+
             method.__name__ = route.__name__
             method.__doc__ = route.__doc__
             return method

@@ -13,8 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True,
-                              populate_by_name=True)
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True, populate_by_name=True)
 
 
 def _array(v: Any) -> Any:

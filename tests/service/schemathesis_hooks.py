@@ -59,5 +59,4 @@ def positive_data_acceptance_but_content(ctx: object, response: object, case: ob
         code = None
     if status == 422 and code in CONTENT_CODES:
         return
-    raise AssertionError(f"schema-valid request refused: {status} {code} "
-                         f"{response.text[:300]}")  # type: ignore[attr-defined]
+    raise AssertionError(f"schema-valid request refused: {status} {code} {response.text[:300]}")  # type: ignore[attr-defined]

@@ -34,12 +34,31 @@ from tests.service.test_redis_down import free_port
 
 def _serve(env_extra: dict[str, str], artefact: Path) -> tuple[subprocess.Popen[str], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
-    env |= {"TCM_ARTEFACT_PATH": str(artefact), "TCM_DEVICE": "cpu",
-            "TCM_ADMIN_TOKEN": ADMIN_TOKEN, "TCM_MONITOR_INTERVAL_S": "3600", **env_extra}
+    env |= {
+        "TCM_ARTEFACT_PATH": str(artefact),
+        "TCM_DEVICE": "cpu",
+        "TCM_ADMIN_TOKEN": ADMIN_TOKEN,
+        "TCM_MONITOR_INTERVAL_S": "3600",
+        **env_extra,
+    }
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -54,15 +73,19 @@ def _serve(env_extra: dict[str, str], artefact: Path) -> tuple[subprocess.Popen[
 
 
 @pytest.fixture(scope="module", params=STORES)
-def server(request: pytest.FixtureRequest, artefact: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(
+    request: pytest.FixtureRequest, artefact: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     prefix = f"tcmtest:{uuid.uuid4().hex}:"
-    store = ({"TCM_STORE_URL": f"sqlite:///{tmp_path_factory.mktemp('client') / 'tcm.db'}"}
-             if request.param == "sqlite" else
-             {"TCM_STORE_URL": REDIS_URL, "TCM_REDIS_KEY_PREFIX": prefix})
+    store = (
+        {"TCM_STORE_URL": f"sqlite:///{tmp_path_factory.mktemp('client') / 'tcm.db'}"}
+        if request.param == "sqlite"
+        else {"TCM_STORE_URL": REDIS_URL, "TCM_REDIS_KEY_PREFIX": prefix}
+    )
     # a rate limit the tests can hit on purpose: 20 requests/s, bursts of 5
-    proc, base = _serve(store | {"TCM_RATE_LIMIT_PER_S": "20", "TCM_RATE_LIMIT_BURST": "5"},
-                        artefact)
+    proc, base = _serve(
+        store | {"TCM_RATE_LIMIT_PER_S": "20", "TCM_RATE_LIMIT_BURST": "5"}, artefact
+    )
     try:
         yield base
     finally:
@@ -79,16 +102,27 @@ def test_sync_client_every_route_family(server: str, digits: Digits) -> None:
         assert created.tenant_id in [t.tenant_id for t in admin.list_tenants()]
         assert admin.get_tenant(created.tenant_id).name == "client"
         key2 = admin.issue_key(created.tenant_id)
-        assert {k.key_id for k in admin.list_keys(created.tenant_id)} == {created.key_id,
-                                                                         key2.key_id}
+        assert {k.key_id for k in admin.list_keys(created.tenant_id)} == {
+            created.key_id,
+            key2.key_id,
+        }
         admin.revoke_key(created.tenant_id, key2.key_id)
         assert admin.model().embedding_dim == 64
         assert admin.list_models().served == admin.model().model_version
         assert admin.monitor().scope == "admin"
     with Client(server, created.api_key) as tcm:
         vectors = np.stack([np.asarray(unit(i), np.float32) for i in range(6)])
-        ids = tcm.enrol([{"subject": f"s{i % 3}", "embedding": vectors[i], "item_id": f"i{i}",
-                          "metadata": {"cam": i % 2}} for i in range(6)])
+        ids = tcm.enrol(
+            [
+                {
+                    "subject": f"s{i % 3}",
+                    "embedding": vectors[i],
+                    "item_id": f"i{i}",
+                    "metadata": {"cam": i % 2},
+                }
+                for i in range(6)
+            ]
+        )
         assert ids == [f"i{i}" for i in range(6)]
         assert tcm.enrol_upload(png_bytes(digits.images[0]), subject="img") != []
         got = tcm.get_item("i1", include_embedding=True)
@@ -96,8 +130,14 @@ def test_sync_client_every_route_family(server: str, digits: Digits) -> None:
         np.testing.assert_allclose(got.embedding, vectors[1], atol=1e-6)
         assert tcm.put_item("i1", subject="moved", embedding=vectors[1] * 3).created is False
         assert tcm.put_item("new", subject="s9", embedding=vectors[2]).created is True
-        assert [s.subject for s in tcm.list_subjects().subjects] == \
-            ["img", "moved", "s0", "s1", "s2", "s9"]
+        assert [s.subject for s in tcm.list_subjects().subjects] == [
+            "img",
+            "moved",
+            "s0",
+            "s1",
+            "s2",
+            "s9",
+        ]
         assert len(list(tcm.iter_items(limit=2))) == 8
         r = tcm.match(embedding=vectors[4], k=3, filter={"cam": 0})
         assert isinstance(r, m.MatchResult) and r.candidates[0].item_id == "i4"
@@ -111,8 +151,7 @@ def test_sync_client_every_route_family(server: str, digits: Digits) -> None:
         up = tcm.embed_upload(png_bytes(digits.images[0]))
         np.testing.assert_allclose(up.embeddings[0], e.embeddings[0], atol=1e-5)
         assert tcm.match_upload(png_bytes(digits.images[0]), k=1).candidates
-        assert tcm.verify_upload(png_bytes(digits.images[0]), png_bytes(digits.images[0])
-                                 ).accepted
+        assert tcm.verify_upload(png_bytes(digits.images[0]), png_bytes(digits.images[0])).accepted
         assert tcm.delete_subject("s1") == 1  # i4 (i1 moved to "moved")
         tcm.delete_item("i3")
         with pytest.raises(ApiError) as err:
@@ -144,8 +183,7 @@ def test_async_client(server: str) -> None:
             key = (await admin.create_tenant("async")).api_key
         async with AsyncClient(server, key) as tcm:
             await tcm.enrol([{"subject": "a", "embedding": np.asarray(unit(1))}])
-            results = await asyncio.gather(*[tcm.match(embedding=unit(1), k=1)
-                                             for _ in range(8)])
+            results = await asyncio.gather(*[tcm.match(embedding=unit(1), k=1) for _ in range(8)])
             assert all(r.candidates[0].subject == "a" for r in results)
             assert (await tcm.list_subjects()).subjects == [m.Subject(subject="a", items=1)]
 
@@ -155,22 +193,23 @@ def test_async_client(server: str) -> None:
 def test_503_is_retried_with_backoff() -> None:
     """A scripted transport (a real server cannot be made to answer 503 on cue): two 503s,
     one without Retry-After (backoff) and one with, then the answer."""
-    answers = [httpx.Response(503, json={"code": "store_unavailable", "message": "x"}),
-               httpx.Response(503, headers={"Retry-After": "0"},
-                              json={"code": "store_unavailable", "message": "x"}),
-               httpx.Response(200, json={"status": "ok"})]
+    answers = [
+        httpx.Response(503, json={"code": "store_unavailable", "message": "x"}),
+        httpx.Response(
+            503, headers={"Retry-After": "0"}, json={"code": "store_unavailable", "message": "x"}
+        ),
+        httpx.Response(200, json={"status": "ok"}),
+    ]
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request.headers["authorization"])
         return answers[len(seen) - 1]
 
-    with Client("http://tcm", "k", backoff_s=0.01,
-                transport=httpx.MockTransport(handler)) as c:
+    with Client("http://tcm", "k", backoff_s=0.01, transport=httpx.MockTransport(handler)) as c:
         assert c.healthz() is True
     assert len(seen) == 3 and c.retried == 2
     r = httpx.Response(429, headers={"Retry-After": "7"})
     assert retry_after(r, 0, backoff_s=0.1, max_wait_s=30) == 7
-    assert retry_after(httpx.Response(503), 3, backoff_s=0.1, max_wait_s=30) == \
-        pytest.approx(0.8)
+    assert retry_after(httpx.Response(503), 3, backoff_s=0.1, max_wait_s=30) == pytest.approx(0.8)
     assert retry_after(r, 0, backoff_s=0.1, max_wait_s=2) == 2

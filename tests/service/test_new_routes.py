@@ -20,18 +20,42 @@ def _vec(seed: int) -> np.ndarray:
 def test_filtered_match_equals_brute_force(api: Api, tenant: Tenant) -> None:
     c, h = api.client, tenant.auth
     n = 60
-    metas = [{"colour": ["red", "blue", "green"][i % 3], "n": i % 4, "even": i % 2 == 0,
-              "f": 1.0 if i % 5 == 0 else 1} for i in range(n)]
-    api.enrol(tenant, [{"subject": f"s{i % 7}", "embedding": unit(i), "item_id": f"it{i}",
-                        "metadata": metas[i]} for i in range(n)])
+    metas = [
+        {
+            "colour": ["red", "blue", "green"][i % 3],
+            "n": i % 4,
+            "even": i % 2 == 0,
+            "f": 1.0 if i % 5 == 0 else 1,
+        }
+        for i in range(n)
+    ]
+    api.enrol(
+        tenant,
+        [
+            {
+                "subject": f"s{i % 7}",
+                "embedding": unit(i),
+                "item_id": f"it{i}",
+                "metadata": metas[i],
+            }
+            for i in range(n)
+        ],
+    )
     vectors = np.stack([_vec(i) for i in range(n)])
-    filters = [{"colour": "red"}, {"colour": "blue", "n": 1}, {"even": True, "n": 2},
-               {"n": 1.0}, {"even": 1}, {"f": 1}, {"colour": "nope"}, {"missing": None}]
+    filters = [
+        {"colour": "red"},
+        {"colour": "blue", "n": 1},
+        {"even": True, "n": 2},
+        {"n": 1.0},
+        {"even": 1},
+        {"f": 1},
+        {"colour": "nope"},
+        {"missing": None},
+    ]
     for where in filters:
         for q in (3, 11, 1000):
             k = 5
-            r = c.post("/v1/match", json={"embedding": unit(q), "k": k, "filter": where},
-                       headers=h)
+            r = c.post("/v1/match", json={"embedding": unit(q), "k": k, "filter": where}, headers=h)
             assert r.status_code == 200, r.text
             got = [x["item_id"] for x in r.json()["candidates"]]
             allowed = [i for i in range(n) if matches(metas[i], where)]
@@ -46,17 +70,23 @@ def test_filtered_match_equals_brute_force(api: Api, tenant: Tenant) -> None:
 
 def test_filtered_verify(api: Api, tenant: Tenant) -> None:
     c, h = api.client, tenant.auth
-    api.enrol(tenant, [{"subject": "p", "embedding": unit(1), "item_id": "p1",
-                        "metadata": {"cam": "a"}},
-                       {"subject": "p", "embedding": unit(2), "item_id": "p2",
-                        "metadata": {"cam": "b"}}])
+    api.enrol(
+        tenant,
+        [
+            {"subject": "p", "embedding": unit(1), "item_id": "p1", "metadata": {"cam": "a"}},
+            {"subject": "p", "embedding": unit(2), "item_id": "p2", "metadata": {"cam": "b"}},
+        ],
+    )
     body = {"a": {"subject": "p"}, "b": {"embedding": unit(2)}}
     best = c.post("/v1/verify", json=body, headers=h).json()["score"]
     only_a = c.post("/v1/verify", json=body | {"filter": {"cam": "a"}}, headers=h).json()
     assert best == pytest.approx(1.0, abs=1e-5)
     assert only_a["score"] == pytest.approx(float(_vec(1) @ _vec(2)), abs=1e-5)
-    r = c.post("/v1/verify", json={"a": {"item_id": "p2"}, "b": {"embedding": unit(2)},
-                                   "filter": {"cam": "a"}}, headers=h)
+    r = c.post(
+        "/v1/verify",
+        json={"a": {"item_id": "p2"}, "b": {"embedding": unit(2)}, "filter": {"cam": "a"}},
+        headers=h,
+    )
     assert r.status_code == 404 and r.json()["code"] == "not_found"
     r = c.post("/v1/verify", json=body | {"filter": {"cam": "z"}}, headers=h)
     assert r.status_code == 404
@@ -73,17 +103,27 @@ def test_put_upserts_idempotently(api: Api, tenant: Tenant) -> None:
         assert r.status_code == 200 and r.json()["created"] is False
         assert c.get("/v1/gallery/up1", headers=h).json() == first
     # replacing moves it: new subject, vector and metadata, in the store and the index
-    r = c.put("/v1/gallery/up1", json={"subject": "y", "embedding": unit(6),
-                                        "metadata": {"v": 2}}, headers=h)
+    r = c.put(
+        "/v1/gallery/up1",
+        json={"subject": "y", "embedding": unit(6), "metadata": {"v": 2}},
+        headers=h,
+    )
     assert r.status_code == 200
     item = c.get("/v1/gallery/up1", headers=h).json()
-    assert (item["subject"], item["metadata"], item["created_at"]) == ("y", {"v": 2},
-                                                                      first["created_at"])
+    assert (item["subject"], item["metadata"], item["created_at"]) == (
+        "y",
+        {"v": 2},
+        first["created_at"],
+    )
     m = c.post("/v1/match", json={"embedding": unit(6), "k": 10}, headers=h).json()
     assert [x["item_id"] for x in m["candidates"]] == ["up1"]
     assert m["candidates"][0]["score"] == pytest.approx(1.0, abs=1e-5)
-    assert c.post("/v1/match", json={"embedding": unit(6), "filter": {"v": 1}},
-                  headers=h).json()["candidates"] == []
+    assert (
+        c.post("/v1/match", json={"embedding": unit(6), "filter": {"v": 1}}, headers=h).json()[
+            "candidates"
+        ]
+        == []
+    )
     listing = c.get("/v1/gallery", headers=h).json()["items"]
     assert [i["item_id"] for i in listing] == ["up1"]
     r = c.put("/v1/gallery/up1", json={"subject": "y"}, headers=h)
@@ -95,8 +135,11 @@ def test_put_upserts_idempotently(api: Api, tenant: Tenant) -> None:
 def test_subjects_with_counts_paged(api: Api, tenant: Tenant) -> None:
     c, h = api.client, tenant.auth
     counts = {"b": 2, "a": 1, "é": 3, "c/d".replace("/", "_"): 1, "Z": 2}
-    items = [{"subject": s, "embedding": unit(i * 10 + j)} for i, (s, n) in
-             enumerate(counts.items()) for j in range(n)]
+    items = [
+        {"subject": s, "embedding": unit(i * 10 + j)}
+        for i, (s, n) in enumerate(counts.items())
+        for j in range(n)
+    ]
     api.enrol(tenant, items)
     seen: list[tuple[str, int]] = []
     cursor = None
@@ -112,8 +155,10 @@ def test_subjects_with_counts_paged(api: Api, tenant: Tenant) -> None:
             break
     assert seen == sorted(counts.items())  # code-point order, every subject once
     # deleting items updates the counts; an emptied subject disappears
-    ids = [i["item_id"] for i in c.get("/v1/gallery", params={"subject": "a"},
-                                       headers=h).json()["items"]]
+    ids = [
+        i["item_id"]
+        for i in c.get("/v1/gallery", params={"subject": "a"}, headers=h).json()["items"]
+    ]
     assert c.delete(f"/v1/gallery/{ids[0]}", headers=h).status_code == 204
     assert c.delete("/v1/subjects/b", headers=h).json() == {"deleted": 2}
     names = [s["subject"] for s in c.get("/v1/subjects", headers=h).json()["subjects"]]
@@ -122,8 +167,9 @@ def test_subjects_with_counts_paged(api: Api, tenant: Tenant) -> None:
     assert c.get("/v1/subjects", params={"cursor": "ff"}, headers=h).status_code == 200
 
 
-def test_request_id_echoed_generated_logged(api: Api, tenant: Tenant,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_request_id_echoed_generated_logged(
+    api: Api, tenant: Tenant, caplog: pytest.LogCaptureFixture
+) -> None:
     c, h = api.client, tenant.auth
     caplog.set_level(logging.INFO, logger="service.requests")
     r = c.get("/v1/gallery", headers=h | {"X-Request-ID": "ticket-42.a:b"})

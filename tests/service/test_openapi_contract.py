@@ -35,26 +35,52 @@ def serve(artefact: Path, tmp: Path) -> Iterator[tuple[str, str]]:
     tenant's key). The tenant and admin runs get one each: the admin run's stateful phase
     deletes tenants it finds, which must not be the one the tenant run uses."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
-    env |= {"TCM_ARTEFACT_PATH": str(artefact), "TCM_DEVICE": "cpu",
-            "TCM_STORE_URL": f"sqlite:///{tmp / 'tcm.db'}", "TCM_ADMIN_TOKEN": ADMIN_TOKEN,
-            "TCM_MAX_BATCH_ITEMS": "8", "TCM_MAX_K": "10", "TCM_MONITOR_INTERVAL_S": "2",
-            "TCM_MONITOR_MIN_PAIRS": "2"}
+    env |= {
+        "TCM_ARTEFACT_PATH": str(artefact),
+        "TCM_DEVICE": "cpu",
+        "TCM_STORE_URL": f"sqlite:///{tmp / 'tcm.db'}",
+        "TCM_ADMIN_TOKEN": ADMIN_TOKEN,
+        "TCM_MAX_BATCH_ITEMS": "8",
+        "TCM_MAX_K": "10",
+        "TCM_MONITOR_INTERVAL_S": "2",
+        "TCM_MONITOR_MIN_PAIRS": "2",
+    }
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, text=True)
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(base, proc)
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        created = httpx.post(f"{base}/v1/tenants", json={"name": "contract"},
-                             headers=admin).json()
+        created = httpx.post(f"{base}/v1/tenants", json={"name": "contract"}, headers=admin).json()
         auth = {"Authorization": f"Bearer {created['api_key']}"}
-        items = [{"subject": f"s{i % 2}", "embedding": unit(i), "item_id": f"item{i}",
-                  "metadata": {"g": i % 2}} for i in range(4)]
-        assert httpx.post(f"{base}/v1/gallery", json={"items": items},
-                          headers=auth).status_code == 201
+        items = [
+            {
+                "subject": f"s{i % 2}",
+                "embedding": unit(i),
+                "item_id": f"item{i}",
+                "metadata": {"g": i % 2},
+            }
+            for i in range(4)
+        ]
+        assert (
+            httpx.post(f"{base}/v1/gallery", json={"items": items}, headers=auth).status_code == 201
+        )
         yield base, created["api_key"]
     finally:
         proc.terminate()
@@ -76,39 +102,67 @@ def _wait_ready(base: str, proc: subprocess.Popen[str]) -> None:
     raise AssertionError("tcm-serve did not become ready")
 
 
-def _schemathesis(base: str, token: str, tags: list[str], report: Path
-                  ) -> subprocess.Popen[str]:
-    cmd = [ST, "run", f"{base}/openapi.json", "--checks", "all",
-           "--exclude-checks", "positive_data_acceptance",
-           "--phases", "examples,coverage,fuzzing,stateful", "-n", "5",
-           "--generation-deterministic", "--no-color", "--max-failures", "20",
-           "-H", f"Authorization: Bearer {token}", "--report", "junit",
-           "--report-junit-path", str(report)]
+def _schemathesis(base: str, token: str, tags: list[str], report: Path) -> subprocess.Popen[str]:
+    cmd = [
+        ST,
+        "run",
+        f"{base}/openapi.json",
+        "--checks",
+        "all",
+        "--exclude-checks",
+        "positive_data_acceptance",
+        "--phases",
+        "examples,coverage,fuzzing,stateful",
+        "-n",
+        "5",
+        "--generation-deterministic",
+        "--no-color",
+        "--max-failures",
+        "20",
+        "-H",
+        f"Authorization: Bearer {token}",
+        "--report",
+        "junit",
+        "--report-junit-path",
+        str(report),
+    ]
     for t in tags:
         cmd += ["--include-tag", t]
-    env = os.environ | {"SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks",
-                        "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=Path(__file__).resolve().parents[2])
+    env = os.environ | {
+        "SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd()),
+    }
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
 
 
 def test_schemathesis_finds_no_contract_failure(artefact: Path, tmp_path: Path) -> None:
     """Both keys' runs side by side, each must end with 0 failures."""
     (tmp_path / "t").mkdir()
     (tmp_path / "a").mkdir()
-    with serve(artefact, tmp_path / "t") as (base, tenant_key), \
-            serve(artefact, tmp_path / "a") as (admin_base, _):
-        runs = {"tenant": _schemathesis(base, tenant_key, TENANT_TAGS, tmp_path / "t.xml"),
-                "admin": _schemathesis(admin_base, ADMIN_TOKEN, ADMIN_TAGS,
-                                       tmp_path / "a.xml")}
+    with (
+        serve(artefact, tmp_path / "t") as (base, tenant_key),
+        serve(artefact, tmp_path / "a") as (admin_base, _),
+    ):
+        runs = {
+            "tenant": _schemathesis(base, tenant_key, TENANT_TAGS, tmp_path / "t.xml"),
+            "admin": _schemathesis(admin_base, ADMIN_TOKEN, ADMIN_TAGS, tmp_path / "a.xml"),
+        }
         _check(runs)
 
 
 def _check(runs: dict[str, subprocess.Popen[str]]) -> None:
     for who, proc in runs.items():
         out, _ = proc.communicate(timeout=300)
-        summary = [line.strip() for line in out.splitlines()
-                   if "generated" in line or "Tested:" in line]
+        summary = [
+            line.strip() for line in out.splitlines() if "generated" in line or "Tested:" in line
+        ]
         print(who, summary)
         assert proc.returncode == 0, out[-6000:]
         # the run got past authentication to the service's logic, and found nothing

@@ -477,8 +477,10 @@ class HistoryEntry(BaseModel):
     from_: str | None = Field(alias="from")
     kind: str
     at: float
-    skipped: dict[str, int] = Field(description="per tenant: items left out of the index "
-                                                "(no embedding for this model, no image)")
+    skipped: dict[str, int] = Field(
+        default_factory=dict,
+        description="per tenant: items left out of the index (no embedding for this model, "
+                    "no image)")
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
@@ -569,7 +571,6 @@ class BaselineOut(BaseModel):
 class TenantMonitorSnapshot(BaseModel):
     """What a tenant key sees: the model's reference points and its own row only."""
 
-    model_config = ConfigDict(extra="forbid")
     format: int
     computed_at: float
     window_s: float
@@ -591,7 +592,6 @@ class TenantMonitorSnapshot(BaseModel):
 class MonitorSnapshot(BaseModel):
     """What the admin token sees: every tenant, OPIS across tenants, global rates."""
 
-    model_config = ConfigDict(extra="forbid")
     format: int
     config_key: str
     computed_at: float
@@ -621,7 +621,7 @@ class MonitorSnapshot(BaseModel):
     labels: dict[str, LabelMonitorRow]
     score_buckets: list[float]
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
 
 class AtTau(BaseModel):
@@ -642,16 +642,22 @@ class PooledRates(BaseModel):
 
 
 class WhatIf(BaseModel):
+    """A tenant's what-if: its own row only."""
+
     threshold: float
     tau: float
     tenants: dict[str, WhatIfTenant]
-    pooled_over_tenants: PooledRates | None = Field(
-        None, description="all tenants' pairs added up (admin only)")
     in_calibration_range: bool
     tau_lo: float
     tau_hi: float
     pairs_as_of: float
     window_s: float
+
+
+class AdminWhatIf(WhatIf):
+    """The admin's what-if: every tenant, and their pairs added up."""
+
+    pooled_over_tenants: PooledRates
 
 
 class MonitorView(BaseModel):
@@ -664,4 +670,4 @@ class MonitorView(BaseModel):
     status: Literal["ok", "pending"]
     message: str | None = None
     snapshot: MonitorSnapshot | TenantMonitorSnapshot | None = None
-    what_if: WhatIf | None = None
+    what_if: AdminWhatIf | WhatIf | None = None

@@ -11,7 +11,14 @@ from service.dependencies import Credentials, RuntimeDep, admin_bearer, is_admin
 from service.dependencies import token_of as _token
 from service.errors import NotFoundError
 from service.monitor import Monitor
-from service.schemas import MonitorSnapshot, MonitorView, TenantMonitorSnapshot, WhatIf, errors
+from service.schemas import (
+    AdminWhatIf,
+    MonitorSnapshot,
+    MonitorView,
+    TenantMonitorSnapshot,
+    WhatIf,
+    errors,
+)
 
 router = APIRouter(tags=["monitor"])
 
@@ -40,13 +47,14 @@ async def monitor_view(request: Request, runtime: RuntimeDep,
     snapshot = monitor.view(tenant_id)
     what_if = None
     if threshold is not None:
-        what_if = WhatIf.model_validate(await run_in_threadpool(
+        model = AdminWhatIf if tenant_id is None else WhatIf
+        what_if = model.model_validate(await run_in_threadpool(
             monitor.what_if, threshold, None if tenant_id is None else [tenant_id]))
     pending = snapshot is None
-    model = MonitorSnapshot if tenant_id is None else TenantMonitorSnapshot
+    view = MonitorSnapshot if tenant_id is None else TenantMonitorSnapshot
     return MonitorView(
         scope="admin" if tenant_id is None else "tenant", tenant_id=tenant_id,
         status="pending" if pending else "ok",
         message=("the monitor has not produced a snapshot yet (it runs every "
                  f"{monitor.config.interval_s:g}s)") if pending else None,
-        snapshot=None if snapshot is None else model.model_validate(snapshot), what_if=what_if)
+        snapshot=None if snapshot is None else view.model_validate(snapshot), what_if=what_if)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 from urllib.parse import quote
 
 import httpx
@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from tcm_client import models as m
 
 T = TypeVar("T")
+P = ParamSpec("P")
 RETRYABLE = (429, 503)
 Vector = np.ndarray | Sequence[float]
 
@@ -84,13 +85,45 @@ def _source(embedding: Vector | None, image: str | None) -> dict[str, Any]:
     return {"embedding": _vector(embedding)} if embedding is not None else {"image": image}
 
 
+class route(Generic[P, T]):
+    """A route of the API: a method building its :class:`Call`. On a :class:`Client` it sends
+    the call and returns the typed result; on an :class:`AsyncClient`, an awaitable of it
+    (the two cannot drift apart: both are this one description)."""
+
+    def __init__(self, build: Callable[Concatenate[Any, P], Call[T]]) -> None:
+        self.build = build
+        self.__doc__ = build.__doc__
+
+    @overload
+    def __get__(self, obj: AsyncClient, owner: Any) -> Callable[P, Awaitable[T]]: ...
+
+    @overload
+    def __get__(self, obj: Client, owner: Any) -> Callable[P, T]: ...
+
+    @overload
+    def __get__(self, obj: None, owner: Any) -> route[P, T]: ...
+
+    def __get__(self, obj: Any, owner: Any) -> Any:
+        if obj is None:
+            return self
+
+        def send(*args: Any, **kwargs: Any) -> Any:
+            return obj.send(self.build(obj, *args, **kwargs))
+
+        send.__name__ = self.build.__name__
+        send.__doc__ = self.build.__doc__
+        return send
+
+
 class _Routes:
     """Every route of the API as a :class:`Call` (what to send and how to read the answer)."""
 
     # --- admin: tenants and keys -----------------------------------------------------------
+    @route
     def create_tenant(self, name: str) -> Call[m.TenantCreated]:
         return Call("POST", "/v1/tenants", _model(m.TenantCreated), json={"name": name})
 
+    @route
     def list_tenants(self) -> Call[list[m.Tenant]]:
         return Call(
             "GET",
@@ -98,12 +131,15 @@ class _Routes:
             lambda r: [m.Tenant.model_validate(t) for t in r.json()["tenants"]],
         )
 
+    @route
     def get_tenant(self, tenant_id: str) -> Call[m.Tenant]:
         return Call("GET", f"/v1/tenants/{_seg(tenant_id)}", _model(m.Tenant))
 
+    @route
     def delete_tenant(self, tenant_id: str) -> Call[None]:
         return Call("DELETE", f"/v1/tenants/{_seg(tenant_id)}", _none)
 
+    @route
     def issue_key(self, tenant_id: str, *, revoke_existing: bool = False) -> Call[m.KeyIssued]:
         return Call(
             "POST",
@@ -112,6 +148,7 @@ class _Routes:
             json={"revoke_existing": revoke_existing},
         )
 
+    @route
     def list_keys(self, tenant_id: str) -> Call[list[m.Key]]:
         return Call(
             "GET",
@@ -119,26 +156,33 @@ class _Routes:
             lambda r: [m.Key.model_validate(k) for k in r.json()["keys"]],
         )
 
+    @route
     def revoke_key(self, tenant_id: str, key_id: str) -> Call[None]:
         return Call("DELETE", f"/v1/tenants/{_seg(tenant_id)}/keys/{_seg(key_id)}", _none)
 
     # --- admin: models ---------------------------------------------------------------------
+    @route
     def list_models(self) -> Call[m.ModelRegistry]:
         return Call("GET", "/v1/models", _model(m.ModelRegistry))
 
+    @route
     def stage_model(self, path: str) -> Call[m.ModelVersion]:
         return Call("POST", "/v1/models", _model(m.ModelVersion), json={"path": path})
 
+    @route
     def activate_model(self, version: str) -> Call[m.Activation]:
         return Call("POST", f"/v1/models/{_seg(version)}/activate", _model(m.Activation))
 
+    @route
     def rollback_model(self) -> Call[m.Activation]:
         return Call("POST", "/v1/models/rollback", _model(m.Activation))
 
+    @route
     def unembedded_items(self, version: str) -> Call[dict[str, list[str]]]:
         return Call("GET", f"/v1/models/{_seg(version)}/unembedded", lambda r: r.json()["items"])
 
     # --- gallery ---------------------------------------------------------------------------
+    @route
     def enrol(self, items: Sequence[Mapping[str, Any]]) -> Call[list[str]]:
         """Items: ``{"subject", "embedding" (array) | "image" (base64), "item_id"?,
         "metadata"?}``; all or none."""
@@ -150,6 +194,7 @@ class _Routes:
         ]
         return Call("POST", "/v1/gallery", lambda r: r.json()["item_ids"], json={"items": body})
 
+    @route
     def enrol_upload(
         self, file: bytes, *, subject: str, item_id: str | None = None, metadata: str | None = None
     ) -> Call[list[str]]:
@@ -161,6 +206,7 @@ class _Routes:
             data=_drop_none({"subject": subject, "item_id": item_id, "metadata": metadata}),
         )
 
+    @route
     def put_item(
         self,
         item_id: str,
@@ -173,6 +219,7 @@ class _Routes:
         body = {"subject": subject, **_source(embedding, image), "metadata": dict(metadata or {})}
         return Call("PUT", f"/v1/gallery/{_seg(item_id)}", _model(m.PutResult), json=body)
 
+    @route
     def list_items(
         self, *, subject: str | None = None, cursor: str | None = None, limit: int | None = None
     ) -> Call[m.ItemPage]:
@@ -183,6 +230,7 @@ class _Routes:
             params=_drop_none({"subject": subject, "cursor": cursor, "limit": limit}),
         )
 
+    @route
     def get_item(self, item_id: str, *, include_embedding: bool = False) -> Call[m.GalleryItem]:
         return Call(
             "GET",
@@ -191,9 +239,11 @@ class _Routes:
             params={"include_embedding": str(include_embedding).lower()},
         )
 
+    @route
     def delete_item(self, item_id: str) -> Call[None]:
         return Call("DELETE", f"/v1/gallery/{_seg(item_id)}", _none)
 
+    @route
     def list_subjects(
         self, *, cursor: str | None = None, limit: int | None = None
     ) -> Call[m.SubjectPage]:
@@ -204,10 +254,12 @@ class _Routes:
             params=_drop_none({"cursor": cursor, "limit": limit}),
         )
 
+    @route
     def delete_subject(self, subject: str) -> Call[int]:
         return Call("DELETE", f"/v1/subjects/{_seg(subject)}", lambda r: r.json()["deleted"])
 
     # --- match, verify, embed, feedback ----------------------------------------------------
+    @route
     def match(
         self,
         *,
@@ -221,6 +273,7 @@ class _Routes:
             body["filter"] = dict(filter)
         return Call("POST", "/v1/match", _model(m.MatchResult), json=body)
 
+    @route
     def match_upload(self, file: bytes, *, k: int = 5) -> Call[m.MatchResult]:
         return Call(
             "POST",
@@ -230,6 +283,7 @@ class _Routes:
             data={"k": str(k)},
         )
 
+    @route
     def verify(
         self, a: Mapping[str, Any], b: Mapping[str, Any], *, filter: Mapping[str, Any] | None = None
     ) -> Call[m.VerifyResult]:
@@ -244,6 +298,7 @@ class _Routes:
             body["filter"] = dict(filter)
         return Call("POST", "/v1/verify", _model(m.VerifyResult), json=body)
 
+    @route
     def verify_upload(self, a: bytes, b: bytes) -> Call[m.VerifyResult]:
         return Call(
             "POST",
@@ -252,14 +307,17 @@ class _Routes:
             files={"a": ("a", a), "b": ("b", b)},
         )
 
+    @route
     def embed(self, images: Sequence[str]) -> Call[m.EmbedResult]:
         return Call("POST", "/v1/embed", _model(m.EmbedResult), json={"images": list(images)})
 
+    @route
     def embed_upload(self, file: bytes) -> Call[m.EmbedResult]:
         return Call(
             "POST", "/v1/embed/upload", _model(m.EmbedResult), files={"file": ("image", file)}
         )
 
+    @route
     def feedback(
         self,
         match_id: str,
@@ -278,20 +336,25 @@ class _Routes:
         return Call("POST", "/v1/feedback", _model(m.FeedbackResult), json=body)
 
     # --- monitor, model, health ------------------------------------------------------------
+    @route
     def monitor(self, *, threshold: float | None = None) -> Call[m.MonitorView]:
         return Call(
             "GET", "/v1/monitor", _model(m.MonitorView), params=_drop_none({"threshold": threshold})
         )
 
+    @route
     def model(self) -> Call[m.ModelInfo]:
         return Call("GET", "/v1/model", _model(m.ModelInfo))
 
+    @route
     def healthz(self) -> Call[bool]:
         return Call("GET", "/healthz", lambda r: r.json()["status"] == "ok")
 
+    @route
     def readyz(self) -> Call[m.Readiness]:
         return Call("GET", "/readyz", _model(m.Readiness))
 
+    @route
     def metrics(self) -> Call[str]:
         return Call("GET", "/metrics", lambda r: r.text)
 
@@ -432,30 +495,3 @@ class AsyncClient(_Base):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def _bind(cls: type[_Base], *, is_async: bool) -> None:
-    """Gives ``cls`` one method per route: build the Call, send it."""
-    for name, fn in vars(_Routes).items():
-        if name.startswith("_") or not callable(fn):
-            continue
-
-        def make(route: Callable[..., Call[Any]]) -> Callable[..., Any]:
-            if is_async:
-
-                async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-                    return await self.send(route(self, *args, **kwargs))
-            else:
-
-                def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-                    return self.send(route(self, *args, **kwargs))
-
-            method.__name__ = route.__name__
-            method.__doc__ = route.__doc__
-            return method
-
-        setattr(cls, name, make(fn))
-
-
-_bind(Client, is_async=False)
-_bind(AsyncClient, is_async=True)

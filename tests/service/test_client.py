@@ -190,6 +190,19 @@ def test_async_client(server: str) -> None:
     asyncio.run(run())
 
 
+def test_routes_are_typed() -> None:
+    """Each route's result type reaches type checkers: ``route.__get__`` is overloaded on the
+    client class (sync: the result; async: an awaitable of it)."""
+    import typing
+
+    from tcm_client.client import _Routes, route
+
+    hints = typing.get_type_hints(route.__get__)
+    assert "obj" in hints
+    assert isinstance(vars(_Routes)["match"], route)
+    assert Client.match.__doc__ == vars(_Routes)["match"].build.__doc__
+
+
 def test_503_is_retried_with_backoff() -> None:
     """A scripted transport (a real server cannot be made to answer 503 on cue): two 503s,
     one without Retry-After (backoff) and one with, then the answer."""

@@ -130,7 +130,7 @@ def _schemathesis(base: str, token: str, tags: list[str], report: Path) -> subpr
         cmd += ["--include-tag", t]
     env = os.environ | {
         "SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks",
-        "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd()),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
     return subprocess.Popen(
         cmd,
@@ -138,7 +138,7 @@ def _schemathesis(base: str, token: str, tags: list[str], report: Path) -> subpr
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=report.parent,  # its cache goes there, not into the checkout
     )
 
 

@@ -249,3 +249,53 @@ def test_sqlite_closes_connections_of_retired_threads(tmp_path: Path) -> None:
     s.get_tenant("t")
     assert len(s._connections) <= 2  # this thread's, and at most the last worker's
     s.close()
+
+
+def test_put_item_and_list_subjects(store: Store) -> None:
+    tenant(store, "t1")
+    store.add_items("t1", items(5), model_version=V1, created_at=2.0)
+    assert store.list_subjects("t1") == [("s0", 3), ("s1", 2)]
+    assert store.list_subjects("t1", after="s0") == [("s1", 2)]
+    assert store.list_subjects("t1", limit=1) == [("s0", 3)]
+    # replace: new seq, the old one returned, created_at kept, other versions' vectors gone
+    store.put_embeddings("t1", {"i1": vec(9)}, model_version=V2)
+    old = store.get_item("t1", "i1", model_version=V1)
+    assert old is not None
+    seq, replaced = store.put_item("t1", NewItem("i1", "s9", vec(7), {"x": 1}),
+                                   model_version=V1, created_at=5.0)
+    assert replaced == old.seq and seq > old.seq
+    new = store.get_item("t1", "i1", model_version=V1)
+    assert new is not None and (new.subject, new.metadata, new.created_at) == ("s9", {"x": 1},
+                                                                              2.0)
+    np.testing.assert_allclose(new.embedding, vec(7))
+    assert store.get_item("t1", "i1", model_version=V2).embedding is None  # type: ignore[union-attr]
+    assert store.list_subjects("t1") == [("s0", 3), ("s1", 1), ("s9", 1)]
+    seq2, none = store.put_item("t1", NewItem("fresh", "s1", vec(8)), model_version=V1,
+                                created_at=6.0)
+    assert none is None and seq2 > seq
+    got = store.vectors_of_items("t1", ["i1", "fresh"], model_version=V1)
+    assert got.item_ids == ["i1", "fresh"] and got.metadata == [{"x": 1}, {}]
+    full = store.gallery_vectors("t1", model_version=V1, with_metadata=True)
+    assert full.metadata is not None and len(full.metadata) == len(full) == 6
+    # an emptied subject leaves the listing
+    store.delete_item("t1", "i1")
+    assert [s for s, _ in store.list_subjects("t1")] == ["s0", "s1"]
+    store.delete_subject("t1", "s0")
+    assert store.list_subjects("t1") == [("s1", 2)]
+    assert store.list_subjects("other") == []
+
+
+@pytest.mark.redis
+def test_redis_subjects_listing_of_a_tenant_from_before_it(store_settings, artefact: Path
+                                                            ) -> None:
+    """Tenants enrolled before the subject listing existed are indexed on first listing."""
+    s = open_store(Settings(artefact_path=artefact, **store_settings("redis")))
+    try:
+        tenant(s, "old")
+        s.add_items("old", items(4), model_version=V1, created_at=1.0)
+        s.r.delete(s._tenant("old", "subjects"))  # type: ignore[attr-defined]
+        s.r.hdel(s._tenant("old"), "subjects_indexed")  # type: ignore[attr-defined]
+        assert s.list_subjects("old") == [("s0", 2), ("s1", 2)]
+        assert s.r.hexists(s._tenant("old"), "subjects_indexed")  # type: ignore[attr-defined]
+    finally:
+        s.close()

@@ -17,8 +17,8 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import AuthenticationError, NotReadyError
-from service.runtime import Runtime
 from service.ids import IdPath as IdPath  # every id a path carries: the one id pattern
+from service.runtime import Runtime
 from service.tenants import same_secret
 
 admin_bearer = HTTPBearer(

@@ -53,8 +53,22 @@ Base64Image = Annotated[str, StringConstraints(pattern=BASE64_PATTERN), Field(
     "optionally as a data: URL", json_schema_extra={"format": "byte",
                                                     "contentEncoding": "base64",
                                                     "contentMediaType": "image/*"})]
-# list cursors are the seq of the last item returned (always < 10**18)
-CURSOR_PATTERN = r"^[0-9]{1,18}$"
+
+
+def _at_most(n: int) -> str:
+    """A regex of the decimal strings (leading zeros allowed, as many digits as ``n`` at most)
+    whose value is <= ``n``: what ``gallery.parse_cursor`` accepts, stated in the schema."""
+    digits = str(n)
+    alts = [f"[0-9]{{1,{len(digits) - 1}}}", digits]
+    for i, d in enumerate(digits):
+        if d != "0":
+            rest = len(digits) - i - 1
+            alts.append(digits[:i] + f"[0-{int(d) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "^(" + "|".join(alts) + ")$"
+
+
+# list cursors are the seq of the last item returned: ASCII digits, at most 2**63 - 1
+CURSOR_PATTERN = _at_most(2**63 - 1)
 # subject cursors: the last subject's UTF-8 bytes in hex (every such string is a valid cursor)
 SUBJECT_CURSOR_PATTERN = r"^([0-9a-f]{2}){1,1024}$"
 # metadata filters: exact match of top-level keys to scalar values (JSON numbers compare as

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 
 from service.dependencies import IdPath, RuntimeDep, TenantId
-from service.ids import ID_MAX_LENGTH, IdQuery
+from service.ids import ID_MAX_LENGTH
 from service.routers.uploads import UPLOAD_PLACEHOLDER, build, parse_json_object, read_upload
 from service.schemas import (
     CURSOR_PATTERN,
@@ -89,8 +89,9 @@ async def list_items(
     request: Request, tenant: TenantId, runtime: RuntimeDep,
     subject: Annotated[str | None, Query(min_length=1, max_length=256,
                                          pattern=NAME_PATTERN)] = None,
-    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description=(
-        "next_cursor of the previous page"))] = None,
+    cursor: Annotated[str | None, Query(
+        description="next_cursor of the previous page (checked by parse_cursor: 422 "
+                    "invalid_cursor)", json_schema_extra={"pattern": CURSOR_PATTERN})] = None,
     limit: Limit = 100,
 ) -> GalleryPage:
     """The tenant's items in enrolment order, a page at a time."""

@@ -37,6 +37,7 @@ from the store (:meth:`RedisStore.read_changes`). Connection failures become
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -404,6 +405,7 @@ class RedisStore:
         key = self._tenant(tenant_id, "item", item.item_id)
 
         def body(pipe: redis.client.Pipeline) -> tuple[int, int | None]:
+            self._check_tenant(pipe, tenant_id)
             old_seq, old_subject, old_created = pipe.hmget(key, ["seq", "subject", "created_at"])
             seq = int(pipe.incr(self._k("seq")))
             pipe.multi()
@@ -425,7 +427,7 @@ class RedisStore:
             self._queue_change(pipe, "add", tenant_id, item_ids=[item.item_id])
             return seq, None if old_seq is None else int(old_seq)
 
-        return self._tx("put item", [key], body)
+        return self._tx("put item", [self._tenant(tenant_id), key], body)
 
     def list_subjects(self, tenant_id: str, *, after: str | None = None, limit: int = 100
                       ) -> list[tuple[str, int]]:
@@ -444,29 +446,47 @@ class RedisStore:
                     pipe.zcard(self._tenant(tenant_id, "subject", name))
                 counts = pipe.execute()
                 empty = [n for n, c in zip(names, counts, strict=True) if not c]
-                if empty:  # emptied by item deletes; a later enrolment adds them back
-                    self.r.eval("for i, s in ipairs(ARGV) do "
-                                "if redis.call('ZCARD', KEYS[1] .. s) == 0 then "
-                                "redis.call('ZREM', KEYS[2], s) end end return 1",
-                                2, self._tenant(tenant_id, "subject", ""), index, *empty)
+                for name in empty:  # emptied by item deletes; a later enrolment adds it back
+                    self._drop_if_empty(tenant_id, name)
                 out += [(n, int(c)) for n, c in zip(names, counts, strict=True) if c]
                 start = "(" + names[-1]
         return out
 
     def _index_subjects(self, tenant_id: str) -> None:
-        """Builds the subject listing of a tenant enrolled before it existed (once)."""
+        """Builds the subject listing of a tenant enrolled before it existed (once), in a
+        transaction on the tenant record: a tenant deleted meanwhile is not re-created."""
         tkey = self._tenant(tenant_id)
         if self.r.hexists(tkey, "subjects_indexed") or not self.r.exists(tkey):
             return
+        subjects: dict[str, int] = {}
         ids = [_s(m) or "" for m in self.r.zrange(self._tenant(tenant_id, "items"), 0, -1)]
         for chunk in _chunks(ids):
             pipe = self.r.pipeline(transaction=False)
             for iid in chunk:
                 pipe.hget(self._tenant(tenant_id, "item", iid), "subject")
-            subjects = {_s(x) or "": 0 for x in pipe.execute() if x is not None}
+            subjects |= {_s(x) or "": 0 for x in pipe.execute() if x is not None}
+
+        def body(pipe: redis.client.Pipeline) -> None:
+            self._check_tenant(pipe, tenant_id)
+            pipe.multi()
             if subjects:
-                self.r.zadd(self._tenant(tenant_id, "subjects"), subjects)
-        self.r.hset(tkey, "subjects_indexed", "1")
+                pipe.zadd(self._tenant(tenant_id, "subjects"), subjects)
+            pipe.hset(tkey, "subjects_indexed", "1")
+
+        with contextlib.suppress(ConflictError):  # deleted or raced: the next listing retries
+            self._tx("index subjects", [tkey], body)
+
+    def _drop_if_empty(self, tenant_id: str, subject: str) -> None:
+        zkey = self._tenant(tenant_id, "subject", subject)
+
+        def body(pipe: redis.client.Pipeline) -> None:
+            empty = pipe.zcard(zkey) == 0
+            pipe.multi()
+            if empty:
+                pipe.zrem(self._tenant(tenant_id, "subjects"), subject)
+
+        with contextlib.suppress(ConflictError):  # enrolled into meanwhile: keep it
+            self._tx("drop empty subject", [zkey], body)
 
     def get_item(self, tenant_id: str, item_id: str, *, model_version: str,
                  with_image: bool = False) -> GalleryItem | None:

@@ -332,6 +332,11 @@ class SQLiteStore:
     def put_item(self, tenant_id: str, item: NewItem, *, model_version: str,
                  created_at: float) -> tuple[int, int | None]:
         with self._write("put item") as conn:
+            # in the write transaction: a tenant delete is wholly before or after this write
+            if conn.execute("SELECT 1 FROM tenants WHERE tenant_id=?", (tenant_id,)
+                            ).fetchone() is None:
+                raise ConflictError("the tenant was deleted while this request ran",
+                                    code="tenant_deleted", detail={"tenant_id": tenant_id})
             old = conn.execute("DELETE FROM items WHERE tenant_id=? AND item_id=? "
                                "RETURNING seq, created_at", (tenant_id, item.item_id)).fetchone()
             cur = conn.execute(

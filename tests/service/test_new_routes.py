@@ -213,8 +213,19 @@ def test_cursor_pattern_is_exactly_what_parse_cursor_accepts() -> None:
         return True
 
     rng = random.Random(0)
-    edge = ["0", "9223372036854775807", "9223372036854775808", "9" * 19, "0" * 18 + "1",
-            "0" * 20, "", "²", "-1", "1" * 19, "9223372036854775799"]
+    edge = [
+        "0",
+        "9223372036854775807",
+        "9223372036854775808",
+        "9" * 19,
+        "0" * 18 + "1",
+        "0" * 20,
+        "",
+        "²",
+        "-1",
+        "1" * 19,
+        "9223372036854775799",
+    ]
     numbers = [str(rng.randint(0, 10**19 + 10)) for _ in range(5000)]
     for c in edge + numbers + [n.zfill(19) for n in numbers]:
         assert bool(re.match(CURSOR_PATTERN, c)) == accepted(c), c

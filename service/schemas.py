@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -37,6 +38,16 @@ MAX_DIM = 65536
 NAME_PATTERN = ID_PATTERN
 Name = Id
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _json_int(v: Any) -> Any:
+    """JSON Schema's integer: 9 and 9.0, not "9" or true (request models are strict)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_int)]
 # a vector needs one non-zero component (the zero vector has no direction): JSON Schema says so
 # with "contains"; the dimension is the served model's (x-limit)
 Embedding = Annotated[list[FiniteFloat], Field(
@@ -296,7 +307,7 @@ class MatchRequest(Request):
     one_of = ("embedding", "image")
     embedding: Embedding | None = None
     image: Base64Image | None = None
-    k: int = Field(5, ge=1, description="candidates to return, 1..max_k",
+    k: JsonInt = Field(5, ge=1, description="candidates to return, 1..max_k",
                    json_schema_extra={"x-limit": "max_k"})
     filter: MetadataFilter | None = None
 

@@ -5,12 +5,19 @@ brute-force filter), X-Request-ID (accepted, generated, echoed, logged), Allow o
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from service.app import create_app
 from service.metadata_filter import canonical, matches
-from tests.service.conftest import DIM, Api, Tenant, unit
+from tests.service.conftest import ADMIN_TOKEN, DIM, Api, Tenant, make_settings, unit
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def _vec(seed: int) -> np.ndarray:
@@ -229,3 +236,43 @@ def test_cursor_pattern_is_exactly_what_parse_cursor_accepts() -> None:
     numbers = [str(rng.randint(0, 10**19 + 10)) for _ in range(5000)]
     for c in edge + numbers + [n.zfill(19) for n in numbers]:
         assert bool(re.match(CURSOR_PATTERN, c)) == accepted(c), c
+
+
+@pytest.mark.redis
+def test_filters_and_put_follow_the_change_feed_on_another_replica(
+    artefact: Path, store_settings: Any
+) -> None:
+    """Metadata reaches the other replica's index with the vectors (change feed), and a PUT
+    there replaces the item, so filtered matches agree on both replicas."""
+    settings = make_settings(artefact, store_settings("redis"), monitor_enabled=False)
+    with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as two:
+        created = one.post("/v1/tenants", json={"name": "r"}, headers=ADMIN).json()
+        h = {"Authorization": f"Bearer {created['api_key']}"}
+        two.get("/v1/gallery", headers=h)  # the second replica follows from here
+        items = [
+            {"subject": "s", "embedding": unit(i), "item_id": f"r{i}", "metadata": {"zone": i % 2}}
+            for i in range(6)
+        ]
+        assert one.post("/v1/gallery", json={"items": items}, headers=h).status_code == 201
+        assert (
+            one.put(
+                "/v1/gallery/r1",
+                json={"subject": "s", "embedding": unit(1), "metadata": {"zone": 0}},
+                headers=h,
+            ).status_code
+            == 200
+        )
+        body = {"embedding": unit(1), "k": 10, "filter": {"zone": 0}}
+        want = sorted(["r0", "r1", "r2", "r4"])
+        deadline = time.monotonic() + 10
+        while True:
+            got = sorted(
+                c["item_id"]
+                for c in two.post("/v1/match", json=body, headers=h).json()["candidates"]
+            )
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert got == want
+        mine = one.post("/v1/match", json=body, headers=h).json()["candidates"]
+        assert sorted(c["item_id"] for c in mine) == want

@@ -37,13 +37,14 @@ from tcm import Baseline, Calibration, Manifest, Preprocessing, build_embedder, 
 ADMIN = "bench-admin-token-0123456789"
 
 
-def random_artefact(directory: Path) -> Path:
+def random_artefact(directory: Path, dim: int = 128) -> Path:
+    """A small CNN with random weights: benchmarks of the service need a model, not a good one."""
     torch.manual_seed(0)
-    model = build_embedder("small_cnn", in_channels=1, embedding_dim=128, width=64)
+    model = build_embedder("small_cnn", in_channels=1, embedding_dim=dim, width=64)
     save_artefact(directory, model, Manifest(
         model_version="bench-random", architecture="small_cnn",
-        architecture_kwargs={"in_channels": 1, "embedding_dim": 128, "width": 64},
-        preprocessing=Preprocessing(image_size=(28, 28)), embedding_dim=128,
+        architecture_kwargs={"in_channels": 1, "embedding_dim": dim, "width": 64},
+        preprocessing=Preprocessing(image_size=(28, 28)), embedding_dim=dim,
         calibration=Calibration(tau=0.5, target_far=0.01, far_at_tau=0.01, frr_at_tau=0.1,
                                 tau_lo=0.4, tau_hi=0.6),
         baseline=Baseline(opis=0.0, eps_opis=0.0, eps=0.05, recall_at_1=0.0, map_at_r=0.0,

@@ -31,12 +31,14 @@ if TYPE_CHECKING:
 
 class Gallery:
     def __init__(self, *, store: Store, serving: Callable[[], Serving], gate: SwitchGate,
-                 metrics: ServiceMetrics, max_batch_items: int, max_list_limit: int) -> None:
+                 metrics: ServiceMetrics, max_batch_items: int, max_list_limit: int,
+                 max_enrol_items: int | None = None) -> None:
         self.store = store
         self.serving = serving
         self.gate = gate
         self.metrics = metrics
         self.max_batch_items = max_batch_items
+        self.max_enrol_items = max(max_enrol_items or max_batch_items, max_batch_items)
         self.max_list_limit = max_list_limit
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -48,9 +50,16 @@ class Gallery:
         """All items or none. ``images`` optionally gives raw bytes (uploads) by position,
         in place of the base64 ``image`` field."""
         images = images or {}
-        if len(items) > self.max_batch_items:
+        if len(items) > self.max_enrol_items:
             raise InvalidInputError(f"{len(items)} items in one request, the limit is "
-                                    f"{self.max_batch_items}", code="too_many_items")
+                                    f"{self.max_enrol_items}", code="too_many_items",
+                                    detail={"max_enrol_items": self.max_enrol_items})
+        n_images = sum(it.image is not None for it in items)
+        if n_images > self.max_batch_items:
+            raise InvalidInputError(f"{n_images} images in one request, the limit is "
+                                    f"{self.max_batch_items} (send embeddings for bulk imports)",
+                                    code="too_many_items",
+                                    detail={"max_batch_items": self.max_batch_items})
         counts = Counter(it.item_id for it in items if it.item_id is not None)
         dupes = sorted(i for i, n in counts.items() if n > 1)
         if dupes:
@@ -70,6 +79,9 @@ class Gallery:
         for i, it in enumerate(items):
             if it.embedding is not None:
                 vectors[i] = serving.resolver.embedding(it.embedding, where=f"items[{i}].embedding")
+            elif it.embedding_b64 is not None:
+                vectors[i] = serving.resolver.embedding_b64(
+                    it.embedding_b64, where=f"items[{i}].embedding_b64")
             else:
                 data = images.get(i, it.image)
                 assert data is not None
@@ -106,6 +118,9 @@ class Gallery:
             serving = self.serving()
             if body.embedding is not None:
                 vector = serving.resolver.embedding(body.embedding, where="embedding")
+                raw = None
+            elif body.embedding_b64 is not None:
+                vector = serving.resolver.embedding_b64(body.embedding_b64, where="embedding_b64")
                 raw = None
             else:
                 assert body.image is not None

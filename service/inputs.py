@@ -12,6 +12,8 @@ decoded, so a request holds at most one full-size image at a time.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -50,6 +52,22 @@ def as_unit_vector(values: Sequence[float] | np.ndarray, dim: int, *, where: str
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
+def decode_float32(text: str, dim: int, *, where: str) -> np.ndarray:
+    """base64 of ``dim`` little-endian float32 -> float32 array; 422 naming ``where`` when the
+    text is not base64 or holds another number of values."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInputError(f"{where} is not valid base64", code="invalid_embedding",
+                                detail={"where": where}) from None
+    if len(raw) != dim * 4:
+        raise InvalidInputError(
+            f"{where} decodes to {len(raw)} bytes; {dim} little-endian float32 values are "
+            f"{dim * 4} bytes", code="invalid_embedding",
+            detail={"where": where, "expected_bytes": dim * 4, "got_bytes": len(raw)})
+    return np.frombuffer(raw, dtype="<f4")
+
+
 class InputResolver:
     def __init__(self, *, batcher: EmbeddingBatcher, store: Store, dim: int, channels: int,
                  max_image_pixels: int, model_version: str,
@@ -64,6 +82,9 @@ class InputResolver:
 
     def embedding(self, values: Sequence[float], *, where: str) -> np.ndarray:
         return as_unit_vector(values, self.dim, where=where)
+
+    def embedding_b64(self, text: str, *, where: str) -> np.ndarray:
+        return as_unit_vector(decode_float32(text, self.dim, where=where), self.dim, where=where)
 
     def check_pixels(self, raws: Sequence[tuple[str, bytes]]) -> None:
         """The request's pixel budget, from the headers alone: 413 before any decoding."""

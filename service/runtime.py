@@ -141,7 +141,8 @@ class Runtime:
             tenants=Tenants(store, lambda: holder["rt"].indexes, metrics),
             gallery=Gallery(store=store, serving=lambda: holder["rt"].serving, gate=gate,
                             metrics=metrics, max_batch_items=settings.max_batch_items,
-                            max_list_limit=settings.max_list_limit),
+                            max_list_limit=settings.max_list_limit,
+                            max_enrol_items=settings.max_enrol_items),
             rate_limiter=open_rate_limiter(settings, store),
             match_listeners=match_listeners, feedback_listeners=feedback_listeners)
         holder["rt"] = runtime

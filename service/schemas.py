@@ -64,6 +64,15 @@ Base64Image = Annotated[str, StringConstraints(pattern=BASE64_PATTERN), Field(
     "optionally as a data: URL", json_schema_extra={"format": "byte",
                                                     "contentEncoding": "base64",
                                                     "contentMediaType": "image/*"})]
+# an embedding as base64 of little-endian float32: 4/3 byte per byte instead of ~20 for JSON
+# text, and no float parsing; its length and values are checked against the model's dimension
+Base64Embedding = Annotated[str, StringConstraints(
+    max_length=(MAX_DIM * 4 + 2) // 3 * 4,
+    pattern=r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$"),
+    Field(description="the embedding as little-endian float32 (4 bytes per dimension) in "
+          "standard base64: embedding_dim finite numbers, not all zero",
+          json_schema_extra={"format": "byte", "contentEncoding": "base64",
+                             "x-limit": "embedding_dim"})]
 
 
 def _at_most(n: int) -> str:
@@ -226,11 +235,13 @@ class KeyList(BaseModel):
 
 # --- gallery -------------------------------------------------------------------------------
 class ItemBody(Request):
-    """An item's content: its subject, exactly one of embedding / image, and metadata."""
+    """An item's content: its subject, exactly one of embedding / embedding_b64 / image, and
+    metadata."""
 
-    one_of = ("embedding", "image")
+    one_of = ("embedding", "embedding_b64", "image")
     subject: Name
     embedding: Embedding | None = None
+    embedding_b64: Base64Embedding | None = None
     image: Base64Image | None = None
     metadata: dict[str, Any] = Field(
         default_factory=dict, description=f"a JSON object, at most {MAX_METADATA_BYTES} bytes "

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_batch_items: int = Field(256, ge=1, description="items or images per request")
+    max_enrol_items: int = Field(
+        10_000, ge=1, description="items per enrolment request when each brings its embedding "
+        "(bulk import); items with an image still count against max_batch_items")
     max_k: int = Field(100, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width*height cap per image")
     max_request_pixels: int = Field(

@@ -375,6 +375,8 @@ class RedisStore:
             self._check_tenant(pipe, tenant_id)
             existing: list[str] = []
             for chunk_keys, chunk_items in zip(_chunks(item_keys), _chunks(items), strict=True):
+                if not pipe.exists(*chunk_keys):  # one round trip per chunk when all are new
+                    continue
                 flags = [pipe.exists(k) for k in chunk_keys]
                 existing += [it.item_id for it, f in zip(chunk_items, flags, strict=True) if f]
             if existing:

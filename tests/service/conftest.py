@@ -153,7 +153,8 @@ def make_settings(artefact: Path, store: dict[str, Any], **over: Any) -> Setting
     fields: dict[str, Any] = {
         "artefact_path": artefact, "admin_token": ADMIN_TOKEN, "device": "cpu",
         "embed_max_wait_ms": 2.0, "max_body_bytes": 2 * 1024 * 1024, "max_image_pixels": 512 * 512,
-        "max_k": 50, "max_batch_items": 64, "store_timeout_s": 1.0, **store, **over}
+        "max_k": 50, "max_batch_items": 64, "max_enrol_items": 256,
+        "store_timeout_s": 1.0, **store, **over}
     return Settings(**fields)
 
 

@@ -157,7 +157,11 @@ def test_gallery_limits(api: Api, tenant: Tenant) -> None:
     c, h = api.client, tenant.auth
     n = api.settings.max_batch_items + 1
     r = c.post("/v1/gallery", json={"items": [{"subject": "s", "embedding": unit(i)}
-                                              for i in range(n)]}, headers=h)
+                                              for i in range(api.settings.max_enrol_items + 1)]},
+               headers=h)
+    assert_error(r, 422, "too_many_items")
+    r = c.post("/v1/gallery", json={"items": [{"subject": "s", "image": "aGVsbG8="}] * n},
+               headers=h)  # images count against the smaller limit
     assert_error(r, 422, "too_many_items")
     r = c.post("/v1/embed", json={"images": ["aGVsbG8="] * n}, headers=h)
     assert_error(r, 422, "too_many_items")

@@ -8,6 +8,8 @@ printed once: it is valid for this process only, so set the variable for anythin
 subject) and the labelled feedback as a dataset ``tcm-train`` reads (``service.export``), from
 the store ``TCM_STORE_URL`` names. ``tcm-serve models list|stage|activate|rollback`` drive a
 running service's model registry over its admin API (``--url``, ``TCM_ADMIN_TOKEN``).
+``tcm-serve import FILE`` streams embeddings (.npy or JSONL) into a tenant's gallery over the
+API (``TCM_API_KEY``), resumably (``service.importer``).
 """
 
 from __future__ import annotations
@@ -101,6 +103,71 @@ def export_dataset_cmd(
                   + (f"; {left} items without a stored image left out" if left else ""))
     console.print(f"train: tcm-train fit --out runs/retrain --set dataset=imagefolder "
                   f"--set data_dir={out} --set pretrained=<active artefact>", markup=False)
+
+
+@app.command("import")
+def import_cmd(
+    source: Annotated[Path, typer.Argument(help=".npy matrix or .jsonl file")],
+    url: Annotated[str, typer.Option("--url", envvar="TCM_URL", help="the service")] = (
+        "http://127.0.0.1:8000"),
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="TCM_API_KEY", help="the tenant's API key (better: TCM_API_KEY)",
+        show_default=False)] = None,
+    subjects: Annotated[Path | None, typer.Option(
+        help=".npy: text file, one subject per row")] = None,
+    ids: Annotated[Path | None, typer.Option(
+        help=".npy: text file, one item id per row (default: <id-prefix><row>)")] = None,
+    id_prefix: Annotated[str | None, typer.Option(
+        help="prefix of derived item ids (default: the file's stem and '-')")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="items per request")] = 1000,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight")] = 2,
+    state: Annotated[Path | None, typer.Option(
+        help="progress file (default: <source>.import.json)")] = None,
+    restart: Annotated[bool, typer.Option(help="ignore a saved progress file")] = False,
+    retries: Annotated[int, typer.Option(min=0, help="per batch, on 429/503/network")] = 8,
+) -> None:
+    """Streams embeddings into a tenant's gallery in all-or-nothing batches; run it again
+    after an interruption and it resumes where it stopped, without duplicates."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from service.importer import ImportError_, count_rows, run_import
+
+    if not api_key:
+        console.print("[red]set TCM_API_KEY (or --api-key) to the tenant's API key[/red]")
+        raise typer.Exit(2)
+    try:
+        total = count_rows(source) if source.exists() else 0
+        columns = (TextColumn("[bold]import[/bold]"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]} items/s"), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("import", total=total, rate="-")
+            started, moved = time.monotonic(), 0
+
+            def advance(n: int) -> None:
+                nonlocal moved
+                moved += n
+                rate = moved / max(time.monotonic() - started, 1e-9)
+                bar.update(task, advance=n, rate=f"{rate:,.0f}")
+
+            counts = run_import(source=source, url=url, api_key=api_key, subjects=subjects,
+                                ids=ids, id_prefix=id_prefix, batch_size=batch_size,
+                                concurrency=concurrency, state_path=state, restart=restart,
+                                retries=retries, progress=advance)
+    except ImportError_ as exc:
+        console.print(f"import stopped: {exc}", style="red", markup=False, highlight=False)
+        console.print("run the same command again to resume after the last stored batch")
+        raise typer.Exit(1) from exc
+    console.print(f"{counts['total']} rows: {counts['stored']} stored now, "
+                  f"{counts['skipped']} stored by an earlier run, {counts['already']} found "
+                  "already stored (resent after an interruption)")
 
 
 # --- the model registry over HTTP -------------------------------------------------------------

@@ -28,6 +28,7 @@ from service.metadata_filter import matches
 from service.metrics import ServiceMetrics
 from service.pairwise import max_inner_product
 from service.schemas import VerifyInput
+from service.search import SearchBatcher
 from service.store import Feedback, MatchRecord, Outcome, Store
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,11 @@ def label_decision(match: MatchRecord, *, true_subject: str | None, subject_give
 class Matcher:
     def __init__(self, *, store: Store, indexes: IndexRegistry, resolver: InputResolver,
                  metrics: ServiceMetrics, threshold: float, model_version: str,
-                 max_k: int, max_verify_pairs: int = 50_000_000) -> None:
+                 max_k: int, max_verify_pairs: int = 50_000_000,
+                 search: SearchBatcher | None = None) -> None:
         self.store = store
         self.indexes = indexes
+        self.search = search or SearchBatcher(indexes, max_batch=256)
         self.resolver = resolver
         self.metrics = metrics
         self.threshold = threshold
@@ -89,25 +92,42 @@ class Matcher:
                     where: Mapping[str, Any] | None = None) -> tuple[MatchRecord, list[Hit]]:
         """``where``: a metadata filter, applied inside the index search (the k best among the
         items that pass it); the decision is the usual one over those candidates."""
+        ((record, hits),) = await self.match_many(tenant_id, query.reshape(1, -1), k, where)
+        return record, hits
+
+    async def match_many(self, tenant_id: str, queries: np.ndarray, k: int,
+                         where: Mapping[str, Any] | None = None
+                         ) -> list[tuple[MatchRecord, list[Hit]]]:
+        """1:N match of each row: one (batched) index search, one store write for all records,
+        a match id per query. Filtered searches (``where``) go to the index directly: each
+        filter is its own search, so they do not join the batch."""
         self.check_k(k)
-        index = self.indexes.get(tenant_id)
         started = time.perf_counter()
-        (hits,) = await run_in_threadpool(index.search, query.reshape(1, -1), k, where)
+        if where:
+            all_hits = await run_in_threadpool(self.indexes.get(tenant_id).search, queries, k,
+                                               where)
+        else:
+            all_hits = await self.search.search(tenant_id, queries, k)
         self.metrics.index_search_seconds.observe(time.perf_counter() - started)
+        now = time.time()
+        records = [self._record(tenant_id, hits, now) for hits in all_hits]
+        await run_in_threadpool(self.store.add_matches, records)
+        label = self.metrics.tenant_label(tenant_id)
+        for record in records:
+            self.metrics.match_decisions.labels(
+                tenant=label, decision="accept" if record.accepted else "reject").inc()
+            self._notify(self.match_listeners, record)
+        return list(zip(records, all_hits, strict=True))
+
+    def _record(self, tenant_id: str, hits: list[Hit], now: float) -> MatchRecord:
         top = hits[0] if hits else None
         accepted = top is not None and self.accepts(top.score)
-        record = MatchRecord(
+        return MatchRecord(
             match_id=uuid.uuid4().hex, tenant_id=tenant_id, accepted=accepted,
             subject=top.subject if accepted and top else None,
             top_item_id=top.item_id if top else None, top_subject=top.subject if top else None,
             score=top.score if top else None, threshold=self.threshold,
-            model_version=self.model_version, created_at=time.time())
-        await run_in_threadpool(self.store.add_match, record)
-        self.metrics.match_decisions.labels(
-            tenant=self.metrics.tenant_label(tenant_id),
-            decision="accept" if accepted else "reject").inc()
-        self._notify(self.match_listeners, record)
-        return record, hits
+            model_version=self.model_version, created_at=now)
 
     async def vectors(self, tenant_id: str, inp: VerifyInput, *, where: str,
                       upload: bytes | None = None, filter: Mapping[str, Any] | None = None

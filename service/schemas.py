@@ -64,10 +64,11 @@ Base64Image = Annotated[str, StringConstraints(pattern=BASE64_PATTERN), Field(
     "optionally as a data: URL", json_schema_extra={"format": "byte",
                                                     "contentEncoding": "base64",
                                                     "contentMediaType": "image/*"})]
+MAX_B64_DIM = 8192  # base64 embeddings: ample for real models, and a small schema bound
 # an embedding as base64 of little-endian float32: 4/3 byte per byte instead of ~20 for JSON
 # text, and no float parsing; its length and values are checked against the model's dimension
 Base64Embedding = Annotated[str, StringConstraints(
-    max_length=(MAX_DIM * 4 + 2) // 3 * 4,
+    max_length=(MAX_B64_DIM * 4 + 2) // 3 * 4,
     pattern=r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$"),
     Field(description="the embedding as little-endian float32 (4 bytes per dimension) in "
           "standard base64: embedding_dim finite numbers, not all zero",
@@ -341,6 +342,33 @@ class MatchResponse(BaseModel):
     candidates: list[Candidate]
     threshold: float
     model_version: str
+
+
+class MatchQuery(Request):
+    """One query of a multi-query match (JSON embeddings up to 8,192 dimensions: a request
+    holds many queries, so each one's schema bound is kept small)."""
+
+    one_of = ("embedding", "embedding_b64", "image")
+    embedding: Annotated[list[FiniteFloat], Field(
+        min_length=1, max_length=MAX_B64_DIM, description="the model's embedding",
+        json_schema_extra={"contains": {"type": "number", "not": {"const": 0}},
+                           "x-limit": "embedding_dim"})] | None = None
+    embedding_b64: Base64Embedding | None = None
+    image: Base64Image | None = None
+
+
+class MatchBatchRequest(Request):
+    """Several queries in one request: one index search for all, a match record (and
+    ``match_id``) per query."""
+
+    queries: list[MatchQuery] = Field(min_length=1, description="at most max_batch_items",
+                                      json_schema_extra={"x-limit": "max_batch_items"})
+    k: JsonInt = Field(5, ge=1, description="candidates to return per query, 1..max_k",
+                       json_schema_extra={"x-limit": "max_k"})
+
+
+class MatchBatchResponse(BaseModel):
+    results: list[MatchResponse] = Field(description="one per query, in the request's order")
 
 
 class VerifyInput(Request):

@@ -29,6 +29,7 @@ from service.index import IndexRegistry
 from service.inputs import InputResolver
 from service.matching import FeedbackListener, Matcher, MatchListener
 from service.metrics import ServiceMetrics
+from service.search import SearchBatcher
 from service.settings import Settings
 from service.store import Store
 from tcm import Manifest, load_artefact
@@ -76,7 +77,9 @@ async def build_serving(settings: Settings, path: Path, *, device: torch.device,
                              model_version=manifest.model_version)
     matcher = Matcher(store=store, indexes=indexes, resolver=resolver, metrics=metrics,
                       threshold=manifest.calibration.tau, model_version=manifest.model_version,
-                      max_k=settings.max_k, max_verify_pairs=settings.max_verify_pairs)
+                      max_k=settings.max_k, max_verify_pairs=settings.max_verify_pairs,
+                      search=SearchBatcher(indexes, max_batch=settings.search_max_batch,
+                                           max_wait_s=settings.search_max_wait_ms / 1e3))
     if match_listeners is not None:
         matcher.match_listeners = match_listeners
     if feedback_listeners is not None:

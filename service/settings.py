@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         5.0, ge=0, description="how long a forward pass waits for more requests to join it"
     )
 
+    search_max_batch: int = Field(
+        256, ge=1, description="query rows per batched index search (concurrent matches of a "
+        "tenant coalesce into one search)")
+    search_max_wait_ms: float = Field(
+        0.0, ge=0, description="how long a batched search waits for more queries; 0: only "
+        "queries that arrived while the previous search ran join it")
+
     # --- metrics and monitoring ------------------------------------------------------------
     tenant_label_cap: int = Field(
         50, ge=0, description="distinct tenant label values in metrics; the rest are 'other'"

@@ -9,11 +9,14 @@ import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
 from service.dependencies import RuntimeDep, TenantId
+from service.errors import InvalidInputError
 from service.index import Hit
 from service.routers.uploads import read_upload
 from service.schemas import (
     Candidate,
     DecisionOut,
+    MatchBatchRequest,
+    MatchBatchResponse,
     MatchRequest,
     MatchResponse,
     errors,
@@ -53,6 +56,39 @@ async def match(body: MatchRequest, tenant: TenantId, runtime: RuntimeDep) -> Ma
         assert body.image is not None
         query = (await serving.resolver.images([("image", body.image)]))[0]
     return await _match(serving, tenant, query, body.k, body.filter)
+
+
+@router.post("/v1/match/batch", operation_id="matchBatch",
+             responses=errors(400, 401, 413, 422, 429, 503))
+async def match_batch(body: MatchBatchRequest, tenant: TenantId, runtime: RuntimeDep
+                      ) -> MatchBatchResponse:
+    """Several queries in one request: one index search for all of them, and a match record
+    (with its own ``match_id``) per query, in the request's order."""
+    serving = runtime.serving
+    serving.matcher.check_k(body.k)
+    limit = runtime.settings.max_batch_items
+    if len(body.queries) > limit:
+        raise InvalidInputError(f"{len(body.queries)} queries in one request, the limit is "
+                                f"{limit}", code="too_many_items",
+                                detail={"max_batch_items": limit})
+    resolver = serving.resolver
+    queries = np.zeros((len(body.queries), resolver.dim), np.float32)
+    images: list[tuple[str, str]] = []
+    image_rows: list[int] = []
+    for i, q in enumerate(body.queries):
+        where = f"queries[{i}]"
+        if q.embedding is not None:
+            queries[i] = resolver.embedding(q.embedding, where=f"{where}.embedding")
+        elif q.embedding_b64 is not None:
+            queries[i] = resolver.embedding_b64(q.embedding_b64, where=f"{where}.embedding_b64")
+        else:
+            assert q.image is not None
+            images.append((f"{where}.image", q.image))
+            image_rows.append(i)
+    if images:
+        queries[image_rows] = await resolver.images(images)
+    answers = await serving.matcher.match_many(tenant, queries, body.k)
+    return MatchBatchResponse(results=[_response(r, h) for r, h in answers])
 
 
 @router.post("/v1/match/upload", operation_id="matchUpload",

@@ -243,6 +243,9 @@ class Store(Protocol):
     # --- matches and feedback --------------------------------------------------------------
     def add_match(self, record: MatchRecord) -> None: ...
 
+    def add_matches(self, records: Sequence[MatchRecord]) -> None:
+        """Stores several match records in one write (all or none)."""
+
     def get_match(self, tenant_id: str, match_id: str) -> MatchRecord | None: ...
 
     def add_feedback(self, feedback: Feedback) -> None:

@@ -722,21 +722,28 @@ class RedisStore:
 
     # --- matches and feedback --------------------------------------------------------------
     def add_match(self, record: MatchRecord) -> None:
-        r = record
+        self.add_matches([record])
+
+    def add_matches(self, records: Sequence[MatchRecord]) -> None:
+        if not records:
+            return
+        tenants = sorted({r.tenant_id for r in records})
 
         def body(pipe: redis.client.Pipeline) -> None:
-            self._check_tenant(pipe, r.tenant_id)
+            for tenant_id in tenants:
+                self._check_tenant(pipe, tenant_id)
             pipe.multi()
-            pipe.hset(self._tenant(r.tenant_id, "match", r.match_id), mapping={
-                "accepted": _enc(r.accepted), "subject": _enc(r.subject),
-                "subject_set": _enc(r.subject is not None),
-                "top_item_id": _enc(r.top_item_id), "top_subject": _enc(r.top_subject),
-                "has_top": _enc(r.top_item_id is not None),
-                "score": _enc(r.score), "threshold": _enc(r.threshold),
-                "model_version": r.model_version, "created_at": _enc(r.created_at)})
-            pipe.zadd(self._tenant(r.tenant_id, "matches"), {r.match_id: r.created_at})
+            for r in records:
+                pipe.hset(self._tenant(r.tenant_id, "match", r.match_id), mapping={
+                    "accepted": _enc(r.accepted), "subject": _enc(r.subject),
+                    "subject_set": _enc(r.subject is not None),
+                    "top_item_id": _enc(r.top_item_id), "top_subject": _enc(r.top_subject),
+                    "has_top": _enc(r.top_item_id is not None),
+                    "score": _enc(r.score), "threshold": _enc(r.threshold),
+                    "model_version": r.model_version, "created_at": _enc(r.created_at)})
+                pipe.zadd(self._tenant(r.tenant_id, "matches"), {r.match_id: r.created_at})
 
-        self._tx("add match", [self._tenant(r.tenant_id)], body)
+        self._tx("add match", [self._tenant(t) for t in tenants], body)
 
     @staticmethod
     def _match(tenant_id: str, match_id: str, h: Mapping[bytes, bytes]) -> MatchRecord:

@@ -576,10 +576,14 @@ class SQLiteStore:
     # --- matches and feedback --------------------------------------------------------------
     def add_match(self, record: MatchRecord) -> None:
         r = record
-        row = (r.match_id, r.tenant_id, int(r.accepted), r.subject, r.top_item_id,
-               r.top_subject, r.score, r.threshold, r.model_version, r.created_at)
-        self._write("add match", lambda conn: conn.execute(
-            "INSERT INTO matches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row))
+        self.add_matches([r])
+
+    def add_matches(self, records: Sequence[MatchRecord]) -> None:
+        rows = [(r.match_id, r.tenant_id, int(r.accepted), r.subject, r.top_item_id,
+                 r.top_subject, r.score, r.threshold, r.model_version, r.created_at)
+                for r in records]
+        self._write("add match", lambda conn: conn.executemany(
+            "INSERT INTO matches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows))
 
     _MATCH_COLS = ("m.match_id, m.tenant_id, m.accepted, m.subject, m.top_item_id, "
                    "m.top_subject, m.score, m.threshold, m.model_version, m.created_at")

@@ -18,9 +18,15 @@ index is rebuilt from the live vectors once tombstones pile up. Factories that n
 PQ) are trained on the tenant's vectors at rebuild when there are enough of them; until then the
 tenant gets an exact flat index.
 
-The GPU is used only when this faiss build has GPU support and CUDA is present: decided once per
-process, and logged. Every method is blocking and guarded by a per-tenant lock: call it from a
-worker thread, never on the event loop.
+``Torch`` (the factory string) is an exact engine in torch instead of FAISS (:class:`TorchFlat`):
+a matrix product and a top-k, blockwise over the gallery, the same code on CPU and CUDA; on CPU
+it returns what ``Flat`` returns (``tests/service/test_index.py``). It is the GPU path when this
+faiss build has no GPU support: with ``Flat``, a CUDA device and ``device`` not ``cpu``, the
+indexes use ``TorchFlat`` on the GPU.
+
+The GPU is used only when this faiss build has GPU support (or the torch engine serves) and CUDA
+is present: decided once per process, and logged. Every method is blocking and guarded by a
+per-tenant lock: call it from a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -49,6 +55,104 @@ class Hit:
     score: float
 
 
+TORCH_FACTORY = "Torch"
+
+
+class TorchFlat:
+    """Exact inner-product search in torch, with FAISS's index interface where the service uses
+    it (``add_with_ids``, ``search``, ``remove_ids``, ``reconstruct_batch``, ``ntotal``).
+
+    Vectors live in one preallocated tensor (grown by doubling) on ``device``; a search multiplies
+    the queries with ``block`` gallery rows at a time and keeps a running top-k, so its memory is
+    ``queries x block`` scores, not ``queries x gallery``. Removal moves the last row into the
+    hole (O(1) per id).
+    """
+
+    def __init__(self, dim: int, device: str = "cpu", *, block: int = 65536) -> None:
+        import torch
+
+        self._torch = torch
+        self.d = dim
+        self.device = torch.device(device)
+        self.block = block
+        self._vectors = torch.zeros((0, dim), dtype=torch.float32, device=self.device)
+        self._ids = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._row: dict[int, int] = {}
+        self.ntotal = 0
+
+    def _reserve(self, n: int) -> None:
+        cap = self._vectors.shape[0]
+        if n <= cap:
+            return
+        new_cap = max(n, 2 * cap, 1024)
+        grown = self._torch.zeros((new_cap, self.d), dtype=self._torch.float32,
+                                  device=self.device)
+        grown[:self.ntotal] = self._vectors[:self.ntotal]
+        ids = self._torch.full((new_cap,), -1, dtype=self._torch.int64, device=self.device)
+        ids[:self.ntotal] = self._ids[:self.ntotal]
+        self._vectors, self._ids = grown, ids
+
+    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        n = len(ids)
+        self._reserve(self.ntotal + n)
+        lo = self.ntotal
+        self._vectors[lo:lo + n] = self._torch.from_numpy(np.ascontiguousarray(vectors)).to(
+            self.device)
+        self._ids[lo:lo + n] = self._torch.from_numpy(np.asarray(ids, np.int64)).to(self.device)
+        for i, x in enumerate(np.asarray(ids, np.int64).tolist()):
+            self._row[x] = lo + i
+        self.ntotal += n
+
+    def remove_ids(self, ids: np.ndarray) -> int:
+        removed = 0
+        for x in np.asarray(ids, np.int64).tolist():
+            row = self._row.pop(x, None)
+            if row is None:
+                continue
+            last = self.ntotal - 1
+            if row != last:
+                self._vectors[row] = self._vectors[last]
+                moved = int(self._ids[last])
+                self._ids[row] = moved
+                self._row[moved] = row
+            self._ids[last] = -1
+            self.ntotal -= 1
+            removed += 1
+        return removed
+
+    def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
+        rows = [self._row[int(x)] for x in np.asarray(ids, np.int64)]
+        return self._vectors[rows].cpu().numpy()
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        nq = q.shape[0]
+        best_s = torch.full((nq, k), -float("inf"), device=self.device)
+        best_i = torch.full((nq, k), -1, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            for lo in range(0, self.ntotal, self.block):
+                hi = min(self.ntotal, lo + self.block)
+                scores = q @ self._vectors[lo:hi].T
+                kk = min(k, hi - lo)
+                s, i = torch.topk(scores, kk, dim=1)
+                cand_s = torch.cat([best_s, s], dim=1)
+                cand_i = torch.cat([best_i, self._ids[lo:hi][i]], dim=1)
+                best_s, pos = torch.topk(cand_s, k, dim=1)
+                best_i = torch.gather(cand_i, 1, pos)
+            best_i = torch.where(torch.isinf(best_s), -1, best_i)  # fewer than k: pad as FAISS
+        return best_s.cpu().numpy(), best_i.cpu().numpy()
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover
+        return False
+
+
 def gpu_available(device: str) -> bool:
     """Whether indexes go to the GPU: needs faiss GPU support, a CUDA device, and device != cpu."""
     if device == "cpu":
@@ -66,9 +170,13 @@ def gpu_available(device: str) -> bool:
 
 class TenantIndex:
     def __init__(self, dim: int, factory: str, *, gpu_resources: object | None = None,
-                 tombstone_limit: int = 1024) -> None:
+                 tombstone_limit: int = 1024, torch_device: str | None = None,
+                 search_params: str = "") -> None:
         self.dim = dim
+        self.search_params = search_params
         self.factory = factory
+        # the torch engine: for factory "Torch", or for "Flat" on a GPU faiss cannot use
+        self._torch_device = torch_device or ("cpu" if factory == TORCH_FACTORY else None)
         self._gpu_res = gpu_resources
         self._tombstone_limit = tombstone_limit
         self._lock = threading.Lock()
@@ -79,7 +187,9 @@ class TenantIndex:
         self._index = self._empty_index(trainable_vectors=None)
 
     # --- construction ----------------------------------------------------------------------
-    def _empty_index(self, trainable_vectors: np.ndarray | None) -> faiss.Index:
+    def _empty_index(self, trainable_vectors: np.ndarray | None) -> faiss.Index | TorchFlat:
+        if self._torch_device is not None:
+            return TorchFlat(self.dim, self._torch_device)
         base = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
         if not base.is_trained:
             n = 0 if trainable_vectors is None else len(trainable_vectors)
@@ -88,6 +198,8 @@ class TenantIndex:
                 base.train(trainable_vectors)
             else:
                 base = faiss.IndexFlatIP(self.dim)
+        if self.search_params and not isinstance(base, faiss.IndexFlat):
+            faiss.ParameterSpace().set_index_parameters(base, self.search_params)
         index = faiss.IndexIDMap2(base)
         if self._gpu_res is not None:
             index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
@@ -250,14 +362,26 @@ class TenantIndex:
 class IndexRegistry:
     """All tenants' indexes; created on first use, dropped with the tenant."""
 
-    def __init__(self, dim: int, factory: str = "Flat", *, device: str = "cpu") -> None:
+    def __init__(self, dim: int, factory: str = "Flat", *, device: str = "cpu",
+                 search_params: str = "") -> None:
         self.dim = dim
         self.factory = factory
-        # check the factory string once, at start-up, rather than at a tenant's first enrolment
-        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        self.on_gpu = gpu_available(device)
-        self._gpu_res = faiss.StandardGpuResources() if self.on_gpu else None
-        log.info("FAISS indexes: factory=%r dim=%d on %s", factory, dim,
+        self.search_params = search_params
+        self._torch_device: str | None = None
+        if factory == TORCH_FACTORY:
+            self.on_gpu = device != "cpu" and torch_cuda_available()
+            self._torch_device = "cuda" if self.on_gpu else "cpu"
+            self._gpu_res = None
+        else:
+            # check the factory string once, at start-up, not at a tenant's first enrolment
+            faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            self.on_gpu = gpu_available(device)
+            self._gpu_res = faiss.StandardGpuResources() if self.on_gpu else None
+            if (not self.on_gpu and factory == "Flat" and device != "cpu"
+                    and torch_cuda_available()):
+                self.on_gpu, self._torch_device = True, "cuda"  # no faiss-gpu: torch on CUDA
+        engine = "torch" if self._torch_device else "FAISS"
+        log.info("%s indexes: factory=%r dim=%d on %s", engine, factory, dim,
                  "GPU" if self.on_gpu else "CPU")
         self._lock = threading.Lock()
         self._indexes: dict[str, TenantIndex] = {}
@@ -270,7 +394,9 @@ class IndexRegistry:
         with self._lock:
             index = self._indexes.get(tenant_id)
             if index is None:
-                index = TenantIndex(self.dim, self.factory, gpu_resources=self._gpu_res)
+                index = TenantIndex(self.dim, self.factory, gpu_resources=self._gpu_res,
+                                    torch_device=self._torch_device,
+                                    search_params=self.search_params)
                 if tenant_id not in self._dropped:
                     self._indexes[tenant_id] = index
             return index

@@ -69,7 +69,13 @@ class Settings(BaseSettings):
         0, ge=0, description="bucket capacity per tenant; 0 = one second's worth (at least 1)")
 
     # --- index and embedding ---------------------------------------------------------------
-    index_factory: str = Field("Flat", min_length=1, description="faiss index_factory string")
+    index_factory: str = Field(
+        "Flat", min_length=1, description="faiss index_factory string (Flat, HNSW32, "
+        "IVF1024,Flat, ...), or Torch: exact search in torch (CPU or CUDA); see "
+        "docs/benchmarks.md for the measured choice")
+    index_search_params: str = Field(
+        "", description="faiss search parameters of approximate indexes, e.g. 'efSearch=128' "
+        "(HNSW) or 'nprobe=32' (IVF); empty: faiss's defaults")
     embed_max_batch: int = Field(32, ge=1, description="images per forward pass")
     embed_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a forward pass waits for more requests to join it"

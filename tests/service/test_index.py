@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
-from service.index import IndexRegistry, TenantIndex, gpu_available
+from service.index import IndexRegistry, TenantIndex, TorchFlat, gpu_available
 
 DIM = 16
 
@@ -29,14 +30,14 @@ def fill(index: TenantIndex, n: int, seed: int = 0, first_id: int = 1
     return x, ids
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,Flat"])
+@pytest.mark.parametrize("factory", ["Flat", "Torch", "HNSW16", "IVF4,Flat"])
 def test_search_matches_brute_force_with_deletes(factory: str) -> None:
     index = TenantIndex(DIM, factory, tombstone_limit=8)
     x, ids = fill(index, 300)
-    if factory != "Flat":  # approximate indexes trained / built at rebuild
+    exact = factory in ("Flat", "Torch")
+    if not exact:  # approximate indexes trained / built at rebuild
         index.rebuild(ids, [f"item{i}" for i in ids], [f"s{i % 5}" for i in ids], x)
     queries = unit_rows(5, 99)
-    exact = factory == "Flat"
     for q in queries:
         (hits,) = index.search(q[None], 10)
         assert len(hits) == 10
@@ -112,3 +113,51 @@ def test_registry_and_gpu_decision() -> None:
     assert reg.sizes() == {"b": 0} and len(reg.get("a")) == 0
     with pytest.raises(RuntimeError):
         IndexRegistry(DIM, "NotAFactory")
+
+
+def test_torch_engine_equals_faiss_flat() -> None:
+    """The torch exact engine returns FAISS IndexFlatIP's ids and scores, blockwise top-k over
+    the gallery included (a 1,000-row block over 5,000 rows), after removals too."""
+    n, dim = 5000, 48
+    x = np.random.default_rng(1).standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(10, 10 + n, dtype=np.int64)
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    engine = TorchFlat(dim, "cpu", block=1000)
+    for lo in range(0, n, 1700):  # several adds: the engine's storage grows
+        flat.add_with_ids(x[lo:lo + 1700], ids[lo:lo + 1700])
+        engine.add_with_ids(x[lo:lo + 1700], ids[lo:lo + 1700])
+    q = np.random.default_rng(2).standard_normal((64, dim)).astype(np.float32)
+    for k in (1, 10, 100):
+        fs, fi = flat.search(q, k)
+        ts, ti = engine.search(q, k)
+        np.testing.assert_array_equal(ti, fi)
+        np.testing.assert_allclose(ts, fs, atol=1e-5)
+    gone = ids[::7]
+    assert engine.remove_ids(gone) == len(gone) == flat.remove_ids(gone)
+    fs, fi = flat.search(q, 20)
+    ts, ti = engine.search(q, 20)
+    np.testing.assert_array_equal(ti, fi)
+    np.testing.assert_allclose(engine.reconstruct_batch(ids[1:4]), x[1:4])
+    small = TorchFlat(dim)
+    small.add_with_ids(x[:3], ids[:3])
+    _s, i = small.search(q[:1], 5)  # k over the gallery: -1 ids, as FAISS pads
+    assert i[0, 3:].tolist() == [-1, -1] and sorted(i[0, :3].tolist()) == ids[:3].tolist()
+
+
+def test_torch_factory_in_the_registry() -> None:
+    reg = IndexRegistry(DIM, "Torch", device="cpu")
+    assert reg.on_gpu is False
+    x, ids = fill(reg.get("a"), 50)
+    assert isinstance(reg.get("a")._index, TorchFlat)
+    (hits,) = reg.get("a").search(x[7][None], 3)
+    assert hits[0].seq == ids[7] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_search_params_reach_approximate_indexes() -> None:
+    hnsw = TenantIndex(DIM, "HNSW16", search_params="efSearch=77")
+    assert faiss.downcast_index(hnsw._index.index).hnsw.efSearch == 77
+    ivf = TenantIndex(DIM, "IVF4,Flat", search_params="nprobe=3")
+    x, ids = fill(ivf, 400)
+    ivf.rebuild(ids, [f"item{i}" for i in ids], ["s"] * 400, x)  # trained: a real IVF now
+    assert faiss.extract_index_ivf(ivf._index.index).nprobe == 3

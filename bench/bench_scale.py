@@ -170,8 +170,10 @@ def cold_start(artefact: Path, store_url: str, workdir: Path, prefix: str | None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    faiss.omp_set_num_threads(args.faiss_threads)  # the in-process limit, as the service runs
     rows: list[dict[str, Any]] = []
     env = {"TCM_MONITOR_ENABLED": "false", "TCM_MAX_BODY_BYTES": str(256 * 1024 * 1024),
+           "TCM_INDEX_THREADS": str(args.faiss_threads),
            "TCM_MAX_ENROL_ITEMS": str(args.enrol_batch)}
     sizes = sorted(args.sizes)
     for dim in args.dims:
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--enrol-batch", type=int, default=5000)
     p.add_argument("--enrol-clients", type=int, default=2)
+    p.add_argument("--faiss-threads", type=int, default=1,
+                   help="FAISS OpenMP threads, in the service (TCM_INDEX_THREADS) and here")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]

@@ -363,7 +363,9 @@ class IndexRegistry:
     """All tenants' indexes; created on first use, dropped with the tenant."""
 
     def __init__(self, dim: int, factory: str = "Flat", *, device: str = "cpu",
-                 search_params: str = "") -> None:
+                 search_params: str = "", threads: int = 0) -> None:
+        if threads > 0:
+            faiss.omp_set_num_threads(threads)  # process-wide, like the setting
         self.dim = dim
         self.factory = factory
         self.search_params = search_params

@@ -66,7 +66,8 @@ async def build_serving(settings: Settings, path: Path, *, device: torch.device,
     """Loads the artefact at ``path`` and starts its batcher; the indexes start empty."""
     model, manifest = await run_in_threadpool(load_artefact, path, device=device)
     indexes = IndexRegistry(manifest.embedding_dim, settings.index_factory,
-                            device=str(device.type), search_params=settings.index_search_params)
+                            device=str(device.type), search_params=settings.index_search_params,
+                            threads=settings.index_threads)
     batcher = EmbeddingBatcher(model, manifest.preprocessing, device=device,
                                max_batch=settings.embed_max_batch,
                                max_wait_s=settings.embed_max_wait_ms / 1e3, metrics=metrics)

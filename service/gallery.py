@@ -76,12 +76,18 @@ class Gallery:
         to_embed: list[tuple[str, bytes | str]] = []
         positions: list[int] = []
         raw_images: list[bytes | None] = [None] * len(items)
+        b64_rows = [i for i, it in enumerate(items) if it.embedding_b64 is not None]
+        if b64_rows:
+            decoded = serving.resolver.embeddings_b64(
+                [items[i].embedding_b64 for i in b64_rows],  # type: ignore[misc]
+                [f"items[{i}].embedding_b64" for i in b64_rows])
+            for i, v in zip(b64_rows, decoded, strict=True):
+                vectors[i] = v
         for i, it in enumerate(items):
             if it.embedding is not None:
                 vectors[i] = serving.resolver.embedding(it.embedding, where=f"items[{i}].embedding")
             elif it.embedding_b64 is not None:
-                vectors[i] = serving.resolver.embedding_b64(
-                    it.embedding_b64, where=f"items[{i}].embedding_b64")
+                continue
             else:
                 data = images.get(i, it.image)
                 assert data is not None

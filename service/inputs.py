@@ -86,6 +86,20 @@ class InputResolver:
     def embedding_b64(self, text: str, *, where: str) -> np.ndarray:
         return as_unit_vector(decode_float32(text, self.dim, where=where), self.dim, where=where)
 
+    def embeddings_b64(self, texts: Sequence[str], wheres: Sequence[str]) -> np.ndarray:
+        """Many base64 embeddings at once (bulk enrolment): one vectorised check and
+        normalisation (up to ~2x faster than row by row, docs/benchmarks.md); a bad row raises what
+        :meth:`embedding_b64` raises for it, naming it."""
+        rows = np.stack([decode_float32(t, self.dim, where=w) for t, w in zip(
+            texts, wheres, strict=True)]).astype(np.float64)
+        scale = np.abs(rows).max(axis=1) if len(rows) else np.zeros(0)
+        bad = ~np.isfinite(rows).all(axis=1) | ~np.isfinite(scale) | (scale == 0.0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            as_unit_vector(rows[i], self.dim, where=wheres[i])  # raises, naming the item
+        rows /= scale[:, None]  # no overflow of the norm for huge but finite values
+        return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
     def check_pixels(self, raws: Sequence[tuple[str, bytes]]) -> None:
         """The request's pixel budget, from the headers alone: 413 before any decoding."""
         if self.max_request_pixels is None:

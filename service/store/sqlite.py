@@ -197,6 +197,11 @@ class _Writer:
                     outcomes.append((False, exc))
                 else:
                     conn.execute("RELEASE job")
+                    if isinstance(result, sqlite3.Cursor):
+                        # never hand a cursor to another thread: finalising it there, while
+                        # this thread uses the connection, is "API misuse" in SQLite
+                        result.close()
+                        result = None
                     outcomes.append((True, result))
             conn.execute("COMMIT")
         except Exception as exc:

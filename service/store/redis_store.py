@@ -386,6 +386,7 @@ class RedisStore:
             last = int(pipe.incrby(self._k("seq"), len(items)))
             seqs = list(range(last - len(items) + 1, last + 1))
             pipe.multi()
+            by_subject: dict[str, dict[str, int]] = {}
             for key, it, seq in zip(item_keys, items, seqs, strict=True):
                 fields: dict[str, Any] = {
                     "seq": seq, "subject": it.subject, "metadata": json.dumps(dict(it.metadata)),
@@ -394,9 +395,14 @@ class RedisStore:
                 if it.image is not None:
                     fields["image"] = it.image
                 pipe.hset(key, mapping=fields)
-                pipe.zadd(self._tenant(tenant_id, "items"), {it.item_id: seq})
-                pipe.zadd(self._tenant(tenant_id, "subject", it.subject), {it.item_id: seq})
-                pipe.zadd(self._tenant(tenant_id, "subjects"), {it.subject: 0})
+                by_subject.setdefault(it.subject, {})[it.item_id] = seq
+            # one ZADD per sorted set, not one per item: a bulk enrolment sends far fewer
+            # commands
+            pipe.zadd(self._tenant(tenant_id, "items"),
+                      {it.item_id: seq for it, seq in zip(items, seqs, strict=True)})
+            for subject, members in by_subject.items():
+                pipe.zadd(self._tenant(tenant_id, "subject", subject), members)
+            pipe.zadd(self._tenant(tenant_id, "subjects"), dict.fromkeys(by_subject, 0))
             self._queue_change(pipe, "add", tenant_id, item_ids=[it.item_id for it in items])
             return seqs
 

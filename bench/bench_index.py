@@ -34,13 +34,14 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     for lo in range(0, n, 100_000):
         v = rng.standard_normal((min(n, lo + 100_000) - lo, dim), dtype=np.float32)
-        out[lo:lo + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        out[lo : lo + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
     return out
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact,
-                                                                         strict=True)]))
+    return float(
+        np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)])
+    )
 
 
 def rates(search: Any, queries: np.ndarray, seconds: float) -> tuple[float, float, np.ndarray]:
@@ -78,12 +79,18 @@ def main(argv: list[str] | None = None) -> None:
     q = unit_rows(1000, args.dim, 1)
     rows: list[dict[str, Any]] = []
 
-    def record(name: str, build_s: float, bytes_: int, search: Any, exact: np.ndarray | None
-               ) -> np.ndarray:
+    def record(
+        name: str, build_s: float, bytes_: int, search: Any, exact: np.ndarray | None
+    ) -> np.ndarray:
         batched, one, ids = rates(search, q, args.seconds)
-        row = {"index": name, "build_s": build_s, "bytes_per_item": bytes_ / args.n,
-               "batched_qps": batched, "one_query_per_call_qps": one,
-               "recall_at_10": 1.0 if exact is None else recall(ids, exact)}
+        row = {
+            "index": name,
+            "build_s": build_s,
+            "bytes_per_item": bytes_ / args.n,
+            "batched_qps": batched,
+            "one_query_per_call_qps": one,
+            "recall_at_10": 1.0 if exact is None else recall(ids, exact),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json is not None:
@@ -93,16 +100,25 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     flat = faiss.IndexFlatIP(args.dim)
     flat.add(x)
-    exact = record("Flat (FAISS)", time.perf_counter() - t, args.n * args.dim * 4,
-                   lambda qq: flat.search(qq, K), None)
+    exact = record(
+        "Flat (FAISS)",
+        time.perf_counter() - t,
+        args.n * args.dim * 4,
+        lambda qq: flat.search(qq, K),
+        None,
+    )
 
     t = time.perf_counter()
     engine: TorchFlat | None = TorchFlat(args.dim, "cpu")
     assert engine is not None
     engine.add_with_ids(x, np.arange(args.n, dtype=np.int64))
-    record("Torch (exact, CPU)", time.perf_counter() - t,
-           engine._vectors.numel() * 4 + engine._ids.numel() * 8,
-           lambda qq: engine.search(qq, K), exact)  # type: ignore[union-attr]
+    record(
+        "Torch (exact, CPU)",
+        time.perf_counter() - t,
+        engine._vectors.numel() * 4 + engine._ids.numel() * 8,
+        lambda qq: engine.search(qq, K),
+        exact,
+    )  # type: ignore[union-attr]
     engine = None  # free its memory before the next index
 
     t = time.perf_counter()
@@ -125,10 +141,15 @@ def main(argv: list[str] | None = None) -> None:
         hnsw.hnsw.efSearch = ef
         record(f"{args.hnsw} efSearch={ef}", build, size, lambda qq: hnsw.search(qq, K), exact)
 
-    result = {"command": "python -m bench.bench_index " + " ".join(argv or __import__(
-        "sys").argv[1:]), "n": args.n, "dim": args.dim, "k": K, "faiss_threads":
-        faiss.omp_get_max_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{platform.platform()}", "rows": rows}
+    result = {
+        "command": "python -m bench.bench_index " + " ".join(argv or __import__("sys").argv[1:]),
+        "n": args.n,
+        "dim": args.dim,
+        "k": K,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "rows": rows,
+    }
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -2,7 +2,8 @@
 
 - **Live limits**: schema nodes marked ``x-limit`` (``schemas.py``, routers) get the bound of
   this deployment: ``embedding_dim`` (the served model's: ``minItems = maxItems``), ``max_k``
-  (``maximum``), ``max_batch_items`` (``maxItems``), ``max_list_limit`` (``maximum``). The
+  (``maximum``), ``max_batch_items`` and ``max_enrol_items`` (``maxItems``), ``max_list_limit``
+  (``maximum``). The
   document is rendered per served embedding dimension (a model switch may change it).
 - **X-Request-ID**: an optional header parameter of every operation, and a response header of
   every answer (``service.request_id``); ``Retry-After`` on 429 and 503, ``WWW-Authenticate``
@@ -143,6 +144,7 @@ def install(app: FastAPI, settings: Settings) -> None:
                 "embedding_dim": dim,
                 "max_k": settings.max_k,
                 "max_batch_items": settings.max_batch_items,
+                "max_enrol_items": max(settings.max_enrol_items, settings.max_batch_items),
                 "max_list_limit": settings.max_list_limit,
             }
             cache[dim] = complete(base, limits)

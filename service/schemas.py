@@ -72,8 +72,7 @@ Base64Embedding = Annotated[str, StringConstraints(
     pattern=r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$"),
     Field(description="the embedding as little-endian float32 (4 bytes per dimension) in "
           "standard base64: embedding_dim finite numbers, not all zero",
-          json_schema_extra={"format": "byte", "contentEncoding": "base64",
-                             "x-limit": "embedding_dim"})]
+          json_schema_extra={"format": "byte", "contentEncoding": "base64"})]
 
 
 def _at_most(n: int) -> str:
@@ -270,7 +269,9 @@ class EnrolItem(ItemBody):
 
 
 class EnrolRequest(Request):
-    items: list[EnrolItem] = Field(min_length=1, json_schema_extra={"x-limit": "max_batch_items"})
+    items: list[EnrolItem] = Field(
+        min_length=1, description="at most max_enrol_items, of which at most max_batch_items "
+        "images", json_schema_extra={"x-limit": "max_enrol_items"})
 
 
 class PutItem(ItemBody):

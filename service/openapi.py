@@ -3,7 +3,7 @@
 - **Live limits**: schema nodes marked ``x-limit`` (``schemas.py``, routers) get the bound of
   this deployment: ``embedding_dim`` (the served model's: ``minItems = maxItems``), ``max_k``
   (``maximum``), ``max_batch_items`` and ``max_enrol_items`` (``maxItems``), ``max_list_limit``
-  (``maximum``). The
+  (``maximum``), ``embedding_b64_chars`` (a base64 embedding's exact length). The
   document is rendered per served embedding dimension (a model switch may change it).
 - **X-Request-ID**: an optional header parameter of every operation, and a response header of
   every answer (``service.request_id``); ``Retry-After`` on 429 and 503, ``WWW-Authenticate``
@@ -145,6 +145,8 @@ def install(app: FastAPI, settings: Settings) -> None:
                 "max_k": settings.max_k,
                 "max_batch_items": settings.max_batch_items,
                 "max_enrol_items": max(settings.max_enrol_items, settings.max_batch_items),
+                # base64 of embedding_dim float32: its exact length in characters
+                "embedding_b64_chars": None if dim is None else (dim * 4 + 2) // 3 * 4,
                 "max_list_limit": settings.max_list_limit,
             }
             cache[dim] = complete(base, limits)
@@ -201,6 +203,8 @@ def _apply_limits(node: Any, limits: dict[str, int | None]) -> None:
                 node["maxItems"] = value
                 if name == "embedding_dim":
                     node["minItems"] = value
+            elif node.get("type") == "string":  # an exact length (embedding_b64_chars)
+                node["minLength"] = node["maxLength"] = value
             else:
                 node["maximum"] = value
                 if isinstance(node.get("default"), int) and node["default"] > value:

@@ -72,7 +72,8 @@ Base64Embedding = Annotated[str, StringConstraints(
     pattern=r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$"),
     Field(description="the embedding as little-endian float32 (4 bytes per dimension) in "
           "standard base64: embedding_dim finite numbers, not all zero",
-          json_schema_extra={"format": "byte", "contentEncoding": "base64"})]
+          json_schema_extra={"format": "float32-base64", "contentEncoding": "base64",
+                             "x-limit": "embedding_b64_chars"})]
 
 
 def _at_most(n: int) -> str:

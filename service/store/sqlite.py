@@ -468,7 +468,7 @@ class SQLiteStore:
 
     def put_item(self, tenant_id: str, item: NewItem, *, model_version: str,
                  created_at: float) -> tuple[int, int | None]:
-        with self._write("put item") as conn:
+        def body(conn: sqlite3.Connection) -> tuple[int, int | None]:
             # in the write transaction: a tenant delete is wholly before or after this write
             if conn.execute("SELECT 1 FROM tenants WHERE tenant_id=?", (tenant_id,)
                             ).fetchone() is None:
@@ -486,7 +486,9 @@ class SQLiteStore:
                          (seq, model_version, encode_vector(item.embedding)))
             if item.image is not None:
                 conn.execute("INSERT INTO item_images VALUES (?, ?)", (seq, item.image))
-        return seq, None if old is None else int(old[0])
+            return seq, None if old is None else int(old[0])
+
+        return self._write("put item", body)
 
     def list_subjects(self, tenant_id: str, *, after: str | None = None, limit: int = 100
                       ) -> list[tuple[str, int]]:

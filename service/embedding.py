@@ -15,8 +15,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,10 +25,16 @@ from starlette.concurrency import run_in_threadpool
 from torch import nn
 
 from service.errors import InvalidInputError, NotReadyError
+from service.faces import record_faces
 from service.metrics import ServiceMetrics
 from tcm import Preprocessing, to_input_tensor
 
 log = logging.getLogger(__name__)
+
+# face models: images (and where each came from) -> aligned chips as the model input, and the
+# face used for each image (service.faces.FacePreparer)
+FacePrepare = Callable[[Sequence[np.ndarray], Sequence[str] | None],
+                       tuple[torch.Tensor, list[dict[str, Any]]]]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -51,10 +58,13 @@ class _Job:
 
 class EmbeddingBatcher:
     def __init__(self, model: nn.Module, preprocessing: Preprocessing, *, device: torch.device,
-                 max_batch: int, max_wait_s: float, metrics: ServiceMetrics | None = None
-                 ) -> None:
+                 max_batch: int, max_wait_s: float, metrics: ServiceMetrics | None = None,
+                 face: FacePrepare | None = None) -> None:
+        """``face`` (face models) replaces :func:`tcm.to_input_tensor`: it detects and aligns
+        in the request's thread, so only the descriptor's forward pass is batched."""
         self.model = model
         self.preprocessing = preprocessing
+        self.face = face
         self.device = device
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -93,11 +103,26 @@ class EmbeddingBatcher:
         return self._worker is not None and not self._worker.done()
 
     # --- public ----------------------------------------------------------------------------
-    async def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        """uint8 images -> float32 (n, d) L2-normalised embeddings."""
+    async def embed(self, images: list[np.ndarray], wheres: Sequence[str] | None = None
+                    ) -> np.ndarray:
+        """uint8 images -> float32 (n, d) L2-normalised embeddings. ``wheres`` names the
+        images in errors (face models); the faces used are recorded for the request."""
         if not images:
             raise InvalidInputError("no images given")
-        return await self.embed_prepared(lambda: to_input_tensor(images, self.preprocessing))
+        face = self.face
+        if face is None:
+            return await self.embed_prepared(
+                lambda: to_input_tensor(images, self.preprocessing))
+        infos: list[dict[str, Any]] = []
+
+        def prepare() -> torch.Tensor:
+            inputs, found = face(images, wheres)
+            infos.extend(found)
+            return inputs
+
+        out = await self.embed_prepared(prepare)
+        record_faces(infos)
+        return out
 
     async def embed_prepared(self, prepare: Callable[[], torch.Tensor]) -> np.ndarray:
         """Embeds what ``prepare`` (run in a worker thread) returns: the input tensor

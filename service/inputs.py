@@ -28,6 +28,7 @@ from service.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
+from service.faces import record_faces
 from service.images import decode_base64, decode_image, header_pixels
 from service.store import Store
 from tcm import to_input_tensor
@@ -113,12 +114,26 @@ class InputResolver:
                 detail={"pixels": total, "max_request_pixels": self.max_request_pixels,
                         "images": len(raws)})
 
-    def prepare(self, images: Sequence[tuple[str, bytes | str]]) -> torch.Tensor:
+    def prepare(self, images: Sequence[tuple[str, bytes | str]],
+                faces: list[dict[str, Any]] | None = None) -> torch.Tensor:
         """(where, base64 text or raw bytes) pairs -> the model's input tensor, one image at a
-        time (decode, shrink, preprocess, drop the pixels); call in a worker thread."""
+        time (decode, shrink, preprocess, drop the pixels); call in a worker thread. Face
+        models: each photo is decoded whole (the face may be a small part of it), its face
+        aligned into a chip, and the face used appended to ``faces``."""
         raws = [(where, decode_base64(data, where=where) if isinstance(data, str) else data)
                 for where, data in images]
         self.check_pixels(raws)
+        face = self.batcher.face
+        if face is not None:
+            chips = []
+            for where, raw in raws:
+                arr = decode_image(raw, channels=3, max_pixels=self.max_image_pixels,
+                                   where=where)
+                chip, found = face([arr], [where])
+                chips.append(chip)
+                if faces is not None:
+                    faces.extend(found)
+            return torch.cat(chips)
         spec = self.batcher.preprocessing
         tensors = [to_input_tensor([decode_image(raw, channels=self.channels,
                                                  max_pixels=self.max_image_pixels, where=where,
@@ -130,7 +145,10 @@ class InputResolver:
         """Decodes and embeds images; (n, d) float32."""
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        return await self.batcher.embed_prepared(lambda: self.prepare(images))
+        faces: list[dict[str, Any]] = []
+        out = await self.batcher.embed_prepared(lambda: self.prepare(images, faces))
+        record_faces(faces)
+        return out
 
     async def item_vector(self, tenant_id: str, item_id: str, *,
                           accept: Callable[[Mapping[str, Any]], bool] | None = None

@@ -41,11 +41,12 @@ from starlette.concurrency import run_in_threadpool
 
 from service import registry as reg
 from service.errors import ConflictError, InvalidInputError, StoreUnavailableError
+from service.faces import load_served_model
 from service.registry import ModelRegistry
 from service.serving import Serving, build_serving
 from service.settings import Settings
 from service.store import Store
-from tcm import load_artefact, read_manifest
+from tcm import read_manifest
 
 if TYPE_CHECKING:
     from service.runtime import Runtime
@@ -127,7 +128,7 @@ class ModelLifecycle:
         returns its version and the registry as written."""
         p = Path(path)
         try:
-            _, manifest = await run_in_threadpool(load_artefact, p, device="cpu")
+            _, manifest, _ = await run_in_threadpool(load_served_model, p, device="cpu")
         except (ValueError, OSError, RuntimeError) as exc:
             raise InvalidInputError(f"{path} is not a usable artefact: {exc}",
                                     code="invalid_artefact", detail={"path": path}) from exc

@@ -263,15 +263,30 @@ class Runtime:
                 arrays.append(await run_in_threadpool(
                     decode_image, img, channels=serving.manifest.preprocessing.channels,
                     max_pixels=self.settings.max_image_pixels, where=f"item {iid}",
-                    target=serving.manifest.preprocessing.image_size))
+                    # a face model finds the face in the whole photo: no shrink to the chip size
+                    target=None if serving.batcher.face is not None
+                    else serving.manifest.preprocessing.image_size))
                 ids.append(iid)
             except InvalidInputError as exc:
                 log.warning("cannot re-embed stored image: %s", exc.message)
         if arrays:
-            vectors = await serving.batcher.embed(arrays)
-            await run_in_threadpool(lambda: self.store.put_embeddings(
-                tenant_id, dict(zip(ids, vectors, strict=True)),
-                model_version=serving.model_version))
+            wheres = [f"item {iid}" for iid in ids]
+            try:
+                vectors = list(await serving.batcher.embed(arrays, wheres))
+            except InvalidInputError:
+                # a face model may find no face in one of them: embed one by one, skip those
+                kept, vectors = [], []
+                for iid, arr, where in zip(ids, arrays, wheres, strict=True):
+                    try:
+                        vectors.append((await serving.batcher.embed([arr], [where]))[0])
+                        kept.append(iid)
+                    except InvalidInputError as exc:
+                        log.warning("cannot re-embed stored image: %s", exc.message)
+                ids = kept
+            if ids:
+                await run_in_threadpool(lambda: self.store.put_embeddings(
+                    tenant_id, dict(zip(ids, vectors, strict=True)),
+                    model_version=serving.model_version))
         return len(ids), len(images) - len(ids)
 
     async def _follow_changes(self) -> None:

@@ -284,8 +284,26 @@ class PutResponse(BaseModel):
     created: bool = Field(description="true when there was no such item before")
 
 
+class FaceOut(BaseModel):
+    """The face a face model used for one image (absent for other models)."""
+
+    where: str = Field(description="which image of the request, e.g. items[0].image")
+    box: list[int] = Field(description="left, top, right, bottom in the image's pixels")
+    detected: bool = Field(description="false: no face was found and the model's whole-image "
+                                       "fallback was used")
+    faces_found: int = Field(description="faces detected; the largest one is used")
+
+
+FacesField = Field(default=None, description="face models only: the face used for each image")
+
+
+def faces_out(faces: list[dict[str, Any]]) -> list[FaceOut] | None:
+    return [FaceOut(**f) for f in faces] or None
+
+
 class EnrolResponse(BaseModel):
     item_ids: list[str]
+    faces: list[FaceOut] | None = FacesField
 
 
 class GalleryItemOut(BaseModel):
@@ -344,6 +362,7 @@ class MatchResponse(BaseModel):
     candidates: list[Candidate]
     threshold: float
     model_version: str
+    faces: list[FaceOut] | None = FacesField
 
 
 class MatchQuery(Request):
@@ -395,6 +414,7 @@ class VerifyResponse(BaseModel):
     accepted: bool
     threshold: float
     model_version: str
+    faces: list[FaceOut] | None = FacesField
 
 
 class EmbedRequest(Request):
@@ -405,6 +425,7 @@ class EmbedRequest(Request):
 class EmbedResponse(BaseModel):
     embeddings: list[list[float]]
     model_version: str
+    faces: list[FaceOut] | None = FacesField
 
 
 # --- feedback --------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from torch import nn
 
 from service.embedding import EmbeddingBatcher
+from service.faces import load_served_model
 from service.index import IndexRegistry
 from service.inputs import InputResolver
 from service.matching import FeedbackListener, Matcher, MatchListener
@@ -32,7 +33,7 @@ from service.metrics import ServiceMetrics
 from service.search import SearchBatcher
 from service.settings import Settings
 from service.store import Store
-from tcm import Manifest, load_artefact
+from tcm import Manifest
 
 
 @dataclass
@@ -64,13 +65,14 @@ async def build_serving(settings: Settings, path: Path, *, device: torch.device,
                         match_listeners: list[MatchListener] | None = None,
                         feedback_listeners: list[FeedbackListener] | None = None) -> Serving:
     """Loads the artefact at ``path`` and starts its batcher; the indexes start empty."""
-    model, manifest = await run_in_threadpool(load_artefact, path, device=device)
+    model, manifest, face = await run_in_threadpool(load_served_model, path, device=device)
     indexes = IndexRegistry(manifest.embedding_dim, settings.index_factory,
                             device=str(device.type), search_params=settings.index_search_params,
                             threads=settings.index_threads)
     batcher = EmbeddingBatcher(model, manifest.preprocessing, device=device,
                                max_batch=settings.embed_max_batch,
-                               max_wait_s=settings.embed_max_wait_ms / 1e3, metrics=metrics)
+                               max_wait_s=settings.embed_max_wait_ms / 1e3, metrics=metrics,
+                               face=face)
     resolver = InputResolver(batcher=batcher, store=store, dim=manifest.embedding_dim,
                              channels=manifest.preprocessing.channels,
                              max_image_pixels=settings.max_image_pixels,

@@ -71,6 +71,11 @@ class Manifest:
     similarity: str = "cosine"
     format_version: int = FORMAT_VERSION
     created_at: str = ""
+    # Face models only (optional, additive): the network is a head on face descriptors, and
+    # this names the front-end that produces them (detector, aligner, descriptor, head, the
+    # detection options) and the sha256 of every model file it loads. A server refuses the
+    # artefact when its installed files hash differently.
+    face: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,6 +108,7 @@ class Manifest:
                 similarity=str(d.get("similarity", "cosine")),
                 format_version=int(version),
                 created_at=str(d.get("created_at", "")),
+                face=dict(d["face"]) if d.get("face") else None,
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"manifest is missing or has a malformed field: {exc}") from exc

@@ -69,6 +69,46 @@ class BackboneWithHead(nn.Module):
         return self.norm(self.head(self.backbone(x)))
 
 
+class FaceHead(nn.Module):
+    """A trainable head on frozen face descriptors (not images): ``(N, in_dim) -> (N, D)``.
+
+    The descriptor (dlib's 128-d ResNet, computed by ``facekit`` outside torch) is L2-normalised
+    first, so the head sees directions only. ``kind="linear"`` starts as the identity when the
+    dimensions agree: training starts from the raw descriptor's geometry and moves away from it
+    only as far as the loss asks. ``kind="mlp"`` adds one hidden ReLU layer with a residual
+    linear path. ``kind="none"`` serves the raw descriptor (no parameters).
+    """
+
+    def __init__(self, in_dim: int = 128, embedding_dim: int = 128, kind: str = "linear",
+                 hidden: int = 256) -> None:
+        super().__init__()
+        if kind not in ("none", "linear", "mlp"):
+            raise ValueError(f"face head kind must be 'none', 'linear' or 'mlp', got {kind!r}")
+        if kind == "none" and embedding_dim != in_dim:
+            raise ValueError("a 'none' head keeps the descriptor's dimension")
+        self.kind = kind
+        self.linear = nn.Linear(in_dim, embedding_dim) if kind != "none" else None
+        if self.linear is not None and in_dim == embedding_dim:
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.eye(in_dim))
+                self.linear.bias.zero_()
+        self.mlp = (nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, embedding_dim)) if kind == "mlp" else None)
+        if self.mlp is not None:
+            nn.init.zeros_(self.mlp[2].weight)  # the residual branch starts silent
+            nn.init.zeros_(self.mlp[2].bias)
+        self.norm = L2Normalise()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=-1)
+        if self.linear is None:
+            return self.norm(x)
+        y = self.linear(x)
+        if self.mlp is not None:
+            y = y + self.mlp(x)
+        return self.norm(y)
+
+
 def _resnet(depth: int) -> Callable[..., nn.Module]:
     def build(in_channels: int = 3, embedding_dim: int = 512, **_: Any) -> nn.Module:
         try:
@@ -106,6 +146,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet(18),
     "resnet50": _resnet(50),
     "vit": _vit,
+    "face_head": FaceHead,
 }
 
 

@@ -8,8 +8,9 @@ from fastapi import APIRouter, File, UploadFile
 
 from service.dependencies import RuntimeDep, TenantId
 from service.errors import InvalidInputError
+from service.faces import face_report
 from service.routers.uploads import read_upload
-from service.schemas import EmbedRequest, EmbedResponse, errors
+from service.schemas import EmbedRequest, EmbedResponse, errors, faces_out
 
 router = APIRouter(tags=["embed"])
 
@@ -22,9 +23,11 @@ async def embed(body: EmbedRequest, tenant: TenantId, runtime: RuntimeDep) -> Em
         raise InvalidInputError(f"{len(body.images)} images in one request, the limit is "
                                 f"{limit}", code="too_many_items")
     serving = runtime.serving
-    vectors = await serving.resolver.images(
-        [(f"images[{i}]", img) for i, img in enumerate(body.images)])
-    return EmbedResponse(embeddings=vectors.tolist(), model_version=serving.model_version)
+    with face_report() as faces:
+        vectors = await serving.resolver.images(
+            [(f"images[{i}]", img) for i, img in enumerate(body.images)])
+    return EmbedResponse(embeddings=vectors.tolist(), model_version=serving.model_version,
+                         faces=faces_out(faces))
 
 
 @router.post("/v1/embed/upload", operation_id="embedUpload",
@@ -33,5 +36,8 @@ async def embed_upload(tenant: TenantId, runtime: RuntimeDep,
                        file: Annotated[UploadFile, File(description="an image file")]
                        ) -> EmbedResponse:
     serving = runtime.serving
-    vectors = await serving.resolver.images([("file", await read_upload(file, field="file"))])
-    return EmbedResponse(embeddings=vectors.tolist(), model_version=serving.model_version)
+    data = await read_upload(file, field="file")
+    with face_report() as faces:
+        vectors = await serving.resolver.images([("file", data)])
+    return EmbedResponse(embeddings=vectors.tolist(), model_version=serving.model_version,
+                         faces=faces_out(faces))

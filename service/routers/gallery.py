@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 
 from service.dependencies import IdPath, RuntimeDep, TenantId
+from service.faces import face_report
 from service.ids import ID_MAX_LENGTH
 from service.routers.uploads import UPLOAD_PLACEHOLDER, build, parse_json_object, read_upload
 from service.schemas import (
@@ -25,6 +26,7 @@ from service.schemas import (
     SubjectOut,
     SubjectPage,
     errors,
+    faces_out,
     utc,
 )
 from service.store import GalleryItem
@@ -52,7 +54,9 @@ def _out(item: GalleryItem, *, with_embedding: bool = False) -> GalleryItemOut:
              responses=errors(400, 401, 409, 413, 422, 429, 503))
 async def enrol(body: EnrolRequest, tenant: TenantId, runtime: RuntimeDep) -> EnrolResponse:
     """All items or none; an item id that exists (or repeats) is a 409."""
-    return EnrolResponse(item_ids=await runtime.gallery.enrol(tenant, body.items))
+    with face_report() as faces:
+        ids = await runtime.gallery.enrol(tenant, body.items)
+    return EnrolResponse(item_ids=ids, faces=faces_out(faces))
 
 
 @router.post("/v1/gallery/upload", status_code=201, operation_id="enrolUpload",
@@ -68,7 +72,9 @@ async def enrol_upload(
     data = await read_upload(file, field="file")
     item = build(EnrolItem, subject=subject, item_id=item_id or None, image=UPLOAD_PLACEHOLDER,
                  metadata=parse_json_object(metadata, field="metadata"))
-    return EnrolResponse(item_ids=await runtime.gallery.enrol(tenant, [item], images={0: data}))
+    with face_report() as faces:
+        ids = await runtime.gallery.enrol(tenant, [item], images={0: data})
+    return EnrolResponse(item_ids=ids, faces=faces_out(faces))
 
 
 @router.put("/v1/gallery/{item_id}", operation_id="putItem",

@@ -10,6 +10,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from service.dependencies import RuntimeDep, TenantId
 from service.errors import InvalidInputError
+from service.faces import face_report
 from service.index import Hit
 from service.routers.uploads import read_upload
 from service.schemas import (
@@ -20,6 +21,7 @@ from service.schemas import (
     MatchRequest,
     MatchResponse,
     errors,
+    faces_out,
 )
 from service.serving import Serving
 from service.store import MatchRecord
@@ -27,20 +29,23 @@ from service.store import MatchRecord
 router = APIRouter(tags=["match"])
 
 
-def _response(record: MatchRecord, hits: list[Hit]) -> MatchResponse:
+def _response(record: MatchRecord, hits: list[Hit], faces: list[dict] | None = None
+              ) -> MatchResponse:
     return MatchResponse(
         match_id=record.match_id,
         decision=DecisionOut(accepted=record.accepted, subject=record.subject,
                              score=record.score),
         candidates=[Candidate(item_id=h.item_id, subject=h.subject, score=h.score)
                     for h in hits],
-        threshold=record.threshold, model_version=record.model_version)
+        threshold=record.threshold, model_version=record.model_version,
+        faces=faces_out(faces or []))
 
 
 async def _match(serving: Serving, tenant: str, query: np.ndarray, k: int,
-                 where: dict[str, Any] | None = None) -> MatchResponse:
+                 where: dict[str, Any] | None = None,
+                 faces: list[dict] | None = None) -> MatchResponse:
     record, hits = await serving.matcher.match(tenant, query, k, where=where)
-    return _response(record, hits)
+    return _response(record, hits, faces)
 
 
 @router.post("/v1/match", operation_id="match",
@@ -50,12 +55,13 @@ async def match(body: MatchRequest, tenant: TenantId, runtime: RuntimeDep) -> Ma
     decision: accepted iff the best one scores >= the threshold."""
     serving = runtime.serving  # one model answers the whole request, even across a switch
     serving.matcher.check_k(body.k)
-    if body.embedding is not None:
-        query = serving.resolver.embedding(body.embedding, where="embedding")
-    else:
-        assert body.image is not None
-        query = (await serving.resolver.images([("image", body.image)]))[0]
-    return await _match(serving, tenant, query, body.k, body.filter)
+    with face_report() as faces:
+        if body.embedding is not None:
+            query = serving.resolver.embedding(body.embedding, where="embedding")
+        else:
+            assert body.image is not None
+            query = (await serving.resolver.images([("image", body.image)]))[0]
+    return await _match(serving, tenant, query, body.k, body.filter, faces)
 
 
 @router.post("/v1/match/batch", operation_id="matchBatch",
@@ -100,5 +106,6 @@ async def match_upload(tenant: TenantId, runtime: RuntimeDep,
     serving = runtime.serving
     serving.matcher.check_k(k)
     data = await read_upload(file, field="file")
-    query = (await serving.resolver.images([("file", data)]))[0]
-    return await _match(serving, tenant, query, k)
+    with face_report() as faces:
+        query = (await serving.resolver.images([("file", data)]))[0]
+    return await _match(serving, tenant, query, k, faces=faces)

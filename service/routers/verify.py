@@ -11,25 +11,28 @@ from typing import Annotated
 from fastapi import APIRouter, File, UploadFile
 
 from service.dependencies import RuntimeDep, TenantId
+from service.faces import face_report
 from service.routers.uploads import read_upload
-from service.schemas import VerifyRequest, VerifyResponse, errors
+from service.schemas import VerifyRequest, VerifyResponse, errors, faces_out
 from service.serving import Serving
 
 router = APIRouter(tags=["verify"])
 
 
-def _response(serving: Serving, score: float, accepted: bool) -> VerifyResponse:
+def _response(serving: Serving, score: float, accepted: bool, faces: list[dict]
+              ) -> VerifyResponse:
     return VerifyResponse(score=score, accepted=accepted, threshold=serving.threshold,
-                          model_version=serving.model_version)
+                          model_version=serving.model_version, faces=faces_out(faces))
 
 
 @router.post("/v1/verify", operation_id="verify",
              responses=errors(400, 401, 404, 409, 413, 422, 429, 503))
 async def verify(body: VerifyRequest, tenant: TenantId, runtime: RuntimeDep) -> VerifyResponse:
     serving = runtime.serving  # one model answers the whole request, even across a switch
-    a = await serving.matcher.vectors(tenant, body.a, where="a", filter=body.filter)
-    b = await serving.matcher.vectors(tenant, body.b, where="b", filter=body.filter)
-    return _response(serving, *await serving.matcher.verify(tenant, a, b))
+    with face_report() as faces:
+        a = await serving.matcher.vectors(tenant, body.a, where="a", filter=body.filter)
+        b = await serving.matcher.vectors(tenant, body.b, where="b", filter=body.filter)
+    return _response(serving, *await serving.matcher.verify(tenant, a, b), faces)
 
 
 @router.post("/v1/verify/upload", operation_id="verifyUpload",
@@ -40,6 +43,8 @@ async def verify_upload(tenant: TenantId, runtime: RuntimeDep,
                         ) -> VerifyResponse:
     images = [("a", await read_upload(a, field="a")), ("b", await read_upload(b, field="b"))]
     serving = runtime.serving
-    vectors = await serving.resolver.images(images)
-    return _response(serving, *await serving.matcher.verify(tenant, vectors[:1], vectors[1:]))
+    with face_report() as faces:
+        vectors = await serving.resolver.images(images)
+    return _response(serving, *await serving.matcher.verify(tenant, vectors[:1], vectors[1:]),
+                     faces)
 

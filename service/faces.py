@@ -1,0 +1,109 @@
+"""Face artefacts in the service: the dlib front-end in front of the trained head.
+
+A face artefact's network (:class:`tcm.embedders.FaceHead`) maps descriptors, not pixels. Here it
+is put behind ``facekit``: each request's thread finds and aligns the face
+(:meth:`FacePreparer.__call__`, run by the batcher's preprocessing step, so a photo without a face
+fails its own request with a 422 naming it), and the batcher's single forward pass computes the
+descriptors of the whole batch of aligned chips and applies the head (:class:`FaceModel`).
+
+Before any of that, :func:`load_served_model` refuses an artefact whose dlib model files hash
+differently from the installed ones: its head and threshold were fitted to other descriptors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.errors import InvalidInputError
+from tcm import Manifest, load_artefact
+
+# which face each image of the current request used (see :func:`face_report`)
+_FACES: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
+    "faces", default=None)
+
+
+class FaceModel(nn.Module):
+    """Aligned chips (n, 3, 150, 150) float in [0, 1] -> head(descriptor), L2-normalised."""
+
+    def __init__(self, front: Any, head: nn.Module) -> None:
+        super().__init__()
+        self.front = front
+        self.head = head
+
+    def forward(self, chips: torch.Tensor) -> torch.Tensor:
+        pixels = (chips.detach().cpu() * 255.0).round().clamp(0, 255).to(torch.uint8)
+        arrays = list(pixels.permute(0, 2, 3, 1).contiguous().numpy())
+        desc = torch.from_numpy(self.front.describe(arrays))
+        return self.head(desc.to(next(self.head.parameters(), desc).device))
+
+
+class FacePreparer:
+    """Images -> aligned chips as the batcher's input tensor, recording the face used."""
+
+    def __init__(self, front: Any) -> None:
+        self.front = front
+
+    def __call__(self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
+                 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        from facekit import NoFaceError
+
+        chips, infos = [], []
+        for i, img in enumerate(images):
+            where = wheres[i] if wheres is not None else f"image {i}"
+            try:
+                face = self.front.locate(img, where=where)
+            except NoFaceError as exc:
+                raise InvalidInputError(str(exc), code="no_face", detail={"where": where}
+                                        ) from exc
+            except ValueError as exc:
+                raise InvalidInputError(f"{where}: {exc}", code="invalid_image",
+                                        detail={"where": where}) from exc
+            chips.append(face.chip)
+            infos.append({"where": where, **face.info()})
+        batch = torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float() / 255.0
+        return batch, infos
+
+
+def load_served_model(path: str | Path, *, device: str | torch.device = "cpu"
+                      ) -> tuple[nn.Module, Manifest, FacePreparer | None]:
+    """:func:`tcm.load_artefact`, plus the face front-end for face artefacts.
+
+    Raises ValueError / RuntimeError (``facekit.ModelFilesError``) with a message saying what to
+    do when the artefact cannot be served here.
+    """
+    model, manifest = load_artefact(path, device=device)
+    if manifest.face is None:
+        return model, manifest, None
+    from facekit import FaceFrontEnd, FaceOptions, check_model_files
+
+    files = manifest.face.get("model_files")
+    if not files:
+        raise ValueError(f"{path}: a face artefact must list its model files' sha256")
+    check_model_files(dict(files))
+    front = FaceFrontEnd(FaceOptions.from_dict(manifest.face.get("options", {})))
+    return FaceModel(front, model).eval(), manifest, FacePreparer(front)
+
+
+@contextlib.contextmanager
+def face_report() -> Iterator[list[dict[str, Any]]]:
+    """Collects the faces used by the images embedded inside the block (this request only)."""
+    faces: list[dict[str, Any]] = []
+    token = _FACES.set(faces)
+    try:
+        yield faces
+    finally:
+        _FACES.reset(token)
+
+
+def record_faces(infos: list[dict[str, Any]]) -> None:
+    faces = _FACES.get()
+    if faces is not None:
+        faces.extend(infos)

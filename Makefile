@@ -8,28 +8,35 @@ STAMP := $(VENV)/.installed
 # The CPU wheel that lies on these machines' disk; GPU users install their own CUDA torch.
 TORCH_PIN ?= torch==2.13.0
 PORT ?= 8000
-# MODEL=default serves the Omniglot glyph model, MODEL=faces an LFW face model
+# MODEL=default serves the Omniglot glyph model, MODEL=faces the face model (dlib detection,
+# alignment and descriptor + a head trained on LFW; training/face_model.py)
 MODEL ?= default
 MODEL_DIR ?= artefacts/$(MODEL)
 PRESET := $(if $(filter faces,$(MODEL)),faces,omniglot)
 # the shared data sets: beside the checkout, else the machines' standard place
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
-.PHONY: install run test lint bench study study-faces study-orl noise-floor derived model clean audit
+.PHONY: install run test lint bench study study-faces study-orl study-faces-descriptor \
+	noise-floor derived model clean audit
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[train,serve,dev]"
+	$(PIP) install -q -e ".[train,serve,faces,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # Trains the default model once (small CNN on Omniglot, multi-similarity + TCM), then serves it.
+ifeq ($(MODEL),faces)
+$(MODEL_DIR)/manifest.json: | $(STAMP)
+	$(VENV)/bin/tcm-train face-model --data-dir $(DATA_DIR) --out $(MODEL_DIR)
+else
 $(MODEL_DIR)/manifest.json: | $(STAMP)
 	$(VENV)/bin/tcm-train default-model --preset $(PRESET) --data-dir $(DATA_DIR) \
 		--out $(MODEL_DIR) --run runs/$(MODEL)
+endif
 
 model: $(MODEL_DIR)/manifest.json
 
@@ -67,6 +74,12 @@ study: $(STAMP)
 # The LFW face study beside it (MS/ArcFace +- TCM, margins swept on validation identities).
 study-faces: $(STAMP)
 	$(PY) -m studies.faces --data-dir $(DATA_DIR) --out runs/study_faces --docs docs/results
+
+# dlib's face descriptor, a head without and with TCM, on LFW View 2 folds and ORL. Extracts the
+# descriptors once into runs/face_cache (the slow part), then trains the heads.
+study-faces-descriptor: $(STAMP)
+	nice -n 10 $(PY) -m training.face_cache --data-dir $(DATA_DIR)
+	$(PY) -m studies.faces_descriptor --data-dir $(DATA_DIR) --docs docs/results
 
 # ORL (AT&T faces, 40 people): multi-similarity +- TCM over 3 seeds, margins on validation people.
 study-orl: $(STAMP)

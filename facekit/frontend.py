@@ -108,7 +108,8 @@ class FaceFrontEnd:
             import dlib
         except ImportError as exc:
             raise ModelFilesError(
-                "face models need dlib: pip install '.[faces]' (dlib-bin)") from exc
+                "face models need dlib: pip install '.[faces]' (dlib-bin)"
+            ) from exc
         self._dlib = dlib
         self.options = options or FaceOptions()
         paths = model_paths()
@@ -141,7 +142,8 @@ class FaceFrontEnd:
         else:
             raise NoFaceError(
                 f"no face found in {where} ({rgb.shape[1]}x{rgb.shape[0]} pixels); the detector "
-                "finds frontal faces at least ~40 px wide: send a photo with a visible face")
+                "finds frontal faces at least ~40 px wide: send a photo with a visible face"
+            )
         with self._detect_lock:
             shape = self._predictor(img, rect)
         chip = dlib.get_face_chip(img, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
@@ -150,8 +152,12 @@ class FaceFrontEnd:
             return int(min(max(round(v / scale), 0), limit))
 
         H, W = rgb.shape[:2]
-        box = (orig(rect.left(), W), orig(rect.top(), H), orig(rect.right() + 1, W),
-               orig(rect.bottom() + 1, H))
+        box = (
+            orig(rect.left(), W),
+            orig(rect.top(), H),
+            orig(rect.right() + 1, W),
+            orig(rect.bottom() + 1, H),
+        )
         return Face(np.ascontiguousarray(chip), box, detected, len(rects))
 
     def describe(self, chips: list[np.ndarray] | np.ndarray) -> np.ndarray:

@@ -38,7 +38,8 @@ def models_dir() -> Path:
         raise ModelFilesError(
             "the face model files are not installed: pip install '.[faces]' "
             f"(face-recognition-models), or set {ENV_DIR} to a directory holding "
-            f"{', '.join(FILES.values())}")
+            f"{', '.join(FILES.values())}"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
@@ -78,9 +79,14 @@ def check_model_files(expected: dict[str, str]) -> None:
     the artefact's threshold would be wrong without any error.
     """
     actual = model_checksums()
-    wrong = [f"{name} (artefact {sha[:12]}…, installed {actual.get(name, 'missing')[:12]}…)"
-             for name, sha in sorted(expected.items()) if actual.get(name) != sha]
+    wrong = [
+        f"{name} (artefact {sha[:12]}…, installed {actual.get(name, 'missing')[:12]}…)"
+        for name, sha in sorted(expected.items())
+        if actual.get(name) != sha
+    ]
     if wrong:
         raise ModelFilesError(
             "the installed face model files differ from the ones this artefact was built with: "
-            + "; ".join(wrong) + ". Install face-recognition-models==0.3.0 or rebuild the model")
+            + "; ".join(wrong)
+            + ". Install face-recognition-models==0.3.0 or rebuild the model"
+        )

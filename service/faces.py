@@ -27,7 +27,8 @@ from tcm import Manifest, load_artefact
 
 # which face each image of the current request used (see :func:`face_report`)
 _FACES: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
-    "faces", default=None)
+    "faces", default=None
+)
 
 
 class FaceModel(nn.Module):
@@ -51,8 +52,9 @@ class FacePreparer:
     def __init__(self, front: Any) -> None:
         self.front = front
 
-    def __call__(self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
-                 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    def __call__(
+        self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         from facekit import NoFaceError
 
         chips, infos = [], []
@@ -61,19 +63,20 @@ class FacePreparer:
             try:
                 face = self.front.locate(img, where=where)
             except NoFaceError as exc:
-                raise InvalidInputError(str(exc), code="no_face", detail={"where": where}
-                                        ) from exc
+                raise InvalidInputError(str(exc), code="no_face", detail={"where": where}) from exc
             except ValueError as exc:
-                raise InvalidInputError(f"{where}: {exc}", code="invalid_image",
-                                        detail={"where": where}) from exc
+                raise InvalidInputError(
+                    f"{where}: {exc}", code="invalid_image", detail={"where": where}
+                ) from exc
             chips.append(face.chip)
             infos.append({"where": where, **face.info()})
         batch = torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float() / 255.0
         return batch, infos
 
 
-def load_served_model(path: str | Path, *, device: str | torch.device = "cpu"
-                      ) -> tuple[nn.Module, Manifest, FacePreparer | None]:
+def load_served_model(
+    path: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Manifest, FacePreparer | None]:
     """:func:`tcm.load_artefact`, plus the face front-end for face artefacts.
 
     Raises ValueError / RuntimeError (``facekit.ModelFilesError``) with a message saying what to

@@ -222,6 +222,11 @@ def face_model(out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefac
                cache: Annotated[Path, typer.Option(help="descriptor cache folder")] = Path(
                    "runs/face_cache"),
                force: Annotated[bool, typer.Option(help="rebuild even if OUT exists")] = False,
+               head: Annotated[str, typer.Option(
+                   help="none (the raw descriptor), linear or mlp")] = "none",
+               tcm: Annotated[bool, typer.Option(help="train the head with TCM")] = False,
+               m_plus: Annotated[float, typer.Option()] = 0.8,
+               m_minus: Annotated[float, typer.Option()] = 0.5,
                ) -> None:
     """Build the served face model: dlib detection, 5-point alignment and descriptor, and a
     head trained on LFW peopleDevTrain identities (needs the ``faces`` extra)."""
@@ -230,6 +235,7 @@ def face_model(out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefac
         return
     try:
         from facekit import ModelFilesError
+        from training.face_head import HeadConfig
         from training.face_model import build_face_model
     except ImportError as exc:  # pragma: no cover - depends on the install
         _fail(ValueError(f"the face model needs the 'faces' extra: {exc}"))
@@ -240,7 +246,12 @@ def face_model(out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefac
         console.print(f"descriptors: {done}/{total} new images ({rate:.1f}/s)")
 
     try:
-        m = build_face_model(Path(data_dir), out, cache_root=cache, progress=progress)
+        if head not in ("none", "linear", "mlp") or (tcm and head == "none"):
+            raise ValueError(f"--head must be none, linear or mlp (TCM needs a head), "
+                             f"got {head!r}")
+        cfg = HeadConfig(kind=head, tcm=tcm, m_plus=m_plus, m_minus=m_minus, steps=400)
+        m = build_face_model(Path(data_dir), out, head=cfg, cache_root=cache,
+                             progress=progress)
     except (ValueError, OSError, ModelFilesError) as exc:
         _fail(exc)
         return

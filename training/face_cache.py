@@ -49,8 +49,9 @@ class Descriptors:
     def take(self, names: Iterable[str]) -> Descriptors:
         idx = self.index()
         rows = [idx[n] for n in names]
-        return Descriptors([self.names[i] for i in rows], self.vectors[rows], self.boxes[rows],
-                           self.detected[rows])
+        return Descriptors(
+            [self.names[i] for i in rows], self.vectors[rows], self.boxes[rows], self.detected[rows]
+        )
 
 
 def _file_sha256(path: Path) -> str:
@@ -63,9 +64,16 @@ def _file_sha256(path: Path) -> str:
 
 def cache_key(source: Path, options: FaceOptions) -> str:
     opts = replace(options, fallback="whole_image")
-    blob = json.dumps({"models": model_checksums(), "descriptor": DESCRIPTOR,
-                       "options": opts.to_dict(), "source": _file_sha256(source),
-                       "source_size": source.stat().st_size}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "models": model_checksums(),
+            "descriptor": DESCRIPTOR,
+            "options": opts.to_dict(),
+            "source": _file_sha256(source),
+            "source_size": source.stat().st_size,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -86,23 +94,34 @@ def load(folder: Path) -> Descriptors:
             boxes.append(z["boxes"])
             det.append(z["detected"])
     if not names:
-        return Descriptors([], np.zeros((0, 128), np.float32), np.zeros((0, 4), np.int32),
-                           np.zeros(0, bool))
+        return Descriptors(
+            [], np.zeros((0, 128), np.float32), np.zeros((0, 4), np.int32), np.zeros(0, bool)
+        )
     return Descriptors(names, np.concatenate(vecs), np.concatenate(boxes), np.concatenate(det))
 
 
-def _write_chunk(folder: Path, names: list[str], vecs: np.ndarray, boxes: list, det: list
-                 ) -> None:
+def _write_chunk(folder: Path, names: list[str], vecs: np.ndarray, boxes: list, det: list) -> None:
     stamp = f"{time.time_ns()}-{os.getpid()}"
     tmp = folder / f".chunk-{stamp}.npz"
-    np.savez(tmp, names=np.asarray(names), vectors=vecs.astype(np.float32),
-             boxes=np.asarray(boxes, np.int32).reshape(-1, 4), detected=np.asarray(det, bool))
+    np.savez(
+        tmp,
+        names=np.asarray(names),
+        vectors=vecs.astype(np.float32),
+        boxes=np.asarray(boxes, np.int32).reshape(-1, 4),
+        detected=np.asarray(det, bool),
+    )
     os.replace(tmp, folder / f"chunk-{stamp}.npz")
 
 
-def descriptors(source: Path, members: list[str], *, root: Path = DEFAULT_ROOT,
-                options: FaceOptions | None = None, chunk: int = 64,
-                progress: Callable[[int, int], None] | None = None) -> Descriptors:
+def descriptors(
+    source: Path,
+    members: list[str],
+    *,
+    root: Path = DEFAULT_ROOT,
+    options: FaceOptions | None = None,
+    chunk: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> Descriptors:
     """Descriptors of ``members`` of the zip ``source``, extracting only the uncached ones."""
     options = replace(options or FaceOptions(), fallback="whole_image")
     folder = root / cache_key(source, options)
@@ -114,11 +133,12 @@ def descriptors(source: Path, members: list[str], *, root: Path = DEFAULT_ROOT,
         front = FaceFrontEnd(options)
         with zipfile.ZipFile(source) as z:
             for start in range(0, len(todo), chunk):
-                part = todo[start:start + chunk]
+                part = todo[start : start + chunk]
                 faces = [front.locate(_decode(z.read(m)), where=m) for m in part]
                 vecs = front.describe([f.chip for f in faces])
-                _write_chunk(folder, part, vecs, [f.box for f in faces],
-                             [f.detected for f in faces])
+                _write_chunk(
+                    folder, part, vecs, [f.box for f in faces], [f.detected for f in faces]
+                )
                 if progress:
                     progress(start + len(part), len(todo))
         have = load(folder)
@@ -142,8 +162,9 @@ def lfw_pair_members(data_dir: Path, which: str = "pairs") -> list[str]:
     return [lfw_member(*k) for k in dict.fromkeys(pairs.a + pairs.b)]
 
 
-def lfw_identity_members(data_dir: Path, people: Iterable[str] | None = None,
-                         cap: int = 10) -> list[str]:
+def lfw_identity_members(
+    data_dir: Path, people: Iterable[str] | None = None, cap: int = 10
+) -> list[str]:
     """The first ``cap`` images of every person (of ``people``) with >= 2 images.
 
     Capped because a few people dominate LFW (George_W_Bush has 530 images): ten images per
@@ -152,14 +173,15 @@ def lfw_identity_members(data_dir: Path, people: Iterable[str] | None = None,
     """
     counts = lfw_counts(data_dir)
     names = counts if people is None else [p for p in people if p in counts]
-    return [lfw_member(n, i) for n in names if counts[n] >= 2
-            for i in range(1, min(counts[n], cap) + 1)]
+    return [
+        lfw_member(n, i) for n in names if counts[n] >= 2 for i in range(1, min(counts[n], cap) + 1)
+    ]
 
 
-def lfw_study_members(data_dir: Path, cap: int = 10) -> list[str]:
-    """pairs.txt and pairsDevTest.txt images first, then identity images (see above)."""
-    out = lfw_pair_members(data_dir) + lfw_pair_members(data_dir, "pairsDevTest")
-    return list(dict.fromkeys(out + lfw_identity_members(data_dir, cap=cap)))
+def lfw_study_members(data_dir: Path) -> list[str]:
+    """The descriptor study's images: every image named in pairs.txt (View 2; its people are
+    the 10 folds of people.txt, so each fold's head trains on the other folds' images)."""
+    return lfw_pair_members(data_dir)
 
 
 def orl_members() -> list[str]:
@@ -172,6 +194,7 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     p.add_argument("--what", nargs="+", default=["orl", "lfw"], choices=["orl", "lfw"])
     p.add_argument("--shard", default="0/1", help="i/n: this process takes every n-th image")
+    p.add_argument("--reverse", action="store_true", help="work from the end of the list")
     args = p.parse_args()
     started = time.perf_counter()
     i, n = map(int, args.shard.split("/"))
@@ -182,11 +205,18 @@ def main() -> None:
 
     for what in args.what:
         if what == "orl":
-            d = descriptors(args.data_dir / ORL_ZIP, orl_members()[i::n], root=args.root,
-                            progress=report)
-        else:
-            d = descriptors(args.data_dir / LFW_ZIP, lfw_study_members(args.data_dir)[i::n],
-                            root=args.root, progress=report)
+            d = descriptors(
+                args.data_dir / ORL_ZIP, orl_members()[i::n], root=args.root, progress=report
+            )
+        else:  # the study's images, then the served model's (training/face_model.py)
+            from training.face_model import served_members
+
+            members = list(
+                dict.fromkeys(lfw_study_members(args.data_dir) + served_members(args.data_dir))
+            )
+            d = descriptors(
+                args.data_dir / LFW_ZIP, members[i::n], root=args.root, progress=report, chunk=16
+            )
         print(f"{what}: {len(d.names)} images, {int(d.detected.sum())} faces detected", flush=True)
 
 

@@ -53,8 +53,10 @@ def _batches(labels: np.ndarray, cfg: HeadConfig, rng: np.random.Generator):
     p = min(cfg.classes_per_batch, len(classes))
     for _ in range(cfg.steps):
         chosen = rng.choice(classes, size=p, replace=False)
-        rows = [rng.choice(by_class[c], size=min(cfg.per_class, len(by_class[c])),
-                           replace=False) for c in chosen]
+        rows = [
+            rng.choice(by_class[c], size=min(cfg.per_class, len(by_class[c])), replace=False)
+            for c in chosen
+        ]
         yield np.concatenate(rows)
 
 
@@ -68,8 +70,16 @@ def train_head(descriptors: np.ndarray, labels: np.ndarray, cfg: HeadConfig) -> 
     if cfg.kind == "none":
         return head.eval()
     base = losses.MultiSimilarityLoss(alpha=cfg.ms_alpha, beta=cfg.ms_beta, base=cfg.ms_base)
-    reg = (TCMLoss(m_plus=cfg.m_plus, m_minus=cfg.m_minus, lambda_plus=cfg.lambda_plus,
-                   lambda_minus=cfg.lambda_minus) if cfg.tcm else None)
+    reg = (
+        TCMLoss(
+            m_plus=cfg.m_plus,
+            m_minus=cfg.m_minus,
+            lambda_plus=cfg.lambda_plus,
+            lambda_minus=cfg.lambda_minus,
+        )
+        if cfg.tcm
+        else None
+    )
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     head.train()
     for rows in _batches(y.numpy(), cfg, rng):

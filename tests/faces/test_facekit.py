@@ -39,7 +39,7 @@ def test_same_person_is_closer(front: FaceFrontEnd, lfw_bytes) -> None:
     desc, _ = front.descriptors([rgb(lfw_bytes[k]) for k in keys])
     assert desc.shape == (len(keys), 128) and np.isfinite(desc).all()
     for i, a in enumerate(keys):
-        for j, b in enumerate(keys[i + 1:], i + 1):
+        for j, b in enumerate(keys[i + 1 :], i + 1):
             c = cos(desc[i], desc[j])
             assert (c >= TAU) == (a[0] == b[0]), (a, b, c)
 
@@ -69,7 +69,7 @@ def test_no_face_names_the_image(front: FaceFrontEnd) -> None:
 def test_tiny_face_is_not_found(front: FaceFrontEnd, lfw_bytes) -> None:
     img = rgb(lfw_bytes["Colin_Powell", 1])[::6, ::6]  # face ~15 px wide
     canvas = np.full((300, 300, 3), 120, np.uint8)
-    canvas[140:140 + img.shape[0], 140:140 + img.shape[1]] = img
+    canvas[140 : 140 + img.shape[0], 140 : 140 + img.shape[1]] = img
     with pytest.raises(NoFaceError):
         front.locate(canvas)
 
@@ -91,8 +91,7 @@ def test_grey_image_matches_colour(front: FaceFrontEnd, lfw_bytes) -> None:
     assert cos(d_grey[0], d_rgb[0]) > TAU  # still the same person
 
 
-def test_huge_image_is_shrunk_and_box_is_in_original_pixels(front: FaceFrontEnd,
-                                                              lfw_bytes) -> None:
+def test_huge_image_is_shrunk_and_box_is_in_original_pixels(front: FaceFrontEnd, lfw_bytes) -> None:
     img = rgb(lfw_bytes["Jean_Chretien", 2])
     huge = np.kron(img, np.ones((16, 16, 1), np.uint8))  # 2560 x 2560
     face = front.locate(huge)
@@ -114,8 +113,10 @@ def test_shrink_block_average() -> None:
 
 def test_model_file_checks() -> None:
     sums = model_checksums()
-    assert set(sums) == {"shape_predictor_5_face_landmarks.dat",
-                         "dlib_face_recognition_resnet_model_v1.dat"}
+    assert set(sums) == {
+        "shape_predictor_5_face_landmarks.dat",
+        "dlib_face_recognition_resnet_model_v1.dat",
+    }
     check_model_files(sums)
     wrong = {**sums, "dlib_face_recognition_resnet_model_v1.dat": "0" * 64}
     with pytest.raises(ModelFilesError, match="differ from the ones this artefact"):

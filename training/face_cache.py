@@ -113,6 +113,14 @@ def _write_chunk(folder: Path, names: list[str], vecs: np.ndarray, boxes: list, 
     os.replace(tmp, folder / f"chunk-{stamp}.npz")
 
 
+def cached(
+    source: Path, options: FaceOptions | None = None, root: Path = DEFAULT_ROOT
+) -> Descriptors:
+    """Whatever is cached for ``source`` (nothing is extracted)."""
+    options = replace(options or FaceOptions(), fallback="whole_image")
+    return load(root / cache_key(source, options))
+
+
 def descriptors(
     source: Path,
     members: list[str],
@@ -159,7 +167,8 @@ def lfw_pair_members(data_dir: Path, which: str = "pairs") -> list[str]:
     from training.faces import parse_pairs
 
     pairs = parse_pairs((data_dir / "lfw" / f"{which}.txt").read_text())
-    return [lfw_member(*k) for k in dict.fromkeys(pairs.a + pairs.b)]
+    both = [k for a, b in zip(pairs.a, pairs.b, strict=True) for k in (a, b)]  # fold by fold
+    return [lfw_member(*k) for k in dict.fromkeys(both)]
 
 
 def lfw_identity_members(

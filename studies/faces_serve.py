@@ -46,10 +46,16 @@ def main() -> None:
     args = p.parse_args()
     lfw = data_dir() / "lfw"
     db = Path(tempfile.mkdtemp()) / "faces.db"
-    env = {**os.environ, "TCM_ARTEFACT_PATH": args.artefact, "TCM_ADMIN_TOKEN": "a" * 24,
-           "TCM_STORE_URL": f"sqlite:///{db}", "TCM_DEVICE": "cpu"}
-    proc = subprocess.Popen([".venv/bin/tcm-serve", "--port", str(PORT), "--log-level",
-                             "warning"], env=env)
+    env = {
+        **os.environ,
+        "TCM_ARTEFACT_PATH": args.artefact,
+        "TCM_ADMIN_TOKEN": "a" * 24,
+        "TCM_STORE_URL": f"sqlite:///{db}",
+        "TCM_DEVICE": "cpu",
+    }
+    proc = subprocess.Popen(
+        [".venv/bin/tcm-serve", "--port", str(PORT), "--log-level", "warning"], env=env
+    )
     base = f"http://127.0.0.1:{PORT}"
     started = time.perf_counter()
     try:
@@ -60,8 +66,11 @@ def main() -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        rows = [r.split("\t") for r in (lfw / "peopleDevTest.txt").read_text().split("\n")[1:]
-                if "\t" in r]
+        rows = [
+            r.split("\t")
+            for r in (lfw / "peopleDevTest.txt").read_text().split("\n")[1:]
+            if "\t" in r
+        ]
         people = [n for n, c in rows if int(c) >= 4][: args.people]
         strangers = [n for n, c in rows if 2 <= int(c) < 4][: args.strangers]
         archive = zipfile.ZipFile(lfw / "lfw-deepfunneled-crop160.zip")
@@ -80,9 +89,10 @@ def main() -> None:
             if r.status_code == 201:
                 enrolled += 1
             else:
-                refused.append({"person": person, "status": r.status_code,
-                                "code": r.json().get("code")})
-        gallery = {person for person in people} - {x["person"] for x in refused}
+                refused.append(
+                    {"person": person, "status": r.status_code, "code": r.json().get("code")}
+                )
+        gallery = set(people) - {x["person"] for x in refused}
 
         def match(name: str, num: int) -> httpx.Response:
             return client.post("/v1/match", json={"image": b64(name, num), "k": 5})
@@ -100,16 +110,24 @@ def main() -> None:
             threshold, version = m["threshold"], m["model_version"]
             top1 += m["candidates"][0]["subject"] == name
             right += m["decision"]["accepted"] and m["decision"]["subject"] == name
-        false_accepts = sum(r.status_code == 200 and r.json()["decision"]["accepted"]
-                            for _, r in unknown)
+        false_accepts = sum(
+            r.status_code == 200 and r.json()["decision"]["accepted"] for _, r in unknown
+        )
         stranger_ok = sum(r.status_code == 200 for _, r in unknown)
         result = {
-            "model_version": version, "threshold": threshold,
-            "people": len(people), "enrolled_people": enrolled, "enrol_refused": refused,
-            "queries": len(known), "query_refused": no_face,
-            "rank1": top1, "rank1_rate": top1 / max(1, len(known)),
-            "accepted_right_person": right, "accept_rate": right / max(1, len(known)),
-            "strangers": len(unknown), "strangers_answered": stranger_ok,
+            "model_version": version,
+            "threshold": threshold,
+            "people": len(people),
+            "enrolled_people": enrolled,
+            "enrol_refused": refused,
+            "queries": len(known),
+            "query_refused": no_face,
+            "rank1": top1,
+            "rank1_rate": top1 / max(1, len(known)),
+            "accepted_right_person": right,
+            "accept_rate": right / max(1, len(known)),
+            "strangers": len(unknown),
+            "strangers_answered": stranger_ok,
             "strangers_falsely_accepted": false_accepts,
             "wall_seconds": time.perf_counter() - started,
         }

@@ -30,10 +30,20 @@ def test_head_rejects_bad_kinds() -> None:
 
 
 def test_manifest_face_section_round_trips(tmp_path) -> None:
-    face = {"detector": "d", "aligner": "a", "descriptor": "r", "head": {"kind": "linear"},
-            "options": {"fallback": "none"}, "model_files": {"x.dat": "0" * 64}}
-    m = _manifest(architecture="face_head", architecture_kwargs={"kind": "linear"},
-                  embedding_dim=128, face=face)
+    face = {
+        "detector": "d",
+        "aligner": "a",
+        "descriptor": "r",
+        "head": {"kind": "linear"},
+        "options": {"fallback": "none"},
+        "model_files": {"x.dat": "0" * 64},
+    }
+    m = _manifest(
+        architecture="face_head",
+        architecture_kwargs={"kind": "linear"},
+        embedding_dim=128,
+        face=face,
+    )
     save_artefact(tmp_path, build_embedder("face_head", kind="linear"), m)
     assert read_manifest(tmp_path).face == face
     model, loaded = load_artefact(tmp_path)

@@ -50,7 +50,8 @@ from training.faces import parse_pairs
 
 VARIANTS = ("raw descriptor", "head", "head + TCM")
 TARGET_FAR = 1e-3
-T95_9DF = 2.262  # two-sided 95% Student t, 9 degrees of freedom (10 folds)
+# two-sided 95% Student t quantiles by degrees of freedom (folds - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def people_folds(data_dir: Path) -> list[list[str]]:
@@ -131,7 +132,9 @@ def margin_choice(
 
 def ci(diffs: list[float]) -> dict[str, float]:
     m = statistics.fmean(diffs)
-    half = T95_9DF * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    half = (
+        T95[len(diffs) - 1] * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    )
     return {"mean": m, "lo": m - half, "hi": m + half}
 
 
@@ -254,7 +257,7 @@ def main() -> None:
 
 
 METRICS = [
-    ("acc_10fold", "LFW 10-fold acc.", ".4f"),
+    ("acc_10fold", "LFW k-fold acc.", ".4f"),
     ("acc_at_tau", "LFW acc. at τ", ".4f"),
     ("lfw.tar_far_0.001", "LFW TAR@FAR 1e-3", ".4f"),
     ("lfw.tar_far_0.01", "LFW TAR@FAR 1e-2", ".4f"),
@@ -330,7 +333,7 @@ def write_report(args, records, sweeps, pooled, started) -> None:
         fmt = [f"{d['mean']:+{spec}} [{d['lo']:+{spec}}, {d['hi']:+{spec}}]" for d in (d1, d2)]
         lines.append(f"| {title} | " + " | ".join(cells) + " | " + " | ".join(fmt) + " |")
     seed_lines = [
-        "| variant | seed | LFW 10-fold acc. | LFW OPIS ×1e-3 | ORL OPIS ×1e-3 |",
+        "| variant | seed | LFW k-fold acc. | LFW OPIS ×1e-3 | ORL OPIS ×1e-3 |",
         "|---|---|---|---|---|",
     ]
     for v in VARIANTS:

@@ -80,7 +80,7 @@ async def through_batcher(model, prepare, photos: list[bytes], concurrency: int)
         device=torch.device("cpu"),
         max_batch=32,
         max_wait_s=0.005,
-        prepare=prepare,
+        face=prepare,
     )
     await batcher.start()
     queue = list(enumerate(photos))

@@ -3,20 +3,20 @@ on it without TCM, and the head with TCM, on LFW View 2 and on ORL.
 
 Protocol (LFW "unrestricted", identity-disjoint throughout):
 
-- For each of the 10 folds of ``people.txt``, the head trains on the people of the other nine
-  folds (their images named in ``pairs.txt``; people with >= 2 of them), minus 15% of those
-  people held out as *validation identities*. TCM margins are chosen on the validation
-  identities (lowest validation OPIS among TCM runs within 0.005 R@1 of the head without
-  TCM); the global threshold tau is calibrated there too (FAR 1e-3 over all validation
-  pairs). The test fold is never looked at.
-- Test, per fold: the fold's 600 pairs of ``pairs.txt`` (10-fold accuracy: tau picked on the other
+- For each of the 10 folds of ``people.txt`` (those whose descriptors are cached), the head
+  trains on the people of the other folds (their images named in ``pairs.txt``; people with
+  >= 2 of them), minus 15% of those people held out as *validation identities*. TCM margins
+  are chosen on the validation identities (lowest validation OPIS among TCM runs within 0.005
+  R@1 of the head without TCM); the global threshold tau is calibrated there too (FAR 1e-3
+  over all validation pairs). The test fold is never looked at.
+- Test, per fold: the fold's 600 pairs of ``pairs.txt`` (k-fold accuracy: tau picked on the other
   nine folds' pairs, scored by the same head, the standard protocol); accuracy at the validation
   tau; TAR at FAR 1e-3 / 1e-2 over all pairs of the fold's images in pairs.txt (~700 images:
   ~250,000 impostor pairs, against the 300 that pairs.txt lists); OPIS, eps-OPIS and the
   per-identity FAR/FRR spread at tau over the fold's identities with >= 4 images.
 - ORL (40 people x 10 images, never trained on): the same metrics for every fold's head.
 - Seeds 0, 1, 2 for the heads; the raw descriptor has no seed. Paired differences per fold
-  (seed-averaged), mean and 95% t-interval over the 10 folds.
+  (seed-averaged), mean and 95% t-interval over the folds.
 
 Descriptors come from the on-disk cache (``python -m training.face_cache``); missing ones are
 extracted first (~0.1 s per image per core).
@@ -290,7 +290,7 @@ def fold_means(records: list[dict[str, Any]], variant: str, key: str) -> list[fl
     return [statistics.fmean(by_fold[f]) for f in sorted(by_fold)]
 
 
-def plot(pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]], path: Path) -> None:
+def plot(pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]], path: Path, folds: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,7 +304,12 @@ def plot(pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]], path: Path) -> 
         floor = 0.5 / int((~same).sum())
         roc_ax.plot(np.maximum(roc["far"], floor), 1 - roc["frr"], label=variant)
         det_ax.plot(np.maximum(roc["far"], floor), np.maximum(roc["frr"], floor), label=variant)
-    roc_ax.set(xscale="log", xlabel="FAR", ylabel="TAR", title="ROC, LFW pairs.txt (10 folds)")
+    roc_ax.set(
+        xscale="log",
+        xlabel="FAR",
+        ylabel="TAR",
+        title=f"ROC, LFW pairs.txt (test folds {folds}, pooled)",
+    )
     det_ax.set(xscale="log", yscale="log", xlabel="FAR", ylabel="FRR", title="DET")
     for ax in (roc_ax, det_ax):
         ax.grid(True, which="both", alpha=0.3)
@@ -347,7 +352,11 @@ def write_report(args, records, sweeps, pooled, started) -> None:
     picks = [
         f"fold {s['fold']}: ({s['picked']['m_plus']}, {s['picked']['m_minus']})" for s in sweeps
     ]
-    plot(pooled, args.docs / "faces_descriptor_roc_det.png")
+    plot(
+        pooled,
+        args.docs / "faces_descriptor_roc_det.png",
+        ",".join(str(f) for f in sorted({r["fold"] for r in records})),
+    )
     minutes = (time.perf_counter() - started) / 60
     machine_desc = machine()
     (args.docs / "faces_descriptor_table.md").write_text(

@@ -38,7 +38,7 @@ TARGET_FAR = 1e-3
 FAR_RANGE = (1e-4, 1e-2)
 # What `make run MODEL=faces` serves: the raw descriptor (no head), the global tau calibrated on
 # held-out peopleDevTrain identities. In the descriptor study (docs/results.md) a linear head
-# trained on LFW lowered every accuracy figure and TCM on it changed nothing measurable, so
+# trained on LFW lowered every accuracy figure, and TCM on it kept accuracy but raised OPIS, so
 # none is served; ``tcm-train face-model --head linear [--tcm]`` still builds one.
 SERVED_HEAD = HeadConfig(kind="none")
 SERVED_OPTIONS = FaceOptions(fallback="none")

@@ -132,7 +132,7 @@ def build() -> dict[str, Any]:
                 ("max(tcm_eps_opis_baseline) * scalar(tcm_config:eps_opis_degraded_factor)",
                  "alert above")), min_=0), w=9)
     lay.add(stat("OPIS / baseline", "Live OPIS over the model's baseline OPIS.",
-                 targets(("tcm:opis_over_baseline:ratio", "OPIS / baseline")),
+                 targets(("tcm:opis_over_reference:ratio", "OPIS / baseline")),
                  thresholds=[(1.5, "orange"), (2, "red")]), w=3, h=4)
     lay.add(stat("Tenants in OPIS", "Tenants with enough labelled pairs to enter OPIS "
                  "(eligible), and those without (excluded).",

@@ -150,7 +150,7 @@ def test_prometheus_sees_one_tenant_drift_on_the_running_service(service: str, t
             return clients.by_name(prom.query("tenant:tcm_far:ratio_rate5m"))
 
         def opis_ratio() -> float:
-            return prom.query("tcm:opis_over_baseline:ratio")[""]
+            return prom.query("tcm:opis_over_reference:ratio")[""]
 
         def healthy_everywhere() -> bool:
             return set(far()) == set(NAMES) and opis_ratio() >= 0

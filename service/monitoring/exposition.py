@@ -140,6 +140,10 @@ class SnapshotCollector:
                 "tcm_tenants_utility_error_reference_ratio", "the worst tenant's utility error "
                 "(1 - utility) at tau in the across-tenants reference: the bootstrap upper "
                 "bound, at least the model's calibration error"),
+            "bound": GaugeMetricFamily(
+                "tcm_monitor_score_bound", "each bucket bound (le) of the score histograms, as "
+                "its value: dashboards order what-if thresholds by distance from tau",
+                labels=["le"]),
             "ten_ref_ts": GaugeMetricFamily(
                 "tcm_tenants_reference_timestamp_seconds", "when the across-tenants reference "
                 "was measured (Unix time)"),
@@ -200,6 +204,8 @@ def _add_snapshot(fams: dict[str, Metric], snap: dict[str, Any]) -> None:
     fams["tenants"].add_metric(["eligible"], snap["eligible_tenants"])
     fams["tenants"].add_metric(["excluded"], snap["tenants_total"] - snap["eligible_tenants"])
     bounds = [_le(b) for b in snap["score_buckets"]]
+    for le, b in zip(bounds, snap["score_buckets"], strict=True):
+        fams["bound"].add_metric([le], b)
     for label, row in snap["labels"].items():
         for src in RATE_SOURCES:
             rates = row[POOLED] if src == POOLED else row["by_source"][src]

@@ -197,7 +197,7 @@ def test_the_documented_retrain_loop_works_on_this_compose_file() -> None:
     block = readme[readme.index("The retrain loop"):]
     block = block[block.index("```") + 3:]
     block = block[:block.index("```")].replace("\\\n", " ")
-    cmds = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    cmds = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
     inside = [c[5:] for c in cmds if c[:5] == ["docker", "compose", "exec", "tcm", "tcm-serve"]]
     assert [c[:2] for c in inside] == [["export-dataset", "--out"], ["models", "stage"],
                                        ["models", "activate"]]

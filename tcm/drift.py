@@ -147,6 +147,13 @@ def eps_opis_of(u: np.ndarray, eps: float) -> float:
     return float(range_average(gap**2))
 
 
+def deviations(u: np.ndarray) -> np.ndarray:
+    """Each curve's mean squared distance, over the range, from the pointwise median curve:
+    how far one group (a tenant) sits from the typical one. The median, unlike the mean OPIS
+    uses, is not dragged towards a drifting group, so the others stay near 0."""
+    return range_average((u - np.median(u, axis=0)) ** 2)
+
+
 def bootstrap_interval(
     u: np.ndarray,
     *,

@@ -193,15 +193,15 @@ def build() -> dict[str, Any]:
                  f'tcm_tenants_opis_reference{{bound="hi"}}), {FLOOR})', "alert above")),
         min_=0), w=9)
     lay.add(timeseries(
-        "Utility error at tau by tenant vs reference",
-        "1 - utility at tau of each tenant's pooled pairs, and the worst tenant's in the "
-        "reference (at least the model's calibration error). Above factor x that for 30m "
-        "fires TCMTenantInconsistent for the tenant.",
-        targets((f"1 - max by (tenant) (tcm_tenant_utility_ratio{TP})", "{{tenant}}"),
-                ("max(tcm_tenants_utility_error_reference_ratio)", "reference"),
-                ("scalar(tcm_config:tenant_utility_error_factor) * "
-                 "max(tcm_tenants_utility_error_reference_ratio)", "alert above")),
-        unit="percentunit", min_=0), w=9)
+        "Tenant deviation from the median tenant vs reference",
+        "Mean squared distance over the calibration range between each tenant's utility "
+        "curve and the median tenant's, and the farthest tenant's in the reference. Above "
+        "the dashed line for 30m fires TCMTenantInconsistent for the tenant.",
+        targets((f"max by (tenant) (tcm_tenant_deviation{T})", "{{tenant}}"),
+                ("max(tcm_tenants_deviation_reference)", "reference"),
+                ("scalar(tcm_config:tenant_deviation_factor) * clamp_min("
+                 f"max(tcm_tenants_deviation_reference), {FLOOR})", "alert above")),
+        min_=0), w=9)
     lay.add(stat("OPIS across tenants / reference", "Live over the reference's upper bound.",
                  targets(("tcm:opis_over_reference:ratio", "live / reference")),
                  thresholds=[(1.5, "orange"), (2, "red")]), w=3, h=4)

@@ -136,10 +136,14 @@ class SnapshotCollector:
             "ten_eps_ref": GaugeMetricFamily(
                 "tcm_tenants_eps_opis_reference", "eps-OPIS across tenants at the same time "
                 "(lo, mid, hi)", labels=["bound"]),
-            "ten_err_ref": GaugeMetricFamily(
-                "tcm_tenants_utility_error_reference_ratio", "the worst tenant's utility error "
-                "(1 - utility) at tau in the across-tenants reference: the bootstrap upper "
-                "bound, at least the model's calibration error"),
+            "ten_dev_ref": GaugeMetricFamily(
+                "tcm_tenants_deviation_reference", "the farthest tenant's deviation from the "
+                "median tenant's utility curve in the across-tenants reference (bootstrap "
+                "upper bound)"),
+            "deviation": GaugeMetricFamily(
+                "tcm_tenant_deviation", "mean squared distance over the calibration range of a "
+                "tenant's utility curve from the median tenant's; absent for tenants not in "
+                "OPIS", labels=["tenant"]),
             "bound": GaugeMetricFamily(
                 "tcm_monitor_score_bound", "each bucket bound (le) of the score histograms, as "
                 "its value: dashboards order what-if thresholds by distance from tau",
@@ -174,6 +178,8 @@ def _add_drift(fams: dict[str, Metric], snap: dict[str, Any]) -> None:
         fams["subj_count"].add_metric(["eligible"], eligible)
         fams["subj_count"].add_metric(["excluded"], total - eligible)
         for t, row in snap["tenants"].items():
+            if row.get("deviation") is not None and row["label"] == t:
+                fams["deviation"].add_metric([t], row["deviation"])
             sub = row.get("subjects")
             if sub is None or row["label"] != t:
                 continue
@@ -188,7 +194,7 @@ def _add_drift(fams: dict[str, Metric], snap: dict[str, Any]) -> None:
             if interval is not None:
                 _add_interval(fams[name], [], {"lo": interval[0], "mid": ten[key],
                                                "hi": interval[1]})
-        fams["ten_err_ref"].add_metric([], ten["utility_error"]["bound"])
+        fams["ten_dev_ref"].add_metric([], ten["deviation"]["hi"])
         fams["ten_ref_ts"].add_metric([], ten["measured_at"])
 
 

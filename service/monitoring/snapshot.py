@@ -26,7 +26,7 @@ from service.metrics import OUTCOMES, tenant_label_values
 from service.monitoring.pairs import KINDS, SOURCES, LabelledScores, pooled
 from service.monitoring.subjects import ReferenceFn, TenantSubjects, across_subjects
 from tcm import Manifest, consistency_from_scores, utility
-from tcm.drift import Grid, Rules
+from tcm.drift import Grid, Rules, deviations
 
 SNAPSHOT_FORMAT = 3
 POOLED = "pooled"  # the source value of rates over both sources together
@@ -217,7 +217,7 @@ def compute_snapshot(
             "label": labels[t],
             "eligible": p["genuine_pairs"] >= config.min_pairs
             and p["impostor_pairs"] >= config.min_pairs,
-            **p, "mean_utility": None, "by_source": rates["by_source"],
+            **p, "mean_utility": None, "deviation": None, "by_source": rates["by_source"],
             "outcomes": dict(fb.outcomes) if fb is not None else dict.fromkeys(OUTCOMES, 0),
         }
 
@@ -231,8 +231,10 @@ def compute_snapshot(
             tau_range=(cal.tau_lo, cal.tau_hi), num_thresholds=cal.num_thresholds,
             beta=cal.beta, eps=base.eps, tau=cal.tau)
         opis, eps_opis = float(report.opis), float(report.eps_opis)
+        dev = deviations(report.utility)
         for row, t in enumerate(report.classes):
             tenants[t]["mean_utility"] = float(report.mean_utility[row])
+            tenants[t]["deviation"] = float(dev[row])
     else:
         reason = (f"{len(eligible)} of {len(order)} tenant(s) have at least {config.min_pairs} "
                   f"genuine and {config.min_pairs} impostor labelled pairs; OPIS compares "

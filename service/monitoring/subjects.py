@@ -37,6 +37,7 @@ from tcm.drift import (
     Summary,
     class_histograms,
     curves,
+    deviations,
     eps_opis_of,
     opis_of,
     pooled_opis,
@@ -274,9 +275,10 @@ def tenant_reference(
     calibration_error: float,
 ) -> dict[str, Any] | None:
     """The across-tenants numbers on the given data with a subject-bootstrap interval: OPIS and
-    eps-OPIS with tenants as classes, and the tenants' utility error (1 - utility) at tau. The
-    error bound alerts compare with is at least ``calibration_error`` (the model's own error at
-    tau on its calibration set). None with fewer than 2 eligible tenants."""
+    eps-OPIS with tenants as classes, and how far the farthest tenant's utility curve sits
+    from the median tenant's (``deviation``: its maximum, and the bootstrap upper bound of
+    that maximum, which per-tenant alerts compare with). None with fewer than 2 eligible
+    tenants."""
     tenants = [t for t in eligible if t in data and len(data[t].subjects)]
     if len(tenants) < 2:
         return None
@@ -284,19 +286,20 @@ def tenant_reference(
     def measure(
         weights: Mapping[str, np.ndarray] | None,
     ) -> tuple[float, float, list[float], list[float]]:
-        rows, errs, fars = [], [], []
+        """OPIS, eps-OPIS, each tenant's deviation from the median tenant's curve
+        (:func:`tcm.drift.deviations`) and its FAR at tau."""
+        rows, fars = [], []
         for t in tenants:
             pos, neg = data[t].tenant_hist(None if weights is None else weights[t])
             if pos.sum() == 0 or neg.sum() == 0:
                 continue
-            u, u_tau, far = tenant_curve(pos, neg, grid)
+            u, _, far = tenant_curve(pos, neg, grid)
             rows.append(u)
-            errs.append(1.0 - u_tau)
             fars.append(far)
         if len(rows) < 2:
-            return float("nan"), float("nan"), errs, fars
+            return float("nan"), float("nan"), [], fars
         u_all = np.stack(rows)
-        return opis_of(u_all), eps_opis_of(u_all, eps), errs, fars
+        return opis_of(u_all), eps_opis_of(u_all, eps), deviations(u_all).tolist(), fars
 
     opis, eps_opis, errs, fars = measure(None)
     rng = np.random.default_rng(seed)
@@ -318,20 +321,15 @@ def tenant_reference(
     def interval(v: list[float]) -> list[float] | None:
         return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))] if len(v) >= 2 else None
 
-    err_hi = float(np.quantile(boot_err, 1 - a)) if len(boot_err) >= 2 else max(errs)
+    dev_hi = float(np.quantile(boot_err, 1 - a)) if len(boot_err) >= 2 else max(errs)
     return {
         "tenants": len(tenants),
         "opis": opis,
         "eps_opis": eps_opis,
         "opis_interval": interval(boot_opis),
         "eps_opis_interval": interval(boot_eps),
-        "utility_error": {
-            "max": max(errs),
-            "mean": float(np.mean(errs)),
-            "hi": err_hi,
-            "calibration": calibration_error,
-            "bound": max(err_hi, calibration_error),
-        },
+        "deviation": {"max": max(errs), "hi": dev_hi},
+        "calibration_error": calibration_error,
         "far_at_tau": {"min": min(fars), "max": max(fars)},
         "level": level,
         "resamples": len(boot_opis),

@@ -106,7 +106,7 @@ def test_every_expression_names_defined_metrics() -> None:
     # the consistency and per-tenant metrics are all on the dashboard
     for m in ("tcm_subjects_opis_pooled", "tcm_subjects_opis_pooled_reference",
               "tenant:tcm_subjects_opis_over_reference:ratio", "tcm_tenants_opis_reference",
-              "tcm_tenants_utility_error_reference_ratio", "tcm_model_info",
+              "tcm_tenants_deviation_reference", "tcm_tenant_deviation", "tcm_model_info",
               "tcm_model_threshold_score", "tcm_model_activation_items",
               "tcm:opis_over_reference:ratio", "tcm_opis", "tcm_eps_opis",
               "tcm_impostor_score_bucket", "tcm_genuine_score_bucket", "tcm_tenant_pairs",

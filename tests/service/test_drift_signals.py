@@ -220,8 +220,8 @@ def test_across_tenants_reference_is_measured_once_and_names_the_drifter(tmp_pat
     gallery(store, "drifter", np.random.default_rng(5), 15, 4, noise=2.5)
     snap = mon.refresh(force=True)
     assert snap["tenants_reference"] == ref
-    factor = config_factor("tenant_utility_error_factor")
-    errors = {t: 1 - row["utility"] for t, row in snap["tenants"].items()}
-    bound = factor * ref["utility_error"]["bound"]
-    assert {t for t, e in errors.items() if e > bound} == {"drifter"}, (errors, bound)
+    factor = config_factor("tenant_deviation_factor")
+    devs = {t: row["deviation"] for t, row in snap["tenants"].items()}
+    bound = factor * max(ref["deviation"]["hi"], config_factor("opis_reference_floor"))
+    assert {t for t, e in devs.items() if e > bound} == {"drifter"}, (devs, bound)
     assert snap["opis"] > config_factor("opis_degraded_factor") * hi

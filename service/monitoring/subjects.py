@@ -302,6 +302,8 @@ def tenant_reference(
         return opis_of(u_all), eps_opis_of(u_all, eps), deviations(u_all).tolist(), fars
 
     opis, eps_opis, errs, fars = measure(None)
+    if not np.isfinite(opis):  # fewer than 2 tenants with both kinds of pairs
+        return None
     rng = np.random.default_rng(seed)
     boot_opis, boot_eps, boot_err = [], [], []
     for _ in range(resamples):

@@ -328,13 +328,12 @@ def test_b_one_drifting_tenant_then_retrain_clears(
             assert http.post(f"/v1/models/{v2}/activate", headers=ADMIN).status_code == 202
 
             def cleared() -> bool:
-                info = prom.query("tcm_monitor_snapshot_info")
-                version = prom.get("/api/v1/query", query="tcm_monitor_snapshot_info")["result"][0][
-                    "metric"
-                ]["model_version"]
+                # (no snapshot for a moment after the switch: the monitor recomputes for v2)
+                result = prom.get("/api/v1/query", query="tcm_monitor_snapshot_info")["result"]
+                versions = {r["metric"]["model_version"] for r in result}
                 # the across-tenants alerts that fired for v1 are gone (the across-subjects
                 # ones depend on v2's own held-out classes, a handful cut from the export)
-                return bool(info) and version == v2 and not (drift_alerts(prom, "firing") & fired)
+                return versions == {v2} and not (drift_alerts(prom, "firing") & fired)
 
             wait_for(cleared, 60, "the drift alerts to clear on the new model", prom)
             after = prom.query('tcm_tenant_utility_ratio{source="pooled"}')[drifter]

@@ -229,6 +229,13 @@ def test_prometheus_sees_one_tenant_drift_on_the_running_service(service: str, t
                                 headers={"Authorization": f"Bearer {ADMIN}"}).json()
         snap = view["snapshot"]
         assert snap["opis"] > 2 * snap["baseline"]["opis"]
+        # both drift signals, with their references, survive the typed answer
+        assert snap["subjects"]["pooled"]["opis"] is not None
+        assert snap["subjects"]["pooled"]["reference"]["matched"] is True
+        assert snap["tenants_reference"]["tenants"] == len(NAMES)
+        assert snap["opis"] > 2 * snap["tenants_reference"]["opis_interval"][1]
+        row = snap["tenants"][clients.ids[DRIFTER]]
+        assert row["subjects"]["eligible_subjects"] == SUBJECTS and row["deviation"] > 0
         drifter = snap["tenants"][clients.ids[DRIFTER]]
         assert drifter["far"] > max(snap["tenants"][clients.ids[n]]["far"]
                                     for n in NAMES if n != DRIFTER)

@@ -30,6 +30,21 @@ from rich.console import Console
 from service.app import create_app
 from service.settings import Settings
 
+
+def settings_help() -> str:
+    """Every ``TCM_*`` setting with its default and description (the --help epilog)."""
+    lines = ["Settings (environment variables; a bad value stops start-up):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default is None else (
+            str(default) if not isinstance(default, bool) else str(default).lower())
+        desc = f": {field.description}" if field.description else ""
+        lines.append(f"TCM_{name.upper()} (default {shown}){desc}")
+    from rich.markup import escape
+
+    return "\n\n".join(escape(line) for line in lines)
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Serve a threshold-consistent embedding model.")
 models_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -46,7 +61,22 @@ def _settings() -> Settings:
         raise typer.Exit(2) from exc
 
 
-@app.callback(invoke_without_command=True)
+def _check_artefact(path: Path) -> None:
+    """A missing or unreadable artefact is one line and exit code 2, not a traceback."""
+    from tcm import read_manifest
+    from tcm.artefact import WEIGHTS_FILE
+
+    try:
+        read_manifest(path)
+        if not (path / WEIGHTS_FILE).is_file():
+            raise ValueError(f"no {WEIGHTS_FILE} in {path}")
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]cannot serve the artefact at {path} (TCM_ARTEFACT_PATH): {exc}"
+                      "[/red]")
+        raise typer.Exit(2) from exc
+
+
+@app.callback(invoke_without_command=True, epilog=settings_help())
 def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
@@ -60,6 +90,7 @@ def serve(
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings()
+    _check_artefact(settings.artefact_path)
     if settings.admin_token is None:
         token = secrets.token_urlsafe(32)
         settings = settings.model_copy(update={"admin_token": SecretStr(token)})
@@ -84,12 +115,20 @@ def export_dataset_cmd(
     from service.store import open_store
 
     settings = _settings()
+    url = settings.store_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        console.print(f"[red]no store at {url} (TCM_STORE_URL, relative to {Path.cwd()}): "
+                      "point TCM_STORE_URL at the service's store[/red]")
+        raise typer.Exit(1)
     try:
         store = open_store(settings)
     except StoreUnavailableError as exc:
         console.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from exc
     try:
+        if not store.list_tenants():
+            raise ValueError(f"the store at {url} holds no tenants: is TCM_STORE_URL "
+                             "(and TCM_REDIS_KEY_PREFIX) the service's store?")
         summary = export_dataset(store, out, tenants=tenant, min_images_per_subject=min_images)
     except (ValueError, StoreUnavailableError) as exc:
         console.print(f"[red]{getattr(exc, 'message', exc)}[/red]")
@@ -199,11 +238,27 @@ def _print(body: Any) -> None:
     typer.echo(json.dumps(body, indent=2))
 
 
+def _progress_line(prog: dict[str, Any]) -> str:
+    line = f"{prog.get('version')}: {prog.get('state')}"
+    if prog.get("items_total"):
+        line += (f", {prog.get('items_embedded', 0)}/{prog['items_total']} items re-embedded, "
+                 f"{prog.get('tenants_done', 0)}/{prog.get('tenants_total', 0)} tenants")
+    return line
+
+
 def _wait(url: str, version: str, timeout_s: float) -> None:
+    """Polls the registry until ``version`` serves, printing the activation's progress as it
+    changes (on stderr; the JSON answers stay on stdout)."""
     deadline = time.monotonic() + timeout_s
+    shown = ""
     while time.monotonic() < deadline:
         body = _admin(url, "GET", "/v1/models")
         prog = body.get("progress") or {}
+        if prog.get("version") == version:
+            line = _progress_line(prog)
+            if line != shown:
+                console.print(line, markup=False, highlight=False)
+                shown = line
         if prog.get("version") == version and prog.get("state") == "failed":
             console.print(f"[red]activation failed: {prog.get('error')}[/red]")
             raise typer.Exit(1)
@@ -225,8 +280,11 @@ def models_list(url: UrlOpt = "http://127.0.0.1:8000") -> None:
 @models_app.command("stage")
 def models_stage(path: Annotated[str, typer.Argument(help="artefact folder (on the server)")],
                  url: UrlOpt = "http://127.0.0.1:8000") -> None:
-    """Registers an exported artefact so that it can be activated."""
-    _print(_admin(url, "POST", "/v1/models", json={"path": path}))
+    """Registers an exported artefact so that it can be activated; prints its version."""
+    body = _admin(url, "POST", "/v1/models", json={"path": path})
+    _print(body)
+    console.print(f"staged {body['model_version']}; activate it with: tcm-serve models "
+                  f"activate {body['model_version']}", markup=False, highlight=False)
 
 
 @models_app.command("activate")

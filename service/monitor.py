@@ -33,7 +33,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from service.errors import StoreUnavailableError
 from service.metrics import ServiceMetrics
@@ -48,8 +51,12 @@ from service.monitoring import (
     tenant_view,
     what_if,
 )
+from service.monitoring.snapshot import grid_of
+from service.monitoring.subjects import TenantSubjects, tenant_reference, tenant_subjects
+from service.registry import ModelRegistry
 from service.store.base import Decision, GalleryVectors, Tenant
-from tcm import Manifest
+from tcm import Manifest, load_reference, utility
+from tcm.drift import Summary, matched_reference
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -59,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Pairs = dict[str, LabelledScores]  # source -> labelled scores of one tenant
+REFERENCE_CACHE = 256  # gallery shapes whose count-matched reference draws are kept
 
 
 class MonitorStore(Protocol):
@@ -75,6 +83,10 @@ class MonitorStore(Protocol):
     def put_monitor_snapshot(self, snapshot: Mapping[str, Any]) -> None: ...
 
     def get_monitor_snapshot(self) -> dict[str, Any] | None: ...
+
+    def get_model_registry(self) -> tuple[dict[str, Any] | None, int]: ...
+
+    def put_model_registry(self, registry: Mapping[str, Any], *, expected_rev: int) -> bool: ...
 
 
 class PairCache:
@@ -146,7 +158,8 @@ class Monitor:
 
     def __init__(self, store: MonitorStore, manifest: Manifest, metrics: ServiceMetrics,
                  config: MonitorConfig | None = None, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 artefact_path: Path | None = None) -> None:
         self.store = store
         self.manifest = manifest
         self.config = config or MonitorConfig(tenant_label_cap=metrics.tenant_label.cap)
@@ -162,8 +175,24 @@ class Monitor:
         self._task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
         self._wake = asyncio.Event()  # a model switch: refresh now
+        self._reference_lock = threading.Lock()
+        self._reference_cache: OrderedDict[tuple[int, ...], list[Summary]] = OrderedDict()
+        self._reference_data = self._load_reference(artefact_path)
+        self._local_reference: dict[str, dict[str, Any]] = {}  # stores without a registry
 
-    def set_manifest(self, manifest: Manifest) -> None:
+    def _load_reference(self, path: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The artefact's held-out embeddings (None: an older artefact without them)."""
+        if path is None:
+            return None
+        try:
+            ref = load_reference(path, self.manifest)
+        except Exception as exc:  # an unreadable file: the baseline fallback, said in the log
+            log.warning("cannot read the artefact's reference embeddings (%s); OPIS across "
+                        "subjects falls back to the manifest baseline", exc)
+            return None
+        return None if ref is None else (ref[0].numpy(), ref[1].numpy())
+
+    def set_manifest(self, manifest: Manifest, path: Path | None = None) -> None:
         """After a model switch: the new model's baseline, threshold and version; the
         snapshot is recomputed at once (the old one was computed for the old model). Called
         on the event loop; a refresh already running finishes for the old model and the one
@@ -173,6 +202,9 @@ class Monitor:
         self._key = self.config.key(manifest.model_version)
         self.pairs.reset(None)
         self.metrics.snapshot.snapshot = None
+        with self._reference_lock:
+            self._reference_cache.clear()
+            self._reference_data = self._load_reference(path)
         self._wake.set()
 
     # -- the current numbers --
@@ -191,29 +223,132 @@ class Monitor:
     def load_scores(self, tenant_ids: Sequence[str], *, now: float) -> dict[str, Pairs]:
         """Each tenant's labelled pairs as of ``now``: feedback on decisions made in
         ``(now - window, now]`` and labelled by ``now``, and its gallery's sampled pairs."""
+        return {t: self._load(t, now=now, subjects=False)[0] for t in tenant_ids}
+
+    def _load(self, t: str, *, now: float, subjects: bool
+              ) -> tuple[Pairs, TenantSubjects | None]:
         cfg, version = self.config, self.manifest.model_version
-        out: dict[str, Pairs] = {}
-        for t in tenant_ids:
-            decisions = self.store.list_decisions(t, since=now - cfg.window_s,
-                                                  labelled_only=True)
-            vectors = self.store.gallery_vectors(t, model_version=version)
-            out[t] = {
-                "feedback": feedback_scores(decisions, model_version=version, until=now,
-                                            max_pairs=cfg.max_pairs),
-                "gallery": gallery_scores(vectors.subjects, vectors.vectors,
-                                          max_items=cfg.max_gallery_items,
-                                          max_pairs=cfg.max_pairs, seed=seed_for(t, version)),
-            }
-        return out
+        decisions = self.store.list_decisions(t, since=now - cfg.window_s, labelled_only=True)
+        vectors = self.store.gallery_vectors(t, model_version=version)
+        seed = seed_for(t, version)
+        pairs = {
+            "feedback": feedback_scores(decisions, model_version=version, until=now,
+                                        max_pairs=cfg.max_pairs),
+            "gallery": gallery_scores(vectors.subjects, vectors.vectors,
+                                      max_items=cfg.max_gallery_items,
+                                      max_pairs=cfg.max_pairs, seed=seed),
+        }
+        per_subject = None
+        if subjects:
+            per_subject = tenant_subjects(
+                vectors.subjects, vectors.vectors, decisions, grid=grid_of(self.manifest),
+                max_items=cfg.max_gallery_items, seed=seed, model_version=version, until=now)
+        return pairs, per_subject
+
+    def reference_draws(self, counts: tuple[int, ...]) -> list[Summary]:
+        """Count-matched reference draws for a gallery shape, cached per shape (galleries
+        change slowly; the cache is cleared at a model switch)."""
+        ref = self._reference_data
+        assert ref is not None
+        with self._reference_lock:
+            if counts in self._reference_cache:
+                self._reference_cache.move_to_end(counts)
+                return self._reference_cache[counts]
+        draws = matched_reference(ref[0], ref[1], counts, grid_of(self.manifest),
+                                  self.config.rules, draws=self.config.reference_draws,
+                                  seed=seed_for(self.manifest.model_version, str(len(counts))))
+        with self._reference_lock:
+            self._reference_cache[counts] = draws
+            while len(self._reference_cache) > REFERENCE_CACHE:
+                self._reference_cache.popitem(last=False)
+        return draws
 
     def compute(self) -> dict[str, Any]:
         now = self.clock()
         tenants = [t.tenant_id for t in self.store.list_tenants()]
-        scores = self.load_scores(tenants, now=now)
+        loaded = {t: self._load(t, now=now, subjects=True) for t in tenants}
+        scores = {t: v[0] for t, v in loaded.items()}
+        subjects = {t: v[1] for t, v in loaded.items() if v[1] is not None}
+        reference = self.reference_draws if self._reference_data is not None else None
         snap = compute_snapshot(scores, manifest=self.manifest, config=self.config,
-                                tenant_order=tenants, now=now)
+                                tenant_order=tenants, now=now, subjects=subjects,
+                                reference=reference)
+        ref = self.tenants_reference()
+        if ref is None:  # first snapshot of this version where it is defined: measure it
+            ref = self.store_tenants_reference(snap, subjects, only_if_missing=True)
+        snap["tenants_reference"] = ref
         self.pairs.reset(self._snapshot_id(snap), scores)
         return snap
+
+    # -- the across-tenants reference (in the model registry) --
+    def tenants_reference(self) -> dict[str, Any] | None:
+        """This version's across-tenants reference from the registry (None: not measured)."""
+        if not hasattr(self.store, "get_model_registry"):  # a bare test store: kept here
+            return self._local_reference.get(self.manifest.model_version)
+        doc, _ = self.store.get_model_registry()
+        refs = (doc or {}).get("tenant_references") or {}
+        return refs.get(self.manifest.model_version)
+
+    def measure_tenants_reference(self, snap: Mapping[str, Any],
+                                  subjects: Mapping[str, TenantSubjects]
+                                  ) -> dict[str, Any] | None:
+        cal = self.manifest.calibration
+        cal_error = 1.0 - float(utility(np.array([1.0 - cal.frr_at_tau]),
+                                        np.array([1.0 - cal.far_at_tau]), cal.beta)[0])
+        eligible = [t for t, row in snap["tenants"].items() if row["eligible"]]
+        ref = tenant_reference(subjects, eligible, grid=grid_of(self.manifest),
+                               eps=self.manifest.baseline.eps, level=self.config.interval_level,
+                               resamples=self.config.bootstrap_resamples,
+                               seed=seed_for(self.manifest.model_version, "tenants"),
+                               calibration_error=cal_error)
+        if ref is None:
+            return None
+        fb = snap["global"]["by_source"]["feedback"]
+        return {**ref, "model_version": self.manifest.model_version,
+                "measured_at": float(snap["computed_at"]),
+                "feedback_pairs": fb["genuine_pairs"] + fb["impostor_pairs"],
+                "min_pairs": self.config.min_pairs}
+
+    def store_tenants_reference(self, snap: Mapping[str, Any],
+                                subjects: Mapping[str, TenantSubjects], *,
+                                only_if_missing: bool) -> dict[str, Any] | None:
+        """Measures the across-tenants reference on ``snap``'s data and writes it to the
+        registry (``only_if_missing``: unless a replica already did); returns the stored one."""
+        ref = self.measure_tenants_reference(snap, subjects)
+        if ref is None:
+            return None
+        version = self.manifest.model_version
+        if not hasattr(self.store, "get_model_registry"):
+            if not (only_if_missing and version in self._local_reference):
+                self._local_reference[version] = ref
+            return self._local_reference[version]
+
+        def put(doc: dict[str, Any]) -> dict[str, Any]:
+            refs = dict(doc.get("tenant_references") or {})
+            if not (only_if_missing and version in refs):
+                refs[version] = ref
+            doc["tenant_references"] = {v: r for v, r in refs.items()
+                                        if v in doc["versions"] or v == version}
+            return doc
+
+        doc = ModelRegistry(self.store).update(put)  # type: ignore[arg-type]
+        return doc["tenant_references"][version]
+
+    def remeasure_tenants_reference(self) -> dict[str, Any] | None:
+        """On demand (admin): the across-tenants reference from the data as of now, replacing
+        the stored one; the snapshot is recomputed against it. None when undefined."""
+        with self._refresh_lock:
+            now = self.clock()
+            tenants = [t.tenant_id for t in self.store.list_tenants()]
+            loaded = {t: self._load(t, now=now, subjects=True) for t in tenants}
+            scores = {t: v[0] for t, v in loaded.items()}
+            subjects = {t: v[1] for t, v in loaded.items() if v[1] is not None}
+            snap = compute_snapshot(scores, manifest=self.manifest, config=self.config,
+                                    tenant_order=tenants, now=now)
+            ref = self.store_tenants_reference(snap, subjects, only_if_missing=False)
+        if ref is not None:
+            self.refresh(force=True)
+        return ref
 
     def is_current(self, snap: Mapping[str, Any] | None) -> bool:
         """Computed for this model and configuration less than half an interval ago: a
@@ -365,9 +500,9 @@ async def attach_monitor(app: FastAPI, runtime: Runtime) -> Monitor | None:
         app.state.monitor = None
         return None
     monitor = Monitor(runtime.store, runtime.manifest, runtime.metrics,
-                      MonitorConfig.from_settings(settings))
+                      MonitorConfig.from_settings(settings), artefact_path=runtime.serving.path)
     app.state.monitor = monitor
     if runtime.lifecycle is not None:  # a model switch resets the baseline to the new model's
         runtime.lifecycle.switch_listeners.append(lambda serving: monitor.set_manifest(
-            serving.manifest))
+            serving.manifest, serving.path))
     return await monitor.start()

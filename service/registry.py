@@ -11,7 +11,9 @@ The document::
                            "state", "error"?},
      "history":    [{"version", "from", "kind", "at", "skipped"}],   (newest last, capped)
      "purged":     [versions whose embeddings retention dropped],
-     "configured": the version TCM_ARTEFACT_PATH named when a replica last started}
+     "configured": the version TCM_ARTEFACT_PATH named when a replica last started,
+     "tenant_references": {version: the across-tenants drift reference measured on the served
+                           galleries (service.monitoring.subjects.tenant_reference)}}
 
 Transitions are pure functions of the document (:func:`register`, :func:`begin`,
 :func:`commit`, :func:`abandon`); :class:`ModelRegistry` applies one with a compare-and-set
@@ -37,7 +39,7 @@ Doc = dict[str, Any]
 
 def empty() -> Doc:
     return {"versions": {}, "active": None, "activation": None, "history": [], "purged": [],
-            "configured": None}
+            "configured": None, "tenant_references": {}}
 
 
 def record_of(manifest: Manifest, path: Path | str, *, now: float) -> dict[str, Any]:

@@ -627,12 +627,77 @@ class OutcomeCounts(BaseModel):
     false_reject: int
 
 
+class SubjectsReference(BaseModel):
+    """A reference interval of OPIS across subjects (docs/architecture.md, "Monitoring")."""
+
+    lo: float
+    mid: float
+    hi: float
+    matched: bool = Field(description="measured on held-out classes subsampled to this "
+                          "gallery's images per subject; false: the manifest's full-count "
+                          "baseline (an older artefact), which alerts ignore")
+    draws: int
+    note: str | None = None
+
+
+class SubjectsRow(BaseModel):
+    """OPIS across one tenant's subjects (null with too few eligible subjects)."""
+
+    subjects: int
+    eligible_subjects: int
+    images_per_subject: dict[str, float] | None
+    opis: float | None
+    eps_opis: float | None
+    reference: SubjectsReference | None
+    unavailable_reason: str | None
+
+
+class SubjectsPooled(BaseModel):
+    tenants: int
+    eligible_subjects: int
+    opis: float | None
+    reference: SubjectsReference | None
+    unavailable_reason: str | None
+
+
+class SubjectsSignal(BaseModel):
+    """OPIS across every tenant's subjects together, and the rules both levels use."""
+
+    rules: dict[str, int]
+    level: float
+    reference_kind: Literal["matched", "baseline"]
+    pooled: SubjectsPooled
+
+
+class TenantsReference(BaseModel):
+    """The across-tenants reference, measured on the served galleries (model registry)."""
+
+    tenants: int
+    opis: float
+    eps_opis: float
+    opis_interval: list[float] | None
+    eps_opis_interval: list[float] | None
+    deviation: dict[str, float] = Field(description="max: the farthest tenant's deviation from "
+                                        "the median tenant's curve; hi: its bootstrap bound")
+    calibration_error: float
+    far_at_tau: dict[str, float]
+    level: float
+    resamples: int
+    model_version: str
+    measured_at: float
+    feedback_pairs: int
+    min_pairs: int
+
+
 class TenantMonitorRow(Rates):
     label: str = Field(description="the tenant's value of the capped metrics label")
     eligible: bool = Field(description="enough genuine and impostor pairs to enter OPIS")
     mean_utility: float | None
+    deviation: float | None = Field(None, description="mean squared distance of the tenant's "
+                                    "utility curve from the median tenant's (in OPIS only)")
     by_source: RatesBySource
     outcomes: OutcomeCounts
+    subjects: SubjectsRow | None = None
 
 
 class ScoreHistogram(BaseModel):
@@ -653,6 +718,11 @@ class BaselineOut(BaseModel):
     opis: float
     eps_opis: float
     eps: float
+    opis_interval: list[float] | None = None
+    eps_opis_interval: list[float] | None = None
+    interval_level: float | None = None
+    num_classes: int | None = None
+    num_images: int | None = None
 
 
 class TenantMonitorSnapshot(BaseModel):
@@ -707,6 +777,8 @@ class MonitorSnapshot(BaseModel):
     tenants: dict[str, TenantMonitorRow]
     labels: dict[str, LabelMonitorRow]
     score_buckets: list[float]
+    subjects: SubjectsSignal | None = None
+    tenants_reference: TenantsReference | None = None
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
@@ -758,3 +830,13 @@ class MonitorView(BaseModel):
     message: str | None = None
     snapshot: MonitorSnapshot | TenantMonitorSnapshot | None = None
     what_if: AdminWhatIf | WhatIf | None = None
+
+
+class MonitorReference(BaseModel):
+    """``POST /v1/monitor/reference``: the across-tenants drift reference re-measured on the
+    served galleries (and feedback in the window) as of now, stored in the model registry."""
+
+    model_version: str
+    status: Literal["measured", "undefined"]
+    message: str | None = None
+    reference: TenantsReference | None = None

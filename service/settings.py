@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         1000, ge=2, description="gallery items per tenant sampled for gallery pairs")
     monitor_max_pairs: int = Field(
         20_000, ge=1, description="labelled pairs kept per tenant, kind and source")
+    monitor_min_subjects: int = Field(
+        5, ge=2, description="eligible subjects (2+ images, or feedback pairs) OPIS across "
+        "subjects needs, per tenant and pooled")
+    monitor_reference_draws: int = Field(
+        20, ge=2, description="held-out galleries, shaped like a live one, the across-subjects "
+        "reference is measured on")
 
     @field_validator("store_url")
     @classmethod

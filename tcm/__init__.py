@@ -8,8 +8,10 @@ from tcm.artefact import (
     Calibration,
     Manifest,
     load_artefact,
+    load_reference,
     read_manifest,
     save_artefact,
+    save_reference,
 )
 from tcm.calibration import (
     ThresholdCalibration,
@@ -60,6 +62,7 @@ __all__ = [
     "eps_opis",
     "kfold_pair_accuracy",
     "load_artefact",
+    "load_reference",
     "map_at_r",
     "opis",
     "range_average",
@@ -68,6 +71,7 @@ __all__ = [
     "retrieval_metrics",
     "roc_points",
     "save_artefact",
+    "save_reference",
     "tar_at_far",
     "threshold_at_far",
     "to_input_tensor",

@@ -54,6 +54,15 @@ class Baseline:
     map_at_r: float
     num_classes: int
     num_images: int
+    # Optional (older artefacts lack them; see docs/architecture.md "Monitoring"):
+    # class-bootstrap percentile intervals of opis / eps_opis at ``interval_level``
+    opis_interval: tuple[float, float] | None = None
+    eps_opis_interval: tuple[float, float] | None = None
+    interval_level: float = 0.9
+    bootstrap_resamples: int = 0
+    # held-out embeddings (a capped subsample, float16) from which the service re-measures the
+    # reference at its galleries' images per subject; "" when the artefact has none
+    reference_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,9 @@ class Manifest:
         d = asdict(self)
         d["preprocessing"] = self.preprocessing.to_dict()
         d["calibration"]["far_range"] = list(self.calibration.far_range)
+        for key in ("opis_interval", "eps_opis_interval"):
+            if d["baseline"][key] is not None:
+                d["baseline"][key] = list(d["baseline"][key])
         return d
 
     @classmethod
@@ -101,7 +113,7 @@ class Manifest:
                 preprocessing=Preprocessing.from_dict(d["preprocessing"]),
                 embedding_dim=int(d["embedding_dim"]),
                 calibration=Calibration(**cal),
-                baseline=Baseline(**d["baseline"]),
+                baseline=_baseline(d["baseline"]),
                 dataset=dict(d.get("dataset", {})),
                 training_config=dict(d.get("training_config", {})),
                 weights_sha256=str(d.get("weights_sha256", "")),
@@ -112,6 +124,44 @@ class Manifest:
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"manifest is missing or has a malformed field: {exc}") from exc
+
+
+def _baseline(d: dict[str, Any]) -> Baseline:
+    b = dict(d)
+    for key in ("opis_interval", "eps_opis_interval"):
+        if b.get(key) is not None:
+            b[key] = tuple(float(x) for x in b[key])
+    return Baseline(**b)
+
+
+REFERENCE_FILE = "reference.safetensors"
+
+
+def save_reference(directory: str | Path, embeddings: torch.Tensor, labels: torch.Tensor) -> str:
+    """Writes held-out embeddings (float16) and their integer labels beside the weights;
+    returns the file name to record in ``Baseline.reference_file``."""
+    from safetensors.torch import save
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"embeddings": embeddings.detach().cpu().to(torch.float16).contiguous(),
+               "labels": labels.detach().cpu().to(torch.int32).contiguous()}
+    _write_atomic(out / REFERENCE_FILE, save(tensors))
+    return REFERENCE_FILE
+
+
+def load_reference(directory: str | Path, manifest: Manifest
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The held-out reference embeddings (float32) and labels, or None when the artefact has
+    none (older exports) or the file is missing."""
+    from safetensors.torch import load_file
+
+    name = manifest.baseline.reference_file
+    path = Path(directory) / name
+    if not name or not path.is_file():
+        return None
+    t = load_file(str(path), device="cpu")
+    return t["embeddings"].to(torch.float32), t["labels"].to(torch.int64)
 
 
 def _sha256(path: Path) -> str:

@@ -17,7 +17,34 @@ import torch
 from torch import nn
 
 from tcm import calibrate_threshold, consistency_report, retrieval_metrics
+from tcm.drift import bootstrap_interval
 from training.config import TrainConfig
+
+# The artefact's drift reference (tcm.drift): class-bootstrap resamples of the baseline OPIS,
+# and the held-out embeddings kept for the service to re-measure it at its galleries' class
+# sizes, capped (at 128-d float16: 300 x 20 x 128 x 2 bytes = 1.5 MB).
+BOOTSTRAP_RESAMPLES = 1000
+INTERVAL_LEVEL = 0.9
+REFERENCE_MAX_CLASSES = 300
+REFERENCE_MAX_PER_CLASS = 20
+
+
+def reference_subsample(emb: torch.Tensor, labels: torch.Tensor, *, seed: int = 0,
+                        max_classes: int = REFERENCE_MAX_CLASSES,
+                        max_per_class: int = REFERENCE_MAX_PER_CLASS
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_classes`` held-out classes with 2+ images, up to ``max_per_class`` images
+    each (seeded), for the artefact's reference file."""
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    classes = classes[counts >= 2]
+    classes = classes[torch.randperm(len(classes), generator=g)[:max_classes]]
+    keep = []
+    for k in classes.sort().values:
+        members = torch.nonzero(labels == k).flatten()
+        keep.append(members[torch.randperm(len(members), generator=g)[:max_per_class]])
+    idx = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
+    return emb[idx], labels[idx]
 
 
 def report_name(split: str) -> str:
@@ -45,6 +72,10 @@ def evaluate_embeddings(emb: torch.Tensor, labels: torch.Tensor,
     ret = retrieval_metrics(emb, labels, ks=(1, 2, 4, 8))
     at = cons.at_tau
     assert at is not None
+    level = INTERVAL_LEVEL
+    opis_ci = bootstrap_interval(cons.utility, resamples=BOOTSTRAP_RESAMPLES, level=level)
+    eps_ci = bootstrap_interval(cons.utility, resamples=BOOTSTRAP_RESAMPLES, level=level,
+                                eps=config.eps)
     return {
         "num_images": len(labels),
         "num_classes": len(cons.classes),
@@ -56,6 +87,10 @@ def evaluate_embeddings(emb: torch.Tensor, labels: torch.Tensor,
         "map_at_r": ret["map_at_r"],
         "opis": cons.opis,
         "eps_opis": cons.eps_opis,
+        "opis_interval": list(opis_ci),
+        "eps_opis_interval": list(eps_ci),
+        "interval_level": level,
+        "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
         "calibration": {
             "tau": cal.tau, "target_far": cal.target_far, "far": cal.far, "frr": cal.frr,
             "tar": cal.tar, "tau_lo": cons.tau_lo, "tau_hi": cons.tau_hi,
@@ -70,6 +105,7 @@ def evaluate_embeddings(emb: torch.Tensor, labels: torch.Tensor,
             "far_over_2x_target": int((at.far > 2 * config.target_far).sum()),
         },
         "_curves": cons,  # not serialised: used for plots
+        "_reference": reference_subsample(emb, labels),  # not serialised: for the artefact
     }
 
 

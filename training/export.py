@@ -15,7 +15,7 @@ from typing import Any
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from tcm import Baseline, Calibration, Manifest, Preprocessing, save_artefact
+from tcm import Baseline, Calibration, Manifest, Preprocessing, save_artefact, save_reference
 from training.config import TrainConfig
 from training.models import architecture_kwargs
 
@@ -33,6 +33,10 @@ def model_version(config: TrainConfig, weights_digest: str, when: float | None =
     return f"{config.dataset}-{config.arch}-{config.loss}{tcm}-{stamp}-{weights_digest[:8]}"
 
 
+def _pair(v: Any) -> tuple[float, float] | None:
+    return None if v is None else (float(v[0]), float(v[1]))
+
+
 def export_artefact(model: nn.Module, config: TrainConfig, result: dict[str, Any],
                     preprocessing: Preprocessing, in_channels: int, out_dir: str | Path,
                     data_description: dict[str, Any]) -> Manifest:
@@ -40,6 +44,9 @@ def export_artefact(model: nn.Module, config: TrainConfig, result: dict[str, Any
     model = model.cpu().eval()
     now = time.time()
     cal = result["calibration"]
+    reference_file = ""
+    if result.get("_reference") is not None:
+        reference_file = save_reference(out_dir, *result["_reference"])
     manifest = Manifest(
         model_version=model_version(config, weights_sha256(model), now),
         architecture=config.arch,
@@ -54,7 +61,12 @@ def export_artefact(model: nn.Module, config: TrainConfig, result: dict[str, Any
         baseline=Baseline(
             opis=result["opis"], eps_opis=result["eps_opis"], eps=config.eps,
             recall_at_1=result["recall_at_1"], map_at_r=result["map_at_r"],
-            num_classes=result["num_classes"], num_images=result["num_images"]),
+            num_classes=result["num_classes"], num_images=result["num_images"],
+            opis_interval=_pair(result.get("opis_interval")),
+            eps_opis_interval=_pair(result.get("eps_opis_interval")),
+            interval_level=float(result.get("interval_level", 0.9)),
+            bootstrap_resamples=int(result.get("bootstrap_resamples", 0)),
+            reference_file=reference_file),
         dataset=data_description,
         training_config=config.to_dict(),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),

@@ -20,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).resolve().parent / "dashboards" / "tcm.json"
-DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
+# every panel reads the Prometheus the ``datasource`` variable names (provisioned: uid prometheus)
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 UID = "tcm-service"
 T = '{tenant=~"$tenant"}'
+# per-tenant rates of the monitor's pairs: both sources pooled (the other values of ``source``
+# are feedback and gallery alone; aggregating over all three would mix them)
+TP = '{tenant=~"$tenant",source="pooled"}'
+FLOOR = "scalar(tcm_config:opis_reference_floor)"
 
 
 def target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[str, Any]:
@@ -91,15 +96,17 @@ def timeseries(title: str, description: str, tgts: list[dict[str, Any]], *, unit
 
 
 def stat(title: str, description: str, tgts: list[dict[str, Any]], *, unit: str = "short",
-         thresholds: list[tuple[float, str]] | None = None) -> dict[str, Any]:
+         thresholds: list[tuple[float, str]] | None = None, text_mode: str = "auto",
+         decimals: int | None = None) -> dict[str, Any]:
     steps = [{"color": c, "value": v} for v, c in [(None, "green"), *(thresholds or [])]]
+    defaults: dict[str, Any] = {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}}
+    if decimals is not None:
+        defaults["decimals"] = decimals
     return {"type": "stat", "title": title, "description": description, "targets": tgts,
-            "fieldConfig": {"defaults": {"unit": unit, "thresholds": {"mode": "absolute",
-                                                                      "steps": steps}},
-                            "overrides": []},
+            "fieldConfig": {"defaults": defaults, "overrides": []},
             "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "",
                                           "values": False},
-                        "colorMode": "background", "graphMode": "area", "textMode": "auto"}}
+                        "colorMode": "background", "graphMode": "area", "textMode": text_mode}}
 
 
 def heatmap(title: str, description: str, expr: str) -> dict[str, Any]:
@@ -111,32 +118,102 @@ def heatmap(title: str, description: str, expr: str) -> dict[str, Any]:
             "fieldConfig": {"defaults": {}, "overrides": []}}
 
 
+THRESHOLD_QUERY = ("query_result(sort(abs(max by (le) (tcm_monitor_score_bound) - "
+                   "scalar(max(tcm_model_threshold_score)))))")
+# model switches and failed activations as annotations on every panel
+ANNOTATIONS = [
+    {"name": "Model switches", "enable": True, "hide": False, "iconColor": "purple",
+     "datasource": DATASOURCE, "step": "30s", "useValueForTime": False,
+     "expr": "count by (model_version) (tcm_model_info unless tcm_model_info offset 1m)",
+     "titleFormat": "model switch", "textFormat": "now serving {{model_version}}"},
+    {"name": "Failed activations", "enable": True, "hide": False, "iconColor": "red",
+     "datasource": DATASOURCE, "step": "30s",
+     "expr": 'sum(increase(tcm_model_activations_total{result="failed"}[1m])) > 0',
+     "titleFormat": "model activation failed", "textFormat": "see GET /v1/models"},
+]
+
+
 def build() -> dict[str, Any]:
     lay = Layout()
 
-    lay.row("Threshold consistency (drift: retrain when OPIS leaves its baseline)")
+    lay.row("Model")
+    lay.add(stat("Model version", "The version every replica serves (more than one: a switch "
+                 "is under way, or a replica cannot load the active artefact).",
+                 targets(("count by (model_version) (tcm_model_info)", "{{model_version}}")),
+                 text_mode="name"), w=8, h=4)
+    lay.add(stat("Threshold tau", "The served model's global cosine threshold.",
+                 targets(("max(tcm_model_threshold_score)", "tau")), unit="none",
+                 decimals=4), w=4, h=4)
+    lay.add(stat("Target FAR", "The FAR tau was calibrated for.",
+                 targets(("max(tcm_model_target_far_ratio)", "target FAR")),
+                 unit="percentunit"), w=4, h=4)
+    lay.add(stat("Activation progress", "Gallery items re-embedded by the model switch in "
+                 "progress, over all items (0 when none runs).",
+                 targets(("max(tcm_model_activation_items{state=\"embedded\"}) / "
+                          "clamp_min(max(tcm_model_activation_items{state=\"total\"}), 1)",
+                          "re-embedded")), unit="percentunit"), w=4, h=4)
+    lay.add(stat("Switching", "Replicas preparing a model switch right now.",
+                 targets(("sum(tcm_model_activation_running)", "replicas")),
+                 thresholds=[(1, "blue")]), w=4, h=4)
+
+    lay.row("Drift across subjects (a tenant's subjects at one threshold; retrain when it "
+            "leaves its count-matched reference)")
     lay.add(timeseries(
-        "OPIS: live vs baseline",
-        "Variance of the tenants' utility curves over the model's calibration range (lower is "
-        "better). Baseline: held-out classes at training time. Above the dashed line for 30m "
-        "fires TCMOpisDegraded (retrain).",
-        targets(("max(tcm_opis)", "live OPIS"),
-                ("max(tcm_opis_baseline)", "baseline"),
-                ("max(tcm_opis_baseline) * scalar(tcm_config:opis_degraded_factor)",
-                 "retrain above")), min_=0), w=9)
+        "OPIS across subjects, all tenants: live vs reference",
+        "Variance of the subjects' utility curves (every tenant's subjects together). "
+        "Reference: held-out classes subsampled to the galleries' images per subject, same "
+        "rules; the band is its interval over the draws. Above the dashed line for 30m fires "
+        "TCMSubjectsOpisPooledDegraded.",
+        targets(("max(tcm_subjects_opis_pooled)", "live"),
+                ('max(tcm_subjects_opis_pooled_reference{bound="lo"})', "reference lo"),
+                ('max(tcm_subjects_opis_pooled_reference{bound="hi"})', "reference hi"),
+                ('scalar(tcm_config:subjects_opis_factor) * clamp_min(max('
+                 f'tcm_subjects_opis_pooled_reference{{bound="hi"}}), {FLOOR})', "alert above")),
+        min_=0), w=12)
     lay.add(timeseries(
-        "eps-OPIS: live vs baseline",
-        "Squared gap between the best and worst tenants' utility curves.",
-        targets(("max(tcm_eps_opis)", "live eps-OPIS"),
-                ("max(tcm_eps_opis_baseline)", "baseline"),
-                ("max(tcm_eps_opis_baseline) * scalar(tcm_config:eps_opis_degraded_factor)",
-                 "alert above")), min_=0), w=9)
-    lay.add(stat("OPIS / baseline", "Live OPIS over the model's baseline OPIS.",
-                 targets(("tcm:opis_over_baseline:ratio", "OPIS / baseline")),
+        "OPIS across subjects by tenant / reference upper bound",
+        "Each tenant's OPIS across its subjects over the upper bound of its own count-matched "
+        "reference (tenants with too few subjects have none). Above the alert factor for 30m "
+        "fires TCMSubjectsOpisDegraded.",
+        targets((f"tenant:tcm_subjects_opis_over_reference:ratio{T}", "{{tenant}}"),
+                ("tcm_config:subjects_opis_factor", "alert above")), min_=0), w=12)
+
+    lay.row("Drift across tenants (one threshold, many customers; reference measured on the "
+            "served galleries at activation)")
+    lay.add(timeseries(
+        "OPIS across tenants: live vs reference",
+        "Variance of the tenants' utility curves over the calibration range. Reference: the "
+        "same on the served galleries when the model started serving (POST "
+        "/v1/monitor/reference re-measures it), with its subject-bootstrap interval. Above the "
+        "dashed line for 30m fires TCMOpisDegraded.",
+        targets(("max(tcm_opis)", "live"),
+                ('max(tcm_tenants_opis_reference{bound="mid"})', "reference"),
+                ('max(tcm_tenants_opis_reference{bound="hi"})', "reference hi"),
+                ('scalar(tcm_config:opis_degraded_factor) * clamp_min(max('
+                 f'tcm_tenants_opis_reference{{bound="hi"}}), {FLOOR})', "alert above")),
+        min_=0), w=9)
+    lay.add(timeseries(
+        "Tenant deviation from the median tenant vs reference",
+        "Mean squared distance over the calibration range between each tenant's utility "
+        "curve and the median tenant's, and the farthest tenant's in the reference. Above "
+        "the dashed line for 30m fires TCMTenantInconsistent for the tenant.",
+        targets((f"max by (tenant) (tcm_tenant_deviation{T})", "{{tenant}}"),
+                ("max(tcm_tenants_deviation_reference)", "reference"),
+                ("scalar(tcm_config:tenant_deviation_factor) * clamp_min("
+                 f"max(tcm_tenants_deviation_reference), {FLOOR})", "alert above")),
+        min_=0), w=9)
+    lay.add(stat("OPIS across tenants / reference", "Live over the reference's upper bound.",
+                 targets(("tcm:opis_over_reference:ratio", "live / reference")),
                  thresholds=[(1.5, "orange"), (2, "red")]), w=3, h=4)
     lay.add(stat("Tenants in OPIS", "Tenants with enough labelled pairs to enter OPIS "
                  "(eligible), and those without (excluded).",
                  targets(("max by (status) (tcm_monitor_tenants)", "{{status}}"))), w=3, h=4)
+    lay.add(timeseries(
+        "eps-OPIS across tenants: live vs reference",
+        "Squared gap between the best and worst tenants' utility curves.",
+        targets(("max(tcm_eps_opis)", "live"),
+                ('max(tcm_tenants_eps_opis_reference{bound="hi"})', "reference hi")),
+        min_=0), w=6)
 
     lay.row("Per-tenant error rates vs target (NIST-style log ratios: 0 = on target)")
     lay.add(timeseries(
@@ -168,19 +245,20 @@ def build() -> dict[str, Any]:
         unit="percentunit", log=True))
     lay.add(timeseries(
         "Pair FAR at tau / target, log10 (monitor window)",
-        "From all labelled pairs in the monitor's window (feedback and gallery pairs).",
+        "From all labelled pairs in the monitor's window (feedback and gallery pairs pooled).",
         targets((f"tenant:tcm_tenant_far_over_target:log10_ratio{T}", "{{tenant}}")),
         thresholds=[(0.0, "orange"), (1.0, "red")]), w=8)
     lay.add(timeseries(
         "Pair FRR at tau (monitor window)",
         "Genuine pairs rejected at the global tau.",
-        targets((f"max by (tenant) (tcm_tenant_frr_ratio{T})", "{{tenant}}"),
+        targets((f"max by (tenant) (tcm_tenant_frr_ratio{TP})", "{{tenant}}"),
                 ("max(tcm_model_calibration_frr_ratio)", "calibration FRR")),
         unit="percentunit"), w=8)
     lay.add(timeseries(
         "Utility at tau by tenant",
-        "F-beta of TPR and TNR at the global threshold (1 = perfect).",
-        targets((f"max by (tenant) (tcm_tenant_utility_ratio{T})", "{{tenant}}")),
+        "F-beta of TPR and TNR at the global threshold (1 = perfect), feedback and gallery "
+        "pairs pooled.",
+        targets((f"max by (tenant) (tcm_tenant_utility_ratio{TP})", "{{tenant}}")),
         unit="percentunit"), w=8)
 
     lay.row("Scores (monitor window) and what-if threshold")
@@ -200,8 +278,9 @@ def build() -> dict[str, Any]:
                  "{{tenant}} {{kind}} {{source}}"))), w=8)
     lay.add(timeseries(
         "What-if: FAR at threshold $threshold",
-        "Share of each tenant's impostor pairs scoring above the chosen threshold (pick it "
-        "above; bucket bounds are dense inside the calibration range).",
+        "Share of each tenant's impostor pairs scoring at or above the chosen threshold (it "
+        "opens at tau; the list is ordered by distance from tau, bucket bounds are dense "
+        "inside the calibration range).",
         targets((
             'max by (tenant) (1 - sum by (tenant, instance) (tcm_impostor_score_bucket'
             '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
@@ -262,18 +341,27 @@ def build() -> dict[str, Any]:
         "Items indexed for the active model.",
         targets((f"max by (tenant) (tcm_gallery_items{T})", "{{tenant}}"))), w=8)
     lay.add(timeseries(
-        "Health",
-        "Targets up, store errors, and the monitor's snapshot age and compute time.",
+        "Replicas up and store errors",
+        "Targets up, and requests per second answered 503 because the store was down.",
         targets(('sum(up{job="tcm-service"})', "replicas up"),
-                (f"sum(rate(tcm_store_errors_total{rate}))", "store errors/s"),
-                ("time() - max(tcm_monitor_snapshot_timestamp_seconds)", "snapshot age (s)"),
-                (f"sum by (result) (rate(tcm_monitor_runs_total{rate}))",
-                 "monitor {{result}}/s"),
+                (f"sum(rate(tcm_store_errors_total{rate}))", "store errors/s"))), w=8)
+    lay.add(timeseries(
+        "Monitor snapshot age and compute time",
+        "Seconds since the monitor's snapshot was computed, and its compute time (p90).",
+        targets(("time() - max(tcm_monitor_snapshot_timestamp_seconds)", "snapshot age"),
                 (f"histogram_quantile(0.9, sum by (le) "
                  f"(rate(tcm_monitor_compute_duration_seconds_bucket{rate})))",
-                 "snapshot compute p90 (s)"))), w=24)
+                 "compute p90")), unit="s"), w=8)
+    lay.add(timeseries(
+        "Monitor runs",
+        "Monitor cycles per second: computed a snapshot, adopted a replica's, or failed.",
+        targets((f"sum by (result) (rate(tcm_monitor_runs_total{rate}))", "{{result}}")),
+        unit="ops"), w=8)
 
     variables = [
+        {"name": "datasource", "label": "Prometheus", "type": "datasource",
+         "query": "prometheus", "current": {"text": "Prometheus", "value": "prometheus"},
+         "hide": 0, "refresh": 1, "regex": "", "includeAll": False, "multi": False},
         {"name": "tenant", "label": "tenant", "type": "query", "datasource": DATASOURCE,
          "query": {"query": "label_values(tcm_decisions_total, tenant)", "refId": "tenant"},
          "definition": "label_values(tcm_decisions_total, tenant)", "refresh": 2,
@@ -285,12 +373,14 @@ def build() -> dict[str, Any]:
          "options": [{"text": "All", "value": "$__all", "selected": True},
                      {"text": "feedback", "value": "feedback", "selected": False},
                      {"text": "gallery", "value": "gallery", "selected": False}]},
+        # the histogram's bounds ordered by distance from tau: tau comes first, so the what-if
+        # opens at tau (a query variable whose saved value is not among its options selects
+        # the first one; sort 0 keeps the query's order)
         {"name": "threshold", "label": "what-if threshold", "type": "query",
          "datasource": DATASOURCE,
-         "query": {"query": "label_values(tcm_impostor_score_bucket, le)",
-                   "refId": "threshold"},
-         "definition": "label_values(tcm_impostor_score_bucket, le)", "refresh": 2,
-         "includeAll": False, "multi": False, "sort": 3},
+         "query": {"query": THRESHOLD_QUERY, "refId": "threshold"},
+         "definition": THRESHOLD_QUERY, "regex": '/le="([^"]+)"/', "refresh": 2,
+         "includeAll": False, "multi": False, "sort": 0, "current": {}},
     ]
     return {
         "uid": UID,
@@ -306,10 +396,11 @@ def build() -> dict[str, Any]:
         "version": 1,
         "time": {"from": "now-24h", "to": "now"},
         "templating": {"list": variables},
-        "annotations": {"list": [{
-            "name": "Annotations & Alerts", "type": "dashboard", "builtIn": 1, "enable": True,
-            "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
-            "datasource": {"type": "grafana", "uid": "-- Grafana --"}}]},
+        "annotations": {"list": [
+            {"name": "Annotations & Alerts", "type": "dashboard", "builtIn": 1, "enable": True,
+             "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
+             "datasource": {"type": "grafana", "uid": "-- Grafana --"}},
+            *ANNOTATIONS]},
         "panels": lay.panels,
     }
 

@@ -112,10 +112,94 @@ class SnapshotCollector:
             "range": GaugeMetricFamily("tcm_model_calibration_range_score",
                                        "bounds of the calibration range OPIS averages over",
                                        labels=["bound"]),
+            # across subjects (classes = a tenant's subjects): live and count-matched reference
+            "subj": GaugeMetricFamily(
+                "tcm_subjects_opis", "live OPIS across a tenant's subjects (gallery and "
+                "feedback pairs); absent with too few eligible subjects", labels=["tenant"]),
+            "subj_ref": GaugeMetricFamily(
+                "tcm_subjects_opis_reference", "OPIS across held-out classes subsampled to the "
+                "tenant's images per subject: interval bounds over the draws (lo, mid, hi)",
+                labels=["tenant", "bound"]),
+            "subj_pooled": GaugeMetricFamily(
+                "tcm_subjects_opis_pooled", "live OPIS across every tenant's subjects together"),
+            "subj_pooled_ref": GaugeMetricFamily(
+                "tcm_subjects_opis_pooled_reference", "count-matched reference of the pooled "
+                "OPIS across subjects (lo, mid, hi)", labels=["bound"]),
+            "subj_count": GaugeMetricFamily(
+                "tcm_monitor_subjects", "subjects over all tenants with a utility curve "
+                "(eligible) or not (excluded: too few pairs)", labels=["status"]),
+            # across tenants: the reference measured on the served galleries (registry)
+            "ten_ref": GaugeMetricFamily(
+                "tcm_tenants_opis_reference", "OPIS across tenants measured on the served "
+                "galleries when the model started serving: lo/hi of its subject-bootstrap "
+                "interval, mid = the measured value", labels=["bound"]),
+            "ten_eps_ref": GaugeMetricFamily(
+                "tcm_tenants_eps_opis_reference", "eps-OPIS across tenants at the same time "
+                "(lo, mid, hi)", labels=["bound"]),
+            "ten_dev_ref": GaugeMetricFamily(
+                "tcm_tenants_deviation_reference", "the farthest tenant's deviation from the "
+                "median tenant's utility curve in the across-tenants reference (bootstrap "
+                "upper bound)"),
+            "deviation": GaugeMetricFamily(
+                "tcm_tenant_deviation", "mean squared distance over the calibration range of a "
+                "tenant's utility curve from the median tenant's; absent for tenants not in "
+                "OPIS", labels=["tenant"]),
+            "bound": GaugeMetricFamily(
+                "tcm_monitor_score_bound", "each bucket bound (le) of the score histograms, as "
+                "its value: dashboards order what-if thresholds by distance from tau",
+                labels=["le"]),
+            "ten_ref_ts": GaugeMetricFamily(
+                "tcm_tenants_reference_timestamp_seconds", "when the across-tenants reference "
+                "was measured (Unix time)"),
         }
 
 
+def _add_interval(fam: Metric, labels: list[str], ref: dict[str, Any] | None) -> None:
+    if ref is not None:
+        for bound in ("lo", "mid", "hi"):
+            fam.add_metric([*labels, bound], ref[bound])
+
+
+def _add_drift(fams: dict[str, Metric], snap: dict[str, Any]) -> None:
+    """OPIS across subjects (tenants keeping their own label only: an ``other`` row would mix
+    tenants) with count-matched references, and the across-tenants reference."""
+    subjects = snap.get("subjects")
+    if subjects is not None:
+        pooled = subjects["pooled"]
+        if pooled["opis"] is not None:
+            fams["subj_pooled"].add_metric([], pooled["opis"])
+        ref = pooled["reference"]
+        if ref is not None and ref["matched"]:
+            _add_interval(fams["subj_pooled_ref"], [], ref)
+        eligible = sum(r["subjects"]["eligible_subjects"] for r in snap["tenants"].values()
+                       if "subjects" in r)
+        total = sum(r["subjects"]["subjects"] for r in snap["tenants"].values()
+                    if "subjects" in r)
+        fams["subj_count"].add_metric(["eligible"], eligible)
+        fams["subj_count"].add_metric(["excluded"], total - eligible)
+        for t, row in snap["tenants"].items():
+            if row.get("deviation") is not None and row["label"] == t:
+                fams["deviation"].add_metric([t], row["deviation"])
+            sub = row.get("subjects")
+            if sub is None or row["label"] != t:
+                continue
+            if sub["opis"] is not None:
+                fams["subj"].add_metric([t], sub["opis"])
+            if sub["reference"] is not None and sub["reference"]["matched"]:
+                _add_interval(fams["subj_ref"], [t], sub["reference"])
+    ten = snap.get("tenants_reference")
+    if ten is not None:
+        for key, name in (("opis", "ten_ref"), ("eps_opis", "ten_eps_ref")):
+            interval = ten.get(f"{key}_interval")
+            if interval is not None:
+                _add_interval(fams[name], [], {"lo": interval[0], "mid": ten[key],
+                                               "hi": interval[1]})
+        fams["ten_dev_ref"].add_metric([], ten["deviation"]["hi"])
+        fams["ten_ref_ts"].add_metric([], ten["measured_at"])
+
+
 def _add_snapshot(fams: dict[str, Metric], snap: dict[str, Any]) -> None:
+    _add_drift(fams, snap)
     if snap.get("opis") is not None:
         fams["opis"].add_metric([], snap["opis"])
     if snap.get("eps_opis") is not None:
@@ -126,6 +210,8 @@ def _add_snapshot(fams: dict[str, Metric], snap: dict[str, Any]) -> None:
     fams["tenants"].add_metric(["eligible"], snap["eligible_tenants"])
     fams["tenants"].add_metric(["excluded"], snap["tenants_total"] - snap["eligible_tenants"])
     bounds = [_le(b) for b in snap["score_buckets"]]
+    for le, b in zip(bounds, snap["score_buckets"], strict=True):
+        fams["bound"].add_metric([le], b)
     for label, row in snap["labels"].items():
         for src in RATE_SOURCES:
             rates = row[POOLED] if src == POOLED else row["by_source"][src]

@@ -88,21 +88,11 @@ def seed_for(*parts: str) -> int:
     return int.from_bytes(hashlib.sha256("|".join(parts).encode()).digest()[:8], "little")
 
 
-def gallery_scores(subjects: Sequence[str], vectors: np.ndarray, *, max_items: int,
-                   max_pairs: int, seed: int) -> LabelledScores:
-    """Genuine (same subject) and impostor (different subjects) scores within a gallery.
-
-    Above ``max_items`` items, whole subjects are drawn in a seeded order until the budget is
-    filled (drawing single items would break subjects up and starve the genuine pairs); each
-    kind is then capped at ``max_pairs`` by a seeded draw. The same gallery and seed give the
-    same pairs on every replica. Cost: O(max_items^2 * dim) time, O(max_items^2) memory.
-    """
+def sample_gallery(subjects: Sequence[str], max_items: int, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Subject codes of every item, and the rows kept: all of them up to ``max_items``, else
+    whole subjects drawn in a seeded order until the budget is filled."""
     n = len(subjects)
-    if n != len(vectors):
-        raise ValueError(f"{n} subjects for {len(vectors)} vectors")
-    if n < 2:
-        return LabelledScores()
-    rng = np.random.default_rng(seed)
     _, codes = np.unique(np.asarray(subjects, dtype=object).astype(str), return_inverse=True)
     idx = np.arange(n)
     if n > max_items:
@@ -119,6 +109,25 @@ def gallery_scores(subjects: Sequence[str], vectors: np.ndarray, *, max_items: i
             if budget == 0:
                 break
         idx = np.sort(np.concatenate(chosen))
+    return codes, idx
+
+
+def gallery_scores(subjects: Sequence[str], vectors: np.ndarray, *, max_items: int,
+                   max_pairs: int, seed: int) -> LabelledScores:
+    """Genuine (same subject) and impostor (different subjects) scores within a gallery.
+
+    Above ``max_items`` items, whole subjects are drawn in a seeded order until the budget is
+    filled (drawing single items would break subjects up and starve the genuine pairs); each
+    kind is then capped at ``max_pairs`` by a seeded draw. The same gallery and seed give the
+    same pairs on every replica. Cost: O(max_items^2 * dim) time, O(max_items^2) memory.
+    """
+    n = len(subjects)
+    if n != len(vectors):
+        raise ValueError(f"{n} subjects for {len(vectors)} vectors")
+    if n < 2:
+        return LabelledScores()
+    rng = np.random.default_rng(seed)
+    codes, idx = sample_gallery(subjects, max_items, rng)
     x = np.asarray(vectors, dtype=np.float32)[idx]
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     rows, cols = np.triu_indices(len(idx), k=1)

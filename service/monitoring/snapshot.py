@@ -24,9 +24,11 @@ import numpy as np
 
 from service.metrics import OUTCOMES, tenant_label_values
 from service.monitoring.pairs import KINDS, SOURCES, LabelledScores, pooled
+from service.monitoring.subjects import ReferenceFn, TenantSubjects, across_subjects
 from tcm import Manifest, consistency_from_scores, utility
+from tcm.drift import Grid, Rules, deviations
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 POOLED = "pooled"  # the source value of rates over both sources together
 
 
@@ -46,6 +48,12 @@ class MonitorConfig:
     fine_margin: float = 0.1  # ... over [tau_lo - margin, tau_hi + margin]
     coarse_step: float = 0.1  # bucket width elsewhere in [-1, 1]
     whatif_cache_pairs: int = 4_000_000  # pairs kept in memory for what-if queries (float64)
+    # OPIS across subjects (tcm.drift.Rules) and its references
+    min_subject_pairs: int = 1  # genuine (and impostor) pairs a subject needs for a curve
+    min_subjects: int = 5  # eligible subjects OPIS across subjects needs (per tenant, pooled)
+    reference_draws: int = 20  # count-matched reference galleries per distinct gallery shape
+    bootstrap_resamples: int = 200  # subject resamples of the across-tenants reference
+    interval_level: float = 0.9  # central share of the draws / resamples an interval spans
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,6 +67,11 @@ class MonitorConfig:
              "need 0 < fine_step <= coarse_step <= 2"),
             (self.fine_margin >= 0, "fine_margin must be >= 0"),
             (self.whatif_cache_pairs >= 0, "whatif_cache_pairs must be >= 0"),
+            (self.min_subject_pairs >= 1, "min_subject_pairs must be >= 1"),
+            (self.min_subjects >= 2, "min_subjects must be >= 2"),
+            (self.reference_draws >= 2, "reference_draws must be >= 2"),
+            (self.bootstrap_resamples >= 2, "bootstrap_resamples must be >= 2"),
+            (0 < self.interval_level < 1, "interval_level must lie in (0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -71,7 +84,15 @@ class MonitorConfig:
                    min_pairs=settings.monitor_min_pairs,
                    tenant_label_cap=settings.tenant_label_cap,
                    max_gallery_items=settings.monitor_max_gallery_items,
-                   max_pairs=settings.monitor_max_pairs)
+                   max_pairs=settings.monitor_max_pairs,
+                   min_subjects=settings.monitor_min_subjects,
+                   reference_draws=settings.monitor_reference_draws)
+
+    @property
+    def rules(self) -> Rules:
+        return Rules(min_genuine_pairs=self.min_subject_pairs,
+                     min_impostor_pairs=self.min_subject_pairs, min_subjects=self.min_subjects)
+
 
     def key(self, model_version: str) -> str:
         d = asdict(self)
@@ -80,6 +101,12 @@ class MonitorConfig:
         d["model_version"] = model_version
         d["format"] = SNAPSHOT_FORMAT
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def grid_of(manifest: Manifest) -> Grid:
+    """The manifest's calibration grid (and tau): what every utility curve is measured on."""
+    cal = manifest.calibration
+    return Grid.of(cal.tau_lo, cal.tau_hi, cal.num_thresholds, cal.tau, cal.beta)
 
 
 # --- error rates ----------------------------------------------------------------------------
@@ -160,13 +187,19 @@ def compute_snapshot(
     config: MonitorConfig,
     tenant_order: Sequence[str],
     now: float | None = None,
+    subjects: Mapping[str, TenantSubjects] | None = None,
+    reference: ReferenceFn | None = None,
+    tenants_reference: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``scores[tenant][source]`` -> the snapshot dict (see the module doc).
 
     A tenant enters OPIS with at least ``config.min_pairs`` genuine and impostor pairs (both
     sources pooled); with fewer than two such tenants OPIS is None and
     ``opis_unavailable_reason`` says why. ``tenant_order`` (oldest first) decides which tenants
-    keep their own label under the cap.
+    keep their own label under the cap. With ``subjects`` (per-subject histograms) the snapshot
+    also has OPIS across subjects (``subjects``, and each tenant's ``subjects`` row) against
+    ``reference`` (count-matched draws; None: the manifest baseline); ``tenants_reference`` is
+    the across-tenants reference from the registry (None: not measured yet).
     """
     cal, base = manifest.calibration, manifest.baseline
     now = time.time() if now is None else float(now)
@@ -184,7 +217,7 @@ def compute_snapshot(
             "label": labels[t],
             "eligible": p["genuine_pairs"] >= config.min_pairs
             and p["impostor_pairs"] >= config.min_pairs,
-            **p, "mean_utility": None, "by_source": rates["by_source"],
+            **p, "mean_utility": None, "deviation": None, "by_source": rates["by_source"],
             "outcomes": dict(fb.outcomes) if fb is not None else dict.fromkeys(OUTCOMES, 0),
         }
 
@@ -198,8 +231,10 @@ def compute_snapshot(
             tau_range=(cal.tau_lo, cal.tau_hi), num_thresholds=cal.num_thresholds,
             beta=cal.beta, eps=base.eps, tau=cal.tau)
         opis, eps_opis = float(report.opis), float(report.eps_opis)
+        dev = deviations(report.utility)
         for row, t in enumerate(report.classes):
             tenants[t]["mean_utility"] = float(report.mean_utility[row])
+            tenants[t]["deviation"] = float(dev[row])
     else:
         reason = (f"{len(eligible)} of {len(order)} tenant(s) have at least {config.min_pairs} "
                   f"genuine and {config.min_pairs} impostor labelled pairs; OPIS compares "
@@ -223,6 +258,15 @@ def compute_snapshot(
         }
 
     everyone = merge_sources(scores, order)
+    across = None
+    if subjects is not None:
+        across = across_subjects(
+            subjects, grid=grid_of(manifest), rules=config.rules, eps=base.eps,
+            level=config.interval_level, reference=reference,
+            baseline={"opis": base.opis, "opis_interval": base.opis_interval})
+        for t, row in across["tenants"].items():
+            if t in tenants:
+                tenants[t]["subjects"] = row
     return {
         "format": SNAPSHOT_FORMAT,
         "config_key": config.key(manifest.model_version),
@@ -237,7 +281,15 @@ def compute_snapshot(
         "min_pairs": config.min_pairs, "max_pairs": config.max_pairs,
         "max_gallery_items": config.max_gallery_items,
         "opis": opis, "eps_opis": eps_opis, "opis_unavailable_reason": reason,
-        "baseline": {"opis": base.opis, "eps_opis": base.eps_opis, "eps": base.eps},
+        "baseline": {"opis": base.opis, "eps_opis": base.eps_opis, "eps": base.eps,
+                     "opis_interval": list(base.opis_interval) if base.opis_interval else None,
+                     "eps_opis_interval": (list(base.eps_opis_interval)
+                                           if base.eps_opis_interval else None),
+                     "interval_level": base.interval_level,
+                     "num_classes": base.num_classes, "num_images": base.num_images},
+        "subjects": None if across is None else {k: v for k, v in across.items()
+                                                 if k != "tenants"},
+        "tenants_reference": dict(tenants_reference) if tenants_reference else None,
         "global": source_rates(everyone, cal.tau, beta=cal.beta),
         "tenants_total": len(order),
         "eligible_tenants": len(eligible),

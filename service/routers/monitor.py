@@ -7,15 +7,24 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Security
 from starlette.concurrency import run_in_threadpool
 
-from service.dependencies import Credentials, RuntimeDep, admin_bearer, is_admin, tenant_bearer
+from service.dependencies import (
+    AdminAuth,
+    Credentials,
+    RuntimeDep,
+    admin_bearer,
+    is_admin,
+    tenant_bearer,
+)
 from service.dependencies import token_of as _token
 from service.errors import NotFoundError
 from service.monitor import Monitor
 from service.schemas import (
     AdminWhatIf,
+    MonitorReference,
     MonitorSnapshot,
     MonitorView,
     TenantMonitorSnapshot,
+    TenantsReference,
     WhatIf,
     errors,
 )
@@ -58,3 +67,25 @@ async def monitor_view(request: Request, runtime: RuntimeDep,
         message=("the monitor has not produced a snapshot yet (it runs every "
                  f"{monitor.config.interval_s:g}s)") if pending else None,
         snapshot=None if snapshot is None else view.model_validate(snapshot), what_if=what_if)
+
+
+@router.post("/v1/monitor/reference", operation_id="remeasureMonitorReference",
+             dependencies=[AdminAuth], responses=errors(401, 404, 503))
+async def remeasure_reference(request: Request) -> MonitorReference:
+    """Re-measures the across-tenants reference (OPIS across tenants, the tenants' deviations)
+    on the data as of now and stores it for the active model, replacing the one measured when
+    it started serving: for after an operator has judged the current state healthy (e.g. new
+    tenants joined). Undefined with fewer than 2 tenants in OPIS."""
+    monitor: Monitor | None = getattr(request.app.state, "monitor", None)
+    if monitor is None:
+        raise NotFoundError("monitoring is disabled on this service (TCM_MONITOR_ENABLED)",
+                            code="monitor_disabled")
+    ref = await run_in_threadpool(monitor.remeasure_tenants_reference)
+    version = monitor.manifest.model_version
+    if ref is None:
+        return MonitorReference(
+            model_version=version, status="undefined",
+            message=f"fewer than 2 tenants have {monitor.config.min_pairs} genuine and "
+                    "impostor labelled pairs: the across-tenants reference is undefined")
+    return MonitorReference(model_version=version, status="measured",
+                            reference=TenantsReference.model_validate(ref))

@@ -62,7 +62,7 @@ def test_service_build_and_environment() -> None:
     assert env["TCM_STORE_URL"].startswith("redis://redis:6379")
     assert "${TCM_ADMIN_TOKEN:?" in env["TCM_ADMIN_TOKEN"]  # no default secret
     assert env["TCM_ARTEFACT_PATH"] == "/models/default"
-    assert any(v.endswith(":/models/default:ro") for v in tcm["volumes"])
+    assert "./artefacts:/models:ro" in tcm["volumes"]
     assert "/readyz" in " ".join(tcm["healthcheck"]["test"])
     # every environment variable the compose file sets is a real setting
     from service.settings import Settings
@@ -84,7 +84,8 @@ def test_prometheus_and_grafana_mount_files_that_exist() -> None:
     for name in ("prometheus", "grafana", "tcm"):
         for v in services[name].get("volumes", []):
             host = v.split(":")[0]
-            if host.startswith("./") and not host.startswith("./artefacts"):
+            # ./artefacts (make model) and ./exports (the operator) are made at run time
+            if host.startswith("./") and host not in ("./artefacts", "./exports"):
                 assert (ROOT / host).exists(), (name, host)
     prom = services["prometheus"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
@@ -166,3 +167,52 @@ def test_readme_documents_running_it() -> None:
     readme = (DEPLOY / "README.md").read_text()
     for needed in ("docker compose up", "make model", "promtool test rules", ".env"):
         assert needed in readme, needed
+
+
+def _mounts(service: dict) -> list[tuple[str, str, bool]]:
+    out = []
+    for v in service["volumes"]:
+        host, container, *mode = v.split(":")
+        out.append((host, container, mode == ["ro"]))
+    return out
+
+
+def _to_host(service: dict, path: str, *, writes: bool) -> str:
+    """The host path a container path lands on (or the test fails: it is not mounted)."""
+    for host, container, ro in _mounts(service):
+        if path == container or path.startswith(container.rstrip("/") + "/"):
+            assert not (writes and ro), f"{path} is on a read-only mount"
+            return str(Path(host) / Path(path).relative_to(container))
+    raise AssertionError(f"{path} is not on any mount of the service")
+
+
+def test_the_documented_retrain_loop_works_on_this_compose_file() -> None:
+    """Regression: artefacts were mounted one folder read-only (a retrained one could not be
+    staged) and the Redis store was not reachable from the host (export-dataset could not
+    run). The loop in deploy/README.md, step by step, against the compose configuration."""
+    import shlex
+
+    tcm = compose()["services"]["tcm"]
+    readme = (DEPLOY / "README.md").read_text()
+    block = readme[readme.index("The retrain loop"):]
+    block = block[block.index("```") + 3:]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    cmds = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    inside = [c[5:] for c in cmds if c[:5] == ["docker", "compose", "exec", "tcm", "tcm-serve"]]
+    assert [c[:2] for c in inside] == [["export-dataset", "--out"], ["models", "stage"],
+                                       ["models", "activate"]]
+    out = inside[0][2]
+    stage = inside[1][2]
+    (train,) = [c for c in cmds if c[0].endswith("tcm-train")]
+    # export writes into the container where the host reads the training data
+    assert _to_host(tcm, out, writes=True) == str(Path(train[train.index("--data") + 1]))
+    # training exports where the container sees artefacts, and stage names it there
+    assert _to_host(tcm, stage, writes=False) == str(Path(train[train.index("--export") + 1]))
+    assert _to_host(tcm, tcm["environment"]["TCM_ARTEFACT_PATH"], writes=False) == str(
+        Path(train[train.index("--from") + 1]))
+    # the models commands inside the container find the service and its admin token
+    assert "TCM_ADMIN_TOKEN" in tcm["environment"]
+    assert tcm["ports"][0].endswith(":8000")
+    # the exports folder is owned by the image's user (the root file system is read-only)
+    assert re.search(r"^USER 10001", DOCKERFILE.read_text(), re.M)
+    assert "chown 10001:10001 exports" in block

@@ -7,6 +7,7 @@ and compose build, the PrometheusRule generated from the rule files."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -73,7 +74,7 @@ def test_kustomizations_build(directory: str) -> None:
         "overlays/gpu": {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service",
                          "HorizontalPodAutoscaler", "PodDisruptionBudget", "StatefulSet",
                          "NetworkPolicy"},
-        "monitoring": {"ServiceMonitor", "PrometheusRule"},
+        "monitoring": {"ServiceMonitor", "PrometheusRule", "ConfigMap"},
         "retrain": {"Job", "Service"},
     }[directory]
     assert kinds == expected
@@ -155,7 +156,16 @@ SERVICE_MONITOR_SCHEMA = {
                          "type": "object", "additionalProperties": False, "properties": {
                              "port": {"type": "string"}, "path": {"type": "string"},
                              "interval": {"type": "string", "pattern": r"^\d+[smh]$"},
-                             "scrapeTimeout": {"type": "string", "pattern": r"^\d+[smh]$"}}}}}},
+                             "scrapeTimeout": {"type": "string", "pattern": r"^\d+[smh]$"},
+                             "relabelings": {"type": "array", "items": {
+                                 "type": "object", "additionalProperties": False,
+                                 "properties": {
+                                     "action": {"enum": ["replace", "keep", "drop",
+                                                         "labelmap"]},
+                                     "sourceLabels": {"type": "array"},
+                                     "regex": {"type": "string"},
+                                     "targetLabel": {"type": "string"},
+                                     "replacement": {"type": "string"}}}}}}}}},
     },
 }
 _RULE = {"type": "object", "required": ["expr"], "additionalProperties": False,
@@ -190,6 +200,38 @@ def test_prometheus_operator_resources() -> None:
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
     assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def operator_job_label(sm: dict, svc: dict) -> str:
+    """The job label the Prometheus Operator gives a ServiceMonitor's targets: the Service
+    label named by spec.jobLabel, else the Service's name; then the endpoint's relabelings
+    (replace actions on job) apply in order."""
+    job = svc["metadata"]["labels"].get(sm["spec"].get("jobLabel", ""), svc["metadata"]["name"])
+    for r in sm["spec"]["endpoints"][0].get("relabelings", []):
+        if r.get("targetLabel") == "job" and r.get("action", "replace") == "replace" \
+                and not r.get("sourceLabels"):
+            job = r["replacement"]
+    return job
+
+
+def test_service_monitor_job_matches_the_rules_and_dashboard() -> None:
+    """Regression: under the operator the job was "tcm" while the rules read
+    up{job="tcm-service"}: TCMServiceAbsent fired forever, TCMServiceDown never."""
+    sm = one(built("monitoring"), "ServiceMonitor", "tcm")
+    svc = one(built("overlays/cpu"), "Service", "tcm")
+    job = operator_job_label(sm, svc)
+    texts = [f.read_text() for f in RULE_FILES]
+    texts.append((DEPLOY / "grafana" / "dashboards" / "tcm.json").read_text())
+    used = {j for t in texts for j in re.findall(r'job=\\?"([^"\\]+)', t)}
+    assert used == {job}, (used, job)
+    assert operator_job_label({"spec": {"endpoints": [{}]}}, svc) == "tcm"  # the default
+
+
+def test_grafana_dashboard_configmap_for_the_sidecar() -> None:
+    cm = one(built("monitoring"), "ConfigMap", "tcm-grafana-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["tcm.json"]) == json.loads(
+        (DEPLOY / "grafana" / "dashboards" / "tcm.json").read_text())
 
 
 # --- the PrometheusRule is the rule files ---------------------------------------------------------

@@ -140,13 +140,13 @@ def test_recording_rules_see_one_tenant_drift(prometheus: Prometheus,
     def all_far() -> bool:
         far = prometheus.query("tenant:tcm_far:ratio_rate5m")
         return set(far) == set(TENANTS) and "" in prometheus.query(
-            "tcm:opis_over_baseline:ratio")
+            "tcm:opis_over_reference:ratio")
 
     wait_for(all_far, 30, "per-tenant FAR and OPIS from the rules", prometheus, script.tick)
     script.run_for(2.0)
     healthy_far = prometheus.query("tenant:tcm_far:ratio_rate5m")
     assert all(v <= target for v in healthy_far.values()), healthy_far
-    opis_before = prometheus.query("tcm:opis_over_baseline:ratio")[""]
+    opis_before = prometheus.query("tcm:opis_over_reference:ratio")[""]
 
     # phase 2: the drifter's impostors pass the threshold; its FAR climbs, the others' do not
     script.drift = True
@@ -171,7 +171,7 @@ def test_recording_rules_see_one_tenant_drift(prometheus: Prometheus,
 
     # the monitor's snapshot came through: OPIS left its baseline, the gauge histograms parse
     def opis_high() -> bool:
-        return prometheus.query("tcm:opis_over_baseline:ratio")[""] > 2.0
+        return prometheus.query("tcm:opis_over_reference:ratio")[""] > 2.0
 
     wait_for(opis_high, 20, "live OPIS above twice its baseline", prometheus, script.tick)
     assert opis_before < 2.0

@@ -11,6 +11,7 @@ its baseline, and the per-tenant FAR alert pending for the drifter only; /v1/mon
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,8 +22,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
-from tcm import Baseline, Calibration, Manifest, Preprocessing, build_embedder, save_artefact
+from tcm import (
+    Baseline,
+    Calibration,
+    Manifest,
+    Preprocessing,
+    build_embedder,
+    save_artefact,
+    save_reference,
+)
+from tests.deploy.conftest import grafana_to_promql
 from tests.deploy.promserver import free_port, running_prometheus, wait_for
 
 pytestmark = pytest.mark.slow
@@ -46,8 +57,16 @@ def artefact(tmp_path_factory: pytest.TempPathFactory) -> Path:
         calibration=Calibration(tau=TAU, target_far=0.01, far_at_tau=0.01, frr_at_tau=0.05,
                                 tau_lo=0.4, tau_hi=0.6),
         baseline=Baseline(opis=0.002, eps_opis=0.02, eps=0.05, recall_at_1=0.9, map_at_r=0.5,
-                          num_classes=10, num_images=100))
+                          num_classes=10, num_images=100, opis_interval=(0.001, 0.004),
+                          reference_file="reference.safetensors"))
     out = tmp_path_factory.mktemp("artefact")
+    # held-out "classes": noisy directions, as an export keeps them for the across-subjects
+    # reference
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((40, DIM))
+    labels = np.repeat(np.arange(40), 6)
+    x = centres[labels] + 0.6 * rng.standard_normal((len(labels), DIM))
+    save_reference(out, torch.from_numpy(x), torch.from_numpy(labels))
     save_artefact(out, build_embedder("small_cnn", **kwargs), manifest)
     return out
 
@@ -130,6 +149,12 @@ class Clients:
                            headers=self.keys[name])
         assert r.status_code in (200, 201), r.text
 
+    def verify_once(self) -> None:
+        r = self.http.post("/v1/verify", json={"a": {"embedding": self.probe(0, 0.9)},
+                                               "b": {"subject": "s0"}},
+                           headers=self.keys[NAMES[0]])
+        assert r.status_code == 200, r.text
+
     def tick(self) -> None:
         for name in NAMES:
             for _ in range(4):
@@ -150,7 +175,7 @@ def test_prometheus_sees_one_tenant_drift_on_the_running_service(service: str, t
             return clients.by_name(prom.query("tenant:tcm_far:ratio_rate5m"))
 
         def opis_ratio() -> float:
-            return prom.query("tcm:opis_over_baseline:ratio")[""]
+            return prom.query("tcm:opis_over_reference:ratio")[""]
 
         def healthy_everywhere() -> bool:
             return set(far()) == set(NAMES) and opis_ratio() >= 0
@@ -178,14 +203,39 @@ def test_prometheus_sees_one_tenant_drift_on_the_running_service(service: str, t
             return {clients.by_name({a["labels"].get("tenant", ""): 0.0}).popitem()[0]
                     for a in alerts if a["labels"]["alertname"] == "TCMTenantFARHigh"}
 
-        wait_for(lambda: pending() == {DRIFTER}, 20, "TCMTenantFARHigh pending for the drifter",
+        wait_for(lambda: pending() == {DRIFTER}, 40, "TCMTenantFARHigh pending for the drifter",
                  prom, clients.tick)
+
+        # every expression of every Grafana panel returns series from this Prometheus
+        clients.verify_once()
+        dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "grafana"
+                                / "dashboards" / "tcm.json").read_text())
+        exprs = {t["expr"]: p["title"] for p in dashboard["panels"]
+                 for t in p.get("targets", [])}
+        assert len(exprs) > 40
+
+        def empty() -> list[str]:
+            return [f"{title}: {e}" for e, title in exprs.items()
+                    if not prom.get("/api/v1/query", query=grafana_to_promql(e))["result"]]
+
+        deadline = time.monotonic() + 30
+        while (missing := empty()) and time.monotonic() < deadline:
+            clients.tick()
+            time.sleep(0.5)
+        assert not missing, "dashboard queries without series:\n" + "\n".join(missing)
 
         # the service's own JSON view says the same as what Prometheus scraped
         view = clients.http.get("/v1/monitor",
                                 headers={"Authorization": f"Bearer {ADMIN}"}).json()
         snap = view["snapshot"]
         assert snap["opis"] > 2 * snap["baseline"]["opis"]
+        # both drift signals, with their references, survive the typed answer
+        assert snap["subjects"]["pooled"]["opis"] is not None
+        assert snap["subjects"]["pooled"]["reference"]["matched"] is True
+        assert snap["tenants_reference"]["tenants"] == len(NAMES)
+        assert snap["opis"] > 2 * snap["tenants_reference"]["opis_interval"][1]
+        row = snap["tenants"][clients.ids[DRIFTER]]
+        assert row["subjects"]["eligible_subjects"] == SUBJECTS and row["deviation"] > 0
         drifter = snap["tenants"][clients.ids[DRIFTER]]
         assert drifter["far"] > max(snap["tenants"][clients.ids[n]]["far"]
                                     for n in NAMES if n != DRIFTER)

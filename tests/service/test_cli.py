@@ -25,6 +25,42 @@ def test_help_lists_options() -> None:
     assert "--host" in result.output and "--port" in result.output
 
 
+def test_help_lists_every_setting_with_its_default() -> None:
+    """Regression: --help named none of the TCM_* settings."""
+    from service.settings import Settings
+
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for name, field in Settings.model_fields.items():
+        shown = "unset" if field.default is None else (
+            str(field.default).lower() if isinstance(field.default, bool) else str(field.default))
+        assert f"TCM_{name.upper()} (default {shown})" in text, name
+
+
+@pytest.mark.parametrize("broken", ["missing", "not_json", "no_weights"])
+def test_a_bad_artefact_is_one_line_and_exit_2(tmp_path: Path, broken: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a missing artefact at start-up was an 84-line traceback."""
+    path = tmp_path / "artefact"
+    if broken != "missing":
+        path.mkdir()
+        (path / "manifest.json").write_text("{" if broken == "not_json" else "{}")
+    if broken == "no_weights":
+        import json
+
+        from tests.service.test_monitor import synthetic_manifest
+
+        (path / "manifest.json").write_text(json.dumps(synthetic_manifest().to_dict()))
+    monkeypatch.setenv("TCM_ARTEFACT_PATH", str(path))
+    monkeypatch.setenv("TCM_STORE_URL", f"sqlite:///{tmp_path / 'tcm.db'}")
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cannot serve the artefact at" in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
 def test_invalid_settings_exit_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TCM_STORE_URL", "postgres://nope")
     result = CliRunner().invoke(app, [])

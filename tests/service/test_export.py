@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -89,6 +90,26 @@ def test_export_dataset(kind: str, artefact: Path, store_settings, digits: Digit
     assert result.exit_code == 1 and "not empty" in result.output
 
 
+def test_export_refuses_a_store_that_does_not_exist(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: run from another folder, the default sqlite:///./data/tcm.db was created
+    empty and "exported 0 images" with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(serve_cli, ["export-dataset", "--out", "out"],
+                                env={"TCM_STORE_URL": "sqlite:///./data/tcm.db"})
+    assert result.exit_code == 1
+    assert "no store at sqlite:///./data/tcm.db" in result.output
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+    # a store that exists but holds nothing (another prefix, a fresh file) is refused too
+    from service.settings import Settings
+    from service.store import open_store
+
+    open_store(Settings(store_url=f"sqlite:///{tmp_path / 'empty.db'}")).close()
+    result = CliRunner().invoke(serve_cli, ["export-dataset", "--out", "out"],
+                                env={"TCM_STORE_URL": f"sqlite:///{tmp_path / 'empty.db'}"})
+    assert result.exit_code == 1 and "holds no tenants" in result.output
+
+
 def test_models_cli_against_a_running_service(tmp_path: Path, artefact: Path) -> None:
     v2 = make_version(artefact, tmp_path / "v2", "digits-test-v2", 7)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
@@ -103,9 +124,12 @@ def test_models_cli_against_a_running_service(tmp_path: Path, artefact: Path) ->
         r = run.invoke(serve_cli, ["models", "stage", str(v2)], env=cli_env)
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["model_version"] == "digits-test-v2"
+        assert "staged digits-test-v2" in r.output  # the version, said plainly
         r = run.invoke(serve_cli, ["models", "activate", "digits-test-v2"], env=cli_env)
         assert r.exit_code == 0, r.output
         assert "digits-test-v2 is active" in r.output
+        # the progress it waited through (regression: it used to wait silently)
+        assert re.search(r"digits-test-v2: (loading|embedding|switching|done)", r.output), r.output
         r = run.invoke(serve_cli, ["models", "list"], env=cli_env)
         body = json.loads(r.stdout)
         assert body["active"] == body["served"] == "digits-test-v2"

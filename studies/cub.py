@@ -120,8 +120,10 @@ def opis_from_curves(u: np.ndarray, eps: float) -> tuple[float, float]:
 def run_details(run: Path, splits: Splits, config: TrainConfig) -> dict[str, Any]:
     """Test embeddings of a run -> its per-class arrays (utility curves, hits, AP, FAR/FRR)."""
     model, _ = load_trained_model(run)
-    emb = embed(model, splits.test.x)
-    y = splits.test.y
+    return details_of(embed(model, splits.test.x), splits.test.y, config)
+
+
+def details_of(emb: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> dict[str, Any]:
     cal = calibrate_threshold(emb, y, target_far=config.target_far)
     cons = consistency_report(
         emb,
@@ -229,10 +231,16 @@ def _alike(
 
 
 def _mean_scores(emb: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    s = emb @ emb.T
-    same = y[:, None] == y[None, :]
-    off = ~torch.eye(len(y), dtype=torch.bool)
-    return float(s[same & off].mean()), float(s[~same].mean())
+    """Mean genuine and impostor cosine without the N x N matrix: the sum of x_i . x_j over a
+    set of pairs is (|sum x|^2 - sum |x|^2) / 2 (unit vectors: |x|^2 = 1)."""
+    n = len(y)
+    total = (float(emb.sum(0).square().sum()) - n) / 2
+    sums = torch.zeros(int(y.max()) + 1, emb.shape[1]).index_add_(0, y, emb)
+    counts = torch.bincount(y).double()
+    genuine = (float(sums.square().sum()) - n) / 2
+    n_gen = float((counts * (counts - 1) / 2).sum())
+    n_imp = n * (n - 1) / 2 - n_gen
+    return genuine / n_gen, (total - genuine) / n_imp
 
 
 def noise_floor(reference: dict[str, Any], config: TrainConfig, draws: int) -> dict[str, Any]:
@@ -242,16 +250,16 @@ def noise_floor(reference: dict[str, Any], config: TrainConfig, draws: int) -> d
     dim = reference["emb"].shape[1]
     want_gen, want_imp = _mean_scores(reference["emb"], reference["y"])
     shared, sigma = 0.5, 1.0
-    for _ in range(4):  # alternate 1-D bisections: sigma sets genuine, shared sets impostor
+    for _ in range(3):  # alternate 1-D bisections: sigma sets genuine, shared sets impostor
         lo, hi = 0.01, 20.0
-        for _ in range(20):
+        for _ in range(16):
             sigma = (lo + hi) / 2
             g, _i = _mean_scores(
                 *_alike(sizes, dim, shared, sigma, torch.Generator().manual_seed(0))
             )
             lo, hi = (sigma, hi) if g > want_gen else (lo, sigma)
         lo, hi = 0.0, 20.0
-        for _ in range(20):
+        for _ in range(16):
             shared = (lo + hi) / 2
             _g, i = _mean_scores(
                 *_alike(sizes, dim, shared, sigma, torch.Generator().manual_seed(0))
@@ -332,8 +340,19 @@ def main() -> None:
     p.add_argument("--m-minus", default="0.3,0.5")
     p.add_argument("--r1-slack", type=float, default=0.01)
     p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--floor-draws", type=int, default=20)
+    p.add_argument("--floor-draws", type=int, default=10)
+    p.add_argument(
+        "--losses",
+        nargs="+",
+        default=list(LOSSES),
+        choices=list(LOSSES),
+        help="train only these (e.g. two processes on a shared machine); the table "
+        "is written when every base loss has its runs",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     common = [
         *COMMON,
@@ -348,6 +367,8 @@ def main() -> None:
     chosen: dict[str, dict[str, Any]] = {}
     sweeps: dict[str, list[dict[str, Any]]] = {}
     for loss, settings in LOSSES.items():
+        if loss not in args.losses:
+            continue
         base = load_config(None, [*common, *settings, f"val_classes={args.val_classes}", "seed=0"])
         out = args.out / "sweep" / loss
         sweep(base, {"tcm": ["false"]}, out, console=console, progress=False)
@@ -373,6 +394,8 @@ def main() -> None:
     groups: dict[str, list[dict[str, Any]]] = {}
     details: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for loss, settings in LOSSES.items():
+        if loss not in args.losses:
+            continue
         margins = [f"m_plus={chosen[loss]['m_plus']}", f"m_minus={chosen[loss]['m_minus']}"]
         for arm, arm_settings in ARMS.items():
             for seed in args.seeds:
@@ -409,6 +432,10 @@ def main() -> None:
                 details.setdefault(loss, {}).setdefault(arm, []).append(
                     run_details(run, splits, cfg)
                 )
+
+    if set(args.losses) != set(LOSSES):
+        console.print(f"trained {args.losses}; rerun with every base loss for the table")
+        return
 
     # 3. paired differences with class-bootstrap intervals; the noise floor
     paired_rows = {}

@@ -88,6 +88,22 @@ def extract(
     return np.concatenate(out), n / max(seconds, 1e-9)
 
 
+def _save(path: Path, feats: np.ndarray, metadata: dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file(
+            {"features": np.ascontiguousarray(feats, dtype=np.float32)}, tmp, metadata=metadata
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def cached_features(
     arch: str,
     images,
@@ -97,9 +113,16 @@ def cached_features(
     *,
     progress: bool = True,
     description: str = "features",
+    chunk: int = 256,
+    reverse: bool = False,
 ) -> np.ndarray:
-    """The backbone's features of ``images``: read from the cache, else extracted and stored."""
-    from safetensors.numpy import load_file, save_file
+    """The backbone's features of ``images``: read from the cache, else extracted and stored.
+
+    Extraction is resumable: each ``chunk`` of images is stored as it completes (``<key>.parts``)
+    and an interrupted run continues from the chunks on disk. Two processes may share the work
+    (one with ``reverse=True`` walks the chunks from the end; each skips chunks already stored).
+    """
+    from safetensors.numpy import load_file
 
     weights_sha = file_sha256(pretrained_weights_file(arch))
     key = cache_key(arch, weights_sha, spec, images_fingerprint(images, labels))
@@ -110,25 +133,51 @@ def cached_features(
             if progress:
                 print(f"{description}: {len(feats)} cached features from {path}", flush=True)
             return feats
+    parts = path.with_suffix(".parts")
+    starts = list(range(0, len(labels), chunk))
     backbone = build_pretrained_backbone(arch, backbone_sha256=weights_sha)
-    feats, rate = extract(backbone, images, spec, progress=progress, description=description)
+    meta = {"arch": arch, "weights_sha256": weights_sha}
+    t0, done = time.perf_counter(), 0
+    for _ in range(2):  # the second pass picks up chunks another worker left unfinished
+        for i in reversed(starts) if reverse else starts:
+            part = parts / f"{i:07d}.safetensors"
+            if part.is_file():
+                continue
+            batch = _Slice(images, i, min(len(labels), i + chunk))
+            feats, _ = extract(
+                backbone,
+                batch,
+                spec,
+                progress=progress,
+                description=f"{description} {i}/{len(labels)}",
+            )
+            _save(part, feats, meta)
+            done += len(batch)
+            if progress:
+                rate = done / (time.perf_counter() - t0)
+                print(
+                    f"{description}: {i + len(batch)}/{len(labels)} ({rate:.1f} img/s)", flush=True
+                )
+    feats = np.concatenate(
+        [load_file(str(parts / f"{i:07d}.safetensors"))["features"] for i in starts]
+    )
+    rate = done / max(time.perf_counter() - t0, 1e-9)
     if progress:
-        print(f"{description}: {len(feats)} images at {rate:.1f} img/s -> {path}", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file(
-            {"features": np.ascontiguousarray(feats, dtype=np.float32)},
-            tmp,
-            metadata={
-                "arch": arch,
-                "weights_sha256": weights_sha,
-                "images_per_second": f"{rate:.2f}",
-            },
-        )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        print(f"{description}: {done} images extracted at {rate:.1f} img/s -> {path}", flush=True)
+    _save(path, feats, {**meta, "images_per_second": f"{rate:.2f}"})
+    for p in parts.glob("*.safetensors"):
+        p.unlink(missing_ok=True)
     return feats
+
+
+class _Slice:
+    """``images[start:stop]`` without copying or decoding (works for lazily decoded sets)."""
+
+    def __init__(self, images, start: int, stop: int) -> None:
+        self.images, self.start, self.stop = images, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        return self.images[self.start + i]

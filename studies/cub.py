@@ -54,7 +54,7 @@ COMMON = [
     "arch=efficientnet_lite0",
     "freeze_backbone=true",
     "embedding_dim=128",
-    "batch_size=128",
+    "batch_size=64",
     "m_per_class=4",
     "lr=1e-3",
     "target_far=1e-2",
@@ -333,10 +333,10 @@ def main() -> None:
     p.add_argument("--docs", type=Path, default=Path("docs/results"))
     p.add_argument("--feature-cache", default="runs/features")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--val-classes", type=int, default=14)
-    p.add_argument("--m-plus", default="0.7,0.8,0.9")
+    p.add_argument("--m-plus", default="0.8,0.9")
     p.add_argument("--m-minus", default="0.3,0.5")
     p.add_argument("--r1-slack", type=float, default=0.01)
     p.add_argument("--bootstrap", type=int, default=1000)

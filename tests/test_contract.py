@@ -13,6 +13,7 @@ import base64
 import contextlib
 import io
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,8 @@ def test_trained_artefact_serves_the_training_embeddings(trained, tmp_path: Path
         serve_and_check(settings, manifest, images, labels, reference, chosen)
 
 
-def serve_and_check(settings: Settings, manifest, images, labels, reference, chosen) -> None:
+def serve_and_check(settings: Settings, manifest, images, labels, reference, chosen,
+                    atol: float = 1e-5) -> None:
     with TestClient(create_app(settings)) as client:
         info = client.get("/v1/model").json()
         assert info["model_version"] == manifest.model_version
@@ -111,7 +113,7 @@ def serve_and_check(settings: Settings, manifest, images, labels, reference, cho
                         headers=auth)
         assert r.status_code == 200, r.text
         served = np.asarray(r.json()["embeddings"], dtype=np.float32)
-        np.testing.assert_allclose(served, reference[probe_idx], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(served, reference[probe_idx], atol=atol, rtol=1e-5)
 
         # enrol two images per class by image, probe with the third: decisions at tau
         items = [{"subject": f"class-{y}", "image": png_b64(images[i])}
@@ -136,3 +138,59 @@ def serve_and_check(settings: Settings, manifest, images, labels, reference, cho
             assert body["decision"]["accepted"] == bool(top["score"] >= tau)
             assert body["decision"]["subject"] == (top["subject"] if top["score"] >= tau
                                                    else None)
+
+
+# --- a pretrained artefact: frozen ImageNet backbone from its wheel + the trained head ---------
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> tuple:
+    """Four CUB species (five photos each) as an image folder; EfficientNet-Lite0 frozen, its
+    features cached, a head trained on them and exported with the backbone left out."""
+    root = tmp_path_factory.mktemp("pretrained")
+    folder = root / "birds"
+    per_class: dict[str, int] = {}
+    with zipfile.ZipFile(Path(data_dir, "cub200_subset100", "bird_dataset.zip")) as z:
+        for name in sorted(n for n in z.namelist() if n.endswith(".jpg")):
+            species = name.split("/")[2]
+            if per_class.get(species, 0) >= 5 or (species not in per_class
+                                                  and len(per_class) >= 4):
+                continue
+            per_class[species] = per_class.get(species, 0) + 1
+            (folder / species).mkdir(parents=True, exist_ok=True)
+            (folder / species / Path(name).name).write_bytes(z.read(name))
+    cfg = load_config(None, [
+        "dataset=imagefolder", f"data_dir={folder}", "arch=efficientnet_lite0",
+        "freeze_backbone=true", f"feature_cache={root / 'features'}", "embedding_dim=32",
+        "batch_size=8", "m_per_class=4", "epochs=1", "steps_per_epoch=5", "test_fraction=0.5"])
+    train_evaluate_export(cfg, root / "run", root / "artefact", progress=False, plots=False)
+    return cfg, root
+
+
+def test_pretrained_artefact_serves_the_training_embeddings(pretrained, tmp_path: Path) -> None:
+    cfg, root = pretrained
+    _, manifest = load_artefact(root / "artefact")
+    # what the service needs to embed exactly as training did is in the manifest
+    assert manifest.architecture == "efficientnet_lite0"
+    assert manifest.preprocessing.image_size == (224, 224)
+    assert manifest.preprocessing.mean == (0.5, 0.5, 0.5)
+    assert manifest.weights_exclude == ("backbone.",)
+    assert len(manifest.architecture_kwargs["backbone_sha256"]) == 64
+    # the artefact carries the head only (32 x 1280 + 32 floats), not the 18 MB backbone
+    assert (root / "artefact" / "model.safetensors").stat().st_size < 200_000
+
+    _, raw = load_raw(cfg)
+    test = load_splits(cfg).test  # the cached features of the held-out species
+    assert test.x.shape[1] == 1280
+    head, _ = load_trained_model(root / "run")
+    reference = embed(head, test.x).numpy()  # training's view: head on cached features
+    labels = np.asarray(raw.labels)
+    chosen: dict[int, list[int]] = {}
+    for i, y in enumerate(labels.tolist()):
+        chosen.setdefault(y, []).append(i)
+    chosen = {y: v[:PER_CLASS] for y, v in chosen.items()}
+    settings = Settings(artefact_path=root / "artefact", admin_token=ADMIN, device="cpu",
+                        embed_max_wait_ms=2.0, monitor_enabled=False,
+                        store_url=f"sqlite:///{tmp_path / 'tcm.db'}")
+    serve_and_check(settings, manifest, list(raw.images), labels, reference, chosen,
+                    atol=1e-4)

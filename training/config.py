@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("omniglot", "digits", "mnist", "fashion_mnist", "imagefolder", "att_faces", "lfw")
-LOSSES = ("multi_similarity", "contrastive", "proxy_anchor", "arcface")
+DATASETS = ("omniglot", "digits", "mnist", "fashion_mnist", "imagefolder", "att_faces", "lfw",
+            "cub")
+LOSSES = ("multi_similarity", "contrastive", "proxy_anchor", "arcface", "supcon")
+DISTANCES = ("cosine", "euclidean")
 OPTIMIZERS = ("adamw", "sgd")
 NORMS = ("batch", "group")
 
@@ -45,6 +47,10 @@ class TrainConfig:
     # a local weights file (.safetensors, or a .pt/.pth state dict) or an artefact folder to
     # start from; nothing is ever downloaded
     pretrained: str = ""
+    # a pretrained backbone (efficientnet_lite0..2) kept frozen: its features are extracted once,
+    # cached on disk under feature_cache, and only the embedding head trains on them
+    freeze_backbone: bool = False
+    feature_cache: str = "runs/features"
     # loss
     loss: str = "multi_similarity"
     ms_alpha: float = 2.0
@@ -52,6 +58,10 @@ class TrainConfig:
     ms_base: float = 0.5
     contrastive_pos_margin: float = 1.0  # cosine similarity: positives pulled above this
     contrastive_neg_margin: float = 0.3  # negatives pushed below this
+    # euclidean: PML's own default (distance, pos 0 / neg 1), whose positive term pulls every
+    # positive pair (no margin), so the loss is not itself a TCM; cosine with margins is one
+    contrastive_distance: str = "cosine"
+    supcon_temperature: float = 0.1
     proxy_margin: float = 0.1
     proxy_alpha: float = 32.0
     arcface_margin: float = 28.6  # degrees
@@ -93,6 +103,16 @@ class TrainConfig:
             problems.append(f"arch {self.arch!r} is not one of {sorted(ARCHITECTURES)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        if self.contrastive_distance not in DISTANCES:
+            problems.append(f"contrastive_distance {self.contrastive_distance!r} is not one of "
+                            f"{list(DISTANCES)}")
+        from tcm.embedders import PRETRAINED
+
+        if self.freeze_backbone and self.arch not in PRETRAINED:
+            problems.append(f"freeze_backbone needs a pretrained arch ({sorted(PRETRAINED)})")
+        if self.dataset == "cub" and not self.freeze_backbone:
+            problems.append("dataset=cub trains on cached backbone features: set "
+                            "freeze_backbone=true and a pretrained arch")
         if self.norm not in NORMS:
             problems.append(f"norm {self.norm!r} is not one of {list(NORMS)}")
         if self.batch_size % self.m_per_class or self.batch_size < 2 * self.m_per_class:

@@ -106,6 +106,54 @@ def _decode(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB" if img.mode not in ("L", "1") else "L"))
 
 
+class LazyImages:
+    """Encoded images decoded on access: CUB's 5,902 JPEGs are 57 MB encoded but ~0.9 GB as
+    pixels, and the frozen-backbone regime only ever needs one batch of pixels at a time."""
+
+    def __init__(self, encoded: list[bytes]) -> None:
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return _decode(self.encoded[i])
+
+    def take(self, idx) -> LazyImages:
+        return LazyImages([self.encoded[i] for i in idx])
+
+
+def _take(images, idx):
+    """``images[idx]`` for arrays, lazily decoded sets and lists alike."""
+    if isinstance(images, np.ndarray):
+        return images[idx]
+    if isinstance(images, LazyImages):
+        return images.take(idx)
+    return [images[i] for i in idx]
+
+
+def _cub(root: Path) -> tuple[RawSplit, RawSplit]:
+    """CUB-200 subset (100 species): the open-world split of ``classes_cub_map.csv`` (CUB ids
+    <= 100 train, > 100 test, as the standard CUB protocol); images stay encoded."""
+    folder = _require(root / "cub200_subset100", "CUB-200 subset")
+    import csv
+
+    rows = list(csv.DictReader((folder / "classes_cub_map.csv").read_text().splitlines()))
+    split = {r["name"]: (int(r["label"]), r["open_world_split"]) for r in rows}
+    names = {label: name for name, (label, _) in split.items()}
+    out: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
+    with zipfile.ZipFile(_require(folder / "bird_dataset.zip", "CUB zip")) as z:
+        for info in sorted(z.infolist(), key=lambda i: i.filename):
+            parts = info.filename.split("/")
+            if len(parts) != 4 or parts[1] != "images" or not parts[3].endswith(".jpg"):
+                continue
+            label, side = split[parts[2]]
+            out[side][0].append(z.read(info))
+            out[side][1].append(label)
+    return tuple(RawSplit(LazyImages(out[s][0]), np.asarray(out[s][1], np.int64), names)
+                 for s in ("train", "test"))  # type: ignore[return-value]
+
+
 def _image_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray, dict[int, str]]:
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist (expected root/<class>/<image>)")
@@ -195,8 +243,7 @@ def _class_disjoint(images, labels: np.ndarray, names: dict[int, str], test_frac
 
 def _subset(raw: RawSplit, mask: np.ndarray) -> RawSplit:
     idx = np.flatnonzero(mask)
-    imgs = raw.images[idx] if isinstance(raw.images, np.ndarray) else [raw.images[i] for i in idx]
-    return RawSplit(imgs, raw.labels[idx], raw.class_names)
+    return RawSplit(_take(raw.images, idx), raw.labels[idx], raw.class_names)
 
 
 def _fixed_digit_split(images: np.ndarray, labels: np.ndarray) -> tuple[RawSplit, RawSplit]:
@@ -208,6 +255,13 @@ def _fixed_digit_split(images: np.ndarray, labels: np.ndarray) -> tuple[RawSplit
 
 
 def preprocessing_for(config: TrainConfig) -> Preprocessing:
+    from tcm.embedders import PRETRAINED
+
+    if config.arch in PRETRAINED:
+        # an ImageNet backbone sees what it was trained on: its resolution and normalisation
+        b = PRETRAINED[config.arch]
+        return Preprocessing(image_size=(b.image_size, b.image_size), channels=3, mean=b.mean,
+                             std=b.std)
     pretrained = Path(config.pretrained) if config.pretrained else None
     if pretrained is not None and (pretrained / "manifest.json").is_file():
         # fine-tuning an exported artefact: its network expects its own input format
@@ -234,6 +288,8 @@ def load_raw(config: TrainConfig) -> tuple[RawSplit, RawSplit]:
         return _omniglot(root)
     if config.dataset == "lfw":
         return _lfw(root)
+    if config.dataset == "cub":
+        return _cub(root)
     if config.dataset == "digits":
         return _fixed_digit_split(*_digits())
     if config.dataset in ("mnist", "fashion_mnist"):
@@ -266,7 +322,11 @@ def _check(raw: RawSplit, side: str, dataset: str) -> None:
                          "images or merge the data into classes with several images each")
 
 
-def _to_split(raw: RawSplit, spec: Preprocessing, chunk: int = 4096) -> Split:
+def _to_split(raw: RawSplit, spec: Preprocessing, chunk: int = 4096,
+              features: bool = False) -> Split:
+    if features:  # already the backbone's features (N, F)
+        return Split(torch.as_tensor(np.asarray(raw.images, np.float32)),
+                     torch.as_tensor(raw.labels, dtype=torch.int64), raw.class_names)
     parts = [to_input_tensor(raw.images[i:i + chunk], spec)
              for i in range(0, len(raw.labels), chunk)]
     return Split(torch.cat(parts), torch.as_tensor(raw.labels, dtype=torch.int64), raw.class_names)
@@ -285,6 +345,16 @@ def load_splits(config: TrainConfig) -> Splits:
     assert not overlap, "train and test classes must be disjoint"
     _check(train_raw, "train", config.dataset)
     _check(test_raw, "test", config.dataset)
+    spec = preprocessing_for(config)
+    if config.freeze_backbone:
+        # from here on each "image" is its backbone feature vector, cached across runs
+        from training.features import cached_features
+
+        train_raw, test_raw = (
+            RawSplit(cached_features(config.arch, raw.images, raw.labels, spec,
+                                     config.feature_cache, description=f"{side} features"),
+                     raw.labels, raw.class_names)
+            for raw, side in ((train_raw, "train"), (test_raw, "test")))
     # single-image training classes have no positives and cannot fill an m-per-class batch: they
     # are dropped (and counted); in the test split they stay, as impostors for the other classes
     classes, counts = np.unique(train_raw.labels, return_counts=True)
@@ -304,14 +374,16 @@ def load_splits(config: TrainConfig) -> Splits:
             train_raw, val_raw = _subset(train_raw, ~pick), _subset(train_raw, pick)
         else:
             # an official split: validation classes come from the training classes, which no
-            # seed's test classes ever meet
+            # seed's test classes ever meet; CUB's are also the same for every seed (seed 2),
+            # so the CUB study chooses its margins once
             fraction = config.val_classes / n_train_classes
+            val_seed = 2 if config.dataset == "cub" else config.seed + 2
             train_raw, val_raw = _class_disjoint(train_raw.images, train_raw.labels,
-                                                 train_raw.class_names, fraction, config.seed + 2)
-    spec = preprocessing_for(config)
-    train = _to_split(train_raw, spec)
-    test = _to_split(test_raw, spec)
-    val = _to_split(val_raw, spec) if val_raw is not None else None
+                                                 train_raw.class_names, fraction, val_seed)
+    feats = config.freeze_backbone
+    train = _to_split(train_raw, spec, features=feats)
+    test = _to_split(test_raw, spec, features=feats)
+    val = _to_split(val_raw, spec, features=feats) if val_raw is not None else None
     description = {
         "dataset": config.dataset,
         "train_classes": train.num_classes, "train_images": len(train.y),
@@ -331,5 +403,6 @@ def _protocol(dataset: str) -> str:
         "mnist": "digits 0-4 train, 5-9 test",
         "fashion_mnist": "labels 0-4 train, 5-9 test",
         "lfw": "View 1: peopleDevTrain train, peopleDevTest test (identity-disjoint)",
+        "cub": "classes_cub_map.csv: CUB ids 1-100 train, 101-200 test (class-disjoint)",
     }.get(dataset, "class-disjoint: fixed validation classes (val_seed), the rest split into "
                    "train/test by seed")

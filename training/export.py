@@ -17,12 +17,13 @@ from torch import nn
 
 from tcm import Baseline, Calibration, Manifest, Preprocessing, save_artefact, save_reference
 from training.config import TrainConfig
-from training.models import architecture_kwargs
+from training.models import architecture_kwargs, full_model
 
 
-def weights_sha256(model: nn.Module) -> str:
+def weights_sha256(model: nn.Module, exclude: tuple[str, ...] = ()) -> str:
     """The sha256 ``tcm.save_artefact`` will record for these weights (same serialisation)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if not k.startswith(exclude)}
     return hashlib.sha256(safetensors_bytes(state)).hexdigest()
 
 
@@ -41,14 +42,17 @@ def export_artefact(model: nn.Module, config: TrainConfig, result: dict[str, Any
                     preprocessing: Preprocessing, in_channels: int, out_dir: str | Path,
                     data_description: dict[str, Any]) -> Manifest:
     """``result`` is :func:`training.evaluate.evaluate_embeddings` on the held-out classes."""
-    model = model.cpu().eval()
+    model, exclude = full_model(model.cpu(), config)
+    model = model.eval()
+    if exclude:
+        in_channels = 3
     now = time.time()
     cal = result["calibration"]
     reference_file = ""
     if result.get("_reference") is not None:
         reference_file = save_reference(out_dir, *result["_reference"])
     manifest = Manifest(
-        model_version=model_version(config, weights_sha256(model), now),
+        model_version=model_version(config, weights_sha256(model, exclude), now),
         architecture=config.arch,
         architecture_kwargs=architecture_kwargs(config, in_channels),
         preprocessing=preprocessing,
@@ -70,5 +74,6 @@ def export_artefact(model: nn.Module, config: TrainConfig, result: dict[str, Any
         dataset=data_description,
         training_config=config.to_dict(),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        weights_exclude=exclude,
     )
     return save_artefact(out_dir, model, manifest)

@@ -36,9 +36,13 @@ def build_loss(config: TrainConfig, num_classes: int) -> CombinedLoss:
         base: nn.Module = losses.MultiSimilarityLoss(alpha=config.ms_alpha, beta=config.ms_beta,
                                                      base=config.ms_base)
     elif config.loss == "contrastive":
+        distance = (distances.CosineSimilarity() if config.contrastive_distance == "cosine"
+                    else distances.LpDistance())
         base = losses.ContrastiveLoss(pos_margin=config.contrastive_pos_margin,
                                       neg_margin=config.contrastive_neg_margin,
-                                      distance=distances.CosineSimilarity())
+                                      distance=distance)
+    elif config.loss == "supcon":
+        base = losses.SupConLoss(temperature=config.supcon_temperature)
     elif config.loss == "proxy_anchor":
         base = losses.ProxyAnchorLoss(num_classes=num_classes,
                                       embedding_size=config.embedding_dim,

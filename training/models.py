@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tcm import build_embedder
+from tcm.embedders import PRETRAINED, file_sha256, pretrained_weights_file
 from training.config import TrainConfig
 
 
@@ -22,13 +23,31 @@ def architecture_kwargs(config: TrainConfig, in_channels: int) -> dict[str, Any]
     kwargs: dict[str, Any] = {"in_channels": in_channels, "embedding_dim": config.embedding_dim}
     if config.arch == "small_cnn":
         kwargs.update(width=config.width, norm=config.norm)
-    if config.arch == "vit":
-        kwargs["image_size"] = config.image_size
+    if config.arch in PRETRAINED:
+        # the packaged ImageNet weights, pinned by their file's sha256
+        kwargs.update(in_channels=3, weights="imagenet",
+                      backbone_sha256=file_sha256(pretrained_weights_file(config.arch)))
     return kwargs
 
 
 def build_model(config: TrainConfig, in_channels: int) -> nn.Module:
+    """With ``freeze_backbone`` the training input is the backbone's features (``in_channels``
+    is their width) and only the head is built; :func:`full_model` puts it on the backbone."""
+    if config.freeze_backbone:
+        return build_embedder("feature_head", in_features=in_channels,
+                              embedding_dim=config.embedding_dim)
     return build_embedder(config.arch, **architecture_kwargs(config, in_channels))
+
+
+def full_model(model: nn.Module, config: TrainConfig) -> tuple[nn.Module, tuple[str, ...]]:
+    """The network the artefact serves, and the state-dict prefixes it need not store: a head
+    trained on cached features goes onto its frozen packaged backbone, which the service
+    rebuilds from the wheel (so the artefact holds the head's few hundred KB only)."""
+    if not config.freeze_backbone:
+        return model, ()
+    net = build_embedder(config.arch, **architecture_kwargs(config, 3))
+    net.head.load_state_dict(model.head.state_dict())
+    return net, ("backbone.",)
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

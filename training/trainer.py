@@ -267,7 +267,7 @@ def _fit(config: TrainConfig, run: Path, ctx: RunContext, splits: Splits, y_trai
             for step in range(config.steps_per_epoch):
                 idx = order[step * config.batch_size:(step + 1) * config.batch_size]
                 xb = x_all[idx]
-                if config.augment:
+                if config.augment and not config.freeze_backbone:  # features: no pixels
                     xb = augment_batch(xb, config.dataset, generator)
                 losses_epoch.append(_train_step(ddp_model, loss_fn, xb, y_dev[idx], optimiser,
                                                 ctx, use_amp))

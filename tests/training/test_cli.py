@@ -71,8 +71,8 @@ def test_presets_are_valid_configs_and_unknown_ones_refused(tmp_path) -> None:
 
     for name, settings in PRESETS.items():
         cfg = load_config(None, settings)
-        assert cfg.dataset == {"omniglot": "omniglot", "faces": "lfw"}[name]
-        assert cfg.tcm == (name == "omniglot")  # faces: see docs/results.md
+        assert cfg.dataset == {"omniglot": "omniglot", "faces": "lfw", "birds": "cub"}[name]
+        assert cfg.tcm == (name == "omniglot")  # faces, birds: see docs/results.md
     r = runner.invoke(app, ["default-model", "--preset", "cats", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown preset 'cats'" in r.output
 

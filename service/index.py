@@ -349,14 +349,23 @@ class TenantIndex:
     def _filtered_search_locked(self, queries: np.ndarray, k: int, allowed: set[int]
                                 ) -> tuple[np.ndarray, np.ndarray]:
         ids = np.fromiter(sorted(allowed), dtype=np.int64, count=len(allowed))
-        selector = faiss.IDSelectorBatch(ids)
+        if isinstance(self._index, TorchFlat):  # no selector in the torch engine
+            return self._exact_among(queries, k, ids)
+        # faiss.contrib.torch_utils (imported by pytorch-metric-learning, e.g. in a process
+        # that also trains) replaces ``search`` process-wide with a version that takes no
+        # ``params``, keeping FAISS's own as ``search_numpy``
+        search = getattr(self._index, "search_numpy", self._index.search)
         try:
-            return self._index.search(queries, k, params=self._params(selector))
+            return search(queries, k, params=self._params(faiss.IDSelectorBatch(ids)))
         except RuntimeError:  # GPU indexes take no selector: score the few exactly
-            vectors = self._index.reconstruct_batch(ids)
-            scores = queries @ vectors.T
-            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            return np.take_along_axis(scores, order, axis=1), ids[order]
+            return self._exact_among(queries, k, ids)
+
+    def _exact_among(self, queries: np.ndarray, k: int, ids: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        vectors = self._index.reconstruct_batch(ids)
+        scores = queries @ vectors.T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), ids[order]
 
 
 class IndexRegistry:

@@ -161,3 +161,37 @@ def test_search_params_reach_approximate_indexes() -> None:
     x, ids = fill(ivf, 400)
     ivf.rebuild(ids, [f"item{i}" for i in ids], ["s"] * 400, x)  # trained: a real IVF now
     assert faiss.extract_index_ivf(ivf._index.index).nprobe == 3
+
+
+FILTERED_SEARCH = """
+import sys
+import numpy as np
+if sys.argv[1] == "patched":
+    import faiss.contrib.torch_utils  # what pytorch-metric-learning imports
+from service.index import TenantIndex
+from tests.service.test_index import brute_force, unit_rows
+for factory in ("Flat", "Torch"):
+    index = TenantIndex(16, factory)
+    x, ids = unit_rows(200, 0), np.arange(1, 201, dtype=np.int64)
+    meta = [{"cam": i % 3} for i in range(200)]
+    index.add(ids, [f"item{i}" for i in ids], [f"s{i}" for i in ids], x, meta)
+    keep = np.array([m["cam"] == 1 for m in meta])
+    for q in unit_rows(3, 5):
+        got = [h.seq for h in index.search(q[None], 7, where={"cam": 1})[0]]
+        assert got == brute_force(x[keep], ids[keep], q, 7), (factory, got)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("faiss_state", ["plain", "patched"])
+def test_filtered_search_equals_brute_force_on_every_engine(faiss_state: str) -> None:
+    """Filters inside the search on FAISS (Flat, IVF) and the torch engine equal a brute-force
+    filter, also in a process where ``faiss.contrib.torch_utils`` replaced ``Index.search`` (it
+    takes no ``params`` then; pytorch-metric-learning imports it, so any process that also
+    trains has it). Run in a subprocess: that replacement cannot be undone in-process."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FILTERED_SEARCH, faiss_state],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -182,9 +182,11 @@ def test_key_layout_spans_cluster_slots(store_settings: Callable[[str], dict[str
                             model_version="v", created_at=1.0)
             touched = set(store.r.scan_iter(match=glob_escape(store.prefix) + "*")) - after_tenant
             assert before == set()
-            # the enrolment wrote the item, two sorted sets, the seq counter and the stream
+            # the enrolment wrote the item, three sorted sets (items, the subject's items, the
+            # subject listing), the seq counter and the stream
             assert {k.decode().removeprefix(prefix) for k in touched} == {
-                "tenant:t:item:i", "tenant:t:items", "tenant:t:subject:s", "seq", "changes"}
+                "tenant:t:item:i", "tenant:t:items", "tenant:t:subject:s", "tenant:t:subjects",
+                "seq", "changes"}
             slots = {key_slot(k) for k in touched}
             assert (len(slots) == 1) is one_slot, slots
         finally:

@@ -70,7 +70,7 @@ async def monitor_view(request: Request, runtime: RuntimeDep,
 
 
 @router.post("/v1/monitor/reference", operation_id="remeasureMonitorReference",
-             dependencies=[AdminAuth], responses=errors(401, 404, 503))
+             dependencies=[AdminAuth], responses=errors(400, 401, 404, 503))
 async def remeasure_reference(request: Request) -> MonitorReference:
     """Re-measures the across-tenants reference (OPIS across tenants, the tenants' deviations)
     on the data as of now and stores it for the active model, replacing the one measured when

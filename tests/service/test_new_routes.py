@@ -191,6 +191,15 @@ def test_request_id_echoed_generated_logged(
         assert r.headers["x-request-id"] != bad
 
 
+def test_every_operation_documents_the_request_id_400(api: Api) -> None:
+    """Every route validates X-Request-ID, so every operation's contract lists 400 (a route
+    added without it, e.g. POST /v1/monitor/reference once, fails schemathesis' ST103)."""
+    doc = api.client.get("/openapi.json").json()
+    missing = [f"{method.upper()} {path}" for path, ops in doc["paths"].items()
+               for method, op in ops.items() if "400" not in op.get("responses", {})]
+    assert missing == []
+
+
 def test_405_allows_every_method_of_the_path(api: Api, tenant: Tenant) -> None:
     c, h = api.client, tenant.auth
     r = c.patch("/v1/gallery/x", headers=h)

@@ -100,11 +100,11 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def serve(artefact: Path, store_url: str, workdir: Path, *, redis_prefix: str | None = None,
-          extra_env: dict[str, str] | None = None, start_timeout_s: float = 120.0
-          ) -> Iterator[ServerProcess]:
+          extra_env: dict[str, str] | None = None, start_timeout_s: float = 120.0,
+          admin_token: str | None = None) -> Iterator[ServerProcess]:
     """Runs ``tcm-serve`` until the block exits (SIGTERM, then SIGKILL after 20 s)."""
     port = free_port()
-    token = secrets.token_urlsafe(32)
+    token = admin_token or secrets.token_urlsafe(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
     env |= {"TCM_ARTEFACT_PATH": str(artefact), "TCM_STORE_URL": store_url,
             "TCM_ADMIN_TOKEN": token, "TCM_DEVICE": "cpu", **(extra_env or {})}

@@ -5,9 +5,6 @@ every route family through the sync and the async client, typed results, numpy i
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench import soak
 from tcm_client import ApiError, AsyncClient, Client, retry_after
 from tcm_client import models as m
 from tests.service.conftest import (
@@ -29,47 +27,6 @@ from tests.service.conftest import (
     redis_cleanup,
     unit,
 )
-from tests.service.test_redis_down import free_port
-
-
-def _serve(env_extra: dict[str, str], artefact: Path) -> tuple[subprocess.Popen[str], str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
-    env |= {
-        "TCM_ARTEFACT_PATH": str(artefact),
-        "TCM_DEVICE": "cpu",
-        "TCM_ADMIN_TOKEN": ADMIN_TOKEN,
-        "TCM_MONITOR_INTERVAL_S": "3600",
-        **env_extra,
-    }
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, "tcm-serve exited"
-        assert time.monotonic() < deadline, "tcm-serve did not become ready"
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module", params=STORES)
@@ -77,21 +34,18 @@ def server(
     request: pytest.FixtureRequest, artefact: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     prefix = f"tcmtest:{uuid.uuid4().hex}:"
-    store = (
-        {"TCM_STORE_URL": f"sqlite:///{tmp_path_factory.mktemp('client') / 'tcm.db'}"}
-        if request.param == "sqlite"
-        else {"TCM_STORE_URL": REDIS_URL, "TCM_REDIS_KEY_PREFIX": prefix}
-    )
+    workdir = tmp_path_factory.mktemp("client")
+    redis = request.param == "redis"
+    store_url = REDIS_URL if redis else f"sqlite:///{workdir / 'tcm.db'}"
     # a rate limit the tests can hit on purpose: 20 requests/s, bursts of 5
-    proc, base = _serve(
-        store | {"TCM_RATE_LIMIT_PER_S": "20", "TCM_RATE_LIMIT_BURST": "5"}, artefact
-    )
+    env = {"TCM_MONITOR_INTERVAL_S": "3600", "TCM_RATE_LIMIT_PER_S": "20",
+           "TCM_RATE_LIMIT_BURST": "5"}
     try:
-        yield base
+        with soak.serve(artefact, store_url, workdir, redis_prefix=prefix if redis else None,
+                        admin_token=ADMIN_TOKEN, extra_env=env) as srv:
+            yield srv.base
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        if request.param == "redis":
+        if redis:
             redis_cleanup(REDIS_URL, prefix)
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from bench import soak
 from tests.service.conftest import ADMIN_TOKEN, unit
-from tests.service.test_redis_down import free_port
 
 TENANT_TAGS = ["gallery", "match", "verify", "embed", "feedback", "monitor", "model", "health"]
 ADMIN_TAGS = ["tenants", "models", "monitor"]
@@ -34,38 +34,12 @@ def serve(artefact: Path, tmp: Path) -> Iterator[tuple[str, str]]:
     """A tcm-serve on its own SQLite store, with a tenant and a few items: (base URL, the
     tenant's key). The tenant and admin runs get one each: the admin run's stateful phase
     deletes tenants it finds, which must not be the one the tenant run uses."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
-    env |= {
-        "TCM_ARTEFACT_PATH": str(artefact),
-        "TCM_DEVICE": "cpu",
-        "TCM_STORE_URL": f"sqlite:///{tmp / 'tcm.db'}",
-        "TCM_ADMIN_TOKEN": ADMIN_TOKEN,
-        "TCM_MAX_BATCH_ITEMS": "8",
-        "TCM_MAX_K": "10",
-        "TCM_MONITOR_INTERVAL_S": "2",
-        "TCM_MONITOR_MIN_PAIRS": "2",
-    }
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(base, proc)
+    tmp.mkdir(parents=True, exist_ok=True)
+    limits = {"TCM_MAX_BATCH_ITEMS": "8", "TCM_MAX_K": "10", "TCM_MONITOR_INTERVAL_S": "2",
+              "TCM_MONITOR_MIN_PAIRS": "2"}
+    with soak.serve(artefact, f"sqlite:///{tmp / 'tcm.db'}", tmp, admin_token=ADMIN_TOKEN,
+                    extra_env=limits) as server:
+        base = server.base
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         created = httpx.post(f"{base}/v1/tenants", json={"name": "contract"}, headers=admin).json()
         auth = {"Authorization": f"Bearer {created['api_key']}"}
@@ -82,24 +56,6 @@ def serve(artefact: Path, tmp: Path) -> Iterator[tuple[str, str]]:
             httpx.post(f"{base}/v1/gallery", json={"items": items}, headers=auth).status_code == 201
         )
         yield base, created["api_key"]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-
-
-def _wait_ready(base: str, proc: subprocess.Popen[str]) -> None:
-    import time
-
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "tcm-serve exited"
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("tcm-serve did not become ready")
 
 
 def _schemathesis(base: str, token: str, tags: list[str], report: Path) -> subprocess.Popen[str]:

@@ -28,7 +28,6 @@ import random
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ import httpx
 import numpy as np
 
 from bench.bench_service import random_artefact
-from bench.soak import _drop_redis_prefix, serve
+from bench.soak import scratch_store, serve
 
 MATCH_SHARE = 0.8
 
@@ -158,55 +157,47 @@ def run_contention(
     seed: int = 0,
     extra_env: dict[str, str] | None = None,
 ) -> ContentionResult:
-    with tempfile.TemporaryDirectory(prefix="tcm-contention-") as tmp:
-        workdir = Path(tmp)
-        prefix = None
-        if store_url is None:
-            store_url = f"sqlite:///{workdir / 'tcm.db'}"
-        elif store_url.startswith(("redis://", "rediss://", "unix://")):
-            prefix = f"tcmcontention:{uuid.uuid4().hex}:"
-        env = {"TCM_MONITOR_ENABLED": "false", **(extra_env or {})}
-        try:
-            with serve(artefact, store_url, workdir, redis_prefix=prefix, extra_env=env) as server:
-                admin = {"Authorization": f"Bearer {server.admin_token}"}
-                dim = int(httpx.get(f"{server.base}/v1/model", timeout=10).json()["embedding_dim"])
-                created = httpx.post(
-                    f"{server.base}/v1/tenants",
-                    json={"name": "contention"},
-                    headers=admin,
-                    timeout=30,
-                ).json()
-                auth = {"Authorization": f"Bearer {created['api_key']}"}
-                rng = np.random.default_rng(seed)
-                with httpx.Client(base_url=server.base, headers=auth, timeout=120) as c:
-                    for start in range(0, gallery, 64):
-                        items = [
-                            {
-                                "subject": f"g{i // 2}",
-                                "item_id": f"g{i}",
-                                "embedding": _vector(rng, dim),
-                            }
-                            for i in range(start, min(gallery, start + 64))
-                        ]
-                        c.post("/v1/gallery", json={"items": items}).raise_for_status()
-                shared = _Shared()
-                stop_at = time.monotonic() + duration_s
-                threads = [
-                    threading.Thread(
-                        target=_client, args=(w, server.base, auth, dim, stop_at, shared, seed)
-                    )
-                    for w in range(clients)
+    env = {"TCM_MONITOR_ENABLED": "false", **(extra_env or {})}
+    with (
+        scratch_store(store_url, "contention") as (workdir, url, prefix),
+        serve(artefact, url, workdir, redis_prefix=prefix, extra_env=env) as server,
+    ):
+        admin = {"Authorization": f"Bearer {server.admin_token}"}
+        dim = int(httpx.get(f"{server.base}/v1/model", timeout=10).json()["embedding_dim"])
+        created = httpx.post(
+            f"{server.base}/v1/tenants",
+            json={"name": "contention"},
+            headers=admin,
+            timeout=30,
+        ).json()
+        auth = {"Authorization": f"Bearer {created['api_key']}"}
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=server.base, headers=auth, timeout=120) as c:
+            for start in range(0, gallery, 64):
+                items = [
+                    {
+                        "subject": f"g{i // 2}",
+                        "item_id": f"g{i}",
+                        "embedding": _vector(rng, dim),
+                    }
+                    for i in range(start, min(gallery, start + 64))
                 ]
-                started = time.monotonic()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                elapsed = time.monotonic() - started
-                missing = _count_listed(server.base, auth, set(shared.acknowledged))
-        finally:
-            if prefix is not None:
-                _drop_redis_prefix(store_url, prefix)
+                c.post("/v1/gallery", json={"items": items}).raise_for_status()
+        shared = _Shared()
+        stop_at = time.monotonic() + duration_s
+        threads = [
+            threading.Thread(
+                target=_client, args=(w, server.base, auth, dim, stop_at, shared, seed)
+            )
+            for w in range(clients)
+        ]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+        missing = _count_listed(server.base, auth, set(shared.acknowledged))
     per_op = {}
     for op, values in shared.latencies.items():
         lat = np.asarray(values) * 1e3
@@ -218,7 +209,7 @@ def run_contention(
         }
     requests = sum(int(v["count"]) for v in per_op.values())
     return ContentionResult(
-        store=store_url.split(":", 1)[0],
+        store=url.split(":", 1)[0],
         clients=clients,
         duration_s=duration_s,
         gallery=gallery,

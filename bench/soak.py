@@ -343,30 +343,38 @@ class SoakResult:
                 and self.server_alive and self.log_tracebacks == 0 and self.log_secrets == 0)
 
 
-def run_soak(*, artefact: Path, duration_s: float = 60.0, clients: int = 8, tenants: int = 4,
-             subjects: int = 20, warmup_s: float = 5.0, store_url: str | None = None,
-             seed: int = 0, monitor_interval_s: float = 5.0) -> SoakResult:
-    with tempfile.TemporaryDirectory(prefix="tcm-soak-") as tmp:
+@contextlib.contextmanager
+def scratch_store(store_url: str | None, name: str) -> Iterator[tuple[Path, str, str | None]]:
+    """A temporary work folder and a store for one run: ``(workdir, store_url, redis_prefix)``.
+    SQLite inside the folder when ``store_url`` is None; else that Redis under a fresh key
+    prefix, whose keys are dropped when the block exits."""
+    with tempfile.TemporaryDirectory(prefix=f"tcm-{name}-") as tmp:
         workdir = Path(tmp)
         prefix = None
         if store_url is None:
             store_url = f"sqlite:///{workdir / 'tcm.db'}"
         elif store_url.startswith(("redis://", "rediss://", "unix://")):
-            prefix = f"tcmsoak:{uuid.uuid4().hex}:"
+            prefix = f"tcm{name}:{uuid.uuid4().hex}:"
         try:
-            with serve(artefact, store_url, workdir, redis_prefix=prefix, extra_env={
-                    "TCM_MONITOR_INTERVAL_S": str(monitor_interval_s)}) as server:
-                dim = int(httpx.get(f"{server.base}/v1/model", timeout=10).json()[
-                    "embedding_dim"])
-                states = _setup(server, tenants, subjects, dim, seed)
-                out = asyncio.run(drive(server, states, dim, clients=clients,
-                                        warmup_s=warmup_s, duration_s=duration_s, seed=seed))
-                missing = _missing_acknowledged(server, states)
-                alive = server.alive()
-                log = server.log()
+            yield workdir, store_url, prefix
         finally:
             if prefix is not None:
                 _drop_redis_prefix(store_url, prefix)
+
+
+def run_soak(*, artefact: Path, duration_s: float = 60.0, clients: int = 8, tenants: int = 4,
+             subjects: int = 20, warmup_s: float = 5.0, store_url: str | None = None,
+             seed: int = 0, monitor_interval_s: float = 5.0) -> SoakResult:
+    with scratch_store(store_url, "soak") as (workdir, url, prefix), serve(
+            artefact, url, workdir, redis_prefix=prefix,
+            extra_env={"TCM_MONITOR_INTERVAL_S": str(monitor_interval_s)}) as server:
+        dim = int(httpx.get(f"{server.base}/v1/model", timeout=10).json()["embedding_dim"])
+        states = _setup(server, tenants, subjects, dim, seed)
+        out = asyncio.run(drive(server, states, dim, clients=clients,
+                                warmup_s=warmup_s, duration_s=duration_s, seed=seed))
+        missing = _missing_acknowledged(server, states)
+        alive = server.alive()
+        log = server.log()
     stats: Stats = out["stats"]
     secrets_ = [server.admin_token, *(t.api_key for t in states)]
     per_op = {}
@@ -380,7 +388,7 @@ def run_soak(*, artefact: Path, duration_s: float = 60.0, clients: int = 8, tena
     mib = 1024.0
     return SoakResult(
         clients=clients, tenants=tenants, duration_s=duration_s, warmup_s=warmup_s,
-        store=store_url.split(":", 1)[0], requests=requests,
+        store=url.split(":", 1)[0], requests=requests,
         requests_per_s=requests / out["measured_s"], errors=len(stats.errors),
         warmup_errors=len(stats.warmup_errors),
         error_samples=(stats.warmup_errors + stats.errors)[:10], per_op=per_op,

@@ -725,8 +725,9 @@ class BaselineOut(BaseModel):
     num_images: int | None = None
 
 
-class TenantMonitorSnapshot(BaseModel):
-    """What a tenant key sees: the model's reference points and its own row only."""
+class SnapshotHeader(BaseModel):
+    """What every monitor snapshot says first: when and over what window it was computed, for
+    which model, and the monitor's configuration (the same for the admin and a tenant)."""
 
     format: int
     computed_at: float
@@ -743,29 +744,19 @@ class TenantMonitorSnapshot(BaseModel):
     min_pairs: int
     max_pairs: int
     max_gallery_items: int
+
+
+class TenantMonitorSnapshot(SnapshotHeader):
+    """What a tenant key sees: the model's reference points and its own row only."""
+
     tenant: TenantMonitorRow | None = Field(description="null before the tenant's first row")
 
 
-class MonitorSnapshot(BaseModel):
+class MonitorSnapshot(SnapshotHeader):
     """What the admin token sees: every tenant, OPIS across tenants, global rates."""
 
-    format: int
     config_key: str
-    computed_at: float
-    window_s: float
-    since: float
-    interval_s: float
-    model_version: str
-    tau: float
-    tau_lo: float
-    tau_hi: float
-    target_far: float
-    num_thresholds: int
-    beta: float
     eps: float
-    min_pairs: int
-    max_pairs: int
-    max_gallery_items: int
     opis: float | None
     eps_opis: float | None
     opis_unavailable_reason: str | None

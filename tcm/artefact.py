@@ -9,7 +9,6 @@ reuse, and the baseline consistency numbers measured on held-out classes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tcm.embedders import build_embedder
+from tcm.embedders import build_embedder, file_sha256
 from tcm.preprocess import Preprocessing
 
 FORMAT_VERSION = 1
@@ -170,14 +169,6 @@ def load_reference(directory: str | Path, manifest: Manifest
     return t["embeddings"].to(torch.float32), t["labels"].to(torch.int64)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -201,7 +192,7 @@ def save_artefact(directory: str | Path, model: nn.Module, manifest: Manifest) -
              if not k.startswith(manifest.weights_exclude)}
     _write_atomic(out / WEIGHTS_FILE, save(state))
     d = manifest.to_dict()
-    d["weights_sha256"] = _sha256(out / WEIGHTS_FILE)
+    d["weights_sha256"] = file_sha256(out / WEIGHTS_FILE)
     _write_atomic(out / MANIFEST_FILE, json.dumps(d, indent=2, sort_keys=True).encode())
     return Manifest.from_dict(d)
 
@@ -226,7 +217,7 @@ def load_artefact(
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise ValueError(f"no {WEIGHTS_FILE} in {directory}")
-    if verify and manifest.weights_sha256 and _sha256(weights) != manifest.weights_sha256:
+    if verify and manifest.weights_sha256 and file_sha256(weights) != manifest.weights_sha256:
         raise ValueError(f"{weights} does not match the sha256 in its manifest; re-export it")
     model = build_embedder(manifest.architecture, **manifest.architecture_kwargs)
     state = load_file(str(weights), device="cpu")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from facekit import DESCRIPTOR, FaceFrontEnd, FaceOptions, model_checksums
+from tcm.embedders import file_sha256
 
 DEFAULT_ROOT = Path("runs/face_cache")
 LFW_ZIP = "lfw/lfw-deepfunneled-crop160.zip"
@@ -54,14 +55,6 @@ class Descriptors:
         )
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(source: Path, options: FaceOptions) -> str:
     opts = replace(options, fallback="whole_image")
     blob = json.dumps(
@@ -69,7 +62,7 @@ def cache_key(source: Path, options: FaceOptions) -> str:
             "models": model_checksums(),
             "descriptor": DESCRIPTOR,
             "options": opts.to_dict(),
-            "source": _file_sha256(source),
+            "source": file_sha256(source),
             "source_size": source.stat().st_size,
         },
         sort_keys=True,

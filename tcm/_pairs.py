@@ -95,7 +95,8 @@ def _fine_bin(scores: torch.Tensor) -> torch.Tensor:
 def next_up(value: torch.Tensor) -> float:
     """The smallest representable score above ``value`` in its dtype: with accept iff s >= tau,
     ``tau = next_up(s)`` rejects s and accepts everything above it."""
-    return float(torch.nextafter(value, torch.tensor(math.inf, dtype=value.dtype)))
+    return float(torch.nextafter(value, torch.tensor(math.inf, dtype=value.dtype,
+                                                 device=value.device)))
 
 
 def num_allowed(far: float, n: int) -> int:

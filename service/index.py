@@ -63,18 +63,23 @@ class TorchFlat:
     it (``add_with_ids``, ``search``, ``remove_ids``, ``reconstruct_batch``, ``ntotal``).
 
     Vectors live in one preallocated tensor (grown by doubling) on ``device``; a search multiplies
-    the queries with ``block`` gallery rows at a time and keeps a running top-k, so its memory is
-    ``queries x block`` scores, not ``queries x gallery``. Removal moves the last row into the
-    hole (O(1) per id).
+    the queries with a block of gallery rows at a time and keeps a running top-k, so its memory is
+    ``queries x block`` scores, not ``queries x gallery``. The block is as large as
+    ``max_scores`` allows (at least ``block`` rows), so a few queries score a large gallery in
+    one product and one top-k rather than a chain of small ones (on a GPU each launch and the
+    running merge cost more than the product; docs/benchmarks.md). Removal moves the last row
+    into the hole (O(1) per id).
     """
 
-    def __init__(self, dim: int, device: str = "cpu", *, block: int = 65536) -> None:
+    def __init__(self, dim: int, device: str = "cpu", *, block: int = 65536,
+                 max_scores: int = 1 << 24) -> None:
         import torch
 
         self._torch = torch
         self.d = dim
         self.device = torch.device(device)
         self.block = block
+        self.max_scores = max_scores
         self._vectors = torch.zeros((0, dim), dtype=torch.float32, device=self.device)
         self._ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._row: dict[int, int] = {}
@@ -131,8 +136,9 @@ class TorchFlat:
         best_s = torch.full((nq, k), -float("inf"), device=self.device)
         best_i = torch.full((nq, k), -1, dtype=torch.int64, device=self.device)
         with torch.inference_mode():
-            for lo in range(0, self.ntotal, self.block):
-                hi = min(self.ntotal, lo + self.block)
+            block = max(self.block, self.max_scores // max(nq, 1))
+            for lo in range(0, self.ntotal, block):
+                hi = min(self.ntotal, lo + block)
                 scores = q @ self._vectors[lo:hi].T
                 kk = min(k, hi - lo)
                 s, i = torch.topk(scores, kk, dim=1)

@@ -115,15 +115,20 @@ def test_registry_and_gpu_decision() -> None:
         IndexRegistry(DIM, "NotAFactory")
 
 
-def test_torch_engine_equals_faiss_flat() -> None:
+@pytest.mark.parametrize(("block", "max_scores"), [
+    (1000, 0),  # fixed 1,000-row blocks: five blocks and the running top-k merge
+    (1, 64 * 1700),  # the block sized by the score budget: 1,700 rows for 64 queries
+    (65536, 1 << 24),  # the defaults: the whole gallery in one block
+])
+def test_torch_engine_equals_faiss_flat(block: int, max_scores: int) -> None:
     """The torch exact engine returns FAISS IndexFlatIP's ids and scores, blockwise top-k over
-    the gallery included (a 1,000-row block over 5,000 rows), after removals too."""
+    the gallery included, after removals too."""
     n, dim = 5000, 48
     x = np.random.default_rng(1).standard_normal((n, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = np.arange(10, 10 + n, dtype=np.int64)
     flat = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    engine = TorchFlat(dim, "cpu", block=1000)
+    engine = TorchFlat(dim, "cpu", block=block, max_scores=max_scores)
     for lo in range(0, n, 1700):  # several adds: the engine's storage grows
         flat.add_with_ids(x[lo:lo + 1700], ids[lo:lo + 1700])
         engine.add_with_ids(x[lo:lo + 1700], ids[lo:lo + 1700])
@@ -139,7 +144,7 @@ def test_torch_engine_equals_faiss_flat() -> None:
     ts, ti = engine.search(q, 20)
     np.testing.assert_array_equal(ti, fi)
     np.testing.assert_allclose(engine.reconstruct_batch(ids[1:4]), x[1:4])
-    small = TorchFlat(dim)
+    small = TorchFlat(dim, block=block, max_scores=max_scores)
     small.add_with_ids(x[:3], ids[:3])
     _s, i = small.search(q[:1], 5)  # k over the gallery: -1 ids, as FAISS pads
     assert i[0, 3:].tolist() == [-1, -1] and sorted(i[0, :3].tolist()) == ids[:3].tolist()

@@ -1,6 +1,10 @@
 """Index choices at scale: exact (FAISS Flat, the torch engine) against HNSW and IVF, in one run.
 
-Random unit vectors (``--n`` items, ``--dim``), 1,000 random unit queries, k=10. Per index:
+``--data random``: random unit vectors (``--n`` items, ``--dim``) and 1,000 random unit queries,
+the worst case for approximate indexes (no structure to exploit). ``--data clustered``: a
+gallery shaped like enrolled people, ``--n / --per-subject`` subjects with ``--per-subject``
+noisy samples each around a random centre (same-subject cosine about 0.6), queried by 1,000 new
+samples of enrolled subjects, as a probe photo would be. k=10. Per index:
 build seconds (training included), memory per item (the serialised index's bytes / n; the
 torch engine: its tensors), queries/s with all queries in one call and with one query per call
 (``--seconds`` each), and recall@10 against ``IndexFlatIP``'s exact top-10 (the mean share of
@@ -38,6 +42,27 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
     return out
 
 
+def clustered_rows(n: int, dim: int, per_subject: int, seed: int, queries: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Gallery (n, dim) of n // per_subject subjects and ``queries`` fresh samples of enrolled
+    subjects, all unit rows; noise of norm ~0.8 around unit centres."""
+    rng = np.random.default_rng(seed)
+    centres = unit_rows(max(1, n // per_subject), dim, seed + 100)
+
+    def sample(subjects: np.ndarray) -> np.ndarray:
+        out = np.empty((len(subjects), dim), np.float32)
+        for lo in range(0, len(subjects), 100_000):
+            s = subjects[lo:lo + 100_000]
+            v = centres[s] + 0.8 / np.sqrt(dim) * rng.standard_normal((len(s), dim),
+                                                                       dtype=np.float32)
+            out[lo:lo + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        return out
+
+    gallery = sample(np.arange(n) % len(centres))
+    probes = sample(rng.integers(0, len(centres), queries))
+    return gallery, probes
+
+
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(
         np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)])
@@ -69,14 +94,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ivf", default="IVF4096,Flat")
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--train", type=int, default=200_000, help="IVF training sample")
-    p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads (0: default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="FAISS/torch threads for searching (0: the library default)")
+    p.add_argument("--build-threads", type=int, default=None,
+                   help="threads for training and building (default: as --threads)")
+    p.add_argument("--data", choices=["random", "clustered"], default="random")
+    p.add_argument("--per-subject", type=int, default=20, help="clustered: samples per subject")
+    p.add_argument("--cuda", action="store_true", help="also the torch engine on CUDA")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    if args.threads > 0:
-        faiss.omp_set_num_threads(args.threads)
-        torch.set_num_threads(args.threads)
-    x = unit_rows(args.n, args.dim, 0)
-    q = unit_rows(1000, args.dim, 1)
+    default_threads = faiss.omp_get_max_threads()
+
+    def threads(n: int | None) -> None:
+        n = args.threads if n is None else n
+        faiss.omp_set_num_threads(n if n > 0 else default_threads)
+        torch.set_num_threads(n if n > 0 else default_threads)
+
+    threads(args.threads)
+    if args.data == "random":
+        x, q = unit_rows(args.n, args.dim, 0), unit_rows(1000, args.dim, 1)
+    else:
+        x, q = clustered_rows(args.n, args.dim, args.per_subject, 0, 1000)
     rows: list[dict[str, Any]] = []
 
     def record(
@@ -120,22 +158,35 @@ def main(argv: list[str] | None = None) -> None:
         exact,
     )  # type: ignore[union-attr]
     engine = None  # free its memory before the next index
+    if args.cuda and torch.cuda.is_available():
+        t = time.perf_counter()
+        gpu = TorchFlat(args.dim, "cuda")
+        gpu.add_with_ids(x, np.arange(args.n, dtype=np.int64))
+        torch.cuda.synchronize()
+        record("Torch (exact, CUDA)", time.perf_counter() - t, args.n * (args.dim * 4 + 8),
+               lambda qq: gpu.search(qq, K), exact)
+        del gpu
+        torch.cuda.empty_cache()
 
+    threads(args.build_threads)
     t = time.perf_counter()
     ivf: Any = faiss.index_factory(args.dim, args.ivf, faiss.METRIC_INNER_PRODUCT)
     ivf.train(x[np.random.default_rng(2).choice(args.n, min(args.n, args.train), False)])
     ivf.add(x)
     build = time.perf_counter() - t
+    threads(args.threads)
     size = len(faiss.serialize_index(ivf))
     for nprobe in args.nprobe:
         faiss.extract_index_ivf(ivf).nprobe = nprobe
         record(f"{args.ivf} nprobe={nprobe}", build, size, lambda qq: ivf.search(qq, K), exact)
     ivf = None
 
+    threads(args.build_threads)
     t = time.perf_counter()
     hnsw = faiss.index_factory(args.dim, args.hnsw, faiss.METRIC_INNER_PRODUCT)
     hnsw.add(x)
     build = time.perf_counter() - t
+    threads(args.threads)
     size = len(faiss.serialize_index(hnsw))
     for ef in args.ef:
         hnsw.hnsw.efSearch = ef
@@ -146,7 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         "n": args.n,
         "dim": args.dim,
         "k": K,
-        "faiss_threads": faiss.omp_get_max_threads(),
+        "data": args.data,
+        "per_subject": args.per_subject if args.data == "clustered" else None,
+        "search_threads": faiss.omp_get_max_threads(),
+        "build_threads": args.threads if args.build_threads is None else args.build_threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "rows": rows,
     }

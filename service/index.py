@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
@@ -56,6 +56,19 @@ class Hit:
 
 
 TORCH_FACTORY = "Torch"
+
+
+class GalleryChunk(Protocol):
+    """Row-aligned items to index (the store's ``GalleryVectors``; the index does not import
+    the store)."""
+
+    seqs: np.ndarray
+    item_ids: list[str]
+    subjects: list[str]
+    vectors: np.ndarray
+    metadata: list[dict[str, Any]] | None
+
+    def __len__(self) -> int: ...
 
 
 class TorchFlat:
@@ -224,6 +237,35 @@ class TenantIndex:
             self._tombstones = set()
             self._add_locked(np.asarray(seqs, np.int64), item_ids, subjects, vectors,
                              [list(terms(m)) for m in metadata] if metadata is not None else None)
+
+    def rebuild_chunks(self, chunks: Iterable[GalleryChunk]) -> None:
+        """Replaces the contents with streamed chunks (start-up): vectors go into the index
+        chunk by chunk, so the peak memory is the index plus one chunk, not every row at once.
+        A factory that must be trained first (IVF) needs all vectors for training: its chunks
+        are gathered (as arrays only) and passed to :meth:`rebuild`."""
+        if self._needs_training():
+            parts = list(chunks)
+            self.rebuild(
+                np.concatenate([c.seqs for c in parts]) if parts else np.zeros(0, np.int64),
+                [i for c in parts for i in c.item_ids], [s for c in parts for s in c.subjects],
+                np.concatenate([_as_matrix(c.vectors, self.dim) for c in parts]) if parts
+                else np.zeros((0, self.dim), np.float32),
+                [m for c in parts for m in (c.metadata or [{}] * len(c))])
+            return
+        with self._lock:
+            self._index = self._empty_index(trainable_vectors=None)
+            self._items, self._terms, self._postings, self._tombstones = {}, {}, {}, set()
+            for c in chunks:
+                self._add_locked(np.asarray(c.seqs, np.int64), c.item_ids, c.subjects,
+                                 _as_matrix(c.vectors, self.dim),
+                                 [list(terms(m)) for m in c.metadata]
+                                 if c.metadata is not None else None)
+
+    def _needs_training(self) -> bool:
+        if self._torch_device is not None:
+            return False
+        return not faiss.index_factory(self.dim, self.factory,
+                                       faiss.METRIC_INNER_PRODUCT).is_trained
 
     # --- mutation --------------------------------------------------------------------------
     def add(self, seqs: list[int] | np.ndarray, item_ids: list[str], subjects: list[str],

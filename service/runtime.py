@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio.to_thread
-import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
@@ -192,18 +191,16 @@ class Runtime:
         cursor = await run_in_threadpool(self.store.change_cursor)
         tenants = await run_in_threadpool(self.store.list_tenants)
         skipped: dict[str, int] = {}
-        version, dim = serving.model_version, serving.manifest.embedding_dim
+        version = serving.model_version
         for tenant in tenants:
             left_out = await self.backfill(serving, tenant.tenant_id)
             if left_out:
                 skipped[tenant.tenant_id] = left_out
-            vectors = await run_in_threadpool(
-                lambda t=tenant.tenant_id: self.store.gallery_vectors(
-                    t, model_version=version, with_metadata=True))
-            await run_in_threadpool(serving.indexes.get(tenant.tenant_id).rebuild,
-                                    vectors.seqs, vectors.item_ids, vectors.subjects,
-                                    vectors.vectors if len(vectors) else
-                                    np.zeros((0, dim), np.float32), vectors.metadata)
+            # streamed chunk by chunk into the index, in one worker thread (the store may
+            # read through a per-thread connection)
+            await run_in_threadpool(
+                lambda t=tenant.tenant_id: serving.indexes.get(t).rebuild_chunks(
+                    self.store.iter_gallery_vectors(t, model_version=version)))
         live = {t.tenant_id for t in tenants}
         for tenant_id in set(serving.indexes.sizes()) - live:  # deleted meanwhile
             serving.indexes.drop(tenant_id)

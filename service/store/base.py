@@ -32,11 +32,15 @@ reports the same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+
+# rows per chunk when a gallery is streamed (start-up rebuild): 65,536 x 512-d float32 = 128 MiB
+GALLERY_CHUNK_ROWS = 65_536
 
 Outcome = Literal["true_accept", "false_accept", "true_reject", "false_reject"]
 
@@ -227,6 +231,15 @@ class Store(Protocol):
         """Embeddings of one model version (optionally of one subject), items without one
         skipped; ``with_metadata`` adds each item's metadata (for filtered search)."""
 
+    def iter_gallery_vectors(self, tenant_id: str, *, model_version: str,
+                             chunk_rows: int = GALLERY_CHUNK_ROWS
+                             ) -> Iterator[GalleryVectors]:
+        """The tenant's whole gallery as :meth:`gallery_vectors` ``(with_metadata=True)`` gives
+        it, in ``seq`` order, streamed in chunks of at most ``chunk_rows`` items: what rebuilding
+        an index at start-up reads, without ever holding every row as Python objects at once.
+        Consume it in one thread (a store may read it through a per-thread connection)."""
+        ...
+
     def items_without_embedding(self, tenant_id: str, *, model_version: str
                                 ) -> list[tuple[str, bytes | None]]:
         """(item_id, image bytes or None) of items lacking an embedding for the version."""
@@ -282,6 +295,19 @@ class Store(Protocol):
     def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
         """Changes after ``cursor`` (waiting up to ``block_ms`` for one) and the new cursor.
         Every gallery write appends to the feed in the same transaction as the write."""
+
+
+def decode_vectors(blobs: Sequence[bytes]) -> np.ndarray:
+    """Row-aligned (n, d) float32 from n stored vectors of one length, in one pass."""
+    flat = np.frombuffer(b"".join(blobs), dtype="<f4")
+    return flat.reshape(len(blobs), -1).astype(np.float32)
+
+
+def metadata_of(raw: str | bytes | None) -> dict[str, Any]:
+    """A stored metadata JSON object; the common empty one without parsing."""
+    if raw is None or raw == "{}" or raw == b"{}":
+        return {}
+    return json.loads(raw)
 
 
 def encode_vector(v: np.ndarray) -> bytes:

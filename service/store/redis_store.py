@@ -54,6 +54,7 @@ from redis.retry import Retry
 from service.errors import ConflictError, NotFoundError, StoreUnavailableError
 from service.ids import glob_escape, key_part
 from service.store.base import (
+    GALLERY_CHUNK_ROWS,
     ApiKey,
     Change,
     Decision,
@@ -64,7 +65,9 @@ from service.store.base import (
     NewItem,
     Tenant,
     decode_vector,
+    decode_vectors,
     encode_vector,
+    metadata_of,
 )
 
 T = TypeVar("T")
@@ -577,34 +580,60 @@ class RedisStore:
                         ) -> GalleryVectors:
         zkey = (self._tenant(tenant_id, "items") if subject is None
                 else self._tenant(tenant_id, "subject", subject))
+        with self._translate("read vectors"):
+            members = self.r.zrange(zkey, 0, -1, withscores=True)
+            found = self._vectors_of_members(tenant_id, members, model_version, with_metadata)
+        if found is None:
+            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32),
+                                  [] if with_metadata else None)
+        return found
+
+    def iter_gallery_vectors(self, tenant_id: str, *, model_version: str,
+                             chunk_rows: int = GALLERY_CHUNK_ROWS
+                             ) -> Iterator[GalleryVectors]:
+        """Pages the items zset by rank (seq order). An item deleted between its page and its
+        HMGET is skipped; one added meanwhile may be missed or seen, and the change feed (whose
+        cursor the caller took first) applies it again either way."""
+        zkey = self._tenant(tenant_id, "items")
+        start = 0
+        while True:
+            with self._translate("read vectors"):
+                members = self.r.zrange(zkey, start, start + chunk_rows - 1, withscores=True)
+                if not members:
+                    return
+                start += len(members)
+                found = self._vectors_of_members(tenant_id, members, model_version, True)
+            if found is not None:
+                yield found
+
+    def _vectors_of_members(self, tenant_id: str, members: Sequence[tuple[Any, float]],
+                            model_version: str, with_metadata: bool) -> GalleryVectors | None:
+        """The (member, seq) pairs' embeddings of the version, one pipelined HMGET round trip
+        per :data:`_CHUNK` items; items without one are skipped (None: none had one)."""
         field = f"emb:{model_version}"
+        wanted = ["subject", field, *(["metadata"] if with_metadata else [])]
         seqs: list[int] = []
         ids: list[str] = []
         subjects: list[str] = []
-        vecs: list[np.ndarray] = []
+        blobs: list[bytes] = []
         metas: list[dict[str, Any]] = []
-        wanted = ["subject", field, *(["metadata"] if with_metadata else [])]
-        with self._translate("read vectors"):
-            members = self.r.zrange(zkey, 0, -1, withscores=True)
-            for chunk in _chunks(members):
-                pipe = self.r.pipeline(transaction=False)
-                for m, _ in chunk:
-                    pipe.hmget(self._tenant(tenant_id, "item", _s(m) or ""), wanted)
-                for (m, score), vals in zip(chunk, pipe.execute(), strict=True):
-                    if vals[1] is None:
-                        continue
-                    seqs.append(int(score))
-                    ids.append(_s(m) or "")
-                    subjects.append(_s(vals[0]) or "")
-                    vecs.append(decode_vector(vals[1]))
-                    if with_metadata:
-                        metas.append(json.loads(vals[2]) if vals[2] is not None else {})
-        meta = metas if with_metadata else None
-        if not vecs:
-            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32),
-                                  meta)
-        return GalleryVectors(np.array(seqs, dtype=np.int64), ids, subjects, np.stack(vecs),
-                              meta)
+        for chunk in _chunks(members):
+            pipe = self.r.pipeline(transaction=False)
+            for m, _ in chunk:
+                pipe.hmget(self._tenant(tenant_id, "item", _s(m) or ""), wanted)
+            for (m, score), vals in zip(chunk, pipe.execute(), strict=True):
+                if vals[1] is None:
+                    continue
+                seqs.append(int(score))
+                ids.append(_s(m) or "")
+                subjects.append(_s(vals[0]) or "")
+                blobs.append(vals[1])
+                if with_metadata:
+                    metas.append(metadata_of(vals[2]))
+        if not blobs:
+            return None
+        return GalleryVectors(np.array(seqs, dtype=np.int64), ids, subjects,
+                              decode_vectors(blobs), metas if with_metadata else None)
 
     def items_without_embedding(self, tenant_id: str, *, model_version: str
                                 ) -> list[tuple[str, bytes | None]]:

@@ -34,6 +34,7 @@ import numpy as np
 
 from service.errors import ConflictError, NotFoundError, StoreUnavailableError
 from service.store.base import (
+    GALLERY_CHUNK_ROWS,
     ApiKey,
     Change,
     Decision,
@@ -44,7 +45,9 @@ from service.store.base import (
     NewItem,
     Tenant,
     decode_vector,
+    decode_vectors,
     encode_vector,
+    metadata_of,
 )
 
 log = logging.getLogger(__name__)
@@ -537,6 +540,20 @@ class SQLiteStore:
             rows = conn.execute(sql + " ORDER BY i.seq", args).fetchall()
         return _vectors(rows, with_metadata=with_metadata)
 
+    def iter_gallery_vectors(self, tenant_id: str, *, model_version: str,
+                             chunk_rows: int = GALLERY_CHUNK_ROWS
+                             ) -> Iterator[GalleryVectors]:
+        with self._read("read vectors") as conn:
+            cursor = conn.execute(
+                "SELECT i.seq, i.item_id, i.subject, e.vector, i.metadata FROM items i "
+                "JOIN embeddings e ON e.seq = i.seq AND e.model_version=? WHERE i.tenant_id=? "
+                "ORDER BY i.seq", (model_version, tenant_id))
+            try:
+                while rows := cursor.fetchmany(chunk_rows):
+                    yield _vectors(rows, with_metadata=True)
+            finally:
+                cursor.close()
+
     def items_without_embedding(self, tenant_id: str, *, model_version: str
                                 ) -> list[tuple[str, bytes | None]]:
         with self._read("read items without embedding") as conn:
@@ -690,8 +707,8 @@ def _vectors(rows: Sequence[Any], *, with_metadata: bool) -> GalleryVectors:
     return GalleryVectors(
         seqs=np.array([r[0] for r in rows], dtype=np.int64),
         item_ids=[r[1] for r in rows], subjects=[r[2] for r in rows],
-        vectors=np.stack([decode_vector(r[3]) for r in rows]),
-        metadata=[json.loads(r[4]) for r in rows] if with_metadata else None)
+        vectors=decode_vectors([r[3] for r in rows]),
+        metadata=[metadata_of(r[4]) for r in rows] if with_metadata else None)
 
 
 def _chunks(xs: Sequence[str], n: int) -> Iterator[Sequence[str]]:

@@ -139,6 +139,34 @@ def test_gallery_items(store: Store) -> None:
     assert again[0] > max(seqs + other)
 
 
+def test_iter_gallery_vectors_streams_what_gallery_vectors_reads(store: Store) -> None:
+    """The start-up rebuild's streamed read: the same rows as one ``gallery_vectors`` read,
+    in seq order, in chunks of at most ``chunk_rows``, items without an embedding for the
+    version skipped, metadata parsed (the empty object too), other tenants never included."""
+    tenant(store, "t")
+    tenant(store, "u")
+    store.add_items("u", items(3, prefix="u"), model_version=V1, created_at=1.0)
+    store.add_items("t", items(23), model_version=V1, created_at=1.0)
+    store.add_items("t", [NewItem(item_id="plain", subject="s9", embedding=vec(99),
+                                  metadata={})], model_version=V1, created_at=2.0)
+    store.put_embeddings("t", {"i5": vec(205), "i6": vec(206)}, model_version=V2)
+    whole = store.gallery_vectors("t", model_version=V1, with_metadata=True)
+    assert len(whole) == 24
+    chunks = list(store.iter_gallery_vectors("t", model_version=V1, chunk_rows=7))
+    assert [len(c) for c in chunks] == [7, 7, 7, 3]
+    assert np.concatenate([c.seqs for c in chunks]).tolist() == whole.seqs.tolist()
+    assert [i for c in chunks for i in c.item_ids] == whole.item_ids
+    assert [x for c in chunks for x in c.subjects] == whole.subjects
+    assert [m for c in chunks for m in c.metadata] == whole.metadata
+    assert whole.metadata[-1] == {} and whole.metadata[4] == {"n": 4}
+    np.testing.assert_array_equal(np.concatenate([c.vectors for c in chunks]), whole.vectors)
+    assert all(c.vectors.dtype == np.float32 and c.vectors.flags.writeable for c in chunks)
+    (v2,) = store.iter_gallery_vectors("t", model_version=V2, chunk_rows=7)
+    assert v2.item_ids == ["i5", "i6"]
+    np.testing.assert_array_equal(v2.vectors, np.stack([vec(205), vec(206)]))
+    assert list(store.iter_gallery_vectors("nobody", model_version=V1)) == []
+
+
 def test_matches_and_feedback(store: Store) -> None:
     tenant(store, "t")
     tenant(store, "u")

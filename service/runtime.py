@@ -73,6 +73,7 @@ class Runtime:
     _load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _follower: asyncio.Task[None] | None = None
     changes_applied: int = 0
+    items_read_back: int = 0  # items the change feed made this replica read from the store
     feed_cursor: str | None = None  # the change feed's position the indexes reflect
     resyncs: int = 0  # full rebuilds because the feed lost entries this replica had not read
     match_listeners: list[MatchListener] = field(default_factory=list)
@@ -326,13 +327,18 @@ class Runtime:
             elif change.op == "remove":
                 await run_in_threadpool(indexes.get(change.tenant_id).remove, list(change.seqs))
             elif change.op == "add":
-                await self._apply_add(serving, change.tenant_id, change.item_ids)
+                await self._apply_add(serving, change.tenant_id, change.item_ids, change.seqs)
             self.changes_applied += 1
             self.metrics.set_gallery_size(indexes.sizes())
 
-    async def _apply_add(self, serving: Serving, tenant_id: str, item_ids: Sequence[str]
-                         ) -> None:
+    async def _apply_add(self, serving: Serving, tenant_id: str, item_ids: Sequence[str],
+                         seqs: Sequence[int] = ()) -> None:
         version = serving.model_version
+        if len(seqs) == len(item_ids):  # read back only what this replica's index lacks
+            held = serving.indexes.get(tenant_id).held(seqs)
+            item_ids = [i for i, h in zip(item_ids, held, strict=True) if not h]
+            if not item_ids:
+                return
         vectors = await run_in_threadpool(lambda: self.store.vectors_of_items(
             tenant_id, item_ids, model_version=version))
         if len(vectors) < len(item_ids):
@@ -342,6 +348,7 @@ class Runtime:
             await self.embed_items(serving, tenant_id, lacking)
             vectors = await run_in_threadpool(lambda: self.store.vectors_of_items(
                 tenant_id, item_ids, model_version=version))
+        self.items_read_back += len(vectors)
         if len(vectors):
             await run_in_threadpool(serving.indexes.get(tenant_id).add, vectors.seqs,
                                     vectors.item_ids, vectors.subjects, vectors.vectors,

@@ -158,7 +158,9 @@ class Change:
     op: Literal["add", "remove", "drop_tenant", "resync"]
     tenant_id: str
     item_ids: tuple[str, ...] = ()  # for "add": look their vectors up (they may be gone again)
-    seqs: tuple[int, ...] = ()  # for "remove"
+    # for "remove"; for "add", row-aligned with item_ids (or empty: written before they were
+    # recorded), so a replica skips items its index already holds (its own writes)
+    seqs: tuple[int, ...] = ()
 
 
 @runtime_checkable

@@ -130,7 +130,7 @@ for j = 1, m do
 end
 zadd(KEYS[4], subjects)
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'op', 'add', 'tenant', ARGV[5],
-           'items', ARGV[6])
+           'items', ARGV[6], 'first', first + 1, 'last', last)
 return {1, last}
 """
 _UNAVAILABLE: tuple[type[Exception], ...] = (
@@ -504,7 +504,7 @@ class RedisStore:
             pipe.zadd(self._tenant(tenant_id, "items"), {item.item_id: seq})
             pipe.zadd(self._tenant(tenant_id, "subject", item.subject), {item.item_id: seq})
             pipe.zadd(self._tenant(tenant_id, "subjects"), {item.subject: 0})
-            self._queue_change(pipe, "add", tenant_id, item_ids=[item.item_id])
+            self._queue_change(pipe, "add", tenant_id, item_ids=[item.item_id], seqs=[seq])
             return seq, None if old_seq is None else int(old_seq)
 
         return self._tx("put item", [self._tenant(tenant_id), key], body)
@@ -805,6 +805,8 @@ class RedisStore:
                 tenant = _s(fields.get(b"tenant")) or ""
                 items = json.loads(fields[b"items"]) if b"items" in fields else []
                 seqs = json.loads(fields[b"seqs"]) if b"seqs" in fields else []
+                if b"first" in fields:  # a bulk add: its items took consecutive seqs
+                    seqs = range(int(fields[b"first"]), int(fields[b"last"]) + 1)
                 if op in ("add", "remove", "drop_tenant"):
                     changes.append(Change(op, tenant, tuple(items), tuple(seqs)))  # type: ignore[arg-type]
         return _cursor(entry_id, n), changes

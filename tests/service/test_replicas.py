@@ -40,6 +40,17 @@ def test_replicas_follow_each_others_writes(artefact: Path, store_settings) -> N
             {"subject": "s", "embedding": unit(2), "item_id": "two"},
             {"subject": "z", "embedding": unit(3), "item_id": "three"}]})
         eventually(lambda: ids_seen(b) == ["one", "three", "two"])
+        # the writer's own follower sees the same change but reads nothing back: its index
+        # already holds those seqs
+        eventually(lambda: a.app.state.runtime.changes_applied >= 1)
+        assert a.app.state.runtime.items_read_back == 0
+        assert b.app.state.runtime.items_read_back == 3
+        a.put("/v1/gallery/four", headers=auth, json={"subject": "s", "embedding": unit(4)})
+        eventually(lambda: "four" in ids_seen(b))
+        assert b.delete("/v1/gallery/four", headers=auth).status_code == 204
+        eventually(lambda: "four" not in ids_seen(a))
+        assert a.app.state.runtime.items_read_back == 0
+        assert b.app.state.runtime.items_read_back == 4
         assert b.delete("/v1/gallery/two", headers=auth).status_code == 204
         eventually(lambda: ids_seen(a) == ["one", "three"])
         assert b.delete("/v1/subjects/z", headers=auth).status_code == 200

@@ -58,6 +58,24 @@ class Hit:
 TORCH_FACTORY = "Torch"
 
 
+# An indexed item's id and subject in one string, "<item id>\x00<subject>": at a million
+# items per tenant this saves about 90 MB over a tuple of two strings (a tuple and one string
+# object fewer per item). Ids containing NUL (possible only for items stored before ids had a
+# pattern) keep the tuple.
+PackedItem = str | tuple[str, str]
+
+
+def _pack(item_id: str, subject: str) -> PackedItem:
+    return (item_id, subject) if "\x00" in item_id else f"{item_id}\x00{subject}"
+
+
+def _unpack(packed: PackedItem) -> tuple[str, str]:
+    if isinstance(packed, tuple):
+        return packed
+    cut = packed.index("\x00")
+    return packed[:cut], packed[cut + 1:]
+
+
 class GalleryChunk(Protocol):
     """Row-aligned items to index (the store's ``GalleryVectors``; the index does not import
     the store)."""
@@ -199,7 +217,7 @@ class TenantIndex:
         self._gpu_res = gpu_resources
         self._tombstone_limit = tombstone_limit
         self._lock = threading.Lock()
-        self._items: dict[int, tuple[str, str]] = {}
+        self._items: dict[int, PackedItem] = {}  # seq -> item id and subject (_pack)
         self._terms: dict[int, list[tuple[str, str]]] = {}  # seq -> its metadata terms
         self._postings: dict[tuple[str, str], set[int]] = {}
         self._tombstones: set[int] = set()
@@ -287,7 +305,7 @@ class TenantIndex:
         for row, (s, iid, subj, ok) in enumerate(zip(seqs, item_ids, subjects, fresh,
                                                      strict=True)):
             if ok:
-                self._items[int(s)] = (iid, subj)
+                self._items[int(s)] = _pack(iid, subj)
                 if item_terms is not None and item_terms[row]:
                     self._terms[int(s)] = item_terms[row]
                     for t in item_terms[row]:
@@ -327,7 +345,8 @@ class TenantIndex:
         self._terms = {}
         self._postings = {}
         self._tombstones = set()
-        self._add_locked(live, [items[int(s)][0] for s in live], [items[int(s)][1] for s in live],
+        pairs = [_unpack(items[int(s)]) for s in live]
+        self._add_locked(live, [p[0] for p in pairs], [p[1] for p in pairs],
                          _as_matrix(vectors, self.dim),
                          [item_terms.get(int(s), []) for s in live])
         log.info("compacted a FAISS index to %d live vectors", len(live))
@@ -380,9 +399,10 @@ class TenantIndex:
             for row_s, row_i in zip(scores, ids, strict=True):
                 hits = []
                 for s, i in zip(row_s, row_i, strict=True):
-                    entry = items.get(int(i))
-                    if i < 0 or entry is None:
+                    packed = items.get(int(i))
+                    if i < 0 or packed is None:
                         continue
+                    entry = _unpack(packed)
                     hits.append(Hit(int(i), entry[0], entry[1],
                                     float(min(1.0, max(-1.0, float(s))))))
                     if len(hits) == k:

@@ -232,3 +232,16 @@ def test_rebuild_from_chunks_equals_rebuild(factory: str) -> None:
         return
     assert chunked.search(q, 10) == whole.search(q, 10)
     assert chunked.search(q, 5, where={"site": "x1"}) == whole.search(q, 5, where={"site": "x1"})
+
+
+def test_items_keep_ids_and_subjects_exactly() -> None:
+    """Item id and subject are packed into one string per item (memory); what a search
+    returns is still exactly what was added, separators inside the names included (an id
+    with NUL can only predate the id pattern, and keeps the unpacked form)."""
+    names = [("a", "s"), ("b", "x\x00y"), ("c\x00d", "s\x00t"), ("e", ""), ("f", "ünï:code")]
+    x = np.eye(DIM, dtype=np.float32)[: len(names)]
+    index = TenantIndex(DIM, "Flat")
+    index.add(np.arange(1, len(names) + 1), [n[0] for n in names], [n[1] for n in names], x)
+    for row, (iid, subject) in enumerate(names):
+        (hit,) = index.search(x[row][None], 1)[0]
+        assert (hit.item_id, hit.subject) == (iid, subject)

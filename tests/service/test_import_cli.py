@@ -49,6 +49,19 @@ def run_cli(args: list[str], key: str, url: str) -> subprocess.Popen[str]:
     )
 
 
+def kill_once_stored(proc: subprocess.Popen, state: Path, rows: int) -> int:
+    """SIGKILLs a running import once its state file records ``rows`` rows (or after 60 s);
+    returns the rows it had recorded."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if state.exists() and json.loads(state.read_text())["done"] >= rows:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    return json.loads(state.read_text())["done"]
+
+
 def listed(url: str, key: str) -> list[dict]:
     out, cursor = [], None
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
@@ -79,15 +92,7 @@ def test_import_resumes_after_kill_without_duplicates(artefact: Path, tmp_path: 
         ).json()
         key = created["api_key"]
 
-        proc = run_cli(args, key, server.base)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # kill it once a few batches are stored
-            if state.exists() and json.loads(state.read_text())["done"] >= 500:
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        done = json.loads(state.read_text())["done"]
+        done = kill_once_stored(run_cli(args, key, server.base), state, 500)
         assert 500 <= done < N, done  # interrupted mid-way
 
         # the state lags behind the store (a kill between the answer and the state write):
@@ -267,15 +272,8 @@ def test_parquet_import_resumes_after_kill_without_duplicates(
     )
     state = tmp_path / "big.parquet.import.json"
     key = new_key(server)
-    proc = run_cli([str(src), "--batch-size", "100"], key, server.base)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # kill it once a few batches are stored
-        if state.exists() and json.loads(state.read_text())["done"] >= 500:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
-    done = json.loads(state.read_text())["done"]
+    done = kill_once_stored(run_cli([str(src), "--batch-size", "100"], key, server.base), state,
+                            500)
     assert 500 <= done < N, done
     # the state lags behind the store by whole batches (a kill between the answer and the state
     # write): the resent batches are found stored (409 for exactly their ids), not doubled

@@ -324,10 +324,15 @@ class Runtime:
             indexes = serving.indexes
             if change.op == "drop_tenant":
                 indexes.drop(change.tenant_id)
+                self.gallery.forget_tenant(change.tenant_id)
             elif change.op == "remove":
                 await run_in_threadpool(indexes.get(change.tenant_id).remove, list(change.seqs))
             elif change.op == "add":
-                await self._apply_add(serving, change.tenant_id, change.item_ids, change.seqs)
+                # after any write of this tenant in flight on this replica has reached the index,
+                # so that its own items are seen as held and not read back
+                async with self.gallery.tenant_lock(change.tenant_id):
+                    await self._apply_add(serving, change.tenant_id, change.item_ids,
+                                          change.seqs)
             self.changes_applied += 1
             self.metrics.set_gallery_size(indexes.sizes())
 

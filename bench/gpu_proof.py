@@ -3,7 +3,7 @@
     python -m bench.gpu_proof --out DIR                     # on the device (defaults: full sizes)
     python -m bench.gpu_proof --out DIR --small --device cpu --skip pytest   # CPU smoke run
 
-Six parts, run in this order, each recorded (or its error) in ``DIR/gpu_proof.json`` and
+Seven parts, run in this order, each recorded (or its error) in ``DIR/gpu_proof.json`` and
 ``DIR/gpu_proof.md`` as soon as it ends, so a run cut short still returns what it measured:
 
 1. ``opis``: :func:`tcm.consistency_report` on N x d clustered embeddings on the device, against
@@ -19,7 +19,9 @@ Six parts, run in this order, each recorded (or its error) in ``DIR/gpu_proof.js
 5. ``search``: the service's exact torch engine (:class:`service.index.TorchFlat`) on the device
    vs FAISS ``IndexFlatIP`` on the CPU, N x d random unit vectors: q/s one query per call and
    batched, build time, and whether the top-k ids agree.
-6. ``pytest``: ``pytest -m gpu`` (the CUDA twins of the ``tcm`` tests): passed/failed/skipped.
+6. ``service_index``: the service's ``IndexRegistry`` with ``device="auto"``: the engine it
+   picks, and whether its hits (plain, filtered, after removals) are the CPU FAISS index's.
+7. ``pytest``: ``pytest -m gpu`` (the CUDA twins of the ``tcm`` tests): passed/failed/skipped.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-PARTS = ("opis", "tcm_overhead", "batcher", "batcher_ceiling", "search", "pytest")
+PARTS = ("opis", "tcm_overhead", "batcher", "batcher_ceiling", "search", "service_index",
+         "pytest")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,7 +76,7 @@ def matmul_rate(device: str, dtype: torch.dtype, n: int) -> float:
     return 2 * n ** 3 / sec
 
 
-# --- 6. pytest -m gpu -----------------------------------------------------------------------------
+# --- 7. pytest -m gpu -----------------------------------------------------------------------------
 def part_pytest(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     junit = out / "pytest_gpu.xml"
     proc = subprocess.run(
@@ -315,6 +318,41 @@ def part_search(args: argparse.Namespace, device: str) -> dict[str, Any]:
     }
 
 
+# --- 6. the service's index registry on the device ------------------------------------------------
+def part_service_index(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """``IndexRegistry(device="auto")`` with the default ``Flat`` factory: on a CUDA machine
+    without faiss-gpu it must pick the torch engine on the GPU; its hits (plain, filtered by
+    metadata, after removals) must be the CPU FAISS index's."""
+    from service.index import IndexRegistry, TenantIndex
+
+    n, d = args.service_n, 128
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    seqs = np.arange(1, n + 1, dtype=np.int64)
+    ids = [f"i{i}" for i in range(n)]
+    subjects = [f"s{i // 5}" for i in range(n)]
+    meta = [{"site": str(i % 5)} for i in range(n)]
+    registry = IndexRegistry(d, "Flat", device="auto" if device == "cuda" else "cpu")
+    gpu, cpu = registry.get("t"), TenantIndex(d, "Flat")
+    for index in (gpu, cpu):
+        index.add(seqs, ids, subjects, x, meta)
+    q = x[:64] + 0.05 * rng.standard_normal((64, d), dtype=np.float32)
+
+    def same(where: dict[str, str] | None = None) -> bool:
+        a, b = gpu.search(q, 10, where=where), cpu.search(q, 10, where=where)
+        return [[h.seq for h in r] for r in a] == [[h.seq for h in r] for r in b]
+
+    res: dict[str, Any] = {"n": n, "engine": type(gpu._index).__name__,
+                           "on_gpu": registry.on_gpu, "same_hits": same(),
+                           "same_filtered": same({"site": "2"})}
+    gone = [int(s) for s in seqs[:: 7]]
+    gpu.remove(gone)
+    cpu.remove(gone)
+    res["same_after_removals"] = same() and same({"site": "3"}) and len(gpu) == len(cpu)
+    return res
+
+
 # --- report ---------------------------------------------------------------------------------------
 def _md(results: dict[str, Any]) -> str:
     lines = [f"# GPU proof run ({results['machine']['device_name']})", ""]
@@ -358,6 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.search_n, args.search_dim = (1_000_000, 128) if full else (5_000, 16)
     args.search_queries = 10_000 if full else 200
     args.single_queries = 300 if full else 20
+    args.service_n = 200_000 if full else 3_000
     return args
 
 
@@ -384,6 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batcher": lambda: part_batcher(args, device),
         "batcher_ceiling": lambda: part_batcher_ceiling(args, device),
         "search": lambda: part_search(args, device),
+        "service_index": lambda: part_service_index(args, device),
     }
     for part in wanted:
         t = time.perf_counter()

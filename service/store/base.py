@@ -301,8 +301,9 @@ class Store(Protocol):
 
 def decode_vectors(blobs: Sequence[bytes]) -> np.ndarray:
     """Row-aligned (n, d) float32 from n stored vectors of one length, in one pass."""
-    flat = np.frombuffer(b"".join(blobs), dtype="<f4")
-    return flat.reshape(len(blobs), -1).astype(np.float32)
+    # one copy, into a writeable buffer; on little-endian machines "<f4" is float32 already
+    flat = np.frombuffer(bytearray().join(blobs), dtype="<f4")
+    return flat.reshape(len(blobs), -1).astype(np.float32, copy=False)
 
 
 def metadata_of(raw: str | bytes | None) -> dict[str, Any]:

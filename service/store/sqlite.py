@@ -73,6 +73,9 @@ CREATE TABLE IF NOT EXISTS items (
     has_image INTEGER NOT NULL, created_at REAL NOT NULL,
     UNIQUE (tenant_id, item_id));
 CREATE INDEX IF NOT EXISTS items_by_subject ON items(tenant_id, subject, seq);
+-- a tenant's items in seq order: the start-up read and listings scan it instead of sorting the
+-- rows (vectors included) in a temporary b-tree; built on first open of an older file
+CREATE INDEX IF NOT EXISTS items_by_tenant ON items(tenant_id, seq);
 CREATE TABLE IF NOT EXISTS item_images (
     seq INTEGER PRIMARY KEY REFERENCES items(seq) ON DELETE CASCADE, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS embeddings (

@@ -26,7 +26,9 @@ separator and no key is a prefix-collision of another)::
                                        written only by ``service.ratelimit``'s Lua script)
 
 Multi-key writes run in MULTI/EXEC transactions (all-or-nothing); checks that must hold when
-they commit (item ids still free, feedback not yet given) WATCH their keys. Every gallery write
+they commit (feedback not yet given, an upserted item's previous version) WATCH their keys. A
+bulk enrolment is one Lua script (:data:`ADD_ITEMS_LUA`: checks and writes in one atomic step),
+and the start-up read pages through a gallery with :data:`GALLERY_PAGE_LUA`. Every gallery write
 appends its change to the ``changes`` stream inside the same transaction, so a replica tailing
 the stream (XREAD) sees exactly the committed writes, in order; the stream is capped at about
 ``CHANGES_MAXLEN`` entries (hours at normal rates). A replica that falls further behind than

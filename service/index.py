@@ -270,14 +270,16 @@ class TenantIndex:
                 else np.zeros((0, self.dim), np.float32),
                 [m for c in parts for m in (c.metadata or [{}] * len(c))])
             return
+        # built aside and swapped in: searches keep the old contents while the store is read
+        # (a live resync), instead of waiting for the whole read
+        fresh = TenantIndex(self.dim, self.factory, gpu_resources=self._gpu_res,
+                            tombstone_limit=self._tombstone_limit,
+                            torch_device=self._torch_device, search_params=self.search_params)
+        for c in chunks:
+            fresh.add(c.seqs, c.item_ids, c.subjects, c.vectors, c.metadata)
         with self._lock:
-            self._index = self._empty_index(trainable_vectors=None)
-            self._items, self._terms, self._postings, self._tombstones = {}, {}, {}, set()
-            for c in chunks:
-                self._add_locked(np.asarray(c.seqs, np.int64), c.item_ids, c.subjects,
-                                 _as_matrix(c.vectors, self.dim),
-                                 [list(terms(m)) for m in c.metadata]
-                                 if c.metadata is not None else None)
+            self._index, self._items, self._terms = fresh._index, fresh._items, fresh._terms
+            self._postings, self._tombstones = fresh._postings, fresh._tombstones
 
     def _needs_training(self) -> bool:
         if self._torch_device is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import faiss
 import numpy as np
 import pytest
@@ -245,3 +247,25 @@ def test_items_keep_ids_and_subjects_exactly() -> None:
     for row, (iid, subject) in enumerate(names):
         (hit,) = index.search(x[row][None], 1)[0]
         assert (hit.item_id, hit.subject) == (iid, subject)
+
+
+def test_rebuild_from_chunks_keeps_serving_the_old_contents_meanwhile() -> None:
+    """A live resync reads the whole gallery from the store: searches meanwhile answer from
+    the old contents instead of waiting for the read, and see the new ones after it."""
+    x = np.eye(DIM, dtype=np.float32)[:4]
+    index = TenantIndex(DIM, "Flat")
+    index.add(np.array([1, 2]), ["old1", "old2"], ["s", "s"], x[:2])
+    seen: list[list[str]] = []
+
+    def chunks():  # the store read, with a search from another thread half-way through
+        yield GalleryVectors(np.array([3]), ["new3"], ["s"], x[2:3], [{}])
+        t = threading.Thread(target=lambda: seen.append(
+            [h.item_id for h in index.search(x[:1], 4)[0]]))
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "a search waited for the whole rebuild"
+        yield GalleryVectors(np.array([4]), ["new4"], ["s"], x[3:4], [{}])
+
+    index.rebuild_chunks(chunks())
+    assert seen == [["old1", "old2"]]
+    assert sorted(h.item_id for h in index.search(x[:1], 4)[0]) == ["new3", "new4"]

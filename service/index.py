@@ -257,26 +257,26 @@ class TenantIndex:
                              [list(terms(m)) for m in metadata] if metadata is not None else None)
 
     def rebuild_chunks(self, chunks: Iterable[GalleryChunk]) -> None:
-        """Replaces the contents with streamed chunks (start-up): vectors go into the index
-        chunk by chunk, so the peak memory is the index plus one chunk, not every row at once.
-        A factory that must be trained first (IVF) needs all vectors for training: its chunks
-        are gathered (as arrays only) and passed to :meth:`rebuild`."""
-        if self._needs_training():
-            parts = list(chunks)
-            self.rebuild(
-                np.concatenate([c.seqs for c in parts]) if parts else np.zeros(0, np.int64),
-                [i for c in parts for i in c.item_ids], [s for c in parts for s in c.subjects],
-                np.concatenate([_as_matrix(c.vectors, self.dim) for c in parts]) if parts
-                else np.zeros((0, self.dim), np.float32),
-                [m for c in parts for m in (c.metadata or [{}] * len(c))])
-            return
-        # built aside and swapped in: searches keep the old contents while the store is read
-        # (a live resync), instead of waiting for the whole read
+        """Replaces the contents with streamed chunks (start-up, resync): vectors go into the
+        index chunk by chunk, so the peak memory is the index plus one chunk, not every row at
+        once. A factory that must be trained first (IVF) needs all vectors for training: its
+        chunks are gathered (as arrays only) for one :meth:`rebuild`. The new contents are
+        built aside and swapped in, so searches meanwhile answer from the old ones instead of
+        waiting for the whole store read."""
         fresh = TenantIndex(self.dim, self.factory, gpu_resources=self._gpu_res,
                             tombstone_limit=self._tombstone_limit,
                             torch_device=self._torch_device, search_params=self.search_params)
-        for c in chunks:
-            fresh.add(c.seqs, c.item_ids, c.subjects, c.vectors, c.metadata)
+        if self._needs_training():
+            parts = list(chunks)
+            if parts:
+                fresh.rebuild(np.concatenate([c.seqs for c in parts]),
+                              [i for c in parts for i in c.item_ids],
+                              [x for c in parts for x in c.subjects],
+                              np.concatenate([_as_matrix(c.vectors, self.dim) for c in parts]),
+                              [m for c in parts for m in (c.metadata or [{}] * len(c))])
+        else:
+            for c in chunks:
+                fresh.add(c.seqs, c.item_ids, c.subjects, c.vectors, c.metadata)
         with self._lock:
             self._index, self._items, self._terms = fresh._index, fresh._items, fresh._terms
             self._postings, self._tombstones = fresh._postings, fresh._tombstones

@@ -273,8 +273,9 @@ class RedisStore:
         self._sentinel = SentinelURL.parse(url) if url.startswith(SENTINEL_SCHEME) else None
         self.r = client or self._connect(socket_timeout=timeout_s, health_check_interval=30)
         self._feed: redis.Redis | None = None  # blocking XREADs get their own connection
-        self._add_items_script: Any = None  # registered on first use
-        self._page_script: Any = None
+        # Script objects only hold the sha; EVALSHA loads them on the server when missing
+        self._add_items_script = self.r.register_script(ADD_ITEMS_LUA)
+        self._page_script = self.r.register_script(GALLERY_PAGE_LUA)
 
     def _connect(self, *, socket_timeout: float, **kwargs: Any) -> redis.Redis:
         """A client of the primary: from the URL, or the one Sentinel names (asked again on
@@ -485,7 +486,7 @@ class RedisStore:
         """One Lua script (:data:`ADD_ITEMS_LUA`) per request: Redis runs it atomically, so the
         tenant check, the duplicate check and every write happen with nothing in between, and
         the whole batch is one command and one reply instead of one command per item under a
-        WATCH of every item key (25k -> see docs/benchmarks.md items/s in-process)."""
+        WATCH of every item key (``bench/profile_paths.py`` times it)."""
         if not items:
             return []
         slots: dict[str, int] = {}
@@ -503,8 +504,6 @@ class RedisStore:
                 self._tenant(tenant_id, "subjects"), self._k("changes"),
                 *(item_key + key_part(it.item_id) for it in items),
                 *(subject_key + key_part(sub) for sub in slots)]
-        if self._add_items_script is None:
-            self._add_items_script = self.r.register_script(ADD_ITEMS_LUA)
         # under WATCH (of the tenant record, which the script checks anyway) so that a lost
         # reply is a 503, never a silent resend that would run the script twice
         with self._watched("add items", [keys[0]]) as pipe:
@@ -732,8 +731,6 @@ class RedisStore:
         after = "-inf"
         while True:
             with self._translate("read gallery"):
-                if self._page_script is None:
-                    self._page_script = self.r.register_script(GALLERY_PAGE_LUA)
                 scanned, last, *reply = self._page_script(
                     keys=[zkey], args=[after, page, item_prefix, f"emb:{model_version}", mode])
             if scanned == 0:

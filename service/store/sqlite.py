@@ -532,25 +532,16 @@ class SQLiteStore:
     def gallery_vectors(self, tenant_id: str, *, model_version: str,
                         subject: str | None = None, with_metadata: bool = False
                         ) -> GalleryVectors:
-        sql = ("SELECT i.seq, i.item_id, i.subject, e.vector, "
-               f"{'i.metadata' if with_metadata else 'NULL'} FROM items i JOIN embeddings e "
-               "ON e.seq = i.seq AND e.model_version=? WHERE i.tenant_id=?")
-        args: list[Any] = [model_version, tenant_id]
-        if subject is not None:
-            sql += " AND i.subject=?"
-            args.append(subject)
+        sql, args = _gallery_query(tenant_id, model_version, subject, with_metadata)
         with self._read("read vectors") as conn:
-            rows = conn.execute(sql + " ORDER BY i.seq", args).fetchall()
+            rows = conn.execute(sql, args).fetchall()
         return _vectors(rows, with_metadata=with_metadata)
 
     def iter_gallery_vectors(self, tenant_id: str, *, model_version: str,
                              chunk_rows: int = GALLERY_CHUNK_ROWS
                              ) -> Iterator[GalleryVectors]:
         with self._read("read vectors") as conn:
-            cursor = conn.execute(
-                "SELECT i.seq, i.item_id, i.subject, e.vector, i.metadata FROM items i "
-                "JOIN embeddings e ON e.seq = i.seq AND e.model_version=? WHERE i.tenant_id=? "
-                "ORDER BY i.seq", (model_version, tenant_id))
+            cursor = conn.execute(*_gallery_query(tenant_id, model_version, None, True))
             try:
                 while rows := cursor.fetchmany(chunk_rows):
                     yield _vectors(rows, with_metadata=True)
@@ -701,6 +692,20 @@ class SQLiteStore:
     def delete_embeddings(self, model_version: str) -> int:
         return self._write("delete embeddings", lambda conn: int(conn.execute(
             "DELETE FROM embeddings WHERE model_version = ?", (model_version,)).rowcount))
+
+
+def _gallery_query(tenant_id: str, model_version: str, subject: str | None,
+                   with_metadata: bool) -> tuple[str, list[Any]]:
+    """The rows ``_vectors`` reads, in seq order (the ``items_by_tenant`` or
+    ``items_by_subject`` index order: nothing to sort)."""
+    sql = ("SELECT i.seq, i.item_id, i.subject, e.vector, "
+           f"{'i.metadata' if with_metadata else 'NULL'} FROM items i JOIN embeddings e "
+           "ON e.seq = i.seq AND e.model_version=? WHERE i.tenant_id=?")
+    args: list[Any] = [model_version, tenant_id]
+    if subject is not None:
+        sql += " AND i.subject=?"
+        args.append(subject)
+    return sql + " ORDER BY i.seq", args
 
 
 def _vectors(rows: Sequence[Any], *, with_metadata: bool) -> GalleryVectors:

@@ -122,6 +122,13 @@ class ServiceMetrics:
         self.feed_resyncs = Counter(
             "tcm_change_feed_resyncs_total", "full index rebuilds because the store's change "
             "feed had lost entries this replica had not read yet", registry=registry)
+        self.quarantined = Counter(
+            "tcm_quarantined_total", "stored data this replica could not put in an index and "
+            "skipped so that the rest serves (logged with tenant and items): stage "
+            "'startup' is a tenant's gallery at rebuild, 'change_feed' one feed entry",
+            ["stage"], registry=registry)
+        for stage in ("startup", "change_feed"):
+            self.quarantined.labels(stage=stage)
         self.model = Info("tcm_model", "the served model", registry=registry)
         self.model_activation_items = Gauge(
             "tcm_model_activation_items", "the activation in progress on this replica: "

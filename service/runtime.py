@@ -55,6 +55,8 @@ from tcm import Manifest
 
 log = logging.getLogger(__name__)
 
+FEED_ATTEMPTS = 3  # tries of one change-feed entry before it is skipped as poisoned
+
 
 @dataclass
 class Runtime:
@@ -76,6 +78,10 @@ class Runtime:
     items_read_back: int = 0  # items the change feed made this replica read from the store
     feed_cursor: str | None = None  # the change feed's position the indexes reflect
     resyncs: int = 0  # full rebuilds because the feed lost entries this replica had not read
+    # tenants whose gallery could not be indexed at the last rebuild, and feed entries skipped
+    # because applying them kept failing (tcm_quarantined_total)
+    quarantined_tenants: set[str] = field(default_factory=set)
+    changes_quarantined: int = 0
     match_listeners: list[MatchListener] = field(default_factory=list)
     feedback_listeners: list[FeedbackListener] = field(default_factory=list)
 
@@ -194,14 +200,25 @@ class Runtime:
         skipped: dict[str, int] = {}
         version = serving.model_version
         for tenant in tenants:
-            left_out = await self.backfill(serving, tenant.tenant_id)
-            if left_out:
-                skipped[tenant.tenant_id] = left_out
-            # streamed chunk by chunk into the index, in one worker thread (the store may
-            # read through a per-thread connection)
-            await run_in_threadpool(
-                lambda t=tenant.tenant_id: serving.indexes.get(t).rebuild_chunks(
-                    self.store.iter_gallery_vectors(t, model_version=version)))
+            try:
+                left_out = await self.backfill(serving, tenant.tenant_id)
+                if left_out:
+                    skipped[tenant.tenant_id] = left_out
+                # streamed chunk by chunk into the index, in one worker thread (the store may
+                # read through a per-thread connection)
+                await run_in_threadpool(self._rebuild_tenant, serving, tenant.tenant_id)
+            except StoreUnavailableError:
+                raise
+            except Exception:
+                # a stored value that cannot be indexed must not stop start-up for every
+                # tenant: this one keeps what its index held (empty at start-up) and is named
+                log.exception("tenant %s: its gallery could not be indexed and is left out of "
+                              "this rebuild (quarantined; fix or delete the item named above "
+                              "and restart)", tenant.tenant_id)
+                self.quarantined_tenants.add(tenant.tenant_id)
+                self.metrics.quarantined.labels(stage="startup").inc()
+                continue
+            self.quarantined_tenants.discard(tenant.tenant_id)
         live = {t.tenant_id for t in tenants}
         for tenant_id in set(serving.indexes.sizes()) - live:  # deleted meanwhile
             serving.indexes.drop(tenant_id)
@@ -213,6 +230,17 @@ class Runtime:
                  sum(sizes.values()), f", {self.skipped_items} items without an embedding for "
                  "it and without an image were left out" if skipped else "")
         return skipped
+
+    def _rebuild_tenant(self, serving: Serving, tenant_id: str) -> None:
+        """Streams the tenant's stored gallery into its index (blocking: a worker thread); the
+        store's reader is closed here even when a chunk cannot be indexed."""
+        chunks = self.store.iter_gallery_vectors(tenant_id, model_version=serving.model_version)
+        try:
+            serving.indexes.get(tenant_id).rebuild_chunks(chunks)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
     def start_follower(self) -> None:
         """Tails the change feed from ``feed_cursor`` (no-op without a feed, or if running)."""
@@ -307,7 +335,7 @@ class Runtime:
                     self.metrics.feed_resyncs.inc()
                     continue
                 for change in changes:
-                    await self._apply(change)
+                    await self._apply_or_quarantine(change)
                 self.feed_cursor = cursor
             except asyncio.CancelledError:
                 raise
@@ -317,6 +345,30 @@ class Runtime:
             except Exception:
                 log.exception("applying the change feed failed; retrying")
                 await asyncio.sleep(0.5)
+
+    async def _apply_or_quarantine(self, change: Change) -> None:
+        """Applies one change; one that fails for a reason other than the store being down
+        (a stored value no index can take) is tried ``FEED_ATTEMPTS`` times, then logged,
+        counted and skipped, so that one poisoned entry never holds up the entries (and the
+        tenants) after it."""
+        for attempt in range(1, FEED_ATTEMPTS + 1):
+            try:
+                await self._apply(change)
+                return
+            except (asyncio.CancelledError, StoreUnavailableError):
+                raise
+            except Exception:
+                if attempt == FEED_ATTEMPTS:
+                    log.exception("change feed entry %s of tenant %s (items %s) failed %d "
+                                  "times: skipped (quarantined)", change.op, change.tenant_id,
+                                  list(change.item_ids[:10]), attempt)
+                    self.metrics.quarantined.labels(stage="change_feed").inc()
+                    self.changes_quarantined += 1
+                    return
+                log.warning("applying change feed entry %s of tenant %s failed (attempt %d of "
+                            "%d)", change.op, change.tenant_id, attempt, FEED_ATTEMPTS,
+                            exc_info=True)
+                await asyncio.sleep(0.1 * attempt)
 
     async def _apply(self, change: Change) -> None:
         async with self.gate.shared():

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -27,6 +28,7 @@ from pydantic import (
 )
 
 from service.ids import ID_PATTERN, Id
+from service.metadata_filter import MAX_METADATA_KEYS, domain_problem, number_problem
 
 MAX_METADATA_BYTES = 16 * 1024
 # nesting of metadata objects/arrays: responses serialise at most ~255 levels, so deeper
@@ -95,7 +97,19 @@ SUBJECT_CURSOR_PATTERN = r"^([0-9a-f]{2}){1,1024}$"
 # metadata filters: exact match of top-level keys to scalar values (JSON numbers compare as
 # numbers: 1 and 1.0 are equal; true is not 1)
 MAX_FILTER_KEYS = 16
-FilterValue = Annotated[str, StringConstraints(max_length=1024)] | FiniteFloat | int | bool | None
+
+
+def _float64_int(v: int) -> int:
+    """A filter's integer must be a number metadata can hold (service.metadata_filter)."""
+    problem = number_problem(v)
+    if problem is not None:
+        raise ValueError(problem)
+    return v
+
+
+FilterInt = Annotated[int, AfterValidator(_float64_int)]
+FilterValue = (Annotated[str, StringConstraints(max_length=1024)] | FiniteFloat | FilterInt | bool
+               | None)
 MetadataFilter = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=256)],
                                 FilterValue],
                            Field(max_length=MAX_FILTER_KEYS, description=(
@@ -246,7 +260,8 @@ class ItemBody(Request):
     image: Base64Image | None = None
     metadata: dict[str, Any] = Field(
         default_factory=dict, description=f"a JSON object, at most {MAX_METADATA_BYTES} bytes "
-        f"of JSON and {MAX_METADATA_DEPTH} levels deep")
+        f"of JSON, {MAX_METADATA_DEPTH} levels deep and {MAX_METADATA_KEYS} top-level keys; its "
+        "numbers are finite float64 values")
 
     @field_validator("metadata")
     @classmethod
@@ -262,6 +277,9 @@ class ItemBody(Request):
         if depth > MAX_METADATA_DEPTH:
             raise ValueError(f"metadata nests {depth} levels deep, the limit is "
                              f"{MAX_METADATA_DEPTH}")
+        problem = domain_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
 

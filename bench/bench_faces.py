@@ -1,7 +1,7 @@
 """Face embedding speed: detect + align + describe, through the service's embedding batcher.
 
 Real LFW photos (JPEG bytes decoded as the service decodes them), the real dlib models, and the
-service's :class:`service.embedding.EmbeddingBatcher` with the face preparer (detection and
+service's :class:`service.engine.embedding.EmbeddingBatcher` with the face preparer (detection and
 alignment in each request's thread, the descriptor network once per batch). Side by side in one
 run:
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from facekit import ALIGNER, DESCRIPTOR, DETECTOR, FaceOptions, model_checksums
-from service.embedding import EmbeddingBatcher
-from service.faces import load_served_model
-from service.images import decode_image
+from service.engine.embedding import EmbeddingBatcher
+from service.engine.faces import load_served_model
+from service.engine.images import decode_image
 from tcm import Baseline, Calibration, Manifest, Preprocessing, build_embedder, save_artefact
 
 

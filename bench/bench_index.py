@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 import torch  # imported before timing: the engine needs it loaded
 
-from service.index import TorchFlat
+from service.engine.index import TorchFlat
 
 K = 10
 

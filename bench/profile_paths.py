@@ -21,9 +21,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from service.index import TenantIndex
-from service.inputs import InputResolver, as_unit_vector
-from service.schemas import Candidate, DecisionOut, EnrolRequest, MatchRequest, MatchResponse
+from service.api.schemas import Candidate, DecisionOut, EnrolRequest, MatchRequest, MatchResponse
+from service.domain.inputs import InputResolver, as_unit_vector
+from service.engine.index import TenantIndex
 from service.store import ApiKey, MatchRecord, NewItem, Tenant
 from service.store.redis_store import RedisStore
 from service.store.sqlite import SQLiteStore

@@ -16,12 +16,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from service import errors, openapi
-from service.body_limit import BodySizeLimitMiddleware
-from service.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.monitor import attach_monitor
-from service.request_id import RequestIdMiddleware
-from service.routers import (
+from service import errors
+from service.api import openapi
+from service.api.body_limit import BodySizeLimitMiddleware
+from service.api.request_id import RequestIdMiddleware
+from service.api.routers import (
     admin,
     embed,
     feedback,
@@ -33,7 +32,9 @@ from service.routers import (
     monitor,
     verify,
 )
-from service.runtime import Runtime
+from service.metrics import RequestMetricsMiddleware, ServiceMetrics
+from service.monitoring.monitor import attach_monitor
+from service.runtime.runtime import Runtime
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -5,11 +5,11 @@
 printed once: it is valid for this process only, so set the variable for anything but a trial.
 
 ``tcm-serve export-dataset --out DIR`` writes the gallery of record (stored images by tenant and
-subject) and the labelled feedback as a dataset ``tcm-train`` reads (``service.export``), from
+subject) and the labelled feedback as a dataset ``tcm-train`` reads (``service.ops.export``), from
 the store ``TCM_STORE_URL`` names. ``tcm-serve models list|stage|activate|rollback`` drive a
 running service's model registry over its admin API (``--url``, ``TCM_ADMIN_TOKEN``).
 ``tcm-serve import FILE`` streams embeddings (.npy, JSONL or Parquet) into a tenant's gallery
-over the API (``TCM_API_KEY``), resumably (``service.importer``).
+over the API (``TCM_API_KEY``), resumably (``service.ops.importer``).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def export_dataset_cmd(
     """Writes the stored gallery images (a class per tenant and subject) and the labelled
     feedback into a dataset folder tcm-train reads (dataset=imagefolder)."""
     from service.errors import StoreUnavailableError
-    from service.export import export_dataset
+    from service.ops.export import export_dataset
     from service.store import open_store
 
     settings = _settings()
@@ -177,7 +177,7 @@ def import_cmd(
         TimeRemainingColumn,
     )
 
-    from service.importer import ImportError_, count_rows, run_import
+    from service.ops.importer import ImportError_, count_rows, run_import
 
     if not api_key:
         console.print("[red]set TCM_API_KEY (or --api-key) to the tenant's API key[/red]")

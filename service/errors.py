@@ -180,7 +180,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _request_id() -> str | None:
-    from service.request_id import request_id  # imported late: it imports this module
+    from service.api.request_id import request_id  # imported late: it imports this module
 
     return request_id.get()
 

@@ -2,7 +2,7 @@
 
 ``pairs`` turns feedback and galleries into labelled scores, ``snapshot`` turns those into
 per-tenant rates and OPIS across tenants, ``exposition`` shows a snapshot to Prometheus. The
-scheduling, the store and the what-if cache live in :mod:`service.monitor`.
+scheduling, the store and the what-if cache live in :mod:`service.monitoring.monitor`.
 """
 
 from service.monitoring.exposition import MonitorMetrics, SnapshotCollector

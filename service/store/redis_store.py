@@ -23,7 +23,7 @@ separator and no key is a prefix-collision of another)::
     P monitor:snapshot          string the monitor's latest snapshot (JSON), shared by replicas
     P models                    hash   rev, body: the model registry (JSON), compare-and-set on rev
     P ratelimit:T               hash   tokens, ts: the tenant's rate-limit bucket (with a TTL;
-                                       written only by ``service.ratelimit``'s Lua script)
+                                       written only by ``service.store.ratelimit``'s Lua script)
 
 Multi-key writes run in MULTI/EXEC transactions (all-or-nothing); checks that must hold when
 they commit (feedback not yet given, an upserted item's previous version) WATCH their keys. A

@@ -48,7 +48,7 @@ def defined_metric_names() -> set[str]:
     exposed (counter ``_total``, histogram ``_bucket``/``_count``/``_sum``, gauge histogram
     ``_bucket``/``_gcount``/``_gsum``, info ``_info``)."""
     from service.metrics import ServiceMetrics
-    from service.monitor import MonitorConfig, MonitorMetrics
+    from service.monitoring.monitor import MonitorConfig, MonitorMetrics
 
     registry = CollectorRegistry()
     ServiceMetrics(registry, tenant_label_cap=3)

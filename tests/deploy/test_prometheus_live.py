@@ -1,6 +1,6 @@
 """A real Prometheus scraping the monitor's metrics and evaluating the project's rules.
 
-The metrics come from the monitor code itself (``service.monitor``), served by
+The metrics come from the monitor code itself (``service.monitoring.monitor``), served by
 prometheus_client's HTTP server on a free loopback port; Prometheus (the ``prometheus`` binary,
 1 s scrape and evaluation intervals) loads ``deploy/prometheus/prometheus.yml`` with only the
 target and the intervals changed, and the rule files as they are. A scripted pattern feeds
@@ -23,8 +23,8 @@ import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 
 from service.metrics import ServiceMetrics
-from service.monitor import Monitor
 from service.monitoring import MonitorConfig, decision_outcome
+from service.monitoring.monitor import Monitor
 from service.store import Decision, Feedback, GalleryVectors, MatchRecord, Tenant
 from tests.deploy.conftest import RULE_FILES, sample_manifest
 from tests.deploy.promserver import Prometheus, free_port, running_prometheus, wait_for

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.tenants import hash_token
+from service.domain.tenants import hash_token
 from tests.service.conftest import ADMIN_TOKEN, Api, Digits, Tenant, b64_png, png_bytes, unit
 
 TENANT_ROUTES = [

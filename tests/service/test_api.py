@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.matching import label_decision
+from service.domain.matching import label_decision
 from service.store import MatchRecord
 from tcm import load_artefact, read_manifest, to_input_tensor
 from tests.service.conftest import DIM, Api, Digits, Tenant, b64_png, png_bytes, unit

@@ -14,7 +14,7 @@ import pytest
 from httpx import Response
 from PIL import Image
 
-from service.body_limit import BodySizeLimitMiddleware
+from service.api.body_limit import BodySizeLimitMiddleware
 from tests.service.conftest import DIM, Api, Digits, Tenant, b64, b64_png, png_bytes, unit
 
 

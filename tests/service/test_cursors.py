@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.gallery import MAX_CURSOR, parse_cursor
+from service.domain.gallery import MAX_CURSOR, parse_cursor
 from tests.service.conftest import Api, unit
 
 BAD = [

@@ -18,8 +18,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from service.metrics import ServiceMetrics
-from service.monitor import Monitor
 from service.monitoring import MonitorConfig
+from service.monitoring.monitor import Monitor
 from service.monitoring.subjects import tenant_subjects
 from service.store import Decision, Feedback, MatchRecord
 from tcm import consistency_from_scores, read_manifest, save_reference

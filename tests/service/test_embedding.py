@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.embedding import EmbeddingBatcher, resolve_device
+from service.engine.embedding import EmbeddingBatcher, resolve_device
 from service.errors import InvalidInputError, NotReadyError
 from tcm import load_artefact, to_input_tensor
 from tests.service.conftest import Digits

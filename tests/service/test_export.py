@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from service.app import create_app
 from service.cli import app as serve_cli
-from service.export import class_folder, export_dataset
+from service.ops.export import class_folder, export_dataset
 from tests.service.conftest import ADMIN_TOKEN, STORES, Digits, b64_png, make_settings, unit
 from tests.service.test_cli import _start, free_port
 from tests.service.test_lifecycle import make_version

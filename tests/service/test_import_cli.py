@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.soak import ServerProcess, serve
-from service.importer import (
+from service.ops.importer import (
     ImportError_,
     _row_groups_from,
     b64_vector,

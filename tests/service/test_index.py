@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from service.index import IndexRegistry, TenantIndex, TorchFlat, gpu_available
+from service.engine.index import IndexRegistry, TenantIndex, TorchFlat, gpu_available
 from service.store.base import GalleryVectors
 
 DIM = 16
@@ -176,7 +176,7 @@ import sys
 import numpy as np
 if sys.argv[1] == "patched":
     import faiss.contrib.torch_utils  # what pytorch-metric-learning imports
-from service.index import TenantIndex
+from service.engine.index import TenantIndex
 from tests.service.test_index import brute_force, unit_rows
 for factory in ("Flat", "Torch"):
     index = TenantIndex(16, factory)

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from service.domain.inputs import as_unit_vector
 from service.errors import InvalidInputError
-from service.inputs import as_unit_vector
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from httpx import Response
 
 from service.app import create_app
-from service.monitor import Monitor
+from service.monitoring.monitor import Monitor
 from tests.service.conftest import (
     ADMIN_TOKEN,
     Api,

@@ -16,8 +16,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service import registry as reg
 from service.app import create_app
+from service.domain import model_registry as reg
 from service.errors import ConflictError, NotFoundError
 from service.settings import Settings
 from service.store import open_store

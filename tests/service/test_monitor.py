@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import OTHER_TENANTS, ServiceMetrics, TenantLabels, tenant_label_values
-from service.monitor import Monitor, PairCache
 from service.monitoring import (
     LabelledScores,
     MonitorConfig,
@@ -32,6 +31,7 @@ from service.monitoring import (
     tenant_view,
     what_if,
 )
+from service.monitoring.monitor import Monitor, PairCache
 from service.monitoring.snapshot import cumulative_counts
 from service.store import Decision, Feedback, GalleryVectors, MatchRecord, Tenant
 from tcm import (

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.monitor import Monitor
+from service.monitoring.monitor import Monitor
 from tests.service.conftest import ADMIN_TOKEN, STORES, make_settings, unit
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

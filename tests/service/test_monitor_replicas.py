@@ -15,8 +15,8 @@ import asyncio
 from prometheus_client import CollectorRegistry
 
 from service.metrics import ServiceMetrics
-from service.monitor import Monitor
 from service.monitoring import MonitorConfig
+from service.monitoring.monitor import Monitor
 from tests.service.test_monitor import healthy_and_drifting, samples, synthetic_manifest
 
 INTERVAL = 60.0

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.metadata_filter import canonical, matches
+from service.engine.metadata_filter import canonical, matches
 from tests.service.conftest import ADMIN_TOKEN, DIM, Api, Tenant, make_settings, unit
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -217,9 +217,9 @@ def test_cursor_pattern_is_exactly_what_parse_cursor_accepts() -> None:
     import random
     import re
 
+    from service.api.schemas import CURSOR_PATTERN
+    from service.domain.gallery import parse_cursor
     from service.errors import InvalidInputError
-    from service.gallery import parse_cursor
-    from service.schemas import CURSOR_PATTERN
 
     def accepted(c: str) -> bool:
         try:

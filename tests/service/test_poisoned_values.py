@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.metadata_filter import MAX_METADATA_KEYS, canonical, domain_problem, terms
+from service.engine.metadata_filter import MAX_METADATA_KEYS, canonical, domain_problem, terms
 from service.settings import Settings
 from service.store import NewItem, open_store
 from tests.service.conftest import ADMIN_TOKEN, STORES, Api, Tenant, b64, make_settings, unit

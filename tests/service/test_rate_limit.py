@@ -19,8 +19,8 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.errors import StoreUnavailableError
-from service.ratelimit import LocalRateLimiter, RedisRateLimiter, burst_of
 from service.settings import Settings
+from service.store.ratelimit import LocalRateLimiter, RedisRateLimiter, burst_of
 from tests.service.conftest import ADMIN_TOKEN, REDIS_URL, STORES, make_settings, unit
 from tests.service.test_redis_down import free_port
 

@@ -30,11 +30,11 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from bench.soak import ServerProcess, serve
-from service.images import decode_image
-from service.pairwise import max_inner_product
+from service.domain.tenants import new_key
+from service.engine.images import decode_image
+from service.engine.pairwise import max_inner_product
 from service.store import NewItem, Tenant
 from service.store.sqlite import SQLiteStore
-from service.tenants import new_key
 from tcm import Preprocessing, to_input_tensor
 from tests.service.conftest import DIM, Api, make_settings, unit
 

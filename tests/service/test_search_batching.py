@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.index import IndexRegistry
-from service.search import SearchBatcher
+from service.engine.index import IndexRegistry
+from service.engine.search import SearchBatcher
 from tests.service.conftest import ADMIN_TOKEN, DIM, STORES, Digits, b64_png, make_settings
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

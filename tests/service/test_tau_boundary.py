@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.inputs import as_unit_vector
+from service.domain.inputs import as_unit_vector
 from service.monitoring.snapshot import accepted, error_rates
 from tcm import load_artefact, save_artefact
 from tests.service.conftest import DIM, STORES, Api, make_settings

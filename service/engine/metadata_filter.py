@@ -12,7 +12,7 @@ JSON scalars (string, number, boolean, null); an item matches when every key is 
 equal value. Equality is JSON's, not Python's: numbers compare as numbers (``1`` equals
 ``1.0``), but ``true`` is not ``1`` and ``"1"`` is not ``1``. Values are compared through one
 canonical text (:func:`canonical`), which is also the key of the index's postings
-(``service.index``), so the filtered search and the brute-force :func:`matches` agree by
+(``service.engine.index``), so the filtered search and the brute-force :func:`matches` agree by
 construction. :func:`canonical` is total: a stored value outside the domain (written before the
 domain was enforced) is simply not filterable, never an exception that could stop an index
 rebuild or the change feed.
@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 MAX_METADATA_KEYS = 64
-# what a filter can ask for (service.schemas.MetadataFilter): longer keys or string values are
+# what a filter can ask for (service.api.schemas.MetadataFilter): longer keys or string values are
 # never indexed, since no filter could name them
 MAX_FILTER_KEY_CHARS = 256
 MAX_FILTER_STRING_CHARS = 1024

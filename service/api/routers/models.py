@@ -8,12 +8,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from service import registry as reg
-from service.dependencies import AdminAuth, IdPath, RuntimeDep
-from service.errors import NotFoundError, NotReadyError
-from service.lifecycle import ModelLifecycle
-from service.runtime import Runtime
-from service.schemas import (
+from service.api.dependencies import AdminAuth, IdPath, RuntimeDep
+from service.api.schemas import (
     Activation,
     HistoryEntry,
     ModelRegistryOut,
@@ -23,6 +19,10 @@ from service.schemas import (
     UnembeddedItems,
     errors,
 )
+from service.domain import model_registry as reg
+from service.errors import NotFoundError, NotReadyError
+from service.runtime.lifecycle import ModelLifecycle
+from service.runtime.runtime import Runtime
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[AdminAuth])
 

@@ -39,17 +39,17 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 
-from service import registry as reg
+from service.domain import model_registry as reg
+from service.domain.model_registry import ModelRegistry
+from service.domain.serving import Serving, build_serving
+from service.engine.faces import load_served_model
 from service.errors import ConflictError, InvalidInputError, StoreUnavailableError
-from service.faces import load_served_model
-from service.registry import ModelRegistry
-from service.serving import Serving, build_serving
 from service.settings import Settings
 from service.store import Store
 from tcm import read_manifest
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime
+    from service.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ L2-normalised, so that inner products downstream are cosines; images go through 
 
 A request's images are bounded together: the pixels their headers claim may add up to at most
 ``max_request_pixels`` (413 ``too_many_pixels`` before any is decoded), and each image becomes
-its small input tensor (shrunk while decoded, see ``service.images``) before the next is
+its small input tensor (shrunk while decoded, see ``service.engine.images``) before the next is
 decoded, so a request holds at most one full-size image at a time.
 """
 
@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from starlette.concurrency import run_in_threadpool
 
-from service.embedding import EmbeddingBatcher
+from service.engine.embedding import EmbeddingBatcher
+from service.engine.faces import record_faces
+from service.engine.images import decode_base64, decode_image, header_pixels
 from service.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
     PayloadTooLargeError,
 )
-from service.faces import record_faces
-from service.images import decode_base64, decode_image, header_pixels
 from service.store import Store
 from tcm import to_input_tensor
 

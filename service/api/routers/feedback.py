@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.dependencies import RuntimeDep, TenantId
-from service.schemas import FeedbackRequest, FeedbackResponse, errors
+from service.api.dependencies import RuntimeDep, TenantId
+from service.api.schemas import FeedbackRequest, FeedbackResponse, errors
 
 router = APIRouter(tags=["feedback"])
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
 
+from service.engine.index import IndexRegistry
 from service.errors import AuthenticationError, NotFoundError
-from service.index import IndexRegistry
 from service.metrics import ServiceMetrics
 from service.store import ApiKey, Store, Tenant
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from service.domain.model_registry import ModelRegistry
 from service.errors import StoreUnavailableError
 from service.metrics import ServiceMetrics
 from service.monitoring import (
@@ -53,7 +54,6 @@ from service.monitoring import (
 )
 from service.monitoring.snapshot import grid_of
 from service.monitoring.subjects import TenantSubjects, tenant_reference, tenant_subjects
-from service.registry import ModelRegistry
 from service.store.base import Decision, GalleryVectors, Tenant
 from tcm import Manifest, load_reference, utility
 from tcm.drift import Summary, matched_reference
@@ -61,7 +61,7 @@ from tcm.drift import Summary, matched_reference
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from service.runtime import Runtime
+    from service.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

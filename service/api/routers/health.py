@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.schemas import Health, Readiness, errors
+from service.api.schemas import Health, Readiness, errors
 
 router = APIRouter(tags=["health"])
 

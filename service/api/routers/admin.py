@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.dependencies import AdminAuth, IdPath, RuntimeDep
-from service.schemas import (
+from service.api.dependencies import AdminAuth, IdPath, RuntimeDep
+from service.api.schemas import (
     KeyIssue,
     KeyIssued,
     KeyList,

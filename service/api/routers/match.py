@@ -8,12 +8,9 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
-from service.dependencies import RuntimeDep, TenantId
-from service.errors import InvalidInputError
-from service.faces import face_report
-from service.index import Hit
-from service.routers.uploads import read_upload
-from service.schemas import (
+from service.api.dependencies import RuntimeDep, TenantId
+from service.api.routers.uploads import read_upload
+from service.api.schemas import (
     Candidate,
     DecisionOut,
     MatchBatchRequest,
@@ -23,7 +20,10 @@ from service.schemas import (
     errors,
     faces_out,
 )
-from service.serving import Serving
+from service.domain.serving import Serving
+from service.engine.faces import face_report
+from service.engine.index import Hit
+from service.errors import InvalidInputError
 from service.store import MatchRecord
 
 router = APIRouter(tags=["match"])

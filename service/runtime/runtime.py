@@ -32,25 +32,25 @@ from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 from torch import nn
 
-from service.embedding import EmbeddingBatcher, resolve_device
+from service.domain.gallery import Gallery
+from service.domain.inputs import InputResolver
+from service.domain.matching import FeedbackListener, Matcher, MatchListener
+from service.domain.serving import Serving, SwitchGate, build_serving
+from service.domain.tenants import Tenants
+from service.engine.embedding import EmbeddingBatcher, resolve_device
+from service.engine.images import decode_image
+from service.engine.index import IndexRegistry
 from service.errors import (
     InvalidInputError,
     NotReadyError,
     RateLimitedError,
     StoreUnavailableError,
 )
-from service.gallery import Gallery
-from service.images import decode_image
-from service.index import IndexRegistry
-from service.inputs import InputResolver
-from service.lifecycle import ModelLifecycle, startup_model
-from service.matching import FeedbackListener, Matcher, MatchListener
 from service.metrics import ServiceMetrics
-from service.ratelimit import RateLimiter, open_rate_limiter
-from service.serving import Serving, SwitchGate, build_serving
+from service.runtime.lifecycle import ModelLifecycle, startup_model
 from service.settings import Settings
 from service.store import Change, Store, open_store
-from service.tenants import Tenants
+from service.store.ratelimit import RateLimiter, open_rate_limiter
 from tcm import Manifest
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ FEED_ATTEMPTS = 3  # tries of one change-feed entry before it is skipped as pois
 @dataclass
 class Runtime:
     settings: Settings
-    serving: Serving  # the served model; replaced whole by a model switch (service.lifecycle)
+    # the served model; replaced whole by a model switch (service.runtime.lifecycle)
+    serving: Serving
     registry: CollectorRegistry
     metrics: ServiceMetrics
     store: Store

@@ -5,7 +5,8 @@ Each index is ``IndexIDMap2`` over an inner-product index built from the configu
 cosine similarity. FAISS ids are the store's int64 ``seq`` of each item; the index keeps the map
 from id to (item_id, subject) so that a search needs no store round trip.
 
-Metadata filters (``service.metadata_filter``) are applied inside the FAISS search: each index
+Metadata filters (``service.engine.metadata_filter``) are applied inside the FAISS search: each
+index
 keeps postings ``(key, canonical value) -> seqs`` of its items' top-level scalar metadata, and a
 filtered search passes the intersection as an ``IDSelectorBatch`` in ``SearchParameters``, so it
 returns the k best among the matching items (not the matching ones among the k best). Where the
@@ -40,7 +41,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from service.metadata_filter import filter_terms, terms
+from service.engine.metadata_filter import filter_terms, terms
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile
 
-from service.dependencies import RuntimeDep, TenantId
-from service.faces import face_report
-from service.routers.uploads import read_upload
-from service.schemas import VerifyRequest, VerifyResponse, errors, faces_out
-from service.serving import Serving
+from service.api.dependencies import RuntimeDep, TenantId
+from service.api.routers.uploads import read_upload
+from service.api.schemas import VerifyRequest, VerifyResponse, errors, faces_out
+from service.domain.serving import Serving
+from service.engine.faces import face_report
 
 router = APIRouter(tags=["verify"])
 

@@ -6,7 +6,7 @@ request the service refuses for its shape): requests forbid unknown fields (a mi
 are ``oneOf`` of ``required`` (and those fields are never null); base64 is a pattern; a vector
 has a non-zero component (``contains``). Limits that depend on settings or on the served model
 (``max_k``, batch sizes, list limits, the embedding dimension) are checked by the domain code,
-which knows them, and carry an ``x-limit`` marker that ``service.openapi`` replaces with the
+which knows them, and carry an ``x-limit`` marker that ``service.api.openapi`` replaces with the
 live bound when it renders ``/openapi.json``.
 """
 
@@ -27,8 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from service.engine.metadata_filter import MAX_METADATA_KEYS, domain_problem, number_problem
 from service.ids import ID_PATTERN, Id
-from service.metadata_filter import MAX_METADATA_KEYS, domain_problem, number_problem
 
 MAX_METADATA_BYTES = 16 * 1024
 # nesting of metadata objects/arrays: responses serialise at most ~255 levels, so deeper
@@ -57,7 +57,8 @@ Embedding = Annotated[list[FiniteFloat], Field(
     "numbers, not all zero (normalised by the service)",
     json_schema_extra={"contains": {"type": "number", "not": {"const": 0}},
                        "x-limit": "embedding_dim"})]
-# exactly what ``service.images.decode_base64`` accepts: standard base64 with its padding, not
+# exactly what ``service.engine.images.decode_base64`` accepts: standard base64 with its
+# padding, not
 # empty, optionally behind a data: URL prefix
 BASE64_PATTERN = (r"^(data:[^,]*,)?([A-Za-z0-9+/]{4})*"
                   r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$")
@@ -100,7 +101,7 @@ MAX_FILTER_KEYS = 16
 
 
 def _float64_int(v: int) -> int:
-    """A filter's integer must be a number metadata can hold (service.metadata_filter)."""
+    """A filter's integer must be a number metadata can hold (service.engine.metadata_filter)."""
     problem = number_problem(v)
     if problem is not None:
         raise ValueError(problem)

@@ -7,11 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 
-from service.dependencies import IdPath, RuntimeDep, TenantId
-from service.faces import face_report
-from service.ids import ID_MAX_LENGTH
-from service.routers.uploads import UPLOAD_PLACEHOLDER, build, parse_json_object, read_upload
-from service.schemas import (
+from service.api.dependencies import IdPath, RuntimeDep, TenantId
+from service.api.routers.uploads import UPLOAD_PLACEHOLDER, build, parse_json_object, read_upload
+from service.api.schemas import (
     CURSOR_PATTERN,
     NAME_PATTERN,
     SUBJECT_CURSOR_PATTERN,
@@ -29,6 +27,8 @@ from service.schemas import (
     faces_out,
     utc,
 )
+from service.engine.faces import face_report
+from service.ids import ID_MAX_LENGTH
 from service.store import GalleryItem
 
 router = APIRouter(tags=["gallery"])

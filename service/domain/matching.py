@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from service.api.schemas import VerifyInput
+from service.domain.inputs import InputResolver
+from service.engine.index import Hit, IndexRegistry
+from service.engine.metadata_filter import matches
+from service.engine.pairwise import max_inner_product
+from service.engine.search import SearchBatcher
 from service.errors import InvalidInputError, NotFoundError
-from service.index import Hit, IndexRegistry
-from service.inputs import InputResolver
-from service.metadata_filter import matches
 from service.metrics import ServiceMetrics
-from service.pairwise import max_inner_product
-from service.schemas import VerifyInput
-from service.search import SearchBatcher
 from service.store import Feedback, MatchRecord, Outcome, Store
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@
 Writes for one tenant are serialised by an asyncio lock, so that an enrolment and a delete of the
 same item cannot reach the index in the opposite order from the store. Every write holds the
 runtime's switch gate (shared) from embedding to index update and uses the model being served
-when it took the gate, so a model switch never sees half of a write (see ``service.serving``).
+when it took the gate, so a model switch never sees half of a write (see
+``service.domain.serving``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from service.api.schemas import EnrolItem, PutItem
+from service.engine.images import decode_base64
 from service.errors import ConflictError, InvalidInputError, NotFoundError
-from service.images import decode_base64
 from service.metrics import ServiceMetrics
-from service.schemas import EnrolItem, PutItem
 from service.store import GalleryItem, NewItem, Store
 
 if TYPE_CHECKING:
-    from service.serving import Serving, SwitchGate
+    from service.domain.serving import Serving, SwitchGate
 
 
 class Gallery:

@@ -24,15 +24,15 @@ import torch
 from starlette.concurrency import run_in_threadpool
 from torch import nn
 
+from service.engine.faces import record_faces
 from service.errors import InvalidInputError, NotReadyError
-from service.faces import record_faces
 from service.metrics import ServiceMetrics
 from tcm import Preprocessing, to_input_tensor
 
 log = logging.getLogger(__name__)
 
 # face models: images (and where each came from) -> aligned chips as the model input, and the
-# face used for each image (service.faces.FacePreparer)
+# face used for each image (service.engine.faces.FacePreparer)
 FacePrepare = Callable[[Sequence[np.ndarray], Sequence[str] | None],
                        tuple[torch.Tensor, list[dict[str, Any]]]]
 

@@ -16,10 +16,10 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.domain.tenants import same_secret
 from service.errors import AuthenticationError, NotReadyError
 from service.ids import IdPath as IdPath  # every id a path carries: the one id pattern
-from service.runtime import Runtime
-from service.tenants import same_secret
+from service.runtime.runtime import Runtime
 
 admin_bearer = HTTPBearer(
     scheme_name="adminToken", auto_error=False, bearerFormat="opaque",

@@ -6,7 +6,7 @@
   (``maximum``), ``embedding_b64_chars`` (a base64 embedding's exact length). The
   document is rendered per served embedding dimension (a model switch may change it).
 - **X-Request-ID**: an optional header parameter of every operation, and a response header of
-  every answer (``service.request_id``); ``Retry-After`` on 429 and 503, ``WWW-Authenticate``
+  every answer (``service.api.request_id``); ``Retry-After`` on 429 and 503, ``WWW-Authenticate``
   on 401, ``Allow`` on 405.
 - **Links** for stateful clients and testers: an enrolment's item ids lead to the item's
   get / put / delete, a match's id to its feedback, a tenant's id to its keys.
@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
-from service.request_id import HEADER, REQUEST_ID_PATTERN
+from service.api.request_id import HEADER, REQUEST_ID_PATTERN
 from service.settings import Settings
 
 DESCRIPTION = """Threshold-consistent retrieval as a service: 1:N match, 1:1 verify and embed

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Security
 from starlette.concurrency import run_in_threadpool
 
-from service.dependencies import (
+from service.api.dependencies import (
     AdminAuth,
     Credentials,
     RuntimeDep,
@@ -15,10 +15,8 @@ from service.dependencies import (
     is_admin,
     tenant_bearer,
 )
-from service.dependencies import token_of as _token
-from service.errors import NotFoundError
-from service.monitor import Monitor
-from service.schemas import (
+from service.api.dependencies import token_of as _token
+from service.api.schemas import (
     AdminWhatIf,
     MonitorReference,
     MonitorSnapshot,
@@ -28,6 +26,8 @@ from service.schemas import (
     WhatIf,
     errors,
 )
+from service.errors import NotFoundError
+from service.monitoring.monitor import Monitor
 
 router = APIRouter(tags=["monitor"])
 

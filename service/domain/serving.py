@@ -24,13 +24,13 @@ import torch
 from starlette.concurrency import run_in_threadpool
 from torch import nn
 
-from service.embedding import EmbeddingBatcher
-from service.faces import load_served_model
-from service.index import IndexRegistry
-from service.inputs import InputResolver
-from service.matching import FeedbackListener, Matcher, MatchListener
+from service.domain.inputs import InputResolver
+from service.domain.matching import FeedbackListener, Matcher, MatchListener
+from service.engine.embedding import EmbeddingBatcher
+from service.engine.faces import load_served_model
+from service.engine.index import IndexRegistry
+from service.engine.search import SearchBatcher
 from service.metrics import ServiceMetrics
-from service.search import SearchBatcher
 from service.settings import Settings
 from service.store import Store
 from tcm import Manifest

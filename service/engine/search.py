@@ -10,7 +10,8 @@ runs one ``search`` per tenant (with the largest ``k`` asked, each query's hits 
 next batch, so batches grow with load and a lone query is never delayed. ``max_wait`` (default 0)
 additionally holds each batch open that long, for deployments where a few ms of latency buy
 larger batches (e.g. a GPU index). Same shape as the embedding batcher
-(``service.embedding``), but without a permanent worker: the drain task exists only while there
+(``service.engine.embedding``), but without a permanent worker: the drain task exists only while
+there
 is work, so there is nothing to start or stop.
 """
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from service.index import Hit, IndexRegistry
+from service.engine.index import Hit, IndexRegistry
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.dependencies import RuntimeDep
-from service.schemas import ModelInfo, errors
+from service.api.dependencies import RuntimeDep
+from service.api.schemas import ModelInfo, errors
 
 router = APIRouter(tags=["model"])
 

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile
 
-from service.dependencies import RuntimeDep, TenantId
+from service.api.dependencies import RuntimeDep, TenantId
+from service.api.routers.uploads import read_upload
+from service.api.schemas import EmbedRequest, EmbedResponse, errors, faces_out
+from service.engine.faces import face_report
 from service.errors import InvalidInputError
-from service.faces import face_report
-from service.routers.uploads import read_upload
-from service.schemas import EmbedRequest, EmbedResponse, errors, faces_out
 
 router = APIRouter(tags=["embed"])
 

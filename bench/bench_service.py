@@ -128,7 +128,7 @@ def run(args: argparse.Namespace, artefact: Path, store_dir: Path) -> None:
             for i in range(0, len(items), 200):
                 httpx.post(f"{base}/v1/gallery", json={"items": items[i:i + 200]}, headers=auth,
                            timeout=120).raise_for_status()
-            batcher = srv.app.state.runtime.batcher
+            batcher = srv.app.state.runtime.serving.batcher
             for route in ("/v1/embed", "/v1/match"):
                 for n in args.concurrency:
                     before = (batcher.images_embedded, batcher.batches_run)

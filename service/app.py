@@ -16,8 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from service import errors
-from service.api import openapi
+from service.api import error_handlers, openapi
 from service.api.body_limit import BodySizeLimitMiddleware
 from service.api.request_id import RequestIdMiddleware
 from service.api.routers import (
@@ -33,7 +32,8 @@ from service.api.routers import (
     verify,
 )
 from service.metrics import RequestMetricsMiddleware, ServiceMetrics
-from service.monitoring.monitor import attach_monitor
+from service.monitoring import MonitorConfig
+from service.monitoring.monitor import Monitor
 from service.runtime.runtime import Runtime
 from service.settings import Settings
 
@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, *,
     app.state.settings = settings
     app.state.runtime = None
     app.state.monitor = None
-    errors.install(app)
+    error_handlers.install(app, on_store_error=metrics.store_errors.inc)
     for r in (health.router, model.router, models.router, admin.router, gallery.router,
               match.router, verify.router, embed.router, feedback.router, monitor.router):
         app.include_router(r)
@@ -97,3 +97,18 @@ def create_app(settings: Settings | None = None, *,
     openapi.install(app, settings)
     return app
 
+
+async def attach_monitor(app: FastAPI, runtime: Runtime) -> Monitor | None:
+    """``create_app`` start-up hook: builds and starts the monitor (``app.state.monitor``);
+    the app's lifespan closes it at shutdown. None when ``monitor_enabled`` is off."""
+    settings = runtime.settings
+    if not settings.monitor_enabled:
+        app.state.monitor = None
+        return None
+    monitor = Monitor(runtime.store, runtime.serving.manifest, runtime.metrics,
+                      MonitorConfig.from_settings(settings), artefact_path=runtime.serving.path)
+    app.state.monitor = monitor
+    if runtime.lifecycle is not None:  # a model switch resets the baseline to the new model's
+        runtime.lifecycle.switch_listeners.append(lambda serving: monitor.set_manifest(
+            serving.manifest, serving.path))
+    return await monitor.start()

@@ -6,13 +6,59 @@ and a bad value stops the process at start-up instead of at the first request.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qs, unquote
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://", "redis+sentinel://")
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``: the
+    Sentinels to ask, the name of the monitored primary, the database; the credentials are the
+    primary's (Sentinels that need their own: ``?sentinel_password=...``)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL:
+        if not url.startswith(SENTINEL_SCHEME):
+            raise ValueError(f"not a {SENTINEL_SCHEME} URL")
+        rest, _, query = url.removeprefix(SENTINEL_SCHEME).partition("?")
+        userinfo, _, hostpath = rest.rpartition("@")
+        hosts, _, path = hostpath.partition("/")
+        sentinels = []
+        for hp in hosts.split(","):
+            host, _, port = hp.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"Sentinel address {hp!r} is not host:port")
+            sentinels.append((host, int(port)))
+        parts = [unquote(p) for p in path.split("/") if p]
+        if not 1 <= len(parts) <= 2 or (len(parts) == 2 and not parts[1].isdigit()):
+            raise ValueError("a Sentinel URL names the primary's service, and optionally a "
+                             "database: redis+sentinel://host:26379/mymaster/0")
+        username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+        params = parse_qs(query)
+        unknown = set(params) - {"sentinel_password"}
+        if unknown:
+            raise ValueError(f"unknown Sentinel URL parameters {sorted(unknown)}")
+        return cls(tuple(sentinels), parts[0], int(parts[1]) if len(parts) == 2 else 0,
+                   unquote(username) or None, unquote(password) or None,
+                   params["sentinel_password"][0] if "sentinel_password" in params else None)
+
 
 
 class Settings(BaseSettings):
@@ -126,9 +172,7 @@ class Settings(BaseSettings):
             )
         if v.startswith("sqlite:///") and v.removeprefix("sqlite:///") in ("", ":memory:"):
             raise ValueError("store_url needs a file path: an in-memory SQLite would lose data")
-        if v.startswith("redis+sentinel://"):
-            from service.store.redis_store import SentinelURL
-
+        if v.startswith(SENTINEL_SCHEME):
             SentinelURL.parse(v)  # a malformed one stops the process at start-up
         return v
 

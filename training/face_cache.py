@@ -190,6 +190,31 @@ def orl_members() -> list[str]:
     return [f"orl_faces/s{k}/{n}.pgm" for k in range(1, 41) for n in range(1, 11)]
 
 
+def dev_train_people(data_dir: Path) -> list[str]:
+    rows = (data_dir / "lfw" / "peopleDevTrain.txt").read_text().split("\n")[1:]
+    return [r.split("\t")[0] for r in rows if "\t" in r]
+
+
+def served_split(
+    data_dir: Path, seed: int = 0, val_share: float = 0.15, cap: int = 4
+) -> tuple[list[str], list[str]]:
+    """The served face model's images (``training.face_model``): (training images, validation
+    images): up to ``cap`` images of every peopleDevTrain
+    person with >= 2, ``val_share`` of those people held out (chosen from the names alone, so
+    a head-less model only extracts the validation images)."""
+    counts = lfw_counts(data_dir)
+    ids = sorted(p for p in dev_train_people(data_dir) if counts.get(p, 0) >= 2)
+    rng = np.random.default_rng(seed)
+    val = set(rng.choice(ids, size=int(val_share * len(ids)), replace=False))
+    train = lfw_identity_members(data_dir, [p for p in ids if p not in val], cap=cap)
+    return train, lfw_identity_members(data_dir, sorted(val), cap=cap)
+
+
+def served_members(data_dir: Path) -> list[str]:
+    train, val = served_split(data_dir)
+    return val + train
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="Extract and cache face descriptors.")
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
@@ -211,8 +236,6 @@ def main() -> None:
                 args.data_dir / ORL_ZIP, orl_members()[i::n], root=args.root, progress=report
             )
         else:  # the study's images, then the served model's (training/face_model.py)
-            from training.face_model import served_members
-
             members = list(
                 dict.fromkeys(lfw_study_members(args.data_dir) + served_members(args.data_dir))
             )

@@ -44,30 +44,6 @@ SERVED_HEAD = HeadConfig(kind="none")
 SERVED_OPTIONS = FaceOptions(fallback="none")
 
 
-def dev_train_people(data_dir: Path) -> list[str]:
-    rows = (data_dir / "lfw" / "peopleDevTrain.txt").read_text().split("\n")[1:]
-    return [r.split("\t")[0] for r in rows if "\t" in r]
-
-
-def served_split(
-    data_dir: Path, seed: int = 0, val_share: float = 0.15, cap: int = 4
-) -> tuple[list[str], list[str]]:
-    """(training images, validation images): up to ``cap`` images of every peopleDevTrain
-    person with >= 2, ``val_share`` of those people held out (chosen from the names alone, so
-    a head-less model only extracts the validation images)."""
-    counts = fc.lfw_counts(data_dir)
-    ids = sorted(p for p in dev_train_people(data_dir) if counts.get(p, 0) >= 2)
-    rng = np.random.default_rng(seed)
-    val = set(rng.choice(ids, size=int(val_share * len(ids)), replace=False))
-    train = fc.lfw_identity_members(data_dir, [p for p in ids if p not in val], cap=cap)
-    return train, fc.lfw_identity_members(data_dir, sorted(val), cap=cap)
-
-
-def served_members(data_dir: Path) -> list[str]:
-    train, val = served_split(data_dir)
-    return val + train
-
-
 def build_face_model(
     data_dir: Path,
     out: Path,
@@ -77,7 +53,7 @@ def build_face_model(
     val_share: float = 0.15,
     progress: Any = None,
 ) -> Manifest:
-    train, val = served_split(data_dir, head.seed, val_share)
+    train, val = fc.served_split(data_dir, head.seed, val_share)
     members = val + (train if head.kind != "none" else [])
     desc = fc.descriptors(
         data_dir / fc.LFW_ZIP, members, root=cache_root, options=SERVED_OPTIONS, progress=progress

@@ -55,7 +55,7 @@ async def tenant_id(runtime: RuntimeDep,
                     credentials: Annotated[Credentials, Security(tenant_bearer)]) -> str:
     tid = await runtime.tenants.authenticate(token_of(credentials))
     await runtime.check_rate(tid)
-    await runtime.ensure_indexes()
+    await runtime.sync.ensure_loaded()
     return tid
 
 

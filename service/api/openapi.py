@@ -131,7 +131,7 @@ def install(app: FastAPI, settings: Settings) -> None:
 
     def openapi() -> dict[str, Any]:
         runtime = getattr(app.state, "runtime", None)
-        dim = runtime.manifest.embedding_dim if runtime is not None else None
+        dim = runtime.serving.manifest.embedding_dim if runtime is not None else None
         if dim not in cache:
             base = get_openapi(
                 title=app.title,

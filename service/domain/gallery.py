@@ -1,52 +1,68 @@
 """Enrolling, reading and deleting gallery items: the store of record first, then the index.
 
-Writes for one tenant are serialised by an asyncio lock, so that an enrolment and a delete of the
-same item cannot reach the index in the opposite order from the store. Every write holds the
-runtime's switch gate (shared) from embedding to index update and uses the model being served
-when it took the gate, so a model switch never sees half of a write (see
-``service.domain.serving``).
+Every write holds the serving slot's switch gate (shared) from embedding to index update and
+uses the model being served when it took the gate, so a model switch never sees half of a write
+(see ``service.domain.serving``); the store write and the index update run under the tenant's
+write lock, and the index is told by ``service.domain.index_sync`` (the one owner of keeping
+indexes in step with the store).
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
-from collections import Counter, defaultdict
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from service.api.schemas import EnrolItem, PutItem
 from service.engine.images import decode_base64
 from service.errors import ConflictError, InvalidInputError, NotFoundError
-from service.metrics import ServiceMetrics
 from service.store import GalleryItem, NewItem, Store
 
 if TYPE_CHECKING:
-    from service.domain.serving import Serving, SwitchGate
+    from service.domain.index_sync import IndexSync
+    from service.domain.serving import Serving, ServingSlot
+
+
+class ItemContent(Protocol):
+    """What an item is made of, as a request states it (the API's ``PutItem``): its subject,
+    exactly one of an embedding (numbers or base64 float32) or an image, and metadata."""
+
+    @property
+    def subject(self) -> str: ...
+    @property
+    def embedding(self) -> Sequence[float] | None: ...
+    @property
+    def embedding_b64(self) -> str | None: ...
+    @property
+    def image(self) -> str | None: ...
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
+
+
+class NewItemContent(ItemContent, Protocol):
+    """An item to enrol (the API's ``EnrolItem``): its id is generated when None."""
+
+    @property
+    def item_id(self) -> str | None: ...
 
 
 class Gallery:
-    def __init__(self, *, store: Store, serving: Callable[[], Serving], gate: SwitchGate,
-                 metrics: ServiceMetrics, max_batch_items: int, max_list_limit: int,
+    def __init__(self, *, store: Store, slot: ServingSlot, sync: IndexSync,
+                 max_batch_items: int, max_list_limit: int,
                  max_enrol_items: int | None = None) -> None:
         self.store = store
-        self.serving = serving
-        self.gate = gate
-        self.metrics = metrics
+        self.slot = slot
+        self.sync = sync
         self.max_batch_items = max_batch_items
         self.max_enrol_items = max(max_enrol_items or max_batch_items, max_batch_items)
         self.max_list_limit = max_list_limit
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
-    def _update_size_metric(self) -> None:
-        self.metrics.set_gallery_size(self.serving().indexes.sizes())
-
-    async def enrol(self, tenant_id: str, items: list[EnrolItem],
+    async def enrol(self, tenant_id: str, items: Sequence[NewItemContent],
                     images: dict[int, bytes] | None = None) -> list[str]:
         """All items or none. ``images`` optionally gives raw bytes (uploads) by position,
         in place of the base64 ``image`` field."""
@@ -66,12 +82,12 @@ class Gallery:
         if dupes:
             raise ConflictError("the request repeats item ids", code="duplicate_item_id",
                                 detail={"item_ids": dupes})
-        async with self.gate.shared():
-            ids = await self._enrol(self.serving(), tenant_id, items, images)
-        self._update_size_metric()
+        async with self.slot.gate.shared():
+            ids = await self._enrol(self.slot.current, tenant_id, items, images)
+        self.sync.publish_sizes()
         return ids
 
-    async def _enrol(self, serving: Serving, tenant_id: str, items: list[EnrolItem],
+    async def _enrol(self, serving: Serving, tenant_id: str, items: Sequence[NewItemContent],
                      images: dict[int, bytes]) -> list[str]:
         vectors: list[np.ndarray | None] = [None] * len(items)
         to_embed: list[tuple[str, bytes | str]] = []
@@ -109,20 +125,20 @@ class Gallery:
             if vec is not None
         ]
         assert len(new_items) == len(items)
-        async with self._locks[tenant_id]:
+        async with self.sync.write_lock(tenant_id):
             seqs = await run_in_threadpool(lambda: self.store.add_items(
                 tenant_id, new_items, model_version=serving.model_version,
                 created_at=time.time()))
-            await run_in_threadpool(
-                serving.indexes.get(tenant_id).add, seqs, [n.item_id for n in new_items],
+            await self.sync.added(
+                serving, tenant_id, seqs, [n.item_id for n in new_items],
                 [n.subject for n in new_items], np.stack([n.embedding for n in new_items]),
                 [n.metadata for n in new_items])
         return [n.item_id for n in new_items]
 
-    async def put(self, tenant_id: str, item_id: str, body: PutItem) -> bool:
+    async def put(self, tenant_id: str, item_id: str, body: ItemContent) -> bool:
         """Creates or replaces one item (idempotent); True when it was created."""
-        async with self.gate.shared():
-            serving = self.serving()
+        async with self.slot.gate.shared():
+            serving = self.slot.current
             if body.embedding is not None:
                 vector = serving.resolver.embedding(body.embedding, where="embedding")
                 raw = None
@@ -135,16 +151,15 @@ class Gallery:
                 vector = (await serving.resolver.images([("image", raw)]))[0]
             new = NewItem(item_id=item_id, subject=body.subject, embedding=vector,
                           metadata=body.metadata, image=raw)
-            async with self._locks[tenant_id]:
+            async with self.sync.write_lock(tenant_id):
                 seq, old = await run_in_threadpool(lambda: self.store.put_item(
                     tenant_id, new, model_version=serving.model_version,
                     created_at=time.time()))
-                index = serving.indexes.get(tenant_id)
                 if old is not None:
-                    await run_in_threadpool(index.remove, [old])
-                await run_in_threadpool(index.add, [seq], [item_id], [body.subject],
-                                        vector[None], [body.metadata])
-        self._update_size_metric()
+                    await self.sync.removed(serving, tenant_id, [old])
+                await self.sync.added(serving, tenant_id, [seq], [item_id], [body.subject],
+                                      vector[None], [body.metadata])
+        self.sync.publish_sizes()
         return old is None
 
     async def subjects(self, tenant_id: str, *, cursor: str | None, limit: int
@@ -172,7 +187,7 @@ class Gallery:
 
     async def get(self, tenant_id: str, item_id: str) -> GalleryItem:
         item = await run_in_threadpool(lambda: self.store.get_item(
-            tenant_id, item_id, model_version=self.serving().model_version))
+            tenant_id, item_id, model_version=self.slot.current.model_version))
         if item is None:
             raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
         return item
@@ -188,29 +203,22 @@ class Gallery:
         return page, next_cursor
 
     async def delete_item(self, tenant_id: str, item_id: str) -> None:
-        async with self.gate.shared(), self._locks[tenant_id]:
+        async with self.sync.writing(tenant_id) as serving:
             seq = await run_in_threadpool(self.store.delete_item, tenant_id, item_id)
             if seq is None:
                 raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
-            await run_in_threadpool(self.serving().indexes.get(tenant_id).remove, [seq])
-        self._update_size_metric()
+            await self.sync.removed(serving, tenant_id, [seq])
+        self.sync.publish_sizes()
 
     async def delete_subject(self, tenant_id: str, subject: str) -> int:
-        async with self.gate.shared(), self._locks[tenant_id]:
+        async with self.sync.writing(tenant_id) as serving:
             seqs = await run_in_threadpool(self.store.delete_subject, tenant_id, subject)
             if not seqs:
                 raise NotFoundError(f"no gallery items for subject {subject!r}",
                                     detail={"subject": subject})
-            await run_in_threadpool(self.serving().indexes.get(tenant_id).remove, seqs)
-        self._update_size_metric()
+            await self.sync.removed(serving, tenant_id, seqs)
+        self.sync.publish_sizes()
         return len(seqs)
-
-    def tenant_lock(self, tenant_id: str) -> asyncio.Lock:
-        """The lock that serialises the tenant's writes on this replica (store, then index)."""
-        return self._locks[tenant_id]
-
-    def forget_tenant(self, tenant_id: str) -> None:
-        self._locks.pop(tenant_id, None)
 
 
 _CURSOR = re.compile(r"[0-9]{1,19}")

@@ -6,8 +6,7 @@ matching enrolled item (max score over the subject's items, the same rule 1:N ma
 so "is this the person enrolled as S?" gets the answer match would give if S were the only
 subject in the gallery.
 
-Listeners (``match_listeners``, ``feedback_listeners``) let the monitor observe decisions as
-they happen; a failing listener is logged and never fails the request.
+Every decision is stored (the monitor reads the store's records, on every replica alike).
 """
 
 from __future__ import annotations
@@ -15,13 +14,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from service.api.schemas import VerifyInput
 from service.domain.inputs import InputResolver
 from service.engine.index import Hit, IndexRegistry
 from service.engine.metadata_filter import matches
@@ -33,8 +31,6 @@ from service.store import Feedback, MatchRecord, Outcome, Store
 
 log = logging.getLogger(__name__)
 
-MatchListener = Callable[[MatchRecord], None]
-FeedbackListener = Callable[[MatchRecord, Feedback], None]
 
 
 def label_decision(match: MatchRecord, *, true_subject: str | None, subject_given: bool,
@@ -62,6 +58,20 @@ def label_decision(match: MatchRecord, *, true_subject: str | None, subject_give
     return known, outcome
 
 
+
+class VerifyOperand(Protocol):
+    """One side of a verify (the API's ``VerifyInput``): exactly one of an image, an
+    embedding, a gallery item or a whole subject."""
+
+    @property
+    def image(self) -> str | None: ...
+    @property
+    def embedding(self) -> Sequence[float] | None: ...
+    @property
+    def item_id(self) -> str | None: ...
+    @property
+    def subject(self) -> str | None: ...
+
 class Matcher:
     def __init__(self, *, store: Store, indexes: IndexRegistry, resolver: InputResolver,
                  metrics: ServiceMetrics, threshold: float, model_version: str,
@@ -76,8 +86,6 @@ class Matcher:
         self.model_version = model_version
         self.max_k = max_k
         self.max_verify_pairs = max_verify_pairs
-        self.match_listeners: list[MatchListener] = []
-        self.feedback_listeners: list[FeedbackListener] = []
 
     def accepts(self, score: float) -> bool:
         return score >= self.threshold
@@ -116,7 +124,6 @@ class Matcher:
         for record in records:
             self.metrics.match_decisions.labels(
                 tenant=label, decision="accept" if record.accepted else "reject").inc()
-            self._notify(self.match_listeners, record)
         return list(zip(records, all_hits, strict=True))
 
     def _record(self, tenant_id: str, hits: list[Hit], now: float) -> MatchRecord:
@@ -129,7 +136,7 @@ class Matcher:
             score=top.score if top else None, threshold=self.threshold,
             model_version=self.model_version, created_at=now)
 
-    async def vectors(self, tenant_id: str, inp: VerifyInput, *, where: str,
+    async def vectors(self, tenant_id: str, inp: VerifyOperand, *, where: str,
                       upload: bytes | None = None, filter: Mapping[str, Any] | None = None
                       ) -> np.ndarray:
         """One verify input -> its vectors (several for a subject). ``filter`` restricts
@@ -180,13 +187,5 @@ class Matcher:
         await run_in_threadpool(self.store.add_feedback, fb)
         self.metrics.decisions.labels(tenant=self.metrics.tenant_label(tenant_id),
                                       outcome=outcome).inc()
-        self._notify(self.feedback_listeners, match, fb)
         return fb
 
-    @staticmethod
-    def _notify(listeners: list, *args: object) -> None:
-        for listener in listeners:
-            try:
-                listener(*args)
-            except Exception:
-                log.exception("a decision listener failed")

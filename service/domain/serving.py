@@ -2,9 +2,9 @@
 per-tenant indexes of its embeddings.
 
 A :class:`Serving` is built whole (:func:`build_serving`) and never changed model-wise; a model
-switch builds a new one beside it and swaps the runtime's reference in one assignment. A request
-takes the runtime's current ``Serving`` once, at its start, and uses only that object, so it is
-answered by one model from start to end, and one index only ever holds one model version's
+switch builds a new one beside it and swaps it into the :class:`ServingSlot` in one assignment.
+A request takes the slot's current ``Serving`` once, at its start, and uses only that object, so
+it is answered by one model from start to end, and one index only ever holds one model version's
 embeddings.
 
 :class:`SwitchGate` orders gallery writes against a switch: writes share the gate, the switch's
@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from torch import nn
 
 from service.domain.inputs import InputResolver
-from service.domain.matching import FeedbackListener, Matcher, MatchListener
+from service.domain.matching import Matcher
 from service.engine.embedding import EmbeddingBatcher
 from service.engine.faces import load_served_model
 from service.engine.index import IndexRegistry
@@ -61,9 +61,7 @@ class Serving:
 
 
 async def build_serving(settings: Settings, path: Path, *, device: torch.device, store: Store,
-                        metrics: ServiceMetrics,
-                        match_listeners: list[MatchListener] | None = None,
-                        feedback_listeners: list[FeedbackListener] | None = None) -> Serving:
+                        metrics: ServiceMetrics) -> Serving:
     """Loads the artefact at ``path`` and starts its batcher; the indexes start empty."""
     model, manifest, face = await run_in_threadpool(load_served_model, path, device=device)
     indexes = IndexRegistry(manifest.embedding_dim, settings.index_factory,
@@ -83,13 +81,37 @@ async def build_serving(settings: Settings, path: Path, *, device: torch.device,
                       max_k=settings.max_k, max_verify_pairs=settings.max_verify_pairs,
                       search=SearchBatcher(indexes, max_batch=settings.search_max_batch,
                                            max_wait_s=settings.search_max_wait_ms / 1e3))
-    if match_listeners is not None:
-        matcher.match_listeners = match_listeners
-    if feedback_listeners is not None:
-        matcher.feedback_listeners = feedback_listeners
     await batcher.start()
     return Serving(manifest=manifest, model=model, device=device, path=Path(path),
                    batcher=batcher, resolver=resolver, indexes=indexes, matcher=matcher)
+
+
+class ServingSlot:
+    """The model this replica serves now, and the gate that orders gallery writes against a
+    switch to another. A request takes ``current`` once, at its start, and keeps it; a switch
+    (``service.runtime.lifecycle``) holds the gate alone while it calls :meth:`swap`."""
+
+    def __init__(self, serving: Serving, metrics: ServiceMetrics) -> None:
+        self.current = serving
+        self.gate = SwitchGate()
+        self._metrics = metrics
+        self.publish()
+
+    def swap(self, new: Serving) -> Serving:
+        """Serves ``new`` from now on (call with the gate held exclusively); returns the old
+        one, which finishes the requests it started."""
+        old, self.current = self.current, new
+        self.publish()
+        return old
+
+    def publish(self) -> None:
+        """The served model's info and threshold on /metrics."""
+        m = self.current.manifest
+        self._metrics.model.info({"model_version": m.model_version,
+                                  "architecture": m.architecture,
+                                  "embedding_dim": str(m.embedding_dim),
+                                  "device": str(self.current.device)})
+        self._metrics.threshold.set(m.calibration.tau)
 
 
 class SwitchGate:

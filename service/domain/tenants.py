@@ -15,13 +15,11 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from service.engine.index import IndexRegistry
+from service.domain.index_sync import IndexSync
 from service.errors import AuthenticationError, NotFoundError
-from service.metrics import ServiceMetrics
 from service.store import ApiKey, Store, Tenant
 
 _TOKEN = re.compile(r"^tcm_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
@@ -44,23 +42,16 @@ def same_secret(presented: str, expected: str) -> bool:
 
 
 class Tenants:
-    def __init__(self, store: Store, indexes: Callable[[], IndexRegistry],
-                 metrics: ServiceMetrics) -> None:
+    def __init__(self, store: Store, sync: IndexSync) -> None:
         self.store = store
-        self._indexes = indexes  # the served model's: it changes with a model switch
-        self.metrics = metrics
-
-    @property
-    def indexes(self) -> IndexRegistry:
-        return self._indexes()
+        self.sync = sync
 
     async def create(self, name: str) -> tuple[Tenant, ApiKey, str]:
         now = time.time()
         tenant = Tenant(uuid.uuid4().hex, name, now)
         key, token = new_key(tenant.tenant_id, now)
         await run_in_threadpool(self.store.create_tenant, tenant, key)
-        self.indexes.get(tenant.tenant_id)
-        self.metrics.set_gallery_size(self.indexes.sizes())
+        self.sync.tenant_created(tenant.tenant_id)
         return tenant, key, token
 
     async def list(self) -> list[Tenant]:
@@ -73,11 +64,15 @@ class Tenants:
         return tenant
 
     async def delete(self, tenant_id: str) -> None:
-        if not await run_in_threadpool(self.store.delete_tenant, tenant_id):
-            raise NotFoundError(f"no tenant {tenant_id!r}", detail={"tenant_id": tenant_id})
-        self.indexes.drop(tenant_id)
-        self.metrics.forget_tenant(tenant_id)
-        self.metrics.set_gallery_size(self.indexes.sizes())
+        """Deletes the tenant and drops its index: not in the middle of a model switch, nor of
+        one of the tenant's gallery writes on this replica (an enrolment stored before the
+        delete must not re-create the dropped index)."""
+        async with self.sync.writing(tenant_id):
+            if not await run_in_threadpool(self.store.delete_tenant, tenant_id):
+                raise NotFoundError(f"no tenant {tenant_id!r}",
+                                    detail={"tenant_id": tenant_id})
+            self.sync.tenant_dropped(tenant_id)
+        self.sync.forget_lock(tenant_id)
 
     async def issue_key(self, tenant_id: str, *, revoke_existing: bool
                         ) -> tuple[ApiKey, str, list[str]]:

@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,11 +57,6 @@ from service.monitoring.subjects import TenantSubjects, tenant_reference, tenant
 from service.store.base import Decision, GalleryVectors, Tenant
 from tcm import Manifest, load_reference, utility
 from tcm.drift import Summary, matched_reference
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-    from service.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -490,19 +485,3 @@ class Monitor:
                     await asyncio.to_thread(self.adopt_newer)
                 except Exception as exc:  # the next refresh reports (and counts) failures
                     log.debug("polling the store for a newer snapshot failed: %s", exc)
-
-
-async def attach_monitor(app: FastAPI, runtime: Runtime) -> Monitor | None:
-    """``create_app`` start-up hook: builds and starts the monitor (``app.state.monitor``);
-    the app's lifespan closes it at shutdown. None when ``monitor_enabled`` is off."""
-    settings = runtime.settings
-    if not settings.monitor_enabled:
-        app.state.monitor = None
-        return None
-    monitor = Monitor(runtime.store, runtime.manifest, runtime.metrics,
-                      MonitorConfig.from_settings(settings), artefact_path=runtime.serving.path)
-    app.state.monitor = monitor
-    if runtime.lifecycle is not None:  # a model switch resets the baseline to the new model's
-        runtime.lifecycle.switch_listeners.append(lambda serving: monitor.set_manifest(
-            serving.manifest, serving.path))
-    return await monitor.start()

@@ -10,9 +10,9 @@ Activating a version (``ModelLifecycle.activate``) runs in the background of one
    ``GET /v1/model``, ``GET /v1/models`` and ``tcm_model_activation_*``.
 3. **switch**: with gallery writes held back for a moment (``SwitchGate``), catch up on items
    enrolled meanwhile, build the new indexes from the store, commit the registry (active =
-   the new version) and swap the runtime's ``Serving`` in one assignment. The old model finishes
-   the requests it started (``model_retire_grace_s``), then stops. The monitor resets to the new
-   artefact's baseline.
+   the new version) and swap the serving slot's ``Serving`` in one assignment. The old model
+   finishes the requests it started (``model_retire_grace_s``), then stops. The monitor resets
+   to the new artefact's baseline.
 4. **retention**: embeddings of versions no longer among the last ``model_retain_versions``
    active ones are dropped.
 
@@ -35,21 +35,21 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from starlette.concurrency import run_in_threadpool
 
 from service.domain import model_registry as reg
+from service.domain.index_sync import IndexSync
 from service.domain.model_registry import ModelRegistry
-from service.domain.serving import Serving, build_serving
+from service.domain.serving import Serving, ServingSlot, build_serving
 from service.engine.faces import load_served_model
 from service.errors import ConflictError, InvalidInputError, StoreUnavailableError
+from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.store import Store
 from tcm import read_manifest
-
-if TYPE_CHECKING:
-    from service.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +111,15 @@ class Progress:
 
 
 class ModelLifecycle:
-    def __init__(self, runtime: Runtime) -> None:
-        self.rt = runtime
-        self.settings = runtime.settings
-        self.registry = ModelRegistry(runtime.store)
+    def __init__(self, *, settings: Settings, store: Store, slot: ServingSlot, sync: IndexSync,
+                 metrics: ServiceMetrics, device: torch.device) -> None:
+        self.settings = settings
+        self.store = store
+        self.slot = slot
+        self.sync = sync
+        self.metrics = metrics
+        self.device = device
+        self.registry = ModelRegistry(store)
         self.owner = uuid.uuid4().hex[:12]
         self.progress: Progress | None = None  # the latest activation run here
         self._task: asyncio.Task[None] | None = None
@@ -182,7 +187,7 @@ class ModelLifecycle:
 
     def _run_in_background(self, version: str, *, kind: str, commit: bool) -> None:
         self.progress = Progress(version=version, kind=kind,
-                                 from_version=self.rt.model_version)
+                                 from_version=self.slot.current.model_version)
         self._task = asyncio.create_task(self._run(version, kind=kind, commit=commit),
                                          name=f"activate-{version}")
 
@@ -192,11 +197,12 @@ class ModelLifecycle:
         while True:
             await asyncio.sleep(self.settings.model_poll_s)
             try:
-                if self.busy or not self.rt.indexes_loaded:
+                if self.busy or not self.sync.loaded:
                     continue
                 doc = await run_in_threadpool(self.registry.read)
                 act = doc["activation"]
-                if doc["active"] is not None and doc["active"] != self.rt.model_version:
+                if (doc["active"] is not None
+                        and doc["active"] != self.slot.current.model_version):
                     log.info("the registry's active model is %s: switching to it",
                              doc["active"])
                     self._run_in_background(doc["active"], kind="follow", commit=False)
@@ -244,8 +250,7 @@ class ModelLifecycle:
     async def _run(self, version: str, *, kind: str, commit: bool) -> None:
         progress = self.progress
         assert progress is not None
-        rt = self.rt
-        metrics = rt.metrics
+        metrics = self.metrics
         metrics.model_activation_running.set(1)
         new: Serving | None = None
         try:
@@ -253,10 +258,8 @@ class ModelLifecycle:
             record = doc["versions"].get(version)
             if record is None:
                 raise ValueError(f"model version {version} is not registered")
-            new = await build_serving(self.settings, Path(record["path"]), device=rt.device,
-                                      store=rt.store, metrics=metrics,
-                                      match_listeners=rt.match_listeners,
-                                      feedback_listeners=rt.feedback_listeners)
+            new = await build_serving(self.settings, Path(record["path"]), device=self.device,
+                                      store=self.store, metrics=metrics)
             if new.model_version != version:
                 raise ValueError(f"{record['path']} now holds {new.model_version}, not {version}")
             await self._prepare(new, progress, beat=commit)
@@ -272,7 +275,7 @@ class ModelLifecycle:
             raise
         except Exception as exc:
             log.exception("activating model %s failed; %s stays active", version,
-                          rt.model_version)
+                          self.slot.current.model_version)
             progress.state, progress.error = "failed", f"{type(exc).__name__}: {exc}"
             progress.finished_at = time.time()
             metrics.model_activations.labels(result="failed").inc()
@@ -287,10 +290,10 @@ class ModelLifecycle:
 
     async def _prepare(self, new: Serving, progress: Progress, *, beat: bool) -> None:
         """Re-embeds, with the new model, every stored image lacking its embedding."""
-        rt, metrics = self.rt, self.rt.metrics
-        tenants = await run_in_threadpool(rt.store.list_tenants)
+        metrics = self.metrics
+        tenants = await run_in_threadpool(self.store.list_tenants)
         progress.tenants_total = len(tenants)
-        counts = [await run_in_threadpool(rt.store.count_items, t.tenant_id) for t in tenants]
+        counts = [await run_in_threadpool(self.store.count_items, t.tenant_id) for t in tenants]
         progress.items_total = sum(counts)
         progress.state = "embedding"
         gauge = metrics.model_activation_items
@@ -310,7 +313,7 @@ class ModelLifecycle:
                 gauge.labels(state="embedded").set(progress.items_embedded)
                 gauge.labels(state="skipped").set(progress.items_skipped)
 
-            await rt.backfill(new, tid, on_progress)
+            await self.sync.backfill(new, tid, on_progress)
             progress.tenants_done += 1
             if beat and time.monotonic() - last_beat > self.settings.model_heartbeat_s:
                 await self._beat(new.model_version)
@@ -319,20 +322,19 @@ class ModelLifecycle:
             await self._beat(new.model_version)
 
     async def _switch(self, new: Serving, progress: Progress, *, commit: bool) -> None:
-        rt = self.rt
-        async with rt.gate.exclusive():
-            await rt.stop_follower()
-            skipped = await rt.rebuild_all(new)  # catches up on writes made meanwhile
+        # gate -> stop follower -> rebuild -> registry commit -> swap (+ publish) -> follower
+        async with self.slot.gate.exclusive():
+            await self.sync.stop_follower()
+            skipped = await self.sync.rebuild_all(new)  # catches up on writes made meanwhile
             if commit:
                 now = time.time()
                 await run_in_threadpool(self.registry.update, lambda d: reg.commit(
                     d, new.model_version, kind=progress.kind, now=now, skipped=skipped))
-            old, rt.serving = rt.serving, new
-            rt.publish_model()
-        rt.start_follower()
+            old = self.slot.swap(new)
+        self.sync.start_follower()
         progress.skipped_by_tenant = skipped
         progress.items_skipped = sum(skipped.values())
-        rt.metrics.model_activation_items.labels(state="skipped").set(progress.items_skipped)
+        self.metrics.model_activation_items.labels(state="skipped").set(progress.items_skipped)
         for listener in self.switch_listeners:
             try:
                 listener(new)
@@ -354,7 +356,7 @@ class ModelLifecycle:
         keep = self.settings.model_retain_versions
         doc = await run_in_threadpool(self.registry.read)
         for version in reg.to_purge(doc, keep):
-            removed = await run_in_threadpool(self.rt.store.delete_embeddings, version)
+            removed = await run_in_threadpool(self.store.delete_embeddings, version)
 
             def mark(d: reg.Doc, v: str = version) -> reg.Doc:
                 if v not in reg.retained(d, keep) and v not in d["purged"]:

@@ -26,9 +26,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.errors import RateLimitedError, StoreUnavailableError
 from service.ids import key_part
-from service.settings import Settings
 from service.store import Store
-from service.store.redis_store import _UNAVAILABLE as REDIS_UNAVAILABLE
+from service.store.redis_store import UNAVAILABLE as REDIS_UNAVAILABLE
 from service.store.redis_store import RedisStore
 
 # KEYS[1] bucket key; ARGV rate (tokens/s), burst (capacity), cost (tokens this request takes).
@@ -150,16 +149,17 @@ class RedisRateLimiter:
             raise _refuse(wait, self.rate, self.burst)
 
 
-def burst_of(settings: Settings) -> int:
-    """The bucket capacity: ``rate_limit_burst``, or one second's worth of requests when 0."""
-    return settings.rate_limit_burst or max(1, math.ceil(settings.rate_limit_per_s))
+def burst_of(rate_per_s: float, burst: int = 0) -> int:
+    """The bucket capacity: ``burst``, or one second's worth of requests when 0."""
+    return burst or max(1, math.ceil(rate_per_s))
 
 
-def open_rate_limiter(settings: Settings, store: Store) -> RateLimiter | None:
-    """The limiter for this store (None when ``rate_limit_per_s`` is 0)."""
-    if settings.rate_limit_per_s <= 0:
+def open_rate_limiter(store: Store, *, rate_per_s: float, burst: int = 0
+                      ) -> RateLimiter | None:
+    """The limiter for this store (None when ``rate_per_s`` is 0)."""
+    if rate_per_s <= 0:
         return None
-    rate, burst = settings.rate_limit_per_s, burst_of(settings)
+    rate, burst = rate_per_s, burst_of(rate_per_s, burst)
     if isinstance(store, RedisStore):
         return RedisRateLimiter(store.r, prefix=store.prefix, rate=rate, burst=burst)
     return LocalRateLimiter(rate, burst)

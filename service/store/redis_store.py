@@ -43,9 +43,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote
 
 import numpy as np
 import redis
@@ -55,6 +53,7 @@ from redis.retry import Retry
 
 from service.errors import ConflictError, NotFoundError, StoreUnavailableError
 from service.ids import glob_escape, key_part
+from service.settings import SENTINEL_SCHEME, SentinelURL
 from service.store.base import (
     GALLERY_CHUNK_ROWS,
     ApiKey,
@@ -174,7 +173,7 @@ redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'op', 'add', 'tenant', 
            'items', ARGV[6], 'first', first + 1, 'last', last)
 return {1, last}
 """
-_UNAVAILABLE: tuple[type[Exception], ...] = (
+UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError, redis.exceptions.BusyLoadingError,
     *((redis.exceptions.MasterDownError,) if hasattr(redis.exceptions, "MasterDownError") else ()),
@@ -186,61 +185,20 @@ def _connection_lost(exc: BaseException) -> bool:
     while handling the connection error): that is the store being unavailable, not a conflict."""
     seen: BaseException | None = exc.__context__ or exc.__cause__
     while seen is not None:
-        if isinstance(seen, _UNAVAILABLE):
+        if isinstance(seen, UNAVAILABLE):
             return True
         seen = seen.__context__ or seen.__cause__
     return "occurred while watching" in str(exc)
 
 
-SENTINEL_SCHEME = "redis+sentinel://"
-
-
-@dataclass(frozen=True)
-class SentinelURL:
-    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``: the
-    Sentinels to ask, the name of the monitored primary, the database; the credentials are the
-    primary's (Sentinels that need their own: ``?sentinel_password=...``)."""
-
-    sentinels: tuple[tuple[str, int], ...]
-    service: str
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    sentinel_password: str | None = None
-
-    @classmethod
-    def parse(cls, url: str) -> SentinelURL:
-        if not url.startswith(SENTINEL_SCHEME):
-            raise ValueError(f"not a {SENTINEL_SCHEME} URL")
-        rest, _, query = url.removeprefix(SENTINEL_SCHEME).partition("?")
-        userinfo, _, hostpath = rest.rpartition("@")
-        hosts, _, path = hostpath.partition("/")
-        sentinels = []
-        for hp in hosts.split(","):
-            host, _, port = hp.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"Sentinel address {hp!r} is not host:port")
-            sentinels.append((host, int(port)))
-        parts = [unquote(p) for p in path.split("/") if p]
-        if not 1 <= len(parts) <= 2 or (len(parts) == 2 and not parts[1].isdigit()):
-            raise ValueError("a Sentinel URL names the primary's service, and optionally a "
-                             "database: redis+sentinel://host:26379/mymaster/0")
-        username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
-        params = parse_qs(query)
-        unknown = set(params) - {"sentinel_password"}
-        if unknown:
-            raise ValueError(f"unknown Sentinel URL parameters {sorted(unknown)}")
-        return cls(tuple(sentinels), parts[0], int(parts[1]) if len(parts) == 2 else 0,
-                   unquote(username) or None, unquote(password) or None,
-                   params["sentinel_password"][0] if "sentinel_password" in params else None)
-
-    def primary(self, **options: Any) -> redis.Redis:
-        sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
-        if self.sentinel_password is not None:
-            sentinel_kwargs["password"] = self.sentinel_password
-        sentinel = redis.sentinel.Sentinel(list(self.sentinels), sentinel_kwargs=sentinel_kwargs)
-        return sentinel.master_for(self.service, db=self.db, username=self.username,
-                                   password=self.password, **options)
+def sentinel_primary(url: SentinelURL, **options: Any) -> redis.Redis:
+    """A client of the primary the URL's Sentinels name (asked again on each reconnect)."""
+    sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
+    if url.sentinel_password is not None:
+        sentinel_kwargs["password"] = url.sentinel_password
+    sentinel = redis.sentinel.Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(url.service, db=url.db, username=url.username,
+                               password=url.password, **options)
 
 
 def _s(v: bytes | str | None) -> str | None:
@@ -286,7 +244,7 @@ class RedisStore:
             "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), 1), **kwargs}
         if self._sentinel is None:
             return redis.Redis.from_url(self._url, **options)
-        return self._sentinel.primary(**options)
+        return sentinel_primary(self._sentinel, **options)
 
     # --- plumbing --------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
@@ -299,7 +257,7 @@ class RedisStore:
     def _translate(self, what: str) -> Iterator[None]:
         try:
             yield
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise StoreUnavailableError(
                 f"the Redis store cannot be reached ({what}): {exc}",
                 detail={"store": "redis"}) from exc

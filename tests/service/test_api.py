@@ -34,7 +34,7 @@ def test_health_model_and_metrics(api: Api) -> None:
     text = c.get("/metrics").text
     assert 'tcm_model_info{architecture="small_cnn"' in text
     assert 'route="/v1/model"' in text and 'route="/healthz"' in text
-    assert c.app.state.registry is c.app.state.runtime.registry
+    assert c.app.state.registry is c.app.state.runtime.metrics.registry
 
 
 def test_enrol_match_by_embedding(api: Api, tenant: Tenant) -> None:

@@ -86,12 +86,12 @@ def test_concurrent_clients_get_their_own_answers(client: TestClient, digits: Di
     with ThreadPoolExecutor(CLIENTS) as pool:
         list(pool.map(work, range(CLIENTS)))
 
-    batcher = c.app.state.runtime.batcher
+    batcher = c.app.state.runtime.serving.batcher
     assert batcher.largest_batch > 1, "concurrent requests never shared a forward pass"
     hist = batch_histogram(c.get("/metrics").text)
     assert hist["+Inf"] > hist["1.0"], hist  # some batches held more than one image
     assert hist["+Inf"] < CLIENTS * 3 * 4 + 2 * CLIENTS  # fewer passes than image requests
-    sizes = c.app.state.runtime.indexes.sizes()
+    sizes = c.app.state.runtime.serving.indexes.sizes()
     assert all(n == 2 for n in sizes.values()) and len(sizes) == CLIENTS
 
 
@@ -100,7 +100,7 @@ def test_large_requests_are_split_into_batches(client: TestClient, digits: Digit
     c = client
     r = c.post("/v1/tenants", json={"name": "big"}, headers=ADMIN).json()
     auth = {"Authorization": f"Bearer {r['api_key']}"}
-    batcher = c.app.state.runtime.batcher
+    batcher = c.app.state.runtime.serving.batcher
     batcher.max_batch = 8  # smaller than the request
     batcher.largest_batch = 0
     images = [digits.images[i] for i in range(30)]

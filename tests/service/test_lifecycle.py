@@ -85,8 +85,8 @@ def enrol_digits(c: TestClient, auth: dict[str, str], digits: Digits, idx: range
 def index_matches_store(c: TestClient, tenant_id: str) -> None:
     """The served index holds exactly the store's embeddings of the served version."""
     rt = c.app.state.runtime
-    vectors = rt.store.gallery_vectors(tenant_id, model_version=rt.model_version)
-    index = rt.indexes.get(tenant_id)
+    vectors = rt.store.gallery_vectors(tenant_id, model_version=rt.serving.model_version)
+    index = rt.serving.indexes.get(tenant_id)
     assert len(index) == len(vectors)
     if len(vectors):
         got = index._index.reconstruct_batch(vectors.seqs)
@@ -221,7 +221,7 @@ def test_swap_under_traffic_then_rollback(kind: str, artefact: Path, store_setti
         assert act["skipped_by_tenant"] == {tenant_b: 1}
         r = c.get("/v1/models/digits-test-v2/unembedded", headers=ADMIN).json()
         assert r["items"] == {tenant_b: ["vec-only"]}
-        for tid in c.app.state.runtime.indexes.sizes():
+        for tid in c.app.state.runtime.serving.indexes.sizes():
             index_matches_store(c, tid)
         metrics = c.get("/metrics").text
         assert 'tcm_model_activation_items{state="embedded"} 250.0' in metrics
@@ -290,7 +290,7 @@ def test_interrupted_swap_resumes_after_restart(kind: str, artefact: Path, store
         a = new_tenant(c, "a")
         enrol_digits(c, a, digits, range(0, 80))
         rt = c.app.state.runtime
-        tid = next(iter(rt.indexes.sizes()))
+        tid = next(iter(rt.serving.indexes.sizes()))
         lifecycle = rt.lifecycle
         c.post("/v1/models", json={"path": str(v2_dir)}, headers=ADMIN)
         # what a crash leaves: the activation begun, 40 items embedded, then silence
@@ -302,7 +302,7 @@ def test_interrupted_swap_resumes_after_restart(kind: str, artefact: Path, store
                                 model_version="digits-test-v2")
     with TestClient(create_app(settings)) as c:
         rt = c.app.state.runtime
-        assert rt.model_version == v1  # the old model serves until the switch
+        assert rt.serving.model_version == v1  # the old model serves until the switch
         index_matches_store(c, tid)
         wait_for(lambda: switched(c, "digits-test-v2"), what="the resumed switch")
         prog = c.get("/v1/model").json()["activation"]
@@ -332,7 +332,7 @@ def test_interrupted_swap_to_a_lost_artefact_is_abandoned(artefact: Path, store_
         assert doc["active"] == v1 and doc["served"] == v1
         assert "manifest.json" in doc["activation"]["error"]
         assert answers(c, a, [{"embedding": unit(3), "k": 3}]) == before
-        tid = next(iter(c.app.state.runtime.indexes.sizes()))
+        tid = next(iter(c.app.state.runtime.serving.indexes.sizes()))
         index_matches_store(c, tid)
         # a failed activation does not block the next one
         assert c.post("/v1/models/rollback", headers=ADMIN).json()["code"] == \
@@ -349,7 +349,7 @@ def test_replica_follows_the_registry(artefact: Path, store_settings, digits: Di
     with TestClient(create_app(settings)) as c1, TestClient(create_app(settings)) as c2:
         a = new_tenant(c1, "a")
         enrol_digits(c1, a, digits, range(0, 60))
-        wait_for(lambda: sum(c2.app.state.runtime.indexes.sizes().values()) == 60,
+        wait_for(lambda: sum(c2.app.state.runtime.serving.indexes.sizes().values()) == 60,
                  what="replica 2 to see the enrolment")
         c1.post("/v1/models", json={"path": str(v2_dir)}, headers=ADMIN)
         assert c1.post("/v1/models/digits-test-v2/activate", headers=ADMIN).status_code == 202
@@ -360,8 +360,8 @@ def test_replica_follows_the_registry(artefact: Path, store_settings, digits: Di
         assert c2.get("/v1/model").json()["activation"]["items_embedded"] == 0
         # an item enrolled on one replica is found with the new model on the other
         enrol_digits(c2, a, digits, range(500, 501))
-        tid = next(iter(c1.app.state.runtime.indexes.sizes()))
-        wait_for(lambda: len(c1.app.state.runtime.indexes.get(tid)) == 61,
+        tid = next(iter(c1.app.state.runtime.serving.indexes.sizes()))
+        wait_for(lambda: len(c1.app.state.runtime.serving.indexes.get(tid)) == 61,
                  what="replica 1 to index the new item")
         q = [{"image": b64_png(digits.images[500]), "k": 1}]
         assert answers(c1, a, q) == answers(c2, a, q)
@@ -381,7 +381,7 @@ def test_retention_drops_old_embeddings(artefact: Path, store_settings, digits: 
         a = new_tenant(c, "a")
         enrol_digits(c, a, digits, range(0, 30))
         rt = c.app.state.runtime
-        tid = next(iter(rt.indexes.sizes()))
+        tid = next(iter(rt.serving.indexes.sizes()))
         for version, path in dirs.items():
             c.post("/v1/models", json={"path": str(path)}, headers=ADMIN)
             assert c.post(f"/v1/models/{version}/activate", headers=ADMIN).status_code == 202

@@ -60,7 +60,7 @@ def test_snapshot_metrics_and_views(kind: str, artefact: Path, store_settings: C
                              monitor_interval_s=3600.0)
     with TestClient(create_app(settings)) as client:
         mon = monitor_of(client)
-        tau = client.app.state.runtime.threshold  # type: ignore[attr-defined]
+        tau = client.app.state.runtime.serving.threshold  # type: ignore[attr-defined]
         (a, a_auth), (b, b_auth) = setup_tenants(client)
         snap = mon.refresh(force=True)  # the schedule's first run saw no tenants yet
 

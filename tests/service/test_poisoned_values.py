@@ -164,7 +164,7 @@ def test_an_unindexable_tenant_is_quarantined_and_the_others_serve(settings: Set
         r = client.post("/v1/match", headers=good_auth, json={"embedding": unit(8)})
         assert r.status_code == 200 and r.json()["candidates"][0]["item_id"] == "g"
         assert _quarantined(client, "startup") == 1
-        assert client.app.state.runtime.quarantined_tenants == {bad}  # type: ignore[attr-defined]
+        assert client.app.state.runtime.sync.quarantined_tenants == {bad}  # type: ignore[attr-defined]
         # the API can still remove the poisoned item
         assert client.delete("/v1/gallery/x", headers=bad_auth).status_code == 204
 
@@ -192,5 +192,5 @@ def test_a_poisoned_feed_entry_is_skipped_and_later_entries_still_arrive(
             time.sleep(0.05)
         assert r.json()["candidates"][0]["item_id"] == "later"
         runtime = b.app.state.runtime  # type: ignore[attr-defined]
-        assert runtime.changes_quarantined == 1
+        assert runtime.sync.changes_quarantined == 1
         assert _quarantined(b, "change_feed") == 1

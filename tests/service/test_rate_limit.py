@@ -183,9 +183,9 @@ def test_redis_limiter_down_is_store_unavailable() -> None:
 
 
 def test_settings() -> None:
-    assert burst_of(Settings(rate_limit_per_s=0.5)) == 1
-    assert burst_of(Settings(rate_limit_per_s=7.5)) == 8
-    assert burst_of(Settings(rate_limit_per_s=7.5, rate_limit_burst=100)) == 100
+    assert burst_of(0.5) == 1
+    assert burst_of(7.5) == 8
+    assert burst_of(7.5, 100) == 100
     for bad in ({"rate_limit_per_s": -1}, {"rate_limit_per_s": float("inf")},
                 {"rate_limit_burst": -1}):
         with pytest.raises(ValidationError):

@@ -22,8 +22,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.ids import glob_escape
-from service.settings import Settings
-from service.store.redis_store import SentinelURL
+from service.settings import SentinelURL, Settings
 from tests.service.conftest import ADMIN_TOKEN, make_settings, unit
 from tests.service.test_redis_down import free_port
 

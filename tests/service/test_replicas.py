@@ -42,15 +42,15 @@ def test_replicas_follow_each_others_writes(artefact: Path, store_settings) -> N
         eventually(lambda: ids_seen(b) == ["one", "three", "two"])
         # the writer's own follower sees the same change but reads nothing back: its index
         # already holds those seqs
-        eventually(lambda: a.app.state.runtime.changes_applied >= 1)
-        assert a.app.state.runtime.items_read_back == 0
-        assert b.app.state.runtime.items_read_back == 3
+        eventually(lambda: a.app.state.runtime.sync.changes_applied >= 1)
+        assert a.app.state.runtime.sync.items_read_back == 0
+        assert b.app.state.runtime.sync.items_read_back == 3
         a.put("/v1/gallery/four", headers=auth, json={"subject": "s", "embedding": unit(4)})
         eventually(lambda: "four" in ids_seen(b))
         assert b.delete("/v1/gallery/four", headers=auth).status_code == 204
         eventually(lambda: "four" not in ids_seen(a))
-        assert a.app.state.runtime.items_read_back == 0
-        assert b.app.state.runtime.items_read_back == 4
+        assert a.app.state.runtime.sync.items_read_back == 0
+        assert b.app.state.runtime.sync.items_read_back == 4
         assert b.delete("/v1/gallery/two", headers=auth).status_code == 204
         eventually(lambda: ids_seen(a) == ["one", "three"])
         assert b.delete("/v1/subjects/z", headers=auth).status_code == 200
@@ -59,10 +59,10 @@ def test_replicas_follow_each_others_writes(artefact: Path, store_settings) -> N
         assert a.post("/v1/match", json={"embedding": unit(1)}, headers=auth).json() \
             ["decision"]["subject"] == "s"
         tid = key["tenant_id"]
-        assert tid in b.app.state.runtime.indexes.sizes()
+        assert tid in b.app.state.runtime.serving.indexes.sizes()
         assert a.delete(f"/v1/tenants/{tid}", headers=ADMIN).status_code == 204
-        eventually(lambda: tid not in b.app.state.runtime.indexes.sizes())
-        assert b.app.state.runtime.changes_applied >= 4
+        eventually(lambda: tid not in b.app.state.runtime.serving.indexes.sizes())
+        assert b.app.state.runtime.sync.changes_applied >= 4
 
 
 def test_replica_behind_a_trimmed_stream_resyncs(
@@ -83,7 +83,7 @@ def test_replica_behind_a_trimmed_stream_resyncs(
         a.post("/v1/gallery", headers=auth, json={"items": [
             {"subject": "s", "embedding": unit(1), "item_id": "before"}]})
         eventually(lambda: ids_seen(b) == ["before"])
-        rb = b.app.state.runtime
+        rb = b.app.state.runtime.sync
         b.portal.call(rb.stop_follower)  # B is cut off from the stream ...
         assert rb.feed_cursor is not None
         for i in range(3):  # ... while A writes, and the stream's cap trims those entries

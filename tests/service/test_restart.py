@@ -51,9 +51,9 @@ def test_restart_rebuilds_indexes(kind: str, artefact: Path, store_settings, dig
         c.delete(f"/v1/gallery/{first['items'][0]['item_id']}", headers=tenants[0])
         c.delete("/v1/subjects/s2", headers=tenants[1])
         before = [_answers(c, auth, queries) for auth in tenants]
-        sizes_before = c.app.state.runtime.indexes.sizes()
+        sizes_before = c.app.state.runtime.serving.indexes.sizes()
     with TestClient(create_app(settings)) as c:
-        assert c.app.state.runtime.indexes.sizes() == sizes_before
+        assert c.app.state.runtime.serving.indexes.sizes() == sizes_before
         after = [_answers(c, auth, queries) for auth in tenants]
         assert c.get("/readyz").status_code == 200
     assert after == before
@@ -81,7 +81,7 @@ def test_new_model_version_reembeds_stored_images(kind: str, artefact: Path, sto
             {"subject": "vec", "embedding": unit(1), "item_id": "vec"}]})
     with TestClient(create_app(make_settings(v2, store))) as c:
         runtime = c.app.state.runtime
-        assert runtime.model_version == "digits-test-v2" and runtime.skipped_items == 1
+        assert runtime.serving.model_version == "digits-test-v2" and runtime.sync.skipped_items == 1
         m = c.post("/v1/match", json={"image": b64_png(digits.images[7]), "k": 5},
                    headers=auth).json()
         assert m["model_version"] == "digits-test-v2"

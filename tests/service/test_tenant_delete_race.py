@@ -120,8 +120,8 @@ def test_delete_under_enrolment_sqlite(artefact: Path, store_settings) -> None:
                 assert orphans == 0
             finally:
                 db.close()
-            assert tid not in c.app.state.runtime.indexes.sizes()
-            assert bystander["tenant_id"] in c.app.state.runtime.indexes.sizes()
+            assert tid not in c.app.state.runtime.serving.indexes.sizes()
+            assert bystander["tenant_id"] in c.app.state.runtime.serving.indexes.sizes()
         _check_statuses(total)
 
 
@@ -157,11 +157,11 @@ def test_delete_under_enrolment_two_redis_replicas(artefact: Path, store_setting
                 assert r.exists(f"{prefix}key:{victim['key_id']}") == 0
                 assert len(keys_of(bystander["tenant_id"])) > before
                 for app in (a, b):  # both replicas drop the index, and keep it dropped
-                    sizes = app.app.state.runtime.indexes.sizes
+                    sizes = app.app.state.runtime.serving.indexes.sizes
                     eventually(lambda s=sizes, t=tid: t not in s())
                     eventually(lambda s=sizes, t=bystander["tenant_id"]: t in s())
                 time.sleep(0.3)  # late changes on the feed must not bring it back
-                assert all(tid not in x.app.state.runtime.indexes.sizes() for x in (a, b))
+                assert all(tid not in x.app.state.runtime.serving.indexes.sizes() for x in (a, b))
             _check_statuses(total)
     finally:
         r.close()

@@ -56,11 +56,7 @@ async def get_tenant(tenant_id: IdPath, runtime: RuntimeDep) -> TenantOut:
 
 @router.delete("/{tenant_id}", status_code=204, responses=errors(400, 401, 404, 422, 503))
 async def delete_tenant(tenant_id: IdPath, runtime: RuntimeDep) -> Response:
-    # not in the middle of a model switch, nor of one of the tenant's gallery writes on this
-    # replica (an enrolment stored before the delete must not re-create the dropped index)
-    async with runtime.gate.shared(), runtime.gallery.tenant_lock(tenant_id):
-        await runtime.tenants.delete(tenant_id)
-    runtime.gallery.forget_tenant(tenant_id)
+    await runtime.tenants.delete(tenant_id)
     return Response(status_code=204)
 
 

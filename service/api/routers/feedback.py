@@ -14,7 +14,7 @@ router = APIRouter(tags=["feedback"])
              responses=errors(400, 401, 404, 409, 413, 422, 429, 503))
 async def feedback(body: FeedbackRequest, tenant: TenantId, runtime: RuntimeDep
                    ) -> FeedbackResponse:
-    fb = await runtime.matcher.feedback(
+    fb = await runtime.serving.matcher.feedback(
         tenant, body.match_id, true_subject=body.true_subject,
         subject_given="true_subject" in body.model_fields_set, correct=body.correct)
     return FeedbackResponse(match_id=fb.match_id, outcome=fb.outcome, genuine=fb.genuine)

@@ -13,7 +13,7 @@ router = APIRouter(tags=["model"])
 
 @router.get("/v1/model", responses=errors(400, 503))
 async def get_model(runtime: RuntimeDep) -> ModelInfo:
-    m = runtime.manifest
+    m = runtime.serving.manifest
     cal, base = m.calibration, m.baseline
     return ModelInfo(
         model_version=m.model_version, architecture=m.architecture,

@@ -45,7 +45,7 @@ async def list_models(runtime: RuntimeDep) -> ModelRegistryOut:
     doc = await run_in_threadpool(lifecycle.registry.read)
     status = lifecycle.status()
     return ModelRegistryOut(
-        active=doc["active"], served=runtime.model_version,
+        active=doc["active"], served=runtime.serving.model_version,
         activation=None if doc["activation"] is None else
         RegistryActivation.model_validate(doc["activation"]),
         progress=Activation.model_validate(status) if status else None,

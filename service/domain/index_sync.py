@@ -1,0 +1,358 @@
+"""The one owner of keeping every tenant's index in step with the store of record.
+
+Everything that changes an index goes through :class:`IndexSync`:
+
+- **this replica's writes**: a gallery write takes the tenant's write lock
+  (:meth:`IndexSync.writing`), writes the store, then tells the index (:meth:`added`,
+  :meth:`removed`, :meth:`tenant_dropped`), so that two writes of one item cannot reach the
+  index in the opposite order from the store;
+- **rebuilds**: at start-up (:meth:`ensure_loaded`), after the store was unreachable, when the
+  change feed lost entries, and for a model switch (:meth:`rebuild_all` on the new model's
+  indexes); items stored without an embedding for the served model are re-embedded from their
+  stored image first (:meth:`backfill`);
+- **other replicas' writes**: a follower task tails the store's change feed (every gallery write
+  appends to it in its own transaction): an "add" looks the items' vectors up in the store (so
+  an item deleted in the meantime is not resurrected; items this replica's index already holds
+  are skipped), a "remove" drops seqs, a "drop_tenant" drops the index. Applying a change twice
+  is harmless; the feed is read from the position taken before the rebuild. When the store
+  reports that entries after this replica's position were trimmed before it read them (a
+  "resync" change), every index is rebuilt from the store.
+
+No single stored value can stop this: a tenant whose stored gallery cannot be indexed is
+quarantined at rebuild (logged, counted, the others load), and a feed entry that keeps failing
+for a reason other than the store being down is skipped after ``FEED_ATTEMPTS`` tries
+(``tcm_quarantined_total``).
+
+The served model can change underneath (``service.domain.serving.ServingSlot``): every method
+works on the ``Serving`` it is given or the one current when it takes the slot's gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import anyio.to_thread
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from service.domain.serving import Serving, ServingSlot
+from service.engine.images import decode_image
+from service.errors import InvalidInputError, StoreUnavailableError
+from service.metrics import ServiceMetrics
+from service.store import Change, Store
+
+log = logging.getLogger(__name__)
+
+FEED_ATTEMPTS = 3  # tries of one change-feed entry before it is skipped as poisoned
+
+
+class IndexSync:
+    def __init__(self, *, store: Store, slot: ServingSlot, metrics: ServiceMetrics,
+                 embed_chunk: int, max_image_pixels: int) -> None:
+        self.store = store
+        self.slot = slot
+        self.metrics = metrics
+        self.embed_chunk = max(1, embed_chunk)
+        self.max_image_pixels = max_image_pixels
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._load_lock = asyncio.Lock()
+        self._follower: asyncio.Task[None] | None = None
+        self.loaded = False  # every index was built from the store at least once
+        self.skipped_items = 0  # left out at the last rebuild: no embedding and no image
+        self.feed_cursor: str | None = None  # the change feed's position the indexes reflect
+        self.changes_applied = 0
+        self.items_read_back = 0  # items the change feed made this replica read from the store
+        self.resyncs = 0  # full rebuilds because the feed lost entries this replica had not read
+        # tenants whose gallery could not be indexed at the last rebuild, and feed entries
+        # skipped because applying them kept failing (tcm_quarantined_total)
+        self.quarantined_tenants: set[str] = set()
+        self.changes_quarantined = 0
+
+    # --- this replica's writes ---------------------------------------------------------------
+    def write_lock(self, tenant_id: str) -> asyncio.Lock:
+        """Serialises the tenant's writes on this replica from store to index (take it inside
+        the slot's gate, around the store write and the index update only)."""
+        return self._locks[tenant_id]
+
+    @contextlib.asynccontextmanager
+    async def writing(self, tenant_id: str) -> AsyncIterator[Serving]:
+        """The gate (shared: no model switch meanwhile) and the tenant's write lock, for a
+        write with nothing to embed; yields the model it must use."""
+        async with self.slot.gate.shared(), self._locks[tenant_id]:
+            yield self.slot.current
+
+    async def added(self, serving: Serving, tenant_id: str, seqs: Sequence[int],
+                    item_ids: list[str], subjects: list[str], vectors: np.ndarray,
+                    metadata: Sequence[Mapping[str, Any]]) -> None:
+        await run_in_threadpool(serving.indexes.get(tenant_id).add, seqs, item_ids, subjects,
+                                vectors, metadata)
+
+    async def removed(self, serving: Serving, tenant_id: str, seqs: Sequence[int]) -> None:
+        await run_in_threadpool(serving.indexes.get(tenant_id).remove, list(seqs))
+
+    def tenant_created(self, tenant_id: str) -> None:
+        self.slot.current.indexes.get(tenant_id)
+        self.publish_sizes()
+
+    def tenant_dropped(self, tenant_id: str) -> None:
+        """Drops the index (call under :meth:`writing`, after the store dropped the tenant)."""
+        self.slot.current.indexes.drop(tenant_id)
+        self.metrics.forget_tenant(tenant_id)
+        self.publish_sizes()
+
+    def forget_lock(self, tenant_id: str) -> None:
+        self._locks.pop(tenant_id, None)
+
+    def publish_sizes(self) -> None:
+        self.metrics.set_gallery_size(self.slot.current.indexes.sizes())
+
+    # --- rebuilds ------------------------------------------------------------------------------
+    async def ensure_loaded(self) -> None:
+        """Rebuilds all indexes from the store unless done, then follows the change feed;
+        raises StoreUnavailableError."""
+        if self.loaded:
+            return
+        async with self._load_lock:
+            if self.loaded:
+                return
+            async with self.slot.gate.exclusive():
+                await self.rebuild_all(self.slot.current)
+            self.loaded = True
+            self.start_follower()
+
+    async def rebuild_all(self, serving: Serving) -> dict[str, int]:
+        """Every tenant's index of ``serving`` from the store (re-embedding stored images that
+        lack its embedding), and the feed position to follow on from (taken first: a write
+        that lands during the rebuild is applied again from the feed). Returns, per tenant,
+        how many items had to be left out (no embedding for this model and no image)."""
+        cursor = await run_in_threadpool(self.store.change_cursor)
+        tenants = await run_in_threadpool(self.store.list_tenants)
+        skipped: dict[str, int] = {}
+        for tenant in tenants:
+            try:
+                left_out = await self.backfill(serving, tenant.tenant_id)
+                if left_out:
+                    skipped[tenant.tenant_id] = left_out
+                await run_in_threadpool(self._rebuild_tenant, serving, tenant.tenant_id)
+            except StoreUnavailableError:
+                raise
+            except Exception:
+                # a stored value that cannot be indexed must not stop start-up for every
+                # tenant: this one keeps what its index held (empty at start-up) and is named
+                log.exception("tenant %s: its gallery could not be indexed and is left out of "
+                              "this rebuild (quarantined; fix or delete the item named above "
+                              "and restart)", tenant.tenant_id)
+                self.quarantined_tenants.add(tenant.tenant_id)
+                self.metrics.quarantined.labels(stage="startup").inc()
+                continue
+            self.quarantined_tenants.discard(tenant.tenant_id)
+        live = {t.tenant_id for t in tenants}
+        for tenant_id in set(serving.indexes.sizes()) - live:  # deleted meanwhile
+            serving.indexes.drop(tenant_id)
+        self.skipped_items = sum(skipped.values())
+        self.feed_cursor = cursor
+        sizes = serving.indexes.sizes()
+        self.metrics.set_gallery_size(sizes)
+        log.info("indexes of %s rebuilt: %d tenants, %d items%s", serving.model_version,
+                 len(sizes), sum(sizes.values()), f", {self.skipped_items} items without an "
+                 "embedding for it and without an image were left out" if skipped else "")
+        return skipped
+
+    def _rebuild_tenant(self, serving: Serving, tenant_id: str) -> None:
+        """Streams the tenant's stored gallery into its index (blocking: a worker thread, the
+        one the store may read through); the store's reader is closed here even when a chunk
+        cannot be indexed."""
+        chunks = self.store.iter_gallery_vectors(tenant_id, model_version=serving.model_version)
+        try:
+            serving.indexes.get(tenant_id).rebuild_chunks(chunks)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    async def backfill(self, serving: Serving, tenant_id: str,
+                       on_progress: Callable[[int, int], None] | None = None) -> int:
+        """Embeds, with ``serving``'s model, the tenant's items stored with an image but without
+        an embedding for it (enrolled under another model version), chunk by chunk, reporting
+        ``on_progress(embedded, skipped)`` after each. Returns how many had to be skipped."""
+        missing = await run_in_threadpool(lambda: self.store.items_without_embedding(
+            tenant_id, model_version=serving.model_version))
+        if not missing:
+            return 0
+        with_image = [(iid, img) for iid, img in missing if img is not None]
+        skipped = len(missing) - len(with_image)
+        if on_progress is not None and skipped:
+            on_progress(0, skipped)
+        for start in range(0, len(with_image), self.embed_chunk):
+            embedded, bad = await self._embed_stored(serving, tenant_id,
+                                                     with_image[start:start + self.embed_chunk])
+            skipped += bad
+            if on_progress is not None:
+                on_progress(embedded, bad)
+        log.info("tenant %s: re-embedded %d stored images for model %s", tenant_id,
+                 len(with_image), serving.model_version)
+        return skipped
+
+    async def _embed_stored(self, serving: Serving, tenant_id: str,
+                            images: Sequence[tuple[str, bytes]]) -> tuple[int, int]:
+        """Decodes stored images (item id, bytes), embeds them with ``serving``'s model in one
+        batch and stores the embeddings; returns (embedded, undecodable)."""
+        arrays, ids = [], []
+        for iid, img in images:
+            try:
+                arrays.append(await run_in_threadpool(
+                    decode_image, img, channels=serving.manifest.preprocessing.channels,
+                    max_pixels=self.max_image_pixels, where=f"item {iid}",
+                    # a face model finds the face in the whole photo: no shrink to the chip size
+                    target=None if serving.batcher.face is not None
+                    else serving.manifest.preprocessing.image_size))
+                ids.append(iid)
+            except InvalidInputError as exc:
+                log.warning("cannot re-embed stored image: %s", exc.message)
+        if arrays:
+            wheres = [f"item {iid}" for iid in ids]
+            try:
+                vectors = list(await serving.batcher.embed(arrays, wheres))
+            except InvalidInputError:
+                # a face model may find no face in one of them: embed one by one, skip those
+                kept, vectors = [], []
+                for iid, arr, where in zip(ids, arrays, wheres, strict=True):
+                    try:
+                        vectors.append((await serving.batcher.embed([arr], [where]))[0])
+                        kept.append(iid)
+                    except InvalidInputError as exc:
+                        log.warning("cannot re-embed stored image: %s", exc.message)
+                ids = kept
+            if ids:
+                await run_in_threadpool(lambda: self.store.put_embeddings(
+                    tenant_id, dict(zip(ids, vectors, strict=True)),
+                    model_version=serving.model_version))
+        return len(ids), len(images) - len(ids)
+
+    async def embed_items(self, serving: Serving, tenant_id: str, item_ids: Sequence[str]
+                          ) -> None:
+        """Embeds the stored images of these items with ``serving``'s model (items without
+        an image, or gone, are left as they are)."""
+        images = []
+        for iid in item_ids:
+            item = await run_in_threadpool(lambda i=iid: self.store.get_item(
+                tenant_id, i, model_version=serving.model_version, with_image=True))
+            if item is not None and item.image is not None and item.embedding is None:
+                images.append((iid, item.image))
+        if images:
+            await self._embed_stored(serving, tenant_id, images)
+
+    # --- the change feed -----------------------------------------------------------------------
+    def start_follower(self) -> None:
+        """Tails the change feed from ``feed_cursor`` (no-op without a feed, or if running)."""
+        if self.feed_cursor is not None and self._follower is None:
+            self._follower = asyncio.create_task(self._follow_changes(),
+                                                 name="store-change-follower")
+
+    async def stop_follower(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+
+    async def _follow_changes(self) -> None:
+        """Applies the store's change feed to the indexes until cancelled. ``feed_cursor``
+        moves past a batch once all of it is applied (a batch cut short is applied again)."""
+        while True:
+            try:
+                # abandoned on cancel: shutdown need not wait for a blocking read to time out
+                assert self.feed_cursor is not None
+                cursor, changes = await anyio.to_thread.run_sync(
+                    lambda c=self.feed_cursor: self.store.read_changes(c, block_ms=1000),
+                    abandon_on_cancel=True)
+                if any(change.op == "resync" for change in changes):
+                    log.warning("the change feed lost entries this replica had not read yet "
+                                "(it was cut off for longer than the feed's cap lasts): "
+                                "rebuilding every index from the store")
+                    async with self.slot.gate.shared():
+                        await self.rebuild_all(self.slot.current)
+                    self.resyncs += 1
+                    self.metrics.feed_resyncs.inc()
+                    continue
+                for change in changes:
+                    await self._apply_or_quarantine(change)
+                self.feed_cursor = cursor
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailableError as exc:
+                log.warning("change feed unavailable, retrying: %s", exc.message)
+                await asyncio.sleep(0.5)
+            except Exception:
+                log.exception("applying the change feed failed; retrying")
+                await asyncio.sleep(0.5)
+
+    async def _apply_or_quarantine(self, change: Change) -> None:
+        """Applies one change; one that fails for a reason other than the store being down
+        (a stored value no index can take) is tried ``FEED_ATTEMPTS`` times, then logged,
+        counted and skipped, so that one poisoned entry never holds up the entries (and the
+        tenants) after it."""
+        for attempt in range(1, FEED_ATTEMPTS + 1):
+            try:
+                await self._apply(change)
+                return
+            except (asyncio.CancelledError, StoreUnavailableError):
+                raise
+            except Exception:
+                if attempt == FEED_ATTEMPTS:
+                    log.exception("change feed entry %s of tenant %s (items %s) failed %d "
+                                  "times: skipped (quarantined)", change.op, change.tenant_id,
+                                  list(change.item_ids[:10]), attempt)
+                    self.metrics.quarantined.labels(stage="change_feed").inc()
+                    self.changes_quarantined += 1
+                    return
+                log.warning("applying change feed entry %s of tenant %s failed (attempt %d of "
+                            "%d)", change.op, change.tenant_id, attempt, FEED_ATTEMPTS,
+                            exc_info=True)
+                await asyncio.sleep(0.1 * attempt)
+
+    async def _apply(self, change: Change) -> None:
+        async with self.slot.gate.shared():
+            serving = self.slot.current
+            indexes = serving.indexes
+            if change.op == "drop_tenant":
+                indexes.drop(change.tenant_id)
+                self.forget_lock(change.tenant_id)
+            elif change.op == "remove":
+                await run_in_threadpool(indexes.get(change.tenant_id).remove, list(change.seqs))
+            elif change.op == "add":
+                # after any write of this tenant in flight on this replica has reached the index,
+                # so that its own items are seen as held and not read back
+                async with self._locks[change.tenant_id]:
+                    await self._apply_add(serving, change.tenant_id, change.item_ids,
+                                          change.seqs)
+            self.changes_applied += 1
+            self.metrics.set_gallery_size(indexes.sizes())
+
+    async def _apply_add(self, serving: Serving, tenant_id: str, item_ids: Sequence[str],
+                         seqs: Sequence[int] = ()) -> None:
+        version = serving.model_version
+        if len(seqs) == len(item_ids):  # read back only what this replica's index lacks
+            held = serving.indexes.get(tenant_id).held(seqs)
+            item_ids = [i for i, h in zip(item_ids, held, strict=True) if not h]
+            if not item_ids:
+                return
+        vectors = await run_in_threadpool(lambda: self.store.vectors_of_items(
+            tenant_id, item_ids, model_version=version))
+        if len(vectors) < len(item_ids):
+            # enrolled by a replica still serving another model: embed the stored images
+            have = set(vectors.item_ids)
+            lacking = [i for i in item_ids if i not in have]
+            await self.embed_items(serving, tenant_id, lacking)
+            vectors = await run_in_threadpool(lambda: self.store.vectors_of_items(
+                tenant_id, item_ids, model_version=version))
+        self.items_read_back += len(vectors)
+        if len(vectors):
+            await run_in_threadpool(serving.indexes.get(tenant_id).add, vectors.seqs,
+                                    vectors.item_ids, vectors.subjects, vectors.vectors,
+                                    vectors.metadata)

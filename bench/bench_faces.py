@@ -75,12 +75,7 @@ def lfw_photos(data_dir: Path, n: int) -> list[bytes]:
 
 async def through_batcher(model, prepare, photos: list[bytes], concurrency: int) -> float:
     batcher = EmbeddingBatcher(
-        model,
-        Preprocessing(image_size=(150, 150), channels=3, mean=(0.0,) * 3, std=(1.0,) * 3),
-        device=torch.device("cpu"),
-        max_batch=32,
-        max_wait_s=0.005,
-        face=prepare,
+        model, prepare, device=torch.device("cpu"), max_batch=32, max_wait_s=0.005
     )
     await batcher.start()
     queue = list(enumerate(photos))

@@ -183,9 +183,10 @@ async def drive_batcher(model: torch.nn.Module, spec: Any, device: str, images: 
     """``clients`` tasks each embedding one image at a time through the service's batcher for
     ``args.batcher_seconds``: images/s and the mean forward batch."""
     from service.engine.embedding import EmbeddingBatcher
+    from service.engine.preparing import PixelPreparer
 
-    batcher = EmbeddingBatcher(model, spec, device=torch.device(device), max_batch=max_batch,
-                               max_wait_s=args.max_wait_ms / 1e3)
+    batcher = EmbeddingBatcher(model, PixelPreparer(spec), device=torch.device(device),
+                               max_batch=max_batch, max_wait_s=args.max_wait_ms / 1e3)
     await batcher.start()
     await batcher.embed([images[0]])  # warm-up
     stop = time.perf_counter() + args.batcher_seconds

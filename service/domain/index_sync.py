@@ -41,7 +41,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from service.domain.serving import Serving, ServingSlot
-from service.engine.images import decode_image
+from service.engine.preparing import decode_for
 from service.errors import InvalidInputError, StoreUnavailableError
 from service.metrics import ServiceMetrics
 from service.store import Change, Store
@@ -206,11 +206,8 @@ class IndexSync:
         for iid, img in images:
             try:
                 arrays.append(await run_in_threadpool(
-                    decode_image, img, channels=serving.manifest.preprocessing.channels,
-                    max_pixels=self.max_image_pixels, where=f"item {iid}",
-                    # a face model finds the face in the whole photo: no shrink to the chip size
-                    target=None if serving.batcher.face is not None
-                    else serving.manifest.preprocessing.image_size))
+                    decode_for, serving.batcher.preparer, img,
+                    max_pixels=self.max_image_pixels, where=f"item {iid}"))
                 ids.append(iid)
             except InvalidInputError as exc:
                 log.warning("cannot re-embed stored image: %s", exc.message)

@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.engine.embedding import EmbeddingBatcher
 from service.engine.faces import record_faces
-from service.engine.images import decode_base64, decode_image, header_pixels
+from service.engine.images import decode_base64, header_pixels
+from service.engine.preparing import Found, decode_for
 from service.errors import (
     ConflictError,
     InvalidInputError,
@@ -31,7 +32,6 @@ from service.errors import (
     PayloadTooLargeError,
 )
 from service.store import Store
-from tcm import to_input_tensor
 
 
 def as_unit_vector(values: Sequence[float] | np.ndarray, dim: int, *, where: str) -> np.ndarray:
@@ -70,13 +70,12 @@ def decode_float32(text: str, dim: int, *, where: str) -> np.ndarray:
 
 
 class InputResolver:
-    def __init__(self, *, batcher: EmbeddingBatcher, store: Store, dim: int, channels: int,
+    def __init__(self, *, batcher: EmbeddingBatcher, store: Store, dim: int,
                  max_image_pixels: int, model_version: str,
                  max_request_pixels: int | None = None) -> None:
         self.batcher = batcher
         self.store = store
         self.dim = dim
-        self.channels = channels
         self.max_image_pixels = max_image_pixels
         self.max_request_pixels = max_request_pixels
         self.model_version = model_version
@@ -114,40 +113,33 @@ class InputResolver:
                 detail={"pixels": total, "max_request_pixels": self.max_request_pixels,
                         "images": len(raws)})
 
-    def prepare(self, images: Sequence[tuple[str, bytes | str]],
-                faces: list[dict[str, Any]] | None = None) -> torch.Tensor:
+    def prepare(self, images: Sequence[tuple[str, bytes | str]], found: Found | None = None
+                ) -> torch.Tensor:
         """(where, base64 text or raw bytes) pairs -> the model's input tensor, one image at a
-        time (decode, shrink, preprocess, drop the pixels); call in a worker thread. Face
-        models: each photo is decoded whole (the face may be a small part of it), its face
-        aligned into a chip, and the face used appended to ``faces``."""
+        time (decode as the model's preparer needs it, prepare, drop the pixels); call in a
+        worker thread. What the preparer found in each image (a face model: the face used) is
+        appended to ``found``."""
         raws = [(where, decode_base64(data, where=where) if isinstance(data, str) else data)
                 for where, data in images]
         self.check_pixels(raws)
-        face = self.batcher.face
-        if face is not None:
-            chips = []
-            for where, raw in raws:
-                arr = decode_image(raw, channels=3, max_pixels=self.max_image_pixels,
-                                   where=where)
-                chip, found = face([arr], [where])
-                chips.append(chip)
-                if faces is not None:
-                    faces.extend(found)
-            return torch.cat(chips)
-        spec = self.batcher.preprocessing
-        tensors = [to_input_tensor([decode_image(raw, channels=self.channels,
-                                                 max_pixels=self.max_image_pixels, where=where,
-                                                 target=spec.image_size)], spec)
-                   for where, raw in raws]
+        preparer = self.batcher.preparer
+        tensors = []
+        for where, raw in raws:
+            arr = decode_for(preparer, raw, max_pixels=self.max_image_pixels, where=where)
+            tensor, what = preparer([arr], [where])
+            tensors.append(tensor)
+            if found is not None:
+                found.extend(what)
         return torch.cat(tensors)
 
     async def images(self, images: Sequence[tuple[str, bytes | str]]) -> np.ndarray:
-        """Decodes and embeds images; (n, d) float32."""
+        """Decodes and embeds images; (n, d) float32. The faces a face model used are
+        reported to the request (``service.engine.faces.face_report``)."""
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        faces: list[dict[str, Any]] = []
-        out = await self.batcher.embed_prepared(lambda: self.prepare(images, faces))
-        record_faces(faces)
+        found: Found = []
+        out = await self.batcher.embed_prepared(lambda: self.prepare(images, found))
+        record_faces(found)
         return out
 
     async def item_vector(self, tenant_id: str, item_id: str, *,

@@ -63,16 +63,14 @@ class Serving:
 async def build_serving(settings: Settings, path: Path, *, device: torch.device, store: Store,
                         metrics: ServiceMetrics) -> Serving:
     """Loads the artefact at ``path`` and starts its batcher; the indexes start empty."""
-    model, manifest, face = await run_in_threadpool(load_served_model, path, device=device)
+    model, manifest, preparer = await run_in_threadpool(load_served_model, path, device=device)
     indexes = IndexRegistry(manifest.embedding_dim, settings.index_factory,
                             device=str(device.type), search_params=settings.index_search_params,
                             threads=settings.index_threads)
-    batcher = EmbeddingBatcher(model, manifest.preprocessing, device=device,
+    batcher = EmbeddingBatcher(model, preparer, device=device,
                                max_batch=settings.embed_max_batch,
-                               max_wait_s=settings.embed_max_wait_ms / 1e3, metrics=metrics,
-                               face=face)
+                               max_wait_s=settings.embed_max_wait_ms / 1e3, metrics=metrics)
     resolver = InputResolver(batcher=batcher, store=store, dim=manifest.embedding_dim,
-                             channels=manifest.preprocessing.channels,
                              max_image_pixels=settings.max_image_pixels,
                              max_request_pixels=settings.max_request_pixels,
                              model_version=manifest.model_version)

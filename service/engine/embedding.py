@@ -17,25 +17,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from starlette.concurrency import run_in_threadpool
 from torch import nn
 
-from service.engine.faces import record_faces
+from service.engine.preparing import Preparer
 from service.errors import InvalidInputError, NotReadyError
 from service.metrics import ServiceMetrics
-from tcm import Preprocessing, to_input_tensor
 
 log = logging.getLogger(__name__)
-
-# face models: images (and where each came from) -> aligned chips as the model input, and the
-# face used for each image (service.engine.faces.FacePreparer)
-FacePrepare = Callable[[Sequence[np.ndarray], Sequence[str] | None],
-                       tuple[torch.Tensor, list[dict[str, Any]]]]
-
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -57,14 +49,14 @@ class _Job:
 
 
 class EmbeddingBatcher:
-    def __init__(self, model: nn.Module, preprocessing: Preprocessing, *, device: torch.device,
-                 max_batch: int, max_wait_s: float, metrics: ServiceMetrics | None = None,
-                 face: FacePrepare | None = None) -> None:
-        """``face`` (face models) replaces :func:`tcm.to_input_tensor`: it detects and aligns
-        in the request's thread, so only the descriptor's forward pass is batched."""
+    def __init__(self, model: nn.Module, preparer: Preparer, *, device: torch.device,
+                 max_batch: int, max_wait_s: float, metrics: ServiceMetrics | None = None
+                 ) -> None:
+        """``preparer`` (``service.engine.preparing``) turns decoded images into the model's
+        input in the request's thread (a face model's detection and alignment included), so
+        only the forward pass is batched."""
         self.model = model
-        self.preprocessing = preprocessing
-        self.face = face
+        self.preparer = preparer
         self.device = device
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -105,24 +97,11 @@ class EmbeddingBatcher:
     # --- public ----------------------------------------------------------------------------
     async def embed(self, images: list[np.ndarray], wheres: Sequence[str] | None = None
                     ) -> np.ndarray:
-        """uint8 images -> float32 (n, d) L2-normalised embeddings. ``wheres`` names the
-        images in errors (face models); the faces used are recorded for the request."""
+        """Decoded uint8 images (``service.engine.preparing.decode_for``) -> float32 (n, d)
+        L2-normalised embeddings. ``wheres`` names the images in errors."""
         if not images:
             raise InvalidInputError("no images given")
-        face = self.face
-        if face is None:
-            return await self.embed_prepared(
-                lambda: to_input_tensor(images, self.preprocessing))
-        infos: list[dict[str, Any]] = []
-
-        def prepare() -> torch.Tensor:
-            inputs, found = face(images, wheres)
-            infos.extend(found)
-            return inputs
-
-        out = await self.embed_prepared(prepare)
-        record_faces(infos)
-        return out
+        return await self.embed_prepared(lambda: self.preparer(images, wheres)[0])
 
     async def embed_prepared(self, prepare: Callable[[], torch.Tensor]) -> np.ndarray:
         """Embeds what ``prepare`` (run in a worker thread) returns: the input tensor

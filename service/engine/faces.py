@@ -2,7 +2,7 @@
 
 A face artefact's network (:class:`tcm.embedders.FaceHead`) maps descriptors, not pixels. Here it
 is put behind ``facekit``: each request's thread finds and aligns the face
-(:meth:`FacePreparer.__call__`, run by the batcher's preprocessing step, so a photo without a face
+(:meth:`FacePreparer.__call__`, the request's preprocessing step, so a photo without a face
 fails its own request with a 422 naming it), and the batcher's single forward pass computes the
 descriptors of the whole batch of aligned chips and applies the head (:class:`FaceModel`).
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.engine.preparing import PixelPreparer, Preparer
 from service.errors import InvalidInputError
 from tcm import Manifest, load_artefact
 
@@ -47,7 +48,11 @@ class FaceModel(nn.Module):
 
 
 class FacePreparer:
-    """Images -> aligned chips as the batcher's input tensor, recording the face used."""
+    """Photos, decoded whole -> aligned chips as the model's input, and the face used in each
+    (a ``service.engine.preparing.Preparer``)."""
+
+    channels = 3
+    decode_target: tuple[int, int] | None = None  # the face may be a small part of the photo
 
     def __init__(self, front: Any) -> None:
         self.front = front
@@ -76,15 +81,16 @@ class FacePreparer:
 
 def load_served_model(
     path: str | Path, *, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, Manifest, FacePreparer | None]:
-    """:func:`tcm.load_artefact`, plus the face front-end for face artefacts.
+) -> tuple[nn.Module, Manifest, Preparer]:
+    """:func:`tcm.load_artefact`, and the preparer of its inputs: the artefact's preprocessing,
+    or the face front-end for face artefacts.
 
     Raises ValueError / RuntimeError (``facekit.ModelFilesError``) with a message saying what to
     do when the artefact cannot be served here.
     """
     model, manifest = load_artefact(path, device=device)
     if manifest.face is None:
-        return model, manifest, None
+        return model, manifest, PixelPreparer(manifest.preprocessing)
     from facekit import FaceFrontEnd, FaceOptions, check_model_files
 
     files = manifest.face.get("model_files")

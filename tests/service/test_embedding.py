@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from service.engine.embedding import EmbeddingBatcher, resolve_device
+from service.engine.preparing import PixelPreparer
 from service.errors import InvalidInputError, NotReadyError
 from tcm import load_artefact, to_input_tensor
 from tests.service.conftest import Digits
@@ -19,14 +20,15 @@ from tests.service.conftest import Digits
 def make(artefact: Path, **kw: object) -> tuple[EmbeddingBatcher, torch.nn.Module]:
     model, manifest = load_artefact(artefact)
     args = {"device": torch.device("cpu"), "max_batch": 8, "max_wait_s": 0.05} | kw
-    return EmbeddingBatcher(model, manifest.preprocessing, **args), model  # type: ignore[arg-type]
+    prep = PixelPreparer(manifest.preprocessing)
+    return EmbeddingBatcher(model, prep, **args), model  # type: ignore[arg-type]
 
 
 def test_concurrent_requests_share_forward_passes(artefact: Path, digits: Digits) -> None:
     batcher, model = make(artefact)
     images = [digits.images[i] for i in range(20)]
     with torch.no_grad():
-        ref = model(to_input_tensor(images, batcher.preprocessing)).numpy()
+        ref = model(to_input_tensor(images, batcher.preparer.spec)).numpy()  # type: ignore[attr-defined]
 
     async def main() -> list[np.ndarray]:
         await batcher.start()

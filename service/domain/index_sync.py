@@ -15,8 +15,10 @@ Everything that changes an index goes through :class:`IndexSync`:
   an item deleted in the meantime is not resurrected; items this replica's index already holds
   are skipped), a "remove" drops seqs, a "drop_tenant" drops the index. Applying a change twice
   is harmless; the feed is read from the position taken before the rebuild. When the store
-  reports that entries after this replica's position were trimmed before it read them (a
-  "resync" change), every index is rebuilt from the store.
+  reports that entries after this replica's position were trimmed before it read them, or that
+  it moved backwards under this replica (restored from an older snapshot, a failover to a
+  lagging replica: the item counter went back, so new items would reuse seqs the indexes still
+  hold), it answers a "resync" change and every index is rebuilt from the store.
 
 No single stored value can stop this: a tenant whose stored gallery cannot be indexed is
 quarantined at rebuild (logged, counted, the others load), and a feed entry that keeps failing
@@ -270,8 +272,10 @@ class IndexSync:
                     abandon_on_cancel=True)
                 if any(change.op == "resync" for change in changes):
                     log.warning("the change feed lost entries this replica had not read yet "
-                                "(it was cut off for longer than the feed's cap lasts): "
-                                "rebuilding every index from the store")
+                                "(it was cut off for longer than the feed's cap lasts), or the "
+                                "store went back in time (restored from an older snapshot, or "
+                                "failed over to a replica that lagged): rebuilding every index "
+                                "from the store")
                     async with self.slot.gate.shared():
                         await self.rebuild_all(self.slot.current)
                     self.resyncs += 1

@@ -760,7 +760,8 @@ class RedisStore:
 
     def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
         """Entries after ``cursor``; ``[Change("resync", "")]`` (cursor unchanged) when some of
-        them were trimmed away before this reader could see them."""
+        them were trimmed away before this reader could see them, or when the store moved
+        backwards (:meth:`_moved_back`)."""
         if self._feed is None:
             self._feed = self._connect(socket_timeout=self._timeout_s + block_ms / 1e3)
         key = self._k("changes")
@@ -768,6 +769,8 @@ class RedisStore:
         n = int(counted) if counted else None
         with self._translate("read change feed"):
             reply = self._feed.xread({key: entry_id}, count=1000, block=block_ms)
+            if self._moved_back(key, entry_id, n, sum(len(e) for _, e in reply or [])):
+                return cursor, [Change("resync", "")]
             if reply:
                 removed = self._removed(self._feed.xinfo_stream(key))
                 if n is None:
@@ -796,6 +799,26 @@ class RedisStore:
                 if op in ("add", "remove", "drop_tenant"):
                     changes.append(Change(op, tenant, tuple(items), tuple(seqs)))  # type: ignore[arg-type]
         return _cursor(entry_id, n), changes
+
+    def _moved_back(self, key: str, entry_id: str, n: int | None, seen: int) -> bool:
+        """Whether the store went back in time under this reader: Redis restored from an older
+        snapshot, or a failover to a replica that lagged. The item counter went back with it,
+        so new items would reuse seqs this replica's indexes still hold for items the store
+        lost: only a rebuild from the store is right. The stream's own counters say so, with no
+        extra write: ``entries-added`` never decreases and trimming does not lower it, so a
+        store that counts fewer entries than this reader has read (``n``) plus those it reads
+        now went back; so did one whose last entry id is older than the reader's cursor
+        (before Redis 7, the only check), or whose stream is gone after the reader saw one."""
+        assert self._feed is not None
+        try:
+            info = self._feed.xinfo_stream(key)
+        except redis.exceptions.ResponseError:  # no stream at all
+            return entry_id != "0-0"
+        last = _stream_id(_s(info.get("last-generated-id")) or "0-0")
+        if last < _stream_id(entry_id):
+            return True
+        added = info.get("entries-added")
+        return n is not None and added is not None and int(added) < n + seen
 
     @staticmethod
     def _removed(info: Mapping[str, Any]) -> int | None:

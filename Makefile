@@ -15,6 +15,10 @@ PORT ?= 8000
 # training/face_model.py), each once, from the shared data sets.
 MODEL ?= default
 MODEL_DIR ?= artefacts/$(MODEL)
+# each model on its own embedded store: a store keeps serving the model it first started with
+# until another is activated (tcm-serve models activate), so MODEL=faces after the default
+# must not share the bird model's gallery. TCM_STORE_URL in the environment wins.
+STORE_URL ?= $(or $(TCM_STORE_URL),sqlite:///./data/$(if $(filter default,$(MODEL)),tcm,$(MODEL)).db)
 PRESET := $(if $(filter omniglot,$(MODEL)),omniglot,birds)
 # the shared data sets: beside the checkout, else the machines' standard place
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
@@ -45,7 +49,8 @@ endif
 model: $(MODEL_DIR)/manifest.json
 
 run: $(STAMP) $(MODEL_DIR)/manifest.json
-	TCM_ARTEFACT_PATH=$(MODEL_DIR) $(VENV)/bin/tcm-serve --host 127.0.0.1 --port $(PORT)
+	TCM_STORE_URL=$(STORE_URL) TCM_ARTEFACT_PATH=$(MODEL_DIR) $(VENV)/bin/tcm-serve \
+		--host 127.0.0.1 --port $(PORT)
 
 test: $(STAMP)
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } || echo "warning: could not install prometheus (promtool); deploy tests will fail"

@@ -11,7 +11,7 @@ The document::
                            "state", "error"?},
      "history":    [{"version", "from", "kind", "at", "skipped"}],   (newest last, capped)
      "purged":     [versions whose embeddings retention dropped],
-     "configured": the version TCM_ARTEFACT_PATH named when a replica last started,
+     "configured": the version TCM_ARTEFACT_PATH named at the first start (the store's first model),
      "tenant_references": {version: the across-tenants drift reference measured on the served
                            galleries (service.monitoring.subjects.tenant_reference)}}
 

@@ -55,30 +55,44 @@ log = logging.getLogger(__name__)
 
 
 def startup_model(store: Store, settings: Settings) -> Path:
-    """Which artefact a starting replica serves.
+    """Which artefact a starting replica serves: the registry's active version.
 
-    The configured artefact (``TCM_ARTEFACT_PATH``) becomes active when the configuration
-    names another version than the one the registry last saw configured (a deploy that changes
-    the artefact switches to it, also back to an older one); otherwise the registry's active
-    version is served, so an activation or rollback done through the API survives restarts.
-    When the store cannot be read the configured artefact is served and the lifecycle's watcher
-    reconciles with the registry once the store is back."""
+    Starting a process never changes which model the fleet serves; only an activation
+    (``tcm-serve models activate``, ``POST /v1/models/{version}/activate``) or a rollback does.
+    The configured artefact (``TCM_ARTEFACT_PATH``) becomes active only on a store whose
+    registry has no active version yet (the first start); otherwise a configured version the
+    registry does not know is staged (registered) for an activation to pick, and one that
+    cannot be staged (its version names other weights) is logged and left out. When the store
+    cannot be read the configured artefact is served and the lifecycle's watcher follows the
+    registry once the store is back."""
     configured = settings.artefact_path
     manifest = read_manifest(configured)
     version = manifest.model_version
     registry = ModelRegistry(store)
+    now = time.time()
     try:
         doc = registry.read()
-        if doc.get("configured") != version or doc["active"] is None:
-            now = time.time()
-
-            def deploy(d: reg.Doc) -> reg.Doc:
+        if doc["active"] is None:
+            def first_start(d: reg.Doc) -> reg.Doc:
+                if d["active"] is not None:  # another replica's first start won the race
+                    return d
                 d = reg.commit(reg.register(d, manifest, configured, now=now), version,
                                kind="startup", now=now)
                 d["configured"] = version
                 return d
 
-            doc = registry.update(deploy)
+            doc = registry.update(first_start)
+        elif version not in doc["versions"]:
+            try:
+                doc = registry.update(lambda d: reg.register(d, manifest, configured, now=now))
+            except ConflictError as exc:
+                log.error("the configured artefact %s is not staged: %s", configured,
+                          exc.message)
+        if doc["active"] != version:
+            log.warning("the configured artefact %s (%s) is not the active model: serving %s, "
+                        "the registry's active version; to switch every replica to it: "
+                        "tcm-serve models activate %s", configured, version, doc["active"],
+                        version)
     except StoreUnavailableError as exc:
         log.warning("model registry unreadable at start-up, serving %s: %s", configured,
                     exc.message)

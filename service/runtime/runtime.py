@@ -28,7 +28,7 @@ from service.errors import RateLimitedError, StoreUnavailableError
 from service.metrics import ServiceMetrics
 from service.runtime.lifecycle import ModelLifecycle, startup_model
 from service.settings import Settings
-from service.store import Store, open_store
+from service.store import Store, StoreInUseError, open_store
 from service.store.ratelimit import RateLimiter, open_rate_limiter
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,13 @@ class Runtime:
         device = resolve_device(settings.device)
         store = await run_in_threadpool(open_store, settings)
         try:
+            await run_in_threadpool(store.claim_serving)
             path = await run_in_threadpool(startup_model, store, settings)
             serving = await build_serving(settings, path, device=device, store=store,
                                           metrics=metrics)
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, StoreInUseError):
+                log.error("%s", exc)
             await run_in_threadpool(store.close)
             raise
         manifest = serving.manifest

@@ -18,6 +18,7 @@ from service.store.base import (
     NewItem,
     Outcome,
     Store,
+    StoreInUseError,
     Tenant,
 )
 
@@ -34,4 +35,5 @@ def open_store(settings: Settings) -> Store:
 
 
 __all__ = ["ApiKey", "Change", "Decision", "Feedback", "GalleryItem", "GalleryVectors",
-           "MatchRecord", "NewItem", "Outcome", "Store", "Tenant", "open_store"]
+           "MatchRecord", "NewItem", "Outcome", "Store", "StoreInUseError", "Tenant",
+           "open_store"]

@@ -163,11 +163,21 @@ class Change:
     seqs: tuple[int, ...] = ()
 
 
+class StoreInUseError(RuntimeError):
+    """Another serving process holds a store that only one process may serve from."""
+
+
 @runtime_checkable
 class Store(Protocol):
     # --- lifecycle -------------------------------------------------------------------------
     def ping(self) -> None:
         """Raises StoreUnavailableError unless the store answers."""
+
+    def claim_serving(self) -> None:
+        """Called once by a process that will serve from this store, before it reads or writes
+        anything: raises StoreInUseError when the store cannot be shared and another process
+        serves from it (SQLite: no change feed, so a second server's indexes would never see
+        the first one's writes). Released by :meth:`close` or the process's exit."""
 
     def close(self) -> None: ...
 

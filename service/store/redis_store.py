@@ -301,6 +301,9 @@ class RedisStore:
         with self._translate("ping"):
             self.r.ping()
 
+    def claim_serving(self) -> None:
+        """Replicas share a Redis store (they follow its change feed): nothing to claim."""
+
     def close(self) -> None:
         for client in (self.r, self._feed):
             if client is not None:

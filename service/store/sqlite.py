@@ -19,16 +19,19 @@ still applies against *other processes* using the file (``tcm-serve export-datas
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import queue
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
@@ -43,6 +46,7 @@ from service.store.base import (
     GalleryVectors,
     MatchRecord,
     NewItem,
+    StoreInUseError,
     Tenant,
     decode_vector,
     decode_vectors,
@@ -256,6 +260,31 @@ class SQLiteStore:
                                  f"{SCHEMA_VERSION}")
         self._writer = _Writer(self.path, timeout_s, max_queue=max_write_queue,
                                max_group=max_write_group)
+        self._serve_lock: IO[bytes] | None = None
+
+    def claim_serving(self) -> None:
+        """An exclusive ``flock`` on ``<db>.serve.lock`` beside the database, held until
+        :meth:`close` (the kernel drops it when the process dies, ``kill -9`` included)."""
+        if self._serve_lock is not None:
+            return
+        lock_path = self.path.with_name(self.path.name + ".serve.lock")
+        f = open(lock_path, "a+b")  # noqa: SIM115 - held open until close()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().decode(errors="replace").strip() or "another process"
+            f.close()
+            raise StoreInUseError(
+                f"the SQLite store {self.path} is already served by {holder}: a SQLite store "
+                "is for one tcm-serve process (it has no change feed, so a second one's "
+                "indexes would never see the first one's writes). Stop the other process, use "
+                "another TCM_STORE_URL, or run replicas on Redis (TCM_STORE_URL=redis://...)"
+                ) from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        f.flush()
+        self._serve_lock = f
 
     # --- plumbing --------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -320,6 +349,9 @@ class SQLiteStore:
                 with contextlib.suppress(sqlite3.Error):  # closing is best effort
                     conn.close()
             self._connections.clear()
+            if self._serve_lock is not None:
+                self._serve_lock.close()  # releases the flock
+                self._serve_lock = None
         self._local = threading.local()
 
     # --- tenants and keys ------------------------------------------------------------------

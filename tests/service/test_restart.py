@@ -59,27 +59,53 @@ def test_restart_rebuilds_indexes(kind: str, artefact: Path, store_settings, dig
     assert after == before
 
 
+def _version(artefact: Path, out: Path, version: str, seed: int) -> Path:
+    shutil.copytree(artefact, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["model_version"] = version
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    torch.manual_seed(seed)
+    save_artefact(out, build_embedder("small_cnn", in_channels=1, embedding_dim=DIM, width=16),
+                  read_manifest(out))
+    return out
+
+
+def _served(c: TestClient) -> str:
+    return c.get("/v1/model").json()["model_version"]
+
+
+def _switch(c: TestClient, path: str, *, version: str | None = None) -> None:
+    """Activates ``version`` (or rolls back when None) and waits for the switch."""
+    r = c.post(f"/v1/models/{version}/activate" if version else "/v1/models/rollback",
+               headers=ADMIN)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 60
+    want = version or r.json()["version"]
+    while _served(c) != want:
+        assert time.monotonic() < deadline, c.get("/v1/models", headers=ADMIN).json()
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("kind", STORES)
 def test_new_model_version_reembeds_stored_images(kind: str, artefact: Path, store_settings,
                                                   digits: Digits, tmp_path: Path) -> None:
     """Items enrolled from images are re-embedded by a new model; embedding-only items cannot
     be and are left out of its index (but stay listed)."""
     store = store_settings(kind)
-    v2 = tmp_path / "v2"
-    shutil.copytree(artefact, v2)
-    manifest = json.loads((v2 / "manifest.json").read_text())
-    manifest["model_version"] = "digits-test-v2"
-    (v2 / "manifest.json").write_text(json.dumps(manifest))
-    torch.manual_seed(123)
-    save_artefact(v2, build_embedder("small_cnn", in_channels=1, embedding_dim=DIM, width=16),
-                  read_manifest(v2))
+    v2 = _version(artefact, tmp_path / "v2", "digits-test-v2", 123)
     with TestClient(create_app(make_settings(artefact, store))) as c:
         r = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN).json()
         auth = {"Authorization": f"Bearer {r['api_key']}"}
         c.post("/v1/gallery", headers=auth, json={"items": [
             {"subject": "img", "image": b64_png(digits.images[7]), "item_id": "img"},
             {"subject": "vec", "embedding": unit(1), "item_id": "vec"}]})
-    with TestClient(create_app(make_settings(v2, store))) as c:
+    # restarted with v2 configured: it is staged, the fleet keeps serving v1 until activated
+    with TestClient(create_app(make_settings(v2, store, **FAST_SWITCH))) as c:
+        assert _served(c) == "digits-test-v1"
+        models = c.get("/v1/models", headers=ADMIN).json()
+        assert models["active"] == "digits-test-v1"
+        assert "digits-test-v2" in {v["model_version"] for v in models["versions"]}
+        _switch(c, str(v2), version="digits-test-v2")
         runtime = c.app.state.runtime
         assert runtime.serving.model_version == "digits-test-v2" and runtime.sync.skipped_items == 1
         m = c.post("/v1/match", json={"image": b64_png(digits.images[7]), "k": 5},
@@ -92,10 +118,69 @@ def test_new_model_version_reembeds_stored_images(kind: str, artefact: Path, sto
         r = c.post("/v1/verify", json={"a": {"item_id": "vec"}, "b": {"item_id": "img"}},
                    headers=auth)
         assert r.status_code == 409 and r.json()["code"] == "not_embedded"
-    # the old model still finds both: its embeddings were kept
-    with TestClient(create_app(make_settings(artefact, store))) as c:
+        # the old model still finds both: its embeddings were kept
+        _switch(c, str(artefact))
         m = c.post("/v1/match", json={"embedding": unit(1), "k": 5}, headers=auth).json()
         assert sorted(x["item_id"] for x in m["candidates"]) == ["img", "vec"]
+
+
+FAST_SWITCH = {"model_poll_s": 0.1, "model_retire_grace_s": 0.1}
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_starting_a_process_never_switches_the_served_model(
+        kind: str, artefact: Path, store_settings, tmp_path: Path) -> None:
+    """Regression (issue 25): a second process started with another artefact (on Redis: a
+    replica; on SQLite: after the first stopped) used to make the registry's active model its
+    own, and the running fleet switched to it. Starting never switches: only an activation
+    does, and the configured artefact is staged for one."""
+    store = store_settings(kind)
+    v2 = _version(artefact, tmp_path / "v2", "digits-test-v2", 5)
+    first = make_settings(artefact, store, **FAST_SWITCH)
+    with TestClient(create_app(first)) as a:
+        if kind == "redis":  # a replica beside the running one
+            with TestClient(create_app(make_settings(v2, store, **FAST_SWITCH))) as b:
+                assert b.get("/v1/models", headers=ADMIN).json()["active"] == "digits-test-v1"
+                assert _served(a) == _served(b) == "digits-test-v1"
+                _switch(b, str(v2), version="digits-test-v2")
+                deadline = time.monotonic() + 30
+                while _served(a) != "digits-test-v2":  # the activation reaches every replica
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        else:
+            assert _served(a) == "digits-test-v1"
+    if kind == "sqlite":
+        with TestClient(create_app(make_settings(v2, store, **FAST_SWITCH))) as b:
+            assert _served(b) == "digits-test-v1"
+            assert b.get("/v1/models", headers=ADMIN).json()["active"] == "digits-test-v1"
+            assert "digits-test-v2" in {
+                v["model_version"]
+                for v in b.get("/v1/models", headers=ADMIN).json()["versions"]}
+
+
+def test_a_second_server_on_one_sqlite_store_is_refused(artefact: Path, store_settings,
+                                                        tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    """A SQLite store has no change feed: a second serving process's indexes would never see
+    the first one's writes (and, before, its start-up switched the first one's model). It is
+    refused with a message that says what to do; the first keeps serving; once the first has
+    stopped, a new one starts."""
+    from service.store import StoreInUseError
+
+    store = store_settings("sqlite")
+    v2 = _version(artefact, tmp_path / "v2", "digits-test-v2", 9)
+    with TestClient(create_app(make_settings(artefact, store))) as a:
+        with pytest.raises(StoreInUseError, match="already served by pid"), \
+                TestClient(create_app(make_settings(v2, store))):
+            pass
+        assert "run replicas on Redis" in caplog.text
+        assert a.get("/readyz").status_code == 200
+        assert a.get("/v1/models", headers=ADMIN).json()["versions"][0]["model_version"] \
+            == "digits-test-v1"
+        assert len(a.get("/v1/models", headers=ADMIN).json()["versions"]) == 1  # not staged
+    with TestClient(create_app(make_settings(artefact, store))) as a:
+        assert a.get("/readyz").status_code == 200
 
 
 def test_sqlite_locked_is_503_then_recovers(artefact: Path, store_settings) -> None:

@@ -14,6 +14,7 @@ bug upstream cannot turn an id into a pattern that matches another tenant's keys
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import Path, Query
@@ -51,3 +52,10 @@ def key_part(text: str) -> str:
     if "%" not in text and ":" not in text:
         return text
     return text.replace("%", "%25").replace(":", "%3A")
+
+
+def key_part_decode(part: str) -> str:
+    """The inverse of :func:`key_part`."""
+    if "%" not in part:
+        return part
+    return re.sub(r"%(25|3A)", lambda m: "%" if m.group(1) == "25" else ":", part)

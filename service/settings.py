@@ -149,6 +149,12 @@ class Settings(BaseSettings):
         60.0, gt=0, description="how often the monitor recomputes (or adopts) its snapshot")
     monitor_window_s: float = Field(
         24 * 3600.0, gt=0, description="sliding window of feedback the snapshot covers")
+    match_retention_days: float = Field(
+        90.0, gt=0, description="match records (with their feedback) older than this are "
+        "deleted, checked every few minutes; at least the monitor's window")
+    match_retention_per_tenant: int = Field(
+        1_000_000, ge=1, description="match records kept per tenant at most (the oldest go "
+        "first)")
     monitor_min_pairs: int = Field(
         20, ge=1, description="genuine and impostor pairs a tenant needs to enter OPIS")
     monitor_max_gallery_items: int = Field(
@@ -175,6 +181,14 @@ class Settings(BaseSettings):
         if v.startswith(SENTINEL_SCHEME):
             SentinelURL.parse(v)  # a malformed one stops the process at start-up
         return v
+
+    @model_validator(mode="after")
+    def _retention_covers_the_window(self) -> Settings:
+        if self.match_retention_days * 86400.0 < self.monitor_window_s:
+            raise ValueError(f"match_retention_days ({self.match_retention_days}) must cover "
+                             f"monitor_window_s ({self.monitor_window_s} s): the monitor reads "
+                             "the feedback of its window")
+        return self
 
     @model_validator(mode="after")
     def _request_fits_one_image(self) -> Settings:

@@ -27,6 +27,7 @@ from service.engine.embedding import resolve_device
 from service.errors import RateLimitedError, StoreUnavailableError
 from service.metrics import ServiceMetrics
 from service.runtime.lifecycle import ModelLifecycle, startup_model
+from service.runtime.retention import Retention
 from service.settings import Settings
 from service.store import Store, StoreInUseError, open_store
 from service.store.ratelimit import RateLimiter, open_rate_limiter
@@ -44,6 +45,7 @@ class Runtime:
     tenants: Tenants
     gallery: Gallery
     lifecycle: ModelLifecycle
+    retention: Retention
     rate_limiter: RateLimiter | None = None
 
     @property
@@ -81,6 +83,8 @@ class Runtime:
                             max_enrol_items=settings.max_enrol_items),
             lifecycle=ModelLifecycle(settings=settings, store=store, slot=slot, sync=sync,
                                      metrics=metrics, device=device),
+            retention=Retention(store, max_age_s=settings.match_retention_days * 86400.0,
+                                keep=settings.match_retention_per_tenant),
             rate_limiter=open_rate_limiter(store, rate_per_s=settings.rate_limit_per_s,
                                            burst=settings.rate_limit_burst))
         try:
@@ -89,9 +93,11 @@ class Runtime:
             log.warning("store unavailable at start-up, indexes will load once it is back: %s",
                         exc.message)
         runtime.lifecycle.start()
+        runtime.retention.start()
         return runtime
 
     async def close(self) -> None:
+        await self.retention.close()
         await self.lifecycle.close()
         await self.sync.stop_follower()
         await self.slot.current.close()

@@ -278,7 +278,13 @@ class Store(Protocol):
 
     def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
                        limit: int | None = None) -> list[Decision]:
-        """Match records created at or after ``since``, oldest first, with their feedback."""
+        """Match records created at or after ``since``, oldest first, with their feedback.
+        ``labelled_only`` reads only the records that have feedback (what the monitor uses),
+        at a cost that grows with them, not with every match in the window."""
+
+    def prune_decisions(self, tenant_id: str, *, before: float, keep: int) -> int:
+        """Retention: deletes the tenant's match records (with their feedback) created before
+        ``before``, and the oldest beyond the newest ``keep``; returns how many."""
 
     # --- monitoring ------------------------------------------------------------------------
     def put_monitor_snapshot(self, snapshot: Mapping[str, Any]) -> None:

@@ -19,6 +19,10 @@ separator and no key is a prefix-collision of another)::
     P tenant:T:matches          zset   match_id -> created_at
     P tenant:T:match:M          hash   decision fields of the match record
     P tenant:T:feedback:M       hash   feedback fields
+    P tenant:T:labelled         zset   match_id -> created_at of the matches that have feedback
+                                       (what the monitor reads: its window of labelled ones)
+    P labelled:v1               string set once every feedback older than the labelled zsets
+                                       is in them (a one-time backfill of older stores)
     P changes                   stream op (add | remove | drop_tenant), tenant, items / seqs (JSON)
     P monitor:snapshot          string the monitor's latest snapshot (JSON), shared by replicas
     P models                    hash   rev, body: the model registry (JSON), compare-and-set on rev
@@ -52,7 +56,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from service.errors import ConflictError, NotFoundError, StoreUnavailableError
-from service.ids import glob_escape, key_part
+from service.ids import glob_escape, key_part, key_part_decode
 from service.settings import SENTINEL_SCHEME, SentinelURL
 from service.store.base import (
     GALLERY_CHUNK_ROWS,
@@ -232,6 +236,7 @@ class RedisStore:
         self.r = client or self._connect(socket_timeout=timeout_s, health_check_interval=30)
         self._feed: redis.Redis | None = None  # blocking XREADs get their own connection
         # Script objects only hold the sha; EVALSHA loads them on the server when missing
+        self._labelled_ready = False  # the labelled zsets hold every feedback (labelled:v1)
         self._add_items_script = self.r.register_script(ADD_ITEMS_LUA)
         self._page_script = self.r.register_script(GALLERY_PAGE_LUA)
 
@@ -900,7 +905,8 @@ class RedisStore:
             if pipe.exists(key):
                 raise ConflictError("this match already has feedback",
                                     detail={"match_id": f.match_id}, code="feedback_exists")
-            if not pipe.exists(match_key):
+            created = pipe.hget(match_key, "created_at")
+            if created is None:
                 raise ConflictError("the match record is gone", detail={"match_id": f.match_id})
             pipe.multi()
             pipe.hset(key, mapping={
@@ -908,6 +914,7 @@ class RedisStore:
                 "true_subject_set": _enc(f.true_subject is not None),
                 "correct": _enc(f.correct), "genuine": _enc(f.genuine), "outcome": f.outcome,
                 "created_at": _enc(f.created_at)})
+            pipe.zadd(self._tenant(f.tenant_id, "labelled"), {f.match_id: float(created)})
 
         self._tx("add feedback", [self._tenant(f.tenant_id), key, match_key], body)
 
@@ -915,8 +922,10 @@ class RedisStore:
                        limit: int | None = None) -> list[Decision]:
         out: list[Decision] = []
         with self._translate("list decisions"):
-            ids = [_s(m) or "" for m in
-                   self.r.zrangebyscore(self._tenant(tenant_id, "matches"), since, "+inf")]
+            if labelled_only:
+                self._ensure_labelled_index()
+            index = self._tenant(tenant_id, "labelled" if labelled_only else "matches")
+            ids = [_s(m) or "" for m in self.r.zrangebyscore(index, since, "+inf")]
             for chunk in _chunks(ids):
                 pipe = self.r.pipeline(transaction=False)
                 for mid in chunk:
@@ -932,6 +941,43 @@ class RedisStore:
                     if limit is not None and len(out) >= limit:
                         return out
         return out
+
+    def _ensure_labelled_index(self) -> None:
+        """Stores written before the labelled zsets existed: one pass over their feedback keys
+        adds each to its tenant's zset (idempotent, so replicas racing here do no harm), then
+        ``labelled:v1`` says it is done, for every replica and restart."""
+        if self._labelled_ready:
+            return
+        marker = self._k("labelled", "v1")
+        if not self.r.exists(marker):
+            pattern = glob_escape(self._k("tenant")) + ":*:feedback:*"
+            for key in self.r.scan_iter(match=pattern, count=1000):
+                parts = (_s(key) or "")[len(self._k("tenant")) + 1:].split(":")
+                if len(parts) != 3 or parts[1] != "feedback":
+                    continue
+                tid, mid = key_part_decode(parts[0]), key_part_decode(parts[2])
+                created = self.r.hget(self._tenant(tid, "match", mid), "created_at")
+                if created is not None:
+                    self.r.zadd(self._tenant(tid, "labelled"), {mid: float(created)})
+            self.r.set(marker, "1")
+        self._labelled_ready = True
+
+    def prune_decisions(self, tenant_id: str, *, before: float, keep: int) -> int:
+        zkey = self._tenant(tenant_id, "matches")
+        with self._translate("prune decisions"):
+            old = self.r.zrangebyscore(zkey, "-inf", f"({before}")
+            excess = max(0, int(self.r.zcard(zkey)) - keep)
+            oldest = self.r.zrange(zkey, 0, excess - 1) if excess else []
+            victims = sorted({_s(m) or "" for m in [*old, *oldest]})
+            for chunk in _chunks(victims):
+                pipe = self.r.pipeline(transaction=True)
+                for mid in chunk:
+                    pipe.delete(self._tenant(tenant_id, "match", mid),
+                                self._tenant(tenant_id, "feedback", mid))
+                pipe.zrem(zkey, *chunk)
+                pipe.zrem(self._tenant(tenant_id, "labelled"), *chunk)
+                pipe.execute()
+        return len(victims)
 
     # --- monitoring ------------------------------------------------------------------------
     def put_monitor_snapshot(self, snapshot: Mapping[str, Any]) -> None:

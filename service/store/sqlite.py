@@ -96,6 +96,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     match_id TEXT PRIMARY KEY REFERENCES matches(match_id) ON DELETE CASCADE,
     tenant_id TEXT NOT NULL, true_subject TEXT, correct INTEGER, genuine INTEGER,
     outcome TEXT NOT NULL, created_at REAL NOT NULL);
+-- the monitor reads a tenant's labelled decisions: from the feedback side, not every match
+CREATE INDEX IF NOT EXISTS feedback_by_tenant ON feedback(tenant_id);
 CREATE TABLE IF NOT EXISTS monitor_snapshot (
     id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS model_registry (
@@ -677,10 +679,14 @@ class SQLiteStore:
 
     def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
                        limit: int | None = None) -> list[Decision]:
-        join = "JOIN" if labelled_only else "LEFT JOIN"
-        sql = (f"SELECT {self._MATCH_COLS}, {self._FEEDBACK_COLS} FROM matches m {join} "
-               "feedback f ON f.match_id = m.match_id WHERE m.tenant_id=? AND m.created_at>=? "
-               "ORDER BY m.created_at, m.match_id")
+        if labelled_only:  # driven by the tenant's feedback rows (feedback_by_tenant)
+            sql = (f"SELECT {self._MATCH_COLS}, {self._FEEDBACK_COLS} FROM feedback f "
+                   "JOIN matches m ON m.match_id = f.match_id WHERE f.tenant_id=? "
+                   "AND m.created_at>=? ORDER BY m.created_at, m.match_id")
+        else:
+            sql = (f"SELECT {self._MATCH_COLS}, {self._FEEDBACK_COLS} FROM matches m LEFT JOIN "
+                   "feedback f ON f.match_id = m.match_id WHERE m.tenant_id=? "
+                   "AND m.created_at>=? ORDER BY m.created_at, m.match_id")
         args: list[Any] = [tenant_id, since]
         if limit is not None:
             sql += " LIMIT ?"
@@ -688,6 +694,18 @@ class SQLiteStore:
         with self._read("list decisions") as conn:
             rows = conn.execute(sql, args).fetchall()
         return [Decision(self._match(r[:10]), self._feedback(r[10:])) for r in rows]
+
+    def prune_decisions(self, tenant_id: str, *, before: float, keep: int) -> int:
+        def prune(conn: sqlite3.Connection) -> int:
+            victims = ("SELECT match_id FROM matches WHERE tenant_id=? AND created_at<? UNION "
+                       "SELECT match_id FROM (SELECT match_id FROM matches WHERE tenant_id=? "
+                       "ORDER BY created_at DESC, match_id DESC LIMIT -1 OFFSET ?)")
+            args = (tenant_id, before, tenant_id, keep)
+            conn.execute(f"DELETE FROM feedback WHERE match_id IN ({victims})", args)
+            return conn.execute(f"DELETE FROM matches WHERE match_id IN ({victims})",
+                                args).rowcount
+
+        return self._write("prune decisions", prune)
 
     # --- monitoring ------------------------------------------------------------------------
     def put_monitor_snapshot(self, snapshot: Mapping[str, Any]) -> None:

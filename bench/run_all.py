@@ -19,6 +19,7 @@ BENCHES: list[list[str]] = [
     ["bench.bench_service", "--concurrency", "1", "8", "32", "--seconds", "5"],
     ["bench.bench_faces", "--images", "64", "--concurrency", "1", "4", "16"],
     ["bench.bench_pretrained", "--images", "64", "--batch", "32"],
+    ["bench.bench_sampling", "--items", "30000", "120000", "--per-subject", "3"],
 ]
 
 

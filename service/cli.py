@@ -7,7 +7,8 @@ printed once: it is valid for this process only, so set the variable for anythin
 ``tcm-serve export-dataset --out DIR`` writes the gallery of record (stored images by tenant and
 subject) and the labelled feedback as a dataset ``tcm-train`` reads (``service.ops.export``), from
 the store ``TCM_STORE_URL`` names. ``tcm-serve models list|stage|activate|rollback`` drive a
-running service's model registry over its admin API (``--url``, ``TCM_ADMIN_TOKEN``).
+running service's model registry over its admin API (``--url``, ``TCM_ADMIN_TOKEN``). Both talk
+to the service through ``tcm_client`` (one HTTP client, one retry policy).
 ``tcm-serve import FILE`` streams embeddings (.npy, JSONL or Parquet) into a tenant's gallery
 over the API (``TCM_API_KEY``), resumably (``service.ops.importer``).
 """
@@ -19,8 +20,10 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import uvicorn
@@ -29,6 +32,9 @@ from rich.console import Console
 
 from service.app import create_app
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from tcm_client import Client
 
 
 def settings_help() -> str:
@@ -214,25 +220,32 @@ def import_cmd(
 UrlOpt = Annotated[str, typer.Option("--url", envvar="TCM_URL", help="the service")]
 
 
-def _admin(url: str, method: str, path: str, **kwargs: Any) -> Any:
+@contextmanager
+def _admin(url: str) -> Iterator[Client]:
+    """A ``tcm_client.Client`` with the admin token; an error answer or an unreachable service
+    inside the block is one red line and exit code 1 (no token: exit code 2). Answers are
+    printed as the service sent them (``route.raw()``: its JSON, its key order)."""
     import httpx
+
+    from tcm_client import ApiError, Client
 
     token = os.environ.get("TCM_ADMIN_TOKEN")
     if not token:
         console.print("[red]set TCM_ADMIN_TOKEN to the service's admin token[/red]")
         raise typer.Exit(2)
     try:
-        r = httpx.request(method, url.rstrip("/") + path, timeout=30.0,
-                          headers={"Authorization": f"Bearer {token}"}, **kwargs)
+        with Client(url, token, timeout_s=30.0) as tcm:
+            yield tcm
     except httpx.HTTPError as exc:
         console.print(f"[red]cannot reach {url}: {exc}[/red]")
         raise typer.Exit(1) from exc
-    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-    if r.status_code >= 400:
+    except ApiError as exc:
+        r = exc.response
+        assert r is not None
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
         console.print(f"[red]{r.status_code} {body.get('code', '')}: "
                       f"{body.get('message', r.text)}[/red]")
-        raise typer.Exit(1)
-    return body
+        raise typer.Exit(1) from exc
 
 
 def _print(body: Any) -> None:
@@ -247,13 +260,13 @@ def _progress_line(prog: dict[str, Any]) -> str:
     return line
 
 
-def _wait(url: str, version: str, timeout_s: float) -> None:
+def _wait(tcm: Client, version: str, timeout_s: float) -> None:
     """Polls the registry until ``version`` serves, printing the activation's progress as it
     changes (on stderr; the JSON answers stay on stdout)."""
     deadline = time.monotonic() + timeout_s
     shown = ""
     while time.monotonic() < deadline:
-        body = _admin(url, "GET", "/v1/models")
+        body = tcm.list_models.raw()
         prog = body.get("progress") or {}
         if prog.get("version") == version:
             line = _progress_line(prog)
@@ -275,14 +288,16 @@ def _wait(url: str, version: str, timeout_s: float) -> None:
 @models_app.command("list")
 def models_list(url: UrlOpt = "http://127.0.0.1:8000") -> None:
     """Registered versions, the active one, the activation in progress, the history."""
-    _print(_admin(url, "GET", "/v1/models"))
+    with _admin(url) as tcm:
+        _print(tcm.list_models.raw())
 
 
 @models_app.command("stage")
 def models_stage(path: Annotated[str, typer.Argument(help="artefact folder (on the server)")],
                  url: UrlOpt = "http://127.0.0.1:8000") -> None:
     """Registers an exported artefact so that it can be activated; prints its version."""
-    body = _admin(url, "POST", "/v1/models", json={"path": path})
+    with _admin(url) as tcm:
+        body = tcm.stage_model.raw(path)
     _print(body)
     console.print(f"staged {body['model_version']}; activate it with: tcm-serve models "
                   f"activate {body['model_version']}", markup=False, highlight=False)
@@ -293,9 +308,10 @@ def models_activate(version: str, url: UrlOpt = "http://127.0.0.1:8000",
                     wait: Annotated[bool, typer.Option(help="until switched")] = True,
                     timeout_s: float = 3600.0) -> None:
     """Switches to a registered version without downtime (re-embeds the galleries first)."""
-    _print(_admin(url, "POST", f"/v1/models/{version}/activate"))
-    if wait:
-        _wait(url, version, timeout_s)
+    with _admin(url) as tcm:
+        _print(tcm.activate_model.raw(version))
+        if wait:
+            _wait(tcm, version, timeout_s)
 
 
 @models_app.command("rollback")
@@ -303,10 +319,11 @@ def models_rollback(url: UrlOpt = "http://127.0.0.1:8000",
                     wait: Annotated[bool, typer.Option(help="until switched")] = True,
                     timeout_s: float = 3600.0) -> None:
     """Switches back to the version active before the current one."""
-    body = _admin(url, "POST", "/v1/models/rollback")
-    _print(body)
-    if wait:
-        _wait(url, body["version"], timeout_s)
+    with _admin(url) as tcm:
+        body = tcm.rollback_model.raw()
+        _print(body)
+        if wait:
+            _wait(tcm, body["version"], timeout_s)
 
 
 if __name__ == "__main__":  # pragma: no cover

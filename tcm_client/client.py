@@ -1,20 +1,25 @@
 """Sync and async clients of the tcm-serve v1 API, on httpx.
 
 Both are built from one description of each route (:class:`_Routes` returns a :class:`Call`:
-method, path, body, parser), so the two cannot drift apart; only sending differs. A 429 or a
-503 is retried (``retries`` times) after the server's ``Retry-After`` when it gives one, else
-after an exponential backoff (``backoff_s * 2**attempt``, capped at ``max_wait_s``); other
-errors raise :class:`ApiError` with the service's stable ``code`` and the ``X-Request-ID`` to
-quote. Embeddings go in as numpy arrays (or sequences) and come out as float32 arrays.
+method, path, body, parser, whether it is safe to repeat), so the two cannot drift apart; only
+sending differs. What is sent again, when and after how long is one :class:`RetryPolicy`
+(``retries`` times; 429 and connect errors for every request, 502/503/504 and other transport
+errors only for requests that are safe to repeat; waits the server's ``Retry-After`` or an
+exponential backoff, ``backoff_s * 2**attempt``, whichever is longer, capped at
+``max_wait_s``). Other errors raise :class:`ApiError` with the service's stable ``code`` and the
+``X-Request-ID`` to quote; transport errors that are not retried (or no longer) are httpx's own.
+Embeddings go in as numpy arrays (or sequences) and come out as float32 arrays. Each route also
+answers ``.raw(...)``: the same request, the answer's JSON as the server sent it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+from dataclasses import dataclass, field, replace
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
 from urllib.parse import quote
 
 import httpx
@@ -24,14 +29,15 @@ from pydantic import BaseModel
 from tcm_client import models as m
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 P = ParamSpec("P")
-RETRYABLE = (429, 503)
 Vector = np.ndarray | Sequence[float]
 
 
 class ApiError(Exception):
     """An error answer: ``status``, the service's ``code`` and ``message``, ``detail``, and
-    the request's id (``request_id``) to quote in a support ticket."""
+    the request's id (``request_id``) to quote in a support ticket; ``response``: the answer
+    itself (headers, body as sent), when the error came from one."""
 
     def __init__(
         self,
@@ -40,10 +46,102 @@ class ApiError(Exception):
         message: str,
         detail: Any = None,
         request_id: str | None = None,
+        *,
+        response: httpx.Response | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
         self.detail, self.request_id = detail, request_id
+        self.response = response
+
+
+# --- the retry policy ---------------------------------------------------------------------------
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+REFUSED_STATUS = frozenset({429})  # the server did nothing: retried for every request
+TRANSIENT_STATUS = frozenset({502, 503, 504})  # it may have acted: retried if safe to repeat
+# the request never left this machine (no connection was made, or none was free in the pool)
+NOT_SENT_ERRORS: tuple[type[Exception], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+)
+# sent, maybe acted on, the answer lost: retried if safe to repeat
+LOST_ANSWER_ERRORS: tuple[type[Exception], ...] = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+    httpx.ProxyError,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When :class:`Client` and :class:`AsyncClient` send a request again, and after how long
+    (the one retry policy of the package, and of the tools built on it: ``tcm-serve import``
+    and ``tcm-serve models``).
+
+    A request is *safe to repeat* (:attr:`Call.safe`) when a second copy cannot change what
+    the first one did: GET, PUT, DELETE (HEAD, OPTIONS); the query POSTs (match, verify,
+    embed: they write nothing a caller reads back); and the POSTs the server deduplicates
+    (staging a model: the same path is the same version; feedback: a second one is refused
+    with 409). A POST that creates something (a tenant, a key, an enrolment, an activation, a
+    rollback) is not, unless the caller says so (``enrol(..., idempotent=True)``: its items
+    name their ``item_id``s and it takes a 409 ``duplicate_item_id`` naming exactly them as
+    "already stored").
+
+    - ``429``: retried for every request: the server refused it before doing anything.
+    - connect errors (:data:`NOT_SENT_ERRORS`): retried for every request: it was never sent.
+    - ``502``, ``503``, ``504`` and the transport errors after sending (:data:`LOST_ANSWER_ERRORS`:
+      read/write errors and timeouts, a dropped connection): retried only when safe to repeat,
+      since the server may have acted on the request before its answer was lost.
+    - anything else (4xx, 500, a malformed URL) is answered (or raised) at once.
+
+    At most ``retries`` times (``retries + 1`` attempts in all). Before retry ``attempt`` (0
+    first) it waits the longer of the server's ``Retry-After`` (seconds; the server's earliest)
+    and ``backoff_s * 2**attempt`` (growing while the trouble lasts), at most ``max_wait_s``.
+    No jitter: waits are deterministic.
+    """
+
+    retries: int = 4
+    backoff_s: float = 0.2
+    max_wait_s: float = 30.0
+
+    def retries_status(self, status: int, *, safe: bool) -> bool:
+        """Whether an answer with ``status`` is retried (for a request safe to repeat or not)."""
+        return status in REFUSED_STATUS or (safe and status in TRANSIENT_STATUS)
+
+    def retries_error(self, error: Exception, *, safe: bool) -> bool:
+        """Whether a transport error is retried (httpx's exception classes)."""
+        return isinstance(error, NOT_SENT_ERRORS) or (
+            safe and isinstance(error, LOST_ANSWER_ERRORS)
+        )
+
+    def delay(self, attempt: int, response: httpx.Response | None = None) -> float:
+        """Seconds to wait before retry ``attempt`` (0 first), after ``response`` if any."""
+        backoff = min(self.backoff_s * 2**attempt, self.max_wait_s)
+        if response is None:
+            return max(backoff, 0.0)
+        asked = retry_after(response, attempt, backoff_s=self.backoff_s, max_wait_s=self.max_wait_s)
+        return max(asked, backoff, 0.0)
+
+    def next_wait(
+        self,
+        attempt: int,
+        *,
+        safe: bool,
+        response: httpx.Response | None = None,
+        error: Exception | None = None,
+    ) -> float | None:
+        """After attempt ``attempt`` (0 first) ended in ``response`` or ``error``: the seconds
+        to wait before sending again, or None (give the answer, or raise the error)."""
+        if attempt >= self.retries:
+            return None
+        if error is not None:
+            retry = self.retries_error(error, safe=safe)
+        else:
+            assert response is not None
+            retry = self.retries_status(response.status_code, safe=safe)
+        return self.delay(attempt, response) if retry else None
 
 
 @dataclass(frozen=True)
@@ -56,6 +154,15 @@ class Call(Generic[T]):
     files: Any = None
     data: Mapping[str, str] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    content: bytes | None = None  # a body already encoded (then ``headers`` has its type)
+    idempotent: bool | None = None  # safe to repeat; None: by method (:data:`SAFE_METHODS`)
+
+    @property
+    def safe(self) -> bool:
+        """Whether sending it twice is no different from once (see :class:`RetryPolicy`)."""
+        if self.idempotent is not None:
+            return self.idempotent
+        return self.method.upper() in SAFE_METHODS
 
 
 def _model(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:
@@ -64,6 +171,10 @@ def _model(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:
 
 def _none(_: httpx.Response) -> None:
     return None
+
+
+def _json(r: httpx.Response) -> Any:
+    return r.json() if r.content else None
 
 
 def _vector(v: Vector) -> list[float]:
@@ -85,20 +196,58 @@ def _source(embedding: Vector | None, image: str | None) -> dict[str, Any]:
     return {"embedding": _vector(embedding)} if embedding is not None else {"image": image}
 
 
+class BoundRoute(Protocol[P, T_co]):
+    """A route of a :class:`Client`: call it for the typed answer; ``.raw(...)`` sends the
+    same request and returns the answer's JSON as the server sent it (keys in its order;
+    None for an empty answer), for tools that print or forward answers verbatim."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T_co: ...
+
+    def raw(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+
+
+class AsyncBoundRoute(Protocol[P, T_co]):
+    """A route of an :class:`AsyncClient`: as :class:`BoundRoute`, awaitable."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[T_co]: ...
+
+    def raw(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[Any]: ...
+
+
+class _Bound:
+    """A route bound to a client (what :class:`BoundRoute` and :class:`AsyncBoundRoute`
+    describe)."""
+
+    def __init__(self, client: Any, build: Callable[..., Call[Any]]) -> None:
+        self._client, self._build = client, build
+        self.__name__ = build.__name__
+        self.__doc__ = build.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._client.send(self._build(self._client, *args, **kwargs))
+
+    def raw(self, *args: Any, **kwargs: Any) -> Any:
+        return self._client.send(replace(self._build(self._client, *args, **kwargs), parse=_json))
+
+    def __repr__(self) -> str:
+        return f"<route {self.__name__} of {self._client!r}>"
+
+
 class route(Generic[P, T]):
     """A route of the API: a method building its :class:`Call`. On a :class:`Client` it sends
     the call and returns the typed result; on an :class:`AsyncClient`, an awaitable of it
-    (the two cannot drift apart: both are this one description)."""
+    (the two cannot drift apart: both are this one description). Either way ``.raw(...)``
+    gives the answer's JSON instead."""
 
     def __init__(self, build: Callable[Concatenate[Any, P], Call[T]]) -> None:
         self.build = build
         self.__doc__ = build.__doc__
 
     @overload
-    def __get__(self, obj: AsyncClient, owner: Any) -> Callable[P, Awaitable[T]]: ...
+    def __get__(self, obj: AsyncClient, owner: Any) -> AsyncBoundRoute[P, T]: ...
 
     @overload
-    def __get__(self, obj: Client, owner: Any) -> Callable[P, T]: ...
+    def __get__(self, obj: Client, owner: Any) -> BoundRoute[P, T]: ...
 
     @overload
     def __get__(self, obj: None, owner: Any) -> route[P, T]: ...
@@ -106,13 +255,7 @@ class route(Generic[P, T]):
     def __get__(self, obj: Any, owner: Any) -> Any:
         if obj is None:
             return self
-
-        def send(*args: Any, **kwargs: Any) -> Any:
-            return obj.send(self.build(obj, *args, **kwargs))
-
-        send.__name__ = self.build.__name__
-        send.__doc__ = self.build.__doc__
-        return send
+        return _Bound(obj, self.build)
 
 
 class _Routes:
@@ -167,14 +310,21 @@ class _Routes:
 
     @route
     def stage_model(self, path: str) -> Call[m.ModelVersion]:
-        return Call("POST", "/v1/models", _model(m.ModelVersion), json={"path": path})
+        """Registers the artefact at ``path`` (on the server). Safe to repeat: the same path
+        is the same version."""
+        return Call(
+            "POST", "/v1/models", _model(m.ModelVersion), json={"path": path}, idempotent=True
+        )
 
     @route
     def activate_model(self, version: str) -> Call[m.Activation]:
+        """Starts switching to ``version`` (202: progress on :meth:`list_models`)."""
         return Call("POST", f"/v1/models/{_seg(version)}/activate", _model(m.Activation))
 
     @route
     def rollback_model(self) -> Call[m.Activation]:
+        """Starts switching back to the version active before (not safe to repeat: a second
+        rollback switches forth again)."""
         return Call("POST", "/v1/models/rollback", _model(m.Activation))
 
     @route
@@ -183,16 +333,45 @@ class _Routes:
 
     # --- gallery ---------------------------------------------------------------------------
     @route
-    def enrol(self, items: Sequence[Mapping[str, Any]]) -> Call[list[str]]:
+    def enrol(
+        self, items: Sequence[Mapping[str, Any]], *, idempotent: bool = False
+    ) -> Call[list[str]]:
         """Items: ``{"subject", "embedding" (array) | "image" (base64), "item_id"?,
-        "metadata"?}``; all or none."""
+        "metadata"?}``; all or none. ``idempotent=True``: retry it like a request safe to
+        repeat (every item names its ``item_id``, and the caller takes a 409
+        ``duplicate_item_id`` naming exactly them as "stored by an earlier attempt")."""
         body = [
             {**it, "embedding": _vector(it["embedding"])}
             if it.get("embedding") is not None
             else dict(it)
             for it in items
         ]
-        return Call("POST", "/v1/gallery", lambda r: r.json()["item_ids"], json={"items": body})
+        return Call(
+            "POST",
+            "/v1/gallery",
+            lambda r: r.json()["item_ids"],
+            json={"items": body},
+            idempotent=idempotent,
+        )
+
+    @route
+    def enrol_raw(
+        self, items: Sequence[Mapping[str, Any]], *, idempotent: bool = False
+    ) -> Call[list[str]]:
+        """Bulk enrolment of items exactly as the API takes them (``embedding_b64``: base64
+        of little-endian float32, or ``embedding`` as a JSON list; ``subject``, ``item_id``?,
+        ``metadata``?), sent untouched: no conversion, so the service judges (and names) each
+        item as given; for loaders that encode their own rows. All or none;
+        ``idempotent`` as for :meth:`enrol`."""
+        body = json.dumps({"items": list(items)}, separators=(",", ":")).encode()
+        return Call(
+            "POST",
+            "/v1/gallery",
+            lambda r: r.json()["item_ids"],
+            content=body,
+            headers={"Content-Type": "application/json"},
+            idempotent=idempotent,
+        )
 
     @route
     def enrol_upload(
@@ -258,7 +437,7 @@ class _Routes:
     def delete_subject(self, subject: str) -> Call[int]:
         return Call("DELETE", f"/v1/subjects/{_seg(subject)}", lambda r: r.json()["deleted"])
 
-    # --- match, verify, embed, feedback ----------------------------------------------------
+    # --- match, verify, embed (queries: safe to repeat), feedback --------------------------
     @route
     def match(
         self,
@@ -271,7 +450,7 @@ class _Routes:
         body = {**_source(embedding, image), "k": k}
         if filter is not None:
             body["filter"] = dict(filter)
-        return Call("POST", "/v1/match", _model(m.MatchResult), json=body)
+        return Call("POST", "/v1/match", _model(m.MatchResult), json=body, idempotent=True)
 
     @route
     def match_upload(self, file: bytes, *, k: int = 5) -> Call[m.MatchResult]:
@@ -281,6 +460,7 @@ class _Routes:
             _model(m.MatchResult),
             files={"file": ("image", file)},
             data={"k": str(k)},
+            idempotent=True,
         )
 
     @route
@@ -296,7 +476,7 @@ class _Routes:
         body: dict[str, Any] = {"a": side(a), "b": side(b)}
         if filter is not None:
             body["filter"] = dict(filter)
-        return Call("POST", "/v1/verify", _model(m.VerifyResult), json=body)
+        return Call("POST", "/v1/verify", _model(m.VerifyResult), json=body, idempotent=True)
 
     @route
     def verify_upload(self, a: bytes, b: bytes) -> Call[m.VerifyResult]:
@@ -305,16 +485,27 @@ class _Routes:
             "/v1/verify/upload",
             _model(m.VerifyResult),
             files={"a": ("a", a), "b": ("b", b)},
+            idempotent=True,
         )
 
     @route
     def embed(self, images: Sequence[str]) -> Call[m.EmbedResult]:
-        return Call("POST", "/v1/embed", _model(m.EmbedResult), json={"images": list(images)})
+        return Call(
+            "POST",
+            "/v1/embed",
+            _model(m.EmbedResult),
+            json={"images": list(images)},
+            idempotent=True,
+        )
 
     @route
     def embed_upload(self, file: bytes) -> Call[m.EmbedResult]:
         return Call(
-            "POST", "/v1/embed/upload", _model(m.EmbedResult), files={"file": ("image", file)}
+            "POST",
+            "/v1/embed/upload",
+            _model(m.EmbedResult),
+            files={"file": ("image", file)},
+            idempotent=True,
         )
 
     @route
@@ -327,13 +518,14 @@ class _Routes:
         subject_given: bool = False,
     ) -> Call[m.FeedbackResult]:
         """``correct=True/False``, or ``true_subject`` (``subject_given=True`` with
-        ``true_subject=None``: the query's subject is not enrolled)."""
+        ``true_subject=None``: the query's subject is not enrolled). Safe to repeat: the
+        service keeps one feedback per match (a second is 409 ``feedback_exists``)."""
         body: dict[str, Any] = {"match_id": match_id}
         if correct is not None:
             body["correct"] = correct
         if true_subject is not None or subject_given:
             body["true_subject"] = true_subject
-        return Call("POST", "/v1/feedback", _model(m.FeedbackResult), json=body)
+        return Call("POST", "/v1/feedback", _model(m.FeedbackResult), json=body, idempotent=True)
 
     # --- monitor, model, health ------------------------------------------------------------
     @route
@@ -365,7 +557,7 @@ def _error(r: httpx.Response) -> ApiError:
         code, message, detail = body["code"], body["message"], body.get("detail")
     except (ValueError, KeyError, TypeError):
         code, message, detail = "error", r.text[:500], None
-    return ApiError(r.status_code, code, message, detail, r.headers.get("x-request-id"))
+    return ApiError(r.status_code, code, message, detail, r.headers.get("x-request-id"), response=r)
 
 
 def retry_after(r: httpx.Response, attempt: int, *, backoff_s: float, max_wait_s: float) -> float:
@@ -381,7 +573,13 @@ def retry_after(r: httpx.Response, attempt: int, *, backoff_s: float, max_wait_s
 
 def _request_args(call: Call[Any]) -> dict[str, Any]:
     return _drop_none(
-        {"json": call.json, "params": call.params, "files": call.files, "data": call.data}
+        {
+            "json": call.json,
+            "params": call.params,
+            "files": call.files,
+            "data": call.data,
+            "content": call.content,
+        }
     ) | {"headers": dict(call.headers)}
 
 
@@ -392,17 +590,20 @@ class _Base(_Routes):
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.retries, self.backoff_s, self.max_wait_s = retries, backoff_s, max_wait_s
-        self.retried = 0  # how many requests were retried (observability, tests)
+        self.policy = RetryPolicy(retries=retries, backoff_s=backoff_s, max_wait_s=max_wait_s)
+        self.retried = 0  # how many times a request was sent again (observability, tests)
 
     def _result(self, call: Call[T], r: httpx.Response) -> T:
-        if r.status_code >= 400:
+        if r.status_code >= 300:  # an error, or a redirect (never the API's answer)
             raise _error(r)
         return call.parse(r)
 
 
 class Client(_Base):
     """Blocking client: ``Client(url, token).match(embedding=v)``. Use as a context manager
-    (or call ``close()``)."""
+    (or call ``close()``). One instance may be shared by threads. ``retries``, ``backoff_s``
+    and ``max_wait_s`` make its :class:`RetryPolicy` (``client.policy``); ``sleep`` waits
+    between attempts (tests inject their own)."""
 
     def __init__(
         self,
@@ -414,24 +615,35 @@ class Client(_Base):
         max_wait_s: float = 30.0,
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__(
             base_url, token, retries=retries, backoff_s=backoff_s, max_wait_s=max_wait_s
         )
+        self._sleep = sleep
         self._http = httpx.Client(
             base_url=self.base_url, headers=self.headers, timeout=timeout_s, transport=transport
         )
 
     def send(self, call: Call[T]) -> T:
-        for attempt in range(self.retries + 1):
-            r = self._http.request(call.method, call.path, **_request_args(call))
-            if r.status_code not in RETRYABLE or attempt == self.retries:
-                return self._result(call, r)
+        """Sends ``call`` (again, as :attr:`policy` says) and returns its parsed answer;
+        raises :class:`ApiError` for an error answer, httpx's exception for a transport error
+        not (or no longer) retried."""
+        attempt = 0
+        while True:
+            try:
+                r = self._http.request(call.method, call.path, **_request_args(call))
+            except httpx.TransportError as exc:
+                wait = self.policy.next_wait(attempt, safe=call.safe, error=exc)
+                if wait is None:
+                    raise
+            else:
+                wait = self.policy.next_wait(attempt, safe=call.safe, response=r)
+                if wait is None:
+                    return self._result(call, r)
             self.retried += 1
-            time.sleep(
-                retry_after(r, attempt, backoff_s=self.backoff_s, max_wait_s=self.max_wait_s)
-            )
-        raise AssertionError("unreachable")
+            attempt += 1
+            self._sleep(wait)
 
     def iter_items(
         self, *, subject: str | None = None, limit: int | None = None
@@ -456,7 +668,8 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """Asynchronous client: ``await AsyncClient(url, token).match(embedding=v)``."""
+    """Asynchronous client: ``await AsyncClient(url, token).match(embedding=v)``; the same
+    :class:`RetryPolicy` as :class:`Client` (``sleep``: an awaitable wait)."""
 
     def __init__(
         self,
@@ -468,24 +681,33 @@ class AsyncClient(_Base):
         max_wait_s: float = 30.0,
         timeout_s: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         super().__init__(
             base_url, token, retries=retries, backoff_s=backoff_s, max_wait_s=max_wait_s
         )
+        self._sleep = sleep
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=self.headers, timeout=timeout_s, transport=transport
         )
 
     async def send(self, call: Call[T]) -> T:
-        for attempt in range(self.retries + 1):
-            r = await self._http.request(call.method, call.path, **_request_args(call))
-            if r.status_code not in RETRYABLE or attempt == self.retries:
-                return self._result(call, r)
+        """As :meth:`Client.send`, awaitable."""
+        attempt = 0
+        while True:
+            try:
+                r = await self._http.request(call.method, call.path, **_request_args(call))
+            except httpx.TransportError as exc:
+                wait = self.policy.next_wait(attempt, safe=call.safe, error=exc)
+                if wait is None:
+                    raise
+            else:
+                wait = self.policy.next_wait(attempt, safe=call.safe, response=r)
+                if wait is None:
+                    return self._result(call, r)
             self.retried += 1
-            await asyncio.sleep(
-                retry_after(r, attempt, backoff_s=self.backoff_s, max_wait_s=self.max_wait_s)
-            )
-        raise AssertionError("unreachable")
+            attempt += 1
+            await self._sleep(wait)
 
     async def aclose(self) -> None:
         await self._http.aclose()

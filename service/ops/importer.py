@@ -29,9 +29,13 @@ state write) is sent again and answered 409 for exactly its own item ids: that c
 so a resumed import never duplicates an item. Item ids must therefore be deterministic (they
 are: from the file, or derived from the row number).
 
-429/503 and transport errors are retried with exponential backoff; a 422 names the source row.
-Several batches are in flight at once (``--concurrency``); the state only advances over the
-contiguous prefix of acknowledged batches.
+Batches are sent with ``tcm_client`` (``Client.enrol_raw``) under its one retry policy
+(:class:`tcm_client.RetryPolicy`, ``--retries`` times per batch). A batch names every item id and
+a resent one is recognised by that 409, so it is a request the service deduplicates: it is sent
+as safe to repeat, and 429, 502/503/504 and transport errors are retried after ``Retry-After`` or
+an exponential backoff, whichever is longer. A 422 names the source row. Several batches are in
+flight at once (``--concurrency``); the state only advances over the contiguous prefix of
+acknowledged batches.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ import base64
 import json
 import os
 import re
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +54,8 @@ from typing import Any, Protocol
 
 import httpx
 import numpy as np
+
+from tcm_client import ApiError, Client
 
 
 class ImportError_(Exception):
@@ -505,45 +510,34 @@ class State:
 
 
 # --- sending ------------------------------------------------------------------------------------
-RETRY_STATUS = {429, 502, 503, 504}
-
-
-def send_batch(client: httpx.Client, batch: Batch, *, retries: int) -> str:
-    """Sends one batch until it is stored; returns "stored" or "already" (a resent batch)."""
-    body = json.dumps({"items": batch.items}, separators=(",", ":"))
-    delay = 0.2
-    for attempt in range(retries + 1):
-        try:
-            r = client.post(
-                "/v1/gallery", content=body, headers={"Content-Type": "application/json"}
-            )
-        except httpx.TransportError as exc:
-            if attempt == retries:
-                raise ImportError_(f"cannot reach the service: {exc}") from exc
-        else:
-            if r.status_code == 201:
-                return "stored"
-            err = _error(r)
-            if r.status_code == 409 and err.get("code") == "duplicate_item_id":
-                dupes = set((err.get("detail") or {}).get("item_ids", []))
-                if dupes == set(batch.item_ids):
-                    return "already"  # written by an interrupted run before its state was
-                raise ImportError_(
-                    f"rows {batch.start}..{batch.start + len(batch.items) - 1}: "
-                    f"{len(dupes)} item ids exist already and were not written by this import "
-                    f"(e.g. {sorted(dupes)[:3]}); use other ids (--id-prefix) or delete them"
-                )
-            if r.status_code == 422:
-                raise ImportError_(_name_row(batch, err))
-            if r.status_code not in RETRY_STATUS or attempt == retries:
-                raise ImportError_(
-                    f"{r.status_code} {err.get('code', '')}: {err.get('message', r.text[:300])}"
-                )
-            if ra := r.headers.get("Retry-After"):
-                delay = max(delay, min(30.0, float(ra)))
-        time.sleep(delay)
-        delay = min(delay * 2, 30.0)
-    raise AssertionError("unreachable")
+def send_batch(client: Client, batch: Batch) -> str:
+    """Sends one batch until it is stored (retried as ``client.policy`` says); returns "stored"
+    or "already" (a resent batch)."""
+    try:
+        # safe to repeat: every item names its id, and a repeat's 409 naming exactly them is
+        # taken as "already" below, so a retry never writes anything twice
+        client.enrol_raw(batch.items, idempotent=True)
+    except httpx.TransportError as exc:
+        raise ImportError_(f"cannot reach the service: {exc}") from exc
+    except ApiError as exc:
+        r = exc.response
+        assert r is not None
+        err = _error(r)
+        if r.status_code == 409 and err.get("code") == "duplicate_item_id":
+            dupes = set((err.get("detail") or {}).get("item_ids", []))
+            if dupes == set(batch.item_ids):
+                return "already"  # written by an interrupted run before its state was
+            raise ImportError_(
+                f"rows {batch.start}..{batch.start + len(batch.items) - 1}: "
+                f"{len(dupes)} item ids exist already and were not written by this import "
+                f"(e.g. {sorted(dupes)[:3]}); use other ids (--id-prefix) or delete them"
+            ) from exc
+        if r.status_code == 422:
+            raise ImportError_(_name_row(batch, err)) from exc
+        raise ImportError_(
+            f"{r.status_code} {err.get('code', '')}: {err.get('message', r.text[:300])}"
+        ) from exc
+    return "stored"
 
 
 def _error(r: httpx.Response) -> dict[str, Any]:
@@ -594,9 +588,8 @@ def run_import(
     counts = {"total": total, "skipped": state.done, "stored": 0, "already": 0}
     if progress is not None:
         progress(state.done)
-    headers = {"Authorization": f"Bearer {api_key}"}
     with (
-        httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=300.0) as client,
+        Client(url, api_key, retries=retries, timeout_s=300.0) as client,
         ThreadPoolExecutor(max(1, concurrency)) as pool,
     ):
         in_flight: deque[tuple[Batch, Future[str]]] = deque()
@@ -611,7 +604,7 @@ def run_import(
 
         try:
             for batch in reader.batches(state.done, batch_size):
-                in_flight.append((batch, pool.submit(send_batch, client, batch, retries=retries)))
+                in_flight.append((batch, pool.submit(send_batch, client, batch)))
                 if len(in_flight) >= concurrency:
                     settle_oldest()
             while in_flight:

@@ -110,9 +110,13 @@ class Settings(BaseSettings):
         "product of their sizes); more is a 422 too_many_pairs")
     rate_limit_per_s: float = Field(
         0.0, ge=0, allow_inf_nan=False,
-        description="requests per second per tenant (token bucket refill rate); 0 = no limit")
+        description="work units per second per tenant (token bucket refill rate); 0 = no "
+        "limit. A request costs its work: POST /v1/gallery one unit per item, POST "
+        "/v1/match/batch one per query, POST /v1/embed one per image; every other tenant "
+        "request (match, verify, get, list, delete, PUT, uploads, feedback, monitor) one")
     rate_limit_burst: int = Field(
-        0, ge=0, description="bucket capacity per tenant; 0 = one second's worth (at least 1)")
+        0, ge=0, description="bucket capacity per tenant in work units: the most one request "
+        "may cost (more is a 422 too_many_items); 0 = one second's worth (at least 1)")
 
     # --- index and embedding ---------------------------------------------------------------
     index_factory: str = Field(
@@ -134,10 +138,12 @@ class Settings(BaseSettings):
 
     search_max_batch: int = Field(
         256, ge=1, description="query rows per batched index search (concurrent matches of a "
-        "tenant coalesce into one search)")
+        "tenant coalesce into one search); tenants with waiting queries take turns round robin, "
+        "one such search per turn, so no tenant waits behind another's backlog")
     search_max_wait_ms: float = Field(
-        0.0, ge=0, description="how long a batched search waits for more queries; 0: only "
-        "queries that arrived while the previous search ran join it")
+        0.0, ge=0, description="how long a batched search waits for more queries (until its "
+        "oldest has waited this long); 0: only queries that arrived while earlier searches ran "
+        "join it")
 
     # --- metrics and monitoring ------------------------------------------------------------
     tenant_label_cap: int = Field(

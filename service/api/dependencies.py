@@ -1,8 +1,10 @@
 """FastAPI dependencies, as ``Annotated`` aliases the routers declare parameters with.
 
 ``RuntimeDep`` is the app's :class:`Runtime`; ``TenantId`` authenticates a tenant API key,
-takes one request from that tenant's rate limit (429 when spent, ``TCM_RATE_LIMIT_*``) and
-yields its tenant id (and makes sure the indexes are loaded); ``AdminAuth`` checks the admin
+takes the request's first work unit from that tenant's rate limit (429 when spent,
+``TCM_RATE_LIMIT_*``; routes whose body asks for more work, counted in items, queries or images,
+charge the rest with ``Runtime.charge`` once the body is parsed) and yields its tenant id (and
+makes sure the indexes are loaded); ``AdminAuth`` checks the admin
 token. Both read ``Authorization: Bearer ...`` through FastAPI's ``HTTPBearer`` security
 dependency, so that OpenAPI states the two schemes (``adminToken``, ``tenantKey``) and which
 operation takes which; ``auto_error=False`` because a missing token is answered with the

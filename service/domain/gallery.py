@@ -67,6 +67,17 @@ class Gallery:
         """All items or none. ``images`` optionally gives raw bytes (uploads) by position,
         in place of the base64 ``image`` field."""
         images = images or {}
+        self.check_enrol(items)
+        async with self.slot.gate.shared():
+            ids = await self._enrol(self.slot.current, tenant_id, items, images)
+        self.sync.publish_sizes()
+        return ids
+
+    def check_enrol(self, items: Sequence[NewItemContent]) -> None:
+        """The checks an enrolment passes before any work (its size, repeated ids): 422
+        ``too_many_items``, 409 ``duplicate_item_id``. The router runs them before charging the
+        request's items to the rate limit, so that such a request costs what any refused one
+        does; :meth:`enrol` runs them too."""
         if len(items) > self.max_enrol_items:
             raise InvalidInputError(f"{len(items)} items in one request, the limit is "
                                     f"{self.max_enrol_items}", code="too_many_items",
@@ -82,10 +93,6 @@ class Gallery:
         if dupes:
             raise ConflictError("the request repeats item ids", code="duplicate_item_id",
                                 detail={"item_ids": dupes})
-        async with self.slot.gate.shared():
-            ids = await self._enrol(self.slot.current, tenant_id, items, images)
-        self.sync.publish_sizes()
-        return ids
 
     async def _enrol(self, serving: Serving, tenant_id: str, items: Sequence[NewItemContent],
                      images: dict[int, bytes]) -> list[str]:

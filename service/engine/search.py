@@ -1,18 +1,24 @@
-"""Search batching: concurrent queries coalesce into one FAISS search per tenant.
+"""Search batching: concurrent queries of a tenant coalesce into one FAISS search, and tenants
+take turns.
 
 FAISS answers a block of queries far faster than the same queries one call at a time (one pass
 over the gallery, BLAS matrix-matrix instead of matrix-vector: ~30x for ``IndexFlatIP`` at 100k
-items on this project's VM, ``docs/benchmarks.md``). Concurrent ``/v1/match`` requests are that
-block. Queries wait in a list; whenever no search is running, a drain task takes every waiting
-query (up to ``max_batch`` rows; a larger multi-query request goes alone), groups them by tenant,
-runs one ``search`` per tenant (with the largest ``k`` asked, each query's hits cut to its own
-``k``) in one worker thread, and hands each request its rows. Queries arriving meanwhile form the
-next batch, so batches grow with load and a lone query is never delayed. ``max_wait`` (default 0)
-additionally holds each batch open that long, for deployments where a few ms of latency buy
-larger batches (e.g. a GPU index). Same shape as the embedding batcher
-(``service.engine.embedding``), but without a permanent worker: the drain task exists only while
-there
-is work, so there is nothing to start or stop.
+items on this project's VM, ``docs/benchmarks.md``). Concurrent ``/v1/match`` requests of a
+tenant are that block. Each tenant's queries wait in their own queue; a drain task serves the
+tenants with waiting queries **round robin**, one *turn* at a time: a turn takes the tenant's
+waiting queries in arrival order up to ``max_batch`` rows (a larger multi-query request goes
+alone: requests are not split), runs one ``search`` (with the largest ``k`` asked, each query's
+hits cut to its own ``k``) in a worker thread, and hands each request its rows. The tenant then
+goes to the back of the ring, behind every tenant that queued meanwhile, so a query waits behind
+at most the turn in progress and one turn of each other tenant waiting before it, never behind
+another tenant's whole backlog (issue 25 item 5: one tenant's batch searches stalled every other
+tenant's plain match for seconds, in the one process-wide queue this replaced). Queries of the
+tenant arriving during its turn form its next turn, so turns grow with load and a lone query is
+never delayed. ``max_wait`` (default 0) additionally holds a turn open until its oldest query has
+waited that long, for deployments where a few ms of latency buy larger batches (e.g. a GPU
+index). Same shape as the embedding batcher (``service.engine.embedding``), but without a
+permanent worker: the drain task exists only while there is work, so there is nothing to start
+or stop.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,75 +50,101 @@ class _Query:
 class SearchBatcher:
     def __init__(self, indexes: IndexRegistry, *, max_batch: int, max_wait_s: float = 0.0) -> None:
         self.indexes = indexes
-        self.max_batch = max_batch
+        self.max_batch = max_batch  # rows of one tenant's turn (one index search)
         self.max_wait_s = max_wait_s
-        self.searches_run = 0  # index searches (one per tenant per batch)
+        self.searches_run = 0  # index searches (one per turn)
         self.queries_searched = 0
         self.largest_batch = 0
-        self._pending: list[_Query] = []
+        # tenant -> its waiting queries; a tenant is in the dict while it is in the ring or
+        # its turn runs, so a query of the tenant in turn does not put it in the ring twice
+        self._queues: dict[str, deque[_Query]] = {}
+        self._ring: deque[str] = deque()  # tenants with waiting queries, in turn order
         self._drain_task: asyncio.Task[None] | None = None
 
     async def search(self, tenant_id: str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k hits of each row of ``vectors`` in the tenant's index, best first."""
         future: asyncio.Future[list[list[Hit]]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Query(tenant_id, vectors, k, future))
+        queue = self._queues.get(tenant_id)
+        if queue is None:
+            queue = self._queues[tenant_id] = deque()
+            self._ring.append(tenant_id)
+        queue.append(_Query(tenant_id, vectors, k, future))
         if self._drain_task is None or self._drain_task.done():
             self._drain_task = asyncio.create_task(self._drain(), name="search-batcher")
         return await future
 
     async def _drain(self) -> None:
-        while self._pending:
-            if self.max_wait_s > 0 and self._rows(self._pending) < self.max_batch:
-                await asyncio.sleep(self.max_wait_s)
-            batch, rows = [], 0
-            while self._pending:
-                q = self._pending[0]
-                if batch and rows + len(q.vectors) > self.max_batch:
-                    break
-                batch.append(self._pending.pop(0))
-                rows += len(q.vectors)
-            batch = [q for q in batch if not q.future.done()]  # cancelled by their clients
-            if batch:
-                await self._run(batch)
+        while self._ring:
+            tenant_id = self._ring.popleft()
+            queue = self._queues[tenant_id]
+            try:
+                if self.max_wait_s > 0 and queue and self._rows(queue) < self.max_batch:
+                    held = time.perf_counter() - queue[0].enqueued
+                    if held < self.max_wait_s:
+                        await asyncio.sleep(self.max_wait_s - held)
+                turn = self._take_turn(queue)
+                if turn:
+                    await self._run(tenant_id, turn)
+            finally:  # also when cancelled: the tenant's waiting queries stay reachable
+                # back of the ring, behind the tenants that queued while this turn ran
+                if queue:
+                    self._ring.append(tenant_id)
+                else:
+                    del self._queues[tenant_id]
+
+    def _take_turn(self, queue: deque[_Query]) -> list[_Query]:
+        """The tenant's next turn: its waiting queries in order, up to ``max_batch`` rows (at
+        least one query); queries cancelled by their clients are dropped."""
+        turn: list[_Query] = []
+        rows = 0
+        while queue:
+            q = queue[0]
+            if q.future.done():  # cancelled by its client
+                queue.popleft()
+                continue
+            if turn and rows + len(q.vectors) > self.max_batch:
+                break
+            turn.append(queue.popleft())
+            rows += len(q.vectors)
+        return turn
 
     @staticmethod
-    def _rows(queries: list[_Query]) -> int:
+    def _rows(queries: Iterable[_Query]) -> int:
         return sum(len(q.vectors) for q in queries)
 
-    async def _run(self, batch: list[_Query]) -> None:
-        by_tenant: defaultdict[str, list[_Query]] = defaultdict(list)
-        for q in batch:
-            by_tenant[q.tenant_id].append(q)
+    async def _run(self, tenant_id: str, turn: list[_Query]) -> None:
         try:
-            results = await run_in_threadpool(self._search_groups, by_tenant)
+            results = await run_in_threadpool(self._search, tenant_id, turn)
+        except asyncio.CancelledError:  # the drain itself is cancelled (shutdown)
+            for q in turn:
+                q.future.cancel()
+            raise
         except Exception as exc:  # a bug, not bad input (that was rejected before)
             log.exception("a batched index search failed")
-            for q in batch:
+            for q in turn:
                 if not q.future.done():
                     q.future.set_exception(exc)
             return
-        rows = self._rows(batch)
+        rows = self._rows(turn)
         self.queries_searched += rows
         self.largest_batch = max(self.largest_batch, rows)
-        for q, hits in results:
+        for q, hits in zip(turn, results, strict=True):
             if not q.future.done():
                 q.future.set_result(hits)
 
-    def _search_groups(
-        self, by_tenant: dict[str, list[_Query]]
-    ) -> list[tuple[_Query, list[list[Hit]]]]:
+    def _search(self, tenant_id: str, queries: list[_Query]) -> list[list[list[Hit]]]:
+        """One index search for the turn's queries; each query's rows, cut to its ``k``."""
+        vectors = (
+            queries[0].vectors
+            if len(queries) == 1
+            else np.concatenate([q.vectors for q in queries])
+        )
+        k = max(q.k for q in queries)
+        hits = self.indexes.get(tenant_id).search(vectors, k)
+        self.searches_run += 1
         out = []
-        for tenant_id, queries in by_tenant.items():
-            vectors = (
-                queries[0].vectors
-                if len(queries) == 1
-                else np.concatenate([q.vectors for q in queries])
-            )
-            k = max(q.k for q in queries)
-            hits = self.indexes.get(tenant_id).search(vectors, k)
-            self.searches_run += 1
-            offset = 0
-            for q in queries:
-                out.append((q, [h[: q.k] for h in hits[offset : offset + len(q.vectors)]]))
-                offset += len(q.vectors)
+        offset = 0
+        for q in queries:
+            out.append([h[: q.k] for h in hits[offset : offset + len(q.vectors)]])
+            offset += len(q.vectors)
         return out

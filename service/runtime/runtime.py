@@ -121,11 +121,26 @@ class Runtime:
         return checks
 
     async def check_rate(self, tenant_id: str) -> None:
-        """Takes one request from the tenant's rate limit; RateLimitedError (429) when spent."""
+        """Takes a request's first work unit from the tenant's rate limit, right after
+        authentication (every tenant request costs at least one); RateLimitedError (429)
+        when the bucket is empty."""
         if self.rate_limiter is None:
             return
+        await self._limit(self.rate_limiter, tenant_id, 1, 0)
+
+    async def charge(self, tenant_id: str, units: int) -> None:
+        """Takes the rest of a request of ``units`` work units (items, queries, images) once its
+        body is parsed, before any of its work: ``units - 1`` more, the first having been taken
+        by :meth:`check_rate`. Refused (429), the request gives that first unit back and costs
+        nothing; ``units`` over the burst is a 422 ``too_many_items`` (never admissible)."""
+        if self.rate_limiter is None or units <= 1:
+            return
+        await self._limit(self.rate_limiter, tenant_id, units - 1, 1)
+
+    async def _limit(self, limiter: RateLimiter, tenant_id: str, cost: int, prepaid: int
+                     ) -> None:
         try:
-            await self.rate_limiter.check(tenant_id)
+            await limiter.check(tenant_id, cost, prepaid=prepaid)
         except RateLimitedError:
             self.metrics.rate_limited.labels(tenant=self.metrics.tenant_label(tenant_id)).inc()
             raise

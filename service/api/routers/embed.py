@@ -22,6 +22,7 @@ async def embed(body: EmbedRequest, tenant: TenantId, runtime: RuntimeDep) -> Em
     if len(body.images) > limit:
         raise InvalidInputError(f"{len(body.images)} images in one request, the limit is "
                                 f"{limit}", code="too_many_items")
+    await runtime.charge(tenant, len(body.images))  # one rate-limit unit per image
     serving = runtime.serving
     with face_report() as faces:
         vectors = await serving.resolver.images(

@@ -54,6 +54,8 @@ def _out(item: GalleryItem, *, with_embedding: bool = False) -> GalleryItemOut:
              responses=errors(400, 401, 409, 413, 422, 429, 503))
 async def enrol(body: EnrolRequest, tenant: TenantId, runtime: RuntimeDep) -> EnrolResponse:
     """All items or none; an item id that exists (or repeats) is a 409."""
+    runtime.gallery.check_enrol(body.items)
+    await runtime.charge(tenant, len(body.items))  # one rate-limit unit per item
     with face_report() as faces:
         ids = await runtime.gallery.enrol(tenant, body.items)
     return EnrolResponse(item_ids=ids, faces=faces_out(faces))

@@ -77,6 +77,7 @@ async def match_batch(body: MatchBatchRequest, tenant: TenantId, runtime: Runtim
         raise InvalidInputError(f"{len(body.queries)} queries in one request, the limit is "
                                 f"{limit}", code="too_many_items",
                                 detail={"max_batch_items": limit})
+    await runtime.charge(tenant, len(body.queries))  # one rate-limit unit per query
     resolver = serving.resolver
     queries = np.zeros((len(body.queries), resolver.dim), np.float32)
     images: list[tuple[str, str]] = []

@@ -4,7 +4,8 @@
 opens the store, rebuilds the indexes and starts the batcher on start-up, and closes them all on
 shutdown. Nothing is created at import time. The Prometheus registry is created here, per app,
 and kept at ``app.state.registry`` (the runtime at ``app.state.runtime``, the live monitor at
-``app.state.monitor``).
+``app.state.monitor``). Once up, it logs which model it serves from which store (one record,
+``event="startup"``: the store's scheme, host and path, never its credentials).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from service.metrics import RequestMetricsMiddleware, ServiceMetrics
 from service.monitoring import MonitorConfig
 from service.monitoring.monitor import Monitor
 from service.runtime.runtime import Runtime
-from service.settings import Settings
+from service.settings import Settings, store_location
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,10 @@ def create_app(settings: Settings | None = None, *,
                     closers.append(result)
             if settings.admin_token is None:
                 log.warning("no admin token configured: the admin API is disabled")
+            version, store = runtime.serving.manifest.model_version, store_location(
+                settings.store_url)
+            log.info("serving model %s from store %s", version, store, extra={"fields": {
+                "event": "startup", "model_version": version, "store": store}})
             yield
         finally:
             for c in reversed(closers):
@@ -93,7 +98,10 @@ def create_app(settings: Settings | None = None, *,
     # body limit included, which refuses oversize bodies before any route runs
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-ID
+    # outermost: every answer carries X-Request-ID, every request is logged once (the admin
+    # token redacted wherever a client pastes it)
+    app.add_middleware(RequestIdMiddleware, redact=[
+        settings.admin_token.get_secret_value() if settings.admin_token is not None else ""])
     openapi.install(app, settings)
     return app
 

@@ -3,6 +3,10 @@
 ``tcm-serve [--host --port]`` serves. Settings come from ``TCM_*`` environment variables (see
 :mod:`service.settings`). Without ``TCM_ADMIN_TOKEN`` a fresh admin token is generated and
 printed once: it is valid for this process only, so set the variable for anything but a trial.
+It logs to stderr, one JSON object per line (:class:`service.logs.JsonFormatter`), uvicorn's
+own lines included; uvicorn's access log is off (it printed raw paths and queries, secrets a
+client pasted there included): each request is logged once by the app, redacted
+(:mod:`service.api.request_id`).
 
 ``tcm-serve export-dataset --out DIR`` writes the gallery of record (stored images by tenant and
 subject) and the labelled feedback as a dataset ``tcm-train`` reads (``service.ops.export``), from
@@ -31,6 +35,7 @@ from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
 from service.app import create_app
+from service.logs import JsonFormatter
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -93,8 +98,10 @@ def serve(
     v1 API; with a command, runs that instead."""
     if ctx.invoked_subcommand is not None:
         return
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()  # stderr
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
+    logging.captureWarnings(True)
     settings = _settings()
     _check_artefact(settings.artefact_path)
     if settings.admin_token is None:
@@ -103,7 +110,10 @@ def serve(
         console.print("[yellow]TCM_ADMIN_TOKEN is not set; admin token for this process "
                       "(shown once):[/yellow]")
         console.print(token, markup=False, highlight=False)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower())
+    # log_config=None: uvicorn's loggers propagate to the JSON handler above; access_log=False:
+    # the app logs each request itself (redacted), uvicorn would log the raw target again
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(),
+                log_config=None, access_log=False)
 
 
 @app.command("export-dataset")

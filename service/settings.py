@@ -20,6 +20,19 @@ STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://", "redis+sentin
 SENTINEL_SCHEME = "redis+sentinel://"
 
 
+def store_location(url: str) -> str:
+    """The store ``url`` fit for a log line: scheme, host(s), port and path (a SQLite file, a
+    Redis database or Sentinel service), never the user, password or query (a Redis URL may
+    carry a password: ``redis://:pw@host``, ``?password=``, ``?sentinel_password=``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "(unparsable store URL)"
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    netloc, slash, path = rest.partition("/")
+    host = netloc.rpartition("@")[2]
+    return f"{scheme}://{host}{slash}{path}"
+
+
 @dataclass(frozen=True)
 class SentinelURL:
     """``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``: the

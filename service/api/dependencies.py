@@ -9,10 +9,17 @@ token. Both read ``Authorization: Bearer ...`` through FastAPI's ``HTTPBearer`` 
 dependency, so that OpenAPI states the two schemes (``adminToken``, ``tenantKey``) and which
 operation takes which; ``auto_error=False`` because a missing token is answered with the
 service's own error body (401 ``missing_token``), not FastAPI's.
+
+FastAPI reads and parses a request's body before it runs dependencies, so a route that takes a
+body authenticates first, before any byte of it is read (``authenticate_first``, run by
+:class:`service.api.auth_first.AuthFirstRoute`), with these same checks and errors; the
+dependency then finds the request authenticated and neither looks the key up nor takes a rate
+limit token again (:func:`authenticate_tenant` runs once per request).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -53,10 +60,24 @@ def token_of(credentials: Credentials) -> str:
     return token
 
 
-async def tenant_id(runtime: RuntimeDep,
+_AUTHENTICATED_TENANT = "tcm_authenticated_tenant"  # request.state: the tenant of this request
+
+
+async def authenticate_tenant(request: Request, runtime: Runtime, token: str) -> str:
+    """Tenant key -> tenant id, and one request taken from that tenant's rate limit: once per
+    request, whether the route authenticated before its body (``authenticate_first``), in its
+    ``TenantId`` dependency, or both."""
+    tid: str | None = getattr(request.state, _AUTHENTICATED_TENANT, None)
+    if tid is None:
+        tid = await runtime.tenants.authenticate(token)
+        await runtime.check_rate(tid)
+        setattr(request.state, _AUTHENTICATED_TENANT, tid)
+    return tid
+
+
+async def tenant_id(request: Request, runtime: RuntimeDep,
                     credentials: Annotated[Credentials, Security(tenant_bearer)]) -> str:
-    tid = await runtime.tenants.authenticate(token_of(credentials))
-    await runtime.check_rate(tid)
+    tid = await authenticate_tenant(request, runtime, token_of(credentials))
     await runtime.sync.ensure_loaded()
     return tid
 
@@ -66,13 +87,31 @@ def is_admin(runtime: Runtime, token: str) -> bool:
     return admin is not None and same_secret(token, admin.get_secret_value())
 
 
-async def require_admin(runtime: RuntimeDep,
-                        credentials: Annotated[Credentials, Security(admin_bearer)]) -> None:
-    if not is_admin(runtime, token_of(credentials)):
+def check_admin(runtime: Runtime, token: str) -> None:
+    if not is_admin(runtime, token):
         raise AuthenticationError(
             "this endpoint needs the admin token" if runtime.settings.admin_token is not None
             else "the admin API is disabled: no admin token is configured",
             code="invalid_admin_token")
+
+
+async def require_admin(runtime: RuntimeDep,
+                        credentials: Annotated[Credentials, Security(admin_bearer)]) -> None:
+    check_admin(runtime, token_of(credentials))
+
+
+async def authenticate_first(request: Request, schemes: Collection[str]) -> None:
+    """What a route's own dependencies check, before its body is read: ``schemes`` are the
+    bearer schemes it takes (``"admin"``, ``"tenant"``; both: the admin token or a tenant key,
+    as ``/v1/monitor``). The same steps in the same order as ``get_runtime``, the bearer
+    parsing, ``token_of``, ``tenant_id`` and ``require_admin``, so the same errors (503
+    ``not_ready``; 401 ``missing_token``, ``invalid_token``, ``invalid_admin_token``; 429)."""
+    runtime = get_runtime(request)
+    token = token_of(await tenant_bearer(request))  # both schemes parse the same header
+    if "tenant" in schemes and not ("admin" in schemes and is_admin(runtime, token)):
+        await authenticate_tenant(request, runtime, token)
+    else:
+        check_admin(runtime, token)
 
 
 TenantId = Annotated[str, Depends(tenant_id)]

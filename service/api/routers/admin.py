@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import AdminAuth, IdPath, RuntimeDep
 from service.api.schemas import (
     KeyIssue,
@@ -24,7 +25,8 @@ from service.api.schemas import (
 )
 from service.store import ApiKey, Tenant
 
-router = APIRouter(prefix="/v1/tenants", tags=["tenants"], dependencies=[AdminAuth])
+router = APIRouter(prefix="/v1/tenants", tags=["tenants"], dependencies=[AdminAuth],
+                   route_class=AuthFirstRoute)
 
 
 def _tenant(t: Tenant) -> TenantOut:

@@ -6,13 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile
 
+from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import RuntimeDep, TenantId
 from service.api.routers.uploads import read_upload
 from service.api.schemas import EmbedRequest, EmbedResponse, errors, faces_out
 from service.engine.faces import face_report
 from service.errors import InvalidInputError
 
-router = APIRouter(tags=["embed"])
+router = APIRouter(tags=["embed"], route_class=AuthFirstRoute)
 
 
 @router.post("/v1/embed", operation_id="embed",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import RuntimeDep, TenantId
 from service.api.schemas import FeedbackRequest, FeedbackResponse, errors
 
-router = APIRouter(tags=["feedback"])
+router = APIRouter(tags=["feedback"], route_class=AuthFirstRoute)
 
 
 @router.post("/v1/feedback", status_code=201, operation_id="sendFeedback",

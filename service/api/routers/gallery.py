@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 
+from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import IdPath, RuntimeDep, TenantId
 from service.api.routers.uploads import UPLOAD_PLACEHOLDER, build, parse_json_object, read_upload
 from service.api.schemas import (
@@ -31,7 +32,7 @@ from service.engine.faces import face_report
 from service.ids import ID_MAX_LENGTH
 from service.store import GalleryItem
 
-router = APIRouter(tags=["gallery"])
+router = APIRouter(tags=["gallery"], route_class=AuthFirstRoute)
 
 Limit = Annotated[int, Query(ge=1, description="page size, 1..max_list_limit (default 100, "
                              "or max_list_limit when that is smaller)",

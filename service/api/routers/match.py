@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, File, Form, UploadFile
 
+from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import RuntimeDep, TenantId
 from service.api.routers.uploads import read_upload
 from service.api.schemas import (
@@ -26,7 +27,7 @@ from service.engine.index import Hit
 from service.errors import InvalidInputError
 from service.store import MatchRecord
 
-router = APIRouter(tags=["match"])
+router = APIRouter(tags=["match"], route_class=AuthFirstRoute)
 
 
 def _response(record: MatchRecord, hits: list[Hit], faces: list[dict] | None = None

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import RuntimeDep
 from service.api.schemas import ModelInfo, errors
 
-router = APIRouter(tags=["model"])
+router = APIRouter(tags=["model"], route_class=AuthFirstRoute)
 
 
 @router.get("/v1/model", responses=errors(400, 503))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
+from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import AdminAuth, IdPath, RuntimeDep
 from service.api.schemas import (
     Activation,
@@ -24,7 +25,8 @@ from service.errors import NotFoundError, NotReadyError
 from service.runtime.lifecycle import ModelLifecycle
 from service.runtime.runtime import Runtime
 
-router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[AdminAuth])
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[AdminAuth],
+                   route_class=AuthFirstRoute)
 
 
 def _lifecycle(runtime: Runtime) -> ModelLifecycle:

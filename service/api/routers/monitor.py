@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Security
 from starlette.concurrency import run_in_threadpool
 
+from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import (
     AdminAuth,
     Credentials,
@@ -29,7 +30,7 @@ from service.api.schemas import (
 from service.errors import NotFoundError
 from service.monitoring.monitor import Monitor
 
-router = APIRouter(tags=["monitor"])
+router = APIRouter(tags=["monitor"], route_class=AuthFirstRoute)
 
 Threshold = Annotated[float | None, Query(
     ge=-1.0, le=1.0, allow_inf_nan=False,

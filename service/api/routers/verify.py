@@ -10,13 +10,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile
 
+from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import RuntimeDep, TenantId
 from service.api.routers.uploads import read_upload
 from service.api.schemas import VerifyRequest, VerifyResponse, errors, faces_out
 from service.domain.serving import Serving
 from service.engine.faces import face_report
 
-router = APIRouter(tags=["verify"])
+router = APIRouter(tags=["verify"], route_class=AuthFirstRoute)
 
 
 def _response(serving: Serving, score: float, accepted: bool, faces: list[dict]

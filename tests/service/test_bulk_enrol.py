@@ -4,12 +4,10 @@ named in the 422, and each request all or nothing, also when the store fails in 
 from __future__ import annotations
 
 import base64
-import random
 import shutil
-import threading
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.errors import StoreUnavailableError
-from service.store import NewItem, Tenant
-from service.store.redis_store import RedisStore
+from service.errors import ConflictError, StoreUnavailableError
+from service.store import ApiKey, NewItem, Tenant
+from service.store.redis_store import ADD_ITEMS_LUA, RedisStore
+from tests.faultproxy import Cut, FaultProxy
 from tests.service.conftest import ADMIN_TOKEN, DIM, STORES, make_settings
 from tests.service.test_redis_down import RedisProcess, free_port
 
@@ -134,56 +133,156 @@ def test_bulk_limits_and_bad_items_are_named(client: TestClient) -> None:
 
 
 # --- a fault in the middle of a request, on a real Redis ----------------------------------------
-@pytest.mark.redis
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_redis_connection_killed_mid_enrolment_is_all_or_nothing(tmp_path: Path) -> None:
-    """The store's connections are killed (CLIENT KILL) while a 4,000-item enrolment is on the
-    wire: each request is then wholly there or wholly absent, never a part of it."""
-    server = RedisProcess(free_port(), tmp_path)
+# The store talks to its own redis-server through tests/faultproxy.py, which cuts the connection
+# at a chosen byte of a 2,000-item add_items. On the wire add_items is: the connection handshake,
+# WATCH <tenant>, SCRIPT EXISTS <sha>, then MULTI, EVALSHA <sha> <keys> <args> (the vectors),
+# EXEC sent in one write. Offsets come from a clean run's bytes, which are the same for every
+# run of the same batch under a prefix of the same length (the script is loaded beforehand, so
+# no run sends SCRIPT LOAD).
+WIRE_ITEMS, WIRE_DIM = 2000, 256
+MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+
+
+@dataclass(frozen=True)
+class Wire:
+    """The redis-server, the batch, and where the parts of its add_items start on the wire."""
+
+    server: RedisProcess
+    batch: list[NewItem]
+    watch_at: int
+    script_exists_at: int
+    multi_at: int
+    evalsha_at: int
+    exec_at: int
+    end: int
+
+    def into_evalsha(self, fraction: float) -> int:
+        """An offset ``fraction`` of the way through EVALSHA (its vectors, mostly)."""
+        return self.evalsha_at + int((self.exec_at - self.evalsha_at) * fraction)
+
+
+def wire_prefix() -> str:
+    return f"bulk:{uuid.uuid4().hex}:"  # always the same length: the same bytes on the wire
+
+
+@pytest.fixture(scope="module")
+def wire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wire]:
+    if shutil.which("redis-server") is None:  # the convention of conftest's redis_server_binary
+        pytest.fail("redis-server is not installed (apt-get install redis-server): the Redis "
+                    "process tests start their own servers", pytrace=False)
+    server = RedisProcess(free_port(), tmp_path_factory.mktemp("redis"))
     server.start()
-    admin = redis.Redis(port=server.port)
-    store = RedisStore(server.url, prefix=f"bulk:{uuid.uuid4().hex}:", timeout_s=5.0)
     try:
-        from service.store import ApiKey
-
-        store.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
-        vecs = units(4000, seed=3, dim=512)
-        rng = random.Random(0)
-        outcomes: list[tuple[str, int]] = []
-        # kills spread over one request's own duration (the 8 MB upload comes first)
-        t0 = time.perf_counter()
-        store.add_items("t", [NewItem(item_id=f"warm-{i}", subject="w", embedding=v)
-                              for i, v in enumerate(vecs)], model_version="v", created_at=1.0)
-        duration = time.perf_counter() - t0
-        for attempt in range(16):
-            batch = [
-                NewItem(item_id=f"a{attempt}-{i}", subject=f"s{i % 50}", embedding=v)
-                for i, v in enumerate(vecs)
-            ]
-            result: dict[str, object] = {}
-
-            def enrol(batch: list[NewItem] = batch, result: dict[str, object] = result) -> None:
-                try:
-                    result["seqs"] = store.add_items("t", batch, model_version="v", created_at=1.0)
-                except StoreUnavailableError as exc:
-                    result["error"] = exc
-
-            t = threading.Thread(target=enrol)
-            t.start()
-            time.sleep(rng.uniform(0.0, duration))
-            admin.client_kill_filter(_type="normal", skipme=True)
-            t.join(30)
-            present = sum(
-                1 for it in batch if store.get_item("t", it.item_id, model_version="v") is not None
-            )
-            outcomes.append(("error" if "error" in result else "ok", present))
-            assert present in (0, len(batch)), (attempt, result, present)
-            if "seqs" in result:
-                assert present == len(batch)
-        interrupted = [o for o in outcomes if o == ("error", 0)]
-        assert interrupted, f"no kill landed mid-request: {outcomes}"
-        assert store.count_items("t") == len(vecs) + sum(p for _, p in outcomes)
+        with redis.Redis(port=server.port) as admin:
+            admin.script_load(ADD_ITEMS_LUA)
+        batch = [NewItem(item_id=f"w{i:05d}", subject=f"s{i % 50}", embedding=v)
+                 for i, v in enumerate(units(WIRE_ITEMS, seed=3, dim=WIRE_DIM))]
+        prefix = wire_prefix()
+        with FaultProxy(("127.0.0.1", server.port), record=True) as proxy:
+            direct = RedisStore(server.url, prefix=prefix)
+            store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, timeout_s=5.0)
+            try:
+                direct.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
+                store.add_items("t", batch, model_version="v", created_at=1.0)
+            finally:
+                store.close()
+                direct.close()
+            proxy.wait_closed()
+            (conn,) = proxy.connections
+        sent = bytes(conn.upstream_data or b"")
+        assert sent.count(MULTI) == 1 and sent.endswith(EXEC), sent[:600]
+        multi = sent.index(MULTI)
+        yield Wire(server, batch, watch_at=sent.index(b"*2\r\n$5\r\nWATCH\r\n"),
+                   script_exists_at=sent.index(b"*3\r\n$6\r\nSCRIPT\r\n$6\r\nEXISTS\r\n"),
+                   multi_at=multi, evalsha_at=multi + len(MULTI), exec_at=len(sent) - len(EXEC),
+                   end=len(sent))
     finally:
-        store.close()
-        admin.close()
         server.kill()
+
+
+# name -> the cut, from the calibrated offsets; the last one is the only one after which the
+# batch is stored
+WIRE_CUTS: dict[str, Callable[[Wire], Cut]] = {
+    "inside WATCH": lambda w: Cut(upstream=w.watch_at + 10),
+    "WATCH's reply lost": lambda w: Cut(lose_reply_after=w.script_exists_at),
+    "inside SCRIPT EXISTS": lambda w: Cut(upstream=w.script_exists_at + 10),
+    "before MULTI": lambda w: Cut(upstream=w.multi_at),
+    "inside MULTI": lambda w: Cut(upstream=w.multi_at + 7),
+    "inside EVALSHA's sha": lambda w: Cut(upstream=w.evalsha_at + 30),
+    "a quarter into EVALSHA": lambda w: Cut(upstream=w.into_evalsha(1 / 4)),
+    "half into EVALSHA": lambda w: Cut(upstream=w.into_evalsha(1 / 2)),
+    "3/4 into EVALSHA": lambda w: Cut(upstream=w.into_evalsha(3 / 4)),
+    "EVALSHA's last byte": lambda w: Cut(upstream=w.exec_at - 1),
+    "before EXEC": lambda w: Cut(upstream=w.exec_at),
+    "EXEC's last byte": lambda w: Cut(upstream=w.end - 1),
+    "EXEC's reply lost": lambda w: Cut(lose_reply_after=w.end),
+}
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("where", list(WIRE_CUTS))
+def test_connection_cut_at_a_byte_of_a_bulk_enrolment_is_all_or_nothing(
+        wire: Wire, where: str) -> None:
+    """The connection is cut at one byte of the request (every connection, retries included),
+    or after Redis has the whole request but before its reply comes back: add_items raises
+    StoreUnavailableError, and the batch is stored wholly (lost reply: the script ran exactly
+    once) or not at all (cut inside the request). Retrying the batch once the connection is
+    good again ends with exactly one copy of it stored."""
+    cut, batch, n = WIRE_CUTS[where](wire), wire.batch, len(wire.batch)
+    lost_reply = where == "EXEC's reply lost"
+    prefix = wire_prefix()
+    direct = RedisStore(wire.server.url, prefix=prefix)
+    admin = redis.Redis(port=wire.server.port)
+    direct.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
+    admin.config_resetstat()
+    item_keys = [direct._tenant("t", "item", it.item_id) for it in batch]
+
+    def stored() -> int:
+        """How much of the batch is in Redis (read directly, not through the proxy), after
+        checking it is all or nothing in every structure add_items writes."""
+        count = direct.count_items("t")
+        assert count in (0, n), (where, count)
+        assert admin.exists(*item_keys) == count, where
+        assert admin.zcard(direct._tenant("t", "subjects")) == (50 if count else 0), where
+        first, last = (direct.get_item("t", it.item_id, model_version="v")
+                       for it in (batch[0], batch[-1]))
+        assert (first is None) == (last is None) == (count == 0), where
+        return count
+
+    with FaultProxy(("127.0.0.1", wire.server.port)) as proxy:
+        store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, timeout_s=5.0)
+        try:
+            proxy.arm(cut)
+            with pytest.raises(StoreUnavailableError):
+                store.add_items("t", batch, model_version="v", created_at=1.0)
+            proxy.wait_closed()
+            conns = proxy.connections
+            assert conns and all(c.was_cut for c in conns), (where, conns)
+            if cut.upstream is not None:  # exactly that much of the request reached Redis
+                assert all(c.upstream == cut.upstream for c in conns), (where, conns)
+            evalsha = admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+            if lost_reply:  # committed once, never resent
+                assert stored() == n
+                assert evalsha == 1
+                assert admin.xlen(prefix + "changes") == 1
+                assert admin.get(prefix + "seq") == str(n).encode()
+            else:
+                assert stored() == 0
+                assert evalsha == 0
+                assert admin.exists(prefix + "changes", prefix + "seq") == 0
+
+            # the same store, the connection good again: the client's retry
+            proxy.arm(None)
+            if lost_reply:
+                with pytest.raises(ConflictError) as exc:
+                    store.add_items("t", batch, model_version="v", created_at=1.0)
+                assert exc.value.code == "duplicate_item_id"
+            else:
+                seqs = store.add_items("t", batch, model_version="v", created_at=1.0)
+                assert seqs == list(range(1, n + 1))
+            assert stored() == n
+        finally:
+            store.close()
+            direct.close()
+            admin.close()

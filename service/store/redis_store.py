@@ -25,7 +25,8 @@ separator and no key is a prefix-collision of another)::
                                        is in them (a one-time backfill of older stores)
     P changes                   stream op (add | remove | drop_tenant), tenant, items / seqs (JSON)
     P monitor:snapshot          string the monitor's latest snapshot (JSON), shared by replicas
-    P models                    hash   rev, body: the model registry (JSON), compare-and-set on rev
+    P models                    hash   rev, body: the model registry (JSON), compare-and-set on rev;
+                                       writer: the last write's token (a resend knows its own)
     P ratelimit:T               hash   tokens, ts: the tenant's rate-limit bucket (with a TTL;
                                        written only by ``service.store.ratelimit``'s Lua script)
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -998,13 +1000,24 @@ class RedisStore:
         return (None, 0) if body is None else (json.loads(body), int(rev or 0))
 
     def put_model_registry(self, registry: Mapping[str, Any], *, expected_rev: int) -> bool:
+        """Compare-and-set, safe to resend: redis-py resends a command whose reply was lost
+        (on a new connection), and the resend must not read its own applied write as a lost
+        race (the caller would apply its change a second time). Each call writes a token of
+        its own beside the body; a revision one past the expected one carrying this call's
+        token is this call's write, reported as done (a body alone would not do: two racing
+        writers may compute the same one)."""
         body = json.dumps(registry, allow_nan=False, separators=(",", ":"))
+        token = uuid.uuid4().hex
         with self._translate("put model registry"):
             done = self.r.eval(
                 "local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0') "
-                "if rev ~= tonumber(ARGV[1]) then return 0 end "
-                "redis.call('HSET', KEYS[1], 'rev', rev + 1, 'body', ARGV[2]) return 1",
-                1, self._k("models"), expected_rev, body)
+                "local want = tonumber(ARGV[1]) "
+                "if rev == want + 1 and redis.call('HGET', KEYS[1], 'writer') == ARGV[3] then "
+                "return 1 end "
+                "if rev ~= want then return 0 end "
+                "redis.call('HSET', KEYS[1], 'rev', rev + 1, 'body', ARGV[2], 'writer', ARGV[3]) "
+                "return 1",
+                1, self._k("models"), expected_rev, body, token)
         return bool(done)
 
     def delete_embeddings(self, model_version: str) -> int:

@@ -168,6 +168,9 @@ class Settings(BaseSettings):
         60.0, gt=0, description="how often the monitor recomputes (or adopts) its snapshot")
     monitor_window_s: float = Field(
         24 * 3600.0, gt=0, description="sliding window of feedback the snapshot covers")
+    idempotency_ttl_s: float = Field(
+        86400.0, gt=0, description="how long an enrolment's Idempotency-Key is remembered: a "
+        "resend within it gets the first answer")
     match_retention_days: float = Field(
         90.0, gt=0, description="match records (with their feedback) older than this are "
         "deleted, checked every few minutes; at least the monitor's window")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
@@ -142,6 +143,16 @@ class RetryPolicy:
             assert response is not None
             retry = self.retries_status(response.status_code, safe=safe)
         return self.delay(attempt, response) if retry else None
+
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def _idempotency_key() -> str:
+    """A fresh key for one write: the service records it with the write, so a resend of that
+    request (its answer lost) gets the first answer instead of writing again."""
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -337,9 +348,10 @@ class _Routes:
         self, items: Sequence[Mapping[str, Any]], *, idempotent: bool = False
     ) -> Call[list[str]]:
         """Items: ``{"subject", "embedding" (array) | "image" (base64), "item_id"?,
-        "metadata"?}``; all or none. ``idempotent=True``: retry it like a request safe to
-        repeat (every item names its ``item_id``, and the caller takes a 409
-        ``duplicate_item_id`` naming exactly them as "stored by an earlier attempt")."""
+        "metadata"?}``; all or none. Sent with a fresh ``Idempotency-Key`` (the same on every
+        retry of this call), so it is retried like a request safe to repeat: a resend whose
+        first answer was lost gets that answer, and nothing is stored twice.
+        ``idempotent`` is kept for callers that set it; every enrolment is safe now."""
         body = [
             {**it, "embedding": _vector(it["embedding"])}
             if it.get("embedding") is not None
@@ -351,7 +363,8 @@ class _Routes:
             "/v1/gallery",
             lambda r: r.json()["item_ids"],
             json={"items": body},
-            idempotent=idempotent,
+            headers={IDEMPOTENCY_HEADER: _idempotency_key()},
+            idempotent=True,
         )
 
     @route
@@ -361,28 +374,31 @@ class _Routes:
         """Bulk enrolment of items exactly as the API takes them (``embedding_b64``: base64
         of little-endian float32, or ``embedding`` as a JSON list; ``subject``, ``item_id``?,
         ``metadata``?), sent untouched: no conversion, so the service judges (and names) each
-        item as given; for loaders that encode their own rows. All or none;
-        ``idempotent`` as for :meth:`enrol`."""
+        item as given; for loaders that encode their own rows. All or none; sent with an
+        ``Idempotency-Key`` as :meth:`enrol` is."""
         body = json.dumps({"items": list(items)}, separators=(",", ":")).encode()
         return Call(
             "POST",
             "/v1/gallery",
             lambda r: r.json()["item_ids"],
             content=body,
-            headers={"Content-Type": "application/json"},
-            idempotent=idempotent,
+            headers={"Content-Type": "application/json", IDEMPOTENCY_HEADER: _idempotency_key()},
+            idempotent=True,
         )
 
     @route
     def enrol_upload(
         self, file: bytes, *, subject: str, item_id: str | None = None, metadata: str | None = None
     ) -> Call[list[str]]:
+        """One uploaded image; sent with an ``Idempotency-Key`` as :meth:`enrol` is."""
         return Call(
             "POST",
             "/v1/gallery/upload",
             lambda r: r.json()["item_ids"],
             files={"file": ("image", file)},
             data=_drop_none({"subject": subject, "item_id": item_id, "metadata": metadata}),
+            headers={IDEMPOTENCY_HEADER: _idempotency_key()},
+            idempotent=True,
         )
 
     @route

@@ -91,6 +91,9 @@ def _at_most(n: int) -> str:
     return "^(" + "|".join(alts) + ")$"
 
 
+# Idempotency-Key: what a client may send to make a resend safe (a UUID fits; so does a request
+# id); it reaches a Redis key only through key_part
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:+/=-]{1,128}$"
 # list cursors are the seq of the last item returned: ASCII digits, at most 2**63 - 1
 CURSOR_PATTERN = _at_most(2**63 - 1)
 # subject cursors: the last subject's UTF-8 bytes in hex (every such string is a valid cursor)

@@ -9,11 +9,13 @@ indexes in step with the store).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -21,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.engine.images import decode_base64
 from service.errors import ConflictError, InvalidInputError, NotFoundError
-from service.store import GalleryItem, NewItem, Store
+from service.store import GalleryItem, Idempotent, IdempotentReplay, NewItem, Store
 
 if TYPE_CHECKING:
     from service.domain.index_sync import IndexSync
@@ -51,27 +53,57 @@ class NewItemContent(ItemContent, Protocol):
     def item_id(self) -> str | None: ...
 
 
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A client's ``Idempotency-Key`` for one request, and the fingerprint of that request (a
+    resend must carry the same one; another request with the key is refused)."""
+
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    item_ids: list[str]
+    replayed: bool = False  # the answer recorded by an earlier send of the same request
+
+
 class Gallery:
     def __init__(self, *, store: Store, slot: ServingSlot, sync: IndexSync,
                  max_batch_items: int, max_list_limit: int,
-                 max_enrol_items: int | None = None) -> None:
+                 max_enrol_items: int | None = None, idempotency_ttl_s: float = 86400.0) -> None:
         self.store = store
         self.slot = slot
         self.sync = sync
         self.max_batch_items = max_batch_items
         self.max_enrol_items = max(max_enrol_items or max_batch_items, max_batch_items)
         self.max_list_limit = max_list_limit
+        self.idempotency_ttl_s = idempotency_ttl_s
 
     async def enrol(self, tenant_id: str, items: Sequence[NewItemContent],
-                    images: dict[int, bytes] | None = None) -> list[str]:
+                    images: dict[int, bytes] | None = None, *,
+                    idempotency: IdempotencyKey | None = None) -> Enrolled:
         """All items or none. ``images`` optionally gives raw bytes (uploads) by position,
-        in place of the base64 ``image`` field."""
+        in place of the base64 ``image`` field. With ``idempotency``, the key is recorded in
+        the same atomic write as the items: a resend of the request (its answer lost, a 503
+        whose write had committed) gets the first answer and writes nothing, whether it comes
+        after the first send or races it; the same key with another request is a 422."""
         images = images or {}
+        if idempotency is not None:
+            prior = await run_in_threadpool(lambda: self.store.get_idempotent(
+                tenant_id, idempotency.key, now=time.time()))
+            if prior is not None:
+                return _replay(prior, idempotency)
         self.check_enrol(items)
         async with self.slot.gate.shared():
-            ids = await self._enrol(self.slot.current, tenant_id, items, images)
+            try:
+                ids = await self._enrol(self.slot.current, tenant_id, items, images,
+                                        idempotency)
+            except IdempotentReplay as replay:
+                assert idempotency is not None
+                return _replay(replay.record, idempotency)
         self.sync.publish_sizes()
-        return ids
+        return Enrolled(ids)
 
     def check_enrol(self, items: Sequence[NewItemContent]) -> None:
         """The checks an enrolment passes before any work (its size, repeated ids): 422
@@ -95,7 +127,8 @@ class Gallery:
                                 detail={"item_ids": dupes})
 
     async def _enrol(self, serving: Serving, tenant_id: str, items: Sequence[NewItemContent],
-                     images: dict[int, bytes]) -> list[str]:
+                     images: dict[int, bytes], idempotency: IdempotencyKey | None
+                     ) -> list[str]:
         vectors: list[np.ndarray | None] = [None] * len(items)
         to_embed: list[tuple[str, bytes | str]] = []
         positions: list[int] = []
@@ -132,10 +165,14 @@ class Gallery:
             if vec is not None
         ]
         assert len(new_items) == len(items)
+        now = time.time()
+        record = None if idempotency is None else Idempotent(
+            idempotency.key, idempotency.fingerprint,
+            json.dumps([n.item_id for n in new_items]), now + self.idempotency_ttl_s)
         async with self.sync.write_lock(tenant_id):
             seqs = await run_in_threadpool(lambda: self.store.add_items(
                 tenant_id, new_items, model_version=serving.model_version,
-                created_at=time.time()))
+                created_at=now, idempotency=record))
             await self.sync.added(
                 serving, tenant_id, seqs, [n.item_id for n in new_items],
                 [n.subject for n in new_items], np.stack([n.embedding for n in new_items]),
@@ -240,6 +277,15 @@ def parse_cursor(cursor: str) -> int:
         raise InvalidInputError("cursor is not one this API returned (use next_cursor from "
                                 "the previous page)", code="invalid_cursor")
     return int(cursor)
+
+
+def _replay(prior: Idempotent, idempotency: IdempotencyKey) -> Enrolled:
+    if prior.fingerprint != idempotency.fingerprint:
+        raise InvalidInputError(
+            "this Idempotency-Key was used for another request: send a new key with each new "
+            "request, and the same key only when resending that request",
+            code="idempotency_key_reused", detail={"idempotency_key": idempotency.key})
+    return Enrolled(json.loads(prior.result), replayed=True)
 
 
 def _raw_bytes(images: list[tuple[str, bytes | str]]) -> list[bytes]:

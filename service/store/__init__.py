@@ -14,6 +14,8 @@ from service.store.base import (
     Feedback,
     GalleryItem,
     GalleryVectors,
+    Idempotent,
+    IdempotentReplay,
     MatchRecord,
     NewItem,
     Outcome,
@@ -35,5 +37,5 @@ def open_store(settings: Settings) -> Store:
 
 
 __all__ = ["ApiKey", "Change", "Decision", "Feedback", "GalleryItem", "GalleryVectors",
-           "MatchRecord", "NewItem", "Outcome", "Store", "StoreInUseError", "Tenant",
-           "open_store"]
+           "Idempotent", "IdempotentReplay", "MatchRecord", "NewItem", "Outcome", "Store",
+           "StoreInUseError", "Tenant", "open_store"]

@@ -150,6 +150,28 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Idempotent:
+    """An ``Idempotency-Key`` recorded with the write it came with, in the same transaction: the
+    request's fingerprint and the write's answer (JSON), kept until ``expires_at``. A resend of
+    the request finds it and gets the first answer, whether or not that answer reached the
+    client; another request with the same key is told so."""
+
+    key: str
+    fingerprint: str
+    result: str
+    expires_at: float
+
+
+class IdempotentReplay(Exception):
+    """The write's key was already recorded (a concurrent send of the same request won):
+    nothing was written; ``record`` is what the earlier send recorded."""
+
+    def __init__(self, record: Idempotent) -> None:
+        super().__init__(f"idempotency key {record.key!r} already recorded")
+        self.record = record
+
+
+@dataclass(frozen=True)
 class Change:
     """One entry of the change feed replicas tail to keep their indexes in sync."""
 
@@ -207,9 +229,14 @@ class Store(Protocol):
 
     # --- gallery ---------------------------------------------------------------------------
     def add_items(self, tenant_id: str, items: Sequence[NewItem], *, model_version: str,
-                  created_at: float) -> list[int]:
+                  created_at: float, idempotency: Idempotent | None = None) -> list[int]:
         """Adds all items or none; returns their seqs in order. Raises ConflictError (detail
-        ``{"item_ids": [...]}``) if any item id already exists for this tenant."""
+        ``{"item_ids": [...]}``) if any item id already exists for this tenant.
+        ``idempotency`` is recorded in the same atomic step; if its key is already recorded
+        (and not expired) nothing is written and IdempotentReplay carries the record."""
+
+    def get_idempotent(self, tenant_id: str, key: str, *, now: float) -> Idempotent | None:
+        """The tenant's record of ``key`` unless it expired before ``now``."""
 
     def get_item(self, tenant_id: str, item_id: str, *, model_version: str,
                  with_image: bool = False) -> GalleryItem | None: ...

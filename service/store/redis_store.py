@@ -19,6 +19,8 @@ separator and no key is a prefix-collision of another)::
     P tenant:T:matches          zset   match_id -> created_at
     P tenant:T:match:M          hash   decision fields of the match record
     P tenant:T:feedback:M       hash   feedback fields
+    P tenant:T:idem:K           hash   fingerprint, result: an Idempotency-Key recorded with its
+                                       enrolment, in the same script (expires: 24 h by default)
     P tenant:T:labelled         zset   match_id -> created_at of the matches that have feedback
                                        (what the monitor reads: its window of labelled ones)
     P labelled:v1               string set once every feedback older than the labelled zsets
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -68,6 +71,8 @@ from service.store.base import (
     Feedback,
     GalleryItem,
     GalleryVectors,
+    Idempotent,
+    IdempotentReplay,
     MatchRecord,
     NewItem,
     Tenant,
@@ -124,13 +129,20 @@ _PAGE_ROWS = 1024  # items per page script (faster than 8,192 at 128-d and 512-d
 # zset, 5 change stream, then the n item hashes, then one zset per distinct subject. ARGV: n,
 # embedding field, created_at, stream maxlen, tenant id, item ids (JSON, for the change entry),
 # m, the m distinct subjects, then 5 per item: item_id, subject slot (0-based), metadata JSON,
-# vector bytes, image bytes ("" if none). Returns {-1} (tenant gone), {0, ids...} (ids taken) or
-# {1, last seq}. Nothing is written unless every check passes. ZADDs go in slices: Lua's unpack
-# takes a bounded number of values.
+# vector bytes, image bytes ("" if none), then, with an idempotency key (its hash is the last
+# KEY), its fingerprint, the result and the seconds to keep it. Returns {-1} (tenant gone),
+# {0, ids...} (ids taken), {2, fingerprint, result} (the key is recorded already: nothing
+# written) or {1, last seq}. Nothing is written unless every check passes. ZADDs go in slices:
+# Lua's unpack takes a bounded number of values.
 ADD_ITEMS_LUA = """
 local n, m = tonumber(ARGV[1]), tonumber(ARGV[7])
 local base = 7 + m  -- item i's arguments are ARGV[base + 5i - 4 .. base + 5i]
+local idem = KEYS[6 + n + m]  -- nil without an idempotency key
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+if idem then
+  local prior = redis.call('HMGET', idem, 'fingerprint', 'result')
+  if prior[1] then return {2, prior[1], prior[2]} end
+end
 local taken = {0}
 for i = 1, n do
   if redis.call('EXISTS', KEYS[5 + i]) == 1 then taken[#taken + 1] = ARGV[base + 5 * i - 4] end
@@ -177,6 +189,11 @@ end
 zadd(KEYS[4], subjects)
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'op', 'add', 'tenant', ARGV[5],
            'items', ARGV[6], 'first', first + 1, 'last', last)
+if idem then
+  local a = base + 5 * n
+  redis.call('HSET', idem, 'fingerprint', ARGV[a + 1], 'result', ARGV[a + 2])
+  redis.call('EXPIRE', idem, ARGV[a + 3])
+end
 return {1, last}
 """
 UNAVAILABLE: tuple[type[Exception], ...] = (
@@ -450,7 +467,7 @@ class RedisStore:
 
     # --- gallery ---------------------------------------------------------------------------
     def add_items(self, tenant_id: str, items: Sequence[NewItem], *, model_version: str,
-                  created_at: float) -> list[int]:
+                  created_at: float, idempotency: Idempotent | None = None) -> list[int]:
         """One Lua script (:data:`ADD_ITEMS_LUA`) per request: Redis runs it atomically, so the
         tenant check, the duplicate check and every write happen with nothing in between, and
         the whole batch is one command and one reply instead of one command per item under a
@@ -472,6 +489,10 @@ class RedisStore:
                 self._tenant(tenant_id, "subjects"), self._k("changes"),
                 *(item_key + key_part(it.item_id) for it in items),
                 *(subject_key + key_part(sub) for sub in slots)]
+        if idempotency is not None:
+            keys.append(self._tenant(tenant_id, "idem", idempotency.key))
+            args += [idempotency.fingerprint, idempotency.result,
+                     max(1, math.ceil(idempotency.expires_at - created_at))]
         # under WATCH (of the tenant record, which the script checks anyway) so that a lost
         # reply is a 503, never a silent resend that would run the script twice
         with self._watched("add items", [keys[0]]) as pipe:
@@ -479,6 +500,10 @@ class RedisStore:
             self._add_items_script(keys=keys, args=args, client=pipe)
             (out,) = pipe.execute()
         status = int(out[0])
+        if status == 2:
+            assert idempotency is not None
+            raise IdempotentReplay(Idempotent(idempotency.key, _s(out[1]) or "",
+                                              _s(out[2]) or "", idempotency.expires_at))
         if status == -1:
             raise ConflictError("the tenant was deleted while this request ran",
                                 code="tenant_deleted", detail={"tenant_id": tenant_id})
@@ -488,6 +513,17 @@ class RedisStore:
                                 code="duplicate_item_id")
         last = int(out[1])
         return list(range(last - len(items) + 1, last + 1))
+
+    def get_idempotent(self, tenant_id: str, key: str, *, now: float) -> Idempotent | None:
+        k = self._tenant(tenant_id, "idem", key)
+        with self._translate("get idempotency key"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hmget(k, ["fingerprint", "result"])
+            pipe.ttl(k)
+            (fingerprint, result), ttl = pipe.execute()
+        if fingerprint is None:
+            return None
+        return Idempotent(key, _s(fingerprint) or "", _s(result) or "", now + max(int(ttl), 0))
 
     def put_item(self, tenant_id: str, item: NewItem, *, model_version: str,
                  created_at: float) -> tuple[int, int | None]:

@@ -44,6 +44,8 @@ from service.store.base import (
     Feedback,
     GalleryItem,
     GalleryVectors,
+    Idempotent,
+    IdempotentReplay,
     MatchRecord,
     NewItem,
     StoreInUseError,
@@ -96,6 +98,10 @@ CREATE TABLE IF NOT EXISTS feedback (
     match_id TEXT PRIMARY KEY REFERENCES matches(match_id) ON DELETE CASCADE,
     tenant_id TEXT NOT NULL, true_subject TEXT, correct INTEGER, genuine INTEGER,
     outcome TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id) ON DELETE CASCADE,
+    key TEXT NOT NULL, fingerprint TEXT NOT NULL, result TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (tenant_id, key)) WITHOUT ROWID;
 -- the monitor reads a tenant's labelled decisions: from the feedback side, not every match
 CREATE INDEX IF NOT EXISTS feedback_by_tenant ON feedback(tenant_id);
 CREATE TABLE IF NOT EXISTS monitor_snapshot (
@@ -435,7 +441,7 @@ class SQLiteStore:
 
     # --- gallery ---------------------------------------------------------------------------
     def add_items(self, tenant_id: str, items: Sequence[NewItem], *, model_version: str,
-                  created_at: float) -> list[int]:
+                  created_at: float, idempotency: Idempotent | None = None) -> list[int]:
         ids = [it.item_id for it in items]
         def body(conn: sqlite3.Connection) -> list[int]:
             # in the write transaction: a tenant delete is wholly before or after this write
@@ -443,6 +449,13 @@ class SQLiteStore:
                             ).fetchone() is None:
                 raise ConflictError("the tenant was deleted while this request ran",
                                     code="tenant_deleted", detail={"tenant_id": tenant_id})
+            if idempotency is not None:
+                prior = self._idempotent(conn, tenant_id, idempotency.key, now=created_at)
+                if prior is not None:
+                    raise IdempotentReplay(prior)
+                conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                             (tenant_id, idempotency.key, idempotency.fingerprint,
+                              idempotency.result, idempotency.expires_at))
             existing: list[str] = []
             for chunk in _chunks(ids, 500):
                 marks = ",".join("?" * len(chunk))
@@ -469,6 +482,18 @@ class SQLiteStore:
             return seqs
 
         return self._write("add items", body)
+
+    @staticmethod
+    def _idempotent(conn: sqlite3.Connection, tenant_id: str, key: str, *, now: float
+                    ) -> Idempotent | None:
+        row = conn.execute("SELECT fingerprint, result, expires_at FROM idempotency WHERE "
+                           "tenant_id=? AND key=? AND expires_at>=?",
+                           (tenant_id, key, now)).fetchone()
+        return None if row is None else Idempotent(key, row[0], row[1], float(row[2]))
+
+    def get_idempotent(self, tenant_id: str, key: str, *, now: float) -> Idempotent | None:
+        with self._read("get idempotency key") as conn:
+            return self._idempotent(conn, tenant_id, key, now=now)
 
     def get_item(self, tenant_id: str, item_id: str, *, model_version: str,
                  with_image: bool = False) -> GalleryItem | None:

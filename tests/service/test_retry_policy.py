@@ -172,6 +172,9 @@ def test_which_routes_are_safe_to_repeat() -> None:
         "stage_model": ("/a",),
         "feedback": ("m",),
         "revoke_key": ("t", "k"),
+        # every enrolment carries an Idempotency-Key: a resend gets the first answer
+        "enrol": ([{"subject": "s"}],),
+        "enrol_raw": ([{"subject": "s"}],),
     }
     kwargs: dict[str, dict[str, Any]] = {"match": {"embedding": [1.0]}}
     for name, args in safe.items():
@@ -179,16 +182,15 @@ def test_which_routes_are_safe_to_repeat() -> None:
     creates = {
         "create_tenant": ("n",),
         "issue_key": ("t",),
-        "enrol": ([{"subject": "s"}],),
-        "enrol_raw": ([{"subject": "s"}],),
-        "enrol_upload": (b"x",),
         "activate_model": ("v",),
         "rollback_model": (),
     }
     for name, args in creates.items():
-        kw = {"subject": "s"} if name == "enrol_upload" else {}
-        assert not getattr(Client, name).build(c, *args, **kw).safe, name
-    assert Client.enrol.build(c, [{"subject": "s"}], idempotent=True).safe
+        assert not getattr(Client, name).build(c, *args).safe, name
+    assert Client.enrol_upload.build(c, b"x", subject="s").safe
+    one = Client.enrol.build(c, [{"subject": "s"}])
+    assert one.headers["Idempotency-Key"] != Client.enrol.build(c, [{"subject": "s"}]).headers[
+        "Idempotency-Key"]  # a fresh key per call
     assert Client.put_item.build(c, "i", subject="s", embedding=[1.0]).safe
     c.close()
 
@@ -219,7 +221,6 @@ def test_a_post_that_creates_is_not_retried_after_503(srv: Scripted) -> None:
     with client(srv, waits) as tcm:
         for send in (
             lambda: tcm.create_tenant("n"),
-            lambda: tcm.enrol([{"subject": "s", "embedding": [1.0], "item_id": "i"}]),
             lambda: tcm.rollback_model(),
             lambda: tcm.activate_model("v2"),
         ):
@@ -231,12 +232,12 @@ def test_a_post_that_creates_is_not_retried_after_503(srv: Scripted) -> None:
     assert waits == [] and tcm.retried == 0
 
 
-def test_a_post_is_retried_when_the_caller_says_it_is_safe(srv: Scripted) -> None:
+def test_an_enrolment_is_retried_with_its_idempotency_key(srv: Scripted) -> None:
     items = [{"subject": "s", "embedding_b64": "AACAPw==", "item_id": "i0"}]
     srv.script(unavailable("0"), Answer(drop=True), Answer(201, {"item_ids": ["i0"]}))
     waits = Waits()
     with client(srv, waits, backoff_s=0) as tcm:
-        assert tcm.enrol_raw(items, idempotent=True) == ["i0"]
+        assert tcm.enrol_raw(items) == ["i0"]
     assert len(srv.seen) == 3 and len({s.body for s in srv.seen}) == 1  # the same request
     assert json.loads(srv.seen[0].body) == {"items": items}  # sent untouched
 

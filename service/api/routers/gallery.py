@@ -3,15 +3,18 @@ delete; subjects: list with item counts, delete."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 
 from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import IdPath, RuntimeDep, TenantId
 from service.api.routers.uploads import UPLOAD_PLACEHOLDER, build, parse_json_object, read_upload
 from service.api.schemas import (
     CURSOR_PATTERN,
+    IDEMPOTENCY_KEY_PATTERN,
     NAME_PATTERN,
     SUBJECT_CURSOR_PATTERN,
     Deleted,
@@ -28,6 +31,7 @@ from service.api.schemas import (
     faces_out,
     utc,
 )
+from service.domain.gallery import Enrolled, IdempotencyKey
 from service.engine.faces import face_report
 from service.ids import ID_MAX_LENGTH
 from service.store import GalleryItem
@@ -51,33 +55,59 @@ def _out(item: GalleryItem, *, with_embedding: bool = False) -> GalleryItemOut:
                           embedding=emb)
 
 
+IdempotencyHeader = Annotated[str | None, Header(
+    alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY_PATTERN,
+    description="makes a resend safe: the key is recorded with the enrolment, atomically, and "
+    "for 24 h a request with it gets the first answer again (header Idempotent-Replayed: "
+    "true) without writing anything; the same key with another request is a 422 "
+    "idempotency_key_reused. Send a fresh key (e.g. a UUID) per request, the same one on "
+    "retries")]
+REPLAYED = {"Idempotent-Replayed": "true"}
+
+
+def _idempotency(key: str | None, fingerprint: hashlib._Hash) -> IdempotencyKey | None:
+    return None if key is None else IdempotencyKey(key, fingerprint.hexdigest())
+
+
+def _enrolled(done: Enrolled, faces: list[dict], response: Response) -> EnrolResponse:
+    if done.replayed:
+        response.headers.update(REPLAYED)
+    return EnrolResponse(item_ids=done.item_ids, faces=faces_out(faces))
+
+
 @router.post("/v1/gallery", status_code=201, operation_id="enrolItems",
              responses=errors(400, 401, 409, 413, 422, 429, 503))
-async def enrol(body: EnrolRequest, tenant: TenantId, runtime: RuntimeDep) -> EnrolResponse:
+async def enrol(body: EnrolRequest, tenant: TenantId, runtime: RuntimeDep, request: Request,
+                response: Response, idempotency_key: IdempotencyHeader = None) -> EnrolResponse:
     """All items or none; an item id that exists (or repeats) is a 409."""
     runtime.gallery.check_enrol(body.items)
     await runtime.charge(tenant, len(body.items))  # one rate-limit unit per item
+    key = _idempotency(idempotency_key, hashlib.sha256(await request.body()))
     with face_report() as faces:
-        ids = await runtime.gallery.enrol(tenant, body.items)
-    return EnrolResponse(item_ids=ids, faces=faces_out(faces))
+        done = await runtime.gallery.enrol(tenant, body.items, idempotency=key)
+    return _enrolled(done, faces, response)
 
 
 @router.post("/v1/gallery/upload", status_code=201, operation_id="enrolUpload",
              responses=errors(400, 401, 409, 413, 422, 429, 503))
 async def enrol_upload(
-    tenant: TenantId, runtime: RuntimeDep,
+    tenant: TenantId, runtime: RuntimeDep, response: Response,
     file: Annotated[UploadFile, File(description="an image file")],
     subject: Annotated[str, Form(min_length=1, max_length=ID_MAX_LENGTH, pattern=NAME_PATTERN)],
     item_id: Annotated[str | None, Form(min_length=1, max_length=256,
                                         pattern=NAME_PATTERN)] = None,
     metadata: Annotated[str | None, Form(description="a JSON object (as text)")] = None,
+    idempotency_key: IdempotencyHeader = None,
 ) -> EnrolResponse:
     data = await read_upload(file, field="file")
     item = build(EnrolItem, subject=subject, item_id=item_id or None, image=UPLOAD_PLACEHOLDER,
                  metadata=parse_json_object(metadata, field="metadata"))
+    fingerprint = hashlib.sha256(json.dumps([subject, item_id, metadata]).encode())
+    fingerprint.update(data)
     with face_report() as faces:
-        ids = await runtime.gallery.enrol(tenant, [item], images={0: data})
-    return EnrolResponse(item_ids=ids, faces=faces_out(faces))
+        done = await runtime.gallery.enrol(tenant, [item], images={0: data},
+                                           idempotency=_idempotency(idempotency_key, fingerprint))
+    return _enrolled(done, faces, response)
 
 
 @router.put("/v1/gallery/{item_id}", operation_id="putItem",

@@ -93,12 +93,14 @@ CHANGES_MAXLEN = 100_000
 # service.ids.key_part builds them ("%" -> "%25", ":" -> "%3A"). Mode "vectors" returns
 # {members scanned, last seq, ids, seqs, subjects, metadata, vectors}, leaving out items without
 # the field (vectors of unequal length are an error; returned as an array, not concatenated in
-# Lua, which was 2x slower at 512-d); mode "missing" returns {members scanned, last seq, ids of
+# Lua, which was 2x slower at 512-d); mode "plain" the same with no metadata read (an empty
+# list: the monitor uses vectors only); mode "missing" returns {members scanned, last seq, ids of
 # the items without the field}.
 GALLERY_PAGE_LUA = """
 local members = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0,
                           ARGV[2])
 local missing = ARGV[5] == 'missing'
+local plain = ARGV[5] == 'plain'
 local ids, seqs, subjects, metas, vecs = {}, {}, {}, {}, {}
 local width = nil
 for i = 1, #members, 2 do
@@ -107,7 +109,9 @@ for i = 1, #members, 2 do
   if missing then
     if redis.call('HEXISTS', key, ARGV[4]) == 0 then ids[#ids + 1] = id end
   else
-    local v = redis.call('HMGET', key, 'subject', ARGV[4], 'metadata')
+    local v
+    if plain then v = redis.call('HMGET', key, 'subject', ARGV[4])
+    else v = redis.call('HMGET', key, 'subject', ARGV[4], 'metadata') end
     if v[2] then
       if width == nil then width = #v[2] end
       if #v[2] ~= width then
@@ -115,7 +119,8 @@ for i = 1, #members, 2 do
       end
       local n = #ids + 1
       ids[n], seqs[n], vecs[n] = id, members[i + 1], v[2]
-      subjects[n], metas[n] = v[1] or '', v[3] or '{}'
+      subjects[n] = v[1] or ''
+      if not plain then metas[n] = v[3] or '{}' end
     end
   end
 end
@@ -692,7 +697,8 @@ class RedisStore:
     def gallery_vectors(self, tenant_id: str, *, model_version: str,
                         subject: str | None = None, with_metadata: bool = False
                         ) -> GalleryVectors:
-        parts = list(self._vector_pages(tenant_id, model_version, subject=subject))
+        parts = list(self._vector_pages(tenant_id, model_version, subject=subject,
+                                        with_metadata=with_metadata))
         if not parts:
             return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32),
                                   [] if with_metadata else None)
@@ -709,20 +715,24 @@ class RedisStore:
         yield from self._vector_pages(tenant_id, model_version, rows=chunk_rows)
 
     def _vector_pages(self, tenant_id: str, model_version: str, *, subject: str | None = None,
-                      rows: int = _PAGE_ROWS) -> Iterator[GalleryVectors]:
+                      rows: int = _PAGE_ROWS, with_metadata: bool = True
+                      ) -> Iterator[GalleryVectors]:
         """The gallery (or one subject's items) in seq order, page by page with
         :data:`GALLERY_PAGE_LUA`: one script call per page returns its ids, seqs, subjects,
         metadata and vectors, instead of a command and a reply per item. Pages follow on by
         seq, so a delete between two pages moves no item past the cursor. An item added
         meanwhile may be missed or seen; at start-up the change feed (whose cursor the caller
-        took first) applies it again either way."""
-        for ids, seqs, subjects, metas, blobs in self._pages(tenant_id, model_version, "vectors",
+        took first) applies it again either way. Without ``with_metadata`` no item's metadata
+        is read at all (the monitor's reads: vectors and subjects only)."""
+        mode = "vectors" if with_metadata else "plain"
+        for ids, seqs, subjects, metas, blobs in self._pages(tenant_id, model_version, mode,
                                                              rows, subject=subject):
             if ids:
                 yield GalleryVectors(
                     np.array([int(float(x)) for x in seqs], dtype=np.int64),
                     [_s(x) or "" for x in ids], [_s(x) or "" for x in subjects],
-                    decode_vectors(blobs), [metadata_of(x) for x in metas])
+                    decode_vectors(blobs),
+                    [metadata_of(x) for x in metas] if with_metadata else None)
 
     def _pages(self, tenant_id: str, model_version: str, mode: str, rows: int = _PAGE_ROWS, *,
                subject: str | None = None) -> Iterator[list[Any]]:

@@ -139,3 +139,36 @@ def test_redis_store_from_before_the_labelled_index_is_backfilled(
     finally:
         store.close()
         admin.close()
+
+
+@pytest.mark.redis
+def test_redis_gallery_read_for_the_monitor_sends_no_metadata(
+        private_redis: RedisProcess) -> None:
+    """Regression (issue 25, item 12): the monitor's gallery read (vectors and subjects only)
+    pulled every item's metadata too. Counted in the bytes Redis sends back."""
+    import numpy as np
+
+    from service.store import NewItem
+
+    store = RedisStore(private_redis.url, prefix="gv:", timeout_s=5.0)
+    admin = redis.Redis(port=private_redis.port)
+    try:
+        tid = _tenant(store)
+        vec = np.ones(16, np.float32) / 4
+        store.add_items(tid, [NewItem(f"i{i}", f"s{i % 5}", vec, {"blob": "x" * 2000})
+                              for i in range(300)], model_version="v", created_at=1.0)
+
+        def sent(**kw: Any) -> tuple[int, Any]:
+            before = int(admin.info("stats")["total_net_output_bytes"])
+            got = store.gallery_vectors(tid, model_version="v", **kw)
+            return int(admin.info("stats")["total_net_output_bytes"]) - before, got
+
+        plain_bytes, plain = sent()
+        full_bytes, full = sent(with_metadata=True)
+        assert plain.metadata is None and full.metadata[0] == {"blob": "x" * 2000}
+        assert plain.item_ids == full.item_ids and (plain.vectors == full.vectors).all()
+        assert full_bytes - plain_bytes > 300 * 2000  # the metadata, and only it
+        assert plain_bytes < 300 * 200
+    finally:
+        store.close()
+        admin.close()

@@ -3,7 +3,7 @@ it replaced (``reference_sample_gallery``: a scan of every row per subject drawn
 on galleries of small subjects, the case that was quadratic (issue 25, item 11): every subject
 with exactly 3 items leaves a budget of 1 that no subject fits, and the old loop visited every
 remaining subject. Both must draw the same rows (checked here and in
-``tests/service/test_gallery_sampling.py``).
+``tests/service/monitoring/test_gallery_sampling.py``).
 
     python -m bench.bench_sampling --items 30000 120000 --per-subject 3 --budget 1000
 """

@@ -36,7 +36,7 @@ from service.settings import Settings
 from tests.deploy.promserver import Prometheus, free_port, running_prometheus, wait_for
 from tests.service.conftest import ADMIN_TOKEN, Digits, b64_png
 from tests.service.conftest import digits as digits  # the fixture
-from tests.service.test_drift_signals import config_factor
+from tests.service.monitoring.test_drift_signals import config_factor
 from training.config import load_config
 from training.pipeline import train_evaluate_export
 
@@ -179,8 +179,8 @@ def hold_quiet(prom: Prometheus, seconds: float) -> None:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An artefact whose numbers are known: the synthetic identities of
-    tests/service/test_drift_signals.py (held-out embeddings in its reference file) with an
-    untrained small CNN (clients send embeddings: the weights only have to load). The digits
+    tests/service/monitoring/test_drift_signals.py (held-out embeddings in its reference file)
+    with an untrained small CNN (clients send embeddings: the weights only have to load). The digits
     model is too weak to tell one subject from another on 3 images (its utility over the range
     is ~0.1 for every held-out digit), so a subject-level drift needs clearer identities."""
     import dataclasses
@@ -189,7 +189,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from tcm import build_embedder, save_artefact, save_reference
-    from tests.service.test_monitor import DIM, identities, synthetic_manifest
+    from tests.service.monitoring.test_monitor import DIM, identities, synthetic_manifest
 
     out = tmp_path_factory.mktemp("synthetic")
     x, y = identities(np.random.default_rng(321), 120, 10, noise=0.9)
@@ -215,7 +215,7 @@ def enrol_vectors(
 
 
 def test_a_one_tenant_whose_subjects_drift(tmp_path: Path, synthetic: Path) -> None:
-    from tests.service.test_monitor import identities
+    from tests.service.monitoring.test_monitor import identities
 
     rng = np.random.default_rng(1)
     with (

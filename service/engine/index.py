@@ -21,9 +21,9 @@ tenant gets an exact flat index.
 
 ``Torch`` (the factory string) is an exact engine in torch instead of FAISS (:class:`TorchFlat`):
 a matrix product and a top-k, blockwise over the gallery, the same code on CPU and CUDA; on CPU
-it returns what ``Flat`` returns (``tests/service/test_index.py``). It is the GPU path when this
-faiss build has no GPU support: with ``Flat``, a CUDA device and ``device`` not ``cpu``, the
-indexes use ``TorchFlat`` on the GPU.
+it returns what ``Flat`` returns (``tests/service/engine/test_index.py``). It is the GPU path
+when this faiss build has no GPU support: with ``Flat``, a CUDA device and ``device`` not
+``cpu``, the indexes use ``TorchFlat`` on the GPU.
 
 The GPU is used only when this faiss build has GPU support (or the torch engine serves) and CUDA
 is present: decided once per process, and logged. Every method is blocking and guarded by a

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from tests.service.conftest import unit
-from tests.service.test_redis_down import free_port
+from tests.service.store.test_redis_down import free_port
 
 
 def test_help_lists_options() -> None:
@@ -49,7 +49,7 @@ def test_a_bad_artefact_is_one_line_and_exit_2(tmp_path: Path, broken: str,
     if broken == "no_weights":
         import json
 
-        from tests.service.test_monitor import synthetic_manifest
+        from tests.service.monitoring.test_monitor import synthetic_manifest
 
         (path / "manifest.json").write_text(json.dumps(synthetic_manifest().to_dict()))
     monkeypatch.setenv("TCM_ARTEFACT_PATH", str(path))

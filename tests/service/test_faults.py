@@ -24,7 +24,7 @@ import pytest
 
 from bench.soak import ServerProcess, serve
 from tests.service.conftest import REDIS_URL, Digits, b64_png, redis_cleanup, unit
-from tests.service.test_redis_down import RedisProcess, free_port
+from tests.service.store.test_redis_down import RedisProcess, free_port
 
 pytestmark = pytest.mark.slow
 

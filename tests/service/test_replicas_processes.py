@@ -29,7 +29,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.conftest import ADMIN_TOKEN, REDIS_URL, redis_cleanup, unit
-from tests.service.test_redis_down import free_port
+from tests.service.store.test_redis_down import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 

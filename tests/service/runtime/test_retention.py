@@ -18,7 +18,7 @@ from service.settings import Settings
 from service.store import ApiKey, Feedback, MatchRecord, Store, Tenant, open_store
 from service.store.redis_store import RedisStore
 from tests.service.conftest import STORES
-from tests.service.test_redis_down import RedisProcess, free_port
+from tests.service.store.test_redis_down import RedisProcess, free_port
 
 
 @pytest.fixture(params=STORES)

@@ -21,7 +21,7 @@ from service.store import ApiKey, NewItem, Tenant
 from service.store.redis_store import ADD_ITEMS_LUA, RedisStore
 from tests.faultproxy import Cut, FaultProxy
 from tests.service.conftest import ADMIN_TOKEN, DIM, STORES, make_settings
-from tests.service.test_redis_down import RedisProcess, free_port
+from tests.service.store.test_redis_down import RedisProcess, free_port
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 BULK = 1500

@@ -31,7 +31,7 @@ from tests.service.conftest import (
     make_settings,
     unit,
 )
-from tests.service.test_restart import _answers as answers
+from tests.service.runtime.test_restart import _answers as answers
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 FAST = {"model_poll_s": 0.1, "model_heartbeat_s": 0.2, "model_retire_grace_s": 0.5,

@@ -177,7 +177,7 @@ import numpy as np
 if sys.argv[1] == "patched":
     import faiss.contrib.torch_utils  # what pytorch-metric-learning imports
 from service.engine.index import TenantIndex
-from tests.service.test_index import brute_force, unit_rows
+from tests.service.engine.test_index import brute_force, unit_rows
 for factory in ("Flat", "Torch"):
     index = TenantIndex(16, factory)
     x, ids = unit_rows(200, 0), np.arange(1, 201, dtype=np.int64)

@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from tests.service.conftest import redis_cleanup, unit
-from tests.service.test_redis_down import free_port
+from tests.service.store.test_redis_down import free_port
 
 REDACTED = "[redacted]"
 REDIS_PASSWORD = "redis-pw-" + secrets.token_hex(8)

@@ -24,7 +24,7 @@ from service.app import create_app
 from service.ids import glob_escape
 from service.settings import SentinelURL, Settings
 from tests.service.conftest import ADMIN_TOKEN, make_settings, unit
-from tests.service.test_redis_down import free_port
+from tests.service.store.test_redis_down import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.usefixtures("redis_server_binary")]
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

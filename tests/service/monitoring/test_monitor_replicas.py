@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from service.metrics import ServiceMetrics
 from service.monitoring import MonitorConfig
 from service.monitoring.monitor import Monitor
-from tests.service.test_monitor import healthy_and_drifting, samples, synthetic_manifest
+from tests.service.monitoring.test_monitor import healthy_and_drifting, samples, synthetic_manifest
 
 INTERVAL = 60.0
 

@@ -21,7 +21,7 @@ from service.errors import ConflictError, StoreUnavailableError
 from service.store import MatchRecord
 from service.store.sqlite import SQLiteStore
 from tests.service.conftest import REDIS_URL, STORES
-from tests.service.test_store import items, tenant
+from tests.service.store.test_store import items, tenant
 
 V1 = "m-v1"
 

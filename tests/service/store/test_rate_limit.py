@@ -32,7 +32,7 @@ from tests.service.conftest import (
     png_bytes,
     unit,
 )
-from tests.service.test_redis_down import free_port
+from tests.service.store.test_redis_down import free_port
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # one token every 2 s: the burst is spent long before a token comes back, even on a busy machine

@@ -86,7 +86,7 @@ def _schemathesis(base: str, token: str, tags: list[str], report: Path) -> subpr
         cmd += ["--include-tag", t]
     env = os.environ | {
         "SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
     }
     return subprocess.Popen(
         cmd,

@@ -29,7 +29,7 @@ from tcm_client import Client
 from tests.faultproxy import Cut, FaultProxy
 from tests.service.conftest import Api, make_settings, png_bytes, unit
 from tests.service.conftest import Tenant as ApiTenant
-from tests.service.test_redis_down import RedisProcess, free_port
+from tests.service.store.test_redis_down import RedisProcess, free_port
 
 
 def _count(api: Api, tenant: ApiTenant) -> int:

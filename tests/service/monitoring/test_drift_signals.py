@@ -24,9 +24,9 @@ from service.monitoring.subjects import tenant_subjects
 from service.store import Decision, Feedback, MatchRecord
 from tcm import consistency_from_scores, read_manifest, save_reference
 from tcm.drift import Grid, Rules, bootstrap_interval, class_histograms, curves, opis_of
-from tests.service.test_monitor import MemoryStore, identities, synthetic_manifest
+from tests.service.monitoring.test_monitor import MemoryStore, identities, synthetic_manifest
 
-RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules"
+RULES = Path(__file__).resolve().parents[3] / "deploy" / "prometheus" / "rules"
 
 
 def config_factor(name: str) -> float:

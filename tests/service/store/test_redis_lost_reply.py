@@ -1,9 +1,9 @@
 """A write whose reply is lost on the way back (tests/faultproxy.py, ``Cut(lose_reply_after=n)``
 with ``n`` the bytes of the whole exchange) was applied once; the store must then report it as
 done or as unknown (StoreUnavailableError), never as not done, and never apply it again.
-add_items gets this right (tests/service/test_bulk_enrol.py); the model registry's compare-and-set
-did not (redis-py resent it after the lost reply, the resend saw its own write as a lost race,
-and the change was applied twice): it now recognises its own write."""
+add_items gets this right (tests/service/store/test_bulk_enrol.py); the model registry's
+compare-and-set did not (redis-py resent it after the lost reply, the resend saw its own write
+as a lost race, and the change was applied twice): it now recognises its own write."""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ separator and no key is a prefix-collision of another)::
     P tenant:T:matches          zset   match_id -> created_at
     P tenant:T:match:M          hash   decision fields of the match record
     P tenant:T:feedback:M       hash   feedback fields
+    P tenant:T:staged:B:i       hash   an enrolment's item i while it is staged (batch B); renamed
+                                       to tenant:T:item:I when committed, else expires in 1 h
     P tenant:T:idem:K           hash   fingerprint, result: an Idempotency-Key recorded with its
                                        enrolment, in the same script (expires: 24 h by default)
     P tenant:T:labelled         zset   match_id -> created_at of the matches that have feedback
@@ -34,7 +36,8 @@ separator and no key is a prefix-collision of another)::
 
 Multi-key writes run in MULTI/EXEC transactions (all-or-nothing); checks that must hold when
 they commit (feedback not yet given, an upserted item's previous version) WATCH their keys. A
-bulk enrolment is one Lua script (:data:`ADD_ITEMS_LUA`: checks and writes in one atomic step),
+bulk enrolment stages its item hashes in small pipelines, then commits them with one short Lua
+script (:data:`ADD_ITEMS_LUA`: checks, renames into place and indexes, in one atomic step),
 and the start-up read pages through a gallery with :data:`GALLERY_PAGE_LUA`. Every gallery write
 appends its change to the ``changes`` stream inside the same transaction, so a replica tailing
 the stream (XREAD) sees exactly the committed writes, in order; the stream is capped at about
@@ -130,19 +133,22 @@ return {#members / 2, last, ids, seqs, subjects, metas, vecs}
 """
 _PAGE_ROWS = 1024  # items per page script (faster than 8,192 at 128-d and 512-d, measured)
 
-# add_items in one atomic step. KEYS: 1 tenant record, 2 seq counter, 3 items zset, 4 subjects
-# zset, 5 change stream, then the n item hashes, then one zset per distinct subject. ARGV: n,
-# embedding field, created_at, stream maxlen, tenant id, item ids (JSON, for the change entry),
-# m, the m distinct subjects, then 5 per item: item_id, subject slot (0-based), metadata JSON,
-# vector bytes, image bytes ("" if none), then, with an idempotency key (its hash is the last
-# KEY), its fingerprint, the result and the seconds to keep it. Returns {-1} (tenant gone),
-# {0, ids...} (ids taken), {2, fingerprint, result} (the key is recorded already: nothing
-# written) or {1, last seq}. Nothing is written unless every check passes. ZADDs go in slices:
-# Lua's unpack takes a bounded number of values.
+# add_items commits a batch whose item hashes were staged beforehand (see RedisStore.add_items),
+# in one atomic step. KEYS: 1 tenant record, 2 seq counter, 3 items zset, 4 subjects zset,
+# 5 change stream, then the n item hashes, then the n staged hashes, then one zset per distinct
+# subject, then (with an idempotency key) its hash. ARGV: 1 n, 2 stream maxlen, 3 tenant id,
+# 4 item ids (JSON, for the change entry), 5 m, the m distinct subjects, then 2 per item:
+# item_id, subject slot (0-based), then (with an idempotency key) its fingerprint, the result
+# and the seconds to keep it. Returns {-1} (tenant gone), {2, fingerprint, result} (the key is
+# recorded already), {0, ids...} (ids taken), {-2} (a staged hash is gone: expired or swept) or
+# {1, last seq}. Nothing is written unless every check passes. The vectors and images are not
+# in this call: each staged hash is RENAMEd into place (no copy), so Redis is held for a few
+# operations per item, not for the bytes of the batch. ZADDs go in slices: Lua's unpack takes
+# a bounded number of values.
 ADD_ITEMS_LUA = """
-local n, m = tonumber(ARGV[1]), tonumber(ARGV[7])
-local base = 7 + m  -- item i's arguments are ARGV[base + 5i - 4 .. base + 5i]
-local idem = KEYS[6 + n + m]  -- nil without an idempotency key
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[5])
+local base = 5 + m  -- item i's arguments are ARGV[base + 2i - 1 .. base + 2i]
+local idem = KEYS[6 + 2 * n + m]  -- nil without an idempotency key
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
 if idem then
   local prior = redis.call('HMGET', idem, 'fingerprint', 'result')
@@ -150,25 +156,21 @@ if idem then
 end
 local taken = {0}
 for i = 1, n do
-  if redis.call('EXISTS', KEYS[5 + i]) == 1 then taken[#taken + 1] = ARGV[base + 5 * i - 4] end
+  if redis.call('EXISTS', KEYS[5 + i]) == 1 then taken[#taken + 1] = ARGV[base + 2 * i - 1] end
 end
 if #taken > 1 then return taken end
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[5 + n + i]) == 0 then return {-2} end
+end
 local last = redis.call('INCRBY', KEYS[2], n)
 local first = last - n
-local field, created = ARGV[2], ARGV[3]
 local by_item, by_subject = {}, {}
 for i = 1, n do
-  local a = base + 5 * i - 4
   local seq = first + i
-  local id, slot, image = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 4]
-  local subject = ARGV[8 + slot]
-  if image == '' then
-    redis.call('HSET', KEYS[5 + i], 'seq', seq, 'subject', subject, 'metadata', ARGV[a + 2],
-               'created_at', created, 'has_image', '0', field, ARGV[a + 3])
-  else
-    redis.call('HSET', KEYS[5 + i], 'seq', seq, 'subject', subject, 'metadata', ARGV[a + 2],
-               'created_at', created, 'has_image', '1', field, ARGV[a + 3], 'image', image)
-  end
+  local id, slot = ARGV[base + 2 * i - 1], tonumber(ARGV[base + 2 * i])
+  redis.call('RENAME', KEYS[5 + n + i], KEYS[5 + i])
+  redis.call('PERSIST', KEYS[5 + i])
+  redis.call('HSET', KEYS[5 + i], 'seq', seq)
   by_item[#by_item + 1] = seq
   by_item[#by_item + 1] = id
   local members = by_subject[slot + 1]
@@ -187,20 +189,22 @@ end
 zadd(KEYS[3], by_item)
 local subjects = {}
 for j = 1, m do
-  zadd(KEYS[5 + n + j], by_subject[j])
+  zadd(KEYS[5 + 2 * n + j], by_subject[j])
   subjects[#subjects + 1] = 0
-  subjects[#subjects + 1] = ARGV[7 + j]
+  subjects[#subjects + 1] = ARGV[5 + j]
 end
 zadd(KEYS[4], subjects)
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'op', 'add', 'tenant', ARGV[5],
-           'items', ARGV[6], 'first', first + 1, 'last', last)
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[2], '*', 'op', 'add', 'tenant', ARGV[3],
+           'items', ARGV[4], 'first', first + 1, 'last', last)
 if idem then
-  local a = base + 5 * n
+  local a = base + 2 * n
   redis.call('HSET', idem, 'fingerprint', ARGV[a + 1], 'result', ARGV[a + 2])
   redis.call('EXPIRE', idem, ARGV[a + 3])
 end
 return {1, last}
 """
+STAGE_CHUNK = 256  # items per staging pipeline
+STAGE_TTL_S = 3600  # a staged batch not committed by then is dropped by Redis
 UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError, redis.exceptions.BusyLoadingError,
@@ -473,26 +477,56 @@ class RedisStore:
     # --- gallery ---------------------------------------------------------------------------
     def add_items(self, tenant_id: str, items: Sequence[NewItem], *, model_version: str,
                   created_at: float, idempotency: Idempotent | None = None) -> list[int]:
-        """One Lua script (:data:`ADD_ITEMS_LUA`) per request: Redis runs it atomically, so the
-        tenant check, the duplicate check and every write happen with nothing in between, and
-        the whole batch is one command and one reply instead of one command per item under a
-        WATCH of every item key (``bench/profile_paths.py`` times it)."""
+        """In two steps, so that a large batch never holds Redis for everyone: its item hashes
+        (vectors, images, metadata) are first written to staging keys (``tenant:T:staged:B:i``,
+        expiring after :data:`STAGE_TTL_S`, read by nothing), :data:`STAGE_CHUNK` items per
+        pipeline, which Redis serves between other clients' commands; then one short script
+        (:data:`ADD_ITEMS_LUA`) checks the tenant, the idempotency key and the item ids, and
+        renames each staged hash into place and indexes it, atomically: the batch becomes
+        visible whole or not at all. A batch refused at commit has its staged hashes deleted
+        (or, if that fails too, expired)."""
         if not items:
             return []
+        batch = uuid.uuid4().hex
+        staged = [self._tenant(tenant_id, "staged", batch, str(i)) for i in range(len(items))]
+        field, created = f"emb:{model_version}", _enc(created_at)
+        with self._translate("stage items"):
+            for lo in range(0, len(items), STAGE_CHUNK):
+                pipe = self.r.pipeline(transaction=False)
+                for key, it in zip(staged[lo:lo + STAGE_CHUNK], items[lo:lo + STAGE_CHUNK],
+                                   strict=True):
+                    fields: dict[str, Any] = {
+                        "subject": it.subject, "created_at": created,
+                        "metadata": json.dumps(dict(it.metadata)) if it.metadata else "{}",
+                        "has_image": "0" if it.image is None else "1",
+                        field: encode_vector(it.embedding)}
+                    if it.image is not None:
+                        fields["image"] = it.image
+                    pipe.hset(key, mapping=fields)
+                    pipe.expire(key, STAGE_TTL_S)
+                pipe.execute()
+        try:
+            return self._commit_staged(tenant_id, items, staged, idempotency, created_at)
+        except (ConflictError, IdempotentReplay):
+            with contextlib.suppress(*UNAVAILABLE):
+                for chunk in _chunks(staged):
+                    self.r.unlink(*chunk)
+            raise
+
+    def _commit_staged(self, tenant_id: str, items: Sequence[NewItem], staged: list[str],
+                       idempotency: Idempotent | None, created_at: float) -> list[int]:
         slots: dict[str, int] = {}
         per_item: list[Any] = []
-        item_key = self._tenant(tenant_id, "item") + ":"
         for it in items:
-            per_item += [it.item_id, slots.setdefault(it.subject, len(slots)),
-                         json.dumps(dict(it.metadata)) if it.metadata else "{}",
-                         encode_vector(it.embedding), b"" if it.image is None else it.image]
-        args: list[Any] = [len(items), f"emb:{model_version}", _enc(created_at),
-                           CHANGES_MAXLEN, tenant_id, json.dumps([it.item_id for it in items]),
-                           len(slots), *slots, *per_item]
+            per_item += [it.item_id, slots.setdefault(it.subject, len(slots))]
+        args: list[Any] = [len(items), CHANGES_MAXLEN, tenant_id,
+                           json.dumps([it.item_id for it in items]), len(slots), *slots,
+                           *per_item]
+        item_key = self._tenant(tenant_id, "item") + ":"
         subject_key = self._tenant(tenant_id, "subject") + ":"
         keys = [self._tenant(tenant_id), self._k("seq"), self._tenant(tenant_id, "items"),
                 self._tenant(tenant_id, "subjects"), self._k("changes"),
-                *(item_key + key_part(it.item_id) for it in items),
+                *(item_key + key_part(it.item_id) for it in items), *staged,
                 *(subject_key + key_part(sub) for sub in slots)]
         if idempotency is not None:
             keys.append(self._tenant(tenant_id, "idem", idempotency.key))
@@ -516,6 +550,9 @@ class RedisStore:
             raise ConflictError("some item ids already exist in this gallery",
                                 detail={"item_ids": sorted(_s(x) or "" for x in out[1:])},
                                 code="duplicate_item_id")
+        if status == -2:
+            raise StoreUnavailableError("the enrolment's staged items expired before it could "
+                                        "be committed; retry", detail={"store": "redis"})
         last = int(out[1])
         return list(range(last - len(items) + 1, last + 1))
 

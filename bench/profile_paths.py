@@ -165,7 +165,7 @@ def enrol_path(tmp: Path, n: int = 5000) -> None:
     try:
         redis_store.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
         timed(
-            "Redis add_items (one Lua script)",
+            "Redis add_items (staged, then one commit script)",
             lambda: redis_store.add_items("t", items, model_version="v", created_at=1.0),
         )
         redis_store.delete_tenant("t")

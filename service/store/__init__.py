@@ -16,7 +16,6 @@ from service.store.base import (
     GalleryVectors,
     MatchRecord,
     NewItem,
-    Outcome,
     Store,
     Tenant,
 )
@@ -34,4 +33,4 @@ def open_store(settings: Settings) -> Store:
 
 
 __all__ = ["ApiKey", "Change", "Decision", "Feedback", "GalleryItem", "GalleryVectors",
-           "MatchRecord", "NewItem", "Outcome", "Store", "Tenant", "open_store"]
+           "MatchRecord", "NewItem", "Store", "Tenant", "open_store"]

@@ -12,6 +12,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,7 +20,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 OTHER_TENANTS = "other"
-OUTCOMES = ("true_accept", "false_accept", "true_reject", "false_reject")
+
+# Where a labelled decision falls in the confusion matrix: the one definition of the outcome
+# names (the store's feedback records, the API's feedback response, the ``outcome`` label of
+# tcm_decisions_total and the monitor's counts all use it).
+Outcome = Literal["true_accept", "false_accept", "true_reject", "false_reject"]
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+
+
+def decision_outcome(*, accepted: bool, genuine: bool) -> Outcome:
+    """The outcome of a decision (accepted or not) on a genuine or impostor pair."""
+    if accepted:
+        return "true_accept" if genuine else "false_accept"
+    return "false_reject" if genuine else "true_reject"
 
 
 class TenantLabels:

@@ -362,41 +362,35 @@ def test_c_healthy_galleries_over_seeds_raise_no_alert(
         mon = c.app.state.monitor
         for i in range(3):
             enrol(c, digits, np.random.default_rng(100 + i), f"ref{i}", per=3)
-        ref = mon.refresh(force=True)["tenants_reference"]
-        assert ref is not None and ref["tenants"] == 3
+        ref = mon.refresh(force=True).tenants_reference
+        assert ref is not None and ref.tenants == 3
         seeds = [
             enrol(c, digits, np.random.default_rng(s), f"seed{s}", per=3)[0] for s in range(10)
         ]
         snap = mon.refresh(force=True)
-        assert snap["tenants_reference"] == ref  # measured once: new tenants do not move it
+        assert snap.tenants_reference == ref  # measured once: new tenants do not move it
         # re-measured on demand (admin only), on every tenant now served
         assert c.post("/v1/monitor/reference").status_code == 401
         r = c.post("/v1/monitor/reference", headers=ADMIN)
         assert r.status_code == 200 and r.json()["status"] == "measured", r.text
         assert r.json()["reference"]["tenants"] == 13
-        assert mon.snapshot["tenants_reference"]["tenants"] == 13
-    subjects_alerts = [
-        t
-        for t in seeds
-        if snap["tenants"][t]["subjects"]["opis"]
-        > subj * snap["tenants"][t]["subjects"]["reference"]["hi"]
-    ]
+        assert mon.snapshot.tenants_reference.tenants == 13
+    rows = {t: snap.tenants[t] for t in seeds}
+    subjects_alerts = [t for t, row in rows.items()
+                       if row.subjects.opis > subj * row.subjects.reference.hi]
     floor = config_factor("opis_reference_floor")
-    error_bound = err_factor * max(ref["deviation"]["hi"], floor)
-    tenant_alerts = [t for t in seeds if snap["tenants"][t]["deviation"] > error_bound]
-    ratios = [
-        snap["tenants"][t]["subjects"]["opis"] / snap["tenants"][t]["subjects"]["reference"]["hi"]
-        for t in seeds
-    ]
-    pooled = snap["subjects"]["pooled"]
+    error_bound = err_factor * max(ref.deviation["hi"], floor)
+    tenant_alerts = [t for t, row in rows.items() if row.deviation > error_bound]
+    ratios = [row.subjects.opis / row.subjects.reference.hi for row in rows.values()]
+    pooled = snap.subjects.pooled
     print(
         f"(c) 10 healthy tenants, 3 images per subject: across subjects live/ref-hi "
         f"{np.round(ratios, 2).tolist()} (alert above {subj}): {len(subjects_alerts)}/10; "
-        f"deviation max {max(snap['tenants'][t]['deviation'] for t in seeds):.3g} vs "
+        f"deviation max {max(row.deviation for row in rows.values()):.3g} vs "
         f"bound {error_bound:.3g}: {len(tenant_alerts)}/10; OPIS across 13 tenants "
-        f"{snap['opis']:.3g} vs {tenants_factor} x ref hi {ref['opis_interval'][1]:.3g}; "
-        f"pooled across subjects {pooled['opis']:.3g} vs ref {pooled['reference']}"
+        f"{snap.opis:.3g} vs {tenants_factor} x ref hi {ref.opis_interval[1]:.3g}; "
+        f"pooled across subjects {pooled.opis:.3g} vs ref {pooled.reference}"
     )
     assert subjects_alerts == [] and tenant_alerts == []
-    assert pooled["opis"] <= subj * pooled["reference"]["hi"]
-    assert snap["opis"] <= tenants_factor * max(ref["opis_interval"][1], 1e-3)
+    assert pooled.opis <= subj * pooled.reference.hi
+    assert snap.opis <= tenants_factor * max(ref.opis_interval[1], 1e-3)

@@ -57,10 +57,10 @@ def alert_fires(c: TestClient, factor: float) -> tuple[bool, dict]:
     text = c.get("/metrics").text
     opis = gauge(text, "tcm_opis")
     hi = max(gauge(text, 'tcm_tenants_opis_reference{bound="hi"}'), 1e-3)
-    assert snap["eligible_tenants"] >= 2
-    print(f"{snap['model_version']}: live OPIS {opis:.3g}, reference upper bound {hi:.3g}, "
+    assert snap.eligible_tenants >= 2
+    print(f"{snap.model_version}: live OPIS {opis:.3g}, reference upper bound {hi:.3g}, "
           f"alert bound {factor * hi:.3g}; utility at tau by tenant "
-          f"{[round(t['utility'], 3) for t in snap['tenants'].values()]}")
+          f"{[round(t.utility, 3) for t in snap.tenants.values()]}")
     return opis > factor * hi, snap
 
 
@@ -99,8 +99,8 @@ def test_drift_alert_export_retrain_activate(tmp_path: Path, digits: Digits,
         drifted = enrol(c, "c", range(5, 10), inverted=True)
         fires, snap = alert_fires(c, factor)
         assert fires
-        utility_before = snap["tenants"][drifted]["utility"]
-        assert utility_before == min(t["utility"] for t in snap["tenants"].values())
+        utility_before = snap.tenants[drifted].utility
+        assert utility_before == min(t.utility for t in snap.tenants.values())
 
         # export the gallery of record, retrain from the active artefact, stage, activate
         monkeypatch.setenv("TCM_STORE_URL", store_url)
@@ -130,6 +130,6 @@ def test_drift_alert_export_retrain_activate(tmp_path: Path, digits: Digits,
 
         # the monitor measures against the new artefact: the alert condition is gone
         fires, snap = alert_fires(c, factor)
-        assert snap["model_version"] == v2
+        assert snap.model_version == v2
         assert not fires
-        assert snap["tenants"][drifted]["utility"] > utility_before + 0.3
+        assert snap.tenants[drifted].utility > utility_before + 0.3

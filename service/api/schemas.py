@@ -29,6 +29,14 @@ from pydantic import (
 
 from service.engine.metadata_filter import MAX_METADATA_KEYS, domain_problem, number_problem
 from service.ids import ID_PATTERN, Id
+from service.metrics import Outcome
+from service.monitoring.snapshot_schema import (
+    MonitorSnapshot,
+    Rates,
+    RatesBySource,
+    TenantMonitorSnapshot,
+    TenantsReference,
+)
 
 MAX_METADATA_BYTES = 16 * 1024
 # nesting of metadata objects/arrays: responses serialise at most ~255 levels, so deeper
@@ -486,9 +494,6 @@ class FeedbackRequest(BaseModel):
         return self
 
 
-Outcome = Literal["true_accept", "false_accept", "true_reject", "false_reject"]
-
-
 class FeedbackResponse(BaseModel):
     match_id: str
     outcome: Outcome
@@ -622,180 +627,8 @@ class Readiness(BaseModel):
 
 
 # --- monitoring ------------------------------------------------------------------------------
-# The monitor's snapshot is computed and stored as a plain dict (``service.monitoring``); these
-# models describe it exactly (responses are validated against them) so that clients get types.
-class Rates(BaseModel):
-    far: float | None = Field(description="null without impostor pairs")
-    frr: float | None = Field(description="null without genuine pairs")
-    utility: float | None
-    genuine_pairs: int
-    impostor_pairs: int
-
-
-class RatesBySource(BaseModel):
-    feedback: Rates
-    gallery: Rates
-
-
-class SourceRates(BaseModel):
-    pooled: Rates
-    by_source: RatesBySource
-
-
-class OutcomeCounts(BaseModel):
-    true_accept: int
-    false_accept: int
-    true_reject: int
-    false_reject: int
-
-
-class SubjectsReference(BaseModel):
-    """A reference interval of OPIS across subjects (docs/architecture.md, "Monitoring")."""
-
-    lo: float
-    mid: float
-    hi: float
-    matched: bool = Field(description="measured on held-out classes subsampled to this "
-                          "gallery's images per subject; false: the manifest's full-count "
-                          "baseline (an older artefact), which alerts ignore")
-    draws: int
-    note: str | None = None
-
-
-class SubjectsRow(BaseModel):
-    """OPIS across one tenant's subjects (null with too few eligible subjects)."""
-
-    subjects: int
-    eligible_subjects: int
-    images_per_subject: dict[str, float] | None
-    opis: float | None
-    eps_opis: float | None
-    reference: SubjectsReference | None
-    unavailable_reason: str | None
-
-
-class SubjectsPooled(BaseModel):
-    tenants: int
-    eligible_subjects: int
-    opis: float | None
-    reference: SubjectsReference | None
-    unavailable_reason: str | None
-
-
-class SubjectsSignal(BaseModel):
-    """OPIS across every tenant's subjects together, and the rules both levels use."""
-
-    rules: dict[str, int]
-    level: float
-    reference_kind: Literal["matched", "baseline"]
-    pooled: SubjectsPooled
-
-
-class TenantsReference(BaseModel):
-    """The across-tenants reference, measured on the served galleries (model registry)."""
-
-    tenants: int
-    opis: float
-    eps_opis: float
-    opis_interval: list[float] | None
-    eps_opis_interval: list[float] | None
-    deviation: dict[str, float] = Field(description="max: the farthest tenant's deviation from "
-                                        "the median tenant's curve; hi: its bootstrap bound")
-    calibration_error: float
-    far_at_tau: dict[str, float]
-    level: float
-    resamples: int
-    model_version: str
-    measured_at: float
-    feedback_pairs: int
-    min_pairs: int
-
-
-class TenantMonitorRow(Rates):
-    label: str = Field(description="the tenant's value of the capped metrics label")
-    eligible: bool = Field(description="enough genuine and impostor pairs to enter OPIS")
-    mean_utility: float | None
-    deviation: float | None = Field(None, description="mean squared distance of the tenant's "
-                                    "utility curve from the median tenant's (in OPIS only)")
-    by_source: RatesBySource
-    outcomes: OutcomeCounts
-    subjects: SubjectsRow | None = None
-
-
-class ScoreHistogram(BaseModel):
-    buckets: list[int] = Field(description="cumulative counts at score_buckets (le)")
-    count: int
-    sum: float
-
-
-class LabelMonitorRow(BaseModel):
-    tenants: int
-    pooled: Rates
-    by_source: RatesBySource
-    histograms: dict[Literal["genuine", "impostor"], dict[Literal["feedback", "gallery"],
-                                                          ScoreHistogram]]
-
-
-class BaselineOut(BaseModel):
-    opis: float
-    eps_opis: float
-    eps: float
-    opis_interval: list[float] | None = None
-    eps_opis_interval: list[float] | None = None
-    interval_level: float | None = None
-    num_classes: int | None = None
-    num_images: int | None = None
-
-
-class SnapshotHeader(BaseModel):
-    """What every monitor snapshot says first: when and over what window it was computed, for
-    which model, and the monitor's configuration (the same for the admin and a tenant)."""
-
-    format: int
-    computed_at: float
-    window_s: float
-    since: float
-    interval_s: float
-    model_version: str
-    tau: float
-    tau_lo: float
-    tau_hi: float
-    target_far: float
-    num_thresholds: int
-    beta: float
-    min_pairs: int
-    max_pairs: int
-    max_gallery_items: int
-
-
-class TenantMonitorSnapshot(SnapshotHeader):
-    """What a tenant key sees: the model's reference points and its own row only."""
-
-    tenant: TenantMonitorRow | None = Field(description="null before the tenant's first row")
-
-
-class MonitorSnapshot(SnapshotHeader):
-    """What the admin token sees: every tenant, OPIS across tenants, global rates."""
-
-    config_key: str
-    eps: float
-    opis: float | None
-    eps_opis: float | None
-    opis_unavailable_reason: str | None
-    baseline: BaselineOut
-    global_: SourceRates = Field(alias="global")
-    tenants_total: int
-    eligible_tenants: int
-    excluded_tenants: list[str]
-    tenants: dict[str, TenantMonitorRow]
-    labels: dict[str, LabelMonitorRow]
-    score_buckets: list[float]
-    subjects: SubjectsSignal | None = None
-    tenants_reference: TenantsReference | None = None
-
-    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
-
-
+# The snapshot's models are the monitor's own (service.monitoring.snapshot_schema): the same
+# classes are built, exposed on /metrics, stored and served. The what-if view is described here.
 class AtTau(BaseModel):
     far: float | None
     frr: float | None

@@ -26,8 +26,8 @@ from service.engine.metadata_filter import matches
 from service.engine.pairwise import max_inner_product
 from service.engine.search import SearchBatcher
 from service.errors import InvalidInputError, NotFoundError
-from service.metrics import ServiceMetrics
-from service.store import Feedback, MatchRecord, Outcome, Store
+from service.metrics import Outcome, ServiceMetrics, decision_outcome
+from service.store import Feedback, MatchRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,7 @@ def label_decision(match: MatchRecord, *, true_subject: str | None, subject_give
         assert correct is not None
         genuine = correct if match.accepted else not correct
         known = genuine if match.top_subject is not None else None
-    if match.accepted:
-        outcome: Outcome = "true_accept" if genuine else "false_accept"
-    else:
-        outcome = "false_reject" if genuine else "true_reject"
-    return known, outcome
+    return known, decision_outcome(accepted=match.accepted, genuine=genuine)
 
 
 

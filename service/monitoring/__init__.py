@@ -1,7 +1,8 @@
 """The pure parts of live monitoring: labelled pairs, the snapshot, and its exposition.
 
 ``pairs`` turns feedback and galleries into labelled scores, ``snapshot`` turns those into
-per-tenant rates and OPIS across tenants, ``exposition`` shows a snapshot to Prometheus. The
+per-tenant rates and OPIS across tenants (a ``snapshot_schema.MonitorSnapshot``, the one
+definition of the snapshot), ``exposition`` shows a snapshot to Prometheus. The
 scheduling, the store and the what-if cache live in :mod:`service.monitoring.monitor`.
 """
 
@@ -10,7 +11,6 @@ from service.monitoring.pairs import (
     KINDS,
     SOURCES,
     LabelledScores,
-    decision_outcome,
     feedback_scores,
     gallery_scores,
     seed_for,
@@ -26,6 +26,5 @@ from service.monitoring.snapshot import (
 )
 
 __all__ = ["KINDS", "POOLED", "SOURCES", "LabelledScores", "MonitorConfig", "MonitorMetrics",
-           "SnapshotCollector", "compute_snapshot", "decision_outcome", "error_rates",
-           "feedback_scores", "gallery_scores", "score_buckets", "seed_for", "tenant_view",
-           "what_if"]
+           "SnapshotCollector", "compute_snapshot", "error_rates", "feedback_scores",
+           "gallery_scores", "score_buckets", "seed_for", "tenant_view", "what_if"]

@@ -15,17 +15,16 @@ FRR at t: ``bucket{le="t"} / gcount`` up to the same tie.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 
-from service.monitoring.pairs import KINDS, SOURCES
+from service.monitoring.pairs import KINDS
 from service.monitoring.snapshot import POOLED, MonitorConfig
+from service.monitoring.snapshot_schema import MonitorSnapshot, Rates, SubjectsReference
 from tcm import Manifest
 
 COMPUTE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-RATE_SOURCES = (*SOURCES, POOLED)
 
 
 def _le(bound: float) -> str:
@@ -40,7 +39,7 @@ class SnapshotCollector:
     def __init__(self, manifest: Manifest, config: MonitorConfig) -> None:
         self.manifest = manifest
         self.config = config
-        self.snapshot: dict[str, Any] | None = None
+        self.snapshot: MonitorSnapshot | None = None
 
     def describe(self) -> Iterator[Metric]:
         yield from self._families().values()
@@ -154,79 +153,80 @@ class SnapshotCollector:
         }
 
 
-def _add_interval(fam: Metric, labels: list[str], ref: dict[str, Any] | None) -> None:
-    if ref is not None:
-        for bound in ("lo", "mid", "hi"):
-            fam.add_metric([*labels, bound], ref[bound])
+def _add_interval(fam: Metric, labels: list[str], lo: float, mid: float, hi: float) -> None:
+    for bound, value in (("lo", lo), ("mid", mid), ("hi", hi)):
+        fam.add_metric([*labels, bound], value)
 
 
-def _add_drift(fams: dict[str, Metric], snap: dict[str, Any]) -> None:
+def _add_reference(fam: Metric, labels: list[str], ref: SubjectsReference | None) -> None:
+    """A count-matched reference interval (the baseline fallback is not comparable: left out)."""
+    if ref is not None and ref.matched:
+        _add_interval(fam, labels, ref.lo, ref.mid, ref.hi)
+
+
+def _add_drift(fams: dict[str, Metric], snap: MonitorSnapshot) -> None:
     """OPIS across subjects (tenants keeping their own label only: an ``other`` row would mix
     tenants) with count-matched references, and the across-tenants reference."""
-    subjects = snap.get("subjects")
-    if subjects is not None:
-        pooled = subjects["pooled"]
-        if pooled["opis"] is not None:
-            fams["subj_pooled"].add_metric([], pooled["opis"])
-        ref = pooled["reference"]
-        if ref is not None and ref["matched"]:
-            _add_interval(fams["subj_pooled_ref"], [], ref)
-        eligible = sum(r["subjects"]["eligible_subjects"] for r in snap["tenants"].values()
-                       if "subjects" in r)
-        total = sum(r["subjects"]["subjects"] for r in snap["tenants"].values()
-                    if "subjects" in r)
+    if snap.subjects is not None:
+        pooled = snap.subjects.pooled
+        if pooled.opis is not None:
+            fams["subj_pooled"].add_metric([], pooled.opis)
+        _add_reference(fams["subj_pooled_ref"], [], pooled.reference)
+        rows = [r.subjects for r in snap.tenants.values() if r.subjects is not None]
+        eligible = sum(r.eligible_subjects for r in rows)
         fams["subj_count"].add_metric(["eligible"], eligible)
-        fams["subj_count"].add_metric(["excluded"], total - eligible)
-        for t, row in snap["tenants"].items():
-            if row.get("deviation") is not None and row["label"] == t:
-                fams["deviation"].add_metric([t], row["deviation"])
-            sub = row.get("subjects")
-            if sub is None or row["label"] != t:
+        fams["subj_count"].add_metric(["excluded"], sum(r.subjects for r in rows) - eligible)
+        for t, row in snap.tenants.items():
+            if row.deviation is not None and row.label == t:
+                fams["deviation"].add_metric([t], row.deviation)
+            sub = row.subjects
+            if sub is None or row.label != t:
                 continue
-            if sub["opis"] is not None:
-                fams["subj"].add_metric([t], sub["opis"])
-            if sub["reference"] is not None and sub["reference"]["matched"]:
-                _add_interval(fams["subj_ref"], [t], sub["reference"])
-    ten = snap.get("tenants_reference")
+            if sub.opis is not None:
+                fams["subj"].add_metric([t], sub.opis)
+            _add_reference(fams["subj_ref"], [t], sub.reference)
+    ten = snap.tenants_reference
     if ten is not None:
-        for key, name in (("opis", "ten_ref"), ("eps_opis", "ten_eps_ref")):
-            interval = ten.get(f"{key}_interval")
+        for name, value, interval in (("ten_ref", ten.opis, ten.opis_interval),
+                                      ("ten_eps_ref", ten.eps_opis, ten.eps_opis_interval)):
             if interval is not None:
-                _add_interval(fams[name], [], {"lo": interval[0], "mid": ten[key],
-                                               "hi": interval[1]})
-        fams["ten_dev_ref"].add_metric([], ten["deviation"]["hi"])
-        fams["ten_ref_ts"].add_metric([], ten["measured_at"])
+                _add_interval(fams[name], [], interval[0], value, interval[1])
+        fams["ten_dev_ref"].add_metric([], ten.deviation["hi"])
+        fams["ten_ref_ts"].add_metric([], ten.measured_at)
 
 
-def _add_snapshot(fams: dict[str, Metric], snap: dict[str, Any]) -> None:
+def _add_rates(fams: dict[str, Metric], labels: list[str], rates: Rates) -> None:
+    for name, value in (("far", rates.far), ("frr", rates.frr), ("utility", rates.utility)):
+        if value is not None:
+            fams[name].add_metric(labels, value)
+
+
+def _add_snapshot(fams: dict[str, Metric], snap: MonitorSnapshot) -> None:
     _add_drift(fams, snap)
-    if snap.get("opis") is not None:
-        fams["opis"].add_metric([], snap["opis"])
-    if snap.get("eps_opis") is not None:
-        fams["eps_opis"].add_metric([], snap["eps_opis"])
-    fams["ts"].add_metric([], snap["computed_at"])
-    fams["window"].add_metric([], snap["window_s"])
-    fams["info"].add_metric([snap["model_version"]], 1.0)
-    fams["tenants"].add_metric(["eligible"], snap["eligible_tenants"])
-    fams["tenants"].add_metric(["excluded"], snap["tenants_total"] - snap["eligible_tenants"])
-    bounds = [_le(b) for b in snap["score_buckets"]]
-    for le, b in zip(bounds, snap["score_buckets"], strict=True):
+    if snap.opis is not None:
+        fams["opis"].add_metric([], snap.opis)
+    if snap.eps_opis is not None:
+        fams["eps_opis"].add_metric([], snap.eps_opis)
+    fams["ts"].add_metric([], snap.computed_at)
+    fams["window"].add_metric([], snap.window_s)
+    fams["info"].add_metric([snap.model_version], 1.0)
+    fams["tenants"].add_metric(["eligible"], snap.eligible_tenants)
+    fams["tenants"].add_metric(["excluded"], snap.tenants_total - snap.eligible_tenants)
+    bounds = [_le(b) for b in snap.score_buckets]
+    for le, b in zip(bounds, snap.score_buckets, strict=True):
         fams["bound"].add_metric([le], b)
-    for label, row in snap["labels"].items():
-        for src in RATE_SOURCES:
-            rates = row[POOLED] if src == POOLED else row["by_source"][src]
-            for key in ("far", "frr", "utility"):
-                if rates[key] is not None:
-                    fams[key].add_metric([label, src], rates[key])
-        for src in SOURCES:
-            rates = row["by_source"][src]
-            fams["pairs"].add_metric([label, "genuine", src], rates["genuine_pairs"])
-            fams["pairs"].add_metric([label, "impostor", src], rates["impostor_pairs"])
+    for label, row in snap.labels.items():
+        by_source = list(row.by_source)  # (source, rates), in pairs.SOURCES order
+        for src, rates in [*by_source, (POOLED, row.pooled)]:
+            _add_rates(fams, [label, src], rates)
+        for src, rates in by_source:
+            fams["pairs"].add_metric([label, "genuine", src], rates.genuine_pairs)
+            fams["pairs"].add_metric([label, "impostor", src], rates.impostor_pairs)
         for kind in KINDS:
-            for src, h in row["histograms"][kind].items():
-                buckets = [(le, float(c)) for le, c in zip(bounds, h["buckets"], strict=True)]
-                buckets.append(("+Inf", float(h["count"])))
-                fams[kind].add_metric([label, src], buckets, gsum_value=h["sum"])
+            for src, h in row.histograms[kind].items():
+                buckets = [(le, float(c)) for le, c in zip(bounds, h.buckets, strict=True)]
+                buckets.append(("+Inf", float(h.count)))
+                fams[kind].add_metric([label, src], buckets, gsum_value=h.sum)
 
 
 class MonitorMetrics:

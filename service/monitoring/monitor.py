@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +53,15 @@ from service.monitoring import (
     what_if,
 )
 from service.monitoring.snapshot import grid_of
+from service.monitoring.snapshot_schema import (
+    MonitorSnapshot,
+    TenantMonitorSnapshot,
+    TenantsReference,
+    from_stored,
+    to_stored,
+)
 from service.monitoring.subjects import TenantSubjects, tenant_reference, tenant_subjects
-from service.store.base import Decision, GalleryVectors, Tenant
+from service.store import Store
 from tcm import Manifest, load_reference, utility
 from tcm.drift import Summary, matched_reference
 
@@ -62,26 +69,6 @@ log = logging.getLogger(__name__)
 
 Pairs = dict[str, LabelledScores]  # source -> labelled scores of one tenant
 REFERENCE_CACHE = 256  # gallery shapes whose count-matched reference draws are kept
-
-
-class MonitorStore(Protocol):
-    """The part of :class:`service.store.Store` the monitor uses (blocking, thread-safe)."""
-
-    def list_tenants(self) -> list[Tenant]: ...
-
-    def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
-                       limit: int | None = None) -> list[Decision]: ...
-
-    def gallery_vectors(self, tenant_id: str, *, model_version: str,
-                        subject: str | None = None) -> GalleryVectors: ...
-
-    def put_monitor_snapshot(self, snapshot: Mapping[str, Any]) -> None: ...
-
-    def get_monitor_snapshot(self) -> dict[str, Any] | None: ...
-
-    def get_model_registry(self) -> tuple[dict[str, Any] | None, int]: ...
-
-    def put_model_registry(self, registry: Mapping[str, Any], *, expected_rev: int) -> bool: ...
 
 
 class PairCache:
@@ -151,7 +138,7 @@ class Monitor:
     spread out) on an asyncio task that never blocks the event loop.
     """
 
-    def __init__(self, store: MonitorStore, manifest: Manifest, metrics: ServiceMetrics,
+    def __init__(self, store: Store, manifest: Manifest, metrics: ServiceMetrics,
                  config: MonitorConfig | None = None, *,
                  clock: Callable[[], float] = time.time,
                  artefact_path: Path | None = None) -> None:
@@ -173,7 +160,6 @@ class Monitor:
         self._reference_lock = threading.Lock()
         self._reference_cache: OrderedDict[tuple[int, ...], list[Summary]] = OrderedDict()
         self._reference_data = self._load_reference(artefact_path)
-        self._local_reference: dict[str, dict[str, Any]] = {}  # stores without a registry
 
     def _load_reference(self, path: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
         """The artefact's held-out embeddings (None: an older artefact without them)."""
@@ -204,10 +190,11 @@ class Monitor:
 
     # -- the current numbers --
     @property
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self) -> MonitorSnapshot | None:
         return self.metrics.snapshot.snapshot
 
-    def view(self, tenant_id: str | None = None) -> dict[str, Any] | None:
+    def view(self, tenant_id: str | None = None
+             ) -> MonitorSnapshot | TenantMonitorSnapshot | None:
         """The snapshot (admin), or what ``tenant_id`` may see of it; None before the first."""
         snap = self.snapshot
         if snap is None or tenant_id is None:
@@ -258,7 +245,7 @@ class Monitor:
                 self._reference_cache.popitem(last=False)
         return draws
 
-    def compute(self) -> dict[str, Any]:
+    def compute(self) -> MonitorSnapshot:
         now = self.clock()
         tenants = [t.tenant_id for t in self.store.list_tenants()]
         loaded = {t: self._load(t, now=now, subjects=True) for t in tenants}
@@ -271,26 +258,24 @@ class Monitor:
         ref = self.tenants_reference()
         if ref is None:  # first snapshot of this version where it is defined: measure it
             ref = self.store_tenants_reference(snap, subjects, only_if_missing=True)
-        snap["tenants_reference"] = ref
+        snap.tenants_reference = ref
         self.pairs.reset(self._snapshot_id(snap), scores)
         return snap
 
     # -- the across-tenants reference (in the model registry) --
-    def tenants_reference(self) -> dict[str, Any] | None:
+    def tenants_reference(self) -> TenantsReference | None:
         """This version's across-tenants reference from the registry (None: not measured)."""
-        if not hasattr(self.store, "get_model_registry"):  # a bare test store: kept here
-            return self._local_reference.get(self.manifest.model_version)
         doc, _ = self.store.get_model_registry()
-        refs = (doc or {}).get("tenant_references") or {}
-        return refs.get(self.manifest.model_version)
+        ref = ((doc or {}).get("tenant_references") or {}).get(self.manifest.model_version)
+        return None if ref is None else TenantsReference.model_validate(ref)
 
-    def measure_tenants_reference(self, snap: Mapping[str, Any],
+    def measure_tenants_reference(self, snap: MonitorSnapshot,
                                   subjects: Mapping[str, TenantSubjects]
-                                  ) -> dict[str, Any] | None:
+                                  ) -> TenantsReference | None:
         cal = self.manifest.calibration
         cal_error = 1.0 - float(utility(np.array([1.0 - cal.frr_at_tau]),
                                         np.array([1.0 - cal.far_at_tau]), cal.beta)[0])
-        eligible = [t for t, row in snap["tenants"].items() if row["eligible"]]
+        eligible = [t for t, row in snap.tenants.items() if row.eligible]
         ref = tenant_reference(subjects, eligible, grid=grid_of(self.manifest),
                                eps=self.manifest.baseline.eps, level=self.config.interval_level,
                                resamples=self.config.bootstrap_resamples,
@@ -298,25 +283,22 @@ class Monitor:
                                calibration_error=cal_error)
         if ref is None:
             return None
-        fb = snap["global"]["by_source"]["feedback"]
-        return {**ref, "model_version": self.manifest.model_version,
-                "measured_at": float(snap["computed_at"]),
-                "feedback_pairs": fb["genuine_pairs"] + fb["impostor_pairs"],
-                "min_pairs": self.config.min_pairs}
+        fb = snap.global_.by_source.feedback
+        return TenantsReference(**ref, model_version=self.manifest.model_version,
+                                measured_at=snap.computed_at,
+                                feedback_pairs=fb.genuine_pairs + fb.impostor_pairs,
+                                min_pairs=self.config.min_pairs)
 
-    def store_tenants_reference(self, snap: Mapping[str, Any],
+    def store_tenants_reference(self, snap: MonitorSnapshot,
                                 subjects: Mapping[str, TenantSubjects], *,
-                                only_if_missing: bool) -> dict[str, Any] | None:
+                                only_if_missing: bool) -> TenantsReference | None:
         """Measures the across-tenants reference on ``snap``'s data and writes it to the
         registry (``only_if_missing``: unless a replica already did); returns the stored one."""
-        ref = self.measure_tenants_reference(snap, subjects)
-        if ref is None:
+        measured = self.measure_tenants_reference(snap, subjects)
+        if measured is None:
             return None
         version = self.manifest.model_version
-        if not hasattr(self.store, "get_model_registry"):
-            if not (only_if_missing and version in self._local_reference):
-                self._local_reference[version] = ref
-            return self._local_reference[version]
+        ref = measured.model_dump(mode="json")
 
         def put(doc: dict[str, Any]) -> dict[str, Any]:
             refs = dict(doc.get("tenant_references") or {})
@@ -326,10 +308,10 @@ class Monitor:
                                         if v in doc["versions"] or v == version}
             return doc
 
-        doc = ModelRegistry(self.store).update(put)  # type: ignore[arg-type]
-        return doc["tenant_references"][version]
+        doc = ModelRegistry(self.store).update(put)
+        return TenantsReference.model_validate(doc["tenant_references"][version])
 
-    def remeasure_tenants_reference(self) -> dict[str, Any] | None:
+    def remeasure_tenants_reference(self) -> TenantsReference | None:
         """On demand (admin): the across-tenants reference from the data as of now, replacing
         the stored one; the snapshot is recomputed against it. None when undefined."""
         with self._refresh_lock:
@@ -345,21 +327,30 @@ class Monitor:
             self.refresh(force=True)
         return ref
 
-    def is_current(self, snap: Mapping[str, Any] | None) -> bool:
+    def is_current(self, snap: MonitorSnapshot | None) -> bool:
         """Computed for this model and configuration less than half an interval ago: a
         replica's fresh snapshot is adopted, but one that would be an interval old by the next
         cycle is recomputed, so the numbers are never much more than an interval stale."""
-        if not snap or snap.get("config_key") != self._key:
+        if snap is None or snap.config_key != self._key:
             return False
-        age = self.clock() - float(snap.get("computed_at", 0.0))
+        age = self.clock() - snap.computed_at
         return -self.config.interval_s < age < 0.5 * self.config.interval_s
 
-    def refresh(self, *, force: bool = False) -> dict[str, Any]:
+    def stored_snapshot(self) -> MonitorSnapshot | None:
+        """The store's snapshot if it was computed for this model and configuration (the key
+        is read before the rest: another configuration's, or another format's, is not ours to
+        parse), else None."""
+        doc = self.store.get_monitor_snapshot()
+        if doc is None or doc.get("config_key") != self._key:
+            return None
+        return from_stored(doc)
+
+    def refresh(self, *, force: bool = False) -> MonitorSnapshot:
         """Adopts the stored snapshot if current (unless ``force``), else computes and stores
         one; publishes it. Raises (and counts a failed run) when the store is unavailable."""
         with self._refresh_lock:
             try:
-                stored = None if force else self.store.get_monitor_snapshot()
+                stored = None if force else self.stored_snapshot()
                 if stored is not None and self.is_current(stored):
                     self.publish(stored)
                     self.metrics.runs.labels(result="adopted").inc()
@@ -367,7 +358,7 @@ class Monitor:
                 started = time.perf_counter()
                 snap = self.compute()
                 self.metrics.compute_seconds.observe(time.perf_counter() - started)
-                self.store.put_monitor_snapshot(snap)
+                self.store.put_monitor_snapshot(to_stored(snap))
             except Exception:
                 self.metrics.runs.labels(result="failed").inc()
                 raise
@@ -387,12 +378,12 @@ class Monitor:
         if not self._refresh_lock.acquire(blocking=False):
             return False
         try:
-            stored = self.store.get_monitor_snapshot()
-            if stored is None or stored.get("config_key") != self._key:
+            stored = self.stored_snapshot()
+            if stored is None:
                 return False
             current = self.snapshot
-            stored_at = float(stored.get("computed_at", 0.0))
-            if current is not None and stored_at <= float(current.get("computed_at", 0.0)):
+            stored_at = stored.computed_at
+            if current is not None and stored_at <= current.computed_at:
                 return False
             if stored_at - self.clock() > self.config.interval_s:  # from a clock far ahead
                 return False
@@ -402,10 +393,10 @@ class Monitor:
         finally:
             self._refresh_lock.release()
 
-    def publish(self, snap: dict[str, Any]) -> None:
+    def publish(self, snap: MonitorSnapshot) -> None:
         """Makes ``snap`` the reported one, and re-applies the tenant label policy to the
         snapshot's tenants so that the request-path counters use the same labels."""
-        self.labels.sync(list(snap["tenants"]))
+        self.labels.sync(list(snap.tenants))
         self.metrics.snapshot.snapshot = snap
 
     def what_if(self, threshold: float, tenant_ids: Sequence[str] | None = None
@@ -416,8 +407,8 @@ class Monitor:
         snap = self.snapshot
         if snap is not None:
             key: Hashable = self._snapshot_id(snap)
-            now = float(snap["computed_at"])
-            everyone = list(snap["tenants"])
+            now = snap.computed_at
+            everyone = list(snap.tenants)
         else:
             key, now = None, self.clock()
             everyone = [t.tenant_id for t in self.store.list_tenants()]
@@ -432,8 +423,8 @@ class Monitor:
         return result
 
     @staticmethod
-    def _snapshot_id(snap: Mapping[str, Any]) -> Hashable:
-        return (snap["config_key"], snap["computed_at"])
+    def _snapshot_id(snap: MonitorSnapshot) -> Hashable:
+        return (snap.config_key, snap.computed_at)
 
     # -- the schedule --
     async def start(self) -> Monitor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.metrics import OUTCOMES
+from service.metrics import OUTCOMES, Outcome, decision_outcome
 from service.store.base import Decision
 
 KINDS = ("genuine", "impostor")
@@ -36,18 +36,11 @@ class LabelledScores:
 
     genuine: np.ndarray = field(default_factory=_empty)
     impostor: np.ndarray = field(default_factory=_empty)
-    outcomes: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    outcomes: Mapping[Outcome, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
 
     @property
     def size(self) -> int:
         return len(self.genuine) + len(self.impostor)
-
-
-def decision_outcome(*, accepted: bool, genuine: bool) -> str:
-    """Where a decision falls in the confusion matrix."""
-    if accepted:
-        return "true_accept" if genuine else "false_accept"
-    return "false_reject" if genuine else "true_reject"
 
 
 def feedback_scores(decisions: Iterable[Decision], *, model_version: str,
@@ -62,7 +55,7 @@ def feedback_scores(decisions: Iterable[Decision], *, model_version: str,
     """
     genuine: list[float] = []
     impostor: list[float] = []
-    outcomes = dict.fromkeys(OUTCOMES, 0)
+    outcomes: dict[Outcome, int] = dict.fromkeys(OUTCOMES, 0)
     for d in decisions:
         fb, m = d.feedback, d.match
         if fb is None or m.model_version != model_version:

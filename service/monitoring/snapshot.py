@@ -7,7 +7,8 @@ tau and eps, so live OPIS is comparable with the baseline OPIS measured at train
 are also given per source with the number of pairs behind each, and aggregated per tenant label
 (the capped label Prometheus sees) with score histograms.
 
-The snapshot is a JSON-able dict (no NaN): it is stored in the store and served as is.
+The snapshot is a :class:`~service.monitoring.snapshot_schema.MonitorSnapshot` (no NaN): it is
+stored in the store and served as is.
 """
 
 from __future__ import annotations
@@ -24,6 +25,21 @@ import numpy as np
 
 from service.metrics import OUTCOMES, tenant_label_values
 from service.monitoring.pairs import KINDS, SOURCES, LabelledScores, pooled
+from service.monitoring.snapshot_schema import (
+    BaselineOut,
+    LabelMonitorRow,
+    MonitorSnapshot,
+    OutcomeCounts,
+    Rates,
+    RatesBySource,
+    ScoreHistogram,
+    SnapshotHeader,
+    SourceRates,
+    SubjectsRow,
+    SubjectsSignal,
+    TenantMonitorRow,
+    TenantMonitorSnapshot,
+)
 from service.monitoring.subjects import ReferenceFn, TenantSubjects, across_subjects
 from tcm import Manifest, consistency_from_scores, utility
 from tcm.drift import Grid, Rules, deviations
@@ -116,7 +132,7 @@ def accepted(sorted_scores: np.ndarray, threshold: float) -> int:
 
 
 def error_rates(genuine: np.ndarray, impostor: np.ndarray, threshold: float, *,
-                beta: float = 1.0) -> dict[str, Any]:
+                beta: float = 1.0) -> Rates:
     """FAR, FRR and F-beta utility at ``threshold`` from sorted scores, with the number of
     pairs behind them; a rate without pairs is None."""
     n_g, n_i = len(genuine), len(impostor)
@@ -125,18 +141,18 @@ def error_rates(genuine: np.ndarray, impostor: np.ndarray, threshold: float, *,
     u = None
     if far is not None and frr is not None:
         u = float(utility(np.array([1.0 - frr]), np.array([1.0 - far]), beta)[0])
-    return {"far": far, "frr": frr, "utility": u, "genuine_pairs": n_g, "impostor_pairs": n_i}
+    return Rates(far=far, frr=frr, utility=u, genuine_pairs=n_g, impostor_pairs=n_i)
 
 
 def source_rates(parts: Mapping[str, LabelledScores], threshold: float, *, beta: float
-                 ) -> dict[str, Any]:
-    """Rates per source and pooled (``{"pooled": ..., "by_source": {...}}``)."""
+                 ) -> SourceRates:
+    """Rates pooled over the sources and per source."""
     by_source = {src: error_rates(parts[src].genuine if src in parts else np.zeros(0),
                                   parts[src].impostor if src in parts else np.zeros(0),
                                   threshold, beta=beta) for src in SOURCES}
-    return {POOLED: error_rates(pooled(parts, "genuine"), pooled(parts, "impostor"), threshold,
-                                beta=beta),
-            "by_source": by_source}
+    return SourceRates(pooled=error_rates(pooled(parts, "genuine"), pooled(parts, "impostor"),
+                                          threshold, beta=beta),
+                       by_source=RatesBySource(**by_source))
 
 
 # --- histograms -----------------------------------------------------------------------------
@@ -163,9 +179,9 @@ def cumulative_counts(sorted_scores: np.ndarray, bounds: Sequence[float]) -> lis
                            ).astype(int).tolist()
 
 
-def histogram(sorted_scores: np.ndarray, bounds: Sequence[float]) -> dict[str, Any]:
-    return {"buckets": cumulative_counts(sorted_scores, bounds), "count": len(sorted_scores),
-            "sum": float(sorted_scores.sum())}
+def histogram(sorted_scores: np.ndarray, bounds: Sequence[float]) -> ScoreHistogram:
+    return ScoreHistogram(buckets=cumulative_counts(sorted_scores, bounds),
+                          count=len(sorted_scores), sum=float(sorted_scores.sum()))
 
 
 # --- the snapshot ---------------------------------------------------------------------------
@@ -189,17 +205,16 @@ def compute_snapshot(
     now: float | None = None,
     subjects: Mapping[str, TenantSubjects] | None = None,
     reference: ReferenceFn | None = None,
-    tenants_reference: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """``scores[tenant][source]`` -> the snapshot dict (see the module doc).
+) -> MonitorSnapshot:
+    """``scores[tenant][source]`` -> the snapshot (see the module doc).
 
     A tenant enters OPIS with at least ``config.min_pairs`` genuine and impostor pairs (both
     sources pooled); with fewer than two such tenants OPIS is None and
     ``opis_unavailable_reason`` says why. ``tenant_order`` (oldest first) decides which tenants
     keep their own label under the cap. With ``subjects`` (per-subject histograms) the snapshot
     also has OPIS across subjects (``subjects``, and each tenant's ``subjects`` row) against
-    ``reference`` (count-matched draws; None: the manifest baseline); ``tenants_reference`` is
-    the across-tenants reference from the registry (None: not measured yet).
+    ``reference`` (count-matched draws; None: the manifest baseline). ``tenants_reference`` is
+    left None: the monitor sets it from the model registry.
     """
     cal, base = manifest.calibration, manifest.baseline
     now = time.time() if now is None else float(now)
@@ -207,21 +222,20 @@ def compute_snapshot(
     labels = tenant_label_values(order, config.tenant_label_cap)
     empty: dict[str, LabelledScores] = {}
 
-    tenants: dict[str, Any] = {}
+    tenants: dict[str, TenantMonitorRow] = {}
     for t in order:
         parts = scores.get(t, empty)
         rates = source_rates(parts, cal.tau, beta=cal.beta)
-        p = rates[POOLED]
+        p = rates.pooled
         fb = parts.get("feedback")
-        tenants[t] = {
-            "label": labels[t],
-            "eligible": p["genuine_pairs"] >= config.min_pairs
-            and p["impostor_pairs"] >= config.min_pairs,
-            **p, "mean_utility": None, "deviation": None, "by_source": rates["by_source"],
-            "outcomes": dict(fb.outcomes) if fb is not None else dict.fromkeys(OUTCOMES, 0),
-        }
+        tenants[t] = TenantMonitorRow(
+            **dict(p), label=labels[t],
+            eligible=p.genuine_pairs >= config.min_pairs and p.impostor_pairs >= config.min_pairs,
+            mean_utility=None, deviation=None, by_source=rates.by_source,
+            outcomes=OutcomeCounts.model_validate(
+                dict(fb.outcomes) if fb is not None else dict.fromkeys(OUTCOMES, 0)))
 
-    eligible = [t for t in order if tenants[t]["eligible"]]
+    eligible = [t for t in order if tenants[t].eligible]
     opis = eps_opis = None
     reason = None
     if len(eligible) >= 2:
@@ -233,8 +247,8 @@ def compute_snapshot(
         opis, eps_opis = float(report.opis), float(report.eps_opis)
         dev = deviations(report.utility)
         for row, t in enumerate(report.classes):
-            tenants[t]["mean_utility"] = float(report.mean_utility[row])
-            tenants[t]["deviation"] = float(dev[row])
+            tenants[t].mean_utility = float(report.mean_utility[row])
+            tenants[t].deviation = float(dev[row])
     else:
         reason = (f"{len(eligible)} of {len(order)} tenant(s) have at least {config.min_pairs} "
                   f"genuine and {config.min_pairs} impostor labelled pairs; OPIS compares "
@@ -243,19 +257,16 @@ def compute_snapshot(
     bounds = score_buckets(tau_lo=cal.tau_lo, tau_hi=cal.tau_hi, tau=cal.tau,
                            fine_step=config.fine_step, fine_margin=config.fine_margin,
                            coarse_step=config.coarse_step)
-    by_label: dict[str, Any] = {}
+    by_label: dict[str, LabelMonitorRow] = {}
     for label in dict.fromkeys(labels[t] for t in order):
         members = [t for t in order if labels[t] == label]
         merged = merge_sources(scores, members)
         rates = source_rates(merged, cal.tau, beta=cal.beta)
-        by_label[label] = {
-            "tenants": len(members),
-            POOLED: rates[POOLED],
-            "by_source": rates["by_source"],
-            "histograms": {kind: {src: histogram(getattr(merged[src], kind), bounds)
-                                  for src in SOURCES if len(getattr(merged[src], kind))}
-                           for kind in KINDS},
-        }
+        by_label[label] = LabelMonitorRow(
+            tenants=len(members), pooled=rates.pooled, by_source=rates.by_source,
+            histograms={kind: {src: histogram(getattr(merged[src], kind), bounds)
+                               for src in SOURCES if len(getattr(merged[src], kind))}
+                        for kind in KINDS})
 
     everyone = merge_sources(scores, order)
     across = None
@@ -266,51 +277,47 @@ def compute_snapshot(
             baseline={"opis": base.opis, "opis_interval": base.opis_interval})
         for t, row in across["tenants"].items():
             if t in tenants:
-                tenants[t]["subjects"] = row
-    return {
-        "format": SNAPSHOT_FORMAT,
-        "config_key": config.key(manifest.model_version),
-        "computed_at": now,
-        "window_s": config.window_s,
-        "since": now - config.window_s,
-        "interval_s": config.interval_s,
-        "model_version": manifest.model_version,
-        "tau": cal.tau, "tau_lo": cal.tau_lo, "tau_hi": cal.tau_hi,
-        "target_far": cal.target_far, "num_thresholds": cal.num_thresholds,
-        "beta": cal.beta, "eps": base.eps,
-        "min_pairs": config.min_pairs, "max_pairs": config.max_pairs,
-        "max_gallery_items": config.max_gallery_items,
-        "opis": opis, "eps_opis": eps_opis, "opis_unavailable_reason": reason,
-        "baseline": {"opis": base.opis, "eps_opis": base.eps_opis, "eps": base.eps,
-                     "opis_interval": list(base.opis_interval) if base.opis_interval else None,
-                     "eps_opis_interval": (list(base.eps_opis_interval)
-                                           if base.eps_opis_interval else None),
-                     "interval_level": base.interval_level,
-                     "num_classes": base.num_classes, "num_images": base.num_images},
-        "subjects": None if across is None else {k: v for k, v in across.items()
-                                                 if k != "tenants"},
-        "tenants_reference": dict(tenants_reference) if tenants_reference else None,
-        "global": source_rates(everyone, cal.tau, beta=cal.beta),
-        "tenants_total": len(order),
-        "eligible_tenants": len(eligible),
-        "excluded_tenants": [t for t in order if not tenants[t]["eligible"]],
-        "tenants": tenants,
-        "labels": by_label,
-        "score_buckets": list(bounds),
-    }
+                tenants[t].subjects = SubjectsRow.model_validate(row)
+    # every field is set explicitly, defaults included: what is set is what is stored
+    return MonitorSnapshot(
+        format=SNAPSHOT_FORMAT,
+        config_key=config.key(manifest.model_version),
+        computed_at=now,
+        window_s=config.window_s,
+        since=now - config.window_s,
+        interval_s=config.interval_s,
+        model_version=manifest.model_version,
+        tau=cal.tau, tau_lo=cal.tau_lo, tau_hi=cal.tau_hi,
+        target_far=cal.target_far, num_thresholds=cal.num_thresholds,
+        beta=cal.beta, eps=base.eps,
+        min_pairs=config.min_pairs, max_pairs=config.max_pairs,
+        max_gallery_items=config.max_gallery_items,
+        opis=opis, eps_opis=eps_opis, opis_unavailable_reason=reason,
+        baseline=BaselineOut(
+            opis=base.opis, eps_opis=base.eps_opis, eps=base.eps,
+            opis_interval=list(base.opis_interval) if base.opis_interval else None,
+            eps_opis_interval=list(base.eps_opis_interval) if base.eps_opis_interval else None,
+            interval_level=base.interval_level,
+            num_classes=base.num_classes, num_images=base.num_images),
+        subjects=None if across is None else SubjectsSignal.model_validate(
+            {k: v for k, v in across.items() if k != "tenants"}),
+        tenants_reference=None,
+        global_=source_rates(everyone, cal.tau, beta=cal.beta),
+        tenants_total=len(order),
+        eligible_tenants=len(eligible),
+        excluded_tenants=[t for t in order if not tenants[t].eligible],
+        tenants=tenants,
+        labels=by_label,
+        score_buckets=list(bounds),
+    )
 
 
-# What a tenant may see of a snapshot: the model's reference points and its own row, never
-# anything computed from other tenants' data (OPIS, global rates, other rows or labels).
-TENANT_VISIBLE = ("format", "computed_at", "window_s", "since", "interval_s", "model_version",
-                  "tau", "tau_lo", "tau_hi", "target_far", "num_thresholds", "beta",
-                  "min_pairs", "max_pairs", "max_gallery_items")
-
-
-def tenant_view(snapshot: Mapping[str, Any], tenant_id: str) -> dict[str, Any]:
-    view = {k: snapshot[k] for k in TENANT_VISIBLE if k in snapshot}
-    view["tenant"] = snapshot["tenants"].get(tenant_id)
-    return view
+def tenant_view(snapshot: MonitorSnapshot, tenant_id: str) -> TenantMonitorSnapshot:
+    """What a tenant may see of a snapshot: the header (the model's reference points and the
+    monitor's configuration) and its own row, never anything computed from other tenants'
+    data (OPIS, global rates, other rows or labels)."""
+    header = {name: getattr(snapshot, name) for name in SnapshotHeader.model_fields}
+    return TenantMonitorSnapshot(**header, tenant=snapshot.tenants.get(tenant_id))
 
 
 def what_if(pairs: Mapping[str, Mapping[str, LabelledScores]], threshold: float, *,
@@ -325,9 +332,9 @@ def what_if(pairs: Mapping[str, Mapping[str, LabelledScores]], threshold: float,
     totals = {src: {"g": 0, "i": 0, "fa": 0, "fr": 0} for src in SOURCES}
     for t, parts in pairs.items():
         at = source_rates(parts, threshold, beta=beta)
-        at_tau = source_rates(parts, tau, beta=beta)
-        tenants[t] = {**at[POOLED], "by_source": at["by_source"],
-                      "at_tau": {"far": at_tau[POOLED]["far"], "frr": at_tau[POOLED]["frr"]}}
+        at_tau = source_rates(parts, tau, beta=beta).pooled
+        tenants[t] = {**at.pooled.model_dump(), "by_source": at.by_source.model_dump(),
+                      "at_tau": {"far": at_tau.far, "frr": at_tau.frr}}
         for src, p in parts.items():
             tot = totals[src]
             tot["g"] += len(p.genuine)

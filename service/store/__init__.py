@@ -18,7 +18,6 @@ from service.store.base import (
     IdempotentReplay,
     MatchRecord,
     NewItem,
-    Outcome,
     Store,
     StoreInUseError,
     Tenant,
@@ -37,5 +36,5 @@ def open_store(settings: Settings) -> Store:
 
 
 __all__ = ["ApiKey", "Change", "Decision", "Feedback", "GalleryItem", "GalleryVectors",
-           "Idempotent", "IdempotentReplay", "MatchRecord", "NewItem", "Outcome", "Store",
+           "Idempotent", "IdempotentReplay", "MatchRecord", "NewItem", "Store",
            "StoreInUseError", "Tenant", "open_store"]

@@ -39,10 +39,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from service.metrics import Outcome
+
 # rows per chunk when a gallery is streamed (start-up rebuild): 65,536 x 512-d float32 = 128 MiB
 GALLERY_CHUNK_ROWS = 65_536
-
-Outcome = Literal["true_accept", "false_accept", "true_reject", "false_reject"]
 
 
 @dataclass(frozen=True)

@@ -14,18 +14,18 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 
-from service.metrics import ServiceMetrics
-from service.monitoring import MonitorConfig, decision_outcome
+from service.metrics import ServiceMetrics, decision_outcome
+from service.monitoring import MonitorConfig
 from service.monitoring.monitor import Monitor
-from service.store import Decision, Feedback, GalleryVectors, MatchRecord, Tenant
+from service.store import ApiKey, Feedback, MatchRecord, Store, Tenant
+from service.store.sqlite import SQLiteStore
 from tests.deploy.conftest import RULE_FILES, sample_manifest
 from tests.deploy.promserver import Prometheus, free_port, running_prometheus, wait_for
 
@@ -35,29 +35,16 @@ DRIFTER = "delta"
 TENANTS = (*HEALTHY, DRIFTER)
 
 
-@dataclass
-class FeedbackLog:
-    """The monitor's store API over the decisions the script made."""
-
-    decisions: dict[str, list[Decision]] = field(default_factory=dict)
-    snapshot: dict[str, Any] | None = None
-
-    def list_tenants(self) -> list[Tenant]:
-        return [Tenant(t, t, float(i)) for i, t in enumerate(TENANTS)]
-
-    def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
-                       limit: int | None = None) -> list[Decision]:
-        return [d for d in self.decisions.get(tenant_id, []) if d.match.created_at >= since]
-
-    def gallery_vectors(self, tenant_id: str, *, model_version: str,
-                        subject: str | None = None) -> GalleryVectors:
-        return GalleryVectors.empty(8)
-
-    def put_monitor_snapshot(self, snapshot: dict[str, Any]) -> None:
-        self.snapshot = dict(snapshot)
-
-    def get_monitor_snapshot(self) -> dict[str, Any] | None:
-        return self.snapshot
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """The monitor's store (SQLite): the script's tenants, with empty galleries, and the
+    decisions it makes."""
+    (tmp_path / "store").mkdir()
+    s = SQLiteStore(tmp_path / "store" / "tcm.db")
+    for i, t in enumerate(TENANTS):
+        s.create_tenant(Tenant(t, t, float(i)), ApiKey(f"k-{t}", t, "0" * 64, float(i)))
+    yield s
+    s.close()
 
 
 @pytest.fixture
@@ -81,15 +68,15 @@ def prometheus(tmp_path: Path, metrics_server: tuple[int, CollectorRegistry]
 class Script:
     """Feedback on 1:N decisions at a steady rate; ``drift`` shifts the drifter's impostors."""
 
-    def __init__(self, monitor: Monitor, metrics: ServiceMetrics, log: FeedbackLog,
+    def __init__(self, monitor: Monitor, metrics: ServiceMetrics, store: Store,
                  tau: float) -> None:
-        self.monitor, self.metrics, self.log, self.tau = monitor, metrics, log, tau
+        self.monitor, self.metrics, self.store, self.tau = monitor, metrics, store, tau
         self.rng = np.random.default_rng(5)
         self.ids = itertools.count()
         self.drift = False
         self.last_refresh = 0.0
 
-    def decide(self, tenant: str, genuine: bool) -> None:
+    def decide(self, tenant: str, genuine: bool) -> tuple[MatchRecord, Feedback]:
         if genuine:
             score = self.rng.normal(self.tau + 0.2, 0.05)
         elif tenant == DRIFTER and self.drift:
@@ -103,17 +90,18 @@ class Script:
         match = MatchRecord(mid, tenant, accepted, "s" if accepted else None, "i", "s", score,
                             self.tau, self.monitor.manifest.model_version, now)
         outcome = decision_outcome(accepted=accepted, genuine=genuine)
-        fb = Feedback(mid, tenant, None, None, genuine, outcome, now)  # type: ignore[arg-type]
-        self.log.decisions.setdefault(tenant, []).append(Decision(match, fb))
+        fb = Feedback(mid, tenant, None, None, genuine, outcome, now)
         # what the feedback endpoint counts on the request path (Matcher.feedback)
         self.metrics.decisions.labels(tenant=self.metrics.tenant_label(tenant),
                                       outcome=outcome).inc()
+        return match, fb
 
     def tick(self) -> None:
-        for tenant in TENANTS:
-            for _ in range(4):
-                self.decide(tenant, genuine=False)
-            self.decide(tenant, genuine=True)
+        made = [self.decide(tenant, genuine=genuine) for tenant in TENANTS
+                for genuine in (False, False, False, False, True)]
+        self.store.add_matches([m for m, _ in made])
+        with ThreadPoolExecutor(8) as pool:  # concurrent writes share the store's commits
+            list(pool.map(self.store.add_feedback, [fb for _, fb in made]))
         if time.monotonic() - self.last_refresh >= 1.0:  # the monitor's schedule, sped up
             self.monitor.refresh(force=True)
             self.last_refresh = time.monotonic()
@@ -126,15 +114,14 @@ class Script:
 
 
 def test_recording_rules_see_one_tenant_drift(prometheus: Prometheus,
-                                              metrics_server: tuple[int, CollectorRegistry]
-                                              ) -> None:
+                                              metrics_server: tuple[int, CollectorRegistry],
+                                              store: Store) -> None:
     manifest = sample_manifest()
     target = manifest.calibration.target_far
-    log = FeedbackLog()
     metrics = ServiceMetrics(metrics_server[1], tenant_label_cap=10)
-    monitor = Monitor(log, manifest, metrics,
+    monitor = Monitor(store, manifest, metrics,
                       MonitorConfig(interval_s=1.0, min_pairs=10, tenant_label_cap=10))
-    script = Script(monitor, metrics, log, manifest.calibration.tau)
+    script = Script(monitor, metrics, store, manifest.calibration.tau)
 
     # phase 1: everyone healthy, until Prometheus has a FAR for every tenant
     def all_far() -> bool:

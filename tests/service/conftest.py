@@ -27,6 +27,8 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
+from service.store import Decision
+from service.store.sqlite import SQLiteStore
 from tcm import (
     Baseline,
     Calibration,
@@ -147,6 +149,33 @@ def store_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     yield make
     for p in prefixes:
         redis_cleanup(REDIS_URL, p)
+
+
+class CountingStore(SQLiteStore):
+    """A real SQLite store that counts reads of decisions (the monitor's loads of labelled
+    pairs), for tests that check what is read when."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reads = 0
+
+    def list_decisions(self, tenant_id: str, **kw: Any) -> list[Decision]:
+        self.reads += 1
+        return super().list_decisions(tenant_id, **kw)
+
+
+@pytest.fixture
+def sqlite_stores(tmp_path: Path) -> Iterator[Callable[[], CountingStore]]:
+    """A factory of fresh SQLite stores in the test's directory, closed after the test."""
+    made: list[CountingStore] = []
+
+    def make() -> CountingStore:
+        made.append(CountingStore(tmp_path / f"store-{len(made)}.db"))
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.close()
 
 
 def make_settings(artefact: Path, store: dict[str, Any], **over: Any) -> Settings:

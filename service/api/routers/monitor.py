@@ -17,16 +17,7 @@ from service.api.dependencies import (
     tenant_bearer,
 )
 from service.api.dependencies import token_of as _token
-from service.api.schemas import (
-    AdminWhatIf,
-    MonitorReference,
-    MonitorSnapshot,
-    MonitorView,
-    TenantMonitorSnapshot,
-    TenantsReference,
-    WhatIf,
-    errors,
-)
+from service.api.schemas import AdminWhatIf, MonitorReference, MonitorView, WhatIf, errors
 from service.errors import NotFoundError
 from service.monitoring.monitor import Monitor
 
@@ -61,13 +52,12 @@ async def monitor_view(request: Request, runtime: RuntimeDep,
         what_if = model.model_validate(await run_in_threadpool(
             monitor.what_if, threshold, None if tenant_id is None else [tenant_id]))
     pending = snapshot is None
-    view = MonitorSnapshot if tenant_id is None else TenantMonitorSnapshot
     return MonitorView(
         scope="admin" if tenant_id is None else "tenant", tenant_id=tenant_id,
         status="pending" if pending else "ok",
         message=("the monitor has not produced a snapshot yet (it runs every "
                  f"{monitor.config.interval_s:g}s)") if pending else None,
-        snapshot=None if snapshot is None else view.model_validate(snapshot), what_if=what_if)
+        snapshot=snapshot, what_if=what_if)
 
 
 @router.post("/v1/monitor/reference", operation_id="remeasureMonitorReference",
@@ -88,5 +78,4 @@ async def remeasure_reference(request: Request) -> MonitorReference:
             model_version=version, status="undefined",
             message=f"fewer than 2 tenants have {monitor.config.min_pairs} genuine and "
                     "impostor labelled pairs: the across-tenants reference is undefined")
-    return MonitorReference(model_version=version, status="measured",
-                            reference=TenantsReference.model_validate(ref))
+    return MonitorReference(model_version=version, status="measured", reference=ref)

@@ -111,6 +111,6 @@ def test_monitor_error_rates_count_a_score_at_the_threshold_as_accepted() -> Non
     assert accepted(scores, float(t)) == 2
     assert accepted(np.array([t]), float(t)) == 1
     rates = error_rates(np.array([t]), np.array([t]), float(t))
-    assert rates["frr"] == 0.0 and rates["far"] == 1.0
+    assert rates.frr == 0.0 and rates.far == 1.0
     below = error_rates(np.array([t]), np.array([t]), float(np.nextafter(t, 2)))
-    assert below["frr"] == 1.0 and below["far"] == 0.0
+    assert below.frr == 1.0 and below.far == 0.0

@@ -21,10 +21,15 @@ from service.metrics import ServiceMetrics
 from service.monitoring import MonitorConfig
 from service.monitoring.monitor import Monitor
 from service.monitoring.subjects import tenant_subjects
-from service.store import Decision, Feedback, MatchRecord
+from service.store import Decision, Feedback, MatchRecord, Store
 from tcm import consistency_from_scores, read_manifest, save_reference
 from tcm.drift import Grid, Rules, bootstrap_interval, class_histograms, curves, opis_of
-from tests.service.monitoring.test_monitor import MemoryStore, identities, synthetic_manifest
+from tests.service.monitoring.test_monitor import (
+    add_gallery,
+    identities,
+    new_tenant,
+    synthetic_manifest,
+)
 
 RULES = Path(__file__).resolve().parents[3] / "deploy" / "prometheus" / "rules"
 
@@ -50,7 +55,7 @@ def artefact_dir(tmp_path: Path, *, with_reference: bool = True) -> Path:
     return out
 
 
-def monitor_for(store: MemoryStore, path: Path | None, **cfg: object) -> Monitor:
+def monitor_for(store: Store, path: Path | None, **cfg: object) -> Monitor:
     metrics = ServiceMetrics(CollectorRegistry(), tenant_label_cap=50)
     manifest = read_manifest(path) if path is not None else synthetic_manifest()
     return Monitor(
@@ -64,7 +69,7 @@ def monitor_for(store: MemoryStore, path: Path | None, **cfg: object) -> Monitor
 
 
 def gallery(
-    store: MemoryStore,
+    store: Store,
     tenant: str,
     rng: np.random.Generator,
     subjects: int,
@@ -78,8 +83,8 @@ def gallery(
     if drifted:
         xd, _ = identities(rng, drifted, per_subject, noise=2.5)
         x[: len(xd)] = xd
-    store.tenants.append(tenant)
-    store.galleries[tenant] = ([f"s{k}" for k in y], x)
+    new_tenant(store, tenant)
+    add_gallery(store, tenant, [f"s{k}" for k in y], x)
 
 
 def test_histogram_opis_equals_tcm() -> None:
@@ -131,7 +136,8 @@ def test_feedback_pairs_land_on_the_candidates_subject() -> None:
     assert ts.neg_feedback.sum(axis=1).tolist() == [1.0, 1.0]
 
 
-def test_healthy_three_image_galleries_raise_no_alert_drift_does(tmp_path: Path) -> None:
+def test_healthy_three_image_galleries_raise_no_alert_drift_does(tmp_path: Path,
+                                                                 sqlite_stores) -> None:
     """One tenant, 60 subjects of 3 images each, from the model's own distribution: live OPIS
     across subjects stays under factor x its count-matched reference on every seed (the
     full-count baseline would be far below it: comparing with it would alert every time).
@@ -141,15 +147,15 @@ def test_healthy_three_image_galleries_raise_no_alert_drift_does(tmp_path: Path)
     base = synthetic_manifest().baseline.opis
     ratios, above_baseline = [], 0
     for seed in range(8):
-        store = MemoryStore()
+        store = sqlite_stores()
         gallery(store, "solo", np.random.default_rng(seed), 60, 3)
         snap = monitor_for(store, path).refresh(force=True)
-        row = snap["tenants"]["solo"]["subjects"]
-        ref = row["reference"]
-        assert ref["matched"] and ref["draws"] >= 10
-        assert snap["subjects"]["pooled"]["opis"] == pytest.approx(row["opis"])
-        ratios.append(row["opis"] / ref["hi"])
-        above_baseline += row["opis"] > factor * base
+        row = snap.tenants["solo"].subjects
+        ref = row.reference
+        assert ref.matched and ref.draws >= 10
+        assert snap.subjects.pooled.opis == pytest.approx(row.opis)
+        ratios.append(row.opis / ref.hi)
+        above_baseline += row.opis > factor * base
     false_alerts = sum(r > factor for r in ratios)
     print(
         f"healthy 3-image galleries: live/reference-hi {np.round(ratios, 3).tolist()}, "
@@ -159,15 +165,15 @@ def test_healthy_three_image_galleries_raise_no_alert_drift_does(tmp_path: Path)
     assert false_alerts == 0
     assert above_baseline == 8  # the unlike comparison the issue describes
 
-    store = MemoryStore()
+    store = sqlite_stores()
     gallery(store, "solo", np.random.default_rng(99), 60, 3, drifted=20)
     snap = monitor_for(store, path).refresh(force=True)
-    row = snap["tenants"]["solo"]["subjects"]
-    print(f"drifted: live {row['opis']:.4g}, reference {row['reference']}")
-    assert row["opis"] > factor * row["reference"]["hi"]
+    row = snap.tenants["solo"].subjects
+    print(f"drifted: live {row.opis:.4g}, reference {row.reference}")
+    assert row.opis > factor * row.reference.hi
 
 
-def test_older_artefact_falls_back_to_the_baseline(tmp_path: Path) -> None:
+def test_older_artefact_falls_back_to_the_baseline(tmp_path: Path, sqlite_stores) -> None:
     path = artefact_dir(tmp_path, with_reference=False)
     d = json.loads((path / "manifest.json").read_text())
     for key in (
@@ -181,13 +187,13 @@ def test_older_artefact_falls_back_to_the_baseline(tmp_path: Path) -> None:
     (path / "manifest.json").write_text(json.dumps(d))
     m = read_manifest(path)  # an artefact exported before these fields loads
     assert m.baseline.opis_interval is None and m.baseline.reference_file == ""
-    store = MemoryStore()
+    store = sqlite_stores()
     gallery(store, "solo", np.random.default_rng(0), 20, 3)
     mon = monitor_for(store, path)
     snap = mon.refresh(force=True)
-    ref = snap["subjects"]["pooled"]["reference"]
-    assert ref["matched"] is False and "no bootstrap interval" in ref["note"]
-    assert ref["hi"] == ref["mid"] == m.baseline.opis
+    ref = snap.subjects.pooled.reference
+    assert ref.matched is False and "no bootstrap interval" in ref.note
+    assert ref.hi == ref.mid == m.baseline.opis
     text = "\n".join(
         f"{s.name} {s.value}" for fam in mon.metrics.snapshot.collect() for s in fam.samples
     )
@@ -195,33 +201,37 @@ def test_older_artefact_falls_back_to_the_baseline(tmp_path: Path) -> None:
     assert "tcm_subjects_opis_pooled_reference" not in text  # an unlike reference is not
 
 
-def test_subjects_undefined_with_too_few(tmp_path: Path) -> None:
-    store = MemoryStore()
+def test_subjects_undefined_with_too_few(tmp_path: Path, sqlite_stores) -> None:
+    store = sqlite_stores()
     gallery(store, "tiny", np.random.default_rng(0), 3, 3)
     snap = monitor_for(store, artefact_dir(tmp_path)).refresh(force=True)
-    row = snap["tenants"]["tiny"]["subjects"]
-    assert row["opis"] is None and "needs 5" in row["unavailable_reason"]
-    assert snap["subjects"]["pooled"]["opis"] is None
+    row = snap.tenants["tiny"].subjects
+    assert row.opis is None and "needs 5" in row.unavailable_reason
+    assert snap.subjects.pooled.opis is None
 
 
-def test_across_tenants_reference_is_measured_once_and_names_the_drifter(tmp_path: Path) -> None:
+def test_across_tenants_reference_is_measured_once_and_names_the_drifter(tmp_path: Path,
+                                                                         sqlite_stores) -> None:
     path = artefact_dir(tmp_path)
-    store = MemoryStore()
+    store = sqlite_stores()
     for i in range(4):
         gallery(store, f"t{i}", np.random.default_rng(10 + i), 15, 4)
     mon = monitor_for(store, path, min_pairs=10)
     snap = mon.refresh(force=True)
-    ref = snap["tenants_reference"]
-    assert ref is not None and ref["tenants"] == 4
-    lo, hi = ref["opis_interval"]
-    assert lo <= ref["opis"] <= hi
-    assert snap["opis"] == pytest.approx(ref["opis"])
+    ref = snap.tenants_reference
+    assert ref is not None and ref.tenants == 4
+    lo, hi = ref.opis_interval
+    assert lo <= ref.opis <= hi
+    assert snap.opis == pytest.approx(ref.opis)
+    # it is kept in the model registry, for this version
+    doc, _ = store.get_model_registry()
+    assert doc["tenant_references"] == {ref.model_version: ref.model_dump(mode="json")}
     # a drifting tenant joins: the stored reference stays; its utility error leaves the bound
     gallery(store, "drifter", np.random.default_rng(5), 15, 4, noise=2.5)
     snap = mon.refresh(force=True)
-    assert snap["tenants_reference"] == ref
+    assert snap.tenants_reference == ref
     factor = config_factor("tenant_deviation_factor")
-    devs = {t: row["deviation"] for t, row in snap["tenants"].items()}
-    bound = factor * max(ref["deviation"]["hi"], config_factor("opis_reference_floor"))
+    devs = {t: row.deviation for t, row in snap.tenants.items()}
+    bound = factor * max(ref.deviation["hi"], config_factor("opis_reference_floor"))
     assert {t for t, e in devs.items() if e > bound} == {"drifter"}, (devs, bound)
-    assert snap["opis"] > config_factor("opis_degraded_factor") * hi
+    assert snap.opis > config_factor("opis_degraded_factor") * hi

@@ -9,7 +9,8 @@ import functools
 import itertools
 import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -17,12 +18,17 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import OTHER_TENANTS, ServiceMetrics, TenantLabels, tenant_label_values
+from service.metrics import (
+    OTHER_TENANTS,
+    ServiceMetrics,
+    TenantLabels,
+    decision_outcome,
+    tenant_label_values,
+)
 from service.monitoring import (
     LabelledScores,
     MonitorConfig,
     compute_snapshot,
-    decision_outcome,
     error_rates,
     feedback_scores,
     gallery_scores,
@@ -33,7 +39,8 @@ from service.monitoring import (
 )
 from service.monitoring.monitor import Monitor, PairCache
 from service.monitoring.snapshot import cumulative_counts
-from service.store import Decision, Feedback, GalleryVectors, MatchRecord, Tenant
+from service.monitoring.snapshot_schema import from_stored, to_stored
+from service.store import ApiKey, Decision, Feedback, MatchRecord, NewItem, Store, Tenant
 from tcm import (
     Baseline,
     Calibration,
@@ -80,36 +87,28 @@ def synthetic_manifest() -> Manifest:
                           map_at_r=0.5, num_classes=40, num_images=len(y)))
 
 
-# --- an in-memory store with the monitor's API ----------------------------------------------
-@dataclass
-class MemoryStore:
-    tenants: list[str] = field(default_factory=list)
-    galleries: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
-    decisions: dict[str, list[Decision]] = field(default_factory=dict)
-    snapshot: dict[str, Any] | None = None
-    reads: int = 0
+# --- synthetic tenants in a real store (tests/service/conftest.py: sqlite_stores) -----------
+def new_tenant(store: Store, name: str) -> None:
+    """A tenant younger than every one before it (the monitor lists them oldest first)."""
+    at = float(len(store.list_tenants()))
+    store.create_tenant(Tenant(name, name, at), ApiKey(f"k-{name}", name, "0" * 64, at))
 
-    def list_tenants(self) -> list[Tenant]:
-        return [Tenant(t, t, float(i)) for i, t in enumerate(self.tenants)]
 
-    def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
-                       limit: int | None = None) -> list[Decision]:
-        self.reads += 1
-        return [d for d in self.decisions.get(tenant_id, []) if d.match.created_at >= since
-                and (d.feedback is not None or not labelled_only)][:limit]
+def add_gallery(store: Store, tenant: str, subjects: Sequence[str], x: np.ndarray) -> None:
+    store.add_items(tenant, [NewItem(f"i{j}", s, x[j]) for j, s in enumerate(subjects)],
+                    model_version=VERSION, created_at=0.0)
 
-    def gallery_vectors(self, tenant_id: str, *, model_version: str,
-                        subject: str | None = None) -> GalleryVectors:
-        subjects, x = self.galleries.get(tenant_id, ([], np.zeros((0, DIM), np.float32)))
-        n = len(subjects)
-        return GalleryVectors(np.arange(1, n + 1, dtype=np.int64), [f"i{j}" for j in range(n)],
-                              list(subjects), x)
 
-    def put_monitor_snapshot(self, snapshot: dict[str, Any]) -> None:
-        self.snapshot = json.loads(json.dumps(snapshot, allow_nan=False))  # as a store would
+def record(store: Store, decisions: Sequence[Decision]) -> None:
+    """Writes the match records, then their feedback (concurrently: the store commits the
+    writes in groups, so a few hundred take a fraction of a second)."""
+    store.add_matches([d.match for d in decisions])
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(store.add_feedback, [d.feedback for d in decisions if d.feedback]))
 
-    def get_monitor_snapshot(self) -> dict[str, Any] | None:
-        return self.snapshot
+
+def tenant_ids(store: Store) -> list[str]:
+    return [t.tenant_id for t in store.list_tenants()]
 
 
 _ids = itertools.count()
@@ -130,32 +129,32 @@ def decision(tenant: str, score: float | None, threshold: float, *, genuine: boo
     return Decision(match, fb)
 
 
-def add_tenant(store: MemoryStore, name: str, rng: np.random.Generator, *, n_feedback: int = 200,
+def add_tenant(store: Store, name: str, rng: np.random.Generator, *, n_feedback: int = 200,
                drift: bool = False) -> None:
     """A gallery of 30 subjects x 4 images, and feedback on 1:N decisions against it."""
     tau = synthetic_manifest().calibration.tau
     x, y = identities(rng, 30, 4, noise=0.9, shared=1.0 if drift else 0.0)
-    store.tenants.append(name)
-    store.galleries[name] = ([f"{name}-s{k}" for k in y], x)
+    new_tenant(store, name)
+    add_gallery(store, name, [f"{name}-s{k}" for k in y], x)
     # genuine decisions well above tau; impostors well below, or just above tau when drifting
     imp_mean = tau + 0.05 if drift else tau - 0.35
     ds = [decision(name, float(np.clip(rng.normal(tau + 0.25, 0.08), -1, 1)), tau,
                    genuine=True) for _ in range(n_feedback // 2)]
     ds += [decision(name, float(np.clip(rng.normal(imp_mean, 0.08), -1, 1)), tau,
                     genuine=False) for _ in range(n_feedback // 2)]
-    store.decisions[name] = ds
+    record(store, ds)
 
 
-def healthy_and_drifting(*, drift: bool) -> MemoryStore:
+def healthy_and_drifting(store: Store, *, drift: bool) -> Store:
+    """Five healthy tenants and one that drifts (or not), written to ``store``."""
     rng = np.random.default_rng(7)
-    store = MemoryStore()
     for i in range(5):
         add_tenant(store, f"t{i}", rng)
     add_tenant(store, "drifter", rng, drift=drift)
     return store
 
 
-def new_monitor(store: MemoryStore, *, now: float = 2000.0, registry: CollectorRegistry | None
+def new_monitor(store: Store, *, now: float = 2000.0, registry: CollectorRegistry | None
                 = None, **cfg: Any) -> Monitor:
     cap = cfg.setdefault("tenant_label_cap", 50)
     metrics = ServiceMetrics(registry or CollectorRegistry(auto_describe=True),
@@ -239,11 +238,11 @@ def test_gallery_scores_cap_items_and_pairs_deterministically() -> None:
 def test_error_rates_accept_iff_score_at_or_above_threshold() -> None:
     g, i = np.sort([0.5, 0.7, 0.2, 0.9]), np.sort([0.5, 0.1, 0.3, 0.49])
     r = error_rates(g, i, 0.5)
-    assert (r["far"], r["frr"]) == (0.25, 0.25)
-    assert r["utility"] == pytest.approx(0.75)  # harmonic mean of TPR 0.75 and TNR 0.75
-    assert (r["genuine_pairs"], r["impostor_pairs"]) == (4, 4)
+    assert (r.far, r.frr) == (0.25, 0.25)
+    assert r.utility == pytest.approx(0.75)  # harmonic mean of TPR 0.75 and TNR 0.75
+    assert (r.genuine_pairs, r.impostor_pairs) == (4, 4)
     empty = error_rates(np.zeros(0), np.zeros(0), 0.5)
-    assert empty["far"] is None and empty["frr"] is None and empty["utility"] is None
+    assert empty.far is None and empty.frr is None and empty.utility is None
 
 
 def test_score_buckets_fine_around_the_calibration_range() -> None:
@@ -306,36 +305,36 @@ def test_tenant_labels_policy_and_sync() -> None:
 
 
 # --- the snapshot: healthy tenants vs a drifting one ----------------------------------------
-def test_drifting_tenant_raises_opis_above_baseline() -> None:
-    healthy = new_monitor(healthy_and_drifting(drift=False)).refresh()
-    drifting = new_monitor(healthy_and_drifting(drift=True)).refresh()
+def test_drifting_tenant_raises_opis_above_baseline(sqlite_stores) -> None:
+    healthy = new_monitor(healthy_and_drifting(sqlite_stores(), drift=False)).refresh()
+    drifting = new_monitor(healthy_and_drifting(sqlite_stores(), drift=True)).refresh()
     m = synthetic_manifest()
     base = m.baseline.opis
-    assert healthy["eligible_tenants"] == drifting["eligible_tenants"] == 6
+    assert healthy.eligible_tenants == drifting.eligible_tenants == 6
     # six statistically identical tenants: live OPIS is of the baseline's order
-    assert healthy["opis"] < 2 * base
+    assert healthy.opis < 2 * base
     # one tenant drifting: OPIS and eps-OPIS far above the baseline (the "retrain" signal)
-    assert drifting["opis"] > 5 * base and drifting["opis"] > 5 * healthy["opis"]
-    assert drifting["eps_opis"] > 3 * m.baseline.eps_opis
+    assert drifting.opis > 5 * base and drifting.opis > 5 * healthy.opis
+    assert drifting.eps_opis > 3 * m.baseline.eps_opis
     # per-tenant rates at tau: the drifter's FAR is far above the target, the others' near it
     target = m.calibration.target_far
-    d = drifting["tenants"]["drifter"]
-    assert d["far"] > 10 * target
-    assert d["by_source"]["feedback"]["far"] > 0.5 and d["by_source"]["gallery"]["far"] > target
+    d = drifting.tenants["drifter"]
+    assert d.far > 10 * target
+    assert d.by_source.feedback.far > 0.5 and d.by_source.gallery.far > target
     for t in ("t0", "t1", "t2", "t3", "t4"):
-        assert drifting["tenants"][t]["far"] < 3 * target, t
-    assert d["utility"] < min(drifting["tenants"][t]["utility"] for t in ("t0", "t1"))
-    assert d["mean_utility"] < min(drifting["tenants"][t]["mean_utility"] for t in ("t0", "t1"))
-    assert drifting["baseline"]["opis"] == base and drifting["opis_unavailable_reason"] is None
-    json.dumps(drifting, allow_nan=False)  # JSON-able as is
+        assert drifting.tenants[t].far < 3 * target, t
+    assert d.utility < min(drifting.tenants[t].utility for t in ("t0", "t1"))
+    assert d.mean_utility < min(drifting.tenants[t].mean_utility for t in ("t0", "t1"))
+    assert drifting.baseline.opis == base and drifting.opis_unavailable_reason is None
+    json.dumps(to_stored(drifting), allow_nan=False)  # JSON-able as is
 
 
-def test_snapshot_agrees_with_tcm_and_brute_force() -> None:
+def test_snapshot_agrees_with_tcm_and_brute_force(sqlite_stores) -> None:
     """The numbers are tcm's, and the rates are plain counts: recompute both."""
-    store = healthy_and_drifting(drift=True)
+    store = healthy_and_drifting(sqlite_stores(), drift=True)
     mon = new_monitor(store)
     snap = mon.refresh()
-    scores = mon.load_scores(store.tenants, now=2000.0)
+    scores = mon.load_scores(tenant_ids(store), now=2000.0)
     gen = {t: np.concatenate([s["feedback"].genuine, s["gallery"].genuine])
            for t, s in scores.items()}
     imp = {t: np.concatenate([s["feedback"].impostor, s["gallery"].impostor])
@@ -345,97 +344,96 @@ def test_snapshot_agrees_with_tcm_and_brute_force() -> None:
     rep = consistency_from_scores(gen, imp, tau_range=(cal.tau_lo, cal.tau_hi),
                                   num_thresholds=cal.num_thresholds, beta=cal.beta,
                                   eps=m.baseline.eps, tau=cal.tau)
-    assert snap["opis"] == pytest.approx(rep.opis, rel=1e-12)
-    assert snap["eps_opis"] == pytest.approx(rep.eps_opis, rel=1e-12)
+    assert snap.opis == pytest.approx(rep.opis, rel=1e-12)
+    assert snap.eps_opis == pytest.approx(rep.eps_opis, rel=1e-12)
     assert rep.at_tau is not None
     for row, t in enumerate(rep.classes):
-        s = snap["tenants"][t]
-        assert s["far"] == pytest.approx(rep.at_tau.far[row], abs=1e-12)
-        assert s["frr"] == pytest.approx(rep.at_tau.frr[row], abs=1e-12)
-        assert s["utility"] == pytest.approx(rep.at_tau.utility[row])
-        assert s["genuine_pairs"] == rep.num_positive[row]
+        s = snap.tenants[t]
+        assert s.far == pytest.approx(rep.at_tau.far[row], abs=1e-12)
+        assert s.frr == pytest.approx(rep.at_tau.frr[row], abs=1e-12)
+        assert s.utility == pytest.approx(rep.at_tau.utility[row])
+        assert s.genuine_pairs == rep.num_positive[row]
         # brute force, source by source
-        for src in ("feedback", "gallery"):
+        for src, bs in s.by_source:
             g = scores[t][src].genuine.tolist()
             i = scores[t][src].impostor.tolist()
-            bs = s["by_source"][src]
-            assert bs["far"] == sum(v >= cal.tau for v in i) / len(i)
-            assert bs["frr"] == sum(v < cal.tau for v in g) / len(g)
-            assert (bs["genuine_pairs"], bs["impostor_pairs"]) == (len(g), len(i))
-        assert s["by_source"]["feedback"]["impostor_pairs"] == 100
-        assert s["by_source"]["gallery"]["genuine_pairs"] == 30 * 6
-        assert sum(s["outcomes"].values()) == 200
+            assert bs.far == sum(v >= cal.tau for v in i) / len(i)
+            assert bs.frr == sum(v < cal.tau for v in g) / len(g)
+            assert (bs.genuine_pairs, bs.impostor_pairs) == (len(g), len(i))
+        assert s.by_source.feedback.impostor_pairs == 100
+        assert s.by_source.gallery.genuine_pairs == 30 * 6
+        assert sum(s.outcomes.model_dump().values()) == 200
 
 
-def test_window_min_pairs_and_cap() -> None:
-    store = healthy_and_drifting(drift=True)
-    store.tenants.append("newcomer")  # no gallery, no feedback yet
-    store.decisions["t0"].append(decision("t0", 0.9, 0.5, genuine=True, at=10.0))  # too old
+def test_window_min_pairs_and_cap(sqlite_stores) -> None:
+    store = healthy_and_drifting(sqlite_stores(), drift=True)
+    new_tenant(store, "newcomer")  # no gallery, no feedback yet
+    record(store, [decision("t0", 0.9, 0.5, genuine=True, at=10.0)])  # too old
     snap = new_monitor(store, window_s=1500.0, tenant_label_cap=3).refresh()
-    assert snap["tenants"]["t0"]["by_source"]["feedback"]["genuine_pairs"] == 100
-    assert snap["excluded_tenants"] == ["newcomer"] and snap["eligible_tenants"] == 6
-    assert snap["tenants"]["newcomer"]["far"] is None
-    assert snap["tenants_total"] == 7
-    labels = {t: r["label"] for t, r in snap["tenants"].items()}
+    assert snap.tenants["t0"].by_source.feedback.genuine_pairs == 100
+    assert snap.excluded_tenants == ["newcomer"] and snap.eligible_tenants == 6
+    assert snap.tenants["newcomer"].far is None
+    assert snap.tenants_total == 7
+    labels = {t: r.label for t, r in snap.tenants.items()}
     assert labels["t0"] == "t0" and labels["t2"] == "t2" and labels["t3"] == OTHER_TENANTS
-    other = snap["labels"][OTHER_TENANTS]
-    assert other["tenants"] == 4  # t3, t4, drifter, newcomer
+    other = snap.labels[OTHER_TENANTS]
+    assert other.tenants == 4  # t3, t4, drifter, newcomer
     # the folded label's FAR is pooled over its tenants' pairs
     members = ("t3", "t4", "drifter")
-    n_imp = sum(snap["tenants"][t]["impostor_pairs"] for t in members)
-    fa = sum(snap["tenants"][t]["far"] * snap["tenants"][t]["impostor_pairs"] for t in members)
-    assert other["pooled"]["far"] == pytest.approx(fa / n_imp)
-    assert other["pooled"]["impostor_pairs"] == n_imp
+    n_imp = sum(snap.tenants[t].impostor_pairs for t in members)
+    fa = sum(snap.tenants[t].far * snap.tenants[t].impostor_pairs for t in members)
+    assert other.pooled.far == pytest.approx(fa / n_imp)
+    assert other.pooled.impostor_pairs == n_imp
 
 
-def test_fewer_than_two_eligible_tenants_is_reported_not_raised() -> None:
-    store = healthy_and_drifting(drift=False)
+def test_fewer_than_two_eligible_tenants_is_reported_not_raised(sqlite_stores) -> None:
+    store = healthy_and_drifting(sqlite_stores(), drift=False)
     few = new_monitor(store, min_pairs=10_000).refresh()
-    assert few["opis"] is None and few["eps_opis"] is None
-    assert "needs at least 2" in few["opis_unavailable_reason"]
-    assert few["tenants"]["t0"]["far"] is not None  # per-tenant rates still there
-    empty = new_monitor(MemoryStore()).refresh()
-    assert empty["opis"] is None and empty["tenants"] == {} and empty["labels"] == {}
-    one = MemoryStore()
+    assert few.opis is None and few.eps_opis is None
+    assert "needs at least 2" in few.opis_unavailable_reason
+    assert few.tenants["t0"].far is not None  # per-tenant rates still there
+    empty = new_monitor(sqlite_stores()).refresh()
+    assert empty.opis is None and empty.tenants == {} and empty.labels == {}
+    one = sqlite_stores()
     add_tenant(one, "solo", np.random.default_rng(0))
     snap = new_monitor(one).refresh()
-    assert snap["eligible_tenants"] == 1 and snap["opis"] is None
-    json.dumps(snap, allow_nan=False)
+    assert snap.eligible_tenants == 1 and snap.opis is None
+    json.dumps(to_stored(snap), allow_nan=False)
 
 
-def test_tenant_view_hides_everything_about_other_tenants() -> None:
-    snap = new_monitor(healthy_and_drifting(drift=True)).refresh()
+def test_tenant_view_hides_everything_about_other_tenants(sqlite_stores) -> None:
+    snap = new_monitor(healthy_and_drifting(sqlite_stores(), drift=True)).refresh()
     view = tenant_view(snap, "t1")
-    assert view["tenant"] == snap["tenants"]["t1"]
-    text = json.dumps(view)
+    assert view.tenant == snap.tenants["t1"]
+    text = view.model_dump_json()
     for other in ("t0", "t2", "drifter"):
         assert f'"{other}"' not in text
     assert not {"opis", "eps_opis", "global", "labels", "tenants", "excluded_tenants",
-                "score_buckets"} & set(view)
-    assert tenant_view(snap, "unknown")["tenant"] is None
+                "score_buckets"} & set(view.model_dump())
+    assert tenant_view(snap, "unknown").tenant is None
 
 
 # --- metrics --------------------------------------------------------------------------------
-def test_metrics_mirror_the_snapshot() -> None:
+def test_metrics_mirror_the_snapshot(sqlite_stores) -> None:
     registry = CollectorRegistry(auto_describe=True)
-    mon = new_monitor(healthy_and_drifting(drift=True), registry=registry)
+    mon = new_monitor(healthy_and_drifting(sqlite_stores(), drift=True), registry=registry)
     m = synthetic_manifest()
     before = samples(registry)
     assert ("tcm_opis", ()) not in before  # nothing made up before the first snapshot
     assert before[("tcm_opis_baseline", ())] == m.baseline.opis
     snap = mon.refresh()
     got = samples(registry)
-    assert got[("tcm_opis", ())] == snap["opis"]
-    assert got[("tcm_eps_opis", ())] == snap["eps_opis"]
+    assert got[("tcm_opis", ())] == snap.opis
+    assert got[("tcm_eps_opis", ())] == snap.eps_opis
     assert got[("tcm_model_target_far_ratio", ())] == 1e-2
     assert got[("tcm_monitor_snapshot_timestamp_seconds", ())] == 2000.0
     assert got[("tcm_monitor_tenants", (("status", "eligible"),))] == 6
     assert got[("tcm_monitor_runs_total", (("result", "computed"),))] == 1
-    d = snap["tenants"]["drifter"]
+    d = snap.tenants["drifter"]
     assert got[("tcm_tenant_far_ratio", (("source", "pooled"), ("tenant", "drifter")))] \
-        == d["far"]
+        == d.far
     assert got[("tcm_tenant_far_ratio", (("source", "feedback"), ("tenant", "drifter")))] \
-        == d["by_source"]["feedback"]["far"]
+        == d.by_source.feedback.far
     assert got[("tcm_tenant_pairs", (("kind", "impostor"), ("source", "feedback"),
                                      ("tenant", "drifter")))] == 100
     # the request-path counter's series exist at 0 for every label (rate ratios exist too)
@@ -443,7 +441,7 @@ def test_metrics_mirror_the_snapshot() -> None:
         == 0
     # FAR at tau read from the gauge histogram as PromQL would: tau is a bucket bound
     tau = m.calibration.tau
-    assert tau in snap["score_buckets"]
+    assert tau in snap.score_buckets
     n = {s: got[("tcm_impostor_score_gcount", (("source", s), ("tenant", "drifter")))]
          for s in ("feedback", "gallery")}
     below = sum(got[("tcm_impostor_score_bucket", (("le", repr(tau)), ("source", s),
@@ -452,11 +450,13 @@ def test_metrics_mirror_the_snapshot() -> None:
                           ["drifter"].values()])
     # 1 - le/gcount counts scores > tau; the service accepts >= tau: equal unless a score is tau
     assert 1 - below / sum(n.values()) == pytest.approx(float(np.mean(imp > tau)))
-    assert float(np.mean(imp > tau)) == pytest.approx(d["far"])
+    assert float(np.mean(imp > tau)) == pytest.approx(d.far)
 
 
-def test_request_path_counter_uses_the_snapshots_capped_labels() -> None:
-    store = MemoryStore(tenants=["a", "b", "c"])
+def test_request_path_counter_uses_the_snapshots_capped_labels(sqlite_stores) -> None:
+    store = sqlite_stores()
+    for t in ("a", "b", "c"):
+        new_tenant(store, t)
     registry = CollectorRegistry()
     mon = new_monitor(store, registry=registry, tenant_label_cap=2)
     service_metrics_labels = mon.labels
@@ -466,7 +466,7 @@ def test_request_path_counter_uses_the_snapshots_capped_labels() -> None:
     assert service_metrics_labels("c") == OTHER_TENANTS
     assert service_metrics_labels("a") == "a"
     assert mon.snapshot is not None
-    assert {r["label"] for r in mon.snapshot["tenants"].values()} == {"a", "b", OTHER_TENANTS}
+    assert {r.label for r in mon.snapshot.tenants.values()} == {"a", "b", OTHER_TENANTS}
     with pytest.raises(ValueError, match="tenant_label_cap"):
         Monitor(store, synthetic_manifest(), ServiceMetrics(CollectorRegistry(),
                                                             tenant_label_cap=3),
@@ -474,8 +474,8 @@ def test_request_path_counter_uses_the_snapshots_capped_labels() -> None:
 
 
 # --- replicas share one snapshot ------------------------------------------------------------
-def test_replicas_adopt_the_stored_snapshot_until_it_ages() -> None:
-    store = healthy_and_drifting(drift=True)
+def test_replicas_adopt_the_stored_snapshot_until_it_ages(sqlite_stores) -> None:
+    store = healthy_and_drifting(sqlite_stores(), drift=True)
     now = [1000.0]
     cfg = MonitorConfig(interval_s=60.0)
 
@@ -493,10 +493,10 @@ def test_replicas_adopt_the_stored_snapshot_until_it_ages() -> None:
     assert adopted == first and store.reads == reads  # adopted: no pair reads
     got = samples(b_registry)
     assert got[("tcm_monitor_runs_total", (("result", "adopted"),))] == 1
-    assert got[("tcm_opis", ())] == first["opis"]
+    assert got[("tcm_opis", ())] == first.opis
     now[0] += 15.0  # 35 s old: older than half an interval -> recomputed
     second = b.refresh()
-    assert second["computed_at"] == 1035.0 and store.snapshot == second
+    assert second.computed_at == 1035.0 and store.get_monitor_snapshot() == to_stored(second)
     # another model or configuration never adopts it
     other = Monitor(store, synthetic_manifest(), ServiceMetrics(CollectorRegistry(),
                                                                 tenant_label_cap=50),
@@ -504,8 +504,8 @@ def test_replicas_adopt_the_stored_snapshot_until_it_ages() -> None:
     assert not other.is_current(second) and a.is_current(second)
 
 
-def test_failed_refresh_is_counted_and_keeps_the_last_numbers() -> None:
-    store = healthy_and_drifting(drift=False)
+def test_failed_refresh_is_counted_and_keeps_the_last_numbers(sqlite_stores) -> None:
+    store = healthy_and_drifting(sqlite_stores(), drift=False)
     registry = CollectorRegistry()
     mon = new_monitor(store, registry=registry)
     snap = mon.refresh()
@@ -518,12 +518,12 @@ def test_failed_refresh_is_counted_and_keeps_the_last_numbers() -> None:
         mon.refresh(force=True)
     got = samples(registry)
     assert got[("tcm_monitor_runs_total", (("result", "failed"),))] == 1
-    assert got[("tcm_opis", ())] == snap["opis"]
+    assert got[("tcm_opis", ())] == snap.opis
     assert mon.snapshot is snap
 
 
-def test_schedule_runs_in_the_background_and_stops() -> None:
-    store = healthy_and_drifting(drift=False)
+def test_schedule_runs_in_the_background_and_stops(sqlite_stores) -> None:
+    store = healthy_and_drifting(sqlite_stores(), drift=False)
 
     async def scenario() -> int:
         mon = Monitor(store, synthetic_manifest(), ServiceMetrics(CollectorRegistry(),
@@ -544,19 +544,19 @@ def test_schedule_runs_in_the_background_and_stops() -> None:
 
 
 # --- what-if from the snapshot's pairs ------------------------------------------------------
-def test_what_if_uses_the_snapshots_pairs_cached_and_bounded() -> None:
-    store = healthy_and_drifting(drift=True)
+def test_what_if_uses_the_snapshots_pairs_cached_and_bounded(sqlite_stores) -> None:
+    store = healthy_and_drifting(sqlite_stores(), drift=True)
     mon = new_monitor(store)
     snap = mon.refresh()
     tau = synthetic_manifest().calibration.tau
     reads = store.reads
     w = mon.what_if(tau)
     assert store.reads == reads  # the computing replica kept the pairs
-    for t, row in snap["tenants"].items():  # at tau, what-if reproduces the snapshot
-        assert w["tenants"][t]["far"] == row["far"] and w["tenants"][t]["frr"] == row["frr"]
-    assert w["in_calibration_range"] and w["pairs_as_of"] == snap["computed_at"]
+    for t, row in snap.tenants.items():  # at tau, what-if reproduces the snapshot
+        assert w["tenants"][t]["far"] == row.far and w["tenants"][t]["frr"] == row.frr
+    assert w["in_calibration_range"] and w["pairs_as_of"] == snap.computed_at
     # a later decision is not part of the snapshot's pairs
-    store.decisions["t0"].append(decision("t0", 0.99, tau, genuine=False, at=2500.0))
+    record(store, [decision("t0", 0.99, tau, genuine=False, at=2500.0)])
     strict = mon.what_if(tau + 0.2, ["t0"])
     assert set(strict["tenants"]) == {"t0"} and "pooled_over_tenants" not in strict
     assert strict["tenants"]["t0"]["far"] <= w["tenants"]["t0"]["far"]
@@ -600,12 +600,15 @@ def test_pair_cache_evicts_least_recently_used() -> None:
     assert loads[-2:] == [["a"], ["a"]]
 
 
-def test_compute_snapshot_order_and_json() -> None:
-    """Tenants absent from ``tenant_order`` come last; the dict survives a JSON round trip."""
-    store = healthy_and_drifting(drift=False)
+def test_compute_snapshot_order_and_json(sqlite_stores) -> None:
+    """Tenants absent from ``tenant_order`` come last; the snapshot survives a JSON round
+    trip."""
+    store = healthy_and_drifting(sqlite_stores(), drift=False)
     mon = new_monitor(store)
-    scores = mon.load_scores(store.tenants, now=2000.0)
+    scores = mon.load_scores(tenant_ids(store), now=2000.0)
     snap = compute_snapshot(scores, manifest=synthetic_manifest(), config=MonitorConfig(),
                             tenant_order=["t3"], now=2000.0)
-    assert next(iter(snap["tenants"])) == "t3"
-    assert json.loads(json.dumps(snap, allow_nan=False)) == snap
+    assert next(iter(snap.tenants)) == "t3"
+    doc = to_stored(snap)
+    assert "subjects" not in doc["tenants"]["t3"]  # not computed: not stored (as before)
+    assert from_stored(json.loads(json.dumps(doc, allow_nan=False))) == snap

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.monitoring.monitor import Monitor
+from service.monitoring.snapshot_schema import from_stored, to_stored
 from tests.service.conftest import ADMIN_TOKEN, STORES, make_settings, unit
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -72,17 +73,18 @@ def test_snapshot_metrics_and_views(kind: str, artefact: Path, store_settings: C
             "true_accept", "false_accept", "true_reject", "false_reject"}
         assert ("tcm_feedback_total", ()) not in got and not any(
             n.startswith("tcm_feedback") for n, _ in got)  # one counter, the spec'd name
-        row = snap["tenants"][a]
-        assert row["by_source"]["feedback"]["impostor_pairs"] == 4
-        assert row["by_source"]["gallery"]["genuine_pairs"] == 3  # 3 subjects x 1 pair
-        assert row["by_source"]["gallery"]["impostor_pairs"] == 15 - 3
-        assert snap["eligible_tenants"] == 2 and snap["opis"] is not None
-        assert got[("tcm_opis", ())] == snap["opis"]
+        row = snap.tenants[a]
+        assert row.by_source.feedback.impostor_pairs == 4
+        assert row.by_source.gallery.genuine_pairs == 3  # 3 subjects x 1 pair
+        assert row.by_source.gallery.impostor_pairs == 15 - 3
+        assert snap.eligible_tenants == 2 and snap.opis is not None
+        assert got[("tcm_opis", ())] == snap.opis
         assert got[("tcm_tenant_pairs", (("kind", "impostor"), ("source", "feedback"),
                                          ("tenant", a)))] == 4
-        assert snap["tau"] == tau and ("tcm_model_threshold_score", ()) in got
+        assert snap.tau == tau and ("tcm_model_threshold_score", ()) in got
         # the store holds it, for the other replicas
-        assert client.app.state.runtime.store.get_monitor_snapshot() == snap  # type: ignore
+        stored = client.app.state.runtime.store.get_monitor_snapshot()  # type: ignore
+        assert stored == to_stored(snap) and from_stored(stored) == snap
 
         # --- admin: everything
         r = client.get("/v1/monitor", headers=ADMIN)
@@ -90,7 +92,7 @@ def test_snapshot_metrics_and_views(kind: str, artefact: Path, store_settings: C
         body = r.json()
         assert body["scope"] == "admin" and body["status"] == "ok" and body["what_if"] is None
         assert set(body["snapshot"]["tenants"]) == {a, b}
-        assert body["snapshot"]["opis"] == snap["opis"]
+        assert body["snapshot"] == snap.model_dump(mode="json")
 
         # --- a tenant: its own row, nothing about the other tenant
         for me, auth, other in ((a, a_auth, b), (b, b_auth, a)):
@@ -98,12 +100,12 @@ def test_snapshot_metrics_and_views(kind: str, artefact: Path, store_settings: C
             assert r.status_code == 200, r.text
             body = r.json()
             assert body["scope"] == "tenant" and body["tenant_id"] == me
-            assert body["snapshot"]["tenant"] == snap["tenants"][me]
+            assert body["snapshot"]["tenant"] == snap.tenants[me].model_dump(mode="json")
             assert "opis" not in body["snapshot"] and "tenants" not in body["snapshot"]
             assert set(body["what_if"]["tenants"]) == {me}
             assert "pooled_over_tenants" not in body["what_if"]
             assert other not in r.text
-            assert body["what_if"]["tenants"][me]["far"] == snap["tenants"][me]["far"]
+            assert body["what_if"]["tenants"][me]["far"] == snap.tenants[me].far
 
         # --- what-if for the admin: every tenant, and pooled
         r = client.get("/v1/monitor", headers=ADMIN, params={"threshold": -1.0})
@@ -148,9 +150,9 @@ def test_fewer_than_two_tenants_is_reported(artefact: Path, store_settings: Call
     settings = make_settings(artefact, store_settings("sqlite"), monitor_interval_s=3600.0)
     with TestClient(create_app(settings)) as client:
         snap = monitor_of(client).refresh(force=True)
-        assert snap["opis"] is None and "at least 2" in snap["opis_unavailable_reason"]
+        assert snap.opis is None and "at least 2" in snap.opis_unavailable_reason
         body: dict[str, Any] = client.get("/v1/monitor", headers=ADMIN).json()
-        assert body["snapshot"]["opis_unavailable_reason"] == snap["opis_unavailable_reason"]
+        assert body["snapshot"]["opis_unavailable_reason"] == snap.opis_unavailable_reason
         got = scrape(client)
         assert ("tcm_opis", ()) not in got
         assert got[("tcm_monitor_tenants", (("status", "eligible"),))] == 0
@@ -169,11 +171,12 @@ def test_replicas_report_the_same_snapshot(artefact: Path, store_settings: Calla
         adopted_before = scrape(b).get(runs, 0.0)
         adopted = monitor_of(b).refresh()  # young and same configuration: adopted, not computed
         assert adopted == snap
-        assert scrape(b)[("tcm_opis", ())] == scrape(a)[("tcm_opis", ())] == snap["opis"]
+        assert scrape(b)[("tcm_opis", ())] == scrape(a)[("tcm_opis", ())] == snap.opis
         assert scrape(b)[runs] == adopted_before + 1
-        assert b.get("/v1/monitor", headers=ADMIN).json()["snapshot"] == snap
+        assert b.get("/v1/monitor", headers=ADMIN).json()["snapshot"] == \
+            a.get("/v1/monitor", headers=ADMIN).json()["snapshot"] == snap.model_dump(mode="json")
         # the what-if on the replica that did not compute reloads the same pairs
-        tau = snap["tau"]
+        tau = snap.tau
         wa = a.get("/v1/monitor", headers=ADMIN, params={"threshold": tau}).json()["what_if"]
         wb = b.get("/v1/monitor", headers=ADMIN, params={"threshold": tau}).json()["what_if"]
         assert wa["tenants"] == wb["tenants"]

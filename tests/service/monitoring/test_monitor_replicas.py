@@ -17,14 +17,15 @@ from prometheus_client import CollectorRegistry
 from service.metrics import ServiceMetrics
 from service.monitoring import MonitorConfig
 from service.monitoring.monitor import Monitor
+from service.store import Store
 from tests.service.monitoring.test_monitor import healthy_and_drifting, samples, synthetic_manifest
 
 INTERVAL = 60.0
 
 
-def replicas(n: int, now: list[float], interval_s: float = INTERVAL
+def replicas(store: Store, n: int, now: list[float], interval_s: float = INTERVAL
              ) -> tuple[list[Monitor], list[CollectorRegistry]]:
-    store = healthy_and_drifting(drift=True)
+    healthy_and_drifting(store, drift=True)
     cfg = MonitorConfig(interval_s=interval_s)
     registries = [CollectorRegistry() for _ in range(n)]
     mons = [Monitor(store, synthetic_manifest(), ServiceMetrics(reg, tenant_label_cap=50), cfg,
@@ -34,7 +35,7 @@ def replicas(n: int, now: list[float], interval_s: float = INTERVAL
 
 def reported(mons: list[Monitor]) -> list[float | None]:
     """The snapshot each replica reports (what its tcm_monitor_* gauges expose)."""
-    return [None if m.snapshot is None else m.snapshot["computed_at"] for m in mons]
+    return [None if m.snapshot is None else m.snapshot.computed_at for m in mons]
 
 
 def runs(registries: list[CollectorRegistry], result: str) -> float:
@@ -42,9 +43,9 @@ def runs(registries: list[CollectorRegistry], result: str) -> float:
                for r in registries)
 
 
-def test_out_of_phase_replicas_report_one_snapshot() -> None:
+def test_out_of_phase_replicas_report_one_snapshot(sqlite_stores) -> None:
     now = [1000.0]
-    mons, registries = replicas(3, now)
+    mons, registries = replicas(sqlite_stores(), 3, now)
     poll = mons[0].poll_s
     assert 0 < poll <= INTERVAL / 4
     cycles, agreed = 4, 0
@@ -70,9 +71,9 @@ def test_out_of_phase_replicas_report_one_snapshot() -> None:
     assert runs(registries, "adopted") > 0
 
 
-def test_adopt_newer_takes_only_newer_snapshots_of_the_same_configuration() -> None:
+def test_adopt_newer_takes_only_newer_snapshots_of_the_same_configuration(sqlite_stores) -> None:
     now = [1000.0]
-    (a, b), (_, reg_b) = replicas(2, now)
+    (a, b), (_, reg_b) = replicas(sqlite_stores(), 2, now)
     assert b.adopt_newer() is False  # nothing stored yet
     first = a.refresh()
     assert b.adopt_newer() is True and b.snapshot == first
@@ -89,13 +90,13 @@ def test_adopt_newer_takes_only_newer_snapshots_of_the_same_configuration() -> N
     assert adopted == 1
 
 
-def test_schedule_polls_between_refreshes() -> None:
+def test_schedule_polls_between_refreshes(sqlite_stores) -> None:
     """The background schedule itself: a replica whose next refresh is seconds away reports the
     snapshot another replica just stored within about one poll."""
 
     async def scenario() -> None:
         now = [1000.0]
-        (a, b), _ = replicas(2, now, interval_s=4.0)  # poll_s = 1 s
+        (a, b), _ = replicas(sqlite_stores(), 2, now, interval_s=4.0)  # poll_s = 1 s
         assert b.poll_s == 1.0
         await b.start()  # computes at once, then refreshes only after about 4 s
         try:
@@ -107,7 +108,7 @@ def test_schedule_polls_between_refreshes() -> None:
             assert first is not None
             now[0] += 0.5  # a computes a newer one
             newer = await asyncio.to_thread(a.refresh, force=True)
-            assert newer["computed_at"] > first["computed_at"]
+            assert newer.computed_at > first.computed_at
             loop = asyncio.get_running_loop()
             started = loop.time()
             while b.snapshot != newer:

@@ -1,20 +1,32 @@
 """The store's monitoring slot (``put_monitor_snapshot`` / ``get_monitor_snapshot``), checked
-against both implementations: what one replica stores, another reads back unchanged."""
+against both implementations: what one replica stores, another reads back unchanged; and the
+typed snapshot's stored form, which is the previous version's."""
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
+from service.metrics import ServiceMetrics, decision_outcome
+from service.monitoring import MonitorConfig
+from service.monitoring.monitor import Monitor
+from service.monitoring.snapshot_schema import from_stored, to_stored
 from service.settings import Settings
-from service.store import ApiKey, Store, Tenant, open_store
+from service.store import ApiKey, Feedback, MatchRecord, NewItem, Store, Tenant, open_store
 from service.store.sqlite import SQLiteStore
+from tcm import read_manifest
 from tests.service.conftest import REDIS_URL, STORES
+from tests.service.monitoring.test_drift_signals import artefact_dir
+from tests.service.monitoring.test_monitor import identities
 
 SNAPSHOT = {"format": 2, "computed_at": 1234.5, "opis": 0.0123, "eps_opis": None,
             "tenants": {"b": {"far": 0.5, "label": "b"}, "a": {"far": None, "label": "a"}},
@@ -94,3 +106,104 @@ def test_sqlite_adds_the_table_to_an_existing_file(tmp_path: Path) -> None:
         assert s.get_monitor_snapshot() == SNAPSHOT
     finally:
         s.close()
+
+
+# --- the stored snapshot and its model ------------------------------------------------------
+# A snapshot as the code before the typed model stored it (commit 87963d0, format 3): written by
+# ``Monitor.refresh`` over ``populate``'s data at clock 5000.0 with MONITOR_CONFIG and the
+# synthetic artefact of test_drift_signals (held-out embeddings: count-matched references).
+STORED_V3 = Path(__file__).parent / "golden" / "monitor_snapshot_v3.json"
+MONITOR_CONFIG = {"min_pairs": 5, "tenant_label_cap": 2, "fine_step": 0.1, "coarse_step": 0.1,
+                  "reference_draws": 4, "bootstrap_resamples": 20, "min_subjects": 3}
+
+
+def populate(store: Store, version: str, tau: float) -> None:
+    """Three tenants: alpha and beta with 6 subjects of 3 images and 30 labelled decisions
+    (one without a candidate, one of another model), gamma with 2 subjects of 2 images and 3
+    decisions (not in OPIS, folded into ``other`` by the label cap)."""
+    rng = np.random.default_rng(2024)
+    for i, (name, subjects, per, n) in enumerate((("alpha", 6, 3, 30), ("beta", 6, 3, 30),
+                                                  ("gamma", 2, 2, 3))):
+        at = float(i)
+        store.create_tenant(Tenant(name, name, at), ApiKey(f"k-{name}", name, "0" * 64, at))
+        x, y = identities(rng, subjects, per, noise=0.9 + 0.3 * i)
+        store.add_items(name, [NewItem(f"i{j}", f"s{k}", x[j]) for j, k in enumerate(y)],
+                        model_version=version, created_at=0.0)
+        for d in range(n):
+            genuine = d % 2 == 0
+            score = float(np.clip(rng.normal(tau + (0.2 if genuine else -0.25), 0.1), -1, 1))
+            accepted = score >= tau
+            top = None if d == n - 1 else f"s{d % subjects}"
+            match = MatchRecord(f"m-{name}-{d}", name, accepted, top if accepted else None,
+                                None if top is None else "i0", top,
+                                None if top is None else score, tau,
+                                "older-model" if d == 1 else version, 4000.0 + d)
+            store.add_match(match)
+            if top is None:  # an empty gallery's reject: an outcome, no pair
+                label, outcome = None, "true_reject"
+            else:
+                label, outcome = genuine, decision_outcome(accepted=accepted, genuine=genuine)
+            store.add_feedback(Feedback(match.match_id, name, None, None, label, outcome,
+                                        4500.0 + d))
+
+
+def assert_same_document(got: Any, want: Any, path: str = "") -> None:
+    """The same keys, lists and types all the way down; floats equal up to rounding (another
+    BLAS may round a score differently)."""
+    assert type(got) is type(want), (path, got, want)
+    if isinstance(want, dict):
+        assert set(got) == set(want), (path, set(got) ^ set(want))
+        for k in want:
+            assert_same_document(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same_document(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12), path
+    else:
+        assert got == want, path
+
+
+def stored_variants() -> list[dict[str, Any]]:
+    """The stored snapshot, and the same with what else earlier versions stored: a baseline
+    reference with a ``note``, a tenant row without ``subjects``, no subjects signal and no
+    across-tenants reference."""
+    doc = json.loads(STORED_V3.read_text())
+    assert "note" not in doc["subjects"]["pooled"]["reference"]  # optional keys left out
+    other = json.loads(STORED_V3.read_text())
+    other["tenants"]["alpha"]["subjects"]["reference"] = {
+        "lo": 0.01, "mid": 0.02, "hi": 0.02, "matched": False, "draws": 0,
+        "note": "the artefact keeps no held-out embeddings"}
+    del other["tenants"]["beta"]["subjects"]
+    other["subjects"] = other["tenants_reference"] = None
+    return [doc, other]
+
+
+def test_a_stored_snapshot_round_trips_through_the_model_unchanged(store: Store) -> None:
+    """What the previous version stored loads into the model, and the model stores it back
+    as it was, key for key (a key left out stays out) and value for value."""
+    for doc in stored_variants():
+        store.put_monitor_snapshot(doc)
+        stored = store.get_monitor_snapshot()
+        assert stored == doc
+        snap = from_stored(stored)
+        assert to_stored(snap) == doc
+        # and the model's own stored form round-trips through the store
+        store.put_monitor_snapshot(to_stored(snap))
+        assert from_stored(store.get_monitor_snapshot()) == snap
+
+
+def test_the_builder_stores_what_the_previous_version_stored(tmp_path: Path,
+                                                            sqlite_stores) -> None:
+    """The same data and configuration give the same stored document as before the snapshot
+    was typed (the stored shape is a contract between replicas of different versions)."""
+    path = artefact_dir(tmp_path)
+    manifest = read_manifest(path)
+    store = sqlite_stores()
+    populate(store, manifest.model_version, manifest.calibration.tau)
+    mon = Monitor(store, manifest, ServiceMetrics(CollectorRegistry(), tenant_label_cap=2),
+                  MonitorConfig(**MONITOR_CONFIG), clock=lambda: 5000.0, artefact_path=path)
+    snap = mon.refresh(force=True)
+    assert snap.tenants_reference is not None and snap.excluded_tenants == ["gamma"]
+    assert_same_document(store.get_monitor_snapshot(), json.loads(STORED_V3.read_text()))

@@ -1,0 +1,200 @@
+"""The monitor's snapshot, typed: one set of models for what the builder makes
+(:func:`service.monitoring.compute_snapshot`), what ``/metrics`` exposes
+(:mod:`service.monitoring.exposition`), what the store keeps and what ``GET /v1/monitor`` serves
+(the API's response schemas are these classes: their names, fields and docstrings are its
+published OpenAPI components, so change them as an API change).
+
+Stored form: ``MonitorSnapshot.model_dump(mode="json", exclude_unset=True)`` (:func:`to_stored`),
+read back with ``model_validate`` (:func:`from_stored`). A key is stored iff the builder set it:
+a reference without a ``note`` or a tenant row without ``subjects`` stores no such key, as the
+snapshot dicts of earlier versions did, so every replica of a rolling upgrade reads every
+other's snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from service.metrics import OUTCOMES
+
+
+class Rates(BaseModel):
+    far: float | None = Field(description="null without impostor pairs")
+    frr: float | None = Field(description="null without genuine pairs")
+    utility: float | None
+    genuine_pairs: int
+    impostor_pairs: int
+
+
+class RatesBySource(BaseModel):
+    feedback: Rates
+    gallery: Rates
+
+
+class SourceRates(BaseModel):
+    pooled: Rates
+    by_source: RatesBySource
+
+
+# one count per outcome name, as they are defined once (service.metrics)
+OutcomeCounts = create_model("OutcomeCounts", **{o: (int, ...) for o in OUTCOMES})
+
+
+class SubjectsReference(BaseModel):
+    """A reference interval of OPIS across subjects (docs/architecture.md, "Monitoring")."""
+
+    lo: float
+    mid: float
+    hi: float
+    matched: bool = Field(description="measured on held-out classes subsampled to this "
+                          "gallery's images per subject; false: the manifest's full-count "
+                          "baseline (an older artefact), which alerts ignore")
+    draws: int
+    note: str | None = None
+
+
+class SubjectsRow(BaseModel):
+    """OPIS across one tenant's subjects (null with too few eligible subjects)."""
+
+    subjects: int
+    eligible_subjects: int
+    images_per_subject: dict[str, float] | None
+    opis: float | None
+    eps_opis: float | None
+    reference: SubjectsReference | None
+    unavailable_reason: str | None
+
+
+class SubjectsPooled(BaseModel):
+    tenants: int
+    eligible_subjects: int
+    opis: float | None
+    reference: SubjectsReference | None
+    unavailable_reason: str | None
+
+
+class SubjectsSignal(BaseModel):
+    """OPIS across every tenant's subjects together, and the rules both levels use."""
+
+    rules: dict[str, int]
+    level: float
+    reference_kind: Literal["matched", "baseline"]
+    pooled: SubjectsPooled
+
+
+class TenantsReference(BaseModel):
+    """The across-tenants reference, measured on the served galleries (model registry)."""
+
+    tenants: int
+    opis: float
+    eps_opis: float
+    opis_interval: list[float] | None
+    eps_opis_interval: list[float] | None
+    deviation: dict[str, float] = Field(description="max: the farthest tenant's deviation from "
+                                        "the median tenant's curve; hi: its bootstrap bound")
+    calibration_error: float
+    far_at_tau: dict[str, float]
+    level: float
+    resamples: int
+    model_version: str
+    measured_at: float
+    feedback_pairs: int
+    min_pairs: int
+
+
+class TenantMonitorRow(Rates):
+    label: str = Field(description="the tenant's value of the capped metrics label")
+    eligible: bool = Field(description="enough genuine and impostor pairs to enter OPIS")
+    mean_utility: float | None
+    deviation: float | None = Field(None, description="mean squared distance of the tenant's "
+                                    "utility curve from the median tenant's (in OPIS only)")
+    by_source: RatesBySource
+    outcomes: OutcomeCounts
+    subjects: SubjectsRow | None = None
+
+
+class ScoreHistogram(BaseModel):
+    buckets: list[int] = Field(description="cumulative counts at score_buckets (le)")
+    count: int
+    sum: float
+
+
+class LabelMonitorRow(BaseModel):
+    tenants: int
+    pooled: Rates
+    by_source: RatesBySource
+    histograms: dict[Literal["genuine", "impostor"], dict[Literal["feedback", "gallery"],
+                                                          ScoreHistogram]]
+
+
+class BaselineOut(BaseModel):
+    opis: float
+    eps_opis: float
+    eps: float
+    opis_interval: list[float] | None = None
+    eps_opis_interval: list[float] | None = None
+    interval_level: float | None = None
+    num_classes: int | None = None
+    num_images: int | None = None
+
+
+class SnapshotHeader(BaseModel):
+    """What every monitor snapshot says first: when and over what window it was computed, for
+    which model, and the monitor's configuration (the same for the admin and a tenant)."""
+
+    format: int
+    computed_at: float
+    window_s: float
+    since: float
+    interval_s: float
+    model_version: str
+    tau: float
+    tau_lo: float
+    tau_hi: float
+    target_far: float
+    num_thresholds: int
+    beta: float
+    min_pairs: int
+    max_pairs: int
+    max_gallery_items: int
+
+
+class TenantMonitorSnapshot(SnapshotHeader):
+    """What a tenant key sees: the model's reference points and its own row only."""
+
+    tenant: TenantMonitorRow | None = Field(description="null before the tenant's first row")
+
+
+class MonitorSnapshot(SnapshotHeader):
+    """What the admin token sees: every tenant, OPIS across tenants, global rates."""
+
+    config_key: str
+    eps: float
+    opis: float | None
+    eps_opis: float | None
+    opis_unavailable_reason: str | None
+    baseline: BaselineOut
+    global_: SourceRates = Field(alias="global")
+    tenants_total: int
+    eligible_tenants: int
+    excluded_tenants: list[str]
+    tenants: dict[str, TenantMonitorRow]
+    labels: dict[str, LabelMonitorRow]
+    score_buckets: list[float]
+    subjects: SubjectsSignal | None = None
+    tenants_reference: TenantsReference | None = None
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
+def to_stored(snapshot: MonitorSnapshot) -> dict[str, Any]:
+    """The JSON document the store keeps (see the module doc)."""
+    return snapshot.model_dump(mode="json", exclude_unset=True)
+
+
+def from_stored(doc: Mapping[str, Any]) -> MonitorSnapshot:
+    """A stored snapshot (this version's or an earlier one's of the same ``format``)."""
+    return MonitorSnapshot.model_validate(doc)

@@ -251,12 +251,7 @@ class TenantIndex:
         """Replaces the contents (training the factory's index on these vectors if it needs it)."""
         vectors = _as_matrix(vectors, self.dim)
         with self._lock:
-            self._index = self._empty_index(trainable_vectors=vectors if len(vectors) else None)
-            self._items = {}
-            self._terms = {}
-            self._postings = {}
-            self._canon = {}
-            self._tombstones = set()
+            self._reset_locked(vectors)
             self._add_locked(np.asarray(seqs, np.int64), item_ids, subjects, vectors,
                              [list(terms(m)) for m in metadata] if metadata is not None else None)
 
@@ -348,17 +343,21 @@ class TenantIndex:
                 if len(self._tombstones) > max(self._tombstone_limit, len(self._items)):
                     self._compact_locked()
 
-    def _compact_locked(self) -> None:
-        live = np.fromiter(self._items.keys(), dtype=np.int64, count=len(self._items))
-        vectors = (self._index.reconstruct_batch(live) if len(live)
-                   else np.zeros((0, self.dim), np.float32))
-        items, item_terms = dict(self._items), dict(self._terms)
+    def _reset_locked(self, vectors: np.ndarray) -> None:
+        """Empty contents: a new index (trained on ``vectors`` if its factory needs it)."""
         self._index = self._empty_index(trainable_vectors=vectors if len(vectors) else None)
         self._items = {}
         self._terms = {}
         self._postings = {}
         self._canon = {}
         self._tombstones = set()
+
+    def _compact_locked(self) -> None:
+        live = np.fromiter(self._items.keys(), dtype=np.int64, count=len(self._items))
+        vectors = (self._index.reconstruct_batch(live) if len(live)
+                   else np.zeros((0, self.dim), np.float32))
+        items, item_terms = dict(self._items), dict(self._terms)
+        self._reset_locked(vectors)
         pairs = [_unpack(items[int(s)]) for s in live]
         self._add_locked(live, [p[0] for p in pairs], [p[1] for p in pairs],
                          _as_matrix(vectors, self.dim),

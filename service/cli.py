@@ -174,16 +174,21 @@ def import_cmd(
     ids: Annotated[Path | None, typer.Option(
         help=".npy: text file, one item id per row (default: <id-prefix><row>)")] = None,
     id_prefix: Annotated[str | None, typer.Option(
-        help="prefix of derived item ids (default: the file's stem and '-')")] = None,
+        help="prefix of derived item ids (default: the file's stem, '-', the first 8 hex "
+             "digits of the sha256 of its content and '-')")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="items per request")] = 1000,
     concurrency: Annotated[int, typer.Option(min=1, help="requests in flight")] = 2,
     state: Annotated[Path | None, typer.Option(
         help="progress file (default: <source>.import.json)")] = None,
-    restart: Annotated[bool, typer.Option(help="ignore a saved progress file")] = False,
+    restart: Annotated[bool, typer.Option(
+        help="ignore a saved progress file: import from the first row, as a fresh run (a "
+             "stored item id is then an error)")] = False,
     retries: Annotated[int, typer.Option(min=0, help="per batch, on 429/503/network")] = 8,
 ) -> None:
     """Streams embeddings into a tenant's gallery in all-or-nothing batches; run it again
-    after an interruption and it resumes where it stopped, without duplicates."""
+    after an interruption and it resumes where it stopped, without duplicates. The progress
+    file is kept for this file's content and these options only: with another file, another
+    --subjects/--ids/--id-prefix or another service or key, it is not resumed."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -217,10 +222,16 @@ def import_cmd(
                                 ids=ids, id_prefix=id_prefix, batch_size=batch_size,
                                 concurrency=concurrency, state_path=state, restart=restart,
                                 retries=retries, progress=advance)
-    except ImportError_ as exc:
-        console.print(f"import stopped: {exc}", style="red", markup=False, highlight=False)
-        console.print("run the same command again to resume after the last stored batch")
+    except ImportError_ as exc:  # one line, no traceback: a bad file, state or answer
+        console.print(f"import stopped: {' '.join(str(exc).split())}", style="red",
+                      markup=False, highlight=False)
+        if exc.resumable:
+            console.print("run the same command again to resume after the last stored batch")
         raise typer.Exit(1) from exc
+    except KeyboardInterrupt as exc:
+        console.print("import interrupted: run the same command again to resume after the "
+                      "last stored batch", style="red", markup=False, highlight=False)
+        raise typer.Exit(130) from exc
     console.print(f"{counts['total']} rows: {counts['stored']} stored now, "
                   f"{counts['skipped']} stored by an earlier run, {counts['already']} found "
                   "already stored (resent after an interruption)")

@@ -38,7 +38,15 @@ Vector = np.ndarray | Sequence[float]
 class ApiError(Exception):
     """An error answer: ``status``, the service's ``code`` and ``message``, ``detail``, and
     the request's id (``request_id``) to quote in a support ticket; ``response``: the answer
-    itself (headers, body as sent), when the error came from one."""
+    itself (headers, body as sent), when the error came from one.
+
+    ``attempts``: how many times the client sent the request (retries included);
+    ``earlier_attempt_may_have_acted``: whether an earlier attempt was sent and its outcome is
+    unknown (its answer was lost, or was a 502/503/504), so that this answer may be about
+    what that attempt did (a 409 for the items it stored)."""
+
+    attempts: int = 1
+    earlier_attempt_may_have_acted: bool = False
 
     def __init__(
         self,
@@ -567,6 +575,15 @@ class _Routes:
         return Call("GET", "/metrics", lambda r: r.text)
 
 
+def _may_have_acted(outcome: httpx.Response | Exception) -> bool:
+    """Whether the server may have acted on an attempt that ended in ``outcome`` (retried):
+    its answer was lost after sending, or a 502/503/504 (a 429 or a connect error: it did
+    nothing)."""
+    if isinstance(outcome, httpx.Response):
+        return outcome.status_code in TRANSIENT_STATUS
+    return not isinstance(outcome, NOT_SENT_ERRORS)
+
+
 def _error(r: httpx.Response) -> ApiError:
     try:
         body = r.json()
@@ -609,9 +626,13 @@ class _Base(_Routes):
         self.policy = RetryPolicy(retries=retries, backoff_s=backoff_s, max_wait_s=max_wait_s)
         self.retried = 0  # how many times a request was sent again (observability, tests)
 
-    def _result(self, call: Call[T], r: httpx.Response) -> T:
+    def _result(
+        self, call: Call[T], r: httpx.Response, *, attempts: int = 1, acted: bool = False
+    ) -> T:
         if r.status_code >= 300:  # an error, or a redirect (never the API's answer)
-            raise _error(r)
+            error = _error(r)
+            error.attempts, error.earlier_attempt_may_have_acted = attempts, acted
+            raise error
         return call.parse(r)
 
 
@@ -645,7 +666,7 @@ class Client(_Base):
         """Sends ``call`` (again, as :attr:`policy` says) and returns its parsed answer;
         raises :class:`ApiError` for an error answer, httpx's exception for a transport error
         not (or no longer) retried."""
-        attempt = 0
+        attempt, acted = 0, False
         while True:
             try:
                 r = self._http.request(call.method, call.path, **_request_args(call))
@@ -653,10 +674,12 @@ class Client(_Base):
                 wait = self.policy.next_wait(attempt, safe=call.safe, error=exc)
                 if wait is None:
                     raise
+                acted = acted or _may_have_acted(exc)
             else:
                 wait = self.policy.next_wait(attempt, safe=call.safe, response=r)
                 if wait is None:
-                    return self._result(call, r)
+                    return self._result(call, r, attempts=attempt + 1, acted=acted)
+                acted = acted or _may_have_acted(r)
             self.retried += 1
             attempt += 1
             self._sleep(wait)
@@ -709,7 +732,7 @@ class AsyncClient(_Base):
 
     async def send(self, call: Call[T]) -> T:
         """As :meth:`Client.send`, awaitable."""
-        attempt = 0
+        attempt, acted = 0, False
         while True:
             try:
                 r = await self._http.request(call.method, call.path, **_request_args(call))
@@ -717,10 +740,12 @@ class AsyncClient(_Base):
                 wait = self.policy.next_wait(attempt, safe=call.safe, error=exc)
                 if wait is None:
                     raise
+                acted = acted or _may_have_acted(exc)
             else:
                 wait = self.policy.next_wait(attempt, safe=call.safe, response=r)
                 if wait is None:
-                    return self._result(call, r)
+                    return self._result(call, r, attempts=attempt + 1, acted=acted)
+                acted = acted or _may_have_acted(r)
             self.retried += 1
             attempt += 1
             await self._sleep(wait)

@@ -365,6 +365,71 @@ def test_importer_cannot_reach_the_service() -> None:
         send_batch(tcm, batch())
 
 
+def test_importer_a_409_on_a_batch_never_sent_before_is_refused(srv: Scripted) -> None:
+    """Issue 25 item 9: a 409 naming exactly a batch's ids at its first attempt, in a run that
+    never sent that batch, is about someone else's items: an error naming them (before: counted
+    "already stored", exit 0, nothing written). After a 429 (nothing done) the same; after a 503
+    or a lost answer it may be the batch's own first attempt: "already"; so is a batch that an
+    interrupted run sent (``resent``), unless the 409 names other ids."""
+    b = batch()
+    rate_limited = Answer(429, {"code": "rate_limited", "message": "slow"}, {"Retry-After": "0"})
+    with client(srv, Waits(), backoff_s=0) as tcm:
+        srv.script(duplicate(b.item_ids))
+        with pytest.raises(ImportError_, match="never sent before") as info:
+            send_batch(tcm, b)
+        assert "3 item ids exist already" in str(info.value) and "x-0" in str(info.value)
+        assert not info.value.resumable  # running it again would fail the same way
+        srv.script(rate_limited, duplicate(b.item_ids))
+        with pytest.raises(ImportError_, match="never sent before"):
+            send_batch(tcm, b)
+        srv.script(unavailable("0"), duplicate(b.item_ids))
+        assert send_batch(tcm, b) == "already"
+        srv.script(duplicate(b.item_ids))
+        assert send_batch(tcm, b, resent=True) == "already"
+        srv.script(duplicate(["x-0"]))
+        with pytest.raises(ImportError_, match="1 item ids exist already"):
+            send_batch(tcm, b, resent=True)
+        # a batch repeating an id is refused before sending
+        srv.script()
+        twice = Batch(5, [*b.items, b.items[0]])
+        with pytest.raises(ImportError_, match=r"rows 5\.\.8 repeat item ids \(\['x-0'\]\)"):
+            send_batch(tcm, twice)
+        assert srv.seen == []
+
+
+def test_api_error_says_whether_an_earlier_attempt_may_have_acted(srv: Scripted) -> None:
+    """``ApiError.attempts`` and ``.earlier_attempt_may_have_acted`` (sync and async): a 429 or
+    a connect error did nothing; a 503 or a lost answer may have."""
+    conflict = Answer(409, {"code": "duplicate_item_id", "message": "exists", "detail": None})
+    rate_limited = Answer(429, {"code": "rate_limited", "message": "slow"}, {"Retry-After": "0"})
+    item = [{"subject": "s", "item_id": "a", "embedding_b64": "AACAPw=="}]
+    cases = [
+        ((), 1, False),
+        ((rate_limited,), 2, False),
+        ((rate_limited, unavailable("0")), 3, True),
+        ((Answer(drop=True), rate_limited), 3, True),
+    ]
+    for before, attempts, acted in cases:
+        srv.script(*before, conflict)
+        with client(srv, Waits(), backoff_s=0) as tcm, pytest.raises(ApiError) as info:
+            tcm.enrol_raw(item)
+        assert (info.value.attempts, info.value.earlier_attempt_may_have_acted) == (
+            attempts, acted), before
+
+        async def enrol() -> ApiError:
+            async def no_wait(_: float) -> None:
+                pass
+
+            async with AsyncClient(srv.base, "tok", backoff_s=0, sleep=no_wait) as tcm:
+                with pytest.raises(ApiError) as info:
+                    await tcm.enrol_raw(item)
+            return info.value
+
+        srv.script(*before, conflict)
+        error = asyncio.run(enrol())
+        assert (error.attempts, error.earlier_attempt_may_have_acted) == (attempts, acted)
+
+
 def test_cli_admin_calls_print_the_answer_as_sent(srv: Scripted) -> None:
     env = {"TCM_ADMIN_TOKEN": "adm", "COLUMNS": "200"}
     srv.script(Answer(200, REGISTRY))

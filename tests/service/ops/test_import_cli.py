@@ -30,6 +30,7 @@ from service.ops.importer import (
     _row_groups_from,
     b64_vector,
     count_rows,
+    derived_id_prefix,
     open_source,
     run_import,
 )
@@ -60,6 +61,16 @@ def kill_once_stored(proc: subprocess.Popen, state: Path, rows: int) -> int:
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     return json.loads(state.read_text())["done"]
+
+
+def lag_state(state: Path, done: int, rows: int, batch_size: int = 100) -> None:
+    """Sets the state back ``rows`` rows as a kill between the service's answer and the state
+    write leaves it: those batches are still pending (sent, outcome unknown)."""
+    saved = json.loads(state.read_text())
+    lagged = [[lo, lo + batch_size] for lo in range(done - rows, done, batch_size)]
+    state.write_text(
+        json.dumps({**saved, "done": done - rows, "pending": lagged + saved["pending"]})
+    )
 
 
 def listed(url: str, key: str) -> list[dict]:
@@ -97,8 +108,7 @@ def test_import_resumes_after_kill_without_duplicates(artefact: Path, tmp_path: 
 
         # the state lags behind the store (a kill between the answer and the state write):
         # the resent batches are answered 409 for exactly their ids and count as done
-        saved = json.loads(state.read_text())
-        state.write_text(json.dumps({**saved, "done": done - 300}))
+        lag_state(state, done, 300)
         proc = run_cli(args, key, server.base)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
@@ -108,10 +118,12 @@ def test_import_resumes_after_kill_without_duplicates(artefact: Path, tmp_path: 
         items = listed(server.base, key)
         ids = [it["item_id"] for it in items]
         assert len(ids) == len(set(ids)) == N
-        assert set(ids) == {f"faces-{r}" for r in range(N)}
+        prefix = derived_id_prefix(src)
+        assert prefix.startswith("faces-") and len(prefix) == len("faces-12345678-")
+        assert set(ids) == {f"{prefix}{r}" for r in range(N)}
         with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {key}"}) as c:
             for r in (0, done - 1, done, N - 1):
-                got = c.get(f"/v1/gallery/faces-{r}", params={"include_embedding": True}).json()
+                got = c.get(f"/v1/gallery/{prefix}{r}", params={"include_embedding": True}).json()
                 assert got["subject"] == f"p{r // 4}"
                 np.testing.assert_allclose(got["embedding"], vecs[r], atol=1e-6)
 
@@ -123,9 +135,10 @@ def test_import_resumes_after_kill_without_duplicates(artefact: Path, tmp_path: 
         proc = run_cli([str(src2), "--batch-size", "10"], key, server.base)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 1, out
-        assert "row 17" in " ".join(out.split()) and "more-17" in out, out
+        more = derived_id_prefix(src2)
+        assert "row 17" in " ".join(out.split()) and f"{more}17" in out, out
         after = {it["item_id"] for it in listed(server.base, key)} - set(ids)
-        batches = [{f"more-{i}" for i in range(lo, lo + 10)} for lo in (0, 10, 20)]
+        batches = [{f"{more}{i}" for i in range(lo, lo + 10)} for lo in (0, 10, 20)]
         assert batches[0] <= after and not after & batches[1]  # the bad row's batch: none
         # the batch after it was already in flight (2 in flight): wholly there or wholly not
         assert after & batches[2] in (set(), batches[2])
@@ -186,6 +199,12 @@ def import_file(server: ServerProcess, key: str, source: Path, **kw: Any) -> dic
     return run_import(source=source, url=server.base, api_key=key, **{**options, **kw})
 
 
+def by_row(items: list[dict], prefix: str) -> dict[int, str]:
+    """Derived item ids ``<prefix><row>`` -> {row: subject}."""
+    assert all(it["item_id"].startswith(prefix) for it in items)
+    return {int(it["item_id"][len(prefix):]): it["subject"] for it in items}
+
+
 def stored_vectors(server: ServerProcess, key: str, item_ids: list[str]) -> np.ndarray:
     with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {key}"}) as c:
         got = [
@@ -197,21 +216,21 @@ def stored_vectors(server: ServerProcess, key: str, item_ids: list[str]) -> np.n
 
 @pytest.fixture(scope="module")
 def npy_import(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
-               ) -> tuple[str, list[dict]]:
-    """The reference: ``P`` rows imported from a .npy matrix (ids ``faces-<row>``)."""
+               ) -> tuple[str, list[dict], str]:
+    """The reference: ``P`` rows imported from a .npy matrix (ids ``faces-<hash>-<row>``)."""
     work = tmp_path_factory.mktemp("npy-ref")
     np.save(work / "faces.npy", unit_vectors(P, seed=1))
     (work / "subjects.txt").write_text("".join(s + "\n" for s in subjects_of(P)))
     key = new_key(server)
     counts = import_file(server, key, work / "faces.npy", subjects=work / "subjects.txt")
     assert counts["stored"] == P
-    return key, listed(server.base, key)
+    return key, listed(server.base, key), derived_id_prefix(work / "faces.npy")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["list_float32", "fixed_float64", "b64"])
 def test_parquet_import_equals_npy(
-    server: ServerProcess, npy_import: tuple[str, list[dict]], tmp_path: Path, kind: str
+    server: ServerProcess, npy_import: tuple[str, list[dict], str], tmp_path: Path, kind: str
 ) -> None:
     vecs = unit_vectors(P, seed=1)
     src = write_parquet(
@@ -222,16 +241,19 @@ def test_parquet_import_equals_npy(
     key = new_key(server)
     counts = import_file(server, key, src)
     assert counts == {"total": P, "skipped": 0, "stored": P, "already": 0}
-    npy_key, npy_items = npy_import
+    npy_key, npy_items, npy_prefix = npy_import
     # listed in enrolment order, which two batches in flight may swap: compared as mappings
+    # (of rows: each file derives its ids from its own content)
     items = listed(server.base, key)
+    prefix = derived_id_prefix(src)
+    assert prefix.startswith("faces-") and prefix != npy_prefix
     assert len(items) == len(npy_items) == P
-    assert {it["item_id"]: it["subject"] for it in items} == {
-        it["item_id"]: it["subject"] for it in npy_items
-    }
-    sample = [f"faces-{r}" for r in range(0, P, 7)] + [f"faces-{P - 1}"]
+    assert by_row(items, prefix) == by_row(npy_items, npy_prefix)
+    sample = [*range(0, P, 7), P - 1]
     np.testing.assert_allclose(
-        stored_vectors(server, key, sample), stored_vectors(server, npy_key, sample), atol=1e-6
+        stored_vectors(server, key, [f"{prefix}{r}" for r in sample]),
+        stored_vectors(server, npy_key, [f"{npy_prefix}{r}" for r in sample]),
+        atol=1e-6,
     )
 
 
@@ -256,7 +278,7 @@ def test_parquet_metadata_and_item_ids(server: ServerProcess, tmp_path: Path, fo
     key = new_key(server)
     import_file(server, key, src, batch_size=6)
     got = {it["item_id"]: it["metadata"] for it in listed(server.base, key)}
-    want = {(ids[i] or f"meta-{i}"): (meta[i] or {}) for i in range(n)}
+    want = {(ids[i] or f"{derived_id_prefix(src)}{i}"): (meta[i] or {}) for i in range(n)}
     assert got == want
 
 
@@ -277,8 +299,7 @@ def test_parquet_import_resumes_after_kill_without_duplicates(
     assert 500 <= done < N, done
     # the state lags behind the store by whole batches (a kill between the answer and the state
     # write): the resent batches are found stored (409 for exactly their ids), not doubled
-    saved = json.loads(state.read_text())
-    state.write_text(json.dumps({**saved, "done": done - 300}))
+    lag_state(state, done, 300)
     proc = run_cli([str(src), "--batch-size", "100"], key, server.base)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -286,10 +307,11 @@ def test_parquet_import_resumes_after_kill_without_duplicates(
     assert json.loads(state.read_text())["done"] == N
     ids = [it["item_id"] for it in listed(server.base, key)]
     assert len(ids) == len(set(ids)) == N
-    assert set(ids) == {f"big-{r}" for r in range(N)}
+    prefix = derived_id_prefix(src)
+    assert set(ids) == {f"{prefix}{r}" for r in range(N)}
     rows = [0, done - 301, done - 300, done, N - 1]
     np.testing.assert_allclose(
-        stored_vectors(server, key, [f"big-{r}" for r in rows]), vecs[rows], atol=1e-6
+        stored_vectors(server, key, [f"{prefix}{r}" for r in rows]), vecs[rows], atol=1e-6
     )
 
 
@@ -380,7 +402,8 @@ def test_bad_parquet_stops_the_cli_naming_the_row(server: ServerProcess, tmp_pat
     assert proc.returncode == 1, out
     assert "row 37: embedding holds NaN or infinity" in " ".join(out.split()), out
     stored = {it["item_id"] for it in listed(server.base, key)}
-    assert stored <= {f"nan-{r}" for r in range(30)}  # nothing from the bad row's batch on
+    prefix = derived_id_prefix(src)
+    assert stored <= {f"{prefix}{r}" for r in range(30)}  # nothing from the bad row's batch on
 
 
 def test_parquet_without_pyarrow_says_which_extra(

@@ -154,6 +154,19 @@ def deviations(u: np.ndarray) -> np.ndarray:
     return range_average((u - np.median(u, axis=0)) ** 2)
 
 
+def robust_max_deviation(u: np.ndarray) -> float:
+    """The farthest group's :func:`deviations` once the farthest of all is left out (the
+    median and the deviations recomputed over the others): how far the typical spread of the
+    groups reaches, not moved by one outlier group. Plain maximum with fewer than 4 groups (3
+    must be left for a median that is one of them: 2 would each sit half their distance from
+    their midpoint, a bound too tight for the groups that join later)."""
+    dev = deviations(u)
+    if len(u) < 4:
+        return float(dev.max())
+    rest = np.delete(u, int(np.argmax(dev)), axis=0)
+    return float(deviations(rest).max())
+
+
 def bootstrap_interval(
     u: np.ndarray,
     *,
@@ -197,6 +210,37 @@ def pooled_opis(parts: Sequence[Summary]) -> float | None:
     mean = sum(p.n * p.mean for p in parts) / total
     sq = sum(p.sq + p.n * (p.mean - mean) ** 2 for p in parts)
     return float(range_average(sq / total))
+
+
+def trimmed_pooled_opis(
+    parts: Sequence[Summary], *, min_subjects: int
+) -> tuple[float | None, int | None]:
+    """Pooled OPIS robust to one group (a tenant): with at least 3 groups of ``min_subjects``
+    curves or more, the pooled OPIS with the most influential group left out (the one whose
+    removal lowers it most, among those whose removal leaves ``min_subjects`` curves), and
+    that group's index in ``parts``; else :func:`pooled_opis` of all of them and None.
+
+    One group of many extreme, inconsistent curves can make the plain pool as large as it
+    likes; left out, it moves nothing. Drift shared by every group survives any one left out.
+    Deterministic (no sampling), O(groups x grid)."""
+    live = [i for i, p in enumerate(parts) if p.n > 0]
+    if sum(1 for i in live if parts[i].n >= min_subjects) < 3:
+        return pooled_opis(parts), None
+    n = np.array([parts[i].n for i in live], np.float64)
+    means = np.stack([parts[i].mean for i in live])
+    sq = np.stack([parts[i].sq for i in live])
+    s1 = n[:, None] * means  # (G, T) per-group sums of curves
+    s2 = sq + n[:, None] * means**2  # (G, T) per-group sums of squared curves
+    rest_n = n.sum() - n
+    ok = rest_n >= max(1, min_subjects)
+    if not ok.any():
+        return pooled_opis(parts), None
+    rest_n = np.where(ok, rest_n, 1.0)
+    rest_s1, rest_s2 = s1.sum(axis=0) - s1, s2.sum(axis=0) - s2
+    rest_var = np.maximum(rest_s2 / rest_n[:, None] - (rest_s1 / rest_n[:, None]) ** 2, 0.0)
+    values = np.where(ok, range_average(rest_var), np.inf)
+    k = int(np.argmin(values))
+    return float(values[k]), live[k]
 
 
 def matched_draw(

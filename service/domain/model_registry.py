@@ -13,7 +13,9 @@ The document::
      "purged":     [versions whose embeddings retention dropped],
      "configured": the version TCM_ARTEFACT_PATH named at the first start (the store's first model),
      "tenant_references": {version: the across-tenants drift reference measured on the served
-                           galleries (service.monitoring.subjects.tenant_reference)}}
+                           galleries (service.monitoring.subjects.tenant_reference)},
+     "tenant_reference_members": {version: the tenants that reference was measured on (the
+                                  monitor re-measures it when one of them leaves)}}
 
 Transitions are pure functions of the document (:func:`register`, :func:`begin`,
 :func:`commit`, :func:`abandon`); :class:`ModelRegistry` applies one with a compare-and-set
@@ -39,7 +41,7 @@ Doc = dict[str, Any]
 
 def empty() -> Doc:
     return {"versions": {}, "active": None, "activation": None, "history": [], "purged": [],
-            "configured": None, "tenant_references": {}}
+            "configured": None, "tenant_references": {}, "tenant_reference_members": {}}
 
 
 def record_of(manifest: Manifest, path: Path | str, *, now: float) -> dict[str, Any]:

@@ -255,9 +255,12 @@ class Monitor:
         snap = compute_snapshot(scores, manifest=self.manifest, config=self.config,
                                 tenant_order=tenants, now=now, subjects=subjects,
                                 reference=reference)
-        ref = self.tenants_reference()
+        ref, members = self._stored_reference()
         if ref is None:  # first snapshot of this version where it is defined: measure it
             ref = self.store_tenants_reference(snap, subjects, only_if_missing=True)
+        elif self.members_left(members, snap):  # measured on a tenant now gone: re-measure
+            ref = self.store_tenants_reference(snap, subjects, only_if_missing=False,
+                                               replace=True, previous=members)
         snap.tenants_reference = ref
         self.pairs.reset(self._snapshot_id(snap), scores)
         return snap
@@ -265,13 +268,40 @@ class Monitor:
     # -- the across-tenants reference (in the model registry) --
     def tenants_reference(self) -> TenantsReference | None:
         """This version's across-tenants reference from the registry (None: not measured)."""
+        return self._stored_reference()[0]
+
+    def _stored_reference(self) -> tuple[TenantsReference | None, list[str] | None]:
+        """This version's reference and the tenants it was measured on (None: measured before
+        the registry kept them)."""
         doc, _ = self.store.get_model_registry()
-        ref = ((doc or {}).get("tenant_references") or {}).get(self.manifest.model_version)
-        return None if ref is None else TenantsReference.model_validate(ref)
+        version = self.manifest.model_version
+        ref = ((doc or {}).get("tenant_references") or {}).get(version)
+        members = ((doc or {}).get("tenant_reference_members") or {}).get(version)
+        return (None if ref is None else TenantsReference.model_validate(ref)), members
+
+    @staticmethod
+    def members_left(members: Sequence[str] | None, snap: MonitorSnapshot) -> bool:
+        """Whether a tenant the reference was measured on has left: deleted, or no longer
+        eligible (too few pairs). Then the reference is re-measured at once, so that a bound
+        an outlier tenant widened does not outlive it. Joins do not re-measure (a drifting
+        tenant that joins must not become the reference; an operator re-measures on demand
+        once the new tenants are judged healthy). A reference stored without its members
+        (by an earlier version) is re-measured once."""
+        if members is None:
+            return True
+        eligible = {t for t, row in snap.tenants.items() if row.eligible}
+        return any(t not in eligible for t in members)
 
     def measure_tenants_reference(self, snap: MonitorSnapshot,
                                   subjects: Mapping[str, TenantSubjects]
                                   ) -> TenantsReference | None:
+        measured = self._measure_tenants_reference(snap, subjects)
+        return None if measured is None else measured[0]
+
+    def _measure_tenants_reference(self, snap: MonitorSnapshot,
+                                   subjects: Mapping[str, TenantSubjects]
+                                   ) -> tuple[TenantsReference, list[str]] | None:
+        """The reference on ``snap``'s data, and the tenants it was measured on (sorted)."""
         cal = self.manifest.calibration
         cal_error = 1.0 - float(utility(np.array([1.0 - cal.frr_at_tau]),
                                         np.array([1.0 - cal.far_at_tau]), cal.beta)[0])
@@ -283,33 +313,53 @@ class Monitor:
                                calibration_error=cal_error)
         if ref is None:
             return None
+        members = sorted(ref.pop("members"))
         fb = snap.global_.by_source.feedback
         return TenantsReference(**ref, model_version=self.manifest.model_version,
                                 measured_at=snap.computed_at,
                                 feedback_pairs=fb.genuine_pairs + fb.impostor_pairs,
-                                min_pairs=self.config.min_pairs)
+                                min_pairs=self.config.min_pairs), members
 
     def store_tenants_reference(self, snap: MonitorSnapshot,
                                 subjects: Mapping[str, TenantSubjects], *,
-                                only_if_missing: bool) -> TenantsReference | None:
+                                only_if_missing: bool, replace: bool = False,
+                                previous: list[str] | None = None
+                                ) -> TenantsReference | None:
         """Measures the across-tenants reference on ``snap``'s data and writes it to the
-        registry (``only_if_missing``: unless a replica already did); returns the stored one."""
-        measured = self.measure_tenants_reference(snap, subjects)
-        if measured is None:
-            return None
+        registry with the tenants it was measured on (``tenant_reference_members``), and
+        returns the stored one. ``only_if_missing``: unless a replica already stored one.
+        ``replace``: after a departure, replaces the reference measured on ``previous`` (a
+        replica that replaced it first wins); a departure that leaves it undefined (fewer than
+        2 tenants) removes it, to be measured again once defined."""
+        measured = self._measure_tenants_reference(snap, subjects)
         version = self.manifest.model_version
-        ref = measured.model_dump(mode="json")
+        if measured is None and not replace:
+            return None
+        ref = None if measured is None else measured[0].model_dump(mode="json")
+        members = None if measured is None else measured[1]
 
         def put(doc: dict[str, Any]) -> dict[str, Any]:
             refs = dict(doc.get("tenant_references") or {})
-            if not (only_if_missing and version in refs):
-                refs[version] = ref
-            doc["tenant_references"] = {v: r for v, r in refs.items()
-                                        if v in doc["versions"] or v == version}
+            who = dict(doc.get("tenant_reference_members") or {})
+            if replace:
+                write = version in refs and who.get(version) == previous
+            else:
+                write = not (only_if_missing and version in refs)
+            if write:
+                if ref is None:
+                    refs.pop(version, None)
+                    who.pop(version, None)
+                else:
+                    refs[version], who[version] = ref, members
+            keep = set(doc["versions"]) | {version}
+            doc["tenant_references"] = {v: r for v, r in refs.items() if v in keep}
+            doc["tenant_reference_members"] = {v: m for v, m in who.items()
+                                               if v in keep and v in refs}
             return doc
 
         doc = ModelRegistry(self.store).update(put)
-        return TenantsReference.model_validate(doc["tenant_references"][version])
+        stored = doc["tenant_references"].get(version)
+        return None if stored is None else TenantsReference.model_validate(stored)
 
     def remeasure_tenants_reference(self) -> TenantsReference | None:
         """On demand (admin): the across-tenants reference from the data as of now, replacing

@@ -74,6 +74,12 @@ class SubjectsPooled(BaseModel):
     opis: float | None
     reference: SubjectsReference | None
     unavailable_reason: str | None
+    left_out_tenant: str | None = Field(None, description="with 3 or more tenants of "
+                                        "min_subjects eligible subjects, opis pools them with "
+                                        "its most influential tenant left out: this one "
+                                        "(absent: none was)")
+    opis_all_tenants: float | None = Field(None, description="the pool of every tenant's "
+                                           "subjects, none left out (absent: the same as opis)")
 
 
 class SubjectsSignal(BaseModel):

@@ -5,7 +5,10 @@ genuine pairs are pairs of its own gallery images and feedback on decisions whos
 candidate was it and whose query truly was it; its impostor pairs are its images against the
 tenant's other subjects and feedback on decisions whose best candidate was it but whose query
 was someone else. OPIS is computed per tenant (with at least ``rules.min_subjects`` eligible
-subjects) and pooled over every eligible subject of every tenant (so one tenant suffices).
+subjects) and pooled over every eligible subject of every tenant (so one tenant suffices); with
+3 or more tenants of ``min_subjects`` eligible subjects the pool leaves out its most influential
+tenant (:func:`tcm.drift.trimmed_pooled_opis`), so that no one tenant's gallery can move the
+model-wide signal, and its reference pools each draw the same way.
 Reference: held-out classes of the artefact subsampled to each tenant's images per subject
 (:func:`tcm.drift.matched_reference`), measured by the same code; the interval is the spread
 over the draws. Artefacts without held-out embeddings fall back to the manifest's baseline (its
@@ -13,8 +16,11 @@ class-bootstrap interval, else the point value), flagged ``matched: false``.
 
 *Across tenants* (one threshold, many customers): OPIS with tenants as classes and the spread of
 the tenants' utility at tau. Reference: the same numbers on the served galleries, measured when
-a model starts serving (stored in the registry, re-measurable on demand), with a subject
-bootstrap interval (each tenant's subjects resampled with replacement).
+a model starts serving (stored in the registry, re-measurable on demand, re-measured by the
+monitor when a tenant it was measured on leaves), with a subject bootstrap interval (each
+tenant's subjects resampled with replacement). The deviation bound leaves the farthest tenant
+out (:func:`tcm.drift.robust_max_deviation`): one outlier tenant at measurement time cannot
+widen it for everyone.
 
 Everything here is pure and blocking.
 """
@@ -41,6 +47,8 @@ from tcm.drift import (
     eps_opis_of,
     opis_of,
     pooled_opis,
+    robust_max_deviation,
+    trimmed_pooled_opis,
 )
 
 ReferenceFn = Callable[[tuple[int, ...]], list[Summary]]
@@ -190,7 +198,12 @@ def across_subjects(
         "unavailable_reason": None,
     }
     if total >= rules.min_subjects:
-        pooled["opis"] = pooled_opis(list(summaries.values()))
+        names = list(summaries)
+        pooled["opis"], left_out = trimmed_pooled_opis(
+            list(summaries.values()), min_subjects=rules.min_subjects)
+        if left_out is not None:  # keys set only then: the stored shape is otherwise as before
+            pooled["left_out_tenant"] = names[left_out]
+            pooled["opis_all_tenants"] = pooled_opis(list(summaries.values()))
     else:
         pooled["unavailable_reason"] = (
             f"{total} eligible subject(s) over all tenants; OPIS across subjects needs "
@@ -202,7 +215,7 @@ def across_subjects(
         for r in range(n_draws):
             parts = [d[r] for d in draws.values() if d]
             if sum(p.n for p in parts) >= rules.min_subjects:
-                per_draw.append(pooled_opis(parts))
+                per_draw.append(trimmed_pooled_opis(parts, min_subjects=rules.min_subjects)[0])
         ref = _quantiles([v for v in per_draw if v is not None], level)
         pooled["reference"] = (
             None if ref is None else {**ref, "matched": True, "draws": len(per_draw)}
@@ -276,9 +289,10 @@ def tenant_reference(
 ) -> dict[str, Any] | None:
     """The across-tenants numbers on the given data with a subject-bootstrap interval: OPIS and
     eps-OPIS with tenants as classes, and how far the farthest tenant's utility curve sits
-    from the median tenant's (``deviation``: its maximum, and the bootstrap upper bound of
-    that maximum, which per-tenant alerts compare with). None with fewer than 2 eligible
-    tenants."""
+    from the median tenant's once the farthest of all is left out (``deviation``: that
+    maximum, :func:`tcm.drift.robust_max_deviation`, and its bootstrap upper bound, which
+    per-tenant alerts compare with), and ``members``: the tenants it was measured on. None
+    with fewer than 2 eligible tenants."""
     tenants = [t for t in eligible if t in data and len(data[t].subjects)]
     if len(tenants) < 2:
         return None
@@ -287,7 +301,8 @@ def tenant_reference(
         weights: Mapping[str, np.ndarray] | None,
     ) -> tuple[float, float, list[float], list[float]]:
         """OPIS, eps-OPIS, each tenant's deviation from the median tenant's curve
-        (:func:`tcm.drift.deviations`) and its FAR at tau."""
+        (:func:`tcm.drift.deviations`) and its FAR at tau; the deviations' list ends with the
+        robust maximum (:func:`tcm.drift.robust_max_deviation`)."""
         rows, fars = [], []
         for t in tenants:
             pos, neg = data[t].tenant_hist(None if weights is None else weights[t])
@@ -299,7 +314,8 @@ def tenant_reference(
         if len(rows) < 2:
             return float("nan"), float("nan"), [], fars
         u_all = np.stack(rows)
-        return opis_of(u_all), eps_opis_of(u_all, eps), deviations(u_all).tolist(), fars
+        devs = [*deviations(u_all).tolist(), robust_max_deviation(u_all)]
+        return opis_of(u_all), eps_opis_of(u_all, eps), devs, fars
 
     opis, eps_opis, errs, fars = measure(None)
     if not np.isfinite(opis):  # fewer than 2 tenants with both kinds of pairs
@@ -317,20 +333,21 @@ def tenant_reference(
         if np.isfinite(o):
             boot_opis.append(o)
             boot_eps.append(e)
-            boot_err.append(max(es))
+            boot_err.append(es[-1])
     a = (1.0 - level) / 2.0
 
     def interval(v: list[float]) -> list[float] | None:
         return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))] if len(v) >= 2 else None
 
-    dev_hi = float(np.quantile(boot_err, 1 - a)) if len(boot_err) >= 2 else max(errs)
+    dev_hi = float(np.quantile(boot_err, 1 - a)) if len(boot_err) >= 2 else errs[-1]
     return {
+        "members": tenants,
         "tenants": len(tenants),
         "opis": opis,
         "eps_opis": eps_opis,
         "opis_interval": interval(boot_opis),
         "eps_opis_interval": interval(boot_eps),
-        "deviation": {"max": max(errs), "hi": dev_hi},
+        "deviation": {"max": errs[-1], "hi": dev_hi},
         "calibration_error": calibration_error,
         "far_at_tau": {"min": min(fars), "max": max(fars)},
         "level": level,

@@ -65,8 +65,12 @@ IdempotencyHeader = Annotated[str | None, Header(
 REPLAYED = {"Idempotent-Replayed": "true"}
 
 
-def _idempotency(key: str | None, fingerprint: hashlib._Hash) -> IdempotencyKey | None:
-    return None if key is None else IdempotencyKey(key, fingerprint.hexdigest())
+def _idempotency(key: str, *sent: bytes) -> IdempotencyKey:
+    """The request's key and the fingerprint of what it sent (hashed only when a key came)."""
+    fingerprint = hashlib.sha256()
+    for part in sent:
+        fingerprint.update(part)
+    return IdempotencyKey(key, fingerprint.hexdigest())
 
 
 def _enrolled(done: Enrolled, faces: list[dict], response: Response) -> EnrolResponse:
@@ -82,7 +86,8 @@ async def enrol(body: EnrolRequest, tenant: TenantId, runtime: RuntimeDep, reque
     """All items or none; an item id that exists (or repeats) is a 409."""
     runtime.gallery.check_enrol(body.items)
     await runtime.charge(tenant, len(body.items))  # one rate-limit unit per item
-    key = _idempotency(idempotency_key, hashlib.sha256(await request.body()))
+    key = (None if idempotency_key is None
+           else _idempotency(idempotency_key, await request.body()))
     with face_report() as faces:
         done = await runtime.gallery.enrol(tenant, body.items, idempotency=key)
     return _enrolled(done, faces, response)
@@ -102,11 +107,10 @@ async def enrol_upload(
     data = await read_upload(file, field="file")
     item = build(EnrolItem, subject=subject, item_id=item_id or None, image=UPLOAD_PLACEHOLDER,
                  metadata=parse_json_object(metadata, field="metadata"))
-    fingerprint = hashlib.sha256(json.dumps([subject, item_id, metadata]).encode())
-    fingerprint.update(data)
+    key = (None if idempotency_key is None else _idempotency(
+        idempotency_key, json.dumps([subject, item_id, metadata]).encode(), data))
     with face_report() as faces:
-        done = await runtime.gallery.enrol(tenant, [item], images={0: data},
-                                           idempotency=_idempotency(idempotency_key, fingerprint))
+        done = await runtime.gallery.enrol(tenant, [item], images={0: data}, idempotency=key)
     return _enrolled(done, faces, response)
 
 

@@ -862,12 +862,16 @@ class RedisStore:
         n = int(counted) if counted else None
         with self._translate("read change feed"):
             reply = self._feed.xread({key: entry_id}, count=1000, block=block_ms)
-            if self._moved_back(key, entry_id, n, sum(len(e) for _, e in reply or [])):
+            try:  # one read of the stream's counters serves every check below
+                info: Mapping[str, Any] | None = self._feed.xinfo_stream(key)
+            except redis.exceptions.ResponseError:  # no stream at all
+                info = None
+            if self._moved_back(info, entry_id, n, sum(len(e) for _, e in reply or [])):
                 return cursor, [Change("resync", "")]
-            if reply:
-                removed = self._removed(self._feed.xinfo_stream(key))
+            if reply and info is not None:
+                removed = self._removed(info)
                 if n is None:
-                    if self._oldest_after(key, entry_id):
+                    if self._oldest_after(info, entry_id):
                         return cursor, [Change("resync", "")]
                 elif removed is not None and removed > n:
                     # trimmed before or after this read? read and count in one transaction
@@ -893,7 +897,9 @@ class RedisStore:
                     changes.append(Change(op, tenant, tuple(items), tuple(seqs)))  # type: ignore[arg-type]
         return _cursor(entry_id, n), changes
 
-    def _moved_back(self, key: str, entry_id: str, n: int | None, seen: int) -> bool:
+    @staticmethod
+    def _moved_back(info: Mapping[str, Any] | None, entry_id: str, n: int | None, seen: int
+                    ) -> bool:
         """Whether the store went back in time under this reader: Redis restored from an older
         snapshot, or a failover to a replica that lagged. The item counter went back with it,
         so new items would reuse seqs this replica's indexes still hold for items the store
@@ -901,11 +907,9 @@ class RedisStore:
         extra write: ``entries-added`` never decreases and trimming does not lower it, so a
         store that counts fewer entries than this reader has read (``n``) plus those it reads
         now went back; so did one whose last entry id is older than the reader's cursor
-        (before Redis 7, the only check), or whose stream is gone after the reader saw one."""
-        assert self._feed is not None
-        try:
-            info = self._feed.xinfo_stream(key)
-        except redis.exceptions.ResponseError:  # no stream at all
+        (before Redis 7, the only check), or whose stream is gone after the reader saw one
+        (``info`` None)."""
+        if info is None:
             return entry_id != "0-0"
         last = _stream_id(_s(info.get("last-generated-id")) or "0-0")
         if last < _stream_id(entry_id):
@@ -919,12 +923,12 @@ class RedisStore:
         added = info.get("entries-added")
         return None if added is None else int(added) - int(info["length"])
 
-    def _oldest_after(self, key: str, entry_id: str) -> bool:
+    @staticmethod
+    def _oldest_after(info: Mapping[str, Any], entry_id: str) -> bool:
         """Before Redis 7: whether the oldest entry left is newer than ``entry_id``, i.e. the
         entry at the cursor was trimmed and entries after it may have been (a conservative
         resync: the reader is a whole cap behind)."""
-        assert self._feed is not None
-        first = self._feed.xinfo_stream(key).get("first-entry")
+        first = info.get("first-entry")
         return entry_id != "0-0" and (first is None or
                                       _stream_id(_s(first[0]) or "0-0") > _stream_id(entry_id))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import secrets
 import shutil
@@ -37,6 +38,7 @@ from tcm import (
     build_embedder,
     calibrate_threshold,
     consistency_report,
+    read_manifest,
     retrieval_metrics,
     save_artefact,
     to_input_tensor,
@@ -89,6 +91,19 @@ def artefact(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> Path:
     return out
 
 
+def make_version(artefact: Path, out: Path, version: str, seed: int) -> Path:
+    """A copy of the test artefact with other weights under another version."""
+    shutil.copytree(artefact, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["model_version"] = version
+    manifest["baseline"]["opis"] = manifest["baseline"]["opis"] * (1 + seed / 100)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    torch.manual_seed(seed)
+    save_artefact(out, build_embedder("small_cnn", in_channels=1, embedding_dim=DIM, width=16),
+                  read_manifest(out))
+    return out
+
+
 # --- images ----------------------------------------------------------------------------------
 def png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -119,6 +134,18 @@ def redis_server_binary() -> str:
         pytest.fail("redis-server is not installed (apt-get install redis-server): the Redis "
                     "process tests start their own servers", pytrace=False)
     return path
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path, redis_server_binary: str) -> Iterator[Any]:
+    """A redis-server of the test's own (on a free port), for counts no other client may
+    disturb (command stats, bytes sent); killed afterwards."""
+    from tests.service.store.test_redis_down import RedisProcess, free_port
+
+    server = RedisProcess(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.kill()
 
 
 def redis_cleanup(url: str, prefix: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -29,7 +28,7 @@ from tcm_client import Client
 from tests.faultproxy import Cut, FaultProxy
 from tests.service.conftest import Api, make_settings, png_bytes, unit
 from tests.service.conftest import Tenant as ApiTenant
-from tests.service.store.test_redis_down import RedisProcess, free_port
+from tests.service.store.test_redis_down import RedisProcess
 
 
 def _count(api: Api, tenant: ApiTenant) -> int:
@@ -114,14 +113,6 @@ def test_upload_resend_is_replayed(api: Api, tenant: ApiTenant, digits) -> None:
 
 
 # --- the store: the lost reply itself -----------------------------------------------------------
-@pytest.fixture
-def private_redis(tmp_path: Path, redis_server_binary: str) -> Iterator[RedisProcess]:
-    server = RedisProcess(free_port(), tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
 @pytest.mark.redis
 def test_redis_lost_reply_then_resend_is_a_replay(private_redis: RedisProcess) -> None:
     """The enrolment's reply is lost after Redis committed it (the TCP proxy holds it back, at

@@ -17,8 +17,15 @@ from typer.testing import CliRunner
 from service.app import create_app
 from service.cli import app as serve_cli
 from service.ops.export import class_folder, export_dataset
-from tests.service.conftest import ADMIN_TOKEN, STORES, Digits, b64_png, make_settings, unit
-from tests.service.runtime.test_lifecycle import make_version
+from tests.service.conftest import (
+    ADMIN_TOKEN,
+    STORES,
+    Digits,
+    b64_png,
+    make_settings,
+    make_version,
+    unit,
+)
 from tests.service.test_cli import _start, free_port
 from training.config import load_config
 from training.data import load_raw

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -21,14 +20,14 @@ from service.domain import model_registry as reg
 from service.errors import ConflictError, NotFoundError
 from service.settings import Settings
 from service.store import open_store
-from tcm import build_embedder, read_manifest, save_artefact
+from tcm import read_manifest
 from tests.service.conftest import (
     ADMIN_TOKEN,
-    DIM,
     STORES,
     Digits,
     b64_png,
     make_settings,
+    make_version,
     unit,
 )
 from tests.service.runtime.test_restart import _answers as answers
@@ -36,19 +35,6 @@ from tests.service.runtime.test_restart import _answers as answers
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 FAST = {"model_poll_s": 0.1, "model_heartbeat_s": 0.2, "model_retire_grace_s": 0.5,
         "monitor_interval_s": 3600.0}
-
-
-def make_version(artefact: Path, out: Path, version: str, seed: int) -> Path:
-    """A copy of the test artefact with other weights under another version."""
-    shutil.copytree(artefact, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["model_version"] = version
-    manifest["baseline"]["opis"] = manifest["baseline"]["opis"] * (1 + seed / 100)
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    torch.manual_seed(seed)
-    save_artefact(out, build_embedder("small_cnn", in_channels=1, embedding_dim=DIM, width=16),
-                  read_manifest(out))
-    return out
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tcm import build_embedder, read_manifest, save_artefact
-from tests.service.conftest import ADMIN_TOKEN, DIM, STORES, Digits, b64_png, make_settings, unit
+from tests.service.conftest import (
+    ADMIN_TOKEN,
+    STORES,
+    Digits,
+    b64_png,
+    make_settings,
+    make_version,
+    unit,
+)
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -59,17 +63,6 @@ def test_restart_rebuilds_indexes(kind: str, artefact: Path, store_settings, dig
     assert after == before
 
 
-def _version(artefact: Path, out: Path, version: str, seed: int) -> Path:
-    shutil.copytree(artefact, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["model_version"] = version
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    torch.manual_seed(seed)
-    save_artefact(out, build_embedder("small_cnn", in_channels=1, embedding_dim=DIM, width=16),
-                  read_manifest(out))
-    return out
-
-
 def _served(c: TestClient) -> str:
     return c.get("/v1/model").json()["model_version"]
 
@@ -92,7 +85,7 @@ def test_new_model_version_reembeds_stored_images(kind: str, artefact: Path, sto
     """Items enrolled from images are re-embedded by a new model; embedding-only items cannot
     be and are left out of its index (but stay listed)."""
     store = store_settings(kind)
-    v2 = _version(artefact, tmp_path / "v2", "digits-test-v2", 123)
+    v2 = make_version(artefact, tmp_path / "v2", "digits-test-v2", 123)
     with TestClient(create_app(make_settings(artefact, store))) as c:
         r = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN).json()
         auth = {"Authorization": f"Bearer {r['api_key']}"}
@@ -135,7 +128,7 @@ def test_starting_a_process_never_switches_the_served_model(
     own, and the running fleet switched to it. Starting never switches: only an activation
     does, and the configured artefact is staged for one."""
     store = store_settings(kind)
-    v2 = _version(artefact, tmp_path / "v2", "digits-test-v2", 5)
+    v2 = make_version(artefact, tmp_path / "v2", "digits-test-v2", 5)
     first = make_settings(artefact, store, **FAST_SWITCH)
     with TestClient(create_app(first)) as a:
         if kind == "redis":  # a replica beside the running one
@@ -169,7 +162,7 @@ def test_a_second_server_on_one_sqlite_store_is_refused(artefact: Path, store_se
     from service.store import StoreInUseError
 
     store = store_settings("sqlite")
-    v2 = _version(artefact, tmp_path / "v2", "digits-test-v2", 9)
+    v2 = make_version(artefact, tmp_path / "v2", "digits-test-v2", 9)
     with TestClient(create_app(make_settings(artefact, store))) as a:
         with pytest.raises(StoreInUseError, match="already served by pid"), \
                 TestClient(create_app(make_settings(v2, store))):

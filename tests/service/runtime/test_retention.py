@@ -18,7 +18,7 @@ from service.settings import Settings
 from service.store import ApiKey, Feedback, MatchRecord, Store, Tenant, open_store
 from service.store.redis_store import RedisStore
 from tests.service.conftest import STORES
-from tests.service.store.test_redis_down import RedisProcess, free_port
+from tests.service.store.test_redis_down import RedisProcess
 
 
 @pytest.fixture(params=STORES)
@@ -87,14 +87,6 @@ def test_retention_task_prunes_every_tenant(store: Store) -> None:
 def test_retention_must_cover_the_monitor_window(artefact: Path) -> None:
     with pytest.raises(ValidationError, match="must cover"):
         Settings(artefact_path=artefact, match_retention_days=0.5, monitor_window_s=86400.0)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path, redis_server_binary: str) -> Iterator[RedisProcess]:
-    server = RedisProcess(free_port(), tmp_path)
-    server.start()
-    yield server
-    server.kill()
 
 
 def _hgetall_calls(r: redis.Redis) -> int:

@@ -63,6 +63,7 @@ DRIFT_ALERTS = {
     "TCMTenantInconsistent",
 }
 HELD_OUT = range(5, 10)
+FAILED_RUNS = 'tcm_monitor_runs_total{result="failed"}'
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,11 @@ enrol.keys = {}  # type: ignore[attr-defined]
 
 def drift_alerts(prom: Prometheus, state: str) -> set[tuple[str, str]]:
     return {a for a in prom.alerts(state) if a[0] in DRIFT_ALERTS}
+
+
+def snapshot_versions(prom: Prometheus) -> set[str]:
+    result = prom.get("/api/v1/query", query="tcm_monitor_snapshot_info")["result"]
+    return {r["metric"]["model_version"] for r in result}
 
 
 def hold_quiet(prom: Prometheus, seconds: float) -> None:
@@ -334,13 +340,24 @@ def test_b_one_drifting_tenant_then_retrain_clears(
 
             def cleared() -> bool:
                 # (no snapshot for a moment after the switch: the monitor recomputes for v2)
-                result = prom.get("/api/v1/query", query="tcm_monitor_snapshot_info")["result"]
-                versions = {r["metric"]["model_version"] for r in result}
+                versions = snapshot_versions(prom)
                 # the across-tenants alerts that fired for v1 are gone (the across-subjects
                 # ones depend on v2's own held-out classes, a handful cut from the export)
                 return versions == {v2} and not (drift_alerts(prom, "firing") & fired)
 
-            wait_for(cleared, 2 * PATIENCE_S, "the drift alerts to clear on the new model", prom)
+            def seen() -> str:
+                return (
+                    f"versions {sorted(snapshot_versions(prom))} (want {{{v2!r}}}); "
+                    f"firing {sorted(drift_alerts(prom, 'firing'))}; fired on v1 {sorted(fired)}; "
+                    f"deviation {prom.query('tcm_tenant_deviation')}; "
+                    f"deviation ref {prom.query('tcm_tenants_deviation_reference')}; "
+                    f"opis {prom.query('tcm_opis')}; "
+                    f"opis ref {prom.query('tcm_tenants_opis_reference')}; "
+                    f"failed monitor runs {prom.query(FAILED_RUNS)}"
+                )
+
+            wait_for(cleared, 2 * PATIENCE_S, "the drift alerts to clear on the new model", prom,
+                     state=seen)
             after = prom.query('tcm_tenant_utility_ratio{source="pooled"}')[drifter]
             print(
                 f"(b) drifter's utility at tau {before:.3f} -> {after:.3f} after retraining; "

@@ -52,7 +52,10 @@ class Prometheus:
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, prom: Prometheus,
-             tick: Callable[[], None] = lambda: None) -> None:
+             tick: Callable[[], None] = lambda: None,
+             state: Callable[[], str] | None = None) -> None:
+    """Polls ``check`` until it holds; on timeout fails with ``state()`` (what was seen last,
+    so that a failure on a busy CI machine says which part of the condition did not hold)."""
     deadline = time.monotonic() + timeout
     while True:
         tick()
@@ -62,7 +65,14 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, prom: Prometh
         except (OSError, ValueError, KeyError):
             pass
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}\nprometheus log:\n{prom.log_tail()}")
+            seen = ""
+            if state is not None:
+                try:
+                    seen = f"\nlast seen: {state()}"
+                except (OSError, ValueError, KeyError) as e:
+                    seen = f"\nlast seen: (unreadable: {e!r})"
+            pytest.fail(f"timed out waiting for {what}{seen}\n"
+                        f"prometheus log:\n{prom.log_tail()}")
         time.sleep(0.25)
 
 

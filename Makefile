@@ -52,9 +52,9 @@ run: $(STAMP) $(MODEL_DIR)/manifest.json
 	TCM_STORE_URL=$(STORE_URL) TCM_ARTEFACT_PATH=$(MODEL_DIR) $(VENV)/bin/tcm-serve \
 		--host 127.0.0.1 --port $(PORT)
 
-test: $(STAMP)
+# the same checks as `make lint` (so CI runs them), then the whole suite
+test: lint
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } || echo "warning: could not install prometheus (promtool); deploy tests will fail"
-	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not gpu"
 
 # Known vulnerabilities (PyPA advisory data) in every installed distribution, by its public

@@ -42,8 +42,9 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
     return out
 
 
-def clustered_rows(n: int, dim: int, per_subject: int, seed: int, queries: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def clustered_rows(
+    n: int, dim: int, per_subject: int, seed: int, queries: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Gallery (n, dim) of n // per_subject subjects and ``queries`` fresh samples of enrolled
     subjects, all unit rows; noise of norm ~0.8 around unit centres."""
     rng = np.random.default_rng(seed)
@@ -52,10 +53,11 @@ def clustered_rows(n: int, dim: int, per_subject: int, seed: int, queries: int
     def sample(subjects: np.ndarray) -> np.ndarray:
         out = np.empty((len(subjects), dim), np.float32)
         for lo in range(0, len(subjects), 100_000):
-            s = subjects[lo:lo + 100_000]
-            v = centres[s] + 0.8 / np.sqrt(dim) * rng.standard_normal((len(s), dim),
-                                                                       dtype=np.float32)
-            out[lo:lo + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
+            s = subjects[lo : lo + 100_000]
+            v = centres[s] + 0.8 / np.sqrt(dim) * rng.standard_normal(
+                (len(s), dim), dtype=np.float32
+            )
+            out[lo : lo + len(v)] = v / np.linalg.norm(v, axis=1, keepdims=True)
         return out
 
     gallery = sample(np.arange(n) % len(centres))
@@ -94,10 +96,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ivf", default="IVF4096,Flat")
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--train", type=int, default=200_000, help="IVF training sample")
-    p.add_argument("--threads", type=int, default=1,
-                   help="FAISS/torch threads for searching (0: the library default)")
-    p.add_argument("--build-threads", type=int, default=None,
-                   help="threads for training and building (default: as --threads)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="FAISS/torch threads for searching (0: the library default)",
+    )
+    p.add_argument(
+        "--build-threads",
+        type=int,
+        default=None,
+        help="threads for training and building (default: as --threads)",
+    )
     p.add_argument("--data", choices=["random", "clustered"], default="random")
     p.add_argument("--per-subject", type=int, default=20, help="clustered: samples per subject")
     p.add_argument("--cuda", action="store_true", help="also the torch engine on CUDA")
@@ -163,8 +173,13 @@ def main(argv: list[str] | None = None) -> None:
         gpu = TorchFlat(args.dim, "cuda")
         gpu.add_with_ids(x, np.arange(args.n, dtype=np.int64))
         torch.cuda.synchronize()
-        record("Torch (exact, CUDA)", time.perf_counter() - t, args.n * (args.dim * 4 + 8),
-               lambda qq: gpu.search(qq, K), exact)
+        record(
+            "Torch (exact, CUDA)",
+            time.perf_counter() - t,
+            args.n * (args.dim * 4 + 8),
+            lambda qq: gpu.search(qq, K),
+            exact,
+        )
         del gpu
         torch.cuda.empty_cache()
 

@@ -18,8 +18,9 @@ import numpy as np
 from service.monitoring.pairs import sample_gallery
 
 
-def reference_sample_gallery(subjects: list[str], max_items: int, rng: np.random.Generator
-                             ) -> tuple[np.ndarray, np.ndarray]:
+def reference_sample_gallery(
+    subjects: list[str], max_items: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """The original rule, as plainly as possible: whole subjects in a seeded order until the
     budget is filled; a subject larger than what is left is subsampled (when 2+ rows are left)
     or skipped."""
@@ -56,8 +57,10 @@ def main() -> None:
         new = sample_gallery(subjects, args.budget, np.random.default_rng(0))
         t_new = time.perf_counter() - t
         same = bool((old[1] == new[1]).all())
-        print(f"{n:>8} {n // args.per_subject:>9} {t_old:>12.3f} {t_new:>8.3f} "
-              f"{t_old / t_new:>6.1f}x {same}")
+        print(
+            f"{n:>8} {n // args.per_subject:>9} {t_old:>12.3f} {t_new:>8.3f} "
+            f"{t_old / t_new:>6.1f}x {same}"
+        )
 
 
 if __name__ == "__main__":

@@ -41,14 +41,29 @@ def random_artefact(directory: Path, dim: int = 128) -> Path:
     """A small CNN with random weights: benchmarks of the service need a model, not a good one."""
     torch.manual_seed(0)
     model = build_embedder("small_cnn", in_channels=1, embedding_dim=dim, width=64)
-    save_artefact(directory, model, Manifest(
-        model_version="bench-random", architecture="small_cnn",
-        architecture_kwargs={"in_channels": 1, "embedding_dim": dim, "width": 64},
-        preprocessing=Preprocessing(image_size=(28, 28)), embedding_dim=dim,
-        calibration=Calibration(tau=0.5, target_far=0.01, far_at_tau=0.01, frr_at_tau=0.1,
-                                tau_lo=0.4, tau_hi=0.6),
-        baseline=Baseline(opis=0.0, eps_opis=0.0, eps=0.05, recall_at_1=0.0, map_at_r=0.0,
-                          num_classes=0, num_images=0)))
+    save_artefact(
+        directory,
+        model,
+        Manifest(
+            model_version="bench-random",
+            architecture="small_cnn",
+            architecture_kwargs={"in_channels": 1, "embedding_dim": dim, "width": 64},
+            preprocessing=Preprocessing(image_size=(28, 28)),
+            embedding_dim=dim,
+            calibration=Calibration(
+                tau=0.5, target_far=0.01, far_at_tau=0.01, frr_at_tau=0.1, tau_lo=0.4, tau_hi=0.6
+            ),
+            baseline=Baseline(
+                opis=0.0,
+                eps_opis=0.0,
+                eps=0.05,
+                recall_at_1=0.0,
+                map_at_r=0.0,
+                num_classes=0,
+                num_images=0,
+            ),
+        ),
+    )
     return directory
 
 
@@ -69,8 +84,9 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.port = free_port()
         self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Server:
@@ -84,8 +100,9 @@ class Server:
         self.thread.join(timeout=30)
 
 
-async def load(base: str, route: str, concurrency: int, seconds: float, auth: dict[str, str]
-               ) -> list[float]:
+async def load(
+    base: str, route: str, concurrency: int, seconds: float, auth: dict[str, str]
+) -> list[float]:
     images = [png_b64(i) for i in range(64)]
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -94,8 +111,11 @@ async def load(base: str, route: str, concurrency: int, seconds: float, auth: di
         async with httpx.AsyncClient(base_url=base, headers=auth, timeout=30) as c:
             i = worker
             while time.perf_counter() < deadline:
-                body = ({"images": [images[i % 64]]} if route == "/v1/embed"
-                        else {"image": images[i % 64], "k": 5})
+                body = (
+                    {"images": [images[i % 64]]}
+                    if route == "/v1/embed"
+                    else {"image": images[i % 64], "k": 5}
+                )
                 t0 = time.perf_counter()
                 r = await c.post(route, json=body)
                 latencies.append(time.perf_counter() - t0)
@@ -107,27 +127,43 @@ async def load(base: str, route: str, concurrency: int, seconds: float, auth: di
 
 
 def run(args: argparse.Namespace, artefact: Path, store_dir: Path) -> None:
-    print(f"# bench_service: {platform.processor() or platform.machine()}, "
-          f"torch threads {torch.get_num_threads()}, {args.seconds:.0f}s per cell, "
-          f"single-image requests, artefact {artefact}")
-    print(f"{'route':<10} {'batching':<18} {'clients':>7} {'req/s':>8} {'p50 ms':>8} "
-          f"{'p95 ms':>8} {'p99 ms':>8} {'mean batch':>10}")
+    print(
+        f"# bench_service: {platform.processor() or platform.machine()}, "
+        f"torch threads {torch.get_num_threads()}, {args.seconds:.0f}s per cell, "
+        f"single-image requests, artefact {artefact}"
+    )
+    print(
+        f"{'route':<10} {'batching':<18} {'clients':>7} {'req/s':>8} {'p50 ms':>8} "
+        f"{'p95 ms':>8} {'p99 ms':>8} {'mean batch':>10}"
+    )
     for batching in (True, False):
         max_batch = args.max_batch if batching else 1
         settings = Settings(
-            artefact_path=artefact, store_url=f"sqlite:///{store_dir / f'b{max_batch}.db'}",
-            admin_token=ADMIN, device=args.device, embed_max_batch=max_batch,
-            embed_max_wait_ms=args.max_wait_ms if batching else 0.0)
+            artefact_path=artefact,
+            store_url=f"sqlite:///{store_dir / f'b{max_batch}.db'}",
+            admin_token=ADMIN,
+            device=args.device,
+            embed_max_batch=max_batch,
+            embed_max_wait_ms=args.max_wait_ms if batching else 0.0,
+        )
         with Server(settings) as srv:
             base = f"http://127.0.0.1:{srv.port}"
-            key = httpx.post(f"{base}/v1/tenants", json={"name": "bench"},
-                             headers={"Authorization": f"Bearer {ADMIN}"}).json()["api_key"]
+            key = httpx.post(
+                f"{base}/v1/tenants",
+                json={"name": "bench"},
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            ).json()["api_key"]
             auth = {"Authorization": f"Bearer {key}"}
-            items = [{"subject": f"s{i % 100}", "image": png_b64(1000 + i)}
-                     for i in range(args.gallery)]
+            items = [
+                {"subject": f"s{i % 100}", "image": png_b64(1000 + i)} for i in range(args.gallery)
+            ]
             for i in range(0, len(items), 200):
-                httpx.post(f"{base}/v1/gallery", json={"items": items[i:i + 200]}, headers=auth,
-                           timeout=120).raise_for_status()
+                httpx.post(
+                    f"{base}/v1/gallery",
+                    json={"items": items[i : i + 200]},
+                    headers=auth,
+                    timeout=120,
+                ).raise_for_status()
             batcher = srv.app.state.runtime.serving.batcher
             for route in ("/v1/embed", "/v1/match"):
                 for n in args.concurrency:
@@ -136,9 +172,11 @@ def run(args: argparse.Namespace, artefact: Path, store_dir: Path) -> None:
                     images = batcher.images_embedded - before[0]
                     passes = max(1, batcher.batches_run - before[1])
                     ms = np.percentile(np.asarray(lat) * 1e3, [50, 95, 99])
-                    label = (f"{max_batch}/{args.max_wait_ms:g}ms" if batching else "off")
-                    print(f"{route:<10} {label:<18} {n:>7} {len(lat) / args.seconds:>8.1f} "
-                          f"{ms[0]:>8.1f} {ms[1]:>8.1f} {ms[2]:>8.1f} {images / passes:>10.2f}")
+                    label = f"{max_batch}/{args.max_wait_ms:g}ms" if batching else "off"
+                    print(
+                        f"{route:<10} {label:<18} {n:>7} {len(lat) / args.seconds:>8.1f} "
+                        f"{ms[0]:>8.1f} {ms[1]:>8.1f} {ms[2]:>8.1f} {images / passes:>10.2f}"
+                    )
 
 
 def main() -> None:

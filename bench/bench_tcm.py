@@ -51,6 +51,7 @@ def bench_tcm_overhead(device: str, repeats: int) -> dict:
             if extra is not None:
                 loss = loss + extra(emb, labels)
             loss.backward()
+
         return run
 
     model = build_embedder("small_cnn", in_channels=1, embedding_dim=dim, width=32).to(device)
@@ -66,6 +67,7 @@ def bench_tcm_overhead(device: str, repeats: int) -> dict:
                 loss = loss + extra(e, labels)
             loss.backward()
             opt.step()
+
         return run
 
     out = {}
@@ -150,9 +152,20 @@ def bench_opis(sizes: list[int], naive_max: int, device: str, dim: int, classes_
             if naive and n > naive_max:
                 continue
             out = subprocess.run(
-                [sys.executable, "-c", OPIS_CHILD, str(n), str(dim), str(c), device,
-                 "1" if naive else "0"],
-                capture_output=True, text=True, check=True)
+                [
+                    sys.executable,
+                    "-c",
+                    OPIS_CHILD,
+                    str(n),
+                    str(dim),
+                    str(c),
+                    device,
+                    "1" if naive else "0",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             row["naive" if naive else "fast"] = json.loads(out.stdout.strip().splitlines()[-1])
         if "naive" in row:
             row["speedup"] = row["naive"]["seconds"] / row["fast"]["seconds"]
@@ -171,8 +184,10 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
-    print(f"# machine: {platform.node()} {platform.processor()} cpus={torch.get_num_threads()} "
-          f"device={args.device} torch={torch.__version__}")
+    print(
+        f"# machine: {platform.node()} {platform.processor()} cpus={torch.get_num_threads()} "
+        f"device={args.device} torch={torch.__version__}"
+    )
     overhead = bench_tcm_overhead(args.device, args.repeats)
     print(json.dumps({"tcm_overhead": overhead}, indent=1))
     bench_opis(args.sizes, args.naive_max, args.device, args.dim, args.per_class)

@@ -45,8 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-PARTS = ("opis", "tcm_overhead", "batcher", "batcher_ceiling", "search", "service_index",
-         "pytest")
+PARTS = ("opis", "tcm_overhead", "batcher", "batcher_ceiling", "search", "service_index", "pytest")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -74,23 +73,41 @@ def matmul_rate(device: str, dtype: torch.dtype, n: int) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sec = _timed(lambda: a @ b, device, repeats=5, warmup=2)
-    return 2 * n ** 3 / sec
+    return 2 * n**3 / sec
 
 
 # --- 7. pytest -m gpu -----------------------------------------------------------------------------
 def part_pytest(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     junit = out / "pytest_gpu.xml"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-         "--junitxml", str(junit), "tests/tcm"],
-        cwd=ROOT, capture_output=True, text=True, timeout=args.pytest_timeout)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--junitxml",
+            str(junit),
+            "tests/tcm",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=args.pytest_timeout,
+    )
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     assert suite is not None
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    return {"returncode": proc.returncode, **counts,
-            "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-            "tail": proc.stdout[-1500:]}
+    return {
+        "returncode": proc.returncode,
+        **counts,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "tail": proc.stdout[-1500:],
+    }
 
 
 # --- 1. OPIS on the device ------------------------------------------------------------------------
@@ -102,15 +119,22 @@ def part_opis(args: argparse.Namespace, device: str) -> dict[str, Any]:
     g = torch.Generator(device="cpu").manual_seed(0)
     labels = torch.arange(classes).repeat_interleave(per)
     centres = torch.randn(classes, d, generator=g)
-    emb = torch.nn.functional.normalize(centres[labels] + 1.2 * torch.randn(n, d, generator=g),
-                                        dim=1).to(device)
+    emb = torch.nn.functional.normalize(
+        centres[labels] + 1.2 * torch.randn(n, d, generator=g), dim=1
+    ).to(device)
     fp32 = matmul_rate(device, torch.float32, args.peak_n)
     bf16 = matmul_rate(device, torch.bfloat16, args.peak_n) if device == "cuda" else None
     tau_range = (0.2, 0.6)
     tcm.consistency_report(emb[:2048], labels[:2048], tau_range=tau_range)  # warm-up
-    res: dict[str, Any] = {"n": n, "dim": d, "classes": classes,
-                           "fp32_flops_measured": fp32, "bf16_flops_measured": bf16}
+    res: dict[str, Any] = {
+        "n": n,
+        "dim": d,
+        "classes": classes,
+        "fp32_flops_measured": fp32,
+        "bf16_flops_measured": bf16,
+    }
     for block in args.opis_blocks:
+
         def fixed(block: int = block) -> float:
             return tcm.consistency_report(emb, labels, tau_range=tau_range, block_size=block).opis
 
@@ -124,11 +148,16 @@ def part_opis(args: argparse.Namespace, device: str) -> dict[str, Any]:
         }
     best = min(v["seconds_fixed_range"] for k, v in res.items() if k.startswith("block_"))
     limit_full = 2 * n * n * d / fp32  # the issue's N^2 d multiply-adds
-    res.update(best_seconds=best, limit_seconds_n2d=limit_full,
-               limit_seconds_upper_triangle=limit_full / 2,
-               ratio_to_limit_n2d=best / limit_full, goal_seconds=2.0, goal_met=best <= 2.0)
+    res.update(
+        best_seconds=best,
+        limit_seconds_n2d=limit_full,
+        limit_seconds_upper_triangle=limit_full / 2,
+        ratio_to_limit_n2d=best / limit_full,
+        goal_seconds=2.0,
+        goal_met=best <= 2.0,
+    )
     if device == "cuda":
-        res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return res
 
 
@@ -158,6 +187,7 @@ def part_tcm_overhead(args: argparse.Namespace, device: str) -> dict[str, Any]:
                 loss = loss + reg(emb, labels)
             loss.backward()
             opt.step()
+
         return run
 
     times: dict[str, list[float]] = {"base": [], "base+tcm": []}
@@ -166,8 +196,16 @@ def part_tcm_overhead(args: argparse.Namespace, device: str) -> dict[str, Any]:
         times["base+tcm"].append(_timed(step(True), device, args.train_repeats))
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["base+tcm"] / med["base"]
-    return {"batch": batch, "image": size, "dtype": "bf16 autocast", "seconds": med,
-            "rounds": times, "ratio": ratio, "goal": 1.02, "goal_met": ratio <= 1.02}
+    return {
+        "batch": batch,
+        "image": size,
+        "dtype": "bf16 autocast",
+        "seconds": med,
+        "rounds": times,
+        "ratio": ratio,
+        "goal": 1.02,
+        "goal_met": ratio <= 1.02,
+    }
 
 
 class DoNothing(torch.nn.Module):
@@ -177,16 +215,27 @@ class DoNothing(torch.nn.Module):
         return x.mean(dim=(2, 3))
 
 
-async def drive_batcher(model: torch.nn.Module, spec: Any, device: str, images: list[np.ndarray],
-                        max_batch: int, clients: int, args: argparse.Namespace
-                        ) -> dict[str, Any]:
+async def drive_batcher(
+    model: torch.nn.Module,
+    spec: Any,
+    device: str,
+    images: list[np.ndarray],
+    max_batch: int,
+    clients: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """``clients`` tasks each embedding one image at a time through the service's batcher for
     ``args.batcher_seconds``: images/s and the mean forward batch."""
     from service.engine.embedding import EmbeddingBatcher
     from service.engine.preparing import PixelPreparer
 
-    batcher = EmbeddingBatcher(model, PixelPreparer(spec), device=torch.device(device),
-                               max_batch=max_batch, max_wait_s=args.max_wait_ms / 1e3)
+    batcher = EmbeddingBatcher(
+        model,
+        PixelPreparer(spec),
+        device=torch.device(device),
+        max_batch=max_batch,
+        max_wait_s=args.max_wait_ms / 1e3,
+    )
     await batcher.start()
     await batcher.embed([images[0]])  # warm-up
     stop = time.perf_counter() + args.batcher_seconds
@@ -203,8 +252,12 @@ async def drive_batcher(model: torch.nn.Module, spec: Any, device: str, images: 
     n = batcher.images_embedded - before
     batches = batcher.batches_run - batches_before
     await batcher.stop()
-    return {"max_batch": max_batch, "clients": clients, "images_per_s": n / elapsed,
-            "mean_batch": n / max(batches, 1)}
+    return {
+        "max_batch": max_batch,
+        "clients": clients,
+        "images_per_s": n / elapsed,
+        "mean_batch": n / max(batches, 1),
+    }
 
 
 def part_batcher_ceiling(args: argparse.Namespace, device: str) -> dict[str, Any]:
@@ -212,13 +265,18 @@ def part_batcher_ceiling(args: argparse.Namespace, device: str) -> dict[str, Any
     CPU path allows whatever the model (no weights needed)."""
     from tcm import Preprocessing
 
-    spec = Preprocessing(image_size=(224, 224), channels=3, mean=(0.485, 0.456, 0.406),
-                         std=(0.229, 0.224, 0.225))
+    spec = Preprocessing(
+        image_size=(224, 224), channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+    )
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(64)]
     model = DoNothing().to(device)
-    return {"runs": [asyncio.run(drive_batcher(model, spec, device, images, mb, clients, args))
-                     for mb, clients in args.batcher_runs]}
+    return {
+        "runs": [
+            asyncio.run(drive_batcher(model, spec, device, images, mb, clients, args))
+            for mb, clients in args.batcher_runs
+        ]
+    }
 
 
 # --- 3 and 4. the service's dynamic batcher vs the raw forward ------------------------------------
@@ -238,17 +296,24 @@ def part_batcher(args: argparse.Namespace, device: str) -> dict[str, Any]:
         def fwd(x: torch.Tensor = x) -> None:
             with torch.inference_mode():
                 model(x.to(device)).cpu()
+
         raw[b] = b / _timed(fwd, device, repeats=args.raw_repeats, warmup=2)
     best_batch = max(raw, key=raw.__getitem__)
 
-    runs = [asyncio.run(drive_batcher(model, spec, device, images, max_batch, clients, args))
-            for max_batch, clients in args.batcher_runs]
+    runs = [
+        asyncio.run(drive_batcher(model, spec, device, images, max_batch, clients, args))
+        for max_batch, clients in args.batcher_runs
+    ]
     best = max(runs, key=lambda r: r["images_per_s"])
     one = next((r for r in runs if r["clients"] == 1), None)
     res: dict[str, Any] = {
-        "model": manifest.model_version, "architecture": manifest.architecture,
-        "image_size": [h, w], "raw_images_per_s_by_batch": raw, "raw_best_batch": best_batch,
-        "batcher_runs": runs, "best_vs_raw_best": best["images_per_s"] / raw[best_batch],
+        "model": manifest.model_version,
+        "architecture": manifest.architecture,
+        "image_size": [h, w],
+        "raw_images_per_s_by_batch": raw,
+        "raw_best_batch": best_batch,
+        "batcher_runs": runs,
+        "best_vs_raw_best": best["images_per_s"] / raw[best_batch],
         "best_vs_raw_batch1": best["images_per_s"] / raw[min(raw)],
         "goal": "batcher >= 0.8 x raw best and >= 5 x batch 1",
     }
@@ -306,15 +371,23 @@ def part_search(args: argparse.Namespace, device: str) -> dict[str, Any]:
     differing = np.flatnonzero(~same_rows)
     near_tie = all(np.allclose(np.sort(ts[r]), np.sort(fs[r]), atol=1e-5) for r in differing)
     return {
-        "n": n, "dim": d, "queries": nq, "k": k,
-        "faiss_threads": faiss.omp_get_max_threads(), "torch_device": device,
+        "n": n,
+        "dim": d,
+        "queries": nq,
+        "k": k,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "torch_device": device,
         "build_seconds": {"faiss_cpu": cpu_build, "torch": torch_build},
         "batched_qps": {"faiss_cpu": faiss_batched, "torch": torch_batched},
-        "one_query_per_call_qps": {"faiss_cpu": faiss_single, "torch": torch_single,
-                                   "torch_fixed_65536_blocks": torch_single_fixed_block},
+        "one_query_per_call_qps": {
+            "faiss_cpu": faiss_single,
+            "torch": torch_single,
+            "torch_fixed_65536_blocks": torch_single_fixed_block,
+        },
         "torch_vs_faiss_batched": torch_batched / faiss_batched,
         "torch_vs_faiss_one_per_call": torch_single / faiss_single,
-        "rows_identical_topk": int(same_rows.sum()), "rows_differing": len(differing),
+        "rows_identical_topk": int(same_rows.sum()),
+        "rows_differing": len(differing),
         "differing_rows_are_near_ties": bool(near_tie),
         "max_abs_score_diff": float(np.abs(ts - fs).max()),
     }
@@ -345,10 +418,14 @@ def part_service_index(args: argparse.Namespace, device: str) -> dict[str, Any]:
         a, b = gpu.search(q, 10, where=where), cpu.search(q, 10, where=where)
         return [[h.seq for h in r] for r in a] == [[h.seq for h in r] for r in b]
 
-    res: dict[str, Any] = {"n": n, "engine": type(gpu._index).__name__,
-                           "on_gpu": registry.on_gpu, "same_hits": same(),
-                           "same_filtered": same({"site": "2"})}
-    gone = [int(s) for s in seqs[:: 7]]
+    res: dict[str, Any] = {
+        "n": n,
+        "engine": type(gpu._index).__name__,
+        "on_gpu": registry.on_gpu,
+        "same_hits": same(),
+        "same_filtered": same({"site": "2"}),
+    }
+    gone = [int(s) for s in seqs[::7]]
     gpu.remove(gone)
     cpu.remove(gone)
     res["same_after_removals"] = same() and same({"site": "3"}) and len(gpu) == len(cpu)
@@ -391,8 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds, args.train_repeats = (3, 10) if full else (1, 2)
     args.raw_batches = [1, 8, 32, 64, 128, 256] if full else [1, 4]
     args.raw_repeats = 10 if full else 2
-    args.batcher_runs = ([(32, 1), (32, 64), (128, 256), (256, 512)] if full
-                         else [(4, 1), (4, 8)])
+    args.batcher_runs = [(32, 1), (32, 64), (128, 256), (256, 512)] if full else [(4, 1), (4, 8)]
     args.batcher_seconds = 8.0 if full else 1.0
     args.max_wait_ms = 2.0
     args.search_n, args.search_dim = (1_000_000, 128) if full else (5_000, 16)
@@ -408,14 +484,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = args.device
     results: dict[str, Any] = {
         "machine": {
-            "node": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "node": platform.node(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
             "device": device,
-            "device_name": (torch.cuda.get_device_name(0) if device == "cuda"
-                            else platform.processor() or "cpu"),
+            "device_name": (
+                torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
+            ),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         },
         "args": {k: v for k, v in vars(args).items() if k != "out"},
-        "parts": {}, "errors": {},
+        "parts": {},
+        "errors": {},
     }
     wanted = [p for p in PARTS if (not args.only or p in args.only) and p not in args.skip]
     runners: dict[str, Callable[[], dict[str, Any]]] = {

@@ -197,9 +197,15 @@ def gallery_read(n: int = 200_000) -> None:
         store.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
         vecs = unit_rows(n, 9)
         for lo in range(0, n, 10_000):
-            store.add_items("t", [NewItem(item_id=f"i{i}", subject=f"s{i // 4}",
-                                          embedding=vecs[i]) for i in range(lo, lo + 10_000)],
-                            model_version="v", created_at=1.0)
+            store.add_items(
+                "t",
+                [
+                    NewItem(item_id=f"i{i}", subject=f"s{i // 4}", embedding=vecs[i])
+                    for i in range(lo, lo + 10_000)
+                ],
+                model_version="v",
+                created_at=1.0,
+            )
         for name, parser in (("pure Python", _RESP2Parser), ("hiredis", _HiredisParser)) * 2:
             pool = redis.ConnectionPool.from_url(url, parser_class=parser, socket_timeout=30)
             reader = RedisStore(url, prefix=store.prefix, client=redis.Redis(connection_pool=pool))
@@ -207,8 +213,10 @@ def gallery_read(n: int = 200_000) -> None:
             got = sum(len(c) for c in reader.iter_gallery_vectors("t", model_version="v"))
             seconds = time.perf_counter() - t
             assert got == n
-            print(f"gallery read ({n:,} items, Redis, {name:11s} parser): {seconds:6.2f} s "
-                  f"({n / seconds:>9,.0f} items/s)")
+            print(
+                f"gallery read ({n:,} items, Redis, {name:11s} parser): {seconds:6.2f} s "
+                f"({n / seconds:>9,.0f} items/s)"
+            )
             pool.disconnect()
     finally:
         for key in store.r.scan_iter(match=store.prefix + "*"):
@@ -218,22 +226,33 @@ def gallery_read(n: int = 200_000) -> None:
 
 def index_memory(n: int = 1_000_000, dim: int = DIM) -> None:
     """RSS growth of one tenant's FAISS index with n items (ids, subjects, empty metadata)."""
+
     def rss_mib() -> float:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096 / 2**20
 
-    x = unit_rows(n, 11) if dim == DIM else np.random.default_rng(11).standard_normal(
-        (n, dim), dtype=np.float32)
+    x = (
+        unit_rows(n, 11)
+        if dim == DIM
+        else np.random.default_rng(11).standard_normal((n, dim), dtype=np.float32)
+    )
     before = rss_mib()
     index = TenantIndex(dim, "Flat")
     for lo in range(0, n, 65_536):
         hi = min(n, lo + 65_536)
-        index.add(np.arange(lo, hi) + 1, [f"i{i}" for i in range(lo, hi)],
-                  [f"s{i // 4}" for i in range(lo, hi)], x[lo:hi], [{}] * (hi - lo))
+        index.add(
+            np.arange(lo, hi) + 1,
+            [f"i{i}" for i in range(lo, hi)],
+            [f"s{i // 4}" for i in range(lo, hi)],
+            x[lo:hi],
+            [{}] * (hi - lo),
+        )
     grown = rss_mib() - before
     raw = n * dim * 4 / 2**20
-    print(f"index memory ({n:,} x {dim}): +{grown:,.0f} MiB for {raw:,.0f} MiB of raw vectors "
-          f"({grown / raw:.2f}x)")
+    print(
+        f"index memory ({n:,} x {dim}): +{grown:,.0f} MiB for {raw:,.0f} MiB of raw vectors "
+        f"({grown / raw:.2f}x)"
+    )
 
 
 def main() -> None:

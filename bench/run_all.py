@@ -24,8 +24,10 @@ BENCHES: list[list[str]] = [
 
 
 def main() -> int:
-    print(f"# machine: {platform.node()} {platform.machine()}, {torch.get_num_threads()} torch "
-          f"threads, torch {torch.__version__}, cuda={torch.cuda.is_available()}")
+    print(
+        f"# machine: {platform.node()} {platform.machine()}, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}, cuda={torch.cuda.is_available()}"
+    )
     failed = 0
     for module, *args in BENCHES:
         cmd = [sys.executable, "-m", module, *args]

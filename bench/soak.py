@@ -99,22 +99,47 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def serve(artefact: Path, store_url: str, workdir: Path, *, redis_prefix: str | None = None,
-          extra_env: dict[str, str] | None = None, start_timeout_s: float = 120.0,
-          admin_token: str | None = None) -> Iterator[ServerProcess]:
+def serve(
+    artefact: Path,
+    store_url: str,
+    workdir: Path,
+    *,
+    redis_prefix: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    start_timeout_s: float = 120.0,
+    admin_token: str | None = None,
+) -> Iterator[ServerProcess]:
     """Runs ``tcm-serve`` until the block exits (SIGTERM, then SIGKILL after 20 s)."""
     port = free_port()
     token = admin_token or secrets.token_urlsafe(32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
-    env |= {"TCM_ARTEFACT_PATH": str(artefact), "TCM_STORE_URL": store_url,
-            "TCM_ADMIN_TOKEN": token, "TCM_DEVICE": "cpu", **(extra_env or {})}
+    env |= {
+        "TCM_ARTEFACT_PATH": str(artefact),
+        "TCM_STORE_URL": store_url,
+        "TCM_ADMIN_TOKEN": token,
+        "TCM_DEVICE": "cpu",
+        **(extra_env or {}),
+    }
     if redis_prefix is not None:
         env["TCM_REDIS_KEY_PREFIX"] = redis_prefix
     log_path = workdir / "tcm-serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "info"], env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "info",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", token, log_path)
     try:
         deadline = time.monotonic() + start_timeout_s
@@ -173,8 +198,16 @@ class Stats:
             self.errors.append(error)
 
 
-async def client(worker: int, base: str, tenant: TenantState, dim: int, images: list[str],
-                 stats: Stats, stop: asyncio.Event, seed: int) -> None:
+async def client(
+    worker: int,
+    base: str,
+    tenant: TenantState,
+    dim: int,
+    images: list[str],
+    stats: Stats,
+    stop: asyncio.Event,
+    seed: int,
+) -> None:
     rng = random.Random(seed * 1000 + worker)
     nrng = np.random.default_rng(seed * 1000 + worker)
     open_matches: list[str] = []
@@ -193,25 +226,39 @@ async def client(worker: int, base: str, tenant: TenantState, dim: int, images: 
                     iid = f"w{worker}-{n}-{len(items)}"
                     new_ids.append(iid)
                     subject = rng.choice(tenant.subjects)
-                    src = ({"image": rng.choice(images)} if rng.random() < 0.5
-                           else {"embedding": unit_vector(nrng, dim)})
+                    src = (
+                        {"image": rng.choice(images)}
+                        if rng.random() < 0.5
+                        else {"embedding": unit_vector(nrng, dim)}
+                    )
                     items.append({"subject": subject, "item_id": iid, **src})
                 body, path = {"items": items}, "/v1/gallery"
             elif op == "match":
-                src = ({"image": rng.choice(images)} if rng.random() < 0.5
-                       else {"embedding": unit_vector(nrng, dim)})
+                src = (
+                    {"image": rng.choice(images)}
+                    if rng.random() < 0.5
+                    else {"embedding": unit_vector(nrng, dim)}
+                )
                 body, path = {**src, "k": 5}, "/v1/match"
             elif op == "verify":
                 a = {"subject": rng.choice(tenant.subjects)}
-                b = (rng.choice([{"item_id": rng.choice(tenant.item_ids)},
-                                 {"embedding": unit_vector(nrng, dim)},
-                                 {"image": rng.choice(images)}]))
+                b = rng.choice(
+                    [
+                        {"item_id": rng.choice(tenant.item_ids)},
+                        {"embedding": unit_vector(nrng, dim)},
+                        {"image": rng.choice(images)},
+                    ]
+                )
                 body, path = {"a": a, "b": b}, "/v1/verify"
             else:
                 mid = open_matches.pop(rng.randrange(len(open_matches)))
-                label = rng.choice([{"correct": rng.random() < 0.5},
-                                    {"true_subject": rng.choice(tenant.subjects)},
-                                    {"true_subject": None}])
+                label = rng.choice(
+                    [
+                        {"correct": rng.random() < 0.5},
+                        {"true_subject": rng.choice(tenant.subjects)},
+                        {"true_subject": None},
+                    ]
+                )
                 body, path = {"match_id": mid, **label}, "/v1/feedback"
             t0 = time.perf_counter()
             error: dict[str, Any] | None = None
@@ -239,13 +286,25 @@ async def _sample_rss(pid: int, stop: asyncio.Event, samples: list[int]) -> None
             await asyncio.wait_for(stop.wait(), timeout=1.0)
 
 
-async def drive(server: ServerProcess, tenants: list[TenantState], dim: int, *, clients: int,
-                warmup_s: float, duration_s: float, seed: int) -> dict[str, Any]:
+async def drive(
+    server: ServerProcess,
+    tenants: list[TenantState],
+    dim: int,
+    *,
+    clients: int,
+    warmup_s: float,
+    duration_s: float,
+    seed: int,
+) -> dict[str, Any]:
     images = [png_b64(seed * 10_000 + i) for i in range(64)]
     stats = Stats()
     stop, sampling = asyncio.Event(), asyncio.Event()
-    tasks = [asyncio.create_task(client(w, server.base, tenants[w % len(tenants)], dim, images,
-                                        stats, stop, seed)) for w in range(clients)]
+    tasks = [
+        asyncio.create_task(
+            client(w, server.base, tenants[w % len(tenants)], dim, images, stats, stop, seed)
+        )
+        for w in range(clients)
+    ]
     await asyncio.sleep(warmup_s)
     rss_before = rss_kib(server.pid)
     samples: list[int] = [rss_before]
@@ -259,13 +318,19 @@ async def drive(server: ServerProcess, tenants: list[TenantState], dim: int, *, 
     rss_after = rss_kib(server.pid)
     sampling.set()
     await sampler
-    return {"stats": stats, "rss_before_kib": rss_before, "rss_after_kib": rss_after,
-            "rss_peak_kib": max([*samples, rss_after]), "rss_samples_kib": samples,
-            "measured_s": measured_s}
+    return {
+        "stats": stats,
+        "rss_before_kib": rss_before,
+        "rss_after_kib": rss_after,
+        "rss_peak_kib": max([*samples, rss_after]),
+        "rss_samples_kib": samples,
+        "measured_s": measured_s,
+    }
 
 
-def _setup(server: ServerProcess, n_tenants: int, subjects: int, dim: int, seed: int
-           ) -> list[TenantState]:
+def _setup(
+    server: ServerProcess, n_tenants: int, subjects: int, dim: int, seed: int
+) -> list[TenantState]:
     rng = np.random.default_rng(seed)
     admin = {"Authorization": f"Bearer {server.admin_token}"}
     out = []
@@ -274,16 +339,30 @@ def _setup(server: ServerProcess, n_tenants: int, subjects: int, dim: int, seed:
             r = c.post("/v1/tenants", json={"name": f"soak-{t}"}, headers=admin)
             r.raise_for_status()
             created = r.json()
-            state = TenantState(created["tenant_id"], created["api_key"],
-                                [f"subject-{s}" for s in range(subjects)], [])
+            state = TenantState(
+                created["tenant_id"],
+                created["api_key"],
+                [f"subject-{s}" for s in range(subjects)],
+                [],
+            )
             items = []
             for s, subject in enumerate(state.subjects):
-                items.append({"subject": subject, "item_id": f"init-{s}-img",
-                              "image": png_b64(seed * 100_000 + t * 1000 + s)})
-                items.append({"subject": subject, "item_id": f"init-{s}-emb",
-                              "embedding": unit_vector(rng, dim)})
+                items.append(
+                    {
+                        "subject": subject,
+                        "item_id": f"init-{s}-img",
+                        "image": png_b64(seed * 100_000 + t * 1000 + s),
+                    }
+                )
+                items.append(
+                    {
+                        "subject": subject,
+                        "item_id": f"init-{s}-emb",
+                        "embedding": unit_vector(rng, dim),
+                    }
+                )
             for i in range(0, len(items), 64):
-                r = c.post("/v1/gallery", json={"items": items[i:i + 64]}, headers=state.auth)
+                r = c.post("/v1/gallery", json={"items": items[i : i + 64]}, headers=state.auth)
                 r.raise_for_status()
                 state.acknowledged.update(r.json()["item_ids"])
             state.item_ids = sorted(state.acknowledged)
@@ -339,8 +418,14 @@ class SoakResult:
 
     @property
     def ok(self) -> bool:
-        return (self.errors == 0 and self.warmup_errors == 0 and self.missing_acknowledged == 0
-                and self.server_alive and self.log_tracebacks == 0 and self.log_secrets == 0)
+        return (
+            self.errors == 0
+            and self.warmup_errors == 0
+            and self.missing_acknowledged == 0
+            and self.server_alive
+            and self.log_tracebacks == 0
+            and self.log_secrets == 0
+        )
 
 
 @contextlib.contextmanager
@@ -362,16 +447,41 @@ def scratch_store(store_url: str | None, name: str) -> Iterator[tuple[Path, str,
                 _drop_redis_prefix(store_url, prefix)
 
 
-def run_soak(*, artefact: Path, duration_s: float = 60.0, clients: int = 8, tenants: int = 4,
-             subjects: int = 20, warmup_s: float = 5.0, store_url: str | None = None,
-             seed: int = 0, monitor_interval_s: float = 5.0) -> SoakResult:
-    with scratch_store(store_url, "soak") as (workdir, url, prefix), serve(
-            artefact, url, workdir, redis_prefix=prefix,
-            extra_env={"TCM_MONITOR_INTERVAL_S": str(monitor_interval_s)}) as server:
+def run_soak(
+    *,
+    artefact: Path,
+    duration_s: float = 60.0,
+    clients: int = 8,
+    tenants: int = 4,
+    subjects: int = 20,
+    warmup_s: float = 5.0,
+    store_url: str | None = None,
+    seed: int = 0,
+    monitor_interval_s: float = 5.0,
+) -> SoakResult:
+    with (
+        scratch_store(store_url, "soak") as (workdir, url, prefix),
+        serve(
+            artefact,
+            url,
+            workdir,
+            redis_prefix=prefix,
+            extra_env={"TCM_MONITOR_INTERVAL_S": str(monitor_interval_s)},
+        ) as server,
+    ):
         dim = int(httpx.get(f"{server.base}/v1/model", timeout=10).json()["embedding_dim"])
         states = _setup(server, tenants, subjects, dim, seed)
-        out = asyncio.run(drive(server, states, dim, clients=clients,
-                                warmup_s=warmup_s, duration_s=duration_s, seed=seed))
+        out = asyncio.run(
+            drive(
+                server,
+                states,
+                dim,
+                clients=clients,
+                warmup_s=warmup_s,
+                duration_s=duration_s,
+                seed=seed,
+            )
+        )
         missing = _missing_acknowledged(server, states)
         alive = server.alive()
         log = server.log()
@@ -380,27 +490,38 @@ def run_soak(*, artefact: Path, duration_s: float = 60.0, clients: int = 8, tena
     per_op = {}
     for op in OPS:
         lat = np.asarray(stats.latencies[op]) * 1e3
-        per_op[op] = {"count": int(stats.counts[op]),
-                      "p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-                      "p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
-                      "max_ms": float(lat.max()) if lat.size else float("nan")}
+        per_op[op] = {
+            "count": int(stats.counts[op]),
+            "p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+            "p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+            "max_ms": float(lat.max()) if lat.size else float("nan"),
+        }
     requests = sum(stats.counts.values())
     mib = 1024.0
     return SoakResult(
-        clients=clients, tenants=tenants, duration_s=duration_s, warmup_s=warmup_s,
-        store=url.split(":", 1)[0], requests=requests,
-        requests_per_s=requests / out["measured_s"], errors=len(stats.errors),
+        clients=clients,
+        tenants=tenants,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        store=url.split(":", 1)[0],
+        requests=requests,
+        requests_per_s=requests / out["measured_s"],
+        errors=len(stats.errors),
         warmup_errors=len(stats.warmup_errors),
-        error_samples=(stats.warmup_errors + stats.errors)[:10], per_op=per_op,
-        rss_before_mib=out["rss_before_kib"] / mib, rss_after_mib=out["rss_after_kib"] / mib,
+        error_samples=(stats.warmup_errors + stats.errors)[:10],
+        per_op=per_op,
+        rss_before_mib=out["rss_before_kib"] / mib,
+        rss_after_mib=out["rss_after_kib"] / mib,
         rss_peak_mib=out["rss_peak_kib"] / mib,
         rss_growth_mib=(out["rss_after_kib"] - out["rss_before_kib"]) / mib,
         rss_samples_mib=[s / mib for s in out["rss_samples_kib"]],
         acknowledged_items=sum(len(t.acknowledged) for t in states),
-        missing_acknowledged=missing, server_alive=alive,
+        missing_acknowledged=missing,
+        server_alive=alive,
         log_tracebacks=log.count("Traceback"),
         log_secrets=sum(log.count(s) for s in secrets_),
-        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+    )
 
 
 def _drop_redis_prefix(url: str, prefix: str) -> None:
@@ -410,7 +531,7 @@ def _drop_redis_prefix(url: str, prefix: str) -> None:
     try:
         keys = list(r.scan_iter(match=prefix + "*", count=1000))
         for i in range(0, len(keys), 500):
-            r.unlink(*keys[i:i + 500])
+            r.unlink(*keys[i : i + 500])
     finally:
         r.close()
 
@@ -424,8 +545,9 @@ def report(res: SoakResult) -> str:
         f"{'op':<10} {'count':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
     ]
     for op, s in res.per_op.items():
-        lines.append(f"{op:<10} {s['count']:>7} {s['p50_ms']:>8.1f} {s['p99_ms']:>8.1f} "
-                     f"{s['max_ms']:>8.1f}")
+        lines.append(
+            f"{op:<10} {s['count']:>7} {s['p50_ms']:>8.1f} {s['p99_ms']:>8.1f} {s['max_ms']:>8.1f}"
+        )
     lines += [
         f"server RSS: {res.rss_before_mib:.1f} MiB after warm-up -> {res.rss_after_mib:.1f} MiB "
         f"at the end ({res.rss_growth_mib:+.1f} MiB), peak {res.rss_peak_mib:.1f} MiB",
@@ -452,10 +574,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args(argv)
-    res = run_soak(artefact=args.artefact, duration_s=args.duration, clients=args.clients,
-                   tenants=args.tenants, subjects=args.subjects, warmup_s=args.warmup,
-                   store_url=args.store_url, seed=args.seed,
-                   monitor_interval_s=args.monitor_interval)
+    res = run_soak(
+        artefact=args.artefact,
+        duration_s=args.duration,
+        clients=args.clients,
+        tenants=args.tenants,
+        subjects=args.subjects,
+        warmup_s=args.warmup,
+        store_url=args.store_url,
+        seed=args.seed,
+        monitor_interval_s=args.monitor_interval,
+    )
     print(report(res))
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(res), indent=1))

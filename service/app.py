@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 StartupHook = Callable[[FastAPI, Runtime], object]
 
 
-def create_app(settings: Settings | None = None, *,
-               on_startup: list[StartupHook] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, on_startup: list[StartupHook] | None = None
+) -> FastAPI:
     """``on_startup`` hooks run after the runtime is up, after the monitor (attached first
     unless ``monitor_enabled`` is off); an awaitable result is awaited, and one with a
     ``close()`` is closed at shutdown, in reverse order."""
@@ -67,10 +68,16 @@ def create_app(settings: Settings | None = None, *,
                     closers.append(result)
             if settings.admin_token is None:
                 log.warning("no admin token configured: the admin API is disabled")
-            version, store = runtime.serving.manifest.model_version, store_location(
-                settings.store_url)
-            log.info("serving model %s from store %s", version, store, extra={"fields": {
-                "event": "startup", "model_version": version, "store": store}})
+            version, store = (
+                runtime.serving.manifest.model_version,
+                store_location(settings.store_url),
+            )
+            log.info(
+                "serving model %s from store %s",
+                version,
+                store,
+                extra={"fields": {"event": "startup", "model_version": version, "store": store}},
+            )
             yield
         finally:
             for c in reversed(closers):
@@ -84,15 +91,29 @@ def create_app(settings: Settings | None = None, *,
             app.state.monitor = None
             await runtime.close()
 
-    app = FastAPI(title="threshold-consistent retrieval", version="1", lifespan=lifespan,
-                  generate_unique_id_function=openapi.operation_id)
+    app = FastAPI(
+        title="threshold-consistent retrieval",
+        version="1",
+        lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,
+    )
     app.state.registry = registry
     app.state.settings = settings
     app.state.runtime = None
     app.state.monitor = None
     error_handlers.install(app, on_store_error=metrics.store_errors.inc)
-    for r in (health.router, model.router, models.router, admin.router, gallery.router,
-              match.router, verify.router, embed.router, feedback.router, monitor.router):
+    for r in (
+        health.router,
+        model.router,
+        models.router,
+        admin.router,
+        gallery.router,
+        match.router,
+        verify.router,
+        embed.router,
+        feedback.router,
+        monitor.router,
+    ):
         app.include_router(r)
     # the last added is the outermost: request metrics see every response, the 413s of the
     # body limit included, which refuses oversize bodies before any route runs
@@ -100,8 +121,12 @@ def create_app(settings: Settings | None = None, *,
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     # outermost: every answer carries X-Request-ID, every request is logged once (the admin
     # token redacted wherever a client pastes it)
-    app.add_middleware(RequestIdMiddleware, redact=[
-        settings.admin_token.get_secret_value() if settings.admin_token is not None else ""])
+    app.add_middleware(
+        RequestIdMiddleware,
+        redact=[
+            settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
+        ],
+    )
     openapi.install(app, settings)
     return app
 
@@ -113,10 +138,16 @@ async def attach_monitor(app: FastAPI, runtime: Runtime) -> Monitor | None:
     if not settings.monitor_enabled:
         app.state.monitor = None
         return None
-    monitor = Monitor(runtime.store, runtime.serving.manifest, runtime.metrics,
-                      MonitorConfig.from_settings(settings), artefact_path=runtime.serving.path)
+    monitor = Monitor(
+        runtime.store,
+        runtime.serving.manifest,
+        runtime.metrics,
+        MonitorConfig.from_settings(settings),
+        artefact_path=runtime.serving.path,
+    )
     app.state.monitor = monitor
     if runtime.lifecycle is not None:  # a model switch resets the baseline to the new model's
-        runtime.lifecycle.switch_listeners.append(lambda serving: monitor.set_manifest(
-            serving.manifest, serving.path))
+        runtime.lifecycle.switch_listeners.append(
+            lambda serving: monitor.set_manifest(serving.manifest, serving.path)
+        )
     return await monitor.start()

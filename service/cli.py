@@ -47,8 +47,11 @@ def settings_help() -> str:
     lines = ["Settings (environment variables; a bad value stops start-up):"]
     for name, field in Settings.model_fields.items():
         default = field.default
-        shown = "unset" if default is None else (
-            str(default) if not isinstance(default, bool) else str(default).lower())
+        shown = (
+            "unset"
+            if default is None
+            else (str(default) if not isinstance(default, bool) else str(default).lower())
+        )
         desc = f": {field.description}" if field.description else ""
         lines.append(f"TCM_{name.upper()} (default {shown}){desc}")
     from rich.markup import escape
@@ -56,10 +59,16 @@ def settings_help() -> str:
     return "\n\n".join(escape(line) for line in lines)
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=False,
-                  help="Serve a threshold-consistent embedding model.")
-models_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                         help="The model registry of a running service (admin API).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    help="Serve a threshold-consistent embedding model.",
+)
+models_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="The model registry of a running service (admin API).",
+)
 app.add_typer(models_app, name="models")
 console = Console(stderr=True, soft_wrap=True)  # paths and messages stay on one line
 
@@ -82,8 +91,7 @@ def _check_artefact(path: Path) -> None:
         if not (path / WEIGHTS_FILE).is_file():
             raise ValueError(f"no {WEIGHTS_FILE} in {path}")
     except (ValueError, OSError) as exc:
-        console.print(f"[red]cannot serve the artefact at {path} (TCM_ARTEFACT_PATH): {exc}"
-                      "[/red]")
+        console.print(f"[red]cannot serve the artefact at {path} (TCM_ARTEFACT_PATH): {exc}[/red]")
         raise typer.Exit(2) from exc
 
 
@@ -107,22 +115,33 @@ def serve(
     if settings.admin_token is None:
         token = secrets.token_urlsafe(32)
         settings = settings.model_copy(update={"admin_token": SecretStr(token)})
-        console.print("[yellow]TCM_ADMIN_TOKEN is not set; admin token for this process "
-                      "(shown once):[/yellow]")
+        console.print(
+            "[yellow]TCM_ADMIN_TOKEN is not set; admin token for this process "
+            "(shown once):[/yellow]"
+        )
         console.print(token, markup=False, highlight=False)
     # log_config=None: uvicorn's loggers propagate to the JSON handler above; access_log=False:
     # the app logs each request itself (redacted), uvicorn would log the raw target again
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(),
-                log_config=None, access_log=False)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        log_config=None,
+        access_log=False,
+    )
 
 
 @app.command("export-dataset")
 def export_dataset_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="new folder for the dataset")],
-    tenant: Annotated[list[str] | None, typer.Option(
-        "--tenant", help="export only this tenant (repeat; e.g. the consenting ones)")] = None,
-    min_images: Annotated[int, typer.Option(
-        help="leave out subjects with fewer stored images")] = 2,
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option("--tenant", help="export only this tenant (repeat; e.g. the consenting ones)"),
+    ] = None,
+    min_images: Annotated[
+        int, typer.Option(help="leave out subjects with fewer stored images")
+    ] = 2,
 ) -> None:
     """Writes the stored gallery images (a class per tenant and subject) and the labelled
     feedback into a dataset folder tcm-train reads (dataset=imagefolder)."""
@@ -133,8 +152,10 @@ def export_dataset_cmd(
     settings = _settings()
     url = settings.store_url
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        console.print(f"[red]no store at {url} (TCM_STORE_URL, relative to {Path.cwd()}): "
-                      "point TCM_STORE_URL at the service's store[/red]")
+        console.print(
+            f"[red]no store at {url} (TCM_STORE_URL, relative to {Path.cwd()}): "
+            "point TCM_STORE_URL at the service's store[/red]"
+        )
         raise typer.Exit(1)
     try:
         store = open_store(settings)
@@ -143,8 +164,10 @@ def export_dataset_cmd(
         raise typer.Exit(1) from exc
     try:
         if not store.list_tenants():
-            raise ValueError(f"the store at {url} holds no tenants: is TCM_STORE_URL "
-                             "(and TCM_REDIS_KEY_PREFIX) the service's store?")
+            raise ValueError(
+                f"the store at {url} holds no tenants: is TCM_STORE_URL "
+                "(and TCM_REDIS_KEY_PREFIX) the service's store?"
+            )
         summary = export_dataset(store, out, tenants=tenant, min_images_per_subject=min_images)
     except (ValueError, StoreUnavailableError) as exc:
         console.print(f"[red]{getattr(exc, 'message', exc)}[/red]")
@@ -152,37 +175,65 @@ def export_dataset_cmd(
     finally:
         store.close()
     left = sum(len(v) for v in summary["items_without_image"].values())
-    console.print(f"exported {summary['num_images']} images of {summary['num_classes']} "
-                  f"subjects from {len(summary['tenants'])} tenants, "
-                  f"{summary['feedback_records']} feedback records to {out}"
-                  + (f"; {left} items without a stored image left out" if left else ""))
-    console.print(f"train: tcm-train fit --out runs/retrain --set dataset=imagefolder "
-                  f"--set data_dir={out} --set pretrained=<active artefact>", markup=False)
+    console.print(
+        f"exported {summary['num_images']} images of {summary['num_classes']} "
+        f"subjects from {len(summary['tenants'])} tenants, "
+        f"{summary['feedback_records']} feedback records to {out}"
+        + (f"; {left} items without a stored image left out" if left else "")
+    )
+    console.print(
+        f"train: tcm-train fit --out runs/retrain --set dataset=imagefolder "
+        f"--set data_dir={out} --set pretrained=<active artefact>",
+        markup=False,
+    )
 
 
 @app.command("import")
 def import_cmd(
-    source: Annotated[Path, typer.Argument(
-        help=".npy matrix, .jsonl file or .parquet file (Parquet needs the 'parquet' extra)")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help=".npy matrix, .jsonl file or .parquet file (Parquet needs the 'parquet' extra)"
+        ),
+    ],
     url: Annotated[str, typer.Option("--url", envvar="TCM_URL", help="the service")] = (
-        "http://127.0.0.1:8000"),
-    api_key: Annotated[str | None, typer.Option(
-        "--api-key", envvar="TCM_API_KEY", help="the tenant's API key (better: TCM_API_KEY)",
-        show_default=False)] = None,
-    subjects: Annotated[Path | None, typer.Option(
-        help=".npy: text file, one subject per row")] = None,
-    ids: Annotated[Path | None, typer.Option(
-        help=".npy: text file, one item id per row (default: <id-prefix><row>)")] = None,
-    id_prefix: Annotated[str | None, typer.Option(
-        help="prefix of derived item ids (default: the file's stem, '-', the first 8 hex "
-             "digits of the sha256 of its content and '-')")] = None,
+        "http://127.0.0.1:8000"
+    ),
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="TCM_API_KEY",
+            help="the tenant's API key (better: TCM_API_KEY)",
+            show_default=False,
+        ),
+    ] = None,
+    subjects: Annotated[
+        Path | None, typer.Option(help=".npy: text file, one subject per row")
+    ] = None,
+    ids: Annotated[
+        Path | None,
+        typer.Option(help=".npy: text file, one item id per row (default: <id-prefix><row>)"),
+    ] = None,
+    id_prefix: Annotated[
+        str | None,
+        typer.Option(
+            help="prefix of derived item ids (default: the file's stem, '-', the first 8 hex "
+            "digits of the sha256 of its content and '-')"
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="items per request")] = 1000,
     concurrency: Annotated[int, typer.Option(min=1, help="requests in flight")] = 2,
-    state: Annotated[Path | None, typer.Option(
-        help="progress file (default: <source>.import.json)")] = None,
-    restart: Annotated[bool, typer.Option(
-        help="ignore a saved progress file: import from the first row, as a fresh run (a "
-             "stored item id is then an error)")] = False,
+    state: Annotated[
+        Path | None, typer.Option(help="progress file (default: <source>.import.json)")
+    ] = None,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            help="ignore a saved progress file: import from the first row, as a fresh run (a "
+            "stored item id is then an error)"
+        ),
+    ] = False,
     retries: Annotated[int, typer.Option(min=0, help="per batch, on 429/503/network")] = 8,
 ) -> None:
     """Streams embeddings into a tenant's gallery in all-or-nothing batches; run it again
@@ -205,9 +256,14 @@ def import_cmd(
         raise typer.Exit(2)
     try:
         total = count_rows(source) if source.exists() else 0
-        columns = (TextColumn("[bold]import[/bold]"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]} items/s"), TimeElapsedColumn(),
-                   TimeRemainingColumn())
+        columns = (
+            TextColumn("[bold]import[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} items/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("import", total=total, rate="-")
             started, moved = time.monotonic(), 0
@@ -218,23 +274,43 @@ def import_cmd(
                 rate = moved / max(time.monotonic() - started, 1e-9)
                 bar.update(task, advance=n, rate=f"{rate:,.0f}")
 
-            counts = run_import(source=source, url=url, api_key=api_key, subjects=subjects,
-                                ids=ids, id_prefix=id_prefix, batch_size=batch_size,
-                                concurrency=concurrency, state_path=state, restart=restart,
-                                retries=retries, progress=advance)
+            counts = run_import(
+                source=source,
+                url=url,
+                api_key=api_key,
+                subjects=subjects,
+                ids=ids,
+                id_prefix=id_prefix,
+                batch_size=batch_size,
+                concurrency=concurrency,
+                state_path=state,
+                restart=restart,
+                retries=retries,
+                progress=advance,
+            )
     except ImportError_ as exc:  # one line, no traceback: a bad file, state or answer
-        console.print(f"import stopped: {' '.join(str(exc).split())}", style="red",
-                      markup=False, highlight=False)
+        console.print(
+            f"import stopped: {' '.join(str(exc).split())}",
+            style="red",
+            markup=False,
+            highlight=False,
+        )
         if exc.resumable:
             console.print("run the same command again to resume after the last stored batch")
         raise typer.Exit(1) from exc
     except KeyboardInterrupt as exc:
-        console.print("import interrupted: run the same command again to resume after the "
-                      "last stored batch", style="red", markup=False, highlight=False)
+        console.print(
+            "import interrupted: run the same command again to resume after the last stored batch",
+            style="red",
+            markup=False,
+            highlight=False,
+        )
         raise typer.Exit(130) from exc
-    console.print(f"{counts['total']} rows: {counts['stored']} stored now, "
-                  f"{counts['skipped']} stored by an earlier run, {counts['already']} found "
-                  "already stored (resent after an interruption)")
+    console.print(
+        f"{counts['total']} rows: {counts['stored']} stored now, "
+        f"{counts['skipped']} stored by an earlier run, {counts['already']} found "
+        "already stored (resent after an interruption)"
+    )
 
 
 # --- the model registry over HTTP -------------------------------------------------------------
@@ -264,8 +340,9 @@ def _admin(url: str) -> Iterator[Client]:
         r = exc.response
         assert r is not None
         body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-        console.print(f"[red]{r.status_code} {body.get('code', '')}: "
-                      f"{body.get('message', r.text)}[/red]")
+        console.print(
+            f"[red]{r.status_code} {body.get('code', '')}: {body.get('message', r.text)}[/red]"
+        )
         raise typer.Exit(1) from exc
 
 
@@ -276,8 +353,10 @@ def _print(body: Any) -> None:
 def _progress_line(prog: dict[str, Any]) -> str:
     line = f"{prog.get('version')}: {prog.get('state')}"
     if prog.get("items_total"):
-        line += (f", {prog.get('items_embedded', 0)}/{prog['items_total']} items re-embedded, "
-                 f"{prog.get('tenants_done', 0)}/{prog.get('tenants_total', 0)} tenants")
+        line += (
+            f", {prog.get('items_embedded', 0)}/{prog['items_total']} items re-embedded, "
+            f"{prog.get('tenants_done', 0)}/{prog.get('tenants_total', 0)} tenants"
+        )
     return line
 
 
@@ -298,8 +377,10 @@ def _wait(tcm: Client, version: str, timeout_s: float) -> None:
             console.print(f"[red]activation failed: {prog.get('error')}[/red]")
             raise typer.Exit(1)
         if body["active"] == version and body["served"] == version:
-            console.print(f"{version} is active ({prog.get('items_embedded', 0)} items "
-                          f"re-embedded, {prog.get('items_skipped', 0)} left out)")
+            console.print(
+                f"{version} is active ({prog.get('items_embedded', 0)} items "
+                f"re-embedded, {prog.get('items_skipped', 0)} left out)"
+            )
             return
         time.sleep(0.5)
     console.print(f"[red]{version} not active after {timeout_s:.0f}s[/red]")
@@ -314,20 +395,29 @@ def models_list(url: UrlOpt = "http://127.0.0.1:8000") -> None:
 
 
 @models_app.command("stage")
-def models_stage(path: Annotated[str, typer.Argument(help="artefact folder (on the server)")],
-                 url: UrlOpt = "http://127.0.0.1:8000") -> None:
+def models_stage(
+    path: Annotated[str, typer.Argument(help="artefact folder (on the server)")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+) -> None:
     """Registers an exported artefact so that it can be activated; prints its version."""
     with _admin(url) as tcm:
         body = tcm.stage_model.raw(path)
     _print(body)
-    console.print(f"staged {body['model_version']}; activate it with: tcm-serve models "
-                  f"activate {body['model_version']}", markup=False, highlight=False)
+    console.print(
+        f"staged {body['model_version']}; activate it with: tcm-serve models "
+        f"activate {body['model_version']}",
+        markup=False,
+        highlight=False,
+    )
 
 
 @models_app.command("activate")
-def models_activate(version: str, url: UrlOpt = "http://127.0.0.1:8000",
-                    wait: Annotated[bool, typer.Option(help="until switched")] = True,
-                    timeout_s: float = 3600.0) -> None:
+def models_activate(
+    version: str,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    wait: Annotated[bool, typer.Option(help="until switched")] = True,
+    timeout_s: float = 3600.0,
+) -> None:
     """Switches to a registered version without downtime (re-embeds the galleries first)."""
     with _admin(url) as tcm:
         _print(tcm.activate_model.raw(version))
@@ -336,9 +426,11 @@ def models_activate(version: str, url: UrlOpt = "http://127.0.0.1:8000",
 
 
 @models_app.command("rollback")
-def models_rollback(url: UrlOpt = "http://127.0.0.1:8000",
-                    wait: Annotated[bool, typer.Option(help="until switched")] = True,
-                    timeout_s: float = 3600.0) -> None:
+def models_rollback(
+    url: UrlOpt = "http://127.0.0.1:8000",
+    wait: Annotated[bool, typer.Option(help="until switched")] = True,
+    timeout_s: float = 3600.0,
+) -> None:
     """Switches back to the version active before the current one."""
     with _admin(url) as tcm:
         body = tcm.rollback_model.raw()

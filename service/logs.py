@@ -31,8 +31,21 @@ REDACTED = "[redacted]"
 MAX_TARGET_CHARS = 2048
 
 SECRET_QUERY_NAMES = frozenset(
-    {"token", "key", "api_key", "apikey", "authorization", "auth", "secret", "password",
-     "passwd", "pwd", "access_token", "credentials"})
+    {
+        "token",
+        "key",
+        "api_key",
+        "apikey",
+        "authorization",
+        "auth",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "access_token",
+        "credentials",
+    }
+)
 _SECRET_NAME_SUFFIXES = ("_token", "_key", "_secret", "_password")
 # a tenant API key, whole or cut short: tcm_<key_id>_<secret> (service.domain.tenants)
 _TENANT_KEY = re.compile(r"tcm_[0-9a-fA-F]{16}_[A-Za-z0-9_-]{8,}")

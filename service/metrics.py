@@ -69,7 +69,7 @@ class TenantLabels:
         ids = list(dict.fromkeys(tenant_ids_oldest_first))
         labels = tenant_label_values(ids, self.cap)
         with self._lock:
-            self._seen = set(ids[:self.cap])
+            self._seen = set(ids[: self.cap])
         for label in dict.fromkeys(labels.values()):
             self._issue(label)
         return labels
@@ -87,8 +87,10 @@ class TenantLabels:
 
 def tenant_label_values(tenant_ids_oldest_first: Sequence[str], cap: int) -> dict[str, str]:
     """The labelling policy as a pure function: the first ``cap`` tenants keep their id."""
-    return {t: (t if i < cap else OTHER_TENANTS)
-            for i, t in enumerate(dict.fromkeys(tenant_ids_oldest_first))}
+    return {
+        t: (t if i < cap else OTHER_TENANTS)
+        for i, t in enumerate(dict.fromkeys(tenant_ids_oldest_first))
+    }
 
 
 class ServiceMetrics:
@@ -96,70 +98,121 @@ class ServiceMetrics:
         self.registry = registry
         self.tenant_label = TenantLabels(tenant_label_cap, on_new_label=self._init_tenant)
         self.request_seconds = Histogram(
-            "tcm_http_request_duration_seconds", "HTTP request latency by route template",
-            ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=registry)
+            "tcm_http_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.embed_batch_images = Histogram(
-            "tcm_embed_batch_images", "images per forward pass of the embedding model",
-            buckets=BATCH_BUCKETS, registry=registry)
+            "tcm_embed_batch_images",
+            "images per forward pass of the embedding model",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
         self.embed_queue_wait_seconds = Histogram(
-            "tcm_embed_queue_wait_seconds", "time a request waited for its forward pass",
-            buckets=LATENCY_BUCKETS, registry=registry)
+            "tcm_embed_queue_wait_seconds",
+            "time a request waited for its forward pass",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.embed_forward_seconds = Histogram(
-            "tcm_embed_forward_seconds", "duration of one batched forward pass",
-            buckets=LATENCY_BUCKETS, registry=registry)
+            "tcm_embed_forward_seconds",
+            "duration of one batched forward pass",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.embedded_images = Counter(
-            "tcm_embedded_images_total", "images embedded by the model", registry=registry)
+            "tcm_embedded_images_total", "images embedded by the model", registry=registry
+        )
         self.index_search_seconds = Histogram(
-            "tcm_index_search_seconds", "FAISS search latency", buckets=LATENCY_BUCKETS,
-            registry=registry)
+            "tcm_index_search_seconds",
+            "FAISS search latency",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.gallery_items = Gauge(
-            "tcm_gallery_items", "enrolled gallery items indexed for the active model",
-            ["tenant"], registry=registry)
+            "tcm_gallery_items",
+            "enrolled gallery items indexed for the active model",
+            ["tenant"],
+            registry=registry,
+        )
         self.tenants = Gauge("tcm_tenants", "tenants known to this replica", registry=registry)
         self.match_decisions = Counter(
-            "tcm_match_decisions_total", "1:N match decisions at the global threshold",
-            ["tenant", "decision"], registry=registry)
+            "tcm_match_decisions_total",
+            "1:N match decisions at the global threshold",
+            ["tenant", "decision"],
+            registry=registry,
+        )
         self.verify_decisions = Counter(
-            "tcm_verify_decisions_total", "1:1 verify decisions at the global threshold",
-            ["tenant", "decision"], registry=registry)
+            "tcm_verify_decisions_total",
+            "1:1 verify decisions at the global threshold",
+            ["tenant", "decision"],
+            registry=registry,
+        )
         self.decisions = Counter(
-            "tcm_decisions_total", "1:N decisions labelled by feedback, by outcome at the "
+            "tcm_decisions_total",
+            "1:N decisions labelled by feedback, by outcome at the "
             "decision's own threshold (per-tenant FAR/FRR: recording rules)",
-            ["tenant", "outcome"], registry=registry)
+            ["tenant", "outcome"],
+            registry=registry,
+        )
         self.rate_limited = Counter(
-            "tcm_rate_limited_total", "requests refused with 429 by the per-tenant rate limit",
-            ["tenant"], registry=registry)
+            "tcm_rate_limited_total",
+            "requests refused with 429 by the per-tenant rate limit",
+            ["tenant"],
+            registry=registry,
+        )
         self.store_errors = Counter(
-            "tcm_store_errors_total", "requests failed because the store was unavailable",
-            registry=registry)
+            "tcm_store_errors_total",
+            "requests failed because the store was unavailable",
+            registry=registry,
+        )
         self.feed_resyncs = Counter(
-            "tcm_change_feed_resyncs_total", "full index rebuilds because the store's change "
-            "feed had lost entries this replica had not read yet", registry=registry)
+            "tcm_change_feed_resyncs_total",
+            "full index rebuilds because the store's change "
+            "feed had lost entries this replica had not read yet",
+            registry=registry,
+        )
         self.quarantined = Counter(
-            "tcm_quarantined_total", "stored data this replica could not put in an index and "
+            "tcm_quarantined_total",
+            "stored data this replica could not put in an index and "
             "skipped so that the rest serves (logged with tenant and items): stage "
             "'startup' is a tenant's gallery at rebuild, 'change_feed' one feed entry",
-            ["stage"], registry=registry)
+            ["stage"],
+            registry=registry,
+        )
         for stage in ("startup", "change_feed"):
             self.quarantined.labels(stage=stage)
         self.model = Info("tcm_model", "the served model", registry=registry)
         self.model_activation_items = Gauge(
-            "tcm_model_activation_items", "the activation in progress on this replica: "
+            "tcm_model_activation_items",
+            "the activation in progress on this replica: "
             "gallery items in all (total), re-embedded with the new model (embedded), without "
-            "a stored image to re-embed (skipped)", ["state"], registry=registry)
+            "a stored image to re-embed (skipped)",
+            ["state"],
+            registry=registry,
+        )
         for state in ("total", "embedded", "skipped"):
             self.model_activation_items.labels(state=state)
         self.model_activation_running = Gauge(
-            "tcm_model_activation_running", "1 while this replica prepares a model switch",
-            registry=registry)
+            "tcm_model_activation_running",
+            "1 while this replica prepares a model switch",
+            registry=registry,
+        )
         self.model_activations = Counter(
-            "tcm_model_activations_total", "model switches on this replica by result",
-            ["result"], registry=registry)
+            "tcm_model_activations_total",
+            "model switches on this replica by result",
+            ["result"],
+            registry=registry,
+        )
         for result in ("completed", "failed"):
             self.model_activations.labels(result=result)
-        self.threshold = Gauge("tcm_model_threshold_score",
-                               "global cosine threshold tau of the served model",
-                               registry=registry)
+        self.threshold = Gauge(
+            "tcm_model_threshold_score",
+            "global cosine threshold tau of the served model",
+            registry=registry,
+        )
 
     def _init_tenant(self, label: str) -> None:
         """The four outcome series start at 0, so FAR/FRR ratios exist before the first error

@@ -61,17 +61,23 @@ class SentinelURL:
             sentinels.append((host, int(port)))
         parts = [unquote(p) for p in path.split("/") if p]
         if not 1 <= len(parts) <= 2 or (len(parts) == 2 and not parts[1].isdigit()):
-            raise ValueError("a Sentinel URL names the primary's service, and optionally a "
-                             "database: redis+sentinel://host:26379/mymaster/0")
+            raise ValueError(
+                "a Sentinel URL names the primary's service, and optionally a "
+                "database: redis+sentinel://host:26379/mymaster/0"
+            )
         username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
         params = parse_qs(query)
         unknown = set(params) - {"sentinel_password"}
         if unknown:
             raise ValueError(f"unknown Sentinel URL parameters {sorted(unknown)}")
-        return cls(tuple(sentinels), parts[0], int(parts[1]) if len(parts) == 2 else 0,
-                   unquote(username) or None, unquote(password) or None,
-                   params["sentinel_password"][0] if "sentinel_password" in params else None)
-
+        return cls(
+            tuple(sentinels),
+            parts[0],
+            int(parts[1]) if len(parts) == 2 else 0,
+            unquote(username) or None,
+            unquote(password) or None,
+            params["sentinel_password"][0] if "sentinel_password" in params else None,
+        )
 
 
 class Settings(BaseSettings):
@@ -83,16 +89,26 @@ class Settings(BaseSettings):
     )
     device: Literal["cpu", "cuda", "auto"] = "auto"
     model_retain_versions: int = Field(
-        2, ge=1, description="model versions whose gallery embeddings are kept: the active one "
-        "and the last ones before it (a rollback to a kept version only switches indexes)")
+        2,
+        ge=1,
+        description="model versions whose gallery embeddings are kept: the active one "
+        "and the last ones before it (a rollback to a kept version only switches indexes)",
+    )
     model_poll_s: float = Field(
-        2.0, gt=0, description="how often a replica checks the model registry for a switch")
+        2.0, gt=0, description="how often a replica checks the model registry for a switch"
+    )
     model_heartbeat_s: float = Field(
-        5.0, gt=0, description="an activation's heartbeat; one silent for 3 beats was cut "
-        "short (its process died) and another replica, or the restarted one, resumes it")
+        5.0,
+        gt=0,
+        description="an activation's heartbeat; one silent for 3 beats was cut "
+        "short (its process died) and another replica, or the restarted one, resumes it",
+    )
     model_retire_grace_s: float = Field(
-        5.0, ge=0, description="how long the previous model keeps serving requests that "
-        "started before a switch")
+        5.0,
+        ge=0,
+        description="how long the previous model keeps serving requests that "
+        "started before a switch",
+    )
 
     # --- store -----------------------------------------------------------------------------
     store_url: str = Field(
@@ -110,85 +126,132 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_batch_items: int = Field(256, ge=1, description="items or images per request")
     max_enrol_items: int = Field(
-        10_000, ge=1, description="items per enrolment request when each brings its embedding "
-        "(bulk import); items with an image still count against max_batch_items")
+        10_000,
+        ge=1,
+        description="items per enrolment request when each brings its embedding "
+        "(bulk import); items with an image still count against max_batch_items",
+    )
     max_k: int = Field(100, ge=1)
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="width*height cap per image")
     max_request_pixels: int = Field(
-        256 * 1024 * 1024, ge=1, description="width*height summed over one request's images "
-        "(from their headers, before decoding); more is a 413 too_many_pixels")
+        256 * 1024 * 1024,
+        ge=1,
+        description="width*height summed over one request's images "
+        "(from their headers, before decoding); more is a 413 too_many_pixels",
+    )
     max_list_limit: int = Field(1000, ge=1)
     max_verify_pairs: int = Field(
-        50_000_000, ge=1, description="pairs one verify may compare (subject vs subject: the "
-        "product of their sizes); more is a 422 too_many_pairs")
+        50_000_000,
+        ge=1,
+        description="pairs one verify may compare (subject vs subject: the "
+        "product of their sizes); more is a 422 too_many_pairs",
+    )
     rate_limit_per_s: float = Field(
-        0.0, ge=0, allow_inf_nan=False,
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
         description="work units per second per tenant (token bucket refill rate); 0 = no "
         "limit. A request costs its work: POST /v1/gallery one unit per item, POST "
         "/v1/match/batch one per query, POST /v1/embed one per image; every other tenant "
-        "request (match, verify, get, list, delete, PUT, uploads, feedback, monitor) one")
+        "request (match, verify, get, list, delete, PUT, uploads, feedback, monitor) one",
+    )
     rate_limit_burst: int = Field(
-        0, ge=0, description="bucket capacity per tenant in work units: the most one request "
-        "may cost (more is a 422 too_many_items); 0 = one second's worth (at least 1)")
+        0,
+        ge=0,
+        description="bucket capacity per tenant in work units: the most one request "
+        "may cost (more is a 422 too_many_items); 0 = one second's worth (at least 1)",
+    )
 
     # --- index and embedding ---------------------------------------------------------------
     index_factory: str = Field(
-        "Flat", min_length=1, description="faiss index_factory string (Flat, HNSW32, "
+        "Flat",
+        min_length=1,
+        description="faiss index_factory string (Flat, HNSW32, "
         "IVF1024,Flat, ...), or Torch: exact search in torch (CPU or CUDA); see "
-        "docs/benchmarks.md for the measured choice")
+        "docs/benchmarks.md for the measured choice",
+    )
     index_threads: int = Field(
-        1, ge=0, description="OpenMP threads of each FAISS search (0: faiss's default, one per "
+        1,
+        ge=0,
+        description="OpenMP threads of each FAISS search (0: faiss's default, one per "
         "core). 1 by default: concurrent requests (and search batching) already use the cores, "
         "and on a busy machine FAISS's threads wait on each other: a single-query search took "
-        "26 ms with 2 threads and 0.8 ms with 1 (10k x 128, shared 2-core VM)")
+        "26 ms with 2 threads and 0.8 ms with 1 (10k x 128, shared 2-core VM)",
+    )
     index_search_params: str = Field(
-        "", description="faiss search parameters of approximate indexes, e.g. 'efSearch=128' "
-        "(HNSW) or 'nprobe=32' (IVF); empty: faiss's defaults")
+        "",
+        description="faiss search parameters of approximate indexes, e.g. 'efSearch=128' "
+        "(HNSW) or 'nprobe=32' (IVF); empty: faiss's defaults",
+    )
     embed_max_batch: int = Field(32, ge=1, description="images per forward pass")
     embed_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a forward pass waits for more requests to join it"
     )
 
     search_max_batch: int = Field(
-        256, ge=1, description="query rows per batched index search (concurrent matches of a "
+        256,
+        ge=1,
+        description="query rows per batched index search (concurrent matches of a "
         "tenant coalesce into one search); tenants with waiting queries take turns round robin, "
-        "one such search per turn, so no tenant waits behind another's backlog")
+        "one such search per turn, so no tenant waits behind another's backlog",
+    )
     search_max_wait_ms: float = Field(
-        0.0, ge=0, description="how long a batched search waits for more queries (until its "
+        0.0,
+        ge=0,
+        description="how long a batched search waits for more queries (until its "
         "oldest has waited this long); 0: only queries that arrived while earlier searches ran "
-        "join it")
+        "join it",
+    )
 
     # --- metrics and monitoring ------------------------------------------------------------
     tenant_label_cap: int = Field(
         50, ge=0, description="distinct tenant label values in metrics; the rest are 'other'"
     )
     monitor_enabled: bool = Field(
-        True, description="compute live FAR/FRR and OPIS in the background (/v1/monitor)")
+        True, description="compute live FAR/FRR and OPIS in the background (/v1/monitor)"
+    )
     monitor_interval_s: float = Field(
-        60.0, gt=0, description="how often the monitor recomputes (or adopts) its snapshot")
+        60.0, gt=0, description="how often the monitor recomputes (or adopts) its snapshot"
+    )
     monitor_window_s: float = Field(
-        24 * 3600.0, gt=0, description="sliding window of feedback the snapshot covers")
+        24 * 3600.0, gt=0, description="sliding window of feedback the snapshot covers"
+    )
     idempotency_ttl_s: float = Field(
-        86400.0, gt=0, description="how long an enrolment's Idempotency-Key is remembered: a "
-        "resend within it gets the first answer")
+        86400.0,
+        gt=0,
+        description="how long an enrolment's Idempotency-Key is remembered: a "
+        "resend within it gets the first answer",
+    )
     match_retention_days: float = Field(
-        90.0, gt=0, description="match records (with their feedback) older than this are "
-        "deleted, checked every few minutes; at least the monitor's window")
+        90.0,
+        gt=0,
+        description="match records (with their feedback) older than this are "
+        "deleted, checked every few minutes; at least the monitor's window",
+    )
     match_retention_per_tenant: int = Field(
-        1_000_000, ge=1, description="match records kept per tenant at most (the oldest go "
-        "first)")
+        1_000_000, ge=1, description="match records kept per tenant at most (the oldest go first)"
+    )
     monitor_min_pairs: int = Field(
-        20, ge=1, description="genuine and impostor pairs a tenant needs to enter OPIS")
+        20, ge=1, description="genuine and impostor pairs a tenant needs to enter OPIS"
+    )
     monitor_max_gallery_items: int = Field(
-        1000, ge=2, description="gallery items per tenant sampled for gallery pairs")
+        1000, ge=2, description="gallery items per tenant sampled for gallery pairs"
+    )
     monitor_max_pairs: int = Field(
-        20_000, ge=1, description="labelled pairs kept per tenant, kind and source")
+        20_000, ge=1, description="labelled pairs kept per tenant, kind and source"
+    )
     monitor_min_subjects: int = Field(
-        5, ge=2, description="eligible subjects (2+ images, or feedback pairs) OPIS across "
-        "subjects needs, per tenant and pooled")
+        5,
+        ge=2,
+        description="eligible subjects (2+ images, or feedback pairs) OPIS across "
+        "subjects needs, per tenant and pooled",
+    )
     monitor_reference_draws: int = Field(
-        20, ge=2, description="held-out galleries, shaped like a live one, the across-subjects "
-        "reference is measured on")
+        20,
+        ge=2,
+        description="held-out galleries, shaped like a live one, the across-subjects "
+        "reference is measured on",
+    )
 
     @field_validator("store_url")
     @classmethod
@@ -207,17 +270,21 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _retention_covers_the_window(self) -> Settings:
         if self.match_retention_days * 86400.0 < self.monitor_window_s:
-            raise ValueError(f"match_retention_days ({self.match_retention_days}) must cover "
-                             f"monitor_window_s ({self.monitor_window_s} s): the monitor reads "
-                             "the feedback of its window")
+            raise ValueError(
+                f"match_retention_days ({self.match_retention_days}) must cover "
+                f"monitor_window_s ({self.monitor_window_s} s): the monitor reads "
+                "the feedback of its window"
+            )
         return self
 
     @model_validator(mode="after")
     def _request_fits_one_image(self) -> Settings:
         if self.max_request_pixels < self.max_image_pixels:
-            raise ValueError(f"max_request_pixels ({self.max_request_pixels}) must be at least "
-                             f"max_image_pixels ({self.max_image_pixels}): one image of the "
-                             "largest size must fit a request")
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) must be at least "
+                f"max_image_pixels ({self.max_image_pixels}): one image of the "
+                "largest size must fit a request"
+            )
         return self
 
     @field_validator("admin_token")

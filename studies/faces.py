@@ -39,13 +39,17 @@ def face_row(run: Path) -> dict[str, Any]:
     return row
 
 
-KEYS = [("recall_at_1", "R@1", 1, ".4f"), ("opis", "OPIS (×1e-3)", 1e3, ".2f"),
-        ("eps_opis", "ε-OPIS", 1, ".3f"), ("far_spread", "per-identity FAR spread", 1, ".3f"),
-        ("frr_spread", "per-identity FRR spread", 1, ".3f"),
-        ("tar_far_1e-2_dev", "TAR@FAR=1e-2 (DevTest)", 1, ".3f"),
-        ("tar_far_1e-3_dev", "TAR@FAR=1e-3 (DevTest)", 1, ".3f"),
-        ("acc_dev_at_tau", "acc. at τ (DevTest)", 1, ".3f"),
-        ("acc_10fold_view2", "10-fold acc. (View 2*)", 1, ".3f")]
+KEYS = [
+    ("recall_at_1", "R@1", 1, ".4f"),
+    ("opis", "OPIS (×1e-3)", 1e3, ".2f"),
+    ("eps_opis", "ε-OPIS", 1, ".3f"),
+    ("far_spread", "per-identity FAR spread", 1, ".3f"),
+    ("frr_spread", "per-identity FRR spread", 1, ".3f"),
+    ("tar_far_1e-2_dev", "TAR@FAR=1e-2 (DevTest)", 1, ".3f"),
+    ("tar_far_1e-3_dev", "TAR@FAR=1e-3 (DevTest)", 1, ".3f"),
+    ("acc_dev_at_tau", "acc. at τ (DevTest)", 1, ".3f"),
+    ("acc_10fold_view2", "10-fold acc. (View 2*)", 1, ".3f"),
+]
 
 
 def main() -> None:
@@ -68,8 +72,12 @@ def main() -> None:
 
     sweep_rows, chosen = margin_sweep(
         [*common, f"epochs={args.sweep_epochs}", f"val_classes={args.val_classes}"],
-        args.out / "sweep", args.docs / "faces_sweep_val.png", m_plus=args.m_plus,
-        m_minus=args.m_minus, slack=args.r1_slack)
+        args.out / "sweep",
+        args.docs / "faces_sweep_val.png",
+        m_plus=args.m_plus,
+        m_minus=args.m_minus,
+        slack=args.r1_slack,
+    )
 
     margins = [f"m_plus={chosen['m_plus']}", f"m_minus={chosen['m_minus']}"]
     splits = None  # LFW View 1 is a fixed official split: decode it once for every run
@@ -78,37 +86,74 @@ def main() -> None:
         for tcm in (False, True):
             for seed in args.seeds:
                 run = args.out / "main" / f"{loss}_tcm={str(tcm).lower()}_seed={seed}"
-                cfg = load_config(None, [*common, f"epochs={args.epochs}", f"loss={loss}",
-                                         f"tcm={str(tcm).lower()}", f"seed={seed}", *margins])
+                cfg = load_config(
+                    None,
+                    [
+                        *common,
+                        f"epochs={args.epochs}",
+                        f"loss={loss}",
+                        f"tcm={str(tcm).lower()}",
+                        f"seed={seed}",
+                        *margins,
+                    ],
+                )
                 console.print(f"[bold]{run.name}[/bold]")
                 if not (run / "report.json").is_file():
                     splits = splits or load_splits(cfg)
                     train_evaluate_export(cfg, run, None, splits=splits, progress=False)
                 groups.setdefault(loss + (" + TCM" if tcm else ""), []).append(face_row(run))
-    compare([r["run"] for rows in groups.values() for r in rows],
-            args.docs / "faces_opis_vs_r1.png", console)
+    compare(
+        [r["run"] for rows in groups.values() for r in rows],
+        args.docs / "faces_opis_vs_r1.png",
+        console,
+    )
     for loss in LOSSES:
         for tcm in ("false", "true"):
             run = args.out / "main" / f"{loss}_tcm={tcm}_seed={args.seeds[0]}"
-            shutil.copy(run / "utility_curves.png",
-                        args.docs / f"faces_utility_{loss}_tcm={tcm}.png")
+            shutil.copy(
+                run / "utility_curves.png", args.docs / f"faces_utility_{loss}_tcm={tcm}.png"
+            )
             shutil.copy(run / "det.png", args.docs / f"faces_det_{loss}_tcm={tcm}.png")
 
     lines, summary = mean_std_table(groups, KEYS)
     sweep_lines = sweep_table(sweep_rows)
     machine_desc = machine()
-    (args.docs / "faces_table.md").write_text("\n".join([
-        f"## LFW main runs (mean ± std over seeds {', '.join(map(str, args.seeds))})", "",
-        *lines, "", "*View 2 identities overlap the training identities (peopleDevTrain).", "",
-        "## LFW margin sweep (validation identities)", "", *sweep_lines, "",
-        f"Chosen: m_plus={chosen['m_plus']}, m_minus={chosen['m_minus']} ({chosen['rule']}).",
-        "", f"Machine: {machine_desc}; wall time {(time.perf_counter() - started) / 60:.0f} min.",
-        ""]))
-    (args.docs / "faces_study.json").write_text(json.dumps(
-        {"summary": summary, "runs": [r for rows in groups.values() for r in rows],
-         "sweep": sweep_rows, "chosen": {k: chosen[k] for k in ("m_plus", "m_minus", "rule")},
-         "machine": machine_desc, "args": {k: str(v) for k, v in vars(args).items()}},
-        indent=2, default=str))
+    (args.docs / "faces_table.md").write_text(
+        "\n".join(
+            [
+                f"## LFW main runs (mean ± std over seeds {', '.join(map(str, args.seeds))})",
+                "",
+                *lines,
+                "",
+                "*View 2 identities overlap the training identities (peopleDevTrain).",
+                "",
+                "## LFW margin sweep (validation identities)",
+                "",
+                *sweep_lines,
+                "",
+                f"Chosen: m_plus={chosen['m_plus']}, m_minus={chosen['m_minus']} "
+                f"({chosen['rule']}).",
+                "",
+                f"Machine: {machine_desc}; wall time "
+                f"{(time.perf_counter() - started) / 60:.0f} min.",
+                "",
+            ]
+        )
+    )
+    (args.docs / "faces_study.json").write_text(
+        json.dumps(
+            {
+                "summary": summary,
+                "runs": [r for rows in groups.values() for r in rows],
+                "sweep": sweep_rows,
+                "chosen": {k: chosen[k] for k in ("m_plus", "m_minus", "rule")},
+                "machine": machine_desc,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            },
+            indent=2,
+            default=str,
+        )
+    )
     console.print((args.docs / "faces_table.md").read_text())
 
 

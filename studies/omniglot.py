@@ -30,14 +30,21 @@ from training.pipeline import train_evaluate_export
 
 DEFAULT = ["dataset=omniglot", "arch=small_cnn"]
 LOSSES = ("multi_similarity", "contrastive")
-METRICS = ("recall_at_1", "map_at_r", "opis", "eps_opis", "tau", "frr_at_tau", "far_spread",
-           "frr_spread")
+METRICS = (
+    "recall_at_1",
+    "map_at_r",
+    "opis",
+    "eps_opis",
+    "tau",
+    "frr_at_tau",
+    "far_spread",
+    "frr_spread",
+)
 
 
 def run_once(settings: list[str], run: Path, *, plots: bool = True) -> dict[str, Any]:
     if not (run / "report.json").is_file():
-        train_evaluate_export(load_config(None, settings), run, None, plots=plots,
-                              progress=False)
+        train_evaluate_export(load_config(None, settings), run, None, plots=plots, progress=False)
     return summarise(run)
 
 
@@ -74,8 +81,12 @@ def main() -> None:
     # 1. margins on the validation split of the training alphabets
     sweep_rows, chosen = margin_sweep(
         [*common, f"epochs={args.sweep_epochs}", f"val_classes={args.val_classes}"],
-        args.out / "sweep", args.docs / "sweep_val.png", m_plus=args.m_plus,
-        m_minus=args.m_minus, slack=args.r1_slack)
+        args.out / "sweep",
+        args.docs / "sweep_val.png",
+        m_plus=args.m_plus,
+        m_minus=args.m_minus,
+        slack=args.r1_slack,
+    )
 
     # 2. main runs on the held-out evaluation alphabets
     margins = [f"m_plus={chosen['m_plus']}", f"m_minus={chosen['m_minus']}"]
@@ -85,8 +96,14 @@ def main() -> None:
             name = loss + (" + TCM" if tcm else "")
             for seed in args.seeds:
                 run = args.out / "main" / f"{loss}_tcm={str(tcm).lower()}_seed={seed}"
-                settings = [*common, f"epochs={args.epochs}", f"loss={loss}",
-                            f"tcm={str(tcm).lower()}", f"seed={seed}", *margins]
+                settings = [
+                    *common,
+                    f"epochs={args.epochs}",
+                    f"loss={loss}",
+                    f"tcm={str(tcm).lower()}",
+                    f"seed={seed}",
+                    *margins,
+                ]
                 console.print(f"[bold]{run.name}[/bold]")
                 groups.setdefault(name, []).append(run_once(settings, run))
     all_main = [r for rows in groups.values() for r in rows]
@@ -97,12 +114,26 @@ def main() -> None:
     for tcm in (False, True):
         run = args.out / "digits2d" / f"tcm={str(tcm).lower()}"
         toy["with TCM" if tcm else "without TCM"] = run_once(
-            ["dataset=digits", "image_size=16", "embedding_dim=2", "width=16", "epochs=20",
-             "steps_per_epoch=50", "batch_size=40", "m_per_class=8", f"tcm={str(tcm).lower()}",
-             "m_plus=0.9", "m_minus=0.5", f"data_dir={args.data_dir}"], run)
+            [
+                "dataset=digits",
+                "image_size=16",
+                "embedding_dim=2",
+                "width=16",
+                "epochs=20",
+                "steps_per_epoch=50",
+                "batch_size=40",
+                "m_per_class=8",
+                f"tcm={str(tcm).lower()}",
+                "m_plus=0.9",
+                "m_minus=0.5",
+                f"data_dir={args.data_dir}",
+            ],
+            run,
+        )
         shutil.copy(run / "embedding_2d.png", args.docs / f"digits2d_tcm={str(tcm).lower()}.png")
-        shutil.copy(run / "utility_curves.png",
-                    args.docs / f"digits2d_utility_tcm={str(tcm).lower()}.png")
+        shutil.copy(
+            run / "utility_curves.png", args.docs / f"digits2d_utility_tcm={str(tcm).lower()}.png"
+        )
 
     # 4. aggregate and copy the seed-0 plots
     for loss in LOSSES:
@@ -110,37 +141,74 @@ def main() -> None:
             run = args.out / "main" / f"{loss}_tcm={tcm}_seed={args.seeds[0]}"
             shutil.copy(run / "utility_curves.png", args.docs / f"utility_{loss}_tcm={tcm}.png")
     summary = {name: mean_std(rows) for name, rows in groups.items()}
-    lines = ["| loss | R@1 | MAP@R | OPIS (×1e-3) | ε-OPIS | τ | FRR@τ | per-class FAR spread "
-             "| per-class FRR spread |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| loss | R@1 | MAP@R | OPIS (×1e-3) | ε-OPIS | τ | FRR@τ | per-class FAR spread "
+        "| per-class FRR spread |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in summary.items():
         opis = [v * 1e3 for v in s["opis"]]
-        lines.append(f"| {name} | {fmt(s['recall_at_1'], '.4f')} | {fmt(s['map_at_r'], '.4f')} "
-                     f"| {fmt(opis, '.2f')} | {fmt(s['eps_opis'], '.4f')} "
-                     f"| {fmt(s['tau'], '.3f')} | {fmt(s['frr_at_tau'], '.4f')} "
-                     f"| {fmt(s['far_spread'], '.4f')} | {fmt(s['frr_spread'], '.4f')} |")
-    sweep_lines = ["| run | R@1 (val) | MAP@R (val) | OPIS (val, ×1e-3) | ε-OPIS (val) |",
-                   "|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {fmt(s['recall_at_1'], '.4f')} | {fmt(s['map_at_r'], '.4f')} "
+            f"| {fmt(opis, '.2f')} | {fmt(s['eps_opis'], '.4f')} "
+            f"| {fmt(s['tau'], '.3f')} | {fmt(s['frr_at_tau'], '.4f')} "
+            f"| {fmt(s['far_spread'], '.4f')} | {fmt(s['frr_spread'], '.4f')} |"
+        )
+    sweep_lines = [
+        "| run | R@1 (val) | MAP@R (val) | OPIS (val, ×1e-3) | ε-OPIS (val) |",
+        "|---|---|---|---|---|",
+    ]
     for r in sweep_rows:
-        sweep_lines.append(f"| {Path(r['run']).name} | {r['recall_at_1']:.4f} "
-                           f"| {r['map_at_r']:.4f} | {r['opis'] * 1e3:.2f} "
-                           f"| {r['eps_opis']:.4f} |")
+        sweep_lines.append(
+            f"| {Path(r['run']).name} | {r['recall_at_1']:.4f} "
+            f"| {r['map_at_r']:.4f} | {r['opis'] * 1e3:.2f} "
+            f"| {r['eps_opis']:.4f} |"
+        )
     toy_lines = ["| digits 2-D | R@1 | OPIS (×1e-3) | ε-OPIS |", "|---|---|---|---|"]
     for name, r in toy.items():
-        toy_lines.append(f"| {name} | {r['recall_at_1']:.4f} | {r['opis'] * 1e3:.2f} "
-                         f"| {r['eps_opis']:.4f} |")
+        toy_lines.append(
+            f"| {name} | {r['recall_at_1']:.4f} | {r['opis'] * 1e3:.2f} | {r['eps_opis']:.4f} |"
+        )
     machine_desc = machine()
     (args.docs / "table.md").write_text(
-        "\n".join(["## Main runs (mean ± std over seeds " + ", ".join(map(str, args.seeds))
-                   + ")", "", *lines, "", "## Margin sweep (validation split)", "",
-                   *sweep_lines, "", f"Chosen: m_plus={chosen['m_plus']}, "
-                   f"m_minus={chosen['m_minus']} ({chosen['rule']}).", "", "## Digits toy", "",
-                   *toy_lines, "", f"Machine: {machine_desc}; study wall time "
-                   f"{(time.perf_counter() - started) / 60:.0f} min.", ""]))
-    (args.docs / "study.json").write_text(json.dumps(
-        {"summary": summary, "runs": all_main, "sweep": sweep_rows, "chosen": {
-            k: chosen[k] for k in ("m_plus", "m_minus", "rule")}, "toy": toy,
-         "machine": machine_desc, "args": {k: str(v) for k, v in vars(args).items()}},
-        indent=2, default=str))
+        "\n".join(
+            [
+                "## Main runs (mean ± std over seeds " + ", ".join(map(str, args.seeds)) + ")",
+                "",
+                *lines,
+                "",
+                "## Margin sweep (validation split)",
+                "",
+                *sweep_lines,
+                "",
+                f"Chosen: m_plus={chosen['m_plus']}, "
+                f"m_minus={chosen['m_minus']} ({chosen['rule']}).",
+                "",
+                "## Digits toy",
+                "",
+                *toy_lines,
+                "",
+                f"Machine: {machine_desc}; study wall time "
+                f"{(time.perf_counter() - started) / 60:.0f} min.",
+                "",
+            ]
+        )
+    )
+    (args.docs / "study.json").write_text(
+        json.dumps(
+            {
+                "summary": summary,
+                "runs": all_main,
+                "sweep": sweep_rows,
+                "chosen": {k: chosen[k] for k in ("m_plus", "m_minus", "rule")},
+                "toy": toy,
+                "machine": machine_desc,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            },
+            indent=2,
+            default=str,
+        )
+    )
     console.print((args.docs / "table.md").read_text())
 
 

@@ -38,12 +38,23 @@ from training.config import load_config
 from training.data import fixed_validation_classes, load_raw
 from training.pipeline import train_evaluate_export
 
-COMMON = ["dataset=att_faces", "arch=small_cnn", "image_size=48", "test_fraction=0.5",
-          "batch_size=48", "m_per_class=4", "loss=multi_similarity"]
-KEYS = [("recall_at_1", "R@1", 1, ".3f"), ("opis", "OPIS (×1e-3)", 1e3, ".1f"),
-        ("eps_opis", "ε-OPIS", 1, ".3f"), ("far_spread", "per-identity FAR spread", 1, ".3f"),
-        ("frr_spread", "per-identity FRR spread", 1, ".3f"),
-        ("tar_at_tau", "TAR at τ (FAR 1e-2)", 1, ".3f")]
+COMMON = [
+    "dataset=att_faces",
+    "arch=small_cnn",
+    "image_size=48",
+    "test_fraction=0.5",
+    "batch_size=48",
+    "m_per_class=4",
+    "loss=multi_similarity",
+]
+KEYS = [
+    ("recall_at_1", "R@1", 1, ".3f"),
+    ("opis", "OPIS (×1e-3)", 1e3, ".1f"),
+    ("eps_opis", "ε-OPIS", 1, ".3f"),
+    ("far_spread", "per-identity FAR spread", 1, ".3f"),
+    ("frr_spread", "per-identity FRR spread", 1, ".3f"),
+    ("tar_at_tau", "TAR at τ (FAR 1e-2)", 1, ".3f"),
+]
 
 
 def held_out_people(common: list[str], val_classes: int, seeds: list[int]) -> dict[str, Any]:
@@ -54,8 +65,9 @@ def held_out_people(common: list[str], val_classes: int, seeds: list[int]) -> di
     for seed in seeds:
         cfg = load_config(None, [*common, f"seed={seed}", f"val_classes={val_classes}"])
         train, test = load_raw(cfg)
-        val = fixed_validation_classes(np.concatenate([train.labels, test.labels]),
-                                       val_classes, cfg.val_seed)
+        val = fixed_validation_classes(
+            np.concatenate([train.labels, test.labels]), val_classes, cfg.val_seed
+        )
         if val & set(test.labels.tolist()):
             raise RuntimeError(f"seed {seed} tests on validation people")
         out["validation"] = [train.class_names[c] for c in sorted(val)]
@@ -77,13 +89,21 @@ def main() -> None:
     p.add_argument("--r1-slack", type=float, default=0.01)
     args = p.parse_args()
     started = time.perf_counter()
-    common = [*COMMON, f"data_dir={args.data_dir}", f"steps_per_epoch={args.steps}",
-              f"epochs={args.epochs}"]
+    common = [
+        *COMMON,
+        f"data_dir={args.data_dir}",
+        f"steps_per_epoch={args.steps}",
+        f"epochs={args.epochs}",
+    ]
     args.docs.mkdir(parents=True, exist_ok=True)
     sweep_rows, chosen = margin_sweep(
-        [*common, f"val_classes={args.val_classes}"], args.out / "sweep",
-        args.docs / "orl_sweep_val.png", m_plus=args.m_plus, m_minus=args.m_minus,
-        slack=args.r1_slack)
+        [*common, f"val_classes={args.val_classes}"],
+        args.out / "sweep",
+        args.docs / "orl_sweep_val.png",
+        m_plus=args.m_plus,
+        m_minus=args.m_minus,
+        slack=args.r1_slack,
+    )
     margins = [f"m_plus={chosen['m_plus']}", f"m_minus={chosen['m_minus']}"]
     groups: dict[str, list[dict[str, Any]]] = {}
     people = held_out_people(common, args.val_classes, args.seeds)
@@ -93,9 +113,17 @@ def main() -> None:
             console.print(f"[bold]{run.name}[/bold]")
             if not (run / "report.json").is_file():
                 # the margins only act with TCM: runs without it keep the config's defaults
-                cfg = load_config(None, [*common, f"tcm={str(tcm).lower()}", f"seed={seed}",
-                                         *(margins if tcm else []),
-                                         f"val_classes={args.val_classes}", "val_in_train=true"])
+                cfg = load_config(
+                    None,
+                    [
+                        *common,
+                        f"tcm={str(tcm).lower()}",
+                        f"seed={seed}",
+                        *(margins if tcm else []),
+                        f"val_classes={args.val_classes}",
+                        "val_in_train=true",
+                    ],
+                )
                 train_evaluate_export(cfg, run, None, progress=False)
             row = summarise(run)
             row["tar_at_tau"] = 1.0 - row["frr_at_tau"]
@@ -103,28 +131,56 @@ def main() -> None:
 
     lines, summary = mean_std_table(groups, KEYS)
     trained = sorted(p.parent for p in args.out.glob("*/*/history.json"))
-    diffs = paired_differences(groups["multi-similarity"], groups["multi-similarity + TCM"],
-                               [k for k, *_ in KEYS])
+    diffs = paired_differences(
+        groups["multi-similarity"], groups["multi-similarity + TCM"], [k for k, *_ in KEYS]
+    )
     sweep_lines = sweep_table(sweep_rows)
     machine_desc = machine()
-    (args.docs / "orl_table.md").write_text("\n".join([
-        f"## ORL main runs (mean ± std over seeds {', '.join(map(str, args.seeds))})", "",
-        *lines, "", "## ORL paired differences (with TCM − without, same seed = same split)", "",
-        *differences_table(diffs, KEYS), "",
-        f"Validation people (fixed for every seed): {', '.join(people['validation'])}; no seed's "
-        "test people include one of them.", "",
-        "## ORL margin sweep (validation identities)", "", *sweep_lines, "",
-        f"Chosen: m_plus={chosen['m_plus']}, m_minus={chosen['m_minus']} ({chosen['rule']}).",
-        "", f"Machine: {machine_desc}; training time summed over the {len(trained)} runs "
-        f"(epoch histories) {training_minutes(trained):.0f} min; this invocation's wall time "
-        f"{(time.perf_counter() - started) / 60:.0f} min (runs already in --out are reused).",
-        ""]))
-    (args.docs / "orl_study.json").write_text(json.dumps(
-        {"summary": summary, "paired_differences": diffs, "people": people,
-         "runs": [r for rows in groups.values() for r in rows], "sweep": sweep_rows,
-         "chosen": {k: chosen[k] for k in ("m_plus", "m_minus", "rule")},
-         "machine": machine_desc, "args": {k: str(v) for k, v in vars(args).items()}},
-        indent=2, default=str))
+    (args.docs / "orl_table.md").write_text(
+        "\n".join(
+            [
+                f"## ORL main runs (mean ± std over seeds {', '.join(map(str, args.seeds))})",
+                "",
+                *lines,
+                "",
+                "## ORL paired differences (with TCM − without, same seed = same split)",
+                "",
+                *differences_table(diffs, KEYS),
+                "",
+                "Validation people (fixed for every seed): "
+                f"{', '.join(people['validation'])}; no seed's test people include one of them.",
+                "",
+                "## ORL margin sweep (validation identities)",
+                "",
+                *sweep_lines,
+                "",
+                f"Chosen: m_plus={chosen['m_plus']}, m_minus={chosen['m_minus']} "
+                f"({chosen['rule']}).",
+                "",
+                f"Machine: {machine_desc}; training time summed over the {len(trained)} runs "
+                f"(epoch histories) {training_minutes(trained):.0f} min; this invocation's wall "
+                f"time {(time.perf_counter() - started) / 60:.0f} min "
+                "(runs already in --out are reused).",
+                "",
+            ]
+        )
+    )
+    (args.docs / "orl_study.json").write_text(
+        json.dumps(
+            {
+                "summary": summary,
+                "paired_differences": diffs,
+                "people": people,
+                "runs": [r for rows in groups.values() for r in rows],
+                "sweep": sweep_rows,
+                "chosen": {k: chosen[k] for k in ("m_plus", "m_minus", "rule")},
+                "machine": machine_desc,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            },
+            indent=2,
+            default=str,
+        )
+    )
     console.print((args.docs / "orl_table.md").read_text())
 
 

@@ -73,14 +73,15 @@ def prepare(embeddings: object, labels: object) -> PairSet:
     )
 
 
-def _tiles(ps: PairSet, block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor | None]]:
+def _tiles(
+    ps: PairSet, block: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Yields (scores, row codes, col codes, valid mask or None) over the strict upper triangle."""
     n = ps.emb.shape[0]
     for i0 in range(0, n, block):
-        ei, ci = ps.emb[i0:i0 + block], ps.codes[i0:i0 + block]
+        ei, ci = ps.emb[i0 : i0 + block], ps.codes[i0 : i0 + block]
         for j0 in range(i0, n, block):
-            ej, cj = ps.emb[j0:j0 + block], ps.codes[j0:j0 + block]
+            ej, cj = ps.emb[j0 : j0 + block], ps.codes[j0 : j0 + block]
             scores = ei @ ej.T
             valid = None
             if j0 == i0:
@@ -95,8 +96,9 @@ def _fine_bin(scores: torch.Tensor) -> torch.Tensor:
 def next_up(value: torch.Tensor) -> float:
     """The smallest representable score above ``value`` in its dtype: with accept iff s >= tau,
     ``tau = next_up(s)`` rejects s and accepts everything above it."""
-    return float(torch.nextafter(value, torch.tensor(math.inf, dtype=value.dtype,
-                                                 device=value.device)))
+    return float(
+        torch.nextafter(value, torch.tensor(math.inf, dtype=value.dtype, device=value.device))
+    )
 
 
 def num_allowed(far: float, n: int) -> int:
@@ -189,8 +191,9 @@ def pair_tables(ps: PairSet, thresholds: np.ndarray, block: int = DEFAULT_BLOCK)
         col += torch.bincount(by_col.reshape(-1), minlength=row.numel())
     row_np = row.view(c, m1, 2).cpu().numpy()
     col_np = col.view(c, m1, 2).cpu().numpy()[:, :, 0]
-    return PairTables(pos=row_np[:, :, 1], neg=row_np[:, :, 0] + col_np,
-                      neg_global=row_np[:, :, 0].sum(axis=0))
+    return PairTables(
+        pos=row_np[:, :, 1], neg=row_np[:, :, 0] + col_np, neg_global=row_np[:, :, 0].sum(axis=0)
+    )
 
 
 def counts_at_or_above(hist: np.ndarray) -> np.ndarray:

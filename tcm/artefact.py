@@ -149,14 +149,17 @@ def save_reference(directory: str | Path, embeddings: torch.Tensor, labels: torc
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {"embeddings": embeddings.detach().cpu().to(torch.float16).contiguous(),
-               "labels": labels.detach().cpu().to(torch.int32).contiguous()}
+    tensors = {
+        "embeddings": embeddings.detach().cpu().to(torch.float16).contiguous(),
+        "labels": labels.detach().cpu().to(torch.int32).contiguous(),
+    }
     _write_atomic(out / REFERENCE_FILE, save(tensors))
     return REFERENCE_FILE
 
 
-def load_reference(directory: str | Path, manifest: Manifest
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def load_reference(
+    directory: str | Path, manifest: Manifest
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The held-out reference embeddings (float32) and labels, or None when the artefact has
     none (older exports) or the file is missing."""
     from safetensors.torch import load_file
@@ -188,8 +191,11 @@ def save_artefact(directory: str | Path, model: nn.Module, manifest: Manifest) -
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if not k.startswith(manifest.weights_exclude)}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(manifest.weights_exclude)
+    }
     _write_atomic(out / WEIGHTS_FILE, save(state))
     d = manifest.to_dict()
     d["weights_sha256"] = file_sha256(out / WEIGHTS_FILE)
@@ -227,8 +233,10 @@ def load_artefact(
         missing, unexpected = model.load_state_dict(state, strict=False)
         stray = [k for k in missing if not k.startswith(manifest.weights_exclude)]
         if stray or unexpected:
-            raise ValueError(f"{weights} does not fit {manifest.architecture}: missing "
-                             f"{stray[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"{weights} does not fit {manifest.architecture}: missing "
+                f"{stray[:3]}, unexpected {unexpected[:3]}"
+            )
     else:
         model.load_state_dict(state)
     return model.to(device).eval(), manifest

@@ -42,8 +42,13 @@ class ThresholdCalibration:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "tau": self.tau, "target_far": self.target_far, "far": self.far, "frr": self.frr,
-            "tar": self.tar, "num_genuine": self.num_genuine, "num_impostor": self.num_impostor,
+            "tau": self.tau,
+            "target_far": self.target_far,
+            "far": self.far,
+            "frr": self.frr,
+            "tar": self.tar,
+            "num_genuine": self.num_genuine,
+            "num_impostor": self.num_impostor,
         }
         if self.per_class_far is not None and self.per_class_frr is not None:
             d["per_class"] = {
@@ -79,8 +84,9 @@ def threshold_at_far(impostor_scores: object, far: float) -> float:
     return tau_from_descending(torch.sort(s, descending=True).values, far)
 
 
-def calibrate_threshold(embeddings: object, labels: object, *, target_far: float = 1e-2,
-                        block_size: int = DEFAULT_BLOCK) -> ThresholdCalibration:
+def calibrate_threshold(
+    embeddings: object, labels: object, *, target_far: float = 1e-2, block_size: int = DEFAULT_BLOCK
+) -> ThresholdCalibration:
     """Global tau over all pairs of a labelled set, with FAR/FRR/TAR there and per class."""
     target_far = _check_far(target_far)
     ps = prepare(embeddings, labels)
@@ -94,16 +100,22 @@ def calibrate_threshold(embeddings: object, labels: object, *, target_far: float
     pos_k, neg_k = tables.pos[eligible], tables.neg[eligible]
     frr = 1.0 - accepted_gen / n_gen if n_gen else float("nan")
     return ThresholdCalibration(
-        tau=tau, target_far=target_far, far=accepted_imp / n_imp, frr=frr, tar=1.0 - frr,
-        num_genuine=n_gen, num_impostor=n_imp,
+        tau=tau,
+        target_far=target_far,
+        far=accepted_imp / n_imp,
+        frr=frr,
+        tar=1.0 - frr,
+        num_genuine=n_gen,
+        num_impostor=n_imp,
         classes=[ps.class_values[i] for i in eligible],
         per_class_far=counts_at_or_above(neg_k)[:, 0] / neg_k.sum(axis=1),
         per_class_frr=1.0 - counts_at_or_above(pos_k)[:, 0] / pos_k.sum(axis=1),
     )
 
 
-def calibrate_threshold_from_scores(genuine: object, impostor: object, *,
-                                    target_far: float = 1e-2) -> ThresholdCalibration:
+def calibrate_threshold_from_scores(
+    genuine: object, impostor: object, *, target_far: float = 1e-2
+) -> ThresholdCalibration:
     """The same from pooled genuine and impostor scores (no per-class breakdown)."""
     tau = threshold_at_far(impostor, target_far)
     g = as_tensor(genuine, "genuine").reshape(-1).double()
@@ -114,5 +126,11 @@ def calibrate_threshold_from_scores(genuine: object, impostor: object, *,
         raise ValueError("genuine scores contain NaN or inf")
     frr = float((g < tau).double().mean())
     return ThresholdCalibration(
-        tau=tau, target_far=float(target_far), far=float((i >= tau).double().mean()), frr=frr,
-        tar=1.0 - frr, num_genuine=g.numel(), num_impostor=i.numel())
+        tau=tau,
+        target_far=float(target_far),
+        far=float((i >= tau).double().mean()),
+        frr=frr,
+        tar=1.0 - frr,
+        num_genuine=g.numel(),
+        num_impostor=i.numel(),
+    )

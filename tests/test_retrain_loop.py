@@ -29,8 +29,14 @@ from training.pipeline import train_evaluate_export
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "rules"
-STEPS = ["epochs=2", "steps_per_epoch=60", "batch_size=40", "m_per_class=8", "device=cpu",
-         "augment=false"]
+STEPS = [
+    "epochs=2",
+    "steps_per_epoch=60",
+    "batch_size=40",
+    "m_per_class=8",
+    "device=cpu",
+    "augment=false",
+]
 
 
 def opis_factor() -> float:
@@ -58,33 +64,64 @@ def alert_fires(c: TestClient, factor: float) -> tuple[bool, dict]:
     opis = gauge(text, "tcm_opis")
     hi = max(gauge(text, 'tcm_tenants_opis_reference{bound="hi"}'), 1e-3)
     assert snap.eligible_tenants >= 2
-    print(f"{snap.model_version}: live OPIS {opis:.3g}, reference upper bound {hi:.3g}, "
-          f"alert bound {factor * hi:.3g}; utility at tau by tenant "
-          f"{[round(t.utility, 3) for t in snap.tenants.values()]}")
+    print(
+        f"{snap.model_version}: live OPIS {opis:.3g}, reference upper bound {hi:.3g}, "
+        f"alert bound {factor * hi:.3g}; utility at tau by tenant "
+        f"{[round(t.utility, 3) for t in snap.tenants.values()]}"
+    )
     return opis > factor * hi, snap
 
 
 @pytest.mark.timeout(600)
-def test_drift_alert_export_retrain_activate(tmp_path: Path, digits: Digits,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_drift_alert_export_retrain_activate(
+    tmp_path: Path, digits: Digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
     factor = opis_factor()
     v1 = train_evaluate_export(
-        load_config(None, ["dataset=digits", "arch=small_cnn", "width=16", "embedding_dim=32",
-                           "image_size=16", "tcm=true", *STEPS]),
-        tmp_path / "run1", tmp_path / "v1", plots=False, progress=False)
+        load_config(
+            None,
+            [
+                "dataset=digits",
+                "arch=small_cnn",
+                "width=16",
+                "embedding_dim=32",
+                "image_size=16",
+                "tcm=true",
+                *STEPS,
+            ],
+        ),
+        tmp_path / "run1",
+        tmp_path / "v1",
+        plots=False,
+        progress=False,
+    )
     store_url = f"sqlite:///{tmp_path / 'tcm.db'}"
-    settings = Settings(artefact_path=tmp_path / "v1", admin_token=ADMIN_TOKEN, device="cpu",
-                        store_url=store_url, monitor_interval_s=3600.0, model_poll_s=0.1,
-                        model_heartbeat_s=0.2, model_retire_grace_s=0.2)
+    settings = Settings(
+        artefact_path=tmp_path / "v1",
+        admin_token=ADMIN_TOKEN,
+        device="cpu",
+        store_url=store_url,
+        monitor_interval_s=3600.0,
+        model_poll_s=0.1,
+        model_heartbeat_s=0.2,
+        model_retire_grace_s=0.2,
+    )
     rng = np.random.default_rng(0)
 
     def enrol(c: TestClient, name: str, classes: range, inverted: bool) -> str:
         r = c.post("/v1/tenants", json={"name": name}, headers=ADMIN).json()
-        idx = [i for k in classes
-               for i in rng.choice(np.flatnonzero(digits.labels == k), 12, replace=False)]
-        items = [{"subject": f"digit-{digits.labels[i]}",
-                  "image": b64_png(255 - digits.images[i] if inverted else digits.images[i])}
-                 for i in idx]
+        idx = [
+            i
+            for k in classes
+            for i in rng.choice(np.flatnonzero(digits.labels == k), 12, replace=False)
+        ]
+        items = [
+            {
+                "subject": f"digit-{digits.labels[i]}",
+                "image": b64_png(255 - digits.images[i] if inverted else digits.images[i]),
+            }
+            for i in idx
+        ]
         auth = {"Authorization": f"Bearer {r['api_key']}"}
         assert c.post("/v1/gallery", json={"items": items}, headers=auth).status_code == 201
         return r["tenant_id"]
@@ -105,17 +142,29 @@ def test_drift_alert_export_retrain_activate(tmp_path: Path, digits: Digits,
         # export the gallery of record, retrain from the active artefact, stage, activate
         monkeypatch.setenv("TCM_STORE_URL", store_url)
         monkeypatch.setenv("TCM_ARTEFACT_PATH", str(tmp_path / "v1"))
-        result = CliRunner().invoke(serve_cli, ["export-dataset", "--out",
-                                                str(tmp_path / "export")])
+        result = CliRunner().invoke(
+            serve_cli, ["export-dataset", "--out", str(tmp_path / "export")]
+        )
         assert result.exit_code == 0, result.output
         assert "exported 120 images of 10 subjects from 3 tenants" in result.output
 
         from training.cli import app as train_cli
 
-        result = CliRunner().invoke(train_cli, [
-            "retrain", "--from", str(tmp_path / "v1"), "--data", str(tmp_path / "export"),
-            "--out", str(tmp_path / "run2"), "--export", str(tmp_path / "v2"),
-            *[a for s in [*STEPS, "test_fraction=0.3"] for a in ("--set", s)]])
+        result = CliRunner().invoke(
+            train_cli,
+            [
+                "retrain",
+                "--from",
+                str(tmp_path / "v1"),
+                "--data",
+                str(tmp_path / "export"),
+                "--out",
+                str(tmp_path / "run2"),
+                "--export",
+                str(tmp_path / "v2"),
+                *[a for s in [*STEPS, "test_fraction=0.3"] for a in ("--set", s)],
+            ],
+        )
         assert result.exit_code == 0, result.output
         v2 = re.search(r"artefact (\S+) written", result.output).group(1)
         assert v2 != v1["model_version"]

@@ -37,10 +37,12 @@ def test_redis_process_tests_fail_without_redis_server(tmp_path: Path) -> None:
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
     env = os.environ | {"PATH": str(bin_dir)}
-    targets = ("tests/service/store/test_redis_down.py",
-               "tests/service/store/test_redis_topologies.py",
-               "tests/service/store/test_bulk_enrol.py::"
-               "test_connection_cut_at_a_byte_of_a_bulk_enrolment_is_all_or_nothing")
+    targets = (
+        "tests/service/store/test_redis_down.py",
+        "tests/service/store/test_redis_topologies.py",
+        "tests/service/store/test_bulk_enrol.py::"
+        "test_connection_cut_at_a_byte_of_a_bulk_enrolment_is_all_or_nothing",
+    )
     r = _pytest("-m", "not gpu", *targets, env=env)
     assert r.returncode == 1, r.stdout[-2000:]
     for target in targets:  # every selected test fails at setup

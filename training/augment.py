@@ -12,9 +12,15 @@ import torch
 import torch.nn.functional as F
 
 
-def random_affine(x: torch.Tensor, *, degrees: float = 10.0, translate: float = 0.08,
-                  scale: tuple[float, float] = (0.9, 1.1), shear: float = 0.1,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def random_affine(
+    x: torch.Tensor,
+    *,
+    degrees: float = 10.0,
+    translate: float = 0.08,
+    scale: tuple[float, float] = (0.9, 1.1),
+    shear: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     n = x.shape[0]
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -25,10 +31,13 @@ def random_affine(x: torch.Tensor, *, degrees: float = 10.0, translate: float = 
     sh = uniform(-shear, shear)
     tx, ty = uniform(-translate, translate) * 2, uniform(-translate, translate) * 2
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    theta = torch.stack([
-        torch.stack([cos, -sin + sh, tx], dim=1),
-        torch.stack([sin, cos, ty], dim=1),
-    ], dim=1).to(x.device, x.dtype)
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin + sh, tx], dim=1),
+            torch.stack([sin, cos, ty], dim=1),
+        ],
+        dim=1,
+    ).to(x.device, x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -44,6 +53,7 @@ def augment_batch(x: torch.Tensor, dataset: str, generator: torch.Generator) -> 
     """Sized per data set: characters and digits must not be mirrored; faces may be."""
     if dataset in ("lfw", "att_faces", "imagefolder"):
         x = horizontal_flip(x, generator)
-        return random_affine(x, degrees=8, translate=0.05, scale=(0.95, 1.05), shear=0.0,
-                             generator=generator)
+        return random_affine(
+            x, degrees=8, translate=0.05, scale=(0.95, 1.05), shear=0.0, generator=generator
+        )
     return random_affine(x, generator=generator)

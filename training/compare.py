@@ -10,8 +10,12 @@ from rich.table import Table
 
 from training.pipeline import read_report
 
-COLUMNS = [("recall_at_1", "R@1", "{:.4f}"), ("map_at_r", "MAP@R", "{:.4f}"),
-           ("opis", "OPIS", "{:.3e}"), ("eps_opis", "eps-OPIS", "{:.4f}")]
+COLUMNS = [
+    ("recall_at_1", "R@1", "{:.4f}"),
+    ("map_at_r", "MAP@R", "{:.4f}"),
+    ("opis", "OPIS", "{:.3e}"),
+    ("eps_opis", "eps-OPIS", "{:.4f}"),
+]
 
 
 def summarise(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
@@ -29,16 +33,23 @@ def summarise(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     }
 
 
-def compare(runs: list[str | Path], plot_path: str | Path | None = None,
-            console: Console | None = None, split: str = "test") -> list[dict[str, Any]]:
+def compare(
+    runs: list[str | Path],
+    plot_path: str | Path | None = None,
+    console: Console | None = None,
+    split: str = "test",
+) -> list[dict[str, Any]]:
     """Prints the table (and writes the plot); returns one summary row per run."""
     if not runs:
         raise ValueError("give at least one run folder to compare")
     rows = [summarise(r, split) for r in runs]
     # what tells the runs apart (margins, loss, seed...): every config key whose value varies
     keys = sorted({k for r in rows for k in r["config"]})
-    varying = [k for k in keys if len({repr(r["config"].get(k)) for r in rows}) > 1
-               and k not in ("data_dir", "device")]
+    varying = [
+        k
+        for k in keys
+        if len({repr(r["config"].get(k)) for r in rows}) > 1 and k not in ("data_dir", "device")
+    ]
     for r in rows:
         r["differs"] = " ".join(f"{k}={r['config'].get(k)}" for k in varying)
     what = "held-out test classes" if split == "test" else f"the {split} split"
@@ -50,10 +61,16 @@ def compare(runs: list[str | Path], plot_path: str | Path | None = None,
     for head in ("tau", "FRR@tau", "FAR spread", "FRR spread"):
         table.add_column(head, justify="right")
     for r in rows:
-        table.add_row(Path(r["run"]).name, r["loss"], r["differs"],
-                      *(fmt.format(r[k]) for k, _, fmt in COLUMNS),
-                      f"{r['tau']:.4f}", f"{r['frr_at_tau']:.4f}", f"{r['far_spread']:.4f}",
-                      f"{r['frr_spread']:.4f}")
+        table.add_row(
+            Path(r["run"]).name,
+            r["loss"],
+            r["differs"],
+            *(fmt.format(r[k]) for k, _, fmt in COLUMNS),
+            f"{r['tau']:.4f}",
+            f"{r['frr_at_tau']:.4f}",
+            f"{r['far_spread']:.4f}",
+            f"{r['frr_spread']:.4f}",
+        )
     (console or Console()).print(table)
     if plot_path is not None:
         import matplotlib
@@ -66,8 +83,11 @@ def compare(runs: list[str | Path], plot_path: str | Path | None = None,
             marker = "o" if "TCM" in r["loss"] else "x"
             ax.scatter(r["recall_at_1"], r["opis"], marker=marker, s=50)
             ax.annotate(Path(r["run"]).name, (r["recall_at_1"], r["opis"]), fontsize=7)
-        ax.set(xlabel="R@1 (higher is better)", ylabel="OPIS (lower is better)",
-               title="accuracy vs threshold consistency (o: with TCM, x: without)")
+        ax.set(
+            xlabel="R@1 (higher is better)",
+            ylabel="OPIS (lower is better)",
+            title="accuracy vs threshold consistency (o: with TCM, x: without)",
+        )
         fig.tight_layout()
         fig.savefig(plot_path, dpi=120)
         plt.close(fig)

@@ -13,8 +13,16 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("omniglot", "digits", "mnist", "fashion_mnist", "imagefolder", "att_faces", "lfw",
-            "cub")
+DATASETS = (
+    "omniglot",
+    "digits",
+    "mnist",
+    "fashion_mnist",
+    "imagefolder",
+    "att_faces",
+    "lfw",
+    "cub",
+)
 LOSSES = ("multi_similarity", "contrastive", "proxy_anchor", "arcface", "supcon")
 DISTANCES = ("cosine", "euclidean")
 OPTIMIZERS = ("adamw", "sgd")
@@ -104,15 +112,19 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
         if self.contrastive_distance not in DISTANCES:
-            problems.append(f"contrastive_distance {self.contrastive_distance!r} is not one of "
-                            f"{list(DISTANCES)}")
+            problems.append(
+                f"contrastive_distance {self.contrastive_distance!r} is not one of "
+                f"{list(DISTANCES)}"
+            )
         from tcm.embedders import PRETRAINED
 
         if self.freeze_backbone and self.arch not in PRETRAINED:
             problems.append(f"freeze_backbone needs a pretrained arch ({sorted(PRETRAINED)})")
         if self.dataset == "cub" and not self.freeze_backbone:
-            problems.append("dataset=cub trains on cached backbone features: set "
-                            "freeze_backbone=true and a pretrained arch")
+            problems.append(
+                "dataset=cub trains on cached backbone features: set "
+                "freeze_backbone=true and a pretrained arch"
+            )
         if self.norm not in NORMS:
             problems.append(f"norm {self.norm!r} is not one of {list(NORMS)}")
         if self.batch_size % self.m_per_class or self.batch_size < 2 * self.m_per_class:
@@ -131,8 +143,10 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append("device must be auto, cpu or cuda")
         if self.pretrained and not Path(self.pretrained).exists():
-            problems.append(f"pretrained weights {self.pretrained!r} do not exist (give a local "
-                            ".safetensors/.pt file or an artefact folder; nothing downloads)")
+            problems.append(
+                f"pretrained weights {self.pretrained!r} do not exist (give a local "
+                ".safetensors/.pt file or an artefact folder; nothing downloads)"
+            )
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
@@ -166,8 +180,11 @@ def _coerce(name: str, raw: Any) -> Any:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: TrainConfig | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: TrainConfig | None = None,
+) -> TrainConfig:
     """YAML file (optional) then ``key=value`` overrides; unknown keys stop with a message."""
     values: dict[str, Any] = (base or TrainConfig()).to_dict()
     known = set(values)

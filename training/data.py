@@ -53,8 +53,10 @@ class Splits:
 
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
-        raise ValueError(f"{what} not found at {path}: set data_dir (--data-dir) to the folder "
-                         "holding the shared data sets")
+        raise ValueError(
+            f"{what} not found at {path}: set data_dir (--data-dir) to the folder "
+            "holding the shared data sets"
+        )
     return path
 
 
@@ -85,7 +87,7 @@ def _idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -150,8 +152,10 @@ def _cub(root: Path) -> tuple[RawSplit, RawSplit]:
             label, side = split[parts[2]]
             out[side][0].append(z.read(info))
             out[side][1].append(label)
-    return tuple(RawSplit(LazyImages(out[s][0]), np.asarray(out[s][1], np.int64), names)
-                 for s in ("train", "test"))  # type: ignore[return-value]
+    return tuple(
+        RawSplit(LazyImages(out[s][0]), np.asarray(out[s][1], np.int64), names)
+        for s in ("train", "test")
+    )  # type: ignore[return-value]
 
 
 def _image_folder(root: Path) -> tuple[list[np.ndarray], np.ndarray, dict[int, str]]:
@@ -205,8 +209,10 @@ def _lfw(root: Path) -> tuple[RawSplit, RawSplit]:
             out[side][0].append(_decode(z.read(info)))
             out[side][1].append(index[parts[1]])
     names = {i: n for n, i in index.items()}
-    return (RawSplit(out["train"][0], np.asarray(out["train"][1], np.int64), names),
-            RawSplit(out["test"][0], np.asarray(out["test"][1], np.int64), names))
+    return (
+        RawSplit(out["train"][0], np.asarray(out["train"][1], np.int64), names),
+        RawSplit(out["test"][0], np.asarray(out["test"][1], np.int64), names),
+    )
 
 
 def fixed_validation_classes(labels: np.ndarray, n_val: int, val_seed: int) -> set[int]:
@@ -218,14 +224,21 @@ def fixed_validation_classes(labels: np.ndarray, n_val: int, val_seed: int) -> s
     classes, counts = np.unique(labels, return_counts=True)
     eligible = classes[counts >= 2]
     if n_val >= len(eligible) - 1:
-        raise ValueError(f"val_classes={n_val} leaves too few of the {len(eligible)} classes "
-                         "with at least 2 images")
+        raise ValueError(
+            f"val_classes={n_val} leaves too few of the {len(eligible)} classes "
+            "with at least 2 images"
+        )
     return set(np.random.default_rng(val_seed).permutation(eligible)[:n_val].tolist())
 
 
-def _class_disjoint(images, labels: np.ndarray, names: dict[int, str], test_fraction: float,
-                    seed: int, keep_out: set[int] | frozenset[int] = frozenset()
-                    ) -> tuple[RawSplit, RawSplit]:
+def _class_disjoint(
+    images,
+    labels: np.ndarray,
+    names: dict[int, str],
+    test_fraction: float,
+    seed: int,
+    keep_out: set[int] | frozenset[int] = frozenset(),
+) -> tuple[RawSplit, RawSplit]:
     """Draws ``test_fraction`` of all classes as test classes with ``seed``, never one of
     ``keep_out`` (the fixed validation classes; they stay on the training side)."""
     classes = np.unique(labels)
@@ -233,8 +246,10 @@ def _class_disjoint(images, labels: np.ndarray, names: dict[int, str], test_frac
     perm = rng.permutation(np.array([c for c in classes if c not in keep_out], np.int64))
     n_test = max(1, round(len(classes) * test_fraction))
     if n_test >= len(perm):
-        raise ValueError(f"test_fraction={test_fraction} leaves no training classes beside the "
-                         f"{len(keep_out)} validation classes")
+        raise ValueError(
+            f"test_fraction={test_fraction} leaves no training classes beside the "
+            f"{len(keep_out)} validation classes"
+        )
     test_classes = set(perm[:n_test].tolist())
     pick = np.array([lab in test_classes for lab in labels])
     whole = RawSplit(images, labels, names)
@@ -250,8 +265,10 @@ def _fixed_digit_split(images: np.ndarray, labels: np.ndarray) -> tuple[RawSplit
     # the paper's toy protocol: digits 0-4 to train, 5-9 held out
     names = {k: str(k) for k in range(10)}
     train = labels < 5
-    return (RawSplit(images[train], labels[train], names),
-            RawSplit(images[~train], labels[~train], names))
+    return (
+        RawSplit(images[train], labels[train], names),
+        RawSplit(images[~train], labels[~train], names),
+    )
 
 
 def preprocessing_for(config: TrainConfig) -> Preprocessing:
@@ -260,8 +277,9 @@ def preprocessing_for(config: TrainConfig) -> Preprocessing:
     if config.arch in PRETRAINED:
         # an ImageNet backbone sees what it was trained on: its resolution and normalisation
         b = PRETRAINED[config.arch]
-        return Preprocessing(image_size=(b.image_size, b.image_size), channels=3, mean=b.mean,
-                             std=b.std)
+        return Preprocessing(
+            image_size=(b.image_size, b.image_size), channels=3, mean=b.mean, std=b.std
+        )
     pretrained = Path(config.pretrained) if config.pretrained else None
     if pretrained is not None and (pretrained / "manifest.json").is_file():
         # fine-tuning an exported artefact: its network expects its own input format
@@ -313,22 +331,34 @@ def _check(raw: RawSplit, side: str, dataset: str) -> None:
         raise ValueError(f"the {side} split of {dataset!r} is empty")
     classes, counts = np.unique(raw.labels, return_counts=True)
     if len(classes) < 2:
-        raise ValueError(f"the {side} split of {dataset!r} has fewer than 2 classes: add classes "
-                         "(root/<class>/<image>) or lower test_fraction")
+        raise ValueError(
+            f"the {side} split of {dataset!r} has fewer than 2 classes: add classes "
+            "(root/<class>/<image>) or lower test_fraction"
+        )
     if (counts < 2).all():
-        need = ("metric learning needs at least 2 images per class" if side == "train" else
-                "held-out classes need at least 2 images each to form genuine pairs")
-        raise ValueError(f"every {side} class of {dataset!r} has a single image: {need}; add "
-                         "images or merge the data into classes with several images each")
+        need = (
+            "metric learning needs at least 2 images per class"
+            if side == "train"
+            else "held-out classes need at least 2 images each to form genuine pairs"
+        )
+        raise ValueError(
+            f"every {side} class of {dataset!r} has a single image: {need}; add "
+            "images or merge the data into classes with several images each"
+        )
 
 
-def _to_split(raw: RawSplit, spec: Preprocessing, chunk: int = 4096,
-              features: bool = False) -> Split:
+def _to_split(
+    raw: RawSplit, spec: Preprocessing, chunk: int = 4096, features: bool = False
+) -> Split:
     if features:  # already the backbone's features (N, F)
-        return Split(torch.as_tensor(np.asarray(raw.images, np.float32)),
-                     torch.as_tensor(raw.labels, dtype=torch.int64), raw.class_names)
-    parts = [to_input_tensor(raw.images[i:i + chunk], spec)
-             for i in range(0, len(raw.labels), chunk)]
+        return Split(
+            torch.as_tensor(np.asarray(raw.images, np.float32)),
+            torch.as_tensor(raw.labels, dtype=torch.int64),
+            raw.class_names,
+        )
+    parts = [
+        to_input_tensor(raw.images[i : i + chunk], spec) for i in range(0, len(raw.labels), chunk)
+    ]
     return Split(torch.cat(parts), torch.as_tensor(raw.labels, dtype=torch.int64), raw.class_names)
 
 
@@ -336,9 +366,13 @@ def load_splits(config: TrainConfig) -> Splits:
     """Raw images -> preprocessed, class-disjoint train / (val) / test tensors."""
     train_raw, test_raw = load_raw(config)
     # load_raw's two sides hold every class, so this is the very set its test draw left out
-    val_set = (fixed_validation_classes(np.concatenate([train_raw.labels, test_raw.labels]),
-                                        config.val_classes, config.val_seed)
-               if config.dataset in SEEDED_SPLITS else set())
+    val_set = (
+        fixed_validation_classes(
+            np.concatenate([train_raw.labels, test_raw.labels]), config.val_classes, config.val_seed
+        )
+        if config.dataset in SEEDED_SPLITS
+        else set()
+    )
     train_raw = _limit(train_raw, config.max_train_classes, config.seed)
     test_raw = _limit(test_raw, config.max_test_classes, config.seed + 1)
     overlap = set(np.unique(train_raw.labels)) & set(np.unique(test_raw.labels))
@@ -351,10 +385,20 @@ def load_splits(config: TrainConfig) -> Splits:
         from training.features import cached_features
 
         train_raw, test_raw = (
-            RawSplit(cached_features(config.arch, raw.images, raw.labels, spec,
-                                     config.feature_cache, description=f"{side} features"),
-                     raw.labels, raw.class_names)
-            for raw, side in ((train_raw, "train"), (test_raw, "test")))
+            RawSplit(
+                cached_features(
+                    config.arch,
+                    raw.images,
+                    raw.labels,
+                    spec,
+                    config.feature_cache,
+                    description=f"{side} features",
+                ),
+                raw.labels,
+                raw.class_names,
+            )
+            for raw, side in ((train_raw, "train"), (test_raw, "test"))
+        )
     # single-image training classes have no positives and cannot fill an m-per-class batch: they
     # are dropped (and counted); in the test split they stay, as impostors for the other classes
     classes, counts = np.unique(train_raw.labels, return_counts=True)
@@ -366,8 +410,10 @@ def load_splits(config: TrainConfig) -> Splits:
     if config.val_classes > 0 and not config.val_in_train:
         n_train_classes = len(np.unique(train_raw.labels))
         if config.val_classes >= n_train_classes - 1:
-            raise ValueError(f"val_classes={config.val_classes} leaves too few of the "
-                             f"{n_train_classes} training classes")
+            raise ValueError(
+                f"val_classes={config.val_classes} leaves too few of the "
+                f"{n_train_classes} training classes"
+            )
         if config.dataset in SEEDED_SPLITS:
             # the fixed validation classes load_raw kept out of this seed's test draw
             pick = np.array([lab in val_set for lab in train_raw.labels])
@@ -378,17 +424,21 @@ def load_splits(config: TrainConfig) -> Splits:
             # so the CUB study chooses its margins once
             fraction = config.val_classes / n_train_classes
             val_seed = 2 if config.dataset == "cub" else config.seed + 2
-            train_raw, val_raw = _class_disjoint(train_raw.images, train_raw.labels,
-                                                 train_raw.class_names, fraction, val_seed)
+            train_raw, val_raw = _class_disjoint(
+                train_raw.images, train_raw.labels, train_raw.class_names, fraction, val_seed
+            )
     feats = config.freeze_backbone
     train = _to_split(train_raw, spec, features=feats)
     test = _to_split(test_raw, spec, features=feats)
     val = _to_split(val_raw, spec, features=feats) if val_raw is not None else None
     description = {
         "dataset": config.dataset,
-        "train_classes": train.num_classes, "train_images": len(train.y),
-        "test_classes": test.num_classes, "test_images": len(test.y),
-        "val_classes": val.num_classes if val else 0, "val_images": len(val.y) if val else 0,
+        "train_classes": train.num_classes,
+        "train_images": len(train.y),
+        "test_classes": test.num_classes,
+        "test_images": len(test.y),
+        "val_classes": val.num_classes if val else 0,
+        "val_images": len(val.y) if val else 0,
         "dropped_single_image_train_classes": dropped,
         "fixed_val_classes": sorted(int(c) for c in val_set),
         "protocol": _protocol(config.dataset),
@@ -404,5 +454,8 @@ def _protocol(dataset: str) -> str:
         "fashion_mnist": "labels 0-4 train, 5-9 test",
         "lfw": "View 1: peopleDevTrain train, peopleDevTest test (identity-disjoint)",
         "cub": "classes_cub_map.csv: CUB ids 1-100 train, 101-200 test (class-disjoint)",
-    }.get(dataset, "class-disjoint: fixed validation classes (val_seed), the rest split into "
-                   "train/test by seed")
+    }.get(
+        dataset,
+        "class-disjoint: fixed validation classes (val_seed), the rest split into "
+        "train/test by seed",
+    )

@@ -29,10 +29,14 @@ REFERENCE_MAX_CLASSES = 300
 REFERENCE_MAX_PER_CLASS = 20
 
 
-def reference_subsample(emb: torch.Tensor, labels: torch.Tensor, *, seed: int = 0,
-                        max_classes: int = REFERENCE_MAX_CLASSES,
-                        max_per_class: int = REFERENCE_MAX_PER_CLASS
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_subsample(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    seed: int = 0,
+    max_classes: int = REFERENCE_MAX_CLASSES,
+    max_per_class: int = REFERENCE_MAX_PER_CLASS,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``max_classes`` held-out classes with 2+ images, up to ``max_per_class`` images
     each (seeded), for the artefact's reference file."""
     g = torch.Generator().manual_seed(seed)
@@ -53,29 +57,39 @@ def report_name(split: str) -> str:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
-          device: torch.device | str = "cpu") -> torch.Tensor:
+def embed(
+    model: nn.Module, x: torch.Tensor, *, batch_size: int = 512, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """L2-normalised embeddings on the CPU; the model stays in eval mode on ``device``."""
     model.eval().to(device)
-    out = [model(x[i:i + batch_size].to(device)).float().cpu()
-           for i in range(0, len(x), batch_size)]
+    out = [
+        model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out)
 
 
-def evaluate_embeddings(emb: torch.Tensor, labels: torch.Tensor,
-                        config: TrainConfig) -> dict[str, Any]:
+def evaluate_embeddings(
+    emb: torch.Tensor, labels: torch.Tensor, config: TrainConfig
+) -> dict[str, Any]:
     """All report numbers for one labelled embedding set, with the parameters they used."""
     cal = calibrate_threshold(emb, labels, target_far=config.target_far)
-    cons = consistency_report(emb, labels, far_range=(config.far_lo, config.far_hi),
-                              num_thresholds=config.num_thresholds, beta=config.beta,
-                              eps=config.eps, tau=cal.tau)
+    cons = consistency_report(
+        emb,
+        labels,
+        far_range=(config.far_lo, config.far_hi),
+        num_thresholds=config.num_thresholds,
+        beta=config.beta,
+        eps=config.eps,
+        tau=cal.tau,
+    )
     ret = retrieval_metrics(emb, labels, ks=(1, 2, 4, 8))
     at = cons.at_tau
     assert at is not None
     level = INTERVAL_LEVEL
     opis_ci = bootstrap_interval(cons.utility, resamples=BOOTSTRAP_RESAMPLES, level=level)
-    eps_ci = bootstrap_interval(cons.utility, resamples=BOOTSTRAP_RESAMPLES, level=level,
-                                eps=config.eps)
+    eps_ci = bootstrap_interval(
+        cons.utility, resamples=BOOTSTRAP_RESAMPLES, level=level, eps=config.eps
+    )
     return {
         "num_images": len(labels),
         "num_classes": len(cons.classes),
@@ -92,16 +106,27 @@ def evaluate_embeddings(emb: torch.Tensor, labels: torch.Tensor,
         "interval_level": level,
         "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
         "calibration": {
-            "tau": cal.tau, "target_far": cal.target_far, "far": cal.far, "frr": cal.frr,
-            "tar": cal.tar, "tau_lo": cons.tau_lo, "tau_hi": cons.tau_hi,
+            "tau": cal.tau,
+            "target_far": cal.target_far,
+            "far": cal.far,
+            "frr": cal.frr,
+            "tar": cal.tar,
+            "tau_lo": cons.tau_lo,
+            "tau_hi": cons.tau_hi,
             "far_range": [config.far_lo, config.far_hi],
-            "num_thresholds": config.num_thresholds, "beta": config.beta, "eps": config.eps,
+            "num_thresholds": config.num_thresholds,
+            "beta": config.beta,
+            "eps": config.eps,
         },
         "per_class_at_tau": {
-            "far_min": float(at.far.min()), "far_max": float(at.far.max()),
-            "far_std": float(at.far.std()), "frr_min": float(at.frr.min()),
-            "frr_max": float(at.frr.max()), "frr_std": float(at.frr.std()),
-            "far_spread": float(np.ptp(at.far)), "frr_spread": float(np.ptp(at.frr)),
+            "far_min": float(at.far.min()),
+            "far_max": float(at.far.max()),
+            "far_std": float(at.far.std()),
+            "frr_min": float(at.frr.min()),
+            "frr_max": float(at.frr.max()),
+            "frr_std": float(at.frr.std()),
+            "far_spread": float(np.ptp(at.far)),
+            "frr_spread": float(np.ptp(at.frr)),
             "far_over_2x_target": int((at.far > 2 * config.target_far).sum()),
         },
         "_curves": cons,  # not serialised: used for plots
@@ -109,8 +134,9 @@ def evaluate_embeddings(emb: torch.Tensor, labels: torch.Tensor,
     }
 
 
-def write_report(result: dict[str, Any], run_dir: Path, *, extra: dict[str, Any],
-                 split: str = "test") -> Path:
+def write_report(
+    result: dict[str, Any], run_dir: Path, *, extra: dict[str, Any], split: str = "test"
+) -> Path:
     clean = {k: v for k, v in result.items() if not k.startswith("_")}
     clean.update(extra)
     path = run_dir / report_name(split)
@@ -118,8 +144,9 @@ def write_report(result: dict[str, Any], run_dir: Path, *, extra: dict[str, Any]
     return path
 
 
-def _score_samples(emb: torch.Tensor, labels: torch.Tensor, max_pairs: int = 200_000,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _score_samples(
+    emb: torch.Tensor, labels: torch.Tensor, max_pairs: int = 200_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
     n = len(labels)
     i = torch.randint(0, n, (max_pairs,), generator=g)
@@ -138,8 +165,14 @@ def _score_samples(emb: torch.Tensor, labels: torch.Tensor, max_pairs: int = 200
     return np.concatenate(gen), s[~same]
 
 
-def plot_report(result: dict[str, Any], emb: torch.Tensor, labels: torch.Tensor, run_dir: Path,
-                title: str, prefix: str = "") -> list[Path]:
+def plot_report(
+    result: dict[str, Any],
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    run_dir: Path,
+    title: str,
+    prefix: str = "",
+) -> list[Path]:
     """Writes ``<prefix>utility_curves.png``, ``<prefix>score_histogram.png`` and, for small sets,
     ``<prefix>embedding_2d.png``; returns their paths."""
     import matplotlib
@@ -154,12 +187,20 @@ def plot_report(result: dict[str, Any], emb: torch.Tensor, labels: torch.Tensor,
     alpha = float(np.clip(6.0 / max(1, len(cons.utility)), 0.05, 0.7))
     for row in cons.utility:
         ax.plot(cons.thresholds, row, color="tab:blue", alpha=alpha, linewidth=0.8)
-    ax.plot(cons.thresholds, cons.utility.mean(axis=0), color="black", linewidth=2,
-            label="mean over classes")
+    ax.plot(
+        cons.thresholds,
+        cons.utility.mean(axis=0),
+        color="black",
+        linewidth=2,
+        label="mean over classes",
+    )
     ax.axvline(tau, color="tab:red", linestyle="--", label=f"tau = {tau:.3f}")
-    ax.set(xlabel="threshold (cosine)", ylabel="utility (F1 of TPR, TNR)",
-           title=f"{title}\nOPIS={cons.opis:.4g}  eps-OPIS={cons.eps_opis:.4g}",
-           ylim=(0, 1.02))
+    ax.set(
+        xlabel="threshold (cosine)",
+        ylabel="utility (F1 of TPR, TNR)",
+        title=f"{title}\nOPIS={cons.opis:.4g}  eps-OPIS={cons.eps_opis:.4g}",
+        ylim=(0, 1.02),
+    )
     ax.legend(loc="lower left")
     paths.append(run_dir / f"{prefix}utility_curves.png")
     fig.tight_layout()

@@ -22,8 +22,11 @@ from training.models import architecture_kwargs, full_model
 
 def weights_sha256(model: nn.Module, exclude: tuple[str, ...] = ()) -> str:
     """The sha256 ``tcm.save_artefact`` will record for these weights (same serialisation)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if not k.startswith(exclude)}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(exclude)
+    }
     return hashlib.sha256(safetensors_bytes(state)).hexdigest()
 
 
@@ -38,9 +41,15 @@ def _pair(v: Any) -> tuple[float, float] | None:
     return None if v is None else (float(v[0]), float(v[1]))
 
 
-def export_artefact(model: nn.Module, config: TrainConfig, result: dict[str, Any],
-                    preprocessing: Preprocessing, in_channels: int, out_dir: str | Path,
-                    data_description: dict[str, Any]) -> Manifest:
+def export_artefact(
+    model: nn.Module,
+    config: TrainConfig,
+    result: dict[str, Any],
+    preprocessing: Preprocessing,
+    in_channels: int,
+    out_dir: str | Path,
+    data_description: dict[str, Any],
+) -> Manifest:
     """``result`` is :func:`training.evaluate.evaluate_embeddings` on the held-out classes."""
     model, exclude = full_model(model.cpu(), config)
     model = model.eval()
@@ -58,19 +67,30 @@ def export_artefact(model: nn.Module, config: TrainConfig, result: dict[str, Any
         preprocessing=preprocessing,
         embedding_dim=config.embedding_dim,
         calibration=Calibration(
-            tau=cal["tau"], target_far=cal["target_far"], far_at_tau=cal["far"],
-            frr_at_tau=cal["frr"], tau_lo=cal["tau_lo"], tau_hi=cal["tau_hi"],
-            far_range=(config.far_lo, config.far_hi), num_thresholds=config.num_thresholds,
-            beta=config.beta),
+            tau=cal["tau"],
+            target_far=cal["target_far"],
+            far_at_tau=cal["far"],
+            frr_at_tau=cal["frr"],
+            tau_lo=cal["tau_lo"],
+            tau_hi=cal["tau_hi"],
+            far_range=(config.far_lo, config.far_hi),
+            num_thresholds=config.num_thresholds,
+            beta=config.beta,
+        ),
         baseline=Baseline(
-            opis=result["opis"], eps_opis=result["eps_opis"], eps=config.eps,
-            recall_at_1=result["recall_at_1"], map_at_r=result["map_at_r"],
-            num_classes=result["num_classes"], num_images=result["num_images"],
+            opis=result["opis"],
+            eps_opis=result["eps_opis"],
+            eps=config.eps,
+            recall_at_1=result["recall_at_1"],
+            map_at_r=result["map_at_r"],
+            num_classes=result["num_classes"],
+            num_images=result["num_images"],
             opis_interval=_pair(result.get("opis_interval")),
             eps_opis_interval=_pair(result.get("eps_opis_interval")),
             interval_level=float(result.get("interval_level", 0.9)),
             bootstrap_resamples=int(result.get("bootstrap_resamples", 0)),
-            reference_file=reference_file),
+            reference_file=reference_file,
+        ),
         dataset=data_description,
         training_config=config.to_dict(),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),

@@ -77,14 +77,15 @@ def parse_pairs(text: str) -> PairList:
         fold.append(i // (2 * n))
     same_arr = np.asarray(same)
     for k in range(folds):  # each fold: n matched lines, then n mismatched
-        block = same_arr[k * 2 * n:(k + 1) * 2 * n]
+        block = same_arr[k * 2 * n : (k + 1) * 2 * n]
         if not (block[:n].all() and not block[n:].any()):
             raise ValueError(f"fold {k} does not list {n} matched then {n} mismatched pairs")
     return PairList(a, b, same_arr, np.asarray(fold))
 
 
-def load_pair_images(data_dir: str | Path, which: str
-                     ) -> tuple[PairList, list[np.ndarray], list[np.ndarray]]:
+def load_pair_images(
+    data_dir: str | Path, which: str
+) -> tuple[PairList, list[np.ndarray], list[np.ndarray]]:
     if which not in PAIR_LISTS:
         raise ValueError(f"pair list must be one of {PAIR_LISTS}, got {which!r}")
     folder = _require(Path(data_dir) / "lfw", "LFW")
@@ -101,42 +102,61 @@ def load_pair_images(data_dir: str | Path, which: str
     return pairs, [decoded[k] for k in pairs.a], [decoded[k] for k in pairs.b]
 
 
-def pair_scores(model: nn.Module, pre: Preprocessing, images_a: list[np.ndarray],
-                images_b: list[np.ndarray], device: torch.device | str = "cpu") -> np.ndarray:
+def pair_scores(
+    model: nn.Module,
+    pre: Preprocessing,
+    images_a: list[np.ndarray],
+    images_b: list[np.ndarray],
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
     ea = embed(model, to_input_tensor(images_a, pre), device=device)
     eb = embed(model, to_input_tensor(images_b, pre), device=device)
     return (ea * eb).sum(dim=1).double().numpy()
 
 
-def verification_report(scores: np.ndarray, pairs: PairList, tau: float,
-                         train_people: set[str] | None = None) -> dict[str, Any]:
+def verification_report(
+    scores: np.ndarray, pairs: PairList, tau: float, train_people: set[str] | None = None
+) -> dict[str, Any]:
     """Everything about one pair list: TAR@FAR, accuracy at the global tau, the best
     accuracy (and k-fold accuracy with official folds), and overlap with training identities."""
     same = pairs.same
     gen, imp = scores[same], scores[~same]
     out: dict[str, Any] = {
-        "pairs": len(scores), "genuine": int(same.sum()), "impostor": int((~same).sum()),
+        "pairs": len(scores),
+        "genuine": int(same.sum()),
+        "impostor": int((~same).sum()),
         "tar_at_far": {f"{far:g}": tar_at_far(gen, imp, far) for far in FARS},
-        "at_global_tau": {"tau": tau, "accuracy": accuracy_at(scores, same, tau),
-                          "far": float((imp >= tau).mean()), "frr": float((gen < tau).mean())},
-        "best_threshold": dict(zip(("tau", "accuracy"),
-                                   best_accuracy_threshold(scores, same), strict=True)),
+        "at_global_tau": {
+            "tau": tau,
+            "accuracy": accuracy_at(scores, same, tau),
+            "far": float((imp >= tau).mean()),
+            "frr": float((gen < tau).mean()),
+        },
+        "best_threshold": dict(
+            zip(("tau", "accuracy"), best_accuracy_threshold(scores, same), strict=True)
+        ),
         # FAR 1e-3 needs >= 1000 impostor pairs to mean anything: say what resolution there is
         "far_resolution": 1.0 / max(1, int((~same).sum())),
     }
     if len(np.unique(pairs.folds)) > 1:
         out["kfold_accuracy"] = kfold_pair_accuracy(scores, same, pairs.folds).to_dict()
     if train_people is not None:
-        seen = np.array([a[0] in train_people or b[0] in train_people
-                         for a, b in zip(pairs.a, pairs.b, strict=True)])
+        seen = np.array(
+            [
+                a[0] in train_people or b[0] in train_people
+                for a, b in zip(pairs.a, pairs.b, strict=True)
+            ]
+        )
         out["pairs_with_training_identity"] = int(seen.sum())
         if (~seen).any() and len(np.unique(same[~seen])) == 2:
             tau_d, acc_d = best_accuracy_threshold(scores[~seen], same[~seen])
-            out["disjoint_pairs"] = {"pairs": int((~seen).sum()),
-                                     "genuine": int(same[~seen].sum()), "best_accuracy": acc_d,
-                                     "best_tau": tau_d,
-                                     "accuracy_at_global_tau": accuracy_at(
-                                         scores[~seen], same[~seen], tau)}
+            out["disjoint_pairs"] = {
+                "pairs": int((~seen).sum()),
+                "genuine": int(same[~seen].sum()),
+                "best_accuracy": acc_d,
+                "best_tau": tau_d,
+                "accuracy_at_global_tau": accuracy_at(scores[~seen], same[~seen], tau),
+            }
     return out
 
 
@@ -145,9 +165,13 @@ def train_people(data_dir: str | Path) -> set[str]:
     return {ln.split("\t")[0] for ln in text if "\t" in ln}
 
 
-def lfw_verification(model: nn.Module, pre: Preprocessing, data_dir: str | Path, tau: float,
-                     device: torch.device | str = "cpu") -> tuple[dict[str, Any],
-                                                                  dict[str, np.ndarray]]:
+def lfw_verification(
+    model: nn.Module,
+    pre: Preprocessing,
+    data_dir: str | Path,
+    tau: float,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Reports for both official lists, and their scores (for plots)."""
     people = train_people(data_dir)
     reports, scores_by = {}, {}
@@ -159,8 +183,9 @@ def lfw_verification(model: nn.Module, pre: Preprocessing, data_dir: str | Path,
     return reports, scores_by
 
 
-def plot_det(scores_by: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str,
-             tau: float) -> Path:
+def plot_det(
+    scores_by: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str, tau: float
+) -> Path:
     """DET curves (FRR against FAR, log-log) of each pair list, with the global tau marked."""
     import matplotlib
 
@@ -174,8 +199,13 @@ def plot_det(scores_by: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, ti
         ax.plot(np.maximum(roc["far"], floor), np.maximum(roc["frr"], floor), label=which)
         far_t, frr_t = float((s[~same] >= tau).mean()), float((s[same] < tau).mean())
         ax.scatter([max(far_t, floor)], [max(frr_t, floor)], marker="o", zorder=3)
-    ax.set(xscale="log", yscale="log", xlabel="FAR", ylabel="FRR",
-           title=f"{title}\nDET on LFW pairs (dot: global tau = {tau:.3f})")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="FAR",
+        ylabel="FRR",
+        title=f"{title}\nDET on LFW pairs (dot: global tau = {tau:.3f})",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -33,27 +33,44 @@ class CombinedLoss(nn.Module):
 def build_loss(config: TrainConfig, num_classes: int) -> CombinedLoss:
     """``num_classes`` sizes the proxies of proxy-based losses (labels must be 0..C-1)."""
     if config.loss == "multi_similarity":
-        base: nn.Module = losses.MultiSimilarityLoss(alpha=config.ms_alpha, beta=config.ms_beta,
-                                                     base=config.ms_base)
+        base: nn.Module = losses.MultiSimilarityLoss(
+            alpha=config.ms_alpha, beta=config.ms_beta, base=config.ms_base
+        )
     elif config.loss == "contrastive":
-        distance = (distances.CosineSimilarity() if config.contrastive_distance == "cosine"
-                    else distances.LpDistance())
-        base = losses.ContrastiveLoss(pos_margin=config.contrastive_pos_margin,
-                                      neg_margin=config.contrastive_neg_margin,
-                                      distance=distance)
+        distance = (
+            distances.CosineSimilarity()
+            if config.contrastive_distance == "cosine"
+            else distances.LpDistance()
+        )
+        base = losses.ContrastiveLoss(
+            pos_margin=config.contrastive_pos_margin,
+            neg_margin=config.contrastive_neg_margin,
+            distance=distance,
+        )
     elif config.loss == "supcon":
         base = losses.SupConLoss(temperature=config.supcon_temperature)
     elif config.loss == "proxy_anchor":
-        base = losses.ProxyAnchorLoss(num_classes=num_classes,
-                                      embedding_size=config.embedding_dim,
-                                      margin=config.proxy_margin, alpha=config.proxy_alpha)
+        base = losses.ProxyAnchorLoss(
+            num_classes=num_classes,
+            embedding_size=config.embedding_dim,
+            margin=config.proxy_margin,
+            alpha=config.proxy_alpha,
+        )
     elif config.loss == "arcface":
-        base = losses.ArcFaceLoss(num_classes=num_classes, embedding_size=config.embedding_dim,
-                                  margin=config.arcface_margin, scale=config.arcface_scale)
+        base = losses.ArcFaceLoss(
+            num_classes=num_classes,
+            embedding_size=config.embedding_dim,
+            margin=config.arcface_margin,
+            scale=config.arcface_scale,
+        )
     else:  # pragma: no cover - the config validates the name
         raise ValueError(f"unknown loss {config.loss!r}")
     tcm = None
     if config.tcm:
-        tcm = TCMLoss(m_plus=config.m_plus, m_minus=config.m_minus,
-                      lambda_plus=config.lambda_plus, lambda_minus=config.lambda_minus)
+        tcm = TCMLoss(
+            m_plus=config.m_plus,
+            m_minus=config.m_minus,
+            lambda_plus=config.lambda_plus,
+            lambda_minus=config.lambda_minus,
+        )
     return CombinedLoss(base, tcm)

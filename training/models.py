@@ -25,8 +25,11 @@ def architecture_kwargs(config: TrainConfig, in_channels: int) -> dict[str, Any]
         kwargs.update(width=config.width, norm=config.norm)
     if config.arch in PRETRAINED:
         # the packaged ImageNet weights, pinned by their file's sha256
-        kwargs.update(in_channels=3, weights="imagenet",
-                      backbone_sha256=file_sha256(pretrained_weights_file(config.arch)))
+        kwargs.update(
+            in_channels=3,
+            weights="imagenet",
+            backbone_sha256=file_sha256(pretrained_weights_file(config.arch)),
+        )
     return kwargs
 
 
@@ -34,8 +37,9 @@ def build_model(config: TrainConfig, in_channels: int) -> nn.Module:
     """With ``freeze_backbone`` the training input is the backbone's features (``in_channels``
     is their width) and only the head is built; :func:`full_model` puts it on the backbone."""
     if config.freeze_backbone:
-        return build_embedder("feature_head", in_features=in_channels,
-                              embedding_dim=config.embedding_dim)
+        return build_embedder(
+            "feature_head", in_features=in_channels, embedding_dim=config.embedding_dim
+        )
     return build_embedder(config.arch, **architecture_kwargs(config, in_channels))
 
 
@@ -79,12 +83,17 @@ def load_pretrained(model: nn.Module, path: str | Path) -> dict[str, int]:
     own = model.state_dict()
 
     def fitting(prefix: str) -> dict[str, torch.Tensor]:
-        return {prefix + k: v for k, v in state.items()
-                if prefix + k in own and own[prefix + k].shape == v.shape}
+        return {
+            prefix + k: v
+            for k, v in state.items()
+            if prefix + k in own and own[prefix + k].shape == v.shape
+        }
 
     best = max((fitting(""), fitting("backbone.")), key=len)
     if not best:
-        raise ValueError(f"none of the {len(state)} tensors in {str(path)!r} fit this "
-                         f"architecture (names or shapes differ)")
+        raise ValueError(
+            f"none of the {len(state)} tensors in {str(path)!r} fit this "
+            f"architecture (names or shapes differ)"
+        )
     model.load_state_dict(best, strict=False)
     return {"loaded": len(best), "skipped": len(state) - len(best), "model_tensors": len(own)}

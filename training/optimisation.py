@@ -23,16 +23,18 @@ def parameter_groups(model: nn.Module, loss: nn.Module, config: TrainConfig) -> 
     return groups
 
 
-def build_optimiser(model: nn.Module, loss: nn.Module,
-                    config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimiser(
+    model: nn.Module, loss: nn.Module, config: TrainConfig
+) -> torch.optim.Optimizer:
     groups = parameter_groups(model, loss, config)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=0.9, weight_decay=config.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def build_scheduler(optimiser: torch.optim.Optimizer,
-                    config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimiser: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine decay to 0 over ``epochs * steps_per_epoch`` steps, stepped once per batch.
 
     Resuming with a larger ``epochs`` stretches the remaining schedule from the saved step on.

@@ -35,8 +35,14 @@ def _part(splits: Splits, split: str) -> Split:
     return part
 
 
-def evaluate_run(run_dir: str | Path, *, split: str = "test", splits: Splits | None = None,
-                 plots: bool = True, data_dir: str | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    split: str = "test",
+    splits: Splits | None = None,
+    plots: bool = True,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
     """Embeds the held-out (or validation) classes with the run's model and writes its report."""
     run = Path(run_dir)
     model, config = load_trained_model(run)
@@ -51,12 +57,24 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", splits: Splits | N
         from training.faces import lfw_verification
 
         result["verification"], det = lfw_verification(
-            model, splits.preprocessing, config.data_dir, result["calibration"]["tau"],
-            resolve_device(config.device))
+            model,
+            splits.preprocessing,
+            config.data_dir,
+            result["calibration"]["tau"],
+            resolve_device(config.device),
+        )
     history = load_checkpoint(run)["history"]
-    write_report(result, run, split=split,
-                 extra={"split": split, "config": config.to_dict(), "data": splits.description,
-                        "history": history})
+    write_report(
+        result,
+        run,
+        split=split,
+        extra={
+            "split": split,
+            "config": config.to_dict(),
+            "data": splits.description,
+            "history": history,
+        },
+    )
     if plots:
         title = f"{config.dataset} {config.loss}{' + TCM' if config.tcm else ''} ({split})"
         plot_report(result, emb, part.y, run, title, prefix="" if split == "test" else f"{split}_")
@@ -67,8 +85,13 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", splits: Splits | N
     return result
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, *, splits: Splits | None = None,
-               data_dir: str | None = None) -> Manifest:
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    splits: Splits | None = None,
+    data_dir: str | None = None,
+) -> Manifest:
     """Calibrates on the held-out classes and writes the artefact."""
     run = Path(run_dir)
     model, config = load_trained_model(run)
@@ -77,14 +100,27 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, splits: Splits | Non
     splits = splits or load_splits(config)
     emb = embed(model, splits.test.x, device=resolve_device(config.device))
     result = evaluate_embeddings(emb, splits.test.y, config)
-    return export_artefact(model, config, result, splits.preprocessing,
-                           int(splits.test.x.shape[1]), out_dir, splits.description)
+    return export_artefact(
+        model,
+        config,
+        result,
+        splits.preprocessing,
+        int(splits.test.x.shape[1]),
+        out_dir,
+        splits.description,
+    )
 
 
-def train_evaluate_export(config: TrainConfig, run_dir: str | Path,
-                          artefact_dir: str | Path | None = None, *, plots: bool = True,
-                          progress: bool = True, resume: bool = False,
-                          splits: Splits | None = None) -> dict[str, Any]:
+def train_evaluate_export(
+    config: TrainConfig,
+    run_dir: str | Path,
+    artefact_dir: str | Path | None = None,
+    *,
+    plots: bool = True,
+    progress: bool = True,
+    resume: bool = False,
+    splits: Splits | None = None,
+) -> dict[str, Any]:
     """Under torchrun every rank trains; only rank 0 evaluates and exports (others get ``{}``)."""
     splits = splits or load_splits(config)
     fit(config, run_dir, splits=splits, progress=progress, resume=resume)
@@ -93,9 +129,15 @@ def train_evaluate_export(config: TrainConfig, run_dir: str | Path,
     result = evaluate_run(run_dir, splits=splits, plots=plots)
     out: dict[str, Any] = {k: v for k, v in result.items() if not k.startswith("_")}
     if artefact_dir is not None:
-        manifest = export_artefact(load_trained_model(run_dir)[0], config, result,
-                                   splits.preprocessing, int(splits.test.x.shape[1]),
-                                   artefact_dir, splits.description)
+        manifest = export_artefact(
+            load_trained_model(run_dir)[0],
+            config,
+            result,
+            splits.preprocessing,
+            int(splits.test.x.shape[1]),
+            artefact_dir,
+            splits.description,
+        )
         out["model_version"] = manifest.model_version
     return out
 
@@ -103,6 +145,8 @@ def train_evaluate_export(config: TrainConfig, run_dir: str | Path,
 def read_report(run_dir: str | Path, split: str = "test") -> dict[str, Any]:
     path = Path(run_dir) / report_name(split)
     if not path.is_file():
-        raise ValueError(f"no {path.name} in {run_dir}: run "
-                         f"`tcm-train evaluate --run {run_dir} --split {split}` first")
+        raise ValueError(
+            f"no {path.name} in {run_dir}: run "
+            f"`tcm-train evaluate --run {run_dir} --split {split}` first"
+        )
     return json.loads(path.read_text())

@@ -22,8 +22,16 @@ from training.pipeline import evaluate_run
 from training.trainer import fit
 
 # config keys that change what load_splits returns
-DATA_KEYS = ("dataset", "data_dir", "image_size", "max_train_classes", "max_test_classes",
-             "val_classes", "test_fraction", "seed")
+DATA_KEYS = (
+    "dataset",
+    "data_dir",
+    "image_size",
+    "max_train_classes",
+    "max_test_classes",
+    "val_classes",
+    "test_fraction",
+    "seed",
+)
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -44,20 +52,30 @@ def _run_name(combo: dict[str, str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]", "-", name)
 
 
-def sweep(base: TrainConfig, grid: dict[str, list[str]], out_dir: str | Path, *,
-          split: str = "val", progress: bool = True, plots: bool = False,
-          console: Console | None = None) -> list[dict[str, Any]]:
+def sweep(
+    base: TrainConfig,
+    grid: dict[str, list[str]],
+    out_dir: str | Path,
+    *,
+    split: str = "val",
+    progress: bool = True,
+    plots: bool = False,
+    console: Console | None = None,
+) -> list[dict[str, Any]]:
     """Trains every combination of ``grid`` on top of ``base`` and compares them on ``split``.
 
     Every combination is validated before the first one trains. A run whose report already
     exists is reused, so an interrupted sweep picks up where it stopped.
     """
     if split == "val" and base.val_classes <= 0:
-        raise ValueError("a sweep on the validation split needs val_classes > 0 (e.g. "
-                         "--set val_classes=200)")
+        raise ValueError(
+            "a sweep on the validation split needs val_classes > 0 (e.g. --set val_classes=200)"
+        )
     keys = list(grid)
-    combos = [dict(zip(keys, values, strict=True))
-              for values in itertools.product(*(grid[k] for k in keys))]
+    combos = [
+        dict(zip(keys, values, strict=True))
+        for values in itertools.product(*(grid[k] for k in keys))
+    ]
     configs = [load_config(None, [f"{k}={v}" for k, v in c.items()], base=base) for c in combos]
     out = Path(out_dir)
     cache: dict[tuple, Splits] = {}

@@ -125,8 +125,10 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     diff = sorted(k for k in now if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now[k])
     if diff:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff)
-        raise ValueError(f"cannot resume: the checkpoint was trained with another config "
-                         f"({details}); start a new run folder or use the same settings")
+        raise ValueError(
+            f"cannot resume: the checkpoint was trained with another config "
+            f"({details}); start a new run folder or use the same settings"
+        )
 
 
 def _gather(local: torch.Tensor, ctx: RunContext) -> torch.Tensor:
@@ -145,8 +147,12 @@ def _label_map(y: torch.Tensor) -> torch.Tensor:
 
 def _epoch_order(y: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """Sample indices of one epoch, batch after batch, each batch m images of b/m classes."""
-    sampler = MPerClassSampler(y.numpy(), m=config.m_per_class, batch_size=config.batch_size,
-                               length_before_new_iter=config.batch_size * config.steps_per_epoch)
+    sampler = MPerClassSampler(
+        y.numpy(),
+        m=config.m_per_class,
+        batch_size=config.batch_size,
+        length_before_new_iter=config.batch_size * config.steps_per_epoch,
+    )
     return torch.as_tensor(list(iter(sampler)), dtype=torch.int64)
 
 
@@ -155,11 +161,19 @@ def _check_batch_fits(config: TrainConfig, num_classes: int) -> None:
         raise ValueError(
             f"batch_size {config.batch_size} needs at least batch_size / m_per_class = "
             f"{config.batch_size // config.m_per_class} training classes, the data has "
-            f"{num_classes}: lower batch_size or raise m_per_class")
+            f"{num_classes}: lower batch_size or raise m_per_class"
+        )
 
 
-def _train_step(ddp_model: nn.Module, loss_fn: CombinedLoss, xb: torch.Tensor, yb: torch.Tensor,
-                optimiser: torch.optim.Optimizer, ctx: RunContext, use_amp: bool) -> float:
+def _train_step(
+    ddp_model: nn.Module,
+    loss_fn: CombinedLoss,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    optimiser: torch.optim.Optimizer,
+    ctx: RunContext,
+    use_amp: bool,
+) -> float:
     """One global batch: this rank embeds its shard, the loss sees the whole batch."""
     shard = slice(ctx.rank, None, ctx.world_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
@@ -167,7 +181,7 @@ def _train_step(ddp_model: nn.Module, loss_fn: CombinedLoss, xb: torch.Tensor, y
         local = ddp_model(xb[shard])
     emb = _gather(local.float(), ctx)
     # rows of the gathered batch are ordered by rank, then by position in the shard
-    y_global = torch.cat([yb[r::ctx.world_size] for r in range(ctx.world_size)])
+    y_global = torch.cat([yb[r :: ctx.world_size] for r in range(ctx.world_size)])
     loss = loss_fn(emb, y_global)
     optimiser.zero_grad(set_to_none=True)
     (loss * ctx.world_size).backward()
@@ -180,9 +194,15 @@ def _train_step(ddp_model: nn.Module, loss_fn: CombinedLoss, xb: torch.Tensor, y
     return float(loss.detach())
 
 
-def fit(config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
-        splits: Splits | None = None, progress: bool = True,
-        stop_after_epoch: int | None = None) -> dict[str, Any]:
+def fit(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    splits: Splits | None = None,
+    progress: bool = True,
+    stop_after_epoch: int | None = None,
+) -> dict[str, Any]:
     """Trains, checkpointing each epoch into ``run_dir``; returns the run's history.
 
     ``stop_after_epoch`` ends the run early (a time-boxed job, or a simulated interruption)
@@ -195,8 +215,10 @@ def fit(config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         saved = load_checkpoint(run)
         check_resumable(saved["config"], config)
     elif (run / CHECKPOINT).exists():
-        raise ValueError(f"{run} already holds a checkpoint: pass --resume to continue it, or "
-                         "choose another run folder")
+        raise ValueError(
+            f"{run} already holds a checkpoint: pass --resume to continue it, or "
+            "choose another run folder"
+        )
     splits = splits or load_splits(config)
     train = splits.train
     y_train = _label_map(train.y)
@@ -204,16 +226,25 @@ def fit(config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     _check_batch_fits(config, num_classes)
     ctx = init_distributed(config)
     try:
-        return _fit(config, run, ctx, splits, y_train, num_classes, saved, progress,
-                    stop_after_epoch)
+        return _fit(
+            config, run, ctx, splits, y_train, num_classes, saved, progress, stop_after_epoch
+        )
     finally:
         if ctx.owns_process_group:
             dist.destroy_process_group()
 
 
-def _fit(config: TrainConfig, run: Path, ctx: RunContext, splits: Splits, y_train: torch.Tensor,
-         num_classes: int, saved: dict[str, Any] | None, progress: bool,
-         stop_after_epoch: int | None) -> dict[str, Any]:
+def _fit(
+    config: TrainConfig,
+    run: Path,
+    ctx: RunContext,
+    splits: Splits,
+    y_train: torch.Tensor,
+    num_classes: int,
+    saved: dict[str, Any] | None,
+    progress: bool,
+    stop_after_epoch: int | None,
+) -> dict[str, Any]:
     train = splits.train
     run.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
@@ -221,8 +252,11 @@ def _fit(config: TrainConfig, run: Path, ctx: RunContext, splits: Splits, y_trai
     if config.pretrained and saved is None:
         counts = load_pretrained(model, config.pretrained)
         if ctx.is_main:
-            print(f"pretrained: {counts['loaded']} of {counts['model_tensors']} tensors loaded "
-                  f"from {config.pretrained} ({counts['skipped']} skipped)", flush=True)
+            print(
+                f"pretrained: {counts['loaded']} of {counts['model_tensors']} tensors loaded "
+                f"from {config.pretrained} ({counts['skipped']} skipped)",
+                flush=True,
+            )
     loss_fn = build_loss(config, num_classes)
     start_epoch, history = 0, []
     if saved is not None:
@@ -241,7 +275,8 @@ def _fit(config: TrainConfig, run: Path, ctx: RunContext, splits: Splits, y_trai
     ddp_model: nn.Module = model
     if ctx.world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
     use_amp = config.amp and ctx.device.type == "cuda"
     if ctx.is_main:
         save_config(config, run / "config.yaml")
@@ -249,14 +284,19 @@ def _fit(config: TrainConfig, run: Path, ctx: RunContext, splits: Splits, y_trai
     x_all = train.x.to(ctx.device)
     y_dev = y_train.to(ctx.device)
     total_steps = config.epochs * config.steps_per_epoch
-    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs,
-                                                                    stop_after_epoch)
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   disable=not (progress and ctx.is_main))
+    last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not (progress and ctx.is_main),
+    )
     with bar:
-        task = bar.add_task("train", total=total_steps,
-                            completed=start_epoch * config.steps_per_epoch, info="")
+        task = bar.add_task(
+            "train", total=total_steps, completed=start_epoch * config.steps_per_epoch, info=""
+        )
         for epoch in range(start_epoch, last_epoch):
             seed_everything(config.seed * 1000 + epoch)
             generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
@@ -265,29 +305,38 @@ def _fit(config: TrainConfig, run: Path, ctx: RunContext, splits: Splits, y_trai
             t0 = time.perf_counter()
             losses_epoch = []
             for step in range(config.steps_per_epoch):
-                idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
                 xb = x_all[idx]
                 if config.augment and not config.freeze_backbone:  # features: no pixels
                     xb = augment_batch(xb, config.dataset, generator)
-                losses_epoch.append(_train_step(ddp_model, loss_fn, xb, y_dev[idx], optimiser,
-                                                ctx, use_amp))
+                losses_epoch.append(
+                    _train_step(ddp_model, loss_fn, xb, y_dev[idx], optimiser, ctx, use_amp)
+                )
                 scheduler.step()
                 info = " ".join(f"{k}={v:.4f}" for k, v in loss_fn.last.items())
                 bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} {info}")
-            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses_epoch)),
-                            **{f"last_{k}": v for k, v in loss_fn.last.items()},
-                            "seconds": time.perf_counter() - t0})
-            if ctx.is_main:
-                _atomic_save({
+            history.append(
+                {
                     "epoch": epoch + 1,
-                    "config": config.to_dict(),
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "loss": {k: v.detach().cpu() for k, v in loss_fn.state_dict().items()},
-                    "optimiser": optimiser.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                    "in_channels": int(train.x.shape[1]),
-                }, run / CHECKPOINT)
+                    "loss": float(np.mean(losses_epoch)),
+                    **{f"last_{k}": v for k, v in loss_fn.last.items()},
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            if ctx.is_main:
+                _atomic_save(
+                    {
+                        "epoch": epoch + 1,
+                        "config": config.to_dict(),
+                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        "loss": {k: v.detach().cpu() for k, v in loss_fn.state_dict().items()},
+                        "optimiser": optimiser.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "history": history,
+                        "in_channels": int(train.x.shape[1]),
+                    },
+                    run / CHECKPOINT,
+                )
     if ctx.is_main:
         (run / "history.json").write_text(json.dumps(history, indent=2))
     if ctx.world_size > 1:

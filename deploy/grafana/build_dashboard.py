@@ -31,8 +31,14 @@ FLOOR = "scalar(tcm_config:opis_reference_floor)"
 
 
 def target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[str, Any]:
-    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto",
-            "refId": ref, "range": True, **extra}
+    return {
+        "datasource": DATASOURCE,
+        "expr": expr,
+        "legendFormat": legend or "__auto",
+        "refId": ref,
+        "range": True,
+        **extra,
+    }
 
 
 def targets(*pairs: tuple[str, str]) -> list[dict[str, Any]]:
@@ -51,8 +57,16 @@ class Layout:
 
     def row(self, title: str) -> None:
         self._newline()
-        self.panels.append({"type": "row", "title": title, "id": self._id(), "collapsed": False,
-                            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y}, "panels": []})
+        self.panels.append(
+            {
+                "type": "row",
+                "title": title,
+                "id": self._id(),
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
+                "panels": [],
+            }
+        )
         self.y += 1
 
     def add(self, panel: dict[str, Any], w: int = 12, h: int = 8) -> None:
@@ -74,62 +88,129 @@ class Layout:
         return self.next_id - 1
 
 
-def timeseries(title: str, description: str, tgts: list[dict[str, Any]], *, unit: str = "short",
-               log: bool = False, thresholds: list[tuple[float, str]] | None = None,
-               min_: float | None = None) -> dict[str, Any]:
-    defaults: dict[str, Any] = {"unit": unit, "custom": {"drawStyle": "line", "lineWidth": 2,
-                                                         "fillOpacity": 5, "showPoints": "never",
-                                                         "spanNulls": True}}
+def timeseries(
+    title: str,
+    description: str,
+    tgts: list[dict[str, Any]],
+    *,
+    unit: str = "short",
+    log: bool = False,
+    thresholds: list[tuple[float, str]] | None = None,
+    min_: float | None = None,
+) -> dict[str, Any]:
+    defaults: dict[str, Any] = {
+        "unit": unit,
+        "custom": {
+            "drawStyle": "line",
+            "lineWidth": 2,
+            "fillOpacity": 5,
+            "showPoints": "never",
+            "spanNulls": True,
+        },
+    }
     if log:
         defaults["custom"]["scaleDistribution"] = {"type": "log", "log": 10}
     if min_ is not None:
         defaults["min"] = min_
     if thresholds:
-        defaults["thresholds"] = {"mode": "absolute", "steps": [
-            {"color": c, "value": v} for v, c in [(None, "green"), *thresholds]]}
+        defaults["thresholds"] = {
+            "mode": "absolute",
+            "steps": [{"color": c, "value": v} for v, c in [(None, "green"), *thresholds]],
+        }
         defaults["custom"]["thresholdsStyle"] = {"mode": "dashed"}
-    return {"type": "timeseries", "title": title, "description": description, "targets": tgts,
-            "fieldConfig": {"defaults": defaults, "overrides": []},
-            "options": {"legend": {"displayMode": "table", "placement": "right",
-                                   "calcs": ["lastNotNull", "max"]},
-                        "tooltip": {"mode": "multi", "sort": "desc"}}}
+    return {
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "targets": tgts,
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": {
+            "legend": {
+                "displayMode": "table",
+                "placement": "right",
+                "calcs": ["lastNotNull", "max"],
+            },
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
+    }
 
 
-def stat(title: str, description: str, tgts: list[dict[str, Any]], *, unit: str = "short",
-         thresholds: list[tuple[float, str]] | None = None, text_mode: str = "auto",
-         decimals: int | None = None) -> dict[str, Any]:
+def stat(
+    title: str,
+    description: str,
+    tgts: list[dict[str, Any]],
+    *,
+    unit: str = "short",
+    thresholds: list[tuple[float, str]] | None = None,
+    text_mode: str = "auto",
+    decimals: int | None = None,
+) -> dict[str, Any]:
     steps = [{"color": c, "value": v} for v, c in [(None, "green"), *(thresholds or [])]]
     defaults: dict[str, Any] = {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}}
     if decimals is not None:
         defaults["decimals"] = decimals
-    return {"type": "stat", "title": title, "description": description, "targets": tgts,
-            "fieldConfig": {"defaults": defaults, "overrides": []},
-            "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "",
-                                          "values": False},
-                        "colorMode": "background", "graphMode": "area", "textMode": text_mode}}
+    return {
+        "type": "stat",
+        "title": title,
+        "description": description,
+        "targets": tgts,
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "background",
+            "graphMode": "area",
+            "textMode": text_mode,
+        },
+    }
 
 
 def heatmap(title: str, description: str, expr: str) -> dict[str, Any]:
-    return {"type": "heatmap", "title": title, "description": description,
-            "targets": [target(expr, "{{le}}", format="heatmap")],
-            "options": {"calculate": False, "yAxis": {"unit": "short"},
-                        "cellGap": 1, "color": {"scheme": "Oranges", "mode": "scheme"},
-                        "rowsFrame": {"layout": "auto"}, "tooltip": {"show": True}},
-            "fieldConfig": {"defaults": {}, "overrides": []}}
+    return {
+        "type": "heatmap",
+        "title": title,
+        "description": description,
+        "targets": [target(expr, "{{le}}", format="heatmap")],
+        "options": {
+            "calculate": False,
+            "yAxis": {"unit": "short"},
+            "cellGap": 1,
+            "color": {"scheme": "Oranges", "mode": "scheme"},
+            "rowsFrame": {"layout": "auto"},
+            "tooltip": {"show": True},
+        },
+        "fieldConfig": {"defaults": {}, "overrides": []},
+    }
 
 
-THRESHOLD_QUERY = ("query_result(sort(abs(max by (le) (tcm_monitor_score_bound) - "
-                   "scalar(max(tcm_model_threshold_score)))))")
+THRESHOLD_QUERY = (
+    "query_result(sort(abs(max by (le) (tcm_monitor_score_bound) - "
+    "scalar(max(tcm_model_threshold_score)))))"
+)
 # model switches and failed activations as annotations on every panel
 ANNOTATIONS = [
-    {"name": "Model switches", "enable": True, "hide": False, "iconColor": "purple",
-     "datasource": DATASOURCE, "step": "30s", "useValueForTime": False,
-     "expr": "count by (model_version) (tcm_model_info unless tcm_model_info offset 1m)",
-     "titleFormat": "model switch", "textFormat": "now serving {{model_version}}"},
-    {"name": "Failed activations", "enable": True, "hide": False, "iconColor": "red",
-     "datasource": DATASOURCE, "step": "30s",
-     "expr": 'sum(increase(tcm_model_activations_total{result="failed"}[1m])) > 0',
-     "titleFormat": "model activation failed", "textFormat": "see GET /v1/models"},
+    {
+        "name": "Model switches",
+        "enable": True,
+        "hide": False,
+        "iconColor": "purple",
+        "datasource": DATASOURCE,
+        "step": "30s",
+        "useValueForTime": False,
+        "expr": "count by (model_version) (tcm_model_info unless tcm_model_info offset 1m)",
+        "titleFormat": "model switch",
+        "textFormat": "now serving {{model_version}}",
+    },
+    {
+        "name": "Failed activations",
+        "enable": True,
+        "hide": False,
+        "iconColor": "red",
+        "datasource": DATASOURCE,
+        "step": "30s",
+        "expr": 'sum(increase(tcm_model_activations_total{result="failed"}[1m])) > 0',
+        "titleFormat": "model activation failed",
+        "textFormat": "see GET /v1/models",
+    },
 ]
 
 
@@ -137,256 +218,537 @@ def build() -> dict[str, Any]:
     lay = Layout()
 
     lay.row("Model")
-    lay.add(stat("Model version", "The version every replica serves (more than one: a switch "
-                 "is under way, or a replica cannot load the active artefact).",
-                 targets(("count by (model_version) (tcm_model_info)", "{{model_version}}")),
-                 text_mode="name"), w=8, h=4)
-    lay.add(stat("Threshold tau", "The served model's global cosine threshold.",
-                 targets(("max(tcm_model_threshold_score)", "tau")), unit="none",
-                 decimals=4), w=4, h=4)
-    lay.add(stat("Target FAR", "The FAR tau was calibrated for.",
-                 targets(("max(tcm_model_target_far_ratio)", "target FAR")),
-                 unit="percentunit"), w=4, h=4)
-    lay.add(stat("Activation progress", "Gallery items re-embedded by the model switch in "
-                 "progress, over all items (0 when none runs).",
-                 targets(("max(tcm_model_activation_items{state=\"embedded\"}) / "
-                          "clamp_min(max(tcm_model_activation_items{state=\"total\"}), 1)",
-                          "re-embedded")), unit="percentunit"), w=4, h=4)
-    lay.add(stat("Switching", "Replicas preparing a model switch right now.",
-                 targets(("sum(tcm_model_activation_running)", "replicas")),
-                 thresholds=[(1, "blue")]), w=4, h=4)
+    lay.add(
+        stat(
+            "Model version",
+            "The version every replica serves (more than one: a switch "
+            "is under way, or a replica cannot load the active artefact).",
+            targets(("count by (model_version) (tcm_model_info)", "{{model_version}}")),
+            text_mode="name",
+        ),
+        w=8,
+        h=4,
+    )
+    lay.add(
+        stat(
+            "Threshold tau",
+            "The served model's global cosine threshold.",
+            targets(("max(tcm_model_threshold_score)", "tau")),
+            unit="none",
+            decimals=4,
+        ),
+        w=4,
+        h=4,
+    )
+    lay.add(
+        stat(
+            "Target FAR",
+            "The FAR tau was calibrated for.",
+            targets(("max(tcm_model_target_far_ratio)", "target FAR")),
+            unit="percentunit",
+        ),
+        w=4,
+        h=4,
+    )
+    lay.add(
+        stat(
+            "Activation progress",
+            "Gallery items re-embedded by the model switch in "
+            "progress, over all items (0 when none runs).",
+            targets(
+                (
+                    'max(tcm_model_activation_items{state="embedded"}) / '
+                    'clamp_min(max(tcm_model_activation_items{state="total"}), 1)',
+                    "re-embedded",
+                )
+            ),
+            unit="percentunit",
+        ),
+        w=4,
+        h=4,
+    )
+    lay.add(
+        stat(
+            "Switching",
+            "Replicas preparing a model switch right now.",
+            targets(("sum(tcm_model_activation_running)", "replicas")),
+            thresholds=[(1, "blue")],
+        ),
+        w=4,
+        h=4,
+    )
 
-    lay.row("Drift across subjects (a tenant's subjects at one threshold; retrain when it "
-            "leaves its count-matched reference)")
-    lay.add(timeseries(
-        "OPIS across subjects, all tenants: live vs reference",
-        "Variance of the subjects' utility curves (every tenant's subjects together). "
-        "Reference: held-out classes subsampled to the galleries' images per subject, same "
-        "rules; the band is its interval over the draws. Above the dashed line for 30m fires "
-        "TCMSubjectsOpisPooledDegraded.",
-        targets(("max(tcm_subjects_opis_pooled)", "live"),
+    lay.row(
+        "Drift across subjects (a tenant's subjects at one threshold; retrain when it "
+        "leaves its count-matched reference)"
+    )
+    lay.add(
+        timeseries(
+            "OPIS across subjects, all tenants: live vs reference",
+            "Variance of the subjects' utility curves (every tenant's subjects together). "
+            "Reference: held-out classes subsampled to the galleries' images per subject, same "
+            "rules; the band is its interval over the draws. Above the dashed line for 30m fires "
+            "TCMSubjectsOpisPooledDegraded.",
+            targets(
+                ("max(tcm_subjects_opis_pooled)", "live"),
                 ('max(tcm_subjects_opis_pooled_reference{bound="lo"})', "reference lo"),
                 ('max(tcm_subjects_opis_pooled_reference{bound="hi"})', "reference hi"),
-                ('scalar(tcm_config:subjects_opis_factor) * clamp_min(max('
-                 f'tcm_subjects_opis_pooled_reference{{bound="hi"}}), {FLOOR})', "alert above")),
-        min_=0), w=12)
-    lay.add(timeseries(
-        "OPIS across subjects by tenant / reference upper bound",
-        "Each tenant's OPIS across its subjects over the upper bound of its own count-matched "
-        "reference (tenants with too few subjects have none). Above the alert factor for 30m "
-        "fires TCMSubjectsOpisDegraded.",
-        targets((f"tenant:tcm_subjects_opis_over_reference:ratio{T}", "{{tenant}}"),
-                ("tcm_config:subjects_opis_factor", "alert above")), min_=0), w=12)
+                (
+                    "scalar(tcm_config:subjects_opis_factor) * clamp_min(max("
+                    f'tcm_subjects_opis_pooled_reference{{bound="hi"}}), {FLOOR})',
+                    "alert above",
+                ),
+            ),
+            min_=0,
+        ),
+        w=12,
+    )
+    lay.add(
+        timeseries(
+            "OPIS across subjects by tenant / reference upper bound",
+            "Each tenant's OPIS across its subjects over the upper bound of its own count-matched "
+            "reference (tenants with too few subjects have none). Above the alert factor for 30m "
+            "fires TCMSubjectsOpisDegraded.",
+            targets(
+                (f"tenant:tcm_subjects_opis_over_reference:ratio{T}", "{{tenant}}"),
+                ("tcm_config:subjects_opis_factor", "alert above"),
+            ),
+            min_=0,
+        ),
+        w=12,
+    )
 
-    lay.row("Drift across tenants (one threshold, many customers; reference measured on the "
-            "served galleries at activation)")
-    lay.add(timeseries(
-        "OPIS across tenants: live vs reference",
-        "Variance of the tenants' utility curves over the calibration range. Reference: the "
-        "same on the served galleries when the model started serving (POST "
-        "/v1/monitor/reference re-measures it), with its subject-bootstrap interval. Above the "
-        "dashed line for 30m fires TCMOpisDegraded.",
-        targets(("max(tcm_opis)", "live"),
+    lay.row(
+        "Drift across tenants (one threshold, many customers; reference measured on the "
+        "served galleries at activation)"
+    )
+    lay.add(
+        timeseries(
+            "OPIS across tenants: live vs reference",
+            "Variance of the tenants' utility curves over the calibration range. Reference: the "
+            "same on the served galleries when the model started serving (POST "
+            "/v1/monitor/reference re-measures it), with its subject-bootstrap interval. Above the "
+            "dashed line for 30m fires TCMOpisDegraded.",
+            targets(
+                ("max(tcm_opis)", "live"),
                 ('max(tcm_tenants_opis_reference{bound="mid"})', "reference"),
                 ('max(tcm_tenants_opis_reference{bound="hi"})', "reference hi"),
-                ('scalar(tcm_config:opis_degraded_factor) * clamp_min(max('
-                 f'tcm_tenants_opis_reference{{bound="hi"}}), {FLOOR})', "alert above")),
-        min_=0), w=9)
-    lay.add(timeseries(
-        "Tenant deviation from the median tenant vs reference",
-        "Mean squared distance over the calibration range between each tenant's utility "
-        "curve and the median tenant's, and the farthest tenant's in the reference. Above "
-        "the dashed line for 30m fires TCMTenantInconsistent for the tenant.",
-        targets((f"max by (tenant) (tcm_tenant_deviation{T})", "{{tenant}}"),
+                (
+                    "scalar(tcm_config:opis_degraded_factor) * clamp_min(max("
+                    f'tcm_tenants_opis_reference{{bound="hi"}}), {FLOOR})',
+                    "alert above",
+                ),
+            ),
+            min_=0,
+        ),
+        w=9,
+    )
+    lay.add(
+        timeseries(
+            "Tenant deviation from the median tenant vs reference",
+            "Mean squared distance over the calibration range between each tenant's utility "
+            "curve and the median tenant's, and the farthest tenant's in the reference. Above "
+            "the dashed line for 30m fires TCMTenantInconsistent for the tenant.",
+            targets(
+                (f"max by (tenant) (tcm_tenant_deviation{T})", "{{tenant}}"),
                 ("max(tcm_tenants_deviation_reference)", "reference"),
-                ("scalar(tcm_config:tenant_deviation_factor) * clamp_min("
-                 f"max(tcm_tenants_deviation_reference), {FLOOR})", "alert above")),
-        min_=0), w=9)
-    lay.add(stat("OPIS across tenants / reference", "Live over the reference's upper bound.",
-                 targets(("tcm:opis_over_reference:ratio", "live / reference")),
-                 thresholds=[(1.5, "orange"), (2, "red")]), w=3, h=4)
-    lay.add(stat("Tenants in OPIS", "Tenants with enough labelled pairs to enter OPIS "
-                 "(eligible), and those without (excluded).",
-                 targets(("max by (status) (tcm_monitor_tenants)", "{{status}}"))), w=3, h=4)
-    lay.add(timeseries(
-        "eps-OPIS across tenants: live vs reference",
-        "Squared gap between the best and worst tenants' utility curves.",
-        targets(("max(tcm_eps_opis)", "live"),
-                ('max(tcm_tenants_eps_opis_reference{bound="hi"})', "reference hi")),
-        min_=0), w=6)
+                (
+                    "scalar(tcm_config:tenant_deviation_factor) * clamp_min("
+                    f"max(tcm_tenants_deviation_reference), {FLOOR})",
+                    "alert above",
+                ),
+            ),
+            min_=0,
+        ),
+        w=9,
+    )
+    lay.add(
+        stat(
+            "OPIS across tenants / reference",
+            "Live over the reference's upper bound.",
+            targets(("tcm:opis_over_reference:ratio", "live / reference")),
+            thresholds=[(1.5, "orange"), (2, "red")],
+        ),
+        w=3,
+        h=4,
+    )
+    lay.add(
+        stat(
+            "Tenants in OPIS",
+            "Tenants with enough labelled pairs to enter OPIS "
+            "(eligible), and those without (excluded).",
+            targets(("max by (status) (tcm_monitor_tenants)", "{{status}}")),
+        ),
+        w=3,
+        h=4,
+    )
+    lay.add(
+        timeseries(
+            "eps-OPIS across tenants: live vs reference",
+            "Squared gap between the best and worst tenants' utility curves.",
+            targets(
+                ("max(tcm_eps_opis)", "live"),
+                ('max(tcm_tenants_eps_opis_reference{bound="hi"})', "reference hi"),
+            ),
+            min_=0,
+        ),
+        w=6,
+    )
 
     lay.row("Per-tenant error rates vs target (NIST-style log ratios: 0 = on target)")
-    lay.add(timeseries(
-        "FAR / target FAR, log10 (feedback, 1h)",
-        "log10 of each tenant's false accept rate from feedback on 1:N decisions over the "
-        "model's target FAR. +1 = ten times the target. Above the dashed line (alert factor) "
-        "for 15m fires TCMTenantFARHigh.",
-        targets((f"tenant:tcm_far_over_target:log10_ratio_rate1h{T}", "{{tenant}}"),
-                ("log10(tcm_config:far_alert_factor)", "alert above")),
-        thresholds=[(0.0, "orange"), (1.0, "red")]))
-    lay.add(timeseries(
-        "FRR / calibration FRR, log10 (feedback, 1h)",
-        "log10 of each tenant's false reject rate from feedback over the FRR the model had at "
-        "tau on its calibration set.",
-        targets((f"tenant:tcm_frr_over_calibration:log10_ratio_rate1h{T}", "{{tenant}}")),
-        thresholds=[(0.0, "orange"), (1.0, "red")]))
-    lay.add(timeseries(
-        "FAR by tenant (feedback, 5m) vs target",
-        "False accepts / impostor decisions. A 1:N impostor pair is the best of N impostors, "
-        "so this rate grows with the gallery.",
-        targets((f"tenant:tcm_far:ratio_rate5m{T}", "{{tenant}}"),
-                ("max(tcm_model_target_far_ratio)", "target FAR")),
-        unit="percentunit", log=True))
-    lay.add(timeseries(
-        "FRR by tenant (feedback, 5m)",
-        "False rejects / genuine decisions.",
-        targets((f"tenant:tcm_frr:ratio_rate5m{T}", "{{tenant}}"),
-                ("max(tcm_model_calibration_frr_ratio)", "calibration FRR")),
-        unit="percentunit", log=True))
-    lay.add(timeseries(
-        "Pair FAR at tau / target, log10 (monitor window)",
-        "From all labelled pairs in the monitor's window (feedback and gallery pairs pooled).",
-        targets((f"tenant:tcm_tenant_far_over_target:log10_ratio{T}", "{{tenant}}")),
-        thresholds=[(0.0, "orange"), (1.0, "red")]), w=8)
-    lay.add(timeseries(
-        "Pair FRR at tau (monitor window)",
-        "Genuine pairs rejected at the global tau.",
-        targets((f"max by (tenant) (tcm_tenant_frr_ratio{TP})", "{{tenant}}"),
-                ("max(tcm_model_calibration_frr_ratio)", "calibration FRR")),
-        unit="percentunit"), w=8)
-    lay.add(timeseries(
-        "Utility at tau by tenant",
-        "F-beta of TPR and TNR at the global threshold (1 = perfect), feedback and gallery "
-        "pairs pooled.",
-        targets((f"max by (tenant) (tcm_tenant_utility_ratio{TP})", "{{tenant}}")),
-        unit="percentunit"), w=8)
+    lay.add(
+        timeseries(
+            "FAR / target FAR, log10 (feedback, 1h)",
+            "log10 of each tenant's false accept rate from feedback on 1:N decisions over the "
+            "model's target FAR. +1 = ten times the target. Above the dashed line (alert factor) "
+            "for 15m fires TCMTenantFARHigh.",
+            targets(
+                (f"tenant:tcm_far_over_target:log10_ratio_rate1h{T}", "{{tenant}}"),
+                ("log10(tcm_config:far_alert_factor)", "alert above"),
+            ),
+            thresholds=[(0.0, "orange"), (1.0, "red")],
+        )
+    )
+    lay.add(
+        timeseries(
+            "FRR / calibration FRR, log10 (feedback, 1h)",
+            "log10 of each tenant's false reject rate from feedback over the FRR the model had at "
+            "tau on its calibration set.",
+            targets((f"tenant:tcm_frr_over_calibration:log10_ratio_rate1h{T}", "{{tenant}}")),
+            thresholds=[(0.0, "orange"), (1.0, "red")],
+        )
+    )
+    lay.add(
+        timeseries(
+            "FAR by tenant (feedback, 5m) vs target",
+            "False accepts / impostor decisions. A 1:N impostor pair is the best of N impostors, "
+            "so this rate grows with the gallery.",
+            targets(
+                (f"tenant:tcm_far:ratio_rate5m{T}", "{{tenant}}"),
+                ("max(tcm_model_target_far_ratio)", "target FAR"),
+            ),
+            unit="percentunit",
+            log=True,
+        )
+    )
+    lay.add(
+        timeseries(
+            "FRR by tenant (feedback, 5m)",
+            "False rejects / genuine decisions.",
+            targets(
+                (f"tenant:tcm_frr:ratio_rate5m{T}", "{{tenant}}"),
+                ("max(tcm_model_calibration_frr_ratio)", "calibration FRR"),
+            ),
+            unit="percentunit",
+            log=True,
+        )
+    )
+    lay.add(
+        timeseries(
+            "Pair FAR at tau / target, log10 (monitor window)",
+            "From all labelled pairs in the monitor's window (feedback and gallery pairs pooled).",
+            targets((f"tenant:tcm_tenant_far_over_target:log10_ratio{T}", "{{tenant}}")),
+            thresholds=[(0.0, "orange"), (1.0, "red")],
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Pair FRR at tau (monitor window)",
+            "Genuine pairs rejected at the global tau.",
+            targets(
+                (f"max by (tenant) (tcm_tenant_frr_ratio{TP})", "{{tenant}}"),
+                ("max(tcm_model_calibration_frr_ratio)", "calibration FRR"),
+            ),
+            unit="percentunit",
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Utility at tau by tenant",
+            "F-beta of TPR and TNR at the global threshold (1 = perfect), feedback and gallery "
+            "pairs pooled.",
+            targets((f"max by (tenant) (tcm_tenant_utility_ratio{TP})", "{{tenant}}")),
+            unit="percentunit",
+        ),
+        w=8,
+    )
 
     lay.row("Scores (monitor window) and what-if threshold")
     src = '{tenant=~"$tenant",source=~"$source"}'
-    lay.add(heatmap(
-        "Impostor scores",
-        "Gauge histogram of impostor pair scores in the monitor's window (not a rate).",
-        f"sum by (le) (max by (le, tenant, source) (tcm_impostor_score_bucket{src}))"), w=8)
-    lay.add(heatmap(
-        "Genuine scores",
-        "Gauge histogram of genuine pair scores in the monitor's window.",
-        f"sum by (le) (max by (le, tenant, source) (tcm_genuine_score_bucket{src}))"), w=8)
-    lay.add(timeseries(
-        "Labelled pairs in the window",
-        "Pairs behind each tenant's numbers, by kind and source.",
-        targets((f"max by (tenant, kind, source) (tcm_tenant_pairs{T})",
-                 "{{tenant}} {{kind}} {{source}}"))), w=8)
-    lay.add(timeseries(
-        "What-if: FAR at threshold $threshold",
-        "Share of each tenant's impostor pairs scoring at or above the chosen threshold (it "
-        "opens at tau; the list is ordered by distance from tau, bucket bounds are dense "
-        "inside the calibration range).",
-        targets((
-            'max by (tenant) (1 - sum by (tenant, instance) (tcm_impostor_score_bucket'
-            '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
-            f'(tcm_impostor_score_gcount{T}))', "{{tenant}}"),
-            ("max(tcm_model_target_far_ratio)", "target FAR")),
-        unit="percentunit"))
-    lay.add(timeseries(
-        "What-if: FRR at threshold $threshold",
-        "Share of each tenant's genuine pairs scoring at or below the chosen threshold.",
-        targets((
-            'max by (tenant) (sum by (tenant, instance) (tcm_genuine_score_bucket'
-            '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
-            f'(tcm_genuine_score_gcount{T}))', "{{tenant}}")),
-        unit="percentunit"))
+    lay.add(
+        heatmap(
+            "Impostor scores",
+            "Gauge histogram of impostor pair scores in the monitor's window (not a rate).",
+            f"sum by (le) (max by (le, tenant, source) (tcm_impostor_score_bucket{src}))",
+        ),
+        w=8,
+    )
+    lay.add(
+        heatmap(
+            "Genuine scores",
+            "Gauge histogram of genuine pair scores in the monitor's window.",
+            f"sum by (le) (max by (le, tenant, source) (tcm_genuine_score_bucket{src}))",
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Labelled pairs in the window",
+            "Pairs behind each tenant's numbers, by kind and source.",
+            targets(
+                (
+                    f"max by (tenant, kind, source) (tcm_tenant_pairs{T})",
+                    "{{tenant}} {{kind}} {{source}}",
+                )
+            ),
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "What-if: FAR at threshold $threshold",
+            "Share of each tenant's impostor pairs scoring at or above the chosen threshold (it "
+            "opens at tau; the list is ordered by distance from tau, bucket bounds are dense "
+            "inside the calibration range).",
+            targets(
+                (
+                    "max by (tenant) (1 - sum by (tenant, instance) (tcm_impostor_score_bucket"
+                    '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
+                    f"(tcm_impostor_score_gcount{T}))",
+                    "{{tenant}}",
+                ),
+                ("max(tcm_model_target_far_ratio)", "target FAR"),
+            ),
+            unit="percentunit",
+        )
+    )
+    lay.add(
+        timeseries(
+            "What-if: FRR at threshold $threshold",
+            "Share of each tenant's genuine pairs scoring at or below the chosen threshold.",
+            targets(
+                (
+                    "max by (tenant) (sum by (tenant, instance) (tcm_genuine_score_bucket"
+                    '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
+                    f"(tcm_genuine_score_gcount{T}))",
+                    "{{tenant}}",
+                )
+            ),
+            unit="percentunit",
+        )
+    )
 
     lay.row("Serving")
     rate = "[$__rate_interval]"
-    lay.add(timeseries(
-        "Requests by route",
-        "Requests per second by route template and status.",
-        targets((f"sum by (route, status) (rate(tcm_http_request_duration_seconds_count{rate}))",
-                 "{{route}} {{status}}")), unit="reqps"), w=8)
-    lay.add(timeseries(
-        "Decisions and feedback",
-        "1:N match and 1:1 verify decisions, and feedback outcomes, per second.",
-        targets((f"sum by (decision) (rate(tcm_match_decisions_total{rate}))",
-                 "match {{decision}}"),
-                (f"sum by (decision) (rate(tcm_verify_decisions_total{rate}))",
-                 "verify {{decision}}"),
-                (f"sum by (outcome) (rate(tcm_decisions_total{rate}))",
-                 "feedback {{outcome}}")), unit="ops"), w=8)
-    lay.add(timeseries(
-        "Latency p50 / p99 by route",
-        "From the request duration histogram.",
-        targets((f"histogram_quantile(0.99, sum by (le, route) "
-                 f"(rate(tcm_http_request_duration_seconds_bucket{rate})))", "p99 {{route}}"),
-                (f"histogram_quantile(0.5, sum by (le, route) "
-                 f"(rate(tcm_http_request_duration_seconds_bucket{rate})))", "p50 {{route}}")),
-        unit="s"), w=8)
-    lay.add(timeseries(
-        "Embedding batch size",
-        "Images per forward pass of the dynamic batcher: mean and p90.",
-        targets((f"sum(rate(tcm_embed_batch_images_sum{rate})) / "
-                 f"sum(rate(tcm_embed_batch_images_count{rate}))", "mean"),
-                (f"histogram_quantile(0.9, sum by (le) (rate(tcm_embed_batch_images_bucket"
-                 f"{rate})))", "p90"))), w=8)
-    lay.add(timeseries(
-        "Embedding queue wait and forward pass p99",
-        "Time a request waits for its batch, and the batch's forward pass.",
-        targets((f"histogram_quantile(0.99, sum by (le) (rate(tcm_embed_queue_wait_seconds_bucket"
-                 f"{rate})))", "queue wait p99"),
-                (f"histogram_quantile(0.99, sum by (le) (rate(tcm_embed_forward_seconds_bucket"
-                 f"{rate})))", "forward p99"),
-                (f"histogram_quantile(0.99, sum by (le) (rate(tcm_index_search_seconds_bucket"
-                 f"{rate})))", "index search p99")), unit="s"), w=8)
-    lay.add(timeseries(
-        "Gallery items by tenant",
-        "Items indexed for the active model.",
-        targets((f"max by (tenant) (tcm_gallery_items{T})", "{{tenant}}"))), w=8)
-    lay.add(timeseries(
-        "Replicas up and store errors",
-        "Targets up, and requests per second answered 503 because the store was down.",
-        targets(('sum(up{job="tcm-service"})', "replicas up"),
-                (f"sum(rate(tcm_store_errors_total{rate}))", "store errors/s"))), w=8)
-    lay.add(timeseries(
-        "Monitor snapshot age and compute time",
-        "Seconds since the monitor's snapshot was computed, and its compute time (p90).",
-        targets(("time() - max(tcm_monitor_snapshot_timestamp_seconds)", "snapshot age"),
-                (f"histogram_quantile(0.9, sum by (le) "
-                 f"(rate(tcm_monitor_compute_duration_seconds_bucket{rate})))",
-                 "compute p90")), unit="s"), w=8)
-    lay.add(timeseries(
-        "Monitor runs",
-        "Monitor cycles per second: computed a snapshot, adopted a replica's, or failed.",
-        targets((f"sum by (result) (rate(tcm_monitor_runs_total{rate}))", "{{result}}")),
-        unit="ops"), w=8)
+    lay.add(
+        timeseries(
+            "Requests by route",
+            "Requests per second by route template and status.",
+            targets(
+                (
+                    f"sum by (route, status) (rate(tcm_http_request_duration_seconds_count{rate}))",
+                    "{{route}} {{status}}",
+                )
+            ),
+            unit="reqps",
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Decisions and feedback",
+            "1:N match and 1:1 verify decisions, and feedback outcomes, per second.",
+            targets(
+                (
+                    f"sum by (decision) (rate(tcm_match_decisions_total{rate}))",
+                    "match {{decision}}",
+                ),
+                (
+                    f"sum by (decision) (rate(tcm_verify_decisions_total{rate}))",
+                    "verify {{decision}}",
+                ),
+                (f"sum by (outcome) (rate(tcm_decisions_total{rate}))", "feedback {{outcome}}"),
+            ),
+            unit="ops",
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Latency p50 / p99 by route",
+            "From the request duration histogram.",
+            targets(
+                (
+                    f"histogram_quantile(0.99, sum by (le, route) "
+                    f"(rate(tcm_http_request_duration_seconds_bucket{rate})))",
+                    "p99 {{route}}",
+                ),
+                (
+                    f"histogram_quantile(0.5, sum by (le, route) "
+                    f"(rate(tcm_http_request_duration_seconds_bucket{rate})))",
+                    "p50 {{route}}",
+                ),
+            ),
+            unit="s",
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Embedding batch size",
+            "Images per forward pass of the dynamic batcher: mean and p90.",
+            targets(
+                (
+                    f"sum(rate(tcm_embed_batch_images_sum{rate})) / "
+                    f"sum(rate(tcm_embed_batch_images_count{rate}))",
+                    "mean",
+                ),
+                (
+                    f"histogram_quantile(0.9, sum by (le) (rate(tcm_embed_batch_images_bucket"
+                    f"{rate})))",
+                    "p90",
+                ),
+            ),
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Embedding queue wait and forward pass p99",
+            "Time a request waits for its batch, and the batch's forward pass.",
+            targets(
+                (
+                    "histogram_quantile(0.99, sum by (le) "
+                    f"(rate(tcm_embed_queue_wait_seconds_bucket{rate})))",
+                    "queue wait p99",
+                ),
+                (
+                    f"histogram_quantile(0.99, sum by (le) (rate(tcm_embed_forward_seconds_bucket"
+                    f"{rate})))",
+                    "forward p99",
+                ),
+                (
+                    f"histogram_quantile(0.99, sum by (le) (rate(tcm_index_search_seconds_bucket"
+                    f"{rate})))",
+                    "index search p99",
+                ),
+            ),
+            unit="s",
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Gallery items by tenant",
+            "Items indexed for the active model.",
+            targets((f"max by (tenant) (tcm_gallery_items{T})", "{{tenant}}")),
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Replicas up and store errors",
+            "Targets up, and requests per second answered 503 because the store was down.",
+            targets(
+                ('sum(up{job="tcm-service"})', "replicas up"),
+                (f"sum(rate(tcm_store_errors_total{rate}))", "store errors/s"),
+            ),
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Monitor snapshot age and compute time",
+            "Seconds since the monitor's snapshot was computed, and its compute time (p90).",
+            targets(
+                ("time() - max(tcm_monitor_snapshot_timestamp_seconds)", "snapshot age"),
+                (
+                    f"histogram_quantile(0.9, sum by (le) "
+                    f"(rate(tcm_monitor_compute_duration_seconds_bucket{rate})))",
+                    "compute p90",
+                ),
+            ),
+            unit="s",
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Monitor runs",
+            "Monitor cycles per second: computed a snapshot, adopted a replica's, or failed.",
+            targets((f"sum by (result) (rate(tcm_monitor_runs_total{rate}))", "{{result}}")),
+            unit="ops",
+        ),
+        w=8,
+    )
 
     variables = [
-        {"name": "datasource", "label": "Prometheus", "type": "datasource",
-         "query": "prometheus", "current": {"text": "Prometheus", "value": "prometheus"},
-         "hide": 0, "refresh": 1, "regex": "", "includeAll": False, "multi": False},
-        {"name": "tenant", "label": "tenant", "type": "query", "datasource": DATASOURCE,
-         "query": {"query": "label_values(tcm_decisions_total, tenant)", "refId": "tenant"},
-         "definition": "label_values(tcm_decisions_total, tenant)", "refresh": 2,
-         "includeAll": True, "multi": True, "allValue": ".*",
-         "current": {"text": "All", "value": "$__all"}, "sort": 1},
-        {"name": "source", "label": "pair source", "type": "custom",
-         "query": "feedback,gallery", "includeAll": True, "multi": True, "allValue": ".*",
-         "current": {"text": "All", "value": "$__all"},
-         "options": [{"text": "All", "value": "$__all", "selected": True},
-                     {"text": "feedback", "value": "feedback", "selected": False},
-                     {"text": "gallery", "value": "gallery", "selected": False}]},
+        {
+            "name": "datasource",
+            "label": "Prometheus",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {"text": "Prometheus", "value": "prometheus"},
+            "hide": 0,
+            "refresh": 1,
+            "regex": "",
+            "includeAll": False,
+            "multi": False,
+        },
+        {
+            "name": "tenant",
+            "label": "tenant",
+            "type": "query",
+            "datasource": DATASOURCE,
+            "query": {"query": "label_values(tcm_decisions_total, tenant)", "refId": "tenant"},
+            "definition": "label_values(tcm_decisions_total, tenant)",
+            "refresh": 2,
+            "includeAll": True,
+            "multi": True,
+            "allValue": ".*",
+            "current": {"text": "All", "value": "$__all"},
+            "sort": 1,
+        },
+        {
+            "name": "source",
+            "label": "pair source",
+            "type": "custom",
+            "query": "feedback,gallery",
+            "includeAll": True,
+            "multi": True,
+            "allValue": ".*",
+            "current": {"text": "All", "value": "$__all"},
+            "options": [
+                {"text": "All", "value": "$__all", "selected": True},
+                {"text": "feedback", "value": "feedback", "selected": False},
+                {"text": "gallery", "value": "gallery", "selected": False},
+            ],
+        },
         # the histogram's bounds ordered by distance from tau: tau comes first, so the what-if
         # opens at tau (a query variable whose saved value is not among its options selects
         # the first one; sort 0 keeps the query's order)
-        {"name": "threshold", "label": "what-if threshold", "type": "query",
-         "datasource": DATASOURCE,
-         "query": {"query": THRESHOLD_QUERY, "refId": "threshold"},
-         "definition": THRESHOLD_QUERY, "regex": '/le="([^"]+)"/', "refresh": 2,
-         "includeAll": False, "multi": False, "sort": 0, "current": {}},
+        {
+            "name": "threshold",
+            "label": "what-if threshold",
+            "type": "query",
+            "datasource": DATASOURCE,
+            "query": {"query": THRESHOLD_QUERY, "refId": "threshold"},
+            "definition": THRESHOLD_QUERY,
+            "regex": '/le="([^"]+)"/',
+            "refresh": 2,
+            "includeAll": False,
+            "multi": False,
+            "sort": 0,
+            "current": {},
+        },
     ]
     return {
         "uid": UID,
         "title": "Threshold-consistent retrieval",
         "description": "Live threshold consistency (OPIS, eps-OPIS vs baseline), per-tenant "
-                       "FAR/FRR vs target, score distributions, and serving health.",
+        "FAR/FRR vs target, score distributions, and serving health.",
         "tags": ["tcm", "retrieval", "slo"],
         "timezone": "utc",
         "editable": True,
@@ -396,11 +758,20 @@ def build() -> dict[str, Any]:
         "version": 1,
         "time": {"from": "now-24h", "to": "now"},
         "templating": {"list": variables},
-        "annotations": {"list": [
-            {"name": "Annotations & Alerts", "type": "dashboard", "builtIn": 1, "enable": True,
-             "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
-             "datasource": {"type": "grafana", "uid": "-- Grafana --"}},
-            *ANNOTATIONS]},
+        "annotations": {
+            "list": [
+                {
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                    "builtIn": 1,
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                },
+                *ANNOTATIONS,
+            ]
+        },
         "panels": lay.panels,
     }
 

@@ -64,13 +64,11 @@ def render(rules_dir: Path = RULES) -> str:
         "kind": "PrometheusRule",
         "metadata": {
             "name": "tcm",
-            "labels": {"app.kubernetes.io/name": "tcm", "prometheus": "k8s",
-                       "role": "alert-rules"},
+            "labels": {"app.kubernetes.io/name": "tcm", "prometheus": "k8s", "role": "alert-rules"},
         },
         "spec": {"groups": rule_groups(rules_dir)},
     }
-    return HEADER + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=4096,
-                              allow_unicode=True)
+    return HEADER + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=4096, allow_unicode=True)
 
 
 def render_dashboard(path: Path = DASHBOARD) -> str:
@@ -83,8 +81,9 @@ def render_dashboard(path: Path = DASHBOARD) -> str:
         },
         "data": {"tcm.json": path.read_text()},
     }
-    return DASHBOARD_HEADER + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=4096,
-                                        allow_unicode=True)
+    return DASHBOARD_HEADER + yaml.dump(
+        doc, Dumper=_Dumper, sort_keys=False, width=4096, allow_unicode=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = [p for p, text in outputs if not p.is_file() or p.read_text() != text]
         for p in stale:
-            print(f"{p} is out of date: run python deploy/k8s/{Path(__file__).name}",
-                  file=sys.stderr)
+            print(
+                f"{p} is out of date: run python deploy/k8s/{Path(__file__).name}", file=sys.stderr
+            )
         return 1 if stale else 0
     for p, text in outputs:
         p.parent.mkdir(parents=True, exist_ok=True)

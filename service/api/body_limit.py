@@ -35,8 +35,11 @@ class BodySizeLimitMiddleware:
         declared = _content_length(scope)
         if declared is not None and (declared < 0 or declared > limit):
             status = 413 if declared > limit else 400
-            message = (BodyTooLarge(limit).detail if status == 413
-                       else "Content-Length must be a non-negative integer")
+            message = (
+                BodyTooLarge(limit).detail
+                if status == 413
+                else "Content-Length must be a non-negative integer"
+            )
             code = "payload_too_large" if status == 413 else "bad_request"
             await _send_error(send, status, code, message)
             return
@@ -79,8 +82,15 @@ def _content_length(scope: Scope) -> int | None:
 
 async def _send_error(send: Send, status: int, code: str, message: str) -> None:
     body = json.dumps(error_body(code, message)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -31,13 +31,19 @@ from service.ids import IdPath as IdPath  # every id a path carries: the one id 
 from service.runtime.runtime import Runtime
 
 admin_bearer = HTTPBearer(
-    scheme_name="adminToken", auto_error=False, bearerFormat="opaque",
+    scheme_name="adminToken",
+    auto_error=False,
+    bearerFormat="opaque",
     description="the admin token (TCM_ADMIN_TOKEN, or the one tcm-serve prints at start-up): "
-                "tenants, keys, the model registry, the whole monitor")
+    "tenants, keys, the model registry, the whole monitor",
+)
 tenant_bearer = HTTPBearer(
-    scheme_name="tenantKey", auto_error=False, bearerFormat="tcm_<key_id>_<secret>",
+    scheme_name="tenantKey",
+    auto_error=False,
+    bearerFormat="tcm_<key_id>_<secret>",
     description="a tenant API key (POST /v1/tenants issues the first): that tenant's gallery, "
-                "matches and feedback only")
+    "matches and feedback only",
+)
 
 Credentials = HTTPAuthorizationCredentials | None
 
@@ -55,8 +61,9 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 def token_of(credentials: Credentials) -> str:
     token = credentials.credentials.strip() if credentials is not None else ""
     if not token:
-        raise AuthenticationError("send the API key as 'Authorization: Bearer <key>'",
-                                  code="missing_token")
+        raise AuthenticationError(
+            "send the API key as 'Authorization: Bearer <key>'", code="missing_token"
+        )
     return token
 
 
@@ -75,8 +82,11 @@ async def authenticate_tenant(request: Request, runtime: Runtime, token: str) ->
     return tid
 
 
-async def tenant_id(request: Request, runtime: RuntimeDep,
-                    credentials: Annotated[Credentials, Security(tenant_bearer)]) -> str:
+async def tenant_id(
+    request: Request,
+    runtime: RuntimeDep,
+    credentials: Annotated[Credentials, Security(tenant_bearer)],
+) -> str:
     tid = await authenticate_tenant(request, runtime, token_of(credentials))
     await runtime.sync.ensure_loaded()
     return tid
@@ -90,13 +100,16 @@ def is_admin(runtime: Runtime, token: str) -> bool:
 def check_admin(runtime: Runtime, token: str) -> None:
     if not is_admin(runtime, token):
         raise AuthenticationError(
-            "this endpoint needs the admin token" if runtime.settings.admin_token is not None
+            "this endpoint needs the admin token"
+            if runtime.settings.admin_token is not None
             else "the admin API is disabled: no admin token is configured",
-            code="invalid_admin_token")
+            code="invalid_admin_token",
+        )
 
 
-async def require_admin(runtime: RuntimeDep,
-                        credentials: Annotated[Credentials, Security(admin_bearer)]) -> None:
+async def require_admin(
+    runtime: RuntimeDep, credentials: Annotated[Credentials, Security(admin_bearer)]
+) -> None:
     check_admin(runtime, token_of(credentials))
 
 

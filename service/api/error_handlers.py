@@ -46,10 +46,20 @@ STATUS: dict[type[ServiceError], int] = {
     RateLimitedError: 429,
 }
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-               413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_input",
-               429: "too_many_requests", 503: "unavailable"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "too_many_requests",
+    503: "unavailable",
+}
 
 
 def status_of(exc: ServiceError) -> int:
@@ -59,8 +69,9 @@ def status_of(exc: ServiceError) -> int:
     return 500
 
 
-def _response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-              ) -> JSONResponse:
+def _response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)
 
 
@@ -96,10 +107,12 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = _clean_validation_errors(exc.errors())
     if any(e["type"] == "json_invalid" for e in errors):
-        return _response(400, error_body("malformed_json", "the request body is not valid JSON",
-                                         errors))
-    return _response(422, error_body("invalid_input", "the request does not match the schema",
-                                     errors))
+        return _response(
+            400, error_body("malformed_json", "the request body is not valid JSON", errors)
+        )
+    return _response(
+        422, error_body("invalid_input", "the request does not match the schema", errors)
+    )
 
 
 def allowed_methods(request: Request) -> list[str]:
@@ -107,15 +120,18 @@ def allowed_methods(request: Request) -> list[str]:
     (Starlette's own 405 names only the first route that matched the path, so a path with GET
     and DELETE routes answered ``Allow: GET``). A literal path (``/v1/gallery/upload``) is
     answered with its own methods, not those of a template it also fits."""
-    paths: dict[str, set[str]] = {p: {m.upper() for m in ops}
-                                  for p, ops in request.app.openapi().get("paths", {}).items()}
+    paths: dict[str, set[str]] = {
+        p: {m.upper() for m in ops} for p, ops in request.app.openapi().get("paths", {}).items()
+    }
     path = request.url.path
     if path in paths:
         return sorted(paths[path])
     patterns = getattr(request.app.state, "path_methods", None)
     if patterns is None:
-        patterns = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(p)) + "$"),
-                     ops) for p, ops in paths.items()]
+        patterns = [
+            (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(p)) + "$"), ops)
+            for p, ops in paths.items()
+        ]
         request.app.state.path_methods = patterns
     methods: set[str] = set()
     for pattern, ops in patterns:

@@ -88,15 +88,28 @@ class RequestIdMiddleware:
         raw = scope.get("raw_path")
         path = raw.decode("latin-1") if isinstance(raw, bytes) else scope.get("path", "")
         fields = {
-            "event": "request", "request_id": rid, "method": method, "route": route,
+            "event": "request",
+            "request_id": rid,
+            "method": method,
+            "route": route,
             # as sent, but never a pasted secret: the raw target is not logged anywhere
-            "path": redact_target(path, scope.get("query_string", b"").decode("latin-1"),
-                                  self.redact),
-            "status": status, "duration_ms": duration_ms,
+            "path": redact_target(
+                path, scope.get("query_string", b"").decode("latin-1"), self.redact
+            ),
+            "status": status,
+            "duration_ms": duration_ms,
         }
         # the message (for other formatters than tcm-serve's) names the route template only
-        log.info("request_id=%s %s %s -> %d in %.1f ms%s", rid, method, route, status,
-                 duration_ms, f" {note}" if note else "", extra={"fields": fields})
+        log.info(
+            "request_id=%s %s %s -> %d in %.1f ms%s",
+            rid,
+            method,
+            route,
+            status,
+            duration_ms,
+            f" {note}" if note else "",
+            extra={"fields": fields},
+        )
 
 
 async def _refuse(send: Send, rid: str) -> None:

@@ -60,31 +60,58 @@ def _json_int(v: Any) -> Any:
 JsonInt = Annotated[int, BeforeValidator(_json_int)]
 # a vector needs one non-zero component (the zero vector has no direction): JSON Schema says so
 # with "contains"; the dimension is the served model's (x-limit)
-Embedding = Annotated[list[FiniteFloat], Field(
-    min_length=1, max_length=MAX_DIM, description="the model's embedding: embedding_dim finite "
-    "numbers, not all zero (normalised by the service)",
-    json_schema_extra={"contains": {"type": "number", "not": {"const": 0}},
-                       "x-limit": "embedding_dim"})]
+Embedding = Annotated[
+    list[FiniteFloat],
+    Field(
+        min_length=1,
+        max_length=MAX_DIM,
+        description="the model's embedding: embedding_dim finite "
+        "numbers, not all zero (normalised by the service)",
+        json_schema_extra={
+            "contains": {"type": "number", "not": {"const": 0}},
+            "x-limit": "embedding_dim",
+        },
+    ),
+]
 # exactly what ``service.engine.images.decode_base64`` accepts: standard base64 with its
 # padding, not
 # empty, optionally behind a data: URL prefix
-BASE64_PATTERN = (r"^(data:[^,]*,)?([A-Za-z0-9+/]{4})*"
-                  r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$")
-Base64Image = Annotated[str, StringConstraints(pattern=BASE64_PATTERN), Field(
-    description="an image file (PNG, JPEG, BMP, GIF, WEBP, TIFF, PPM) in standard base64, "
-    "optionally as a data: URL", json_schema_extra={"format": "byte",
-                                                    "contentEncoding": "base64",
-                                                    "contentMediaType": "image/*"})]
+BASE64_PATTERN = (
+    r"^(data:[^,]*,)?([A-Za-z0-9+/]{4})*"
+    r"([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$"
+)
+Base64Image = Annotated[
+    str,
+    StringConstraints(pattern=BASE64_PATTERN),
+    Field(
+        description="an image file (PNG, JPEG, BMP, GIF, WEBP, TIFF, PPM) in standard base64, "
+        "optionally as a data: URL",
+        json_schema_extra={
+            "format": "byte",
+            "contentEncoding": "base64",
+            "contentMediaType": "image/*",
+        },
+    ),
+]
 MAX_B64_DIM = 8192  # base64 embeddings: ample for real models, and a small schema bound
 # an embedding as base64 of little-endian float32: 4/3 byte per byte instead of ~20 for JSON
 # text, and no float parsing; its length and values are checked against the model's dimension
-Base64Embedding = Annotated[str, StringConstraints(
-    max_length=(MAX_B64_DIM * 4 + 2) // 3 * 4,
-    pattern=r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$"),
-    Field(description="the embedding as little-endian float32 (4 bytes per dimension) in "
-          "standard base64: embedding_dim finite numbers, not all zero",
-          json_schema_extra={"format": "float32-base64", "contentEncoding": "base64",
-                             "x-limit": "embedding_b64_chars"})]
+Base64Embedding = Annotated[
+    str,
+    StringConstraints(
+        max_length=(MAX_B64_DIM * 4 + 2) // 3 * 4,
+        pattern=r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$",
+    ),
+    Field(
+        description="the embedding as little-endian float32 (4 bytes per dimension) in "
+        "standard base64: embedding_dim finite numbers, not all zero",
+        json_schema_extra={
+            "format": "float32-base64",
+            "contentEncoding": "base64",
+            "x-limit": "embedding_b64_chars",
+        },
+    ),
+]
 
 
 def _at_most(n: int) -> str:
@@ -120,14 +147,20 @@ def _float64_int(v: int) -> int:
 
 
 FilterInt = Annotated[int, AfterValidator(_float64_int)]
-FilterValue = (Annotated[str, StringConstraints(max_length=1024)] | FiniteFloat | FilterInt | bool
-               | None)
-MetadataFilter = Annotated[dict[Annotated[str, StringConstraints(min_length=1, max_length=256)],
-                                FilterValue],
-                           Field(max_length=MAX_FILTER_KEYS, description=(
-                               "only gallery items whose metadata has each of these top-level "
-                               "keys with exactly this value (applied inside the index "
-                               "search: k results still come back when k items match)"))]
+FilterValue = (
+    Annotated[str, StringConstraints(max_length=1024)] | FiniteFloat | FilterInt | bool | None
+)
+MetadataFilter = Annotated[
+    dict[Annotated[str, StringConstraints(min_length=1, max_length=256)], FilterValue],
+    Field(
+        max_length=MAX_FILTER_KEYS,
+        description=(
+            "only gallery items whose metadata has each of these top-level "
+            "keys with exactly this value (applied inside the index "
+            "search: k results still come back when k items match)"
+        ),
+    ),
+]
 
 
 def _exact_one_of(schema: dict[str, Any], cls: type[BaseModel]) -> None:
@@ -158,8 +191,9 @@ class Request(BaseModel):
         if isinstance(data, dict):
             nulls = [f for f in cls.one_of if f in data and data[f] is None]
             if nulls:
-                raise ValueError(f"{', '.join(nulls)} must not be null: leave out what you do "
-                                 "not give")
+                raise ValueError(
+                    f"{', '.join(nulls)} must not be null: leave out what you do not give"
+                )
         return data
 
     @model_validator(mode="after")
@@ -184,14 +218,18 @@ class ErrorBody(BaseModel):
 
 
 ERROR_TEXT: dict[int, str] = {
-    400: "malformed JSON, or an invalid X-Request-ID", 401: "missing or invalid API key",
-    404: "no such resource (or another tenant's)", 409: "conflict",
-    413: "request body too large", 422: "invalid input",
+    400: "malformed JSON, or an invalid X-Request-ID",
+    401: "missing or invalid API key",
+    404: "no such resource (or another tenant's)",
+    409: "conflict",
+    413: "request body too large",
+    422: "invalid input",
     429: "rate limit exceeded (see Retry-After)",
     503: "store unavailable or service starting (see Retry-After)",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": text} for status, text in ERROR_TEXT.items()}
+    status: {"model": ErrorBody, "description": text} for status, text in ERROR_TEXT.items()
+}
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -238,8 +276,10 @@ class TenantList(BaseModel):
 
 class KeyIssue(Request):
     revoke_existing: bool = Field(
-        False, description="revoke the tenant's other keys at once (e.g. after a leak); "
-                           "by default they stay valid until revoked, for zero-downtime rotation")
+        False,
+        description="revoke the tenant's other keys at once (e.g. after a leak); "
+        "by default they stay valid until revoked, for zero-downtime rotation",
+    )
 
 
 class KeyIssued(BaseModel):
@@ -271,9 +311,11 @@ class ItemBody(Request):
     embedding_b64: Base64Embedding | None = None
     image: Base64Image | None = None
     metadata: dict[str, Any] = Field(
-        default_factory=dict, description=f"a JSON object, at most {MAX_METADATA_BYTES} bytes "
+        default_factory=dict,
+        description=f"a JSON object, at most {MAX_METADATA_BYTES} bytes "
         f"of JSON, {MAX_METADATA_DEPTH} levels deep and {MAX_METADATA_KEYS} top-level keys; its "
-        "numbers are finite float64 values")
+        "numbers are finite float64 values",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -283,12 +325,12 @@ class ItemBody(Request):
         except ValueError as exc:
             raise ValueError(f"metadata must be plain JSON: {exc}") from exc
         if size > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is {size} bytes of JSON, the limit is "
-                             f"{MAX_METADATA_BYTES}")
+            raise ValueError(f"metadata is {size} bytes of JSON, the limit is {MAX_METADATA_BYTES}")
         depth = json_depth(v)
         if depth > MAX_METADATA_DEPTH:
-            raise ValueError(f"metadata nests {depth} levels deep, the limit is "
-                             f"{MAX_METADATA_DEPTH}")
+            raise ValueError(
+                f"metadata nests {depth} levels deep, the limit is {MAX_METADATA_DEPTH}"
+            )
         problem = domain_problem(v)
         if problem is not None:
             raise ValueError(problem)
@@ -301,8 +343,10 @@ class EnrolItem(ItemBody):
 
 class EnrolRequest(Request):
     items: list[EnrolItem] = Field(
-        min_length=1, description="at most max_enrol_items, of which at most max_batch_items "
-        "images", json_schema_extra={"x-limit": "max_enrol_items"})
+        min_length=1,
+        description="at most max_enrol_items, of which at most max_batch_items images",
+        json_schema_extra={"x-limit": "max_enrol_items"},
+    )
 
 
 class PutItem(ItemBody):
@@ -319,8 +363,9 @@ class FaceOut(BaseModel):
 
     where: str = Field(description="which image of the request, e.g. items[0].image")
     box: list[int] = Field(description="left, top, right, bottom in the image's pixels")
-    detected: bool = Field(description="false: no face was found and the model's whole-image "
-                                       "fallback was used")
+    detected: bool = Field(
+        description="false: no face was found and the model's whole-image fallback was used"
+    )
     faces_found: int = Field(description="faces detected; the largest one is used")
 
 
@@ -369,8 +414,12 @@ class MatchRequest(Request):
     one_of = ("embedding", "image")
     embedding: Embedding | None = None
     image: Base64Image | None = None
-    k: JsonInt = Field(5, ge=1, description="candidates to return, 1..max_k",
-                   json_schema_extra={"x-limit": "max_k"})
+    k: JsonInt = Field(
+        5,
+        ge=1,
+        description="candidates to return, 1..max_k",
+        json_schema_extra={"x-limit": "max_k"},
+    )
     filter: MetadataFilter | None = None
 
 
@@ -400,10 +449,21 @@ class MatchQuery(Request):
     holds many queries, so each one's schema bound is kept small)."""
 
     one_of = ("embedding", "embedding_b64", "image")
-    embedding: Annotated[list[FiniteFloat], Field(
-        min_length=1, max_length=MAX_B64_DIM, description="the model's embedding",
-        json_schema_extra={"contains": {"type": "number", "not": {"const": 0}},
-                           "x-limit": "embedding_dim"})] | None = None
+    embedding: (
+        Annotated[
+            list[FiniteFloat],
+            Field(
+                min_length=1,
+                max_length=MAX_B64_DIM,
+                description="the model's embedding",
+                json_schema_extra={
+                    "contains": {"type": "number", "not": {"const": 0}},
+                    "x-limit": "embedding_dim",
+                },
+            ),
+        ]
+        | None
+    ) = None
     embedding_b64: Base64Embedding | None = None
     image: Base64Image | None = None
 
@@ -412,10 +472,17 @@ class MatchBatchRequest(Request):
     """Several queries in one request: one index search for all, a match record (and
     ``match_id``) per query."""
 
-    queries: list[MatchQuery] = Field(min_length=1, description="at most max_batch_items",
-                                      json_schema_extra={"x-limit": "max_batch_items"})
-    k: JsonInt = Field(5, ge=1, description="candidates to return per query, 1..max_k",
-                       json_schema_extra={"x-limit": "max_k"})
+    queries: list[MatchQuery] = Field(
+        min_length=1,
+        description="at most max_batch_items",
+        json_schema_extra={"x-limit": "max_batch_items"},
+    )
+    k: JsonInt = Field(
+        5,
+        ge=1,
+        description="candidates to return per query, 1..max_k",
+        json_schema_extra={"x-limit": "max_k"},
+    )
 
 
 class MatchBatchResponse(BaseModel):
@@ -428,15 +495,20 @@ class VerifyInput(Request):
     embedding: Embedding | None = None
     item_id: Name | None = None
     subject: Name | None = Field(
-        None, description="a subject stands for its best-matching enrolled item (max score)")
+        None, description="a subject stands for its best-matching enrolled item (max score)"
+    )
 
 
 class VerifyRequest(Request):
     a: VerifyInput
     b: VerifyInput
-    filter: MetadataFilter | None = Field(None, description=(
-        "gallery inputs (item_id, subject) count only items whose metadata matches (exact "
-        "match of each key); an item that does not is answered like one that does not exist"))
+    filter: MetadataFilter | None = Field(
+        None,
+        description=(
+            "gallery inputs (item_id, subject) count only items whose metadata matches (exact "
+            "match of each key); an item that does not is answered like one that does not exist"
+        ),
+    )
 
 
 class VerifyResponse(BaseModel):
@@ -448,8 +520,9 @@ class VerifyResponse(BaseModel):
 
 
 class EmbedRequest(Request):
-    images: list[Base64Image] = Field(min_length=1,
-                                      json_schema_extra={"x-limit": "max_batch_items"})
+    images: list[Base64Image] = Field(
+        min_length=1, json_schema_extra={"x-limit": "max_batch_items"}
+    )
 
 
 class EmbedResponse(BaseModel):
@@ -460,8 +533,10 @@ class EmbedResponse(BaseModel):
 
 # --- feedback --------------------------------------------------------------------------------
 def _feedback_schema(schema: dict[str, Any]) -> None:
-    schema["oneOf"] = [{"required": ["match_id", "true_subject"]},
-                       {"required": ["match_id", "correct"]}]
+    schema["oneOf"] = [
+        {"required": ["match_id", "true_subject"]},
+        {"required": ["match_id", "correct"]},
+    ]
     correct = schema["properties"]["correct"]
     correct.pop("anyOf", None)
     correct.pop("default", None)
@@ -489,8 +564,10 @@ class FeedbackRequest(BaseModel):
         has_subject = "true_subject" in self.model_fields_set
         has_correct = self.correct is not None
         if has_subject == has_correct:
-            raise ValueError("give exactly one of true_subject (a subject, or null when the "
-                             "query's subject is not enrolled) or correct (true/false)")
+            raise ValueError(
+                "give exactly one of true_subject (a subject, or null when the "
+                "query's subject is not enrolled) or correct (true/false)"
+            )
         return self
 
 
@@ -550,8 +627,9 @@ class Activation(BaseModel):
 
 
 class ModelStage(Request):
-    path: str = Field(min_length=1, max_length=4096,
-                      description="artefact directory on the service's filesystem")
+    path: str = Field(
+        min_length=1, max_length=4096, description="artefact directory on the service's filesystem"
+    )
 
 
 class ModelVersionOut(BaseModel):
@@ -594,7 +672,8 @@ class HistoryEntry(BaseModel):
     skipped: dict[str, int] = Field(
         default_factory=dict,
         description="per tenant: items left out of the index (no embedding for this model, "
-                    "no image)")
+        "no image)",
+    )
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 

@@ -69,9 +69,17 @@ class Enrolled:
 
 
 class Gallery:
-    def __init__(self, *, store: Store, slot: ServingSlot, sync: IndexSync,
-                 max_batch_items: int, max_list_limit: int,
-                 max_enrol_items: int | None = None, idempotency_ttl_s: float = 86400.0) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        slot: ServingSlot,
+        sync: IndexSync,
+        max_batch_items: int,
+        max_list_limit: int,
+        max_enrol_items: int | None = None,
+        idempotency_ttl_s: float = 86400.0,
+    ) -> None:
         self.store = store
         self.slot = slot
         self.sync = sync
@@ -80,9 +88,14 @@ class Gallery:
         self.max_list_limit = max_list_limit
         self.idempotency_ttl_s = idempotency_ttl_s
 
-    async def enrol(self, tenant_id: str, items: Sequence[NewItemContent],
-                    images: dict[int, bytes] | None = None, *,
-                    idempotency: IdempotencyKey | None = None) -> Enrolled:
+    async def enrol(
+        self,
+        tenant_id: str,
+        items: Sequence[NewItemContent],
+        images: dict[int, bytes] | None = None,
+        *,
+        idempotency: IdempotencyKey | None = None,
+    ) -> Enrolled:
         """All items or none. ``images`` optionally gives raw bytes (uploads) by position,
         in place of the base64 ``image`` field. With ``idempotency``, the key is recorded in
         the same atomic write as the items: a resend of the request (its answer lost, a 503
@@ -90,15 +103,15 @@ class Gallery:
         after the first send or races it; the same key with another request is a 422."""
         images = images or {}
         if idempotency is not None:
-            prior = await run_in_threadpool(lambda: self.store.get_idempotent(
-                tenant_id, idempotency.key, now=time.time()))
+            prior = await run_in_threadpool(
+                lambda: self.store.get_idempotent(tenant_id, idempotency.key, now=time.time())
+            )
             if prior is not None:
                 return _replay(prior, idempotency)
         self.check_enrol(items)
         async with self.slot.gate.shared():
             try:
-                ids = await self._enrol(self.slot.current, tenant_id, items, images,
-                                        idempotency)
+                ids = await self._enrol(self.slot.current, tenant_id, items, images, idempotency)
             except IdempotentReplay as replay:
                 assert idempotency is not None
                 return _replay(replay.record, idempotency)
@@ -111,24 +124,34 @@ class Gallery:
         request's items to the rate limit, so that such a request costs what any refused one
         does; :meth:`enrol` runs them too."""
         if len(items) > self.max_enrol_items:
-            raise InvalidInputError(f"{len(items)} items in one request, the limit is "
-                                    f"{self.max_enrol_items}", code="too_many_items",
-                                    detail={"max_enrol_items": self.max_enrol_items})
+            raise InvalidInputError(
+                f"{len(items)} items in one request, the limit is {self.max_enrol_items}",
+                code="too_many_items",
+                detail={"max_enrol_items": self.max_enrol_items},
+            )
         n_images = sum(it.image is not None for it in items)
         if n_images > self.max_batch_items:
-            raise InvalidInputError(f"{n_images} images in one request, the limit is "
-                                    f"{self.max_batch_items} (send embeddings for bulk imports)",
-                                    code="too_many_items",
-                                    detail={"max_batch_items": self.max_batch_items})
+            raise InvalidInputError(
+                f"{n_images} images in one request, the limit is "
+                f"{self.max_batch_items} (send embeddings for bulk imports)",
+                code="too_many_items",
+                detail={"max_batch_items": self.max_batch_items},
+            )
         counts = Counter(it.item_id for it in items if it.item_id is not None)
         dupes = sorted(i for i, n in counts.items() if n > 1)
         if dupes:
-            raise ConflictError("the request repeats item ids", code="duplicate_item_id",
-                                detail={"item_ids": dupes})
+            raise ConflictError(
+                "the request repeats item ids", code="duplicate_item_id", detail={"item_ids": dupes}
+            )
 
-    async def _enrol(self, serving: Serving, tenant_id: str, items: Sequence[NewItemContent],
-                     images: dict[int, bytes], idempotency: IdempotencyKey | None
-                     ) -> list[str]:
+    async def _enrol(
+        self,
+        serving: Serving,
+        tenant_id: str,
+        items: Sequence[NewItemContent],
+        images: dict[int, bytes],
+        idempotency: IdempotencyKey | None,
+    ) -> list[str]:
         vectors: list[np.ndarray | None] = [None] * len(items)
         to_embed: list[tuple[str, bytes | str]] = []
         positions: list[int] = []
@@ -137,7 +160,8 @@ class Gallery:
         if b64_rows:
             decoded = serving.resolver.embeddings_b64(
                 [items[i].embedding_b64 for i in b64_rows],  # type: ignore[misc]
-                [f"items[{i}].embedding_b64" for i in b64_rows])
+                [f"items[{i}].embedding_b64" for i in b64_rows],
+            )
             for i, v in zip(b64_rows, decoded, strict=True):
                 vectors[i] = v
         for i, it in enumerate(items):
@@ -155,28 +179,52 @@ class Gallery:
             for i, raw in zip(positions, decoded_bytes, strict=True):
                 raw_images[i] = raw
             embedded = await serving.resolver.images(
-                [(w, raw) for (w, _), raw in zip(to_embed, decoded_bytes, strict=True)])
+                [(w, raw) for (w, _), raw in zip(to_embed, decoded_bytes, strict=True)]
+            )
             for i, v in zip(positions, embedded, strict=True):
                 vectors[i] = v
         new_items = [
-            NewItem(item_id=it.item_id or uuid.uuid4().hex, subject=it.subject,
-                    embedding=vec, metadata=it.metadata, image=raw)
+            NewItem(
+                item_id=it.item_id or uuid.uuid4().hex,
+                subject=it.subject,
+                embedding=vec,
+                metadata=it.metadata,
+                image=raw,
+            )
             for it, vec, raw in zip(items, vectors, raw_images, strict=True)
             if vec is not None
         ]
         assert len(new_items) == len(items)
         now = time.time()
-        record = None if idempotency is None else Idempotent(
-            idempotency.key, idempotency.fingerprint,
-            json.dumps([n.item_id for n in new_items]), now + self.idempotency_ttl_s)
+        record = (
+            None
+            if idempotency is None
+            else Idempotent(
+                idempotency.key,
+                idempotency.fingerprint,
+                json.dumps([n.item_id for n in new_items]),
+                now + self.idempotency_ttl_s,
+            )
+        )
         async with self.sync.write_lock(tenant_id):
-            seqs = await run_in_threadpool(lambda: self.store.add_items(
-                tenant_id, new_items, model_version=serving.model_version,
-                created_at=now, idempotency=record))
+            seqs = await run_in_threadpool(
+                lambda: self.store.add_items(
+                    tenant_id,
+                    new_items,
+                    model_version=serving.model_version,
+                    created_at=now,
+                    idempotency=record,
+                )
+            )
             await self.sync.added(
-                serving, tenant_id, seqs, [n.item_id for n in new_items],
-                [n.subject for n in new_items], np.stack([n.embedding for n in new_items]),
-                [n.metadata for n in new_items])
+                serving,
+                tenant_id,
+                seqs,
+                [n.item_id for n in new_items],
+                [n.subject for n in new_items],
+                np.stack([n.embedding for n in new_items]),
+                [n.metadata for n in new_items],
+            )
         return [n.item_id for n in new_items]
 
     async def put(self, tenant_id: str, item_id: str, body: ItemContent) -> bool:
@@ -193,21 +241,36 @@ class Gallery:
                 assert body.image is not None
                 raw = (await run_in_threadpool(_raw_bytes, [("image", body.image)]))[0]
                 vector = (await serving.resolver.images([("image", raw)]))[0]
-            new = NewItem(item_id=item_id, subject=body.subject, embedding=vector,
-                          metadata=body.metadata, image=raw)
+            new = NewItem(
+                item_id=item_id,
+                subject=body.subject,
+                embedding=vector,
+                metadata=body.metadata,
+                image=raw,
+            )
             async with self.sync.write_lock(tenant_id):
-                seq, old = await run_in_threadpool(lambda: self.store.put_item(
-                    tenant_id, new, model_version=serving.model_version,
-                    created_at=time.time()))
+                seq, old = await run_in_threadpool(
+                    lambda: self.store.put_item(
+                        tenant_id, new, model_version=serving.model_version, created_at=time.time()
+                    )
+                )
                 if old is not None:
                     await self.sync.removed(serving, tenant_id, [old])
-                await self.sync.added(serving, tenant_id, [seq], [item_id], [body.subject],
-                                      vector[None], [body.metadata])
+                await self.sync.added(
+                    serving,
+                    tenant_id,
+                    [seq],
+                    [item_id],
+                    [body.subject],
+                    vector[None],
+                    [body.metadata],
+                )
         self.sync.publish_sizes()
         return old is None
 
-    async def subjects(self, tenant_id: str, *, cursor: str | None, limit: int
-                       ) -> tuple[list[tuple[str, int]], str | None]:
+    async def subjects(
+        self, tenant_id: str, *, cursor: str | None, limit: int
+    ) -> tuple[list[tuple[str, int]], str | None]:
         """A page of (subject, item count) in code-point order; the cursor is the last
         subject's UTF-8 in hex (any such text is a valid cursor)."""
         self._check_limit(limit)
@@ -216,32 +279,42 @@ class Gallery:
             try:
                 after = bytes.fromhex(cursor).decode("utf-8", errors="replace")
             except ValueError as exc:
-                raise InvalidInputError("cursor is not one this API returned",
-                                        code="invalid_cursor") from exc
-        rows = await run_in_threadpool(lambda: self.store.list_subjects(
-            tenant_id, after=after, limit=limit + 1))
+                raise InvalidInputError(
+                    "cursor is not one this API returned", code="invalid_cursor"
+                ) from exc
+        rows = await run_in_threadpool(
+            lambda: self.store.list_subjects(tenant_id, after=after, limit=limit + 1)
+        )
         page = rows[:limit]
         next_cursor = page[-1][0].encode().hex() if len(rows) > limit else None
         return page, next_cursor
 
     def _check_limit(self, limit: int) -> None:
         if not 1 <= limit <= self.max_list_limit:
-            raise InvalidInputError(f"limit must lie in 1..{self.max_list_limit}, got {limit}",
-                                    code="invalid_limit")
+            raise InvalidInputError(
+                f"limit must lie in 1..{self.max_list_limit}, got {limit}", code="invalid_limit"
+            )
 
     async def get(self, tenant_id: str, item_id: str) -> GalleryItem:
-        item = await run_in_threadpool(lambda: self.store.get_item(
-            tenant_id, item_id, model_version=self.slot.current.model_version))
+        item = await run_in_threadpool(
+            lambda: self.store.get_item(
+                tenant_id, item_id, model_version=self.slot.current.model_version
+            )
+        )
         if item is None:
             raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
         return item
 
-    async def list(self, tenant_id: str, *, subject: str | None, cursor: str | None,
-                   limit: int) -> tuple[list[GalleryItem], str | None]:
+    async def list(
+        self, tenant_id: str, *, subject: str | None, cursor: str | None, limit: int
+    ) -> tuple[list[GalleryItem], str | None]:
         self._check_limit(limit)
         after = 0 if cursor is None else parse_cursor(cursor)
-        rows = await run_in_threadpool(lambda: self.store.list_items(
-            tenant_id, subject=subject, after_seq=after, limit=limit + 1))
+        rows = await run_in_threadpool(
+            lambda: self.store.list_items(
+                tenant_id, subject=subject, after_seq=after, limit=limit + 1
+            )
+        )
         page = rows[:limit]
         next_cursor = str(page[-1].seq) if len(rows) > limit else None
         return page, next_cursor
@@ -258,8 +331,9 @@ class Gallery:
         async with self.sync.writing(tenant_id) as serving:
             seqs = await run_in_threadpool(self.store.delete_subject, tenant_id, subject)
             if not seqs:
-                raise NotFoundError(f"no gallery items for subject {subject!r}",
-                                    detail={"subject": subject})
+                raise NotFoundError(
+                    f"no gallery items for subject {subject!r}", detail={"subject": subject}
+                )
             await self.sync.removed(serving, tenant_id, seqs)
         self.sync.publish_sizes()
         return len(seqs)
@@ -274,8 +348,10 @@ def parse_cursor(cursor: str) -> int:
     (``str.isdigit`` also accepts ``"²"``, which ``int`` refuses) and within SQLite's 64-bit
     range (a larger one overflowed the query): anything else is a 422, never a 500."""
     if _CURSOR.fullmatch(cursor) is None or int(cursor) > MAX_CURSOR:
-        raise InvalidInputError("cursor is not one this API returned (use next_cursor from "
-                                "the previous page)", code="invalid_cursor")
+        raise InvalidInputError(
+            "cursor is not one this API returned (use next_cursor from the previous page)",
+            code="invalid_cursor",
+        )
     return int(cursor)
 
 
@@ -284,7 +360,9 @@ def _replay(prior: Idempotent, idempotency: IdempotencyKey) -> Enrolled:
         raise InvalidInputError(
             "this Idempotency-Key was used for another request: send a new key with each new "
             "request, and the same key only when resending that request",
-            code="idempotency_key_reused", detail={"idempotency_key": idempotency.key})
+            code="idempotency_key_reused",
+            detail={"idempotency_key": idempotency.key},
+        )
     return Enrolled(json.loads(prior.result), replayed=True)
 
 

@@ -54,8 +54,15 @@ FEED_ATTEMPTS = 3  # tries of one change-feed entry before it is skipped as pois
 
 
 class IndexSync:
-    def __init__(self, *, store: Store, slot: ServingSlot, metrics: ServiceMetrics,
-                 embed_chunk: int, max_image_pixels: int) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        slot: ServingSlot,
+        metrics: ServiceMetrics,
+        embed_chunk: int,
+        max_image_pixels: int,
+    ) -> None:
         self.store = store
         self.slot = slot
         self.metrics = metrics
@@ -88,11 +95,19 @@ class IndexSync:
         async with self.slot.gate.shared(), self._locks[tenant_id]:
             yield self.slot.current
 
-    async def added(self, serving: Serving, tenant_id: str, seqs: Sequence[int],
-                    item_ids: list[str], subjects: list[str], vectors: np.ndarray,
-                    metadata: Sequence[Mapping[str, Any]]) -> None:
-        await run_in_threadpool(serving.indexes.get(tenant_id).add, seqs, item_ids, subjects,
-                                vectors, metadata)
+    async def added(
+        self,
+        serving: Serving,
+        tenant_id: str,
+        seqs: Sequence[int],
+        item_ids: list[str],
+        subjects: list[str],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, Any]],
+    ) -> None:
+        await run_in_threadpool(
+            serving.indexes.get(tenant_id).add, seqs, item_ids, subjects, vectors, metadata
+        )
 
     async def removed(self, serving: Serving, tenant_id: str, seqs: Sequence[int]) -> None:
         await run_in_threadpool(serving.indexes.get(tenant_id).remove, list(seqs))
@@ -146,9 +161,12 @@ class IndexSync:
             except Exception:
                 # a stored value that cannot be indexed must not stop start-up for every
                 # tenant: this one keeps what its index held (empty at start-up) and is named
-                log.exception("tenant %s: its gallery could not be indexed and is left out of "
-                              "this rebuild (quarantined; fix or delete the item named above "
-                              "and restart)", tenant.tenant_id)
+                log.exception(
+                    "tenant %s: its gallery could not be indexed and is left out of "
+                    "this rebuild (quarantined; fix or delete the item named above "
+                    "and restart)",
+                    tenant.tenant_id,
+                )
                 self.quarantined_tenants.add(tenant.tenant_id)
                 self.metrics.quarantined.labels(stage="startup").inc()
                 continue
@@ -160,9 +178,16 @@ class IndexSync:
         self.feed_cursor = cursor
         sizes = serving.indexes.sizes()
         self.metrics.set_gallery_size(sizes)
-        log.info("indexes of %s rebuilt: %d tenants, %d items%s", serving.model_version,
-                 len(sizes), sum(sizes.values()), f", {self.skipped_items} items without an "
-                 "embedding for it and without an image were left out" if skipped else "")
+        log.info(
+            "indexes of %s rebuilt: %d tenants, %d items%s",
+            serving.model_version,
+            len(sizes),
+            sum(sizes.values()),
+            f", {self.skipped_items} items without an "
+            "embedding for it and without an image were left out"
+            if skipped
+            else "",
+        )
         return skipped
 
     def _rebuild_tenant(self, serving: Serving, tenant_id: str) -> None:
@@ -177,13 +202,20 @@ class IndexSync:
             if close is not None:
                 close()
 
-    async def backfill(self, serving: Serving, tenant_id: str,
-                       on_progress: Callable[[int, int], None] | None = None) -> int:
+    async def backfill(
+        self,
+        serving: Serving,
+        tenant_id: str,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> int:
         """Embeds, with ``serving``'s model, the tenant's items stored with an image but without
         an embedding for it (enrolled under another model version), chunk by chunk, reporting
         ``on_progress(embedded, skipped)`` after each. Returns how many had to be skipped."""
-        missing = await run_in_threadpool(lambda: self.store.items_without_embedding(
-            tenant_id, model_version=serving.model_version))
+        missing = await run_in_threadpool(
+            lambda: self.store.items_without_embedding(
+                tenant_id, model_version=serving.model_version
+            )
+        )
         if not missing:
             return 0
         with_image = [(iid, img) for iid, img in missing if img is not None]
@@ -191,25 +223,37 @@ class IndexSync:
         if on_progress is not None and skipped:
             on_progress(0, skipped)
         for start in range(0, len(with_image), self.embed_chunk):
-            embedded, bad = await self._embed_stored(serving, tenant_id,
-                                                     with_image[start:start + self.embed_chunk])
+            embedded, bad = await self._embed_stored(
+                serving, tenant_id, with_image[start : start + self.embed_chunk]
+            )
             skipped += bad
             if on_progress is not None:
                 on_progress(embedded, bad)
-        log.info("tenant %s: re-embedded %d stored images for model %s", tenant_id,
-                 len(with_image), serving.model_version)
+        log.info(
+            "tenant %s: re-embedded %d stored images for model %s",
+            tenant_id,
+            len(with_image),
+            serving.model_version,
+        )
         return skipped
 
-    async def _embed_stored(self, serving: Serving, tenant_id: str,
-                            images: Sequence[tuple[str, bytes]]) -> tuple[int, int]:
+    async def _embed_stored(
+        self, serving: Serving, tenant_id: str, images: Sequence[tuple[str, bytes]]
+    ) -> tuple[int, int]:
         """Decodes stored images (item id, bytes), embeds them with ``serving``'s model in one
         batch and stores the embeddings; returns (embedded, undecodable)."""
         arrays, ids = [], []
         for iid, img in images:
             try:
-                arrays.append(await run_in_threadpool(
-                    decode_for, serving.batcher.preparer, img,
-                    max_pixels=self.max_image_pixels, where=f"item {iid}"))
+                arrays.append(
+                    await run_in_threadpool(
+                        decode_for,
+                        serving.batcher.preparer,
+                        img,
+                        max_pixels=self.max_image_pixels,
+                        where=f"item {iid}",
+                    )
+                )
                 ids.append(iid)
             except InvalidInputError as exc:
                 log.warning("cannot re-embed stored image: %s", exc.message)
@@ -228,19 +272,25 @@ class IndexSync:
                         log.warning("cannot re-embed stored image: %s", exc.message)
                 ids = kept
             if ids:
-                await run_in_threadpool(lambda: self.store.put_embeddings(
-                    tenant_id, dict(zip(ids, vectors, strict=True)),
-                    model_version=serving.model_version))
+                await run_in_threadpool(
+                    lambda: self.store.put_embeddings(
+                        tenant_id,
+                        dict(zip(ids, vectors, strict=True)),
+                        model_version=serving.model_version,
+                    )
+                )
         return len(ids), len(images) - len(ids)
 
-    async def embed_items(self, serving: Serving, tenant_id: str, item_ids: Sequence[str]
-                          ) -> None:
+    async def embed_items(self, serving: Serving, tenant_id: str, item_ids: Sequence[str]) -> None:
         """Embeds the stored images of these items with ``serving``'s model (items without
         an image, or gone, are left as they are)."""
         images = []
         for iid in item_ids:
-            item = await run_in_threadpool(lambda i=iid: self.store.get_item(
-                tenant_id, i, model_version=serving.model_version, with_image=True))
+            item = await run_in_threadpool(
+                lambda i=iid: self.store.get_item(
+                    tenant_id, i, model_version=serving.model_version, with_image=True
+                )
+            )
             if item is not None and item.image is not None and item.embedding is None:
                 images.append((iid, item.image))
         if images:
@@ -250,8 +300,9 @@ class IndexSync:
     def start_follower(self) -> None:
         """Tails the change feed from ``feed_cursor`` (no-op without a feed, or if running)."""
         if self.feed_cursor is not None and self._follower is None:
-            self._follower = asyncio.create_task(self._follow_changes(),
-                                                 name="store-change-follower")
+            self._follower = asyncio.create_task(
+                self._follow_changes(), name="store-change-follower"
+            )
 
     async def stop_follower(self) -> None:
         if self._follower is not None:
@@ -269,13 +320,16 @@ class IndexSync:
                 assert self.feed_cursor is not None
                 cursor, changes = await anyio.to_thread.run_sync(
                     lambda c=self.feed_cursor: self.store.read_changes(c, block_ms=1000),
-                    abandon_on_cancel=True)
+                    abandon_on_cancel=True,
+                )
                 if any(change.op == "resync" for change in changes):
-                    log.warning("the change feed lost entries this replica had not read yet "
-                                "(it was cut off for longer than the feed's cap lasts), or the "
-                                "store went back in time (restored from an older snapshot, or "
-                                "failed over to a replica that lagged): rebuilding every index "
-                                "from the store")
+                    log.warning(
+                        "the change feed lost entries this replica had not read yet "
+                        "(it was cut off for longer than the feed's cap lasts), or the "
+                        "store went back in time (restored from an older snapshot, or "
+                        "failed over to a replica that lagged): rebuilding every index "
+                        "from the store"
+                    )
                     async with self.slot.gate.shared():
                         await self.rebuild_all(self.slot.current)
                     self.resyncs += 1
@@ -306,15 +360,25 @@ class IndexSync:
                 raise
             except Exception:
                 if attempt == FEED_ATTEMPTS:
-                    log.exception("change feed entry %s of tenant %s (items %s) failed %d "
-                                  "times: skipped (quarantined)", change.op, change.tenant_id,
-                                  list(change.item_ids[:10]), attempt)
+                    log.exception(
+                        "change feed entry %s of tenant %s (items %s) failed %d "
+                        "times: skipped (quarantined)",
+                        change.op,
+                        change.tenant_id,
+                        list(change.item_ids[:10]),
+                        attempt,
+                    )
                     self.metrics.quarantined.labels(stage="change_feed").inc()
                     self.changes_quarantined += 1
                     return
-                log.warning("applying change feed entry %s of tenant %s failed (attempt %d of "
-                            "%d)", change.op, change.tenant_id, attempt, FEED_ATTEMPTS,
-                            exc_info=True)
+                log.warning(
+                    "applying change feed entry %s of tenant %s failed (attempt %d of %d)",
+                    change.op,
+                    change.tenant_id,
+                    attempt,
+                    FEED_ATTEMPTS,
+                    exc_info=True,
+                )
                 await asyncio.sleep(0.1 * attempt)
 
     async def _apply(self, change: Change) -> None:
@@ -330,30 +394,37 @@ class IndexSync:
                 # after any write of this tenant in flight on this replica has reached the index,
                 # so that its own items are seen as held and not read back
                 async with self._locks[change.tenant_id]:
-                    await self._apply_add(serving, change.tenant_id, change.item_ids,
-                                          change.seqs)
+                    await self._apply_add(serving, change.tenant_id, change.item_ids, change.seqs)
             self.changes_applied += 1
             self.metrics.set_gallery_size(indexes.sizes())
 
-    async def _apply_add(self, serving: Serving, tenant_id: str, item_ids: Sequence[str],
-                         seqs: Sequence[int] = ()) -> None:
+    async def _apply_add(
+        self, serving: Serving, tenant_id: str, item_ids: Sequence[str], seqs: Sequence[int] = ()
+    ) -> None:
         version = serving.model_version
         if len(seqs) == len(item_ids):  # read back only what this replica's index lacks
             held = serving.indexes.get(tenant_id).held(seqs)
             item_ids = [i for i, h in zip(item_ids, held, strict=True) if not h]
             if not item_ids:
                 return
-        vectors = await run_in_threadpool(lambda: self.store.vectors_of_items(
-            tenant_id, item_ids, model_version=version))
+        vectors = await run_in_threadpool(
+            lambda: self.store.vectors_of_items(tenant_id, item_ids, model_version=version)
+        )
         if len(vectors) < len(item_ids):
             # enrolled by a replica still serving another model: embed the stored images
             have = set(vectors.item_ids)
             lacking = [i for i in item_ids if i not in have]
             await self.embed_items(serving, tenant_id, lacking)
-            vectors = await run_in_threadpool(lambda: self.store.vectors_of_items(
-                tenant_id, item_ids, model_version=version))
+            vectors = await run_in_threadpool(
+                lambda: self.store.vectors_of_items(tenant_id, item_ids, model_version=version)
+            )
         self.items_read_back += len(vectors)
         if len(vectors):
-            await run_in_threadpool(serving.indexes.get(tenant_id).add, vectors.seqs,
-                                    vectors.item_ids, vectors.subjects, vectors.vectors,
-                                    vectors.metadata)
+            await run_in_threadpool(
+                serving.indexes.get(tenant_id).add,
+                vectors.seqs,
+                vectors.item_ids,
+                vectors.subjects,
+                vectors.vectors,
+                vectors.metadata,
+            )

@@ -40,15 +40,22 @@ def as_unit_vector(values: Sequence[float] | np.ndarray, dim: int, *, where: str
     if v.shape[0] != dim:
         raise InvalidInputError(
             f"{where} has dimension {v.shape[0]}, the model's embeddings have {dim}",
-            code="invalid_embedding", detail={"where": where, "expected_dim": dim,
-                                              "got_dim": int(v.shape[0])})
+            code="invalid_embedding",
+            detail={"where": where, "expected_dim": dim, "got_dim": int(v.shape[0])},
+        )
     if not np.isfinite(v).all():
-        raise InvalidInputError(f"{where} contains NaN or infinite values",
-                                code="invalid_embedding", detail={"where": where})
+        raise InvalidInputError(
+            f"{where} contains NaN or infinite values",
+            code="invalid_embedding",
+            detail={"where": where},
+        )
     scale = np.abs(v).max() if v.size else 0.0
     if scale == 0.0:
-        raise InvalidInputError(f"{where} is the zero vector, which has no direction",
-                                code="invalid_embedding", detail={"where": where})
+        raise InvalidInputError(
+            f"{where} is the zero vector, which has no direction",
+            code="invalid_embedding",
+            detail={"where": where},
+        )
     v = v / scale  # avoids overflow of the norm for huge but finite values
     return (v / np.linalg.norm(v)).astype(np.float32)
 
@@ -59,20 +66,30 @@ def decode_float32(text: str, dim: int, *, where: str) -> np.ndarray:
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidInputError(f"{where} is not valid base64", code="invalid_embedding",
-                                detail={"where": where}) from None
+        raise InvalidInputError(
+            f"{where} is not valid base64", code="invalid_embedding", detail={"where": where}
+        ) from None
     if len(raw) != dim * 4:
         raise InvalidInputError(
             f"{where} decodes to {len(raw)} bytes; {dim} little-endian float32 values are "
-            f"{dim * 4} bytes", code="invalid_embedding",
-            detail={"where": where, "expected_bytes": dim * 4, "got_bytes": len(raw)})
+            f"{dim * 4} bytes",
+            code="invalid_embedding",
+            detail={"where": where, "expected_bytes": dim * 4, "got_bytes": len(raw)},
+        )
     return np.frombuffer(raw, dtype="<f4")
 
 
 class InputResolver:
-    def __init__(self, *, batcher: EmbeddingBatcher, store: Store, dim: int,
-                 max_image_pixels: int, model_version: str,
-                 max_request_pixels: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        batcher: EmbeddingBatcher,
+        store: Store,
+        dim: int,
+        max_image_pixels: int,
+        model_version: str,
+        max_request_pixels: int | None = None,
+    ) -> None:
         self.batcher = batcher
         self.store = store
         self.dim = dim
@@ -90,8 +107,9 @@ class InputResolver:
         """Many base64 embeddings at once (bulk enrolment): one vectorised check and
         normalisation (up to ~2x faster than row by row, docs/benchmarks.md); a bad row raises what
         :meth:`embedding_b64` raises for it, naming it."""
-        rows = np.stack([decode_float32(t, self.dim, where=w) for t, w in zip(
-            texts, wheres, strict=True)]).astype(np.float64)
+        rows = np.stack(
+            [decode_float32(t, self.dim, where=w) for t, w in zip(texts, wheres, strict=True)]
+        ).astype(np.float64)
         scale = np.abs(rows).max(axis=1) if len(rows) else np.zeros(0)
         bad = ~np.isfinite(rows).all(axis=1) | ~np.isfinite(scale) | (scale == 0.0)
         if bad.any():
@@ -109,18 +127,26 @@ class InputResolver:
             raise PayloadTooLargeError(
                 f"the request's {len(raws)} images have {total} pixels together, the limit is "
                 f"{self.max_request_pixels} per request (TCM_MAX_REQUEST_PIXELS); send fewer "
-                "or smaller images per request", code="too_many_pixels",
-                detail={"pixels": total, "max_request_pixels": self.max_request_pixels,
-                        "images": len(raws)})
+                "or smaller images per request",
+                code="too_many_pixels",
+                detail={
+                    "pixels": total,
+                    "max_request_pixels": self.max_request_pixels,
+                    "images": len(raws),
+                },
+            )
 
-    def prepare(self, images: Sequence[tuple[str, bytes | str]], found: Found | None = None
-                ) -> torch.Tensor:
+    def prepare(
+        self, images: Sequence[tuple[str, bytes | str]], found: Found | None = None
+    ) -> torch.Tensor:
         """(where, base64 text or raw bytes) pairs -> the model's input tensor, one image at a
         time (decode as the model's preparer needs it, prepare, drop the pixels); call in a
         worker thread. What the preparer found in each image (a face model: the face used) is
         appended to ``found``."""
-        raws = [(where, decode_base64(data, where=where) if isinstance(data, str) else data)
-                for where, data in images]
+        raws = [
+            (where, decode_base64(data, where=where) if isinstance(data, str) else data)
+            for where, data in images
+        ]
         self.check_pixels(raws)
         preparer = self.batcher.preparer
         tensors = []
@@ -142,30 +168,40 @@ class InputResolver:
         record_faces(found)
         return out
 
-    async def item_vector(self, tenant_id: str, item_id: str, *,
-                          accept: Callable[[Mapping[str, Any]], bool] | None = None
-                          ) -> np.ndarray:
+    async def item_vector(
+        self,
+        tenant_id: str,
+        item_id: str,
+        *,
+        accept: Callable[[Mapping[str, Any]], bool] | None = None,
+    ) -> np.ndarray:
         """``accept``: a test of the item's metadata; an item failing it is not found."""
-        item = await run_in_threadpool(self.store.get_item, tenant_id, item_id,
-                                       model_version=self.model_version)
+        item = await run_in_threadpool(
+            self.store.get_item, tenant_id, item_id, model_version=self.model_version
+        )
         if item is None or (accept is not None and not accept(item.metadata)):
             raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
         if item.embedding is None:
             raise ConflictError(
                 f"gallery item {item_id!r} has no embedding for model {self.model_version}",
-                code="not_embedded", detail={"item_id": item_id})
+                code="not_embedded",
+                detail={"item_id": item_id},
+            )
         return item.embedding.reshape(1, -1)
 
-    async def subject_vectors(self, tenant_id: str, subject: str, *,
-                              seqs: Collection[int] | None = None) -> np.ndarray:
+    async def subject_vectors(
+        self, tenant_id: str, subject: str, *, seqs: Collection[int] | None = None
+    ) -> np.ndarray:
         """The subject's vectors (only those of items in ``seqs`` when given)."""
-        vectors = await run_in_threadpool(self.store.gallery_vectors, tenant_id,
-                                          model_version=self.model_version, subject=subject)
+        vectors = await run_in_threadpool(
+            self.store.gallery_vectors, tenant_id, model_version=self.model_version, subject=subject
+        )
         rows = vectors.vectors
         if seqs is not None and len(vectors):
             keep = np.isin(vectors.seqs, np.fromiter(seqs, np.int64, len(seqs)))
             rows = rows[keep]
         if len(rows) == 0:
-            raise NotFoundError(f"no gallery items for subject {subject!r}",
-                                detail={"subject": subject})
+            raise NotFoundError(
+                f"no gallery items for subject {subject!r}", detail={"subject": subject}
+            )
         return rows

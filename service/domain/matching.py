@@ -32,9 +32,9 @@ from service.store import Feedback, MatchRecord, Store
 log = logging.getLogger(__name__)
 
 
-
-def label_decision(match: MatchRecord, *, true_subject: str | None, subject_given: bool,
-                   correct: bool | None) -> tuple[bool | None, Outcome]:
+def label_decision(
+    match: MatchRecord, *, true_subject: str | None, subject_given: bool, correct: bool | None
+) -> tuple[bool | None, Outcome]:
     """Ground truth for a match -> (genuine, outcome).
 
     ``genuine``: do the query and the best candidate share a subject (None without a candidate
@@ -44,15 +44,17 @@ def label_decision(match: MatchRecord, *, true_subject: str | None, subject_give
     wrong one is not; a reject that was correct is an impostor pair, a wrong one genuine.
     """
     if subject_given:
-        genuine = (match.top_subject is not None and true_subject is not None
-                   and true_subject == match.top_subject)
+        genuine = (
+            match.top_subject is not None
+            and true_subject is not None
+            and true_subject == match.top_subject
+        )
         known: bool | None = genuine if match.top_subject is not None else None
     else:
         assert correct is not None
         genuine = correct if match.accepted else not correct
         known = genuine if match.top_subject is not None else None
     return known, decision_outcome(accepted=match.accepted, genuine=genuine)
-
 
 
 class VerifyOperand(Protocol):
@@ -68,11 +70,21 @@ class VerifyOperand(Protocol):
     @property
     def subject(self) -> str | None: ...
 
+
 class Matcher:
-    def __init__(self, *, store: Store, indexes: IndexRegistry, resolver: InputResolver,
-                 metrics: ServiceMetrics, threshold: float, model_version: str,
-                 max_k: int, max_verify_pairs: int = 50_000_000,
-                 search: SearchBatcher | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        indexes: IndexRegistry,
+        resolver: InputResolver,
+        metrics: ServiceMetrics,
+        threshold: float,
+        model_version: str,
+        max_k: int,
+        max_verify_pairs: int = 50_000_000,
+        search: SearchBatcher | None = None,
+    ) -> None:
         self.store = store
         self.indexes = indexes
         self.search = search or SearchBatcher(indexes, max_batch=256)
@@ -88,28 +100,33 @@ class Matcher:
 
     def check_k(self, k: int) -> int:
         if not 1 <= k <= self.max_k:
-            raise InvalidInputError(f"k must lie in 1..{self.max_k}, got {k}", code="invalid_k",
-                                    detail={"k": k, "max_k": self.max_k})
+            raise InvalidInputError(
+                f"k must lie in 1..{self.max_k}, got {k}",
+                code="invalid_k",
+                detail={"k": k, "max_k": self.max_k},
+            )
         return k
 
-    async def match(self, tenant_id: str, query: np.ndarray, k: int,
-                    where: Mapping[str, Any] | None = None) -> tuple[MatchRecord, list[Hit]]:
+    async def match(
+        self, tenant_id: str, query: np.ndarray, k: int, where: Mapping[str, Any] | None = None
+    ) -> tuple[MatchRecord, list[Hit]]:
         """``where``: a metadata filter, applied inside the index search (the k best among the
         items that pass it); the decision is the usual one over those candidates."""
         ((record, hits),) = await self.match_many(tenant_id, query.reshape(1, -1), k, where)
         return record, hits
 
-    async def match_many(self, tenant_id: str, queries: np.ndarray, k: int,
-                         where: Mapping[str, Any] | None = None
-                         ) -> list[tuple[MatchRecord, list[Hit]]]:
+    async def match_many(
+        self, tenant_id: str, queries: np.ndarray, k: int, where: Mapping[str, Any] | None = None
+    ) -> list[tuple[MatchRecord, list[Hit]]]:
         """1:N match of each row: one (batched) index search, one store write for all records,
         a match id per query. Filtered searches (``where``) go to the index directly: each
         filter is its own search, so they do not join the batch."""
         self.check_k(k)
         started = time.perf_counter()
         if where:
-            all_hits = await run_in_threadpool(self.indexes.get(tenant_id).search, queries, k,
-                                               where)
+            all_hits = await run_in_threadpool(
+                self.indexes.get(tenant_id).search, queries, k, where
+            )
         else:
             all_hits = await self.search.search(tenant_id, queries, k)
         self.metrics.index_search_seconds.observe(time.perf_counter() - started)
@@ -119,22 +136,35 @@ class Matcher:
         label = self.metrics.tenant_label(tenant_id)
         for record in records:
             self.metrics.match_decisions.labels(
-                tenant=label, decision="accept" if record.accepted else "reject").inc()
+                tenant=label, decision="accept" if record.accepted else "reject"
+            ).inc()
         return list(zip(records, all_hits, strict=True))
 
     def _record(self, tenant_id: str, hits: list[Hit], now: float) -> MatchRecord:
         top = hits[0] if hits else None
         accepted = top is not None and self.accepts(top.score)
         return MatchRecord(
-            match_id=uuid.uuid4().hex, tenant_id=tenant_id, accepted=accepted,
+            match_id=uuid.uuid4().hex,
+            tenant_id=tenant_id,
+            accepted=accepted,
             subject=top.subject if accepted and top else None,
-            top_item_id=top.item_id if top else None, top_subject=top.subject if top else None,
-            score=top.score if top else None, threshold=self.threshold,
-            model_version=self.model_version, created_at=now)
+            top_item_id=top.item_id if top else None,
+            top_subject=top.subject if top else None,
+            score=top.score if top else None,
+            threshold=self.threshold,
+            model_version=self.model_version,
+            created_at=now,
+        )
 
-    async def vectors(self, tenant_id: str, inp: VerifyOperand, *, where: str,
-                      upload: bytes | None = None, filter: Mapping[str, Any] | None = None
-                      ) -> np.ndarray:
+    async def vectors(
+        self,
+        tenant_id: str,
+        inp: VerifyOperand,
+        *,
+        where: str,
+        upload: bytes | None = None,
+        filter: Mapping[str, Any] | None = None,
+    ) -> np.ndarray:
         """One verify input -> its vectors (several for a subject). ``filter`` restricts
         gallery inputs to items whose metadata passes it (others are as if absent)."""
         if upload is not None or inp.image is not None:
@@ -144,8 +174,10 @@ class Matcher:
             return self.resolver.embedding(inp.embedding, where=f"{where}.embedding")[None]
         if inp.item_id is not None:
             return await self.resolver.item_vector(
-                tenant_id, inp.item_id,
-                accept=None if not filter else (lambda meta: matches(meta, filter)))
+                tenant_id,
+                inp.item_id,
+                accept=None if not filter else (lambda meta: matches(meta, filter)),
+            )
         assert inp.subject is not None
         allowed = None
         if filter:
@@ -160,28 +192,44 @@ class Matcher:
             raise InvalidInputError(
                 f"verifying these inputs compares {len(a)} x {len(b)} = {pairs} pairs, the limit "
                 f"is {self.max_verify_pairs} (TCM_MAX_VERIFY_PAIRS); verify against one item or "
-                "an image instead of a whole subject", code="too_many_pairs",
-                detail={"pairs": pairs, "max_verify_pairs": self.max_verify_pairs})
+                "an image instead of a whole subject",
+                code="too_many_pairs",
+                detail={"pairs": pairs, "max_verify_pairs": self.max_verify_pairs},
+            )
         best = await run_in_threadpool(max_inner_product, a, b)
         score = float(np.clip(best, -1.0, 1.0))
         accepted = self.accepts(score)
         self.metrics.verify_decisions.labels(
-            tenant=self.metrics.tenant_label(tenant_id),
-            decision="accept" if accepted else "reject").inc()
+            tenant=self.metrics.tenant_label(tenant_id), decision="accept" if accepted else "reject"
+        ).inc()
         return score, accepted
 
-    async def feedback(self, tenant_id: str, match_id: str, *, true_subject: str | None,
-                       subject_given: bool, correct: bool | None) -> Feedback:
+    async def feedback(
+        self,
+        tenant_id: str,
+        match_id: str,
+        *,
+        true_subject: str | None,
+        subject_given: bool,
+        correct: bool | None,
+    ) -> Feedback:
         match = await run_in_threadpool(self.store.get_match, tenant_id, match_id)
         if match is None:
             raise NotFoundError(f"no match {match_id!r}", detail={"match_id": match_id})
-        genuine, outcome = label_decision(match, true_subject=true_subject,
-                                          subject_given=subject_given, correct=correct)
-        fb = Feedback(match_id=match_id, tenant_id=tenant_id,
-                      true_subject=true_subject if subject_given else None,
-                      correct=correct, genuine=genuine, outcome=outcome, created_at=time.time())
+        genuine, outcome = label_decision(
+            match, true_subject=true_subject, subject_given=subject_given, correct=correct
+        )
+        fb = Feedback(
+            match_id=match_id,
+            tenant_id=tenant_id,
+            true_subject=true_subject if subject_given else None,
+            correct=correct,
+            genuine=genuine,
+            outcome=outcome,
+            created_at=time.time(),
+        )
         await run_in_threadpool(self.store.add_feedback, fb)
-        self.metrics.decisions.labels(tenant=self.metrics.tenant_label(tenant_id),
-                                      outcome=outcome).inc()
+        self.metrics.decisions.labels(
+            tenant=self.metrics.tenant_label(tenant_id), outcome=outcome
+        ).inc()
         return fb
-

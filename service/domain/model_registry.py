@@ -40,16 +40,30 @@ Doc = dict[str, Any]
 
 
 def empty() -> Doc:
-    return {"versions": {}, "active": None, "activation": None, "history": [], "purged": [],
-            "configured": None, "tenant_references": {}, "tenant_reference_members": {}}
+    return {
+        "versions": {},
+        "active": None,
+        "activation": None,
+        "history": [],
+        "purged": [],
+        "configured": None,
+        "tenant_references": {},
+        "tenant_reference_members": {},
+    }
 
 
 def record_of(manifest: Manifest, path: Path | str, *, now: float) -> dict[str, Any]:
-    return {"path": str(Path(path).resolve()), "registered_at": now,
-            "architecture": manifest.architecture, "embedding_dim": manifest.embedding_dim,
-            "threshold": manifest.calibration.tau, "baseline_opis": manifest.baseline.opis,
-            "baseline_eps_opis": manifest.baseline.eps_opis, "created_at": manifest.created_at,
-            "weights_sha256": manifest.weights_sha256}
+    return {
+        "path": str(Path(path).resolve()),
+        "registered_at": now,
+        "architecture": manifest.architecture,
+        "embedding_dim": manifest.embedding_dim,
+        "threshold": manifest.calibration.tau,
+        "baseline_opis": manifest.baseline.opis,
+        "baseline_eps_opis": manifest.baseline.eps_opis,
+        "created_at": manifest.created_at,
+        "weights_sha256": manifest.weights_sha256,
+    }
 
 
 def register(doc: Doc, manifest: Manifest, path: Path | str, *, now: float) -> Doc:
@@ -65,7 +79,9 @@ def register(doc: Doc, manifest: Manifest, path: Path | str, *, now: float) -> D
             raise ConflictError(
                 f"model version {version} is already registered from {old['path']}; a version "
                 "names one artefact forever: export the new one under a new version",
-                code="version_conflict", detail={"model_version": version, "path": old["path"]})
+                code="version_conflict",
+                detail={"model_version": version, "path": old["path"]},
+            )
         return doc
     doc["versions"][version] = new
     doc["purged"] = [v for v in doc["purged"] if v != version]
@@ -82,31 +98,53 @@ def previous(doc: Doc) -> str | None:
 
 def begin(doc: Doc, version: str, *, kind: str, owner: str, now: float) -> Doc:
     if version not in doc["versions"]:
-        raise NotFoundError(f"no registered model version {version!r}: stage it first "
-                            "(POST /v1/models)", detail={"model_version": version})
+        raise NotFoundError(
+            f"no registered model version {version!r}: stage it first (POST /v1/models)",
+            detail={"model_version": version},
+        )
     act = doc["activation"]
     if act is not None and act["state"] == "running":
-        raise ConflictError(f"an activation of {act['version']} is in progress; wait for it "
-                            "(GET /v1/models) before starting another",
-                            code="activation_in_progress", detail={"activation": act})
+        raise ConflictError(
+            f"an activation of {act['version']} is in progress; wait for it "
+            "(GET /v1/models) before starting another",
+            code="activation_in_progress",
+            detail={"activation": act},
+        )
     if doc["active"] == version:
-        raise ConflictError(f"{version} is already the active model", code="already_active",
-                            detail={"model_version": version})
-    doc["activation"] = {"version": version, "from": doc["active"], "kind": kind,
-                         "started_at": now, "heartbeat": now, "owner": owner,
-                         "state": "running"}
+        raise ConflictError(
+            f"{version} is already the active model",
+            code="already_active",
+            detail={"model_version": version},
+        )
+    doc["activation"] = {
+        "version": version,
+        "from": doc["active"],
+        "kind": kind,
+        "started_at": now,
+        "heartbeat": now,
+        "owner": owner,
+        "state": "running",
+    }
     return doc
 
 
-def commit(doc: Doc, version: str, *, kind: str, now: float,
-           skipped: dict[str, int] | None = None) -> Doc:
+def commit(
+    doc: Doc, version: str, *, kind: str, now: float, skipped: dict[str, int] | None = None
+) -> Doc:
     """Makes ``version`` active (the switch) and records it in the history."""
     act = doc["activation"]
     if act is not None and act["version"] == version:
         doc["activation"] = None
     if doc["active"] != version:
-        doc["history"].append({"version": version, "from": doc["active"], "kind": kind,
-                               "at": now, "skipped": dict(skipped or {})})
+        doc["history"].append(
+            {
+                "version": version,
+                "from": doc["active"],
+                "kind": kind,
+                "at": now,
+                "skipped": dict(skipped or {}),
+            }
+        )
         doc["history"] = doc["history"][-HISTORY_CAP:]
         doc["active"] = version
     doc["purged"] = [v for v in doc["purged"] if v != version]
@@ -159,8 +197,9 @@ class ModelRegistry:
             if self.store.put_model_registry(new, expected_rev=rev):
                 return new
             time.sleep(0.01)
-        raise ConflictError("the model registry kept changing under this request; retry",
-                            code="concurrent_update")
+        raise ConflictError(
+            "the model registry kept changing under this request; retry", code="concurrent_update"
+        )
 
 
 def _normalised(doc: Doc | None) -> Doc:

@@ -60,28 +60,60 @@ class Serving:
         self.indexes.clear()
 
 
-async def build_serving(settings: Settings, path: Path, *, device: torch.device, store: Store,
-                        metrics: ServiceMetrics) -> Serving:
+async def build_serving(
+    settings: Settings, path: Path, *, device: torch.device, store: Store, metrics: ServiceMetrics
+) -> Serving:
     """Loads the artefact at ``path`` and starts its batcher; the indexes start empty."""
     model, manifest, preparer = await run_in_threadpool(load_served_model, path, device=device)
-    indexes = IndexRegistry(manifest.embedding_dim, settings.index_factory,
-                            device=str(device.type), search_params=settings.index_search_params,
-                            threads=settings.index_threads)
-    batcher = EmbeddingBatcher(model, preparer, device=device,
-                               max_batch=settings.embed_max_batch,
-                               max_wait_s=settings.embed_max_wait_ms / 1e3, metrics=metrics)
-    resolver = InputResolver(batcher=batcher, store=store, dim=manifest.embedding_dim,
-                             max_image_pixels=settings.max_image_pixels,
-                             max_request_pixels=settings.max_request_pixels,
-                             model_version=manifest.model_version)
-    matcher = Matcher(store=store, indexes=indexes, resolver=resolver, metrics=metrics,
-                      threshold=manifest.calibration.tau, model_version=manifest.model_version,
-                      max_k=settings.max_k, max_verify_pairs=settings.max_verify_pairs,
-                      search=SearchBatcher(indexes, max_batch=settings.search_max_batch,
-                                           max_wait_s=settings.search_max_wait_ms / 1e3))
+    indexes = IndexRegistry(
+        manifest.embedding_dim,
+        settings.index_factory,
+        device=str(device.type),
+        search_params=settings.index_search_params,
+        threads=settings.index_threads,
+    )
+    batcher = EmbeddingBatcher(
+        model,
+        preparer,
+        device=device,
+        max_batch=settings.embed_max_batch,
+        max_wait_s=settings.embed_max_wait_ms / 1e3,
+        metrics=metrics,
+    )
+    resolver = InputResolver(
+        batcher=batcher,
+        store=store,
+        dim=manifest.embedding_dim,
+        max_image_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels,
+        model_version=manifest.model_version,
+    )
+    matcher = Matcher(
+        store=store,
+        indexes=indexes,
+        resolver=resolver,
+        metrics=metrics,
+        threshold=manifest.calibration.tau,
+        model_version=manifest.model_version,
+        max_k=settings.max_k,
+        max_verify_pairs=settings.max_verify_pairs,
+        search=SearchBatcher(
+            indexes,
+            max_batch=settings.search_max_batch,
+            max_wait_s=settings.search_max_wait_ms / 1e3,
+        ),
+    )
     await batcher.start()
-    return Serving(manifest=manifest, model=model, device=device, path=Path(path),
-                   batcher=batcher, resolver=resolver, indexes=indexes, matcher=matcher)
+    return Serving(
+        manifest=manifest,
+        model=model,
+        device=device,
+        path=Path(path),
+        batcher=batcher,
+        resolver=resolver,
+        indexes=indexes,
+        matcher=matcher,
+    )
 
 
 class ServingSlot:
@@ -105,10 +137,14 @@ class ServingSlot:
     def publish(self) -> None:
         """The served model's info and threshold on /metrics."""
         m = self.current.manifest
-        self._metrics.model.info({"model_version": m.model_version,
-                                  "architecture": m.architecture,
-                                  "embedding_dim": str(m.embedding_dim),
-                                  "device": str(self.current.device)})
+        self._metrics.model.info(
+            {
+                "model_version": m.model_version,
+                "architecture": m.architecture,
+                "embedding_dim": str(m.embedding_dim),
+                "device": str(self.current.device),
+            }
+        )
         self._metrics.threshold.set(m.calibration.tau)
 
 

@@ -69,18 +69,19 @@ class Tenants:
         delete must not re-create the dropped index)."""
         async with self.sync.writing(tenant_id):
             if not await run_in_threadpool(self.store.delete_tenant, tenant_id):
-                raise NotFoundError(f"no tenant {tenant_id!r}",
-                                    detail={"tenant_id": tenant_id})
+                raise NotFoundError(f"no tenant {tenant_id!r}", detail={"tenant_id": tenant_id})
             self.sync.tenant_dropped(tenant_id)
         self.sync.forget_lock(tenant_id)
 
-    async def issue_key(self, tenant_id: str, *, revoke_existing: bool
-                        ) -> tuple[ApiKey, str, list[str]]:
+    async def issue_key(
+        self, tenant_id: str, *, revoke_existing: bool
+    ) -> tuple[ApiKey, str, list[str]]:
         await self.get(tenant_id)
         now = time.time()
         key, token = new_key(tenant_id, now)
         revoked = await run_in_threadpool(
-            lambda: self.store.add_key(key, revoke_others_at=now if revoke_existing else None))
+            lambda: self.store.add_key(key, revoke_others_at=now if revoke_existing else None)
+        )
         return key, token, revoked
 
     async def list_keys(self, tenant_id: str) -> list[ApiKey]:
@@ -89,8 +90,10 @@ class Tenants:
 
     async def revoke_key(self, tenant_id: str, key_id: str) -> None:
         if not await run_in_threadpool(self.store.revoke_key, tenant_id, key_id, time.time()):
-            raise NotFoundError(f"tenant {tenant_id!r} has no key {key_id!r}",
-                                detail={"tenant_id": tenant_id, "key_id": key_id})
+            raise NotFoundError(
+                f"tenant {tenant_id!r} has no key {key_id!r}",
+                detail={"tenant_id": tenant_id, "key_id": key_id},
+            )
 
     async def authenticate(self, token: str) -> str:
         """Bearer token -> tenant id; AuthenticationError for anything but an active key."""

@@ -29,6 +29,7 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,9 +50,16 @@ class _Job:
 
 
 class EmbeddingBatcher:
-    def __init__(self, model: nn.Module, preparer: Preparer, *, device: torch.device,
-                 max_batch: int, max_wait_s: float, metrics: ServiceMetrics | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        preparer: Preparer,
+        *,
+        device: torch.device,
+        max_batch: int,
+        max_wait_s: float,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         """``preparer`` (``service.engine.preparing``) turns decoded images into the model's
         input in the request's thread (a face model's detection and alignment included), so
         only the forward pass is batched."""
@@ -73,8 +81,12 @@ class EmbeddingBatcher:
     async def start(self) -> None:
         self._queue = asyncio.Queue()
         self._worker = asyncio.create_task(self._run(), name="embedding-batcher")
-        log.info("embedding batcher on %s: max_batch=%d max_wait=%.1f ms", self.device,
-                 self.max_batch, self.max_wait_s * 1e3)
+        log.info(
+            "embedding batcher on %s: max_batch=%d max_wait=%.1f ms",
+            self.device,
+            self.max_batch,
+            self.max_wait_s * 1e3,
+        )
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -95,8 +107,9 @@ class EmbeddingBatcher:
         return self._worker is not None and not self._worker.done()
 
     # --- public ----------------------------------------------------------------------------
-    async def embed(self, images: list[np.ndarray], wheres: Sequence[str] | None = None
-                    ) -> np.ndarray:
+    async def embed(
+        self, images: list[np.ndarray], wheres: Sequence[str] | None = None
+    ) -> np.ndarray:
         """Decoded uint8 images (``service.engine.preparing.decode_for``) -> float32 (n, d)
         L2-normalised embeddings. ``wheres`` names the images in errors."""
         if not images:
@@ -128,7 +141,7 @@ class EmbeddingBatcher:
         loop = asyncio.get_running_loop()
         futures = []
         for start in range(0, inputs.shape[0], self.max_batch):
-            job = _Job(inputs[start:start + self.max_batch], loop.create_future())
+            job = _Job(inputs[start : start + self.max_batch], loop.create_future())
             futures.append(job.future)
             self._queue.put_nowait(job)
         return futures
@@ -201,7 +214,7 @@ class EmbeddingBatcher:
         offset = 0
         for j in jobs:
             if not j.future.done():
-                j.future.set_result(out[offset:offset + j.size])
+                j.future.set_result(out[offset : offset + j.size])
             offset += j.size
 
     def _forward(self, batch: torch.Tensor) -> np.ndarray:

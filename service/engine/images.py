@@ -34,11 +34,11 @@ def decode_base64(data: str, *, where: str) -> bytes:
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidInputError(f"{where} is not valid base64: {exc}", code="invalid_image",
-                                detail={"where": where}) from exc
+        raise InvalidInputError(
+            f"{where} is not valid base64: {exc}", code="invalid_image", detail={"where": where}
+        ) from exc
     if not raw:
-        raise InvalidInputError(f"{where} is empty", code="invalid_image",
-                                detail={"where": where})
+        raise InvalidInputError(f"{where} is empty", code="invalid_image", detail={"where": where})
     return raw
 
 
@@ -59,8 +59,9 @@ def header_pixels(raw: bytes) -> int | None:
     return max(0, width) * max(0, height)
 
 
-def decode_image(raw: bytes, *, channels: int, max_pixels: int, where: str,
-                 target: tuple[int, int] | None = None) -> np.ndarray:
+def decode_image(
+    raw: bytes, *, channels: int, max_pixels: int, where: str, target: tuple[int, int] | None = None
+) -> np.ndarray:
     """Image bytes -> uint8 array (H, W) for grey models, (H, W, 3) for colour ones.
 
     The conversion matches PIL's ``convert("L")`` / ``convert("RGB")``, what image loaders in
@@ -68,22 +69,27 @@ def decode_image(raw: bytes, *, channels: int, max_pixels: int, where: str,
     larger image be shrunk while it is decoded (see the module's docstring).
     """
     if not raw:
-        raise InvalidInputError(f"{where} is empty", code="invalid_image",
-                                detail={"where": where})
+        raise InvalidInputError(f"{where} is empty", code="invalid_image", detail={"where": where})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(raw), formats=FORMATS)
             width, height = img.size
             if width < 1 or height < 1:
-                raise InvalidInputError(f"{where} has no pixels", code="invalid_image",
-                                        detail={"where": where})
+                raise InvalidInputError(
+                    f"{where} has no pixels", code="invalid_image", detail={"where": where}
+                )
             if width * height > max_pixels:
                 raise InvalidInputError(
                     f"{where} has {width}x{height} pixels, more than the limit of {max_pixels}",
                     code="image_too_large",
-                    detail={"where": where, "width": width, "height": height,
-                            "max_pixels": max_pixels})
+                    detail={
+                        "where": where,
+                        "width": width,
+                        "height": height,
+                        "max_pixels": max_pixels,
+                    },
+                )
             img.seek(0)
             mode = "L" if channels == 1 else "RGB"
             if target is not None:
@@ -93,16 +99,21 @@ def decode_image(raw: bytes, *, channels: int, max_pixels: int, where: str,
     except InvalidInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInputError(f"{where} claims too many pixels: {exc}",
-                                code="image_too_large",
-                                detail={"where": where, "max_pixels": max_pixels}) from exc
+        raise InvalidInputError(
+            f"{where} claims too many pixels: {exc}",
+            code="image_too_large",
+            detail={"where": where, "max_pixels": max_pixels},
+        ) from exc
     except UnidentifiedImageError as exc:
-        raise InvalidInputError(f"{where} is not a decodable image ({'/'.join(FORMATS)}): "
-                                f"{exc}", code="invalid_image", detail={"where": where}
-                                ) from exc
+        raise InvalidInputError(
+            f"{where} is not a decodable image ({'/'.join(FORMATS)}): {exc}",
+            code="invalid_image",
+            detail={"where": where},
+        ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
-        raise InvalidInputError(f"{where} could not be decoded: {exc}", code="invalid_image",
-                                detail={"where": where}) from exc
+        raise InvalidInputError(
+            f"{where} could not be decoded: {exc}", code="invalid_image", detail={"where": where}
+        ) from exc
     return np.ascontiguousarray(arr)
 
 

@@ -74,7 +74,7 @@ def _unpack(packed: PackedItem) -> tuple[str, str]:
     if isinstance(packed, tuple):
         return packed
     cut = packed.index("\x00")
-    return packed[:cut], packed[cut + 1:]
+    return packed[:cut], packed[cut + 1 :]
 
 
 class GalleryChunk(Protocol):
@@ -103,8 +103,9 @@ class TorchFlat:
     into the hole (O(1) per id).
     """
 
-    def __init__(self, dim: int, device: str = "cpu", *, block: int = 65536,
-                 max_scores: int = 1 << 24) -> None:
+    def __init__(
+        self, dim: int, device: str = "cpu", *, block: int = 65536, max_scores: int = 1 << 24
+    ) -> None:
         import torch
 
         self._torch = torch
@@ -122,20 +123,20 @@ class TorchFlat:
         if n <= cap:
             return
         new_cap = max(n, 2 * cap, 1024)
-        grown = self._torch.zeros((new_cap, self.d), dtype=self._torch.float32,
-                                  device=self.device)
-        grown[:self.ntotal] = self._vectors[:self.ntotal]
+        grown = self._torch.zeros((new_cap, self.d), dtype=self._torch.float32, device=self.device)
+        grown[: self.ntotal] = self._vectors[: self.ntotal]
         ids = self._torch.full((new_cap,), -1, dtype=self._torch.int64, device=self.device)
-        ids[:self.ntotal] = self._ids[:self.ntotal]
+        ids[: self.ntotal] = self._ids[: self.ntotal]
         self._vectors, self._ids = grown, ids
 
     def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         n = len(ids)
         self._reserve(self.ntotal + n)
         lo = self.ntotal
-        self._vectors[lo:lo + n] = self._torch.from_numpy(np.ascontiguousarray(vectors)).to(
-            self.device)
-        self._ids[lo:lo + n] = self._torch.from_numpy(np.asarray(ids, np.int64)).to(self.device)
+        self._vectors[lo : lo + n] = self._torch.from_numpy(np.ascontiguousarray(vectors)).to(
+            self.device
+        )
+        self._ids[lo : lo + n] = self._torch.from_numpy(np.asarray(ids, np.int64)).to(self.device)
         for i, x in enumerate(np.asarray(ids, np.int64).tolist()):
             self._row[x] = lo + i
         self.ntotal += n
@@ -207,9 +208,16 @@ def gpu_available(device: str) -> bool:
 
 
 class TenantIndex:
-    def __init__(self, dim: int, factory: str, *, gpu_resources: object | None = None,
-                 tombstone_limit: int = 1024, torch_device: str | None = None,
-                 search_params: str = "") -> None:
+    def __init__(
+        self,
+        dim: int,
+        factory: str,
+        *,
+        gpu_resources: object | None = None,
+        tombstone_limit: int = 1024,
+        torch_device: str | None = None,
+        search_params: str = "",
+    ) -> None:
         self.dim = dim
         self.search_params = search_params
         self.factory = factory
@@ -245,15 +253,25 @@ class TenantIndex:
             index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
         return index
 
-    def rebuild(self, seqs: np.ndarray, item_ids: list[str], subjects: list[str],
-                vectors: np.ndarray, metadata: Sequence[Mapping[str, Any]] | None = None
-                ) -> None:
+    def rebuild(
+        self,
+        seqs: np.ndarray,
+        item_ids: list[str],
+        subjects: list[str],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         """Replaces the contents (training the factory's index on these vectors if it needs it)."""
         vectors = _as_matrix(vectors, self.dim)
         with self._lock:
             self._reset_locked(vectors)
-            self._add_locked(np.asarray(seqs, np.int64), item_ids, subjects, vectors,
-                             [list(terms(m)) for m in metadata] if metadata is not None else None)
+            self._add_locked(
+                np.asarray(seqs, np.int64),
+                item_ids,
+                subjects,
+                vectors,
+                [list(terms(m)) for m in metadata] if metadata is not None else None,
+            )
 
     def rebuild_chunks(self, chunks: Iterable[GalleryChunk]) -> None:
         """Replaces the contents with streamed chunks (start-up, resync): vectors go into the
@@ -262,17 +280,24 @@ class TenantIndex:
         chunks are gathered (as arrays only) for one :meth:`rebuild`. The new contents are
         built aside and swapped in, so searches meanwhile answer from the old ones instead of
         waiting for the whole store read."""
-        fresh = TenantIndex(self.dim, self.factory, gpu_resources=self._gpu_res,
-                            tombstone_limit=self._tombstone_limit,
-                            torch_device=self._torch_device, search_params=self.search_params)
+        fresh = TenantIndex(
+            self.dim,
+            self.factory,
+            gpu_resources=self._gpu_res,
+            tombstone_limit=self._tombstone_limit,
+            torch_device=self._torch_device,
+            search_params=self.search_params,
+        )
         if self._needs_training():
             parts = list(chunks)
             if parts:
-                fresh.rebuild(np.concatenate([c.seqs for c in parts]),
-                              [i for c in parts for i in c.item_ids],
-                              [x for c in parts for x in c.subjects],
-                              np.concatenate([_as_matrix(c.vectors, self.dim) for c in parts]),
-                              [m for c in parts for m in (c.metadata or [{}] * len(c))])
+                fresh.rebuild(
+                    np.concatenate([c.seqs for c in parts]),
+                    [i for c in parts for i in c.item_ids],
+                    [x for c in parts for x in c.subjects],
+                    np.concatenate([_as_matrix(c.vectors, self.dim) for c in parts]),
+                    [m for c in parts for m in (c.metadata or [{}] * len(c))],
+                )
         else:
             for c in chunks:
                 fresh.add(c.seqs, c.item_ids, c.subjects, c.vectors, c.metadata)
@@ -284,28 +309,43 @@ class TenantIndex:
     def _needs_training(self) -> bool:
         if self._torch_device is not None:
             return False
-        return not faiss.index_factory(self.dim, self.factory,
-                                       faiss.METRIC_INNER_PRODUCT).is_trained
+        return not faiss.index_factory(
+            self.dim, self.factory, faiss.METRIC_INNER_PRODUCT
+        ).is_trained
 
     # --- mutation --------------------------------------------------------------------------
-    def add(self, seqs: list[int] | np.ndarray, item_ids: list[str], subjects: list[str],
-            vectors: np.ndarray, metadata: Sequence[Mapping[str, Any]] | None = None) -> None:
+    def add(
+        self,
+        seqs: list[int] | np.ndarray,
+        item_ids: list[str],
+        subjects: list[str],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         """``metadata``, row-aligned, makes the items findable by a filtered search."""
         with self._lock:
-            self._add_locked(np.asarray(seqs, np.int64), item_ids, subjects,
-                             _as_matrix(vectors, self.dim),
-                             [list(terms(m)) for m in metadata] if metadata is not None else None)
+            self._add_locked(
+                np.asarray(seqs, np.int64),
+                item_ids,
+                subjects,
+                _as_matrix(vectors, self.dim),
+                [list(terms(m)) for m in metadata] if metadata is not None else None,
+            )
 
-    def _add_locked(self, seqs: np.ndarray, item_ids: list[str], subjects: list[str],
-                    vectors: np.ndarray, item_terms: list[list[tuple[str, str]]] | None
-                    ) -> None:
+    def _add_locked(
+        self,
+        seqs: np.ndarray,
+        item_ids: list[str],
+        subjects: list[str],
+        vectors: np.ndarray,
+        item_terms: list[list[tuple[str, str]]] | None,
+    ) -> None:
         assert len(seqs) == len(item_ids) == len(subjects) == len(vectors)
         fresh = np.array([int(s) not in self._items for s in seqs], dtype=bool)
         if not fresh.any():
             return
         self._index.add_with_ids(vectors[fresh], seqs[fresh])
-        for row, (s, iid, subj, ok) in enumerate(zip(seqs, item_ids, subjects, fresh,
-                                                     strict=True)):
+        for row, (s, iid, subj, ok) in enumerate(zip(seqs, item_ids, subjects, fresh, strict=True)):
             if ok:
                 seq = int(s)  # one int object per item, shared by its postings
                 self._items[seq] = _pack(iid, subj)
@@ -354,14 +394,21 @@ class TenantIndex:
 
     def _compact_locked(self) -> None:
         live = np.fromiter(self._items.keys(), dtype=np.int64, count=len(self._items))
-        vectors = (self._index.reconstruct_batch(live) if len(live)
-                   else np.zeros((0, self.dim), np.float32))
+        vectors = (
+            self._index.reconstruct_batch(live)
+            if len(live)
+            else np.zeros((0, self.dim), np.float32)
+        )
         items, item_terms = dict(self._items), dict(self._terms)
         self._reset_locked(vectors)
         pairs = [_unpack(items[int(s)]) for s in live]
-        self._add_locked(live, [p[0] for p in pairs], [p[1] for p in pairs],
-                         _as_matrix(vectors, self.dim),
-                         [list(item_terms.get(int(s), ())) for s in live])
+        self._add_locked(
+            live,
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+            _as_matrix(vectors, self.dim),
+            [list(item_terms.get(int(s), ())) for s in live],
+        )
         log.info("compacted a FAISS index to %d live vectors", len(live))
 
     # --- queries ---------------------------------------------------------------------------
@@ -388,8 +435,9 @@ class TenantIndex:
             out &= p
         return out
 
-    def search(self, queries: np.ndarray, k: int, where: Mapping[str, Any] | None = None
-               ) -> list[list[Hit]]:
+    def search(
+        self, queries: np.ndarray, k: int, where: Mapping[str, Any] | None = None
+    ) -> list[list[Hit]]:
         """Top-k hits per query row, best first (fewer when the gallery is smaller); with
         ``where``, the top k among the items whose metadata passes that filter."""
         queries = _as_matrix(queries, self.dim)
@@ -402,8 +450,7 @@ class TenantIndex:
                 allowed = self._matching_locked(wanted)
                 if not allowed:
                     return [[] for _ in range(len(queries))]
-                scores, ids = self._filtered_search_locked(queries, min(k, len(allowed)),
-                                                           allowed)
+                scores, ids = self._filtered_search_locked(queries, min(k, len(allowed)), allowed)
             else:
                 fetch = min(k + len(self._tombstones), n + len(self._tombstones))
                 scores, ids = self._index.search(queries, fetch)
@@ -416,8 +463,9 @@ class TenantIndex:
                     if i < 0 or packed is None:
                         continue
                     entry = _unpack(packed)
-                    hits.append(Hit(int(i), entry[0], entry[1],
-                                    float(min(1.0, max(-1.0, float(s))))))
+                    hits.append(
+                        Hit(int(i), entry[0], entry[1], float(min(1.0, max(-1.0, float(s)))))
+                    )
                     if len(hits) == k:
                         break
                 out.append(hits)
@@ -432,8 +480,9 @@ class TenantIndex:
             return faiss.SearchParameters(sel=selector)
         return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
 
-    def _filtered_search_locked(self, queries: np.ndarray, k: int, allowed: set[int]
-                                ) -> tuple[np.ndarray, np.ndarray]:
+    def _filtered_search_locked(
+        self, queries: np.ndarray, k: int, allowed: set[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         ids = np.fromiter(sorted(allowed), dtype=np.int64, count=len(allowed))
         if isinstance(self._index, TorchFlat):  # no selector in the torch engine
             return self._exact_among(queries, k, ids)
@@ -446,8 +495,9 @@ class TenantIndex:
         except RuntimeError:  # GPU indexes take no selector: score the few exactly
             return self._exact_among(queries, k, ids)
 
-    def _exact_among(self, queries: np.ndarray, k: int, ids: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def _exact_among(
+        self, queries: np.ndarray, k: int, ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         vectors = self._index.reconstruct_batch(ids)
         scores = queries @ vectors.T
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -457,8 +507,15 @@ class TenantIndex:
 class IndexRegistry:
     """All tenants' indexes; created on first use, dropped with the tenant."""
 
-    def __init__(self, dim: int, factory: str = "Flat", *, device: str = "cpu",
-                 search_params: str = "", threads: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        factory: str = "Flat",
+        *,
+        device: str = "cpu",
+        search_params: str = "",
+        threads: int = 0,
+    ) -> None:
         if threads > 0:
             faiss.omp_set_num_threads(threads)  # process-wide, like the setting
         self.dim = dim
@@ -474,12 +531,16 @@ class IndexRegistry:
             faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
             self.on_gpu = gpu_available(device)
             self._gpu_res = faiss.StandardGpuResources() if self.on_gpu else None
-            if (not self.on_gpu and factory == "Flat" and device != "cpu"
-                    and torch_cuda_available()):
+            if not self.on_gpu and factory == "Flat" and device != "cpu" and torch_cuda_available():
                 self.on_gpu, self._torch_device = True, "cuda"  # no faiss-gpu: torch on CUDA
         engine = "torch" if self._torch_device else "FAISS"
-        log.info("%s indexes: factory=%r dim=%d on %s", engine, factory, dim,
-                 "GPU" if self.on_gpu else "CPU")
+        log.info(
+            "%s indexes: factory=%r dim=%d on %s",
+            engine,
+            factory,
+            dim,
+            "GPU" if self.on_gpu else "CPU",
+        )
         self._lock = threading.Lock()
         self._indexes: dict[str, TenantIndex] = {}
         # tenants dropped from this registry: ids are never reused, so a late request of a
@@ -491,9 +552,13 @@ class IndexRegistry:
         with self._lock:
             index = self._indexes.get(tenant_id)
             if index is None:
-                index = TenantIndex(self.dim, self.factory, gpu_resources=self._gpu_res,
-                                    torch_device=self._torch_device,
-                                    search_params=self.search_params)
+                index = TenantIndex(
+                    self.dim,
+                    self.factory,
+                    gpu_resources=self._gpu_res,
+                    torch_device=self._torch_device,
+                    search_params=self.search_params,
+                )
                 if tenant_id not in self._dropped:
                     self._indexes[tenant_id] = index
             return index

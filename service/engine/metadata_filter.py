@@ -74,8 +74,7 @@ def filter_terms(where: Mapping[str, Any]) -> list[tuple[str, str]]:
     for key, value in where.items():
         c = canonical(value)
         if c is None:
-            raise ValueError(f"filter value of {key!r} is not a JSON scalar within float64's "
-                             "range")
+            raise ValueError(f"filter value of {key!r} is not a JSON scalar within float64's range")
         out.append((key, c))
     return out
 
@@ -97,8 +96,10 @@ def number_problem(value: Any) -> str | None:
         return None
     if isinstance(value, int) and _float64(value) is None:
         digits = len(str(abs(value)))
-        return (f"the integer of {digits} digits is beyond float64's range (about ±1.8e308); "
-                "metadata numbers must be finite doubles (send it as a string)")
+        return (
+            f"the integer of {digits} digits is beyond float64's range (about ±1.8e308); "
+            "metadata numbers must be finite doubles (send it as a string)"
+        )
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN and infinite numbers are not JSON; metadata numbers must be finite"
     return None
@@ -108,8 +109,10 @@ def domain_problem(metadata: Mapping[str, Any], *, where: str = "metadata") -> s
     """The first value of ``metadata`` outside the domain, as ``"<path>: <why>"``; None when
     all of it is inside. Iterative (the depth limit is checked elsewhere, after this)."""
     if len(metadata) > MAX_METADATA_KEYS:
-        return (f"{where}: {len(metadata)} top-level keys, the limit is {MAX_METADATA_KEYS} "
-                "(nest related fields in an object: each top-level key is indexed for filters)")
+        return (
+            f"{where}: {len(metadata)} top-level keys, the limit is {MAX_METADATA_KEYS} "
+            "(nest related fields in an object: each top-level key is indexed for filters)"
+        )
     stack: list[tuple[str, Any]] = [(where, metadata)]
     while stack:
         path, value = stack.pop()

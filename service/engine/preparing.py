@@ -30,8 +30,9 @@ class Preparer(Protocol):
     channels: int
     decode_target: tuple[int, int] | None
 
-    def __call__(self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
-                 ) -> tuple[torch.Tensor, Found]:
+    def __call__(
+        self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, Found]:
         """Decoded uint8 images -> the model's input (n, C, H, W) and what was found."""
         ...
 
@@ -42,13 +43,19 @@ class PixelPreparer:
         self.channels = spec.channels
         self.decode_target: tuple[int, int] | None = tuple(spec.image_size)  # type: ignore[assignment]
 
-    def __call__(self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
-                 ) -> tuple[torch.Tensor, Found]:
+    def __call__(
+        self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, Found]:
         return to_input_tensor(list(images), self.spec), []
 
 
 def decode_for(preparer: Preparer, raw: bytes, *, max_pixels: int, where: str) -> np.ndarray:
     """Decodes one image file the way ``preparer`` needs it (InvalidInputError naming
     ``where`` when it is not an image, or too large)."""
-    return decode_image(raw, channels=preparer.channels, max_pixels=max_pixels, where=where,
-                        target=preparer.decode_target)
+    return decode_image(
+        raw,
+        channels=preparer.channels,
+        max_pixels=max_pixels,
+        where=where,
+        target=preparer.decode_target,
+    )

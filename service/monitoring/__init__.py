@@ -25,6 +25,20 @@ from service.monitoring.snapshot import (
     what_if,
 )
 
-__all__ = ["KINDS", "POOLED", "SOURCES", "LabelledScores", "MonitorConfig", "MonitorMetrics",
-           "SnapshotCollector", "compute_snapshot", "error_rates", "feedback_scores",
-           "gallery_scores", "score_buckets", "seed_for", "tenant_view", "what_if"]
+__all__ = [
+    "KINDS",
+    "POOLED",
+    "SOURCES",
+    "LabelledScores",
+    "MonitorConfig",
+    "MonitorMetrics",
+    "SnapshotCollector",
+    "compute_snapshot",
+    "error_rates",
+    "feedback_scores",
+    "gallery_scores",
+    "score_buckets",
+    "seed_for",
+    "tenant_view",
+    "what_if",
+]

@@ -65,91 +65,148 @@ class SnapshotCollector:
         rate = ["tenant", "source"]
         return {
             "opis": GaugeMetricFamily(
-                "tcm_opis", "live OPIS across tenants over the model's calibration range "
-                "(lower is more consistent); absent with fewer than 2 eligible tenants"),
+                "tcm_opis",
+                "live OPIS across tenants over the model's calibration range "
+                "(lower is more consistent); absent with fewer than 2 eligible tenants",
+            ),
             "eps_opis": GaugeMetricFamily("tcm_eps_opis", "live eps-OPIS across tenants"),
             "opis_baseline": GaugeMetricFamily(
-                "tcm_opis_baseline", "the model's OPIS on held-out classes (manifest)"),
+                "tcm_opis_baseline", "the model's OPIS on held-out classes (manifest)"
+            ),
             "eps_baseline": GaugeMetricFamily(
-                "tcm_eps_opis_baseline", "the model's eps-OPIS on held-out classes (manifest)"),
+                "tcm_eps_opis_baseline", "the model's eps-OPIS on held-out classes (manifest)"
+            ),
             "far": GaugeMetricFamily(
-                "tcm_tenant_far_ratio", "share of a tenant's labelled impostor pairs accepted "
-                "at the global tau, by pair source (feedback, gallery, pooled)", labels=rate),
+                "tcm_tenant_far_ratio",
+                "share of a tenant's labelled impostor pairs accepted "
+                "at the global tau, by pair source (feedback, gallery, pooled)",
+                labels=rate,
+            ),
             "frr": GaugeMetricFamily(
-                "tcm_tenant_frr_ratio", "share of a tenant's labelled genuine pairs rejected at "
-                "the global tau, by pair source", labels=rate),
+                "tcm_tenant_frr_ratio",
+                "share of a tenant's labelled genuine pairs rejected at "
+                "the global tau, by pair source",
+                labels=rate,
+            ),
             "utility": GaugeMetricFamily(
-                "tcm_tenant_utility_ratio", "a tenant's F-beta utility of TPR and TNR at the "
-                "global tau, by pair source", labels=rate),
+                "tcm_tenant_utility_ratio",
+                "a tenant's F-beta utility of TPR and TNR at the global tau, by pair source",
+                labels=rate,
+            ),
             "pairs": GaugeMetricFamily(
-                "tcm_tenant_pairs", "labelled pairs in the monitor's window behind a tenant's "
-                "numbers", labels=["tenant", "kind", "source"]),
+                "tcm_tenant_pairs",
+                "labelled pairs in the monitor's window behind a tenant's numbers",
+                labels=["tenant", "kind", "source"],
+            ),
             "tenants": GaugeMetricFamily(
-                "tcm_monitor_tenants", "tenants in OPIS (eligible) or not (excluded: too few "
-                "labelled pairs)", labels=["status"]),
+                "tcm_monitor_tenants",
+                "tenants in OPIS (eligible) or not (excluded: too few labelled pairs)",
+                labels=["status"],
+            ),
             "genuine": GaugeHistogramMetricFamily(
-                "tcm_genuine_score", "scores of genuine pairs in the monitor's window (gauge "
-                "histogram: FRR at t = bucket{le=t} / gcount)", labels=["tenant", "source"]),
+                "tcm_genuine_score",
+                "scores of genuine pairs in the monitor's window (gauge "
+                "histogram: FRR at t = bucket{le=t} / gcount)",
+                labels=["tenant", "source"],
+            ),
             "impostor": GaugeHistogramMetricFamily(
-                "tcm_impostor_score", "scores of impostor pairs in the monitor's window (gauge "
-                "histogram: FAR at t = 1 - bucket{le=t} / gcount)", labels=["tenant", "source"]),
-            "ts": GaugeMetricFamily("tcm_monitor_snapshot_timestamp_seconds",
-                                    "when the reported snapshot was computed (Unix time)"),
-            "window": GaugeMetricFamily("tcm_monitor_window_seconds",
-                                        "sliding window of feedback the snapshot covers"),
-            "interval": GaugeMetricFamily("tcm_monitor_interval_seconds",
-                                          "how often the snapshot is recomputed"),
-            "info": GaugeMetricFamily("tcm_monitor_snapshot_info", "the model version the "
-                                      "reported snapshot was computed for (value 1)",
-                                      labels=["model_version"]),
-            "target_far": GaugeMetricFamily("tcm_model_target_far_ratio",
-                                            "the FAR the global tau was calibrated for"),
-            "cal_far": GaugeMetricFamily("tcm_model_calibration_far_ratio",
-                                         "global FAR at tau on the calibration set"),
-            "cal_frr": GaugeMetricFamily("tcm_model_calibration_frr_ratio",
-                                         "global FRR at tau on the calibration set"),
-            "range": GaugeMetricFamily("tcm_model_calibration_range_score",
-                                       "bounds of the calibration range OPIS averages over",
-                                       labels=["bound"]),
+                "tcm_impostor_score",
+                "scores of impostor pairs in the monitor's window (gauge "
+                "histogram: FAR at t = 1 - bucket{le=t} / gcount)",
+                labels=["tenant", "source"],
+            ),
+            "ts": GaugeMetricFamily(
+                "tcm_monitor_snapshot_timestamp_seconds",
+                "when the reported snapshot was computed (Unix time)",
+            ),
+            "window": GaugeMetricFamily(
+                "tcm_monitor_window_seconds", "sliding window of feedback the snapshot covers"
+            ),
+            "interval": GaugeMetricFamily(
+                "tcm_monitor_interval_seconds", "how often the snapshot is recomputed"
+            ),
+            "info": GaugeMetricFamily(
+                "tcm_monitor_snapshot_info",
+                "the model version the reported snapshot was computed for (value 1)",
+                labels=["model_version"],
+            ),
+            "target_far": GaugeMetricFamily(
+                "tcm_model_target_far_ratio", "the FAR the global tau was calibrated for"
+            ),
+            "cal_far": GaugeMetricFamily(
+                "tcm_model_calibration_far_ratio", "global FAR at tau on the calibration set"
+            ),
+            "cal_frr": GaugeMetricFamily(
+                "tcm_model_calibration_frr_ratio", "global FRR at tau on the calibration set"
+            ),
+            "range": GaugeMetricFamily(
+                "tcm_model_calibration_range_score",
+                "bounds of the calibration range OPIS averages over",
+                labels=["bound"],
+            ),
             # across subjects (classes = a tenant's subjects): live and count-matched reference
             "subj": GaugeMetricFamily(
-                "tcm_subjects_opis", "live OPIS across a tenant's subjects (gallery and "
-                "feedback pairs); absent with too few eligible subjects", labels=["tenant"]),
+                "tcm_subjects_opis",
+                "live OPIS across a tenant's subjects (gallery and "
+                "feedback pairs); absent with too few eligible subjects",
+                labels=["tenant"],
+            ),
             "subj_ref": GaugeMetricFamily(
-                "tcm_subjects_opis_reference", "OPIS across held-out classes subsampled to the "
+                "tcm_subjects_opis_reference",
+                "OPIS across held-out classes subsampled to the "
                 "tenant's images per subject: interval bounds over the draws (lo, mid, hi)",
-                labels=["tenant", "bound"]),
+                labels=["tenant", "bound"],
+            ),
             "subj_pooled": GaugeMetricFamily(
-                "tcm_subjects_opis_pooled", "live OPIS across every tenant's subjects together"),
+                "tcm_subjects_opis_pooled", "live OPIS across every tenant's subjects together"
+            ),
             "subj_pooled_ref": GaugeMetricFamily(
-                "tcm_subjects_opis_pooled_reference", "count-matched reference of the pooled "
-                "OPIS across subjects (lo, mid, hi)", labels=["bound"]),
+                "tcm_subjects_opis_pooled_reference",
+                "count-matched reference of the pooled OPIS across subjects (lo, mid, hi)",
+                labels=["bound"],
+            ),
             "subj_count": GaugeMetricFamily(
-                "tcm_monitor_subjects", "subjects over all tenants with a utility curve "
-                "(eligible) or not (excluded: too few pairs)", labels=["status"]),
+                "tcm_monitor_subjects",
+                "subjects over all tenants with a utility curve "
+                "(eligible) or not (excluded: too few pairs)",
+                labels=["status"],
+            ),
             # across tenants: the reference measured on the served galleries (registry)
             "ten_ref": GaugeMetricFamily(
-                "tcm_tenants_opis_reference", "OPIS across tenants measured on the served "
+                "tcm_tenants_opis_reference",
+                "OPIS across tenants measured on the served "
                 "galleries when the model started serving: lo/hi of its subject-bootstrap "
-                "interval, mid = the measured value", labels=["bound"]),
+                "interval, mid = the measured value",
+                labels=["bound"],
+            ),
             "ten_eps_ref": GaugeMetricFamily(
-                "tcm_tenants_eps_opis_reference", "eps-OPIS across tenants at the same time "
-                "(lo, mid, hi)", labels=["bound"]),
+                "tcm_tenants_eps_opis_reference",
+                "eps-OPIS across tenants at the same time (lo, mid, hi)",
+                labels=["bound"],
+            ),
             "ten_dev_ref": GaugeMetricFamily(
-                "tcm_tenants_deviation_reference", "the farthest tenant's deviation from the "
+                "tcm_tenants_deviation_reference",
+                "the farthest tenant's deviation from the "
                 "median tenant's utility curve in the across-tenants reference (bootstrap "
-                "upper bound)"),
+                "upper bound)",
+            ),
             "deviation": GaugeMetricFamily(
-                "tcm_tenant_deviation", "mean squared distance over the calibration range of a "
+                "tcm_tenant_deviation",
+                "mean squared distance over the calibration range of a "
                 "tenant's utility curve from the median tenant's; absent for tenants not in "
-                "OPIS", labels=["tenant"]),
+                "OPIS",
+                labels=["tenant"],
+            ),
             "bound": GaugeMetricFamily(
-                "tcm_monitor_score_bound", "each bucket bound (le) of the score histograms, as "
+                "tcm_monitor_score_bound",
+                "each bucket bound (le) of the score histograms, as "
                 "its value: dashboards order what-if thresholds by distance from tau",
-                labels=["le"]),
+                labels=["le"],
+            ),
             "ten_ref_ts": GaugeMetricFamily(
-                "tcm_tenants_reference_timestamp_seconds", "when the across-tenants reference "
-                "was measured (Unix time)"),
+                "tcm_tenants_reference_timestamp_seconds",
+                "when the across-tenants reference was measured (Unix time)",
+            ),
         }
 
 
@@ -187,8 +244,10 @@ def _add_drift(fams: dict[str, Metric], snap: MonitorSnapshot) -> None:
             _add_reference(fams["subj_ref"], [t], sub.reference)
     ten = snap.tenants_reference
     if ten is not None:
-        for name, value, interval in (("ten_ref", ten.opis, ten.opis_interval),
-                                      ("ten_eps_ref", ten.eps_opis, ten.eps_opis_interval)):
+        for name, value, interval in (
+            ("ten_ref", ten.opis, ten.opis_interval),
+            ("ten_eps_ref", ten.eps_opis, ten.eps_opis_interval),
+        ):
             if interval is not None:
                 _add_interval(fams[name], [], interval[0], value, interval[1])
         fams["ten_dev_ref"].add_metric([], ten.deviation["hi"])
@@ -232,15 +291,22 @@ def _add_snapshot(fams: dict[str, Metric], snap: MonitorSnapshot) -> None:
 class MonitorMetrics:
     """The monitor's own metrics, created once against the registry passed in."""
 
-    def __init__(self, registry: CollectorRegistry, manifest: Manifest,
-                 config: MonitorConfig) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, manifest: Manifest, config: MonitorConfig
+    ) -> None:
         self.runs = Counter(
-            "tcm_monitor_runs_total", "monitor cycles: computed a snapshot, adopted a "
-            "replica's, or failed", ["result"], registry=registry)
+            "tcm_monitor_runs_total",
+            "monitor cycles: computed a snapshot, adopted a replica's, or failed",
+            ["result"],
+            registry=registry,
+        )
         for result in ("computed", "adopted", "failed"):
             self.runs.labels(result=result)
         self.compute_seconds = Histogram(
-            "tcm_monitor_compute_duration_seconds", "time to compute one snapshot",
-            buckets=COMPUTE_BUCKETS, registry=registry)
+            "tcm_monitor_compute_duration_seconds",
+            "time to compute one snapshot",
+            buckets=COMPUTE_BUCKETS,
+            registry=registry,
+        )
         self.snapshot = SnapshotCollector(manifest, config)
         registry.register(self.snapshot)

@@ -92,8 +92,9 @@ class PairCache:
             for t, parts in (pairs or {}).items():
                 self._put(t, parts)
 
-    def get_many(self, key: Hashable, tenants: Sequence[str],
-                 load: Callable[[list[str]], dict[str, Pairs]]) -> dict[str, Pairs]:
+    def get_many(
+        self, key: Hashable, tenants: Sequence[str], load: Callable[[list[str]], dict[str, Pairs]]
+    ) -> dict[str, Pairs]:
         """The tenants' pairs for snapshot ``key``, loading those not cached (outside the
         lock). ``key=None`` (no snapshot yet) loads without caching."""
         found: dict[str, Pairs] = {}
@@ -138,16 +139,24 @@ class Monitor:
     spread out) on an asyncio task that never blocks the event loop.
     """
 
-    def __init__(self, store: Store, manifest: Manifest, metrics: ServiceMetrics,
-                 config: MonitorConfig | None = None, *,
-                 clock: Callable[[], float] = time.time,
-                 artefact_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        manifest: Manifest,
+        metrics: ServiceMetrics,
+        config: MonitorConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        artefact_path: Path | None = None,
+    ) -> None:
         self.store = store
         self.manifest = manifest
         self.config = config or MonitorConfig(tenant_label_cap=metrics.tenant_label.cap)
         if self.config.tenant_label_cap != metrics.tenant_label.cap:
-            raise ValueError("the monitor's tenant_label_cap must be the service metrics' one "
-                             f"({self.config.tenant_label_cap} != {metrics.tenant_label.cap})")
+            raise ValueError(
+                "the monitor's tenant_label_cap must be the service metrics' one "
+                f"({self.config.tenant_label_cap} != {metrics.tenant_label.cap})"
+            )
         self.clock = clock
         self.labels = metrics.tenant_label
         self.metrics = MonitorMetrics(metrics.registry, manifest, self.config)
@@ -168,8 +177,11 @@ class Monitor:
         try:
             ref = load_reference(path, self.manifest)
         except Exception as exc:  # an unreadable file: the baseline fallback, said in the log
-            log.warning("cannot read the artefact's reference embeddings (%s); OPIS across "
-                        "subjects falls back to the manifest baseline", exc)
+            log.warning(
+                "cannot read the artefact's reference embeddings (%s); OPIS across "
+                "subjects falls back to the manifest baseline",
+                exc,
+            )
             return None
         return None if ref is None else (ref[0].numpy(), ref[1].numpy())
 
@@ -193,8 +205,7 @@ class Monitor:
     def snapshot(self) -> MonitorSnapshot | None:
         return self.metrics.snapshot.snapshot
 
-    def view(self, tenant_id: str | None = None
-             ) -> MonitorSnapshot | TenantMonitorSnapshot | None:
+    def view(self, tenant_id: str | None = None) -> MonitorSnapshot | TenantMonitorSnapshot | None:
         """The snapshot (admin), or what ``tenant_id`` may see of it; None before the first."""
         snap = self.snapshot
         if snap is None or tenant_id is None:
@@ -207,24 +218,35 @@ class Monitor:
         ``(now - window, now]`` and labelled by ``now``, and its gallery's sampled pairs."""
         return {t: self._load(t, now=now, subjects=False)[0] for t in tenant_ids}
 
-    def _load(self, t: str, *, now: float, subjects: bool
-              ) -> tuple[Pairs, TenantSubjects | None]:
+    def _load(self, t: str, *, now: float, subjects: bool) -> tuple[Pairs, TenantSubjects | None]:
         cfg, version = self.config, self.manifest.model_version
         decisions = self.store.list_decisions(t, since=now - cfg.window_s, labelled_only=True)
         vectors = self.store.gallery_vectors(t, model_version=version)
         seed = seed_for(t, version)
         pairs = {
-            "feedback": feedback_scores(decisions, model_version=version, until=now,
-                                        max_pairs=cfg.max_pairs),
-            "gallery": gallery_scores(vectors.subjects, vectors.vectors,
-                                      max_items=cfg.max_gallery_items,
-                                      max_pairs=cfg.max_pairs, seed=seed),
+            "feedback": feedback_scores(
+                decisions, model_version=version, until=now, max_pairs=cfg.max_pairs
+            ),
+            "gallery": gallery_scores(
+                vectors.subjects,
+                vectors.vectors,
+                max_items=cfg.max_gallery_items,
+                max_pairs=cfg.max_pairs,
+                seed=seed,
+            ),
         }
         per_subject = None
         if subjects:
             per_subject = tenant_subjects(
-                vectors.subjects, vectors.vectors, decisions, grid=grid_of(self.manifest),
-                max_items=cfg.max_gallery_items, seed=seed, model_version=version, until=now)
+                vectors.subjects,
+                vectors.vectors,
+                decisions,
+                grid=grid_of(self.manifest),
+                max_items=cfg.max_gallery_items,
+                seed=seed,
+                model_version=version,
+                until=now,
+            )
         return pairs, per_subject
 
     def reference_draws(self, counts: tuple[int, ...]) -> list[Summary]:
@@ -236,9 +258,15 @@ class Monitor:
             if counts in self._reference_cache:
                 self._reference_cache.move_to_end(counts)
                 return self._reference_cache[counts]
-        draws = matched_reference(ref[0], ref[1], counts, grid_of(self.manifest),
-                                  self.config.rules, draws=self.config.reference_draws,
-                                  seed=seed_for(self.manifest.model_version, str(len(counts))))
+        draws = matched_reference(
+            ref[0],
+            ref[1],
+            counts,
+            grid_of(self.manifest),
+            self.config.rules,
+            draws=self.config.reference_draws,
+            seed=seed_for(self.manifest.model_version, str(len(counts))),
+        )
         with self._reference_lock:
             self._reference_cache[counts] = draws
             while len(self._reference_cache) > REFERENCE_CACHE:
@@ -252,15 +280,22 @@ class Monitor:
         scores = {t: v[0] for t, v in loaded.items()}
         subjects = {t: v[1] for t, v in loaded.items() if v[1] is not None}
         reference = self.reference_draws if self._reference_data is not None else None
-        snap = compute_snapshot(scores, manifest=self.manifest, config=self.config,
-                                tenant_order=tenants, now=now, subjects=subjects,
-                                reference=reference)
+        snap = compute_snapshot(
+            scores,
+            manifest=self.manifest,
+            config=self.config,
+            tenant_order=tenants,
+            now=now,
+            subjects=subjects,
+            reference=reference,
+        )
         ref, members = self._stored_reference()
         if ref is None:  # first snapshot of this version where it is defined: measure it
             ref = self.store_tenants_reference(snap, subjects, only_if_missing=True)
         elif self.members_left(members, snap):  # measured on a tenant now gone: re-measure
-            ref = self.store_tenants_reference(snap, subjects, only_if_missing=False,
-                                               replace=True, previous=members)
+            ref = self.store_tenants_reference(
+                snap, subjects, only_if_missing=False, replace=True, previous=members
+            )
         snap.tenants_reference = ref
         self.pairs.reset(self._snapshot_id(snap), scores)
         return snap
@@ -292,39 +327,52 @@ class Monitor:
         eligible = {t for t, row in snap.tenants.items() if row.eligible}
         return any(t not in eligible for t in members)
 
-    def measure_tenants_reference(self, snap: MonitorSnapshot,
-                                  subjects: Mapping[str, TenantSubjects]
-                                  ) -> TenantsReference | None:
+    def measure_tenants_reference(
+        self, snap: MonitorSnapshot, subjects: Mapping[str, TenantSubjects]
+    ) -> TenantsReference | None:
         measured = self._measure_tenants_reference(snap, subjects)
         return None if measured is None else measured[0]
 
-    def _measure_tenants_reference(self, snap: MonitorSnapshot,
-                                   subjects: Mapping[str, TenantSubjects]
-                                   ) -> tuple[TenantsReference, list[str]] | None:
+    def _measure_tenants_reference(
+        self, snap: MonitorSnapshot, subjects: Mapping[str, TenantSubjects]
+    ) -> tuple[TenantsReference, list[str]] | None:
         """The reference on ``snap``'s data, and the tenants it was measured on (sorted)."""
         cal = self.manifest.calibration
-        cal_error = 1.0 - float(utility(np.array([1.0 - cal.frr_at_tau]),
-                                        np.array([1.0 - cal.far_at_tau]), cal.beta)[0])
+        cal_error = 1.0 - float(
+            utility(np.array([1.0 - cal.frr_at_tau]), np.array([1.0 - cal.far_at_tau]), cal.beta)[0]
+        )
         eligible = [t for t, row in snap.tenants.items() if row.eligible]
-        ref = tenant_reference(subjects, eligible, grid=grid_of(self.manifest),
-                               eps=self.manifest.baseline.eps, level=self.config.interval_level,
-                               resamples=self.config.bootstrap_resamples,
-                               seed=seed_for(self.manifest.model_version, "tenants"),
-                               calibration_error=cal_error)
+        ref = tenant_reference(
+            subjects,
+            eligible,
+            grid=grid_of(self.manifest),
+            eps=self.manifest.baseline.eps,
+            level=self.config.interval_level,
+            resamples=self.config.bootstrap_resamples,
+            seed=seed_for(self.manifest.model_version, "tenants"),
+            calibration_error=cal_error,
+        )
         if ref is None:
             return None
         members = sorted(ref.pop("members"))
         fb = snap.global_.by_source.feedback
-        return TenantsReference(**ref, model_version=self.manifest.model_version,
-                                measured_at=snap.computed_at,
-                                feedback_pairs=fb.genuine_pairs + fb.impostor_pairs,
-                                min_pairs=self.config.min_pairs), members
+        return TenantsReference(
+            **ref,
+            model_version=self.manifest.model_version,
+            measured_at=snap.computed_at,
+            feedback_pairs=fb.genuine_pairs + fb.impostor_pairs,
+            min_pairs=self.config.min_pairs,
+        ), members
 
-    def store_tenants_reference(self, snap: MonitorSnapshot,
-                                subjects: Mapping[str, TenantSubjects], *,
-                                only_if_missing: bool, replace: bool = False,
-                                previous: list[str] | None = None
-                                ) -> TenantsReference | None:
+    def store_tenants_reference(
+        self,
+        snap: MonitorSnapshot,
+        subjects: Mapping[str, TenantSubjects],
+        *,
+        only_if_missing: bool,
+        replace: bool = False,
+        previous: list[str] | None = None,
+    ) -> TenantsReference | None:
         """Measures the across-tenants reference on ``snap``'s data and writes it to the
         registry with the tenants it was measured on (``tenant_reference_members``), and
         returns the stored one. ``only_if_missing``: unless a replica already stored one.
@@ -353,8 +401,9 @@ class Monitor:
                     refs[version], who[version] = ref, members
             keep = set(doc["versions"]) | {version}
             doc["tenant_references"] = {v: r for v, r in refs.items() if v in keep}
-            doc["tenant_reference_members"] = {v: m for v, m in who.items()
-                                               if v in keep and v in refs}
+            doc["tenant_reference_members"] = {
+                v: m for v, m in who.items() if v in keep and v in refs
+            }
             return doc
 
         doc = ModelRegistry(self.store).update(put)
@@ -370,8 +419,9 @@ class Monitor:
             loaded = {t: self._load(t, now=now, subjects=True) for t in tenants}
             scores = {t: v[0] for t, v in loaded.items()}
             subjects = {t: v[1] for t, v in loaded.items() if v[1] is not None}
-            snap = compute_snapshot(scores, manifest=self.manifest, config=self.config,
-                                    tenant_order=tenants, now=now)
+            snap = compute_snapshot(
+                scores, manifest=self.manifest, config=self.config, tenant_order=tenants, now=now
+            )
             ref = self.store_tenants_reference(snap, subjects, only_if_missing=False)
         if ref is not None:
             self.refresh(force=True)
@@ -449,8 +499,7 @@ class Monitor:
         self.labels.sync(list(snap.tenants))
         self.metrics.snapshot.snapshot = snap
 
-    def what_if(self, threshold: float, tenant_ids: Sequence[str] | None = None
-                ) -> dict[str, Any]:
+    def what_if(self, threshold: float, tenant_ids: Sequence[str] | None = None) -> dict[str, Any]:
         """Per-tenant FAR/FRR at ``threshold`` from the current snapshot's pairs (all tenants,
         or only ``tenant_ids``; pooled over tenants only for all). Blocking: run it in a
         thread pool. Before the first snapshot the pairs are read as of now, uncached."""
@@ -465,11 +514,16 @@ class Monitor:
         wanted = everyone if tenant_ids is None else list(dict.fromkeys(tenant_ids))
         pairs = self.pairs.get_many(key, wanted, lambda ts: self.load_scores(ts, now=now))
         cal = self.manifest.calibration
-        result = what_if(pairs, threshold, tau=cal.tau, beta=cal.beta,
-                         include_pooled=tenant_ids is None)
-        result.update(in_calibration_range=cal.tau_lo <= threshold <= cal.tau_hi,
-                      tau_lo=cal.tau_lo, tau_hi=cal.tau_hi, pairs_as_of=now,
-                      window_s=self.config.window_s)
+        result = what_if(
+            pairs, threshold, tau=cal.tau, beta=cal.beta, include_pooled=tenant_ids is None
+        )
+        result.update(
+            in_calibration_range=cal.tau_lo <= threshold <= cal.tau_hi,
+            tau_lo=cal.tau_lo,
+            tau_hi=cal.tau_hi,
+            pairs_as_of=now,
+            window_s=self.config.window_s,
+        )
         return result
 
     @staticmethod
@@ -507,9 +561,11 @@ class Monitor:
                 await asyncio.to_thread(self.refresh)
             except Exception as exc:
                 unavailable = isinstance(exc, StoreUnavailableError)
-                log.warning("monitor refresh failed, retrying next interval: %s",
-                            exc.message if unavailable else exc,  # type: ignore[attr-defined]
-                            exc_info=not unavailable)
+                log.warning(
+                    "monitor refresh failed, retrying next interval: %s",
+                    exc.message if unavailable else exc,  # type: ignore[attr-defined]
+                    exc_info=not unavailable,
+                )
             next_refresh = loop.time() + self.config.interval_s * random.uniform(0.95, 1.05)
             while not self._stop.is_set():
                 if self._wake.is_set():

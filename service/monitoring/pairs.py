@@ -43,9 +43,13 @@ class LabelledScores:
         return len(self.genuine) + len(self.impostor)
 
 
-def feedback_scores(decisions: Iterable[Decision], *, model_version: str,
-                    until: float | None = None, max_pairs: int | None = None
-                    ) -> LabelledScores:
+def feedback_scores(
+    decisions: Iterable[Decision],
+    *,
+    model_version: str,
+    until: float | None = None,
+    max_pairs: int | None = None,
+) -> LabelledScores:
     """Labelled decisions -> their outcomes (at each decision's own threshold) and pairs.
 
     Only decisions of ``model_version`` count: another model's scores live on another scale.
@@ -72,8 +76,7 @@ def feedback_scores(decisions: Iterable[Decision], *, model_version: str,
     g, i = np.asarray(genuine, np.float64), np.asarray(impostor, np.float64)
     if max_pairs is not None:
         g, i = g[-max_pairs:], i[-max_pairs:]
-    return LabelledScores(np.sort(np.clip(g, -1.0, 1.0)), np.sort(np.clip(i, -1.0, 1.0)),
-                          outcomes)
+    return LabelledScores(np.sort(np.clip(g, -1.0, 1.0)), np.sort(np.clip(i, -1.0, 1.0)), outcomes)
 
 
 def seed_for(*parts: str) -> int:
@@ -81,8 +84,9 @@ def seed_for(*parts: str) -> int:
     return int.from_bytes(hashlib.sha256("|".join(parts).encode()).digest()[:8], "little")
 
 
-def sample_gallery(subjects: Sequence[str], max_items: int, rng: np.random.Generator
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def sample_gallery(
+    subjects: Sequence[str], max_items: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Subject codes of every item, and the rows kept: all of them up to ``max_items``, else
     whole subjects drawn in a seeded order until the budget is filled."""
     n = len(subjects)
@@ -98,7 +102,7 @@ def sample_gallery(subjects: Sequence[str], max_items: int, rng: np.random.Gener
         chosen: list[np.ndarray] = []
         budget = max_items
         for c in rng.permutation(codes.max() + 1):
-            members = order[starts[c]:starts[c + 1]]
+            members = order[starts[c] : starts[c + 1]]
             if len(members) > budget:
                 if budget < 2:
                     if budget < smallest:  # no subject left can fit: nothing more is drawn
@@ -113,8 +117,9 @@ def sample_gallery(subjects: Sequence[str], max_items: int, rng: np.random.Gener
     return codes, idx
 
 
-def gallery_scores(subjects: Sequence[str], vectors: np.ndarray, *, max_items: int,
-                   max_pairs: int, seed: int) -> LabelledScores:
+def gallery_scores(
+    subjects: Sequence[str], vectors: np.ndarray, *, max_items: int, max_pairs: int, seed: int
+) -> LabelledScores:
     """Genuine (same subject) and impostor (different subjects) scores within a gallery.
 
     Above ``max_items`` items, whole subjects are drawn in a seeded order until the budget is

@@ -79,8 +79,7 @@ class MonitorConfig:
             (self.tenant_label_cap >= 0, "tenant_label_cap must be >= 0"),
             (self.max_gallery_items >= 2, "max_gallery_items must be >= 2"),
             (self.max_pairs >= 1, "max_pairs must be >= 1"),
-            (0 < self.fine_step <= self.coarse_step <= 2,
-             "need 0 < fine_step <= coarse_step <= 2"),
+            (0 < self.fine_step <= self.coarse_step <= 2, "need 0 < fine_step <= coarse_step <= 2"),
             (self.fine_margin >= 0, "fine_margin must be >= 0"),
             (self.whatif_cache_pairs >= 0, "whatif_cache_pairs must be >= 0"),
             (self.min_subject_pairs >= 1, "min_subject_pairs must be >= 1"),
@@ -96,19 +95,24 @@ class MonitorConfig:
     @classmethod
     def from_settings(cls, settings: Any) -> MonitorConfig:
         """The ``monitor_*`` settings (and ``tenant_label_cap``)."""
-        return cls(interval_s=settings.monitor_interval_s, window_s=settings.monitor_window_s,
-                   min_pairs=settings.monitor_min_pairs,
-                   tenant_label_cap=settings.tenant_label_cap,
-                   max_gallery_items=settings.monitor_max_gallery_items,
-                   max_pairs=settings.monitor_max_pairs,
-                   min_subjects=settings.monitor_min_subjects,
-                   reference_draws=settings.monitor_reference_draws)
+        return cls(
+            interval_s=settings.monitor_interval_s,
+            window_s=settings.monitor_window_s,
+            min_pairs=settings.monitor_min_pairs,
+            tenant_label_cap=settings.tenant_label_cap,
+            max_gallery_items=settings.monitor_max_gallery_items,
+            max_pairs=settings.monitor_max_pairs,
+            min_subjects=settings.monitor_min_subjects,
+            reference_draws=settings.monitor_reference_draws,
+        )
 
     @property
     def rules(self) -> Rules:
-        return Rules(min_genuine_pairs=self.min_subject_pairs,
-                     min_impostor_pairs=self.min_subject_pairs, min_subjects=self.min_subjects)
-
+        return Rules(
+            min_genuine_pairs=self.min_subject_pairs,
+            min_impostor_pairs=self.min_subject_pairs,
+            min_subjects=self.min_subjects,
+        )
 
     def key(self, model_version: str) -> str:
         d = asdict(self)
@@ -131,8 +135,9 @@ def accepted(sorted_scores: np.ndarray, threshold: float) -> int:
     return int(len(sorted_scores) - np.searchsorted(sorted_scores, threshold, side="left"))
 
 
-def error_rates(genuine: np.ndarray, impostor: np.ndarray, threshold: float, *,
-                beta: float = 1.0) -> Rates:
+def error_rates(
+    genuine: np.ndarray, impostor: np.ndarray, threshold: float, *, beta: float = 1.0
+) -> Rates:
     """FAR, FRR and F-beta utility at ``threshold`` from sorted scores, with the number of
     pairs behind them; a rate without pairs is None."""
     n_g, n_i = len(genuine), len(impostor)
@@ -144,24 +149,42 @@ def error_rates(genuine: np.ndarray, impostor: np.ndarray, threshold: float, *,
     return Rates(far=far, frr=frr, utility=u, genuine_pairs=n_g, impostor_pairs=n_i)
 
 
-def source_rates(parts: Mapping[str, LabelledScores], threshold: float, *, beta: float
-                 ) -> SourceRates:
+def source_rates(
+    parts: Mapping[str, LabelledScores], threshold: float, *, beta: float
+) -> SourceRates:
     """Rates pooled over the sources and per source."""
-    by_source = {src: error_rates(parts[src].genuine if src in parts else np.zeros(0),
-                                  parts[src].impostor if src in parts else np.zeros(0),
-                                  threshold, beta=beta) for src in SOURCES}
-    return SourceRates(pooled=error_rates(pooled(parts, "genuine"), pooled(parts, "impostor"),
-                                          threshold, beta=beta),
-                       by_source=RatesBySource(**by_source))
+    by_source = {
+        src: error_rates(
+            parts[src].genuine if src in parts else np.zeros(0),
+            parts[src].impostor if src in parts else np.zeros(0),
+            threshold,
+            beta=beta,
+        )
+        for src in SOURCES
+    }
+    return SourceRates(
+        pooled=error_rates(
+            pooled(parts, "genuine"), pooled(parts, "impostor"), threshold, beta=beta
+        ),
+        by_source=RatesBySource(**by_source),
+    )
 
 
 # --- histograms -----------------------------------------------------------------------------
-def score_buckets(*, tau_lo: float, tau_hi: float, tau: float, fine_step: float = 0.01,
-                  fine_margin: float = 0.1, coarse_step: float = 0.1) -> tuple[float, ...]:
+def score_buckets(
+    *,
+    tau_lo: float,
+    tau_hi: float,
+    tau: float,
+    fine_step: float = 0.01,
+    fine_margin: float = 0.1,
+    coarse_step: float = 0.1,
+) -> tuple[float, ...]:
     """Histogram upper bounds (``le``): ``fine_step`` apart over [tau_lo - margin,
     tau_hi + margin] so that FAR/FRR at any threshold in and near the calibration range can be
     read in PromQL, ``coarse_step`` apart elsewhere in [-1, 1], and tau itself (FAR at tau
     exactly). Grid points are on multiples of the step (readable ``le`` labels)."""
+
     def grid(lo: float, hi: float, step: float) -> np.ndarray:
         k0, k1 = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
         return np.round(np.arange(k0, k1 + 1) * step, 10)
@@ -175,25 +198,35 @@ def score_buckets(*, tau_lo: float, tau_hi: float, tau: float, fine_step: float 
 
 def cumulative_counts(sorted_scores: np.ndarray, bounds: Sequence[float]) -> list[int]:
     """Prometheus ``le`` semantics: how many scores are <= each bound."""
-    return np.searchsorted(sorted_scores, np.asarray(bounds, np.float64), side="right"
-                           ).astype(int).tolist()
+    return (
+        np.searchsorted(sorted_scores, np.asarray(bounds, np.float64), side="right")
+        .astype(int)
+        .tolist()
+    )
 
 
 def histogram(sorted_scores: np.ndarray, bounds: Sequence[float]) -> ScoreHistogram:
-    return ScoreHistogram(buckets=cumulative_counts(sorted_scores, bounds),
-                          count=len(sorted_scores), sum=float(sorted_scores.sum()))
+    return ScoreHistogram(
+        buckets=cumulative_counts(sorted_scores, bounds),
+        count=len(sorted_scores),
+        sum=float(sorted_scores.sum()),
+    )
 
 
 # --- the snapshot ---------------------------------------------------------------------------
-def merge_sources(scores: Mapping[str, Mapping[str, LabelledScores]], tenants: Sequence[str]
-                  ) -> dict[str, LabelledScores]:
+def merge_sources(
+    scores: Mapping[str, Mapping[str, LabelledScores]], tenants: Sequence[str]
+) -> dict[str, LabelledScores]:
     """Several tenants' pairs added up, source by source (sorted)."""
+
     def cat(src: str, kind: str) -> np.ndarray:
         arrays = [getattr(scores[t][src], kind) for t in tenants if src in scores.get(t, {})]
         return np.sort(np.concatenate(arrays)) if arrays else np.zeros(0, np.float64)
 
-    return {src: LabelledScores(genuine=cat(src, "genuine"), impostor=cat(src, "impostor"))
-            for src in SOURCES}
+    return {
+        src: LabelledScores(genuine=cat(src, "genuine"), impostor=cat(src, "impostor"))
+        for src in SOURCES
+    }
 
 
 def compute_snapshot(
@@ -229,11 +262,16 @@ def compute_snapshot(
         p = rates.pooled
         fb = parts.get("feedback")
         tenants[t] = TenantMonitorRow(
-            **dict(p), label=labels[t],
+            **dict(p),
+            label=labels[t],
             eligible=p.genuine_pairs >= config.min_pairs and p.impostor_pairs >= config.min_pairs,
-            mean_utility=None, deviation=None, by_source=rates.by_source,
+            mean_utility=None,
+            deviation=None,
+            by_source=rates.by_source,
             outcomes=OutcomeCounts.model_validate(
-                dict(fb.outcomes) if fb is not None else dict.fromkeys(OUTCOMES, 0)))
+                dict(fb.outcomes) if fb is not None else dict.fromkeys(OUTCOMES, 0)
+            ),
+        )
 
     eligible = [t for t in order if tenants[t].eligible]
     opis = eps_opis = None
@@ -242,39 +280,63 @@ def compute_snapshot(
         report = consistency_from_scores(
             {t: pooled(scores[t], "genuine") for t in eligible},
             {t: pooled(scores[t], "impostor") for t in eligible},
-            tau_range=(cal.tau_lo, cal.tau_hi), num_thresholds=cal.num_thresholds,
-            beta=cal.beta, eps=base.eps, tau=cal.tau)
+            tau_range=(cal.tau_lo, cal.tau_hi),
+            num_thresholds=cal.num_thresholds,
+            beta=cal.beta,
+            eps=base.eps,
+            tau=cal.tau,
+        )
         opis, eps_opis = float(report.opis), float(report.eps_opis)
         dev = deviations(report.utility)
         for row, t in enumerate(report.classes):
             tenants[t].mean_utility = float(report.mean_utility[row])
             tenants[t].deviation = float(dev[row])
     else:
-        reason = (f"{len(eligible)} of {len(order)} tenant(s) have at least {config.min_pairs} "
-                  f"genuine and {config.min_pairs} impostor labelled pairs; OPIS compares "
-                  "tenants, so it needs at least 2")
+        reason = (
+            f"{len(eligible)} of {len(order)} tenant(s) have at least {config.min_pairs} "
+            f"genuine and {config.min_pairs} impostor labelled pairs; OPIS compares "
+            "tenants, so it needs at least 2"
+        )
 
-    bounds = score_buckets(tau_lo=cal.tau_lo, tau_hi=cal.tau_hi, tau=cal.tau,
-                           fine_step=config.fine_step, fine_margin=config.fine_margin,
-                           coarse_step=config.coarse_step)
+    bounds = score_buckets(
+        tau_lo=cal.tau_lo,
+        tau_hi=cal.tau_hi,
+        tau=cal.tau,
+        fine_step=config.fine_step,
+        fine_margin=config.fine_margin,
+        coarse_step=config.coarse_step,
+    )
     by_label: dict[str, LabelMonitorRow] = {}
     for label in dict.fromkeys(labels[t] for t in order):
         members = [t for t in order if labels[t] == label]
         merged = merge_sources(scores, members)
         rates = source_rates(merged, cal.tau, beta=cal.beta)
         by_label[label] = LabelMonitorRow(
-            tenants=len(members), pooled=rates.pooled, by_source=rates.by_source,
-            histograms={kind: {src: histogram(getattr(merged[src], kind), bounds)
-                               for src in SOURCES if len(getattr(merged[src], kind))}
-                        for kind in KINDS})
+            tenants=len(members),
+            pooled=rates.pooled,
+            by_source=rates.by_source,
+            histograms={
+                kind: {
+                    src: histogram(getattr(merged[src], kind), bounds)
+                    for src in SOURCES
+                    if len(getattr(merged[src], kind))
+                }
+                for kind in KINDS
+            },
+        )
 
     everyone = merge_sources(scores, order)
     across = None
     if subjects is not None:
         across = across_subjects(
-            subjects, grid=grid_of(manifest), rules=config.rules, eps=base.eps,
-            level=config.interval_level, reference=reference,
-            baseline={"opis": base.opis, "opis_interval": base.opis_interval})
+            subjects,
+            grid=grid_of(manifest),
+            rules=config.rules,
+            eps=base.eps,
+            level=config.interval_level,
+            reference=reference,
+            baseline={"opis": base.opis, "opis_interval": base.opis_interval},
+        )
         for t, row in across["tenants"].items():
             if t in tenants:
                 tenants[t].subjects = SubjectsRow.model_validate(row)
@@ -287,20 +349,32 @@ def compute_snapshot(
         since=now - config.window_s,
         interval_s=config.interval_s,
         model_version=manifest.model_version,
-        tau=cal.tau, tau_lo=cal.tau_lo, tau_hi=cal.tau_hi,
-        target_far=cal.target_far, num_thresholds=cal.num_thresholds,
-        beta=cal.beta, eps=base.eps,
-        min_pairs=config.min_pairs, max_pairs=config.max_pairs,
+        tau=cal.tau,
+        tau_lo=cal.tau_lo,
+        tau_hi=cal.tau_hi,
+        target_far=cal.target_far,
+        num_thresholds=cal.num_thresholds,
+        beta=cal.beta,
+        eps=base.eps,
+        min_pairs=config.min_pairs,
+        max_pairs=config.max_pairs,
         max_gallery_items=config.max_gallery_items,
-        opis=opis, eps_opis=eps_opis, opis_unavailable_reason=reason,
+        opis=opis,
+        eps_opis=eps_opis,
+        opis_unavailable_reason=reason,
         baseline=BaselineOut(
-            opis=base.opis, eps_opis=base.eps_opis, eps=base.eps,
+            opis=base.opis,
+            eps_opis=base.eps_opis,
+            eps=base.eps,
             opis_interval=list(base.opis_interval) if base.opis_interval else None,
             eps_opis_interval=list(base.eps_opis_interval) if base.eps_opis_interval else None,
             interval_level=base.interval_level,
-            num_classes=base.num_classes, num_images=base.num_images),
-        subjects=None if across is None else SubjectsSignal.model_validate(
-            {k: v for k, v in across.items() if k != "tenants"}),
+            num_classes=base.num_classes,
+            num_images=base.num_images,
+        ),
+        subjects=None
+        if across is None
+        else SubjectsSignal.model_validate({k: v for k, v in across.items() if k != "tenants"}),
         tenants_reference=None,
         global_=source_rates(everyone, cal.tau, beta=cal.beta),
         tenants_total=len(order),
@@ -320,21 +394,31 @@ def tenant_view(snapshot: MonitorSnapshot, tenant_id: str) -> TenantMonitorSnaps
     return TenantMonitorSnapshot(**header, tenant=snapshot.tenants.get(tenant_id))
 
 
-def what_if(pairs: Mapping[str, Mapping[str, LabelledScores]], threshold: float, *,
-            tau: float, beta: float, include_pooled: bool = True) -> dict[str, Any]:
+def what_if(
+    pairs: Mapping[str, Mapping[str, LabelledScores]],
+    threshold: float,
+    *,
+    tau: float,
+    beta: float,
+    include_pooled: bool = True,
+) -> dict[str, Any]:
     """Per-tenant FAR/FRR at a candidate threshold (and at tau, for comparison), per source and
     pooled, with the pairs behind each; ``pooled_over_tenants`` adds all tenants' pairs up.
     Cost: O(tenants * log pairs) on sorted scores."""
-    if not (isinstance(threshold, int | float) and math.isfinite(threshold)
-            and -1.0 <= threshold <= 1.0):
+    if not (
+        isinstance(threshold, int | float) and math.isfinite(threshold) and -1.0 <= threshold <= 1.0
+    ):
         raise ValueError(f"threshold must be a cosine score in [-1, 1], got {threshold!r}")
     tenants: dict[str, Any] = {}
     totals = {src: {"g": 0, "i": 0, "fa": 0, "fr": 0} for src in SOURCES}
     for t, parts in pairs.items():
         at = source_rates(parts, threshold, beta=beta)
         at_tau = source_rates(parts, tau, beta=beta).pooled
-        tenants[t] = {**at.pooled.model_dump(), "by_source": at.by_source.model_dump(),
-                      "at_tau": {"far": at_tau.far, "frr": at_tau.frr}}
+        tenants[t] = {
+            **at.pooled.model_dump(),
+            "by_source": at.by_source.model_dump(),
+            "at_tau": {"far": at_tau.far, "frr": at_tau.frr},
+        }
         for src, p in parts.items():
             tot = totals[src]
             tot["g"] += len(p.genuine)
@@ -348,5 +432,7 @@ def what_if(pairs: Mapping[str, Mapping[str, LabelledScores]], threshold: float,
         out["pooled_over_tenants"] = {
             "far": sum(v["fa"] for v in totals.values()) / i if i else None,
             "frr": sum(v["fr"] for v in totals.values()) / g if g else None,
-            "genuine_pairs": g, "impostor_pairs": i}
+            "genuine_pairs": g,
+            "impostor_pairs": i,
+        }
     return out

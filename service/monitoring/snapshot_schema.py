@@ -49,9 +49,11 @@ class SubjectsReference(BaseModel):
     lo: float
     mid: float
     hi: float
-    matched: bool = Field(description="measured on held-out classes subsampled to this "
-                          "gallery's images per subject; false: the manifest's full-count "
-                          "baseline (an older artefact), which alerts ignore")
+    matched: bool = Field(
+        description="measured on held-out classes subsampled to this "
+        "gallery's images per subject; false: the manifest's full-count "
+        "baseline (an older artefact), which alerts ignore"
+    )
     draws: int
     note: str | None = None
 
@@ -74,12 +76,17 @@ class SubjectsPooled(BaseModel):
     opis: float | None
     reference: SubjectsReference | None
     unavailable_reason: str | None
-    left_out_tenant: str | None = Field(None, description="with 3 or more tenants of "
-                                        "min_subjects eligible subjects, opis pools them with "
-                                        "its most influential tenant left out: this one "
-                                        "(absent: none was)")
-    opis_all_tenants: float | None = Field(None, description="the pool of every tenant's "
-                                           "subjects, none left out (absent: the same as opis)")
+    left_out_tenant: str | None = Field(
+        None,
+        description="with 3 or more tenants of "
+        "min_subjects eligible subjects, opis pools them with "
+        "its most influential tenant left out: this one "
+        "(absent: none was)",
+    )
+    opis_all_tenants: float | None = Field(
+        None,
+        description="the pool of every tenant's subjects, none left out (absent: the same as opis)",
+    )
 
 
 class SubjectsSignal(BaseModel):
@@ -99,8 +106,10 @@ class TenantsReference(BaseModel):
     eps_opis: float
     opis_interval: list[float] | None
     eps_opis_interval: list[float] | None
-    deviation: dict[str, float] = Field(description="max: the farthest tenant's deviation from "
-                                        "the median tenant's curve; hi: its bootstrap bound")
+    deviation: dict[str, float] = Field(
+        description="max: the farthest tenant's deviation from "
+        "the median tenant's curve; hi: its bootstrap bound"
+    )
     calibration_error: float
     far_at_tau: dict[str, float]
     level: float
@@ -115,8 +124,11 @@ class TenantMonitorRow(Rates):
     label: str = Field(description="the tenant's value of the capped metrics label")
     eligible: bool = Field(description="enough genuine and impostor pairs to enter OPIS")
     mean_utility: float | None
-    deviation: float | None = Field(None, description="mean squared distance of the tenant's "
-                                    "utility curve from the median tenant's (in OPIS only)")
+    deviation: float | None = Field(
+        None,
+        description="mean squared distance of the tenant's "
+        "utility curve from the median tenant's (in OPIS only)",
+    )
     by_source: RatesBySource
     outcomes: OutcomeCounts
     subjects: SubjectsRow | None = None
@@ -132,8 +144,9 @@ class LabelMonitorRow(BaseModel):
     tenants: int
     pooled: Rates
     by_source: RatesBySource
-    histograms: dict[Literal["genuine", "impostor"], dict[Literal["feedback", "gallery"],
-                                                          ScoreHistogram]]
+    histograms: dict[
+        Literal["genuine", "impostor"], dict[Literal["feedback", "gallery"], ScoreHistogram]
+    ]
 
 
 class BaselineOut(BaseModel):

@@ -200,7 +200,8 @@ def across_subjects(
     if total >= rules.min_subjects:
         names = list(summaries)
         pooled["opis"], left_out = trimmed_pooled_opis(
-            list(summaries.values()), min_subjects=rules.min_subjects)
+            list(summaries.values()), min_subjects=rules.min_subjects
+        )
         if left_out is not None:  # keys set only then: the stored shape is otherwise as before
             pooled["left_out_tenant"] = names[left_out]
             pooled["opis_all_tenants"] = pooled_opis(list(summaries.values()))

@@ -34,8 +34,15 @@ from PIL import Image, UnidentifiedImageError
 from service.store import Store
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp",
-           "PPM": ".ppm", "GIF": ".png"}
+_SUFFIX = {
+    "PNG": ".png",
+    "JPEG": ".jpg",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+    "WEBP": ".webp",
+    "PPM": ".ppm",
+    "GIF": ".png",
+}
 
 
 def class_folder(tenant_id: str, subject: str) -> str:
@@ -52,8 +59,14 @@ def _suffix(image: bytes) -> str | None:
         return None
 
 
-def export_dataset(store: Store, out: Path, *, tenants: Iterable[str] | None = None,
-                   min_images_per_subject: int = 1, page: int = 500) -> dict[str, Any]:
+def export_dataset(
+    store: Store,
+    out: Path,
+    *,
+    tenants: Iterable[str] | None = None,
+    min_images_per_subject: int = 1,
+    page: int = 500,
+) -> dict[str, Any]:
     """Writes the dataset (see the module doc) and returns the summary also written to
     ``export.json``. ``tenants``: only these (e.g. those that consented); default all."""
     out = Path(out)
@@ -89,16 +102,24 @@ def export_dataset(store: Store, out: Path, *, tenants: Iterable[str] | None = N
                         unreadable.setdefault(tid, []).append(it.item_id)
                         continue
                     folder = class_folder(tid, it.subject)
-                    entry = classes.setdefault(folder, {"tenant_id": tid,
-                                                        "subject": it.subject, "images": 0})
+                    entry = classes.setdefault(
+                        folder, {"tenant_id": tid, "subject": it.subject, "images": 0}
+                    )
                     (out / folder).mkdir(exist_ok=True)
                     name = hashlib.sha256(it.item_id.encode()).hexdigest()[:16] + suffix
                     (out / folder / name).write_bytes(full.image)
                     entry["images"] += 1
             for d in store.list_decisions(tid, labelled_only=True):
-                fb.write(json.dumps({"match": asdict(d.match),
-                                     "feedback": asdict(d.feedback) if d.feedback else None},
-                                    separators=(",", ":")) + "\n")
+                fb.write(
+                    json.dumps(
+                        {
+                            "match": asdict(d.match),
+                            "feedback": asdict(d.feedback) if d.feedback else None,
+                        },
+                        separators=(",", ":"),
+                    )
+                    + "\n"
+                )
                 feedback += 1
     for folder, entry in list(classes.items()):
         if entry["images"] < min_images_per_subject:
@@ -108,12 +129,16 @@ def export_dataset(store: Store, out: Path, *, tenants: Iterable[str] | None = N
             del classes[folder]
     registry, _ = store.get_model_registry()
     summary = {
-        "exported_at": time.time(), "tenants": wanted,
+        "exported_at": time.time(),
+        "tenants": wanted,
         "model_version": (registry or {}).get("active"),
-        "classes": classes, "num_classes": len(classes),
+        "classes": classes,
+        "num_classes": len(classes),
         "num_images": sum(c["images"] for c in classes.values()),
-        "items_without_image": left_out, "unreadable_images": unreadable,
-        "feedback_records": feedback, "min_images_per_subject": min_images_per_subject,
+        "items_without_image": left_out,
+        "unreadable_images": unreadable,
+        "feedback_records": feedback,
+        "min_images_per_subject": min_images_per_subject,
         "train_with": f"tcm-train fit --set dataset=imagefolder --set data_dir={out} ...",
     }
     (out / "export.json").write_text(json.dumps(summary, indent=2))

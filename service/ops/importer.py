@@ -286,7 +286,7 @@ class JsonlSource:
                 for line_no, raw in enumerate(f, 1):
                     at, offset = offset, offset + len(raw)
                     if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
-                        raw, at = raw[len(codecs.BOM_UTF8):], at + len(codecs.BOM_UTF8)
+                        raw, at = raw[len(codecs.BOM_UTF8) :], at + len(codecs.BOM_UTF8)
                     if not raw.strip():
                         continue
                     row += 1
@@ -314,9 +314,7 @@ class JsonlSource:
             try:
                 obj = json.loads(text, parse_constant=_no_constant)
             except json.JSONDecodeError as exc:
-                raise ImportError_(
-                    f"{where} is not JSON: {exc.msg} at column {exc.colno}"
-                ) from exc
+                raise ImportError_(f"{where} is not JSON: {exc.msg} at column {exc.colno}") from exc
             except (ValueError, RecursionError) as exc:
                 raise ImportError_(f"{where} is not JSON: {_one_line(exc)}") from exc
             if not isinstance(obj, dict):
@@ -615,8 +613,6 @@ class ParquetRows:
         return value
 
 
-
-
 SUFFIXES = (".npy", ".jsonl", ".parquet")
 
 
@@ -680,7 +676,12 @@ def derived_id_prefix(source: Path) -> str:
 
 
 def import_inputs(
-    source: Path, *, subjects: Path | None, ids: Path | None, id_prefix: str | None, url: str,
+    source: Path,
+    *,
+    subjects: Path | None,
+    ids: Path | None,
+    id_prefix: str | None,
+    url: str,
     api_key: str,
 ) -> dict[str, Any]:
     """The fingerprint of what an import writes, as the state file records it: the source's
@@ -701,6 +702,7 @@ def import_inputs(
 
 def _describe(name: str, saved: Any, now: Any) -> str:
     """What differs between a state's input ``name`` and this run's, in words."""
+
     def content(d: dict[str, Any] | None) -> str:
         return "none" if d is None else f"sha256 {d['sha256'][:12]}, {d['size']} bytes"
 
@@ -712,9 +714,13 @@ def _describe(name: str, saved: Any, now: Any) -> str:
         return f"the item id prefix (was {saved!r}, now {now!r})"
     if name == "target":
         same_url = isinstance(saved, dict) and saved.get("url") == now["url"]
-        return "the API key (another tenant, or another key)" if same_url else (
-            f"the service (was {saved.get('url') if isinstance(saved, dict) else saved!r}, "
-            f"now {now['url']!r})"
+        return (
+            "the API key (another tenant, or another key)"
+            if same_url
+            else (
+                f"the service (was {saved.get('url') if isinstance(saved, dict) else saved!r}, "
+                f"now {now['url']!r})"
+            )
         )
     return name
 
@@ -863,8 +869,7 @@ def send_batch(client: Client, batch: Batch, resent: bool = False) -> str:
         if r.status_code == 422:
             raise Refused(_name_row(batch, err)) from exc
         message = (
-            f"{r.status_code} {err.get('code', '')}: "
-            f"{_one_line(err.get('message', r.text[:300]))}"
+            f"{r.status_code} {err.get('code', '')}: {_one_line(err.get('message', r.text[:300]))}"
         )
         if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
             raise Refused(message) from exc

@@ -73,11 +73,13 @@ def startup_model(store: Store, settings: Settings) -> Path:
     try:
         doc = registry.read()
         if doc["active"] is None:
+
             def first_start(d: reg.Doc) -> reg.Doc:
                 if d["active"] is not None:  # another replica's first start won the race
                     return d
-                d = reg.commit(reg.register(d, manifest, configured, now=now), version,
-                               kind="startup", now=now)
+                d = reg.commit(
+                    reg.register(d, manifest, configured, now=now), version, kind="startup", now=now
+                )
                 d["configured"] = version
                 return d
 
@@ -86,16 +88,21 @@ def startup_model(store: Store, settings: Settings) -> Path:
             try:
                 doc = registry.update(lambda d: reg.register(d, manifest, configured, now=now))
             except ConflictError as exc:
-                log.error("the configured artefact %s is not staged: %s", configured,
-                          exc.message)
+                log.error("the configured artefact %s is not staged: %s", configured, exc.message)
         if doc["active"] != version:
-            log.warning("the configured artefact %s (%s) is not the active model: serving %s, "
-                        "the registry's active version; to switch every replica to it: "
-                        "tcm-serve models activate %s", configured, version, doc["active"],
-                        version)
+            log.warning(
+                "the configured artefact %s (%s) is not the active model: serving %s, "
+                "the registry's active version; to switch every replica to it: "
+                "tcm-serve models activate %s",
+                configured,
+                version,
+                doc["active"],
+                version,
+            )
     except StoreUnavailableError as exc:
-        log.warning("model registry unreadable at start-up, serving %s: %s", configured,
-                    exc.message)
+        log.warning(
+            "model registry unreadable at start-up, serving %s: %s", configured, exc.message
+        )
         return configured
     return Path(doc["versions"][doc["active"]]["path"])
 
@@ -125,8 +132,16 @@ class Progress:
 
 
 class ModelLifecycle:
-    def __init__(self, *, settings: Settings, store: Store, slot: ServingSlot, sync: IndexSync,
-                 metrics: ServiceMetrics, device: torch.device) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        slot: ServingSlot,
+        sync: IndexSync,
+        metrics: ServiceMetrics,
+        device: torch.device,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.slot = slot
@@ -149,22 +164,30 @@ class ModelLifecycle:
         try:
             _, manifest, _ = await run_in_threadpool(load_served_model, p, device="cpu")
         except (ValueError, OSError, RuntimeError) as exc:
-            raise InvalidInputError(f"{path} is not a usable artefact: {exc}",
-                                    code="invalid_artefact", detail={"path": path}) from exc
+            raise InvalidInputError(
+                f"{path} is not a usable artefact: {exc}",
+                code="invalid_artefact",
+                detail={"path": path},
+            ) from exc
         now = time.time()
         doc = await run_in_threadpool(
-            self.registry.update, lambda d: reg.register(d, manifest, p, now=now))
+            self.registry.update, lambda d: reg.register(d, manifest, p, now=now)
+        )
         return manifest.model_version, doc
 
     async def activate(self, version: str, *, kind: str = "activate") -> dict[str, Any]:
         """Starts switching to ``version`` in the background; returns the activation."""
         if self.busy:
-            raise ConflictError("this replica is already switching models; wait for it",
-                                code="activation_in_progress",
-                                detail={"activation": self.status()})
+            raise ConflictError(
+                "this replica is already switching models; wait for it",
+                code="activation_in_progress",
+                detail={"activation": self.status()},
+            )
         now = time.time()
-        await run_in_threadpool(self.registry.update, lambda d: reg.begin(
-            d, version, kind=kind, owner=self.owner, now=now))
+        await run_in_threadpool(
+            self.registry.update,
+            lambda d: reg.begin(d, version, kind=kind, owner=self.owner, now=now),
+        )
         self._run_in_background(version, kind=kind, commit=True)
         assert self.progress is not None
         return self.progress.as_dict()
@@ -173,9 +196,11 @@ class ModelLifecycle:
         doc = await run_in_threadpool(self.registry.read)
         target = reg.previous(doc)
         if target is None:
-            raise ConflictError("there is no previous model version to roll back to",
-                                code="no_previous_version",
-                                detail={"active": doc["active"]})
+            raise ConflictError(
+                "there is no previous model version to roll back to",
+                code="no_previous_version",
+                detail={"active": doc["active"]},
+            )
         return await self.activate(target, kind="rollback")
 
     def status(self) -> dict[str, Any] | None:
@@ -200,10 +225,12 @@ class ModelLifecycle:
         return self._task is not None and not self._task.done()
 
     def _run_in_background(self, version: str, *, kind: str, commit: bool) -> None:
-        self.progress = Progress(version=version, kind=kind,
-                                 from_version=self.slot.current.model_version)
-        self._task = asyncio.create_task(self._run(version, kind=kind, commit=commit),
-                                         name=f"activate-{version}")
+        self.progress = Progress(
+            version=version, kind=kind, from_version=self.slot.current.model_version
+        )
+        self._task = asyncio.create_task(
+            self._run(version, kind=kind, commit=commit), name=f"activate-{version}"
+        )
 
     async def _watch(self) -> None:
         """Follows the registry: switches to a version another replica activated, and takes
@@ -215,10 +242,8 @@ class ModelLifecycle:
                     continue
                 doc = await run_in_threadpool(self.registry.read)
                 act = doc["activation"]
-                if (doc["active"] is not None
-                        and doc["active"] != self.slot.current.model_version):
-                    log.info("the registry's active model is %s: switching to it",
-                             doc["active"])
+                if doc["active"] is not None and doc["active"] != self.slot.current.model_version:
+                    log.info("the registry's active model is %s: switching to it", doc["active"])
                     self._run_in_background(doc["active"], kind="follow", commit=False)
                 elif act is not None and act["state"] == "running" and self._stale(act):
                     await self._take_over(act)
@@ -246,8 +271,11 @@ class ModelLifecycle:
             await run_in_threadpool(self.registry.update, claim)
         except ConflictError:
             return
-        log.warning("resuming the activation of %s left by %s (its heartbeat stopped)",
-                    version, act["owner"])
+        log.warning(
+            "resuming the activation of %s left by %s (its heartbeat stopped)",
+            version,
+            act["owner"],
+        )
         self._run_in_background(version, kind=act["kind"], commit=True)
 
     async def _beat(self, version: str) -> None:
@@ -272,8 +300,13 @@ class ModelLifecycle:
             record = doc["versions"].get(version)
             if record is None:
                 raise ValueError(f"model version {version} is not registered")
-            new = await build_serving(self.settings, Path(record["path"]), device=self.device,
-                                      store=self.store, metrics=metrics)
+            new = await build_serving(
+                self.settings,
+                Path(record["path"]),
+                device=self.device,
+                store=self.store,
+                metrics=metrics,
+            )
             if new.model_version != version:
                 raise ValueError(f"{record['path']} now holds {new.model_version}, not {version}")
             await self._prepare(new, progress, beat=commit)
@@ -282,21 +315,31 @@ class ModelLifecycle:
             new = None  # it is the served one now
             progress.state, progress.finished_at = "done", time.time()
             metrics.model_activations.labels(result="completed").inc()
-            log.info("switched to model %s (%s): %d items re-embedded, %d left out",
-                     version, kind, progress.items_embedded, progress.items_skipped)
+            log.info(
+                "switched to model %s (%s): %d items re-embedded, %d left out",
+                version,
+                kind,
+                progress.items_embedded,
+                progress.items_skipped,
+            )
             await self._purge()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("activating model %s failed; %s stays active", version,
-                          self.slot.current.model_version)
+            log.exception(
+                "activating model %s failed; %s stays active",
+                version,
+                self.slot.current.model_version,
+            )
             progress.state, progress.error = "failed", f"{type(exc).__name__}: {exc}"
             progress.finished_at = time.time()
             metrics.model_activations.labels(result="failed").inc()
             if commit:
                 with contextlib.suppress(Exception):
-                    await run_in_threadpool(self.registry.update, lambda d: reg.abandon(
-                        d, version, error=progress.error or "failed"))
+                    await run_in_threadpool(
+                        self.registry.update,
+                        lambda d: reg.abandon(d, version, error=progress.error or "failed"),
+                    )
         finally:
             metrics.model_activation_running.set(0)
             if new is not None:
@@ -322,8 +365,9 @@ class ModelLifecycle:
                 progress.items_embedded += embedded
                 progress.items_skipped += skipped
                 if skipped:
-                    progress.skipped_by_tenant[tid] = (progress.skipped_by_tenant.get(tid, 0)
-                                                       + skipped)
+                    progress.skipped_by_tenant[tid] = (
+                        progress.skipped_by_tenant.get(tid, 0) + skipped
+                    )
                 gauge.labels(state="embedded").set(progress.items_embedded)
                 gauge.labels(state="skipped").set(progress.items_skipped)
 
@@ -342,8 +386,12 @@ class ModelLifecycle:
             skipped = await self.sync.rebuild_all(new)  # catches up on writes made meanwhile
             if commit:
                 now = time.time()
-                await run_in_threadpool(self.registry.update, lambda d: reg.commit(
-                    d, new.model_version, kind=progress.kind, now=now, skipped=skipped))
+                await run_in_threadpool(
+                    self.registry.update,
+                    lambda d: reg.commit(
+                        d, new.model_version, kind=progress.kind, now=now, skipped=skipped
+                    ),
+                )
             old = self.slot.swap(new)
         self.sync.start_follower()
         progress.skipped_by_tenant = skipped

@@ -24,8 +24,15 @@ log = logging.getLogger(__name__)
 
 
 class Retention:
-    def __init__(self, store: Store, *, max_age_s: float, keep: int, interval_s: float = 600.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_age_s: float,
+        keep: int,
+        interval_s: float = 600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.max_age_s = max_age_s
         self.keep = keep
@@ -38,8 +45,11 @@ class Retention:
         before = self.clock() - self.max_age_s
         pruned = 0
         for tenant in await run_in_threadpool(self.store.list_tenants):
-            pruned += await run_in_threadpool(lambda t=tenant.tenant_id: self.store
-                                              .prune_decisions(t, before=before, keep=self.keep))
+            pruned += await run_in_threadpool(
+                lambda t=tenant.tenant_id: self.store.prune_decisions(
+                    t, before=before, keep=self.keep
+                )
+            )
         if pruned:
             log.info("retention: deleted %d match records", pruned)
         return pruned

@@ -60,39 +60,65 @@ class Runtime:
         try:
             await run_in_threadpool(store.claim_serving)
             path = await run_in_threadpool(startup_model, store, settings)
-            serving = await build_serving(settings, path, device=device, store=store,
-                                          metrics=metrics)
+            serving = await build_serving(
+                settings, path, device=device, store=store, metrics=metrics
+            )
         except Exception as exc:
             if isinstance(exc, StoreInUseError):
                 log.error("%s", exc)
             await run_in_threadpool(store.close)
             raise
         manifest = serving.manifest
-        log.info("loaded model %s (%s, dim %d) on %s; tau=%.6f", manifest.model_version,
-                 manifest.architecture, manifest.embedding_dim, device, manifest.calibration.tau)
+        log.info(
+            "loaded model %s (%s, dim %d) on %s; tau=%.6f",
+            manifest.model_version,
+            manifest.architecture,
+            manifest.embedding_dim,
+            device,
+            manifest.calibration.tau,
+        )
         slot = ServingSlot(serving, metrics)
-        sync = IndexSync(store=store, slot=slot, metrics=metrics,
-                         embed_chunk=settings.embed_max_batch,
-                         max_image_pixels=settings.max_image_pixels)
+        sync = IndexSync(
+            store=store,
+            slot=slot,
+            metrics=metrics,
+            embed_chunk=settings.embed_max_batch,
+            max_image_pixels=settings.max_image_pixels,
+        )
         runtime = cls(
-            settings=settings, metrics=metrics, store=store, slot=slot, sync=sync,
+            settings=settings,
+            metrics=metrics,
+            store=store,
+            slot=slot,
+            sync=sync,
             tenants=Tenants(store, sync),
-            gallery=Gallery(store=store, slot=slot, sync=sync,
-                            max_batch_items=settings.max_batch_items,
-                            max_list_limit=settings.max_list_limit,
-                            max_enrol_items=settings.max_enrol_items,
-                            idempotency_ttl_s=settings.idempotency_ttl_s),
-            lifecycle=ModelLifecycle(settings=settings, store=store, slot=slot, sync=sync,
-                                     metrics=metrics, device=device),
-            retention=Retention(store, max_age_s=settings.match_retention_days * 86400.0,
-                                keep=settings.match_retention_per_tenant),
-            rate_limiter=open_rate_limiter(store, rate_per_s=settings.rate_limit_per_s,
-                                           burst=settings.rate_limit_burst))
+            gallery=Gallery(
+                store=store,
+                slot=slot,
+                sync=sync,
+                max_batch_items=settings.max_batch_items,
+                max_list_limit=settings.max_list_limit,
+                max_enrol_items=settings.max_enrol_items,
+                idempotency_ttl_s=settings.idempotency_ttl_s,
+            ),
+            lifecycle=ModelLifecycle(
+                settings=settings, store=store, slot=slot, sync=sync, metrics=metrics, device=device
+            ),
+            retention=Retention(
+                store,
+                max_age_s=settings.match_retention_days * 86400.0,
+                keep=settings.match_retention_per_tenant,
+            ),
+            rate_limiter=open_rate_limiter(
+                store, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst
+            ),
+        )
         try:
             await sync.ensure_loaded()
         except StoreUnavailableError as exc:
-            log.warning("store unavailable at start-up, indexes will load once it is back: %s",
-                        exc.message)
+            log.warning(
+                "store unavailable at start-up, indexes will load once it is back: %s", exc.message
+            )
         runtime.lifecycle.start()
         runtime.retention.start()
         return runtime
@@ -138,8 +164,7 @@ class Runtime:
             return
         await self._limit(self.rate_limiter, tenant_id, units - 1, 1)
 
-    async def _limit(self, limiter: RateLimiter, tenant_id: str, cost: int, prepaid: int
-                     ) -> None:
+    async def _limit(self, limiter: RateLimiter, tenant_id: str, cost: int, prepaid: int) -> None:
         try:
             await limiter.check(tenant_id, cost, prepaid=prepaid)
         except RateLimitedError:

@@ -35,6 +35,19 @@ def open_store(settings: Settings) -> Store:
     return RedisStore(url, prefix=settings.redis_key_prefix, timeout_s=settings.store_timeout_s)
 
 
-__all__ = ["ApiKey", "Change", "Decision", "Feedback", "GalleryItem", "GalleryVectors",
-           "Idempotent", "IdempotentReplay", "MatchRecord", "NewItem", "Store",
-           "StoreInUseError", "Tenant", "open_store"]
+__all__ = [
+    "ApiKey",
+    "Change",
+    "Decision",
+    "Feedback",
+    "GalleryItem",
+    "GalleryVectors",
+    "Idempotent",
+    "IdempotentReplay",
+    "MatchRecord",
+    "NewItem",
+    "Store",
+    "StoreInUseError",
+    "Tenant",
+    "open_store",
+]

@@ -228,8 +228,15 @@ class Store(Protocol):
         """Revokes one key (idempotent); False if the tenant has no such key."""
 
     # --- gallery ---------------------------------------------------------------------------
-    def add_items(self, tenant_id: str, items: Sequence[NewItem], *, model_version: str,
-                  created_at: float, idempotency: Idempotent | None = None) -> list[int]:
+    def add_items(
+        self,
+        tenant_id: str,
+        items: Sequence[NewItem],
+        *,
+        model_version: str,
+        created_at: float,
+        idempotency: Idempotent | None = None,
+    ) -> list[int]:
         """Adds all items or none; returns their seqs in order. Raises ConflictError (detail
         ``{"item_ids": [...]}``) if any item id already exists for this tenant.
         ``idempotency`` is recorded in the same atomic step; if its key is already recorded
@@ -238,24 +245,28 @@ class Store(Protocol):
     def get_idempotent(self, tenant_id: str, key: str, *, now: float) -> Idempotent | None:
         """The tenant's record of ``key`` unless it expired before ``now``."""
 
-    def get_item(self, tenant_id: str, item_id: str, *, model_version: str,
-                 with_image: bool = False) -> GalleryItem | None: ...
+    def get_item(
+        self, tenant_id: str, item_id: str, *, model_version: str, with_image: bool = False
+    ) -> GalleryItem | None: ...
 
-    def list_items(self, tenant_id: str, *, subject: str | None = None, after_seq: int = 0,
-                   limit: int = 100) -> list[GalleryItem]:
+    def list_items(
+        self, tenant_id: str, *, subject: str | None = None, after_seq: int = 0, limit: int = 100
+    ) -> list[GalleryItem]:
         """Items with ``seq > after_seq`` in seq order (no embeddings, no images)."""
 
     def count_items(self, tenant_id: str) -> int: ...
 
-    def put_item(self, tenant_id: str, item: NewItem, *, model_version: str,
-                 created_at: float) -> tuple[int, int | None]:
+    def put_item(
+        self, tenant_id: str, item: NewItem, *, model_version: str, created_at: float
+    ) -> tuple[int, int | None]:
         """Adds the item, or replaces the tenant's item with this id (subject, metadata, image,
         embeddings: the old item's embeddings of other model versions are dropped, and its
         ``created_at`` is kept), in one transaction. Returns (new seq, the replaced item's seq
         or None)."""
 
-    def list_subjects(self, tenant_id: str, *, after: str | None = None, limit: int = 100
-                      ) -> list[tuple[str, int]]:
+    def list_subjects(
+        self, tenant_id: str, *, after: str | None = None, limit: int = 100
+    ) -> list[tuple[str, int]]:
         """(subject, item count) of subjects after ``after`` in code-point order."""
 
     def delete_item(self, tenant_id: str, item_id: str) -> int | None:
@@ -264,31 +275,39 @@ class Store(Protocol):
     def delete_subject(self, tenant_id: str, subject: str) -> list[int]:
         """Deletes all items of a subject; returns their seqs (empty if none)."""
 
-    def gallery_vectors(self, tenant_id: str, *, model_version: str,
-                        subject: str | None = None, with_metadata: bool = False
-                        ) -> GalleryVectors:
+    def gallery_vectors(
+        self,
+        tenant_id: str,
+        *,
+        model_version: str,
+        subject: str | None = None,
+        with_metadata: bool = False,
+    ) -> GalleryVectors:
         """Embeddings of one model version (optionally of one subject), items without one
         skipped; ``with_metadata`` adds each item's metadata (for filtered search)."""
 
-    def iter_gallery_vectors(self, tenant_id: str, *, model_version: str,
-                             chunk_rows: int = GALLERY_CHUNK_ROWS
-                             ) -> Iterator[GalleryVectors]:
+    def iter_gallery_vectors(
+        self, tenant_id: str, *, model_version: str, chunk_rows: int = GALLERY_CHUNK_ROWS
+    ) -> Iterator[GalleryVectors]:
         """The tenant's whole gallery as :meth:`gallery_vectors` ``(with_metadata=True)`` gives
         it, in ``seq`` order, streamed in chunks of at most ``chunk_rows`` items: what rebuilding
         an index at start-up reads, without ever holding every row as Python objects at once.
         Consume it in one thread (a store may read it through a per-thread connection)."""
         ...
 
-    def items_without_embedding(self, tenant_id: str, *, model_version: str
-                                ) -> list[tuple[str, bytes | None]]:
+    def items_without_embedding(
+        self, tenant_id: str, *, model_version: str
+    ) -> list[tuple[str, bytes | None]]:
         """(item_id, image bytes or None) of items lacking an embedding for the version."""
 
-    def put_embeddings(self, tenant_id: str, vectors: Mapping[str, np.ndarray], *,
-                       model_version: str) -> None:
+    def put_embeddings(
+        self, tenant_id: str, vectors: Mapping[str, np.ndarray], *, model_version: str
+    ) -> None:
         """Stores embeddings of a model version for existing items (deleted ones skipped)."""
 
-    def vectors_of_items(self, tenant_id: str, item_ids: Sequence[str], *,
-                         model_version: str) -> GalleryVectors:
+    def vectors_of_items(
+        self, tenant_id: str, item_ids: Sequence[str], *, model_version: str
+    ) -> GalleryVectors:
         """Embeddings of the given items that exist and have one for the version, with their
         metadata."""
 
@@ -303,8 +322,14 @@ class Store(Protocol):
     def add_feedback(self, feedback: Feedback) -> None:
         """Stores feedback for an existing match; ConflictError if it already has some."""
 
-    def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
-                       limit: int | None = None) -> list[Decision]:
+    def list_decisions(
+        self,
+        tenant_id: str,
+        *,
+        since: float = 0.0,
+        labelled_only: bool = False,
+        limit: int | None = None,
+    ) -> list[Decision]:
         """Match records created at or after ``since``, oldest first, with their feedback.
         ``labelled_only`` reads only the records that have feedback (what the monitor uses),
         at a cost that grows with them, not with every match in the window."""

@@ -98,13 +98,14 @@ def _refuse(wait_s: float, rate: float, burst: int, units: int = 1) -> RateLimit
             f"too many requests for this tenant: the limit is {rate:g} per second with bursts "
             f"of {burst}; retry after {retry_after} s",
             detail={"limit_per_s": rate, "burst": burst, "retry_after_s": retry_after},
-            retry_after_s=retry_after)
+            retry_after_s=retry_after,
+        )
     return RateLimitedError(
         f"too many requests for this tenant: this request is {units} work units, the limit is "
         f"{rate:g} per second with bursts of {burst}; retry after {retry_after} s",
-        detail={"limit_per_s": rate, "burst": burst, "retry_after_s": retry_after,
-                "cost": units},
-        retry_after_s=retry_after)
+        detail={"limit_per_s": rate, "burst": burst, "retry_after_s": retry_after, "cost": units},
+        retry_after_s=retry_after,
+    )
 
 
 def over_capacity(units: int, rate: float, burst: int) -> InvalidInputError:
@@ -112,8 +113,10 @@ def over_capacity(units: int, rate: float, burst: int) -> InvalidInputError:
     return InvalidInputError(
         f"this request is {units} work units (items, queries or images), more than this "
         f"tenant's rate limit ever admits at once (bursts of {burst}, at {rate:g} per second): "
-        f"send at most {burst} per request", code="too_many_items",
-        detail={"cost": units, "burst": burst, "limit_per_s": rate})
+        f"send at most {burst} per request",
+        code="too_many_items",
+        detail={"cost": units, "burst": burst, "limit_per_s": rate},
+    )
 
 
 def _units(cost: float, prepaid: float) -> int:
@@ -126,8 +129,9 @@ class LocalRateLimiter:
     #: beyond this many buckets, the ones that are full again (idle tenants) are dropped
     PRUNE_AT = 10_000
 
-    def __init__(self, rate: float, burst: int, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate = rate
         self.burst = burst
         self._clock = clock
@@ -154,8 +158,9 @@ class LocalRateLimiter:
 
     def _prune(self, now: float) -> None:
         full_after = self.burst / self.rate
-        self._buckets = {t: (tok, at) for t, (tok, at) in self._buckets.items()
-                         if now - at < full_after}
+        self._buckets = {
+            t: (tok, at) for t, (tok, at) in self._buckets.items() if now - at < full_after
+        }
 
     async def check(self, tenant_id: str, cost: int = 1, *, prepaid: int = 0) -> None:
         if cost + prepaid > self.burst:
@@ -183,11 +188,12 @@ class RedisRateLimiter:
         try:
             allowed, wait = self._script(
                 keys=[self.key(tenant_id)],
-                args=[repr(self.rate), self.burst, repr(float(cost)), repr(float(prepaid))])
+                args=[repr(self.rate), self.burst, repr(float(cost)), repr(float(prepaid))],
+            )
         except REDIS_UNAVAILABLE as exc:  # the store's own list: down, timeout, failover
             raise StoreUnavailableError(
-                f"the Redis store cannot be reached (rate limit): {exc}",
-                detail={"store": "redis"}) from exc
+                f"the Redis store cannot be reached (rate limit): {exc}", detail={"store": "redis"}
+            ) from exc
         return 0.0 if int(allowed) == 1 else max(float(wait), 1e-9)
 
     async def check(self, tenant_id: str, cost: int = 1, *, prepaid: int = 0) -> None:
@@ -203,8 +209,7 @@ def burst_of(rate_per_s: float, burst: int = 0) -> int:
     return burst or max(1, math.ceil(rate_per_s))
 
 
-def open_rate_limiter(store: Store, *, rate_per_s: float, burst: int = 0
-                      ) -> RateLimiter | None:
+def open_rate_limiter(store: Store, *, rate_per_s: float, burst: int = 0) -> RateLimiter | None:
     """The limiter for this store (None when ``rate_per_s`` is 0)."""
     if rate_per_s <= 0:
         return None

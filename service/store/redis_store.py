@@ -206,8 +206,10 @@ return {1, last}
 STAGE_CHUNK = 256  # items per staging pipeline
 STAGE_TTL_S = 3600  # a staged batch not committed by then is dropped by Redis
 UNAVAILABLE: tuple[type[Exception], ...] = (
-    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError, redis.exceptions.BusyLoadingError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
     *((redis.exceptions.MasterDownError,) if hasattr(redis.exceptions, "MasterDownError") else ()),
 )
 
@@ -229,8 +231,9 @@ def sentinel_primary(url: SentinelURL, **options: Any) -> redis.Redis:
     if url.sentinel_password is not None:
         sentinel_kwargs["password"] = url.sentinel_password
     sentinel = redis.sentinel.Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_kwargs)
-    return sentinel.master_for(url.service, db=url.db, username=url.username,
-                               password=url.password, **options)
+    return sentinel.master_for(
+        url.service, db=url.db, username=url.username, password=url.password, **options
+    )
 
 
 def _s(v: bytes | str | None) -> str | None:
@@ -255,8 +258,14 @@ def _enc(v: Any) -> str:
 
 
 class RedisStore:
-    def __init__(self, url: str, *, prefix: str = "tcm:", timeout_s: float = 2.0,
-                 client: redis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "tcm:",
+        timeout_s: float = 2.0,
+        client: redis.Redis | None = None,
+    ) -> None:
         self.prefix = prefix
         self._url = url
         self._timeout_s = timeout_s
@@ -273,8 +282,11 @@ class RedisStore:
         every new connection, so a failover is followed by reconnecting)."""
         # one quick retry: a dead server must turn into a 503 within about timeout_s
         options: dict[str, Any] = {
-            "socket_timeout": socket_timeout, "socket_connect_timeout": self._timeout_s,
-            "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), 1), **kwargs}
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": self._timeout_s,
+            "retry": Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
+            **kwargs,
+        }
         if self._sentinel is None:
             return redis.Redis.from_url(self._url, **options)
         return sentinel_primary(self._sentinel, **options)
@@ -292,11 +304,10 @@ class RedisStore:
             yield
         except UNAVAILABLE as exc:
             raise StoreUnavailableError(
-                f"the Redis store cannot be reached ({what}): {exc}",
-                detail={"store": "redis"}) from exc
+                f"the Redis store cannot be reached ({what}): {exc}", detail={"store": "redis"}
+            ) from exc
 
-    def _tx(self, what: str, watch: Sequence[str],
-            body: Callable[[redis.client.Pipeline], T]) -> T:
+    def _tx(self, what: str, watch: Sequence[str], body: Callable[[redis.client.Pipeline], T]) -> T:
         """Runs ``body`` (which checks state in immediate mode, then calls ``pipe.multi()`` and
         queues writes) under WATCH; a concurrent change to a watched key is a conflict."""
         with self._watched(what, watch) as pipe:
@@ -318,17 +329,23 @@ class RedisStore:
                 if _connection_lost(exc):  # not a conflict: the server went away mid-transaction
                     raise StoreUnavailableError(
                         f"the Redis store connection was lost during a write ({what}); retry",
-                        detail={"store": "redis"}) from exc
-                raise ConflictError(f"a concurrent request changed the same data ({what}); "
-                                    "retry", code="concurrent_update") from exc
+                        detail={"store": "redis"},
+                    ) from exc
+                raise ConflictError(
+                    f"a concurrent request changed the same data ({what}); retry",
+                    code="concurrent_update",
+                ) from exc
 
     def _check_tenant(self, pipe: redis.client.Pipeline, tenant_id: str) -> None:
         """Every write under ``tenant:T:`` WATCHes the tenant record and checks it here: a
         write that would commit after :meth:`delete_tenant` removed the record aborts instead
         (its keys would escape the sweep and stay behind forever)."""
         if not pipe.exists(self._tenant(tenant_id)):
-            raise ConflictError("the tenant was deleted while this request ran",
-                                code="tenant_deleted", detail={"tenant_id": tenant_id})
+            raise ConflictError(
+                "the tenant was deleted while this request ran",
+                code="tenant_deleted",
+                detail={"tenant_id": tenant_id},
+            )
 
     def ping(self) -> None:
         with self._translate("ping"):
@@ -343,31 +360,53 @@ class RedisStore:
                 client.close()
                 client.connection_pool.disconnect()
 
-    def _queue_change(self, pipe: redis.client.Pipeline, op: str, tenant_id: str, *,
-                      item_ids: Sequence[str] = (), seqs: Sequence[int] = ()) -> None:
+    def _queue_change(
+        self,
+        pipe: redis.client.Pipeline,
+        op: str,
+        tenant_id: str,
+        *,
+        item_ids: Sequence[str] = (),
+        seqs: Sequence[int] = (),
+    ) -> None:
         fields = {"op": op, "tenant": tenant_id}
         if item_ids:
             fields["items"] = json.dumps(list(item_ids))
         if seqs:
             fields["seqs"] = json.dumps([int(s) for s in seqs])
-        pipe.xadd(self._k("changes"), fields,  # type: ignore[arg-type]
-                  maxlen=CHANGES_MAXLEN, approximate=True)
+        pipe.xadd(
+            self._k("changes"),
+            fields,  # type: ignore[arg-type]
+            maxlen=CHANGES_MAXLEN,
+            approximate=True,
+        )
 
     # --- tenants and keys ------------------------------------------------------------------
     def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
         with self._translate("create tenant"):
             pipe = self.r.pipeline(transaction=True)
-            pipe.hset(self._tenant(tenant.tenant_id),
-                      mapping={"name": tenant.name, "created_at": _enc(tenant.created_at),
-                               "subjects_indexed": "1"})
+            pipe.hset(
+                self._tenant(tenant.tenant_id),
+                mapping={
+                    "name": tenant.name,
+                    "created_at": _enc(tenant.created_at),
+                    "subjects_indexed": "1",
+                },
+            )
             pipe.zadd(self._k("tenants"), {tenant.tenant_id: tenant.created_at})
             self._queue_key(pipe, key)
             pipe.execute()
 
     def _queue_key(self, pipe: redis.client.Pipeline, key: ApiKey) -> None:
-        pipe.hset(self._k("key", key.key_id), mapping={
-            "tenant_id": key.tenant_id, "key_hash": key.key_hash,
-            "created_at": _enc(key.created_at), "revoked_at": _enc(key.revoked_at)})
+        pipe.hset(
+            self._k("key", key.key_id),
+            mapping={
+                "tenant_id": key.tenant_id,
+                "key_hash": key.key_hash,
+                "created_at": _enc(key.created_at),
+                "revoked_at": _enc(key.revoked_at),
+            },
+        )
         pipe.sadd(self._tenant(key.tenant_id, "keys"), key.key_id)
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
@@ -384,8 +423,11 @@ class RedisStore:
             for tid in ids:
                 pipe.hgetall(self._tenant(tid))
             rows = pipe.execute()
-        return [Tenant(tid, _s(h[b"name"]) or "", float(h[b"created_at"]))
-                for tid, h in zip(ids, rows, strict=True) if h]
+        return [
+            Tenant(tid, _s(h[b"name"]) or "", float(h[b"created_at"]))
+            for tid, h in zip(ids, rows, strict=True)
+            if h
+        ]
 
     def delete_tenant(self, tenant_id: str) -> bool:
         """Removes the tenant record and its keys in one transaction (from then on no key
@@ -428,8 +470,9 @@ class RedisStore:
 
         def body(pipe: redis.client.Pipeline) -> list[str]:
             if not pipe.exists(record):
-                raise NotFoundError(f"no tenant {key.tenant_id!r}",
-                                    detail={"tenant_id": key.tenant_id})
+                raise NotFoundError(
+                    f"no tenant {key.tenant_id!r}", detail={"tenant_id": key.tenant_id}
+                )
             revoked: list[str] = []
             if revoke_others_at is not None:
                 for kid in sorted(_s(k) or "" for k in pipe.smembers(keys_set)):
@@ -450,9 +493,13 @@ class RedisStore:
 
     @staticmethod
     def _key(key_id: str, h: Mapping[bytes, bytes]) -> ApiKey:
-        return ApiKey(key_id=key_id, tenant_id=_s(h[b"tenant_id"]) or "",
-                      key_hash=_s(h[b"key_hash"]) or "", created_at=float(h[b"created_at"]),
-                      revoked_at=_f(h.get(b"revoked_at")))
+        return ApiKey(
+            key_id=key_id,
+            tenant_id=_s(h[b"tenant_id"]) or "",
+            key_hash=_s(h[b"key_hash"]) or "",
+            created_at=float(h[b"created_at"]),
+            revoked_at=_f(h.get(b"revoked_at")),
+        )
 
     def list_keys(self, tenant_id: str) -> list[ApiKey]:
         with self._translate("list keys"):
@@ -469,14 +516,25 @@ class RedisStore:
             if not self.r.sismember(self._tenant(tenant_id, "keys"), key_id):
                 return False
             # only sets revoked_at if still active (keeps the first revocation time)
-            self.r.eval("if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "
-                        "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) end return 1",
-                        1, self._k("key", key_id), _enc(at))
+            self.r.eval(
+                "if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "
+                "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) end return 1",
+                1,
+                self._k("key", key_id),
+                _enc(at),
+            )
             return True
 
     # --- gallery ---------------------------------------------------------------------------
-    def add_items(self, tenant_id: str, items: Sequence[NewItem], *, model_version: str,
-                  created_at: float, idempotency: Idempotent | None = None) -> list[int]:
+    def add_items(
+        self,
+        tenant_id: str,
+        items: Sequence[NewItem],
+        *,
+        model_version: str,
+        created_at: float,
+        idempotency: Idempotent | None = None,
+    ) -> list[int]:
         """In two steps, so that a large batch never holds Redis for everyone: its item hashes
         (vectors, images, metadata) are first written to staging keys (``tenant:T:staged:B:i``,
         expiring after :data:`STAGE_TTL_S`, read by nothing), :data:`STAGE_CHUNK` items per
@@ -493,13 +551,16 @@ class RedisStore:
         with self._translate("stage items"):
             for lo in range(0, len(items), STAGE_CHUNK):
                 pipe = self.r.pipeline(transaction=False)
-                for key, it in zip(staged[lo:lo + STAGE_CHUNK], items[lo:lo + STAGE_CHUNK],
-                                   strict=True):
+                for key, it in zip(
+                    staged[lo : lo + STAGE_CHUNK], items[lo : lo + STAGE_CHUNK], strict=True
+                ):
                     fields: dict[str, Any] = {
-                        "subject": it.subject, "created_at": created,
+                        "subject": it.subject,
+                        "created_at": created,
                         "metadata": json.dumps(dict(it.metadata)) if it.metadata else "{}",
                         "has_image": "0" if it.image is None else "1",
-                        field: encode_vector(it.embedding)}
+                        field: encode_vector(it.embedding),
+                    }
                     if it.image is not None:
                         fields["image"] = it.image
                     pipe.hset(key, mapping=fields)
@@ -513,25 +574,46 @@ class RedisStore:
                     self.r.unlink(*chunk)
             raise
 
-    def _commit_staged(self, tenant_id: str, items: Sequence[NewItem], staged: list[str],
-                       idempotency: Idempotent | None, created_at: float) -> list[int]:
+    def _commit_staged(
+        self,
+        tenant_id: str,
+        items: Sequence[NewItem],
+        staged: list[str],
+        idempotency: Idempotent | None,
+        created_at: float,
+    ) -> list[int]:
         slots: dict[str, int] = {}
         per_item: list[Any] = []
         for it in items:
             per_item += [it.item_id, slots.setdefault(it.subject, len(slots))]
-        args: list[Any] = [len(items), CHANGES_MAXLEN, tenant_id,
-                           json.dumps([it.item_id for it in items]), len(slots), *slots,
-                           *per_item]
+        args: list[Any] = [
+            len(items),
+            CHANGES_MAXLEN,
+            tenant_id,
+            json.dumps([it.item_id for it in items]),
+            len(slots),
+            *slots,
+            *per_item,
+        ]
         item_key = self._tenant(tenant_id, "item") + ":"
         subject_key = self._tenant(tenant_id, "subject") + ":"
-        keys = [self._tenant(tenant_id), self._k("seq"), self._tenant(tenant_id, "items"),
-                self._tenant(tenant_id, "subjects"), self._k("changes"),
-                *(item_key + key_part(it.item_id) for it in items), *staged,
-                *(subject_key + key_part(sub) for sub in slots)]
+        keys = [
+            self._tenant(tenant_id),
+            self._k("seq"),
+            self._tenant(tenant_id, "items"),
+            self._tenant(tenant_id, "subjects"),
+            self._k("changes"),
+            *(item_key + key_part(it.item_id) for it in items),
+            *staged,
+            *(subject_key + key_part(sub) for sub in slots),
+        ]
         if idempotency is not None:
             keys.append(self._tenant(tenant_id, "idem", idempotency.key))
-            args += [idempotency.fingerprint, idempotency.result,
-                     max(1, math.ceil(idempotency.expires_at - created_at))]
+            args += [
+                idempotency.fingerprint,
+                idempotency.result,
+                max(1, math.ceil(idempotency.expires_at - created_at)),
+            ]
         # under WATCH (of the tenant record, which the script checks anyway) so that a lost
         # reply is a 503, never a silent resend that would run the script twice
         with self._watched("add items", [keys[0]]) as pipe:
@@ -541,18 +623,28 @@ class RedisStore:
         status = int(out[0])
         if status == 2:
             assert idempotency is not None
-            raise IdempotentReplay(Idempotent(idempotency.key, _s(out[1]) or "",
-                                              _s(out[2]) or "", idempotency.expires_at))
+            raise IdempotentReplay(
+                Idempotent(
+                    idempotency.key, _s(out[1]) or "", _s(out[2]) or "", idempotency.expires_at
+                )
+            )
         if status == -1:
-            raise ConflictError("the tenant was deleted while this request ran",
-                                code="tenant_deleted", detail={"tenant_id": tenant_id})
+            raise ConflictError(
+                "the tenant was deleted while this request ran",
+                code="tenant_deleted",
+                detail={"tenant_id": tenant_id},
+            )
         if status == 0:
-            raise ConflictError("some item ids already exist in this gallery",
-                                detail={"item_ids": sorted(_s(x) or "" for x in out[1:])},
-                                code="duplicate_item_id")
+            raise ConflictError(
+                "some item ids already exist in this gallery",
+                detail={"item_ids": sorted(_s(x) or "" for x in out[1:])},
+                code="duplicate_item_id",
+            )
         if status == -2:
-            raise StoreUnavailableError("the enrolment's staged items expired before it could "
-                                        "be committed; retry", detail={"store": "redis"})
+            raise StoreUnavailableError(
+                "the enrolment's staged items expired before it could be committed; retry",
+                detail={"store": "redis"},
+            )
         last = int(out[1])
         return list(range(last - len(items) + 1, last + 1))
 
@@ -567,8 +659,9 @@ class RedisStore:
             return None
         return Idempotent(key, _s(fingerprint) or "", _s(result) or "", now + max(int(ttl), 0))
 
-    def put_item(self, tenant_id: str, item: NewItem, *, model_version: str,
-                 created_at: float) -> tuple[int, int | None]:
+    def put_item(
+        self, tenant_id: str, item: NewItem, *, model_version: str, created_at: float
+    ) -> tuple[int, int | None]:
         key = self._tenant(tenant_id, "item", item.item_id)
 
         def body(pipe: redis.client.Pipeline) -> tuple[int, int | None]:
@@ -581,10 +674,13 @@ class RedisStore:
                 pipe.zrem(self._tenant(tenant_id, "subject", _s(old_subject) or ""), item.item_id)
                 self._queue_change(pipe, "remove", tenant_id, seqs=[int(old_seq)])
             fields: dict[str, Any] = {
-                "seq": seq, "subject": item.subject, "metadata": json.dumps(dict(item.metadata)),
+                "seq": seq,
+                "subject": item.subject,
+                "metadata": json.dumps(dict(item.metadata)),
                 "created_at": _s(old_created) if old_created is not None else _enc(created_at),
                 "has_image": _enc(item.image is not None),
-                f"emb:{model_version}": encode_vector(item.embedding)}
+                f"emb:{model_version}": encode_vector(item.embedding),
+            }
             if item.image is not None:
                 fields["image"] = item.image
             pipe.hset(key, mapping=fields)
@@ -596,16 +692,19 @@ class RedisStore:
 
         return self._tx("put item", [self._tenant(tenant_id), key], body)
 
-    def list_subjects(self, tenant_id: str, *, after: str | None = None, limit: int = 100
-                      ) -> list[tuple[str, int]]:
+    def list_subjects(
+        self, tenant_id: str, *, after: str | None = None, limit: int = 100
+    ) -> list[tuple[str, int]]:
         index = self._tenant(tenant_id, "subjects")
         out: list[tuple[str, int]] = []
         with self._translate("list subjects"):
             self._index_subjects(tenant_id)
             start = "-" if after is None else "(" + after
             while len(out) < limit:
-                names = [_s(n) or "" for n in self.r.zrangebylex(index, start, "+", start=0,
-                                                                 num=limit - len(out))]
+                names = [
+                    _s(n) or ""
+                    for n in self.r.zrangebylex(index, start, "+", start=0, num=limit - len(out))
+                ]
                 if not names:
                     break
                 pipe = self.r.pipeline(transaction=False)
@@ -655,8 +754,9 @@ class RedisStore:
         with contextlib.suppress(ConflictError):  # enrolled into meanwhile: keep it
             self._tx("drop empty subject", [zkey], body)
 
-    def get_item(self, tenant_id: str, item_id: str, *, model_version: str,
-                 with_image: bool = False) -> GalleryItem | None:
+    def get_item(
+        self, tenant_id: str, item_id: str, *, model_version: str, with_image: bool = False
+    ) -> GalleryItem | None:
         fields = ["seq", "subject", "metadata", "created_at", "has_image", f"emb:{model_version}"]
         if with_image:
             fields.append("image")
@@ -664,32 +764,49 @@ class RedisStore:
             vals = self.r.hmget(self._tenant(tenant_id, "item", item_id), fields)
         if vals[0] is None:
             return None
-        return self._item(item_id, vals, with_embedding=True,
-                          image=vals[6] if with_image else None)
+        return self._item(item_id, vals, with_embedding=True, image=vals[6] if with_image else None)
 
     @staticmethod
-    def _item(item_id: str, vals: Sequence[Any], *, with_embedding: bool,
-              image: bytes | None = None) -> GalleryItem:
+    def _item(
+        item_id: str, vals: Sequence[Any], *, with_embedding: bool, image: bytes | None = None
+    ) -> GalleryItem:
         emb = vals[5] if with_embedding and len(vals) > 5 else None
-        return GalleryItem(seq=int(vals[0]), item_id=item_id, subject=_s(vals[1]) or "",
-                           metadata=json.loads(vals[2]), created_at=float(vals[3]),
-                           has_image=bool(_b(vals[4])),
-                           embedding=None if emb is None else decode_vector(emb), image=image)
+        return GalleryItem(
+            seq=int(vals[0]),
+            item_id=item_id,
+            subject=_s(vals[1]) or "",
+            metadata=json.loads(vals[2]),
+            created_at=float(vals[3]),
+            has_image=bool(_b(vals[4])),
+            embedding=None if emb is None else decode_vector(emb),
+            image=image,
+        )
 
-    def list_items(self, tenant_id: str, *, subject: str | None = None, after_seq: int = 0,
-                   limit: int = 100) -> list[GalleryItem]:
-        zkey = (self._tenant(tenant_id, "items") if subject is None
-                else self._tenant(tenant_id, "subject", subject))
+    def list_items(
+        self, tenant_id: str, *, subject: str | None = None, after_seq: int = 0, limit: int = 100
+    ) -> list[GalleryItem]:
+        zkey = (
+            self._tenant(tenant_id, "items")
+            if subject is None
+            else self._tenant(tenant_id, "subject", subject)
+        )
         with self._translate("list items"):
-            ids = [_s(i) or "" for i in
-                   self.r.zrangebyscore(zkey, f"({after_seq}", "+inf", start=0, num=limit)]
+            ids = [
+                _s(i) or ""
+                for i in self.r.zrangebyscore(zkey, f"({after_seq}", "+inf", start=0, num=limit)
+            ]
             pipe = self.r.pipeline(transaction=False)
             for iid in ids:
-                pipe.hmget(self._tenant(tenant_id, "item", iid),
-                           ["seq", "subject", "metadata", "created_at", "has_image"])
+                pipe.hmget(
+                    self._tenant(tenant_id, "item", iid),
+                    ["seq", "subject", "metadata", "created_at", "has_image"],
+                )
             rows = pipe.execute()
-        return [self._item(iid, vals, with_embedding=False)
-                for iid, vals in zip(ids, rows, strict=True) if vals[0] is not None]
+        return [
+            self._item(iid, vals, with_embedding=False)
+            for iid, vals in zip(ids, rows, strict=True)
+            if vals[0] is not None
+        ]
 
     def count_items(self, tenant_id: str) -> int:
         with self._translate("count items"):
@@ -731,29 +848,51 @@ class RedisStore:
 
         return self._tx("delete subject", [zkey], body)
 
-    def gallery_vectors(self, tenant_id: str, *, model_version: str,
-                        subject: str | None = None, with_metadata: bool = False
-                        ) -> GalleryVectors:
-        parts = list(self._vector_pages(tenant_id, model_version, subject=subject,
-                                        with_metadata=with_metadata))
+    def gallery_vectors(
+        self,
+        tenant_id: str,
+        *,
+        model_version: str,
+        subject: str | None = None,
+        with_metadata: bool = False,
+    ) -> GalleryVectors:
+        parts = list(
+            self._vector_pages(
+                tenant_id, model_version, subject=subject, with_metadata=with_metadata
+            )
+        )
         if not parts:
-            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32),
-                                  [] if with_metadata else None)
+            return GalleryVectors(
+                np.zeros(0, np.int64),
+                [],
+                [],
+                np.zeros((0, 0), np.float32),
+                [] if with_metadata else None,
+            )
         return GalleryVectors(
-            np.concatenate([p.seqs for p in parts]), [i for p in parts for i in p.item_ids],
-            [x for p in parts for x in p.subjects], np.concatenate([p.vectors for p in parts]),
-            [m for p in parts for m in (p.metadata or [])] if with_metadata else None)
+            np.concatenate([p.seqs for p in parts]),
+            [i for p in parts for i in p.item_ids],
+            [x for p in parts for x in p.subjects],
+            np.concatenate([p.vectors for p in parts]),
+            [m for p in parts for m in (p.metadata or [])] if with_metadata else None,
+        )
 
-    def iter_gallery_vectors(self, tenant_id: str, *, model_version: str,
-                             chunk_rows: int = GALLERY_CHUNK_ROWS
-                             ) -> Iterator[GalleryVectors]:
+    def iter_gallery_vectors(
+        self, tenant_id: str, *, model_version: str, chunk_rows: int = GALLERY_CHUNK_ROWS
+    ) -> Iterator[GalleryVectors]:
         """Pages of at most :data:`_PAGE_ROWS` items (fewer than ``chunk_rows``: smaller pages
         read faster and block Redis for less time), see :meth:`_vector_pages`."""
         yield from self._vector_pages(tenant_id, model_version, rows=chunk_rows)
 
-    def _vector_pages(self, tenant_id: str, model_version: str, *, subject: str | None = None,
-                      rows: int = _PAGE_ROWS, with_metadata: bool = True
-                      ) -> Iterator[GalleryVectors]:
+    def _vector_pages(
+        self,
+        tenant_id: str,
+        model_version: str,
+        *,
+        subject: str | None = None,
+        rows: int = _PAGE_ROWS,
+        with_metadata: bool = True,
+    ) -> Iterator[GalleryVectors]:
         """The gallery (or one subject's items) in seq order, page by page with
         :data:`GALLERY_PAGE_LUA`: one script call per page returns its ids, seqs, subjects,
         metadata and vectors, instead of a command and a reply per item. Pages follow on by
@@ -762,35 +901,50 @@ class RedisStore:
         took first) applies it again either way. Without ``with_metadata`` no item's metadata
         is read at all (the monitor's reads: vectors and subjects only)."""
         mode = "vectors" if with_metadata else "plain"
-        for ids, seqs, subjects, metas, blobs in self._pages(tenant_id, model_version, mode,
-                                                             rows, subject=subject):
+        for ids, seqs, subjects, metas, blobs in self._pages(
+            tenant_id, model_version, mode, rows, subject=subject
+        ):
             if ids:
                 yield GalleryVectors(
                     np.array([int(float(x)) for x in seqs], dtype=np.int64),
-                    [_s(x) or "" for x in ids], [_s(x) or "" for x in subjects],
+                    [_s(x) or "" for x in ids],
+                    [_s(x) or "" for x in subjects],
                     decode_vectors(blobs),
-                    [metadata_of(x) for x in metas] if with_metadata else None)
+                    [metadata_of(x) for x in metas] if with_metadata else None,
+                )
 
-    def _pages(self, tenant_id: str, model_version: str, mode: str, rows: int = _PAGE_ROWS, *,
-               subject: str | None = None) -> Iterator[list[Any]]:
+    def _pages(
+        self,
+        tenant_id: str,
+        model_version: str,
+        mode: str,
+        rows: int = _PAGE_ROWS,
+        *,
+        subject: str | None = None,
+    ) -> Iterator[list[Any]]:
         """:data:`GALLERY_PAGE_LUA`'s replies (less the count scanned), page by page, over the
         tenant's items zset or one subject's."""
-        zkey = (self._tenant(tenant_id, "items") if subject is None
-                else self._tenant(tenant_id, "subject", subject))
+        zkey = (
+            self._tenant(tenant_id, "items")
+            if subject is None
+            else self._tenant(tenant_id, "subject", subject)
+        )
         item_prefix = self._tenant(tenant_id, "item") + ":"
         page = max(1, min(rows, _PAGE_ROWS))
         after = "-inf"
         while True:
             with self._translate("read gallery"):
                 scanned, last, *reply = self._page_script(
-                    keys=[zkey], args=[after, page, item_prefix, f"emb:{model_version}", mode])
+                    keys=[zkey], args=[after, page, item_prefix, f"emb:{model_version}", mode]
+                )
             if scanned == 0:
                 return
             after = "(" + (_s(last) or "")
             yield reply
 
-    def items_without_embedding(self, tenant_id: str, *, model_version: str
-                                ) -> list[tuple[str, bytes | None]]:
+    def items_without_embedding(
+        self, tenant_id: str, *, model_version: str
+    ) -> list[tuple[str, bytes | None]]:
         out: list[tuple[str, bytes | None]] = []
         for (ids,) in self._pages(tenant_id, model_version, "missing"):
             with self._translate("read items without embedding"):
@@ -799,42 +953,59 @@ class RedisStore:
                     out.append((iid, self.r.hget(self._tenant(tenant_id, "item", iid), "image")))
         return out
 
-    def put_embeddings(self, tenant_id: str, vectors: Mapping[str, np.ndarray], *,
-                       model_version: str) -> None:
+    def put_embeddings(
+        self, tenant_id: str, vectors: Mapping[str, np.ndarray], *, model_version: str
+    ) -> None:
         field = f"emb:{model_version}"
         with self._translate("put embeddings"):
             for chunk in _chunks(list(vectors.items())):
                 pipe = self.r.pipeline(transaction=True)
                 for iid, vec in chunk:
                     # only for items that still exist: HSET on a deleted key would resurrect it
-                    pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then "
-                              "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 1",
-                              1, self._tenant(tenant_id, "item", iid), field,
-                              encode_vector(vec))
+                    pipe.eval(
+                        "if redis.call('EXISTS', KEYS[1]) == 1 then "
+                        "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 1",
+                        1,
+                        self._tenant(tenant_id, "item", iid),
+                        field,
+                        encode_vector(vec),
+                    )
                 self._queue_change(pipe, "add", tenant_id, item_ids=[iid for iid, _ in chunk])
                 pipe.execute()
 
-    def vectors_of_items(self, tenant_id: str, item_ids: Sequence[str], *,
-                         model_version: str) -> GalleryVectors:
+    def vectors_of_items(
+        self, tenant_id: str, item_ids: Sequence[str], *, model_version: str
+    ) -> GalleryVectors:
         field = f"emb:{model_version}"
         rows = []
         with self._translate("read vectors"):
             for chunk in _chunks(list(item_ids)):
                 pipe = self.r.pipeline(transaction=False)
                 for iid in chunk:
-                    pipe.hmget(self._tenant(tenant_id, "item", iid),
-                               ["seq", "subject", field, "metadata"])
+                    pipe.hmget(
+                        self._tenant(tenant_id, "item", iid), ["seq", "subject", field, "metadata"]
+                    )
                 for iid, (seq, subj, emb, meta) in zip(chunk, pipe.execute(), strict=True):
                     if seq is not None and emb is not None:
-                        rows.append((int(seq), iid, _s(subj) or "", decode_vector(emb),
-                                     json.loads(meta) if meta is not None else {}))
+                        rows.append(
+                            (
+                                int(seq),
+                                iid,
+                                _s(subj) or "",
+                                decode_vector(emb),
+                                json.loads(meta) if meta is not None else {},
+                            )
+                        )
         rows.sort(key=lambda r: r[0])
         if not rows:
-            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32),
-                                  [])
-        return GalleryVectors(np.array([r[0] for r in rows], dtype=np.int64),
-                              [r[1] for r in rows], [r[2] for r in rows],
-                              np.stack([r[3] for r in rows]), [r[4] for r in rows])
+            return GalleryVectors(np.zeros(0, np.int64), [], [], np.zeros((0, 0), np.float32), [])
+        return GalleryVectors(
+            np.array([r[0] for r in rows], dtype=np.int64),
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            np.stack([r[3] for r in rows]),
+            [r[4] for r in rows],
+        )
 
     # --- change feed -----------------------------------------------------------------------
     # The cursor is "<entry id>#<n>": the last entry read and how many entries the stream had
@@ -898,8 +1069,9 @@ class RedisStore:
         return _cursor(entry_id, n), changes
 
     @staticmethod
-    def _moved_back(info: Mapping[str, Any] | None, entry_id: str, n: int | None, seen: int
-                    ) -> bool:
+    def _moved_back(
+        info: Mapping[str, Any] | None, entry_id: str, n: int | None, seen: int
+    ) -> bool:
         """Whether the store went back in time under this reader: Redis restored from an older
         snapshot, or a failover to a replica that lagged. The item counter went back with it,
         so new items would reuse seqs this replica's indexes still hold for items the store
@@ -929,8 +1101,9 @@ class RedisStore:
         entry at the cursor was trimmed and entries after it may have been (a conservative
         resync: the reader is a whole cap behind)."""
         first = info.get("first-entry")
-        return entry_id != "0-0" and (first is None or
-                                      _stream_id(_s(first[0]) or "0-0") > _stream_id(entry_id))
+        return entry_id != "0-0" and (
+            first is None or _stream_id(_s(first[0]) or "0-0") > _stream_id(entry_id)
+        )
 
     # --- matches and feedback --------------------------------------------------------------
     def add_match(self, record: MatchRecord) -> None:
@@ -946,13 +1119,21 @@ class RedisStore:
                 self._check_tenant(pipe, tenant_id)
             pipe.multi()
             for r in records:
-                pipe.hset(self._tenant(r.tenant_id, "match", r.match_id), mapping={
-                    "accepted": _enc(r.accepted), "subject": _enc(r.subject),
-                    "subject_set": _enc(r.subject is not None),
-                    "top_item_id": _enc(r.top_item_id), "top_subject": _enc(r.top_subject),
-                    "has_top": _enc(r.top_item_id is not None),
-                    "score": _enc(r.score), "threshold": _enc(r.threshold),
-                    "model_version": r.model_version, "created_at": _enc(r.created_at)})
+                pipe.hset(
+                    self._tenant(r.tenant_id, "match", r.match_id),
+                    mapping={
+                        "accepted": _enc(r.accepted),
+                        "subject": _enc(r.subject),
+                        "subject_set": _enc(r.subject is not None),
+                        "top_item_id": _enc(r.top_item_id),
+                        "top_subject": _enc(r.top_subject),
+                        "has_top": _enc(r.top_item_id is not None),
+                        "score": _enc(r.score),
+                        "threshold": _enc(r.threshold),
+                        "model_version": r.model_version,
+                        "created_at": _enc(r.created_at),
+                    },
+                )
                 pipe.zadd(self._tenant(r.tenant_id, "matches"), {r.match_id: r.created_at})
 
         self._tx("add match", [self._tenant(t) for t in tenants], body)
@@ -961,23 +1142,31 @@ class RedisStore:
     def _match(tenant_id: str, match_id: str, h: Mapping[bytes, bytes]) -> MatchRecord:
         has_top = _b(h.get(b"has_top"))
         return MatchRecord(
-            match_id=match_id, tenant_id=tenant_id, accepted=bool(_b(h[b"accepted"])),
+            match_id=match_id,
+            tenant_id=tenant_id,
+            accepted=bool(_b(h[b"accepted"])),
             subject=_s(h[b"subject"]) if _b(h.get(b"subject_set")) else None,
             top_item_id=_s(h[b"top_item_id"]) if has_top else None,
             top_subject=_s(h[b"top_subject"]) if has_top else None,
-            score=_f(h.get(b"score")), threshold=float(h[b"threshold"]),
-            model_version=_s(h[b"model_version"]) or "", created_at=float(h[b"created_at"]))
+            score=_f(h.get(b"score")),
+            threshold=float(h[b"threshold"]),
+            model_version=_s(h[b"model_version"]) or "",
+            created_at=float(h[b"created_at"]),
+        )
 
     @staticmethod
     def _feedback(tenant_id: str, match_id: str, h: Mapping[bytes, bytes]) -> Feedback | None:
         if not h:
             return None
         return Feedback(
-            match_id=match_id, tenant_id=tenant_id,
+            match_id=match_id,
+            tenant_id=tenant_id,
             true_subject=_s(h[b"true_subject"]) if _b(h.get(b"true_subject_set")) else None,
-            correct=_b(h.get(b"correct")), genuine=_b(h.get(b"genuine")),
+            correct=_b(h.get(b"correct")),
+            genuine=_b(h.get(b"genuine")),
             outcome=_s(h[b"outcome"]),  # type: ignore[arg-type]
-            created_at=float(h[b"created_at"]))
+            created_at=float(h[b"created_at"]),
+        )
 
     def get_match(self, tenant_id: str, match_id: str) -> MatchRecord | None:
         with self._translate("get match"):
@@ -992,23 +1181,38 @@ class RedisStore:
         def body(pipe: redis.client.Pipeline) -> None:
             self._check_tenant(pipe, f.tenant_id)
             if pipe.exists(key):
-                raise ConflictError("this match already has feedback",
-                                    detail={"match_id": f.match_id}, code="feedback_exists")
+                raise ConflictError(
+                    "this match already has feedback",
+                    detail={"match_id": f.match_id},
+                    code="feedback_exists",
+                )
             created = pipe.hget(match_key, "created_at")
             if created is None:
                 raise ConflictError("the match record is gone", detail={"match_id": f.match_id})
             pipe.multi()
-            pipe.hset(key, mapping={
-                "true_subject": _enc(f.true_subject),
-                "true_subject_set": _enc(f.true_subject is not None),
-                "correct": _enc(f.correct), "genuine": _enc(f.genuine), "outcome": f.outcome,
-                "created_at": _enc(f.created_at)})
+            pipe.hset(
+                key,
+                mapping={
+                    "true_subject": _enc(f.true_subject),
+                    "true_subject_set": _enc(f.true_subject is not None),
+                    "correct": _enc(f.correct),
+                    "genuine": _enc(f.genuine),
+                    "outcome": f.outcome,
+                    "created_at": _enc(f.created_at),
+                },
+            )
             pipe.zadd(self._tenant(f.tenant_id, "labelled"), {f.match_id: float(created)})
 
         self._tx("add feedback", [self._tenant(f.tenant_id), key, match_key], body)
 
-    def list_decisions(self, tenant_id: str, *, since: float = 0.0, labelled_only: bool = False,
-                       limit: int | None = None) -> list[Decision]:
+    def list_decisions(
+        self,
+        tenant_id: str,
+        *,
+        since: float = 0.0,
+        labelled_only: bool = False,
+        limit: int | None = None,
+    ) -> list[Decision]:
         out: list[Decision] = []
         with self._translate("list decisions"):
             if labelled_only:
@@ -1025,8 +1229,9 @@ class RedisStore:
                     m, fb = rows[2 * i], rows[2 * i + 1]
                     if not m or (labelled_only and not fb):
                         continue
-                    out.append(Decision(self._match(tenant_id, mid, m),
-                                        self._feedback(tenant_id, mid, fb)))
+                    out.append(
+                        Decision(self._match(tenant_id, mid, m), self._feedback(tenant_id, mid, fb))
+                    )
                     if limit is not None and len(out) >= limit:
                         return out
         return out
@@ -1041,7 +1246,7 @@ class RedisStore:
         if not self.r.exists(marker):
             pattern = glob_escape(self._k("tenant")) + ":*:feedback:*"
             for key in self.r.scan_iter(match=pattern, count=1000):
-                parts = (_s(key) or "")[len(self._k("tenant")) + 1:].split(":")
+                parts = (_s(key) or "")[len(self._k("tenant")) + 1 :].split(":")
                 if len(parts) != 3 or parts[1] != "feedback":
                     continue
                 tid, mid = key_part_decode(parts[0]), key_part_decode(parts[2])
@@ -1061,8 +1266,10 @@ class RedisStore:
             for chunk in _chunks(victims):
                 pipe = self.r.pipeline(transaction=True)
                 for mid in chunk:
-                    pipe.delete(self._tenant(tenant_id, "match", mid),
-                                self._tenant(tenant_id, "feedback", mid))
+                    pipe.delete(
+                        self._tenant(tenant_id, "match", mid),
+                        self._tenant(tenant_id, "feedback", mid),
+                    )
                 pipe.zrem(zkey, *chunk)
                 pipe.zrem(self._tenant(tenant_id, "labelled"), *chunk)
                 pipe.execute()
@@ -1078,7 +1285,6 @@ class RedisStore:
         with self._translate("get monitor snapshot"):
             raw = self.r.get(self._k("monitor", "snapshot"))
         return None if raw is None else json.loads(raw)
-
 
     # --- model registry --------------------------------------------------------------------
     def get_model_registry(self) -> tuple[dict[str, Any] | None, int]:
@@ -1104,7 +1310,12 @@ class RedisStore:
                 "if rev ~= want then return 0 end "
                 "redis.call('HSET', KEYS[1], 'rev', rev + 1, 'body', ARGV[2], 'writer', ARGV[3]) "
                 "return 1",
-                1, self._k("models"), expected_rev, body, token)
+                1,
+                self._k("models"),
+                expected_rev,
+                body,
+                token,
+            )
         return bool(done)
 
     def delete_embeddings(self, model_version: str) -> int:
@@ -1133,4 +1344,4 @@ def _stream_id(entry_id: str) -> tuple[int, int]:
 
 def _chunks(xs: Sequence[T], n: int = _CHUNK) -> Iterator[Sequence[T]]:
     for i in range(0, len(xs), n):
-        yield xs[i:i + n]
+        yield xs[i : i + n]

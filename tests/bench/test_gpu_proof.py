@@ -10,13 +10,20 @@ from bench import gpu_proof
 
 
 def test_gpu_proof_runs_on_cpu(tmp_path: Path) -> None:
-    results = gpu_proof.main(["--out", str(tmp_path), "--small", "--device", "cpu",
-                              "--skip", "pytest"])
+    results = gpu_proof.main(
+        ["--out", str(tmp_path), "--small", "--device", "cpu", "--skip", "pytest"]
+    )
     assert results["errors"] == {}
     saved = json.loads((tmp_path / "gpu_proof.json").read_text())
     parts = saved["parts"]
-    assert set(parts) == {"opis", "tcm_overhead", "batcher", "batcher_ceiling", "search",
-                          "service_index"}
+    assert set(parts) == {
+        "opis",
+        "tcm_overhead",
+        "batcher",
+        "batcher_ceiling",
+        "search",
+        "service_index",
+    }
     assert parts["service_index"]["same_hits"] and parts["service_index"]["same_filtered"]
     assert parts["service_index"]["same_after_removals"]
     assert parts["opis"]["best_seconds"] > 0 and parts["opis"]["limit_seconds_n2d"] > 0

@@ -20,8 +20,22 @@ DEPLOY = ROOT / "deploy"
 PROM_DIR = DEPLOY / "prometheus"
 RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))
 BUILTIN_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
-PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
-                   "or", "unless", "offset", "inf", "nan", "atan2"}
+PROMQL_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
+}
 
 
 def tool(name: str) -> str:
@@ -53,9 +67,14 @@ def defined_metric_names() -> set[str]:
     registry = CollectorRegistry()
     ServiceMetrics(registry, tenant_label_cap=3)
     MonitorMetrics(registry, sample_manifest(), MonitorConfig())
-    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_count", "_sum"],
-                "gaugehistogram": ["_bucket", "_gcount", "_gsum"], "info": ["_info"],
-                "summary": ["", "_count", "_sum"]}
+    suffixes = {
+        "counter": ["_total"],
+        "gauge": [""],
+        "histogram": ["_bucket", "_count", "_sum"],
+        "gaugehistogram": ["_bucket", "_gcount", "_gsum"],
+        "info": ["_info"],
+        "summary": ["", "_count", "_sum"],
+    }
     names: set[str] = set()
     for fam in registry.collect():
         names.update(fam.name + s for s in suffixes[fam.type])
@@ -72,13 +91,24 @@ def recording_rule_names() -> set[str]:
 
 def sample_manifest() -> Manifest:
     return Manifest(
-        model_version="deploy-test", architecture="small_cnn", architecture_kwargs={},
+        model_version="deploy-test",
+        architecture="small_cnn",
+        architecture_kwargs={},
         preprocessing=Preprocessing(image_size=(16, 16), channels=1, mean=(0.5,), std=(0.5,)),
         embedding_dim=8,
-        calibration=Calibration(tau=0.5, target_far=0.01, far_at_tau=0.01, frr_at_tau=0.05,
-                                tau_lo=0.4, tau_hi=0.6),
-        baseline=Baseline(opis=0.002, eps_opis=0.02, eps=0.05, recall_at_1=0.9, map_at_r=0.5,
-                          num_classes=10, num_images=100))
+        calibration=Calibration(
+            tau=0.5, target_far=0.01, far_at_tau=0.01, frr_at_tau=0.05, tau_lo=0.4, tau_hi=0.6
+        ),
+        baseline=Baseline(
+            opis=0.002,
+            eps_opis=0.02,
+            eps=0.05,
+            recall_at_1=0.9,
+            map_at_r=0.5,
+            num_classes=10,
+            num_images=100,
+        ),
+    )
 
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
@@ -103,7 +133,7 @@ def series_names(expr: str) -> set[str]:
     s = re.sub(r"\boffset\s+\w+", "", s)
     names = set()
     for m in _IDENT.finditer(s):
-        rest = s[m.end():].lstrip()
+        rest = s[m.end() :].lstrip()
         if rest.startswith("("):
             continue  # a function or aggregation
         if m.group(0).lower() in PROMQL_KEYWORDS:

@@ -19,12 +19,22 @@ import yaml
 
 Manifest = dict[str, Any]
 KNOWN_KEYS = {"apiVersion", "kind", "resources", "namespace", "labels", "images", "patches"}
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
-                  "StorageClass", "CustomResourceDefinition", "PriorityClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PersistentVolume",
+    "StorageClass",
+    "CustomResourceDefinition",
+    "PriorityClass",
+}
 POD_TEMPLATE_PATHS = {  # kind -> path of its pod template
-    "Deployment": ("spec", "template"), "StatefulSet": ("spec", "template"),
-    "DaemonSet": ("spec", "template"), "ReplicaSet": ("spec", "template"),
-    "Job": ("spec", "template"), "CronJob": ("spec", "jobTemplate", "spec", "template"),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
 
 
@@ -118,11 +128,16 @@ def _apply_image(out: list[Manifest], image: dict[str, Any]) -> None:
 
 def _apply_patch(out: list[Manifest], patch: dict[str, Any], kfile: Path) -> None:
     if set(patch) != {"target", "patch"} or set(patch["target"]) - {"kind", "name"}:
-        raise KustomizeError(f"{kfile}: only inline JSON 6902 patches with a kind/name target "
-                             "are supported")
+        raise KustomizeError(
+            f"{kfile}: only inline JSON 6902 patches with a kind/name target are supported"
+        )
     target = patch["target"]
-    matches = [m for m in out if m["kind"] == target.get("kind", m["kind"])
-               and m["metadata"]["name"] == target.get("name", m["metadata"]["name"])]
+    matches = [
+        m
+        for m in out
+        if m["kind"] == target.get("kind", m["kind"])
+        and m["metadata"]["name"] == target.get("name", m["metadata"]["name"])
+    ]
     if not matches:
         raise KustomizeError(f"{kfile}: patch target {target} matches no resource")
     ops = yaml.safe_load(patch["patch"])

@@ -39,21 +39,31 @@ class Prometheus:
 
     def query(self, expr: str) -> dict[str, float]:
         """An instant query -> {tenant (or ''): value}."""
-        return {s["metric"].get("tenant", ""): float(s["value"][1])
-                for s in self.get("/api/v1/query", query=expr)["result"]}
+        return {
+            s["metric"].get("tenant", ""): float(s["value"][1])
+            for s in self.get("/api/v1/query", query=expr)["result"]
+        }
 
     def alerts(self, state: str = "firing") -> set[tuple[str, str]]:
         """(alertname, tenant label or '') of the alerts in ``state``."""
-        return {(a["labels"]["alertname"], a["labels"].get("tenant", ""))
-                for a in self.get("/api/v1/alerts")["alerts"] if a["state"] == state}
+        return {
+            (a["labels"]["alertname"], a["labels"].get("tenant", ""))
+            for a in self.get("/api/v1/alerts")["alerts"]
+            if a["state"] == state
+        }
 
     def log_tail(self) -> str:
         return self.log.read_text()[-3000:] if self.log.exists() else ""
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str, prom: Prometheus,
-             tick: Callable[[], None] = lambda: None,
-             state: Callable[[], str] | None = None) -> None:
+def wait_for(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    prom: Prometheus,
+    tick: Callable[[], None] = lambda: None,
+    state: Callable[[], str] | None = None,
+) -> None:
     """Polls ``check`` until it holds; on timeout fails with ``state()`` (what was seen last,
     so that a failure on a busy CI machine says which part of the condition did not hold)."""
     deadline = time.monotonic() + timeout
@@ -71,14 +81,14 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, prom: Prometh
                     seen = f"\nlast seen: {state()}"
                 except (OSError, ValueError, KeyError) as e:
                     seen = f"\nlast seen: (unreadable: {e!r})"
-            pytest.fail(f"timed out waiting for {what}{seen}\n"
-                        f"prometheus log:\n{prom.log_tail()}")
+            pytest.fail(f"timed out waiting for {what}{seen}\nprometheus log:\n{prom.log_tail()}")
         time.sleep(0.25)
 
 
 @contextmanager
-def running_prometheus(tmp_path: Path, target_port: int, *, alert_for: str | None = None
-                       ) -> Iterator[Prometheus]:
+def running_prometheus(
+    tmp_path: Path, target_port: int, *, alert_for: str | None = None
+) -> Iterator[Prometheus]:
     """Prometheus scraping ``127.0.0.1:target_port`` as the tcm-service job, every second.
     ``alert_for`` replaces every alert's ``for:`` (a test cannot wait 30 minutes); the
     expressions and factors stay the project's."""
@@ -101,19 +111,27 @@ def running_prometheus(tmp_path: Path, target_port: int, *, alert_for: str | Non
     cfg["rule_files"] = rule_files
     port = free_port()
     for job in cfg["scrape_configs"]:
-        target = (f"127.0.0.1:{target_port}" if job["job_name"] == "tcm-service"
-                  else f"127.0.0.1:{port}")
+        target = (
+            f"127.0.0.1:{target_port}" if job["job_name"] == "tcm-service" else f"127.0.0.1:{port}"
+        )
         job["static_configs"] = [{"targets": [target]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     log = tmp_path / "prometheus.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=out, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
     try:
+
         def ready() -> bool:
             assert proc.poll() is None, f"prometheus exited:\n{prom.log_tail()}"
             with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as r:

@@ -38,8 +38,12 @@ def test_services_and_healthchecks() -> None:
     # Prometheus must run while the service is down, to alert on it
     assert "depends_on" not in services["prometheus"]
     # named volumes are declared
-    used = {v.split(":")[0] for s in services.values() for v in s.get("volumes", [])
-            if not v.startswith(".")}
+    used = {
+        v.split(":")[0]
+        for s in services.values()
+        for v in s.get("volumes", [])
+        if not v.startswith(".")
+    }
     assert used <= set(c["volumes"])
 
 
@@ -91,8 +95,13 @@ def test_prometheus_and_grafana_mount_files_that_exist() -> None:
     assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in prom["volumes"]
     cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    targets = [t for j in cfg["scrape_configs"] if j["job_name"] == "tcm-service"
-               for sc in j["static_configs"] for t in sc["targets"]]
+    targets = [
+        t
+        for j in cfg["scrape_configs"]
+        if j["job_name"] == "tcm-service"
+        for sc in j["static_configs"]
+        for t in sc["targets"]
+    ]
     assert targets == ["tcm:8000"]  # the compose service name and port
 
 
@@ -119,16 +128,16 @@ def test_gpu_dockerfile() -> None:
     text = DOCKERFILE_GPU.read_text()
     # a CUDA runtime base, pinned, in both stages
     bases = re.findall(r"^ARG CUDA_IMAGE=(\S+)", text, re.M)
-    assert bases and re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+",
-                                  bases[0])
+    assert bases and re.fullmatch(
+        r"nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+", bases[0]
+    )
     assert re.findall(r"^FROM (\S+)", text, re.M) == ["${CUDA_IMAGE}"] * 2
     assert "latest" not in text
     # CUDA torch pinned to the Makefile's version, from a CUDA index
     torch_pin = re.search(r"^ARG TORCH_VERSION=(\S+)", text, re.M)
     makefile_pin = re.search(r"torch==(\d+\.\d+\.\d+)", (ROOT / "Makefile").read_text())
     assert torch_pin and makefile_pin and torch_pin.group(1) == makefile_pin.group(1)
-    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+$", text,
-                     re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+$", text, re.M)
     # faiss-gpu through the [gpu] extra, pinned, and faiss-cpu (the [serve] extra) removed
     assert re.search(r"^ARG FAISS_GPU_VERSION=\d+\.\d+\.\d+$", text, re.M)
     assert '".[serve,train,gpu]"' in text
@@ -148,10 +157,10 @@ def test_gpu_compose_override() -> None:
     tcm = override["services"]["tcm"]
     assert set(override["services"]) == {"tcm"}  # layered over docker-compose.yml
     # paths in an override resolve against the first file's directory (the repository root)
-    assert (ROOT / tcm["build"]["context"] / tcm["build"]["dockerfile"]).resolve() == \
-        DOCKERFILE_GPU
-    tag = re.search(r"docker build -f deploy/docker/Dockerfile\.gpu -t (\S+) \.",
-                    DOCKERFILE_GPU.read_text())
+    assert (ROOT / tcm["build"]["context"] / tcm["build"]["dockerfile"]).resolve() == DOCKERFILE_GPU
+    tag = re.search(
+        r"docker build -f deploy/docker/Dockerfile\.gpu -t (\S+) \.", DOCKERFILE_GPU.read_text()
+    )
     assert tag and tcm["image"] == tag.group(1)
     from service.settings import Settings
 
@@ -194,13 +203,16 @@ def test_the_documented_retrain_loop_works_on_this_compose_file() -> None:
 
     tcm = compose()["services"]["tcm"]
     readme = (DEPLOY / "README.md").read_text()
-    block = readme[readme.index("The retrain loop"):]
-    block = block[block.index("```") + 3:]
-    block = block[:block.index("```")].replace("\\\n", " ")
+    block = readme[readme.index("The retrain loop") :]
+    block = block[block.index("```") + 3 :]
+    block = block[: block.index("```")].replace("\\\n", " ")
     cmds = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
     inside = [c[5:] for c in cmds if c[:5] == ["docker", "compose", "exec", "tcm", "tcm-serve"]]
-    assert [c[:2] for c in inside] == [["export-dataset", "--out"], ["models", "stage"],
-                                       ["models", "activate"]]
+    assert [c[:2] for c in inside] == [
+        ["export-dataset", "--out"],
+        ["models", "stage"],
+        ["models", "activate"],
+    ]
     out = inside[0][2]
     stage = inside[1][2]
     (train,) = [c for c in cmds if c[0].endswith("tcm-train")]
@@ -209,7 +221,8 @@ def test_the_documented_retrain_loop_works_on_this_compose_file() -> None:
     # training exports where the container sees artefacts, and stage names it there
     assert _to_host(tcm, stage, writes=False) == str(Path(train[train.index("--export") + 1]))
     assert _to_host(tcm, tcm["environment"]["TCM_ARTEFACT_PATH"], writes=False) == str(
-        Path(train[train.index("--from") + 1]))
+        Path(train[train.index("--from") + 1])
+    )
     # the models commands inside the container find the service and its admin token
     assert "TCM_ADMIN_TOKEN" in tcm["environment"]
     assert tcm["ports"][0].endswith(":8000")

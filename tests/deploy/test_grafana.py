@@ -34,8 +34,13 @@ def exprs(d: dict) -> list[str]:
 
 
 def test_dashboard_json_is_built_from_the_script() -> None:
-    r = subprocess.run([sys.executable, str(GRAFANA / "build_dashboard.py"), "--check"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(GRAFANA / "build_dashboard.py"), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -51,8 +56,11 @@ def test_panels_are_well_formed() -> None:
     (ds_var,) = [v for v in d["templating"]["list"] if v["name"] == "datasource"]
     assert ds_var["type"] == "datasource" and ds_var["query"] == provisioned["type"]
     assert ds_var["current"]["value"] == provisioned["uid"]
-    assert all(a["datasource"]["uid"] == datasource_uid
-               for a in d["annotations"]["list"] if a.get("builtIn") != 1)
+    assert all(
+        a["datasource"]["uid"] == datasource_uid
+        for a in d["annotations"]["list"]
+        if a.get("builtIn") != 1
+    )
     titles = set()
     for p in d["panels"]:
         g = p["gridPos"]
@@ -61,18 +69,25 @@ def test_panels_are_well_formed() -> None:
             continue
         titles.add(p["title"])
         assert p["datasource"]["uid"] == datasource_uid
-        assert p["targets"] and all(t["datasource"]["uid"] == datasource_uid
-                                    for t in p["targets"])
+        assert p["targets"] and all(t["datasource"]["uid"] == datasource_uid for t in p["targets"])
         refs = [t["refId"] for t in p["targets"]]
         assert len(refs) == len(set(refs))
     # what the dashboard is for
-    for needed in ("OPIS across subjects, all tenants: live vs reference",
-                   "OPIS across subjects by tenant / reference upper bound",
-                   "OPIS across tenants: live vs reference", "Model version", "Threshold tau",
-                   "Activation progress", "eps-OPIS across tenants: live vs reference",
-                   "FAR / target FAR, log10 (feedback, 1h)", "Impostor scores",
-                   "Genuine scores", "Requests by route", "Latency p50 / p99 by route",
-                   "Embedding batch size"):
+    for needed in (
+        "OPIS across subjects, all tenants: live vs reference",
+        "OPIS across subjects by tenant / reference upper bound",
+        "OPIS across tenants: live vs reference",
+        "Model version",
+        "Threshold tau",
+        "Activation progress",
+        "eps-OPIS across tenants: live vs reference",
+        "FAR / target FAR, log10 (feedback, 1h)",
+        "Impostor scores",
+        "Genuine scores",
+        "Requests by route",
+        "Latency p50 / p99 by route",
+        "Embedding batch size",
+    ):
         assert needed in titles
     variables = {v["name"] for v in d["templating"]["list"]}
     assert {"tenant", "threshold", "source", "datasource"} <= variables
@@ -82,7 +97,7 @@ def variable_promql(v: dict) -> str:
     """The PromQL inside a query variable: query_result(expr) or label_values(expr, label)."""
     q = v["query"]["query"]
     if q.startswith("query_result("):
-        return q[len("query_result("):-1]
+        return q[len("query_result(") : -1]
     return grafana_to_promql(q.split("(", 1)[1].split(",")[0])
 
 
@@ -104,14 +119,27 @@ def test_every_expression_names_defined_metrics() -> None:
         assert names <= known, f"{e!r} names undefined series {names - known}"
         used |= names
     # the consistency and per-tenant metrics are all on the dashboard
-    for m in ("tcm_subjects_opis_pooled", "tcm_subjects_opis_pooled_reference",
-              "tenant:tcm_subjects_opis_over_reference:ratio", "tcm_tenants_opis_reference",
-              "tcm_tenants_deviation_reference", "tcm_tenant_deviation", "tcm_model_info",
-              "tcm_model_threshold_score", "tcm_model_activation_items",
-              "tcm:opis_over_reference:ratio", "tcm_opis", "tcm_eps_opis",
-              "tcm_impostor_score_bucket", "tcm_genuine_score_bucket", "tcm_tenant_pairs",
-              "tcm_tenant_utility_ratio", "tcm_decisions_total", "tcm_embed_batch_images_bucket",
-              "tenant:tcm_far_over_target:log10_ratio_rate1h"):
+    for m in (
+        "tcm_subjects_opis_pooled",
+        "tcm_subjects_opis_pooled_reference",
+        "tenant:tcm_subjects_opis_over_reference:ratio",
+        "tcm_tenants_opis_reference",
+        "tcm_tenants_deviation_reference",
+        "tcm_tenant_deviation",
+        "tcm_model_info",
+        "tcm_model_threshold_score",
+        "tcm_model_activation_items",
+        "tcm:opis_over_reference:ratio",
+        "tcm_opis",
+        "tcm_eps_opis",
+        "tcm_impostor_score_bucket",
+        "tcm_genuine_score_bucket",
+        "tcm_tenant_pairs",
+        "tcm_tenant_utility_ratio",
+        "tcm_decisions_total",
+        "tcm_embed_batch_images_bucket",
+        "tenant:tcm_far_over_target:log10_ratio_rate1h",
+    ):
         assert m in used, m
 
 
@@ -134,13 +162,13 @@ def test_what_if_threshold_opens_at_tau() -> None:
 def test_provisioning_points_at_the_mounted_dashboards() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
-    provider = yaml.safe_load(
-        (GRAFANA / "provisioning" / "dashboards" / "tcm.yml").read_text())["providers"][0]
+    provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "tcm.yml").read_text())[
+        "providers"
+    ][0]
     dash_dir = provider["options"]["path"]
     host = next(h for h, c in mounts.items() if c == dash_dir)
     assert (ROOT / host / "tcm.json").is_file()
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
-    ds = yaml.safe_load(
-        (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    ds = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert ds["datasources"][0]["url"] == "http://prometheus:9090"
     assert "prometheus" in compose["services"]

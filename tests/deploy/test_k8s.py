@@ -39,8 +39,11 @@ def built(directory: str) -> list[Manifest]:
 
 
 def one(manifests: list[Manifest], kind: str, name: str | None = None) -> Manifest:
-    found = [m for m in manifests if m["kind"] == kind
-             and (name is None or m["metadata"]["name"] == name)]
+    found = [
+        m
+        for m in manifests
+        if m["kind"] == kind and (name is None or m["metadata"]["name"] == name)
+    ]
     assert len(found) == 1, (kind, name, [m["metadata"]["name"] for m in found])
     return found[0]
 
@@ -68,12 +71,26 @@ def test_kustomizations_build(directory: str) -> None:
         assert m["metadata"]["labels"]["app.kubernetes.io/name"] == "tcm"
     kinds = {m["kind"] for m in manifests}
     expected = {
-        "overlays/cpu": {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service",
-                         "HorizontalPodAutoscaler", "PodDisruptionBudget", "StatefulSet",
-                         "NetworkPolicy"},
-        "overlays/gpu": {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service",
-                         "HorizontalPodAutoscaler", "PodDisruptionBudget", "StatefulSet",
-                         "NetworkPolicy"},
+        "overlays/cpu": {
+            "ConfigMap",
+            "PersistentVolumeClaim",
+            "Deployment",
+            "Service",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "StatefulSet",
+            "NetworkPolicy",
+        },
+        "overlays/gpu": {
+            "ConfigMap",
+            "PersistentVolumeClaim",
+            "Deployment",
+            "Service",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "StatefulSet",
+            "NetworkPolicy",
+        },
         "monitoring": {"ServiceMonitor", "PrometheusRule", "ConfigMap"},
         "retrain": {"Job", "Service"},
     }[directory]
@@ -87,16 +104,24 @@ def test_resolver_agrees_with_kubectl_kustomize(directory: str) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: kustomize_lite alone builds the manifests")
-    out = subprocess.run([kubectl, "kustomize", str(K8S / directory)], capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S / directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     theirs = {(m["kind"], m["metadata"]["name"]): m for m in yaml.safe_load_all(out) if m}
     ours = {(m["kind"], m["metadata"]["name"]): m for m in built(directory)}
     assert ours == theirs
 
 
 def test_resolver_refuses_what_it_does_not_know(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(
-        {"resources": [], "configMapGenerator": [{"name": "x", "literals": ["a=b"]}]}))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {"resources": [], "configMapGenerator": [{"name": "x", "literals": ["a=b"]}]}
+        )
+    )
     with pytest.raises(ValueError, match="configMapGenerator"):
         build(tmp_path)
     doc = {"spec": {"list": [1, 2]}}
@@ -139,52 +164,110 @@ def test_schema_validation_is_strict_and_offline() -> None:
 # The Prometheus Operator's CRDs are not in kubernetes-validate; the fields these manifests use,
 # as the operator's CRDs (monitoring.coreos.com/v1) name them, with unknown fields refused.
 _STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_META = {"type": "object", "required": ["name"], "properties": {
-    "name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _STR_MAP,
-    "annotations": _STR_MAP}, "additionalProperties": False}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": _STR_MAP,
+        "annotations": _STR_MAP,
+    },
+    "additionalProperties": False,
+}
 SERVICE_MONITOR_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
     "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
         "metadata": _META,
-        "spec": {"type": "object", "required": ["selector", "endpoints"],
-                 "additionalProperties": False, "properties": {
-                     "selector": {"type": "object", "properties": {"matchLabels": _STR_MAP},
-                                  "additionalProperties": False},
-                     "endpoints": {"type": "array", "minItems": 1, "items": {
-                         "type": "object", "additionalProperties": False, "properties": {
-                             "port": {"type": "string"}, "path": {"type": "string"},
-                             "interval": {"type": "string", "pattern": r"^\d+[smh]$"},
-                             "scrapeTimeout": {"type": "string", "pattern": r"^\d+[smh]$"},
-                             "relabelings": {"type": "array", "items": {
-                                 "type": "object", "additionalProperties": False,
-                                 "properties": {
-                                     "action": {"enum": ["replace", "keep", "drop",
-                                                         "labelmap"]},
-                                     "sourceLabels": {"type": "array"},
-                                     "regex": {"type": "string"},
-                                     "targetLabel": {"type": "string"},
-                                     "replacement": {"type": "string"}}}}}}}}},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "properties": {"matchLabels": _STR_MAP},
+                    "additionalProperties": False,
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": r"^\d+[smh]$"},
+                            "scrapeTimeout": {"type": "string", "pattern": r"^\d+[smh]$"},
+                            "relabelings": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "action": {"enum": ["replace", "keep", "drop", "labelmap"]},
+                                        "sourceLabels": {"type": "array"},
+                                        "regex": {"type": "string"},
+                                        "targetLabel": {"type": "string"},
+                                        "replacement": {"type": "string"},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
     },
 }
-_RULE = {"type": "object", "required": ["expr"], "additionalProperties": False,
-         "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
-         "properties": {"record": {"type": "string"}, "alert": {"type": "string"},
-                        "expr": {"type": "string"}, "for": {"type": "string"},
-                        "labels": _STR_MAP, "annotations": _STR_MAP}}
+_RULE = {
+    "type": "object",
+    "required": ["expr"],
+    "additionalProperties": False,
+    "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+    "properties": {
+        "record": {"type": "string"},
+        "alert": {"type": "string"},
+        "expr": {"type": "string"},
+        "for": {"type": "string"},
+        "labels": _STR_MAP,
+        "annotations": _STR_MAP,
+    },
+}
 PROMETHEUS_RULE_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
     "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
         "metadata": _META,
-        "spec": {"type": "object", "required": ["groups"], "additionalProperties": False,
-                 "properties": {"groups": {"type": "array", "minItems": 1, "items": {
-                     "type": "object", "required": ["name", "rules"],
-                     "additionalProperties": False, "properties": {
-                         "name": {"type": "string"}, "interval": {"type": "string"},
-                         "rules": {"type": "array", "items": _RULE}}}}}},
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string"},
+                            "interval": {"type": "string"},
+                            "rules": {"type": "array", "items": _RULE},
+                        },
+                    },
+                }
+            },
+        },
     },
 }
 
@@ -208,8 +291,11 @@ def operator_job_label(sm: dict, svc: dict) -> str:
     (replace actions on job) apply in order."""
     job = svc["metadata"]["labels"].get(sm["spec"].get("jobLabel", ""), svc["metadata"]["name"])
     for r in sm["spec"]["endpoints"][0].get("relabelings", []):
-        if r.get("targetLabel") == "job" and r.get("action", "replace") == "replace" \
-                and not r.get("sourceLabels"):
+        if (
+            r.get("targetLabel") == "job"
+            and r.get("action", "replace") == "replace"
+            and not r.get("sourceLabels")
+        ):
             job = r["replacement"]
     return job
 
@@ -231,14 +317,16 @@ def test_grafana_dashboard_configmap_for_the_sidecar() -> None:
     cm = one(built("monitoring"), "ConfigMap", "tcm-grafana-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["tcm.json"]) == json.loads(
-        (DEPLOY / "grafana" / "dashboards" / "tcm.json").read_text())
+        (DEPLOY / "grafana" / "dashboards" / "tcm.json").read_text()
+    )
 
 
 # --- the PrometheusRule is the rule files ---------------------------------------------------------
 def test_prometheus_rule_is_generated_from_the_rule_files(promtool: str, tmp_path: Path) -> None:
     script = K8S / "build_prometheus_rule.py"
-    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     rule = one(built("monitoring"), "PrometheusRule", "tcm")
     groups = [g for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"]]
@@ -252,8 +340,9 @@ def test_prometheus_rule_is_generated_from_the_rule_files(promtool: str, tmp_pat
 def test_prometheus_rule_check_detects_drift(tmp_path: Path) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("build_prometheus_rule",
-                                                  K8S / "build_prometheus_rule.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_prometheus_rule", K8S / "build_prometheus_rule.py"
+    )
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -281,11 +370,15 @@ def test_prometheus_k8s_scrape_config(promtool: str, tmp_path: Path) -> None:
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     run_promtool(promtool, "check", "config", "prometheus.yml", cwd=tmp_path)
 
-    annotations = one(built("overlays/cpu"), "Deployment", "tcm")["spec"]["template"][
-        "metadata"]["annotations"]
-    used = {re.sub(r"^__meta_kubernetes_pod_annotation_", "", s)
-            for rc in job["relabel_configs"] for s in rc.get("source_labels", [])
-            if s.startswith("__meta_kubernetes_pod_annotation_")}
+    annotations = one(built("overlays/cpu"), "Deployment", "tcm")["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    used = {
+        re.sub(r"^__meta_kubernetes_pod_annotation_", "", s)
+        for rc in job["relabel_configs"]
+        for s in rc.get("source_labels", [])
+        if s.startswith("__meta_kubernetes_pod_annotation_")
+    }
     as_label = {re.sub(r"[^A-Za-z0-9_]", "_", k): k for k in annotations}
     assert used and used <= set(as_label), (used, annotations)
     assert annotations["prometheus.io/scrape"] == "true"
@@ -338,8 +431,11 @@ def test_probes_and_ports(overlay: str) -> None:
     pdb = one(manifests, "PodDisruptionBudget", "tcm")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     hpa = one(manifests, "HorizontalPodAutoscaler", "tcm")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": "tcm"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "tcm",
+    }
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     assert "replicas" not in dep["spec"]  # the HPA owns it; apply must not reset it
     assert pdb["spec"]["minAvailable"] < max(hpa["spec"]["minReplicas"], 2)
@@ -362,7 +458,8 @@ def test_environment_is_real_settings(overlay: str) -> None:
     env = {e["name"]: e for e in c["env"]}
     assert set(env) <= set(fields)
     assert env["TCM_ADMIN_TOKEN"]["valueFrom"] == {
-        "secretKeyRef": {"name": "tcm-admin", "key": "admin-token"}}
+        "secretKeyRef": {"name": "tcm-admin", "key": "admin-token"}
+    }
     # the values are ones the service accepts (a token stands in for the Secret)
     values = {k.removeprefix("TCM_").lower(): v for k, v in cm["data"].items()}
     settings = Settings(**values, admin_token="x" * 32)
@@ -382,12 +479,15 @@ def test_image_names_match_dockerfiles_and_compose() -> None:
     compose_image = COMPOSE["services"]["tcm"]["image"]
     cpu_name = compose_image.rsplit(":", 1)[0]
     assert f"-t {compose_image} ." in DOCKERFILE.read_text()
-    gpu_tags = re.findall(r"docker build -f deploy/docker/Dockerfile\.gpu -t (\S+) \.",
-                          DOCKERFILE_GPU.read_text())
+    gpu_tags = re.findall(
+        r"docker build -f deploy/docker/Dockerfile\.gpu -t (\S+) \.", DOCKERFILE_GPU.read_text()
+    )
     assert gpu_tags, "Dockerfile.gpu documents its build command and tag"
     gpu_name = gpu_tags[0].rsplit(":", 1)[0]
-    images = {d: {c["image"] for m in built(d) for c in containers(m)} for d in
-              ("overlays/cpu", "overlays/gpu", "retrain")}
+    images = {
+        d: {c["image"] for m in built(d) for c in containers(m)}
+        for d in ("overlays/cpu", "overlays/gpu", "retrain")
+    }
     server = {"overlays/cpu": cpu_name, "overlays/gpu": gpu_name}
     redis_image = COMPOSE["services"]["redis"]["image"]
     for overlay, name in server.items():
@@ -438,8 +538,9 @@ def test_gpu_overlay() -> None:
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert c["resources"]["requests"]["nvidia.com/gpu"] == "1"
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} \
-        in spec["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
     assert one(gpu, "ConfigMap", "tcm-config")["data"]["TCM_DEVICE"] == "cuda"
     cpu_spec = one(cpu, "Deployment", "tcm")["spec"]["template"]["spec"]
     assert "nodeSelector" not in cpu_spec and "tolerations" not in cpu_spec
@@ -463,12 +564,13 @@ def test_redis_statefulset_persists_and_is_private() -> None:
     assert {"name": claim["metadata"]["name"], "mountPath": data_dir} in c["volumeMounts"]
     assert claim["spec"]["resources"]["requests"]["storage"]
     compose_redis = COMPOSE["services"]["redis"]["command"]
-    assert compose_redis[compose_redis.index("--appendfsync") + 1] == \
-        args[args.index("--appendfsync") + 1]
+    assert (
+        compose_redis[compose_redis.index("--appendfsync") + 1]
+        == args[args.index("--appendfsync") + 1]
+    )
     svc = one(manifests, "Service", "tcm-redis")
     assert sts["spec"]["serviceName"] == "tcm-redis" and svc["spec"]["clusterIP"] == "None"
-    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"][
-        "labels"].items()
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
     # only the service's pods reach Redis
     pol = one(manifests, "NetworkPolicy", "tcm-redis")
     redis_labels = sts["spec"]["template"]["metadata"]["labels"]
@@ -497,12 +599,14 @@ def test_retrain_job_runs_torchrun_on_the_training_cli() -> None:
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == nnodes
     assert tpl["restartPolicy"] == "Never"
-    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
-        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert (
+        env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
     assert int(env["NPROC_PER_NODE"]["value"]) == int(c["resources"]["limits"]["nvidia.com/gpu"])
     args = c["args"]
     assert c["command"] == ["torchrun"]
-    assert args[args.index("-m") + 1: args.index("-m") + 3] == ["training.cli", "fit"]
+    assert args[args.index("-m") + 1 : args.index("-m") + 3] == ["training.cli", "fit"]
     opts = dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
     assert opts["--nnodes"] == "$(NNODES)" and opts["--node_rank"] == "$(NODE_RANK)"
     assert opts["--nproc_per_node"] == "$(NPROC_PER_NODE)"
@@ -517,7 +621,7 @@ def test_retrain_job_runs_torchrun_on_the_training_cli() -> None:
     # the training CLI has these options, and the --set keys are config fields
     fit = typer.main.get_command(train_app).commands["fit"]  # type: ignore[attr-defined]
     known = {o for p in fit.params for o in p.opts}
-    script = args[args.index("fit") + 1:]
+    script = args[args.index("fit") + 1 :]
     for a in script:
         if a.startswith("-"):
             assert a.split("=", 1)[0] in known, a
@@ -533,8 +637,13 @@ def test_retrain_job_runs_torchrun_on_the_training_cli() -> None:
 
 def test_readme_documents_kubernetes() -> None:
     readme = (DEPLOY / "README.md").read_text()
-    for needed in ("kubectl apply -k deploy/k8s/overlays/cpu",
-                   "kubectl apply -k deploy/k8s/overlays/gpu", "deploy/k8s/retrain",
-                   "create secret generic tcm-admin", "build_prometheus_rule.py", "Sentinel",
-                   "Cluster"):
+    for needed in (
+        "kubectl apply -k deploy/k8s/overlays/cpu",
+        "kubectl apply -k deploy/k8s/overlays/gpu",
+        "deploy/k8s/retrain",
+        "create secret generic tcm-admin",
+        "build_prometheus_rule.py",
+        "Sentinel",
+        "Cluster",
+    ):
         assert needed in readme, needed

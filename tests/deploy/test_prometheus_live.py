@@ -59,8 +59,9 @@ def metrics_server() -> Iterator[tuple[int, CollectorRegistry]]:
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path, metrics_server: tuple[int, CollectorRegistry]
-               ) -> Iterator[Prometheus]:
+def prometheus(
+    tmp_path: Path, metrics_server: tuple[int, CollectorRegistry]
+) -> Iterator[Prometheus]:
     with running_prometheus(tmp_path, metrics_server[0]) as prom:
         yield prom
 
@@ -68,8 +69,7 @@ def prometheus(tmp_path: Path, metrics_server: tuple[int, CollectorRegistry]
 class Script:
     """Feedback on 1:N decisions at a steady rate; ``drift`` shifts the drifter's impostors."""
 
-    def __init__(self, monitor: Monitor, metrics: ServiceMetrics, store: Store,
-                 tau: float) -> None:
+    def __init__(self, monitor: Monitor, metrics: ServiceMetrics, store: Store, tau: float) -> None:
         self.monitor, self.metrics, self.store, self.tau = monitor, metrics, store, tau
         self.rng = np.random.default_rng(5)
         self.ids = itertools.count()
@@ -87,18 +87,32 @@ class Script:
         accepted = score >= self.tau
         now = time.time()
         mid = f"m{next(self.ids)}"
-        match = MatchRecord(mid, tenant, accepted, "s" if accepted else None, "i", "s", score,
-                            self.tau, self.monitor.manifest.model_version, now)
+        match = MatchRecord(
+            mid,
+            tenant,
+            accepted,
+            "s" if accepted else None,
+            "i",
+            "s",
+            score,
+            self.tau,
+            self.monitor.manifest.model_version,
+            now,
+        )
         outcome = decision_outcome(accepted=accepted, genuine=genuine)
         fb = Feedback(mid, tenant, None, None, genuine, outcome, now)
         # what the feedback endpoint counts on the request path (Matcher.feedback)
-        self.metrics.decisions.labels(tenant=self.metrics.tenant_label(tenant),
-                                      outcome=outcome).inc()
+        self.metrics.decisions.labels(
+            tenant=self.metrics.tenant_label(tenant), outcome=outcome
+        ).inc()
         return match, fb
 
     def tick(self) -> None:
-        made = [self.decide(tenant, genuine=genuine) for tenant in TENANTS
-                for genuine in (False, False, False, False, True)]
+        made = [
+            self.decide(tenant, genuine=genuine)
+            for tenant in TENANTS
+            for genuine in (False, False, False, False, True)
+        ]
         self.store.add_matches([m for m, _ in made])
         with ThreadPoolExecutor(8) as pool:  # concurrent writes share the store's commits
             list(pool.map(self.store.add_feedback, [fb for _, fb in made]))
@@ -113,21 +127,21 @@ class Script:
             time.sleep(0.1)
 
 
-def test_recording_rules_see_one_tenant_drift(prometheus: Prometheus,
-                                              metrics_server: tuple[int, CollectorRegistry],
-                                              store: Store) -> None:
+def test_recording_rules_see_one_tenant_drift(
+    prometheus: Prometheus, metrics_server: tuple[int, CollectorRegistry], store: Store
+) -> None:
     manifest = sample_manifest()
     target = manifest.calibration.target_far
     metrics = ServiceMetrics(metrics_server[1], tenant_label_cap=10)
-    monitor = Monitor(store, manifest, metrics,
-                      MonitorConfig(interval_s=1.0, min_pairs=10, tenant_label_cap=10))
+    monitor = Monitor(
+        store, manifest, metrics, MonitorConfig(interval_s=1.0, min_pairs=10, tenant_label_cap=10)
+    )
     script = Script(monitor, metrics, store, manifest.calibration.tau)
 
     # phase 1: everyone healthy, until Prometheus has a FAR for every tenant
     def all_far() -> bool:
         far = prometheus.query("tenant:tcm_far:ratio_rate5m")
-        return set(far) == set(TENANTS) and "" in prometheus.query(
-            "tcm:opis_over_reference:ratio")
+        return set(far) == set(TENANTS) and "" in prometheus.query("tcm:opis_over_reference:ratio")
 
     wait_for(all_far, 30, "per-tenant FAR and OPIS from the rules", prometheus, script.tick)
     script.run_for(2.0)
@@ -167,13 +181,18 @@ def test_recording_rules_see_one_tenant_drift(prometheus: Prometheus,
     tau = manifest.calibration.tau
     from_buckets = prometheus.query(
         f'1 - sum by (tenant) (tcm_impostor_score_bucket{{le="{tau!r}",source="feedback"}}) '
-        '/ sum by (tenant) (tcm_impostor_score_gcount{source="feedback"})')
+        '/ sum by (tenant) (tcm_impostor_score_gcount{source="feedback"})'
+    )
     assert from_buckets[DRIFTER] > 10 * from_buckets["alpha"]
     assert from_buckets["alpha"] <= target
 
     # every rule evaluates cleanly against the real metrics
     groups = prometheus.get("/api/v1/rules")["groups"]
     assert {g["file"] for g in groups} == {str(f) for f in RULE_FILES}
-    broken = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"]
-              if r.get("health") != "ok"]
+    broken = [
+        (r["name"], r.get("lastError"))
+        for g in groups
+        for r in g["rules"]
+        if r.get("health") != "ok"
+    ]
     assert not broken, broken

@@ -20,16 +20,16 @@ from tests.deploy.conftest import (
 
 
 def all_rules() -> list[dict]:
-    return [r for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"]
-            for r in g["rules"]]
+    return [
+        r for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]
+    ]
 
 
 def test_promtool_check_config(promtool: str) -> None:
     out = run_promtool(promtool, "check", "config", "prometheus.yml")
     assert "SUCCESS" in out
     # the config loads the rule files this suite checks
-    assert "rules/*.yml" in yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())[
-        "rule_files"]
+    assert "rules/*.yml" in yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())["rule_files"]
 
 
 def test_promtool_check_rules(promtool: str) -> None:
@@ -54,8 +54,7 @@ def test_rule_unit_tests_cover_every_alert() -> None:
                 if a["exp_alerts"]:  # a firing case, not only a quiet one
                     tested.add(a["alertname"])
     assert alerts - tested == set(), "alerts without a firing unit test"
-    assert {"TCMOpisDegraded", "TCMTenantFARHigh", "TCMFeedbackSilent",
-            "TCMServiceDown"} <= alerts
+    assert {"TCMOpisDegraded", "TCMTenantFARHigh", "TCMFeedbackSilent", "TCMServiceDown"} <= alerts
 
 
 @pytest.mark.parametrize("rule", all_rules(), ids=lambda r: r.get("record") or r["alert"])

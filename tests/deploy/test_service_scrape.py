@@ -51,14 +51,26 @@ def artefact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     weights only have to load; tau and the baseline are what the monitor compares against."""
     kwargs = {"in_channels": 1, "embedding_dim": DIM, "width": 8}
     manifest = Manifest(
-        model_version="scrape-test-v1", architecture="small_cnn", architecture_kwargs=kwargs,
+        model_version="scrape-test-v1",
+        architecture="small_cnn",
+        architecture_kwargs=kwargs,
         preprocessing=Preprocessing(image_size=(16, 16), channels=1, mean=(0.5,), std=(0.5,)),
         embedding_dim=DIM,
-        calibration=Calibration(tau=TAU, target_far=0.01, far_at_tau=0.01, frr_at_tau=0.05,
-                                tau_lo=0.4, tau_hi=0.6),
-        baseline=Baseline(opis=0.002, eps_opis=0.02, eps=0.05, recall_at_1=0.9, map_at_r=0.5,
-                          num_classes=10, num_images=100, opis_interval=(0.001, 0.004),
-                          reference_file="reference.safetensors"))
+        calibration=Calibration(
+            tau=TAU, target_far=0.01, far_at_tau=0.01, frr_at_tau=0.05, tau_lo=0.4, tau_hi=0.6
+        ),
+        baseline=Baseline(
+            opis=0.002,
+            eps_opis=0.02,
+            eps=0.05,
+            recall_at_1=0.9,
+            map_at_r=0.5,
+            num_classes=10,
+            num_images=100,
+            opis_interval=(0.001, 0.004),
+            reference_file="reference.safetensors",
+        ),
+    )
     out = tmp_path_factory.mktemp("artefact")
     # held-out "classes": noisy directions, as an export keeps them for the across-subjects
     # reference
@@ -74,14 +86,32 @@ def artefact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def service(tmp_path: Path, artefact: Path) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
-    env |= {"TCM_ARTEFACT_PATH": str(artefact), "TCM_DEVICE": "cpu", "TCM_ADMIN_TOKEN": ADMIN,
-            "TCM_STORE_URL": f"sqlite:///{tmp_path / 'tcm.db'}",
-            "TCM_MONITOR_INTERVAL_S": "1", "TCM_MONITOR_MIN_PAIRS": "10"}
+    env |= {
+        "TCM_ARTEFACT_PATH": str(artefact),
+        "TCM_DEVICE": "cpu",
+        "TCM_ADMIN_TOKEN": ADMIN,
+        "TCM_STORE_URL": f"sqlite:///{tmp_path / 'tcm.db'}",
+        "TCM_MONITOR_INTERVAL_S": "1",
+        "TCM_MONITOR_MIN_PAIRS": "10",
+    }
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -112,17 +142,20 @@ class Clients:
         self.ids: dict[str, str] = {}  # tenant name -> tenant id
         basis, _ = np.linalg.qr(self.rng.standard_normal((DIM, DIM)))
         self.u = basis[:, :SUBJECTS].T  # one direction per subject
-        self.w = basis[:, SUBJECTS:2 * SUBJECTS].T  # the second image's own variation
+        self.w = basis[:, SUBJECTS : 2 * SUBJECTS].T  # the second image's own variation
         self.z = basis[:, 2 * SUBJECTS]  # orthogonal to every gallery item
         for name in NAMES:
-            r = self.http.post("/v1/tenants", json={"name": name},
-                               headers={"Authorization": f"Bearer {ADMIN}"})
+            r = self.http.post(
+                "/v1/tenants", json={"name": name}, headers={"Authorization": f"Bearer {ADMIN}"}
+            )
             assert r.status_code == 201, r.text
             self.ids[name] = r.json()["tenant_id"]
             self.keys[name] = {"Authorization": f"Bearer {r.json()['api_key']}"}
-            items = [{"subject": f"s{i}", "embedding": v.tolist()}
-                     for i in range(SUBJECTS)
-                     for v in (self.u[i], 0.8 * self.u[i] + 0.6 * self.w[i])]
+            items = [
+                {"subject": f"s{i}", "embedding": v.tolist()}
+                for i in range(SUBJECTS)
+                for v in (self.u[i], 0.8 * self.u[i] + 0.6 * self.w[i])
+            ]
             r = self.http.post("/v1/gallery", json={"items": items}, headers=self.keys[name])
             assert r.status_code == 201, r.text
 
@@ -138,21 +171,28 @@ class Clients:
             score = self.rng.normal(0.6, 0.03)
         else:
             score = self.rng.normal(0.2, 0.05)
-        r = self.http.post("/v1/match", json={"embedding": self.probe(subject, score), "k": 1},
-                           headers=self.keys[name])
+        r = self.http.post(
+            "/v1/match",
+            json={"embedding": self.probe(subject, score), "k": 1},
+            headers=self.keys[name],
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["decision"]["accepted"] == (body["decision"]["score"] >= TAU)
         truth = f"s{subject}" if genuine else None  # impostors are not enrolled at all
-        r = self.http.post("/v1/feedback", json={"match_id": body["match_id"],
-                                                 "true_subject": truth},
-                           headers=self.keys[name])
+        r = self.http.post(
+            "/v1/feedback",
+            json={"match_id": body["match_id"], "true_subject": truth},
+            headers=self.keys[name],
+        )
         assert r.status_code in (200, 201), r.text
 
     def verify_once(self) -> None:
-        r = self.http.post("/v1/verify", json={"a": {"embedding": self.probe(0, 0.9)},
-                                               "b": {"subject": "s0"}},
-                           headers=self.keys[NAMES[0]])
+        r = self.http.post(
+            "/v1/verify",
+            json={"a": {"embedding": self.probe(0, 0.9)}, "b": {"subject": "s0"}},
+            headers=self.keys[NAMES[0]],
+        )
         assert r.status_code == 200, r.text
 
     def tick(self) -> None:
@@ -166,11 +206,13 @@ class Clients:
         return {names.get(t, t): v for t, v in values.items()}
 
 
-def test_prometheus_sees_one_tenant_drift_on_the_running_service(service: str, tmp_path: Path
-                                                                  ) -> None:
+def test_prometheus_sees_one_tenant_drift_on_the_running_service(
+    service: str, tmp_path: Path
+) -> None:
     port = int(service.rsplit(":", 1)[1])
     clients = Clients(service)
     with running_prometheus(tmp_path, port) as prom:
+
         def far() -> dict[str, float]:
             return clients.by_name(prom.query("tenant:tcm_far:ratio_rate5m"))
 
@@ -180,49 +222,66 @@ def test_prometheus_sees_one_tenant_drift_on_the_running_service(service: str, t
         def healthy_everywhere() -> bool:
             return set(far()) == set(NAMES) and opis_ratio() >= 0
 
-        wait_for(healthy_everywhere, 40, "per-tenant FAR and OPIS from the service", prom,
-                 clients.tick)
+        wait_for(
+            healthy_everywhere, 40, "per-tenant FAR and OPIS from the service", prom, clients.tick
+        )
         assert all(v <= 0.01 for v in far().values()), far()
         assert prom.query('up{job="tcm-service"}')[""] == 1.0
         # the across-tenants reference is first measured as soon as 2 tenants have enough
         # pairs, which may be before all four do; re-measure it now that every tenant is
         # healthy, as an operator would once the tenants have joined
-        r = clients.http.post("/v1/monitor/reference",
-                              headers={"Authorization": f"Bearer {ADMIN}"})
+        r = clients.http.post("/v1/monitor/reference", headers={"Authorization": f"Bearer {ADMIN}"})
         assert r.status_code == 200 and r.json()["status"] == "measured", r.text
         opis_before = opis_ratio()
         assert opis_before < 2.0
 
         clients.drift = True
-        wait_for(lambda: far()[DRIFTER] > 0.3, 40, "the drifter's FAR to rise", prom,
-                 clients.tick)
+        wait_for(lambda: far()[DRIFTER] > 0.3, 40, "the drifter's FAR to rise", prom, clients.tick)
         rates = far()
         for name in NAMES:
             if name != DRIFTER:
                 assert rates[name] <= 0.01, rates
-        wait_for(lambda: opis_ratio() > 2.0, 40, "live OPIS above twice its baseline", prom,
-                 clients.tick)
+        wait_for(
+            lambda: opis_ratio() > 2.0, 40, "live OPIS above twice its baseline", prom, clients.tick
+        )
 
         # the alert for the drifter's FAR is pending (it fires after its `for:`), no one else's
         def pending() -> set[str]:
             alerts = prom.get("/api/v1/alerts")["alerts"]
-            return {clients.by_name({a["labels"].get("tenant", ""): 0.0}).popitem()[0]
-                    for a in alerts if a["labels"]["alertname"] == "TCMTenantFARHigh"}
+            return {
+                clients.by_name({a["labels"].get("tenant", ""): 0.0}).popitem()[0]
+                for a in alerts
+                if a["labels"]["alertname"] == "TCMTenantFARHigh"
+            }
 
-        wait_for(lambda: pending() == {DRIFTER}, 40, "TCMTenantFARHigh pending for the drifter",
-                 prom, clients.tick)
+        wait_for(
+            lambda: pending() == {DRIFTER},
+            40,
+            "TCMTenantFARHigh pending for the drifter",
+            prom,
+            clients.tick,
+        )
 
         # every expression of every Grafana panel returns series from this Prometheus
         clients.verify_once()
-        dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "grafana"
-                                / "dashboards" / "tcm.json").read_text())
-        exprs = {t["expr"]: p["title"] for p in dashboard["panels"]
-                 for t in p.get("targets", [])}
+        dashboard = json.loads(
+            (
+                Path(__file__).resolve().parents[2]
+                / "deploy"
+                / "grafana"
+                / "dashboards"
+                / "tcm.json"
+            ).read_text()
+        )
+        exprs = {t["expr"]: p["title"] for p in dashboard["panels"] for t in p.get("targets", [])}
         assert len(exprs) > 40
 
         def empty() -> list[str]:
-            return [f"{title}: {e}" for e, title in exprs.items()
-                    if not prom.get("/api/v1/query", query=grafana_to_promql(e))["result"]]
+            return [
+                f"{title}: {e}"
+                for e, title in exprs.items()
+                if not prom.get("/api/v1/query", query=grafana_to_promql(e))["result"]
+            ]
 
         deadline = time.monotonic() + 30
         while (missing := empty()) and time.monotonic() < deadline:
@@ -231,8 +290,7 @@ def test_prometheus_sees_one_tenant_drift_on_the_running_service(service: str, t
         assert not missing, "dashboard queries without series:\n" + "\n".join(missing)
 
         # the service's own JSON view says the same as what Prometheus scraped
-        view = clients.http.get("/v1/monitor",
-                                headers={"Authorization": f"Bearer {ADMIN}"}).json()
+        view = clients.http.get("/v1/monitor", headers={"Authorization": f"Bearer {ADMIN}"}).json()
         snap = view["snapshot"]
         assert snap["opis"] > 2 * snap["baseline"]["opis"]
         # both drift signals, with their references, survive the typed answer
@@ -243,8 +301,8 @@ def test_prometheus_sees_one_tenant_drift_on_the_running_service(service: str, t
         row = snap["tenants"][clients.ids[DRIFTER]]
         assert row["subjects"]["eligible_subjects"] == SUBJECTS and row["deviation"] > 0
         drifter = snap["tenants"][clients.ids[DRIFTER]]
-        assert drifter["far"] > max(snap["tenants"][clients.ids[n]]["far"]
-                                    for n in NAMES if n != DRIFTER)
+        assert drifter["far"] > max(
+            snap["tenants"][clients.ids[n]]["far"] for n in NAMES if n != DRIFTER
+        )
         scraped = prom.query("tcm_opis")[""]
         assert scraped > 2 * snap["baseline"]["opis"]
-

@@ -77,15 +77,31 @@ def artefact(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> Path:
     rep = consistency_report(emb, digits.labels)
     ret = retrieval_metrics(emb, digits.labels, ks=(1,))
     manifest = Manifest(
-        model_version="digits-test-v1", architecture="small_cnn",
+        model_version="digits-test-v1",
+        architecture="small_cnn",
         architecture_kwargs={"in_channels": 1, "embedding_dim": DIM, "width": 16},
-        preprocessing=pre, embedding_dim=DIM,
-        calibration=Calibration(tau=cal.tau, target_far=cal.target_far, far_at_tau=cal.far,
-                                frr_at_tau=cal.frr, tau_lo=rep.tau_lo, tau_hi=rep.tau_hi),
-        baseline=Baseline(opis=rep.opis, eps_opis=rep.eps_opis, eps=rep.eps,
-                          recall_at_1=ret["recall_at_1"], map_at_r=ret["map_at_r"],
-                          num_classes=10, num_images=len(digits.labels)),
-        dataset={"name": "sklearn digits"}, created_at="2024-01-01T00:00:00Z")
+        preprocessing=pre,
+        embedding_dim=DIM,
+        calibration=Calibration(
+            tau=cal.tau,
+            target_far=cal.target_far,
+            far_at_tau=cal.far,
+            frr_at_tau=cal.frr,
+            tau_lo=rep.tau_lo,
+            tau_hi=rep.tau_hi,
+        ),
+        baseline=Baseline(
+            opis=rep.opis,
+            eps_opis=rep.eps_opis,
+            eps=rep.eps,
+            recall_at_1=ret["recall_at_1"],
+            map_at_r=ret["map_at_r"],
+            num_classes=10,
+            num_images=len(digits.labels),
+        ),
+        dataset={"name": "sklearn digits"},
+        created_at="2024-01-01T00:00:00Z",
+    )
     out = tmp_path_factory.mktemp("artefact")
     save_artefact(out, model, manifest)
     return out
@@ -99,8 +115,11 @@ def make_version(artefact: Path, out: Path, version: str, seed: int) -> Path:
     manifest["baseline"]["opis"] = manifest["baseline"]["opis"] * (1 + seed / 100)
     (out / "manifest.json").write_text(json.dumps(manifest))
     torch.manual_seed(seed)
-    save_artefact(out, build_embedder("small_cnn", in_channels=1, embedding_dim=DIM, width=16),
-                  read_manifest(out))
+    save_artefact(
+        out,
+        build_embedder("small_cnn", in_channels=1, embedding_dim=DIM, width=16),
+        read_manifest(out),
+    )
     return out
 
 
@@ -131,8 +150,11 @@ def redis_server_binary() -> str:
     those tests fail rather than skip: a skipped fault test is a fault nobody tested."""
     path = shutil.which("redis-server")
     if path is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server): the Redis "
-                    "process tests start their own servers", pytrace=False)
+        pytest.fail(
+            "redis-server is not installed (apt-get install redis-server): the Redis "
+            "process tests start their own servers",
+            pytrace=False,
+        )
     return path
 
 
@@ -154,14 +176,15 @@ def redis_cleanup(url: str, prefix: str) -> None:
         pattern = prefix.replace("*", r"\*") + "*"
         keys = list(r.scan_iter(match=pattern, count=1000))
         for i in range(0, len(keys), 500):
-            r.unlink(*keys[i:i + 500])
+            r.unlink(*keys[i : i + 500])
     finally:
         r.close()
 
 
 @pytest.fixture
-def store_settings(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                   ) -> Iterator[Callable[[str], dict[str, Any]]]:
+def store_settings(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], dict[str, Any]]]:
     """A factory: store kind -> settings fields for a fresh, isolated store."""
     prefixes: list[str] = []
 
@@ -207,10 +230,19 @@ def sqlite_stores(tmp_path: Path) -> Iterator[Callable[[], CountingStore]]:
 
 def make_settings(artefact: Path, store: dict[str, Any], **over: Any) -> Settings:
     fields: dict[str, Any] = {
-        "artefact_path": artefact, "admin_token": ADMIN_TOKEN, "device": "cpu",
-        "embed_max_wait_ms": 2.0, "max_body_bytes": 2 * 1024 * 1024, "max_image_pixels": 512 * 512,
-        "max_k": 50, "max_batch_items": 64, "max_enrol_items": 256,
-        "store_timeout_s": 1.0, **store, **over}
+        "artefact_path": artefact,
+        "admin_token": ADMIN_TOKEN,
+        "device": "cpu",
+        "embed_max_wait_ms": 2.0,
+        "max_body_bytes": 2 * 1024 * 1024,
+        "max_image_pixels": 512 * 512,
+        "max_k": 50,
+        "max_batch_items": 64,
+        "max_enrol_items": 256,
+        "store_timeout_s": 1.0,
+        **store,
+        **over,
+    }
     return Settings(**fields)
 
 
@@ -226,8 +258,9 @@ class Api:
         return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
     def new_tenant(self, name: str | None = None) -> Tenant:
-        r = self.client.post("/v1/tenants", json={"name": name or f"t-{secrets.token_hex(3)}"},
-                             headers=self.admin)
+        r = self.client.post(
+            "/v1/tenants", json={"name": name or f"t-{secrets.token_hex(3)}"}, headers=self.admin
+        )
         assert r.status_code == 201, r.text
         body = r.json()
         return Tenant(body["tenant_id"], body["api_key"], body["key_id"])
@@ -250,13 +283,17 @@ class Tenant:
 
 
 @pytest.fixture(scope="module", params=STORES)
-def api(request: pytest.FixtureRequest, artefact: Path, tmp_path_factory: pytest.TempPathFactory
-        ) -> Iterator[Api]:
+def api(
+    request: pytest.FixtureRequest, artefact: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
     """One running app per store kind, shared by a module's tests (each uses its own tenant)."""
     kind = request.param
     prefix = f"tcmtest:{uuid.uuid4().hex}:"
-    store = ({"store_url": f"sqlite:///{tmp_path_factory.mktemp('store') / 'tcm.db'}"}
-             if kind == "sqlite" else {"store_url": REDIS_URL, "redis_key_prefix": prefix})
+    store = (
+        {"store_url": f"sqlite:///{tmp_path_factory.mktemp('store') / 'tcm.db'}"}
+        if kind == "sqlite"
+        else {"store_url": REDIS_URL, "redis_key_prefix": prefix}
+    )
     settings = make_settings(artefact, store)
     try:
         with TestClient(create_app(settings)) as client:

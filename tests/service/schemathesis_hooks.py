@@ -53,8 +53,13 @@ schemathesis.openapi.format("float32-base64", float32_base64())
 # request refused for one of these, and only these, error codes is not a contract failure;
 # ``positive_data_acceptance_but_content`` is schemathesis' ``positive_data_acceptance`` (which
 # the test excludes) with exactly that exception.
-CONTENT_CODES = {"invalid_image", "image_too_large", "invalid_artefact", "invalid_json_field",
-                 "idempotency_key_reused"}
+CONTENT_CODES = {
+    "invalid_image",
+    "image_too_large",
+    "invalid_artefact",
+    "invalid_json_field",
+    "idempotency_key_reused",
+}
 ACCEPTED = {401, 403, 404, 409, 429}
 
 

@@ -33,14 +33,22 @@ def test_help_lists_every_setting_with_its_default() -> None:
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     for name, field in Settings.model_fields.items():
-        shown = "unset" if field.default is None else (
-            str(field.default).lower() if isinstance(field.default, bool) else str(field.default))
+        shown = (
+            "unset"
+            if field.default is None
+            else (
+                str(field.default).lower()
+                if isinstance(field.default, bool)
+                else str(field.default)
+            )
+        )
         assert f"TCM_{name.upper()} (default {shown})" in text, name
 
 
 @pytest.mark.parametrize("broken", ["missing", "not_json", "no_weights"])
-def test_a_bad_artefact_is_one_line_and_exit_2(tmp_path: Path, broken: str,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_artefact_is_one_line_and_exit_2(
+    tmp_path: Path, broken: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Regression: a missing artefact at start-up was an 84-line traceback."""
     path = tmp_path / "artefact"
     if broken != "missing":
@@ -70,9 +78,22 @@ def test_invalid_settings_exit_cleanly(tmp_path: Path, monkeypatch: pytest.Monke
 
 def _start(env: dict[str, str], port: int) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     token = ""
     deadline = time.monotonic() + 60
     assert proc.stderr is not None
@@ -96,19 +117,26 @@ def _start(env: dict[str, str], port: int) -> tuple[subprocess.Popen[str], str]:
 
 def test_serve_prints_token_and_survives_kill(tmp_path: Path, artefact: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
-    env |= {"TCM_ARTEFACT_PATH": str(artefact), "TCM_DEVICE": "cpu",
-            "TCM_STORE_URL": f"sqlite:///{tmp_path / 'tcm.db'}"}
+    env |= {
+        "TCM_ARTEFACT_PATH": str(artefact),
+        "TCM_DEVICE": "cpu",
+        "TCM_STORE_URL": f"sqlite:///{tmp_path / 'tcm.db'}",
+    }
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc, token = _start(env, port)
     try:
         assert len(token) >= 32
-        r = httpx.post(f"{base}/v1/tenants", json={"name": "t"},
-                       headers={"Authorization": f"Bearer {token}"})
+        r = httpx.post(
+            f"{base}/v1/tenants", json={"name": "t"}, headers={"Authorization": f"Bearer {token}"}
+        )
         assert r.status_code == 201, r.text
         auth = {"Authorization": f"Bearer {r.json()['api_key']}"}
-        r = httpx.post(f"{base}/v1/gallery", headers=auth, json={"items": [
-            {"subject": "a", "embedding": unit(1), "item_id": "acked"}]})
+        r = httpx.post(
+            f"{base}/v1/gallery",
+            headers=auth,
+            json={"items": [{"subject": "a", "embedding": unit(1), "item_id": "acked"}]},
+        )
         assert r.status_code == 201
     finally:
         proc.send_signal(signal.SIGKILL)  # no shutdown, no checkpoint

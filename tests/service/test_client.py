@@ -38,11 +38,20 @@ def server(
     redis = request.param == "redis"
     store_url = REDIS_URL if redis else f"sqlite:///{workdir / 'tcm.db'}"
     # a rate limit the tests can hit on purpose: 20 work units/s, bursts of 5
-    env = {"TCM_MONITOR_INTERVAL_S": "3600", "TCM_RATE_LIMIT_PER_S": "20",
-           "TCM_RATE_LIMIT_BURST": "5"}
+    env = {
+        "TCM_MONITOR_INTERVAL_S": "3600",
+        "TCM_RATE_LIMIT_PER_S": "20",
+        "TCM_RATE_LIMIT_BURST": "5",
+    }
     try:
-        with soak.serve(artefact, store_url, workdir, redis_prefix=prefix if redis else None,
-                        admin_token=ADMIN_TOKEN, extra_env=env) as srv:
+        with soak.serve(
+            artefact,
+            store_url,
+            workdir,
+            redis_prefix=prefix if redis else None,
+            admin_token=ADMIN_TOKEN,
+            extra_env=env,
+        ) as srv:
             yield srv.base
     finally:
         if redis:

@@ -37,8 +37,12 @@ def eventually(check: Callable[[], bool], *, timeout_s: float, what: str) -> Non
 
 
 def new_tenant(server: ServerProcess, name: str) -> dict[str, str]:
-    r = httpx.post(f"{server.base}/v1/tenants", json={"name": name}, timeout=30,
-                   headers={"Authorization": f"Bearer {server.admin_token}"})
+    r = httpx.post(
+        f"{server.base}/v1/tenants",
+        json={"name": name},
+        timeout=30,
+        headers={"Authorization": f"Bearer {server.admin_token}"},
+    )
     assert r.status_code == 201, r.text
     return {"Authorization": f"Bearer {r.json()['api_key']}"}
 
@@ -63,9 +67,18 @@ class Stream:
             while not self.stop.is_set():
                 item_id = f"w{w}-{i}"
                 try:
-                    r = c.post("/v1/gallery", json={"items": [
-                        {"subject": f"s{i % 5}", "item_id": item_id,
-                         "embedding": unit(100_000 * (w + 1) + i)}]})
+                    r = c.post(
+                        "/v1/gallery",
+                        json={
+                            "items": [
+                                {
+                                    "subject": f"s{i % 5}",
+                                    "item_id": item_id,
+                                    "embedding": unit(100_000 * (w + 1) + i),
+                                }
+                            ]
+                        },
+                    )
                     status: Any = r.status_code
                 except httpx.HTTPError as exc:
                     status, r = type(exc).__name__, None
@@ -80,8 +93,9 @@ class Stream:
                     time.sleep(0.02)
 
     def __enter__(self) -> Stream:
-        self.threads = [threading.Thread(target=self._run, args=(w,), daemon=True)
-                        for w in range(self.writers)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(self.writers)
+        ]
         for t in self.threads:
             t.start()
         return self
@@ -125,9 +139,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisProcess]:
 
 @pytest.mark.redis
 def test_redis_killed_mid_stream_loses_no_acknowledged_enrolment(
-        redis_server: RedisProcess, artefact: Path, tmp_path: Path) -> None:
-    with serve(artefact, redis_server.url, tmp_path, extra_env={
-            "TCM_STORE_TIMEOUT_S": "0.5", "TCM_MONITOR_ENABLED": "false"}) as server:
+    redis_server: RedisProcess, artefact: Path, tmp_path: Path
+) -> None:
+    with serve(
+        artefact,
+        redis_server.url,
+        tmp_path,
+        extra_env={"TCM_STORE_TIMEOUT_S": "0.5", "TCM_MONITOR_ENABLED": "false"},
+    ) as server:
         auth = new_tenant(server, "stream")
         pid = server.pid
         with Stream(server.base, auth) as stream:
@@ -140,8 +159,11 @@ def test_redis_killed_mid_stream_loses_no_acknowledged_enrolment(
             assert "Redis store cannot be reached" in r.json()["message"]
             assert r.headers["retry-after"] == "1"
             redis_server.start()  # replays its append-only file
-            eventually(lambda: stream.n_acked() >= killed_at + 40, timeout_s=60,
-                       what="writes after Redis came back")
+            eventually(
+                lambda: stream.n_acked() >= killed_at + 40,
+                timeout_s=60,
+                what="writes after Redis came back",
+            )
         assert server.alive() and server.pid == pid  # recovered without a restart
         statuses = dict(stream.statuses)
         assert statuses.get(503, 0) > 0, statuses  # the outage was seen, and answered 503
@@ -151,10 +173,16 @@ def test_redis_killed_mid_stream_loses_no_acknowledged_enrolment(
         assert not missing, sorted(missing)[:10]
         # found by the index too, not only listed: the newest acknowledged item of each writer
         for w in range(stream.writers):
-            last = max((i for i in stream.acked if i.startswith(f"w{w}-")),
-                       key=lambda s: int(s.split("-")[1]))
-            r = httpx.post(f"{server.base}/v1/match", headers=auth, timeout=10, json={
-                "embedding": unit(100_000 * (w + 1) + int(last.split("-")[1])), "k": 1})
+            last = max(
+                (i for i in stream.acked if i.startswith(f"w{w}-")),
+                key=lambda s: int(s.split("-")[1]),
+            )
+            r = httpx.post(
+                f"{server.base}/v1/match",
+                headers=auth,
+                timeout=10,
+                json={"embedding": unit(100_000 * (w + 1) + int(last.split("-")[1])), "k": 1},
+            )
             assert r.json()["candidates"][0]["item_id"] == last
         log = server.log()
         assert "Traceback" not in log, log[-3000:]
@@ -167,16 +195,21 @@ def _answers(base: str, auth: dict[str, str], digits: Digits) -> list[dict[str, 
     out = []
     with httpx.Client(base_url=base, headers=auth, timeout=30) as c:
         for q in range(QUERIES_OF_STATIC_TENANT):
-            body = ({"embedding": unit(7_000 + q), "k": 5} if q % 2 else
-                    {"image": b64_png(digits.images[100 + q]), "k": 5})
+            body = (
+                {"embedding": unit(7_000 + q), "k": 5}
+                if q % 2
+                else {"image": b64_png(digits.images[100 + q]), "k": 5}
+            )
             r = c.post("/v1/match", json=body)
             assert r.status_code == 200, r.text
             answer = r.json()
             answer.pop("match_id")
             out.append(answer)
         for subject in ("s0", "s1"):
-            r = c.post("/v1/verify", json={"a": {"subject": subject},
-                                           "b": {"image": b64_png(digits.images[200])}})
+            r = c.post(
+                "/v1/verify",
+                json={"a": {"subject": subject}, "b": {"image": b64_png(digits.images[200])}},
+            )
             assert r.status_code == 200, r.text
             out.append(r.json())
     return out
@@ -184,7 +217,8 @@ def _answers(base: str, auth: dict[str, str], digits: Digits) -> list[dict[str, 
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def test_service_sigkill_mid_traffic_then_identical_answers(
-        kind: str, artefact: Path, digits: Digits, tmp_path: Path) -> None:
+    kind: str, artefact: Path, digits: Digits, tmp_path: Path
+) -> None:
     prefix = f"tcmtest:{uuid.uuid4().hex}:"
     store_url = f"sqlite:///{tmp_path / 'tcm.db'}" if kind == "sqlite" else REDIS_URL
     redis_prefix = prefix if kind == "redis" else None
@@ -192,15 +226,21 @@ def test_service_sigkill_mid_traffic_then_identical_answers(
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
     try:
-        with serve(artefact, store_url, tmp_path / "first", redis_prefix=redis_prefix,
-                   extra_env=env) as server:
+        with serve(
+            artefact, store_url, tmp_path / "first", redis_prefix=redis_prefix, extra_env=env
+        ) as server:
             static, busy = new_tenant(server, "static"), new_tenant(server, "busy")
-            items = [{"subject": f"s{i % 3}", "item_id": f"img{i}",
-                      "image": b64_png(digits.images[i])} for i in range(12)]
-            items += [{"subject": f"s{i % 3}", "item_id": f"emb{i}", "embedding": unit(i)}
-                      for i in range(12)]
-            r = httpx.post(f"{server.base}/v1/gallery", json={"items": items},
-                           headers=static, timeout=60)
+            items = [
+                {"subject": f"s{i % 3}", "item_id": f"img{i}", "image": b64_png(digits.images[i])}
+                for i in range(12)
+            ]
+            items += [
+                {"subject": f"s{i % 3}", "item_id": f"emb{i}", "embedding": unit(i)}
+                for i in range(12)
+            ]
+            r = httpx.post(
+                f"{server.base}/v1/gallery", json={"items": items}, headers=static, timeout=60
+            )
             assert r.status_code == 201, r.text
             before = _answers(server.base, static, digits)
             with Stream(server.base, busy) as stream:
@@ -210,8 +250,9 @@ def test_service_sigkill_mid_traffic_then_identical_answers(
                 server.proc.kill()  # SIGKILL: no shutdown, no flush
                 server.proc.wait(timeout=10)
             acked = list(stream.acked)
-        with serve(artefact, store_url, tmp_path / "second", redis_prefix=redis_prefix,
-                   extra_env=env) as again:
+        with serve(
+            artefact, store_url, tmp_path / "second", redis_prefix=redis_prefix, extra_env=env
+        ) as again:
             after = _answers(again.base, static, digits)
             assert after == before
             missing = set(acked) - gallery_ids(again.base, busy)

@@ -55,9 +55,21 @@ class Replica:
     def spawn(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "--host", "127.0.0.1", "--port",
-             str(self.port), "--log-level", "warning"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
 
     def wait_ready(self, timeout_s: float = 90.0) -> None:
@@ -99,8 +111,11 @@ class Replica:
         """Every sample of /metrics: (name, sorted labels) -> value."""
         r = self.client.get("/metrics")
         assert r.status_code == 200
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text)
+            for s in fam.samples
+        }
 
 
 @dataclass
@@ -109,8 +124,9 @@ class Cluster:
     prefix: str
 
     def new_tenant(self, via: Replica) -> tuple[str, str, dict[str, str]]:
-        r = via.client.post("/v1/tenants", json={"name": f"t-{uuid.uuid4().hex[:6]}"},
-                            headers=ADMIN)
+        r = via.client.post(
+            "/v1/tenants", json={"name": f"t-{uuid.uuid4().hex[:6]}"}, headers=ADMIN
+        )
         assert r.status_code == 201, r.text
         body = r.json()
         return body["tenant_id"], body["key_id"], {"Authorization": f"Bearer {body['api_key']}"}
@@ -122,13 +138,20 @@ def cluster(artefact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     logs = tmp_path_factory.mktemp("replica-logs")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
     env |= {
-        "TCM_ARTEFACT_PATH": str(artefact), "TCM_DEVICE": "cpu", "TCM_STORE_URL": REDIS_URL,
-        "TCM_REDIS_KEY_PREFIX": prefix, "TCM_ADMIN_TOKEN": ADMIN_TOKEN,
-        "TCM_STORE_TIMEOUT_S": "2", "TCM_EMBED_MAX_WAIT_MS": "1",
-        "TCM_MONITOR_INTERVAL_S": str(MONITOR_INTERVAL_S), "TCM_MONITOR_MIN_PAIRS": "10",
+        "TCM_ARTEFACT_PATH": str(artefact),
+        "TCM_DEVICE": "cpu",
+        "TCM_STORE_URL": REDIS_URL,
+        "TCM_REDIS_KEY_PREFIX": prefix,
+        "TCM_ADMIN_TOKEN": ADMIN_TOKEN,
+        "TCM_STORE_TIMEOUT_S": "2",
+        "TCM_EMBED_MAX_WAIT_MS": "1",
+        "TCM_MONITOR_INTERVAL_S": str(MONITOR_INTERVAL_S),
+        "TCM_MONITOR_MIN_PAIRS": "10",
         "TCM_MONITOR_MAX_GALLERY_ITEMS": "200",
         # three processes on two cores: one thread each for torch/BLAS
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
     }
     replicas = [Replica(name, free_port(), env, logs / f"{name}.log") for name in "ABC"]
     try:
@@ -166,9 +189,16 @@ def test_enrol_delete_revoke_across_replicas(cluster: Cluster) -> None:
     for rep in (b, c):
         assert rep.client.get("/v1/gallery", headers=auth).status_code == 200
 
-    r = a.client.post("/v1/gallery", headers=auth, json={"items": [
-        {"subject": "alice", "embedding": unit(1), "item_id": "a1", "metadata": {"n": 1}},
-        {"subject": "bob", "embedding": unit(2), "item_id": "b1"}]})
+    r = a.client.post(
+        "/v1/gallery",
+        headers=auth,
+        json={
+            "items": [
+                {"subject": "alice", "embedding": unit(1), "item_id": "a1", "metadata": {"n": 1}},
+                {"subject": "bob", "embedding": unit(2), "item_id": "b1"},
+            ]
+        },
+    )
     assert r.status_code == 201, r.text
     for rep in (b, c):
         # the store of record answers at once; the index follows the stream
@@ -212,8 +242,11 @@ def test_read_after_write_lag(cluster: Cluster) -> None:
     for i in range(LAG_WRITES):
         writer, reader = reps[i % 3], reps[(i + 1) % 3]
         vec = unit(10_000 + i)
-        r = writer.client.post("/v1/gallery", headers=auth, json={"items": [
-            {"subject": f"s{i}", "embedding": vec, "item_id": f"lag-{i}"}]})
+        r = writer.client.post(
+            "/v1/gallery",
+            headers=auth,
+            json={"items": [{"subject": f"s{i}", "embedding": vec, "item_id": f"lag-{i}"}]},
+        )
         acked = time.perf_counter()
         assert r.status_code == 201, r.text
         while True:
@@ -232,9 +265,11 @@ def test_read_after_write_lag(cluster: Cluster) -> None:
         t0 = time.perf_counter()
         top_ids(reps[1], auth, unit(10_000), k=1)
         rtt.append(time.perf_counter() - t0)
-    print(f"\nread-after-write lag across replicas over {len(lags)} writes: "
-          f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, max {lags[-1] * 1e3:.1f} ms "
-          f"(one match round trip: p50 {statistics.median(rtt) * 1e3:.1f} ms)")
+    print(
+        f"\nread-after-write lag across replicas over {len(lags)} writes: "
+        f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, max {lags[-1] * 1e3:.1f} ms "
+        f"(one match round trip: p50 {statistics.median(rtt) * 1e3:.1f} ms)"
+    )
     assert p50 < 0.5, lags
     assert lags[-1] < 2.0, lags
 
@@ -248,9 +283,16 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
 
 
-MONITOR_FAMILIES = ("tcm_opis", "tcm_eps_opis", "tcm_tenant_", "tcm_monitor_tenants",
-                    "tcm_genuine_score", "tcm_impostor_score",
-                    "tcm_monitor_snapshot_timestamp_seconds", "tcm_monitor_snapshot_info")
+MONITOR_FAMILIES = (
+    "tcm_opis",
+    "tcm_eps_opis",
+    "tcm_tenant_",
+    "tcm_monitor_tenants",
+    "tcm_genuine_score",
+    "tcm_impostor_score",
+    "tcm_monitor_snapshot_timestamp_seconds",
+    "tcm_monitor_snapshot_info",
+)
 
 
 def monitor_samples(samples: Samples) -> Samples:
@@ -278,11 +320,15 @@ def test_metrics_aggregate_without_double_counting(cluster: Cluster) -> None:
     for rep in reps:
         for i in range(per_replica):
             tid, auth, items = tenants[i % 2]
-            r = rep.client.post("/v1/match", json={"embedding": items[i]["embedding"], "k": 3},
-                                headers=auth)
+            r = rep.client.post(
+                "/v1/match", json={"embedding": items[i]["embedding"], "k": 3}, headers=auth
+            )
             assert r.status_code == 200
-        r = rep.client.post("/v1/verify", headers=tenants[0][1], json={
-            "a": {"embedding": tenants[0][2][0]["embedding"]}, "b": {"subject": "s0"}})
+        r = rep.client.post(
+            "/v1/verify",
+            headers=tenants[0][1],
+            json={"a": {"embedding": tenants[0][2][0]["embedding"]}, "b": {"subject": "s0"}},
+        )
         assert r.status_code == 200
     after = [rep.metrics() for rep in reps]
 
@@ -296,10 +342,14 @@ def test_metrics_aggregate_without_double_counting(cluster: Cluster) -> None:
         assert delta(i, "tcm_match_decisions_total") == per_replica
         assert delta(i, "tcm_verify_decisions_total") == 1
     # ... so sum() over the replicas (what the rules and the dashboard do) is the request count
-    assert sum(delta(i, "tcm_http_request_duration_seconds_count", **match_route)
-               for i in range(3)) == 3 * per_replica
-    assert sum(delta(i, "tcm_match_decisions_total", tenant=tenants[0][0])
-               for i in range(3)) == 3 * (per_replica + 1) // 2
+    assert (
+        sum(delta(i, "tcm_http_request_duration_seconds_count", **match_route) for i in range(3))
+        == 3 * per_replica
+    )
+    assert (
+        sum(delta(i, "tcm_match_decisions_total", tenant=tenants[0][0]) for i in range(3))
+        == 3 * (per_replica + 1) // 2
+    )
     # gauges of shared state are the same on every replica: aggregate with max, never sum
     for tid, _, items in tenants:
         sizes = [total(after[i], "tcm_gallery_items", tenant=tid) for i in range(3)]
@@ -310,13 +360,22 @@ def test_metrics_aggregate_without_double_counting(cluster: Cluster) -> None:
         snaps = [monitor_samples(rep.metrics()) for rep in reps]
         ts = [total(s, "tcm_monitor_snapshot_timestamp_seconds") for s in snaps]
         eligible = total(snaps[0], "tcm_monitor_tenants", status="eligible")
-        return (len(set(ts)) == 1 and eligible >= 2 and ("tcm_opis", ()) in snaps[0]
-                and snaps[0] == snaps[1] == snaps[2])
+        return (
+            len(set(ts)) == 1
+            and eligible >= 2
+            and ("tcm_opis", ()) in snaps[0]
+            and snaps[0] == snaps[1] == snaps[2]
+        )
 
-    eventually(same_snapshot, timeout_s=6 * MONITOR_INTERVAL_S,
-               what="the replicas' monitor gauges never agreed")
-    runs = [{k[1]: v for k, v in rep.metrics().items() if k[0] == "tcm_monitor_runs_total"}
-            for rep in reps]
+    eventually(
+        same_snapshot,
+        timeout_s=6 * MONITOR_INTERVAL_S,
+        what="the replicas' monitor gauges never agreed",
+    )
+    runs = [
+        {k[1]: v for k, v in rep.metrics().items() if k[0] == "tcm_monitor_runs_total"}
+        for rep in reps
+    ]
     adopted = sum(r.get((("result", "adopted"),), 0.0) for r in runs)
     assert adopted > 0, runs  # snapshots are shared, not recomputed by every replica
 
@@ -335,8 +394,19 @@ def test_kill9_mid_stream_then_catch_up(cluster: Cluster) -> None:
         try:
             while not stop.is_set() and i < 2000:
                 item_id = f"k-{i}"
-                r = client.post("/v1/gallery", headers=auth, json={"items": [
-                    {"subject": f"s{i % 7}", "embedding": unit(50_000 + i), "item_id": item_id}]})
+                r = client.post(
+                    "/v1/gallery",
+                    headers=auth,
+                    json={
+                        "items": [
+                            {
+                                "subject": f"s{i % 7}",
+                                "embedding": unit(50_000 + i),
+                                "item_id": item_id,
+                            }
+                        ]
+                    },
+                )
                 if r.status_code == 201:
                     acked.append(item_id)
                 else:
@@ -364,8 +434,9 @@ def test_kill9_mid_stream_then_catch_up(cluster: Cluster) -> None:
         c.wait_ready()
         restarted_at = len(acked)
         # more writes after the restart: these reach C through the stream only
-        eventually(lambda: len(acked) >= restarted_at + 30, timeout_s=30,
-                   what="writes after the restart")
+        eventually(
+            lambda: len(acked) >= restarted_at + 30, timeout_s=30, what="writes after the restart"
+        )
     finally:
         stop.set()
         thread.join(timeout=30)
@@ -374,15 +445,18 @@ def test_kill9_mid_stream_then_catch_up(cluster: Cluster) -> None:
 
     store = redis.Redis.from_url(REDIS_URL)
     try:
-        in_store = sorted(m.decode() for m in
-                          store.zrange(f"{cluster.prefix}tenant:{tid}:items", 0, -1))
+        in_store = sorted(
+            m.decode() for m in store.zrange(f"{cluster.prefix}tenant:{tid}:items", 0, -1)
+        )
     finally:
         store.close()
     assert in_store == sorted(acked)
 
     def indexed_everywhere() -> bool:
-        return all(total(rep.metrics(), "tcm_gallery_items", tenant=tid) == len(in_store)
-                   for rep in (a, b, c))
+        return all(
+            total(rep.metrics(), "tcm_gallery_items", tenant=tid) == len(in_store)
+            for rep in (a, b, c)
+        )
 
     eventually(indexed_everywhere, what="index sizes vs the store")
     # every live item is found, first, by its own vector, on the restarted replica; nothing
@@ -393,5 +467,6 @@ def test_kill9_mid_stream_then_catch_up(cluster: Cluster) -> None:
         assert ids[0] == item_id
         assert len(ids) == len(set(ids)) and set(ids) <= live
     for rep in (a, b):
-        assert sorted(top_ids(rep, auth, unit(50_000), k=100)) == \
-            sorted(top_ids(c, auth, unit(50_000), k=100))
+        assert sorted(top_ids(rep, auth, unit(50_000), k=100)) == sorted(
+            top_ids(c, auth, unit(50_000), k=100)
+        )

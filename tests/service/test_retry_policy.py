@@ -189,8 +189,10 @@ def test_which_routes_are_safe_to_repeat() -> None:
         assert not getattr(Client, name).build(c, *args).safe, name
     assert Client.enrol_upload.build(c, b"x", subject="s").safe
     one = Client.enrol.build(c, [{"subject": "s"}])
-    assert one.headers["Idempotency-Key"] != Client.enrol.build(c, [{"subject": "s"}]).headers[
-        "Idempotency-Key"]  # a fresh key per call
+    assert (
+        one.headers["Idempotency-Key"]
+        != Client.enrol.build(c, [{"subject": "s"}]).headers["Idempotency-Key"]
+    )  # a fresh key per call
     assert Client.put_item.build(c, "i", subject="s", embedding=[1.0]).safe
     c.close()
 
@@ -414,7 +416,9 @@ def test_api_error_says_whether_an_earlier_attempt_may_have_acted(srv: Scripted)
         with client(srv, Waits(), backoff_s=0) as tcm, pytest.raises(ApiError) as info:
             tcm.enrol_raw(item)
         assert (info.value.attempts, info.value.earlier_attempt_may_have_acted) == (
-            attempts, acted), before
+            attempts,
+            acted,
+        ), before
 
         async def enrol() -> ApiError:
             async def no_wait(_: float) -> None:

@@ -29,15 +29,18 @@ def test_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "a" * 20 not in repr(s)  # secrets stay out of logs
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("store_url", "postgres://x", "store_url must start with"),
-    ("store_url", "sqlite:///:memory:", "in-memory"),
-    ("admin_token", "short", "at least 16"),
-    ("index_factory", "IDMap2,Flat", "IDMap"),
-    ("device", "tpu", "device"),
-    ("max_k", 0, "max_k"),
-    ("embed_max_batch", 0, "embed_max_batch"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("store_url", "postgres://x", "store_url must start with"),
+        ("store_url", "sqlite:///:memory:", "in-memory"),
+        ("admin_token", "short", "at least 16"),
+        ("index_factory", "IDMap2,Flat", "IDMap"),
+        ("device", "tpu", "device"),
+        ("max_k", 0, "max_k"),
+        ("embed_max_batch", 0, "embed_max_batch"),
+    ],
+)
 def test_invalid_settings(field: str, value: object, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Settings(**{field: value})
@@ -45,21 +48,26 @@ def test_invalid_settings(field: str, value: object, message: str) -> None:
 
 def test_bad_artefact_or_factory_fails_start_up(tmp_path: Path, artefact: Path) -> None:
     store = {"store_url": f"sqlite:///{tmp_path / 'tcm.db'}"}
-    with pytest.raises(ValueError, match=r"no manifest\.json"), \
-            TestClient(create_app(make_settings(tmp_path / "missing", store))):
+    with (
+        pytest.raises(ValueError, match=r"no manifest\.json"),
+        TestClient(create_app(make_settings(tmp_path / "missing", store))),
+    ):
         pass
-    with pytest.raises(RuntimeError), \
-            TestClient(create_app(make_settings(artefact, store, index_factory="Bogus42"))):
+    with (
+        pytest.raises(RuntimeError),
+        TestClient(create_app(make_settings(artefact, store, index_factory="Bogus42"))),
+    ):
         pass
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA"), \
-                TestClient(create_app(make_settings(artefact, store, device="cuda"))):
+        with (
+            pytest.raises(ValueError, match="CUDA"),
+            TestClient(create_app(make_settings(artefact, store, device="cuda"))),
+        ):
             pass
 
 
 def test_admin_api_disabled_without_token(tmp_path: Path, artefact: Path) -> None:
-    s = make_settings(artefact, {"store_url": f"sqlite:///{tmp_path / 'tcm.db'}"},
-                      admin_token=None)
+    s = make_settings(artefact, {"store_url": f"sqlite:///{tmp_path / 'tcm.db'}"}, admin_token=None)
     with TestClient(create_app(s)) as c:
         r = c.post("/v1/tenants", json={"name": "x"}, headers={"Authorization": "Bearer x"})
         assert r.status_code == 401 and "disabled" in r.json()["message"]

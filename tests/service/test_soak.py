@@ -20,8 +20,15 @@ RSS_BUDGET_KIB_PER_REQUEST = 16.0
 
 @pytest.mark.slow
 def test_soak_ten_seconds(artefact: Path) -> None:
-    res = run_soak(artefact=artefact, duration_s=10.0, warmup_s=3.0, clients=4, tenants=2,
-                   subjects=10, monitor_interval_s=2.0)
+    res = run_soak(
+        artefact=artefact,
+        duration_s=10.0,
+        warmup_s=3.0,
+        clients=4,
+        tenants=2,
+        subjects=10,
+        monitor_interval_s=2.0,
+    )
     print(report(res))
     assert res.errors == 0 and res.warmup_errors == 0, res.error_samples
     assert all(res.per_op[op]["count"] > 0 for op in OPS), res.per_op

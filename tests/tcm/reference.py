@@ -31,9 +31,17 @@ def threshold_at_far(neg_scores: list[float], far: float) -> float:
     return best if best is not None else -1.0
 
 
-def opis_bruteforce(x: np.ndarray, labels: list, *, tau_range=None, far_range=(1e-3, 1e-1),
-                    num_thresholds: int = 101, beta: float = 1.0, eps: float = 0.05,
-                    weights: dict | None = None) -> dict:
+def opis_bruteforce(
+    x: np.ndarray,
+    labels: list,
+    *,
+    tau_range=None,
+    far_range=(1e-3, 1e-1),
+    num_thresholds: int = 101,
+    beta: float = 1.0,
+    eps: float = 0.05,
+    weights: dict | None = None,
+) -> dict:
     """``weights``: class -> weight (normalised to sum 1 here); uniform when None."""
     sim = cosine_matrix(x)
     n = len(labels)
@@ -48,8 +56,11 @@ def opis_bruteforce(x: np.ndarray, labels: list, *, tau_range=None, far_range=(1
         hi = threshold_at_far(all_neg, far_range[0])
     else:
         lo, hi = tau_range
-    grid = [lo + (hi - lo) * t / (num_thresholds - 1) for t in range(num_thresholds)] \
-        if num_thresholds > 1 else [lo]
+    grid = (
+        [lo + (hi - lo) * t / (num_thresholds - 1) for t in range(num_thresholds)]
+        if num_thresholds > 1
+        else [lo]
+    )
     grid = list(np.linspace(lo, hi, num_thresholds))
     curves = {}
     for k in classes:
@@ -87,14 +98,28 @@ def opis_bruteforce(x: np.ndarray, labels: list, *, tau_range=None, far_range=(1
     ranked = sorted(ks, key=lambda k: means[k])
     m = max(1, math.ceil(eps * c))
     top, bot = ranked[-m:], ranked[:m]
-    gap = [sum(curves[k][t] for k in top) / m - sum(curves[k][t] for k in bot) / m
-           for t in range(len(grid))]
-    return {"opis": opis, "eps_opis": avg([g * g for g in gap]), "tau_lo": lo, "tau_hi": hi,
-            "curves": curves, "mean_utility": means}
+    gap = [
+        sum(curves[k][t] for k in top) / m - sum(curves[k][t] for k in bot) / m
+        for t in range(len(grid))
+    ]
+    return {
+        "opis": opis,
+        "eps_opis": avg([g * g for g in gap]),
+        "tau_lo": lo,
+        "tau_hi": hi,
+        "curves": curves,
+        "mean_utility": means,
+    }
 
 
-def clustered(seed: int, num_classes: int = 8, per_class: int = 6, dim: int = 8,
-              spread: float = 0.8, sizes: list[int] | None = None) -> tuple[np.ndarray, list[int]]:
+def clustered(
+    seed: int,
+    num_classes: int = 8,
+    per_class: int = 6,
+    dim: int = 8,
+    spread: float = 0.8,
+    sizes: list[int] | None = None,
+) -> tuple[np.ndarray, list[int]]:
     """Random clustered data with per-class spread varying, so classes differ in utility."""
     rng = np.random.default_rng(seed)
     sizes = sizes or [per_class] * num_classes

@@ -24,10 +24,18 @@ def _manifest(**over) -> Manifest:
         architecture_kwargs={"in_channels": 1, "embedding_dim": 16, "width": 8},
         preprocessing=Preprocessing(image_size=(16, 16)),
         embedding_dim=16,
-        calibration=Calibration(tau=0.5, target_far=0.01, far_at_tau=0.009, frr_at_tau=0.2,
-                                tau_lo=0.3, tau_hi=0.7),
-        baseline=Baseline(opis=0.01, eps_opis=0.1, eps=0.05, recall_at_1=0.9, map_at_r=0.5,
-                          num_classes=10, num_images=100),
+        calibration=Calibration(
+            tau=0.5, target_far=0.01, far_at_tau=0.009, frr_at_tau=0.2, tau_lo=0.3, tau_hi=0.7
+        ),
+        baseline=Baseline(
+            opis=0.01,
+            eps_opis=0.1,
+            eps=0.05,
+            recall_at_1=0.9,
+            map_at_r=0.5,
+            num_classes=10,
+            num_images=100,
+        ),
     )
     base.update(over)
     return Manifest(**base)

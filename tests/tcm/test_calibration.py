@@ -24,8 +24,9 @@ def _pairs(x: np.ndarray, y: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_smallest_tau_with_far_at_most_target(device: str, seed: int, target: float) -> None:
     x, y = clustered(seed, num_classes=10, per_class=6)
     s, same, _ = _pairs(x, y)
-    cal = calibrate_threshold(torch.as_tensor(x, device=device), y, target_far=target,
-                              block_size=13)
+    cal = calibrate_threshold(
+        torch.as_tensor(x, device=device), y, target_far=target, block_size=13
+    )
     neg = s[~same]
     ref_tau = threshold_bruteforce(neg.tolist(), target)
     # blockwise and full matmuls may round a score differently in the last bit

@@ -35,8 +35,9 @@ def test_matches_bruteforce_found_range(device: str, seed: int, block_size: int)
 def test_matches_bruteforce_given_range(seed: int, beta: float, eps: float) -> None:
     x, y = clustered(10 + seed, num_classes=9, per_class=4)
     ref = opis_bruteforce(x, y, tau_range=(0.1, 0.8), num_thresholds=31, beta=beta, eps=eps)
-    got = consistency_report(x, y, tau_range=(0.1, 0.8), num_thresholds=31, beta=beta, eps=eps,
-                             block_size=5)
+    got = consistency_report(
+        x, y, tau_range=(0.1, 0.8), num_thresholds=31, beta=beta, eps=eps, block_size=5
+    )
     assert got.far_range is None
     assert got.opis == pytest.approx(ref["opis"], abs=1e-12)
     assert got.eps_opis == pytest.approx(ref["eps_opis"], abs=1e-12)
@@ -140,8 +141,7 @@ def test_weights_change_opis_and_validate() -> None:
     uniform = consistency_report(x, y, tau_range=(0.1, 0.7))
     same = consistency_report(x, y, tau_range=(0.1, 0.7), weights=[2.0] * 5)
     assert same.opis == pytest.approx(uniform.opis, abs=1e-15)
-    skewed = consistency_report(x, y, tau_range=(0.1, 0.7), weights={0: 10, 1: 1, 2: 1, 3: 1,
-                                                                      4: 1})
+    skewed = consistency_report(x, y, tau_range=(0.1, 0.7), weights={0: 10, 1: 1, 2: 1, 3: 1, 4: 1})
     assert skewed.opis != pytest.approx(uniform.opis)
     with pytest.raises(ValueError, match="weights"):
         consistency_report(x, y, weights=[1.0, 2.0])
@@ -192,8 +192,9 @@ def test_invariant_to_relabelling_and_permutation(seed: int, perm_seed: int) -> 
     perm = rng.permutation(len(y))
     relabel = {k: f"class-{v}" for k, v in zip(range(5), rng.permutation(5), strict=True)}
     base = consistency_report(x, y, num_thresholds=11)
-    moved = consistency_report(x[perm], [relabel[y[i]] for i in perm], num_thresholds=11,
-                               block_size=3)
+    moved = consistency_report(
+        x[perm], [relabel[y[i]] for i in perm], num_thresholds=11, block_size=3
+    )
     assert moved.opis == pytest.approx(base.opis, abs=1e-12)
     assert moved.eps_opis == pytest.approx(base.eps_opis, abs=1e-12)
     assert moved.tau_lo == pytest.approx(base.tau_lo, abs=1e-12)
@@ -201,12 +202,18 @@ def test_invariant_to_relabelling_and_permutation(seed: int, perm_seed: int) -> 
 
 
 @settings(max_examples=25, deadline=None)
-@given(gen=st.lists(st.floats(-1, 1), min_size=1, max_size=20),
-       imp=st.lists(st.floats(-1, 1), min_size=1, max_size=20),
-       groups=st.integers(2, 6))
+@given(
+    gen=st.lists(st.floats(-1, 1), min_size=1, max_size=20),
+    imp=st.lists(st.floats(-1, 1), min_size=1, max_size=20),
+    groups=st.integers(2, 6),
+)
 def test_identical_curves_give_zero_opis(gen: list[float], imp: list[float], groups: int) -> None:
-    rep = consistency_from_scores({g: gen for g in range(groups)}, {g: imp for g in range(groups)},
-                                  tau_range=(-0.5, 0.5), num_thresholds=17)
+    rep = consistency_from_scores(
+        {g: gen for g in range(groups)},
+        {g: imp for g in range(groups)},
+        tau_range=(-0.5, 0.5),
+        num_thresholds=17,
+    )
     assert rep.opis == pytest.approx(0.0, abs=1e-15)
     assert rep.eps_opis == pytest.approx(0.0, abs=1e-15)
 

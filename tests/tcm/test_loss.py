@@ -45,8 +45,9 @@ def test_equals_pml_without_reference_set(seed: int, margins: tuple[float, float
     emb = torch.randn(64, 16, generator=g)
     labels = torch.randint(0, 8, (64,), generator=g)
     ours = TCMLoss(m_plus=margins[0], m_minus=margins[1], lambda_plus=0.7, lambda_minus=1.3)
-    pml = ThresholdConsistentMarginLoss(margin_plus=margins[0], margin_minus=margins[1],
-                                        lambda_plus=0.7, lambda_minus=1.3)
+    pml = ThresholdConsistentMarginLoss(
+        margin_plus=margins[0], margin_minus=margins[1], lambda_plus=0.7, lambda_minus=1.3
+    )
     assert ours(emb, labels).item() == pytest.approx(pml(emb, labels).item(), abs=1e-6)
 
 
@@ -107,8 +108,9 @@ def test_reference_set_differs_from_pml_bug() -> None:
 def test_gradients_flow_only_through_hard_pairs() -> None:
     # rows 0,1 form an easy positive pair (cos 0.99) and are far from class 1 (easy negatives);
     # rows 2,3 are a hard positive pair (cos 0). Only rows 2 and 3 may receive gradient.
-    emb = torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
-                       requires_grad=True)
+    emb = torch.tensor(
+        [[1.0, 0.1, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True
+    )
     labels = torch.tensor([0, 0, 1, 1])
     loss = TCMLoss(m_plus=0.9, m_minus=0.5)(emb, labels)
     loss.backward()

@@ -49,8 +49,11 @@ def test_matches_bruteforce(device: str, seed: int) -> None:
 def test_matches_pytorch_metric_learning() -> None:
     x, y = clustered(4, num_classes=12, per_class=8, spread=1.2)
     x32 = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
-                              avg_of_avgs=False, k="max_bin_count")
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        avg_of_avgs=False,
+        k="max_bin_count",
+    )
     theirs = calc.get_accuracy(torch.as_tensor(x32), torch.as_tensor(y))
     ours = retrieval_metrics(x32, y, ks=(1,))
     assert ours["recall_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)

@@ -24,8 +24,9 @@ print(json.dumps({"opis": rep.opis, "seconds": time.perf_counter() - t,
 
 @pytest.mark.slow
 def test_opis_20k_by_256_within_memory() -> None:
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, check=True
+    )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["opis"] > 0
     # a dense float32 N x N matrix alone would be 1,600 MB; the blockwise path stays far below

@@ -12,8 +12,9 @@ def _batch(n: int = 6) -> torch.Tensor:
 
 def test_zero_affine_is_identity() -> None:
     x = _batch()
-    out = random_affine(x, degrees=0, translate=0, scale=(1, 1), shear=0,
-                        generator=torch.Generator().manual_seed(0))
+    out = random_affine(
+        x, degrees=0, translate=0, scale=(1, 1), shear=0, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
 
 

@@ -37,24 +37,40 @@ def test_fit_evaluate_export_compare(tmp_path) -> None:
     manifest = read_manifest(tmp_path / "art")
     assert manifest.model_version in r.output
     assert manifest.model_version.startswith("digits-small_cnn-multi_similarity-tcm-")
-    r = _invoke("compare", str(tmp_path / "with"), str(tmp_path / "without"),
-                "--plot", str(tmp_path / "cmp.png"))
+    r = _invoke(
+        "compare",
+        str(tmp_path / "with"),
+        str(tmp_path / "without"),
+        "--plot",
+        str(tmp_path / "cmp.png"),
+    )
     assert r.exit_code == 0, r.output
     assert "multi_similarity + TCM" in r.output and "tcm=False" in r.output
     assert (tmp_path / "cmp.png").stat().st_size > 5000
 
 
 def test_sweep_on_validation_classes(tmp_path) -> None:
-    base = _sets(["dataset=digits", "image_size=16", "width=8", "embedding_dim=16",
-                  "batch_size=24", "m_per_class=8", "epochs=1", "steps_per_epoch=4",
-                  "val_classes=2"])
+    base = _sets(
+        [
+            "dataset=digits",
+            "image_size=16",
+            "width=8",
+            "embedding_dim=16",
+            "batch_size=24",
+            "m_per_class=8",
+            "epochs=1",
+            "steps_per_epoch=4",
+            "val_classes=2",
+        ]
+    )
     r = _invoke("sweep", "-o", str(tmp_path), *base, "-g", "m_plus=0.7,0.9")
     assert r.exit_code == 0, r.output
     rows = json.loads((tmp_path / "compare_val.json").read_text())
     assert [row["differs"] for row in rows] == ["m_plus=0.7", "m_plus=0.9"]
     for row in rows:  # judged on the 2 validation classes, never on the test classes
-        report = json.loads((tmp_path / f"m_plus={row['config']['m_plus']}" /
-                             "report_val.json").read_text())
+        report = json.loads(
+            (tmp_path / f"m_plus={row['config']['m_plus']}" / "report_val.json").read_text()
+        )
         assert report["num_classes"] == 2 and report["split"] == "val"
     assert not list(tmp_path.glob("*/report.json"))
 
@@ -84,7 +100,8 @@ def _folder(root, counts: dict[str, int]):
         (root / name).mkdir()
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (9, 9), dtype=np.uint8)).save(
-                root / name / f"{i}.png")
+                root / name / f"{i}.png"
+            )
     return root
 
 
@@ -104,8 +121,10 @@ def test_bad_input_stops_before_training(tmp_path, case: str, match: str) -> Non
     settings = {
         "missing_data": ["dataset=omniglot", f"data_dir={tmp_path / 'nowhere'}"],
         "empty_folder": ["dataset=imagefolder", f"data_dir={_folder(tmp_path / 'empty', {})}"],
-        "single_images": ["dataset=imagefolder",
-                          f"data_dir={_folder(tmp_path / 'imgs', {f'c{i}': 1 for i in range(6)})}"],
+        "single_images": [
+            "dataset=imagefolder",
+            f"data_dir={_folder(tmp_path / 'imgs', {f'c{i}': 1 for i in range(6)})}",
+        ],
         "unknown_arch": [*DIGITS, "arch=resnet7"],
         "unknown_loss": [*DIGITS, "loss=triplet"],
         "unknown_key": [*DIGITS, "lerning_rate=0.1"],
@@ -122,8 +141,9 @@ def test_resume_from_another_config_is_refused_by_the_cli(tmp_path) -> None:
     quick = _sets([*DIGITS, "epochs=1", "steps_per_epoch=2"])
     assert _invoke("fit", "-o", str(tmp_path), "--no-evaluate", *quick).exit_code == 0
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    r = _invoke("fit", "-o", str(tmp_path), "--no-evaluate", "--resume", *quick,
-                "--set", "m_minus=0.1")
+    r = _invoke(
+        "fit", "-o", str(tmp_path), "--no-evaluate", "--resume", *quick, "--set", "m_minus=0.1"
+    )
     assert r.exit_code == 2
     assert "cannot resume" in r.output and "m_minus" in r.output
     r = _invoke("fit", "-o", str(tmp_path), "--no-evaluate", *quick)

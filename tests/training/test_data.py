@@ -20,8 +20,9 @@ def test_omniglot_background_vs_evaluation(data_dir: str) -> None:
 
 
 def test_validation_split_is_carved_from_training_classes(data_dir: str) -> None:
-    s = load_splits(TrainConfig(data_dir=data_dir, max_train_classes=40, max_test_classes=10,
-                                val_classes=10))
+    s = load_splits(
+        TrainConfig(data_dir=data_dir, max_train_classes=40, max_test_classes=10, val_classes=10)
+    )
     assert s.val is not None
     tr, va, te = (set(p.y.tolist()) for p in (s.train, s.val, s.test))
     assert len(va) == 10 and len(tr) == 30
@@ -40,8 +41,11 @@ def _folder(tmp_path, counts: dict[str, int]):
 
 def test_image_folder_class_disjoint(tmp_path) -> None:
     root = _folder(tmp_path, {f"c{i}": 3 for i in range(6)} | {"lonely": 1})
-    s = load_splits(TrainConfig(dataset="imagefolder", data_dir=str(root), image_size=8,
-                                test_fraction=0.5, seed=1))
+    s = load_splits(
+        TrainConfig(
+            dataset="imagefolder", data_dir=str(root), image_size=8, test_fraction=0.5, seed=1
+        )
+    )
     assert not set(s.train.y.tolist()) & set(s.test.y.tolist())
     assert s.train.x.shape[1:] == (3, 8, 8)
     # the single-image class cannot be batched by class: kept out of training
@@ -102,10 +106,19 @@ def test_att_faces_validation_people_fixed_across_seeds(data_dir: str) -> None:
 def test_image_folder_validation_classes_need_two_images(tmp_path) -> None:
     root = _folder(tmp_path, {f"c{i}": 2 for i in range(8)} | {f"solo{i}": 1 for i in range(4)})
     for seed in range(3):
-        s = load_splits(TrainConfig(dataset="imagefolder", data_dir=str(root), image_size=8,
-                                    test_fraction=0.25, val_classes=2, seed=seed))
+        s = load_splits(
+            TrainConfig(
+                dataset="imagefolder",
+                data_dir=str(root),
+                image_size=8,
+                test_fraction=0.25,
+                val_classes=2,
+                seed=seed,
+            )
+        )
         assert s.val is not None and int(torch.bincount(s.val.y).max()) >= 2
         assert not set(s.val.y.tolist()) & set(s.test.y.tolist())
     with pytest.raises(ValueError, match="val_classes=7 leaves too few"):
-        load_splits(TrainConfig(dataset="imagefolder", data_dir=str(root), image_size=8,
-                                val_classes=7))
+        load_splits(
+            TrainConfig(dataset="imagefolder", data_dir=str(root), image_size=8, val_classes=7)
+        )

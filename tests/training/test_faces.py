@@ -28,12 +28,15 @@ def test_parse_pairs_folds_and_sides() -> None:
     assert one.folds.tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("text, match", [
-    ("x\n", "not an LFW pairs file"),
-    ("2\nAnn\t1\t2\n", "expected 4 pair lines"),
-    ("1\nAnn\t1\tBob\t3\nAnn\t1\t2\n", "matched then"),
-    ("1\nAnn\t1\nAnn\t1\tBob\t3\n", "3 or 4"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("x\n", "not an LFW pairs file"),
+        ("2\nAnn\t1\t2\n", "expected 4 pair lines"),
+        ("1\nAnn\t1\tBob\t3\nAnn\t1\t2\n", "matched then"),
+        ("1\nAnn\t1\nAnn\t1\tBob\t3\n", "3 or 4"),
+    ],
+)
 def test_malformed_pair_files_are_explained(text: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         parse_pairs(text)
@@ -51,10 +54,21 @@ def test_report_counts_training_identities_and_folds() -> None:
 
 @pytest.mark.slow
 def test_lfw_run_reports_verification(tmp_path, data_dir) -> None:
-    cfg = load_config(None, [
-        f"data_dir={DATA_DIR}", "dataset=lfw", "image_size=32", "width=8", "embedding_dim=32",
-        "epochs=1", "steps_per_epoch=5", "max_train_classes=300", "max_test_classes=200",
-        "batch_size=32"])
+    cfg = load_config(
+        None,
+        [
+            f"data_dir={DATA_DIR}",
+            "dataset=lfw",
+            "image_size=32",
+            "width=8",
+            "embedding_dim=32",
+            "epochs=1",
+            "steps_per_epoch=5",
+            "max_train_classes=300",
+            "max_test_classes=200",
+            "batch_size=32",
+        ],
+    )
     train_evaluate_export(cfg, tmp_path / "run", None, progress=False)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     dev, view2 = report["verification"]["pairsDevTest"], report["verification"]["pairs"]

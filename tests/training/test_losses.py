@@ -17,8 +17,7 @@ def _batch():
 
 def test_base_plus_tcm_with_the_configured_margins() -> None:
     emb, y = _batch()
-    cfg = TrainConfig(dataset="digits", embedding_dim=16, m_plus=0.6, m_minus=0.1,
-                      lambda_minus=2.0)
+    cfg = TrainConfig(dataset="digits", embedding_dim=16, m_plus=0.6, m_minus=0.1, lambda_minus=2.0)
     loss = build_loss(cfg, num_classes=6)
     expected_base = pml.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)(emb, y)
     expected_tcm = TCMLoss(m_plus=0.6, m_minus=0.1, lambda_minus=2.0)(emb, y)
@@ -32,8 +31,9 @@ def test_base_plus_tcm_with_the_configured_margins() -> None:
 
 @pytest.mark.parametrize("name", ["multi_similarity", "contrastive", "proxy_anchor", "arcface"])
 def test_proxies_get_their_own_larger_learning_rate(name: str) -> None:
-    cfg = TrainConfig(dataset="digits", loss=name, embedding_dim=16, width=4, lr=1e-3,
-                      proxy_lr=5e-2)
+    cfg = TrainConfig(
+        dataset="digits", loss=name, embedding_dim=16, width=4, lr=1e-3, proxy_lr=5e-2
+    )
     loss = build_loss(cfg, num_classes=6)
     opt = build_optimiser(build_model(cfg, 1), loss, cfg)
     groups = opt.param_groups

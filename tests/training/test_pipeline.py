@@ -37,8 +37,17 @@ def _held_out_raw(cfg):
 def test_report_has_accuracy_and_consistency(trained) -> None:
     cfg, root, _ = trained
     report = json.loads((root / "run" / "report.json").read_text())
-    for key in ("recall_at_1", "map_at_r", "opis", "eps_opis", "calibration", "per_class_at_tau",
-                "history", "config", "data"):
+    for key in (
+        "recall_at_1",
+        "map_at_r",
+        "opis",
+        "eps_opis",
+        "calibration",
+        "per_class_at_tau",
+        "history",
+        "config",
+        "data",
+    ):
         assert key in report
     classes = report["num_classes"]
     assert classes == (5 if cfg.dataset == "digits" else 30)
@@ -73,8 +82,9 @@ def test_artefact_embeds_identically_and_reproduces_far(trained) -> None:
     with torch.no_grad():
         emb = model(x)
     trained_model, _ = load_trained_model(root / "run")
-    torch.testing.assert_close(emb, embed(trained_model, load_splits(cfg).test.x),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        emb, embed(trained_model, load_splits(cfg).test.x), atol=1e-5, rtol=1e-5
+    )
     # the stated FAR (and FRR) at tau hold on the held-out classes, counted pair by pair
     sim = emb @ emb.T
     iu = torch.triu_indices(len(y), len(y), 1)

@@ -37,8 +37,9 @@ def test_artefact_weights_load_whole(artefact: Path) -> None:
 def test_fine_tuning_starts_from_the_artefact(artefact: Path, tmp_path: Path) -> None:
     settings = [*DIGITS, "epochs=1", "steps_per_epoch=3"]
     scratch = fit(load_config(None, settings), tmp_path / "scratch", progress=False)
-    tuned = fit(load_config(None, [*settings, f"pretrained={artefact}"]), tmp_path / "tuned",
-                progress=False)
+    tuned = fit(
+        load_config(None, [*settings, f"pretrained={artefact}"]), tmp_path / "tuned", progress=False
+    )
     # a trained start has a lower first-epoch loss than a random one on the same batches
     assert tuned["history"][0]["loss"] < scratch["history"][0]["loss"]
     saved = load_checkpoint(tmp_path / "tuned")

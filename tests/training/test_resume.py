@@ -17,8 +17,9 @@ def test_resume_equals_uninterrupted(tmp_path) -> None:
     assert b["epoch"] == 3
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, atol=1e-5, rtol=1e-5, msg=k)
-    assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]],
-                                                              rel=1e-5)
+    assert [h["loss"] for h in a["history"]] == pytest.approx(
+        [h["loss"] for h in b["history"]], rel=1e-5
+    )
 
 
 def test_resume_from_another_config_is_refused(tmp_path) -> None:
@@ -33,8 +34,9 @@ def test_resume_from_another_config_is_refused(tmp_path) -> None:
 @pytest.mark.parametrize("loss", ["contrastive", "proxy_anchor", "arcface"])
 def test_each_base_loss_trains_with_and_without_tcm(tmp_path, loss: str) -> None:
     for tcm in (True, False):
-        cfg = load_config(None, [*DIGITS, f"loss={loss}", f"tcm={tcm}", "epochs=1",
-                                 "steps_per_epoch=4"])
+        cfg = load_config(
+            None, [*DIGITS, f"loss={loss}", f"tcm={tcm}", "epochs=1", "steps_per_epoch=4"]
+        )
         out = fit(cfg, tmp_path / f"{loss}-{tcm}", progress=False)
         assert torch.isfinite(torch.tensor(out["history"][0]["loss"]))
         saved = load_checkpoint(tmp_path / f"{loss}-{tcm}")

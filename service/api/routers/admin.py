@@ -25,8 +25,9 @@ from service.api.schemas import (
 )
 from service.store import ApiKey, Tenant
 
-router = APIRouter(prefix="/v1/tenants", tags=["tenants"], dependencies=[AdminAuth],
-                   route_class=AuthFirstRoute)
+router = APIRouter(
+    prefix="/v1/tenants", tags=["tenants"], dependencies=[AdminAuth], route_class=AuthFirstRoute
+)
 
 
 def _tenant(t: Tenant) -> TenantOut:
@@ -34,16 +35,20 @@ def _tenant(t: Tenant) -> TenantOut:
 
 
 def _key(k: ApiKey) -> KeyOut:
-    return KeyOut(key_id=k.key_id, created_at=utc(k.created_at),
-                  revoked_at=None if k.revoked_at is None else utc(k.revoked_at),
-                  active=k.active)
+    return KeyOut(
+        key_id=k.key_id,
+        created_at=utc(k.created_at),
+        revoked_at=None if k.revoked_at is None else utc(k.revoked_at),
+        active=k.active,
+    )
 
 
 @router.post("", status_code=201, responses=errors(400, 401, 413, 422, 503))
 async def create_tenant(body: TenantCreate, runtime: RuntimeDep) -> TenantCreated:
     tenant, key, token = await runtime.tenants.create(body.name)
-    return TenantCreated(tenant_id=tenant.tenant_id, name=tenant.name, key_id=key.key_id,
-                         api_key=token)
+    return TenantCreated(
+        tenant_id=tenant.tenant_id, name=tenant.name, key_id=key.key_id, api_key=token
+    )
 
 
 @router.get("", responses=errors(400, 401, 503))
@@ -62,14 +67,14 @@ async def delete_tenant(tenant_id: IdPath, runtime: RuntimeDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{tenant_id}/keys", status_code=201,
-             responses=errors(400, 401, 404, 413, 422, 503))
-async def issue_key(tenant_id: IdPath, runtime: RuntimeDep, body: KeyIssue | None = None
-                    ) -> KeyIssued:
+@router.post("/{tenant_id}/keys", status_code=201, responses=errors(400, 401, 404, 413, 422, 503))
+async def issue_key(
+    tenant_id: IdPath, runtime: RuntimeDep, body: KeyIssue | None = None
+) -> KeyIssued:
     key, token, revoked = await runtime.tenants.issue_key(
-        tenant_id, revoke_existing=body.revoke_existing if body else False)
-    return KeyIssued(tenant_id=tenant_id, key_id=key.key_id, api_key=token,
-                     revoked_key_ids=revoked)
+        tenant_id, revoke_existing=body.revoke_existing if body else False
+    )
+    return KeyIssued(tenant_id=tenant_id, key_id=key.key_id, api_key=token, revoked_key_ids=revoked)
 
 
 @router.get("/{tenant_id}/keys", responses=errors(400, 401, 404, 422, 503))
@@ -77,8 +82,9 @@ async def list_keys(tenant_id: IdPath, runtime: RuntimeDep) -> KeyList:
     return KeyList(keys=[_key(k) for k in await runtime.tenants.list_keys(tenant_id)])
 
 
-@router.delete("/{tenant_id}/keys/{key_id}", status_code=204,
-               responses=errors(400, 401, 404, 422, 503))
+@router.delete(
+    "/{tenant_id}/keys/{key_id}", status_code=204, responses=errors(400, 401, 404, 422, 503)
+)
 async def revoke_key(tenant_id: IdPath, key_id: IdPath, runtime: RuntimeDep) -> Response:
     await runtime.tenants.revoke_key(tenant_id, key_id)
     return Response(status_code=204)

@@ -18,8 +18,11 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", operation_id="readiness",
-            responses={**errors(400), 503: {"model": Readiness, "description": "not ready"}})
+@router.get(
+    "/readyz",
+    operation_id="readiness",
+    responses={**errors(400), 503: {"model": Readiness, "description": "not ready"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     """Model loaded, store reachable and indexes built: send traffic."""
     runtime = getattr(request.app.state, "runtime", None)
@@ -32,8 +35,11 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse,
-            operation_id="metrics",
-            responses={200: {"description": "Prometheus text exposition format"}, **errors(400)})
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    operation_id="metrics",
+    responses={200: {"description": "Prometheus text exposition format"}, **errors(400)},
+)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -30,27 +30,32 @@ from service.store import MatchRecord
 router = APIRouter(tags=["match"], route_class=AuthFirstRoute)
 
 
-def _response(record: MatchRecord, hits: list[Hit], faces: list[dict] | None = None
-              ) -> MatchResponse:
+def _response(
+    record: MatchRecord, hits: list[Hit], faces: list[dict] | None = None
+) -> MatchResponse:
     return MatchResponse(
         match_id=record.match_id,
-        decision=DecisionOut(accepted=record.accepted, subject=record.subject,
-                             score=record.score),
-        candidates=[Candidate(item_id=h.item_id, subject=h.subject, score=h.score)
-                    for h in hits],
-        threshold=record.threshold, model_version=record.model_version,
-        faces=faces_out(faces or []))
+        decision=DecisionOut(accepted=record.accepted, subject=record.subject, score=record.score),
+        candidates=[Candidate(item_id=h.item_id, subject=h.subject, score=h.score) for h in hits],
+        threshold=record.threshold,
+        model_version=record.model_version,
+        faces=faces_out(faces or []),
+    )
 
 
-async def _match(serving: Serving, tenant: str, query: np.ndarray, k: int,
-                 where: dict[str, Any] | None = None,
-                 faces: list[dict] | None = None) -> MatchResponse:
+async def _match(
+    serving: Serving,
+    tenant: str,
+    query: np.ndarray,
+    k: int,
+    where: dict[str, Any] | None = None,
+    faces: list[dict] | None = None,
+) -> MatchResponse:
     record, hits = await serving.matcher.match(tenant, query, k, where=where)
     return _response(record, hits, faces)
 
 
-@router.post("/v1/match", operation_id="match",
-             responses=errors(400, 401, 413, 422, 429, 503))
+@router.post("/v1/match", operation_id="match", responses=errors(400, 401, 413, 422, 429, 503))
 async def match(body: MatchRequest, tenant: TenantId, runtime: RuntimeDep) -> MatchResponse:
     """The k best candidates (among the items matching ``filter`` when given) and the
     decision: accepted iff the best one scores >= the threshold."""
@@ -65,19 +70,23 @@ async def match(body: MatchRequest, tenant: TenantId, runtime: RuntimeDep) -> Ma
     return await _match(serving, tenant, query, body.k, body.filter, faces)
 
 
-@router.post("/v1/match/batch", operation_id="matchBatch",
-             responses=errors(400, 401, 413, 422, 429, 503))
-async def match_batch(body: MatchBatchRequest, tenant: TenantId, runtime: RuntimeDep
-                      ) -> MatchBatchResponse:
+@router.post(
+    "/v1/match/batch", operation_id="matchBatch", responses=errors(400, 401, 413, 422, 429, 503)
+)
+async def match_batch(
+    body: MatchBatchRequest, tenant: TenantId, runtime: RuntimeDep
+) -> MatchBatchResponse:
     """Several queries in one request: one index search for all of them, and a match record
     (with its own ``match_id``) per query, in the request's order."""
     serving = runtime.serving
     serving.matcher.check_k(body.k)
     limit = runtime.settings.max_batch_items
     if len(body.queries) > limit:
-        raise InvalidInputError(f"{len(body.queries)} queries in one request, the limit is "
-                                f"{limit}", code="too_many_items",
-                                detail={"max_batch_items": limit})
+        raise InvalidInputError(
+            f"{len(body.queries)} queries in one request, the limit is {limit}",
+            code="too_many_items",
+            detail={"max_batch_items": limit},
+        )
     await runtime.charge(tenant, len(body.queries))  # one rate-limit unit per query
     resolver = serving.resolver
     queries = np.zeros((len(body.queries), resolver.dim), np.float32)
@@ -99,12 +108,15 @@ async def match_batch(body: MatchBatchRequest, tenant: TenantId, runtime: Runtim
     return MatchBatchResponse(results=[_response(r, h) for r, h in answers])
 
 
-@router.post("/v1/match/upload", operation_id="matchUpload",
-             responses=errors(400, 401, 413, 422, 429, 503))
-async def match_upload(tenant: TenantId, runtime: RuntimeDep,
-                       file: Annotated[UploadFile, File(description="an image file")],
-                       k: Annotated[int, Form(ge=1, json_schema_extra={"x-limit": "max_k"})] = 5
-                       ) -> MatchResponse:
+@router.post(
+    "/v1/match/upload", operation_id="matchUpload", responses=errors(400, 401, 413, 422, 429, 503)
+)
+async def match_upload(
+    tenant: TenantId,
+    runtime: RuntimeDep,
+    file: Annotated[UploadFile, File(description="an image file")],
+    k: Annotated[int, Form(ge=1, json_schema_extra={"x-limit": "max_k"})] = 5,
+) -> MatchResponse:
     serving = runtime.serving
     serving.matcher.check_k(k)
     data = await read_upload(file, field="file")

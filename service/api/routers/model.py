@@ -17,13 +17,24 @@ async def get_model(runtime: RuntimeDep) -> ModelInfo:
     m = runtime.serving.manifest
     cal, base = m.calibration, m.baseline
     return ModelInfo(
-        model_version=m.model_version, architecture=m.architecture,
-        embedding_dim=m.embedding_dim, similarity=m.similarity, threshold=cal.tau,
-        target_far=cal.target_far, far_at_threshold=cal.far_at_tau,
-        frr_at_threshold=cal.frr_at_tau, calibration_range=(cal.tau_lo, cal.tau_hi),
-        far_range=cal.far_range, num_thresholds=cal.num_thresholds,
-        baseline_opis=base.opis, baseline_eps_opis=base.eps_opis, baseline_eps=base.eps,
-        baseline_recall_at_1=base.recall_at_1, baseline_map_at_r=base.map_at_r,
-        preprocessing=m.preprocessing.to_dict(), created_at=m.created_at,
+        model_version=m.model_version,
+        architecture=m.architecture,
+        embedding_dim=m.embedding_dim,
+        similarity=m.similarity,
+        threshold=cal.tau,
+        target_far=cal.target_far,
+        far_at_threshold=cal.far_at_tau,
+        frr_at_threshold=cal.frr_at_tau,
+        calibration_range=(cal.tau_lo, cal.tau_hi),
+        far_range=cal.far_range,
+        num_thresholds=cal.num_thresholds,
+        baseline_opis=base.opis,
+        baseline_eps_opis=base.eps_opis,
+        baseline_eps=base.eps,
+        baseline_recall_at_1=base.recall_at_1,
+        baseline_map_at_r=base.map_at_r,
+        preprocessing=m.preprocessing.to_dict(),
+        created_at=m.created_at,
         weights_sha256=m.weights_sha256,
-        activation=runtime.lifecycle.status() if runtime.lifecycle else None)
+        activation=runtime.lifecycle.status() if runtime.lifecycle else None,
+    )

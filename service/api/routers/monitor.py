@@ -23,17 +23,27 @@ from service.monitoring.monitor import Monitor
 
 router = APIRouter(tags=["monitor"], route_class=AuthFirstRoute)
 
-Threshold = Annotated[float | None, Query(
-    ge=-1.0, le=1.0, allow_inf_nan=False,
-    description="candidate cosine threshold in [-1, 1]: per-tenant FAR/FRR there")]
+Threshold = Annotated[
+    float | None,
+    Query(
+        ge=-1.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="candidate cosine threshold in [-1, 1]: per-tenant FAR/FRR there",
+    ),
+]
 
 
-@router.get("/v1/monitor", operation_id="getMonitor",
-            responses=errors(400, 401, 404, 422, 429, 503))
-async def monitor_view(request: Request, runtime: RuntimeDep,
-                       admin: Annotated[Credentials, Security(admin_bearer)],
-                       tenant: Annotated[Credentials, Security(tenant_bearer)],
-                       threshold: Threshold = None) -> MonitorView:
+@router.get(
+    "/v1/monitor", operation_id="getMonitor", responses=errors(400, 401, 404, 422, 429, 503)
+)
+async def monitor_view(
+    request: Request,
+    runtime: RuntimeDep,
+    admin: Annotated[Credentials, Security(admin_bearer)],
+    tenant: Annotated[Credentials, Security(tenant_bearer)],
+    threshold: Threshold = None,
+) -> MonitorView:
     """The admin token sees every tenant; a tenant API key sees only its own row, and
     nothing computed from other tenants' data."""
     token = _token(admin or tenant)
@@ -43,25 +53,40 @@ async def monitor_view(request: Request, runtime: RuntimeDep,
         await runtime.check_rate(tenant_id)
     monitor: Monitor | None = getattr(request.app.state, "monitor", None)
     if monitor is None:
-        raise NotFoundError("monitoring is disabled on this service (TCM_MONITOR_ENABLED)",
-                            code="monitor_disabled")
+        raise NotFoundError(
+            "monitoring is disabled on this service (TCM_MONITOR_ENABLED)", code="monitor_disabled"
+        )
     snapshot = monitor.view(tenant_id)
     what_if = None
     if threshold is not None:
         model = AdminWhatIf if tenant_id is None else WhatIf
-        what_if = model.model_validate(await run_in_threadpool(
-            monitor.what_if, threshold, None if tenant_id is None else [tenant_id]))
+        what_if = model.model_validate(
+            await run_in_threadpool(
+                monitor.what_if, threshold, None if tenant_id is None else [tenant_id]
+            )
+        )
     pending = snapshot is None
     return MonitorView(
-        scope="admin" if tenant_id is None else "tenant", tenant_id=tenant_id,
+        scope="admin" if tenant_id is None else "tenant",
+        tenant_id=tenant_id,
         status="pending" if pending else "ok",
-        message=("the monitor has not produced a snapshot yet (it runs every "
-                 f"{monitor.config.interval_s:g}s)") if pending else None,
-        snapshot=snapshot, what_if=what_if)
+        message=(
+            "the monitor has not produced a snapshot yet (it runs every "
+            f"{monitor.config.interval_s:g}s)"
+        )
+        if pending
+        else None,
+        snapshot=snapshot,
+        what_if=what_if,
+    )
 
 
-@router.post("/v1/monitor/reference", operation_id="remeasureMonitorReference",
-             dependencies=[AdminAuth], responses=errors(400, 401, 404, 503))
+@router.post(
+    "/v1/monitor/reference",
+    operation_id="remeasureMonitorReference",
+    dependencies=[AdminAuth],
+    responses=errors(400, 401, 404, 503),
+)
 async def remeasure_reference(request: Request) -> MonitorReference:
     """Re-measures the across-tenants reference (OPIS across tenants, the tenants' deviations)
     on the data as of now and stores it for the active model, replacing the one measured when
@@ -69,13 +94,16 @@ async def remeasure_reference(request: Request) -> MonitorReference:
     tenants joined). Undefined with fewer than 2 tenants in OPIS."""
     monitor: Monitor | None = getattr(request.app.state, "monitor", None)
     if monitor is None:
-        raise NotFoundError("monitoring is disabled on this service (TCM_MONITOR_ENABLED)",
-                            code="monitor_disabled")
+        raise NotFoundError(
+            "monitoring is disabled on this service (TCM_MONITOR_ENABLED)", code="monitor_disabled"
+        )
     ref = await run_in_threadpool(monitor.remeasure_tenants_reference)
     version = monitor.manifest.model_version
     if ref is None:
         return MonitorReference(
-            model_version=version, status="undefined",
+            model_version=version,
+            status="undefined",
             message=f"fewer than 2 tenants have {monitor.config.min_pairs} genuine and "
-                    "impostor labelled pairs: the across-tenants reference is undefined")
+            "impostor labelled pairs: the across-tenants reference is undefined",
+        )
     return MonitorReference(model_version=version, status="measured", reference=ref)

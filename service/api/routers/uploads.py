@@ -19,8 +19,9 @@ UPLOAD_PLACEHOLDER = "dXBsb2Fk"
 async def read_upload(file: UploadFile, *, field: str) -> bytes:
     data = await file.read()
     if not data:
-        raise InvalidInputError(f"the uploaded file {field!r} is empty", code="invalid_image",
-                                detail={"where": field})
+        raise InvalidInputError(
+            f"the uploaded file {field!r} is empty", code="invalid_image", detail={"where": field}
+        )
     return data
 
 
@@ -30,11 +31,17 @@ def parse_json_object(text: str | None, *, field: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"form field {field!r} is not valid JSON: {exc}",
-                                code="invalid_json_field", detail={"where": field}) from exc
+        raise InvalidInputError(
+            f"form field {field!r} is not valid JSON: {exc}",
+            code="invalid_json_field",
+            detail={"where": field},
+        ) from exc
     if not isinstance(value, dict):
-        raise InvalidInputError(f"form field {field!r} must be a JSON object",
-                                code="invalid_json_field", detail={"where": field})
+        raise InvalidInputError(
+            f"form field {field!r} must be a JSON object",
+            code="invalid_json_field",
+            detail={"where": field},
+        )
     return value
 
 
@@ -43,7 +50,5 @@ def build(model: type[M], **fields: Any) -> M:
     try:
         return model(**fields)
     except ValidationError as exc:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
-                  for e in exc.errors()]
-        raise InvalidInputError("the form fields do not match the schema", detail=errors
-                                ) from exc
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        raise InvalidInputError("the form fields do not match the schema", detail=errors) from exc

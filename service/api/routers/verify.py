@@ -20,14 +20,19 @@ from service.engine.faces import face_report
 router = APIRouter(tags=["verify"], route_class=AuthFirstRoute)
 
 
-def _response(serving: Serving, score: float, accepted: bool, faces: list[dict]
-              ) -> VerifyResponse:
-    return VerifyResponse(score=score, accepted=accepted, threshold=serving.threshold,
-                          model_version=serving.model_version, faces=faces_out(faces))
+def _response(serving: Serving, score: float, accepted: bool, faces: list[dict]) -> VerifyResponse:
+    return VerifyResponse(
+        score=score,
+        accepted=accepted,
+        threshold=serving.threshold,
+        model_version=serving.model_version,
+        faces=faces_out(faces),
+    )
 
 
-@router.post("/v1/verify", operation_id="verify",
-             responses=errors(400, 401, 404, 409, 413, 422, 429, 503))
+@router.post(
+    "/v1/verify", operation_id="verify", responses=errors(400, 401, 404, 409, 413, 422, 429, 503)
+)
 async def verify(body: VerifyRequest, tenant: TenantId, runtime: RuntimeDep) -> VerifyResponse:
     serving = runtime.serving  # one model answers the whole request, even across a switch
     with face_report() as faces:
@@ -36,16 +41,19 @@ async def verify(body: VerifyRequest, tenant: TenantId, runtime: RuntimeDep) -> 
     return _response(serving, *await serving.matcher.verify(tenant, a, b), faces)
 
 
-@router.post("/v1/verify/upload", operation_id="verifyUpload",
-             responses=errors(400, 401, 413, 422, 429, 503))
-async def verify_upload(tenant: TenantId, runtime: RuntimeDep,
-                        a: Annotated[UploadFile, File(description="an image file")],
-                        b: Annotated[UploadFile, File(description="an image file")]
-                        ) -> VerifyResponse:
+@router.post(
+    "/v1/verify/upload", operation_id="verifyUpload", responses=errors(400, 401, 413, 422, 429, 503)
+)
+async def verify_upload(
+    tenant: TenantId,
+    runtime: RuntimeDep,
+    a: Annotated[UploadFile, File(description="an image file")],
+    b: Annotated[UploadFile, File(description="an image file")],
+) -> VerifyResponse:
     images = [("a", await read_upload(a, field="a")), ("b", await read_upload(b, field="b"))]
     serving = runtime.serving
     with face_report() as faces:
         vectors = await serving.resolver.images(images)
-    return _response(serving, *await serving.matcher.verify(tenant, vectors[:1], vectors[1:]),
-                     faces)
-
+    return _response(
+        serving, *await serving.matcher.verify(tenant, vectors[:1], vectors[1:]), faces
+    )

@@ -29,8 +29,9 @@ ADMIN_ROUTES = [
 
 
 @pytest.mark.parametrize(("method", "path", "kwargs"), TENANT_ROUTES + ADMIN_ROUTES)
-def test_missing_or_invalid_token_is_401(api: Api, tenant: Tenant, method: str, path: str,
-                                         kwargs: dict) -> None:
+def test_missing_or_invalid_token_is_401(
+    api: Api, tenant: Tenant, method: str, path: str, kwargs: dict
+) -> None:
     c = api.client
     tampered = tenant.api_key[:-1] + ("B" if tenant.api_key[-1] != "B" else "C")
     bad_headers = [
@@ -56,8 +57,13 @@ def test_missing_or_invalid_token_is_401(api: Api, tenant: Tenant, method: str, 
 def test_cross_tenant_access_is_404(api: Api, digits: Digits) -> None:
     c = api.client
     a, b = api.new_tenant("a"), api.new_tenant("b")
-    api.enrol(a, [{"subject": "alice", "embedding": unit(1), "item_id": "a-item"},
-                  {"subject": "alice", "image": b64_png(digits.images[0]), "item_id": "a-img"}])
+    api.enrol(
+        a,
+        [
+            {"subject": "alice", "embedding": unit(1), "item_id": "a-item"},
+            {"subject": "alice", "image": b64_png(digits.images[0]), "item_id": "a-img"},
+        ],
+    )
     m = c.post("/v1/match", json={"embedding": unit(1)}, headers=a.auth).json()
     assert m["decision"]["subject"] == "alice"
 
@@ -75,28 +81,31 @@ def test_cross_tenant_access_is_404(api: Api, digits: Digits) -> None:
     same_as_missing("GET", "/v1/gallery/a-item")
     same_as_missing("DELETE", "/v1/gallery/a-item")
     same_as_missing("DELETE", "/v1/subjects/alice")
-    same_as_missing("POST", "/v1/verify", json={"a": {"embedding": unit(1)},
-                                                "b": {"item_id": "a-item"}})
-    same_as_missing("POST", "/v1/verify", json={"a": {"subject": "alice"},
-                                                "b": {"embedding": unit(1)}})
+    same_as_missing(
+        "POST", "/v1/verify", json={"a": {"embedding": unit(1)}, "b": {"item_id": "a-item"}}
+    )
+    same_as_missing(
+        "POST", "/v1/verify", json={"a": {"subject": "alice"}, "b": {"embedding": unit(1)}}
+    )
     r = c.post("/v1/feedback", json={"match_id": m["match_id"], "correct": True}, headers=b.auth)
     assert r.status_code == 404
     # b sees nothing of a's gallery
     assert c.get("/v1/gallery", headers=b.auth).json()["items"] == []
-    assert c.get("/v1/gallery", params={"subject": "alice"},
-                 headers=b.auth).json()["items"] == []
+    assert c.get("/v1/gallery", params={"subject": "alice"}, headers=b.auth).json()["items"] == []
     rb = c.post("/v1/match", json={"embedding": unit(1), "k": 10}, headers=b.auth).json()
     assert rb["candidates"] == [] and rb["decision"]["accepted"] is False
-    up = c.post("/v1/match/upload", headers=b.auth,
-                files={"file": ("q.png", png_bytes(digits.images[0]), "image/png")}).json()
+    up = c.post(
+        "/v1/match/upload",
+        headers=b.auth,
+        files={"file": ("q.png", png_bytes(digits.images[0]), "image/png")},
+    ).json()
     assert up["candidates"] == []
     # b may use the same item ids and subjects without clashing with a
     api.enrol(b, [{"subject": "alice", "embedding": unit(2), "item_id": "a-item"}])
     assert c.get("/v1/gallery/a-item", headers=b.auth).json()["subject"] == "alice"
     # and a's data is intact after all of b's attempts
     assert c.get("/v1/gallery/a-item", headers=a.auth).status_code == 200
-    fb = c.post("/v1/feedback", json={"match_id": m["match_id"], "correct": True},
-                headers=a.auth)
+    fb = c.post("/v1/feedback", json={"match_id": m["match_id"], "correct": True}, headers=a.auth)
     assert fb.status_code == 201
 
 
@@ -128,25 +137,33 @@ def test_key_rotation_and_revocation(api: Api) -> None:
     assert [k["key_id"] for k in keys] == [t.key_id, new["key_id"]]
     assert all(k["active"] for k in keys) and "api_key" not in keys[0]
 
-    assert c.delete(f"/v1/tenants/{t.tenant_id}/keys/{t.key_id}",
-                    headers=api.admin).status_code == 204
+    assert (
+        c.delete(f"/v1/tenants/{t.tenant_id}/keys/{t.key_id}", headers=api.admin).status_code == 204
+    )
     assert c.get("/v1/gallery", headers=old).status_code == 401
     assert c.get("/v1/gallery", headers=new_auth).status_code == 200
     # revoking again is idempotent; unknown keys and other tenants' keys are 404
-    assert c.delete(f"/v1/tenants/{t.tenant_id}/keys/{t.key_id}",
-                    headers=api.admin).status_code == 204
+    assert (
+        c.delete(f"/v1/tenants/{t.tenant_id}/keys/{t.key_id}", headers=api.admin).status_code == 204
+    )
     other = api.new_tenant("other")
-    assert c.delete(f"/v1/tenants/{other.tenant_id}/keys/{new['key_id']}",
-                    headers=api.admin).status_code == 404
+    assert (
+        c.delete(
+            f"/v1/tenants/{other.tenant_id}/keys/{new['key_id']}", headers=api.admin
+        ).status_code
+        == 404
+    )
     assert c.get("/v1/gallery", headers=new_auth).status_code == 200
 
     # emergency rotation revokes everything else at once
-    r = c.post(f"/v1/tenants/{t.tenant_id}/keys", json={"revoke_existing": True},
-               headers=api.admin).json()
+    r = c.post(
+        f"/v1/tenants/{t.tenant_id}/keys", json={"revoke_existing": True}, headers=api.admin
+    ).json()
     assert r["revoked_key_ids"] == [new["key_id"]]
     assert c.get("/v1/gallery", headers=new_auth).status_code == 401
-    assert c.get("/v1/gallery",
-                 headers={"Authorization": f"Bearer {r['api_key']}"}).status_code == 200
+    assert (
+        c.get("/v1/gallery", headers={"Authorization": f"Bearer {r['api_key']}"}).status_code == 200
+    )
     keys = c.get(f"/v1/tenants/{t.tenant_id}/keys", headers=api.admin).json()["keys"]
     assert [k["active"] for k in keys] == [False, False, True]
 

@@ -40,8 +40,13 @@ def test_health_model_and_metrics(api: Api) -> None:
 def test_enrol_match_by_embedding(api: Api, tenant: Tenant) -> None:
     c = api.client
     a, b = unit(1), unit(2)
-    ids = api.enrol(tenant, [{"subject": "alice", "embedding": a, "metadata": {"cam": 3}},
-                             {"subject": "bob", "embedding": b, "item_id": "bob-1"}])
+    ids = api.enrol(
+        tenant,
+        [
+            {"subject": "alice", "embedding": a, "metadata": {"cam": 3}},
+            {"subject": "bob", "embedding": b, "item_id": "bob-1"},
+        ],
+    )
     assert ids[1] == "bob-1" and len(ids[0]) == 32
     r = c.post("/v1/match", json={"embedding": a, "k": 5}, headers=tenant.auth)
     assert r.status_code == 200, r.text
@@ -52,13 +57,15 @@ def test_enrol_match_by_embedding(api: Api, tenant: Tenant) -> None:
     assert body["candidates"][1]["score"] == pytest.approx(float(np.dot(a, b)), abs=1e-5)
     assert body["model_version"] == "digits-test-v1"
     # a query pointing away from everything is rejected, its best candidate still reported
-    r = c.post("/v1/match", json={"embedding": (-np.asarray(a)).tolist(), "k": 1},
-               headers=tenant.auth).json()
+    r = c.post(
+        "/v1/match", json={"embedding": (-np.asarray(a)).tolist(), "k": 1}, headers=tenant.auth
+    ).json()
     assert r["decision"]["accepted"] is False and r["decision"]["subject"] is None
     assert r["decision"]["score"] < tau and len(r["candidates"]) == 1
     # embeddings need not be normalised by the client
-    r = c.post("/v1/match", json={"embedding": (7.5 * np.asarray(b)).tolist(), "k": 1},
-               headers=tenant.auth).json()
+    r = c.post(
+        "/v1/match", json={"embedding": (7.5 * np.asarray(b)).tolist(), "k": 1}, headers=tenant.auth
+    ).json()
     assert r["decision"]["subject"] == "bob"
 
 
@@ -74,12 +81,14 @@ def test_empty_gallery_match(api: Api, tenant: Tenant) -> None:
 def test_enrol_and_match_images(api: Api, tenant: Tenant, digits: Digits) -> None:
     c = api.client
     imgs = [digits.images[i] for i in range(6)]
-    ids = api.enrol(tenant, [{"subject": f"d{i}", "image": b64_png(im)}
-                             for i, im in enumerate(imgs)])
+    ids = api.enrol(
+        tenant, [{"subject": f"d{i}", "image": b64_png(im)} for i, im in enumerate(imgs)]
+    )
     ref = reference_embeddings(api, imgs)
     for i in range(6):
-        item = c.get(f"/v1/gallery/{ids[i]}", params={"include_embedding": True},
-                     headers=tenant.auth).json()
+        item = c.get(
+            f"/v1/gallery/{ids[i]}", params={"include_embedding": True}, headers=tenant.auth
+        ).json()
         assert item["has_image"] is True and item["subject"] == f"d{i}"
         np.testing.assert_allclose(item["embedding"], ref[i], atol=1e-5)
     r = c.post("/v1/match", json={"image": b64_png(imgs[4]), "k": 6}, headers=tenant.auth)
@@ -90,14 +99,22 @@ def test_enrol_and_match_images(api: Api, tenant: Tenant, digits: Digits) -> Non
     assert scores == sorted(scores, reverse=True)
     np.testing.assert_allclose(scores, sorted(ref @ ref[4], reverse=True), atol=1e-5)
     # multipart variants
-    up = c.post("/v1/match/upload", files={"file": ("q.png", png_bytes(imgs[4]), "image/png")},
-                data={"k": "2"}, headers=tenant.auth)
+    up = c.post(
+        "/v1/match/upload",
+        files={"file": ("q.png", png_bytes(imgs[4]), "image/png")},
+        data={"k": "2"},
+        headers=tenant.auth,
+    )
     assert up.status_code == 200, up.text
-    assert [x["item_id"] for x in up.json()["candidates"]] == [x["item_id"] for x in
-                                                               body["candidates"][:2]]
-    en = c.post("/v1/gallery/upload", files={"file": ("x.png", png_bytes(imgs[0]), "image/png")},
-                data={"subject": "up", "item_id": "up-1", "metadata": '{"src": "upload"}'},
-                headers=tenant.auth)
+    assert [x["item_id"] for x in up.json()["candidates"]] == [
+        x["item_id"] for x in body["candidates"][:2]
+    ]
+    en = c.post(
+        "/v1/gallery/upload",
+        files={"file": ("x.png", png_bytes(imgs[0]), "image/png")},
+        data={"subject": "up", "item_id": "up-1", "metadata": '{"src": "upload"}'},
+        headers=tenant.auth,
+    )
     assert en.status_code == 201, en.text
     got = c.get("/v1/gallery/up-1", headers=tenant.auth).json()
     assert got["metadata"] == {"src": "upload"} and got["has_image"] is True
@@ -114,8 +131,11 @@ def test_embed(api: Api, tenant: Tenant, digits: Digits) -> None:
     assert emb.shape == (3, DIM)
     np.testing.assert_allclose(emb, reference_embeddings(api, imgs), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
-    up = c.post("/v1/embed/upload", files={"file": ("a.png", png_bytes(imgs[0]), "image/png")},
-                headers=tenant.auth).json()
+    up = c.post(
+        "/v1/embed/upload",
+        files={"file": ("a.png", png_bytes(imgs[0]), "image/png")},
+        headers=tenant.auth,
+    ).json()
     np.testing.assert_allclose(up["embeddings"][0], emb[0], atol=1e-5)
     # an RGB image is converted to grey like PIL's convert("L")
     rgb = np.stack([imgs[0]] * 3, axis=-1)
@@ -128,9 +148,14 @@ def test_verify_all_input_kinds(api: Api, tenant: Tenant, digits: Digits) -> Non
     im0, im1 = digits.images[20], digits.images[21]
     e0, e1 = reference_embeddings(api, [im0, im1])
     x, y, z = unit(10), unit(11), unit(12)
-    api.enrol(tenant, [{"subject": "img", "image": b64_png(im0), "item_id": "img-0"},
-                       {"subject": "sx", "embedding": x, "item_id": "x"},
-                       {"subject": "sx", "embedding": y, "item_id": "y"}])
+    api.enrol(
+        tenant,
+        [
+            {"subject": "img", "image": b64_png(im0), "item_id": "img-0"},
+            {"subject": "sx", "embedding": x, "item_id": "x"},
+            {"subject": "sx", "embedding": y, "item_id": "y"},
+        ],
+    )
     tau = c.get("/v1/model").json()["threshold"]
 
     def verify(a: dict, b: dict) -> dict:
@@ -143,21 +168,29 @@ def test_verify_all_input_kinds(api: Api, tenant: Tenant, digits: Digits) -> Non
 
     assert verify({"embedding": x}, {"embedding": x})["score"] == pytest.approx(1.0)
     assert verify({"embedding": x}, {"item_id": "x"})["accepted"] is True
-    assert verify({"item_id": "x"}, {"item_id": "y"})["score"] == pytest.approx(np.dot(x, y),
-                                                                                abs=1e-5)
+    assert verify({"item_id": "x"}, {"item_id": "y"})["score"] == pytest.approx(
+        np.dot(x, y), abs=1e-5
+    )
     # image vs image / image vs item enrolled from that image
     assert verify({"image": b64_png(im0)}, {"image": b64_png(im1)})["score"] == pytest.approx(
-        float(e0 @ e1), abs=1e-5)
+        float(e0 @ e1), abs=1e-5
+    )
     assert verify({"image": b64_png(im0)}, {"item_id": "img-0"})["score"] == pytest.approx(
-        1.0, abs=1e-5)
+        1.0, abs=1e-5
+    )
     # a subject scores as its best-matching item
     best = max(np.dot(z, x), np.dot(z, y))
     assert verify({"embedding": z}, {"subject": "sx"})["score"] == pytest.approx(best, abs=1e-5)
     assert verify({"subject": "sx"}, {"embedding": y})["score"] == pytest.approx(1.0, abs=1e-5)
     assert verify({"subject": "sx"}, {"subject": "sx"})["score"] == pytest.approx(1.0, abs=1e-5)
-    up = c.post("/v1/verify/upload", headers=tenant.auth,
-                files={"a": ("a.png", png_bytes(im0), "image/png"),
-                       "b": ("b.png", png_bytes(im1), "image/png")})
+    up = c.post(
+        "/v1/verify/upload",
+        headers=tenant.auth,
+        files={
+            "a": ("a.png", png_bytes(im0), "image/png"),
+            "b": ("b.png", png_bytes(im1), "image/png"),
+        },
+    )
     assert up.json()["score"] == pytest.approx(float(e0 @ e1), abs=1e-5)
     # unknown items and subjects
     for inp in ({"item_id": "nope"}, {"subject": "nobody"}):
@@ -181,14 +214,21 @@ def test_feedback(api: Api, tenant: Tenant) -> None:
     accepted = match(a)
     assert accepted["decision"]["subject"] == "alice"
     assert feedback({"match_id": accepted["match_id"], "true_subject": "alice"}) == {
-        "match_id": accepted["match_id"], "outcome": "true_accept", "genuine": True}
-    again = c.post("/v1/feedback", json={"match_id": accepted["match_id"], "correct": True},
-                   headers=tenant.auth)
+        "match_id": accepted["match_id"],
+        "outcome": "true_accept",
+        "genuine": True,
+    }
+    again = c.post(
+        "/v1/feedback",
+        json={"match_id": accepted["match_id"], "correct": True},
+        headers=tenant.auth,
+    )
     assert again.status_code == 409 and again.json()["code"] == "feedback_exists"
 
     m2 = match(a)
     assert feedback({"match_id": m2["match_id"], "true_subject": None})["outcome"] == (
-        "false_accept")
+        "false_accept"
+    )
     m3 = match((-np.asarray(a)).tolist())
     assert m3["decision"]["accepted"] is False
     assert feedback({"match_id": m3["match_id"], "correct": True})["outcome"] == "true_reject"
@@ -213,23 +253,28 @@ def test_feedback(api: Api, tenant: Tenant) -> None:
     assert len(store.list_decisions(tenant.tenant_id)) == 5
     assert 'tcm_decisions_total{outcome="true_accept"' in c.get("/metrics").text
 
-    bad = c.post("/v1/feedback", json={"match_id": "0" * 32, "correct": True},
-                 headers=tenant.auth)
+    bad = c.post("/v1/feedback", json={"match_id": "0" * 32, "correct": True}, headers=tenant.auth)
     assert bad.status_code == 404
 
 
 def test_label_decision_without_candidates() -> None:
     m = MatchRecord("m", "t", False, None, None, None, None, 0.5, "v", 0.0)
     assert label_decision(m, true_subject="x", subject_given=True, correct=None) == (
-        None, "true_reject")
+        None,
+        "true_reject",
+    )
     assert label_decision(m, true_subject=None, subject_given=False, correct=False) == (
-        None, "false_reject")
+        None,
+        "false_reject",
+    )
 
 
 def test_list_paginate_and_delete(api: Api, tenant: Tenant) -> None:
     c = api.client
-    items = [{"subject": f"s{i % 3}", "embedding": unit(100 + i), "item_id": f"it-{i:02d}"}
-             for i in range(11)]
+    items = [
+        {"subject": f"s{i % 3}", "embedding": unit(100 + i), "item_id": f"it-{i:02d}"}
+        for i in range(11)
+    ]
     api.enrol(tenant, items[:6])
     api.enrol(tenant, items[6:])
     seen, cursor = [], None
@@ -245,25 +290,32 @@ def test_list_paginate_and_delete(api: Api, tenant: Tenant) -> None:
     assert [x["item_id"] for x in s1["items"]] == ["it-01", "it-04", "it-07", "it-10"]
     assert s1["next_cursor"] is None
     assert c.get("/v1/gallery", params={"subject": "zzz"}, headers=tenant.auth).json() == {
-        "items": [], "next_cursor": None}
+        "items": [],
+        "next_cursor": None,
+    }
 
     assert c.delete("/v1/gallery/it-00", headers=tenant.auth).status_code == 204
     assert c.get("/v1/gallery/it-00", headers=tenant.auth).status_code == 404
     assert c.delete("/v1/gallery/it-00", headers=tenant.auth).status_code == 404
-    r = c.post("/v1/match", json={"embedding": items[0]["embedding"], "k": 50},
-               headers=tenant.auth).json()
+    r = c.post(
+        "/v1/match", json={"embedding": items[0]["embedding"], "k": 50}, headers=tenant.auth
+    ).json()
     assert "it-00" not in [x["item_id"] for x in r["candidates"]]
     assert len(r["candidates"]) == 10
 
     d = c.delete("/v1/subjects/s1", headers=tenant.auth)
     assert d.status_code == 200 and d.json() == {"deleted": 4}
     assert c.delete("/v1/subjects/s1", headers=tenant.auth).status_code == 404
-    r = c.post("/v1/match", json={"embedding": items[1]["embedding"], "k": 50},
-               headers=tenant.auth).json()
+    r = c.post(
+        "/v1/match", json={"embedding": items[1]["embedding"], "k": 50}, headers=tenant.auth
+    ).json()
     assert {x["subject"] for x in r["candidates"]} == {"s0", "s2"}
     assert len(r["candidates"]) == 6
-    ver = c.post("/v1/verify", json={"a": {"embedding": unit(1)}, "b": {"subject": "s1"}},
-                 headers=tenant.auth)
+    ver = c.post(
+        "/v1/verify",
+        json={"a": {"embedding": unit(1)}, "b": {"subject": "s1"}},
+        headers=tenant.auth,
+    )
     assert ver.status_code == 404
     # an id freed by a delete can be enrolled again
     api.enrol(tenant, [{"subject": "new", "embedding": unit(5), "item_id": "it-00"}])
@@ -274,17 +326,31 @@ def test_list_paginate_and_delete(api: Api, tenant: Tenant) -> None:
 def test_enrol_is_all_or_nothing(api: Api, tenant: Tenant, digits: Digits) -> None:
     c = api.client
     api.enrol(tenant, [{"subject": "a", "embedding": unit(1), "item_id": "taken"}])
-    r = c.post("/v1/gallery", headers=tenant.auth, json={"items": [
-        {"subject": "b", "embedding": unit(2), "item_id": "fresh"},
-        {"subject": "b", "embedding": unit(3), "item_id": "taken"}]})
+    r = c.post(
+        "/v1/gallery",
+        headers=tenant.auth,
+        json={
+            "items": [
+                {"subject": "b", "embedding": unit(2), "item_id": "fresh"},
+                {"subject": "b", "embedding": unit(3), "item_id": "taken"},
+            ]
+        },
+    )
     assert r.status_code == 409
     assert r.json()["code"] == "duplicate_item_id"
     assert r.json()["detail"] == {"item_ids": ["taken"]}
     assert c.get("/v1/gallery/fresh", headers=tenant.auth).status_code == 404
     # a bad image anywhere in the batch also leaves nothing behind
-    r = c.post("/v1/gallery", headers=tenant.auth, json={"items": [
-        {"subject": "b", "embedding": unit(2), "item_id": "fresh"},
-        {"subject": "b", "image": "aGVsbG8=", "item_id": "fresh2"}]})
+    r = c.post(
+        "/v1/gallery",
+        headers=tenant.auth,
+        json={
+            "items": [
+                {"subject": "b", "embedding": unit(2), "item_id": "fresh"},
+                {"subject": "b", "image": "aGVsbG8=", "item_id": "fresh2"},
+            ]
+        },
+    )
     assert r.status_code == 422 and r.json()["detail"]["where"] == "items[1].image"
     assert c.get("/v1/gallery/fresh", headers=tenant.auth).status_code == 404
     page = c.get("/v1/gallery", headers=tenant.auth).json()

@@ -38,16 +38,20 @@ class Served:
         self.app: FastAPI = create_app(settings)
         self.client = TestClient(self.app)
 
-    def call(self, method: str, path: str, headers: dict[str, str],
-             chunks: int = CHUNKS) -> tuple[int, dict[str, str], bytes, int]:
+    def call(
+        self, method: str, path: str, headers: dict[str, str], chunks: int = CHUNKS
+    ) -> tuple[int, dict[str, str], bytes, int]:
         """One request as ASGI messages, its body ``chunks`` x 1 MiB pulled one at a time:
         status, headers, body of the answer, and how many chunks the app pulled. A multipart
         body opens a file part (a parser reads on through it), JSON is not JSON."""
         pulled = 0
         sent: list[dict[str, Any]] = []
-        head = (b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="image"; '
-                b'filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
-                if BOUNDARY.decode() in headers.get("content-type", "") else b"")
+        head = (
+            b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="image"; '
+            b'filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+            if BOUNDARY.decode() in headers.get("content-type", "")
+            else b""
+        )
 
         async def receive() -> dict[str, Any]:
             nonlocal pulled
@@ -61,12 +65,22 @@ class Served:
             sent.append(message)
 
         scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-            "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
-            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
-            "server": ("testserver", 80), "state": {},
-            "headers": [(k.lower().encode(), v.encode()) for k, v in
-                        (headers | {"content-length": str(chunks * MiB)}).items()],
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "client": ("127.0.0.1", 50000),
+            "server": ("testserver", 80),
+            "state": {},
+            "headers": [
+                (k.lower().encode(), v.encode())
+                for k, v in (headers | {"content-length": str(chunks * MiB)}).items()
+            ],
         }
         assert self.client.portal is not None
         self.client.portal.call(self.app, scope, receive, send)
@@ -102,8 +116,11 @@ def _operations(served: Served) -> list[tuple[str, str, frozenset[str], str]]:
                 continue
             schemes = frozenset(SCHEME[name] for req in op["security"] for name in req)
             content = list(op.get("requestBody", {}).get("content", {})) or ["application/json"]
-            ctype = (f"multipart/form-data; boundary={BOUNDARY.decode()}"
-                     if content[0] == "multipart/form-data" else content[0])
+            ctype = (
+                f"multipart/form-data; boundary={BOUNDARY.decode()}"
+                if content[0] == "multipart/form-data"
+                else content[0]
+            )
             out.append((method.upper(), path, schemes, ctype))
     return out
 
@@ -138,14 +155,23 @@ def test_no_body_byte_is_read_before_the_key_is_checked(served: Served) -> None:
             tries.append(({"Authorization": f"Bearer {ADMIN_TOKEN}"}, "invalid_token"))
         for auth, code in tries:
             status, headers, body, pulled = served.call(
-                method, path, auth | {"content-type": ctype})
+                method, path, auth | {"content-type": ctype}
+            )
             code = code or ("invalid_admin_token" if schemes == {"admin"} else "invalid_token")
             want = reference(kinds[0], auth)
             assert want[0] == 401 and want[1]["code"] == code and want[2] == "Bearer", want
             got = (status, json_of(body), headers.get("www-authenticate", ""))
             if got != want or pulled > 1:
-                failures.append((method, path, auth.get("Authorization", "")[:12], got[0],
-                                 f"{pulled} MiB read", body[:80]))
+                failures.append(
+                    (
+                        method,
+                        path,
+                        auth.get("Authorization", "")[:12],
+                        got[0],
+                        f"{pulled} MiB read",
+                        body[:80],
+                    )
+                )
     assert not failures, "\n".join(map(str, failures))
 
 
@@ -153,18 +179,29 @@ def test_an_authenticated_request_still_reads_its_body(served: Served) -> None:
     c = served.client
     r = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN)
     key = r.json()["api_key"]
-    status, _, body, pulled = served.call("POST", "/v1/match", {
-        "authorization": f"Bearer {key}", "content-type": "application/json"})
+    status, _, body, pulled = served.call(
+        "POST", "/v1/match", {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    )
     assert (status, json_of(body)["code"], pulled) == (400, "malformed_json", CHUNKS)
-    status, _, body, pulled = served.call("POST", "/v1/match", {
-        "authorization": f"Bearer {key}", "content-type": "application/json"}, chunks=CHUNKS + 2)
+    status, _, body, pulled = served.call(
+        "POST",
+        "/v1/match",
+        {"authorization": f"Bearer {key}", "content-type": "application/json"},
+        chunks=CHUNKS + 2,
+    )
     assert (status, json_of(body)["code"]) == (413, "payload_too_large")  # the limit still holds
 
 
 def test_the_key_is_checked_and_the_rate_limit_taken_once_per_request(
-        artefact: Path, tmp_path: Path) -> None:
-    settings = make_settings(artefact, {"store_url": f"sqlite:///{tmp_path / 'tcm.db'}"},
-                             rate_limit_per_s=0.5, rate_limit_burst=3, monitor_enabled=False)
+    artefact: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        artefact,
+        {"store_url": f"sqlite:///{tmp_path / 'tcm.db'}"},
+        rate_limit_per_s=0.5,
+        rate_limit_burst=3,
+        monitor_enabled=False,
+    )
     app = create_app(settings)
     with TestClient(app) as c:
         r = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN)
@@ -176,6 +213,7 @@ def test_the_key_is_checked_and_the_rate_limit_taken_once_per_request(
             async def wrapper(*args: Any) -> Any:
                 calls[name] += 1
                 return await fn(*args)
+
             return wrapper
 
         runtime.tenants.authenticate = counted("authenticate", runtime.tenants.authenticate)

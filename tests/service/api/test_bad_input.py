@@ -47,9 +47,11 @@ def enrolled(api: Api, tenant: Tenant) -> Tenant:
 def test_bad_embeddings(api: Api, enrolled: Tenant) -> None:
     c, h = api.client, enrolled.auth
     for bad in ([0.1] * (DIM - 1), [0.1] * (DIM + 1), [0.0] * DIM):
-        for path, body in (("/v1/match", {"embedding": bad}),
-                           ("/v1/gallery", {"items": [{"subject": "s", "embedding": bad}]}),
-                           ("/v1/verify", {"a": {"embedding": bad}, "b": {"item_id": "i1"}})):
+        for path, body in (
+            ("/v1/match", {"embedding": bad}),
+            ("/v1/gallery", {"items": [{"subject": "s", "embedding": bad}]}),
+            ("/v1/verify", {"a": {"embedding": bad}, "b": {"item_id": "i1"}}),
+        ):
             err = assert_error(c.post(path, json=body, headers=h), 422, "invalid_embedding")
             assert "dimension" in err["message"] or "zero" in err["message"]
     assert_error(c.post("/v1/match", json={"embedding": []}, headers=h), 422, "invalid_input")
@@ -82,44 +84,67 @@ def test_bad_images(api: Api, tenant: Tenant, digits: Digits) -> None:
         "empty after decoding": ("data:image/png;base64,", "invalid_input"),
     }
     for name, (data, code) in cases.items():
-        for path, body in (("/v1/match", {"image": data}),
-                           ("/v1/embed", {"images": [b64_png(digits.images[1]), data]}),
-                           ("/v1/gallery", {"items": [{"subject": "s", "image": data}]}),
-                           ("/v1/verify", {"a": {"image": data}, "b": {"embedding": unit(0)}})):
+        for path, body in (
+            ("/v1/match", {"image": data}),
+            ("/v1/embed", {"images": [b64_png(digits.images[1]), data]}),
+            ("/v1/gallery", {"items": [{"subject": "s", "image": data}]}),
+            ("/v1/verify", {"a": {"image": data}, "b": {"embedding": unit(0)}}),
+        ):
             err = assert_error(c.post(path, json=body, headers=h), 422)
             assert err["code"] == code, (name, path, err)
     # the offending image is named
-    err = c.post("/v1/embed", json={"images": [b64_png(digits.images[1]), "!!"]},
-                 headers=h).json()
+    err = c.post("/v1/embed", json={"images": [b64_png(digits.images[1]), "!!"]}, headers=h).json()
     assert err["detail"][0]["loc"] == ["body", "images", 1]  # the schema's pattern refuses it
-    err = c.post("/v1/embed", json={"images": [b64_png(digits.images[1]), b64(b"hello")]},
-                 headers=h).json()
+    err = c.post(
+        "/v1/embed", json={"images": [b64_png(digits.images[1]), b64(b"hello")]}, headers=h
+    ).json()
     assert err["detail"]["where"] == "images[1]"
     assert_error(c.post("/v1/match", json={"image": ""}, headers=h), 422, "invalid_input")
     # a data: URL prefix is accepted
     r = c.post("/v1/match", json={"image": "data:image/png;base64," + b64(good)}, headers=h)
     assert r.status_code == 200
     # uploads: empty, not an image, missing
-    for files in ({"file": ("e.png", b"", "image/png")},
-                  {"file": ("t.txt", b"plain text", "text/plain")},
-                  {"file": ("b.png", png_claiming_size(50_000, 50_000), "image/png")}):
+    for files in (
+        {"file": ("e.png", b"", "image/png")},
+        {"file": ("t.txt", b"plain text", "text/plain")},
+        {"file": ("b.png", png_claiming_size(50_000, 50_000), "image/png")},
+    ):
         for path in ("/v1/match/upload", "/v1/embed/upload"):
             assert_error(c.post(path, files=files, headers=h), 422)
     assert_error(c.post("/v1/match/upload", data={"k": "1"}, headers=h), 422)
-    assert_error(c.post("/v1/gallery/upload", files={"file": ("a.png", good, "image/png")},
-                        data={"subject": "s", "metadata": "[1, 2]"}, headers=h), 422)
-    assert_error(c.post("/v1/gallery/upload", files={"file": ("a.png", good, "image/png")},
-                        data={"subject": "a/b"}, headers=h), 422)
-    assert_error(c.post("/v1/verify/upload", files={"a": ("a.png", good, "image/png")},
-                        headers=h), 422)
+    assert_error(
+        c.post(
+            "/v1/gallery/upload",
+            files={"file": ("a.png", good, "image/png")},
+            data={"subject": "s", "metadata": "[1, 2]"},
+            headers=h,
+        ),
+        422,
+    )
+    assert_error(
+        c.post(
+            "/v1/gallery/upload",
+            files={"file": ("a.png", good, "image/png")},
+            data={"subject": "a/b"},
+            headers=h,
+        ),
+        422,
+    )
+    assert_error(
+        c.post("/v1/verify/upload", files={"a": ("a.png", good, "image/png")}, headers=h), 422
+    )
 
 
 def test_k_out_of_range(api: Api, enrolled: Tenant, digits: Digits) -> None:
     c, h = api.client, enrolled.auth
     for k in (0, -1, api.settings.max_k + 1, 10**9):
         assert_error(c.post("/v1/match", json={"embedding": unit(0), "k": k}, headers=h), 422)
-        up = c.post("/v1/match/upload", data={"k": str(k)}, headers=h,
-                    files={"file": ("a.png", png_bytes(digits.images[0]), "image/png")})
+        up = c.post(
+            "/v1/match/upload",
+            data={"k": str(k)},
+            headers=h,
+            files={"file": ("a.png", png_bytes(digits.images[0]), "image/png")},
+        )
         assert_error(up, 422)
     for k in ("abc", 1.5, None, True):
         r = c.post("/v1/match", json={"embedding": unit(0), "k": k}, headers=h)
@@ -140,48 +165,75 @@ def test_malformed_and_mis_shaped_json(api: Api, enrolled: Tenant) -> None:
         assert_error(r, 422, "invalid_input")
     assert_error(c.post("/v1/match", content=b"", headers=h), 422, "invalid_input")
     # unknown fields, both or neither of the alternatives
-    for body in ({"embeding": unit(0)},
-                 {"embedding": unit(0), "image": "aGVsbG8="},
-                 {"k": 3}):
+    for body in ({"embeding": unit(0)}, {"embedding": unit(0), "image": "aGVsbG8="}, {"k": 3}):
         assert_error(c.post("/v1/match", json=body, headers=enrolled.auth), 422, "invalid_input")
-    for body in ({"a": {"embedding": unit(0)}},
-                 {"a": {"embedding": unit(0), "item_id": "i1"}, "b": {"item_id": "i1"}},
-                 {"a": {}, "b": {"item_id": "i1"}}):
+    for body in (
+        {"a": {"embedding": unit(0)}},
+        {"a": {"embedding": unit(0), "item_id": "i1"}, "b": {"item_id": "i1"}},
+        {"a": {}, "b": {"item_id": "i1"}},
+    ):
         assert_error(c.post("/v1/verify", json=body, headers=enrolled.auth), 422)
-    for body in ({"match_id": "m"}, {"match_id": "m", "true_subject": "s", "correct": True},
-                 {"match_id": "m", "correct": None}, {"true_subject": "s"}):
+    for body in (
+        {"match_id": "m"},
+        {"match_id": "m", "true_subject": "s", "correct": True},
+        {"match_id": "m", "correct": None},
+        {"true_subject": "s"},
+    ):
         assert_error(c.post("/v1/feedback", json=body, headers=enrolled.auth), 422)
 
 
 def test_gallery_limits(api: Api, tenant: Tenant) -> None:
     c, h = api.client, tenant.auth
     n = api.settings.max_batch_items + 1
-    r = c.post("/v1/gallery", json={"items": [{"subject": "s", "embedding": unit(i)}
-                                              for i in range(api.settings.max_enrol_items + 1)]},
-               headers=h)
+    r = c.post(
+        "/v1/gallery",
+        json={
+            "items": [
+                {"subject": "s", "embedding": unit(i)}
+                for i in range(api.settings.max_enrol_items + 1)
+            ]
+        },
+        headers=h,
+    )
     assert_error(r, 422, "too_many_items")
-    r = c.post("/v1/gallery", json={"items": [{"subject": "s", "image": "aGVsbG8="}] * n},
-               headers=h)  # images count against the smaller limit
+    r = c.post(
+        "/v1/gallery", json={"items": [{"subject": "s", "image": "aGVsbG8="}] * n}, headers=h
+    )  # images count against the smaller limit
     assert_error(r, 422, "too_many_items")
     r = c.post("/v1/embed", json={"images": ["aGVsbG8="] * n}, headers=h)
     assert_error(r, 422, "too_many_items")
     assert_error(c.post("/v1/gallery", json={"items": []}, headers=h), 422)
     assert_error(c.post("/v1/embed", json={"images": []}, headers=h), 422)
-    r = c.post("/v1/gallery", headers=h, json={"items": [
-        {"subject": "s", "embedding": unit(1), "item_id": "dup"},
-        {"subject": "s", "embedding": unit(2), "item_id": "dup"}]})
+    r = c.post(
+        "/v1/gallery",
+        headers=h,
+        json={
+            "items": [
+                {"subject": "s", "embedding": unit(1), "item_id": "dup"},
+                {"subject": "s", "embedding": unit(2), "item_id": "dup"},
+            ]
+        },
+    )
     assert assert_error(r, 409, "duplicate_item_id")["detail"] == {"item_ids": ["dup"]}
-    for item in ({"subject": "", "embedding": unit(1)},
-                 {"subject": "a/b", "embedding": unit(1)},
-                 {"subject": "s", "embedding": unit(1), "item_id": "x/y"},
-                 {"subject": "s", "embedding": unit(1), "item_id": "tab\there"},
-                 {"subject": "s" * 257, "embedding": unit(1)},
-                 {"subject": "s", "embedding": unit(1), "metadata": {"x": "y" * 20_000}},
-                 {"subject": "s", "embedding": unit(1), "metadata": [1, 2]},
-                 {"subject": "s", "embedding": unit(1), "extra": 1}):
+    for item in (
+        {"subject": "", "embedding": unit(1)},
+        {"subject": "a/b", "embedding": unit(1)},
+        {"subject": "s", "embedding": unit(1), "item_id": "x/y"},
+        {"subject": "s", "embedding": unit(1), "item_id": "tab\there"},
+        {"subject": "s" * 257, "embedding": unit(1)},
+        {"subject": "s", "embedding": unit(1), "metadata": {"x": "y" * 20_000}},
+        {"subject": "s", "embedding": unit(1), "metadata": [1, 2]},
+        {"subject": "s", "embedding": unit(1), "extra": 1},
+    ):
         assert_error(c.post("/v1/gallery", json={"items": [item]}, headers=h), 422)
-    for params in ({"limit": 0}, {"limit": 100_000}, {"limit": "x"}, {"cursor": "abc"},
-                   {"cursor": "-5"}, {"cursor": "9" * 40}):
+    for params in (
+        {"limit": 0},
+        {"limit": 100_000},
+        {"limit": "x"},
+        {"cursor": "abc"},
+        {"cursor": "-5"},
+        {"cursor": "9" * 40},
+    ):
         assert_error(c.get("/v1/gallery", params=params, headers=h), 422)
     assert_error(c.get("/v1/gallery/nope", headers=h), 404, "not_found")
     assert_error(c.delete("/v1/subjects/nobody", headers=h), 404, "not_found")
@@ -204,8 +256,11 @@ def test_oversize_bodies_are_413(api: Api, tenant: Tenant) -> None:
 
     r = c.post("/v1/embed", content=chunks(), headers=h | {"content-type": "application/json"})
     assert_error(r, 413, "payload_too_large")
-    r = c.post("/v1/match/upload", headers=h,
-               files={"file": ("big.png", b"\x89PNG" + b"\x00" * (limit + 1), "image/png")})
+    r = c.post(
+        "/v1/match/upload",
+        headers=h,
+        files={"file": ("big.png", b"\x89PNG" + b"\x00" * (limit + 1), "image/png")},
+    )
     assert_error(r, 413, "payload_too_large")
     # the limit applies before authentication: nobody gets to make the server buffer it
     assert_error(c.post("/v1/gallery", json=big), 413)
@@ -228,7 +283,8 @@ def test_body_limit_counts_bytes_when_content_length_lies() -> None:
 
     mw = BodySizeLimitMiddleware(app, max_body_bytes=1000)
     chunks = [{"type": "http.request", "body": b"x" * 400, "more_body": True}] * 5 + [
-        {"type": "http.request", "body": b"", "more_body": False}]
+        {"type": "http.request", "body": b"", "more_body": False}
+    ]
     sent: list[dict] = []
 
     async def receive():
@@ -237,8 +293,7 @@ def test_body_limit_counts_bytes_when_content_length_lies() -> None:
     async def send(msg):
         sent.append(msg)
 
-    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length",
-                                                                         b"10")]}
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"10")]}
     asyncio.run(mw(scope, receive, send))
     assert sent[0]["status"] == 413
     assert json.loads(sent[1]["body"])["code"] == "payload_too_large"
@@ -260,8 +315,11 @@ def test_base64_of_rgba_and_palette_images(api: Api, tenant: Tenant) -> None:
         img = Image.new(mode, (9, 7))
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        r = api.client.post("/v1/embed", json={"images": [base64.b64encode(buf.getvalue())
-                                                          .decode()]}, headers=tenant.auth)
+        r = api.client.post(
+            "/v1/embed",
+            json={"images": [base64.b64encode(buf.getvalue()).decode()]},
+            headers=tenant.auth,
+        )
         assert r.status_code == 200, (mode, r.text)
 
 
@@ -280,13 +338,15 @@ def test_unusual_modes_and_formats_decode(api: Api, tenant: Tenant) -> None:
         "cmyk jpeg": _encoded(grey.convert("CMYK"), "JPEG"),
         "int32 tiff": _encoded(grey.convert("I"), "TIFF"),
         "float tiff": _encoded(grey.convert("F"), "TIFF"),
-        "16-bit png": _encoded(Image.fromarray(
-            rng.integers(0, 65535, (12, 10)).astype(np.uint16)), "PNG"),
+        "16-bit png": _encoded(
+            Image.fromarray(rng.integers(0, 65535, (12, 10)).astype(np.uint16)), "PNG"
+        ),
         "1-bit bmp": _encoded(grey.convert("1"), "BMP"),
         "palette+transparency png": _encoded(grey.convert("P"), "PNG", transparency=0),
         "rgba webp": _encoded(grey.convert("RGBA"), "WEBP"),
-        "2-frame gif": _encoded(grey.convert("P"), "GIF", save_all=True,
-                                append_images=[grey.convert("P").rotate(90)]),
+        "2-frame gif": _encoded(
+            grey.convert("P"), "GIF", save_all=True, append_images=[grey.convert("P").rotate(90)]
+        ),
     }
     for name, data in cases.items():
         r = api.client.post("/v1/embed", json={"images": [data]}, headers=tenant.auth)
@@ -295,8 +355,11 @@ def test_unusual_modes_and_formats_decode(api: Api, tenant: Tenant) -> None:
         assert vec.shape == (DIM,) and abs(np.linalg.norm(vec) - 1) < 1e-5, name
     # the same pixels give the same vector whatever the container: CMYK is converted, not
     # misread as four grey channels
-    r = api.client.post("/v1/embed", headers=tenant.auth, json={"images": [
-        _encoded(grey, "PNG"), _encoded(grey, "TIFF"), _encoded(grey, "BMP")]})
+    r = api.client.post(
+        "/v1/embed",
+        headers=tenant.auth,
+        json={"images": [_encoded(grey, "PNG"), _encoded(grey, "TIFF"), _encoded(grey, "BMP")]},
+    )
     a, b, c = (np.asarray(v) for v in r.json()["embeddings"])
     assert np.allclose(a, b, atol=1e-6) and np.allclose(a, c, atol=1e-6)
 
@@ -308,8 +371,7 @@ def test_truncated_images_in_every_format(api: Api, tenant: Tenant) -> None:
         grey.save(buf, format=fmt)
         data = buf.getvalue()
         for cut in (8, len(data) // 3, len(data) - 5):
-            r = api.client.post("/v1/match", json={"image": b64(data[:cut])},
-                                headers=tenant.auth)
+            r = api.client.post("/v1/match", json={"image": b64(data[:cut])}, headers=tenant.auth)
             # some decoders pad a truncated tail; what must never happen is a 5xx
             assert r.status_code in (200, 422), (fmt, cut, r.text)
             if r.status_code == 422:
@@ -323,12 +385,15 @@ def _png_of_zeros(side: int) -> bytes:
     idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_real_decompression_bomb(api: Api, tenant: Tenant) -> None:
@@ -337,8 +402,11 @@ def test_real_decompression_bomb(api: Api, tenant: Tenant) -> None:
     for side in (5_000, 10_000):
         png = _png_of_zeros(side)
         assert len(png) < 200_000
-        err = assert_error(api.client.post("/v1/match", json={"image": b64(png)},
-                                           headers=tenant.auth), 422, "image_too_large")
+        err = assert_error(
+            api.client.post("/v1/match", json={"image": b64(png)}, headers=tenant.auth),
+            422,
+            "image_too_large",
+        )
         assert err["detail"]["max_pixels"] == api.settings.max_image_pixels
         if side == 5_000:
             assert err["detail"]["width"] == err["detail"]["height"] == side
@@ -346,16 +414,19 @@ def test_real_decompression_bomb(api: Api, tenant: Tenant) -> None:
 
 def test_hostile_embeddings(api: Api, enrolled: Tenant) -> None:
     c, h = api.client, enrolled.auth
-    ok = [[1e308] * DIM,  # the naive norm overflows to inf
-          [5e-324] + [0.0] * (DIM - 1),  # one denormal: still a direction
-          [-1e-300] * DIM]
+    ok = [
+        [1e308] * DIM,  # the naive norm overflows to inf
+        [5e-324] + [0.0] * (DIM - 1),  # one denormal: still a direction
+        [-1e-300] * DIM,
+    ]
     for v in ok:
         r = c.post("/v1/match", json={"embedding": v}, headers=h)
         assert r.status_code == 200, r.text
         assert all(np.isfinite(x["score"]) for x in r.json()["candidates"])
     for v in ([-0.0] * DIM, [0] * DIM):
-        assert_error(c.post("/v1/match", json={"embedding": v}, headers=h), 422,
-                     "invalid_embedding")
+        assert_error(
+            c.post("/v1/match", json={"embedding": v}, headers=h), 422, "invalid_embedding"
+        )
     # 1e400 parses to inf; a 5000-digit integer is beyond Python's int-from-text limit
     for token in ("1e400", "-1e400", "9" * 5000):
         raw = '{"embedding": [' + ", ".join([token] + ["0.1"] * (DIM - 1)) + "]}"
@@ -367,35 +438,63 @@ def test_hostile_embeddings(api: Api, enrolled: Tenant) -> None:
 def test_deep_nesting_and_huge_arrays(api: Api, tenant: Tenant) -> None:
     c, h = api.client, tenant.auth | {"content-type": "application/json"}
     for depth in (1_000, 100_000):  # beyond the JSON parser's recursion limit
-        for raw in ('{"embedding": ' + "[" * depth + "]" * depth + "}",
-                    '{"items": [{"subject": "s", "embedding": [1], "metadata": '
-                    + '{"a":' * depth + "1" + "}" * depth + "}]}"):
+        for raw in (
+            '{"embedding": ' + "[" * depth + "]" * depth + "}",
+            '{"items": [{"subject": "s", "embedding": [1], "metadata": '
+            + '{"a":' * depth
+            + "1"
+            + "}" * depth
+            + "}]}",
+        ):
             path = "/v1/match" if raw.startswith('{"embedding"') else "/v1/gallery"
             assert_error(c.post(path, content=raw, headers=h), 400)
     # metadata that parses but nests deeper than responses can serialise is refused at
     # enrolment (it used to be stored, then every read of it and its tenant's list was a 500)
     for depth in (33, 300):
         meta = json.loads('{"a":' * depth + "1" + "}" * depth)
-        r = c.post("/v1/gallery", headers=tenant.auth, json={"items": [
-            {"subject": "deep", "embedding": unit(depth), "metadata": meta}]})
+        r = c.post(
+            "/v1/gallery",
+            headers=tenant.auth,
+            json={"items": [{"subject": "deep", "embedding": unit(depth), "metadata": meta}]},
+        )
         err = assert_error(r, 422, "invalid_input")
         assert "nests" in json.dumps(err["detail"])
     meta = json.loads('{"a":' * 32 + "1" + "}" * 32)
-    r = c.post("/v1/gallery", headers=tenant.auth, json={"items": [
-        {"subject": "deep", "embedding": unit(1), "metadata": meta, "item_id": "deep32"}]})
+    r = c.post(
+        "/v1/gallery",
+        headers=tenant.auth,
+        json={
+            "items": [
+                {"subject": "deep", "embedding": unit(1), "metadata": meta, "item_id": "deep32"}
+            ]
+        },
+    )
     assert r.status_code == 201, r.text
     assert c.get("/v1/gallery/deep32", headers=tenant.auth).json()["metadata"] == meta
     assert c.get("/v1/gallery", headers=tenant.auth).status_code == 200
-    r = c.post("/v1/gallery/upload", headers=tenant.auth, data={
-        "subject": "deep", "metadata": '{"a":' * 40 + "1" + "}" * 40},
-        files={"file": ("a.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png")})
+    r = c.post(
+        "/v1/gallery/upload",
+        headers=tenant.auth,
+        data={"subject": "deep", "metadata": '{"a":' * 40 + "1" + "}" * 40},
+        files={"file": ("a.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png")},
+    )
     assert_error(r, 422, "invalid_input")
     # huge arrays: a 400k-element embedding, ten thousand tiny images, wide metadata
     big = '{"embedding": [' + ",".join(["0.1"] * 400_000) + "]}"
     assert len(big) < api.settings.max_body_bytes
     assert_error(c.post("/v1/match", content=big, headers=h), 422)
-    assert_error(c.post("/v1/embed", json={"images": ["QQ=="] * 10_000},
-                        headers=tenant.auth), 422, "too_many_items")
+    assert_error(
+        c.post("/v1/embed", json={"images": ["QQ=="] * 10_000}, headers=tenant.auth),
+        422,
+        "too_many_items",
+    )
     wide = {str(i): i for i in range(5_000)}
-    assert_error(c.post("/v1/gallery", headers=tenant.auth, json={"items": [
-        {"subject": "s", "embedding": unit(1), "metadata": wide}]}), 422, "invalid_input")
+    assert_error(
+        c.post(
+            "/v1/gallery",
+            headers=tenant.auth,
+            json={"items": [{"subject": "s", "embedding": unit(1), "metadata": wide}]},
+        ),
+        422,
+        "invalid_input",
+    )

@@ -57,8 +57,9 @@ def _operations() -> list[tuple[str, str, bool]]:
     """(method, path, negatable) for every published operation; the schema does not depend on
     the settings, so a never-started app describes the live one. Negative data needs a body or
     a query parameter: a free-form string path parameter has no invalid value."""
-    spec = create_app(Settings(artefact_path=Path("unused"),
-                               store_url="sqlite:///unused.db")).openapi()
+    spec = create_app(
+        Settings(artefact_path=Path("unused"), store_url="sqlite:///unused.db")
+    ).openapi()
     out = []
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
@@ -68,15 +69,30 @@ def _operations() -> list[tuple[str, str, bool]]:
 
 
 OPERATIONS = _operations()
-CASES = [pytest.param(m, p, mode, id=f"{m} {p} {mode}") for m, p, negatable in OPERATIONS
-         for mode in ("positive", "negative") if mode == "positive" or negatable]
+CASES = [
+    pytest.param(m, p, mode, id=f"{m} {p} {mode}")
+    for m, p, negatable in OPERATIONS
+    for mode in ("positive", "negative")
+    if mode == "positive" or negatable
+]
 
 
 SUBJECTS = ["s0", "s1", "s2", "img"]
 ITEMS = [f"item{i}" for i in range(6)] + ["img0"]
-DEEP = {("POST", p) for p in ("/v1/gallery", "/v1/gallery/upload", "/v1/match",
-                              "/v1/match/upload", "/v1/verify", "/v1/verify/upload",
-                              "/v1/embed", "/v1/embed/upload", "/v1/feedback")}
+DEEP = {
+    ("POST", p)
+    for p in (
+        "/v1/gallery",
+        "/v1/gallery/upload",
+        "/v1/match",
+        "/v1/match/upload",
+        "/v1/verify",
+        "/v1/verify/upload",
+        "/v1/embed",
+        "/v1/embed/upload",
+        "/v1/feedback",
+    )
+}
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16", "F"]
 FORMATS = ["PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"]
 
@@ -97,7 +113,7 @@ def image_bytes(draw: st.DrawFn) -> bytes:
         img.convert("RGB").save(buf, format="PNG")
     data = buf.getvalue()
     if draw(st.integers(0, 4)) == 0:
-        data = data[:draw(st.integers(1, len(data)))]
+        data = data[: draw(st.integers(1, len(data)))]
     return data
 
 
@@ -105,19 +121,20 @@ def vectors() -> st.SearchStrategy[list[float]]:
     return st.one_of(
         st.integers(0, 10**6).map(unit),
         st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=DIM, max_size=DIM),
-        st.lists(st.sampled_from([0.0, -0.0, 5e-324, -1e308, 1e308]), min_size=DIM,
-                 max_size=DIM))
+        st.lists(st.sampled_from([0.0, -0.0, 5e-324, -1e308, 1e308]), min_size=DIM, max_size=DIM),
+    )
 
 
 def _source(draw: st.DrawFn, value: Any, choices: tuple[str, ...]) -> dict[str, Any]:
     """Keeps the generated fields, with exactly one of ``choices`` and a plausible value."""
-    out = {k: v for k, v in (value if isinstance(value, dict) else {}).items()
-           if k not in choices}
+    out = {k: v for k, v in (value if isinstance(value, dict) else {}).items() if k not in choices}
     which = draw(st.sampled_from(choices))
-    out[which] = {"embedding": lambda: draw(vectors()),
-                  "image": lambda: b64(draw(image_bytes())),
-                  "item_id": lambda: draw(st.sampled_from(ITEMS)),
-                  "subject": lambda: draw(st.sampled_from(SUBJECTS))}[which]()
+    out[which] = {
+        "embedding": lambda: draw(vectors()),
+        "image": lambda: b64(draw(image_bytes())),
+        "item_id": lambda: draw(st.sampled_from(ITEMS)),
+        "subject": lambda: draw(st.sampled_from(SUBJECTS)),
+    }[which]()
     return out
 
 
@@ -131,18 +148,27 @@ def repair(draw: st.DrawFn, path: str, body: Any, match_id: str) -> Any:
         body = _source(draw, body, ("embedding", "image"))
     elif path == "/v1/gallery":
         items = [i for i in body.get("items", []) if isinstance(i, dict)][:4] or [{}]
-        body["items"] = [_source(draw, i, ("embedding", "image"))
-                         | {"subject": draw(st.sampled_from(SUBJECTS))} for i in items]
+        body["items"] = [
+            _source(draw, i, ("embedding", "image")) | {"subject": draw(st.sampled_from(SUBJECTS))}
+            for i in items
+        ]
     elif path == "/v1/verify":
         for side in ("a", "b"):
-            body[side] = _source(draw, body.get(side), ("embedding", "image", "item_id",
-                                                         "subject"))
+            body[side] = _source(draw, body.get(side), ("embedding", "image", "item_id", "subject"))
     elif path == "/v1/embed":
         body["images"] = [b64(draw(image_bytes())) for _ in range(draw(st.integers(1, 4)))]
     elif path == "/v1/feedback":
-        body = {"match_id": match_id} | draw(st.sampled_from(
-            [{"correct": True}, {"correct": False}, {"true_subject": None},
-             {"true_subject": "s0"}, {"true_subject": "nobody"}]))
+        body = {"match_id": match_id} | draw(
+            st.sampled_from(
+                [
+                    {"correct": True},
+                    {"correct": False},
+                    {"true_subject": None},
+                    {"true_subject": "s0"},
+                    {"true_subject": "nobody"},
+                ]
+            )
+        )
     else:  # the multipart uploads: every file part a real (or truncated) image
         for part in ("file", "a", "b"):
             if part in body:
@@ -175,13 +201,15 @@ def seeded(artefact: Path, digits: Digits, tmp_path_factory: pytest.TempPathFact
     store = {"store_url": f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'tcm.db'}"}
     settings = make_settings(artefact, store, monitor_interval_s=3600.0, monitor_min_pairs=2)
     with TestClient(create_app(settings)) as client:
-        r = client.post("/v1/tenants", json={"name": "fuzz"},
-                        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        r = client.post(
+            "/v1/tenants", json={"name": "fuzz"}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
         assert r.status_code == 201, r.text
         created = r.json()
         auth = {"Authorization": f"Bearer {created['api_key']}"}
-        items = [{"subject": f"s{i % 3}", "embedding": unit(i), "item_id": f"item{i}"}
-                 for i in range(6)]
+        items = [
+            {"subject": f"s{i % 3}", "embedding": unit(i), "item_id": f"item{i}"} for i in range(6)
+        ]
         items.append({"subject": "img", "image": b64_png(digits.images[0]), "item_id": "img0"})
         assert client.post("/v1/gallery", json={"items": items}, headers=auth).status_code == 201
         r = client.post("/v1/match", json={"embedding": unit(1)}, headers=auth)
@@ -219,17 +247,27 @@ def test_fuzz_operation(live: Live, method: str, path: str, mode: str) -> None:
     strategy = operation.as_strategy(GenerationMode(mode))
     if method == "GET" and "{" in path:  # half the time, name something that exists
         known = {"item_id": "item1", "tenant_id": live.seeded.tenant_id}
-        strategy = st.one_of(strategy, operation.as_strategy(
-            GenerationMode(mode), path_parameters={k: v for k, v in known.items()
-                                                   if "{" + k + "}" in path}))
+        strategy = st.one_of(
+            strategy,
+            operation.as_strategy(
+                GenerationMode(mode),
+                path_parameters={k: v for k, v in known.items() if "{" + k + "}" in path},
+            ),
+        )
 
-    @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-              phases=[Phase.explicit, Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=strategy, data=st.data())
     def run(case: schemathesis.Case, data: st.DataObject) -> None:
-        repaired = (mode == "positive" and (method, path) in DEEP
-                    and data.draw(st.integers(0, 3)) > 0)
+        repaired = (
+            mode == "positive" and (method, path) in DEEP and data.draw(st.integers(0, 3)) > 0
+        )
         if repaired:
             case.body = repair(data.draw, path, case.body, live.seeded.match_id)
         if method == "DELETE" and path == "/v1/tenants/{tenant_id}":
@@ -242,8 +280,11 @@ def test_fuzz_operation(live: Live, method: str, path: str, mode: str) -> None:
         assert response.status_code < 500, (case.as_curl_command(), response.text[:500])
         # a repaired body is valid by construction, though file parts are now bytes where the
         # schema says string, which schemathesis would take for negative data
-        case.validate_response(response, headers=headers, excluded_checks=NOT_CHECKED + (
-            [negative_data_rejection] if repaired else []))
+        case.validate_response(
+            response,
+            headers=headers,
+            excluded_checks=NOT_CHECKED + ([negative_data_rejection] if repaired else []),
+        )
 
     run()
     assert seen, "no request was made"

@@ -195,8 +195,12 @@ def test_every_operation_documents_the_request_id_400(api: Api) -> None:
     """Every route validates X-Request-ID, so every operation's contract lists 400 (a route
     added without it, e.g. POST /v1/monitor/reference once, fails schemathesis' ST103)."""
     doc = api.client.get("/openapi.json").json()
-    missing = [f"{method.upper()} {path}" for path, ops in doc["paths"].items()
-               for method, op in ops.items() if "400" not in op.get("responses", {})]
+    missing = [
+        f"{method.upper()} {path}"
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+        if "400" not in op.get("responses", {})
+    ]
     assert missing == []
 
 

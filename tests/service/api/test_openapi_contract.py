@@ -35,10 +35,15 @@ def serve(artefact: Path, tmp: Path) -> Iterator[tuple[str, str]]:
     tenant's key). The tenant and admin runs get one each: the admin run's stateful phase
     deletes tenants it finds, which must not be the one the tenant run uses."""
     tmp.mkdir(parents=True, exist_ok=True)
-    limits = {"TCM_MAX_BATCH_ITEMS": "8", "TCM_MAX_K": "10", "TCM_MONITOR_INTERVAL_S": "2",
-              "TCM_MONITOR_MIN_PAIRS": "2"}
-    with soak.serve(artefact, f"sqlite:///{tmp / 'tcm.db'}", tmp, admin_token=ADMIN_TOKEN,
-                    extra_env=limits) as server:
+    limits = {
+        "TCM_MAX_BATCH_ITEMS": "8",
+        "TCM_MAX_K": "10",
+        "TCM_MONITOR_INTERVAL_S": "2",
+        "TCM_MONITOR_MIN_PAIRS": "2",
+    }
+    with soak.serve(
+        artefact, f"sqlite:///{tmp / 'tcm.db'}", tmp, admin_token=ADMIN_TOKEN, extra_env=limits
+    ) as server:
         base = server.base
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         created = httpx.post(f"{base}/v1/tenants", json={"name": "contract"}, headers=admin).json()

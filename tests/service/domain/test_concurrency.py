@@ -24,19 +24,23 @@ CLIENTS = 16
 @pytest.fixture(params=STORES)
 def client(request: pytest.FixtureRequest, artefact: Path, store_settings) -> Iterator[TestClient]:
     # a generous wait so that concurrent requests reliably meet in one batch on a slow CI box
-    settings = make_settings(artefact, store_settings(request.param), embed_max_wait_ms=25.0,
-                             embed_max_batch=64)
+    settings = make_settings(
+        artefact, store_settings(request.param), embed_max_wait_ms=25.0, embed_max_batch=64
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
 
 def batch_histogram(text: str) -> dict[str, float]:
-    return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r'tcm_embed_batch_images_bucket\{le="([^"]+)"\} (\S+)', text)}
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'tcm_embed_batch_images_bucket\{le="([^"]+)"\} (\S+)', text)
+    }
 
 
-def test_concurrent_clients_get_their_own_answers(client: TestClient, digits: Digits,
-                                                  artefact: Path) -> None:
+def test_concurrent_clients_get_their_own_answers(
+    client: TestClient, digits: Digits, artefact: Path
+) -> None:
     c = client
     model, manifest = load_artefact(artefact)
     images = [digits.images[i] for i in range(CLIENTS * 2)]
@@ -50,15 +54,18 @@ def test_concurrent_clients_get_their_own_answers(client: TestClient, digits: Di
         tenants.append({"Authorization": f"Bearer {r['api_key']}"})
 
     def enrol(i: int) -> list[str]:
-        items = [{"subject": f"client{i}", "image": b64_png(images[i]), "item_id": f"own-{i}"},
-                 {"subject": f"client{i}-vec", "embedding": unit(i), "item_id": f"vec-{i}"}]
+        items = [
+            {"subject": f"client{i}", "image": b64_png(images[i]), "item_id": f"own-{i}"},
+            {"subject": f"client{i}-vec", "embedding": unit(i), "item_id": f"vec-{i}"},
+        ]
         r = c.post("/v1/gallery", json={"items": items}, headers=tenants[i])
         assert r.status_code == 201, r.text
         return r.json()["item_ids"]
 
     with ThreadPoolExecutor(CLIENTS) as pool:
-        assert list(pool.map(enrol, range(CLIENTS))) == [[f"own-{i}", f"vec-{i}"]
-                                                          for i in range(CLIENTS)]
+        assert list(pool.map(enrol, range(CLIENTS))) == [
+            [f"own-{i}", f"vec-{i}"] for i in range(CLIENTS)
+        ]
 
     start = threading.Barrier(CLIENTS)  # everyone at once, so that requests meet in the batcher
 
@@ -66,22 +73,25 @@ def test_concurrent_clients_get_their_own_answers(client: TestClient, digits: Di
         auth = tenants[i]
         start.wait(timeout=30)
         for _ in range(3):
-            e = c.post("/v1/embed", json={"images": [b64_png(images[i]),
-                                                     b64_png(images[CLIENTS + i])]},
-                       headers=auth)
+            e = c.post(
+                "/v1/embed",
+                json={"images": [b64_png(images[i]), b64_png(images[CLIENTS + i])]},
+                headers=auth,
+            )
             assert e.status_code == 200, e.text
             np.testing.assert_allclose(e.json()["embeddings"], ref[[i, CLIENTS + i]], atol=1e-5)
-            m = c.post("/v1/match", json={"image": b64_png(images[i]), "k": 5},
-                       headers=auth).json()
+            m = c.post("/v1/match", json={"image": b64_png(images[i]), "k": 5}, headers=auth).json()
             assert next(x["item_id"] for x in m["candidates"]) == f"own-{i}"
             assert {x["subject"] for x in m["candidates"]} <= {f"client{i}", f"client{i}-vec"}
             assert m["decision"]["subject"] == f"client{i}"
             v = c.post("/v1/match", json={"embedding": unit(i), "k": 5}, headers=auth).json()
             assert v["decision"]["subject"] == f"client{i}-vec"
-            ver = c.post("/v1/verify", json={"a": {"image": b64_png(images[CLIENTS + i])},
-                                             "b": {"item_id": f"own-{i}"}}, headers=auth)
-            assert ver.json()["score"] == pytest.approx(float(ref[CLIENTS + i] @ ref[i]),
-                                                        abs=1e-5)
+            ver = c.post(
+                "/v1/verify",
+                json={"a": {"image": b64_png(images[CLIENTS + i])}, "b": {"item_id": f"own-{i}"}},
+                headers=auth,
+            )
+            assert ver.json()["score"] == pytest.approx(float(ref[CLIENTS + i] @ ref[i]), abs=1e-5)
 
     with ThreadPoolExecutor(CLIENTS) as pool:
         list(pool.map(work, range(CLIENTS)))
@@ -95,8 +105,9 @@ def test_concurrent_clients_get_their_own_answers(client: TestClient, digits: Di
     assert all(n == 2 for n in sizes.values()) and len(sizes) == CLIENTS
 
 
-def test_large_requests_are_split_into_batches(client: TestClient, digits: Digits,
-                                               artefact: Path) -> None:
+def test_large_requests_are_split_into_batches(
+    client: TestClient, digits: Digits, artefact: Path
+) -> None:
     c = client
     r = c.post("/v1/tenants", json={"name": "big"}, headers=ADMIN).json()
     auth = {"Authorization": f"Bearer {r['api_key']}"}

@@ -40,8 +40,7 @@ def _enrol(api: Api, tenant: ApiTenant, body: dict, key: str | None) -> httpx.Re
     return api.client.post("/v1/gallery", json=body, headers=headers)
 
 
-def test_a_resend_gets_the_first_answer_and_writes_nothing(api: Api, tenant: ApiTenant
-                                                           ) -> None:
+def test_a_resend_gets_the_first_answer_and_writes_nothing(api: Api, tenant: ApiTenant) -> None:
     body = {"items": [{"subject": "s", "embedding": unit(i)} for i in range(3)]}  # server ids
     first = _enrol(api, tenant, body, "key-1")
     assert first.status_code == 201 and "Idempotent-Replayed" not in first.headers
@@ -56,15 +55,21 @@ def test_a_resend_gets_the_first_answer_and_writes_nothing(api: Api, tenant: Api
 
 
 def test_the_same_key_with_another_request_is_refused(api: Api, tenant: ApiTenant) -> None:
-    assert _enrol(api, tenant, {"items": [{"subject": "s", "embedding": unit(1)}]},
-                  "key-2").status_code == 201
+    assert (
+        _enrol(
+            api, tenant, {"items": [{"subject": "s", "embedding": unit(1)}]}, "key-2"
+        ).status_code
+        == 201
+    )
     r = _enrol(api, tenant, {"items": [{"subject": "s", "embedding": unit(2)}]}, "key-2")
     assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
     assert _count(api, tenant) == 1
     for bad in ("has space", "x" * 129, "a;b"):
-        r = api.client.post("/v1/gallery", json={"items": [{"subject": "s",
-                                                            "embedding": unit(3)}]},
-                            headers={**tenant.auth, "Idempotency-Key": bad})
+        r = api.client.post(
+            "/v1/gallery",
+            json={"items": [{"subject": "s", "embedding": unit(3)}]},
+            headers={**tenant.auth, "Idempotency-Key": bad},
+        )
         assert r.status_code == 422, (bad, r.text)
     assert _count(api, tenant) == 1
 
@@ -101,9 +106,11 @@ def test_concurrent_sends_of_one_request_store_it_once(api: Api, tenant: ApiTena
 def test_upload_resend_is_replayed(api: Api, tenant: ApiTenant, digits) -> None:
     def upload(subject: str) -> httpx.Response:
         return api.client.post(
-            "/v1/gallery/upload", headers={**tenant.auth, "Idempotency-Key": "up-1"},
+            "/v1/gallery/upload",
+            headers={**tenant.auth, "Idempotency-Key": "up-1"},
             files={"file": ("a.png", png_bytes(digits.images[0]), "image/png")},
-            data={"subject": subject})
+            data={"subject": subject},
+        )
 
     first, again = upload("s"), upload("s")
     assert first.status_code == again.status_code == 201
@@ -118,8 +125,10 @@ def test_redis_lost_reply_then_resend_is_a_replay(private_redis: RedisProcess) -
     """The enrolment's reply is lost after Redis committed it (the TCP proxy holds it back, at
     the byte where the request ends, measured on a clean run of the same bytes): the store says
     503; the resend with the same key writes nothing and returns the recorded answer."""
-    batch = [NewItem(item_id=f"i{i:04d}", subject=f"s{i % 7}",
-                     embedding=np.asarray(unit(i), np.float32)) for i in range(500)]
+    batch = [
+        NewItem(item_id=f"i{i:04d}", subject=f"s{i % 7}", embedding=np.asarray(unit(i), np.float32))
+        for i in range(500)
+    ]
 
     def record(key: str) -> Idempotent:
         return Idempotent(key, "fp", '["ids"]', time.time() + 3600)
@@ -128,12 +137,12 @@ def test_redis_lost_reply_then_resend_is_a_replay(private_redis: RedisProcess) -
         direct = RedisStore(private_redis.url, prefix=prefix)
         direct.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
         with FaultProxy(("127.0.0.1", private_redis.port), record=True) as proxy:
-            store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix,
-                               timeout_s=5.0)
+            store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", prefix=prefix, timeout_s=5.0)
             proxy.arm(cut)
             try:
-                store.add_items("t", batch, model_version="v", created_at=1.0,
-                                idempotency=record(key))
+                store.add_items(
+                    "t", batch, model_version="v", created_at=1.0, idempotency=record(key)
+                )
             finally:
                 store.close()
             proxy.wait_closed()
@@ -157,8 +166,9 @@ def test_redis_lost_reply_then_resend_is_a_replay(private_redis: RedisProcess) -
     try:
         assert direct.count_items("t") == 500  # committed, once
         with pytest.raises(IdempotentReplay) as replay:
-            direct.add_items("t", batch, model_version="v", created_at=2.0,
-                             idempotency=record("q" * 32))
+            direct.add_items(
+                "t", batch, model_version="v", created_at=2.0, idempotency=record("q" * 32)
+            )
         assert replay.value.record.result == '["ids"]'
         assert direct.count_items("t") == 500
         assert direct.get_idempotent("t", "q" * 32, now=time.time()) is not None
@@ -187,11 +197,16 @@ class LoseFirstEnrolReply(httpx.BaseTransport):
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def test_client_retries_a_lost_enrolment_answer_without_duplicates(
-        kind: str, artefact: Path, store_settings) -> None:
+    kind: str, artefact: Path, store_settings
+) -> None:
     with TestClient(create_app(make_settings(artefact, store_settings(kind)))) as tc:
-        key = tc.post("/v1/tenants", json={"name": "t"},
-                      headers={"Authorization": "Bearer " + tc.app.state.settings.admin_token
-                               .get_secret_value()}).json()["api_key"]
+        key = tc.post(
+            "/v1/tenants",
+            json={"name": "t"},
+            headers={
+                "Authorization": "Bearer " + tc.app.state.settings.admin_token.get_secret_value()
+            },
+        ).json()["api_key"]
         transport = LoseFirstEnrolReply(tc._transport)  # type: ignore[attr-defined]
         with Client("http://testserver", key, transport=transport, sleep=lambda _: None) as c:
             ids = c.enrol([{"subject": "s", "embedding": unit(i)} for i in range(5)])

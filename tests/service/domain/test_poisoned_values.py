@@ -58,58 +58,77 @@ def _gone(api: Api, tenant: Tenant, item_id: str) -> bool:
 
 def test_huge_integer_in_metadata_is_a_422_naming_the_field(api: Api, tenant: Tenant) -> None:
     for metadata, path in [({"n": HUGE}, "metadata.n"), ({"a": [{"b": -HUGE}]}, "metadata.a[0].b")]:
-        r = api.client.post("/v1/gallery", headers=tenant.auth, json={"items": [
-            {"item_id": "ok", "subject": "s", "embedding": unit(1)},
-            {"item_id": "bad", "subject": "s", "embedding": unit(2), "metadata": metadata}]})
+        r = api.client.post(
+            "/v1/gallery",
+            headers=tenant.auth,
+            json={
+                "items": [
+                    {"item_id": "ok", "subject": "s", "embedding": unit(1)},
+                    {"item_id": "bad", "subject": "s", "embedding": unit(2), "metadata": metadata},
+                ]
+            },
+        )
         assert r.status_code == 422, r.text
         assert path in r.text and "float64" in r.text
         assert r.json()["detail"][0]["loc"] == ["body", "items", 1, "metadata"]
         assert _gone(api, tenant, "ok") and _gone(api, tenant, "bad")  # all or nothing
-        r = api.client.put("/v1/gallery/bad", headers=tenant.auth,
-                           json={"subject": "s", "embedding": unit(2), "metadata": metadata})
+        r = api.client.put(
+            "/v1/gallery/bad",
+            headers=tenant.auth,
+            json={"subject": "s", "embedding": unit(2), "metadata": metadata},
+        )
         assert r.status_code == 422 and path in r.text, r.text
         assert _gone(api, tenant, "bad")
 
 
 def test_too_many_top_level_keys_is_a_422(api: Api, tenant: Tenant) -> None:
     metadata = {f"k{i}": i for i in range(MAX_METADATA_KEYS + 1)}
-    r = api.client.put("/v1/gallery/wide", headers=tenant.auth,
-                       json={"subject": "s", "embedding": unit(3), "metadata": metadata})
+    r = api.client.put(
+        "/v1/gallery/wide",
+        headers=tenant.auth,
+        json={"subject": "s", "embedding": unit(3), "metadata": metadata},
+    )
     assert r.status_code == 422 and f"the limit is {MAX_METADATA_KEYS}" in r.text, r.text
     assert _gone(api, tenant, "wide")
 
 
-def test_upload_form_metadata_obeys_the_same_domain(api: Api, tenant: Tenant,
-                                                    digits: Any) -> None:
+def test_upload_form_metadata_obeys_the_same_domain(api: Api, tenant: Tenant, digits: Any) -> None:
     from tests.service.conftest import png_bytes
 
     for text in ['{"n": 1' + "0" * 400 + "}", '{"n": 1e400}']:
-        r = api.client.post("/v1/gallery/upload", headers=tenant.auth,
-                            files={"file": ("a.png", png_bytes(digits.images[0]), "image/png")},
-                            data={"subject": "s", "item_id": "up", "metadata": text})
+        r = api.client.post(
+            "/v1/gallery/upload",
+            headers=tenant.auth,
+            files={"file": ("a.png", png_bytes(digits.images[0]), "image/png")},
+            data={"subject": "s", "item_id": "up", "metadata": text},
+        )
         assert r.status_code == 422, r.text
         assert "metadata" in r.text
         assert _gone(api, tenant, "up")
 
 
 def test_filter_with_a_huge_integer_is_a_422_not_a_500(api: Api, tenant: Tenant) -> None:
-    api.enrol(tenant, [{"item_id": "f", "subject": "s", "embedding": unit(4),
-                        "metadata": {"n": 1}}])
-    for path, body in [("/v1/match", {"embedding": unit(4), "filter": {"n": HUGE}}),
-                       ("/v1/verify", {"a": {"embedding": unit(4)}, "b": {"item_id": "f"},
-                                       "filter": {"n": HUGE}})]:
+    api.enrol(
+        tenant, [{"item_id": "f", "subject": "s", "embedding": unit(4), "metadata": {"n": 1}}]
+    )
+    for path, body in [
+        ("/v1/match", {"embedding": unit(4), "filter": {"n": HUGE}}),
+        ("/v1/verify", {"a": {"embedding": unit(4)}, "b": {"item_id": "f"}, "filter": {"n": HUGE}}),
+    ]:
         r = api.client.post(path, headers=tenant.auth, json=body)
         assert r.status_code == 422, (path, r.text)
         assert "float64" in r.text
-    r = api.client.post("/v1/match", headers=tenant.auth,
-                        json={"embedding": unit(4), "filter": {"n": 1.0}})
+    r = api.client.post(
+        "/v1/match", headers=tenant.auth, json={"embedding": unit(4), "filter": {"n": 1.0}}
+    )
     assert r.status_code == 200 and r.json()["candidates"][0]["item_id"] == "f"
 
 
 # --- values already stored: start-up and the change feed never stop -----------------------
 @pytest.fixture(params=STORES)
-def settings(request: pytest.FixtureRequest, artefact: Path,
-             store_settings: Callable[[str], dict[str, Any]]) -> Iterator[Settings]:
+def settings(
+    request: pytest.FixtureRequest, artefact: Path, store_settings: Callable[[str], dict[str, Any]]
+) -> Iterator[Settings]:
     yield make_settings(artefact, store_settings(request.param))
 
 
@@ -143,8 +162,9 @@ def test_stored_huge_integer_is_served_after_a_restart(settings: Settings) -> No
         assert client.get("/readyz").status_code == 200
         r = client.post("/v1/match", headers=auth, json={"embedding": unit(7)})
         assert r.status_code == 200 and r.json()["decision"]["subject"] == "s"
-        r = client.post("/v1/match", headers=auth,
-                        json={"embedding": unit(7), "filter": {"k": "v"}})
+        r = client.post(
+            "/v1/match", headers=auth, json={"embedding": unit(7), "filter": {"k": "v"}}
+        )
         assert [c["item_id"] for c in r.json()["candidates"]] == ["old"]
         assert client.get("/v1/gallery/old", headers=auth).status_code == 200
         assert client.delete("/v1/gallery/old", headers=auth).status_code == 204
@@ -155,8 +175,14 @@ def test_an_unindexable_tenant_is_quarantined_and_the_others_serve(settings: Set
     with TestClient(create_app(settings)) as client:
         bad, bad_auth = _new_tenant(client)
         _, good_auth = _new_tenant(client)
-        assert client.post("/v1/gallery", headers=good_auth, json={"items": [
-            {"item_id": "g", "subject": "s", "embedding": unit(8)}]}).status_code == 201
+        assert (
+            client.post(
+                "/v1/gallery",
+                headers=good_auth,
+                json={"items": [{"item_id": "g", "subject": "s", "embedding": unit(8)}]},
+            ).status_code
+            == 201
+        )
     # a stored vector of the wrong length: no index can take it
     _write_behind_the_api(settings, bad, [NewItem("x", "s", np.ones(3, np.float32))])
     with TestClient(create_app(settings)) as client:
@@ -171,17 +197,33 @@ def test_an_unindexable_tenant_is_quarantined_and_the_others_serve(settings: Set
 
 @pytest.mark.redis
 def test_a_poisoned_feed_entry_is_skipped_and_later_entries_still_arrive(
-        artefact: Path, store_settings: Callable[[str], dict[str, Any]]) -> None:
+    artefact: Path, store_settings: Callable[[str], dict[str, Any]]
+) -> None:
     settings = make_settings(artefact, store_settings("redis"))
     with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
         bad, _ = _new_tenant(a)
         _, auth = _new_tenant(a)
-        _write_behind_the_api(settings, bad, [
-            NewItem("x", "s", np.ones(3, np.float32)),
-            NewItem("n", "s", np.asarray(unit(9), np.float32), {"n": HUGE})])
-        r = a.post("/v1/gallery", headers=auth, json={"items": [
-            {"item_id": "later", "subject": "s",
-             "embedding_b64": b64(np.asarray(unit(10), "<f4").tobytes())}]})
+        _write_behind_the_api(
+            settings,
+            bad,
+            [
+                NewItem("x", "s", np.ones(3, np.float32)),
+                NewItem("n", "s", np.asarray(unit(9), np.float32), {"n": HUGE}),
+            ],
+        )
+        r = a.post(
+            "/v1/gallery",
+            headers=auth,
+            json={
+                "items": [
+                    {
+                        "item_id": "later",
+                        "subject": "s",
+                        "embedding_b64": b64(np.asarray(unit(10), "<f4").tobytes()),
+                    }
+                ]
+            },
+        )
         assert r.status_code == 201, r.text
         deadline = time.monotonic() + 15
         while True:

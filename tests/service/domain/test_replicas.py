@@ -36,10 +36,17 @@ def test_replicas_follow_each_others_writes(artefact: Path, store_settings) -> N
             r = client.post("/v1/match", json={"embedding": unit(1), "k": 10}, headers=auth)
             return sorted(x["item_id"] for x in r.json()["candidates"])
 
-        a.post("/v1/gallery", headers=auth, json={"items": [
-            {"subject": "s", "embedding": unit(1), "item_id": "one"},
-            {"subject": "s", "embedding": unit(2), "item_id": "two"},
-            {"subject": "z", "embedding": unit(3), "item_id": "three"}]})
+        a.post(
+            "/v1/gallery",
+            headers=auth,
+            json={
+                "items": [
+                    {"subject": "s", "embedding": unit(1), "item_id": "one"},
+                    {"subject": "s", "embedding": unit(2), "item_id": "two"},
+                    {"subject": "z", "embedding": unit(3), "item_id": "three"},
+                ]
+            },
+        )
         eventually(lambda: ids_seen(b) == ["one", "three", "two"])
         # the writer's own follower sees the same change but reads nothing back: its index
         # already holds those seqs
@@ -57,8 +64,12 @@ def test_replicas_follow_each_others_writes(artefact: Path, store_settings) -> N
         assert b.delete("/v1/subjects/z", headers=auth).status_code == 200
         eventually(lambda: ids_seen(a) == ["one"])
         assert ids_seen(b) == ["one"]
-        assert a.post("/v1/match", json={"embedding": unit(1)}, headers=auth).json() \
-            ["decision"]["subject"] == "s"
+        assert (
+            a.post("/v1/match", json={"embedding": unit(1)}, headers=auth).json()["decision"][
+                "subject"
+            ]
+            == "s"
+        )
         tid = key["tenant_id"]
         assert tid in b.app.state.runtime.serving.indexes.sizes()
         assert a.delete(f"/v1/tenants/{tid}", headers=ADMIN).status_code == 204
@@ -67,7 +78,8 @@ def test_replicas_follow_each_others_writes(artefact: Path, store_settings) -> N
 
 
 def test_replica_behind_a_trimmed_stream_resyncs(
-        artefact: Path, store_settings: Callable[[str], dict[str, Any]]) -> None:
+    artefact: Path, store_settings: Callable[[str], dict[str, Any]]
+) -> None:
     """Regression: the change stream is capped; a replica whose next entries were trimmed
     before it read them (cut off from Redis for longer than the cap lasts) used to resume after
     the gap and silently miss those writes. It must notice and rebuild from the store."""
@@ -81,24 +93,36 @@ def test_replica_behind_a_trimmed_stream_resyncs(
             r = client.post("/v1/match", json={"embedding": unit(1), "k": 10}, headers=auth)
             return sorted(x["item_id"] for x in r.json()["candidates"])
 
-        a.post("/v1/gallery", headers=auth, json={"items": [
-            {"subject": "s", "embedding": unit(1), "item_id": "before"}]})
+        a.post(
+            "/v1/gallery",
+            headers=auth,
+            json={"items": [{"subject": "s", "embedding": unit(1), "item_id": "before"}]},
+        )
         eventually(lambda: ids_seen(b) == ["before"])
         rb = b.app.state.runtime.sync
         b.portal.call(rb.stop_follower)  # B is cut off from the stream ...
         assert rb.feed_cursor is not None
         for i in range(3):  # ... while A writes, and the stream's cap trims those entries
-            a.post("/v1/gallery", headers=auth, json={"items": [
-                {"subject": "s", "embedding": unit(10 + i), "item_id": f"missed-{i}"}]})
+            a.post(
+                "/v1/gallery",
+                headers=auth,
+                json={
+                    "items": [{"subject": "s", "embedding": unit(10 + i), "item_id": f"missed-{i}"}]
+                },
+            )
         assert a.delete("/v1/gallery/before", headers=auth).status_code == 204
         r = redis.Redis.from_url(store["store_url"])
         try:
-            assert r.xtrim(f"{store['redis_key_prefix']}changes", maxlen=0,
-                           approximate=False) == 5  # "before", 3 adds, 1 remove
+            assert (
+                r.xtrim(f"{store['redis_key_prefix']}changes", maxlen=0, approximate=False) == 5
+            )  # "before", 3 adds, 1 remove
         finally:
             r.close()
-        a.post("/v1/gallery", headers=auth, json={"items": [
-            {"subject": "s", "embedding": unit(20), "item_id": "after"}]})
+        a.post(
+            "/v1/gallery",
+            headers=auth,
+            json={"items": [{"subject": "s", "embedding": unit(20), "item_id": "after"}]},
+        )
         resyncs = rb.resyncs
         b.portal.call(rb.start_follower)  # B is back, at the cursor it had
         want = ["after", "missed-0", "missed-1", "missed-2"]
@@ -109,8 +133,11 @@ def test_replica_behind_a_trimmed_stream_resyncs(
         assert "tcm_change_feed_resyncs_total 1.0" in metrics
         # and it follows the stream again after the rebuild
         assert b.delete("/v1/gallery/missed-0", headers=auth).status_code == 204
-        a.post("/v1/gallery", headers=auth, json={"items": [
-            {"subject": "s", "embedding": unit(30), "item_id": "later"}]})
+        a.post(
+            "/v1/gallery",
+            headers=auth,
+            json={"items": [{"subject": "s", "embedding": unit(30), "item_id": "later"}]},
+        )
         eventually(lambda: ids_seen(b) == ["after", "later", "missed-1", "missed-2"])
         eventually(lambda: ids_seen(a) == ["after", "later", "missed-1", "missed-2"])
         assert rb.resyncs == resyncs + 1  # a healthy stream does not trigger rebuilds
@@ -131,7 +158,8 @@ def _restore(r: redis.Redis, prefix: str, dumped: dict[bytes, bytes]) -> None:
 
 
 def test_store_restored_from_an_older_snapshot_makes_replicas_resync(
-        artefact: Path, store_settings: Callable[[str], dict[str, Any]]) -> None:
+    artefact: Path, store_settings: Callable[[str], dict[str, Any]]
+) -> None:
     """Regression (issue 25, item 2): Redis restored from an older snapshot (or a failover to a
     replica that lagged) takes the item counter back; new items then reused seqs the running
     replicas' indexes still held, so both kept answering the lost item with score 1.0 and never
@@ -146,36 +174,50 @@ def test_store_restored_from_an_older_snapshot_makes_replicas_resync(
             auth = {"Authorization": f"Bearer {key['api_key']}"}
 
             def top(client: TestClient, seed: int) -> tuple[str, float] | None:
-                body = client.post("/v1/match", json={"embedding": unit(seed), "k": 1},
-                                   headers=auth).json()
+                body = client.post(
+                    "/v1/match", json={"embedding": unit(seed), "k": 1}, headers=auth
+                ).json()
                 c = body["candidates"]
                 return (c[0]["item_id"], round(c[0]["score"], 4)) if c else None
 
-            a.post("/v1/gallery", headers=auth, json={"items": [
-                {"subject": "s", "embedding": unit(1), "item_id": "kept"}]})
+            a.post(
+                "/v1/gallery",
+                headers=auth,
+                json={"items": [{"subject": "s", "embedding": unit(1), "item_id": "kept"}]},
+            )
             eventually(lambda: top(b, 1) == ("kept", 1.0))
             dumped = _snapshot(r, prefix)
-            a.post("/v1/gallery", headers=auth, json={"items": [
-                {"subject": "s", "embedding": unit(2), "item_id": "lost"}]})
+            a.post(
+                "/v1/gallery",
+                headers=auth,
+                json={"items": [{"subject": "s", "embedding": unit(2), "item_id": "lost"}]},
+            )
             eventually(lambda: top(b, 2) == ("lost", 1.0))
             _restore(r, prefix, dumped)  # the store forgets "lost" and its seq
             assert a.get("/v1/gallery/lost", headers=auth).status_code == 404
-            a.post("/v1/gallery", headers=auth, json={"items": [
-                {"subject": "s", "embedding": unit(3), "item_id": "new"}]})
+            a.post(
+                "/v1/gallery",
+                headers=auth,
+                json={"items": [{"subject": "s", "embedding": unit(3), "item_id": "new"}]},
+            )
             for client in (a, b):
                 eventually(lambda c=client: top(c, 3) == ("new", 1.0))
                 eventually(lambda c=client: top(c, 2) != ("lost", 1.0))
                 assert client.app.state.runtime.sync.resyncs >= 1  # type: ignore[attr-defined]
             # and both follow the feed again afterwards
-            a.post("/v1/gallery", headers=auth, json={"items": [
-                {"subject": "s", "embedding": unit(4), "item_id": "later"}]})
+            a.post(
+                "/v1/gallery",
+                headers=auth,
+                json={"items": [{"subject": "s", "embedding": unit(4), "item_id": "later"}]},
+            )
             eventually(lambda: top(b, 4) == ("later", 1.0))
     finally:
         r.close()
 
 
 def test_feed_reports_a_store_that_went_back(
-        store_settings: Callable[[str], dict[str, Any]]) -> None:
+    store_settings: Callable[[str], dict[str, Any]],
+) -> None:
     """The store's side: a restore that takes the stream back (fewer entries ever added than the
     reader has read, an older last id, or no stream at all) is a resync; a healthy stream, also
     one trimmed by its cap, is not."""
@@ -207,7 +249,8 @@ def test_feed_reports_a_store_that_went_back(
 
 
 def test_feed_reports_lost_entries_only_when_lost(
-        store_settings: Callable[[str], dict[str, Any]]) -> None:
+    store_settings: Callable[[str], dict[str, Any]],
+) -> None:
     """The store's side of the resync: trimming that leaves the reader's entries alone (the
     normal cap) is no gap; entries after the reader's cursor trimmed before it read them is."""
     from service.store import Change

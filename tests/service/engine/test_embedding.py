@@ -59,8 +59,9 @@ def test_lone_request_is_not_delayed(artefact: Path, digits: Digits) -> None:
     assert asyncio.run(main()) < 1.0  # far below max_wait: nobody else was coming
 
 
-def test_failures_reach_every_caller_and_the_worker_survives(artefact: Path,
-                                                            digits: Digits) -> None:
+def test_failures_reach_every_caller_and_the_worker_survives(
+    artefact: Path, digits: Digits
+) -> None:
     batcher, model = make(artefact)
     calls = {"n": 0}
     forward = model.forward
@@ -76,8 +77,9 @@ def test_failures_reach_every_caller_and_the_worker_survives(artefact: Path,
     async def main() -> None:
         await batcher.start()
         try:
-            results = await asyncio.gather(*(batcher.embed([digits.images[i]]) for i in range(3)),
-                                           return_exceptions=True)
+            results = await asyncio.gather(
+                *(batcher.embed([digits.images[i]]) for i in range(3)), return_exceptions=True
+            )
             assert all(isinstance(r, RuntimeError) for r in results)
             ok = await batcher.embed([digits.images[0]])
             assert ok.shape == (1, 64)

@@ -25,8 +25,9 @@ def brute_force(gallery: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> 
     return [int(ids[i]) for i in order]
 
 
-def fill(index: TenantIndex, n: int, seed: int = 0, first_id: int = 1
-         ) -> tuple[np.ndarray, np.ndarray]:
+def fill(
+    index: TenantIndex, n: int, seed: int = 0, first_id: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     x = unit_rows(n, seed)
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
     index.add(ids, [f"item{i}" for i in ids], [f"s{i % 5}" for i in ids], x)
@@ -118,11 +119,14 @@ def test_registry_and_gpu_decision() -> None:
         IndexRegistry(DIM, "NotAFactory")
 
 
-@pytest.mark.parametrize(("block", "max_scores"), [
-    (1000, 0),  # fixed 1,000-row blocks: five blocks and the running top-k merge
-    (1, 64 * 1700),  # the block sized by the score budget: 1,700 rows for 64 queries
-    (65536, 1 << 24),  # the defaults: the whole gallery in one block
-])
+@pytest.mark.parametrize(
+    ("block", "max_scores"),
+    [
+        (1000, 0),  # fixed 1,000-row blocks: five blocks and the running top-k merge
+        (1, 64 * 1700),  # the block sized by the score budget: 1,700 rows for 64 queries
+        (65536, 1 << 24),  # the defaults: the whole gallery in one block
+    ],
+)
 def test_torch_engine_equals_faiss_flat(block: int, max_scores: int) -> None:
     """The torch exact engine returns FAISS IndexFlatIP's ids and scores, blockwise top-k over
     the gallery included, after removals too."""
@@ -133,8 +137,8 @@ def test_torch_engine_equals_faiss_flat(block: int, max_scores: int) -> None:
     flat = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     engine = TorchFlat(dim, "cpu", block=block, max_scores=max_scores)
     for lo in range(0, n, 1700):  # several adds: the engine's storage grows
-        flat.add_with_ids(x[lo:lo + 1700], ids[lo:lo + 1700])
-        engine.add_with_ids(x[lo:lo + 1700], ids[lo:lo + 1700])
+        flat.add_with_ids(x[lo : lo + 1700], ids[lo : lo + 1700])
+        engine.add_with_ids(x[lo : lo + 1700], ids[lo : lo + 1700])
     q = np.random.default_rng(2).standard_normal((64, dim)).astype(np.float32)
     for k in (1, 10, 100):
         fs, fi = flat.search(q, k)
@@ -200,8 +204,12 @@ def test_filtered_search_equals_brute_force_on_every_engine(faiss_state: str) ->
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", FILTERED_SEARCH, faiss_state],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", FILTERED_SEARCH, faiss_state],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -221,8 +229,15 @@ def test_rebuild_from_chunks_equals_rebuild(factory: str) -> None:
     chunked = TenantIndex(DIM, factory)
     chunked.add(seqs[:5], ids[:5], subjects[:5], x[:5])  # replaced, not added to
     chunked.rebuild_chunks(
-        GalleryVectors(seqs[lo:lo + 250], ids[lo:lo + 250], subjects[lo:lo + 250],
-                       x[lo:lo + 250], meta[lo:lo + 250]) for lo in range(0, n, 250))
+        GalleryVectors(
+            seqs[lo : lo + 250],
+            ids[lo : lo + 250],
+            subjects[lo : lo + 250],
+            x[lo : lo + 250],
+            meta[lo : lo + 250],
+        )
+        for lo in range(0, n, 250)
+    )
     assert len(chunked) == len(whole) == n
     assert chunked._items == whole._items and chunked._postings == whole._postings
     q = x[:20] + 0.01
@@ -259,8 +274,9 @@ def test_rebuild_from_chunks_keeps_serving_the_old_contents_meanwhile() -> None:
 
     def chunks():  # the store read, with a search from another thread half-way through
         yield GalleryVectors(np.array([3]), ["new3"], ["s"], x[2:3], [{}])
-        t = threading.Thread(target=lambda: seen.append(
-            [h.item_id for h in index.search(x[:1], 4)[0]]))
+        t = threading.Thread(
+            target=lambda: seen.append([h.item_id for h in index.search(x[:1], 4)[0]])
+        )
         t.start()
         t.join(5)
         assert not t.is_alive(), "a search waited for the whole rebuild"

@@ -140,8 +140,9 @@ def test_multi_query_match_and_concurrent_matches(client: TestClient, digits: Di
 
 
 # --- fairness across tenants (issue 25 item 5) -----------------------------------------------
-def recording_registry(calls: list[tuple[str, int]], gate: Callable[[str], None] | None = None
-                       ) -> tuple[IndexRegistry, dict[str, Callable]]:
+def recording_registry(
+    calls: list[tuple[str, int]], gate: Callable[[str], None] | None = None
+) -> tuple[IndexRegistry, dict[str, Callable]]:
     """Tenants ``a`` and ``b`` with 300 items each; every index search is recorded in
     ``calls`` as (tenant, query rows), in the order the searches run (``gate`` runs first:
     a test may hold a search there). Returns the registry and each index's own search."""
@@ -149,12 +150,15 @@ def recording_registry(calls: list[tuple[str, int]], gate: Callable[[str], None]
     originals: dict[str, Callable] = {}
     for t, seed in (("a", 11), ("b", 12)):
         index = reg.get(t)
-        index.add(np.arange(300) + (0 if t == "a" else 1000), [f"{t}{i}" for i in range(300)],
-                  [f"s{i % 30}" for i in range(300)], units(300, seed))
+        index.add(
+            np.arange(300) + (0 if t == "a" else 1000),
+            [f"{t}{i}" for i in range(300)],
+            [f"s{i % 30}" for i in range(300)],
+            units(300, seed),
+        )
         originals[t] = original = index.search
 
-        def search(vectors: np.ndarray, k: int, *args, _t: str = t, _original=original,
-                   **kwargs):
+        def search(vectors: np.ndarray, k: int, *args, _t: str = t, _original=original, **kwargs):
             if gate is not None:
                 gate(_t)
             calls.append((_t, len(vectors)))
@@ -166,7 +170,8 @@ def recording_registry(calls: list[tuple[str, int]], gate: Callable[[str], None]
 
 def same_hits(got: list[list], want: list[list]) -> bool:
     return [[(h.item_id, h.score) for h in row] for row in got] == [
-        [(h.item_id, h.score) for h in row] for row in want]
+        [(h.item_id, h.score) for h in row] for row in want
+    ]
 
 
 def test_a_tenants_backlog_does_not_delay_another_tenants_search() -> None:
@@ -181,8 +186,10 @@ def test_a_tenants_backlog_does_not_delay_another_tenants_search() -> None:
     qa, qb = units(640, 21), units(1, 22)
 
     async def go() -> tuple[list, list]:
-        a = [asyncio.create_task(batcher.search("a", qa[i * 32:(i + 1) * 32], 5))
-             for i in range(20)]
+        a = [
+            asyncio.create_task(batcher.search("a", qa[i * 32 : (i + 1) * 32], 5))
+            for i in range(20)
+        ]
         b = asyncio.create_task(batcher.search("b", qb, 3))
         return await asyncio.gather(*a), await b
 
@@ -195,7 +202,7 @@ def test_a_tenants_backlog_does_not_delay_another_tenants_search() -> None:
     assert len(calls) == 640 // cap + 1
     # the same hits as unbatched searches
     for i, hits in enumerate(got_a):
-        assert same_hits(hits, originals["a"](qa[i * 32:(i + 1) * 32], 5))
+        assert same_hits(hits, originals["a"](qa[i * 32 : (i + 1) * 32], 5))
     assert same_hits(got_b, originals["b"](qb, 3))
 
 
@@ -216,8 +223,10 @@ def test_a_query_arriving_during_a_turn_runs_next() -> None:
     qa, qb = units(640, 31), units(2, 32)
 
     async def go() -> tuple[list, list]:
-        a = [asyncio.create_task(batcher.search("a", qa[i * 32:(i + 1) * 32], 4))
-             for i in range(20)]
+        a = [
+            asyncio.create_task(batcher.search("a", qa[i * 32 : (i + 1) * 32], 4))
+            for i in range(20)
+        ]
         assert await asyncio.to_thread(in_search.wait, 30)  # a's first turn is searching
         b = asyncio.create_task(batcher.search("b", qb, 2))
         # one loop step: the loop runs ready tasks in order, so b's task runs up to its await
@@ -230,7 +239,7 @@ def test_a_query_arriving_during_a_turn_runs_next() -> None:
     got_a, got_b = asyncio.run(go())
     assert calls[:2] == [("a", 64), ("b", 2)], calls  # today: b after all of a's 10 batches
     for i, hits in enumerate(got_a):
-        assert same_hits(hits, originals["a"](qa[i * 32:(i + 1) * 32], 4))
+        assert same_hits(hits, originals["a"](qa[i * 32 : (i + 1) * 32], 4))
     assert same_hits(got_b, originals["b"](qb, 2))
 
 

@@ -136,8 +136,9 @@ def test_feedback_pairs_land_on_the_candidates_subject() -> None:
     assert ts.neg_feedback.sum(axis=1).tolist() == [1.0, 1.0]
 
 
-def test_healthy_three_image_galleries_raise_no_alert_drift_does(tmp_path: Path,
-                                                                 sqlite_stores) -> None:
+def test_healthy_three_image_galleries_raise_no_alert_drift_does(
+    tmp_path: Path, sqlite_stores
+) -> None:
     """One tenant, 60 subjects of 3 images each, from the model's own distribution: live OPIS
     across subjects stays under factor x its count-matched reference on every seed (the
     full-count baseline would be far below it: comparing with it would alert every time).
@@ -210,8 +211,9 @@ def test_subjects_undefined_with_too_few(tmp_path: Path, sqlite_stores) -> None:
     assert snap.subjects.pooled.opis is None
 
 
-def test_across_tenants_reference_is_measured_once_and_names_the_drifter(tmp_path: Path,
-                                                                         sqlite_stores) -> None:
+def test_across_tenants_reference_is_measured_once_and_names_the_drifter(
+    tmp_path: Path, sqlite_stores
+) -> None:
     path = artefact_dir(tmp_path)
     store = sqlite_stores()
     for i in range(4):

@@ -56,8 +56,14 @@ VERSION = "synthetic-v1"
 
 
 # --- synthetic open-world data: identities as noisy directions ------------------------------
-def identities(rng: np.random.Generator, n_subjects: int, per_subject: int, *, noise: float,
-               shared: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def identities(
+    rng: np.random.Generator,
+    n_subjects: int,
+    per_subject: int,
+    *,
+    noise: float,
+    shared: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors around random subject centres. ``shared`` adds one direction common to
     every image (a tenant whose new camera the model has not seen: everyone looks alike, so
     impostor scores rise)."""
@@ -78,13 +84,29 @@ def synthetic_manifest() -> Manifest:
     cal = calibrate_threshold(x, y, target_far=1e-2)
     rep = consistency_report(x, y)
     return Manifest(
-        model_version=VERSION, architecture="small_cnn", architecture_kwargs={},
+        model_version=VERSION,
+        architecture="small_cnn",
+        architecture_kwargs={},
         preprocessing=Preprocessing(image_size=(16, 16), channels=1, mean=(0.5,), std=(0.5,)),
         embedding_dim=DIM,
-        calibration=Calibration(tau=cal.tau, target_far=1e-2, far_at_tau=cal.far,
-                                frr_at_tau=cal.frr, tau_lo=rep.tau_lo, tau_hi=rep.tau_hi),
-        baseline=Baseline(opis=rep.opis, eps_opis=rep.eps_opis, eps=rep.eps, recall_at_1=0.9,
-                          map_at_r=0.5, num_classes=40, num_images=len(y)))
+        calibration=Calibration(
+            tau=cal.tau,
+            target_far=1e-2,
+            far_at_tau=cal.far,
+            frr_at_tau=cal.frr,
+            tau_lo=rep.tau_lo,
+            tau_hi=rep.tau_hi,
+        ),
+        baseline=Baseline(
+            opis=rep.opis,
+            eps_opis=rep.eps_opis,
+            eps=rep.eps,
+            recall_at_1=0.9,
+            map_at_r=0.5,
+            num_classes=40,
+            num_images=len(y),
+        ),
+    )
 
 
 # --- synthetic tenants in a real store (tests/service/conftest.py: sqlite_stores) -----------
@@ -95,8 +117,12 @@ def new_tenant(store: Store, name: str) -> None:
 
 
 def add_gallery(store: Store, tenant: str, subjects: Sequence[str], x: np.ndarray) -> None:
-    store.add_items(tenant, [NewItem(f"i{j}", s, x[j]) for j, s in enumerate(subjects)],
-                    model_version=VERSION, created_at=0.0)
+    store.add_items(
+        tenant,
+        [NewItem(f"i{j}", s, x[j]) for j, s in enumerate(subjects)],
+        model_version=VERSION,
+        created_at=0.0,
+    )
 
 
 def record(store: Store, decisions: Sequence[Decision]) -> None:
@@ -114,23 +140,48 @@ def tenant_ids(store: Store) -> list[str]:
 _ids = itertools.count()
 
 
-def decision(tenant: str, score: float | None, threshold: float, *, genuine: bool | None,
-             version: str = VERSION, at: float = 1000.0, labelled_at: float | None = None,
-             outcome: str | None = None) -> Decision:
+def decision(
+    tenant: str,
+    score: float | None,
+    threshold: float,
+    *,
+    genuine: bool | None,
+    version: str = VERSION,
+    at: float = 1000.0,
+    labelled_at: float | None = None,
+    outcome: str | None = None,
+) -> Decision:
     accepted = score is not None and score >= threshold
     mid = f"m{next(_ids)}"
-    match = MatchRecord(mid, tenant, accepted, "s" if accepted else None,
-                        None if score is None else "item", None if score is None else "s",
-                        score, threshold, version, at)
+    match = MatchRecord(
+        mid,
+        tenant,
+        accepted,
+        "s" if accepted else None,
+        None if score is None else "item",
+        None if score is None else "s",
+        score,
+        threshold,
+        version,
+        at,
+    )
     if outcome is None:
         outcome = decision_outcome(accepted=accepted, genuine=bool(genuine))
-    fb = Feedback(mid, tenant, None, None, genuine, outcome,  # type: ignore[arg-type]
-                  at + 1 if labelled_at is None else labelled_at)
+    fb = Feedback(
+        mid,
+        tenant,
+        None,
+        None,
+        genuine,
+        outcome,  # type: ignore[arg-type]
+        at + 1 if labelled_at is None else labelled_at,
+    )
     return Decision(match, fb)
 
 
-def add_tenant(store: Store, name: str, rng: np.random.Generator, *, n_feedback: int = 200,
-               drift: bool = False) -> None:
+def add_tenant(
+    store: Store, name: str, rng: np.random.Generator, *, n_feedback: int = 200, drift: bool = False
+) -> None:
     """A gallery of 30 subjects x 4 images, and feedback on 1:N decisions against it."""
     tau = synthetic_manifest().calibration.tau
     x, y = identities(rng, 30, 4, noise=0.9, shared=1.0 if drift else 0.0)
@@ -138,10 +189,14 @@ def add_tenant(store: Store, name: str, rng: np.random.Generator, *, n_feedback:
     add_gallery(store, name, [f"{name}-s{k}" for k in y], x)
     # genuine decisions well above tau; impostors well below, or just above tau when drifting
     imp_mean = tau + 0.05 if drift else tau - 0.35
-    ds = [decision(name, float(np.clip(rng.normal(tau + 0.25, 0.08), -1, 1)), tau,
-                   genuine=True) for _ in range(n_feedback // 2)]
-    ds += [decision(name, float(np.clip(rng.normal(imp_mean, 0.08), -1, 1)), tau,
-                    genuine=False) for _ in range(n_feedback // 2)]
+    ds = [
+        decision(name, float(np.clip(rng.normal(tau + 0.25, 0.08), -1, 1)), tau, genuine=True)
+        for _ in range(n_feedback // 2)
+    ]
+    ds += [
+        decision(name, float(np.clip(rng.normal(imp_mean, 0.08), -1, 1)), tau, genuine=False)
+        for _ in range(n_feedback // 2)
+    ]
     record(store, ds)
 
 
@@ -154,18 +209,23 @@ def healthy_and_drifting(store: Store, *, drift: bool) -> Store:
     return store
 
 
-def new_monitor(store: Store, *, now: float = 2000.0, registry: CollectorRegistry | None
-                = None, **cfg: Any) -> Monitor:
+def new_monitor(
+    store: Store, *, now: float = 2000.0, registry: CollectorRegistry | None = None, **cfg: Any
+) -> Monitor:
     cap = cfg.setdefault("tenant_label_cap", 50)
-    metrics = ServiceMetrics(registry or CollectorRegistry(auto_describe=True),
-                             tenant_label_cap=cap)
+    metrics = ServiceMetrics(
+        registry or CollectorRegistry(auto_describe=True), tenant_label_cap=cap
+    )
     return Monitor(store, synthetic_manifest(), metrics, MonitorConfig(**cfg), clock=lambda: now)
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
     text = generate_latest(registry).decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 # --- labelled pairs -------------------------------------------------------------------------
@@ -187,19 +247,25 @@ def test_feedback_scores_outcomes_at_each_decisions_own_threshold() -> None:
         decision("a", 0.90, 0.5, genuine=True, version="old-model"),  # another model: skipped
     ]
     s = feedback_scores(ds, model_version=VERSION)
-    assert s.outcomes == {"true_accept": 1, "false_accept": 2, "true_reject": 2,
-                          "false_reject": 1}
+    assert s.outcomes == {"true_accept": 1, "false_accept": 2, "true_reject": 2, "false_reject": 1}
     np.testing.assert_allclose(s.genuine, [0.4, 0.8])  # sorted
     np.testing.assert_allclose(s.impostor, [0.5, 0.6, 0.6])
-    assert feedback_scores([Decision(ds[0].match, None)],
-                           model_version=VERSION).outcomes["true_accept"] == 0
+    assert (
+        feedback_scores([Decision(ds[0].match, None)], model_version=VERSION).outcomes[
+            "true_accept"
+        ]
+        == 0
+    )
     # max_pairs keeps the most recent pairs of each kind
-    np.testing.assert_allclose(feedback_scores(ds, model_version=VERSION, max_pairs=1).impostor,
-                               [0.5])
+    np.testing.assert_allclose(
+        feedback_scores(ds, model_version=VERSION, max_pairs=1).impostor, [0.5]
+    )
     # until: decisions made, or labelled, later are left out
-    late = [decision("a", 0.8, 0.5, genuine=True, at=10.0),
-            decision("a", 0.8, 0.5, genuine=True, at=10.0, labelled_at=30.0),
-            decision("a", 0.8, 0.5, genuine=True, at=25.0)]
+    late = [
+        decision("a", 0.8, 0.5, genuine=True, at=10.0),
+        decision("a", 0.8, 0.5, genuine=True, at=10.0, labelled_at=30.0),
+        decision("a", 0.8, 0.5, genuine=True, at=25.0),
+    ]
     assert len(feedback_scores(late, model_version=VERSION, until=20.0).genuine) == 1
 
 
@@ -262,21 +328,26 @@ def test_what_if_moves_far_and_frr_in_opposite_directions() -> None:
     def parts(g: list[float], i: list[float]) -> dict[str, LabelledScores]:
         return {"feedback": LabelledScores(np.sort(g), np.sort(i)), "gallery": LabelledScores()}
 
-    pairs = {"a": parts([0.6, 0.7, 0.8, 0.9], [0.1, 0.2, 0.52, 0.3]),
-             "b": parts([0.45, 0.55], [0.5, 0.6])}
+    pairs = {
+        "a": parts([0.6, 0.7, 0.8, 0.9], [0.1, 0.2, 0.52, 0.3]),
+        "b": parts([0.45, 0.55], [0.5, 0.6]),
+    }
     w = what_if(pairs, 0.55, tau=0.5, beta=1.0)
     a = w["tenants"]["a"]
     assert (a["far"], a["frr"], a["genuine_pairs"], a["impostor_pairs"]) == (0.0, 0.0, 4, 4)
     assert a["at_tau"] == {"far": 0.25, "frr": 0.0}
     assert a["by_source"]["gallery"]["far"] is None  # no gallery pairs: no number
     assert w["tenants"]["b"]["far"] == 0.5 and w["tenants"]["b"]["frr"] == 0.5
-    assert w["pooled_over_tenants"] == {"far": 1 / 6, "frr": 1 / 6, "genuine_pairs": 6,
-                                        "impostor_pairs": 6}
+    assert w["pooled_over_tenants"] == {
+        "far": 1 / 6,
+        "frr": 1 / 6,
+        "genuine_pairs": 6,
+        "impostor_pairs": 6,
+    }
     # stricter threshold: FAR falls, FRR rises
     strict = what_if(pairs, 0.95, tau=0.5, beta=1.0)["pooled_over_tenants"]
     assert strict["far"] == 0.0 and strict["frr"] == 1.0
-    assert "pooled_over_tenants" not in what_if(pairs, 0.5, tau=0.5, beta=1.0,
-                                                include_pooled=False)
+    assert "pooled_over_tenants" not in what_if(pairs, 0.5, tau=0.5, beta=1.0, include_pooled=False)
     for bad in (float("nan"), 1.5, -2):
         with pytest.raises(ValueError, match="threshold"):
             what_if(pairs, bad, tau=0.5, beta=1.0)
@@ -335,15 +406,24 @@ def test_snapshot_agrees_with_tcm_and_brute_force(sqlite_stores) -> None:
     mon = new_monitor(store)
     snap = mon.refresh()
     scores = mon.load_scores(tenant_ids(store), now=2000.0)
-    gen = {t: np.concatenate([s["feedback"].genuine, s["gallery"].genuine])
-           for t, s in scores.items()}
-    imp = {t: np.concatenate([s["feedback"].impostor, s["gallery"].impostor])
-           for t, s in scores.items()}
+    gen = {
+        t: np.concatenate([s["feedback"].genuine, s["gallery"].genuine]) for t, s in scores.items()
+    }
+    imp = {
+        t: np.concatenate([s["feedback"].impostor, s["gallery"].impostor])
+        for t, s in scores.items()
+    }
     m = synthetic_manifest()
     cal = m.calibration
-    rep = consistency_from_scores(gen, imp, tau_range=(cal.tau_lo, cal.tau_hi),
-                                  num_thresholds=cal.num_thresholds, beta=cal.beta,
-                                  eps=m.baseline.eps, tau=cal.tau)
+    rep = consistency_from_scores(
+        gen,
+        imp,
+        tau_range=(cal.tau_lo, cal.tau_hi),
+        num_thresholds=cal.num_thresholds,
+        beta=cal.beta,
+        eps=m.baseline.eps,
+        tau=cal.tau,
+    )
     assert snap.opis == pytest.approx(rep.opis, rel=1e-12)
     assert snap.eps_opis == pytest.approx(rep.eps_opis, rel=1e-12)
     assert rep.at_tau is not None
@@ -408,8 +488,15 @@ def test_tenant_view_hides_everything_about_other_tenants(sqlite_stores) -> None
     text = view.model_dump_json()
     for other in ("t0", "t2", "drifter"):
         assert f'"{other}"' not in text
-    assert not {"opis", "eps_opis", "global", "labels", "tenants", "excluded_tenants",
-                "score_buckets"} & set(view.model_dump())
+    assert not {
+        "opis",
+        "eps_opis",
+        "global",
+        "labels",
+        "tenants",
+        "excluded_tenants",
+        "score_buckets",
+    } & set(view.model_dump())
     assert tenant_view(snap, "unknown").tenant is None
 
 
@@ -430,24 +517,38 @@ def test_metrics_mirror_the_snapshot(sqlite_stores) -> None:
     assert got[("tcm_monitor_tenants", (("status", "eligible"),))] == 6
     assert got[("tcm_monitor_runs_total", (("result", "computed"),))] == 1
     d = snap.tenants["drifter"]
-    assert got[("tcm_tenant_far_ratio", (("source", "pooled"), ("tenant", "drifter")))] \
-        == d.far
-    assert got[("tcm_tenant_far_ratio", (("source", "feedback"), ("tenant", "drifter")))] \
+    assert got[("tcm_tenant_far_ratio", (("source", "pooled"), ("tenant", "drifter")))] == d.far
+    assert (
+        got[("tcm_tenant_far_ratio", (("source", "feedback"), ("tenant", "drifter")))]
         == d.by_source.feedback.far
-    assert got[("tcm_tenant_pairs", (("kind", "impostor"), ("source", "feedback"),
-                                     ("tenant", "drifter")))] == 100
+    )
+    assert (
+        got[
+            (
+                "tcm_tenant_pairs",
+                (("kind", "impostor"), ("source", "feedback"), ("tenant", "drifter")),
+            )
+        ]
+        == 100
+    )
     # the request-path counter's series exist at 0 for every label (rate ratios exist too)
-    assert got[("tcm_decisions_total", (("outcome", "false_accept"), ("tenant", "drifter")))] \
-        == 0
+    assert got[("tcm_decisions_total", (("outcome", "false_accept"), ("tenant", "drifter")))] == 0
     # FAR at tau read from the gauge histogram as PromQL would: tau is a bucket bound
     tau = m.calibration.tau
     assert tau in snap.score_buckets
-    n = {s: got[("tcm_impostor_score_gcount", (("source", s), ("tenant", "drifter")))]
-         for s in ("feedback", "gallery")}
-    below = sum(got[("tcm_impostor_score_bucket", (("le", repr(tau)), ("source", s),
-                                                   ("tenant", "drifter")))] for s in n)
-    imp = np.concatenate([p.impostor for p in mon.load_scores(["drifter"], now=2000.0)
-                          ["drifter"].values()])
+    n = {
+        s: got[("tcm_impostor_score_gcount", (("source", s), ("tenant", "drifter")))]
+        for s in ("feedback", "gallery")
+    }
+    below = sum(
+        got[
+            ("tcm_impostor_score_bucket", (("le", repr(tau)), ("source", s), ("tenant", "drifter")))
+        ]
+        for s in n
+    )
+    imp = np.concatenate(
+        [p.impostor for p in mon.load_scores(["drifter"], now=2000.0)["drifter"].values()]
+    )
     # 1 - le/gcount counts scores > tau; the service accepts >= tau: equal unless a score is tau
     assert 1 - below / sum(n.values()) == pytest.approx(float(np.mean(imp > tau)))
     assert float(np.mean(imp > tau)) == pytest.approx(d.far)
@@ -468,9 +569,12 @@ def test_request_path_counter_uses_the_snapshots_capped_labels(sqlite_stores) ->
     assert mon.snapshot is not None
     assert {r.label for r in mon.snapshot.tenants.values()} == {"a", "b", OTHER_TENANTS}
     with pytest.raises(ValueError, match="tenant_label_cap"):
-        Monitor(store, synthetic_manifest(), ServiceMetrics(CollectorRegistry(),
-                                                            tenant_label_cap=3),
-                MonitorConfig(tenant_label_cap=2))
+        Monitor(
+            store,
+            synthetic_manifest(),
+            ServiceMetrics(CollectorRegistry(), tenant_label_cap=3),
+            MonitorConfig(tenant_label_cap=2),
+        )
 
 
 # --- replicas share one snapshot ------------------------------------------------------------
@@ -480,8 +584,13 @@ def test_replicas_adopt_the_stored_snapshot_until_it_ages(sqlite_stores) -> None
     cfg = MonitorConfig(interval_s=60.0)
 
     def replica(registry: CollectorRegistry) -> Monitor:
-        return Monitor(store, synthetic_manifest(), ServiceMetrics(registry, tenant_label_cap=50),
-                       cfg, clock=lambda: now[0])
+        return Monitor(
+            store,
+            synthetic_manifest(),
+            ServiceMetrics(registry, tenant_label_cap=50),
+            cfg,
+            clock=lambda: now[0],
+        )
 
     a = replica(CollectorRegistry())
     b_registry = CollectorRegistry()
@@ -498,9 +607,13 @@ def test_replicas_adopt_the_stored_snapshot_until_it_ages(sqlite_stores) -> None
     second = b.refresh()
     assert second.computed_at == 1035.0 and store.get_monitor_snapshot() == to_stored(second)
     # another model or configuration never adopts it
-    other = Monitor(store, synthetic_manifest(), ServiceMetrics(CollectorRegistry(),
-                                                                tenant_label_cap=50),
-                    MonitorConfig(window_s=10.0), clock=lambda: now[0])
+    other = Monitor(
+        store,
+        synthetic_manifest(),
+        ServiceMetrics(CollectorRegistry(), tenant_label_cap=50),
+        MonitorConfig(window_s=10.0),
+        clock=lambda: now[0],
+    )
     assert not other.is_current(second) and a.is_current(second)
 
 
@@ -526,9 +639,12 @@ def test_schedule_runs_in_the_background_and_stops(sqlite_stores) -> None:
     store = healthy_and_drifting(sqlite_stores(), drift=False)
 
     async def scenario() -> int:
-        mon = Monitor(store, synthetic_manifest(), ServiceMetrics(CollectorRegistry(),
-                                                                  tenant_label_cap=50),
-                      MonitorConfig(interval_s=0.05))
+        mon = Monitor(
+            store,
+            synthetic_manifest(),
+            ServiceMetrics(CollectorRegistry(), tenant_label_cap=50),
+            MonitorConfig(interval_s=0.05),
+        )
         await mon.start()
         for _ in range(200):
             if mon.snapshot is not None and store.reads >= 12:
@@ -562,9 +678,13 @@ def test_what_if_uses_the_snapshots_pairs_cached_and_bounded(sqlite_stores) -> N
     assert strict["tenants"]["t0"]["far"] <= w["tenants"]["t0"]["far"]
     assert strict["tenants"]["t0"]["frr"] >= w["tenants"]["t0"]["frr"]
     # a replica that adopted the snapshot reloads the pairs once, as of the snapshot
-    replica = Monitor(store, synthetic_manifest(), ServiceMetrics(CollectorRegistry(),
-                                                                  tenant_label_cap=50),
-                      MonitorConfig(), clock=lambda: 2010.0)
+    replica = Monitor(
+        store,
+        synthetic_manifest(),
+        ServiceMetrics(CollectorRegistry(), tenant_label_cap=50),
+        MonitorConfig(),
+        clock=lambda: 2010.0,
+    )
     replica.refresh()
     assert replica.pairs.size == 0
     r1 = replica.what_if(tau)
@@ -606,8 +726,13 @@ def test_compute_snapshot_order_and_json(sqlite_stores) -> None:
     store = healthy_and_drifting(sqlite_stores(), drift=False)
     mon = new_monitor(store)
     scores = mon.load_scores(tenant_ids(store), now=2000.0)
-    snap = compute_snapshot(scores, manifest=synthetic_manifest(), config=MonitorConfig(),
-                            tenant_order=["t3"], now=2000.0)
+    snap = compute_snapshot(
+        scores,
+        manifest=synthetic_manifest(),
+        config=MonitorConfig(),
+        tenant_order=["t3"],
+        now=2000.0,
+    )
     assert next(iter(snap.tenants)) == "t3"
     doc = to_stored(snap)
     assert "subjects" not in doc["tenants"]["t3"]  # not computed: not stored (as before)

@@ -24,8 +24,11 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple], float]:
     text = client.get("/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 def setup_tenants(client: TestClient) -> list[tuple[str, dict[str, str]]]:
@@ -36,15 +39,18 @@ def setup_tenants(client: TestClient) -> list[tuple[str, dict[str, str]]]:
         key = client.post("/v1/tenants", json={"name": f"t{t}"}, headers=ADMIN).json()
         auth = {"Authorization": f"Bearer {key['api_key']}"}
         out.append((key["tenant_id"], auth))
-        items = [{"subject": f"s{s}", "embedding": unit(100 * t + 10 * s + j)}
-                 for s in range(3) for j in range(2)]
+        items = [
+            {"subject": f"s{s}", "embedding": unit(100 * t + 10 * s + j)}
+            for s in range(3)
+            for j in range(2)
+        ]
         assert client.post("/v1/gallery", json={"items": items}, headers=auth).status_code == 201
     _, auth = out[0]
     for seed in range(4):
-        body = client.post("/v1/match", json={"embedding": unit(seed), "k": 1},
-                           headers=auth).json()
-        r = client.post("/v1/feedback", headers=auth,
-                        json={"match_id": body["match_id"], "true_subject": None})
+        body = client.post("/v1/match", json={"embedding": unit(seed), "k": 1}, headers=auth).json()
+        r = client.post(
+            "/v1/feedback", headers=auth, json={"match_id": body["match_id"], "true_subject": None}
+        )
         assert r.status_code == 201
     return out
 
@@ -57,8 +63,9 @@ def monitor_of(client: TestClient) -> Monitor:
 
 @pytest.mark.parametrize("kind", STORES)
 def test_snapshot_metrics_and_views(kind: str, artefact: Path, store_settings: Callable) -> None:
-    settings = make_settings(artefact, store_settings(kind), monitor_min_pairs=2,
-                             monitor_interval_s=3600.0)
+    settings = make_settings(
+        artefact, store_settings(kind), monitor_min_pairs=2, monitor_interval_s=3600.0
+    )
     with TestClient(create_app(settings)) as client:
         mon = monitor_of(client)
         tau = client.app.state.runtime.serving.threshold  # type: ignore[attr-defined]
@@ -67,20 +74,30 @@ def test_snapshot_metrics_and_views(kind: str, artefact: Path, store_settings: C
 
         # --- /metrics: counters from the request path, gauges from the snapshot
         got = scrape(client)
-        outcomes = {lab[0][1]: v for (n, lab), v in got.items()
-                    if n == "tcm_decisions_total" and ("tenant", a) in lab}
+        outcomes = {
+            lab[0][1]: v
+            for (n, lab), v in got.items()
+            if n == "tcm_decisions_total" and ("tenant", a) in lab
+        }
         assert sum(outcomes.values()) == 4 and set(outcomes) == {
-            "true_accept", "false_accept", "true_reject", "false_reject"}
+            "true_accept",
+            "false_accept",
+            "true_reject",
+            "false_reject",
+        }
         assert ("tcm_feedback_total", ()) not in got and not any(
-            n.startswith("tcm_feedback") for n, _ in got)  # one counter, the spec'd name
+            n.startswith("tcm_feedback") for n, _ in got
+        )  # one counter, the spec'd name
         row = snap.tenants[a]
         assert row.by_source.feedback.impostor_pairs == 4
         assert row.by_source.gallery.genuine_pairs == 3  # 3 subjects x 1 pair
         assert row.by_source.gallery.impostor_pairs == 15 - 3
         assert snap.eligible_tenants == 2 and snap.opis is not None
         assert got[("tcm_opis", ())] == snap.opis
-        assert got[("tcm_tenant_pairs", (("kind", "impostor"), ("source", "feedback"),
-                                         ("tenant", a)))] == 4
+        assert (
+            got[("tcm_tenant_pairs", (("kind", "impostor"), ("source", "feedback"), ("tenant", a)))]
+            == 4
+        )
         assert snap.tau == tau and ("tcm_model_threshold_score", ()) in got
         # the store holds it, for the other replicas
         stored = client.app.state.runtime.store.get_monitor_snapshot()  # type: ignore
@@ -127,8 +144,11 @@ def test_bad_threshold_is_422(bad: str, artefact: Path, store_settings: Callable
 def test_auth_pending_and_disabled(artefact: Path, store_settings: Callable) -> None:
     settings = make_settings(artefact, store_settings("sqlite"), monitor_interval_s=3600.0)
     with TestClient(create_app(settings)) as client:
-        for headers in ({}, {"Authorization": "Bearer nope"},
-                        {"Authorization": f"Bearer tcm_{'0' * 16}_{'A' * 43}"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer nope"},
+            {"Authorization": f"Bearer tcm_{'0' * 16}_{'A' * 43}"},
+        ):
             r = client.get("/v1/monitor", headers=headers)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         mon = monitor_of(client)
@@ -161,8 +181,9 @@ def test_fewer_than_two_tenants_is_reported(artefact: Path, store_settings: Call
 
 @pytest.mark.redis
 def test_replicas_report_the_same_snapshot(artefact: Path, store_settings: Callable) -> None:
-    settings = make_settings(artefact, store_settings("redis"), monitor_min_pairs=2,
-                             monitor_interval_s=3600.0)
+    settings = make_settings(
+        artefact, store_settings("redis"), monitor_min_pairs=2, monitor_interval_s=3600.0
+    )
     with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
         setup_tenants(a)
         snap = monitor_of(a).refresh(force=True)
@@ -173,8 +194,11 @@ def test_replicas_report_the_same_snapshot(artefact: Path, store_settings: Calla
         assert adopted == snap
         assert scrape(b)[("tcm_opis", ())] == scrape(a)[("tcm_opis", ())] == snap.opis
         assert scrape(b)[runs] == adopted_before + 1
-        assert b.get("/v1/monitor", headers=ADMIN).json()["snapshot"] == \
-            a.get("/v1/monitor", headers=ADMIN).json()["snapshot"] == snap.model_dump(mode="json")
+        assert (
+            b.get("/v1/monitor", headers=ADMIN).json()["snapshot"]
+            == a.get("/v1/monitor", headers=ADMIN).json()["snapshot"]
+            == snap.model_dump(mode="json")
+        )
         # the what-if on the replica that did not compute reloads the same pairs
         tau = snap.tau
         wa = a.get("/v1/monitor", headers=ADMIN, params={"threshold": tau}).json()["what_if"]

@@ -23,13 +23,22 @@ from tests.service.monitoring.test_monitor import healthy_and_drifting, samples,
 INTERVAL = 60.0
 
 
-def replicas(store: Store, n: int, now: list[float], interval_s: float = INTERVAL
-             ) -> tuple[list[Monitor], list[CollectorRegistry]]:
+def replicas(
+    store: Store, n: int, now: list[float], interval_s: float = INTERVAL
+) -> tuple[list[Monitor], list[CollectorRegistry]]:
     healthy_and_drifting(store, drift=True)
     cfg = MonitorConfig(interval_s=interval_s)
     registries = [CollectorRegistry() for _ in range(n)]
-    mons = [Monitor(store, synthetic_manifest(), ServiceMetrics(reg, tenant_label_cap=50), cfg,
-                    clock=lambda: now[0]) for reg in registries]
+    mons = [
+        Monitor(
+            store,
+            synthetic_manifest(),
+            ServiceMetrics(reg, tenant_label_cap=50),
+            cfg,
+            clock=lambda: now[0],
+        )
+        for reg in registries
+    ]
     return mons, registries
 
 
@@ -39,8 +48,9 @@ def reported(mons: list[Monitor]) -> list[float | None]:
 
 
 def runs(registries: list[CollectorRegistry], result: str) -> float:
-    return sum(samples(r).get(("tcm_monitor_runs_total", (("result", result),)), 0.0)
-               for r in registries)
+    return sum(
+        samples(r).get(("tcm_monitor_runs_total", (("result", result),)), 0.0) for r in registries
+    )
 
 
 def test_out_of_phase_replicas_report_one_snapshot(sqlite_stores) -> None:
@@ -82,9 +92,13 @@ def test_adopt_newer_takes_only_newer_snapshots_of_the_same_configuration(sqlite
     second = b.refresh()  # b computes (40 s > half an interval) and stores
     assert a.adopt_newer() is True and a.snapshot == second
     # a replica with another configuration (or model) never adopts it
-    other = Monitor(a.store, synthetic_manifest(),
-                    ServiceMetrics(CollectorRegistry(), tenant_label_cap=50),
-                    MonitorConfig(interval_s=INTERVAL, window_s=10.0), clock=lambda: now[0])
+    other = Monitor(
+        a.store,
+        synthetic_manifest(),
+        ServiceMetrics(CollectorRegistry(), tenant_label_cap=50),
+        MonitorConfig(interval_s=INTERVAL, window_s=10.0),
+        clock=lambda: now[0],
+    )
     assert other.adopt_newer() is False and other.snapshot is None
     adopted = samples(reg_b)[("tcm_monitor_runs_total", (("result", "adopted"),))]
     assert adopted == 1

@@ -28,9 +28,15 @@ from tests.service.conftest import REDIS_URL, STORES
 from tests.service.monitoring.test_drift_signals import artefact_dir
 from tests.service.monitoring.test_monitor import identities
 
-SNAPSHOT = {"format": 2, "computed_at": 1234.5, "opis": 0.0123, "eps_opis": None,
-            "tenants": {"b": {"far": 0.5, "label": "b"}, "a": {"far": None, "label": "a"}},
-            "score_buckets": [-1.0, 0.35, 0.4012345678901234, 1.0], "name": "caf\u00e9"}
+SNAPSHOT = {
+    "format": 2,
+    "computed_at": 1234.5,
+    "opis": 0.0123,
+    "eps_opis": None,
+    "tenants": {"b": {"far": 0.5, "label": "b"}, "a": {"far": None, "label": "a"}},
+    "score_buckets": [-1.0, 0.35, 0.4012345678901234, 1.0],
+    "name": "caf\u00e9",
+}
 
 
 @pytest.fixture(params=STORES)
@@ -113,8 +119,15 @@ def test_sqlite_adds_the_table_to_an_existing_file(tmp_path: Path) -> None:
 # ``Monitor.refresh`` over ``populate``'s data at clock 5000.0 with MONITOR_CONFIG and the
 # synthetic artefact of test_drift_signals (held-out embeddings: count-matched references).
 STORED_V3 = Path(__file__).parent / "golden" / "monitor_snapshot_v3.json"
-MONITOR_CONFIG = {"min_pairs": 5, "tenant_label_cap": 2, "fine_step": 0.1, "coarse_step": 0.1,
-                  "reference_draws": 4, "bootstrap_resamples": 20, "min_subjects": 3}
+MONITOR_CONFIG = {
+    "min_pairs": 5,
+    "tenant_label_cap": 2,
+    "fine_step": 0.1,
+    "coarse_step": 0.1,
+    "reference_draws": 4,
+    "bootstrap_resamples": 20,
+    "min_subjects": 3,
+}
 
 
 def populate(store: Store, version: str, tau: float) -> None:
@@ -122,29 +135,43 @@ def populate(store: Store, version: str, tau: float) -> None:
     (one without a candidate, one of another model), gamma with 2 subjects of 2 images and 3
     decisions (not in OPIS, folded into ``other`` by the label cap)."""
     rng = np.random.default_rng(2024)
-    for i, (name, subjects, per, n) in enumerate((("alpha", 6, 3, 30), ("beta", 6, 3, 30),
-                                                  ("gamma", 2, 2, 3))):
+    for i, (name, subjects, per, n) in enumerate(
+        (("alpha", 6, 3, 30), ("beta", 6, 3, 30), ("gamma", 2, 2, 3))
+    ):
         at = float(i)
         store.create_tenant(Tenant(name, name, at), ApiKey(f"k-{name}", name, "0" * 64, at))
         x, y = identities(rng, subjects, per, noise=0.9 + 0.3 * i)
-        store.add_items(name, [NewItem(f"i{j}", f"s{k}", x[j]) for j, k in enumerate(y)],
-                        model_version=version, created_at=0.0)
+        store.add_items(
+            name,
+            [NewItem(f"i{j}", f"s{k}", x[j]) for j, k in enumerate(y)],
+            model_version=version,
+            created_at=0.0,
+        )
         for d in range(n):
             genuine = d % 2 == 0
             score = float(np.clip(rng.normal(tau + (0.2 if genuine else -0.25), 0.1), -1, 1))
             accepted = score >= tau
             top = None if d == n - 1 else f"s{d % subjects}"
-            match = MatchRecord(f"m-{name}-{d}", name, accepted, top if accepted else None,
-                                None if top is None else "i0", top,
-                                None if top is None else score, tau,
-                                "older-model" if d == 1 else version, 4000.0 + d)
+            match = MatchRecord(
+                f"m-{name}-{d}",
+                name,
+                accepted,
+                top if accepted else None,
+                None if top is None else "i0",
+                top,
+                None if top is None else score,
+                tau,
+                "older-model" if d == 1 else version,
+                4000.0 + d,
+            )
             store.add_match(match)
             if top is None:  # an empty gallery's reject: an outcome, no pair
                 label, outcome = None, "true_reject"
             else:
                 label, outcome = genuine, decision_outcome(accepted=accepted, genuine=genuine)
-            store.add_feedback(Feedback(match.match_id, name, None, None, label, outcome,
-                                        4500.0 + d))
+            store.add_feedback(
+                Feedback(match.match_id, name, None, None, label, outcome, 4500.0 + d)
+            )
 
 
 def assert_same_document(got: Any, want: Any, path: str = "") -> None:
@@ -173,8 +200,13 @@ def stored_variants() -> list[dict[str, Any]]:
     assert "note" not in doc["subjects"]["pooled"]["reference"]  # optional keys left out
     other = json.loads(STORED_V3.read_text())
     other["tenants"]["alpha"]["subjects"]["reference"] = {
-        "lo": 0.01, "mid": 0.02, "hi": 0.02, "matched": False, "draws": 0,
-        "note": "the artefact keeps no held-out embeddings"}
+        "lo": 0.01,
+        "mid": 0.02,
+        "hi": 0.02,
+        "matched": False,
+        "draws": 0,
+        "note": "the artefact keeps no held-out embeddings",
+    }
     del other["tenants"]["beta"]["subjects"]
     other["subjects"] = other["tenants_reference"] = None
     return [doc, other]
@@ -194,16 +226,21 @@ def test_a_stored_snapshot_round_trips_through_the_model_unchanged(store: Store)
         assert from_stored(store.get_monitor_snapshot()) == snap
 
 
-def test_the_builder_stores_what_the_previous_version_stored(tmp_path: Path,
-                                                            sqlite_stores) -> None:
+def test_the_builder_stores_what_the_previous_version_stored(tmp_path: Path, sqlite_stores) -> None:
     """The same data and configuration give the same stored document as before the snapshot
     was typed (the stored shape is a contract between replicas of different versions)."""
     path = artefact_dir(tmp_path)
     manifest = read_manifest(path)
     store = sqlite_stores()
     populate(store, manifest.model_version, manifest.calibration.tau)
-    mon = Monitor(store, manifest, ServiceMetrics(CollectorRegistry(), tenant_label_cap=2),
-                  MonitorConfig(**MONITOR_CONFIG), clock=lambda: 5000.0, artefact_path=path)
+    mon = Monitor(
+        store,
+        manifest,
+        ServiceMetrics(CollectorRegistry(), tenant_label_cap=2),
+        MonitorConfig(**MONITOR_CONFIG),
+        clock=lambda: 5000.0,
+        artefact_path=path,
+    )
     snap = mon.refresh(force=True)
     assert snap.tenants_reference is not None and snap.excluded_tenants == ["gamma"]
     assert_same_document(store.get_monitor_snapshot(), json.loads(STORED_V3.read_text()))

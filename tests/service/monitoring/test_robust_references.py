@@ -23,8 +23,9 @@ from tests.service.monitoring.test_monitor import DIM, add_gallery, new_tenant
 HEALTHY = 5
 
 
-def attacker_gallery(store: Store, name: str, rng: np.random.Generator, subjects: int, *,
-                     mixed: bool) -> None:
+def attacker_gallery(
+    store: Store, name: str, rng: np.random.Generator, subjects: int, *, mixed: bool
+) -> None:
     """A crafted gallery of 2 images per subject at random directions. ``mixed``: half the
     subjects are two copies of one image (genuine score 1: utility ~1 over the range), half an
     image and its opposite (genuine score -1: utility 0), the most inconsistent subjects there
@@ -41,8 +42,7 @@ def attacker_gallery(store: Store, name: str, rng: np.random.Generator, subjects
 
 def healthy_tenants(store: Store, *, drifted: int = 0, per_subject: int = 3) -> None:
     for i in range(HEALTHY):
-        gallery(store, f"t{i}", np.random.default_rng(40 + i), 20, per_subject,
-                drifted=drifted)
+        gallery(store, f"t{i}", np.random.default_rng(40 + i), 20, per_subject, drifted=drifted)
 
 
 def test_trimmed_pool_leaves_out_the_most_influential_group() -> None:
@@ -66,8 +66,7 @@ def test_trimmed_pool_leaves_out_the_most_influential_group() -> None:
     assert robust_max_deviation(attacked) <= 2 * healthy_max
 
 
-def test_one_tenant_cannot_fire_the_pooled_subjects_alert(tmp_path: Path,
-                                                         sqlite_stores) -> None:
+def test_one_tenant_cannot_fire_the_pooled_subjects_alert(tmp_path: Path, sqlite_stores) -> None:
     """Five healthy tenants and one whose gallery is crafted to maximise OPIS: the pooled
     signal stays under the alert's factor x its reference's upper bound (the attacker is left
     out); drift in every tenant still crosses it."""
@@ -87,9 +86,11 @@ def test_one_tenant_cannot_fire_the_pooled_subjects_alert(tmp_path: Path,
     drifting = sqlite_stores()
     healthy_tenants(drifting, drifted=10)
     drift, _ = pooled_ratio(drifting)
-    print(f"pooled across subjects, live / reference hi: healthy {healthy:.3g}, "
-          f"with an attacker {attacked:.3g} (alert above {factor}), every tenant drifting "
-          f"{drift:.3g}; pooled {pooled}")
+    print(
+        f"pooled across subjects, live / reference hi: healthy {healthy:.3g}, "
+        f"with an attacker {attacked:.3g} (alert above {factor}), every tenant drifting "
+        f"{drift:.3g}; pooled {pooled}"
+    )
     assert healthy < factor
     assert attacked < factor
     assert pooled.left_out_tenant == "attacker"
@@ -110,27 +111,31 @@ def measured(store: Store, path: Path, *, attacker: bool):
     return mon, snap
 
 
-def test_an_outlier_tenant_does_not_widen_the_deviation_bound(tmp_path: Path,
-                                                              sqlite_stores) -> None:
+def test_an_outlier_tenant_does_not_widen_the_deviation_bound(
+    tmp_path: Path, sqlite_stores
+) -> None:
     """The across-tenants deviation bound measured with an attacker present stays near the
     healthy tenants' own (about the plain farthest healthy tenant's, where healthy-only leaves
     that one out: within 3x, not the attacker's hundreds), so the attacker stands out."""
     path = artefact_dir(tmp_path)
     _, clean = measured(sqlite_stores(), path, attacker=False)
     _, snap = measured(sqlite_stores(), path, attacker=True)
-    healthy, attacked = clean.tenants_reference.deviation["hi"], snap.tenants_reference.deviation[
-        "hi"]
+    healthy, attacked = (
+        clean.tenants_reference.deviation["hi"],
+        snap.tenants_reference.deviation["hi"],
+    )
     factor = config_factor("tenant_deviation_factor")
     bound = factor * max(attacked, config_factor("opis_reference_floor"))
-    print(f"deviation bound (hi) healthy {healthy:.4g}, with the attacker at measurement "
-          f"{attacked:.4g} ({attacked / healthy:.3g}x); attacker's deviation "
-          f"{snap.tenants['attacker'].deviation:.4g} vs alert bound {bound:.4g}")
+    print(
+        f"deviation bound (hi) healthy {healthy:.4g}, with the attacker at measurement "
+        f"{attacked:.4g} ({attacked / healthy:.3g}x); attacker's deviation "
+        f"{snap.tenants['attacker'].deviation:.4g} vs alert bound {bound:.4g}"
+    )
     assert attacked < 3.0 * healthy
     assert snap.tenants["attacker"].deviation > bound
 
 
-def test_the_reference_is_remeasured_when_a_tenant_leaves(tmp_path: Path,
-                                                          sqlite_stores) -> None:
+def test_the_reference_is_remeasured_when_a_tenant_leaves(tmp_path: Path, sqlite_stores) -> None:
     """Measured with the attacker present; once it is deleted, the next refresh re-measures
     the reference on the tenants left, which gives exactly the healthy-only reference. A tenant
     joining does not re-measure it."""
@@ -141,15 +146,16 @@ def test_the_reference_is_remeasured_when_a_tenant_leaves(tmp_path: Path,
     before = snap.tenants_reference
     assert store.delete_tenant("attacker")
     after = mon.refresh(force=True).tenants_reference
-    print(f"deviation bound (hi): measured with the attacker {before.deviation['hi']:.4g} over "
-          f"{before.tenants} tenants; after it left {after.deviation['hi']:.4g} over "
-          f"{after.tenants} (healthy-only {clean.tenants_reference.deviation['hi']:.4g})")
+    print(
+        f"deviation bound (hi): measured with the attacker {before.deviation['hi']:.4g} over "
+        f"{before.tenants} tenants; after it left {after.deviation['hi']:.4g} over "
+        f"{after.tenants} (healthy-only {clean.tenants_reference.deviation['hi']:.4g})"
+    )
     assert after.tenants == HEALTHY
     ref = clean.tenants_reference
     assert after.deviation["hi"] == pytest.approx(ref.deviation["hi"], rel=1e-9)
     assert after.opis == pytest.approx(ref.opis, rel=1e-9)
     doc, _ = store.get_model_registry()
-    assert doc["tenant_reference_members"][after.model_version] == [
-        f"t{i}" for i in range(HEALTHY)]
+    assert doc["tenant_reference_members"][after.model_version] == [f"t{i}" for i in range(HEALTHY)]
     gallery(store, "late", np.random.default_rng(77), 20, 4)
     assert mon.refresh(force=True).tenants_reference == after

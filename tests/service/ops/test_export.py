@@ -41,8 +41,9 @@ def test_class_folders_are_safe_and_distinct() -> None:
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_export_dataset(kind: str, artefact: Path, store_settings, digits: Digits,
-                        tmp_path: Path) -> None:
+def test_export_dataset(
+    kind: str, artefact: Path, store_settings, digits: Digits, tmp_path: Path
+) -> None:
     settings = make_settings(artefact, store_settings(kind))
     with TestClient(create_app(settings)) as c:
         tenants = {}
@@ -50,31 +51,40 @@ def test_export_dataset(kind: str, artefact: Path, store_settings, digits: Digit
             r = c.post("/v1/tenants", json={"name": name}, headers=ADMIN).json()
             auth = {"Authorization": f"Bearer {r['api_key']}"}
             tenants[name] = r["tenant_id"]
-            items = [{"subject": s, "image": b64_png(digits.images[10 * j + i]),
-                      "item_id": f"i{j}-{i}"} for j, s in enumerate(subjects)
-                     for i in range(3)]
+            items = [
+                {"subject": s, "image": b64_png(digits.images[10 * j + i]), "item_id": f"i{j}-{i}"}
+                for j, s in enumerate(subjects)
+                for i in range(3)
+            ]
             items.append({"subject": "vec", "embedding": unit(3), "item_id": "vec-only"})
             items.append({"subject": "lonely", "image": b64_png(digits.images[99])})
             assert c.post("/v1/gallery", json={"items": items}, headers=auth).status_code == 201
-        match = c.post("/v1/match", json={"image": b64_png(digits.images[10]), "k": 1},
-                       headers=auth).json()
-        c.post("/v1/feedback", json={"match_id": match["match_id"], "true_subject": "z"},
-               headers=auth)
+        match = c.post(
+            "/v1/match", json={"image": b64_png(digits.images[10]), "k": 1}, headers=auth
+        ).json()
+        c.post(
+            "/v1/feedback", json={"match_id": match["match_id"], "true_subject": "z"}, headers=auth
+        )
         store = c.app.state.runtime.store
         out = tmp_path / "export"
-        summary = export_dataset(store, out, tenants=[tenants["a"], tenants["b"]],
-                                 min_images_per_subject=2)
+        summary = export_dataset(
+            store, out, tenants=[tenants["a"], tenants["b"]], min_images_per_subject=2
+        )
         assert summary["num_classes"] == 3 and summary["num_images"] == 9
-        assert summary["items_without_image"] == {tenants["a"]: ["vec-only"],
-                                                  tenants["b"]: ["vec-only"]}
+        assert summary["items_without_image"] == {
+            tenants["a"]: ["vec-only"],
+            tenants["b"]: ["vec-only"],
+        }
         assert summary["feedback_records"] == 0  # the labelled match was the skipped tenant's
         assert {v["subject"] for v in summary["classes"].values()} == {"x@1", "y"}
         # the bytes are the enrolled ones, and tcm-train reads the folder as it is
         folder = out / class_folder(tenants["a"], "y")
         assert sorted(p.read_bytes() for p in folder.iterdir()) == sorted(
-            base64.b64decode(b64_png(digits.images[10 + i])) for i in range(3))
-        train, test = load_raw(load_config(None, ["dataset=imagefolder", f"data_dir={out}",
-                                                  "test_fraction=0.34"]))
+            base64.b64decode(b64_png(digits.images[10 + i])) for i in range(3)
+        )
+        train, test = load_raw(
+            load_config(None, ["dataset=imagefolder", f"data_dir={out}", "test_fraction=0.34"])
+        )
         assert len(train.labels) + len(test.labels) == 9
         assert json.loads((out / "export.json").read_text())["num_images"] == 9
         everyone = export_dataset(store, tmp_path / "all")
@@ -86,24 +96,33 @@ def test_export_dataset(kind: str, artefact: Path, store_settings, digits: Digit
         with pytest.raises(ValueError, match="no such tenants"):
             export_dataset(store, tmp_path / "none", tenants=["nope"])
     # the command line, on the same store (the service is stopped: nothing else needed)
-    env = {"TCM_ARTEFACT_PATH": str(artefact), "TCM_STORE_URL": settings.store_url,
-           "TCM_REDIS_KEY_PREFIX": settings.redis_key_prefix}
-    result = CliRunner().invoke(serve_cli, ["export-dataset", "--out", str(tmp_path / "cli")],
-                                env=env)
+    env = {
+        "TCM_ARTEFACT_PATH": str(artefact),
+        "TCM_STORE_URL": settings.store_url,
+        "TCM_REDIS_KEY_PREFIX": settings.redis_key_prefix,
+    }
+    result = CliRunner().invoke(
+        serve_cli, ["export-dataset", "--out", str(tmp_path / "cli")], env=env
+    )
     assert result.exit_code == 0, result.output
     assert "exported 12 images of 4 subjects from 3 tenants" in result.output
-    result = CliRunner().invoke(serve_cli, ["export-dataset", "--out", str(tmp_path / "cli")],
-                                env=env)
+    result = CliRunner().invoke(
+        serve_cli, ["export-dataset", "--out", str(tmp_path / "cli")], env=env
+    )
     assert result.exit_code == 1 and "not empty" in result.output
 
 
-def test_export_refuses_a_store_that_does_not_exist(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_refuses_a_store_that_does_not_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Regression: run from another folder, the default sqlite:///./data/tcm.db was created
     empty and "exported 0 images" with exit 0."""
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(serve_cli, ["export-dataset", "--out", "out"],
-                                env={"TCM_STORE_URL": "sqlite:///./data/tcm.db"})
+    result = CliRunner().invoke(
+        serve_cli,
+        ["export-dataset", "--out", "out"],
+        env={"TCM_STORE_URL": "sqlite:///./data/tcm.db"},
+    )
     assert result.exit_code == 1
     assert "no store at sqlite:///./data/tcm.db" in result.output
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
@@ -112,17 +131,24 @@ def test_export_refuses_a_store_that_does_not_exist(tmp_path: Path,
     from service.store import open_store
 
     open_store(Settings(store_url=f"sqlite:///{tmp_path / 'empty.db'}")).close()
-    result = CliRunner().invoke(serve_cli, ["export-dataset", "--out", "out"],
-                                env={"TCM_STORE_URL": f"sqlite:///{tmp_path / 'empty.db'}"})
+    result = CliRunner().invoke(
+        serve_cli,
+        ["export-dataset", "--out", "out"],
+        env={"TCM_STORE_URL": f"sqlite:///{tmp_path / 'empty.db'}"},
+    )
     assert result.exit_code == 1 and "holds no tenants" in result.output
 
 
 def test_models_cli_against_a_running_service(tmp_path: Path, artefact: Path) -> None:
     v2 = make_version(artefact, tmp_path / "v2", "digits-test-v2", 7)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TCM_")}
-    env |= {"TCM_ARTEFACT_PATH": str(artefact), "TCM_DEVICE": "cpu",
-            "TCM_STORE_URL": f"sqlite:///{tmp_path / 'tcm.db'}", "TCM_MODEL_POLL_S": "0.1",
-            "TCM_MODEL_RETIRE_GRACE_S": "0.1"}
+    env |= {
+        "TCM_ARTEFACT_PATH": str(artefact),
+        "TCM_DEVICE": "cpu",
+        "TCM_STORE_URL": f"sqlite:///{tmp_path / 'tcm.db'}",
+        "TCM_MODEL_POLL_S": "0.1",
+        "TCM_MODEL_RETIRE_GRACE_S": "0.1",
+    }
     port = free_port()
     proc, token = _start(env, port)
     cli_env = {"TCM_ADMIN_TOKEN": token, "TCM_URL": f"http://127.0.0.1:{port}"}

@@ -193,8 +193,14 @@ def new_key(server: ServerProcess) -> str:
 
 def import_file(server: ServerProcess, key: str, source: Path, **kw: Any) -> dict[str, int]:
     options: dict[str, Any] = {
-        "subjects": None, "ids": None, "id_prefix": None, "batch_size": 50, "concurrency": 2,
-        "state_path": None, "restart": False, "retries": 2,
+        "subjects": None,
+        "ids": None,
+        "id_prefix": None,
+        "batch_size": 50,
+        "concurrency": 2,
+        "state_path": None,
+        "restart": False,
+        "retries": 2,
     }
     return run_import(source=source, url=server.base, api_key=key, **{**options, **kw})
 
@@ -202,7 +208,7 @@ def import_file(server: ServerProcess, key: str, source: Path, **kw: Any) -> dic
 def by_row(items: list[dict], prefix: str) -> dict[int, str]:
     """Derived item ids ``<prefix><row>`` -> {row: subject}."""
     assert all(it["item_id"].startswith(prefix) for it in items)
-    return {int(it["item_id"][len(prefix):]): it["subject"] for it in items}
+    return {int(it["item_id"][len(prefix) :]): it["subject"] for it in items}
 
 
 def stored_vectors(server: ServerProcess, key: str, item_ids: list[str]) -> np.ndarray:
@@ -215,8 +221,9 @@ def stored_vectors(server: ServerProcess, key: str, item_ids: list[str]) -> np.n
 
 
 @pytest.fixture(scope="module")
-def npy_import(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
-               ) -> tuple[str, list[dict], str]:
+def npy_import(
+    server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, list[dict], str]:
     """The reference: ``P`` rows imported from a .npy matrix (ids ``faces-<hash>-<row>``)."""
     work = tmp_path_factory.mktemp("npy-ref")
     np.save(work / "faces.npy", unit_vectors(P, seed=1))
@@ -235,8 +242,10 @@ def test_parquet_import_equals_npy(
     vecs = unit_vectors(P, seed=1)
     src = write_parquet(
         tmp_path / "faces.parquet",
-        {"subject": subjects_of(P), ("embedding_b64" if kind == "b64" else "embedding"):
-         embedding_column(vecs, kind)},
+        {
+            "subject": subjects_of(P),
+            ("embedding_b64" if kind == "b64" else "embedding"): embedding_column(vecs, kind),
+        },
     )
     key = new_key(server)
     counts = import_file(server, key, src)
@@ -271,8 +280,12 @@ def test_parquet_metadata_and_item_ids(server: ServerProcess, tmp_path: Path, fo
     ids = [f"item.{i}" if i % 2 else None for i in range(n)]  # null: the derived id
     src = write_parquet(
         tmp_path / "meta.parquet",
-        {"subject": subjects_of(n), "embedding": embedding_column(unit_vectors(n, 2),
-         "list_float32"), "item_id": pa.array(ids, pa.string()), "metadata": column},
+        {
+            "subject": subjects_of(n),
+            "embedding": embedding_column(unit_vectors(n, 2), "list_float32"),
+            "item_id": pa.array(ids, pa.string()),
+            "metadata": column,
+        },
         row_group_size=8,
     )
     key = new_key(server)
@@ -294,8 +307,9 @@ def test_parquet_import_resumes_after_kill_without_duplicates(
     )
     state = tmp_path / "big.parquet.import.json"
     key = new_key(server)
-    done = kill_once_stored(run_cli([str(src), "--batch-size", "100"], key, server.base), state,
-                            500)
+    done = kill_once_stored(
+        run_cli([str(src), "--batch-size", "100"], key, server.base), state, 500
+    )
     assert 500 <= done < N, done
     # the state lags behind the store by whole batches (a kill between the answer and the state
     # write): the resent batches are found stored (409 for exactly their ids), not doubled
@@ -318,8 +332,10 @@ def test_parquet_import_resumes_after_kill_without_duplicates(
 def test_parquet_resume_starts_at_the_row_group_of_its_first_row(tmp_path: Path) -> None:
     src = write_parquet(
         tmp_path / "r.parquet",
-        {"subject": subjects_of(P), "embedding": embedding_column(unit_vectors(P, 4),
-         "list_float32")},
+        {
+            "subject": subjects_of(P),
+            "embedding": embedding_column(unit_vectors(P, 4), "list_float32"),
+        },
     )
     pf = pq.ParquetFile(src)
     assert _row_groups_from(pf.metadata, 0) == ([0, 1, 2, 3], 0)

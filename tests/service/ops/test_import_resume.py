@@ -90,8 +90,14 @@ def embeddings(server: ServerProcess, key: str) -> dict[str, tuple[str, np.ndarr
 
 def importer(server: ServerProcess, key: str, source: Path, **kw: Any) -> dict[str, int]:
     options: dict[str, Any] = {
-        "subjects": None, "ids": None, "id_prefix": None, "batch_size": 50, "concurrency": 1,
-        "state_path": None, "restart": False, "retries": 2,
+        "subjects": None,
+        "ids": None,
+        "id_prefix": None,
+        "batch_size": 50,
+        "concurrency": 1,
+        "state_path": None,
+        "restart": False,
+        "retries": 2,
     }
     return run_import(source=source, url=server.base, api_key=key, **{**options, **kw})
 
@@ -124,8 +130,11 @@ def test_a_second_file_with_the_same_stem_is_stored(server: ServerProcess, tmp_p
     b = write_npy(tmp_path / "b" / "faces.npy", n, seed=11, subject="b")
     key = new_key(server)
     for src in (a, b):
-        rc, out = cli([str(src), "--subjects", str(src.parent / "subjects.txt"),
-                       "--batch-size", "50"], key, server.base)
+        rc, out = cli(
+            [str(src), "--subjects", str(src.parent / "subjects.txt"), "--batch-size", "50"],
+            key,
+            server.base,
+        )
         assert rc == 0, out
         assert f"{n} rows: {n} stored now, 0 stored by an earlier run, 0 found" in out, out
     items = embeddings(server, key)
@@ -134,16 +143,19 @@ def test_a_second_file_with_the_same_stem_is_stored(server: ServerProcess, tmp_p
         mine = [(iid, v) for iid, v in items.items() if v[0].startswith(subject)]
         assert len(mine) == n and all(iid.startswith("faces-") for iid, _ in mine)
         rows = {int(iid.rsplit("-", 1)[1]): v for iid, v in mine}
-        np.testing.assert_allclose(np.stack([rows[r][1] for r in range(n)]),
-                                   vectors(n, seed), atol=1e-6)
+        np.testing.assert_allclose(
+            np.stack([rows[r][1] for r in range(n)]), vectors(n, seed), atol=1e-6
+        )
 
 
 @pytest.mark.slow
 def test_a_409_on_a_fresh_run_is_an_error(server: ServerProcess, tmp_path: Path) -> None:
     """Before: a fresh run whose batch was answered 409 for exactly its ids took it for its
     own (exit 0, "found already stored") though nothing of the source was written."""
-    rows = [{"subject": f"s{i}", "item_id": f"item-{i}", "embedding": v.tolist()}
-            for i, v in enumerate(vectors(20, seed=12))]
+    rows = [
+        {"subject": f"s{i}", "item_id": f"item-{i}", "embedding": v.tolist()}
+        for i, v in enumerate(vectors(20, seed=12))
+    ]
     first = tmp_path / "first.jsonl"
     first.write_text("".join(json.dumps(r) + "\n" for r in rows))
     key = new_key(server)
@@ -174,12 +186,23 @@ def test_a_foreign_409_mid_way_stays_an_error_on_the_next_run(
     of counting them "already stored"."""
     src = write_npy(tmp_path / "faces.npy", 200, seed=13)
     key = new_key(server)
-    foreign = [{"subject": "other", "item_id": f"x-{r}", "embedding": vectors(1, r)[0].tolist()}
-               for r in range(100, 150)]
+    foreign = [
+        {"subject": "other", "item_id": f"x-{r}", "embedding": vectors(1, r)[0].tolist()}
+        for r in range(100, 150)
+    ]
     with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {key}"}) as c:
         assert c.post("/v1/gallery", json={"items": foreign}).status_code == 201
-    args = [str(src), "--subjects", str(tmp_path / "subjects.txt"), "--id-prefix", "x-",
-            "--batch-size", "50", "--concurrency", "1"]
+    args = [
+        str(src),
+        "--subjects",
+        str(tmp_path / "subjects.txt"),
+        "--id-prefix",
+        "x-",
+        "--batch-size",
+        "50",
+        "--concurrency",
+        "1",
+    ]
     for _ in range(2):
         rc, out = cli(args, key, server.base)
         assert rc == 1, out
@@ -303,12 +326,30 @@ def test_a_state_of_the_old_format_is_not_resumed(tmp_path: Path) -> None:
     src = write_npy(tmp_path / "faces.npy", 20, seed=18)
     st = src.stat()
     state = tmp_path / "faces.npy.import.json"
-    state.write_text(json.dumps({"source": str(src.resolve()), "size": st.st_size,
-                                 "mtime_ns": st.st_mtime_ns, "done": 10}))
+    state.write_text(
+        json.dumps(
+            {
+                "source": str(src.resolve()),
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "done": 10,
+            }
+        )
+    )
     with pytest.raises(ImportError_) as info:
-        run_import(source=src, url="http://127.0.0.1:9", api_key="k",
-                   subjects=tmp_path / "subjects.txt", ids=None, id_prefix=None, batch_size=5,
-                   concurrency=1, state_path=None, restart=False, retries=0)
+        run_import(
+            source=src,
+            url="http://127.0.0.1:9",
+            api_key="k",
+            subjects=tmp_path / "subjects.txt",
+            ids=None,
+            id_prefix=None,
+            batch_size=5,
+            concurrency=1,
+            state_path=None,
+            restart=False,
+            retries=0,
+        )
     assert "written by an older tcm-serve import" in str(info.value)
     assert "pass --restart" in str(info.value)
 
@@ -369,9 +410,21 @@ def bad_file(tmp_path: Path, case: str) -> tuple[list[str], str]:
     return [str(src)], f"{src}.import.json is not a readable import state"
 
 
-BAD_FILES = ["object_npy", "truncated_npy", "scalar_npy", "not_npy", "subjects_not_utf8",
-             "subjects_missing", "nan_npy", "jsonl_not_utf8", "jsonl_not_json", "jsonl_nan",
-             "jsonl_huge_int", "jsonl_item_id_not_string", "damaged_state"]
+BAD_FILES = [
+    "object_npy",
+    "truncated_npy",
+    "scalar_npy",
+    "not_npy",
+    "subjects_not_utf8",
+    "subjects_missing",
+    "nan_npy",
+    "jsonl_not_utf8",
+    "jsonl_not_json",
+    "jsonl_nan",
+    "jsonl_huge_int",
+    "jsonl_item_id_not_string",
+    "damaged_state",
+]
 
 
 @pytest.mark.parametrize("case", BAD_FILES)

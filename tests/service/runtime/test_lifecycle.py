@@ -33,8 +33,12 @@ from tests.service.conftest import (
 from tests.service.runtime.test_restart import _answers as answers
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-FAST = {"model_poll_s": 0.1, "model_heartbeat_s": 0.2, "model_retire_grace_s": 0.5,
-        "monitor_interval_s": 3600.0}
+FAST = {
+    "model_poll_s": 0.1,
+    "model_heartbeat_s": 0.2,
+    "model_retire_grace_s": 0.5,
+    "monitor_interval_s": 3600.0,
+}
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
@@ -61,10 +65,16 @@ def new_tenant(c: TestClient, name: str) -> dict[str, str]:
 
 
 def enrol_digits(c: TestClient, auth: dict[str, str], digits: Digits, idx: range) -> None:
-    items = [{"subject": f"d{int(digits.labels[i])}", "image": b64_png(digits.images[i]),
-              "item_id": f"img-{i}"} for i in idx]
+    items = [
+        {
+            "subject": f"d{int(digits.labels[i])}",
+            "image": b64_png(digits.images[i]),
+            "item_id": f"img-{i}",
+        }
+        for i in idx
+    ]
     for start in range(0, len(items), 50):
-        r = c.post("/v1/gallery", json={"items": items[start:start + 50]}, headers=auth)
+        r = c.post("/v1/gallery", json={"items": items[start : start + 50]}, headers=auth)
         assert r.status_code == 201, r.text
 
 
@@ -128,8 +138,10 @@ def test_registry_compare_and_set(kind: str, store_settings, artefact: Path) -> 
             counter["n"] += 1
             return d
 
-        threads = [threading.Thread(target=lambda: [registry.update(bump) for _ in range(10)])
-                   for _ in range(4)]
+        threads = [
+            threading.Thread(target=lambda: [registry.update(bump) for _ in range(10)])
+            for _ in range(4)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -141,8 +153,9 @@ def test_registry_compare_and_set(kind: str, store_settings, artefact: Path) -> 
 
 # --- hot swap ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", STORES)
-def test_swap_under_traffic_then_rollback(kind: str, artefact: Path, store_settings,
-                                          digits: Digits, tmp_path: Path) -> None:
+def test_swap_under_traffic_then_rollback(
+    kind: str, artefact: Path, store_settings, digits: Digits, tmp_path: Path
+) -> None:
     v1 = read_manifest(artefact).model_version
     v2_dir = make_version(artefact, tmp_path / "v2", "digits-test-v2", 7)
     settings = make_settings(artefact, store_settings(kind), embed_max_batch=8, **FAST)
@@ -152,8 +165,11 @@ def test_swap_under_traffic_then_rollback(kind: str, artefact: Path, store_setti
         b = new_tenant(c, "b")
         enrol_digits(c, a, digits, range(0, 150))
         enrol_digits(c, b, digits, range(150, 250))
-        r = c.post("/v1/gallery", headers=b, json={"items": [
-            {"subject": "vec", "embedding": unit(1), "item_id": "vec-only"}]})
+        r = c.post(
+            "/v1/gallery",
+            headers=b,
+            json={"items": [{"subject": "vec", "embedding": unit(1), "item_id": "vec-only"}]},
+        )
         assert r.status_code == 201
         tenant_b = c.get("/v1/tenants", headers=ADMIN).json()["tenants"][1]["tenant_id"]
         before = answers(c, a, queries)
@@ -168,8 +184,9 @@ def test_swap_under_traffic_then_rollback(kind: str, artefact: Path, store_setti
                 q = queries[(n + i) % len(queries)]
                 t0 = time.monotonic()
                 r = c.post("/v1/match", json=q, headers=a if n % 2 else b)
-                results[n].append((t0, time.monotonic(), r.status_code,
-                                   r.json().get("model_version")))
+                results[n].append(
+                    (t0, time.monotonic(), r.status_code, r.json().get("model_version"))
+                )
                 i += 1
 
         threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
@@ -181,8 +198,10 @@ def test_swap_under_traffic_then_rollback(kind: str, artefact: Path, store_setti
             assert r.status_code == 201, r.text
             r = c.post("/v1/models/digits-test-v2/activate", headers=ADMIN)
             assert r.status_code == 202, r.text
-            assert c.post("/v1/models/digits-test-v2/activate", headers=ADMIN
-                          ).json()["code"] == "activation_in_progress"
+            assert (
+                c.post("/v1/models/digits-test-v2/activate", headers=ADMIN).json()["code"]
+                == "activation_in_progress"
+            )
             wait_for(lambda: switched(c, "digits-test-v2"), what="the switch")
             switched_at = time.monotonic()
             time.sleep(0.5)
@@ -216,8 +235,10 @@ def test_swap_under_traffic_then_rollback(kind: str, artefact: Path, store_setti
         # the monitor follows: its baseline is the new artefact's
         assert c.app.state.monitor.manifest.model_version == "digits-test-v2"
         new_baseline = read_manifest(v2_dir).baseline.opis
-        assert f"tcm_opis_baseline {new_baseline!r}" in metrics or \
-            f"tcm_opis_baseline {new_baseline}" in metrics
+        assert (
+            f"tcm_opis_baseline {new_baseline!r}" in metrics
+            or f"tcm_opis_baseline {new_baseline}" in metrics
+        )
         after = answers(c, a, queries)
         assert all(x["model_version"] == "digits-test-v2" for x in after)
         assert [x["candidates"] for x in after] != [x["candidates"] for x in before]
@@ -264,8 +285,9 @@ def test_admin_errors(artefact: Path, store_settings, tmp_path: Path) -> None:
 
 # --- interrupted swaps ----------------------------------------------------------------------
 @pytest.mark.parametrize("kind", STORES)
-def test_interrupted_swap_resumes_after_restart(kind: str, artefact: Path, store_settings,
-                                                digits: Digits, tmp_path: Path) -> None:
+def test_interrupted_swap_resumes_after_restart(
+    kind: str, artefact: Path, store_settings, digits: Digits, tmp_path: Path
+) -> None:
     """A process died mid-activation: the registry says running (heartbeat stopped), half the
     items have the new embedding. The restarted service serves the old model, then takes the
     activation over, finishes it and switches; no index ever held both versions."""
@@ -280,12 +302,17 @@ def test_interrupted_swap_resumes_after_restart(kind: str, artefact: Path, store
         lifecycle = rt.lifecycle
         c.post("/v1/models", json={"path": str(v2_dir)}, headers=ADMIN)
         # what a crash leaves: the activation begun, 40 items embedded, then silence
-        lifecycle.registry.update(lambda d: reg.begin(d, "digits-test-v2", kind="activate",
-                                                      owner="dead-process", now=time.time()))
+        lifecycle.registry.update(
+            lambda d: reg.begin(
+                d, "digits-test-v2", kind="activate", owner="dead-process", now=time.time()
+            )
+        )
         v1_vectors = rt.store.gallery_vectors(tid, model_version=v1)
-        rt.store.put_embeddings(tid, dict(zip(v1_vectors.item_ids[:40],
-                                              -v1_vectors.vectors[:40], strict=True)),
-                                model_version="digits-test-v2")
+        rt.store.put_embeddings(
+            tid,
+            dict(zip(v1_vectors.item_ids[:40], -v1_vectors.vectors[:40], strict=True)),
+            model_version="digits-test-v2",
+        )
     with TestClient(create_app(settings)) as c:
         rt = c.app.state.runtime
         assert rt.serving.model_version == v1  # the old model serves until the switch
@@ -298,9 +325,9 @@ def test_interrupted_swap_resumes_after_restart(kind: str, artefact: Path, store
         assert doc["activation"] is None and doc["history"][-1]["version"] == "digits-test-v2"
 
 
-def test_interrupted_swap_to_a_lost_artefact_is_abandoned(artefact: Path, store_settings,
-                                                          digits: Digits, tmp_path: Path
-                                                          ) -> None:
+def test_interrupted_swap_to_a_lost_artefact_is_abandoned(
+    artefact: Path, store_settings, digits: Digits, tmp_path: Path
+) -> None:
     v1 = read_manifest(artefact).model_version
     v2_dir = make_version(artefact, tmp_path / "v2", "digits-test-v2", 7)
     settings = make_settings(artefact, store_settings("sqlite"), **FAST)
@@ -308,47 +335,60 @@ def test_interrupted_swap_to_a_lost_artefact_is_abandoned(artefact: Path, store_
         a = new_tenant(c, "a")
         enrol_digits(c, a, digits, range(0, 20))
         c.post("/v1/models", json={"path": str(v2_dir)}, headers=ADMIN)
-        c.app.state.runtime.lifecycle.registry.update(lambda d: reg.begin(
-            d, "digits-test-v2", kind="activate", owner="dead-process", now=time.time()))
+        c.app.state.runtime.lifecycle.registry.update(
+            lambda d: reg.begin(
+                d, "digits-test-v2", kind="activate", owner="dead-process", now=time.time()
+            )
+        )
         before = answers(c, a, [{"embedding": unit(3), "k": 3}])
     shutil.rmtree(v2_dir)
     with TestClient(create_app(settings)) as c:
-        doc = wait_for(lambda: (lambda d: d if d["activation"]["state"] == "failed" else None)(
-            c.get("/v1/models", headers=ADMIN).json()), what="the abandoned activation")
+        doc = wait_for(
+            lambda: (lambda d: d if d["activation"]["state"] == "failed" else None)(
+                c.get("/v1/models", headers=ADMIN).json()
+            ),
+            what="the abandoned activation",
+        )
         assert doc["active"] == v1 and doc["served"] == v1
         assert "manifest.json" in doc["activation"]["error"]
         assert answers(c, a, [{"embedding": unit(3), "k": 3}]) == before
         tid = next(iter(c.app.state.runtime.serving.indexes.sizes()))
         index_matches_store(c, tid)
         # a failed activation does not block the next one
-        assert c.post("/v1/models/rollback", headers=ADMIN).json()["code"] == \
-            "no_previous_version"
+        assert c.post("/v1/models/rollback", headers=ADMIN).json()["code"] == "no_previous_version"
 
 
 # --- replicas and retention -----------------------------------------------------------------
 @pytest.mark.redis
-def test_replica_follows_the_registry(artefact: Path, store_settings, digits: Digits,
-                                      tmp_path: Path) -> None:
+def test_replica_follows_the_registry(
+    artefact: Path, store_settings, digits: Digits, tmp_path: Path
+) -> None:
     v2_dir = make_version(artefact, tmp_path / "v2", "digits-test-v2", 7)
     store = store_settings("redis")
     settings = make_settings(artefact, store, **FAST)
     with TestClient(create_app(settings)) as c1, TestClient(create_app(settings)) as c2:
         a = new_tenant(c1, "a")
         enrol_digits(c1, a, digits, range(0, 60))
-        wait_for(lambda: sum(c2.app.state.runtime.serving.indexes.sizes().values()) == 60,
-                 what="replica 2 to see the enrolment")
+        wait_for(
+            lambda: sum(c2.app.state.runtime.serving.indexes.sizes().values()) == 60,
+            what="replica 2 to see the enrolment",
+        )
         c1.post("/v1/models", json={"path": str(v2_dir)}, headers=ADMIN)
         assert c1.post("/v1/models/digits-test-v2/activate", headers=ADMIN).status_code == 202
         wait_for(lambda: switched(c1, "digits-test-v2"), what="replica 1 to switch")
-        wait_for(lambda: c2.get("/v1/model").json()["model_version"] == "digits-test-v2",
-                 what="replica 2 to follow")
+        wait_for(
+            lambda: c2.get("/v1/model").json()["model_version"] == "digits-test-v2",
+            what="replica 2 to follow",
+        )
         # replica 2 re-embedded nothing: replica 1 had stored the embeddings already
         assert c2.get("/v1/model").json()["activation"]["items_embedded"] == 0
         # an item enrolled on one replica is found with the new model on the other
         enrol_digits(c2, a, digits, range(500, 501))
         tid = next(iter(c1.app.state.runtime.serving.indexes.sizes()))
-        wait_for(lambda: len(c1.app.state.runtime.serving.indexes.get(tid)) == 61,
-                 what="replica 1 to index the new item")
+        wait_for(
+            lambda: len(c1.app.state.runtime.serving.indexes.get(tid)) == 61,
+            what="replica 1 to index the new item",
+        )
         q = [{"image": b64_png(digits.images[500]), "k": 1}]
         assert answers(c1, a, q) == answers(c2, a, q)
         assert answers(c1, a, q)[0]["candidates"][0]["item_id"] == "img-500"
@@ -356,13 +396,15 @@ def test_replica_follows_the_registry(artefact: Path, store_settings, digits: Di
         index_matches_store(c2, tid)
 
 
-def test_retention_drops_old_embeddings(artefact: Path, store_settings, digits: Digits,
-                                        tmp_path: Path) -> None:
+def test_retention_drops_old_embeddings(
+    artefact: Path, store_settings, digits: Digits, tmp_path: Path
+) -> None:
     v1 = read_manifest(artefact).model_version
-    dirs = {v: make_version(artefact, tmp_path / v, v, s)
-            for v, s in (("digits-test-v2", 7), ("digits-test-v3", 8))}
-    settings = make_settings(artefact, store_settings("sqlite"), model_retain_versions=2,
-                             **FAST)
+    dirs = {
+        v: make_version(artefact, tmp_path / v, v, s)
+        for v, s in (("digits-test-v2", 7), ("digits-test-v3", 8))
+    }
+    settings = make_settings(artefact, store_settings("sqlite"), model_retain_versions=2, **FAST)
     with TestClient(create_app(settings)) as c:
         a = new_tenant(c, "a")
         enrol_digits(c, a, digits, range(0, 30))

@@ -35,19 +35,22 @@ def _answers(c: TestClient, auth: dict, queries: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_restart_rebuilds_indexes(kind: str, artefact: Path, store_settings, digits: Digits
-                                  ) -> None:
+def test_restart_rebuilds_indexes(
+    kind: str, artefact: Path, store_settings, digits: Digits
+) -> None:
     settings = make_settings(artefact, store_settings(kind))
-    queries = ([{"embedding": unit(i), "k": 4} for i in range(5)]
-               + [{"image": b64_png(digits.images[i]), "k": 4} for i in range(40, 44)])
+    queries = [{"embedding": unit(i), "k": 4} for i in range(5)] + [
+        {"image": b64_png(digits.images[i]), "k": 4} for i in range(40, 44)
+    ]
     with TestClient(create_app(settings)) as c:
         tenants = []
         for t in range(3):
             r = c.post("/v1/tenants", json={"name": f"t{t}"}, headers=ADMIN).json()
             auth = {"Authorization": f"Bearer {r['api_key']}"}
             items = [{"subject": f"s{i % 3}", "embedding": unit(i + 10 * t)} for i in range(8)]
-            items += [{"subject": f"d{i}", "image": b64_png(digits.images[40 + i])}
-                      for i in range(4)]
+            items += [
+                {"subject": f"d{i}", "image": b64_png(digits.images[40 + i])} for i in range(4)
+            ]
             assert c.post("/v1/gallery", json={"items": items}, headers=auth).status_code == 201
             tenants.append(auth)
         # some deletes, which the rebuilt index must not resurrect
@@ -69,8 +72,9 @@ def _served(c: TestClient) -> str:
 
 def _switch(c: TestClient, path: str, *, version: str | None = None) -> None:
     """Activates ``version`` (or rolls back when None) and waits for the switch."""
-    r = c.post(f"/v1/models/{version}/activate" if version else "/v1/models/rollback",
-               headers=ADMIN)
+    r = c.post(
+        f"/v1/models/{version}/activate" if version else "/v1/models/rollback", headers=ADMIN
+    )
     assert r.status_code == 202, r.text
     deadline = time.monotonic() + 60
     want = version or r.json()["version"]
@@ -80,8 +84,9 @@ def _switch(c: TestClient, path: str, *, version: str | None = None) -> None:
 
 
 @pytest.mark.parametrize("kind", STORES)
-def test_new_model_version_reembeds_stored_images(kind: str, artefact: Path, store_settings,
-                                                  digits: Digits, tmp_path: Path) -> None:
+def test_new_model_version_reembeds_stored_images(
+    kind: str, artefact: Path, store_settings, digits: Digits, tmp_path: Path
+) -> None:
     """Items enrolled from images are re-embedded by a new model; embedding-only items cannot
     be and are left out of its index (but stay listed)."""
     store = store_settings(kind)
@@ -89,9 +94,16 @@ def test_new_model_version_reembeds_stored_images(kind: str, artefact: Path, sto
     with TestClient(create_app(make_settings(artefact, store))) as c:
         r = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN).json()
         auth = {"Authorization": f"Bearer {r['api_key']}"}
-        c.post("/v1/gallery", headers=auth, json={"items": [
-            {"subject": "img", "image": b64_png(digits.images[7]), "item_id": "img"},
-            {"subject": "vec", "embedding": unit(1), "item_id": "vec"}]})
+        c.post(
+            "/v1/gallery",
+            headers=auth,
+            json={
+                "items": [
+                    {"subject": "img", "image": b64_png(digits.images[7]), "item_id": "img"},
+                    {"subject": "vec", "embedding": unit(1), "item_id": "vec"},
+                ]
+            },
+        )
     # restarted with v2 configured: it is staged, the fleet keeps serving v1 until activated
     with TestClient(create_app(make_settings(v2, store, **FAST_SWITCH))) as c:
         assert _served(c) == "digits-test-v1"
@@ -101,15 +113,17 @@ def test_new_model_version_reembeds_stored_images(kind: str, artefact: Path, sto
         _switch(c, str(v2), version="digits-test-v2")
         runtime = c.app.state.runtime
         assert runtime.serving.model_version == "digits-test-v2" and runtime.sync.skipped_items == 1
-        m = c.post("/v1/match", json={"image": b64_png(digits.images[7]), "k": 5},
-                   headers=auth).json()
+        m = c.post(
+            "/v1/match", json={"image": b64_png(digits.images[7]), "k": 5}, headers=auth
+        ).json()
         assert m["model_version"] == "digits-test-v2"
         assert [x["item_id"] for x in m["candidates"]] == ["img"]
         assert m["candidates"][0]["score"] == pytest.approx(1.0, abs=1e-5)
         listed = c.get("/v1/gallery", headers=auth).json()["items"]
         assert [x["item_id"] for x in listed] == ["img", "vec"]
-        r = c.post("/v1/verify", json={"a": {"item_id": "vec"}, "b": {"item_id": "img"}},
-                   headers=auth)
+        r = c.post(
+            "/v1/verify", json={"a": {"item_id": "vec"}, "b": {"item_id": "img"}}, headers=auth
+        )
         assert r.status_code == 409 and r.json()["code"] == "not_embedded"
         # the old model still finds both: its embeddings were kept
         _switch(c, str(artefact))
@@ -122,7 +136,8 @@ FAST_SWITCH = {"model_poll_s": 0.1, "model_retire_grace_s": 0.1}
 
 @pytest.mark.parametrize("kind", STORES)
 def test_starting_a_process_never_switches_the_served_model(
-        kind: str, artefact: Path, store_settings, tmp_path: Path) -> None:
+    kind: str, artefact: Path, store_settings, tmp_path: Path
+) -> None:
     """Regression (issue 25): a second process started with another artefact (on Redis: a
     replica; on SQLite: after the first stopped) used to make the registry's active model its
     own, and the running fleet switched to it. Starting never switches: only an activation
@@ -147,14 +162,13 @@ def test_starting_a_process_never_switches_the_served_model(
             assert _served(b) == "digits-test-v1"
             assert b.get("/v1/models", headers=ADMIN).json()["active"] == "digits-test-v1"
             assert "digits-test-v2" in {
-                v["model_version"]
-                for v in b.get("/v1/models", headers=ADMIN).json()["versions"]}
+                v["model_version"] for v in b.get("/v1/models", headers=ADMIN).json()["versions"]
+            }
 
 
-def test_a_second_server_on_one_sqlite_store_is_refused(artefact: Path, store_settings,
-                                                        tmp_path: Path,
-                                                        caplog: pytest.LogCaptureFixture
-                                                        ) -> None:
+def test_a_second_server_on_one_sqlite_store_is_refused(
+    artefact: Path, store_settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A SQLite store has no change feed: a second serving process's indexes would never see
     the first one's writes (and, before, its start-up switched the first one's model). It is
     refused with a message that says what to do; the first keeps serving; once the first has
@@ -164,13 +178,17 @@ def test_a_second_server_on_one_sqlite_store_is_refused(artefact: Path, store_se
     store = store_settings("sqlite")
     v2 = make_version(artefact, tmp_path / "v2", "digits-test-v2", 9)
     with TestClient(create_app(make_settings(artefact, store))) as a:
-        with pytest.raises(StoreInUseError, match="already served by pid"), \
-                TestClient(create_app(make_settings(v2, store))):
+        with (
+            pytest.raises(StoreInUseError, match="already served by pid"),
+            TestClient(create_app(make_settings(v2, store))),
+        ):
             pass
         assert "run replicas on Redis" in caplog.text
         assert a.get("/readyz").status_code == 200
-        assert a.get("/v1/models", headers=ADMIN).json()["versions"][0]["model_version"] \
+        assert (
+            a.get("/v1/models", headers=ADMIN).json()["versions"][0]["model_version"]
             == "digits-test-v1"
+        )
         assert len(a.get("/v1/models", headers=ADMIN).json()["versions"]) == 1  # not staged
     with TestClient(create_app(make_settings(artefact, store))) as a:
         assert a.get("/readyz").status_code == 200
@@ -183,13 +201,17 @@ def test_sqlite_locked_is_503_then_recovers(artefact: Path, store_settings) -> N
     with TestClient(create_app(settings)) as c:
         r = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN).json()
         auth = {"Authorization": f"Bearer {r['api_key']}"}
-        blocker = sqlite3.connect(store["store_url"].removeprefix("sqlite:///"),
-                                  isolation_level=None)
+        blocker = sqlite3.connect(
+            store["store_url"].removeprefix("sqlite:///"), isolation_level=None
+        )
         blocker.execute("BEGIN EXCLUSIVE")
         try:
             started = time.monotonic()
-            r = c.post("/v1/gallery", json={"items": [{"subject": "s", "embedding": unit(1)}]},
-                       headers=auth)
+            r = c.post(
+                "/v1/gallery",
+                json={"items": [{"subject": "s", "embedding": unit(1)}]},
+                headers=auth,
+            )
             assert r.status_code == 503, r.text
             assert r.json()["code"] == "store_unavailable"
             assert "locked" in r.json()["message"]
@@ -197,7 +219,8 @@ def test_sqlite_locked_is_503_then_recovers(artefact: Path, store_settings) -> N
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
-        r = c.post("/v1/gallery", json={"items": [{"subject": "s", "embedding": unit(1)}]},
-                   headers=auth)
+        r = c.post(
+            "/v1/gallery", json={"items": [{"subject": "s", "embedding": unit(1)}]}, headers=auth
+        )
         assert r.status_code == 201
         assert "tcm_store_errors_total 1.0" in c.get("/metrics").text

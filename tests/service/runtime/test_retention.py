@@ -22,8 +22,9 @@ from tests.service.store.test_redis_down import RedisProcess
 
 
 @pytest.fixture(params=STORES)
-def store(request: pytest.FixtureRequest, artefact: Path,
-          store_settings: Callable[[str], dict[str, Any]]) -> Iterator[Store]:
+def store(
+    request: pytest.FixtureRequest, artefact: Path, store_settings: Callable[[str], dict[str, Any]]
+) -> Iterator[Store]:
     s = open_store(Settings(artefact_path=artefact, **store_settings(request.param)))
     yield s
     s.close()
@@ -35,15 +36,17 @@ def _tenant(store: Store) -> str:
     return tid
 
 
-def _matches(store: Store, tid: str, times: list[float], *, label_every: int = 0
-             ) -> list[str]:
-    records = [MatchRecord(f"{tid[:6]}-m{i:04d}", tid, True, "s", "i", "s", 0.9, 0.5, "v", t)
-               for i, t in enumerate(times)]
+def _matches(store: Store, tid: str, times: list[float], *, label_every: int = 0) -> list[str]:
+    records = [
+        MatchRecord(f"{tid[:6]}-m{i:04d}", tid, True, "s", "i", "s", 0.9, 0.5, "v", t)
+        for i, t in enumerate(times)
+    ]
     store.add_matches(records)
     for i, r in enumerate(records):
         if label_every and i % label_every == 0:
-            store.add_feedback(Feedback(r.match_id, tid, "s", True, True, "true_accept",
-                                        r.created_at + 1))
+            store.add_feedback(
+                Feedback(r.match_id, tid, "s", True, True, "true_accept", r.created_at + 1)
+            )
     return [r.match_id for r in records]
 
 
@@ -113,7 +116,8 @@ def test_redis_reads_only_labelled_records(private_redis: RedisProcess) -> None:
 
 @pytest.mark.redis
 def test_redis_store_from_before_the_labelled_index_is_backfilled(
-        private_redis: RedisProcess) -> None:
+    private_redis: RedisProcess,
+) -> None:
     store = RedisStore(private_redis.url, prefix="old:", timeout_s=5.0)
     admin = redis.Redis(port=private_redis.port)
     try:
@@ -134,8 +138,7 @@ def test_redis_store_from_before_the_labelled_index_is_backfilled(
 
 
 @pytest.mark.redis
-def test_redis_gallery_read_for_the_monitor_sends_no_metadata(
-        private_redis: RedisProcess) -> None:
+def test_redis_gallery_read_for_the_monitor_sends_no_metadata(private_redis: RedisProcess) -> None:
     """Regression (issue 25, item 12): the monitor's gallery read (vectors and subjects only)
     pulled every item's metadata too. Counted in the bytes Redis sends back."""
     import numpy as np
@@ -147,8 +150,12 @@ def test_redis_gallery_read_for_the_monitor_sends_no_metadata(
     try:
         tid = _tenant(store)
         vec = np.ones(16, np.float32) / 4
-        store.add_items(tid, [NewItem(f"i{i}", f"s{i % 5}", vec, {"blob": "x" * 2000})
-                              for i in range(300)], model_version="v", created_at=1.0)
+        store.add_items(
+            tid,
+            [NewItem(f"i{i}", f"s{i % 5}", vec, {"blob": "x" * 2000}) for i in range(300)],
+            model_version="v",
+            created_at=1.0,
+        )
 
         def sent(**kw: Any) -> tuple[int, Any]:
             before = int(admin.info("stats")["total_net_output_bytes"])

@@ -169,15 +169,20 @@ def wire_prefix() -> str:
 @pytest.fixture(scope="module")
 def wire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wire]:
     if shutil.which("redis-server") is None:  # the convention of conftest's redis_server_binary
-        pytest.fail("redis-server is not installed (apt-get install redis-server): the Redis "
-                    "process tests start their own servers", pytrace=False)
+        pytest.fail(
+            "redis-server is not installed (apt-get install redis-server): the Redis "
+            "process tests start their own servers",
+            pytrace=False,
+        )
     server = RedisProcess(free_port(), tmp_path_factory.mktemp("redis"))
     server.start()
     try:
         with redis.Redis(port=server.port) as admin:
             admin.script_load(ADD_ITEMS_LUA)
-        batch = [NewItem(item_id=f"w{i:05d}", subject=f"s{i % 50}", embedding=v)
-                 for i, v in enumerate(units(WIRE_ITEMS, seed=3, dim=WIRE_DIM))]
+        batch = [
+            NewItem(item_id=f"w{i:05d}", subject=f"s{i % 50}", embedding=v)
+            for i, v in enumerate(units(WIRE_ITEMS, seed=3, dim=WIRE_DIM))
+        ]
         prefix = wire_prefix()
         with FaultProxy(("127.0.0.1", server.port), record=True) as proxy:
             direct = RedisStore(server.url, prefix=prefix)
@@ -193,10 +198,16 @@ def wire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wire]:
         sent = bytes(conn.upstream_data or b"")
         assert sent.count(MULTI) == 1 and sent.endswith(EXEC), sent[:600]
         multi = sent.index(MULTI)
-        yield Wire(server, batch, watch_at=sent.index(b"*2\r\n$5\r\nWATCH\r\n"),
-                   script_exists_at=sent.index(b"*3\r\n$6\r\nSCRIPT\r\n$6\r\nEXISTS\r\n"),
-                   multi_at=multi, evalsha_at=multi + len(MULTI), exec_at=len(sent) - len(EXEC),
-                   end=len(sent))
+        yield Wire(
+            server,
+            batch,
+            watch_at=sent.index(b"*2\r\n$5\r\nWATCH\r\n"),
+            script_exists_at=sent.index(b"*3\r\n$6\r\nSCRIPT\r\n$6\r\nEXISTS\r\n"),
+            multi_at=multi,
+            evalsha_at=multi + len(MULTI),
+            exec_at=len(sent) - len(EXEC),
+            end=len(sent),
+        )
     finally:
         server.kill()
 
@@ -225,7 +236,8 @@ WIRE_CUTS: dict[str, Callable[[Wire], Cut]] = {
 @pytest.mark.redis
 @pytest.mark.parametrize("where", list(WIRE_CUTS))
 def test_connection_cut_at_a_byte_of_a_bulk_enrolment_is_all_or_nothing(
-        wire: Wire, where: str) -> None:
+    wire: Wire, where: str
+) -> None:
     """The connection is cut at one byte of the commit (after the batch's items were staged),
     or after Redis has the whole request but before its reply comes back: add_items raises
     StoreUnavailableError, and the batch is stored wholly (lost reply: the script ran exactly
@@ -248,8 +260,9 @@ def test_connection_cut_at_a_byte_of_a_bulk_enrolment_is_all_or_nothing(
         assert count in (0, n), (where, count)
         assert admin.exists(*item_keys) == count, where
         assert admin.zcard(direct._tenant("t", "subjects")) == (50 if count else 0), where
-        first, last = (direct.get_item("t", it.item_id, model_version="v")
-                       for it in (batch[0], batch[-1]))
+        first, last = (
+            direct.get_item("t", it.item_id, model_version="v") for it in (batch[0], batch[-1])
+        )
         assert (first is None) == (last is None) == (count == 0), where
         return count
 
@@ -312,7 +325,8 @@ def test_connection_cut_at_a_byte_of_a_bulk_enrolment_is_all_or_nothing(
 
 @pytest.mark.redis
 def test_the_atomic_commit_does_not_carry_the_vectors(
-        tmp_path: Path, redis_server_binary: str) -> None:
+    tmp_path: Path, redis_server_binary: str
+) -> None:
     """Regression (issue 25, item 12): a 10,000-item enrolment was one script carrying every
     vector, which held Redis for everyone for 132-332 ms (PING waited 342 ms). The vectors are
     now staged by pipelines Redis interleaves with other clients, and the atomic commit (MULTI,
@@ -326,8 +340,10 @@ def test_the_atomic_commit_does_not_carry_the_vectors(
         with redis.Redis(port=server.port) as admin:
             admin.script_load(ADD_ITEMS_LUA)
         for dim in (16, 1024):
-            batch = [NewItem(item_id=f"w{i:05d}", subject=f"s{i % 50}", embedding=v)
-                     for i, v in enumerate(units(1000, seed=3, dim=dim))]
+            batch = [
+                NewItem(item_id=f"w{i:05d}", subject=f"s{i % 50}", embedding=v)
+                for i, v in enumerate(units(1000, seed=3, dim=dim))
+            ]
             prefix = wire_prefix()
             with FaultProxy(("127.0.0.1", server.port), record=True) as proxy:
                 direct = RedisStore(server.url, prefix=prefix)

@@ -46,10 +46,16 @@ def new_tenant(c: TestClient) -> dict[str, str]:
 
 
 @pytest.fixture
-def limited(artefact: Path, store_settings: Callable[[str], dict[str, Any]],
-            request: pytest.FixtureRequest) -> Iterator[TestClient]:
-    settings = make_settings(artefact, store_settings(request.param), rate_limit_per_s=RATE,
-                             rate_limit_burst=BURST, monitor_enabled=False)
+def limited(
+    artefact: Path, store_settings: Callable[[str], dict[str, Any]], request: pytest.FixtureRequest
+) -> Iterator[TestClient]:
+    settings = make_settings(
+        artefact,
+        store_settings(request.param),
+        rate_limit_per_s=RATE,
+        rate_limit_burst=BURST,
+        monitor_enabled=False,
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -71,8 +77,12 @@ def test_limit_hit_is_429_other_tenant_unaffected_and_refills(limited: TestClien
     assert body["detail"]["retry_after_s"] == retry_after
     assert body["detail"]["limit_per_s"] == RATE and body["detail"]["burst"] == BURST
     # every tenant route is behind the limit, and refused requests take no token
-    for method, path in (("GET", "/v1/gallery/x"), ("DELETE", "/v1/subjects/s"),
-                         ("POST", "/v1/feedback"), ("GET", "/v1/monitor")):
+    for method, path in (
+        ("GET", "/v1/gallery/x"),
+        ("DELETE", "/v1/subjects/s"),
+        ("POST", "/v1/feedback"),
+        ("GET", "/v1/monitor"),
+    ):
         assert c.request(method, path, headers=a).status_code == 429, path
 
     # another tenant has its own bucket
@@ -91,8 +101,9 @@ def test_limit_hit_is_429_other_tenant_unaffected_and_refills(limited: TestClien
     assert c.get("/v1/gallery", headers=a).status_code == 429  # one token came back, not more
 
 
-def test_limit_off_by_default(artefact: Path,
-                              store_settings: Callable[[str], dict[str, Any]]) -> None:
+def test_limit_off_by_default(
+    artefact: Path, store_settings: Callable[[str], dict[str, Any]]
+) -> None:
     settings = make_settings(artefact, store_settings("sqlite"), monitor_enabled=False)
     assert settings.rate_limit_per_s == 0
     with TestClient(create_app(settings)) as c:
@@ -102,19 +113,22 @@ def test_limit_off_by_default(artefact: Path,
 
 
 @pytest.mark.redis
-def test_redis_bucket_is_shared_by_replicas(artefact: Path,
-                                            store_settings: Callable[[str], dict[str, Any]]
-                                            ) -> None:
+def test_redis_bucket_is_shared_by_replicas(
+    artefact: Path, store_settings: Callable[[str], dict[str, Any]]
+) -> None:
     """Two replicas on one Redis share each tenant's bucket: together they allow the burst."""
     store = store_settings("redis")
-    settings = make_settings(artefact, store, rate_limit_per_s=RATE, rate_limit_burst=BURST,
-                             monitor_enabled=False)
+    settings = make_settings(
+        artefact, store, rate_limit_per_s=RATE, rate_limit_burst=BURST, monitor_enabled=False
+    )
     with ExitStack() as stack:
         one = stack.enter_context(TestClient(create_app(settings)))
         two = stack.enter_context(TestClient(create_app(settings)))
         a = new_tenant(one)
-        codes = [(one if i % 2 else two).get("/v1/gallery", headers=a).status_code
-                 for i in range(BURST + 2)]
+        codes = [
+            (one if i % 2 else two).get("/v1/gallery", headers=a).status_code
+            for i in range(BURST + 2)
+        ]
         assert codes == [200] * BURST + [429, 429]
         r = redis.Redis.from_url(REDIS_URL)
         try:
@@ -129,7 +143,8 @@ def test_redis_bucket_is_shared_by_replicas(artefact: Path,
 
 @pytest.mark.redis
 def test_redis_script_is_atomic_under_concurrency(
-        store_settings: Callable[[str], dict[str, Any]]) -> None:
+    store_settings: Callable[[str], dict[str, Any]],
+) -> None:
     """16 threads on 4 connections race for one bucket: exactly ``burst`` requests get in."""
     prefix = store_settings("redis")["redis_key_prefix"]
     burst = 25
@@ -196,8 +211,11 @@ def test_settings() -> None:
     assert burst_of(0.5) == 1
     assert burst_of(7.5) == 8
     assert burst_of(7.5, 100) == 100
-    for bad in ({"rate_limit_per_s": -1}, {"rate_limit_per_s": float("inf")},
-                {"rate_limit_burst": -1}):
+    for bad in (
+        {"rate_limit_per_s": -1},
+        {"rate_limit_per_s": float("inf")},
+        {"rate_limit_burst": -1},
+    ):
         with pytest.raises(ValidationError):
             Settings(**bad)
 
@@ -227,10 +245,16 @@ SLOW, CAP = 1e-3, 5
 
 
 @pytest.fixture
-def costly(artefact: Path, store_settings: Callable[[str], dict[str, Any]],
-           request: pytest.FixtureRequest) -> Iterator[TestClient]:
-    settings = make_settings(artefact, store_settings(request.param), rate_limit_per_s=SLOW,
-                             rate_limit_burst=CAP, monitor_enabled=False)
+def costly(
+    artefact: Path, store_settings: Callable[[str], dict[str, Any]], request: pytest.FixtureRequest
+) -> Iterator[TestClient]:
+    settings = make_settings(
+        artefact,
+        store_settings(request.param),
+        rate_limit_per_s=SLOW,
+        rate_limit_burst=CAP,
+        monitor_enabled=False,
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -326,8 +350,13 @@ def test_each_route_costs_its_work(costly: TestClient, digits: Digits) -> None:
         ("POST", "/v1/match/upload", {"files": upload}, 200, 1),
         ("POST", "/v1/match/batch", {"json": {"queries": [emb] * 4}}, 200, 4),
         ("POST", "/v1/verify", {"json": {"a": emb, "b": {"image": img}}}, 200, 1),
-        ("POST", "/v1/verify/upload",
-         {"files": {"a": ("a.png", png, "image/png"), "b": ("b.png", png, "image/png")}}, 200, 1),
+        (
+            "POST",
+            "/v1/verify/upload",
+            {"files": {"a": ("a.png", png, "image/png"), "b": ("b.png", png, "image/png")}},
+            200,
+            1,
+        ),
         ("POST", "/v1/embed", {"json": {"images": [img] * 2}}, 200, 2),
         ("POST", "/v1/embed/upload", {"files": upload}, 200, 1),
         ("POST", "/v1/feedback", {"json": {"match_id": "nope", "correct": True}}, 404, 1),
@@ -342,15 +371,15 @@ def test_each_route_costs_its_work(costly: TestClient, digits: Digits) -> None:
 
 
 @pytest.mark.parametrize("kind", ["local", pytest.param("redis", marks=pytest.mark.redis)])
-def test_limiters_charge_costs(kind: str,
-                               store_settings: Callable[[str], dict[str, Any]]) -> None:
+def test_limiters_charge_costs(kind: str, store_settings: Callable[[str], dict[str, Any]]) -> None:
     """Both limiters, directly: a take of n units takes n; a refused take takes nothing and
     gives back what the same request prepaid; more than the burst is never admissible."""
     client = None
     if kind == "redis":
         client = redis.Redis.from_url(REDIS_URL)
-        lim: Any = RedisRateLimiter(client, prefix=store_settings("redis")["redis_key_prefix"],
-                                    rate=SLOW, burst=CAP)
+        lim: Any = RedisRateLimiter(
+            client, prefix=store_settings("redis")["redis_key_prefix"], rate=SLOW, burst=CAP
+        )
     else:
         lim = LocalRateLimiter(SLOW, CAP)
     try:
@@ -380,7 +409,8 @@ def test_limiters_charge_costs(kind: str,
 
 @pytest.mark.parametrize("kind", ["local", pytest.param("redis", marks=pytest.mark.redis)])
 def test_costly_takes_are_atomic_under_concurrency(
-        kind: str, store_settings: Callable[[str], dict[str, Any]]) -> None:
+    kind: str, store_settings: Callable[[str], dict[str, Any]]
+) -> None:
     """16 threads take 3 units at a time from one bucket of 25: exactly 8 get in (24 units),
     whatever the interleaving."""
     burst, cost = 25, 3
@@ -388,8 +418,9 @@ def test_costly_takes_are_atomic_under_concurrency(
     if kind == "redis":
         prefix = store_settings("redis")["redis_key_prefix"]
         clients = [redis.Redis.from_url(REDIS_URL) for _ in range(4)]
-        limiters: list[Any] = [RedisRateLimiter(cl, prefix=prefix, rate=1e-4, burst=burst)
-                               for cl in clients]
+        limiters: list[Any] = [
+            RedisRateLimiter(cl, prefix=prefix, rate=1e-4, burst=burst) for cl in clients
+        ]
     else:
         limiters = [LocalRateLimiter(1e-4, burst)]
     allowed: list[bool] = []

@@ -42,9 +42,24 @@ class RedisProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.data_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
         while True:
@@ -74,15 +89,23 @@ def server(tmp_path: Path) -> Iterator[RedisProcess]:
         srv.kill()
 
 
-def test_redis_down_is_503_and_recovers(server: RedisProcess, artefact: Path,
-                                        digits: Digits) -> None:
+def test_redis_down_is_503_and_recovers(
+    server: RedisProcess, artefact: Path, digits: Digits
+) -> None:
     settings = make_settings(artefact, {"store_url": server.url}, store_timeout_s=0.5)
     with TestClient(create_app(settings)) as c:
         key = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN).json()["api_key"]
         auth = {"Authorization": f"Bearer {key}"}
-        c.post("/v1/gallery", headers=auth, json={"items": [
-            {"subject": "a", "embedding": unit(1), "item_id": "a1"},
-            {"subject": "d", "image": b64_png(digits.images[3]), "item_id": "d1"}]})
+        c.post(
+            "/v1/gallery",
+            headers=auth,
+            json={
+                "items": [
+                    {"subject": "a", "embedding": unit(1), "item_id": "a1"},
+                    {"subject": "d", "image": b64_png(digits.images[3]), "item_id": "d1"},
+                ]
+            },
+        )
         query = {"embedding": unit(1), "k": 2}
         before = c.post("/v1/match", json=query, headers=auth).json()
 
@@ -90,8 +113,7 @@ def test_redis_down_is_503_and_recovers(server: RedisProcess, artefact: Path,
         started = time.monotonic()
         requests = [
             ("POST", "/v1/match", {"json": query}),
-            ("POST", "/v1/gallery", {"json": {"items": [{"subject": "b",
-                                                          "embedding": unit(2)}]}}),
+            ("POST", "/v1/gallery", {"json": {"items": [{"subject": "b", "embedding": unit(2)}]}}),
             ("GET", "/v1/gallery/a1", {}),
             ("POST", "/v1/verify", {"json": {"a": {"item_id": "a1"}, "b": {"subject": "d"}}}),
             ("POST", "/v1/feedback", {"json": {"match_id": before["match_id"], "correct": True}}),
@@ -116,11 +138,13 @@ def test_redis_down_is_503_and_recovers(server: RedisProcess, artefact: Path,
         after = c.post("/v1/match", json=query, headers=auth).json()
         assert after["candidates"] == before["candidates"]
         assert after["decision"] == before["decision"]
-        fb = c.post("/v1/feedback", json={"match_id": before["match_id"], "correct": True},
-                    headers=auth)
+        fb = c.post(
+            "/v1/feedback", json={"match_id": before["match_id"], "correct": True}, headers=auth
+        )
         assert fb.status_code == 201
-        r = c.post("/v1/gallery", json={"items": [{"subject": "b", "embedding": unit(2)}]},
-                   headers=auth)
+        r = c.post(
+            "/v1/gallery", json={"items": [{"subject": "b", "embedding": unit(2)}]}, headers=auth
+        )
         assert r.status_code == 201
         assert "tcm_store_errors_total" in c.get("/metrics").text
 
@@ -141,8 +165,11 @@ def test_start_with_redis_down_then_recover(tmp_path: Path, artefact: Path) -> N
             assert c.get("/readyz").status_code == 200
             key = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN).json()["api_key"]
             auth = {"Authorization": f"Bearer {key}"}
-            c.post("/v1/gallery", json={"items": [{"subject": "a", "embedding": unit(1)}]},
-                   headers=auth)
+            c.post(
+                "/v1/gallery",
+                json={"items": [{"subject": "a", "embedding": unit(1)}]},
+                headers=auth,
+            )
             m = c.post("/v1/match", json={"embedding": unit(1)}, headers=auth).json()
             assert m["decision"]["subject"] == "a"
     finally:

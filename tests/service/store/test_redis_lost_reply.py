@@ -56,7 +56,8 @@ def start_activation(doc: reg.Doc) -> reg.Doc:
 
 
 def test_a_lost_registry_reply_is_not_a_conflict_with_itself(
-        proxy: FaultProxy, prefixes: list[str]) -> None:
+    proxy: FaultProxy, prefixes: list[str]
+) -> None:
     start = {**reg.empty(), "versions": {"v1": {}, "v2": {}}, "active": "v1"}
 
     def setup() -> tuple[RedisStore, RedisStore]:

@@ -39,8 +39,13 @@ def test_sentinel_urls_parse() -> None:
     u = SentinelURL.parse("redis+sentinel://app:pw@s1:26379/m")
     assert (u.username, u.password) == ("app", "pw")
     assert Settings(store_url="redis+sentinel://s1:26379/m").store_url.startswith("redis+")
-    for bad in ("redis+sentinel://s1/m", "redis+sentinel://s1:26379", "redis+sentinel://s1:x/m",
-                "redis+sentinel://s1:26379/m/zero", "redis+sentinel://s1:26379/m?db=1"):
+    for bad in (
+        "redis+sentinel://s1/m",
+        "redis+sentinel://s1:26379",
+        "redis+sentinel://s1:x/m",
+        "redis+sentinel://s1:26379/m/zero",
+        "redis+sentinel://s1:26379/m?db=1",
+    ):
         with pytest.raises(ValidationError):
             Settings(store_url=bad)
 
@@ -62,9 +67,25 @@ class Topology:
 def _redis(port: int, data: Path, *extra: str) -> subprocess.Popen[bytes]:
     data.mkdir()
     return subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "yes", "--appendfsync", "always", "--dir", str(data), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(data),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _wait(check: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -91,15 +112,27 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
             f"port {sp}\nbind 127.0.0.1\ndir {tmp_path}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {pp} 1\n"
             f"sentinel down-after-milliseconds {SERVICE} 500\n"
-            f"sentinel failover-timeout {SERVICE} 5000\n")
-        procs.append(subprocess.Popen(["redis-server", str(conf), "--sentinel"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            f"sentinel failover-timeout {SERVICE} 5000\n"
+        )
+        procs.append(
+            subprocess.Popen(
+                ["redis-server", str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         replica = redis.Redis(port=rp, socket_timeout=0.5)
         sentinel = redis.Redis(port=sp, socket_timeout=0.5)
-        _wait(lambda: replica.info("replication")["master_link_status"] == "up", 15,
-              "the replica did not sync")
-        _wait(lambda: len(sentinel.sentinel_slaves(SERVICE)) == 1, 15,
-              "Sentinel did not discover the replica")
+        _wait(
+            lambda: replica.info("replication")["master_link_status"] == "up",
+            15,
+            "the replica did not sync",
+        )
+        _wait(
+            lambda: len(sentinel.sentinel_slaves(SERVICE)) == 1,
+            15,
+            "Sentinel did not discover the replica",
+        )
         replica.close()
         sentinel.close()
         yield Topology(procs[0], pp, procs[1], rp, procs[2], sp)
@@ -110,14 +143,18 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
 
 
 def test_service_on_sentinel_survives_a_failover(topology: Topology, artefact: Path) -> None:
-    settings = make_settings(artefact, {"store_url": topology.url,
-                                        "redis_key_prefix": "tcm:"}, store_timeout_s=0.5)
+    settings = make_settings(
+        artefact, {"store_url": topology.url, "redis_key_prefix": "tcm:"}, store_timeout_s=0.5
+    )
     with TestClient(create_app(settings)) as c, TestClient(create_app(settings)) as other:
         key = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN)
         assert key.status_code == 201, key.text
         auth = {"Authorization": f"Bearer {key.json()['api_key']}"}
-        r = c.post("/v1/gallery", headers=auth, json={"items": [
-            {"subject": "a", "embedding": unit(1), "item_id": "before"}]})
+        r = c.post(
+            "/v1/gallery",
+            headers=auth,
+            json={"items": [{"subject": "a", "embedding": unit(1), "item_id": "before"}]},
+        )
         assert r.status_code == 201
         primary = redis.Redis(port=topology.primary_port)
         assert primary.exists(f"tcm:tenant:{key.json()['tenant_id']}:item:before")
@@ -129,8 +166,11 @@ def test_service_on_sentinel_survives_a_failover(topology: Topology, artefact: P
         started = time.monotonic()
         statuses = set()
         while True:
-            r = c.post("/v1/gallery", headers=auth, json={"items": [
-                {"subject": "b", "embedding": unit(2), "item_id": "after"}]})
+            r = c.post(
+                "/v1/gallery",
+                headers=auth,
+                json={"items": [{"subject": "b", "embedding": unit(2), "item_id": "after"}]},
+            )
             statuses.add(r.status_code)
             if r.status_code == 201:
                 break
@@ -143,17 +183,22 @@ def test_service_on_sentinel_survives_a_failover(topology: Topology, artefact: P
         try:
             assert promoted.info("replication")["role"] == "master"
             # everything is on the new primary: the write before the crash and the one after
-            ids = sorted(m.decode() for m in promoted.zrange(
-                f"tcm:tenant:{key.json()['tenant_id']}:items", 0, -1))
+            ids = sorted(
+                m.decode()
+                for m in promoted.zrange(f"tcm:tenant:{key.json()['tenant_id']}:items", 0, -1)
+            )
             assert ids == ["after", "before"]
         finally:
             promoted.close()
+
         # the other replica's change-feed follower found the new primary too: the write made
         # on this replica after the failover reaches its index
         def seen_by_other() -> bool:
             r = other.post("/v1/match", json={"embedding": unit(2), "k": 5}, headers=auth)
-            return r.status_code == 200 and \
-                [x["item_id"] for x in r.json()["candidates"]] == ["after", "before"]
+            return r.status_code == 200 and [x["item_id"] for x in r.json()["candidates"]] == [
+                "after",
+                "before",
+            ]
 
         _wait(seen_by_other, 15, "the other replica did not follow the new primary's stream")
         assert c.get("/readyz").status_code == 200 and other.get("/readyz").status_code == 200
@@ -170,22 +215,33 @@ def test_key_layout_spans_cluster_slots(store_settings: Callable[[str], dict[str
     from service.store.redis_store import RedisStore
 
     cfg = store_settings("redis")
-    for prefix, one_slot in ((cfg["redis_key_prefix"], False),
-                             ("{" + cfg["redis_key_prefix"].rstrip(":") + "}:", True)):
+    for prefix, one_slot in (
+        (cfg["redis_key_prefix"], False),
+        ("{" + cfg["redis_key_prefix"].rstrip(":") + "}:", True),
+    ):
         store = RedisStore(cfg["store_url"], prefix=prefix, timeout_s=2.0)
         try:
             before = set(store.r.scan_iter(match=glob_escape(store.prefix) + "*"))
             store.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
             after_tenant = set(store.r.scan_iter(match=glob_escape(store.prefix) + "*"))
-            store.add_items("t", [NewItem("i", "s", np.ones(8, np.float32) / np.sqrt(8))],
-                            model_version="v", created_at=1.0)
+            store.add_items(
+                "t",
+                [NewItem("i", "s", np.ones(8, np.float32) / np.sqrt(8))],
+                model_version="v",
+                created_at=1.0,
+            )
             touched = set(store.r.scan_iter(match=glob_escape(store.prefix) + "*")) - after_tenant
             assert before == set()
             # the enrolment wrote the item, three sorted sets (items, the subject's items, the
             # subject listing), the seq counter and the stream
             assert {k.decode().removeprefix(prefix) for k in touched} == {
-                "tenant:t:item:i", "tenant:t:items", "tenant:t:subject:s", "tenant:t:subjects",
-                "seq", "changes"}
+                "tenant:t:item:i",
+                "tenant:t:items",
+                "tenant:t:subject:s",
+                "tenant:t:subjects",
+                "seq",
+                "changes",
+            }
             slots = {key_slot(k) for k in touched}
             assert (len(slots) == 1) is one_slot, slots
         finally:

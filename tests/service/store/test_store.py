@@ -47,11 +47,19 @@ def tenant(store: Store, tid: str, t: float = 1.0) -> ApiKey:
     return key
 
 
-def items(n: int, *, prefix: str = "i", subject=lambda i: f"s{i % 2}", image: bool = False
-          ) -> list[NewItem]:
-    return [NewItem(item_id=f"{prefix}{i}", subject=subject(i), embedding=vec(i),
-                    metadata={"n": i}, image=b"img%d" % i if image else None)
-            for i in range(n)]
+def items(
+    n: int, *, prefix: str = "i", subject=lambda i: f"s{i % 2}", image: bool = False
+) -> list[NewItem]:
+    return [
+        NewItem(
+            item_id=f"{prefix}{i}",
+            subject=subject(i),
+            embedding=vec(i),
+            metadata={"n": i},
+            image=b"img%d" % i if image else None,
+        )
+        for i in range(n)
+    ]
 
 
 def test_implements_protocol(store: Store) -> None:
@@ -86,8 +94,9 @@ def test_gallery_items(store: Store) -> None:
     seqs = store.add_items("t", items(5, image=True), model_version=V1, created_at=10.0)
     assert seqs == sorted(seqs) and len(set(seqs)) == 5
     with pytest.raises(ConflictError) as err:
-        store.add_items("t", [*items(1, prefix="new"), *items(2)], model_version=V1,
-                        created_at=11.0)
+        store.add_items(
+            "t", [*items(1, prefix="new"), *items(2)], model_version=V1, created_at=11.0
+        )
     assert err.value.detail == {"item_ids": ["i0", "i1"]}
     assert store.count_items("t") == 5 and store.get_item("t", "new0", model_version=V1) is None
     # same ids in another tenant are independent
@@ -119,10 +128,12 @@ def test_gallery_items(store: Store) -> None:
     # a new model version: backfill from images
     missing = store.items_without_embedding("t", model_version=V2)
     assert missing == [(f"i{i}", b"img%d" % i) for i in range(5)]
-    store.put_embeddings("t", {"i1": vec(101), "i4": vec(104), "ghost": vec(0)},
-                         model_version=V2)
+    store.put_embeddings("t", {"i1": vec(101), "i4": vec(104), "ghost": vec(0)}, model_version=V2)
     assert [m[0] for m in store.items_without_embedding("t", model_version=V2)] == [
-        "i0", "i2", "i3"]
+        "i0",
+        "i2",
+        "i3",
+    ]
     assert store.gallery_vectors("t", model_version=V2).item_ids == ["i1", "i4"]
     assert store.get_item("t", "ghost", model_version=V2) is None
     np.testing.assert_array_equal(store.get_item("t", "i1", model_version=V1).embedding, vec(1))
@@ -147,13 +158,23 @@ def test_iter_gallery_vectors_streams_what_gallery_vectors_reads(store: Store) -
     tenant(store, "u")
     store.add_items("u", items(3, prefix="u"), model_version=V1, created_at=1.0)
     store.add_items("t", items(23), model_version=V1, created_at=1.0)
-    store.add_items("t", [NewItem(item_id="plain", subject="s9", embedding=vec(99),
-                                  metadata={})], model_version=V1, created_at=2.0)
+    store.add_items(
+        "t",
+        [NewItem(item_id="plain", subject="s9", embedding=vec(99), metadata={})],
+        model_version=V1,
+        created_at=2.0,
+    )
     # ids from before the id pattern may hold the key separator or the escape character: the
     # Redis page script must build their keys as key_part does
-    store.add_items("t", [NewItem(item_id=i, subject="old", embedding=vec(50 + n))
-                          for n, i in enumerate(["a:b", "c%d", "e%3Af"])],
-                    model_version=V1, created_at=3.0)
+    store.add_items(
+        "t",
+        [
+            NewItem(item_id=i, subject="old", embedding=vec(50 + n))
+            for n, i in enumerate(["a:b", "c%d", "e%3Af"])
+        ],
+        model_version=V1,
+        created_at=3.0,
+    )
     store.put_embeddings("t", {"i5": vec(205), "i6": vec(206)}, model_version=V2)
     whole = store.gallery_vectors("t", model_version=V1, with_metadata=True)
     assert len(whole) == 27 and whole.item_ids[-3:] == ["a:b", "c%d", "e%3Af"]
@@ -183,16 +204,26 @@ def test_matches_and_feedback(store: Store) -> None:
     tenant(store, "t")
     tenant(store, "u")
     for i in range(4):
-        store.add_match(MatchRecord(
-            match_id=f"m{i}", tenant_id="t", accepted=i % 2 == 0,
-            subject="s" if i % 2 == 0 else None, top_item_id=None if i == 3 else "it",
-            top_subject=None if i == 3 else "s", score=None if i == 3 else 0.5 + i / 10,
-            threshold=0.6, model_version=V1, created_at=100.0 + i))
+        store.add_match(
+            MatchRecord(
+                match_id=f"m{i}",
+                tenant_id="t",
+                accepted=i % 2 == 0,
+                subject="s" if i % 2 == 0 else None,
+                top_item_id=None if i == 3 else "it",
+                top_subject=None if i == 3 else "s",
+                score=None if i == 3 else 0.5 + i / 10,
+                threshold=0.6,
+                model_version=V1,
+                created_at=100.0 + i,
+            )
+        )
     assert store.get_match("u", "m0") is None
     m1 = store.get_match("t", "m1")
     assert m1 == MatchRecord("m1", "t", False, None, "it", "s", 0.6, 0.6, V1, 101.0)
-    assert store.get_match("t", "m3").score is None and store.get_match("t", "m3").top_subject \
-        is None
+    assert (
+        store.get_match("t", "m3").score is None and store.get_match("t", "m3").top_subject is None
+    )
     fb = Feedback("m1", "t", None, None, False, "true_reject", 200.0)
     store.add_feedback(fb)
     with pytest.raises(ConflictError):
@@ -253,8 +284,9 @@ def test_change_feed(store: Store) -> None:
     store.delete_item("t", "i1")
     store.delete_subject("t", "s0")
     store.put_embeddings("t", {"i1": vec(5)}, model_version=V2)
-    put_seq, _old = store.put_item("t", NewItem(item_id="p", subject="s", embedding=vec(7)),
-                                   model_version=V1, created_at=2.0)
+    put_seq, _old = store.put_item(
+        "t", NewItem(item_id="p", subject="s", embedding=vec(7)), model_version=V1, created_at=2.0
+    )
     store.delete_tenant("t")
     cursor, changes = store.read_changes(cursor, block_ms=100)
     # an add names its items' seqs (row-aligned) where it knows them, so the replica that wrote
@@ -306,17 +338,18 @@ def test_put_item_and_list_subjects(store: Store) -> None:
     store.put_embeddings("t1", {"i1": vec(9)}, model_version=V2)
     old = store.get_item("t1", "i1", model_version=V1)
     assert old is not None
-    seq, replaced = store.put_item("t1", NewItem("i1", "s9", vec(7), {"x": 1}),
-                                   model_version=V1, created_at=5.0)
+    seq, replaced = store.put_item(
+        "t1", NewItem("i1", "s9", vec(7), {"x": 1}), model_version=V1, created_at=5.0
+    )
     assert replaced == old.seq and seq > old.seq
     new = store.get_item("t1", "i1", model_version=V1)
-    assert new is not None and (new.subject, new.metadata, new.created_at) == ("s9", {"x": 1},
-                                                                              2.0)
+    assert new is not None and (new.subject, new.metadata, new.created_at) == ("s9", {"x": 1}, 2.0)
     np.testing.assert_allclose(new.embedding, vec(7))
     assert store.get_item("t1", "i1", model_version=V2).embedding is None  # type: ignore[union-attr]
     assert store.list_subjects("t1") == [("s0", 3), ("s1", 1), ("s9", 1)]
-    seq2, none = store.put_item("t1", NewItem("fresh", "s1", vec(8)), model_version=V1,
-                                created_at=6.0)
+    seq2, none = store.put_item(
+        "t1", NewItem("fresh", "s1", vec(8)), model_version=V1, created_at=6.0
+    )
     assert none is None and seq2 > seq
     got = store.vectors_of_items("t1", ["i1", "fresh"], model_version=V1)
     assert got.item_ids == ["i1", "fresh"] and got.metadata == [{"x": 1}, {}]
@@ -331,8 +364,7 @@ def test_put_item_and_list_subjects(store: Store) -> None:
 
 
 @pytest.mark.redis
-def test_redis_subjects_listing_of_a_tenant_from_before_it(store_settings, artefact: Path
-                                                            ) -> None:
+def test_redis_subjects_listing_of_a_tenant_from_before_it(store_settings, artefact: Path) -> None:
     """Tenants enrolled before the subject listing existed are indexed on first listing."""
     s = open_store(Settings(artefact_path=artefact, **store_settings("redis")))
     try:

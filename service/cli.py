@@ -34,7 +34,6 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
-from service.app import create_app
 from service.logs import JsonFormatter
 from service.settings import Settings
 
@@ -120,6 +119,10 @@ def serve(
             "(shown once):[/yellow]"
         )
         console.print(token, markup=False, highlight=False)
+    # imported here: the operator's commands (import, models, export-dataset) start without the
+    # app's imports (torch, FAISS: ~1.5 s of a 2-core machine's time per invocation)
+    from service.app import create_app
+
     # log_config=None: uvicorn's loggers propagate to the JSON handler above; access_log=False:
     # the app logs each request itself (redacted), uvicorn would log the raw target again
     uvicorn.run(

@@ -364,14 +364,22 @@ def test_b_one_drifting_tenant_then_retrain_clears(
                 state=seen,
             )
             after = prom.query('tcm_tenant_utility_ratio{source="pooled"}')[drifter]
+            deviation = prom.query("tcm_tenant_deviation")[drifter]
+            bound = config_factor("tenant_deviation_factor") * max(
+                prom.query("max(tcm_tenants_deviation_reference)")[""],
+                config_factor("opis_reference_floor"),
+            )
             print(
                 f"(b) drifter's utility at tau {before:.3f} -> {after:.3f} after retraining; "
+                f"its deviation {deviation:.3g} against the bound {bound:.3g}; "
                 f"healthy tenants quiet; alerts cleared on {v2}"
             )
-            # not worse; better on most runs (0.00 -> 0.13, 0.54; once 0.00 -> 0.00): the export
-            # names files and folders by server-generated ids, so each run's training data come
-            # in another order and the retrained model varies. What the loop promises, the
-            # alerts clearing on the new model, is asserted above.
+            # not worse; better on every run since the retrain holds out classes within each
+            # tenant (training.data.export_groups): 0.00 -> 0.29-0.88 over 5 runs on the 2-core
+            # VM, the drifter's deviation 0.004-0.029 against bounds 0.063-0.136 (before, a draw
+            # over all classes could hold out the drifter's inverted digits: 0.00 -> 0.00-0.78,
+            # and once, in CI, the alert did not clear). Runs differ: the tenants' ids name the
+            # exported folders, so each run's classes are drawn in another order.
             assert after >= before
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import zipfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +232,21 @@ def fixed_validation_classes(labels: np.ndarray, n_val: int, val_seed: int) -> s
     return set(np.random.default_rng(val_seed).permutation(eligible)[:n_val].tolist())
 
 
+EXPORT_GROUP_SEP = "__"  # tcm-serve export-dataset names class folders <tenant>__<subject>
+
+
+def export_groups(names: Mapping[int, str], classes: Iterable[int]) -> dict[int, str] | None:
+    """Each class's tenant when every class folder has an export's name ``<tenant>__...`` and
+    there are at least two tenants; else None (a data set that is not an export)."""
+    groups = {}
+    for c in classes:
+        tenant, sep, rest = names.get(int(c), "").partition(EXPORT_GROUP_SEP)
+        if not (sep and tenant and rest):
+            return None
+        groups[int(c)] = tenant
+    return groups if len(set(groups.values())) >= 2 else None
+
+
 def _class_disjoint(
     images,
     labels: np.ndarray,
@@ -240,17 +256,31 @@ def _class_disjoint(
     keep_out: set[int] | frozenset[int] = frozenset(),
 ) -> tuple[RawSplit, RawSplit]:
     """Draws ``test_fraction`` of all classes as test classes with ``seed``, never one of
-    ``keep_out`` (the fixed validation classes; they stay on the training side)."""
+    ``keep_out`` (the fixed validation classes; they stay on the training side). Classes of a
+    service's export (folders ``<tenant>__<subject>``, :func:`export_groups`) are drawn within
+    each tenant: every tenant keeps classes on both sides, so a retrain learns from each
+    tenant's photos and calibrates on each tenant's unseen subjects (a draw over all classes
+    could leave a drifting tenant wholly on the test side, where the retrain cannot help it)."""
     classes = np.unique(labels)
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(np.array([c for c in classes if c not in keep_out], np.int64))
+    free = np.array([c for c in classes if c not in keep_out], np.int64)
     n_test = max(1, round(len(classes) * test_fraction))
-    if n_test >= len(perm):
+    if n_test >= len(free):
         raise ValueError(
             f"test_fraction={test_fraction} leaves no training classes beside the "
             f"{len(keep_out)} validation classes"
         )
-    test_classes = set(perm[:n_test].tolist())
+    groups = export_groups(names, free)
+    if groups is not None:
+        test_classes: set[int] = set()
+        for g in sorted(set(groups.values())):
+            members = rng.permutation(np.array([c for c in free if groups[c] == g], np.int64))
+            n = min(round(len(members) * test_fraction), len(members) - 1)
+            test_classes.update(members[:n].tolist())
+        if not test_classes:  # every tenant too small to give one up: one class overall
+            test_classes = {int(rng.choice(free))}
+    else:
+        test_classes = set(rng.permutation(free)[:n_test].tolist())
     pick = np.array([lab in test_classes for lab in labels])
     whole = RawSplit(images, labels, names)
     return _subset(whole, ~pick), _subset(whole, pick)

@@ -55,6 +55,27 @@ def test_image_folder_class_disjoint(tmp_path) -> None:
     assert s.description["dropped_single_image_train_classes"] == int(not lonely_held_out)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_an_exports_classes_are_held_out_within_each_tenant(tmp_path, seed: int) -> None:
+    """An export's folders (``<tenant>__<subject>``): every tenant gives round(30%) of its
+    classes to the test side and keeps the rest for training, whichever ids the tenants got
+    (a draw over all 20 classes left a tenant's five wholly on one side in some runs)."""
+    tenants = ["0f3a", "9be1", "c7d2", "e5aa"]
+    root = _folder(tmp_path, {f"{t}__digit-{k}-ab12cd34": 2 for t in tenants for k in range(5)})
+    s = load_splits(
+        TrainConfig(
+            dataset="imagefolder", data_dir=str(root), image_size=8, test_fraction=0.3, seed=seed
+        )
+    )
+    folders = sorted(p.name for p in root.iterdir())  # class k is the k-th folder
+    held: dict[str, int] = {}
+    for k in set(s.test.y.tolist()):
+        t = folders[k].split("__")[0]
+        held[t] = held.get(t, 0) + 1
+    assert held == {t: 2 for t in tenants}, held
+    assert not set(s.train.y.tolist()) & set(s.test.y.tolist())
+
+
 def test_missing_and_empty_folders(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         load_splits(TrainConfig(dataset="imagefolder", data_dir=str(tmp_path / "nope")))

@@ -89,11 +89,25 @@ def register(doc: Doc, manifest: Manifest, path: Path | str, *, now: float) -> D
 
 
 def previous(doc: Doc) -> str | None:
-    """The version that was active before the active one (the rollback target)."""
-    for entry in reversed(doc["history"]):
-        if entry["version"] == doc["active"]:
-            return entry["from"]
-    return None
+    """The rollback target: the version that was active before the active one was activated.
+    Rollbacks step back through the history (activate v1, v2, v3; rollback -> v2; rollback ->
+    v1), never toggle between the last two: the history is replayed as a stack, an activation
+    pushing its version and a rollback popping the one it left. (The history is capped: the
+    stack starts at its oldest entry's ``from``.)"""
+    stack: list[str] = []
+    for entry in doc["history"]:
+        if not stack and entry["from"] is not None:
+            stack.append(entry["from"])
+        if entry["kind"] == "rollback":
+            if stack and stack[-1] == entry["from"]:
+                stack.pop()
+            if not stack or stack[-1] != entry["version"]:
+                stack.append(entry["version"])
+        elif not stack or stack[-1] != entry["version"]:
+            stack.append(entry["version"])
+    if len(stack) < 2 or stack[-1] != doc["active"]:
+        return None
+    return stack[-2]
 
 
 def begin(doc: Doc, version: str, *, kind: str, owner: str, now: float) -> Doc:
@@ -163,7 +177,8 @@ def retained(doc: Doc, keep: int) -> list[str]:
     """The active version and the ``keep - 1`` most recently active before it, newest first:
     their embeddings are kept (rollback is then only a switch)."""
     out: list[str] = []
-    for v in [doc["active"], *(e["from"] for e in reversed(doc["history"]))]:
+    back = previous(doc)  # the rollback target first: a rollback is then only a switch
+    for v in [doc["active"], back, *(e["from"] for e in reversed(doc["history"]))]:
         if v is not None and v not in out:
             out.append(v)
         if len(out) >= keep:

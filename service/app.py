@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from service.api import error_handlers, openapi
+from service.api import docs, error_handlers, openapi
 from service.api.body_limit import BodySizeLimitMiddleware
 from service.api.request_id import RequestIdMiddleware
 from service.api.routers import (
@@ -96,6 +96,9 @@ def create_app(
         version="1",
         lifespan=lifespan,
         generate_unique_id_function=openapi.operation_id,
+        # Swagger UI and ReDoc from local files (service/api/docs.py), not FastAPI's CDN
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.registry = registry
     app.state.settings = settings
@@ -128,6 +131,7 @@ def create_app(
         ],
     )
     openapi.install(app, settings)
+    docs.install(app)
     return app
 
 

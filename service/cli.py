@@ -34,7 +34,7 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
-from service.logs import JsonFormatter
+from service.logs import ExplainedStartupFailure, JsonFormatter
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -107,6 +107,13 @@ def serve(
         return
     handler = logging.StreamHandler()  # stderr
     handler.setFormatter(JsonFormatter())
+    # imported here: the operator's commands (import, models, export-dataset) start without the
+    # app's imports (torch, FAISS: ~1.5 s of a 2-core machine's time per invocation)
+    from service.app import create_app
+    from service.engine.faces import FacesExtraMissing
+    from service.store import StoreInUseError
+
+    handler.addFilter(ExplainedStartupFailure([FacesExtraMissing, StoreInUseError]))
     logging.basicConfig(level=log_level.upper(), handlers=[handler])
     logging.captureWarnings(True)
     settings = _settings()
@@ -119,10 +126,6 @@ def serve(
             "(shown once):[/yellow]"
         )
         console.print(token, markup=False, highlight=False)
-    # imported here: the operator's commands (import, models, export-dataset) start without the
-    # app's imports (torch, FAISS: ~1.5 s of a 2-core machine's time per invocation)
-    from service.app import create_app
-
     # log_config=None: uvicorn's loggers propagate to the JSON handler above; access_log=False:
     # the app logs each request itself (redacted), uvicorn would log the raw target again
     uvicorn.run(

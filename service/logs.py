@@ -135,3 +135,24 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line, default=str)
+
+
+class ExplainedStartupFailure(logging.Filter):
+    """uvicorn logs the traceback of a failed start-up as one record (``uvicorn.error``). For
+    the errors the service has already logged as one line saying what to do (``explained``:
+    qualified class names, e.g. a face artefact without the faces extra), that traceback adds
+    nothing for an operator: its record becomes one line naming the error."""
+
+    def __init__(self, explained: Iterable[type[BaseException]]) -> None:
+        super().__init__()
+        self.explained = {f"{c.__module__}.{c.__qualname__}" for c in explained}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error" and isinstance(record.msg, str):
+            text = record.msg.rstrip()
+            if text.startswith("Traceback (most recent call last)"):
+                name = text.splitlines()[-1].split(":", 1)[0]
+                if name in self.explained:
+                    record.msg = f"start-up refused: {name.rsplit('.', 1)[-1]} (logged above)"
+                    record.args = ()
+        return True

@@ -7,13 +7,17 @@ fails its own request with a 422 naming it), and the batcher's single forward pa
 descriptors of the whole batch of aligned chips and applies the head (:class:`FaceModel`).
 
 Before any of that, :func:`load_served_model` refuses an artefact whose dlib model files hash
-differently from the installed ones: its head and threshold were fitted to other descriptors.
+differently from the installed ones: its head and threshold were fitted to other descriptors;
+and where the ``faces`` extra is not installed (the default Docker image), it refuses a face
+artefact with :class:`FacesExtraMissing`, one message saying which extra or image to install.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,38 @@ from tcm import Manifest, load_artefact
 _FACES: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
     "faces", default=None
 )
+
+
+FACES_EXTRA_HINT = (
+    "install the faces extra: pip install '.[serve,pretrained,faces]' (dlib-bin, "
+    "face-recognition-models), or run the Docker image's faces target "
+    "(docker build -f deploy/docker/Dockerfile --target faces -t tcm-service-faces:local .)"
+)
+
+
+class FacesExtraMissing(RuntimeError):
+    """A face artefact where the ``faces`` extra (dlib, the model files) is not installed."""
+
+
+def require_faces_extra(path: str | Path) -> None:
+    """Raises :class:`FacesExtraMissing` naming what is missing, unless ``facekit``, ``dlib``
+    and the face model files (``face_recognition_models``, or ``TCM_FACE_MODELS_DIR``) are
+    all there."""
+    missing = []
+    for module in ("facekit", "dlib", "face_recognition_models"):
+        if module == "face_recognition_models" and os.environ.get("TCM_FACE_MODELS_DIR"):
+            continue
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:
+            found = False
+        if not found:
+            missing.append(module)
+    if missing:
+        raise FacesExtraMissing(
+            f"{path} is a face model, and this installation has no face front-end "
+            f"({', '.join(missing)} not installed): {FACES_EXTRA_HINT}"
+        )
 
 
 class FaceModel(nn.Module):
@@ -85,12 +121,13 @@ def load_served_model(
     """:func:`tcm.load_artefact`, and the preparer of its inputs: the artefact's preprocessing,
     or the face front-end for face artefacts.
 
-    Raises ValueError / RuntimeError (``facekit.ModelFilesError``) with a message saying what to
-    do when the artefact cannot be served here.
+    Raises ValueError / RuntimeError (``facekit.ModelFilesError``, :class:`FacesExtraMissing`)
+    with a message saying what to do when the artefact cannot be served here.
     """
     model, manifest = load_artefact(path, device=device)
     if manifest.face is None:
         return model, manifest, PixelPreparer(manifest.preprocessing)
+    require_faces_extra(path)
     from facekit import FaceFrontEnd, FaceOptions, check_model_files
 
     files = manifest.face.get("model_files")

@@ -24,6 +24,7 @@ from service.domain.index_sync import IndexSync
 from service.domain.serving import Serving, ServingSlot, build_serving
 from service.domain.tenants import Tenants
 from service.engine.embedding import resolve_device
+from service.engine.faces import FacesExtraMissing
 from service.errors import RateLimitedError, StoreUnavailableError
 from service.metrics import ServiceMetrics
 from service.runtime.lifecycle import ModelLifecycle, startup_model
@@ -64,7 +65,7 @@ class Runtime:
                 settings, path, device=device, store=store, metrics=metrics
             )
         except Exception as exc:
-            if isinstance(exc, StoreInUseError):
+            if isinstance(exc, StoreInUseError | FacesExtraMissing):  # what to do, in one line
                 log.error("%s", exc)
             await run_in_threadpool(store.close)
             raise

@@ -188,9 +188,9 @@ def export_dataset_cmd(
         + (f"; {left} items without a stored image left out" if left else "")
     )
     console.print(
-        f"train: tcm-train fit --out runs/retrain --set dataset=imagefolder "
-        f"--set data_dir={out} --set pretrained=<active artefact>",
+        f"retrain the served model: {summary['retrain_with']}",
         markup=False,
+        soft_wrap=True,  # one line, to copy whole
     )
 
 

@@ -10,6 +10,7 @@ live monitor, and the alert's own factor read from the Prometheus recording rule
 from __future__ import annotations
 
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -147,6 +148,17 @@ def test_drift_alert_export_retrain_activate(
         )
         assert result.exit_code == 0, result.output
         assert "exported 120 images of 10 subjects from 3 tenants" in result.output
+        # the command it prints retrains the served artefact on this export; run as printed
+        # (its run and artefact folders moved into tmp_path, the test's short schedule added)
+        (line,) = [x for x in result.output.splitlines() if x.startswith("retrain the served")]
+        retrain_cmd, stage_cmd = line.split(": ", 1)[1].split(" && ")
+        argv = shlex.split(retrain_cmd)
+        assert argv[:2] == ["tcm-train", "retrain"], line
+        opts = dict(zip(argv[2::2], argv[3::2], strict=True))
+        assert Path(opts["--from"]) == (tmp_path / "v1").resolve(), line
+        assert Path(opts["--data"]) == tmp_path / "export", line
+        assert shlex.split(stage_cmd) == ["tcm-serve", "models", "stage", opts["--export"]]
+        opts |= {"--out": str(tmp_path / "run2"), "--export": str(tmp_path / "v2")}
 
         from training.cli import app as train_cli
 
@@ -154,14 +166,7 @@ def test_drift_alert_export_retrain_activate(
             train_cli,
             [
                 "retrain",
-                "--from",
-                str(tmp_path / "v1"),
-                "--data",
-                str(tmp_path / "export"),
-                "--out",
-                str(tmp_path / "run2"),
-                "--export",
-                str(tmp_path / "v2"),
+                *[a for kv in opts.items() for a in kv],
                 *[a for s in [*STEPS, "test_fraction=0.3"] for a in ("--set", s)],
             ],
         )

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import re
+import shlex
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -57,6 +58,19 @@ def _suffix(image: bytes) -> str | None:
             return _SUFFIX.get(im.format or "")
     except (UnidentifiedImageError, OSError):
         return None
+
+
+def retrain_command(served: str | None, data: Path) -> str:
+    """The command that fine-tunes the served model on this export (``tcm-train retrain``:
+    its own config, weights and input format, TCM on), then stages the result."""
+    source = shlex.quote(served) if served else "<the served artefact folder>"
+    folder = shlex.quote(str(data))
+    name = Path(str(data).rstrip("/")).name or "export"
+    return (
+        f"tcm-train retrain --from {source} --data {folder} --out runs/retrain-{name} "
+        f"--export artefacts/retrained/{name} && "
+        f"tcm-serve models stage artefacts/retrained/{name}"
+    )
 
 
 def export_dataset(
@@ -128,10 +142,12 @@ def export_dataset(
             (out / folder).rmdir()
             del classes[folder]
     registry, _ = store.get_model_registry()
+    active = (registry or {}).get("active")
+    served = ((registry or {}).get("versions") or {}).get(active or "", {}).get("path")
     summary = {
         "exported_at": time.time(),
         "tenants": wanted,
-        "model_version": (registry or {}).get("active"),
+        "model_version": active,
         "classes": classes,
         "num_classes": len(classes),
         "num_images": sum(c["images"] for c in classes.values()),
@@ -139,7 +155,7 @@ def export_dataset(
         "unreadable_images": unreadable,
         "feedback_records": feedback,
         "min_images_per_subject": min_images_per_subject,
-        "train_with": f"tcm-train fit --set dataset=imagefolder --set data_dir={out} ...",
+        "retrain_with": retrain_command(served, out),
     }
     (out / "export.json").write_text(json.dumps(summary, indent=2))
     return summary

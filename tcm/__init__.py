@@ -17,6 +17,7 @@ from tcm.calibration import (
     ThresholdCalibration,
     calibrate_threshold,
     calibrate_threshold_from_scores,
+    impostor_pairs_needed,
     threshold_at_far,
 )
 from tcm.consistency import (
@@ -60,6 +61,7 @@ __all__ = [
     "consistency_from_scores",
     "consistency_report",
     "eps_opis",
+    "impostor_pairs_needed",
     "kfold_pair_accuracy",
     "load_artefact",
     "load_reference",

@@ -40,6 +40,12 @@ class Calibration:
     far_range: tuple[float, float] = (1e-3, 1e-1)
     num_thresholds: int = 101
     beta: float = 1.0
+    # "calibrated" on the held-out classes, or "inherited" from the artefact a retrain started
+    # from when the held-out classes gave fewer impostor pairs than the target FAR needs
+    # (tcm.impostor_pairs_needed); 0: not recorded (artefacts before these fields)
+    tau_source: str = "calibrated"
+    impostor_pairs: int = 0
+    impostor_pairs_needed: int = 0
 
 
 @dataclass(frozen=True)

@@ -84,13 +84,33 @@ def threshold_at_far(impostor_scores: object, far: float) -> float:
     return tau_from_descending(torch.sort(s, descending=True).values, far)
 
 
+TAIL_PAIRS = 10  # impostor scores at or above tau that make a calibrated tau supported
+
+
+def impostor_pairs_needed(target_far: float, tail: int = TAIL_PAIRS) -> int:
+    """Impostor pairs a tau at ``target_far`` needs to rest on ``tail`` impostor scores at or
+    above it (10: the FAR estimate's relative standard error ~ 1/sqrt(10) = 32%); with fewer,
+    tau is set by a handful of scores (or by the largest one) and moves from run to run."""
+    return int(np.ceil(tail / _check_far(target_far) - 1e-9))
+
+
 def calibrate_threshold(
-    embeddings: object, labels: object, *, target_far: float = 1e-2, block_size: int = DEFAULT_BLOCK
+    embeddings: object,
+    labels: object,
+    *,
+    target_far: float = 1e-2,
+    block_size: int = DEFAULT_BLOCK,
+    tau: float | None = None,
 ) -> ThresholdCalibration:
-    """Global tau over all pairs of a labelled set, with FAR/FRR/TAR there and per class."""
+    """Global tau over all pairs of a labelled set, with FAR/FRR/TAR there and per class.
+    ``tau``: measure at that threshold instead of choosing it (an inherited tau)."""
     target_far = _check_far(target_far)
     ps = prepare(embeddings, labels)
-    (tau,) = taus_at_far(ps, [target_far], block_size)
+    if tau is None:
+        (tau,) = taus_at_far(ps, [target_far], block_size)
+    elif not np.isfinite(tau):
+        raise ValueError(f"tau must be finite, got {tau}")
+    tau = float(tau)
     tables = pair_tables(ps, np.array([tau]), block_size)
     eligible = np.flatnonzero(ps.class_sizes >= 2)
     n_gen = int(tables.pos.sum())

@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 
 from tcm import read_manifest
 from training.compare import compare as compare_runs
 from training.config import TrainConfig, load_config
+from training.data import Splits, load_splits
 from training.pipeline import evaluate_run, export_run, train_evaluate_export
 from training.sweep import parse_grid
 from training.sweep import sweep as run_sweep
@@ -226,6 +228,26 @@ def retrain_config(artefact: Path, data: Path, overrides: list[str] | None = Non
     )
 
 
+def batch_for(cfg: TrainConfig, splits: Splits, out: Console) -> TrainConfig:
+    """``batch_size`` sized down to the training classes an export has (m_per_class images of
+    each class in a batch): the artefact's own batch (e.g. 64 = 16 classes x 4) may need more
+    classes than a small export holds. Unchanged when the data suffice."""
+    classes = len(torch.unique(splits.train.y))
+    if cfg.m_per_class * classes >= cfg.batch_size:
+        return cfg
+    if classes < 2:
+        raise ValueError(
+            f"the export has {classes} training class(es) beside the held-out ones; a batch "
+            "needs 2: export more subjects or lower test_fraction"
+        )
+    batch = cfg.m_per_class * classes
+    out.print(
+        f"batch_size {cfg.batch_size} -> {batch}: the export has {classes} training classes "
+        f"(m_per_class {cfg.m_per_class}); --set batch_size=... to choose"
+    )
+    return cfg.replace(batch_size=batch)
+
+
 @app.command()
 def retrain(
     artefact: Annotated[Path, typer.Option("--from", help="the active artefact")],
@@ -238,9 +260,22 @@ def retrain(
     evaluation and calibration) and export the new version with its own tau and baseline."""
     try:
         cfg = retrain_config(artefact, data, set_)
-        result = train_evaluate_export(cfg, out, export)
+        splits = load_splits(cfg)
+        if not any(s.split("=", 1)[0].strip() == "batch_size" for s in set_ or []):
+            cfg = batch_for(cfg, splits, console)
+        source_tau = read_manifest(artefact).calibration.tau
+        result = train_evaluate_export(cfg, out, export, splits=splits, fallback_tau=source_tau)
         if result:
             console.print(_summary(result))
+            cal = result["calibration"]
+            if cal["tau_source"] != "calibrated":
+                console.print(
+                    f"[yellow]calibration: the held-out subjects give {cal['impostor_pairs']:,} "
+                    f"impostor pairs; a tau at FAR {cal['target_far']:g} needs "
+                    f"{cal['impostor_pairs_needed']:,} (10 impostor scores above it): kept tau "
+                    f"{source_tau:.4f} of {artefact}; export more subjects (or raise "
+                    "test_fraction) to recalibrate[/yellow]"
+                )
             console.print(
                 f"artefact {result['model_version']} written to {export}; "
                 f"stage it: tcm-serve models stage {export}"
@@ -286,10 +321,6 @@ def default_model(
         _fail(exc)
 
 
-if __name__ == "__main__":
-    app()
-
-
 @app.command("face-model")
 def face_model(
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefacts/faces"),
@@ -333,3 +364,7 @@ def face_model(
         f"{m.baseline.num_classes} validation identities), "
         f"R@1={m.baseline.recall_at_1:.4f}, OPIS={m.baseline.opis:.4g}"
     )
+
+
+if __name__ == "__main__":
+    app()

@@ -16,7 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tcm import calibrate_threshold, consistency_report, retrieval_metrics
+from tcm import (
+    calibrate_threshold,
+    consistency_report,
+    impostor_pairs_needed,
+    retrieval_metrics,
+)
 from tcm.drift import bootstrap_interval
 from training.config import TrainConfig
 
@@ -69,10 +74,23 @@ def embed(
 
 
 def evaluate_embeddings(
-    emb: torch.Tensor, labels: torch.Tensor, config: TrainConfig
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    *,
+    fallback_tau: float | None = None,
 ) -> dict[str, Any]:
-    """All report numbers for one labelled embedding set, with the parameters they used."""
+    """All report numbers for one labelled embedding set, with the parameters they used.
+    ``fallback_tau`` (a retrain: the tau of the artefact it started from) is kept, and every
+    number measured at it, when the set's impostor pairs are too few to support a tau at the
+    target FAR (:func:`tcm.impostor_pairs_needed`); without one, an unsupported tau is still
+    calibrated and the report says so (``calibration.tau_source``)."""
     cal = calibrate_threshold(emb, labels, target_far=config.target_far)
+    needed = impostor_pairs_needed(config.target_far)
+    source = "calibrated" if cal.num_impostor >= needed else "unsupported"
+    if source == "unsupported" and fallback_tau is not None:
+        cal = calibrate_threshold(emb, labels, target_far=config.target_far, tau=fallback_tau)
+        source = "inherited"
     cons = consistency_report(
         emb,
         labels,
@@ -117,6 +135,9 @@ def evaluate_embeddings(
             "num_thresholds": config.num_thresholds,
             "beta": config.beta,
             "eps": config.eps,
+            "tau_source": source,
+            "impostor_pairs": cal.num_impostor,
+            "impostor_pairs_needed": needed,
         },
         "per_class_at_tau": {
             "far_min": float(at.far.min()),

@@ -76,6 +76,9 @@ def export_artefact(
             far_range=(config.far_lo, config.far_hi),
             num_thresholds=config.num_thresholds,
             beta=config.beta,
+            tau_source=cal.get("tau_source", "calibrated"),
+            impostor_pairs=int(cal.get("impostor_pairs", 0)),
+            impostor_pairs_needed=int(cal.get("impostor_pairs_needed", 0)),
         ),
         baseline=Baseline(
             opis=result["opis"],

@@ -42,8 +42,10 @@ def evaluate_run(
     splits: Splits | None = None,
     plots: bool = True,
     data_dir: str | None = None,
+    fallback_tau: float | None = None,
 ) -> dict[str, Any]:
-    """Embeds the held-out (or validation) classes with the run's model and writes its report."""
+    """Embeds the held-out (or validation) classes with the run's model and writes its report
+    (``fallback_tau``: :func:`training.evaluate.evaluate_embeddings`)."""
     run = Path(run_dir)
     model, config = load_trained_model(run)
     if data_dir is not None:
@@ -51,7 +53,7 @@ def evaluate_run(
     splits = splits or load_splits(config)
     part = _part(splits, split)
     emb = embed(model, part.x, device=resolve_device(config.device))
-    result = evaluate_embeddings(emb, part.y, config)
+    result = evaluate_embeddings(emb, part.y, config, fallback_tau=fallback_tau)
     det = None
     if config.dataset == "lfw" and split == "test":  # the official pair protocols as well
         from training.faces import lfw_verification
@@ -120,13 +122,15 @@ def train_evaluate_export(
     progress: bool = True,
     resume: bool = False,
     splits: Splits | None = None,
+    fallback_tau: float | None = None,
 ) -> dict[str, Any]:
-    """Under torchrun every rank trains; only rank 0 evaluates and exports (others get ``{}``)."""
+    """Under torchrun every rank trains; only rank 0 evaluates and exports (others get ``{}``).
+    ``fallback_tau``: the tau kept when the held-out classes cannot support a new one."""
     splits = splits or load_splits(config)
     fit(config, run_dir, splits=splits, progress=progress, resume=resume)
     if not is_main_process():
         return {}
-    result = evaluate_run(run_dir, splits=splits, plots=plots)
+    result = evaluate_run(run_dir, splits=splits, plots=plots, fallback_tau=fallback_tau)
     out: dict[str, Any] = {k: v for k, v in result.items() if not k.startswith("_")}
     if artefact_dir is not None:
         manifest = export_artefact(

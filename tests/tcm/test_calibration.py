@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from tcm import calibrate_threshold, calibrate_threshold_from_scores, threshold_at_far
+from tcm import (
+    calibrate_threshold,
+    calibrate_threshold_from_scores,
+    impostor_pairs_needed,
+    threshold_at_far,
+)
 from tests.tcm.reference import clustered, cosine_matrix
 from tests.tcm.reference import threshold_at_far as threshold_bruteforce
 
@@ -55,6 +60,27 @@ def test_per_class_rates_and_spread() -> None:
     assert cal.far_spread == pytest.approx(cal.per_class_far.max() - cal.per_class_far.min())
     d = cal.to_dict()
     assert d["per_class"]["frr_max"] >= d["per_class"]["frr_min"]
+
+
+def test_rates_at_a_given_tau_match_brute_force() -> None:
+    """``tau=``: FAR/FRR measured at an inherited threshold, pair by pair."""
+    x, y = clustered(4, num_classes=5, per_class=4)
+    s, same, _ = _pairs(x, y)
+    tau = float(np.quantile(s, 0.7))
+    cal = calibrate_threshold(x, y, target_far=0.05, tau=tau)
+    assert cal.tau == tau
+    assert cal.far == pytest.approx(np.mean(s[~same] >= tau))
+    assert cal.frr == pytest.approx(np.mean(s[same] < tau))
+    assert cal.num_impostor == int((~same).sum()) and cal.num_genuine == int(same.sum())
+    with pytest.raises(ValueError, match="finite"):
+        calibrate_threshold(x, y, tau=float("nan"))
+
+
+@pytest.mark.parametrize(("far", "needed"), [(1e-2, 1_000), (1e-3, 10_000), (0.3, 34)])
+def test_impostor_pairs_needed(far: float, needed: int) -> None:
+    """10 impostor scores at or above tau: ceil(10 / FAR), by hand."""
+    assert impostor_pairs_needed(far) == needed
+    assert impostor_pairs_needed(far, tail=1) == math.ceil(1 / far - 1e-9)
 
 
 def test_scores_version_and_float32_tau_is_exact_in_float32() -> None:

@@ -93,7 +93,7 @@ def test_kustomizations_build(directory: str) -> None:
             "NetworkPolicy",
         },
         "monitoring": {"ServiceMonitor", "PrometheusRule", "ConfigMap"},
-        "retrain": {"Job", "Service"},
+        "retrain": {"Job", "PersistentVolumeClaim"},
     }[directory]
     assert kinds == expected
     # no Secret is committed: the admin token is created by hand (deploy/README.md)
@@ -715,58 +715,6 @@ def test_redis_statefulset_persists_and_is_private() -> None:
     assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
 
 
-def test_retrain_job_runs_torchrun_on_the_training_cli() -> None:
-    import typer.main
-
-    from training.cli import app as train_app
-    from training.config import TrainConfig
-
-    manifests = built("retrain")
-    job = one(manifests, "Job", "tcm-retrain")
-    spec = job["spec"]
-    tpl = spec["template"]["spec"]
-    (c,) = tpl["containers"]
-    env = {e["name"]: e for e in c["env"]}
-    nnodes = int(env["NNODES"]["value"])
-    assert spec["completionMode"] == "Indexed"
-    assert spec["completions"] == spec["parallelism"] == nnodes
-    assert tpl["restartPolicy"] == "Never"
-    assert (
-        env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
-        == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-    )
-    assert int(env["NPROC_PER_NODE"]["value"]) == int(c["resources"]["limits"]["nvidia.com/gpu"])
-    args = c["args"]
-    assert c["command"] == ["torchrun"]
-    assert args[args.index("-m") + 1 : args.index("-m") + 3] == ["training.cli", "fit"]
-    opts = dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
-    assert opts["--nnodes"] == "$(NNODES)" and opts["--node_rank"] == "$(NODE_RANK)"
-    assert opts["--nproc_per_node"] == "$(NPROC_PER_NODE)"
-    # every $(VAR) the args use is defined (Kubernetes leaves unknown ones unexpanded)
-    assert set(re.findall(r"\$\((\w+)\)", " ".join(args))) <= set(env)
-    # rendezvous: pod 0 of this Job under the headless Service named by the subdomain
-    svc = one(manifests, "Service", tpl["subdomain"])
-    assert svc["spec"]["clusterIP"] == "None"
-    assert opts["--master_addr"] == f"{job['metadata']['name']}-0.{tpl['subdomain']}"
-    assert int(opts["--master_port"]) in {p["port"] for p in svc["spec"]["ports"]}
-    assert svc["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
-    # the training CLI has these options, and the --set keys are config fields
-    fit = typer.main.get_command(train_app).commands["fit"]  # type: ignore[attr-defined]
-    known = {o for p in fit.params for o in p.opts}
-    script = args[args.index("fit") + 1 :]
-    for a in script:
-        if a.startswith("-"):
-            assert a.split("=", 1)[0] in known, a
-    sets = [script[i + 1] for i, a in enumerate(script) if a == "--set"]
-    assert sets and {s.split("=", 1)[0] for s in sets} <= set(TrainConfig.__dataclass_fields__)
-    # it writes to the models volume the service reads
-    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    volumes = {v["name"]: v for v in tpl["volumes"]}
-    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "tcm-models"
-    assert opts["--export"].startswith(mounts["models"] + "/")
-    assert opts["--data-dir"] == mounts["data"]
-
-
 def test_readme_documents_kubernetes() -> None:
     readme = (DEPLOY / "README.md").read_text()
     for needed in (
@@ -779,3 +727,54 @@ def test_readme_documents_kubernetes() -> None:
         "Cluster",
     ):
         assert needed in readme, needed
+
+
+def test_retrain_job_exports_then_retrains_the_served_artefact() -> None:
+    """Regression: the Job ran `fit` on the default data set (Omniglot), not `retrain --from`
+    the served model, and mounted a claim `tcm-training-data` that nothing defined."""
+    from service.cli import app as serve_cli
+    from training.cli import app as train_cli
+
+    manifests = built("retrain")
+    job = one(manifests, "Job", "tcm-retrain")
+    spec = job["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    (train,) = spec["containers"]
+    # every claim a pod mounts is created here or by the base the service runs on
+    claimed = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in spec["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    defined = {
+        m["metadata"]["name"]
+        for m in [*manifests, *built("overlays/gpu")]
+        if m["kind"] == "PersistentVolumeClaim"
+    }
+    assert claimed <= defined, claimed - defined
+    # the export reads the service's own store settings and writes where training reads
+    assert init["envFrom"] == [{"configMapRef": {"name": "tcm-config"}}]
+    script = " ".join(init["args"])
+    assert 'tcm-serve export-dataset --out "/data/$RUN_NAME"' in script
+    assert [c.name for c in serve_cli.registered_commands if c.name == "export-dataset"]
+    args = train["args"]
+    assert args[args.index("-m") + 1 : args.index("-m") + 3] == ["training.cli", "retrain"]
+    opts = dict(a.removeprefix("--").split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    assert opts["from"] == "$(FROM_ARTEFACT)" and opts["data"] == "/data/$(RUN_NAME)"
+    assert opts["export"] == "/models/$(RUN_NAME)"
+    # the options exist on the command it calls, and every $(VAR) is defined (Kubernetes
+    # leaves unknown ones unexpanded)
+    import typer.main
+
+    command = typer.main.get_command(train_cli).commands["retrain"]  # type: ignore[attr-defined]
+    known = {o for p in command.params for o in p.opts}
+    assert {"--" + k for k in opts} <= known | {"--standalone", "--nproc_per_node"}
+    assert train["command"] == ["torchrun"] and "--standalone" in args
+    env = {e["name"]: e.get("value") for e in train["env"]}
+    init_env = {e["name"]: e.get("value") for e in init["env"]}
+    assert env["RUN_NAME"] == init_env["RUN_NAME"]  # the same export folder
+    assert env["FROM_ARTEFACT"].startswith("/models/")
+    mounts = {m["mountPath"]: m for m in train["volumeMounts"]}
+    assert mounts["/models"].get("readOnly", False) is False  # it writes the new artefact
+    assert set(re.findall(r"\$\((\w+)\)", " ".join(args))) <= set(env)
+    assert int(env["NPROC_PER_NODE"]) == int(train["resources"]["limits"]["nvidia.com/gpu"])

@@ -754,6 +754,16 @@ class MonitorView(BaseModel):
     status: Literal["ok", "pending"]
     message: str | None = None
     snapshot: MonitorSnapshot | TenantMonitorSnapshot | None = None
+    age_s: float | None = Field(
+        default=None,
+        description="seconds since the snapshot was computed (it is recomputed every "
+        "interval_s; /v1/monitor answers from the latest one)",
+    )
+    stale: bool = Field(
+        default=False,
+        description="true when the snapshot is older than twice the monitor's interval: the "
+        "monitor may have stopped (tcm_monitor_runs_total{result=\"failed\"})",
+    )
     what_if: AdminWhatIf | WhatIf | None = None
 
 

@@ -66,17 +66,26 @@ async def monitor_view(
             )
         )
     pending = snapshot is None
+    interval = monitor.config.interval_s
+    age = None if snapshot is None else max(0.0, monitor.clock() - snapshot.computed_at)
+    stale = age is not None and age > 2 * interval
+    message = None
+    if pending:
+        message = f"the monitor has not produced a snapshot yet (it runs every {interval:g}s)"
+    elif stale:
+        message = (
+            f"the latest snapshot is {age:.0f}s old while the monitor runs every {interval:g}s: "
+            "it may have stopped or be failing (tcm_monitor_runs_total{result=\"failed\"}, "
+            "the service log)"
+        )
     return MonitorView(
         scope="admin" if tenant_id is None else "tenant",
         tenant_id=tenant_id,
         status="pending" if pending else "ok",
-        message=(
-            "the monitor has not produced a snapshot yet (it runs every "
-            f"{monitor.config.interval_s:g}s)"
-        )
-        if pending
-        else None,
+        message=message,
         snapshot=snapshot,
+        age_s=age,
+        stale=stale,
         what_if=what_if,
     )
 

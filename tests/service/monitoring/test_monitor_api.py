@@ -110,6 +110,17 @@ def test_snapshot_metrics_and_views(kind: str, artefact: Path, store_settings: C
         assert body["scope"] == "admin" and body["status"] == "ok" and body["what_if"] is None
         assert set(body["snapshot"]["tenants"]) == {a, b}
         assert body["snapshot"] == snap.model_dump(mode="json")
+        assert body["age_s"] >= 0 and body["stale"] is False and body["message"] is None
+        # the snapshot's age, on the monitor's own clock: stale past twice its interval
+        monitor = client.app.state.monitor  # type: ignore[attr-defined]
+        real_clock, interval = monitor.clock, monitor.config.interval_s
+        try:
+            monitor.clock = lambda: snap.computed_at + 2 * interval + 7
+            body = client.get("/v1/monitor", headers=ADMIN).json()
+        finally:
+            monitor.clock = real_clock
+        assert body["age_s"] == 2 * interval + 7 and body["stale"] is True
+        assert "may have stopped" in body["message"] and body["status"] == "ok"
 
         # --- a tenant: its own row, nothing about the other tenant
         for me, auth, other in ((a, a_auth, b), (b, b_auth, a)):

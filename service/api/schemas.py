@@ -762,7 +762,7 @@ class MonitorView(BaseModel):
     stale: bool = Field(
         default=False,
         description="true when the snapshot is older than twice the monitor's interval: the "
-        "monitor may have stopped (tcm_monitor_runs_total{result=\"failed\"})",
+        'monitor may have stopped (tcm_monitor_runs_total{result="failed"})',
     )
     what_if: AdminWhatIf | WhatIf | None = None
 

@@ -75,7 +75,7 @@ async def monitor_view(
     elif stale:
         message = (
             f"the latest snapshot is {age:.0f}s old while the monitor runs every {interval:g}s: "
-            "it may have stopped or be failing (tcm_monitor_runs_total{result=\"failed\"}, "
+            'it may have stopped or be failing (tcm_monitor_runs_total{result="failed"}, '
             "the service log)"
         )
     return MonitorView(

@@ -568,8 +568,12 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_feedback_schema)
     match_id: Id
-    true_subject: Name | None = None
-    correct: bool | None = None
+    true_subject: Name | None = Field(
+        None,
+        description="the probe's real subject; null (sent explicitly) means its subject is not "
+        "enrolled, so accepting it as anyone was a false accept",
+    )
+    correct: bool | None = Field(None, description="whether the decision was right")
 
     @model_validator(mode="before")
     @classmethod

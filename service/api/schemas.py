@@ -256,7 +256,14 @@ def utc(ts: float) -> datetime:
 
 # --- admin ---------------------------------------------------------------------------------
 class TenantCreate(Request):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    name: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=200),
+        Field(
+            description="unique among tenants (409 duplicate_tenant_name), compared regardless "
+            "of case, Unicode form (NFKC) and spaces at the ends or repeated; kept as given"
+        ),
+    ]
 
 
 class TenantCreated(BaseModel):

@@ -11,8 +11,10 @@ client pasted there included): each request is logged once by the app, redacted
 ``tcm-serve export-dataset --out DIR`` writes the gallery of record (stored images by tenant and
 subject) and the labelled feedback as a dataset ``tcm-train`` reads (``service.ops.export``), from
 the store ``TCM_STORE_URL`` names. ``tcm-serve models list|stage|activate|rollback`` drive a
-running service's model registry over its admin API (``--url``, ``TCM_ADMIN_TOKEN``). Both talk
-to the service through ``tcm_client`` (one HTTP client, one retry policy).
+running service's model registry over its admin API (``--url``, ``TCM_ADMIN_TOKEN``);
+``tcm-serve tenants create|list|keys|issue-key|revoke-key`` its tenants and API keys, so that
+operators need no curl. They talk to the service through ``tcm_client`` (one HTTP client, one
+retry policy).
 ``tcm-serve import FILE`` streams embeddings (.npy, JSONL or Parquet) into a tenant's gallery
 over the API (``TCM_API_KEY``), resumably (``service.ops.importer``).
 """
@@ -69,6 +71,12 @@ models_app = typer.Typer(
     help="The model registry of a running service (admin API).",
 )
 app.add_typer(models_app, name="models")
+tenants_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Tenants and their API keys of a running service (admin API).",
+)
+app.add_typer(tenants_app, name="tenants")
 console = Console(stderr=True, soft_wrap=True)  # paths and messages stay on one line
 
 
@@ -324,17 +332,20 @@ UrlOpt = Annotated[str, typer.Option("--url", envvar="TCM_URL", help="the servic
 
 
 @contextmanager
-def _admin(url: str) -> Iterator[Client]:
-    """A ``tcm_client.Client`` with the admin token; an error answer or an unreachable service
-    inside the block is one red line and exit code 1 (no token: exit code 2). Answers are
-    printed as the service sent them (``route.raw()``: its JSON, its key order)."""
+def _admin(url: str, token: str | None = None) -> Iterator[Client]:
+    """A ``tcm_client.Client`` with the admin token (``token``, else ``TCM_ADMIN_TOKEN``); an
+    error answer or an unreachable service inside the block is one red line and exit code 1
+    (no token: exit code 2). Answers are printed as the service sent them (``route.raw()``:
+    its JSON, its key order)."""
     import httpx
 
     from tcm_client import ApiError, Client
 
-    token = os.environ.get("TCM_ADMIN_TOKEN")
+    token = token or os.environ.get("TCM_ADMIN_TOKEN")
     if not token:
-        console.print("[red]set TCM_ADMIN_TOKEN to the service's admin token[/red]")
+        console.print(
+            "[red]set TCM_ADMIN_TOKEN (or --admin-token) to the service's admin token[/red]"
+        )
         raise typer.Exit(2)
     try:
         with Client(url, token, timeout_s=30.0) as tcm:
@@ -443,6 +454,114 @@ def models_rollback(
         _print(body)
         if wait:
             _wait(tcm, body["version"], timeout_s)
+
+
+# --- tenants and API keys over HTTP -----------------------------------------------------------
+AdminTokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-token",
+        envvar="TCM_ADMIN_TOKEN",
+        help="the service's admin token (better: TCM_ADMIN_TOKEN)",
+        show_default=False,
+    ),
+]
+TenantArg = Annotated[str, typer.Argument(help="the tenant's id, or its name")]
+
+
+def _tenant_id(tcm: Client, tenant: str) -> str:
+    """``tenant`` as a tenant id: itself when a tenant has that id, else the id of the tenant
+    of that name (names are unique, compared as the service compares them); exit code 1 when
+    neither exists."""
+    from service.store.base import tenant_name_key
+
+    tenants = tcm.list_tenants()
+    if any(t.tenant_id == tenant for t in tenants):
+        return tenant
+    named = [t.tenant_id for t in tenants if tenant_name_key(t.name) == tenant_name_key(tenant)]
+    if len(named) == 1:
+        return named[0]
+    if named:  # only a store from before names were unique can hold two
+        console.print(
+            f"[red]{len(named)} tenants are named {tenant!r} ({', '.join(named)}): give the "
+            "tenant id[/red]",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    console.print(f"[red]no tenant has the id or name {tenant!r}[/red]", highlight=False)
+    raise typer.Exit(1)
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="unique among tenants (case and spaces aside)")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    admin_token: AdminTokenOpt = None,
+) -> None:
+    """Creates a tenant with its first API key; prints the answer, the key with it (shown once:
+    the service keeps only its hash)."""
+    with _admin(url, admin_token) as tcm:
+        body = tcm.create_tenant.raw(name)
+    _print(body)
+    console.print(
+        f"created tenant {body['tenant_id']} ({body['name']}); its API key is shown once: "
+        "store it now",
+        markup=False,
+        highlight=False,
+    )
+
+
+@tenants_app.command("list")
+def tenants_list(url: UrlOpt = "http://127.0.0.1:8000", admin_token: AdminTokenOpt = None) -> None:
+    """Every tenant: id, name, creation time (oldest first)."""
+    with _admin(url, admin_token) as tcm:
+        _print(tcm.list_tenants.raw())
+
+
+@tenants_app.command("keys")
+def tenants_keys(
+    tenant: TenantArg, url: UrlOpt = "http://127.0.0.1:8000", admin_token: AdminTokenOpt = None
+) -> None:
+    """The tenant's API keys: ids, creation and revocation times (never the secrets)."""
+    with _admin(url, admin_token) as tcm:
+        _print(tcm.list_keys.raw(_tenant_id(tcm, tenant)))
+
+
+@tenants_app.command("issue-key")
+def tenants_issue_key(
+    tenant: TenantArg,
+    revoke_existing: Annotated[
+        bool, typer.Option(help="revoke the tenant's other keys in the same step (a leaked key)")
+    ] = False,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    admin_token: AdminTokenOpt = None,
+) -> None:
+    """Issues a new API key; the others stay valid unless --revoke-existing (rotate without
+    downtime: issue, deploy the new key, then revoke-key the old one)."""
+    with _admin(url, admin_token) as tcm:
+        body = tcm.issue_key.raw(_tenant_id(tcm, tenant), revoke_existing=revoke_existing)
+    _print(body)
+    revoked = body.get("revoked_key_ids") or []
+    console.print(
+        f"issued key {body['key_id']} (shown once)"
+        + (f"; revoked {', '.join(revoked)}" if revoked else ""),
+        markup=False,
+        highlight=False,
+    )
+
+
+@tenants_app.command("revoke-key")
+def tenants_revoke_key(
+    tenant: TenantArg,
+    key_id: Annotated[str, typer.Argument(help="the key's id (tcm-serve tenants keys TENANT)")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    admin_token: AdminTokenOpt = None,
+) -> None:
+    """Revokes one API key at once (idempotent); the tenant's other keys stay valid."""
+    with _admin(url, admin_token) as tcm:
+        tenant_id = _tenant_id(tcm, tenant)
+        tcm.revoke_key(tenant_id, key_id)
+    console.print(f"revoked key {key_id} of tenant {tenant_id}", markup=False, highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

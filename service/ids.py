@@ -1,10 +1,17 @@
 """The one shape of every id the API takes, and how ids are made safe where they meet a store.
 
 Tenant ids, key ids, item ids, subjects, match ids and model versions all match ``ID_PATTERN``:
-an ASCII letter or digit, then up to 127 letters, digits or ``. _ @ -``. The service's own ids
-(uuid4 hex, 16-hex key ids, ``<dataset>-<arch>-...`` model versions) fit it; so do e-mail-like
-subjects. It has no ``/`` (ids are URL path segments), no ``:`` (the Redis key separator), no
-glob characters, no whitespace or control characters, and cannot be ``.`` or ``..``.
+1-128 characters, ASCII letters, digits, ``. _ @ -`` and the space, starting with a letter or
+digit and not ending with a space. The service's own ids (uuid4 hex, 16-hex key ids,
+``<dataset>-<arch>-...`` model versions) fit it; so do e-mail-like subjects and names such as
+``Cactus Wren``. It has no ``/`` (ids are URL path segments), no ``:`` (the Redis key
+separator), no glob characters, no whitespace but the space (no tab, newline or other control
+character), no leading or trailing space (``"Wren"`` and ``"Wren "`` would look alike), and
+cannot be ``.`` or ``..``.
+
+The space is safe where ids go: it is a plain byte in a Redis key and in a ``SCAN MATCH``
+pattern (not a glob character), a bound parameter in SQLite, a string in FAISS's metadata, and
+``%20`` in a URL path (``tcm_client`` quotes every path segment).
 
 The API refuses anything else with a 422 at its boundary (path, query and body). The stores do
 not rely on that: :func:`key_part` encodes what would make a Redis key ambiguous, and
@@ -21,8 +28,11 @@ from fastapi import Path, Query
 from pydantic import StringConstraints
 
 ID_MAX_LENGTH = 128
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
-ID_RULE = "1-128 characters: ASCII letters, digits and . _ @ -, starting with a letter or digit"
+ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._@ -]{0,126}[A-Za-z0-9._@-])?$"
+ID_RULE = (
+    "1-128 characters: ASCII letters, digits, '.', '_', '@', '-' and spaces, starting with a "
+    "letter or digit, not ending with a space"
+)
 
 # a request or response body field; FastAPI path and query parameters
 Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]

@@ -1,9 +1,9 @@
 """OPIS and eps-OPIS: how much the utility-vs-threshold curve differs between classes.
 
-Definitions are in ``SPEC.md`` ("Utility curve of one class", "Calibration range", "OPIS",
-"epsilon-OPIS"). Two entry points share one back end: :func:`consistency_report` for a labelled
-embedding set (all pairs, streamed blockwise) and :func:`consistency_from_scores` for labelled
-scores per group (the service's tenants).
+Definitions are in ``docs/spec.md`` ("One class's utility curve", "The calibration range and
+its grid", "OPIS and ε-OPIS"). Two entry points share one back end: :func:`consistency_report`
+for a labelled embedding set (all pairs, streamed blockwise) and :func:`consistency_from_scores`
+for labelled scores per group (the service's tenants).
 """
 
 from __future__ import annotations

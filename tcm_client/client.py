@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import EllipsisType
 from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
 from urllib.parse import quote
 
@@ -537,17 +538,21 @@ class _Routes:
         match_id: str,
         *,
         correct: bool | None = None,
-        true_subject: str | None = None,
+        true_subject: str | EllipsisType | None = ...,
         subject_given: bool = False,
     ) -> Call[m.FeedbackResult]:
-        """``correct=True/False``, or ``true_subject`` (``subject_given=True`` with
-        ``true_subject=None``: the query's subject is not enrolled). Safe to repeat: the
-        service keeps one feedback per match (a second is 409 ``feedback_exists``)."""
+        """Labels a match: ``correct=True/False`` (was the decision right?), or ``true_subject``:
+        the probe's real subject, or ``None`` for "the probe's subject is not enrolled" (sent as
+        ``"true_subject": null``). Left out, no subject is sent. ``subject_given=True`` is the
+        older spelling of ``true_subject=None`` and still works. Safe to repeat: the service
+        keeps one feedback per match (a second is 409 ``feedback_exists``)."""
         body: dict[str, Any] = {"match_id": match_id}
         if correct is not None:
             body["correct"] = correct
-        if true_subject is not None or subject_given:
+        if true_subject is not ...:
             body["true_subject"] = true_subject
+        elif subject_given:
+            body["true_subject"] = None
         return Call("POST", "/v1/feedback", _model(m.FeedbackResult), json=body, idempotent=True)
 
     # --- monitor, model, health ------------------------------------------------------------

@@ -31,6 +31,7 @@ from service.errors import (
     StoreUnavailableError,
     error_body,
 )
+from service.ids import ID_PATTERN, ID_RULE
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,39 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _clean_validation_errors(errors: Any) -> list[dict[str, Any]]:
-    """Keeps loc/msg/type: echoing ``input`` back could return megabytes of base64."""
+    """Keeps loc/msg/type: echoing ``input`` back could return megabytes of base64. An id that
+    does not match the id pattern is told the rule in words (which characters are allowed), the
+    pattern after it."""
     out = []
     for e in errors:
         item = {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         ctx = e.get("ctx")
         if ctx:
             item["ctx"] = {k: str(v) for k, v in ctx.items()}
+            if item["type"] == "string_pattern_mismatch" and ctx.get("pattern") == ID_PATTERN:
+                item["msg"] = f"an id must be {ID_RULE} (pattern {ID_PATTERN})"
         out.append(item)
     return out
+
+
+def _where(loc: list[Any]) -> str:
+    """``["body", "items", 0, "subject"]`` -> ``body.items[0].subject``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _summary(errors: list[dict[str, Any]]) -> str:
+    """The first problem in the message itself, so that a client printing only the message
+    still learns what to change."""
+    if not errors:
+        return "the request does not match the schema"
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    where = _where(first["loc"])
+    at = f"{where}: " if where else ""
+    return f"the request does not match the schema: {at}{first['msg']}{more}"
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -110,9 +135,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         return _response(
             400, error_body("malformed_json", "the request body is not valid JSON", errors)
         )
-    return _response(
-        422, error_body("invalid_input", "the request does not match the schema", errors)
-    )
+    return _response(422, error_body("invalid_input", _summary(errors), errors))
 
 
 def allowed_methods(request: Request) -> list[str]:

@@ -22,8 +22,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StringConstraints,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -254,7 +256,14 @@ def utc(ts: float) -> datetime:
 
 # --- admin ---------------------------------------------------------------------------------
 class TenantCreate(Request):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    name: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=200),
+        Field(
+            description="unique among tenants (409 duplicate_tenant_name), compared regardless "
+            "of case, Unicode form (NFKC) and spaces at the ends or repeated; kept as given"
+        ),
+    ]
 
 
 class TenantCreated(BaseModel):
@@ -369,14 +378,31 @@ class FaceOut(BaseModel):
     faces_found: int = Field(description="faces detected; the largest one is used")
 
 
-FacesField = Field(default=None, description="face models only: the face used for each image")
-
-
 def faces_out(faces: list[dict[str, Any]]) -> list[FaceOut] | None:
     return [FaceOut(**f) for f in faces] or None
 
 
-class EnrolResponse(BaseModel):
+FacesField = Field(
+    default=None,
+    description="face models only (absent for other models): the face used for each image",
+)
+
+
+class WithFaces(BaseModel):
+    """A response that embedded images: its ``faces`` (``FacesField``, the face used for each
+    photo) is there for face models only; for every other model the key is left out, not sent
+    as null."""
+
+    # no return annotation: pydantic would publish it as the response's schema
+    @model_serializer(mode="wrap")
+    def _without_null_faces(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("faces") is None:
+            data.pop("faces", None)
+        return data
+
+
+class EnrolResponse(WithFaces):
     item_ids: list[str]
     faces: list[FaceOut] | None = FacesField
 
@@ -435,7 +461,7 @@ class DecisionOut(BaseModel):
     score: float | None = Field(description="best candidate's score; null for an empty gallery")
 
 
-class MatchResponse(BaseModel):
+class MatchResponse(WithFaces):
     match_id: str
     decision: DecisionOut
     candidates: list[Candidate]
@@ -511,7 +537,7 @@ class VerifyRequest(Request):
     )
 
 
-class VerifyResponse(BaseModel):
+class VerifyResponse(WithFaces):
     score: float
     accepted: bool
     threshold: float
@@ -525,7 +551,7 @@ class EmbedRequest(Request):
     )
 
 
-class EmbedResponse(BaseModel):
+class EmbedResponse(WithFaces):
     embeddings: list[list[float]]
     model_version: str
     faces: list[FaceOut] | None = FacesField
@@ -549,8 +575,12 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_feedback_schema)
     match_id: Id
-    true_subject: Name | None = None
-    correct: bool | None = None
+    true_subject: Name | None = Field(
+        None,
+        description="the probe's real subject; null (sent explicitly) means its subject is not "
+        "enrolled, so accepting it as anyone was a false accept",
+    )
+    correct: bool | None = Field(None, description="whether the decision was right")
 
     @model_validator(mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import warnings
 
 import numpy as np
@@ -25,6 +26,45 @@ from PIL import Image, UnidentifiedImageError
 from service.errors import InvalidInputError
 
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+_READABLE = ", ".join(FORMATS[:-1]) + " or " + FORMATS[-1]
+# what users send instead of an image, by the bytes it starts with: named in the 422 so that
+# they know what to change (PIL's own message names a BytesIO object at a memory address)
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"%PDF", 0, "a PDF document"),
+    (b"ftypheic", 4, "a HEIC photo (convert it to JPEG)"),
+    (b"ftypheix", 4, "a HEIC photo (convert it to JPEG)"),
+    (b"ftypmif1", 4, "a HEIF photo (convert it to JPEG)"),
+    (b"ftypavif", 4, "an AVIF image (convert it to JPEG or PNG)"),
+    (b"PK\x03\x04", 0, "a ZIP archive"),
+    (b"\x1f\x8b", 0, "gzip-compressed data"),
+    (b"<svg", 0, "an SVG drawing (rasterise it to PNG)"),
+    (b"<?xml", 0, "XML text"),
+    (b"<!DOCTYPE", 0, "an HTML page"),
+    (b"<html", 0, "an HTML page"),
+)
+_BASE64_TEXT = re.compile(rb"^[A-Za-z0-9+/]+={0,2}\s*$")
+_OBJECT_AT = re.compile(r"<[^<>]* object at 0x[0-9A-Fa-f]+>")
+
+
+def what_it_looks_like(raw: bytes) -> str:
+    """A short description of bytes that are not an image: what they look like, else their
+    first bytes in hex."""
+    head = raw[:32]
+    for sig, offset, name in _SIGNATURES:
+        if head[offset : offset + len(sig)].lower() == sig.lower():
+            return name
+    if _BASE64_TEXT.match(raw[:4096]) and len(raw.strip()) % 4 == 0:
+        return "base64 text (was the image base64-encoded twice?)"
+    if head[:1] in (b"{", b"["):
+        return "JSON text"
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "plain text"
+    return f"bytes starting {head[:8].hex(' ')}"
+
+
+def _plain(exc: BaseException) -> str:
+    """An exception's message without Python object reprs (``<_io.BytesIO object at 0x...>``)."""
+    return _OBJECT_AT.sub("the image", str(exc))
 
 
 def decode_base64(data: str, *, where: str) -> bytes:
@@ -100,19 +140,22 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInputError(
-            f"{where} claims too many pixels: {exc}",
+            f"{where} claims too many pixels: {_plain(exc)}",
             code="image_too_large",
             detail={"where": where, "max_pixels": max_pixels},
         ) from exc
     except UnidentifiedImageError as exc:
         raise InvalidInputError(
-            f"{where} is not a decodable image ({'/'.join(FORMATS)}): {exc}",
+            f"{where} is not an image the service reads: {_READABLE} are; these bytes look like "
+            f"{what_it_looks_like(raw)}",
             code="invalid_image",
-            detail={"where": where},
+            detail={"where": where, "formats": list(FORMATS)},
         ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
         raise InvalidInputError(
-            f"{where} could not be decoded: {exc}", code="invalid_image", detail={"where": where}
+            f"{where} could not be decoded (truncated or corrupt?): {_plain(exc)}",
+            code="invalid_image",
+            detail={"where": where},
         ) from exc
     return np.ascontiguousarray(arr)
 

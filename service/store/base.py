@@ -18,6 +18,9 @@ Contract every implementation keeps:
   again, so the service recovers without a restart.
 - Conflicts (duplicate item ids, repeated feedback) raise :class:`service.errors.ConflictError`
   with the offending ids in ``detail``.
+- Tenant names are unique under :func:`tenant_name_key` (case, Unicode form and spaces aside):
+  :meth:`Store.create_tenant` refuses a taken name with :func:`duplicate_name`, atomically (two
+  concurrent creates of one name never both succeed), and deleting a tenant frees its name.
 - ``seq`` is a positive int64 assigned by the store, unique within the store and never reused; it
   is the id of the item's vector in FAISS.
 - Times are Unix seconds (float).
@@ -32,13 +35,16 @@ reports the same numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from service.errors import ConflictError
 from service.metrics import Outcome
 
 # rows per chunk when a gallery is streamed (start-up rebuild): 65,536 x 512-d float32 = 128 MiB
@@ -50,6 +56,29 @@ class Tenant:
     tenant_id: str
     name: str
     created_at: float
+
+
+def tenant_name_key(name: str) -> str:
+    """What makes two tenant names the same: Unicode NFKC, case folded, runs of whitespace as
+    one space, none at either end. ``"Acme"``, ``"ACME "`` and ``"acme"`` (full-width letters)
+    are one name; the name is stored and shown as it was given."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+
+def tenant_name_digest(name: str) -> str:
+    """The sha256 (hex) of :func:`tenant_name_key`: a fixed-length key for the name index that
+    no client-chosen text reaches."""
+    return hashlib.sha256(tenant_name_key(name).encode()).hexdigest()
+
+
+def duplicate_name(name: str, holder: str) -> ConflictError:
+    """The 409 for a tenant name that is taken (by tenant ``holder``)."""
+    return ConflictError(
+        f"a tenant named {name!r} exists already (tenant {holder}): tenant names are unique, "
+        "compared regardless of case, Unicode form and spaces at the ends or repeated",
+        code="duplicate_tenant_name",
+        detail={"name": name, "tenant_id": holder},
+    )
 
 
 @dataclass(frozen=True)
@@ -205,7 +234,8 @@ class Store(Protocol):
 
     # --- tenants and keys ------------------------------------------------------------------
     def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
-        """Creates the tenant together with its first key."""
+        """Creates the tenant together with its first key; a name that another tenant has
+        (under :func:`tenant_name_key`) is a :func:`duplicate_name` conflict."""
 
     def get_tenant(self, tenant_id: str) -> Tenant | None: ...
 

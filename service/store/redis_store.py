@@ -6,6 +6,11 @@ separator and no key is a prefix-collision of another)::
 
     P tenants                   zset   tenant_id -> created_at
     P tenant:T                  hash   name, created_at
+    P tenant_name:H             string tenant_id holding the name whose tenant_name_digest is H
+                                       (tenant names are unique; set with the tenant, in its
+                                       transaction, and deleted with it)
+    P tenant_names:v1           string set once every tenant older than the name keys has one
+                                       (a one-time backfill of older stores, oldest first)
     P tenant:T:keys             set    key ids of the tenant
     P key:K                     hash   tenant_id, key_hash, created_at, revoked_at ("" = active)
     P seq                       string counter behind every item's seq (FAISS id), never reused
@@ -81,8 +86,10 @@ from service.store.base import (
     Tenant,
     decode_vector,
     decode_vectors,
+    duplicate_name,
     encode_vector,
     metadata_of,
+    tenant_name_digest,
 )
 
 T = TypeVar("T")
@@ -274,6 +281,7 @@ class RedisStore:
         self._feed: redis.Redis | None = None  # blocking XREADs get their own connection
         # Script objects only hold the sha; EVALSHA loads them on the server when missing
         self._labelled_ready = False  # the labelled zsets hold every feedback (labelled:v1)
+        self._names_ready = False  # every tenant's name has its key (tenant_names:v1)
         self._add_items_script = self.r.register_script(ADD_ITEMS_LUA)
         self._page_script = self.r.register_script(GALLERY_PAGE_LUA)
 
@@ -382,9 +390,36 @@ class RedisStore:
         )
 
     # --- tenants and keys ------------------------------------------------------------------
+    def _name_key(self, name: str) -> str:
+        return self._k("tenant_name", tenant_name_digest(name))
+
+    def _ensure_tenant_names(self) -> None:
+        """Stores written before tenant names were unique: each tenant's name key is set if
+        free (SET NX, oldest tenant first, so replicas racing here agree), then
+        ``tenant_names:v1`` says it is done, for every replica and restart."""
+        if self._names_ready:
+            return
+        marker = self._k("tenant_names", "v1")
+        with self._translate("index tenant names"):
+            if not self.r.exists(marker):
+                for tid in [_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1)]:
+                    name = _s(self.r.hget(self._tenant(tid), "name"))
+                    if name is not None:
+                        self.r.set(self._name_key(name), tid, nx=True)
+                self.r.set(marker, "1")
+        self._names_ready = True
+
     def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
-        with self._translate("create tenant"):
-            pipe = self.r.pipeline(transaction=True)
+        """One transaction WATCHing the name's key: of two concurrent creates of one name, the
+        second's EXEC fails and its retry finds the name taken (409 ``duplicate_tenant_name``)."""
+        self._ensure_tenant_names()
+        name_key = self._name_key(tenant.name)
+
+        def body(pipe: redis.client.Pipeline) -> None:
+            holder = _s(pipe.get(name_key))
+            if holder is not None and pipe.exists(self._tenant(holder)):
+                raise duplicate_name(tenant.name, holder)
+            pipe.multi()
             pipe.hset(
                 self._tenant(tenant.tenant_id),
                 mapping={
@@ -394,8 +429,16 @@ class RedisStore:
                 },
             )
             pipe.zadd(self._k("tenants"), {tenant.tenant_id: tenant.created_at})
+            pipe.set(name_key, tenant.tenant_id)
             self._queue_key(pipe, key)
-            pipe.execute()
+
+        for attempt in range(3):
+            try:
+                self._tx("create tenant", [name_key], body)
+                return
+            except ConflictError as exc:
+                if exc.code != "concurrent_update" or attempt == 2:
+                    raise
 
     def _queue_key(self, pipe: redis.client.Pipeline, key: ApiKey) -> None:
         pipe.hset(
@@ -441,9 +484,17 @@ class RedisStore:
                 pipe.multi()
                 return False
             key_ids = [_s(k) or "" for k in pipe.smembers(keys_set)]
+            name = _s(pipe.hget(record, "name"))
+            name_key = None if name is None else self._name_key(name)
+            if name_key is not None:
+                pipe.watch(name_key)  # freed only if it is this tenant's
+                if _s(pipe.get(name_key)) != tenant_id:
+                    name_key = None
             pipe.multi()
             pipe.zrem(self._k("tenants"), tenant_id)
             pipe.delete(record)
+            if name_key is not None:
+                pipe.delete(name_key)
             for kid in key_ids:
                 pipe.delete(self._k("key", kid))
             self._queue_change(pipe, "drop_tenant", tenant_id)

@@ -52,8 +52,10 @@ from service.store.base import (
     Tenant,
     decode_vector,
     decode_vectors,
+    duplicate_name,
     encode_vector,
     metadata_of,
+    tenant_name_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,14 @@ CREATE TABLE IF NOT EXISTS monitor_snapshot (
     id INTEGER PRIMARY KEY CHECK (id = 1), body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS model_registry (
     id INTEGER PRIMARY KEY CHECK (id = 1), rev INTEGER NOT NULL, body TEXT NOT NULL);
+-- tenant names are unique under base.tenant_name_key (its sha256 here): the primary key is the
+-- unique index that refuses a second tenant of one name; deleting a tenant frees its name.
+-- Filled for older files on open (oldest tenant first; a name two older tenants share stays
+-- with the older one, the other keeps its name but holds no row)
+CREATE TABLE IF NOT EXISTS tenant_names (
+    name_digest TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL UNIQUE REFERENCES tenants(tenant_id) ON DELETE CASCADE
+) WITHOUT ROWID;
 """
 
 # OperationalErrors that mean "the database cannot be used right now", not a bug in our SQL.
@@ -284,6 +294,7 @@ class SQLiteStore:
                 raise ValueError(
                     f"{self.path} has schema version {row[0]}, this build uses {SCHEMA_VERSION}"
                 )
+            self._index_tenant_names(conn)
         self._writer = _Writer(
             self.path, timeout_s, max_queue=max_write_queue, max_group=max_write_group
         )
@@ -385,13 +396,43 @@ class SQLiteStore:
                 self._serve_lock = None
         self._local = threading.local()
 
+    @staticmethod
+    def _index_tenant_names(conn: sqlite3.Connection) -> None:
+        """Tenants written before names were unique get their row (oldest first)."""
+        rows = conn.execute(
+            "SELECT t.tenant_id, t.name FROM tenants t LEFT JOIN tenant_names n "
+            "ON n.tenant_id = t.tenant_id WHERE n.tenant_id IS NULL "
+            "ORDER BY t.created_at, t.tenant_id"
+        ).fetchall()
+        if not rows:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT OR IGNORE INTO tenant_names VALUES (?, ?)",
+                [(tenant_name_digest(name), tid) for tid, name in rows],
+            )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
     # --- tenants and keys ------------------------------------------------------------------
     def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
+        digest = tenant_name_digest(tenant.name)
+
         def body(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO tenants VALUES (?, ?, ?)",
                 (tenant.tenant_id, tenant.name, tenant.created_at),
             )
+            try:  # the writer runs one write at a time; the unique index holds regardless
+                conn.execute("INSERT INTO tenant_names VALUES (?, ?)", (digest, tenant.tenant_id))
+            except sqlite3.IntegrityError:
+                held = conn.execute(
+                    "SELECT tenant_id FROM tenant_names WHERE name_digest=?", (digest,)
+                ).fetchone()
+                raise duplicate_name(tenant.name, held[0] if held else "?") from None
             self._insert_key(conn, key)
 
         self._write("create tenant", body)

@@ -124,6 +124,30 @@ def test_sync_client_every_route_family(server: str, digits: Digits) -> None:
         assert tcm.monitor().scope == "tenant"
 
 
+def test_feedback_true_subject_none_means_not_enrolled(server: str) -> None:
+    """Issue 30: ``feedback(mid, true_subject=None)`` sent no subject at all (the service then
+    refused a body without a label), and only ``subject_given=True`` sent ``null``. Now
+    ``true_subject=None`` is the label "the probe's subject is not enrolled": a match accepted
+    as someone is a false accept; the older spelling still works."""
+    with Client(server, ADMIN_TOKEN) as admin:
+        key = admin.create_tenant("feedback-none").api_key
+    with Client(server, key) as tcm:
+        tcm.enrol([{"subject": "a", "embedding": unit(70)}])
+        stranger = tcm.match(embedding=unit(70), k=1)  # accepted as "a" (score 1)
+        assert stranger.decision.accepted and stranger.decision.subject == "a"
+        fb = tcm.feedback(stranger.match_id, true_subject=None)
+        assert (fb.outcome, fb.genuine) == ("false_accept", False)
+        again = tcm.match(embedding=unit(70), k=1)
+        fb = tcm.feedback(again.match_id, subject_given=True)  # the older spelling
+        assert (fb.outcome, fb.genuine) == ("false_accept", False)
+        right = tcm.match(embedding=unit(70), k=1)
+        fb = tcm.feedback(right.match_id, true_subject="a")
+        assert (fb.outcome, fb.genuine) == ("true_accept", True)
+        with pytest.raises(ApiError) as err:  # no label at all is still refused
+            tcm.feedback(tcm.match(embedding=unit(70), k=1).match_id)
+        assert err.value.status == 422
+
+
 def test_429_is_retried_after_retry_after(server: str) -> None:
     with Client(server, ADMIN_TOKEN) as admin:
         key = admin.create_tenant("burst").api_key

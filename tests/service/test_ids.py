@@ -19,7 +19,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.ids import ID_PATTERN, glob_escape, key_part
+from service.ids import ID_PATTERN, ID_RULE, glob_escape, key_part
 from service.store import ApiKey, NewItem, Tenant
 from service.store.redis_store import RedisStore
 from tests.service.conftest import REDIS_URL, Api, b64_png, unit
@@ -44,7 +44,10 @@ def _populate(api: Api) -> list:
     return tenants
 
 
-@pytest.mark.parametrize("bad", [*GLOBS, "..", ".", "a b", "x" * 129, "é", "a%3Ab", "a:b"])
+BAD_IDS = [*GLOBS, "..", ".", " a", "a ", "a\tb", "a\nb", "x" * 129, "é", "a%3Ab", "a:b"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
 def test_tenant_routes_refuse_ids_outside_the_pattern(api: Api, bad: str) -> None:
     """The ``*`` tenant and every other glob or separator: 422 with the rule, nothing deleted
     (on Redis: not one key of any tenant)."""
@@ -63,9 +66,13 @@ def test_tenant_routes_refuse_ids_outside_the_pattern(api: Api, bad: str) -> Non
         body = r.json()
         assert body["code"] == "invalid_input"
         assert body["detail"][0]["loc"] == ["path", "tenant_id"]
-        assert (
-            ID_PATTERN in body["detail"][0]["msg"] or "128 characters" in body["detail"][0]["msg"]
-        )
+        # the rule in words (which characters), then the pattern; the message names the field
+        msg = body["detail"][0]["msg"]
+        assert body["message"].startswith("the request does not match the schema: path.tenant_id")
+        if len(bad) > 128:
+            assert "at most 128 characters" in msg and msg in body["message"]
+        else:
+            assert ID_RULE in msg and ID_PATTERN in msg and msg in body["message"]
     if prefix:
         assert _keys(prefix) == before
     for t in tenants:
@@ -173,7 +180,7 @@ def test_store_delete_tenant_escapes_and_never_sweeps_a_missing_tenant(rstore: R
 )
 @given(
     st.lists(
-        st.text(alphabet="ab*?[]\\^-:%", min_size=1, max_size=5),
+        st.text(alphabet="ab*?[]\\^-:% ", min_size=1, max_size=5),
         min_size=2,
         max_size=6,
         unique=True,
@@ -198,7 +205,7 @@ def test_glob_escape_matches_exactly_itself(names: list[str]) -> None:
 
 
 def test_key_part_is_the_identity_on_valid_ids() -> None:
-    for tid in (uuid.uuid4().hex, "user@example.com", "digits-test-v1", "a.b_c-d"):
+    for tid in (uuid.uuid4().hex, "user@example.com", "digits-test-v1", "a.b_c-d", "Cactus Wren"):
         assert key_part(tid) == tid
     assert key_part("a:b") != key_part("a%3Ab")
 
@@ -215,3 +222,58 @@ def test_upload_with_a_valid_id_still_works(api: Api) -> None:
         headers=t.auth,
     )
     assert r.status_code == 201, r.text
+
+
+def test_a_subject_with_spaces_works_on_every_route(api: Api) -> None:
+    """Issue 30: "Cactus Wren" was refused with 422. Interior spaces are allowed (a plain byte in
+    Redis keys and globs, a bound parameter in SQLite); enrol, list, match, verify, feedback and
+    delete by subject all take it, on both stores, and another tenant's keys stay untouched."""
+    other = api.new_tenant()
+    api.enrol(other, [{"subject": "Cactus", "embedding": unit(40)}])
+    t = api.new_tenant()
+    c, h = api.client, t.auth
+    ids = api.enrol(
+        t,
+        [
+            {"subject": "Cactus Wren", "embedding": unit(41), "item_id": "wren 1"},
+            {"subject": "Cactus Wren", "embedding": unit(42)},
+            {"subject": "Cactus  Wren", "embedding": unit(43)},  # two spaces: another subject
+        ],
+    )
+    assert ids[0] == "wren 1"
+    listed = c.get("/v1/gallery", params={"subject": "Cactus Wren"}, headers=h).json()["items"]
+    assert sorted(i["item_id"] for i in listed) == sorted(ids[:2])
+    assert c.get("/v1/gallery/wren 1", headers=h).json()["subject"] == "Cactus Wren"
+    subjects = c.get("/v1/subjects", headers=h).json()["subjects"]
+    assert {s["subject"]: s["items"] for s in subjects} == {"Cactus Wren": 2, "Cactus  Wren": 1}
+    m = c.post("/v1/match", json={"embedding": unit(41), "k": 3}, headers=h).json()
+    assert m["decision"]["subject"] == "Cactus Wren" and m["decision"]["accepted"]
+    v = c.post(
+        "/v1/verify", json={"a": {"subject": "Cactus Wren"}, "b": {"item_id": "wren 1"}}, headers=h
+    )
+    assert v.status_code == 200 and v.json()["accepted"], v.text
+    fb = c.post(
+        "/v1/feedback", json={"match_id": m["match_id"], "true_subject": "Cactus Wren"}, headers=h
+    )
+    assert fb.status_code == 201 and fb.json()["outcome"] == "true_accept", fb.text
+    r = c.delete("/v1/subjects/Cactus Wren", headers=h)
+    assert r.status_code == 200 and r.json() == {"deleted": 2}
+    left = c.get("/v1/subjects", headers=h).json()["subjects"]
+    assert [s["subject"] for s in left] == ["Cactus  Wren"]
+    assert [s["subject"] for s in c.get("/v1/subjects", headers=other.auth).json()["subjects"]] == [
+        "Cactus"
+    ]
+
+
+@pytest.mark.parametrize("bad", [" Wren", "Wren ", "Cactus\tWren", "Cactus\nWren"])
+def test_a_refused_subject_is_told_which_characters_are_allowed(api: Api, bad: str) -> None:
+    t = api.new_tenant()
+    r = api.client.post(
+        "/v1/gallery", json={"items": [{"subject": bad, "embedding": unit(1)}]}, headers=t.auth
+    )
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["message"] == (
+        f"the request does not match the schema: body.items[0].subject: an id must be {ID_RULE} "
+        f"(pattern {ID_PATTERN})"
+    )

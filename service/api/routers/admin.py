@@ -1,5 +1,8 @@
 """Admin API (admin token): tenants and their API keys.
 
+Tenant names are unique (``service.store.base.tenant_name_key``: case, Unicode form and spaces
+aside), enforced by the store atomically.
+
 Key rotation without downtime: ``POST /v1/tenants/{id}/keys`` issues a new key while the old
 ones keep working; clients switch, then ``DELETE /v1/tenants/{id}/keys/{key_id}`` revokes the
 old one. For a leaked key, ``{"revoke_existing": true}`` revokes all others in the same step.
@@ -43,8 +46,10 @@ def _key(k: ApiKey) -> KeyOut:
     )
 
 
-@router.post("", status_code=201, responses=errors(400, 401, 413, 422, 503))
+@router.post("", status_code=201, responses=errors(400, 401, 409, 413, 422, 503))
 async def create_tenant(body: TenantCreate, runtime: RuntimeDep) -> TenantCreated:
+    """A tenant and its first API key. Names are unique (409 ``duplicate_tenant_name``),
+    compared regardless of case, Unicode form and spaces at the ends or repeated."""
     tenant, key, token = await runtime.tenants.create(body.name)
     return TenantCreated(
         tenant_id=tenant.tenant_id, name=tenant.name, key_id=key.key_id, api_key=token

@@ -355,3 +355,40 @@ def test_enrol_is_all_or_nothing(api: Api, tenant: Tenant, digits: Digits) -> No
     assert c.get("/v1/gallery/fresh", headers=tenant.auth).status_code == 404
     page = c.get("/v1/gallery", headers=tenant.auth).json()
     assert [x["item_id"] for x in page["items"]] == ["taken"]
+
+
+def test_responses_of_a_model_without_faces_carry_no_faces_key(
+    api: Api, tenant: Tenant, digits: Digits
+) -> None:
+    """Issue 30: every answer that embedded an image carried ``"faces": null`` for models that
+    have no face front-end. The key is now left out (face models still send it: tests/faces),
+    and the published schema does not require it."""
+    c, h = api.client, tenant.auth
+    img = b64_png(digits.images[3])
+    png = png_bytes(digits.images[3])
+    answers = {
+        "enrol": c.post("/v1/gallery", json={"items": [{"subject": "s", "image": img}]}, headers=h),
+        "enrol upload": c.post(
+            "/v1/gallery/upload", files={"file": ("a.png", png)}, data={"subject": "s"}, headers=h
+        ),
+        "match": c.post("/v1/match", json={"image": img}, headers=h),
+        "match upload": c.post("/v1/match/upload", files={"file": ("a.png", png)}, headers=h),
+        "verify": c.post(
+            "/v1/verify", json={"a": {"image": img}, "b": {"subject": "s"}}, headers=h
+        ),
+        "embed": c.post("/v1/embed", json={"images": [img]}, headers=h),
+        "embed upload": c.post("/v1/embed/upload", files={"file": ("a.png", png)}, headers=h),
+    }
+    for name, r in answers.items():
+        assert r.status_code in (200, 201), (name, r.text)
+        assert "faces" not in r.json(), (name, r.json())
+    batch = c.post("/v1/match/batch", json={"queries": [{"image": img}]}, headers=h).json()
+    assert "faces" not in batch["results"][0]
+    # an empty gallery's null decision fields are still sent as null (only faces is left out)
+    empty = api.new_tenant()
+    m = c.post("/v1/match", json={"embedding": unit(1)}, headers=empty.auth).json()
+    assert m["decision"] == {"accepted": False, "subject": None, "score": None}
+    schemas = c.get("/openapi.json").json()["components"]["schemas"]
+    for name, schema in schemas.items():
+        if "faces" in schema.get("properties", {}):
+            assert "faces" not in schema.get("required", []), name

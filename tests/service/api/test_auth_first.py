@@ -127,7 +127,7 @@ def _operations(served: Served) -> list[tuple[str, str, frozenset[str], str]]:
 
 def test_no_body_byte_is_read_before_the_key_is_checked(served: Served) -> None:
     c = served.client
-    r = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN)
+    r = c.post("/v1/tenants", json={"name": "no-body-read"}, headers=ADMIN)
     assert r.status_code == 201, r.text
     tenant_key = r.json()["api_key"]
     unknown_key = f"tcm_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"
@@ -176,8 +176,8 @@ def test_no_body_byte_is_read_before_the_key_is_checked(served: Served) -> None:
 
 
 def test_an_authenticated_request_still_reads_its_body(served: Served) -> None:
-    c = served.client
-    r = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN)
+    c = served.client  # the module's store: tenant names are unique
+    r = c.post("/v1/tenants", json={"name": "reads-body"}, headers=ADMIN)
     key = r.json()["api_key"]
     status, _, body, pulled = served.call(
         "POST", "/v1/match", {"authorization": f"Bearer {key}", "content-type": "application/json"}

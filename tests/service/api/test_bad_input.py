@@ -364,6 +364,64 @@ def test_unusual_modes_and_formats_decode(api: Api, tenant: Tenant) -> None:
     assert np.allclose(a, b, atol=1e-6) and np.allclose(a, c, atol=1e-6)
 
 
+NON_IMAGES = {
+    "plain text": (b"hello world, not an image", "plain text"),
+    "a PDF": (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< >>\nendobj\n", "a PDF document"),
+    "a HEIC photo": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "HEIC"),
+    "JSON": (b'{"image": "not here"}', "JSON text"),
+    "an SVG": (b'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>', "an SVG"),
+    "a ZIP": (b"PK\x03\x04" + bytes(40), "a ZIP archive"),
+    "base64 twice": (None, "base64-encoded twice"),
+    "random bytes": (bytes(range(7, 71)), "bytes starting 07 08 09 0a"),
+}
+
+
+@pytest.mark.parametrize("name", list(NON_IMAGES))
+def test_non_image_bytes_get_a_message_a_user_can_act_on(
+    api: Api, tenant: Tenant, digits: Digits, name: str
+) -> None:
+    """Issue 30: non-image bytes answered "cannot identify image file <_io.BytesIO object at
+    0x7f...>" (PIL's message, naming a memory address). Now the message names the image, the
+    formats the service reads and what the bytes look like; on every route that takes images,
+    base64 and multipart alike."""
+    data, looks_like = NON_IMAGES[name]
+    if data is None:  # the commonest slip: the image's base64 encoded again
+        data = b64(png_bytes(digits.images[0])).encode()
+    c, h = api.client, tenant.auth
+    answers = {
+        "image": c.post("/v1/match", json={"image": b64(data)}, headers=h),
+        "images[0]": c.post("/v1/embed", json={"images": [b64(data)]}, headers=h),
+        "items[0].image": c.post(
+            "/v1/gallery", json={"items": [{"subject": "s", "image": b64(data)}]}, headers=h
+        ),
+        "file": c.post("/v1/match/upload", files={"file": ("x.png", data)}, headers=h),
+    }
+    for where, r in answers.items():
+        err = assert_error(r, 422, "invalid_image")
+        message = err["message"]
+        assert "object at 0x" not in r.text and "BytesIO" not in r.text, r.text
+        assert message.startswith(f"{where} is not an image the service reads"), message
+        assert "PNG, JPEG, BMP, GIF, WEBP, TIFF or PPM" in message, message
+        assert looks_like in message, message
+        assert err["detail"]["where"] == where
+
+
+def test_corrupt_image_messages_name_no_python_object(api: Api, tenant: Tenant) -> None:
+    """A PNG whose data are damaged after a valid header fails inside PIL's decoder: the
+    message says so without PIL's object reprs."""
+    grey = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 40), np.uint8))
+    for fmt in ("PNG", "JPEG", "GIF", "TIFF", "WEBP"):
+        buf = io.BytesIO()
+        grey.save(buf, format=fmt)
+        data = bytearray(buf.getvalue())
+        for cut in (8, 40, len(data) // 2):
+            r = api.client.post(
+                "/v1/match", json={"image": b64(bytes(data[:cut]))}, headers=tenant.auth
+            )
+            assert r.status_code in (200, 422), (fmt, cut, r.text)
+            assert "object at 0x" not in r.text, (fmt, cut, r.text)
+
+
 def test_truncated_images_in_every_format(api: Api, tenant: Tenant) -> None:
     grey = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40), np.uint8))
     for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"):

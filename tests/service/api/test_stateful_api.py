@@ -92,7 +92,10 @@ class ApiMachine(RuleBasedStateMachine):
         self.counter = 0  # still find these (until it follows the feed): never another's
         for n in range(2):
             body = check(
-                self.world.clients[n].post("/v1/tenants", json={"name": f"t{n}"}, headers=ADMIN),
+                # a fresh name per run: the module's store keeps every run's tenants
+                self.world.clients[n].post(
+                    "/v1/tenants", json={"name": f"t{n}-{uuid.uuid4().hex[:8]}"}, headers=ADMIN
+                ),
                 201,
             )
             self.tenants.append(

@@ -12,6 +12,7 @@ that the rest of the fleet serves.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,8 @@ def settings(
 
 
 def _new_tenant(client: TestClient) -> tuple[str, dict[str, str]]:
-    body = client.post("/v1/tenants", json={"name": "t"}, headers=ADMIN).json()
+    name = f"t-{uuid.uuid4().hex[:8]}"  # tenant names are unique in a store
+    body = client.post("/v1/tenants", json={"name": name}, headers=ADMIN).json()
     return body["tenant_id"], {"Authorization": f"Bearer {body['api_key']}"}
 
 

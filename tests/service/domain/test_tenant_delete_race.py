@@ -101,9 +101,9 @@ def test_delete_under_enrolment_sqlite(artefact: Path, store_settings) -> None:
     store = store_settings("sqlite")
     with TestClient(create_app(make_settings(artefact, store))) as c:
         total: Counter = Counter()
-        for _ in range(TRIALS):
+        for trial in range(TRIALS):  # each victim is deleted; bystanders stay (names are unique)
             victim = c.post("/v1/tenants", json={"name": "victim"}, headers=ADMIN).json()
-            bystander = c.post("/v1/tenants", json={"name": "b"}, headers=ADMIN).json()
+            bystander = c.post("/v1/tenants", json={"name": f"b{trial}"}, headers=ADMIN).json()
             total += _storm([c], victim, bystander)
             tid = victim["tenant_id"]
             db = sqlite3.connect(store["store_url"].removeprefix("sqlite:///"))
@@ -146,9 +146,9 @@ def test_delete_under_enrolment_two_redis_replicas(artefact: Path, store_setting
     try:
         with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
             total: Counter = Counter()
-            for _ in range(TRIALS):
+            for trial in range(TRIALS):  # each victim is deleted; bystanders stay
                 victim = a.post("/v1/tenants", json={"name": "victim"}, headers=ADMIN).json()
-                bystander = b.post("/v1/tenants", json={"name": "b"}, headers=ADMIN).json()
+                bystander = b.post("/v1/tenants", json={"name": f"b{trial}"}, headers=ADMIN).json()
                 before = len(keys_of(bystander["tenant_id"]))
                 total += _storm([a, b], victim, bystander)
                 tid = victim["tenant_id"]

@@ -32,7 +32,7 @@ def store(
 
 def _tenant(store: Store) -> str:
     tid = uuid.uuid4().hex
-    store.create_tenant(Tenant(tid, "t", 1.0), ApiKey(uuid.uuid4().hex[:16], tid, "h" * 64, 1.0))
+    store.create_tenant(Tenant(tid, tid, 1.0), ApiKey(uuid.uuid4().hex[:16], tid, "h" * 64, 1.0))
     return tid
 
 

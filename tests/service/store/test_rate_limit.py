@@ -40,7 +40,8 @@ RATE, BURST = 0.5, 3
 
 
 def new_tenant(c: TestClient) -> dict[str, str]:
-    r = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN)
+    name = f"t-{uuid.uuid4().hex[:8]}"  # tenant names are unique in a store
+    r = c.post("/v1/tenants", json={"name": name}, headers=ADMIN)
     assert r.status_code == 201, r.text
     return {"Authorization": f"Bearer {r.json()['api_key']}"}
 

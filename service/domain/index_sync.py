@@ -36,9 +36,10 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Any
 
-import anyio.to_thread
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
@@ -51,6 +52,7 @@ from service.store import Change, Store
 log = logging.getLogger(__name__)
 
 FEED_ATTEMPTS = 3  # tries of one change-feed entry before it is skipped as poisoned
+FEED_JOIN_S = 5.0  # the longest stop_follower waits for an interrupted read to return
 
 
 class IndexSync:
@@ -71,6 +73,10 @@ class IndexSync:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._load_lock = asyncio.Lock()
         self._follower: asyncio.Task[None] | None = None
+        # the follower's blocking reads run in this one thread, joined at stop_follower: an
+        # abandoned read could still sit in a socket call when the interpreter exits
+        self._feed_pool: ThreadPoolExecutor | None = None
+        self._reading: Future[tuple[str, list[Change]]] | None = None
         self.loaded = False  # every index was built from the store at least once
         self.skipped_items = 0  # left out at the last rebuild: no embedding and no image
         self.feed_cursor: str | None = None  # the change feed's position the indexes reflect
@@ -300,28 +306,42 @@ class IndexSync:
     def start_follower(self) -> None:
         """Tails the change feed from ``feed_cursor`` (no-op without a feed, or if running)."""
         if self.feed_cursor is not None and self._follower is None:
+            if self._feed_pool is None:
+                self._feed_pool = ThreadPoolExecutor(1, thread_name_prefix="change-feed")
             self._follower = asyncio.create_task(
                 self._follow_changes(), name="store-change-follower"
             )
 
     async def stop_follower(self) -> None:
+        """Cancels the follower, wakes its blocking read (:meth:`Store.interrupt_changes`) and
+        waits for the reading thread to return (bounded), so that no thread is left inside a
+        socket call: shutdown need not wait for a blocking read to time out, and an interpreter
+        exit never finds one running (it aborted now and then, "terminate called without an
+        active exception")."""
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
             self._follower = None
+        reading, self._reading = self._reading, None
+        if reading is not None and not reading.done():
+            self.store.interrupt_changes()
+            await asyncio.to_thread(futures_wait, [reading], FEED_JOIN_S)
+        if self._feed_pool is not None:
+            self._feed_pool.shutdown(wait=False)
+            self._feed_pool = None
 
     async def _follow_changes(self) -> None:
         """Applies the store's change feed to the indexes until cancelled. ``feed_cursor``
         moves past a batch once all of it is applied (a batch cut short is applied again)."""
         while True:
             try:
-                # abandoned on cancel: shutdown need not wait for a blocking read to time out
-                assert self.feed_cursor is not None
-                cursor, changes = await anyio.to_thread.run_sync(
-                    lambda c=self.feed_cursor: self.store.read_changes(c, block_ms=1000),
-                    abandon_on_cancel=True,
+                # on cancel, stop_follower wakes this read and joins its thread
+                assert self.feed_cursor is not None and self._feed_pool is not None
+                self._reading = self._feed_pool.submit(
+                    self.store.read_changes, self.feed_cursor, block_ms=1000
                 )
+                cursor, changes = await asyncio.wrap_future(self._reading)
                 if any(change.op == "resync" for change in changes):
                     log.warning(
                         "the change feed lost entries this replica had not read yet "

@@ -396,6 +396,10 @@ class Store(Protocol):
         """Changes after ``cursor`` (waiting up to ``block_ms`` for one) and the new cursor.
         Every gallery write appends to the feed in the same transaction as the write."""
 
+    def interrupt_changes(self) -> None:
+        """Makes a :meth:`read_changes` blocked in another thread return now (it raises
+        :class:`~service.errors.StoreUnavailableError`); the next read reconnects."""
+
 
 def decode_vectors(blobs: Sequence[bytes]) -> np.ndarray:
     """Row-aligned (n, d) float32 from n stored vectors of one length, in one pass."""

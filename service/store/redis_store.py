@@ -1073,6 +1073,14 @@ class RedisStore:
                 return "0-0#0"
         return _cursor(_s(info["last-generated-id"]) or "0-0", info.get("entries-added"))
 
+    def interrupt_changes(self) -> None:
+        """Shuts the feed connection's socket down (``SHUT_RDWR``), which wakes a blocking XREAD
+        in another thread at once; the pool reconnects on the next read."""
+        feed = self._feed
+        if feed is not None:
+            with contextlib.suppress(Exception):  # a socket already gone is what we want
+                feed.connection_pool.disconnect(inuse_connections=True)
+
     def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
         """Entries after ``cursor``; ``[Change("resync", "")]`` (cursor unchanged) when some of
         them were trimmed away before this reader could see them, or when the store moved

@@ -829,6 +829,9 @@ class SQLiteStore:
     def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
         return cursor, []
 
+    def interrupt_changes(self) -> None:
+        """Nothing blocks: :meth:`read_changes` returns at once."""
+
     # --- matches and feedback --------------------------------------------------------------
     def add_match(self, record: MatchRecord) -> None:
         r = record

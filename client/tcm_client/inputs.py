@@ -93,7 +93,8 @@ def vector_field(v: Vector) -> tuple[str, Any]:
     """``("embedding_b64", text)``, or ``("embedding", numbers)`` for a vector float32 cannot
     hold (finite values that float32 would make infinite)."""
     arr = np.asarray(v)
-    f32 = arr.astype("<f4", copy=False).reshape(-1)
+    with np.errstate(over="ignore"):  # an overflow is looked for just below
+        f32 = arr.astype("<f4", copy=False).reshape(-1)
     if arr.dtype != np.float32 and not np.isfinite(f32).all() and np.isfinite(arr).all():
         return "embedding", vector_json(arr)
     return "embedding_b64", base64.b64encode(np.ascontiguousarray(f32).tobytes()).decode("ascii")

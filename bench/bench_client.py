@@ -16,7 +16,9 @@ taking turns for ``--rounds`` rounds (the median round is reported):
 
 Every arm's items are checked stored (the tenant's item count) before its time counts. The
 client runs in this process on the same cores as the service: the figures are what one loaded
-machine does, the ratios to **raw** are the point.
+machine does, the ratios to **raw** are the point. Before the arms, per dimension, the service's
+pieces in this process (no HTTP): validating a ``--batch`` of items as the item body and as the
+columnar body, and SQLite's ``add_items`` of them (``--pieces-only``: just these).
 
     python -m bench.bench_client                     # dims 128 and 512, 20,000 items
     python -m bench.bench_client --dims 128 --items 5000 --rounds 1   # smoke
@@ -131,6 +133,58 @@ def measure(base: str, admin: str, arm: Arm, vectors: np.ndarray, subjects: list
     return len(vectors) / seconds
 
 
+def pieces(dim: int, items: int, batch: int) -> dict[str, float]:
+    """The service's costs per ``batch`` items, in this process, no HTTP: validating an item
+    body and a columnar body (JSON parse + pydantic), and SQLite's ``add_items`` (the write);
+    medians over the batches of ``items``."""
+    from service.api.schemas import EnrolColumns, EnrolRequest
+    from service.store import ApiKey, NewItem, Tenant
+    from service.store.sqlite import SQLiteStore
+    from tcm_client.upload import plan
+
+    vectors = unit_rows(items, dim, seed=dim)
+    subjects = [f"s{i // 4}" for i in range(items)]
+    batches = list(plan(vectors, subjects, None, None, batch).batches)
+    item_bodies = [
+        json.dumps(
+            {
+                "items": [
+                    {
+                        "subject": s,
+                        "item_id": i,
+                        "embedding_b64": base64.b64encode(r.astype("<f4").tobytes()).decode(),
+                    }
+                    for s, i, r in zip(b.subjects, b.ids, b.rows, strict=True)
+                ]
+            }
+        )
+        for b in batches
+    ]
+    out: dict[str, list[float]] = {"items body": [], "columns body": [], "sqlite add_items": []}
+    for body in item_bodies:
+        started = time.perf_counter()
+        EnrolRequest.model_validate(json.loads(body))
+        out["items body"].append(time.perf_counter() - started)
+    for b in batches:
+        body = b.body()
+        started = time.perf_counter()
+        EnrolColumns.model_validate(json.loads(body))
+        out["columns body"].append(time.perf_counter() - started)
+    with tempfile.TemporaryDirectory(prefix="tcm-bench-store-") as tmp:
+        store = SQLiteStore(Path(tmp) / "t.db")
+        store.create_tenant(Tenant("t", "t", 0.0), ApiKey("k", "t", "0" * 64, 0.0))
+        for b in batches:
+            new = [
+                NewItem(item_id=i, subject=s, embedding=r, metadata={}, image=None)
+                for s, i, r in zip(b.subjects, b.ids, b.rows, strict=True)
+            ]
+            started = time.perf_counter()
+            store.add_items("t", new, model_version="m", created_at=0.0)
+            out["sqlite add_items"].append(time.perf_counter() - started)
+        store.close()
+    return {name: statistics.median(v) for name, v in out.items()}
+
+
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     env = {
@@ -140,6 +194,16 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         "TCM_MAX_ENROL_ITEMS": str(max(args.batch, 2000)),
     }
     for dim in args.dims:
+        costs = pieces(dim, args.items, args.batch)
+        print(f"\ndim {dim}: the service's pieces per {args.batch} items, in-process (median ms):")
+        for name, seconds in costs.items():
+            print(f"  {name:42s} {seconds * 1000:9.1f} ms  ({args.batch / seconds:,.0f} items/s)")
+        rows += [
+            {"dim": dim, "piece": name, "ms_per_batch": round(s * 1000, 1), "batch": args.batch}
+            for name, s in costs.items()
+        ]
+        if args.pieces_only:
+            continue
         with tempfile.TemporaryDirectory(prefix="tcm-bench-client-") as tmp:
             work = Path(tmp)
             artefact = random_artefact(work / "model", dim=dim)
@@ -191,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parallel", type=int, default=2, help="threads / requests in flight")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
+    p.add_argument("--pieces-only", action="store_true", help="only the in-process pieces")
     args = p.parse_args(argv)
     print(
         f"# {platform.machine()}, {os.cpu_count()} CPUs, load average "

@@ -803,7 +803,9 @@ class _Base(_Routes):
     def _failure(
         self, call: Call[Any], exc: httpx.TransportError, *, attempts: int, acted: bool
     ) -> TransportFailure:
-        sent = not isinstance(exc, NOT_SENT_ERRORS)
+        # a connect error, a pool timeout, a URL the client cannot send (UnsupportedProtocol):
+        # nothing reached the server; a read/write error, timeout or dropped connection: maybe
+        sent = isinstance(exc, LOST_ANSWER_ERRORS) and not isinstance(exc, NOT_SENT_ERRORS)
         what = "the answer was lost" if sent else "it was not sent"
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         failure = TransportFailure(

@@ -303,3 +303,23 @@ def test_an_upload_batch_whose_answer_is_lost_is_stored_once(server: str) -> Non
             assert result.stored + result.already == 30 and result.requests == 1
             assert stored_items(tcm) == 60  # stored once, not twice
         assert proxy.connections[-2].was_cut
+
+
+def test_upload_inputs_are_checked_before_anything_is_sent() -> None:
+    """Shapes that cannot be an upload are refused in the client, naming what is wrong; the
+    content id depends on subject, float32 vector and metadata, and on nothing else."""
+    with Client("http://127.0.0.1:9", "k", retries=0) as tcm:  # nothing listens: never sent
+        with pytest.raises(ValueError, match="one subject per row: 3 rows, subjects 2"):
+            tcm.upload(rows(3, 0), ["a", "b"])
+        with pytest.raises(ValueError, match="ids has 1 entries for 3 rows"):
+            tcm.upload(rows(3, 0), ["a"] * 3, ids=["x"])
+        with pytest.raises(ValueError, match="an item is"):
+            tcm.upload([("a",)])
+        with pytest.raises(ValueError, match="dimensions"):
+            tcm.upload([("a", [1.0, 2.0]), ("b", [1.0])])
+        with pytest.raises(ValueError, match="go with a matrix"):
+            tcm.upload([("a", [1.0])], ["a"])
+    v = rows(1, 0)[0]
+    same = item_id_for("a", v.astype(np.float64), {"k": 1, "j": 2})
+    assert same == item_id_for("a", v, {"j": 2, "k": 1})  # float32 bytes, sorted metadata
+    assert len({same, item_id_for("b", v), item_id_for("a", v), item_id_for("a", v * 2)}) == 4

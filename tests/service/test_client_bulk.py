@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -323,3 +324,15 @@ def test_upload_inputs_are_checked_before_anything_is_sent() -> None:
     same = item_id_for("a", v.astype(np.float64), {"k": 1, "j": 2})
     assert same == item_id_for("a", v, {"j": 2, "k": 1})  # float32 bytes, sorted metadata
     assert len({same, item_id_for("b", v), item_id_for("a", v), item_id_for("a", v * 2)}) == 4
+
+
+def test_upload_progress_bar(
+    server: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``progress=True``: tqdm's bar when tqdm is installed, a line on stderr when not."""
+    with Client(server, new_key(server)) as tcm:
+        tcm.upload(rows(5, 11), ["z"] * 5, progress=True)
+        assert "upload" in capsys.readouterr().err
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # as if the extra were not installed
+        tcm.upload(rows(4, 12), ["z"] * 4, progress=True)
+        assert "upload: 4/4 items" in capsys.readouterr().err

@@ -83,6 +83,7 @@ DEEP = {
     ("POST", p)
     for p in (
         "/v1/gallery",
+        "/v1/gallery/columns",
         "/v1/gallery/upload",
         "/v1/match",
         "/v1/match/upload",
@@ -152,6 +153,17 @@ def repair(draw: st.DrawFn, path: str, body: Any, match_id: str) -> Any:
             _source(draw, i, ("embedding", "image")) | {"subject": draw(st.sampled_from(SUBJECTS))}
             for i in items
         ]
+    elif path == "/v1/gallery/columns":
+        # 1-4 rows of the model's dimension (finite, extreme or all zero), one subject each;
+        # generated ids and metadata kept when they have one entry per row
+        rows = [draw(vectors()) for _ in range(draw(st.integers(1, 4)))]
+        with np.errstate(over="ignore"):  # 1e308 becomes inf: a row the service refuses
+            matrix = np.asarray(rows, dtype=np.float64).astype("<f4")
+        body["embeddings_b64"] = b64(matrix.tobytes())
+        body["subjects"] = [draw(st.sampled_from(SUBJECTS)) for _ in rows]
+        for column in ("item_ids", "metadata"):
+            if not isinstance(body.get(column), list) or len(body[column]) != len(rows):
+                body.pop(column, None)
     elif path == "/v1/verify":
         for side in ("a", "b"):
             body[side] = _source(draw, body.get(side), ("embedding", "image", "item_id", "subject"))
@@ -270,6 +282,10 @@ def test_fuzz_operation(live: Live, method: str, path: str, mode: str) -> None:
         )
         if repaired:
             case.body = repair(data.draw, path, case.body, live.seeded.match_id)
+            if case.headers and "Idempotency-Key" in case.headers:
+                # the generated keys repeat across operations ("0", "A", ...): a key an earlier
+                # enrolment recorded would make this repaired body a 422 idempotency_key_reused
+                case.headers["Idempotency-Key"] = uuid.uuid4().hex
         if method == "DELETE" and path == "/v1/tenants/{tenant_id}":
             # never let the fuzzer delete the tenant every other operation runs as
             assert case.path_parameters is not None

@@ -154,16 +154,21 @@ def repair(draw: st.DrawFn, path: str, body: Any, match_id: str) -> Any:
             for i in items
         ]
     elif path == "/v1/gallery/columns":
-        # 1-4 rows of the model's dimension (finite, extreme or all zero), one subject each;
-        # generated ids and metadata kept when they have one entry per row
-        rows = [draw(vectors()) for _ in range(draw(st.integers(1, 4)))]
+        # 1-4 rows of the model's dimension, one subject each: unit vectors, one row sometimes
+        # any the other routes get (arbitrary finite or extreme); generated ids left out (they
+        # repeat the ids other operations stored: 409), generated metadata kept when it has one
+        # entry per row
+        n = draw(st.integers(1, 4))
+        rows = [unit(draw(st.integers(0, 10**6))) for _ in range(n)]
+        if draw(st.integers(0, 3)) == 0:
+            rows[draw(st.integers(0, n - 1))] = draw(vectors())
         with np.errstate(over="ignore"):  # 1e308 becomes inf: a row the service refuses
             matrix = np.asarray(rows, dtype=np.float64).astype("<f4")
         body["embeddings_b64"] = b64(matrix.tobytes())
         body["subjects"] = [draw(st.sampled_from(SUBJECTS)) for _ in rows]
-        for column in ("item_ids", "metadata"):
-            if not isinstance(body.get(column), list) or len(body[column]) != len(rows):
-                body.pop(column, None)
+        body.pop("item_ids", None)
+        if not isinstance(body.get("metadata"), list) or len(body["metadata"]) != n:
+            body.pop("metadata", None)
     elif path == "/v1/verify":
         for side in ("a", "b"):
             body[side] = _source(draw, body.get(side), ("embedding", "image", "item_id", "subject"))

@@ -32,15 +32,17 @@ DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/d
 .PHONY: install run test lint bench study study-faces study-orl study-cub study-faces-descriptor \
 	noise-floor derived model clean audit
 
-$(RUN_STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml client/pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[$(RUN_EXTRAS)]"
+	# ./client: the tcm_client distribution, which the serve extra requires (resolved here,
+	# locally: it is not on PyPI)
+	$(PIP) install -q -e ./client -e ".[$(RUN_EXTRAS)]"
 	touch $(RUN_STAMP)
 
 $(STAMP): $(RUN_STAMP)
-	$(PIP) install -q -e ".[$(TEST_EXTRAS)]"
+	$(PIP) install -q -e ./client -e ".[$(TEST_EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -337,9 +337,7 @@ def _admin(url: str, token: str | None = None) -> Iterator[Client]:
     error answer or an unreachable service inside the block is one red line and exit code 1
     (no token: exit code 2). Answers are printed as the service sent them (``route.raw()``:
     its JSON, its key order)."""
-    import httpx
-
-    from tcm_client import ApiError, Client
+    from tcm_client import ApiError, Client, TransportFailure
 
     token = token or os.environ.get("TCM_ADMIN_TOKEN")
     if not token:
@@ -350,8 +348,8 @@ def _admin(url: str, token: str | None = None) -> Iterator[Client]:
     try:
         with Client(url, token, timeout_s=30.0) as tcm:
             yield tcm
-    except httpx.HTTPError as exc:
-        console.print(f"[red]cannot reach {url}: {exc}[/red]")
+    except TransportFailure as exc:
+        console.print(f"[red]cannot reach {url}: {exc.__cause__}[/red]")
         raise typer.Exit(1) from exc
     except ApiError as exc:
         r = exc.response

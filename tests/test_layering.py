@@ -5,7 +5,7 @@
   its own package; ``service.app`` and ``service.cli`` (the entry points) may import anything.
 - ``training/`` and ``service/`` never import each other (they meet through the artefact);
   ``tcm/`` imports only the standard library, torch, numpy and safetensors; ``tcm_client/``
-  imports nothing of the repository's other packages.
+  (``client/tcm_client``) imports nothing of the repository's other packages.
 - No import cycle anywhere (module-level, function-level and ``TYPE_CHECKING`` imports alike:
   a cycle a reader must untangle is one whether or not Python trips over it).
 
@@ -24,6 +24,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("service", "training", "tcm", "tcm_client", "facekit", "studies", "bench")
+# where a package's folder is when not at the root: the client is its own distribution
+PACKAGE_DIRS = {"tcm_client": "client/tcm_client"}
 
 ENTRY_POINTS = 7
 # service's layers, highest first; a module may import strictly lower ranks or its own package
@@ -43,6 +45,9 @@ SERVICE_RANKS: dict[str, int] = {
 # lazily by tcm.embedders when an artefact names that architecture (the service and training both
 # build models through tcm, and neither may import the other)
 TCM_ALLOWED = {"torch", "numpy", "safetensors", "efficientnet_lite_pytorch", "tcm"}
+# the client's dependencies (client/pyproject.toml), and its optional extras, imported lazily:
+# tqdm (progress) and PIL (images)
+CLIENT_ALLOWED = {"httpx", "pydantic", "numpy", "tqdm", "PIL", "tcm_client"}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -76,11 +81,9 @@ def imports_of(path: Path, module: str, known: set[str]) -> set[str]:
 
 
 def import_graph(root: Path, packages: Iterable[str] = PACKAGES) -> dict[str, set[str]]:
+    dirs = {pkg: root / PACKAGE_DIRS.get(pkg, pkg) for pkg in packages}
     files = {
-        module_name(p, root): p
-        for pkg in packages
-        if (root / pkg).is_dir()
-        for p in (root / pkg).rglob("*.py")
+        module_name(p, d.parent): p for d in dirs.values() if d.is_dir() for p in d.rglob("*.py")
     }
     known = set(files)
     return {m: imports_of(p, m, known) for m, p in files.items()}
@@ -194,6 +197,8 @@ def boundary_violations(graph: dict[str, set[str]]) -> list[str]:
                 out.append(f"{module} imports {dep}: tcm takes only torch, numpy, safetensors")
             if top == "tcm_client" and dtop in set(PACKAGES) - {"tcm_client"}:
                 out.append(f"{module} imports {dep}: the client stands alone")
+            elif top == "tcm_client" and dtop not in CLIENT_ALLOWED | stdlib:
+                out.append(f"{module} imports {dep}: not a dependency of the client")
     return out
 
 
@@ -289,11 +294,13 @@ def test_checker_reports_boundary_crossings(tmp_path: Path) -> None:
             "training/__init__.py": "from service.settings import Settings\n",
             "service/__init__.py": "",
             "service/settings.py": "",
-            "tcm_client/__init__.py": "import tcm\n",
+            "client/tcm_client/__init__.py": "import tcm\n",
+            "client/tcm_client/x.py": "import torch\nimport httpx\n",
         },
     )
     assert boundary_violations(g) == [
         "tcm imports pandas: tcm takes only torch, numpy, safetensors",
         "tcm_client imports tcm: the client stands alone",
+        "tcm_client.x imports torch: not a dependency of the client",
         "training imports service.settings: training and service meet only through the artefact",
     ]

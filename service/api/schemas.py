@@ -254,6 +254,23 @@ def utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
 
 
+def check_metadata(v: dict[str, Any], where: str = "metadata") -> dict[str, Any]:
+    """An item's metadata: plain JSON, small, shallow, numbers metadata filters can compare."""
+    try:
+        size = len(json.dumps(v, allow_nan=False).encode())
+    except ValueError as exc:
+        raise ValueError(f"{where} must be plain JSON: {exc}") from exc
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"{where} is {size} bytes of JSON, the limit is {MAX_METADATA_BYTES}")
+    depth = json_depth(v)
+    if depth > MAX_METADATA_DEPTH:
+        raise ValueError(f"{where} nests {depth} levels deep, the limit is {MAX_METADATA_DEPTH}")
+    problem = domain_problem(v, where=where)
+    if problem is not None:
+        raise ValueError(problem)
+    return v
+
+
 # --- admin ---------------------------------------------------------------------------------
 class TenantCreate(Request):
     name: Annotated[
@@ -329,21 +346,7 @@ class ItemBody(Request):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, v: dict[str, Any]) -> dict[str, Any]:
-        try:
-            size = len(json.dumps(v, allow_nan=False).encode())
-        except ValueError as exc:
-            raise ValueError(f"metadata must be plain JSON: {exc}") from exc
-        if size > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is {size} bytes of JSON, the limit is {MAX_METADATA_BYTES}")
-        depth = json_depth(v)
-        if depth > MAX_METADATA_DEPTH:
-            raise ValueError(
-                f"metadata nests {depth} levels deep, the limit is {MAX_METADATA_DEPTH}"
-            )
-        problem = domain_problem(v)
-        if problem is not None:
-            raise ValueError(problem)
-        return v
+        return check_metadata(v)
 
 
 class EnrolItem(ItemBody):
@@ -356,6 +359,58 @@ class EnrolRequest(Request):
         description="at most max_enrol_items, of which at most max_batch_items images",
         json_schema_extra={"x-limit": "max_enrol_items"},
     )
+
+
+# the columnar body's matrix: base64 of n x embedding_dim little-endian float32, row-major, no
+# data: prefix; its length is one row per subject (checked by the domain: 422 column_lengths)
+Base64Matrix = Annotated[
+    str,
+    StringConstraints(
+        min_length=4,
+        pattern=r"^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$",
+    ),
+    Field(
+        description="the items' embeddings as one row-major matrix of little-endian float32 "
+        "(len(subjects) rows of embedding_dim values, 4 bytes each) in standard base64; each "
+        "row finite and not all zero",
+        json_schema_extra={"format": "float32-base64-matrix", "contentEncoding": "base64"},
+    ),
+]
+
+
+class EnrolColumns(Request):
+    """``POST /v1/gallery/columns``: many items by embedding as columns, the vectors as one
+    base64 matrix (decoded at once: no per-item base64 or JSON numbers). Row ``i`` of the
+    matrix, ``subjects[i]``, ``item_ids[i]`` and ``metadata[i]`` are item ``i``; every column
+    given has one entry per item (422 ``column_lengths`` otherwise)."""
+
+    subjects: list[Name] = Field(
+        min_length=1,
+        description="one per item, at most max_enrol_items",
+        json_schema_extra={"x-limit": "max_enrol_items"},
+    )
+    embeddings_b64: Base64Matrix
+    item_ids: list[Name] | None = Field(
+        None,
+        description="one per item (generated when left out); an id that exists or repeats is a "
+        "409 duplicate_item_id",
+        json_schema_extra={"x-limit": "max_enrol_items"},
+    )
+    metadata: list[dict[str, Any]] | None = Field(
+        None,
+        description="one JSON object per item, each as an item's metadata (at most "
+        f"{MAX_METADATA_BYTES} bytes of JSON, {MAX_METADATA_DEPTH} levels deep, "
+        f"{MAX_METADATA_KEYS} top-level keys; finite float64 numbers); none when left out",
+        json_schema_extra={"x-limit": "max_enrol_items"},
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if v is not None:
+            for i, m in enumerate(v):
+                check_metadata(m, f"metadata[{i}]")
+        return v
 
 
 class PutItem(ItemBody):

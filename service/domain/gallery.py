@@ -53,6 +53,20 @@ class NewItemContent(ItemContent, Protocol):
     def item_id(self) -> str | None: ...
 
 
+class ColumnsContent(Protocol):
+    """Items to enrol as columns (the API's ``EnrolColumns``): one subject per item, their
+    embeddings as one base64 float32 matrix (a row per item), optional ids and metadata."""
+
+    @property
+    def subjects(self) -> Sequence[str]: ...
+    @property
+    def embeddings_b64(self) -> str: ...
+    @property
+    def item_ids(self) -> Sequence[str] | None: ...
+    @property
+    def metadata(self) -> Sequence[Mapping[str, Any]] | None: ...
+
+
 @dataclass(frozen=True)
 class IdempotencyKey:
     """A client's ``Idempotency-Key`` for one request, and the fingerprint of that request (a
@@ -117,6 +131,65 @@ class Gallery:
                 return _replay(replay.record, idempotency)
         self.sync.publish_sizes()
         return Enrolled(ids)
+
+    async def enrol_columns(
+        self, tenant_id: str, columns: ColumnsContent, *, idempotency: IdempotencyKey | None = None
+    ) -> Enrolled:
+        """:meth:`enrol` for items given as columns: the same checks, limits, idempotency and
+        all-or-none write; the matrix is decoded in one step (``InputResolver.matrix_b64``)."""
+        if idempotency is not None:
+            prior = await run_in_threadpool(
+                lambda: self.store.get_idempotent(tenant_id, idempotency.key, now=time.time())
+            )
+            if prior is not None:
+                return _replay(prior, idempotency)
+        self.check_columns(columns)
+        async with self.slot.gate.shared():
+            serving = self.slot.current
+            n = len(columns.subjects)
+            vectors = serving.resolver.matrix_b64(columns.embeddings_b64, n, where="embeddings_b64")
+            ids = columns.item_ids or [uuid.uuid4().hex for _ in range(n)]
+            metadata = columns.metadata or [{}] * n
+            new_items = [
+                NewItem(item_id=i, subject=s, embedding=v, metadata=m, image=None)
+                for i, s, v, m in zip(ids, columns.subjects, vectors, metadata, strict=True)
+            ]
+            try:
+                stored = await self._store(serving, tenant_id, new_items, vectors, idempotency)
+            except IdempotentReplay as replay:
+                assert idempotency is not None
+                return _replay(replay.record, idempotency)
+        self.sync.publish_sizes()
+        return Enrolled(stored)
+
+    def check_columns(self, columns: ColumnsContent) -> None:
+        """:meth:`check_enrol` for columns, and their lengths: every column given has one entry
+        per subject (422 ``column_lengths``; the matrix's rows are checked when decoded)."""
+        n = len(columns.subjects)
+        if n > self.max_enrol_items:
+            raise InvalidInputError(
+                f"{n} items in one request, the limit is {self.max_enrol_items}",
+                code="too_many_items",
+                detail={"max_enrol_items": self.max_enrol_items},
+            )
+        for name in ("item_ids", "metadata"):
+            column = getattr(columns, name)
+            if column is not None and len(column) != n:
+                raise InvalidInputError(
+                    f"{name} has {len(column)} entries and subjects {n}: every column has one "
+                    "entry per item",
+                    code="column_lengths",
+                    detail={"column": name, "entries": len(column), "items": n},
+                )
+        if columns.item_ids is not None:
+            counts = Counter(columns.item_ids)
+            dupes = sorted(i for i, c in counts.items() if c > 1)
+            if dupes:
+                raise ConflictError(
+                    "the request repeats item ids",
+                    code="duplicate_item_id",
+                    detail={"item_ids": dupes},
+                )
 
     def check_enrol(self, items: Sequence[NewItemContent]) -> None:
         """The checks an enrolment passes before any work (its size, repeated ids): 422
@@ -195,6 +268,19 @@ class Gallery:
             if vec is not None
         ]
         assert len(new_items) == len(items)
+        matrix = np.stack([n.embedding for n in new_items])
+        return await self._store(serving, tenant_id, new_items, matrix, idempotency)
+
+    async def _store(
+        self,
+        serving: Serving,
+        tenant_id: str,
+        new_items: list[NewItem],
+        vectors: np.ndarray,
+        idempotency: IdempotencyKey | None,
+    ) -> list[str]:
+        """The write of an enrolment: the store of record (with the idempotency record, in the
+        same atomic step), then the index, under the tenant's write lock."""
         now = time.time()
         record = (
             None
@@ -222,7 +308,7 @@ class Gallery:
                 seqs,
                 [n.item_id for n in new_items],
                 [n.subject for n in new_items],
-                np.stack([n.embedding for n in new_items]),
+                vectors,
                 [n.metadata for n in new_items],
             )
         return [n.item_id for n in new_items]

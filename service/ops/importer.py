@@ -85,7 +85,7 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
-from tcm_client import ApiError, Client
+from tcm_client import ApiError, Client, TransportFailure
 
 
 class ImportError_(Exception):
@@ -844,8 +844,8 @@ def send_batch(client: Client, batch: Batch, resent: bool = False) -> str:
         # safe to repeat: it carries an Idempotency-Key and names every item id, and a repeat's
         # 409 naming exactly them is taken as "already" below, so a retry never writes twice
         client.enrol_raw(batch.items, idempotent=True)
-    except httpx.TransportError as exc:
-        raise ServiceUnavailable(f"cannot reach the service: {_one_line(exc)}") from exc
+    except TransportFailure as exc:
+        raise ServiceUnavailable(f"cannot reach the service: {_one_line(exc.__cause__)}") from exc
     except ApiError as exc:
         r = exc.response
         assert r is not None

@@ -377,7 +377,8 @@ def installed_extras(build_stage: str, dockerfile: Path = DOCKERFILE) -> set[str
     for s in chain(build_stage, dockerfile):
         for word, rest in stages(dockerfile)[s]["steps"]:
             if word == "RUN":
-                for group in re.findall(r'pip install "\.\[([a-z,]+)\]"', rest):
+                # `pip install ./client ".[serve,...]"`: other requirements may come first
+                for group in re.findall(r'pip install [^"\n]*"\.\[([a-z,]+)\]"', rest):
                     extras |= set(group.split(","))
     return extras
 

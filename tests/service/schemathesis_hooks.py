@@ -47,6 +47,20 @@ def float32_base64(draw: st.DrawFn) -> str:
 schemathesis.openapi.format("float32-base64", float32_base64())
 
 
+@st.composite
+def float32_base64_matrix(draw: st.DrawFn) -> str:
+    """A usable base64 matrix of 1-4 rows of the test model's dimension (its row count must
+    equal the subjects' count, which no schema can tie to it: 422 column_lengths otherwise)."""
+    from tests.service.conftest import DIM
+
+    rows, seed = draw(st.integers(1, 4)), draw(st.integers(0, 2**32 - 1))
+    m = np.random.default_rng(seed).standard_normal((rows, DIM)).astype("<f4")
+    return base64.b64encode(m.tobytes()).decode()
+
+
+schemathesis.openapi.format("float32-base64-matrix", float32_base64_matrix())
+
+
 # What the schema cannot state: whether bytes are a decodable image (and within the pixel
 # cap), whether a folder holds a usable artefact, whether a multipart text field holds a JSON
 # object, whether an Idempotency-Key was sent before with another request. A schema-valid
@@ -59,6 +73,9 @@ CONTENT_CODES = {
     "invalid_artefact",
     "invalid_json_field",
     "idempotency_key_reused",
+    # the columnar enrolment's columns of unequal lengths (rows of the matrix, subjects,
+    # item_ids, metadata): a relation between fields' lengths no JSON Schema states
+    "column_lengths",
 }
 ACCEPTED = {401, 403, 404, 409, 429}
 
@@ -79,9 +96,11 @@ def positive_data_acceptance_but_content(ctx: object, response: object, case: ob
         code = None
     if status == 422 and code in CONTENT_CODES:
         return
-    # base64 of the right length whose float32 bit patterns are NaN/inf or all zero: no JSON
-    # Schema can state that (JSON-list embeddings are fully described: they never get here)
+    # base64 of the right length whose float32 bit patterns are NaN/inf or all zero (an
+    # embedding_b64, or a row of the columnar matrix): no JSON Schema can state that (JSON-list
+    # embeddings are fully described: they never get here)
     where = str((response.json().get("detail") or {}).get("where", "")) if code else ""  # type: ignore[attr-defined]
-    if status == 422 and code == "invalid_embedding" and where.endswith("embedding_b64"):
+    b64_row = where.endswith("embedding_b64") or where.startswith("embeddings_b64[")
+    if status == 422 and code == "invalid_embedding" and b64_row:
         return
     raise AssertionError(f"schema-valid request refused: {status} {code} {response.text[:300]}")  # type: ignore[attr-defined]

@@ -20,12 +20,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
 from service.ops.importer import Batch, ImportError_, send_batch
-from tcm_client import ApiError, AsyncClient, Client, RetryPolicy
+from tcm_client import ApiError, AsyncClient, Client, ClientError, RetryPolicy, TransportFailure
 from tcm_client import models as m
 
 
@@ -168,13 +169,16 @@ def test_which_routes_are_safe_to_repeat() -> None:
         "delete_tenant": ("t",),
         "match": (),
         "verify": ({"item_id": "a"}, {"item_id": "b"}),
-        "embed": (["x"],),
+        "embed": (["AAAA"],),
         "stage_model": ("/a",),
         "feedback": ("m",),
         "revoke_key": ("t", "k"),
         # every enrolment carries an Idempotency-Key: a resend gets the first answer
         "enrol": ([{"subject": "s"}],),
         "enrol_raw": ([{"subject": "s"}],),
+        "enrol_columns": (np.ones((1, 2)), ["s"]),
+        "match_batch": (np.ones((2, 2)),),
+        "remeasure_reference": (),
     }
     kwargs: dict[str, dict[str, Any]] = {"match": {"embedding": [1.0]}}
     for name, args in safe.items():
@@ -195,6 +199,16 @@ def test_which_routes_are_safe_to_repeat() -> None:
     )  # a fresh key per call
     assert Client.put_item.build(c, "i", subject="s", embedding=[1.0]).safe
     c.close()
+
+
+def test_a_write_is_safe_to_repeat_when_it_carries_an_idempotency_key() -> None:
+    """The policy's rule for writes: a POST is repeated only with an ``Idempotency-Key`` (or
+    when its route declares it safe); reads, PUT and DELETE by method."""
+    safe = RetryPolicy.safe_to_repeat
+    assert not safe("POST") and not safe("POST", {"X-Other": "1"})
+    assert safe("POST", {"Idempotency-Key": "k"}) and safe("POST", {"idempotency-key": "k"})
+    assert safe("POST", declared=True) and not safe("GET", declared=False)
+    assert safe("GET") and safe("PUT") and safe("DELETE") and not safe("PATCH")
 
 
 # --- sync client on a real socket ----------------------------------------------------------
@@ -256,9 +270,14 @@ def test_a_lost_answer_is_retried_only_when_safe(srv: Scripted) -> None:
     waits = Waits()
     with client(srv, waits, backoff_s=0) as tcm:
         srv.script(Answer(drop=True), Answer(201, TENANT))
-        with pytest.raises(httpx.RemoteProtocolError):
+        with pytest.raises(TransportFailure) as lost:
             tcm.create_tenant("n")
         assert len(srv.seen) == 1
+        # wrapped, the original kept: sent (the server may have acted), one attempt
+        assert isinstance(lost.value.__cause__, httpx.RemoteProtocolError)
+        assert isinstance(lost.value, ClientError) and not isinstance(lost.value, ApiError)
+        assert lost.value.sent and lost.value.attempts == 1
+        assert lost.value.method == "POST" and lost.value.url == f"{srv.base}/v1/tenants"
         srv.script(Answer(drop=True), Answer(200, {"tenants": []}))
         assert tcm.list_tenants() == []
         assert len(srv.seen) == 2
@@ -274,10 +293,14 @@ def test_a_connect_error_is_retried_for_every_request() -> None:
     waits = Waits()
     with (
         Client(nothing_listening(), "k", retries=3, backoff_s=0.1, sleep=waits) as tcm,
-        pytest.raises(httpx.ConnectError),
+        pytest.raises(TransportFailure) as failed,
     ):
         tcm.create_tenant("n")  # never sent: safe to send again even though it creates
     assert waits == [0.1, 0.2, 0.4] and tcm.retried == 3
+    assert isinstance(failed.value.__cause__, httpx.ConnectError)
+    assert not failed.value.sent and failed.value.attempts == 4
+    assert not failed.value.earlier_attempt_may_have_acted
+    assert "it was not sent" in str(failed.value) and "4 attempts" in str(failed.value)
 
 
 def test_raw_is_the_answer_as_sent(srv: Scripted) -> None:

@@ -1,5 +1,5 @@
-"""Gallery items: enrol (JSON batches or one uploaded image), upsert one (PUT), get, list,
-delete; subjects: list with item counts, delete."""
+"""Gallery items: enrol (JSON batches, columns with one base64 matrix, or one uploaded image),
+upsert one (PUT), get, list, delete; subjects: list with item counts, delete."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from service.api.schemas import (
     NAME_PATTERN,
     SUBJECT_CURSOR_PATTERN,
     Deleted,
+    EnrolColumns,
     EnrolItem,
     EnrolRequest,
     EnrolResponse,
@@ -116,6 +117,31 @@ async def enrol(
     with face_report() as faces:
         done = await runtime.gallery.enrol(tenant, body.items, idempotency=key)
     return _enrolled(done, faces, response)
+
+
+@router.post(
+    "/v1/gallery/columns",
+    status_code=201,
+    operation_id="enrolColumns",
+    responses=errors(400, 401, 409, 413, 422, 429, 503),
+)
+async def enrol_columns(
+    body: EnrolColumns,
+    tenant: TenantId,
+    runtime: RuntimeDep,
+    request: Request,
+    response: Response,
+    idempotency_key: IdempotencyHeader = None,
+) -> EnrolResponse:
+    """Bulk enrolment by embedding, as columns: ``subjects``, the vectors as one base64
+    float32 matrix (a row per subject), optional ``item_ids`` and ``metadata``. The same
+    rules, limits and answer as ``POST /v1/gallery`` (all items or none; an item id that exists
+    or repeats is a 409), at less cost per item: the matrix is decoded in one step."""
+    runtime.gallery.check_columns(body)
+    await runtime.charge(tenant, len(body.subjects))  # one rate-limit unit per item
+    key = None if idempotency_key is None else _idempotency(idempotency_key, await request.body())
+    done = await runtime.gallery.enrol_columns(tenant, body, idempotency=key)
+    return _enrolled(done, [], response)
 
 
 @router.post(

@@ -4,6 +4,7 @@ script) or in-process (SQLite). Real stores and real apps; short windows keep it
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import threading
 import time
@@ -13,6 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -274,6 +276,15 @@ def embedded(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return [{"subject": f"s{i}", "embedding": unit(seed + i)} for i in range(n)]
 
 
+def columns(n: int, seed: int = 0) -> dict[str, Any]:
+    """``n`` items as the columnar enrolment's body."""
+    rows = np.asarray([unit(seed + i) for i in range(n)], dtype="<f4")
+    return {
+        "subjects": [f"s{i}" for i in range(n)],
+        "embeddings_b64": base64.b64encode(rows.tobytes()).decode(),
+    }
+
+
 @pytest.mark.parametrize("costly", STORES, indirect=True)
 def test_enrolment_costs_one_unit_per_item(costly: TestClient) -> None:
     """Burst B: one enrolment of B+1 items is refused (422, it could never be admitted) and
@@ -340,6 +351,7 @@ def test_each_route_costs_its_work(costly: TestClient, digits: Digits) -> None:
     cases: list[tuple[str, str, dict[str, Any], int, int]] = [
         # method, path, request keywords, status, cost
         ("POST", "/v1/gallery", {"json": {"items": embedded(3)}}, 201, 3),
+        ("POST", "/v1/gallery/columns", {"json": columns(3)}, 201, 3),
         ("POST", "/v1/gallery/upload", {"files": upload, "data": {"subject": "s"}}, 201, 1),
         ("PUT", "/v1/gallery/x", {"json": {"subject": "s", **emb}}, 201, 1),
         ("GET", "/v1/gallery", {}, 200, 1),

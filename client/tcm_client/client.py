@@ -7,9 +7,13 @@ sending differs. What is sent again, when and after how long is one :class:`Retr
 errors only for requests that are safe to repeat; waits the server's ``Retry-After`` or an
 exponential backoff, ``backoff_s * 2**attempt``, whichever is longer, capped at
 ``max_wait_s``). Other errors raise :class:`ApiError` with the service's stable ``code`` and the
-``X-Request-ID`` to quote; transport errors that are not retried (or no longer) are httpx's own.
-Embeddings go in as numpy arrays (or sequences) and come out as float32 arrays. Each route also
-answers ``.raw(...)``: the same request, the answer's JSON as the server sent it.
+``X-Request-ID`` to quote; a transport error that is not retried (or no longer) raises
+:class:`TransportFailure` (httpx's exception is its ``__cause__``); both are
+:class:`ClientError` errors. Embeddings go in as numpy arrays (or sequences), as base64 float32
+where the API takes it, and come out as float32 arrays; images as bytes, paths, PIL images or base64
+(:mod:`tcm_client.inputs`). Each route also answers ``.raw(...)``: the same request, the
+answer's JSON as the server sent it. :meth:`Client.upload` sends many items in columnar batches
+(:mod:`tcm_client.upload`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field, replace
 from types import EllipsisType
-from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
 from urllib.parse import quote
 
 import httpx
@@ -29,25 +35,52 @@ import numpy as np
 from pydantic import BaseModel
 
 from tcm_client import models as m
+from tcm_client.inputs import (
+    ImageInput,
+    Vector,
+    image_b64,
+    image_bytes,
+    matrix_b64,
+    vector_field,
+    vector_json,
+)
+from tcm_client.upload import Batch, Plan, Progress, Tally, UploadResult
+from tcm_client.upload import plan as plan_upload
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 P = ParamSpec("P")
-Vector = np.ndarray | Sequence[float]
 
 
-class ApiError(Exception):
-    """An error answer: ``status``, the service's ``code`` and ``message``, ``detail``, and
-    the request's id (``request_id``) to quote in a support ticket; ``response``: the answer
-    itself (headers, body as sent), when the error came from one.
+class ClientError(Exception):
+    """Every error the client raises about a request: :class:`ApiError` (the service
+    answered with an error) or :class:`TransportFailure` (no answer came).
 
     ``attempts``: how many times the client sent the request (retries included);
     ``earlier_attempt_may_have_acted``: whether an earlier attempt was sent and its outcome is
-    unknown (its answer was lost, or was a 502/503/504), so that this answer may be about
-    what that attempt did (a 409 for the items it stored)."""
+    unknown (its answer was lost, or was a 502/503/504), so that this outcome may be about what
+    that attempt did (a 409 for the items it stored)."""
 
     attempts: int = 1
     earlier_attempt_may_have_acted: bool = False
+
+
+class TransportFailure(ClientError):
+    """No answer: the connection could not be made, broke, or timed out (httpx's exception is
+    ``__cause__``), and the retry policy did not (or no longer) send the request again.
+    ``sent``: whether the last attempt may have reached the server (False for a connect error:
+    nothing was sent), so whether the server may have acted on it."""
+
+    def __init__(self, message: str, *, method: str, url: str, sent: bool) -> None:
+        super().__init__(message)
+        self.method, self.url, self.sent = method, url, sent
+
+
+class ApiError(ClientError):
+    """An error answer: ``status``, the service's ``code`` and ``message``, ``detail``, and
+    the request's id (``request_id``) to quote in a support ticket; ``response``: the answer
+    itself (headers, body as sent), when the error came from one. ``attempts`` and
+    ``earlier_attempt_may_have_acted``: as :class:`ClientError`'s."""
 
     def __init__(
         self,
@@ -94,10 +127,10 @@ class RetryPolicy:
     the first one did: GET, PUT, DELETE (HEAD, OPTIONS); the query POSTs (match, verify,
     embed: they write nothing a caller reads back); and the POSTs the server deduplicates
     (staging a model: the same path is the same version; feedback: a second one is refused
-    with 409). A POST that creates something (a tenant, a key, an enrolment, an activation, a
-    rollback) is not, unless the caller says so (``enrol(..., idempotent=True)``: its items
-    name their ``item_id``s and it takes a 409 ``duplicate_item_id`` naming exactly them as
-    "already stored").
+    with 409); and every write that carries an ``Idempotency-Key`` (every enrolment and upload
+    batch: the service records the key with the write, atomically, and answers a resend with
+    the first answer, writing nothing). A POST that creates something without a key (a tenant,
+    a key, an activation, a rollback) is not (:meth:`safe_to_repeat`).
 
     - ``429``: retried for every request: the server refused it before doing anything.
     - connect errors (:data:`NOT_SENT_ERRORS`): retried for every request: it was never sent.
@@ -105,6 +138,8 @@ class RetryPolicy:
       read/write errors and timeouts, a dropped connection): retried only when safe to repeat,
       since the server may have acted on the request before its answer was lost.
     - anything else (4xx, 500, a malformed URL) is answered (or raised) at once.
+
+    A transport error that is not retried (or no longer) raises :class:`TransportFailure`.
 
     At most ``retries`` times (``retries + 1`` attempts in all). Before retry ``attempt`` (0
     first) it waits the longer of the server's ``Retry-After`` (seconds; the server's earliest)
@@ -115,6 +150,20 @@ class RetryPolicy:
     retries: int = 4
     backoff_s: float = 0.2
     max_wait_s: float = 30.0
+
+    @staticmethod
+    def safe_to_repeat(
+        method: str, headers: Mapping[str, str] | None = None, declared: bool | None = None
+    ) -> bool:
+        """Whether a request may be sent twice: as ``declared`` by the route when it says
+        (a query POST, a POST the server deduplicates); else a request carrying an
+        ``Idempotency-Key`` is (the server answers a resend with the first answer); else by
+        method (:data:`SAFE_METHODS`: reads, PUT, DELETE)."""
+        if declared is not None:
+            return declared
+        if any(name.lower() == IDEMPOTENCY_HEADER.lower() for name in headers or {}):
+            return True
+        return method.upper() in SAFE_METHODS
 
     def retries_status(self, status: int, *, safe: bool) -> bool:
         """Whether an answer with ``status`` is retried (for a request safe to repeat or not)."""
@@ -178,10 +227,9 @@ class Call(Generic[T]):
 
     @property
     def safe(self) -> bool:
-        """Whether sending it twice is no different from once (see :class:`RetryPolicy`)."""
-        if self.idempotent is not None:
-            return self.idempotent
-        return self.method.upper() in SAFE_METHODS
+        """Whether sending it twice is no different from once
+        (:meth:`RetryPolicy.safe_to_repeat`)."""
+        return RetryPolicy.safe_to_repeat(self.method, self.headers, self.idempotent)
 
 
 def _model(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:
@@ -196,11 +244,6 @@ def _json(r: httpx.Response) -> Any:
     return r.json() if r.content else None
 
 
-def _vector(v: Vector) -> list[float]:
-    arr = np.asarray(v, dtype=np.float64).reshape(-1)
-    return arr.tolist()
-
-
 def _seg(value: str) -> str:
     return quote(value, safe="")
 
@@ -209,10 +252,31 @@ def _drop_none(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def _source(embedding: Vector | None, image: str | None) -> dict[str, Any]:
+def _source(
+    embedding: Vector | None, image: ImageInput | None, *, base64: bool = False
+) -> dict[str, Any]:
+    """An embedding (as base64 float32 where the route takes it) or an image, exactly one."""
     if (embedding is None) == (image is None):
         raise ValueError("give exactly one of embedding or image")
-    return {"embedding": _vector(embedding)} if embedding is not None else {"image": image}
+    if embedding is not None:
+        return dict([vector_field(embedding)]) if base64 else {"embedding": vector_json(embedding)}
+    return {"image": image_b64(image)}
+
+
+def _item(item: Mapping[str, Any], where: str, *, encoding: str) -> dict[str, Any]:
+    """An enrolment item as the API takes it: its vector as base64 float32 (``encoding=
+    "base64"``) or JSON numbers, its image as base64 (from any image form)."""
+    out = dict(item)
+    if out.get("embedding") is not None:
+        vector = out.pop("embedding")
+        if encoding == "base64":
+            name, value = vector_field(vector)
+            out[name] = value
+        else:
+            out["embedding"] = vector_json(vector)
+    elif out.get("image") is not None:
+        out["image"] = image_b64(out["image"], where=f"{where}.image")
+    return out
 
 
 class BoundRoute(Protocol[P, T_co]):
@@ -353,26 +417,59 @@ class _Routes:
     # --- gallery ---------------------------------------------------------------------------
     @route
     def enrol(
-        self, items: Sequence[Mapping[str, Any]], *, idempotent: bool = False
+        self,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        idempotent: bool = False,
+        encoding: Literal["base64", "json"] = "base64",
     ) -> Call[list[str]]:
-        """Items: ``{"subject", "embedding" (array) | "image" (base64), "item_id"?,
-        "metadata"?}``; all or none. Sent with a fresh ``Idempotency-Key`` (the same on every
-        retry of this call), so it is retried like a request safe to repeat: a resend whose
-        first answer was lost gets that answer, and nothing is stored twice.
-        ``idempotent`` is kept for callers that set it; every enrolment is safe now."""
-        body = [
-            {**it, "embedding": _vector(it["embedding"])}
-            if it.get("embedding") is not None
-            else dict(it)
-            for it in items
-        ]
+        """Items: ``{"subject", "embedding" (array) | "image" (bytes, path, PIL image or
+        base64), "item_id"?, "metadata"?}``; all or none. Embeddings go as base64 float32
+        (``embedding_b64``; ``encoding="json"``: JSON numbers, about 5x slower to send and
+        parse). Sent with a fresh ``Idempotency-Key`` (the same on every retry of this call),
+        so it is retried like a request safe to repeat: a resend whose first answer was lost
+        gets that answer, and nothing is stored twice. ``idempotent`` is kept for callers that
+        set it; every enrolment is safe now. Many items: :meth:`Client.upload`."""
+        if encoding not in ("base64", "json"):
+            raise ValueError(f"encoding is 'base64' or 'json', not {encoding!r}")
+        body = [_item(it, f"items[{i}]", encoding=encoding) for i, it in enumerate(items)]
         return Call(
             "POST",
             "/v1/gallery",
             lambda r: r.json()["item_ids"],
             json={"items": body},
             headers={IDEMPOTENCY_HEADER: _idempotency_key()},
-            idempotent=True,
+        )
+
+    @route
+    def enrol_columns(
+        self,
+        vectors: np.ndarray,
+        subjects: Sequence[str],
+        *,
+        item_ids: Sequence[str] | None = None,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Call[list[str]]:
+        """One columnar enrolment (``POST /v1/gallery/columns``): an (n, d) matrix sent as
+        one base64 float32 matrix, ``subjects`` (and ``item_ids``, ``metadata``) one per row;
+        all or none, with a fresh ``Idempotency-Key`` as :meth:`enrol`. For more items than
+        one request takes, batching, parallel requests and resuming: :meth:`Client.upload`."""
+        rows = np.asarray(vectors)
+        if rows.ndim != 2 or len(rows) != len(subjects):
+            raise ValueError(
+                f"vectors must be (len(subjects), d): {rows.shape}, {len(subjects)} subjects"
+            )
+        body: dict[str, Any] = {"subjects": list(subjects), "embeddings_b64": matrix_b64(rows)}
+        if item_ids is not None:
+            body["item_ids"] = list(item_ids)
+        if metadata is not None:
+            body["metadata"] = [dict(x) for x in metadata]
+        return Call(
+            "POST",
+            "/v1/gallery/columns",
+            lambda r: r.json()["item_ids"],
+            json=body,
+            headers={IDEMPOTENCY_HEADER: _idempotency_key()},
         )
 
     @route
@@ -391,22 +488,27 @@ class _Routes:
             lambda r: r.json()["item_ids"],
             content=body,
             headers={"Content-Type": "application/json", IDEMPOTENCY_HEADER: _idempotency_key()},
-            idempotent=True,
         )
 
     @route
     def enrol_upload(
-        self, file: bytes, *, subject: str, item_id: str | None = None, metadata: str | None = None
+        self,
+        file: ImageInput,
+        *,
+        subject: str,
+        item_id: str | None = None,
+        metadata: str | Mapping[str, Any] | None = None,
     ) -> Call[list[str]]:
-        """One uploaded image; sent with an ``Idempotency-Key`` as :meth:`enrol` is."""
+        """One uploaded image (bytes, a path or a PIL image); ``metadata``: an object or its
+        JSON text. Sent with an ``Idempotency-Key`` as :meth:`enrol` is."""
+        meta = metadata if metadata is None or isinstance(metadata, str) else json.dumps(metadata)
         return Call(
             "POST",
             "/v1/gallery/upload",
             lambda r: r.json()["item_ids"],
-            files={"file": ("image", file)},
-            data=_drop_none({"subject": subject, "item_id": item_id, "metadata": metadata}),
+            files={"file": ("image", image_bytes(file, where="file"))},
+            data=_drop_none({"subject": subject, "item_id": item_id, "metadata": meta}),
             headers={IDEMPOTENCY_HEADER: _idempotency_key()},
-            idempotent=True,
         )
 
     @route
@@ -416,10 +518,16 @@ class _Routes:
         *,
         subject: str,
         embedding: Vector | None = None,
-        image: str | None = None,
+        image: ImageInput | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> Call[m.PutResult]:
-        body = {"subject": subject, **_source(embedding, image), "metadata": dict(metadata or {})}
+        """Creates or replaces the item (idempotent): an embedding (sent as base64 float32)
+        or an image (bytes, path, PIL image or base64)."""
+        body = {
+            "subject": subject,
+            **_source(embedding, image, base64=True),
+            "metadata": dict(metadata or {}),
+        }
         return Call("PUT", f"/v1/gallery/{_seg(item_id)}", _model(m.PutResult), json=body)
 
     @route
@@ -467,22 +575,53 @@ class _Routes:
         self,
         *,
         embedding: Vector | None = None,
-        image: str | None = None,
+        image: ImageInput | None = None,
         k: int = 5,
         filter: Mapping[str, Any] | None = None,
     ) -> Call[m.MatchResult]:
+        """The ``k`` best candidates for an embedding or an image (bytes, path, PIL image or
+        base64), among the items whose metadata matches ``filter`` when given."""
         body = {**_source(embedding, image), "k": k}
         if filter is not None:
             body["filter"] = dict(filter)
         return Call("POST", "/v1/match", _model(m.MatchResult), json=body, idempotent=True)
 
     @route
-    def match_upload(self, file: bytes, *, k: int = 5) -> Call[m.MatchResult]:
+    def match_batch(
+        self,
+        embeddings: np.ndarray | Sequence[Vector] | None = None,
+        *,
+        images: Sequence[ImageInput] | None = None,
+        k: int = 5,
+    ) -> Call[list[m.MatchResult]]:
+        """Several queries in one request (``POST /v1/match/batch``: one index search, a match
+        record and ``match_id`` per query): an (n, d) matrix or sequence of embeddings (sent as
+        base64 float32), or images; one result per query, in order."""
+        if (embeddings is None) == (images is None):
+            raise ValueError("give exactly one of embeddings or images")
+        if embeddings is not None:
+            queries = [dict([vector_field(v)]) for v in embeddings]
+        else:
+            assert images is not None
+            queries = [
+                {"image": image_b64(img, where=f"images[{i}]")} for i, img in enumerate(images)
+            ]
+        return Call(
+            "POST",
+            "/v1/match/batch",
+            lambda r: [m.MatchResult.model_validate(x) for x in r.json()["results"]],
+            json={"queries": queries, "k": k},
+            idempotent=True,
+        )
+
+    @route
+    def match_upload(self, file: ImageInput, *, k: int = 5) -> Call[m.MatchResult]:
+        """:meth:`match` of one uploaded image (bytes, a path or a PIL image)."""
         return Call(
             "POST",
             "/v1/match/upload",
             _model(m.MatchResult),
-            files={"file": ("image", file)},
+            files={"file": ("image", image_bytes(file, where="file"))},
             data={"k": str(k)},
             idempotent=True,
         )
@@ -491,44 +630,55 @@ class _Routes:
     def verify(
         self, a: Mapping[str, Any], b: Mapping[str, Any], *, filter: Mapping[str, Any] | None = None
     ) -> Call[m.VerifyResult]:
-        """``a`` and ``b``: one of ``{"embedding": array}``, ``{"image": base64}``,
-        ``{"item_id": ...}``, ``{"subject": ...}``."""
+        """``a`` and ``b``: one of ``{"embedding": array}``, ``{"image": bytes, path, PIL
+        image or base64}``, ``{"item_id": ...}``, ``{"subject": ...}``."""
 
-        def side(x: Mapping[str, Any]) -> dict[str, Any]:
-            return {**x, "embedding": _vector(x["embedding"])} if "embedding" in x else dict(x)
+        def side(x: Mapping[str, Any], name: str) -> dict[str, Any]:
+            out = dict(x)
+            if out.get("embedding") is not None:
+                out["embedding"] = vector_json(out["embedding"])
+            if out.get("image") is not None:
+                out["image"] = image_b64(out["image"], where=f"{name}.image")
+            return out
 
-        body: dict[str, Any] = {"a": side(a), "b": side(b)}
+        body: dict[str, Any] = {"a": side(a, "a"), "b": side(b, "b")}
         if filter is not None:
             body["filter"] = dict(filter)
         return Call("POST", "/v1/verify", _model(m.VerifyResult), json=body, idempotent=True)
 
     @route
-    def verify_upload(self, a: bytes, b: bytes) -> Call[m.VerifyResult]:
+    def verify_upload(self, a: ImageInput, b: ImageInput) -> Call[m.VerifyResult]:
+        """:meth:`verify` of two uploaded images (bytes, paths or PIL images)."""
         return Call(
             "POST",
             "/v1/verify/upload",
             _model(m.VerifyResult),
-            files={"a": ("a", a), "b": ("b", b)},
+            files={
+                "a": ("a", image_bytes(a, where="a")),
+                "b": ("b", image_bytes(b, where="b")),
+            },
             idempotent=True,
         )
 
     @route
-    def embed(self, images: Sequence[str]) -> Call[m.EmbedResult]:
+    def embed(self, images: Sequence[ImageInput]) -> Call[m.EmbedResult]:
+        """The served model's embeddings of images (bytes, paths, PIL images or base64)."""
         return Call(
             "POST",
             "/v1/embed",
             _model(m.EmbedResult),
-            json={"images": list(images)},
+            json={"images": [image_b64(x, where=f"images[{i}]") for i, x in enumerate(images)]},
             idempotent=True,
         )
 
     @route
-    def embed_upload(self, file: bytes) -> Call[m.EmbedResult]:
+    def embed_upload(self, file: ImageInput) -> Call[m.EmbedResult]:
+        """:meth:`embed` of one uploaded image (bytes, a path or a PIL image)."""
         return Call(
             "POST",
             "/v1/embed/upload",
             _model(m.EmbedResult),
-            files={"file": ("image", file)},
+            files={"file": ("image", image_bytes(file, where="file"))},
             idempotent=True,
         )
 
@@ -561,6 +711,14 @@ class _Routes:
         return Call(
             "GET", "/v1/monitor", _model(m.MonitorView), params=_drop_none({"threshold": threshold})
         )
+
+    @route
+    def remeasure_reference(self) -> Call[m.MonitorReference]:
+        """Admin: re-measures the across-tenants drift reference on the data as of now and
+        stores it for the active model (``POST /v1/monitor/reference``; after judging the
+        current state healthy, e.g. when new tenants joined). Safe to repeat: a second call
+        measures the same data again and stores that."""
+        return Call("POST", "/v1/monitor/reference", _model(m.MonitorReference), idempotent=True)
 
     @route
     def model(self) -> Call[m.ModelInfo]:
@@ -630,6 +788,36 @@ class _Base(_Routes):
         self.policy = RetryPolicy(retries=retries, backoff_s=backoff_s, max_wait_s=max_wait_s)
         self.retried = 0  # how many times a request was sent again (observability, tests)
 
+    def _batch_call(self, batch: Batch) -> Call[bool]:
+        """One upload batch as a columnar enrolment; its answer: whether it was a replay (the
+        batch was stored by an earlier send of the same body)."""
+        body = batch.body()
+        return Call(
+            "POST",
+            "/v1/gallery/columns",
+            lambda r: r.headers.get("idempotent-replayed") == "true",
+            content=body,
+            headers={"Content-Type": "application/json", IDEMPOTENCY_HEADER: batch.key(body)},
+        )
+
+    def _failure(
+        self, call: Call[Any], exc: httpx.TransportError, *, attempts: int, acted: bool
+    ) -> TransportFailure:
+        # a connect error, a pool timeout, a URL the client cannot send (UnsupportedProtocol):
+        # nothing reached the server; a read/write error, timeout or dropped connection: maybe
+        sent = isinstance(exc, LOST_ANSWER_ERRORS) and not isinstance(exc, NOT_SENT_ERRORS)
+        what = "the answer was lost" if sent else "it was not sent"
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        failure = TransportFailure(
+            f"{call.method} {self.base_url}{call.path}: {type(exc).__name__}: {exc or 'no detail'}"
+            f" ({what}{tries})",
+            method=call.method,
+            url=f"{self.base_url}{call.path}",
+            sent=sent,
+        )
+        failure.attempts, failure.earlier_attempt_may_have_acted = attempts, acted
+        return failure
+
     def _result(
         self, call: Call[T], r: httpx.Response, *, attempts: int = 1, acted: bool = False
     ) -> T:
@@ -668,8 +856,8 @@ class Client(_Base):
 
     def send(self, call: Call[T]) -> T:
         """Sends ``call`` (again, as :attr:`policy` says) and returns its parsed answer;
-        raises :class:`ApiError` for an error answer, httpx's exception for a transport error
-        not (or no longer) retried."""
+        raises :class:`ApiError` for an error answer, :class:`TransportFailure` for a transport
+        error not (or no longer) retried."""
         attempt, acted = 0, False
         while True:
             try:
@@ -677,7 +865,7 @@ class Client(_Base):
             except httpx.TransportError as exc:
                 wait = self.policy.next_wait(attempt, safe=call.safe, error=exc)
                 if wait is None:
-                    raise
+                    raise self._failure(call, exc, attempts=attempt + 1, acted=acted) from exc
                 acted = acted or _may_have_acted(exc)
             else:
                 wait = self.policy.next_wait(attempt, safe=call.safe, response=r)
@@ -687,6 +875,84 @@ class Client(_Base):
             self.retried += 1
             attempt += 1
             self._sleep(wait)
+
+    def upload(
+        self,
+        vectors: np.ndarray | Iterable[Any],
+        subjects: Sequence[str] | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+        batch_size: int | None = None,
+        parallel: int = 1,
+        progress: Progress = False,
+        resume: bool = True,
+    ) -> UploadResult:
+        """Enrols many items by embedding, in batches of columnar requests
+        (``POST /v1/gallery/columns``), the shape of qdrant-client's ``upload_points``.
+
+        ``vectors``: an (n, d) matrix with ``subjects`` (one per row) and optional ``ids`` and
+        ``metadata``; or an iterable of items ``(subject, vector[, metadata[, item_id]])`` or
+        mappings with those keys (``embedding`` for the vector), consumed lazily.
+        ``batch_size``: items per request (default: 2,000, fewer for large vectors so that a
+        request stays under 8 MiB; a batch the service finds too large is split).
+        ``parallel``: requests in flight at once. ``progress``: True for a bar (tqdm when
+        installed, else a line on stderr), or a callable given the items done so far.
+        ``resume`` (default): an item whose id is stored already is skipped, so running the
+        same upload again after an interruption stores only what is missing and never
+        duplicates (ids: the caller's, or derived from each item's content; see
+        :mod:`tcm_client.upload`). Raises :class:`UploadError` naming the input rows of a batch
+        that was refused or could not be sent (retried first as :attr:`policy` says)."""
+        started = time.perf_counter()
+        planned: Plan = plan_upload(vectors, subjects, ids, metadata, batch_size)
+        tally = Tally(planned.total, progress, started)
+        try:
+            if parallel <= 1:
+                for batch in planned.batches:
+                    tally.planned(batch)
+                    self._settle(batch, tally, resume)
+            else:
+                self._upload_parallel(planned, tally, resume, parallel)
+        finally:
+            tally.close()
+        return tally.result()
+
+    bulk_enrol = upload
+
+    def _upload_parallel(self, planned: Plan, tally: Tally, resume: bool, parallel: int) -> None:
+        with ThreadPoolExecutor(parallel, thread_name_prefix="tcm-upload") as pool:
+            pending: set[Future[None]] = set()
+            try:
+                for batch in planned.batches:
+                    tally.planned(batch)
+                    pending.add(pool.submit(self._settle, batch, tally, resume))
+                    if len(pending) >= 2 * parallel:  # a bounded read-ahead of the input
+                        done, pending = wait_for(pending, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            f.result()
+                done, pending = wait_for(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    f.result()
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+
+    def _settle(self, batch: Batch, tally: Tally, resume: bool) -> None:
+        """Sends ``batch`` until its every item is stored or found stored."""
+        todo, stored, already, requests = [batch], 0, batch.repeated, 0
+        while todo:
+            b = todo.pop()
+            requests += 1
+            try:
+                replayed = self.send(self._batch_call(b))
+            except ClientError as exc:
+                more, found = tally.after_error(b, exc, resume=resume)
+                todo.extend(more)
+                already += found
+                continue
+            stored, already = (stored, already + len(b)) if replayed else (stored + len(b), already)
+        tally.settled(stored, already, requests)
 
     def iter_items(
         self, *, subject: str | None = None, limit: int | None = None
@@ -743,7 +1009,7 @@ class AsyncClient(_Base):
             except httpx.TransportError as exc:
                 wait = self.policy.next_wait(attempt, safe=call.safe, error=exc)
                 if wait is None:
-                    raise
+                    raise self._failure(call, exc, attempts=attempt + 1, acted=acted) from exc
                 acted = acted or _may_have_acted(exc)
             else:
                 wait = self.policy.next_wait(attempt, safe=call.safe, response=r)
@@ -753,6 +1019,67 @@ class AsyncClient(_Base):
             self.retried += 1
             attempt += 1
             await self._sleep(wait)
+
+    async def upload(
+        self,
+        vectors: np.ndarray | Iterable[Any],
+        subjects: Sequence[str] | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+        batch_size: int | None = None,
+        parallel: int = 1,
+        progress: Progress = False,
+        resume: bool = True,
+    ) -> UploadResult:
+        """As :meth:`Client.upload`; ``parallel``: requests in flight at once (tasks)."""
+        started = time.perf_counter()
+        planned: Plan = plan_upload(vectors, subjects, ids, metadata, batch_size)
+        tally = Tally(planned.total, progress, started)
+        slots = asyncio.Semaphore(max(1, parallel))
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def settle(batch: Batch) -> None:
+            try:
+                await self._settle(batch, tally, resume)
+            finally:
+                slots.release()
+
+        try:
+            for batch in planned.batches:
+                tally.planned(batch)
+                await slots.acquire()
+                for task in [t for t in tasks if t.done()]:
+                    tasks.discard(task)
+                    task.result()  # the first failure stops the upload
+                tasks.add(asyncio.create_task(settle(batch)))
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            tally.close()
+        return tally.result()
+
+    bulk_enrol = upload
+
+    async def _settle(self, batch: Batch, tally: Tally, resume: bool) -> None:
+        """As :meth:`Client._settle`, awaitable."""
+        todo, stored, already, requests = [batch], 0, batch.repeated, 0
+        while todo:
+            b = todo.pop()
+            requests += 1
+            try:
+                replayed = await self.send(self._batch_call(b))
+            except ClientError as exc:
+                more, found = tally.after_error(b, exc, resume=resume)
+                todo.extend(more)
+                already += found
+                continue
+            stored, already = (stored, already + len(b)) if replayed else (stored + len(b), already)
+        tally.settled(stored, already, requests)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -170,3 +170,13 @@ class MonitorView(Model):
 class Readiness(Model):
     status: str
     checks: dict[str, str]
+
+
+class MonitorReference(Model):
+    """``POST /v1/monitor/reference``: the across-tenants drift reference as re-measured
+    (``status="undefined"`` with fewer than 2 tenants of enough labelled pairs)."""
+
+    model_version: str
+    status: Literal["measured", "undefined"]
+    message: str | None = None
+    reference: dict[str, Any] | None = None

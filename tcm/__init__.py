@@ -8,9 +8,11 @@ from tcm.artefact import (
     Calibration,
     Manifest,
     load_artefact,
+    load_openset,
     load_reference,
     read_manifest,
     save_artefact,
+    save_openset,
     save_reference,
 )
 from tcm.calibration import (
@@ -64,6 +66,7 @@ __all__ = [
     "impostor_pairs_needed",
     "kfold_pair_accuracy",
     "load_artefact",
+    "load_openset",
     "load_reference",
     "map_at_r",
     "opis",
@@ -73,6 +76,7 @@ __all__ = [
     "retrieval_metrics",
     "roc_points",
     "save_artefact",
+    "save_openset",
     "save_reference",
     "tar_at_far",
     "threshold_at_far",

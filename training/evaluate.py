@@ -23,6 +23,7 @@ from tcm import (
     retrieval_metrics,
 )
 from tcm.drift import bootstrap_interval
+from tcm.openset import fnir, fpir, fpir_from_pair_far, probe_tails, tau_at_fpir
 from training.config import TrainConfig
 
 # The artefact's drift reference (tcm.drift): class-bootstrap resamples of the baseline OPIS,
@@ -88,6 +89,17 @@ def evaluate_embeddings(
     cal = calibrate_threshold(emb, labels, target_far=config.target_far)
     needed = impostor_pairs_needed(config.target_far)
     source = "calibrated" if cal.num_impostor >= needed else "unsupported"
+    tails = probe_tails(emb, labels)
+    n_ref = config.reference_gallery_size
+    if config.threshold_target == "fpir":
+        try:
+            tau = tau_at_fpir(tails, config.target_fpir, n_ref)
+            cal = calibrate_threshold(emb, labels, target_far=config.target_far, tau=tau)
+            source = "fpir"
+        except ValueError:
+            if fallback_tau is None:
+                raise
+            source = "unsupported"
     if source == "unsupported" and fallback_tau is not None:
         cal = calibrate_threshold(emb, labels, target_far=config.target_far, tau=fallback_tau)
         source = "inherited"
@@ -150,6 +162,18 @@ def evaluate_embeddings(
             "frr_spread": float(np.ptp(at.frr)),
             "far_over_2x_target": int((at.far > 2 * config.target_far).sum()),
         },
+        "openset": {
+            "threshold_target": config.threshold_target,
+            "target_fpir": config.target_fpir,
+            "reference_gallery_size": n_ref,
+            "fpir_at_tau": fpir(tails, cal.tau, n_ref),
+            "fnir_at_tau": fnir(tails, cal.tau, n_ref),
+            # what the pooled pair FAR would imply if every comparison were independent
+            "fpir_from_pair_far": fpir_from_pair_far(cal.far, n_ref),
+            "probes": int(tails.top.shape[0]),
+            "k": tails.k,
+        },
+        "_openset": tails,  # not serialised: for the artefact
         "_curves": cons,  # not serialised: used for plots
         "_reference": reference_subsample(emb, labels),  # not serialised: for the artefact
     }

@@ -15,7 +15,15 @@ from typing import Any
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from tcm import Baseline, Calibration, Manifest, Preprocessing, save_artefact, save_reference
+from tcm import (
+    Baseline,
+    Calibration,
+    Manifest,
+    Preprocessing,
+    save_artefact,
+    save_openset,
+    save_reference,
+)
 from training.config import TrainConfig
 from training.models import architecture_kwargs, full_model
 
@@ -60,6 +68,9 @@ def export_artefact(
     reference_file = ""
     if result.get("_reference") is not None:
         reference_file = save_reference(out_dir, *result["_reference"])
+    openset = None
+    if result.get("_openset") is not None:
+        openset = {"file": save_openset(out_dir, result["_openset"]), **result["openset"]}
     manifest = Manifest(
         model_version=model_version(config, weights_sha256(model, exclude), now),
         architecture=config.arch,
@@ -98,5 +109,6 @@ def export_artefact(
         training_config=config.to_dict(),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
         weights_exclude=exclude,
+        openset=openset,
     )
     return save_artefact(out_dir, model, manifest)

@@ -688,7 +688,35 @@ class ModelInfo(BaseModel):
     preprocessing: dict[str, Any]
     created_at: str
     weights_sha256: str
+    open_set: OpenSetCalibration | None = Field(
+        default=None,
+        description="1:N open-set calibration (null for an artefact exported without it)",
+    )
     activation: Activation | None = None  # a model switch this replica is running, or ran last
+
+
+class OpenSetCalibration(BaseModel):
+    """What the one threshold means for 1:N identification against a gallery of
+    ``reference_gallery_size`` photos, measured on the held-out classes (``tcm.openset``)."""
+
+    threshold_target: Literal["far", "fpir"] = Field(
+        description="which target the threshold honours: the pair FAR (target_far) or FPIR "
+        "at the reference gallery size (target_fpir)"
+    )
+    target_fpir: float
+    reference_gallery_size: int
+    fpir_at_threshold: float = Field(
+        description="expected share of stranger probes (subject not enrolled) that get a "
+        "candidate at or above the threshold from a gallery of reference_gallery_size photos"
+    )
+    fnir_at_threshold: float = Field(
+        description="expected share of enrolled subjects' probes not returned at rank 1 at or "
+        "above the threshold, with reference_gallery_size other photos in the gallery"
+    )
+    fpir_from_pair_far: float = Field(
+        description="1 - (1 - far_at_threshold)^N: what the pair FAR implies if every "
+        "comparison were independent (for comparison)"
+    )
 
 
 class Activation(BaseModel):

@@ -3,11 +3,13 @@ this replica is running (public)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
 from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import RuntimeDep
-from service.api.schemas import ModelInfo, errors
+from service.api.schemas import ModelInfo, OpenSetCalibration, errors
 
 router = APIRouter(tags=["model"], route_class=AuthFirstRoute)
 
@@ -36,5 +38,19 @@ async def get_model(runtime: RuntimeDep) -> ModelInfo:
         preprocessing=m.preprocessing.to_dict(),
         created_at=m.created_at,
         weights_sha256=m.weights_sha256,
+        open_set=open_set(m.openset),
         activation=runtime.lifecycle.status() if runtime.lifecycle else None,
+    )
+
+
+def open_set(section: dict[str, Any] | None) -> OpenSetCalibration | None:
+    if not section:
+        return None
+    return OpenSetCalibration(
+        threshold_target=section["threshold_target"],
+        target_fpir=section["target_fpir"],
+        reference_gallery_size=section["reference_gallery_size"],
+        fpir_at_threshold=section["fpir_at_tau"],
+        fnir_at_threshold=section["fnir_at_tau"],
+        fpir_from_pair_far=section["fpir_from_pair_far"],
     )

@@ -245,6 +245,13 @@ def save_artefact(directory: str | Path, model: nn.Module, manifest: Manifest) -
     return Manifest.from_dict(d)
 
 
+def write_manifest(directory: str | Path, manifest: Manifest) -> None:
+    """Rewrites only the manifest (atomically), e.g. to add an optional section; the weights
+    and their recorded sha256 are untouched."""
+    d = manifest.to_dict()
+    _write_atomic(Path(directory) / MANIFEST_FILE, json.dumps(d, indent=2, sort_keys=True).encode())
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():

@@ -284,6 +284,55 @@ def retrain(
         _fail(exc)
 
 
+@app.command("openset")
+def openset_cmd(
+    artefact: Annotated[Path, typer.Argument(help="an exported artefact folder")],
+    data_dir: Annotated[
+        str | None, typer.Option(help="the data sets (default: the artefact's own)")
+    ] = None,
+    gallery_size: Annotated[
+        int | None,
+        typer.Option(help="reference gallery size (default: the training config's)"),
+    ] = None,
+) -> None:
+    """Adds 1:N open-set calibration to an artefact exported before it (tcm.openset): embeds
+    its held-out classes with its own weights and writes openset.safetensors and the manifest's
+    openset section (FPIR and FNIR at its tau for the reference gallery size). tau, weights and
+    everything else stay as they are."""
+    from tcm import load_artefact, save_openset
+    from tcm.artefact import MANIFEST_FILE, write_manifest
+    from tcm.openset import probe_tails
+    from training.evaluate import embed, openset_summary
+
+    try:
+        model, manifest = load_artefact(artefact)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        values = {k: v for k, v in manifest.training_config.items() if k in known}
+        overrides = [f"data_dir={data_dir}"] if data_dir else []
+        if gallery_size is not None:
+            overrides.append(f"reference_gallery_size={gallery_size}")
+        cfg = load_config(None, overrides, base=TrainConfig(**values))
+        splits = load_splits(cfg)
+        emb = embed(model, splits.test.x, device="cpu")
+        tails = probe_tails(emb, splits.test.y)
+        cal = manifest.calibration
+        section = {
+            "file": save_openset(artefact, tails),
+            **openset_summary(tails, cal.tau, cal.far_at_tau, cfg),
+            "threshold_target": "far",  # tau is the artefact's, calibrated for the pair FAR
+        }
+        write_manifest(artefact, dataclasses.replace(manifest, openset=section))
+    except ValueError as exc:
+        _fail(exc)
+    n = section["reference_gallery_size"]
+    console.print(
+        f"{artefact / MANIFEST_FILE}: at tau {cal.tau:.4f} and a gallery of {n:,} photos, "
+        f"expected FPIR {section['fpir_at_tau']:.3f} (the pair FAR {cal.far_at_tau:.4f} would "
+        f"imply {section['fpir_from_pair_far']:.3f} if comparisons were independent), "
+        f"rank-1 FNIR {section['fnir_at_tau']:.3f}; {section['probes']:,} held-out probes"
+    )
+
+
 @app.command("default-model")
 def default_model(
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefacts/default"),

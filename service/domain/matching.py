@@ -26,34 +26,48 @@ from service.engine.metadata_filter import matches
 from service.engine.pairwise import max_inner_product
 from service.engine.search import SearchBatcher
 from service.errors import InvalidInputError, NotFoundError
-from service.metrics import Outcome, ServiceMetrics, decision_outcome
+from service.metrics import Outcome, ServiceMetrics, decision_outcome, probe_outcome
 from service.store import Feedback, MatchRecord, Store
 
 log = logging.getLogger(__name__)
 
 
 def label_decision(
-    match: MatchRecord, *, true_subject: str | None, subject_given: bool, correct: bool | None
+    match: MatchRecord,
+    *,
+    true_subject: str | None,
+    subject_given: bool,
+    correct: bool | None,
+    enrolled: bool | None = None,
 ) -> tuple[bool | None, Outcome]:
     """Ground truth for a match -> (genuine, outcome).
 
-    ``genuine``: do the query and the best candidate share a subject (None without a candidate
-    or when only ``correct`` was given for a reject)? With ``true_subject`` it is
-    ``true_subject == top_subject``; null means the query's subject is not enrolled, so every
-    candidate is an impostor. With ``correct``, an accept that was correct is genuine and a
-    wrong one is not; a reject that was correct is an impostor pair, a wrong one genuine.
+    ``genuine`` is about the *pair* (query, best candidate): do they share a subject (None
+    without a candidate or when only ``correct`` was given for a reject)? With ``true_subject``
+    it is ``true_subject == top_subject``. With ``correct``, an accept that was correct is
+    genuine and a wrong one is not; a reject that was correct is an impostor pair, a wrong one
+    genuine.
+
+    ``outcome`` is about the *probe*, the 1:N confusion matrix (``service.metrics``). With
+    ``true_subject``: null means the probe's subject is not enrolled (an impostor probe); a
+    subject that is the best candidate's is enrolled; any other names an enrolled subject iff
+    ``enrolled`` (the caller looks it up in the gallery), so a probe of an enrolled subject
+    ranked to someone else is a ``wrong_accept`` when accepted and a ``false_reject`` when
+    rejected. With ``correct`` alone a wrong accept cannot be told from a false accept (is the
+    probe's subject enrolled?): it counts as ``false_accept``; send ``true_subject`` to tell
+    them apart.
     """
+    top = match.top_subject
     if subject_given:
-        genuine = (
-            match.top_subject is not None
-            and true_subject is not None
-            and true_subject == match.top_subject
+        own = top is not None and true_subject is not None and true_subject == top
+        known: bool | None = own if top is not None else None
+        probe_enrolled = true_subject is not None and (own or bool(enrolled))
+        return known, probe_outcome(
+            accepted=match.accepted, enrolled=probe_enrolled, top_is_own_subject=own
         )
-        known: bool | None = genuine if match.top_subject is not None else None
-    else:
-        assert correct is not None
-        genuine = correct if match.accepted else not correct
-        known = genuine if match.top_subject is not None else None
+    assert correct is not None
+    genuine = correct if match.accepted else not correct
+    known = genuine if top is not None else None
     return known, decision_outcome(accepted=match.accepted, genuine=genuine)
 
 
@@ -204,6 +218,13 @@ class Matcher:
         ).inc()
         return score, accepted
 
+    def subject_enrolled(self, tenant_id: str, subject: str) -> bool:
+        """Whether the tenant's gallery holds an item of ``subject`` now (blocking)."""
+        vectors = self.store.gallery_vectors(
+            tenant_id, model_version=self.model_version, subject=subject
+        )
+        return len(vectors.vectors) > 0
+
     async def feedback(
         self,
         tenant_id: str,
@@ -216,8 +237,15 @@ class Matcher:
         match = await run_in_threadpool(self.store.get_match, tenant_id, match_id)
         if match is None:
             raise NotFoundError(f"no match {match_id!r}", detail={"match_id": match_id})
+        enrolled = None
+        if subject_given and true_subject is not None and true_subject != match.top_subject:
+            enrolled = await run_in_threadpool(self.subject_enrolled, tenant_id, true_subject)
         genuine, outcome = label_decision(
-            match, true_subject=true_subject, subject_given=subject_given, correct=correct
+            match,
+            true_subject=true_subject,
+            subject_given=subject_given,
+            correct=correct,
+            enrolled=enrolled,
         )
         fb = Feedback(
             match_id=match_id,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.metrics import OUTCOMES, Outcome, decision_outcome
+from service.metrics import OUTCOMES, Outcome
 from service.store.base import Decision
 
 KINDS = ("genuine", "impostor")
@@ -50,7 +50,8 @@ def feedback_scores(
     until: float | None = None,
     max_pairs: int | None = None,
 ) -> LabelledScores:
-    """Labelled decisions -> their outcomes (at each decision's own threshold) and pairs.
+    """Labelled decisions -> their outcomes (the probe's, as labelled at each decision's own
+    threshold) and pairs (query, best candidate).
 
     Only decisions of ``model_version`` count: another model's scores live on another scale.
     A labelled decision without a candidate (empty gallery) has an outcome but no pair. With
@@ -67,12 +68,11 @@ def feedback_scores(
         if until is not None and (m.created_at > until or fb.created_at > until):
             continue
         if fb.genuine is not None and m.score is not None:
-            outcome = decision_outcome(accepted=m.accepted, genuine=fb.genuine)
             (genuine if fb.genuine else impostor).append(float(m.score))
-        else:
-            outcome = fb.outcome
-        if outcome in outcomes:
-            outcomes[outcome] += 1
+        # the probe's outcome as labelled (1:N confusion matrix), not the pair's: a probe
+        # ranked to another subject and rejected is a false reject, its pair an impostor's
+        if fb.outcome in outcomes:
+            outcomes[fb.outcome] += 1
     g, i = np.asarray(genuine, np.float64), np.asarray(impostor, np.float64)
     if max_pairs is not None:
         g, i = g[-max_pairs:], i[-max_pairs:]

@@ -39,8 +39,15 @@ class SourceRates(BaseModel):
     by_source: RatesBySource
 
 
-# one count per outcome name, as they are defined once (service.metrics)
-OutcomeCounts = create_model("OutcomeCounts", **{o: (int, ...) for o in OUTCOMES})
+# one count per outcome name, as they are defined once (service.metrics): the 1:N confusion
+# matrix of labelled probes. wrong_accept came later: a snapshot stored without it reads 0.
+OutcomeCounts = create_model(
+    "OutcomeCounts",
+    __doc__="Labelled 1:N decisions in the window by outcome: genuine probes (subject enrolled) "
+    "true_accept, wrong_accept (accepted as another subject), false_reject; impostor probes "
+    "(subject not enrolled) false_accept, true_reject.",
+    **{o: (int, 0 if o == "wrong_accept" else ...) for o in OUTCOMES},
+)
 
 
 class SubjectsReference(BaseModel):

@@ -19,7 +19,15 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROM_DIR = DEPLOY / "prometheus"
 RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))
-BUILTIN_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+# series Prometheus itself makes: scrape health, and the alerts' state (ALERTS{alertstate},
+# ALERTS_FOR_STATE = when each pending or firing alert became active)
+BUILTIN_SERIES = {
+    "up",
+    "scrape_duration_seconds",
+    "scrape_samples_scraped",
+    "ALERTS",
+    "ALERTS_FOR_STATE",
+}
 PROMQL_KEYWORDS = {
     "by",
     "without",

@@ -14,10 +14,12 @@ from tests.deploy.conftest import (
     BUILTIN_SERIES,
     DEPLOY,
     ROOT,
+    RULE_FILES,
     check_exprs_parse,
     defined_metric_names,
     grafana_to_promql,
     recording_rule_names,
+    run_promtool,
     series_names,
 )
 
@@ -81,7 +83,14 @@ def test_panels_are_well_formed() -> None:
         "Threshold tau",
         "Activation progress",
         "eps-OPIS across tenants: live vs reference",
-        "FAR / target FAR, log10 (feedback, 1h)",
+        "FPIR by tenant vs its FPIR target (labelled 1:N decisions)",
+        "FPIR / FPIR target, log10 (labelled 1:N decisions)",
+        "FRR by tenant (labelled 1:N decisions) vs calibration FRR",
+        "Age of the last labelled decision by tenant",
+        "Pair FAR at tau (gallery pairs) vs target pair FAR",
+        "Target pair FAR",
+        "Retrain advised for",
+        "Alerts now",
         "Impostor scores",
         "Genuine scores",
         "Requests by route",
@@ -138,18 +147,55 @@ def test_every_expression_names_defined_metrics() -> None:
         "tcm_tenant_utility_ratio",
         "tcm_decisions_total",
         "tcm_embed_batch_images_bucket",
-        "tenant:tcm_far_over_target:log10_ratio_rate1h",
+        "tenant:tcm_fpir:ratio_rate1h_observed",
+        "tenant:tcm_frr:ratio_rate1h_observed",
+        "tenant:tcm_fpir_target:ratio",
+        "tenant:tcm_labelled_decisions:last_timestamp_seconds",
+        "tcm_tenant_info",
+        "ALERTS",
+        "ALERTS_FOR_STATE",
     ):
         assert m in used, m
 
 
-def test_per_tenant_pair_rates_read_the_pooled_source() -> None:
+def test_per_tenant_pair_rates_read_one_source() -> None:
     """Regression: max over ``source`` (feedback, gallery, pooled) showed the worst source's
-    FRR and the best source's utility, not the pooled value."""
+    FRR and the best source's utility, not the pooled value. FRR and utility read the pooled
+    source; the pair FAR reads the gallery pairs, the one pair FAR compared with the target."""
+    wanted = {
+        "tcm_tenant_frr_ratio": "pooled",
+        "tcm_tenant_utility_ratio": "pooled",
+        "tcm_tenant_far_ratio": "gallery",
+    }
+    seen = set()
     for e in exprs(dashboard()):
-        for metric in ("tcm_tenant_frr_ratio", "tcm_tenant_utility_ratio", "tcm_tenant_far_ratio"):
+        for metric, source in wanted.items():
             if metric in e:
-                assert f'{metric}{{tenant=~"$tenant",source="pooled"}}' in e, e
+                assert f'{metric}{{tenant=~"$tenant",source="{source}"}}' in e, e
+                seen.add(metric)
+    assert seen == set(wanted)
+
+
+def test_each_rate_sits_next_to_its_own_target() -> None:
+    """Issue 29: FPIR (probes of 1:N decisions) is shown with its FPIR target, the pair FAR
+    with the target pair FAR, and no panel plots an FPIR against the target pair FAR."""
+    for p in dashboard()["panels"]:
+        es = [t["expr"] for t in p.get("targets", [])]
+        text = " ".join(es)
+        if "tcm_fpir:" in text:
+            assert "tcm_fpir_target:ratio" in text, p["title"]
+            assert "tcm_model_target_far_ratio" not in text, p["title"]
+            assert "FPIR" in p["title"] and "FPIR" in p["description"]
+        if "tcm_tenant_far_ratio" in text:
+            assert "tcm_model_target_far_ratio" in text and "Pair FAR" in p["title"]
+    # per-tenant series are shown with the tenant's name (tcm_tenant_info)
+    per_tenant = [
+        t for p in dashboard()["panels"] for t in p.get("targets", []) if '"$tenant"' in t["expr"]
+    ]
+    assert per_tenant
+    for t in per_tenant:
+        if "{{tenant}}" in t["legendFormat"]:
+            assert "group_left(name)" in t["expr"] and "{{name}}" in t["legendFormat"], t
 
 
 def test_what_if_threshold_opens_at_tau() -> None:
@@ -172,3 +218,77 @@ def test_provisioning_points_at_the_mounted_dashboards() -> None:
     ds = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert ds["datasources"][0]["url"] == "http://prometheus:9090"
     assert "prometheus" in compose["services"]
+
+
+def panel_exprs(title: str) -> list[str]:
+    (p,) = [p for p in dashboard()["panels"] if p.get("title") == title]
+    return [grafana_to_promql(t["expr"]) for t in p["targets"]]
+
+
+def test_feedback_rate_panels_answer_when_no_feedback_arrived(
+    promtool: str, tmp_path: Path
+) -> None:
+    """Issue 29: the feedback FAR/FRR panels were NaN whenever no feedback arrived in their
+    window. A tenant labels decisions for an hour, then none for two: at 3h its hourly rates
+    hold no observation, and the panels' own queries (read from the dashboard JSON) still give
+    the last hour's FPIR and FRR by the tenant's name, with how old they are. Prometheus's own
+    rule engine (``promtool test rules``) evaluates them over hours of data without waiting."""
+    per_min = {"false_accept": 2, "true_reject": 98, "true_accept": 8, "wrong_accept": 1}
+    per_min["false_reject"] = 1
+    series = [
+        {
+            "series": f'tcm_decisions_total{{job="tcm-service",instance="a",tenant="quiet",'
+            f'outcome="{o}"}}',
+            "values": f"0+{n}x60 {60 * n}x120",  # an hour of labels, then none
+        }
+        for o, n in per_min.items()
+    ]
+    constant = {
+        'tcm_model_target_far_ratio{job="tcm-service",instance="a"}': 0.01,
+        'tcm_model_calibration_frr_ratio{job="tcm-service",instance="a"}': 0.05,
+        'tcm_gallery_items{job="tcm-service",instance="a",tenant="quiet"}': 1,
+        'tcm_tenant_info{job="tcm-service",instance="a",tenant="quiet",name="Quiet Ltd"}': 1,
+    }
+    series += [{"series": k, "values": f"{v}x180"} for k, v in constant.items()]
+    who = '{name="Quiet Ltd",tenant="quiet"}'
+    fpir, fpir_target = panel_exprs("FPIR by tenant vs its FPIR target (labelled 1:N decisions)")
+    frr, calibration_frr = panel_exprs("FRR by tenant (labelled 1:N decisions) vs calibration FRR")
+    (fpir_log, _) = panel_exprs("FPIR / FPIR target, log10 (labelled 1:N decisions)")
+    (frr_log,) = panel_exprs("FRR / calibration FRR, log10 (labelled 1:N decisions)")
+    (age,) = panel_exprs("Age of the last labelled decision by tenant")
+    checks = [
+        # no fresh observation: the hourly rates have nothing to say at 3h
+        ("tenant:tcm_fpir:ratio_rate1h_observed", []),
+        ("tenant:tcm_frr:ratio_rate1h_observed", []),
+        # the panels carry the last hour's values: FPIR 2/100, FRR 1/10 (wrong accepts in
+        # the denominator), against FPIR target 1 - 0.99^1
+        (f"round({fpir}, 0.0001)", [(who, 0.02)]),
+        (f"round({fpir_target}, 0.0001)", [(who, 0.01)]),
+        (f"round({frr}, 0.0001)", [(who, 0.1)]),
+        (calibration_frr, [("{}", 0.05)]),
+        (f"round({fpir_log}, 0.001)", [(who, 0.301)]),
+        (f"round({frr_log}, 0.001)", [(who, 0.301)]),
+        # last labels at about 1h, seen at 3h: two hours old
+        (f"round(({age}) / 3600)", [(who, 2)]),
+    ]
+    test = {
+        "rule_files": [str(f) for f in RULE_FILES],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "180m",
+                        "exp_samples": [{"labels": lab, "value": v} for lab, v in want],
+                    }
+                    for expr, want in checks
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "carried_test.yml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False))
+    run_promtool(promtool, "test", "rules", str(path), cwd=tmp_path)

@@ -140,12 +140,12 @@ def test_recording_rules_see_one_tenant_drift(
 
     # phase 1: everyone healthy, until Prometheus has a FAR for every tenant
     def all_far() -> bool:
-        far = prometheus.query("tenant:tcm_far:ratio_rate5m")
+        far = prometheus.query("tenant:tcm_fpir:ratio_rate5m")
         return set(far) == set(TENANTS) and "" in prometheus.query("tcm:opis_over_reference:ratio")
 
     wait_for(all_far, 30, "per-tenant FAR and OPIS from the rules", prometheus, script.tick)
     script.run_for(2.0)
-    healthy_far = prometheus.query("tenant:tcm_far:ratio_rate5m")
+    healthy_far = prometheus.query("tenant:tcm_fpir:ratio_rate5m")
     assert all(v <= target for v in healthy_far.values()), healthy_far
     opis_before = prometheus.query("tcm:opis_over_reference:ratio")[""]
 
@@ -154,19 +154,19 @@ def test_recording_rules_see_one_tenant_drift(
     rising: list[float] = []
 
     def drifter_far_high() -> bool:
-        far = prometheus.query("tenant:tcm_far:ratio_rate5m")
+        far = prometheus.query("tenant:tcm_fpir:ratio_rate5m")
         rising.append(far[DRIFTER])
         return far[DRIFTER] > 0.3
 
     wait_for(drifter_far_high, 30, "the drifter's FAR to rise", prometheus, script.tick)
-    far = prometheus.query("tenant:tcm_far:ratio_rate5m")
+    far = prometheus.query("tenant:tcm_fpir:ratio_rate5m")
     assert far[DRIFTER] > 30 * target
     for t in HEALTHY:
         assert far[t] <= target, (t, far)
     # it rose steadily (the 5m window still holds the healthy minutes, so it climbs)
     assert all(b >= a - 0.01 for a, b in itertools.pairwise(rising)), rising
     # the evidence behind it, and the log-ratio chart's series
-    log_ratio = prometheus.query("tenant:tcm_far_over_target:log10_ratio_rate1h")
+    log_ratio = prometheus.query("tenant:tcm_fpir_over_target:log10_ratio_rate1h")
     assert log_ratio[DRIFTER] > 1.0  # more than ten times the target
     assert all(log_ratio[t] < 0 for t in HEALTHY)  # -Inf when no false accept at all
 

@@ -54,7 +54,7 @@ def test_rule_unit_tests_cover_every_alert() -> None:
                 if a["exp_alerts"]:  # a firing case, not only a quiet one
                     tested.add(a["alertname"])
     assert alerts - tested == set(), "alerts without a firing unit test"
-    assert {"TCMOpisDegraded", "TCMTenantFARHigh", "TCMFeedbackSilent", "TCMServiceDown"} <= alerts
+    assert {"TCMOpisDegraded", "TCMTenantFPIRHigh", "TCMFeedbackSilent", "TCMServiceDown"} <= alerts
 
 
 @pytest.mark.parametrize("rule", all_rules(), ids=lambda r: r.get("record") or r["alert"])

@@ -214,7 +214,7 @@ def test_prometheus_sees_one_tenant_drift_on_the_running_service(
     with running_prometheus(tmp_path, port) as prom:
 
         def far() -> dict[str, float]:
-            return clients.by_name(prom.query("tenant:tcm_far:ratio_rate5m"))
+            return clients.by_name(prom.query("tenant:tcm_fpir:ratio_rate5m"))
 
         def opis_ratio() -> float:
             return prom.query("tcm:opis_over_reference:ratio")[""]
@@ -251,13 +251,13 @@ def test_prometheus_sees_one_tenant_drift_on_the_running_service(
             return {
                 clients.by_name({a["labels"].get("tenant", ""): 0.0}).popitem()[0]
                 for a in alerts
-                if a["labels"]["alertname"] == "TCMTenantFARHigh"
+                if a["labels"]["alertname"] == "TCMTenantFPIRHigh"
             }
 
         wait_for(
             lambda: pending() == {DRIFTER},
             40,
-            "TCMTenantFARHigh pending for the drifter",
+            "TCMTenantFPIRHigh pending for the drifter",
             prom,
             clients.tick,
         )

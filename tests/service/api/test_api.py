@@ -257,6 +257,77 @@ def test_feedback(api: Api, tenant: Tenant) -> None:
     assert bad.status_code == 404
 
 
+def test_feedback_confusion_matrix_of_1_to_n(api: Api, tenant: Tenant) -> None:
+    """Every cell of the 1:N confusion matrix from the API's feedback, stored alike by the
+    store and counted under tcm_decisions_total{outcome}: genuine probes (subject enrolled) are
+    true_accept / wrong_accept / false_reject, impostor probes false_accept / true_reject."""
+    c = api.client
+    a, b = unit(40), unit(41)
+    api.enrol(tenant, [{"subject": "alice", "embedding": a}, {"subject": "bob", "embedding": b}])
+
+    def label(probe: list[float], **body: object) -> tuple[dict, dict]:
+        m = c.post("/v1/match", json={"embedding": probe, "k": 2}, headers=tenant.auth).json()
+        r = c.post("/v1/feedback", json={"match_id": m["match_id"], **body}, headers=tenant.auth)
+        assert r.status_code == 201, r.text
+        return m, r.json()
+
+    away = (-(np.asarray(a) + np.asarray(b))).tolist()  # rejected, whoever ranks first
+    cells = []
+    # genuine probe, accepted as its own subject
+    m, fb = label(a, true_subject="alice")
+    assert m["decision"]["subject"] == "alice" and fb["outcome"] == "true_accept"
+    cells.append((fb, True))
+    # genuine probe of bob, accepted as alice: a wrong accept (its pair is an impostor pair)
+    m, fb = label(a, true_subject="bob")
+    assert m["decision"]["accepted"] and fb["outcome"] == "wrong_accept"
+    cells.append((fb, False))
+    # genuine probe rejected, ranked to another enrolled subject: a false reject (issue 29:
+    # this was labelled true_reject and left out of FRR)
+    probe = c.post("/v1/match", json={"embedding": away, "k": 2}, headers=tenant.auth).json()
+    top = probe["candidates"][0]["subject"]
+    other = {"alice": "bob", "bob": "alice"}[top]
+    r = c.post(
+        "/v1/feedback",
+        json={"match_id": probe["match_id"], "true_subject": other},
+        headers=tenant.auth,
+    )
+    fb = r.json()
+    assert not probe["decision"]["accepted"] and fb["outcome"] == "false_reject"
+    cells.append((fb, False))
+    # genuine probe rejected, its own subject ranked first
+    m, fb = label(away, true_subject=top)
+    assert not m["decision"]["accepted"] and fb["outcome"] == "false_reject"
+    cells.append((fb, True))
+    # impostor probes: not enrolled (null, or a subject the gallery does not hold)
+    for subject in (None, "carol"):
+        _, fb = label(a, true_subject=subject)
+        assert fb["outcome"] == "false_accept"
+        cells.append((fb, False))
+        _, fb = label(away, true_subject=subject)
+        assert fb["outcome"] == "true_reject"
+        cells.append((fb, False))
+    assert [fb["genuine"] for fb, _ in cells] == [g for _, g in cells]
+    # the store keeps each outcome as labelled
+    store = c.app.state.runtime.store
+    stored = {
+        d.match.match_id: d.feedback.outcome
+        for d in store.list_decisions(tenant.tenant_id, labelled_only=True)
+        if d.feedback is not None
+    }
+    assert {fb["match_id"]: fb["outcome"] for fb, _ in cells} == stored
+    text = c.get("/metrics").text
+    label_value = c.app.state.runtime.metrics.tenant_label(tenant.tenant_id)
+    for outcome, n in (
+        ("true_accept", 1),
+        ("wrong_accept", 1),
+        ("false_reject", 2),
+        ("false_accept", 2),
+        ("true_reject", 2),
+    ):
+        line = f'tcm_decisions_total{{outcome="{outcome}",tenant="{label_value}"}} {float(n)}'
+        assert line in text, (line, [x for x in text.splitlines() if "tcm_decisions_total{" in x])
+
+
 def test_label_decision_without_candidates() -> None:
     m = MatchRecord("m", "t", False, None, None, None, None, 0.5, "v", 0.0)
     assert label_decision(m, true_subject="x", subject_given=True, correct=None) == (

@@ -245,20 +245,30 @@ def test_feedback_scores_outcomes_at_each_decisions_own_threshold() -> None:
         decision("a", 0.50, 0.5, genuine=False),  # score == tau is accepted: false accept
         decision("a", None, 0.5, genuine=None, outcome="true_reject"),  # empty gallery
         decision("a", 0.90, 0.5, genuine=True, version="old-model"),  # another model: skipped
+        # a probe of an enrolled subject ranked to another one: its pair is an impostor's, its
+        # outcome the probe's as labelled (accepted: wrong accept; rejected: false reject)
+        decision("a", 0.70, 0.5, genuine=False, outcome="wrong_accept"),
+        decision("a", 0.30, 0.5, genuine=False, outcome="false_reject"),
     ]
     s = feedback_scores(ds, model_version=VERSION)
-    assert s.outcomes == {"true_accept": 1, "false_accept": 2, "true_reject": 2, "false_reject": 1}
+    assert s.outcomes == {
+        "true_accept": 1,
+        "false_accept": 2,
+        "true_reject": 2,
+        "false_reject": 2,
+        "wrong_accept": 1,
+    }
     np.testing.assert_allclose(s.genuine, [0.4, 0.8])  # sorted
-    np.testing.assert_allclose(s.impostor, [0.5, 0.6, 0.6])
+    np.testing.assert_allclose(s.impostor, [0.3, 0.5, 0.6, 0.6, 0.7])
     assert (
         feedback_scores([Decision(ds[0].match, None)], model_version=VERSION).outcomes[
             "true_accept"
         ]
         == 0
     )
-    # max_pairs keeps the most recent pairs of each kind
+    # max_pairs keeps the most recent pairs of each kind (the last impostor pair scored 0.3)
     np.testing.assert_allclose(
-        feedback_scores(ds, model_version=VERSION, max_pairs=1).impostor, [0.5]
+        feedback_scores(ds, model_version=VERSION, max_pairs=1).impostor, [0.3]
     )
     # until: decisions made, or labelled, later are left out
     late = [

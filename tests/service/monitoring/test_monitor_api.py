@@ -84,6 +84,7 @@ def test_snapshot_metrics_and_views(kind: str, artefact: Path, store_settings: C
             "false_accept",
             "true_reject",
             "false_reject",
+            "wrong_accept",
         }
         assert ("tcm_feedback_total", ()) not in got and not any(
             n.startswith("tcm_feedback") for n, _ in got

@@ -658,8 +658,17 @@ class FeedbackRequest(BaseModel):
 
 class FeedbackResponse(BaseModel):
     match_id: str
-    outcome: Outcome
-    genuine: bool | None
+    outcome: Outcome = Field(
+        description="where the decision falls in the 1:N confusion matrix of probes: a genuine "
+        "probe (its subject enrolled) is true_accept (accepted as itself), wrong_accept "
+        "(accepted as another subject) or false_reject (rejected, whoever ranked first); an "
+        "impostor probe (not enrolled) is false_accept or true_reject. With correct alone a "
+        "wrong accept counts as false_accept (whether the subject is enrolled is unknown)"
+    )
+    genuine: bool | None = Field(
+        description="whether the query and its best candidate share a subject (the pair's "
+        "label; null without a candidate)"
+    )
 
 
 # --- model and health ------------------------------------------------------------------------
@@ -674,7 +683,10 @@ class ModelInfo(BaseModel):
     embedding_dim: int
     similarity: str
     threshold: float
-    target_far: float
+    target_far: float = Field(
+        description="the pair FAR tau was calibrated for (impostor pairs scoring >= tau); a 1:N "
+        "false-accept rate of probes (FPIR) grows with the gallery and has its own target"
+    )
     far_at_threshold: float
     frr_at_threshold: float
     calibration_range: Pair

@@ -22,8 +22,21 @@ from service.metrics import OUTCOMES
 
 
 class Rates(BaseModel):
-    far: float | None = Field(description="null without impostor pairs")
-    frr: float | None = Field(description="null without genuine pairs")
+    """Rates at tau of labelled *pairs* in the monitor's window. Which target each compares
+    with depends on the source: ``gallery`` pairs (within the tenant's gallery) give the pair
+    FAR that ``target_far`` is about; ``feedback`` pairs are (probe, best candidate) of labelled
+    1:N decisions, whose impostors are the best of N, so their FAR is an identification rate
+    (FPIR-like: compare with an FPIR target, which grows with the gallery, never with
+    ``target_far``); ``pooled`` (and a row's own fields) mixes both. The alerts read
+    neither: TCMTenantFPIRHigh reads the feedback counters (tcm_decisions_total)."""
+
+    far: float | None = Field(
+        description="share of the impostor pairs scoring >= tau (null without impostor "
+        "pairs): the pair FAR for gallery pairs; for feedback pairs a best-of-N rate"
+    )
+    frr: float | None = Field(
+        description="share of the genuine pairs scoring < tau (null without genuine pairs)"
+    )
     utility: float | None
     genuine_pairs: int
     impostor_pairs: int
@@ -137,7 +150,11 @@ class TenantMonitorRow(Rates):
         "utility curve from the median tenant's (in OPIS only)",
     )
     by_source: RatesBySource
-    outcomes: OutcomeCounts
+    outcomes: OutcomeCounts = Field(
+        description="labelled 1:N decisions in the window by outcome (the probe's: FPIR = "
+        "false_accept / (false_accept + true_reject); FRR = false_reject / (true_accept + "
+        "wrong_accept + false_reject))"
+    )
     subjects: SubjectsRow | None = None
 
 
@@ -180,7 +197,10 @@ class SnapshotHeader(BaseModel):
     tau: float
     tau_lo: float
     tau_hi: float
-    target_far: float
+    target_far: float = Field(
+        description="the pair FAR tau was calibrated for: compare the pair FAR of gallery "
+        "pairs (by_source.gallery.far) with it, not a rate of 1:N decisions"
+    )
     num_thresholds: int
     beta: float
     min_pairs: int

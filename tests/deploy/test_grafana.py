@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.deploy.conftest import (
@@ -292,3 +293,120 @@ def test_feedback_rate_panels_answer_when_no_feedback_arrived(
     path = tmp_path / "carried_test.yml"
     path.write_text(yaml.safe_dump(test, sort_keys=False))
     run_promtool(promtool, "test", "rules", str(path), cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_new_panels_answer_from_a_real_prometheus(tmp_path: Path) -> None:
+    """A real Prometheus (the project's config and rule files, 1 s intervals, every alert's
+    ``for:`` cut to 1 s) scrapes a real registry: the service's metrics (ServiceMetrics, with
+    tcm_tenant_info from the store's tenant list and feedback counted as Matcher.feedback
+    does) plus the monitor's gauges that the retrain alerts read, set by hand to a drift. The
+    new panels' queries, read from the dashboard JSON, answer: names joined on the tenant id,
+    the tenant variable lists names, the retrain stat is 0 until an ``action: retrain`` alert
+    fires and counts seconds after, the alert table lists it, and a tenant alert's summary
+    names the tenant."""
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    from service.metrics import ServiceMetrics
+    from tests.deploy.promserver import free_port, running_prometheus, wait_for
+
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = ServiceMetrics(registry, tenant_label_cap=5)
+    tid = "4f1c0a9e2b7d4e38a1c5"
+    metrics.set_tenant_names([(tid, "Acme Birds"), ("9e0d", "Zoo Zurich")])
+    metrics.set_gallery_size({tid: 10, "9e0d": 4})
+    gauge = {
+        name: Gauge(name, "set by the test", labels, registry=registry)
+        for name, labels in (
+            ("tcm_model_target_far_ratio", []),
+            ("tcm_model_calibration_frr_ratio", []),
+            ("tcm_subjects_opis", ["tenant"]),
+            ("tcm_subjects_opis_reference", ["tenant", "bound"]),
+        )
+    }
+    gauge["tcm_model_target_far_ratio"].set(0.01)
+    gauge["tcm_model_calibration_frr_ratio"].set(0.05)
+
+    def feedback() -> None:
+        for outcome, n in (("false_accept", 1), ("true_reject", 9), ("true_accept", 5)):
+            metrics.decisions.labels(tenant=tid, outcome=outcome).inc(n)
+
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    d = dashboard()
+    by_title = {p["title"]: p for p in d["panels"] if p["type"] != "row"}
+
+    def panel(title: str, i: int = 0) -> str:
+        return grafana_to_promql(by_title[title]["targets"][i]["expr"])
+
+    try:
+        with running_prometheus(tmp_path, port, alert_for="1s") as prom:
+
+            def result(expr: str) -> list[dict]:
+                return prom.get("/api/v1/query", query=expr)["result"]
+
+            retrain = panel("Retrain advised for")
+            # scraped and evaluated, and no retrain alert: the stat reads 0 ("not advised")
+            wait_for(
+                lambda: bool(result("tenant:tcm_fpir_target:ratio")),
+                30,
+                "the FPIR target rule",
+                prom,
+                feedback,
+            )
+            assert [float(r["value"][1]) for r in result(retrain)] == [0.0]
+            # names joined onto the per-tenant series
+            fpir = panel("FPIR by tenant vs its FPIR target (labelled 1:N decisions)")
+            wait_for(lambda: bool(result(fpir)), 30, "the FPIR panel", prom, feedback)
+            (row,) = result(fpir)
+            assert row["metric"] == {"tenant": tid, "name": "Acme Birds"}
+            assert float(row["value"][1]) == pytest.approx(0.1)
+            target = {
+                r["metric"]["name"]: float(r["value"][1])
+                for r in result(
+                    panel("FPIR by tenant vs its FPIR target (labelled 1:N decisions)", 1)
+                )
+            }
+            assert target == pytest.approx({"Acme Birds": 1 - 0.99**10, "Zoo Zurich": 1 - 0.99**4})
+            (tenants,) = [v for v in d["templating"]["list"] if v["name"] == "tenant"]
+            listed = {
+                (r["metric"]["name"], r["metric"]["tenant"])
+                for r in result(variable_promql(tenants))
+            }
+            assert listed == {("Acme Birds", tid), ("Zoo Zurich", "9e0d")}
+
+            # the tenant's subjects drift apart: a retrain alert fires for it
+            gauge["tcm_subjects_opis"].labels(tenant=tid).set(0.05)
+            gauge["tcm_subjects_opis_reference"].labels(tenant=tid, bound="hi").set(0.01)
+            wait_for(
+                lambda: ("TCMSubjectsOpisDegraded", tid) in prom.alerts("firing"),
+                30,
+                "TCMSubjectsOpisDegraded to fire",
+                prom,
+                feedback,
+            )
+            wait_for(
+                lambda: float(result(retrain)[0]["value"][1]) > 0,
+                30,
+                "the retrain stat to count",
+                prom,
+                feedback,
+            )
+            rows = [r["metric"] for r in result(panel("Alerts now"))]
+            assert {
+                "alertname": "TCMSubjectsOpisDegraded",
+                "alertstate": "firing",
+                "severity": "warning",
+                "action": "retrain",
+                "tenant": tid,
+            } in rows
+            (alert,) = [
+                a
+                for a in prom.get("/api/v1/alerts")["alerts"]
+                if a["labels"]["alertname"] == "TCMSubjectsOpisDegraded"
+            ]
+            assert alert["annotations"]["summary"].startswith(f"Tenant {tid} (Acme Birds):")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

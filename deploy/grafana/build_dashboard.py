@@ -34,6 +34,7 @@ FLOOR = "scalar(tcm_config:opis_reference_floor)"
 # while replicas briefly disagree (a rename between two scrapes).
 NAMES = "topk by (tenant) (1, max by (tenant, name) (tcm_tenant_info))"
 WHO = "{{name}} ({{tenant}})"
+ALERTS = "max by (alertname, alertstate, severity, action, tenant) (ALERTS)"
 # how far back a carried-forward rate may come from
 CARRY = "7d"
 
@@ -469,10 +470,11 @@ def build() -> dict[str, Any]:
         table(
             "Alerts now",
             "Every alert Prometheus has pending or firing (the ALERTS series), with its action "
-            "(retrain: a retrain can answer it) and tenant; tcm_tenant_info names the tenant "
-            "in the alert's summary.",
-            "max by (alertname, alertstate, severity, action, tenant) (ALERTS)",
-            ["alertname", "alertstate", "severity", "action", "tenant"],
+            "(retrain: a retrain can answer it) and, for a tenant's alert, the tenant's name "
+            "and id (tcm_tenant_info; the alert's summary names it too).",
+            f"({ALERTS} * on(tenant) group_left(name) {NAMES}) "
+            f"or on(alertname, alertstate, tenant) {ALERTS}",
+            ["alertname", "alertstate", "severity", "action", "name", "tenant"],
         ),
         w=18,
         h=6,

@@ -78,14 +78,18 @@ class SnapshotCollector:
             ),
             "far": GaugeMetricFamily(
                 "tcm_tenant_far_ratio",
-                "share of a tenant's labelled impostor pairs accepted "
-                "at the global tau, by pair source (feedback, gallery, pooled)",
+                "pair FAR at the global tau: share of a tenant's labelled impostor pairs "
+                "scoring >= tau in the monitor's window, by source: gallery = pairs within the "
+                "gallery, the pair FAR to compare with tcm_model_target_far_ratio; feedback = "
+                "(probe, best candidate) of labelled 1:N decisions, best-of-N impostors (an "
+                "identification rate: compare with an FPIR target, tenant:tcm_fpir_target:ratio); "
+                "pooled = both. No alert reads it (TCMTenantFPIRHigh reads tcm_decisions_total)",
                 labels=rate,
             ),
             "frr": GaugeMetricFamily(
                 "tcm_tenant_frr_ratio",
-                "share of a tenant's labelled genuine pairs rejected at "
-                "the global tau, by pair source",
+                "pair FRR at the global tau: share of a tenant's labelled genuine pairs scoring "
+                "< tau in the monitor's window, by pair source (feedback, gallery, pooled)",
                 labels=rate,
             ),
             "utility": GaugeMetricFamily(
@@ -131,7 +135,10 @@ class SnapshotCollector:
                 labels=["model_version"],
             ),
             "target_far": GaugeMetricFamily(
-                "tcm_model_target_far_ratio", "the FAR the global tau was calibrated for"
+                "tcm_model_target_far_ratio",
+                "the pair FAR the global tau was calibrated for (impostor pairs scoring >= tau): "
+                "the target of the gallery pair FAR; a 1:N FPIR is compared with "
+                "tenant:tcm_fpir_target:ratio = 1 - (1 - this)^(gallery items)",
             ),
             "cal_far": GaugeMetricFamily(
                 "tcm_model_calibration_far_ratio", "global FAR at tau on the calibration set"

@@ -137,6 +137,9 @@ def test_recording_rules_see_one_tenant_drift(
         store, manifest, metrics, MonitorConfig(interval_s=1.0, min_pairs=10, tenant_label_cap=10)
     )
     script = Script(monitor, metrics, store, manifest.calibration.tau)
+    # what the service publishes from its indexes: one item each, so that each tenant's FPIR
+    # target (1 - (1 - target FAR)^items) is the target FAR itself
+    metrics.set_gallery_size(dict.fromkeys(TENANTS, 1))
 
     # phase 1: everyone healthy, until Prometheus has a FAR for every tenant
     def all_far() -> bool:
@@ -167,7 +170,7 @@ def test_recording_rules_see_one_tenant_drift(
     assert all(b >= a - 0.01 for a, b in itertools.pairwise(rising)), rising
     # the evidence behind it, and the log-ratio chart's series
     log_ratio = prometheus.query("tenant:tcm_fpir_over_target:log10_ratio_rate1h")
-    assert log_ratio[DRIFTER] > 1.0  # more than ten times the target
+    assert log_ratio[DRIFTER] > 1.0  # more than ten times its FPIR target
     assert all(log_ratio[t] < 0 for t in HEALTHY)  # -Inf when no false accept at all
 
     # the monitor's snapshot came through: OPIS left its baseline, the gauge histograms parse

@@ -834,6 +834,8 @@ class Readiness(BaseModel):
 # The snapshot's models are the monitor's own (service.monitoring.snapshot_schema): the same
 # classes are built, exposed on /metrics, stored and served. The what-if view is described here.
 class AtTau(BaseModel):
+    """The same tenant's pair FAR and FRR at tau (both pair sources pooled), for comparison."""
+
     far: float | None
     frr: float | None
 
@@ -844,6 +846,9 @@ class WhatIfTenant(Rates):
 
 
 class PooledRates(BaseModel):
+    """Pair FAR and FRR of every tenant's labelled pairs added up (a rate of pairs, not of 1:N
+    decisions: see ``Rates``)."""
+
     far: float | None
     frr: float | None
     genuine_pairs: int

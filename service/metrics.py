@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -280,6 +280,17 @@ class ServiceMetrics:
             "global cosine threshold tau of the served model",
             registry=registry,
         )
+        self.expected_fpir = Gauge(
+            "tcm_tenant_expected_fpir_ratio",
+            "the FPIR the served model is expected to have at tau against a gallery of this "
+            "tenant's size, measured on its held-out classes (tcm.openset: probes against N "
+            "impostor photos); the FPIR target of tenant:tcm_fpir_target:ratio. Absent for an "
+            "artefact without an open-set section, and for the folded 'other' label",
+            ["tenant"],
+            registry=registry,
+        )
+        self._openset: tuple[Any, float] | None = None  # (tcm.openset.ProbeTails, tau)
+        self._gallery_totals: dict[str, int] = {}
 
     def _init_tenant(self, label: str) -> None:
         """The four outcome series start at 0, so FAR/FRR ratios exist before the first error
@@ -305,12 +316,34 @@ class ServiceMetrics:
         for label, n in totals.items():
             self.gallery_items.labels(tenant=label).set(n)
         self.tenants.set(len(sizes))
+        self._gallery_totals = totals
+        self._publish_expected_fpir()
+
+    def set_openset(self, tails: Any | None, tau: float) -> None:
+        """The served model's open-set tails (``tcm.load_openset``; None: it has none) and
+        tau: the expected FPIR at each tenant's gallery size follows from them."""
+        self._openset = None if tails is None else (tails, tau)
+        self._publish_expected_fpir()
+
+    def _publish_expected_fpir(self) -> None:
+        from tcm.openset import fpir
+
+        self.expected_fpir.clear()
+        if self._openset is None:
+            return
+        tails, tau = self._openset
+        for label, n in self._gallery_totals.items():
+            if label != OTHER_TENANTS and n >= 1:
+                self.expected_fpir.labels(tenant=label).set(fpir(tails, tau, n))
 
     def forget_tenant(self, tenant_id: str) -> None:
         label = self.tenant_label(tenant_id)
         if label != OTHER_TENANTS:
             with contextlib.suppress(KeyError):
                 self.gallery_items.remove(label)
+            with contextlib.suppress(KeyError):
+                self.expected_fpir.remove(label)
+            self._gallery_totals.pop(label, None)
 
 
 class RequestMetricsMiddleware:

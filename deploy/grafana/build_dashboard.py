@@ -491,8 +491,10 @@ def build() -> dict[str, Any]:
             "probes (subject not enrolled, labelled by feedback) that a 1:N decision accepted, "
             "over the last hour that held labels (carried forward while no feedback arrives: "
             "the age panel says from when). An impostor probe is accepted when the best of the "
-            "gallery's items scores >= tau, so compare it with its FPIR target, 1 - (1 - target "
-            "pair FAR)^(gallery items), not with the target pair FAR. TCMTenantFPIRHigh fires "
+            "gallery's items scores >= tau, so compare it with its FPIR target (the model's "
+            "expected FPIR at the tenant's gallery size, measured on held-out classes; without "
+            "an open-set section in the artefact 1 - (1 - target pair FAR)^(gallery items)), "
+            "not with the target pair FAR. TCMTenantFPIRHigh fires "
             "above the alert factor times the target for 15m (>= 100 impostor probes an hour).",
             targets(
                 (

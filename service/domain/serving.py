@@ -33,7 +33,7 @@ from service.engine.search import SearchBatcher
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.store import Store
-from tcm import Manifest
+from tcm import Manifest, load_openset
 
 
 @dataclass
@@ -146,6 +146,7 @@ class ServingSlot:
             }
         )
         self._metrics.threshold.set(m.calibration.tau)
+        self._metrics.set_openset(load_openset(self.current.path, m), m.calibration.tau)
 
 
 class SwitchGate:

@@ -147,24 +147,39 @@ def eps_opis_of(u: np.ndarray, eps: float) -> float:
     return float(range_average(gap**2))
 
 
-def deviations(u: np.ndarray) -> np.ndarray:
-    """Each curve's mean squared distance, over the range, from the pointwise median curve:
-    how far one group (a tenant) sits from the typical one. The median, unlike the mean OPIS
-    uses, is not dragged towards a drifting group, so the others stay near 0."""
-    return range_average((u - np.median(u, axis=0)) ** 2)
+def others_median(u: np.ndarray) -> np.ndarray:
+    """For each curve i of ``u`` (G, T), the pointwise median of the OTHER curves (G-1 of
+    them): sorted once per grid point, O(G T log G). Needs G >= 2."""
+    u = np.asarray(u, np.float64)
+    g = len(u)
+    if g < 2:
+        raise ValueError("the median of the other curves needs at least 2 curves")
+    order = np.argsort(u, axis=0, kind="stable")
+    s = np.take_along_axis(u, order, axis=0)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(g)[:, None], u.shape), axis=0)
+    m = g - 1  # how many others
+
+    def kth_other(k: int) -> np.ndarray:  # the k-th smallest of the others, per curve
+        return np.take_along_axis(s, np.where(k < rank, k, k + 1), axis=0)
+
+    return 0.5 * (kth_other((m - 1) // 2) + kth_other(m // 2))
 
 
-def robust_max_deviation(u: np.ndarray) -> float:
-    """The farthest group's :func:`deviations` once the farthest of all is left out (the
-    median and the deviations recomputed over the others): how far the typical spread of the
-    groups reaches, not moved by one outlier group. Plain maximum with fewer than 4 groups (3
-    must be left for a median that is one of them: 2 would each sit half their distance from
-    their midpoint, a bound too tight for the groups that join later)."""
-    dev = deviations(u)
-    if len(u) < 4:
-        return float(dev.max())
-    rest = np.delete(u, int(np.argmax(dev)), axis=0)
-    return float(deviations(rest).max())
+def shortfalls(u: np.ndarray) -> np.ndarray:
+    """How far each group (a tenant) falls short of the others: the mean square, over the
+    range, of how far its utility curve lies BELOW the pointwise median of the other groups'
+    curves (:func:`others_median`; points where it lies above count 0).
+
+    One-sided, because a tenant better than the fleet needs no action; leave-one-out, because a
+    median that includes the tenant itself is pulled towards it (with 2 tenants the two would
+    always sit equally far from their midpoint, and with 3 a bad tenant can be the median).
+    With 2 groups each is compared with the other, so only the worse one is above 0. 0 for a
+    single group."""
+    u = np.asarray(u, np.float64)
+    if len(u) < 2:
+        return np.zeros(len(u))
+    return range_average(np.maximum(others_median(u) - u, 0.0) ** 2)
 
 
 def bootstrap_interval(

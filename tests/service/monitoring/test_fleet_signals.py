@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.monitoring import MonitorConfig
 from service.store import NewItem, Store
 from tcm.drift import Grid, Rules, matched_draw, opis_of
 from tests.service.monitoring.test_drift_signals import (
@@ -157,3 +158,11 @@ def test_exportable_ratio_is_the_share_of_items_with_an_image(
     assert got == {"images": 1.0, "vectors": 0.0, "mixed": 0.25, "empty": None}
     exposed = gauge(mon, "tcm_tenant_exportable_ratio")
     assert exposed == {"images": 1.0, "vectors": 0.0, "mixed": 0.25}
+
+
+def test_the_reference_leaves_out_what_the_alert_would_fire_on() -> None:
+    """The across-tenants reference leaves out a tenant above the same factor and floor the
+    TCMTenantInconsistent alert uses (so a tenant left out is one that would alert)."""
+    cfg = MonitorConfig()
+    assert cfg.outlier_factor == config_factor("tenant_deviation_factor")
+    assert cfg.outlier_floor == config_factor("opis_reference_floor")

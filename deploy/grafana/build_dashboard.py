@@ -345,10 +345,12 @@ def build() -> dict[str, Any]:
     )
     lay.add(
         timeseries(
-            "Tenant deviation from the median tenant vs reference",
-            "Mean squared distance over the calibration range between each tenant's utility "
-            "curve and the median tenant's, and the farthest tenant's in the reference. Above "
-            "the dashed line for 30m fires TCMTenantInconsistent for the tenant.",
+            "Tenant shortfall below the other tenants vs reference",
+            "Mean square, over the calibration range, of how far each tenant's utility curve "
+            "lies below the median curve of the other tenants (a tenant better than the fleet "
+            "is 0), and the largest in the reference. Above the dashed line for 30m fires "
+            "TCMTenantInconsistent for the tenant (action retrain, or investigate when its "
+            "items carry no stored images: tcm_tenant_exportable_ratio).",
             targets(
                 (f"max by (tenant) (tcm_tenant_deviation{T})", "{{tenant}}"),
                 ("max(tcm_tenants_deviation_reference)", "reference"),

@@ -166,3 +166,21 @@ def test_the_reference_leaves_out_what_the_alert_would_fire_on() -> None:
     cfg = MonitorConfig()
     assert cfg.outlier_factor == config_factor("tenant_deviation_factor")
     assert cfg.outlier_floor == config_factor("opis_reference_floor")
+
+
+def test_a_healthy_fleet_stays_under_the_narrower_pooled_reference(
+    tmp_path: Path, sqlite_stores
+) -> None:
+    """The pooled reference is narrower now (independent draws): 10 seeds of 5 healthy
+    tenants (20 subjects x 3 images) stay under the pooled alert's factor (0 of 10)."""
+    factor = config_factor("subjects_opis_factor")
+    path = artefact_dir(tmp_path)
+    ratios = []
+    for seed in range(10):
+        store = sqlite_stores()
+        for i in range(5):
+            gallery(store, f"t{i}", np.random.default_rng(1000 * seed + i), 20, 3)
+        pooled = monitor_for(store, path).refresh(force=True).subjects.pooled
+        ratios.append(pooled.opis / pooled.reference.hi)
+    print(f"healthy fleets, pooled live / reference hi: {np.round(ratios, 3).tolist()}")
+    assert sum(r > factor for r in ratios) == 0

@@ -184,3 +184,50 @@ def test_a_healthy_fleet_stays_under_the_narrower_pooled_reference(
         ratios.append(pooled.opis / pooled.reference.hi)
     print(f"healthy fleets, pooled live / reference hi: {np.round(ratios, 3).tolist()}")
     assert sum(r > factor for r in ratios) == 0
+
+
+def test_a_tenant_of_random_vectors_joining_is_left_out_and_marked_unexportable(
+    tmp_path: Path, sqlite_stores
+) -> None:
+    """Issue 29's case: a tenant enrolling random vectors (no images) joins three healthy
+    tenants with images. The reference is re-measured (a join) but leaves it out, so its bounds
+    stay the healthy fleet's (measured with it, the OPIS bound rose so far nothing could reach
+    it); it is the only tenant above the deviation bound, and its exportable ratio is 0 (its
+    alerts say investigate, deploy/prometheus/tests/tcm_rules_test.yml), the others' 1."""
+    factor, floor = config_factor("tenant_deviation_factor"), config_factor("opis_reference_floor")
+    path = artefact_dir(tmp_path)
+    store = sqlite_stores()
+    png = b"\x89PNG stored image bytes"
+    for i in range(3):
+        x, y = identities(np.random.default_rng(20 + i), 15, 4, noise=0.9)
+        new_tenant(store, f"t{i}")
+        store.add_items(
+            f"t{i}",
+            [NewItem(f"i{j}", f"s{k}", x[j], image=png) for j, k in enumerate(y)],
+            model_version=VERSION,
+            created_at=0.0,
+        )
+    mon = monitor_for(store, path, min_pairs=10)
+    healthy = mon.refresh(force=True).tenants_reference
+    rng = np.random.default_rng(7)
+    v = rng.standard_normal((60, 32)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    new_tenant(store, "vec")
+    store.add_items(
+        "vec",
+        [NewItem(f"v{j}", f"s{j // 4}", v[j]) for j in range(60)],
+        model_version=VERSION,
+        created_at=0.0,
+    )
+    snap = mon.refresh(force=True)
+    ref = snap.tenants_reference
+    assert ref.left_out_tenant == "vec" and ref.tenants == 3
+    assert ref.opis_interval == healthy.opis_interval and ref.deviation == healthy.deviation
+    bound = factor * max(ref.deviation["hi"], floor)
+    assert {t for t, row in snap.tenants.items() if row.deviation > bound} == {"vec"}
+    assert gauge(mon, "tcm_tenant_exportable_ratio") == {
+        "t0": 1.0,
+        "t1": 1.0,
+        "t2": 1.0,
+        "vec": 0.0,
+    }

@@ -17,6 +17,7 @@ the same rules, so live and reference carry the same sampling noise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -209,6 +210,7 @@ class Summary:
     n: int
     mean: np.ndarray  # (T,)
     sq: np.ndarray  # (T,) sum over curves of (u - mean)^2
+    level: tuple[float, float] | None = None  # a reference draw's (FRR, utility) at tau
 
     @classmethod
     def of(cls, u: np.ndarray) -> Summary:
@@ -269,6 +271,17 @@ def matched_draw(
     """One reference gallery shaped like a live one: as many held-out classes as the live
     gallery has subjects (at most all of them, without replacement), each subsampled to a live
     subject's image count; returns its eligible utility curves (same rules as live)."""
+    classes, pos, neg = _matched_histograms(ref_x, ref_codes, counts, grid, rng)
+    return curves(classes, pos, neg, grid, rules).utility
+
+
+def _matched_histograms(
+    ref_x: np.ndarray,
+    ref_codes: np.ndarray,
+    counts: Sequence[int],
+    grid: Grid,
+    rng: np.random.Generator,
+) -> tuple[list, np.ndarray, np.ndarray]:
     n_classes = int(ref_codes.max()) + 1 if len(ref_codes) else 0
     counts = np.asarray(counts, int)
     if len(counts) > n_classes:
@@ -279,8 +292,20 @@ def matched_draw(
         members = np.flatnonzero(ref_codes == cls)
         idx.append(rng.choice(members, size=min(int(k), len(members)), replace=False))
     take = np.concatenate(idx) if idx else np.zeros(0, int)
-    classes, pos, neg = class_histograms(ref_x[take], ref_codes[take], grid)
-    return curves(classes, pos, neg, grid, rules).utility
+    return class_histograms(ref_x[take], ref_codes[take], grid)
+
+
+def level_at_tau(pos: np.ndarray, neg: np.ndarray, grid: Grid) -> tuple[float, float] | None:
+    """A gallery's FRR and utility at tau over all its pairs, from per-class histograms
+    (:func:`class_histograms`: an impostor pair is counted once per class, twice in all, which
+    leaves its rates unchanged); None without genuine or impostor pairs."""
+    g, i = pos.sum(axis=0), neg.sum(axis=0)
+    if g.sum() == 0 or i.sum() == 0:
+        return None
+    tpr = counts_at_or_above(g[None])[0] / g.sum()
+    tnr = 1.0 - counts_at_or_above(i[None])[0] / i.sum()
+    u = utility(tpr, tnr, grid.beta)
+    return float(1.0 - tpr[grid.tau_col]), float(u[grid.tau_col])
 
 
 def matched_reference(
@@ -294,7 +319,13 @@ def matched_reference(
     seed: int,
 ) -> list[Summary]:
     """``draws`` count-matched reference galleries (:func:`matched_draw`), summarised (a draw
-    with fewer eligible classes than ``rules.min_subjects`` has no OPIS of its own, but pools)."""
+    with fewer eligible classes than ``rules.min_subjects`` has no OPIS of its own, but pools),
+    each with its FRR and utility at tau over all its pairs (:func:`level_at_tau`)."""
     _, codes = np.unique(np.asarray(ref_labels), return_inverse=True)
     rng = np.random.default_rng(seed)
-    return [Summary.of(matched_draw(ref_x, codes, counts, grid, rules, rng)) for _ in range(draws)]
+    out = []
+    for _ in range(draws):
+        classes, pos, neg = _matched_histograms(ref_x, codes, counts, grid, rng)
+        summary = Summary.of(curves(classes, pos, neg, grid, rules).utility)
+        out.append(dataclasses.replace(summary, level=level_at_tau(pos, neg, grid)))
+    return out

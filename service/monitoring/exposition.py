@@ -196,6 +196,14 @@ class SnapshotCollector:
                 "only worse than the fleet counts); absent for tenants not in OPIS",
                 labels=["tenant"],
             ),
+            "level_ref": GaugeMetricFamily(
+                "tcm_tenant_gallery_reference_ratio",
+                "FRR or utility at tau (rate) over every pair of count-matched reference "
+                "galleries shaped like the tenant's (held-out classes at its images per "
+                "subject): lo, mid, hi over the draws; compare with "
+                'tcm_tenant_{frr,utility}_ratio{source="gallery"}',
+                labels=["tenant", "rate", "bound"],
+            ),
             "exportable": GaugeMetricFamily(
                 "tcm_tenant_exportable_ratio",
                 "share of a tenant's gallery items with a stored image, which "
@@ -247,6 +255,10 @@ def _add_drift(fams: dict[str, Metric], snap: MonitorSnapshot) -> None:
             if sub.opis is not None:
                 fams["subj"].add_metric([t], sub.opis)
             _add_reference(fams["subj_ref"], [t], sub.reference)
+            lvl = sub.level_reference
+            if lvl is not None and sub.reference is not None and sub.reference.matched:
+                for rate, q in (("frr", lvl.frr), ("utility", lvl.utility)):
+                    _add_interval(fams["level_ref"], [t, rate], q["lo"], q["mid"], q["hi"])
     ten = snap.tenants_reference
     if ten is not None:
         for name, value, interval in (

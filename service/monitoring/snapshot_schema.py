@@ -58,6 +58,16 @@ class SubjectsReference(BaseModel):
     note: str | None = None
 
 
+class LevelReference(BaseModel):
+    """FRR and utility at tau over every pair of count-matched reference galleries shaped like
+    the tenant's (held-out classes at its images per subject): intervals over the draws, to
+    compare with the tenant's gallery-pair rates (``by_source.gallery``)."""
+
+    frr: dict[str, float] = Field(description="lo, mid, hi over the draws")
+    utility: dict[str, float] = Field(description="lo, mid, hi over the draws")
+    draws: int
+
+
 class SubjectsRow(BaseModel):
     """OPIS across one tenant's subjects (null with too few eligible subjects)."""
 
@@ -68,6 +78,11 @@ class SubjectsRow(BaseModel):
     eps_opis: float | None
     reference: SubjectsReference | None
     unavailable_reason: str | None
+    level_reference: LevelReference | None = Field(
+        None,
+        description="the level signal's reference (absent "
+        "without held-out embeddings in the artefact)",
+    )
 
 
 class SubjectsPooled(BaseModel):

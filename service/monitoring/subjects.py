@@ -193,6 +193,11 @@ def across_subjects(
             row["reference"] = (
                 None if ref is None else {**ref, "matched": True, "draws": len(per_draw)}
             )
+            levels = [d.level for d in draws[t] if d.level is not None]
+            frr = _quantiles([v[0] for v in levels], level)
+            util = _quantiles([v[1] for v in levels], level)
+            if frr is not None and util is not None:  # key set only then (stored shape)
+                row["level_reference"] = {"frr": frr, "utility": util, "draws": len(levels)}
         else:
             row["reference"] = _baseline_reference(baseline)
         tenants[t] = row

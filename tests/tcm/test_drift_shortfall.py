@@ -105,3 +105,27 @@ def test_the_old_deviation_pointed_at_the_wrong_tenant(n: int) -> None:
     s = shortfalls(u)
     assert int(np.argmax(s)) == n - 1
     assert np.count_nonzero(s > 0.5 * s.max()) == 1
+
+
+def test_level_at_tau_equals_brute_force() -> None:
+    """A gallery's FRR and utility at tau from per-class histograms equal the rates over its
+    pairs counted one by one."""
+    from tcm import utility
+    from tcm.drift import Grid, class_histograms, level_at_tau
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((30, 8)).astype(np.float32)
+    y = np.repeat(np.arange(10), 3)
+    x[y == 2] += 2.0 * rng.standard_normal(8).astype(np.float32)  # some genuine pairs accept
+    grid = Grid.of(0.0, 0.6, 13, 0.3)
+    _, pos, neg = class_histograms(x, y, grid)
+    frr, u = level_at_tau(pos, neg, grid)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = np.clip(xn @ xn.T, -1, 1)
+    gen = [s[i, j] for i in range(30) for j in range(i + 1, 30) if y[i] == y[j]]
+    imp = [s[i, j] for i in range(30) for j in range(i + 1, 30) if y[i] != y[j]]
+    tpr = np.mean(np.array(gen) >= 0.3)
+    tnr = np.mean(np.array(imp) < 0.3)
+    assert 0 < tpr < 1
+    assert frr == pytest.approx(1 - tpr, abs=1e-12)
+    assert u == pytest.approx(float(utility(np.array([tpr]), np.array([tnr]), 1.0)[0]), abs=1e-12)

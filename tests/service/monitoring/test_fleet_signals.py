@@ -231,3 +231,48 @@ def test_a_tenant_of_random_vectors_joining_is_left_out_and_marked_unexportable(
         "t2": 1.0,
         "vec": 0.0,
     }
+
+
+def level_alert(row: object, margin: float) -> bool:
+    """TCMTenantLevelDegraded's condition (tenant:tcm_gallery_utility_below_reference:delta
+    above the margin) on a snapshot row."""
+    lvl = row.subjects.level_reference  # type: ignore[attr-defined]
+    return lvl.utility["lo"] - row.by_source.gallery.utility > margin  # type: ignore[attr-defined]
+
+
+def test_the_level_signal_sees_one_uniformly_degraded_tenant(tmp_path: Path, sqlite_stores) -> None:
+    """One tenant alone (10 subjects x 8 images, the issue's shape): 10 healthy seeds stay
+    within the margin of their count-matched reference's lower bound (0 of 10 alerts); every
+    subject blurred alike (noise 1.2 against 0.9: a uniform degradation) puts its utility at
+    tau far below it and fires. The gallery rates and the reference are exposed as the alert
+    reads them."""
+    margin = config_factor("tenant_utility_margin")
+    path = artefact_dir(tmp_path)
+    healthy: list[float] = []
+    for seed in range(10):
+        store = sqlite_stores()
+        gallery(store, "solo", np.random.default_rng(500 + seed), 10, 8)
+        row = monitor_for(store, path).refresh(force=True).tenants["solo"]
+        healthy.append(row.subjects.level_reference.utility["lo"] - row.by_source.gallery.utility)
+    store = sqlite_stores()
+    gallery(store, "solo", np.random.default_rng(77), 10, 8, noise=1.2)
+    mon = monitor_for(store, path)
+    row = mon.refresh(force=True).tenants["solo"]
+    lvl = row.subjects.level_reference
+    gap = lvl.utility["lo"] - row.by_source.gallery.utility
+    print(
+        f"level signal, reference utility lo - live utility at tau: healthy "
+        f"{np.round(healthy, 3).tolist()} (alert above {margin}); degraded {gap:.3f}, FRR "
+        f"{row.by_source.gallery.frr:.3f} against reference hi {lvl.frr['hi']:.3f}"
+    )
+    assert sum(h > margin for h in healthy) == 0
+    assert level_alert(row, margin) and row.by_source.gallery.frr > lvl.frr["hi"]
+    exposed = {
+        (s.labels["rate"], s.labels["bound"]): s.value
+        for fam in mon.metrics.snapshot.collect()
+        if fam.name == "tcm_tenant_gallery_reference_ratio"
+        for s in fam.samples
+    }
+    assert exposed[("utility", "lo")] == lvl.utility["lo"]
+    assert exposed[("frr", "hi")] == lvl.frr["hi"]
+    assert lvl.draws == mon.config.reference_draws

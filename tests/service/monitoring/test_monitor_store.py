@@ -122,7 +122,8 @@ STORED_V3 = Path(__file__).parent / "golden" / "monitor_snapshot_v3.json"
 # The same, as format 4 stores it (issue 29: the per-tenant deviation is a one-sided shortfall
 # below the other tenants' median, reference draws are independent per tenant, the registry's
 # across-tenants reference says what it measures and whom it left out, rows carry the share of
-# exportable items). Written by this test's builder at the commit that introduced format 4.
+# exportable items and the level signal's reference). Written by this test's builder on the
+# branch that introduced format 4.
 STORED_V4 = Path(__file__).parent / "golden" / "monitor_snapshot_v4.json"
 MONITOR_CONFIG = {
     "min_pairs": 5,
@@ -244,12 +245,20 @@ def test_format_4_only_adds_keys_to_format_3() -> None:
     new ones are these."""
     v3, v4 = (json.loads(p.read_text()) for p in (STORED_V3, STORED_V4))
     assert key_paths(v3) - key_paths(v4) == set()
+    level = [
+        ".draws",
+        *(f".{r}{b}" for r in ("frr", "utility") for b in ("", ".lo", ".mid", ".hi")),
+    ]
     assert key_paths(v4) - key_paths(v3) == {
-        ".tenants.alpha.exportable_ratio",
-        ".tenants.beta.exportable_ratio",
-        ".tenants.gamma.exportable_ratio",
         ".tenants_reference.deviation_kind",
         ".tenants_reference.left_out_tenant",
+        *(f".tenants.{t}.exportable_ratio" for t in ("alpha", "beta", "gamma")),
+        *(f".tenants.{t}.subjects.level_reference" for t in ("alpha", "beta", "gamma")),
+        *(
+            f".tenants.{t}.subjects.level_reference{k}"
+            for t in ("alpha", "beta", "gamma")
+            for k in level
+        ),
     }
     assert (v3["format"], v4["format"]) == (3, 4) and v3["config_key"] != v4["config_key"]
 

@@ -61,6 +61,7 @@ DRIFT_ALERTS = {
     "TCMOpisDegraded",
     "TCMEpsOpisDegraded",
     "TCMTenantInconsistent",
+    "TCMTenantLevelDegraded",
 }
 HELD_OUT = range(5, 10)
 FAILED_RUNS = 'tcm_monitor_runs_total{result="failed"}'

@@ -17,6 +17,7 @@ the same rules, so live and reference carry the same sampling noise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,24 +148,39 @@ def eps_opis_of(u: np.ndarray, eps: float) -> float:
     return float(range_average(gap**2))
 
 
-def deviations(u: np.ndarray) -> np.ndarray:
-    """Each curve's mean squared distance, over the range, from the pointwise median curve:
-    how far one group (a tenant) sits from the typical one. The median, unlike the mean OPIS
-    uses, is not dragged towards a drifting group, so the others stay near 0."""
-    return range_average((u - np.median(u, axis=0)) ** 2)
+def others_median(u: np.ndarray) -> np.ndarray:
+    """For each curve i of ``u`` (G, T), the pointwise median of the OTHER curves (G-1 of
+    them): sorted once per grid point, O(G T log G). Needs G >= 2."""
+    u = np.asarray(u, np.float64)
+    g = len(u)
+    if g < 2:
+        raise ValueError("the median of the other curves needs at least 2 curves")
+    order = np.argsort(u, axis=0, kind="stable")
+    s = np.take_along_axis(u, order, axis=0)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(g)[:, None], u.shape), axis=0)
+    m = g - 1  # how many others
+
+    def kth_other(k: int) -> np.ndarray:  # the k-th smallest of the others, per curve
+        return np.take_along_axis(s, np.where(k < rank, k, k + 1), axis=0)
+
+    return 0.5 * (kth_other((m - 1) // 2) + kth_other(m // 2))
 
 
-def robust_max_deviation(u: np.ndarray) -> float:
-    """The farthest group's :func:`deviations` once the farthest of all is left out (the
-    median and the deviations recomputed over the others): how far the typical spread of the
-    groups reaches, not moved by one outlier group. Plain maximum with fewer than 4 groups (3
-    must be left for a median that is one of them: 2 would each sit half their distance from
-    their midpoint, a bound too tight for the groups that join later)."""
-    dev = deviations(u)
-    if len(u) < 4:
-        return float(dev.max())
-    rest = np.delete(u, int(np.argmax(dev)), axis=0)
-    return float(deviations(rest).max())
+def shortfalls(u: np.ndarray) -> np.ndarray:
+    """How far each group (a tenant) falls short of the others: the mean square, over the
+    range, of how far its utility curve lies BELOW the pointwise median of the other groups'
+    curves (:func:`others_median`; points where it lies above count 0).
+
+    One-sided, because a tenant better than the fleet needs no action; leave-one-out, because a
+    median that includes the tenant itself is pulled towards it (with 2 tenants the two would
+    always sit equally far from their midpoint, and with 3 a bad tenant can be the median).
+    With 2 groups each is compared with the other, so only the worse one is above 0. 0 for a
+    single group."""
+    u = np.asarray(u, np.float64)
+    if len(u) < 2:
+        return np.zeros(len(u))
+    return range_average(np.maximum(others_median(u) - u, 0.0) ** 2)
 
 
 def bootstrap_interval(
@@ -194,6 +210,7 @@ class Summary:
     n: int
     mean: np.ndarray  # (T,)
     sq: np.ndarray  # (T,) sum over curves of (u - mean)^2
+    level: tuple[float, float] | None = None  # a reference draw's (FRR, utility) at tau
 
     @classmethod
     def of(cls, u: np.ndarray) -> Summary:
@@ -254,6 +271,17 @@ def matched_draw(
     """One reference gallery shaped like a live one: as many held-out classes as the live
     gallery has subjects (at most all of them, without replacement), each subsampled to a live
     subject's image count; returns its eligible utility curves (same rules as live)."""
+    classes, pos, neg = _matched_histograms(ref_x, ref_codes, counts, grid, rng)
+    return curves(classes, pos, neg, grid, rules).utility
+
+
+def _matched_histograms(
+    ref_x: np.ndarray,
+    ref_codes: np.ndarray,
+    counts: Sequence[int],
+    grid: Grid,
+    rng: np.random.Generator,
+) -> tuple[list, np.ndarray, np.ndarray]:
     n_classes = int(ref_codes.max()) + 1 if len(ref_codes) else 0
     counts = np.asarray(counts, int)
     if len(counts) > n_classes:
@@ -264,8 +292,20 @@ def matched_draw(
         members = np.flatnonzero(ref_codes == cls)
         idx.append(rng.choice(members, size=min(int(k), len(members)), replace=False))
     take = np.concatenate(idx) if idx else np.zeros(0, int)
-    classes, pos, neg = class_histograms(ref_x[take], ref_codes[take], grid)
-    return curves(classes, pos, neg, grid, rules).utility
+    return class_histograms(ref_x[take], ref_codes[take], grid)
+
+
+def level_at_tau(pos: np.ndarray, neg: np.ndarray, grid: Grid) -> tuple[float, float] | None:
+    """A gallery's FRR and utility at tau over all its pairs, from per-class histograms
+    (:func:`class_histograms`: an impostor pair is counted once per class, twice in all, which
+    leaves its rates unchanged); None without genuine or impostor pairs."""
+    g, i = pos.sum(axis=0), neg.sum(axis=0)
+    if g.sum() == 0 or i.sum() == 0:
+        return None
+    tpr = counts_at_or_above(g[None])[0] / g.sum()
+    tnr = 1.0 - counts_at_or_above(i[None])[0] / i.sum()
+    u = utility(tpr, tnr, grid.beta)
+    return float(1.0 - tpr[grid.tau_col]), float(u[grid.tau_col])
 
 
 def matched_reference(
@@ -279,7 +319,13 @@ def matched_reference(
     seed: int,
 ) -> list[Summary]:
     """``draws`` count-matched reference galleries (:func:`matched_draw`), summarised (a draw
-    with fewer eligible classes than ``rules.min_subjects`` has no OPIS of its own, but pools)."""
+    with fewer eligible classes than ``rules.min_subjects`` has no OPIS of its own, but pools),
+    each with its FRR and utility at tau over all its pairs (:func:`level_at_tau`)."""
     _, codes = np.unique(np.asarray(ref_labels), return_inverse=True)
     rng = np.random.default_rng(seed)
-    return [Summary.of(matched_draw(ref_x, codes, counts, grid, rules, rng)) for _ in range(draws)]
+    out = []
+    for _ in range(draws):
+        classes, pos, neg = _matched_histograms(ref_x, codes, counts, grid, rng)
+        summary = Summary.of(curves(classes, pos, neg, grid, rules).utility)
+        out.append(dataclasses.replace(summary, level=level_at_tau(pos, neg, grid)))
+    return out

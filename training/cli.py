@@ -20,7 +20,7 @@ from rich.console import Console
 from tcm import read_manifest
 from training.compare import compare as compare_runs
 from training.config import TrainConfig, load_config
-from training.data import Splits, load_splits
+from training.data import SEEDED_SPLITS, Splits, load_splits
 from training.pipeline import evaluate_run, export_run, train_evaluate_export
 from training.sweep import parse_grid
 from training.sweep import sweep as run_sweep
@@ -312,7 +312,13 @@ def openset_cmd(
         if gallery_size is not None:
             overrides.append(f"reference_gallery_size={gallery_size}")
         cfg = load_config(None, overrides, base=TrainConfig(**values))
+        if cfg.freeze_backbone and cfg.dataset not in SEEDED_SPLITS:
+            # only the held-out side is embedded: an official split's test classes do not
+            # depend on the training side, whose backbone features need not be extracted
+            cfg = cfg.replace(max_train_classes=2)
         splits = load_splits(cfg)
+        if cfg.freeze_backbone:  # the splits hold backbone features: the head embeds them
+            model = torch.nn.Sequential(model.head, model.norm)
         emb = embed(model, splits.test.x, device="cpu")
         tails = probe_tails(emb, splits.test.y)
         cal = manifest.calibration

@@ -362,6 +362,36 @@ def build() -> dict[str, Any]:
         w=12,
     )
 
+    lay.add(
+        timeseries(
+            "Tenant level: gallery utility at tau below its reference",
+            "The lower bound of the tenant's count-matched reference (held-out classes at its "
+            "images per subject) minus its utility at tau on its gallery pairs: above 0 it "
+            "matches worse than the model's held-out classes, uniformly or not (OPIS, a spread, "
+            "does not see a uniform degradation). Above the margin for 30m fires "
+            "TCMTenantLevelDegraded.",
+            targets(
+                (named(f"tenant:tcm_gallery_utility_below_reference:delta{T}"), WHO),
+                ("tcm_config:tenant_utility_margin", "alert above"),
+            ),
+        ),
+        w=12,
+    )
+    lay.add(
+        timeseries(
+            "Share of each tenant's items a retrain can learn from",
+            "Gallery items with a stored image (export-dataset leaves out items enrolled as "
+            "embeddings). Below the line, a tenant's drift alerts say action investigate (check "
+            "the client's embedding pipeline), not retrain.",
+            targets(
+                (named(f"tenant:tcm_tenant_exportable:ratio{T}"), WHO),
+                ("tcm_config:exportable_min_ratio", "retrain helps above"),
+            ),
+            min_=0,
+        ),
+        w=12,
+    )
+
     lay.row(
         "Drift across tenants (one threshold, many customers; reference measured on the "
         "served galleries at activation)"
@@ -389,10 +419,12 @@ def build() -> dict[str, Any]:
     )
     lay.add(
         timeseries(
-            "Tenant deviation from the median tenant vs reference",
-            "Mean squared distance over the calibration range between each tenant's utility "
-            "curve and the median tenant's, and the farthest tenant's in the reference. Above "
-            "the dashed line for 30m fires TCMTenantInconsistent for the tenant.",
+            "Tenant shortfall below the other tenants vs reference",
+            "Mean square, over the calibration range, of how far each tenant's utility curve "
+            "lies below the median curve of the other tenants (a tenant better than the fleet "
+            "is 0), and the largest in the reference. Above the dashed line for 30m fires "
+            "TCMTenantInconsistent for the tenant (action retrain, or investigate when its "
+            "items carry no stored images: tcm_tenant_exportable_ratio).",
             targets(
                 (named(f"max by (tenant) (tcm_tenant_deviation{T})"), WHO),
                 ("max(tcm_tenants_deviation_reference)", "reference"),

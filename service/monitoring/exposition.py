@@ -193,15 +193,28 @@ class SnapshotCollector:
             ),
             "ten_dev_ref": GaugeMetricFamily(
                 "tcm_tenants_deviation_reference",
-                "the farthest tenant's deviation from the "
-                "median tenant's utility curve in the across-tenants reference (bootstrap "
-                "upper bound)",
+                "the largest tenant shortfall below the other tenants' median utility "
+                "curve in the across-tenants reference (bootstrap upper bound)",
             ),
             "deviation": GaugeMetricFamily(
                 "tcm_tenant_deviation",
-                "mean squared distance over the calibration range of a "
-                "tenant's utility curve from the median tenant's; absent for tenants not in "
-                "OPIS",
+                "mean square over the calibration range of how far a tenant's utility "
+                "curve lies below the median curve of the other tenants (0 where above: "
+                "only worse than the fleet counts); absent for tenants not in OPIS",
+                labels=["tenant"],
+            ),
+            "level_ref": GaugeMetricFamily(
+                "tcm_tenant_gallery_reference_ratio",
+                "FRR or utility at tau (rate) over every pair of count-matched reference "
+                "galleries shaped like the tenant's (held-out classes at its images per "
+                "subject): lo, mid, hi over the draws; compare with "
+                'tcm_tenant_{frr,utility}_ratio{source="gallery"}',
+                labels=["tenant", "rate", "bound"],
+            ),
+            "exportable": GaugeMetricFamily(
+                "tcm_tenant_exportable_ratio",
+                "share of a tenant's gallery items with a stored image, which "
+                "export-dataset can retrain on (items enrolled as embeddings cannot be)",
                 labels=["tenant"],
             ),
             "bound": GaugeMetricFamily(
@@ -249,6 +262,10 @@ def _add_drift(fams: dict[str, Metric], snap: MonitorSnapshot) -> None:
             if sub.opis is not None:
                 fams["subj"].add_metric([t], sub.opis)
             _add_reference(fams["subj_ref"], [t], sub.reference)
+            lvl = sub.level_reference
+            if lvl is not None and sub.reference is not None and sub.reference.matched:
+                for rate, q in (("frr", lvl.frr), ("utility", lvl.utility)):
+                    _add_interval(fams["level_ref"], [t, rate], q["lo"], q["mid"], q["hi"])
     ten = snap.tenants_reference
     if ten is not None:
         for name, value, interval in (
@@ -269,6 +286,9 @@ def _add_rates(fams: dict[str, Metric], labels: list[str], rates: Rates) -> None
 
 def _add_snapshot(fams: dict[str, Metric], snap: MonitorSnapshot) -> None:
     _add_drift(fams, snap)
+    for t, row in snap.tenants.items():  # tenants keeping their own label only
+        if row.exportable_ratio is not None and row.label == t:
+            fams["exportable"].add_metric([t], row.exportable_ratio)
     if snap.opis is not None:
         fams["opis"].add_metric([], snap.opis)
     if snap.eps_opis is not None:

@@ -60,7 +60,12 @@ from service.monitoring.snapshot_schema import (
     from_stored,
     to_stored,
 )
-from service.monitoring.subjects import TenantSubjects, tenant_reference, tenant_subjects
+from service.monitoring.subjects import (
+    DEVIATION_KIND,
+    TenantSubjects,
+    tenant_reference,
+    tenant_subjects,
+)
 from service.store import Store
 from tcm import Manifest, load_reference, utility
 from tcm.drift import Summary, matched_reference
@@ -68,7 +73,7 @@ from tcm.drift import Summary, matched_reference
 log = logging.getLogger(__name__)
 
 Pairs = dict[str, LabelledScores]  # source -> labelled scores of one tenant
-REFERENCE_CACHE = 256  # gallery shapes whose count-matched reference draws are kept
+REFERENCE_CACHE = 1024  # (tenant, gallery shape)s whose count-matched reference draws are kept
 
 
 class PairCache:
@@ -167,7 +172,9 @@ class Monitor:
         self._stop: asyncio.Event | None = None
         self._wake = asyncio.Event()  # a model switch: refresh now
         self._reference_lock = threading.Lock()
-        self._reference_cache: OrderedDict[tuple[int, ...], list[Summary]] = OrderedDict()
+        self._reference_cache: OrderedDict[tuple[str, tuple[int, ...]], list[Summary]] = (
+            OrderedDict()
+        )
         self._reference_data = self._load_reference(artefact_path)
 
     def _load_reference(self, path: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -249,15 +256,19 @@ class Monitor:
             )
         return pairs, per_subject
 
-    def reference_draws(self, counts: tuple[int, ...]) -> list[Summary]:
-        """Count-matched reference draws for a gallery shape, cached per shape (galleries
-        change slowly; the cache is cleared at a model switch)."""
+    def reference_draws(self, tenant: str, counts: tuple[int, ...]) -> list[Summary]:
+        """Count-matched reference draws for a tenant's gallery shape, seeded by tenant and
+        shape: two tenants of one shape get independent draws, so the pooled reference (draw r
+        of every tenant) narrows as tenants are added, as the pooled live value does. Cached
+        per (tenant, shape), least recently used first out (galleries change slowly; the cache
+        is cleared at a model switch)."""
         ref = self._reference_data
         assert ref is not None
+        key = (tenant, counts)
         with self._reference_lock:
-            if counts in self._reference_cache:
-                self._reference_cache.move_to_end(counts)
-                return self._reference_cache[counts]
+            if key in self._reference_cache:
+                self._reference_cache.move_to_end(key)
+                return self._reference_cache[key]
         draws = matched_reference(
             ref[0],
             ref[1],
@@ -265,13 +276,32 @@ class Monitor:
             grid_of(self.manifest),
             self.config.rules,
             draws=self.config.reference_draws,
-            seed=seed_for(self.manifest.model_version, str(len(counts))),
+            seed=self.reference_seed(tenant, counts),
         )
         with self._reference_lock:
-            self._reference_cache[counts] = draws
+            self._reference_cache[key] = draws
             while len(self._reference_cache) > REFERENCE_CACHE:
                 self._reference_cache.popitem(last=False)
         return draws
+
+    def reference_seed(self, tenant: str, counts: tuple[int, ...]) -> int:
+        """The seed of a tenant's reference draws (every replica derives it alike)."""
+        return seed_for(self.manifest.model_version, "reference", tenant, repr(tuple(counts)))
+
+    def exportable_ratio(self, tenant: str) -> float | None:
+        """Share of the tenant's gallery items with a stored image (what ``export-dataset``
+        can train on; items enrolled as embeddings cannot be); None without items. One pass
+        over the items' headers (no embeddings, no images)."""
+        total = with_image = 0
+        after = 0
+        while True:
+            page = self.store.list_items(tenant, after_seq=after, limit=1000)
+            if not page:
+                break
+            total += len(page)
+            with_image += sum(1 for it in page if it.has_image)
+            after = page[-1].seq
+        return with_image / total if total else None
 
     def compute(self) -> MonitorSnapshot:
         now = self.clock()
@@ -289,10 +319,15 @@ class Monitor:
             subjects=subjects,
             reference=reference,
         )
+        for t in tenants:
+            ratio = self.exportable_ratio(t)
+            if ratio is not None and t in snap.tenants:
+                snap.tenants[t].exportable_ratio = ratio
         ref, members = self._stored_reference()
         if ref is None:  # first snapshot of this version where it is defined: measure it
             ref = self.store_tenants_reference(snap, subjects, only_if_missing=True)
-        elif self.members_left(members, snap):  # measured on a tenant now gone: re-measure
+        elif ref.deviation_kind != DEVIATION_KIND or self.members_changed(members, snap):
+            # tenants joined or left (or an earlier version measured it): re-measure
             ref = self.store_tenants_reference(
                 snap, subjects, only_if_missing=False, replace=True, previous=members
             )
@@ -315,17 +350,18 @@ class Monitor:
         return (None if ref is None else TenantsReference.model_validate(ref)), members
 
     @staticmethod
-    def members_left(members: Sequence[str] | None, snap: MonitorSnapshot) -> bool:
-        """Whether a tenant the reference was measured on has left: deleted, or no longer
-        eligible (too few pairs). Then the reference is re-measured at once, so that a bound
-        an outlier tenant widened does not outlive it. Joins do not re-measure (a drifting
-        tenant that joins must not become the reference; an operator re-measures on demand
-        once the new tenants are judged healthy). A reference stored without its members
-        (by an earlier version) is re-measured once."""
+    def members_changed(members: Sequence[str] | None, snap: MonitorSnapshot) -> bool:
+        """Whether the eligible tenants differ from those the reference was measured on: one
+        joined, or left (deleted, or too few pairs now). Then the reference is re-measured at
+        once, so that it follows the fleet: a healthy fleet that grew does not keep a bound
+        measured on 2 tenants, and a bound an outlier widened does not outlive it. A drifting
+        tenant that joins does not become the reference: the measurement leaves out a tenant
+        that would alert against the others (:func:`tenant_reference`, 3 or more tenants). A
+        reference stored without its members (by an earlier version) is re-measured once."""
         if members is None:
             return True
         eligible = {t for t, row in snap.tenants.items() if row.eligible}
-        return any(t not in eligible for t in members)
+        return eligible != set(members)
 
     def measure_tenants_reference(
         self, snap: MonitorSnapshot, subjects: Mapping[str, TenantSubjects]
@@ -351,10 +387,13 @@ class Monitor:
             resamples=self.config.bootstrap_resamples,
             seed=seed_for(self.manifest.model_version, "tenants"),
             calibration_error=cal_error,
+            outlier_factor=self.config.outlier_factor,
+            outlier_floor=self.config.outlier_floor,
         )
         if ref is None:
             return None
-        members = sorted(ref.pop("members"))
+        ref.pop("members")
+        members = sorted(eligible)
         fb = snap.global_.by_source.feedback
         return TenantsReference(
             **ref,

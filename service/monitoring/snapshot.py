@@ -42,9 +42,9 @@ from service.monitoring.snapshot_schema import (
 )
 from service.monitoring.subjects import ReferenceFn, TenantSubjects, across_subjects
 from tcm import Manifest, consistency_from_scores, utility
-from tcm.drift import Grid, Rules, deviations
+from tcm.drift import Grid, Rules, shortfalls
 
-SNAPSHOT_FORMAT = 3
+SNAPSHOT_FORMAT = 4
 POOLED = "pooled"  # the source value of rates over both sources together
 
 
@@ -70,6 +70,11 @@ class MonitorConfig:
     reference_draws: int = 20  # count-matched reference galleries per distinct gallery shape
     bootstrap_resamples: int = 200  # subject resamples of the across-tenants reference
     interval_level: float = 0.9  # central share of the draws / resamples an interval spans
+    # the across-tenants reference leaves out a tenant that falls short of the others by more
+    # than this factor times their deviation bound (floored): tcm_config:tenant_deviation_factor
+    # and tcm_config:opis_reference_floor in deploy/prometheus/rules/tcm_recording.yml
+    outlier_factor: float = 3.0
+    outlier_floor: float = 0.001
 
     def __post_init__(self) -> None:
         checks = [
@@ -87,6 +92,8 @@ class MonitorConfig:
             (self.reference_draws >= 2, "reference_draws must be >= 2"),
             (self.bootstrap_resamples >= 2, "bootstrap_resamples must be >= 2"),
             (0 < self.interval_level < 1, "interval_level must lie in (0, 1)"),
+            (self.outlier_factor >= 1, "outlier_factor must be >= 1"),
+            (self.outlier_floor >= 0, "outlier_floor must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -287,7 +294,7 @@ def compute_snapshot(
             tau=cal.tau,
         )
         opis, eps_opis = float(report.opis), float(report.eps_opis)
-        dev = deviations(report.utility)
+        dev = shortfalls(report.utility)
         for row, t in enumerate(report.classes):
             tenants[t].mean_utility = float(report.mean_utility[row])
             tenants[t].deviation = float(dev[row])

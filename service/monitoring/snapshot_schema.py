@@ -78,6 +78,16 @@ class SubjectsReference(BaseModel):
     note: str | None = None
 
 
+class LevelReference(BaseModel):
+    """FRR and utility at tau over every pair of count-matched reference galleries shaped like
+    the tenant's (held-out classes at its images per subject): intervals over the draws, to
+    compare with the tenant's gallery-pair rates (``by_source.gallery``)."""
+
+    frr: dict[str, float] = Field(description="lo, mid, hi over the draws")
+    utility: dict[str, float] = Field(description="lo, mid, hi over the draws")
+    draws: int
+
+
 class SubjectsRow(BaseModel):
     """OPIS across one tenant's subjects (null with too few eligible subjects)."""
 
@@ -88,6 +98,11 @@ class SubjectsRow(BaseModel):
     eps_opis: float | None
     reference: SubjectsReference | None
     unavailable_reason: str | None
+    level_reference: LevelReference | None = Field(
+        None,
+        description="the level signal's reference (absent "
+        "without held-out embeddings in the artefact)",
+    )
 
 
 class SubjectsPooled(BaseModel):
@@ -121,14 +136,25 @@ class SubjectsSignal(BaseModel):
 class TenantsReference(BaseModel):
     """The across-tenants reference, measured on the served galleries (model registry)."""
 
-    tenants: int
+    tenants: int = Field(description="tenants it was measured on (left_out_tenant not counted)")
     opis: float
     eps_opis: float
     opis_interval: list[float] | None
     eps_opis_interval: list[float] | None
     deviation: dict[str, float] = Field(
-        description="max: the farthest tenant's deviation from "
-        "the median tenant's curve; hi: its bootstrap bound"
+        description="max: the largest shortfall of a tenant's "
+        "utility curve below the other tenants' median curve; hi: its bootstrap bound"
+    )
+    deviation_kind: str | None = Field(
+        None,
+        description="what deviation measures (absent: an earlier version's symmetric "
+        "distance from the median, re-measured at the next refresh)",
+    )
+    left_out_tenant: str | None = Field(
+        None,
+        description="with 3 or more tenants, the one left out of "
+        "every number because it fell short of the others by more than the alert factor "
+        "times their bound (absent: none was)",
     )
     calibration_error: float
     far_at_tau: dict[str, float]
@@ -146,8 +172,14 @@ class TenantMonitorRow(Rates):
     mean_utility: float | None
     deviation: float | None = Field(
         None,
-        description="mean squared distance of the tenant's "
-        "utility curve from the median tenant's (in OPIS only)",
+        description="mean square over the calibration range of "
+        "how far the tenant's utility curve lies below the median curve of the other "
+        "tenants in OPIS (0 where it is above; in OPIS only)",
+    )
+    exportable_ratio: float | None = Field(
+        None,
+        description="share of the tenant's gallery items "
+        "with a stored image, which export-dataset can train on (absent: no items)",
     )
     by_source: RatesBySource
     outcomes: OutcomeCounts = Field(

@@ -11,16 +11,20 @@ tenant (:func:`tcm.drift.trimmed_pooled_opis`), so that no one tenant's gallery 
 model-wide signal, and its reference pools each draw the same way.
 Reference: held-out classes of the artefact subsampled to each tenant's images per subject
 (:func:`tcm.drift.matched_reference`), measured by the same code; the interval is the spread
-over the draws. Artefacts without held-out embeddings fall back to the manifest's baseline (its
-class-bootstrap interval, else the point value), flagged ``matched: false``.
+over the draws. Each tenant gets its own draws (seeded by tenant and gallery shape), so the
+pooled reference combines independent draws and narrows as tenants are added. Artefacts
+without held-out embeddings fall back to the manifest's baseline (its class-bootstrap interval,
+else the point value), flagged ``matched: false``.
 
-*Across tenants* (one threshold, many customers): OPIS with tenants as classes and the spread of
-the tenants' utility at tau. Reference: the same numbers on the served galleries, measured when
-a model starts serving (stored in the registry, re-measurable on demand, re-measured by the
-monitor when a tenant it was measured on leaves), with a subject bootstrap interval (each
-tenant's subjects resampled with replacement). The deviation bound leaves the farthest tenant
-out (:func:`tcm.drift.robust_max_deviation`): one outlier tenant at measurement time cannot
-widen it for everyone.
+*Across tenants* (one threshold, many customers): OPIS with tenants as classes, and per tenant
+its shortfall below the other tenants' median utility curve (:func:`tcm.drift.shortfalls`:
+one-sided and leave-one-out, so a worse tenant ranks as worse). Reference: the same numbers on
+the served galleries, measured when a model starts serving and re-measured by the monitor
+whenever the eligible tenants change (stored in the registry, re-measurable on demand), with a
+subject bootstrap interval (each tenant's subjects resampled with replacement). With 3 or more
+tenants it leaves out the tenant that falls shortest when that one would alert against the
+others (:func:`tenant_reference`): one outlier tenant, present at measurement or joining later,
+does not become the reference.
 
 Everything here is pure and blocking.
 """
@@ -43,15 +47,19 @@ from tcm.drift import (
     Summary,
     class_histograms,
     curves,
-    deviations,
     eps_opis_of,
     opis_of,
     pooled_opis,
-    robust_max_deviation,
+    shortfalls,
     trimmed_pooled_opis,
 )
 
-ReferenceFn = Callable[[tuple[int, ...]], list[Summary]]
+# (tenant, its gallery's images per subject, sorted) -> count-matched reference draws, drawn
+# independently per tenant so that pooling over tenants narrows the interval
+ReferenceFn = Callable[[str, tuple[int, ...]], list[Summary]]
+# what ``TenantsReference.deviation`` measures: a reference without it (an earlier version's
+# symmetric distance from the median) is re-measured
+DEVIATION_KIND = "shortfall_below_others_median"
 
 
 @dataclass(frozen=True)
@@ -179,12 +187,17 @@ def across_subjects(
             )
         if reference is not None:
             counts = tuple(sorted(int(c) for c in ts.images if c > 0))
-            draws[t] = reference(counts) if counts else []
+            draws[t] = reference(t, counts) if counts else []
             per_draw = [pooled_opis([s]) for s in draws[t] if s.n >= rules.min_subjects]
             ref = _quantiles([v for v in per_draw if v is not None], level)
             row["reference"] = (
                 None if ref is None else {**ref, "matched": True, "draws": len(per_draw)}
             )
+            levels = [d.level for d in draws[t] if d.level is not None]
+            frr = _quantiles([v[0] for v in levels], level)
+            util = _quantiles([v[1] for v in levels], level)
+            if frr is not None and util is not None:  # key set only then (stored shape)
+                row["level_reference"] = {"frr": frr, "utility": util, "draws": len(levels)}
         else:
             row["reference"] = _baseline_reference(baseline)
         tenants[t] = row
@@ -287,42 +300,84 @@ def tenant_reference(
     resamples: int,
     seed: int,
     calibration_error: float,
+    outlier_factor: float = 3.0,
+    outlier_floor: float = 0.001,
 ) -> dict[str, Any] | None:
     """The across-tenants numbers on the given data with a subject-bootstrap interval: OPIS and
-    eps-OPIS with tenants as classes, and how far the farthest tenant's utility curve sits
-    from the median tenant's once the farthest of all is left out (``deviation``: that
-    maximum, :func:`tcm.drift.robust_max_deviation`, and its bootstrap upper bound, which
-    per-tenant alerts compare with), and ``members``: the tenants it was measured on. None
-    with fewer than 2 eligible tenants."""
+    eps-OPIS with tenants as classes, and how far the farthest tenant's utility curve falls
+    short of the other tenants' median curve (``deviation``: that maximum of
+    :func:`tcm.drift.shortfalls`, and its bootstrap upper bound, which per-tenant alerts compare
+    with), and ``members``: the tenants considered. None with fewer than 2 eligible tenants.
+
+    Robust to one outlier: with 3 or more tenants, the one that falls shortest is left out of
+    every number (``left_out_tenant``) when its shortfall is above ``outlier_factor`` times the
+    deviation bound measured without it (floored at ``outlier_floor``): the tenant that would
+    alert against the others' reference does not become the reference. The defaults are the
+    alert's factor and floor (``tcm_config:tenant_deviation_factor``,
+    ``tcm_config:opis_reference_floor``)."""
     tenants = [t for t in eligible if t in data and len(data[t].subjects)]
     if len(tenants) < 2:
         return None
+    common = {
+        "grid": grid,
+        "eps": eps,
+        "level": level,
+        "resamples": resamples,
+        "seed": seed,
+        "calibration_error": calibration_error,
+    }
+    full = _tenant_reference(data, tenants, **common)
+    if full is None:
+        return None
+    ref, short = full
+    if len(short) >= 3:
+        worst = max(short, key=lambda t: short[t])
+        rest = _tenant_reference(data, [t for t in tenants if t != worst], **common)
+        if rest is not None and short[worst] > outlier_factor * max(
+            rest[0]["deviation"]["hi"], outlier_floor
+        ):
+            return {**rest[0], "members": tenants, "left_out_tenant": worst}
+    return {**ref, "members": tenants}
+
+
+def _tenant_reference(
+    data: Mapping[str, TenantSubjects],
+    tenants: Sequence[str],
+    *,
+    grid: Grid,
+    eps: float,
+    level: float,
+    resamples: int,
+    seed: int,
+    calibration_error: float,
+) -> tuple[dict[str, Any], dict[str, float]] | None:
+    """:func:`tenant_reference` over exactly ``tenants``, and each tenant's shortfall."""
 
     def measure(
         weights: Mapping[str, np.ndarray] | None,
-    ) -> tuple[float, float, list[float], list[float]]:
-        """OPIS, eps-OPIS, each tenant's deviation from the median tenant's curve
-        (:func:`tcm.drift.deviations`) and its FAR at tau; the deviations' list ends with the
-        robust maximum (:func:`tcm.drift.robust_max_deviation`)."""
-        rows, fars = [], []
+    ) -> tuple[float, float, dict[str, float], list[float]]:
+        """OPIS, eps-OPIS, each tenant's shortfall below the others' median curve
+        (:func:`tcm.drift.shortfalls`) and the tenants' FAR at tau."""
+        names, rows, fars = [], [], []
         for t in tenants:
             pos, neg = data[t].tenant_hist(None if weights is None else weights[t])
             if pos.sum() == 0 or neg.sum() == 0:
                 continue
             u, _, far = tenant_curve(pos, neg, grid)
+            names.append(t)
             rows.append(u)
             fars.append(far)
         if len(rows) < 2:
-            return float("nan"), float("nan"), [], fars
+            return float("nan"), float("nan"), {}, fars
         u_all = np.stack(rows)
-        devs = [*deviations(u_all).tolist(), robust_max_deviation(u_all)]
-        return opis_of(u_all), eps_opis_of(u_all, eps), devs, fars
+        short = dict(zip(names, shortfalls(u_all).tolist(), strict=True))
+        return opis_of(u_all), eps_opis_of(u_all, eps), short, fars
 
-    opis, eps_opis, errs, fars = measure(None)
+    opis, eps_opis, short, fars = measure(None)
     if not np.isfinite(opis):  # fewer than 2 tenants with both kinds of pairs
         return None
     rng = np.random.default_rng(seed)
-    boot_opis, boot_eps, boot_err = [], [], []
+    boot_opis, boot_eps, boot_dev = [], [], []
     for _ in range(resamples):
         weights = {
             t: rng.multinomial(
@@ -330,27 +385,28 @@ def tenant_reference(
             ).astype(np.float64)
             for t in tenants
         }
-        o, e, es, _ = measure(weights)
+        o, e, s, _ = measure(weights)
         if np.isfinite(o):
             boot_opis.append(o)
             boot_eps.append(e)
-            boot_err.append(es[-1])
+            boot_dev.append(max(s.values()))
     a = (1.0 - level) / 2.0
 
     def interval(v: list[float]) -> list[float] | None:
         return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))] if len(v) >= 2 else None
 
-    dev_hi = float(np.quantile(boot_err, 1 - a)) if len(boot_err) >= 2 else errs[-1]
+    dev_max = max(short.values())
+    dev_hi = float(np.quantile(boot_dev, 1 - a)) if len(boot_dev) >= 2 else dev_max
     return {
-        "members": tenants,
-        "tenants": len(tenants),
+        "tenants": len(short),
         "opis": opis,
         "eps_opis": eps_opis,
         "opis_interval": interval(boot_opis),
         "eps_opis_interval": interval(boot_eps),
-        "deviation": {"max": errs[-1], "hi": dev_hi},
+        "deviation": {"max": dev_max, "hi": dev_hi},
+        "deviation_kind": DEVIATION_KIND,
         "calibration_error": calibration_error,
         "far_at_tau": {"min": min(fars), "max": max(fars)},
         "level": level,
         "resamples": len(boot_opis),
-    }
+    }, short

@@ -54,6 +54,9 @@ def test_round_trip_gives_identical_embeddings(tmp_path) -> None:
     torch.testing.assert_close(a, b)
     assert torch.allclose(b.norm(dim=1), torch.ones(5))
     assert json.loads((tmp_path / "manifest.json").read_text())["format_version"] == 1
+    # readable by another user (a container's service user), not mkstemp's 0600
+    for f in ("manifest.json", "model.safetensors"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o644, f
 
 
 def test_tampered_weights_rejected(tmp_path) -> None:

@@ -211,7 +211,7 @@ def test_subjects_undefined_with_too_few(tmp_path: Path, sqlite_stores) -> None:
     assert snap.subjects.pooled.opis is None
 
 
-def test_across_tenants_reference_is_measured_once_and_names_the_drifter(
+def test_across_tenants_reference_leaves_a_drifting_newcomer_out_and_names_it(
     tmp_path: Path, sqlite_stores
 ) -> None:
     path = artefact_dir(tmp_path)
@@ -228,10 +228,17 @@ def test_across_tenants_reference_is_measured_once_and_names_the_drifter(
     # it is kept in the model registry, for this version
     doc, _ = store.get_model_registry()
     assert doc["tenant_references"] == {ref.model_version: ref.model_dump(mode="json")}
-    # a drifting tenant joins: the stored reference stays; its utility error leaves the bound
+    # a drifting tenant joins: the reference is re-measured and leaves it out (it falls short
+    # of the others by more than the alert factor x their bound), so the numbers are the
+    # healthy fleet's; its shortfall leaves the bound
     gallery(store, "drifter", np.random.default_rng(5), 15, 4, noise=2.5)
     snap = mon.refresh(force=True)
-    assert snap.tenants_reference == ref
+    assert snap.tenants_reference.left_out_tenant == "drifter"
+    keep = {"left_out_tenant"}
+    assert snap.tenants_reference.model_dump(exclude=keep) == ref.model_dump(exclude=keep)
+    doc, _ = store.get_model_registry()
+    assert doc["tenant_reference_members"][ref.model_version] == ["drifter", "t0", "t1", "t2", "t3"]
+    ref = snap.tenants_reference
     factor = config_factor("tenant_deviation_factor")
     devs = {t: row.deviation for t, row in snap.tenants.items()}
     bound = factor * max(ref.deviation["hi"], config_factor("opis_reference_floor"))

@@ -119,6 +119,12 @@ def test_sqlite_adds_the_table_to_an_existing_file(tmp_path: Path) -> None:
 # ``Monitor.refresh`` over ``populate``'s data at clock 5000.0 with MONITOR_CONFIG and the
 # synthetic artefact of test_drift_signals (held-out embeddings: count-matched references).
 STORED_V3 = Path(__file__).parent / "golden" / "monitor_snapshot_v3.json"
+# The same, as format 4 stores it (issue 29: the per-tenant deviation is a one-sided shortfall
+# below the other tenants' median, reference draws are independent per tenant, the registry's
+# across-tenants reference says what it measures and whom it left out, rows carry the share of
+# exportable items and the level signal's reference). Written by this test's builder on the
+# branch that introduced format 4.
+STORED_V4 = Path(__file__).parent / "golden" / "monitor_snapshot_v4.json"
 MONITOR_CONFIG = {
     "min_pairs": 5,
     "tenant_label_cap": 2,
@@ -198,6 +204,7 @@ def stored_variants() -> list[dict[str, Any]]:
     across-tenants reference."""
     doc = json.loads(STORED_V3.read_text())
     assert "note" not in doc["subjects"]["pooled"]["reference"]  # optional keys left out
+    v4 = json.loads(STORED_V4.read_text())
     other = json.loads(STORED_V3.read_text())
     other["tenants"]["alpha"]["subjects"]["reference"] = {
         "lo": 0.01,
@@ -209,7 +216,7 @@ def stored_variants() -> list[dict[str, Any]]:
     }
     del other["tenants"]["beta"]["subjects"]
     other["subjects"] = other["tenants_reference"] = None
-    return [doc, other]
+    return [doc, v4, other]
 
 
 def test_a_stored_snapshot_round_trips_through_the_model_unchanged(store: Store) -> None:
@@ -226,9 +233,39 @@ def test_a_stored_snapshot_round_trips_through_the_model_unchanged(store: Store)
         assert from_stored(store.get_monitor_snapshot()) == snap
 
 
+def key_paths(doc: Any, prefix: str = "") -> set[str]:
+    if not isinstance(doc, dict):
+        return set()
+    return {p for k, v in doc.items() for p in {f"{prefix}.{k}", *key_paths(v, f"{prefix}.{k}")}}
+
+
+def test_format_4_only_adds_keys_to_format_3() -> None:
+    """Every key format 3 stored is still stored (an older replica reads a newer snapshot;
+    replicas never adopt one of another format, the configuration key differs), and the only
+    new ones are these."""
+    v3, v4 = (json.loads(p.read_text()) for p in (STORED_V3, STORED_V4))
+    assert key_paths(v3) - key_paths(v4) == set()
+    level = [
+        ".draws",
+        *(f".{r}{b}" for r in ("frr", "utility") for b in ("", ".lo", ".mid", ".hi")),
+    ]
+    assert key_paths(v4) - key_paths(v3) == {
+        ".tenants_reference.deviation_kind",
+        ".tenants_reference.left_out_tenant",
+        *(f".tenants.{t}.exportable_ratio" for t in ("alpha", "beta", "gamma")),
+        *(f".tenants.{t}.subjects.level_reference" for t in ("alpha", "beta", "gamma")),
+        *(
+            f".tenants.{t}.subjects.level_reference{k}"
+            for t in ("alpha", "beta", "gamma")
+            for k in level
+        ),
+    }
+    assert (v3["format"], v4["format"]) == (3, 4) and v3["config_key"] != v4["config_key"]
+
+
 def test_the_builder_stores_what_the_previous_version_stored(tmp_path: Path, sqlite_stores) -> None:
-    """The same data and configuration give the same stored document as before the snapshot
-    was typed (the stored shape is a contract between replicas of different versions)."""
+    """The same data and configuration give the same stored document as the golden one of
+    this format (the stored shape is a contract between replicas of different versions)."""
     path = artefact_dir(tmp_path)
     manifest = read_manifest(path)
     store = sqlite_stores()
@@ -249,4 +286,4 @@ def test_the_builder_stores_what_the_previous_version_stored(tmp_path: Path, sql
     # this version reads a document without it as 0 (test above)
     for row in got["tenants"].values():
         assert isinstance(row["outcomes"].pop("wrong_accept"), int)
-    assert_same_document(got, json.loads(STORED_V3.read_text()))
+    assert_same_document(got, json.loads(STORED_V4.read_text()))

@@ -236,9 +236,6 @@ def main() -> int:
                     OUT / "operator-fpir.png",
                 )
                 plot_range(
-                    prom, "Retrain advised for", start, end, OUT / "operator-retrain-advised.png"
-                )
-                plot_range(
                     prom,
                     "OPIS across tenants: live vs reference",
                     start,

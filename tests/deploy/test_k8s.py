@@ -347,11 +347,12 @@ def test_prometheus_rule_check_detects_drift(tmp_path: Path) -> None:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = tmp_path / "rule.yaml"
-    assert mod.main(["--out", str(out)]) == 0
-    assert mod.main(["--check", "--out", str(out)]) == 0
+    out, dash = tmp_path / "rule.yaml", tmp_path / "dashboard.yaml"
+    paths = ["--out", str(out), "--dashboard-out", str(dash)]  # never the committed files
+    assert mod.main(paths) == 0
+    assert mod.main(["--check", *paths]) == 0
     out.write_text(out.read_text().replace("for: 30m", "for: 1m", 1))
-    assert mod.main(["--check", "--out", str(out)]) == 1
+    assert mod.main(["--check", *paths]) == 1
 
 
 def test_prometheus_k8s_scrape_config(promtool: str, tmp_path: Path) -> None:

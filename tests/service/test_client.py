@@ -146,6 +146,12 @@ def test_feedback_true_subject_none_means_not_enrolled(server: str) -> None:
         with pytest.raises(ApiError) as err:  # no label at all is still refused
             tcm.feedback(tcm.match(embedding=unit(70), k=1).match_id)
         assert err.value.status == 422
+        # an enrolled subject's probe accepted as another: the typed client reads the fifth
+        # outcome of the 1:N confusion matrix (issue 29)
+        tcm.enrol([{"subject": "b", "embedding": unit(71)}])
+        wrong = tcm.match(embedding=unit(70), k=1)  # accepted as "a"
+        fb = tcm.feedback(wrong.match_id, true_subject="b")
+        assert (fb.outcome, fb.genuine) == ("wrong_accept", False)  # an impostor pair
 
 
 def test_429_is_retried_after_retry_after(server: str) -> None:

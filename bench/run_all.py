@@ -20,6 +20,7 @@ BENCHES: list[list[str]] = [
     ["bench.bench_client", "--dims", "128", "512", "--items", "20000", "--rounds", "3"],
     ["bench.bench_faces", "--images", "64", "--concurrency", "1", "4", "16"],
     ["bench.bench_pretrained", "--images", "64", "--batch", "32"],
+    ["bench.bench_cpu_forward", "--rounds", "5"],
     ["bench.bench_sampling", "--items", "30000", "120000", "--per-subject", "3"],
 ]
 

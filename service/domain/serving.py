@@ -26,6 +26,7 @@ from torch import nn
 
 from service.domain.inputs import InputResolver
 from service.domain.matching import Matcher
+from service.engine.cpu_forward import optimised_for_cpu
 from service.engine.embedding import EmbeddingBatcher
 from service.engine.faces import load_served_model
 from service.engine.index import IndexRegistry
@@ -72,8 +73,13 @@ async def build_serving(
         search_params=settings.index_search_params,
         threads=settings.index_threads,
     )
+    forward = model
+    if settings.cpu_traced_forward and device.type == "cpu" and manifest.face is None:
+        pre = manifest.preprocessing
+        shape = (pre.channels, *pre.image_size)
+        forward = await run_in_threadpool(optimised_for_cpu, model, shape)
     batcher = EmbeddingBatcher(
-        model,
+        forward,
         preparer,
         device=device,
         max_batch=settings.embed_max_batch,

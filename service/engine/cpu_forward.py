@@ -51,6 +51,9 @@ def optimised_for_cpu(model: nn.Module, input_shape: tuple[int, int, int]) -> nn
         with torch.no_grad(), warnings.catch_warnings():
             # a TracerWarning says the trace may not generalise: the check below decides
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # torch 2.13 marks TorchScript deprecated (in favour of torch.compile/export, which
+            # need a compiler at run time on CPUs); it still runs, and the check decides
+            warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.freeze(
                 torch.jit.trace(cl, example.contiguous(memory_format=torch.channels_last))
             )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tcm import Preprocessing, to_input_tensor
+from tcm.exported import tenant_of
 from training.config import TrainConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp"}
@@ -232,16 +233,14 @@ def fixed_validation_classes(labels: np.ndarray, n_val: int, val_seed: int) -> s
     return set(np.random.default_rng(val_seed).permutation(eligible)[:n_val].tolist())
 
 
-EXPORT_GROUP_SEP = "__"  # tcm-serve export-dataset names class folders <tenant>__<subject>
-
-
 def export_groups(names: Mapping[int, str], classes: Iterable[int]) -> dict[int, str] | None:
-    """Each class's tenant when every class folder has an export's name ``<tenant>__...`` and
-    there are at least two tenants; else None (a data set that is not an export)."""
+    """Each class's tenant when every class folder has an export's name ``<tenant>__...``
+    (:mod:`tcm.exported`) and there are at least two tenants; else None (a data set that is
+    not an export)."""
     groups = {}
     for c in classes:
-        tenant, sep, rest = names.get(int(c), "").partition(EXPORT_GROUP_SEP)
-        if not (sep and tenant and rest):
+        tenant = tenant_of(names.get(int(c), ""))
+        if tenant is None:
             return None
         groups[int(c)] = tenant
     return groups if len(set(groups.values())) >= 2 else None

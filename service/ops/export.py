@@ -33,6 +33,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from service.store import Store
+from tcm.exported import class_folder_name
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SUFFIX = {
@@ -49,7 +50,7 @@ _SUFFIX = {
 def class_folder(tenant_id: str, subject: str) -> str:
     readable = _UNSAFE.sub("_", subject).strip("._")[:60] or "subject"
     digest = hashlib.sha256(subject.encode()).hexdigest()[:8]
-    return f"{tenant_id}__{readable}-{digest}"
+    return class_folder_name(tenant_id, f"{readable}-{digest}")
 
 
 def _suffix(image: bytes) -> str | None:

@@ -177,3 +177,14 @@ def test_models_cli_against_a_running_service(tmp_path: Path, artefact: Path) ->
         proc.wait(timeout=20)
         proc.stderr.close()
         proc.stdout.close()
+
+
+@pytest.mark.parametrize("subject", ["Cactus Wren", "a__b", "__x__", "日本"])
+def test_training_reads_back_the_tenant_of_every_exported_folder(subject: str) -> None:
+    """The export's folder names and the retrain's per-tenant split share one contract
+    (tcm.exported): whatever the subject, the folder maps back to its tenant."""
+    from tcm.exported import tenant_of
+
+    tid = "0f3a9be1c7d2e5aa0f3a9be1c7d2e5aa"
+    assert tenant_of(class_folder(tid, subject)) == tid
+    assert tenant_of("plain-class") is None and tenant_of("__x") is None

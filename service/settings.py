@@ -186,7 +186,7 @@ class Settings(BaseSettings):
     embed_max_batch: int = Field(32, ge=1, description="images per forward pass")
     cpu_traced_forward: bool = Field(
         True,
-        description="on a CPU, serve the model traced and frozen in channels_last (1.95x the "
+        description="on a CPU, serve the model traced and frozen in channels_last (1.7-1.95x the "
         "eager forward for the bird model, embeddings within 1e-4; checked at start-up, the "
         "eager model served when it differs)",
     )

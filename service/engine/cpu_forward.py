@@ -1,7 +1,7 @@
 """The model's forward on a CPU at its best without changing its outputs (issue 32): weights
 and inputs in channels_last memory format, traced and frozen by TorchScript (which folds
 batch norms into convolutions and lets oneDNN fuse convolution + activation). On the 2-core VM
-the bird model's Lite0 embeds 1.95x faster this way (``bench/bench_cpu_forward.py``,
+the bird model's Lite0 embeds 1.7-1.95x faster this way (two runs) (``bench/bench_cpu_forward.py``,
 ``docs/benchmarks.md``), with embeddings within 5e-7 of the eager ones.
 
 A trace records one path through ``forward``; a model that branches on its input's values would

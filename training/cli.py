@@ -320,8 +320,8 @@ def openset_cmd(
         if cfg.freeze_backbone:  # the splits hold backbone features: the head embeds them
             model = torch.nn.Sequential(model.head, model.norm)
         emb = embed(model, splits.test.x, device="cpu")
-        tails = probe_tails(emb, splits.test.y)
         cal = manifest.calibration
+        tails = probe_tails(emb, splits.test.y, resolve_at=cal.tau)
         section = {
             "file": save_openset(artefact, tails),
             **openset_summary(tails, cal.tau, cal.far_at_tau, cfg),

@@ -110,6 +110,8 @@ def evaluate_embeddings(
     if source == "unsupported" and fallback_tau is not None:
         cal = calibrate_threshold(emb, labels, target_far=config.target_far, tau=fallback_tau)
         source = "inherited"
+    if not tails.resolved(cal.tau):  # keep every impostor score at or above the served tau
+        tails = probe_tails(emb, labels, resolve_at=cal.tau)
     cons = consistency_report(
         emb,
         labels,

@@ -57,7 +57,8 @@ POOL_PER_SPECIES = 12
 HEALTHY_FLEET = 3
 HEALTHY_DRAWS = 10
 # ladders, mildest first: blur radius in pixels of the 227 px photo; JPEG quality (PIL)
-BLUR_LADDER = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+# (a smoke run before the study: radius 8 did not alert, 24 did, so the blur ladder goes to 24)
+BLUR_LADDER = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0)
 JPEG_LADDER = (50, 30, 20, 15, 10, 7, 5, 3, 2, 1)
 WARMUP_S = 600.0  # the healthy fleet alone, before the newcomer enrols
 DETECT_WITHIN_S = 600.0  # the "within 10 minutes"
@@ -147,11 +148,11 @@ class Embeddings:
         from tqdm import tqdm
 
         todo = [p for p in photos if self.key(p, how) not in self.vectors]
-        files = {name: data for s in self.photos for name, data in self.photos[s]}
+        files = {(s, name): data for s in self.photos for name, data in self.photos[s]}
         started = time.perf_counter()
         for i in tqdm(range(0, len(todo), batch), desc=f"embed {how.key}", disable=not todo):
             chunk = todo[i : i + batch]
-            images = [base64.b64encode(degrade(files[p[1]], how)).decode() for p in chunk]
+            images = [base64.b64encode(degrade(files[p], how)).decode() for p in chunk]
             r = self.client.post("/v1/embed", json={"images": images}, headers=self.auth)
             assert r.status_code == 200, r.text
             for p, v in zip(chunk, r.json()["embeddings"], strict=True):
@@ -336,9 +337,11 @@ def main() -> None:
         runs: dict[str, dict[str, Any]] = {}
 
         def run(how: Degradation, photos: list[Photo] | None = None, name: str = "") -> dict:
+            label = name or how.key
+            if label in runs:
+                return runs[label]
             photos = drifter if photos is None else photos
             x = emb.get(photos, how)
-            label = name or how.key
             result = scenario(fleet, (photos, x), monitor_interval_s=monitor_interval_s)
             result["verdict"] = verdict(result)
             runs[label] = result

@@ -22,7 +22,9 @@ galleries with it, would cost minutes of CPU here.
 from __future__ import annotations
 
 import base64
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -89,6 +91,13 @@ def test_degraded_real_photos_alert_for_their_tenant_only(
     tmp_path: Path, photos: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     promtool = tool("promtool")
+    # tenant ids seed each tenant's level reference (service.monitoring.monitor
+    # .reference_seed): fixed ids make the references, and so the test, the same on every run
+    ids = np.random.default_rng(29)
+    monkeypatch.setattr(
+        "service.domain.tenants.uuid",
+        SimpleNamespace(uuid4=lambda: uuid.UUID(int=int(ids.integers(2**63)) << 64 | 29)),
+    )
     species, (*healthy_photos, drifter_photos) = photos
     files = {(s, name): data for s in species for name, data in species[s]}
     settings = Settings(
@@ -108,6 +117,7 @@ def test_degraded_real_photos_alert_for_their_tenant_only(
         drifter, auth, item_ids = enrol_photos(c, "blurry-cam", drifter_photos, files, DEGRADED)
         snap = mon.refresh(force=True)
         scrapes.append((DRIFTER_SEEN, c.get("/metrics").text))
+        healthy_rows = {t: snap.tenants[t] for t in healthy}
         row = snap.tenants[drifter]
         assert row.exportable_ratio == 1.0
         # the same degraded vectors, enrolled bare: nothing to export, nothing to retrain on
@@ -140,7 +150,12 @@ def test_degraded_real_photos_alert_for_their_tenant_only(
     print(
         f"degraded ({DEGRADED.key}) tenant: utility at tau {gallery.utility:.3f} (its reference "
         f"{level.utility['lo']:.3f}-{level.utility['hi']:.3f}), FRR {gallery.frr:.3f}, "
-        f"FAR {gallery.far:.3f}"
+        f"FAR {gallery.far:.3f}; healthy: "
+        + ", ".join(
+            f"{healthy_rows[t].by_source.gallery.utility:.3f} (reference lo "
+            f"{healthy_rows[t].subjects.level_reference.utility['lo']:.3f})"
+            for t in healthy
+        )
     )
     # the healthy fleet alone: quiet
     for t in range(0, int(DRIFTER_SEEN), int(MINUTE)):

@@ -73,6 +73,16 @@ def person(member: str) -> str:
     return member.split("/")[-2]
 
 
+def study_descriptors(desc: fc.Descriptors, members: set[str]) -> fc.Descriptors:
+    """The study's images in sorted name order, whatever order the cache holds them in.
+
+    The cache's order is the order its chunks were extracted (shards, reruns); the heads'
+    labels and batches follow the row order, so without sorting the same descriptors gave
+    different heads and different numbers from one extraction to the next.
+    """
+    return desc.take(sorted(set(desc.names) & members))
+
+
 def labelled(desc: fc.Descriptors, members: list[str]) -> tuple[np.ndarray, np.ndarray]:
     sub = desc.take(members)
     names = [person(m) for m in sub.names]
@@ -212,7 +222,7 @@ def main() -> None:
     pa = lfw.take([fc.lfw_member(*k) for k in pairs.a]).vectors
     pb = lfw.take([fc.lfw_member(*k) for k in pairs.b]).vectors
     study = set(fc.lfw_member(*x) for x in pairs.a + pairs.b)
-    lfw = lfw.take([m for m in dict.fromkeys(lfw.names) if m in study])
+    lfw = study_descriptors(lfw, study)
     folds = people_folds(data)
     base = HeadConfig(kind=args.kind, steps=args.steps)
     grid = [(float(a), float(b)) for a in args.m_plus.split(",") for b in args.m_minus.split(",")]

@@ -295,8 +295,8 @@ def repeat_over_ids(
     """The newcomer's gallery enrolled as ``copies`` tenants at once beside the healthy fleet:
     its level reference is drawn with a seed derived from the tenant's id, so each copy meets
     another reference draw while its own utility at tau stays the same. Counts the copies whose
-    TCMTenantLevelDegraded is pending within 10 minutes (the across-tenants alerts are not
-    counted here: the copies outnumber the fleet)."""
+    TCMTenantLevelDegraded is pending, and firing, within 10 minutes of the enrolment (the
+    across-tenants alerts are not counted here: the copies outnumber the fleet)."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -314,18 +314,21 @@ def repeat_over_ids(
         [(0.0, before), (WARMUP_S + monitor_interval_s, after)],
         horizon_s=WARMUP_S + DETECT_WITHIN_S,
     )
-    alerted = [
-        t
-        for t in ids
-        if any(
-            k.startswith("TCMTenantLevelDegraded/")
-            for k in first_seen(timeline, since=WARMUP_S, tenant=t, state="pending")
+
+    def level_alerts(state: str) -> int:
+        return sum(
+            any(
+                k.startswith("TCMTenantLevelDegraded/") and v <= DETECT_WITHIN_S
+                for k, v in first_seen(timeline, since=WARMUP_S, tenant=t, state=state).items()
+            )
+            for t in ids
         )
-    ]
+
     rows = [signals(snap, t) for t in ids]
     return {
         "copies": copies,
-        "level_alert_pending_within_10_min": len(alerted),
+        "level_alert_pending_within_10_min": level_alerts("pending"),
+        "level_alert_firing_within_10_min": level_alerts("firing"),
         "gallery_utility_at_tau": rows[0]["gallery_utility_at_tau"],
         "reference_utility_lo": sorted(r["level_reference_utility"]["lo"] for r in rows),
     }
@@ -349,6 +352,26 @@ def mildest_from(levels: Sequence[tuple[float, bool]]) -> float | None:
             break
         found = level
     return found
+
+
+def every_id(
+    grid: dict[str, list[tuple[float, bool]]], repeats: dict[str, dict[str, Any]], count: str
+) -> dict[str, float | None]:
+    """Per kind, the mildest level from which every harsher level has ``count`` (a key of
+    ``repeat_over_ids``'s result) equal to all its copies."""
+    return {
+        kind: mildest_from(
+            [
+                (
+                    v,
+                    repeats[Degradation(kind, v).key][count]
+                    == repeats[Degradation(kind, v).key]["copies"],
+                )
+                for v, _ in ladder
+            ]
+        )
+        for kind, ladder in grid.items()
+    }
 
 
 def main() -> None:
@@ -404,11 +427,11 @@ def main() -> None:
 
         run(CLEAN)
         grid: dict[str, list[tuple[float, bool]]] = {}
+        fired: dict[str, list[tuple[float, bool]]] = {}
         for kind, ladder in (("blur", BLUR_LADDER), ("jpeg", JPEG_LADDER)):
-            grid[kind] = [
-                (level, run(Degradation(kind, level))["verdict"]["pending_within_10_min"])
-                for level in ladder
-            ]
+            verdicts = [(level, run(Degradation(kind, level))["verdict"]) for level in ladder]
+            grid[kind] = [(level, v["pending_within_10_min"]) for level, v in verdicts]
+            fired[kind] = [(level, v["firing_within_10_min"]) for level, v in verdicts]
         repeats: dict[str, dict[str, Any]] = {}
         for how in [CLEAN] + [Degradation(k, v) for k, ladder in grid.items() for v, _ in ladder]:
             label = how.key
@@ -453,19 +476,10 @@ def main() -> None:
         },
         "pending_within_10_min_one_id": {k: [list(x) for x in v] for k, v in grid.items()},
         "mildest_alerting_from_one_id": {k: mildest_from(v) for k, v in grid.items()},
-        "mildest_alerting_every_id": {
-            kind: mildest_from(
-                [
-                    (
-                        v,
-                        repeats[Degradation(kind, v).key]["level_alert_pending_within_10_min"]
-                        == REFERENCE_COPIES,
-                    )
-                    for v, _ in ladder
-                ]
-            )
-            for kind, ladder in grid.items()
-        },
+        "mildest_alerting_every_id": every_id(grid, repeats, "level_alert_pending_within_10_min"),
+        "firing_within_10_min_one_id": {k: [list(x) for x in v] for k, v in fired.items()},
+        "mildest_firing_from_one_id": {k: mildest_from(v) for k, v in fired.items()},
+        "mildest_firing_every_id": every_id(grid, repeats, "level_alert_firing_within_10_min"),
         "false_alerts": {
             "healthy_draws_with_a_tenant_alert": sum(draws),
             "healthy_draws": len(draws),

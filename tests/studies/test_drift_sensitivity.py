@@ -7,7 +7,14 @@ import io
 import numpy as np
 from PIL import Image
 
-from studies.drift_sensitivity import CLEAN, Degradation, degrade, mildest_from, verdict
+from studies.drift_sensitivity import (
+    CLEAN,
+    Degradation,
+    degrade,
+    every_id,
+    mildest_from,
+    verdict,
+)
 
 
 def photo() -> bytes:
@@ -53,3 +60,16 @@ def test_verdict_reads_the_10_minutes() -> None:
         "firing_within_10_min": False,
         "firing_within_horizon": True,
     }
+
+
+def test_every_id_needs_all_copies_by_hand() -> None:
+    # blur 2 fires for 9 of 10 ids, so blur's walk back from the harshest stops at 3
+    grid = {"blur": [(2.0, True), (3.0, True)], "jpeg": [(10, False), (5, True)]}
+    repeats = {
+        "blur=2": {"copies": 10, "firing": 9, "pending": 10},
+        "blur=3": {"copies": 10, "firing": 10, "pending": 10},
+        "jpeg=10": {"copies": 10, "firing": 0, "pending": 3},
+        "jpeg=5": {"copies": 10, "firing": 10, "pending": 10},
+    }
+    assert every_id(grid, repeats, "firing") == {"blur": 3.0, "jpeg": 5}
+    assert every_id(grid, repeats, "pending") == {"blur": 2.0, "jpeg": 5}

@@ -30,7 +30,7 @@ import numpy as np
 #: cohort, k = 1) gives a finite score instead of a division by zero.
 MIN_SPREAD = 1e-6
 
-_BLOCK = 4096
+_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -89,20 +89,21 @@ def cohort_stats(embeddings: np.ndarray, cohort: np.ndarray, k: int) -> CohortSt
 def _unit_stats(e: np.ndarray, c64: np.ndarray, k: int) -> CohortStats:
     """:func:`cohort_stats` of unit rows against a unit float64 cohort.
 
-    The scores are computed in float64 and rounded to float32, so that a row's statistics do
-    not depend on the rows it is computed with: a float32 matrix product of one row and of a
-    block that holds it differ in the last bits (BLAS picks other kernels), and the service
-    computes an item's statistics alone at enrolment and in blocks at start-up. The float64
-    sums differ by ~1e-16 at most, which rounds to the same float32 except at a rounding tie
-    (about 1e-9 per score)."""
+    The scores, their mean and spread are computed in float64 and only the results rounded to
+    float32, so that a row's statistics do not depend on the rows it is computed with: a
+    float32 matrix product of one row and of a block that holds it differ in the last bits
+    (BLAS picks other kernels), and the service computes an item's statistics alone at
+    enrolment and in blocks at start-up. In float64 they differ by ~1e-16, which rounds to the
+    same float32 except at a rounding tie (about 1e-9 per number). float64 also keeps the
+    spread exact where it is tiny next to the scores (top-k scores of 0.99 +- 1e-4: float32
+    scores would leave the spread ~1e-3 off)."""
     mean = np.empty(e.shape[0], dtype=np.float32)
     std = np.empty(e.shape[0], dtype=np.float32)
     for start in range(0, e.shape[0], _BLOCK):
-        s = (e[start : start + _BLOCK].astype(np.float64) @ c64.T).astype(np.float32)  # (b, C)
+        s = e[start : start + _BLOCK].astype(np.float64) @ c64.T  # (b, C)
         top = -np.partition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else s
-        top64 = top.astype(np.float64)
-        mean[start : start + _BLOCK] = top64.mean(axis=1)
-        std[start : start + _BLOCK] = top64.std(axis=1)
+        mean[start : start + _BLOCK] = top.mean(axis=1)
+        std[start : start + _BLOCK] = top.std(axis=1)
     return CohortStats(mean, np.maximum(std, MIN_SPREAD).astype(np.float32))
 
 
@@ -116,7 +117,11 @@ class Cohort:
 
     @classmethod
     def of(cls, cohort: np.ndarray, *, dim: int, top_k: int) -> Cohort:
-        return cls(validate_cohort(cohort, dim, top_k).astype(np.float64), int(top_k))
+        validate_cohort(cohort, dim, top_k)
+        # normalised in float64: a float32 norm moves each score by ~1e-7, which is not small
+        # next to the spread of a tight cohort's top-k scores (1e-4 for an untrained model)
+        c = np.asarray(cohort, dtype=np.float64)
+        return cls(c / np.linalg.norm(c, axis=1, keepdims=True), int(top_k))
 
     @property
     def size(self) -> int:

@@ -101,7 +101,7 @@ def _unit_stats(e: np.ndarray, c64: np.ndarray, k: int) -> CohortStats:
     std = np.empty(e.shape[0], dtype=np.float32)
     for start in range(0, e.shape[0], _BLOCK):
         s = e[start : start + _BLOCK].astype(np.float64) @ c64.T  # (b, C)
-        top = -np.partition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else s
+        top = np.partition(s, s.shape[1] - k, axis=1)[:, -k:] if k < s.shape[1] else s
         mean[start : start + _BLOCK] = top.mean(axis=1)
         std[start : start + _BLOCK] = top.std(axis=1)
     return CohortStats(mean, np.maximum(std, MIN_SPREAD).astype(np.float32))

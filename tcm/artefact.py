@@ -215,6 +215,7 @@ def load_openset(directory: str | Path, manifest: Manifest) -> ProbeTails | None
 COHORT_FILE = "cohort.safetensors"
 SCORE_NORM_KIND = "as-norm"
 MAX_COHORT = 2000  # embeddings; per query the service scores a probe against every one
+ASNORM_VERSION_TAG = "-asnorm-"  # model_version suffix: + the first 8 of the cohort's sha256
 
 
 def save_cohort(directory: str | Path, embeddings: np.ndarray, *, top_k: int) -> dict[str, Any]:
@@ -280,8 +281,9 @@ def add_cohort(
     """Adds AS-norm to an artefact: writes the cohort (``cohort``: embeddings of training-class
     images, disjoint from every gallery) and recalibrates tau, for the same target FAR and
     calibration range, on the AS-normalised pair scores of the held-out classes; the cosine
-    calibration is kept in ``score_norm["cosine_calibration"]``. Weights are untouched; the
-    manifest is rewritten. Returns the new manifest."""
+    calibration is kept in ``score_norm["cosine_calibration"]``. The model version gets the
+    suffix ``-asnorm-<sha8 of the cohort>`` (replacing an earlier one). Weights are untouched;
+    the manifest is rewritten. Returns the new manifest."""
     from tcm.asnorm import as_norm_pair_scores
     from tcm.calibration import (
         calibrate_threshold_from_scores,
@@ -315,7 +317,13 @@ def add_cohort(
         "threshold_units": SCORE_NORM_KIND,
         "cosine_calibration": {**asdict(cosine), "far_range": list(cosine.far_range)},
     }
-    new = dataclasses.replace(manifest, calibration=calibration, score_norm=section)
+    # another threshold (and score) means another served model: the version says so, so that
+    # a switch to it is a switch and the monitor never pools its scores with the cosine ones
+    base = manifest.model_version.split(ASNORM_VERSION_TAG)[0]
+    version = f"{base}{ASNORM_VERSION_TAG}{section['sha256'][:8]}"
+    new = dataclasses.replace(
+        manifest, model_version=version, calibration=calibration, score_norm=section
+    )
     write_manifest(directory, new)
     return new
 

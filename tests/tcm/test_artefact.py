@@ -143,6 +143,7 @@ def test_cohort_round_trip_and_as_norm_calibration(tmp_path) -> None:
     saved, m, load_cohort = _with_cohort(tmp_path)
     assert read_manifest(tmp_path) == m
     assert m.threshold_units == "as-norm" and saved.threshold_units == "cosine"
+    assert m.model_version == f"test-v1-asnorm-{m.score_norm['sha256'][:8]}"
     sec = m.score_norm
     assert sec["kind"] == "as-norm" and sec["top_k"] == 10 and sec["cohort_size"] == 50
     assert sec["cosine_calibration"]["tau"] == saved.calibration.tau

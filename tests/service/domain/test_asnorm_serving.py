@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from service.domain.inputs import as_unit_vector
 from service.monitoring.pairs import feedback_scores, gallery_scores
 from tcm import load_artefact, read_manifest, to_input_tensor
 from tcm.artefact import add_cohort, save_cohort
-from tests.service.conftest import ADMIN_TOKEN, STORES, Digits, make_settings, unit
+from tests.service.conftest import ADMIN_TOKEN, STORES, Digits, b64_png, make_settings, unit
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TOP_K = 20
@@ -78,7 +79,7 @@ def _brute_as(cos: float, a: tuple[float, float], b: tuple[float, float]) -> flo
 
 
 def _new_tenant(c: TestClient) -> tuple[str, dict[str, str]]:
-    r = c.post("/v1/tenants", json={"name": "t"}, headers=ADMIN)
+    r = c.post("/v1/tenants", json={"name": f"t-{uuid.uuid4().hex[:8]}"}, headers=ADMIN)
     assert r.status_code == 201, r.text
     return r.json()["tenant_id"], {"Authorization": f"Bearer {r.json()['api_key']}"}
 
@@ -311,3 +312,38 @@ def test_monitor_pairs_use_the_decision_score(cohort_artefact: Path, embedded: n
     np.testing.assert_allclose(got.genuine, np.sort(gen), atol=5e-3)
     np.testing.assert_allclose(got.impostor, np.sort(imp), atol=5e-3)
     assert feedback_scores([], model_version="v", bounded=False).size == 0
+
+
+def test_a_switch_to_a_cohort_artefact_computes_the_items_statistics(
+    artefact: Path, cohort_artefact: Path, digits: Digits, tmp_path: Path
+) -> None:
+    """Images enrolled under the plain model are re-embedded by the switch to the cohort
+    artefact (its own version) and enter the new index with their statistics; the answers then
+    normalise, and match what an enrolment after the switch gets."""
+    from tests.service.runtime.test_restart import FAST_SWITCH, _switch
+
+    version = read_manifest(cohort_artefact).model_version
+    assert version.startswith("digits-test-v1-asnorm-")
+    store = {"store_url": f"sqlite:///{tmp_path / 's.db'}"}
+    rows = [int(np.flatnonzero(digits.labels == d)[i]) for d in range(5, 10) for i in range(3)]
+    items = [
+        {"item_id": f"i{r}", "subject": f"d{digits.labels[r]}", "image": b64_png(digits.images[r])}
+        for r in rows
+    ]
+    with TestClient(create_app(make_settings(artefact, store))) as c:
+        a_id, a = _new_tenant(c)
+        assert c.post("/v1/gallery", json={"items": items}, headers=a).status_code == 201
+    with TestClient(create_app(make_settings(cohort_artefact, store, **FAST_SWITCH))) as c:
+        _switch(c, str(cohort_artefact), version=version)
+        assert c.get("/v1/model").json()["score_normalisation"]["kind"] == "as-norm"
+        b_id, b = _new_tenant(c)  # the same photos, enrolled after the switch
+        assert c.post("/v1/gallery", json={"items": items}, headers=b).status_code == 201
+        sa, sb = _index_stats(c, a_id), _index_stats(c, b_id)
+        assert len(sa) == len(rows) and sa == sb
+        probe = {"image": b64_png(digits.images[int(np.flatnonzero(digits.labels == 6)[5])])}
+        ra = c.post("/v1/match", json={**probe, "k": 5}, headers=a).json()
+        rb = c.post("/v1/match", json={**probe, "k": 5}, headers=b).json()
+        assert ra["model_version"] == version
+        assert ra["candidates"] == rb["candidates"] and ra["decision"] == rb["decision"]
+        assert all("cosine" in h for h in ra["candidates"])
+        assert ra["decision"]["accepted"] == (ra["decision"]["score"] >= ra["threshold"])

@@ -577,7 +577,12 @@ class Monitor:
         pairs = self.pairs.get_many(key, wanted, lambda ts: self.load_scores(ts, now=now))
         cal = self.manifest.calibration
         result = what_if(
-            pairs, threshold, tau=cal.tau, beta=cal.beta, include_pooled=tenant_ids is None
+            pairs,
+            threshold,
+            tau=cal.tau,
+            beta=cal.beta,
+            include_pooled=tenant_ids is None,
+            units=self.manifest.threshold_units,
         )
         result.update(
             in_calibration_range=cal.tau_lo <= threshold <= cal.tau_hi,

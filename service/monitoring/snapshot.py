@@ -422,14 +422,17 @@ def what_if(
     tau: float,
     beta: float,
     include_pooled: bool = True,
+    units: str = "cosine",
 ) -> dict[str, Any]:
     """Per-tenant FAR/FRR at a candidate threshold (and at tau, for comparison), per source and
     pooled, with the pairs behind each; ``pooled_over_tenants`` adds all tenants' pairs up.
-    Cost: O(tenants * log pairs) on sorted scores."""
-    if not (
-        isinstance(threshold, int | float) and math.isfinite(threshold) and -1.0 <= threshold <= 1.0
-    ):
+    Cost: O(tenants * log pairs) on sorted scores. ``units``: the scores' ("cosine": a
+    threshold in [-1, 1]; "as-norm": any finite one)."""
+    finite = isinstance(threshold, int | float) and math.isfinite(threshold)
+    if units == "cosine" and not (finite and -1.0 <= threshold <= 1.0):
         raise ValueError(f"threshold must be a cosine score in [-1, 1], got {threshold!r}")
+    if not finite:
+        raise ValueError(f"threshold must be a finite score, got {threshold!r}")
     tenants: dict[str, Any] = {}
     totals = {src: {"g": 0, "i": 0, "fa": 0, "fr": 0} for src in SOURCES}
     for t, parts in pairs.items():

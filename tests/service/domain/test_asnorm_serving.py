@@ -347,3 +347,49 @@ def test_a_switch_to_a_cohort_artefact_computes_the_items_statistics(
         assert ra["candidates"] == rb["candidates"] and ra["decision"] == rb["decision"]
         assert all("cosine" in h for h in ra["candidates"])
         assert ra["decision"]["accepted"] == (ra["decision"]["score"] >= ra["threshold"])
+
+
+def test_monitor_reads_the_decision_scores_and_takes_thresholds_in_their_units(
+    cohort_artefact: Path, artefact: Path, digits: Digits, embedded: np.ndarray, tmp_path: Path
+) -> None:
+    """Labelled decisions reach the monitor with the score that decided them (AS-norm, not
+    clipped to a cosine's range), its gallery pairs are AS-normalised, and its what-if takes a
+    threshold in as-norm units; a cosine model still refuses one outside [-1, 1]."""
+    tau = read_manifest(cohort_artefact).calibration.tau
+    ids, vecs, subjects = _gallery(digits, embedded)
+    store = {"store_url": f"sqlite:///{tmp_path / 's.db'}"}
+    settings = make_settings(cohort_artefact, store, monitor_interval_s=3600.0)
+    with TestClient(create_app(settings)) as c:
+        tenant_id, auth = _new_tenant(c)
+        _enrol(c, auth, ids, vecs, subjects)
+        scores = []
+        for q in _probes(digits, embedded):
+            m = c.post("/v1/match", json={"embedding": q.tolist(), "k": 1}, headers=auth).json()
+            fb = {"match_id": m["match_id"], "true_subject": m["decision"]["subject"]}
+            assert c.post("/v1/feedback", json=fb, headers=auth).status_code == 201
+            scores.append(m["decision"]["score"])
+        monitor = c.app.state.monitor
+        pairs = monitor.load_scores([tenant_id], now=monitor.clock())[tenant_id]
+        fed = np.sort(np.concatenate([pairs["feedback"].genuine, pairs["feedback"].impostor]))
+        np.testing.assert_allclose(fed, np.sort(scores), rtol=1e-6)
+        assert np.abs(fed).max() > 1.0  # AS units, kept as decided
+        cohort = c.app.state.runtime.serving.cohort
+        want = gallery_scores(
+            subjects, vecs, max_items=1000, max_pairs=20_000, seed=0, cohort=cohort
+        )
+        assert pairs["gallery"].size == want.size and np.abs(pairs["gallery"].impostor).max() > 1
+        r = c.get("/v1/monitor", headers=ADMIN, params={"threshold": tau})
+        assert r.status_code == 200, r.text
+        assert r.json()["what_if"]["threshold"] == tau
+        assert _threshold_bounds(c) == (-1000, 1000)  # the published schema says so
+    plain = make_settings(artefact, {"store_url": f"sqlite:///{tmp_path / 'p.db'}"})
+    with TestClient(create_app(plain)) as c:
+        r = c.get("/v1/monitor", headers=ADMIN, params={"threshold": 1.5})
+        assert r.status_code == 422 and "[-1, 1]" in r.json()["message"]
+        assert _threshold_bounds(c) == (-1, 1)
+
+
+def _threshold_bounds(c: TestClient) -> tuple[float, float]:
+    params = c.get("/openapi.json").json()["paths"]["/v1/monitor"]["get"]["parameters"]
+    (node,) = [p["schema"] for p in params if p["name"] == "threshold"]
+    return node["minimum"], node["maximum"]

@@ -313,19 +313,78 @@ def add_cohort(
         impostor_pairs=len(impostor),
         impostor_pairs_needed=impostor_pairs_needed(cosine.target_far),
     )
+    cosine_baseline = (manifest.score_norm or {}).get("cosine_baseline") or _opis_of(manifest)
+    baseline = _as_norm_baseline(manifest.baseline, loaded, heldout, heldout_labels, calibration)
     section |= {
         "threshold_units": SCORE_NORM_KIND,
         "cosine_calibration": {**asdict(cosine), "far_range": list(cosine.far_range)},
+        "cosine_baseline": cosine_baseline,
     }
     # another threshold (and score) means another served model: the version says so, so that
     # a switch to it is a switch and the monitor never pools its scores with the cosine ones
     base = manifest.model_version.split(ASNORM_VERSION_TAG)[0]
     version = f"{base}{ASNORM_VERSION_TAG}{section['sha256'][:8]}"
     new = dataclasses.replace(
-        manifest, model_version=version, calibration=calibration, score_norm=section
+        manifest,
+        model_version=version,
+        calibration=calibration,
+        baseline=baseline,
+        score_norm=section,
     )
     write_manifest(directory, new)
     return new
+
+
+def _opis_of(manifest: Manifest) -> dict[str, Any]:
+    b = manifest.baseline
+    return {
+        "opis": b.opis,
+        "eps_opis": b.eps_opis,
+        "opis_interval": None if b.opis_interval is None else list(b.opis_interval),
+        "eps_opis_interval": None if b.eps_opis_interval is None else list(b.eps_opis_interval),
+    }
+
+
+def _as_norm_baseline(
+    baseline: Baseline,
+    cohort: Cohort,
+    heldout: np.ndarray,
+    labels: np.ndarray,
+    cal: Calibration,
+) -> Baseline:
+    """OPIS and eps-OPIS of the held-out classes on AS-normalised scores, over the new
+    calibration range: the baseline the monitor's live OPIS (measured on those scores) is
+    compared with. Intervals by the same class bootstrap as at export."""
+    from tcm.asnorm import as_norm_class_scores
+    from tcm.consistency import consistency_from_scores
+    from tcm.drift import bootstrap_interval
+
+    gen, imp = as_norm_class_scores(heldout, labels, cohort)
+    cons = consistency_from_scores(
+        gen,
+        imp,
+        tau_range=(cal.tau_lo, cal.tau_hi),
+        num_thresholds=cal.num_thresholds,
+        beta=cal.beta,
+        eps=baseline.eps,
+        tau=cal.tau,
+    )
+    opis_ci = eps_ci = None
+    resamples = baseline.bootstrap_resamples or 1000
+    if len(cons.utility) >= 2:
+        level = baseline.interval_level
+        opis_ci = bootstrap_interval(cons.utility, resamples=resamples, level=level)
+        eps_ci = bootstrap_interval(
+            cons.utility, resamples=resamples, level=level, eps=baseline.eps
+        )
+    return dataclasses.replace(
+        baseline,
+        opis=float(cons.opis),
+        eps_opis=float(cons.eps_opis),
+        opis_interval=opis_ci,
+        eps_opis_interval=eps_ci,
+        bootstrap_resamples=resamples if opis_ci is not None else baseline.bootstrap_resamples,
+    )
 
 
 def load_cohort_arrays(path: Path) -> np.ndarray:

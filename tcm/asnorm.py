@@ -139,6 +139,35 @@ class Cohort:
         return _unit_stats(e, self.embeddings, self.top_k)
 
 
+def as_norm_class_scores(
+    embeddings: np.ndarray, labels: np.ndarray, cohort: Cohort, *, block: int = 1024
+) -> tuple[dict[object, np.ndarray], dict[object, np.ndarray]]:
+    """Per class, the AS-normalised scores of its genuine pairs (both items in it) and of its
+    impostor pairs (one item in it, the other not: each impostor pair counts for both of its
+    classes), as ``tcm.consistency_from_scores`` takes them. Memory: about twice
+    :func:`as_norm_pair_scores`'."""
+    e = _unit(embeddings, "the embeddings")
+    y = np.asarray(labels).reshape(-1)
+    if len(y) != len(e):
+        raise ValueError(f"{len(y)} labels for {len(e)} embeddings")
+    st = cohort.stats(e)
+    gen: dict[object, list[np.ndarray]] = {}
+    imp: dict[object, list[np.ndarray]] = {}
+    for start in range(0, len(e), block):
+        rows = slice(start, start + block)
+        s = as_norm(e[rows] @ e.T, st.take(np.arange(len(e))[rows]), st)
+        i, j = np.triu_indices(s.shape[0], k=start + 1, m=len(e))
+        vals, yi, yj = s[i, j], y[rows][i], y[j]
+        same = yi == yj
+        for c in np.unique(y):
+            gen.setdefault(c.item(), []).append(vals[same & (yi == c)])
+            imp.setdefault(c.item(), []).append(vals[~same & ((yi == c) | (yj == c))])
+    return (
+        {c: np.concatenate(v) for c, v in gen.items()},
+        {c: np.concatenate(v) for c, v in imp.items()},
+    )
+
+
 def as_norm_pair_scores(
     embeddings: np.ndarray, labels: np.ndarray, cohort: Cohort, *, block: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -159,6 +159,18 @@ def test_cohort_round_trip_and_as_norm_calibration(tmp_path) -> None:
     assert m.calibration.target_far == saved.calibration.target_far
     assert m.calibration.tau_lo <= m.calibration.tau <= m.calibration.tau_hi
     assert (tmp_path / "cohort.safetensors").stat().st_mode & 0o777 == 0o644
+    # the baseline OPIS is re-measured on the AS-normalised held-out scores (the cosine one kept)
+    from tcm import consistency_from_scores
+    from tcm.asnorm import as_norm_class_scores
+
+    assert sec["cosine_baseline"]["opis"] == saved.baseline.opis
+    gen, imp = as_norm_class_scores(held, np.repeat(np.arange(12), 5), cohort)
+    cal = m.calibration
+    want = consistency_from_scores(
+        gen, imp, tau_range=(cal.tau_lo, cal.tau_hi), eps=saved.baseline.eps, tau=cal.tau
+    )
+    assert m.baseline.opis == pytest.approx(want.opis) and m.baseline.opis != saved.baseline.opis
+    assert m.baseline.opis_interval is not None
 
 
 def test_cohort_of_another_dimension_or_hash_is_refused(tmp_path) -> None:

@@ -139,3 +139,31 @@ def test_pair_scores_match_brute_force() -> None:
             (want_g if y[i] == y[j] else want_i).append(v)
     np.testing.assert_allclose(np.sort(genuine), np.sort(want_g), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.sort(impostor), np.sort(want_i), rtol=1e-5, atol=1e-5)
+
+
+def test_class_scores_match_brute_force() -> None:
+    """Per class: genuine pairs inside it, impostor pairs with one side in it (each impostor
+    pair counted for both its classes)."""
+    from tcm.asnorm import Cohort, as_norm_class_scores
+
+    rng = np.random.default_rng(5)
+    cohort = Cohort.of(rng.normal(size=(30, 6)).astype(np.float32), dim=6, top_k=4)
+    x = rng.normal(size=(17, 6)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = rng.integers(0, 3, size=17)
+    gen, imp = as_norm_class_scores(x, y, cohort, block=5)
+    st = cohort.stats(x)
+    want_g: dict[int, list[float]] = {}
+    want_i: dict[int, list[float]] = {}
+    for i in range(17):
+        for j in range(i + 1, 17):
+            s = float(x[i] @ x[j])
+            v = 0.5 * ((s - st.mean[i]) / st.std[i] + (s - st.mean[j]) / st.std[j])
+            if y[i] == y[j]:
+                want_g.setdefault(int(y[i]), []).append(v)
+            else:
+                want_i.setdefault(int(y[i]), []).append(v)
+                want_i.setdefault(int(y[j]), []).append(v)
+    for c in range(3):
+        np.testing.assert_allclose(np.sort(gen[c]), np.sort(want_g.get(c, [])), atol=1e-5)
+        np.testing.assert_allclose(np.sort(imp[c]), np.sort(want_i[c]), atol=1e-5)

@@ -30,7 +30,7 @@ PRESET := $(if $(filter omniglot,$(MODEL)),omniglot,birds)
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
 .PHONY: install run test lint bench study study-faces study-orl study-cub study-faces-descriptor \
-	noise-floor derived model clean audit
+	noise-floor derived model clean audit drift-sensitivity
 
 $(RUN_STAMP): pyproject.toml client/pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -127,6 +127,13 @@ derived: $(STAMP)
 # runs/features: extraction runs once; resumes from runs/study_cub).
 study-cub: $(STAMP)
 	$(PY) -m studies.cub --data-dir $(DATA_DIR) --out runs/study_cub --docs docs/results
+
+# Drift alerts on real bird photos (issue 29): the smallest blur / JPEG degradation of one
+# tenant's photos that the committed alert rules name, and false alerts on healthy tenants; the
+# app embeds ~1,300 photos (the default model, no training), promtool replays its /metrics into
+# the rules in simulated time (docs/results/drift_sensitivity.json).
+drift-sensitivity: $(STAMP)
+	$(PY) -m studies.drift_sensitivity --data-dir $(DATA_DIR) --out docs/results/drift_sensitivity.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

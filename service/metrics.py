@@ -282,15 +282,18 @@ class ServiceMetrics:
         )
         self.expected_fpir = Gauge(
             "tcm_tenant_expected_fpir_ratio",
-            "the FPIR the served model is expected to have at tau against a gallery of this "
-            "tenant's size, measured on its held-out classes (tcm.openset: probes against N "
-            "impostor photos); the FPIR target of tenant:tcm_fpir_target:ratio. Absent for an "
+            "the FPIR the served model is expected to have at tau against this tenant's gallery "
+            "(its subjects and their photo counts; tcm.openset.fpir_gallery), measured on its "
+            "held-out classes; the FPIR target of tenant:tcm_fpir_target:ratio. Absent for an "
             "artefact without an open-set section, and for the folded 'other' label",
             ["tenant"],
             registry=registry,
         )
         self._openset: tuple[Any, float] | None = None  # (tcm.openset.ProbeTails, tau)
+        self._gallery_fpir: Any | None = None  # tcm.openset.GalleryFpir at tau, or None
+        self._fpir_by_shape: dict[tuple[tuple[int, int], ...], float] = {}
         self._gallery_totals: dict[str, int] = {}
+        self._gallery_shapes: dict[str, dict[int, int]] = {}
 
     def _init_tenant(self, label: str) -> None:
         """The four outcome series start at 0, so FAR/FRR ratios exist before the first error
@@ -307,34 +310,63 @@ class ServiceMetrics:
         at = self.tenant_info.updated_at
         return None if at is None else time.monotonic() - at
 
-    def set_gallery_size(self, sizes: dict[str, int]) -> None:
-        """Sets gallery sizes; tenants folded into ``other`` are summed."""
+    def set_gallery_size(
+        self, sizes: dict[str, int], shapes: dict[str, dict[int, int]] | None = None
+    ) -> None:
+        """Sets gallery sizes; tenants folded into ``other`` are summed. ``shapes`` (each
+        tenant's ``{photos: subjects}``) makes the expected FPIR follow the gallery's subjects,
+        not only its photo count (``tcm.openset.fpir_gallery``)."""
         totals: dict[str, int] = {}
+        kept_shapes: dict[str, dict[int, int]] = {}
         for tenant, n in sizes.items():
             label = self.tenant_label(tenant)
             totals[label] = totals.get(label, 0) + n
+            if shapes is not None and label != OTHER_TENANTS and tenant in shapes:
+                kept_shapes[label] = shapes[tenant]
         for label, n in totals.items():
             self.gallery_items.labels(tenant=label).set(n)
         self.tenants.set(len(sizes))
         self._gallery_totals = totals
+        self._gallery_shapes = kept_shapes
         self._publish_expected_fpir()
 
     def set_openset(self, tails: Any | None, tau: float) -> None:
         """The served model's open-set tails (``tcm.load_openset``; None: it has none) and
         tau: the expected FPIR at each tenant's gallery size follows from them."""
+        from tcm.openset import GalleryFpir
+
         self._openset = None if tails is None else (tails, tau)
+        self._gallery_fpir = (
+            GalleryFpir.at(tails, tau) if tails is not None and tails.has_classes else None
+        )
+        self._fpir_by_shape = {}
         self._publish_expected_fpir()
 
-    def _publish_expected_fpir(self) -> None:
+    def _expected_fpir(self, label: str, n: int) -> float:
+        """At the tenant's gallery shape where both it and class-keeping tails are known;
+        otherwise as n photos of n subjects (tails written before they kept classes)."""
         from tcm.openset import fpir
 
+        assert self._openset is not None
+        shape = self._gallery_shapes.get(label)
+        if self._gallery_fpir is None or not shape:
+            tails, tau = self._openset
+            return fpir(tails, tau, n)
+        key = tuple(sorted(shape.items()))
+        value = self._fpir_by_shape.get(key)
+        if value is None:
+            if len(self._fpir_by_shape) >= 4096:  # shapes change as galleries grow: bounded
+                self._fpir_by_shape.clear()
+            value = self._fpir_by_shape[key] = self._gallery_fpir(shape)
+        return value
+
+    def _publish_expected_fpir(self) -> None:
         self.expected_fpir.clear()
         if self._openset is None:
             return
-        tails, tau = self._openset
         for label, n in self._gallery_totals.items():
             if label != OTHER_TENANTS and n >= 1:
-                self.expected_fpir.labels(tenant=label).set(fpir(tails, tau, n))
+                self.expected_fpir.labels(tenant=label).set(self._expected_fpir(label, n))
 
     def forget_tenant(self, tenant_id: str) -> None:
         label = self.tenant_label(tenant_id)
@@ -344,6 +376,7 @@ class ServiceMetrics:
             with contextlib.suppress(KeyError):
                 self.expected_fpir.remove(label)
             self._gallery_totals.pop(label, None)
+            self._gallery_shapes.pop(label, None)
 
 
 class RequestMetricsMiddleware:

@@ -1,4 +1,7 @@
-"""The CUB study (`make study-cub`): TCM in the paper's regime, an ImageNet backbone on CUB-200.
+"""The CUB study (`make study-cub`): TCM on a frozen ImageNet backbone + a trained head, CUB-200.
+
+Not the paper's regime: the paper fine-tunes its ImageNet backbone on the training classes;
+here only the head on top of the frozen backbone's cached features trains (the CPU regime).
 
 Setting: 100 CUB-200 species, the open-world split of ``classes_cub_map.csv`` (58 species with
 CUB ids <= 100 train, the 42 with ids > 100 test). EfficientNet-Lite0 with its ImageNet weights

@@ -1,10 +1,11 @@
 """Every figure docs/results.md derives from the committed study JSON, recomputed from it.
 
 The studies write one JSON each (``docs/results/study.json``, ``faces_study.json``,
-``orl_study.json``, ``lfw_noise_floor.json``); the write-up quotes differences, relative changes,
-shares of genuine pairs and identity counts that are not printed in their tables. This command
-recomputes each of them from those files (and, for the LFW identity counts, from the data's
-people lists), so that every number in the write-up has a command behind it:
+``orl_study.json``, ``lfw_noise_floor.json``, ``cub_study.json``); the write-up quotes
+differences, relative changes, shares of genuine pairs and identity counts that are not printed
+in their tables. This command recomputes each of them from those files (and, for the LFW
+identity counts, from the data's people lists), so that every number in the write-up has a
+command behind it:
 
     python -m studies.derived --data-dir ../shared/data   # seconds; no training
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,51 @@ LFW_KEYS: list[Key] = [
     ("tar_far_1e-2_dev", "TAR@FAR 1e-2 (DevTest)", 1, ".3f"),
     ("tar_far_1e-3_dev", "TAR@FAR 1e-3 (DevTest)", 1, ".3f"),
 ]
+
+
+CUB_KEYS: list[Key] = [
+    ("far_spread", "per-species FAR spread", 1, ".4f"),
+    ("frr_spread", "per-species FRR spread", 1, ".4f"),
+    ("far_std", "per-species FAR sd", 1, ".4f"),
+    ("frr_std", "per-species FRR sd", 1, ".4f"),
+    ("frr_at_tau", "FRR at τ", 1, ".4f"),
+]
+
+
+def cub_section(runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """CUB's per-species spreads at τ, TCM λ=1 against the base loss, paired by seed: the study
+    itself gives class-bootstrap intervals for R@1/MAP@R/OPIS/ε-OPIS only (cub_table.md); these
+    are Student-t intervals over its 5 seeds, so they hold the test species fixed."""
+    lines = [
+        "## CUB (docs/results/cub_study.json): per-species spreads at τ, TCM λ=1 − base, "
+        "paired by seed",
+        "",
+    ]
+    out: dict[str, Any] = {}
+    by_loss: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in runs:
+        by_loss.setdefault(r["loss"], {}).setdefault(r["arm"], []).append(r)
+    for loss, arms in by_loss.items():
+        d = paired_differences(arms["base"], arms["tcm_l1"], [k for k, *_ in CUB_KEYS])
+        for key, v in d.items():
+            base_mean = statistics.fmean(float(r[key]) for r in arms["base"])
+            v["relative_ci95"] = (
+                [v["ci95"][0] / base_mean, v["ci95"][1] / base_mean] if base_mean else None
+            )
+            v["seeds_lower"] = sum(x < 0 for x in v["per_seed"])
+        out[f"{loss} + TCM λ=1 - {loss}"] = d
+        lines += [f"### {loss} + TCM λ=1 − {loss}", "", *differences_table(d, CUB_KEYS), ""]
+        lines += [
+            "Relative to the base mean, 95% interval: "
+            + "; ".join(
+                f"{head} {d[key]['relative']:+.1%} "
+                f"[{d[key]['relative_ci95'][0]:+.1%}, {d[key]['relative_ci95'][1]:+.1%}], "
+                f"lower in {d[key]['seeds_lower']}/{len(d[key]['per_seed'])} seeds"
+                for key, head, *_ in CUB_KEYS
+            ),
+            "",
+        ]
+    return lines, out
 
 
 def _groups(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -202,6 +249,11 @@ def main() -> None:
             + "; ".join(f"seed {k}: {', '.join(v)}" for k, v in people["test"].items()),
             "",
         ]
+
+    cub_path = args.docs / "cub_study.json"
+    if cub_path.is_file():
+        lines, out["cub"] = cub_section(json.loads(cub_path.read_text())["runs"])
+        md += lines
 
     (args.docs / "derived.md").write_text("\n".join(md))
     (args.docs / "derived.json").write_text(json.dumps(out, indent=2))

@@ -5,21 +5,26 @@ Protocol (LFW "unrestricted", identity-disjoint throughout):
 
 - For each of the 10 folds of ``people.txt`` (those whose descriptors are cached), the head
   trains on the people of the other folds (their images named in ``pairs.txt``; people with
-  >= 2 of them), minus 15% of those people held out as *validation identities*. TCM margins
+  >= 2 of them: 1,153-1,214 per fold, ``train_identities`` in each sweep record), minus 15% of
+  the other folds' people (drawn from all of them, single-image people included) held out as
+  *validation identities*. TCM margins
   are chosen on the validation identities (lowest validation OPIS among TCM runs within 0.005
   R@1 of the head without TCM); the global threshold tau is calibrated there too (FAR 1e-3
   over all validation pairs). The test fold is never looked at.
 - Test, per fold: the fold's 600 pairs of ``pairs.txt`` (k-fold accuracy: tau picked on the other
   nine folds' pairs, scored by the same head, the standard protocol); accuracy at the validation
-  tau; TAR at FAR 1e-3 / 1e-2 over all pairs of the fold's images in pairs.txt (~700 images:
-  ~250,000 impostor pairs, against the 300 that pairs.txt lists); OPIS, eps-OPIS and the
-  per-identity FAR/FRR spread at tau over the fold's identities with >= 4 images.
-- ORL (40 people x 10 images, never trained on): the same metrics for every fold's head.
+  tau; TAR at FAR 1e-3 / 1e-2 over all pairs of the fold's images in pairs.txt (737-813 images:
+  270,000-329,000 impostor pairs, against the 300 that pairs.txt lists; each record's
+  ``images`` and ``impostor_pairs``); OPIS, eps-OPIS and the per-identity FAR/FRR spread at
+  tau over the fold's identities with >= 4 images only (the others are left out of those
+  figures, impostor pairs included).
+- ORL (all 40 people x 10 images, never trained on): the same metrics for every fold's head.
 - Seeds 0, 1, 2 for the heads; the raw descriptor has no seed. Paired differences per fold
   (seed-averaged), mean and 95% t-interval over the folds.
 
-Descriptors come from the on-disk cache (``python -m training.face_cache``); missing ones are
-extracted first (~0.1 s per image per core).
+Descriptors come from the on-disk cache, which ``python -m training.face_cache`` fills (~0.1 s
+per image per core on a quiet machine); this module extracts nothing and uses the folds whose
+pair images are all cached.
 """
 
 from __future__ import annotations
@@ -68,6 +73,16 @@ def person(member: str) -> str:
     return member.split("/")[-2]
 
 
+def study_descriptors(desc: fc.Descriptors, members: set[str]) -> fc.Descriptors:
+    """The study's images in sorted name order, whatever order the cache holds them in.
+
+    The cache's order is the order its chunks were extracted (shards, reruns); the heads'
+    labels and batches follow the row order, so without sorting the same descriptors gave
+    different heads and different numbers from one extraction to the next.
+    """
+    return desc.take(sorted(set(desc.names) & members))
+
+
 def labelled(desc: fc.Descriptors, members: list[str]) -> tuple[np.ndarray, np.ndarray]:
     sub = desc.take(members)
     names = [person(m) for m in sub.names]
@@ -75,16 +90,27 @@ def labelled(desc: fc.Descriptors, members: list[str]) -> tuple[np.ndarray, np.n
     return sub.vectors, np.array([ids[n] for n in names])
 
 
+def with_min_images(labels: np.ndarray, min_images: int) -> np.ndarray:
+    """Mask of the samples whose label occurs >= ``min_images`` times.
+
+    Compares label *values*: an earlier version compared them with positions in the unique
+    array, which is only right for labels 0..n-1 and dropped ORL's person s40 (labels 1..40).
+    """
+    values, counts = np.unique(labels, return_counts=True)
+    return np.isin(labels, values[counts >= min_images])
+
+
 def evaluate_set(
     emb: np.ndarray, labels: np.ndarray, tau: float, min_images: int
 ) -> dict[str, float]:
-    """TAR@FAR over all pairs; OPIS/eps-OPIS and per-identity spread over identities with
-    >= ``min_images`` (the others still give impostor pairs)."""
+    """R@1 and TAR@FAR over all images; OPIS/eps-OPIS and the per-identity FAR/FRR at tau over
+    the images of identities with >= ``min_images`` only (the others are left out of those
+    figures altogether, impostor pairs included)."""
     out: dict[str, float] = {"recall_at_1": recall_at_k(emb, labels, 1)}
     for far in (1e-3, 1e-2):
         out[f"tar_far_{far:g}"] = calibrate_threshold(emb, labels, target_far=far).tar
     _, counts = np.unique(labels, return_counts=True)
-    keep = np.isin(labels, np.flatnonzero(counts >= min_images))
+    keep = with_min_images(labels, min_images)
     rep = consistency_report(emb[keep], labels[keep], tau=tau)
     a = rep.at_tau
     assert a is not None
@@ -98,6 +124,10 @@ def evaluate_set(
         far_std=float(a.far.std()),
         frr_std=float(a.frr.std()),
         identities=len(rep.classes),
+        images=len(labels),
+        impostor_pairs=int(
+            len(labels) * (len(labels) - 1) // 2 - (counts * (counts - 1) // 2).sum()
+        ),
     )
     return out
 
@@ -192,7 +222,7 @@ def main() -> None:
     pa = lfw.take([fc.lfw_member(*k) for k in pairs.a]).vectors
     pb = lfw.take([fc.lfw_member(*k) for k in pairs.b]).vectors
     study = set(fc.lfw_member(*x) for x in pairs.a + pairs.b)
-    lfw = lfw.take([m for m in dict.fromkeys(lfw.names) if m in study])
+    lfw = study_descriptors(lfw, study)
     folds = people_folds(data)
     base = HeadConfig(kind=args.kind, steps=args.steps)
     grid = [(float(a), float(b)) for a in args.m_plus.split(",") for b in args.m_minus.split(",")]
@@ -209,9 +239,19 @@ def main() -> None:
         test_people = set(folds[k])
         xte, yte = labelled(lfw, [m for m in lfw.names if person(m) in test_people])
         pick, rows, swept = margin_choice(xtr, ytr, xval, yval, base, grid, args.slack)
-        sweeps.append({"fold": k, "rows": rows, "picked": pick})
+        trained = int((np.unique(ytr, return_counts=True)[1] >= 2).sum())  # the head's batches
+        sweeps.append(
+            {
+                "fold": k,
+                "rows": rows,
+                "picked": pick,
+                "train_identities": trained,
+                "train_identities_listed": len(set(ytr.tolist())),
+                "val_identities": len(val_ids),
+            }
+        )
         console.print(
-            f"fold {k}: {len(set(ytr))} train / {len(val_ids)} val identities, "
+            f"fold {k}: {trained} train (>= 2 images) / {len(val_ids)} val identities, "
             f"margins m+={pick['m_plus']} m-={pick['m_minus']} "
             f"({(time.perf_counter() - started) / 60:.1f} min)"
         )

@@ -191,10 +191,13 @@ def save_openset(directory: str | Path, tails: ProbeTails) -> str:
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    arrays = tails.to_arrays()
+    # class codes (when kept) in int16 while they fit: 128 bytes a probe at k = 64
+    code = np.int16 if len(arrays.get("class_sizes", ())) <= np.iinfo(np.int16).max else np.int32
+    dtypes = {"top": np.float32, "mate": np.float32, "impostors": np.int64, "class_sizes": np.int64}
     tensors = {
-        "top": torch.from_numpy(tails.top.astype(np.float32)).contiguous(),
-        "impostors": torch.from_numpy(tails.impostors.astype(np.int64)).contiguous(),
-        "mate": torch.from_numpy(tails.mate.astype(np.float32)).contiguous(),
+        name: torch.from_numpy(np.ascontiguousarray(a, dtype=dtypes.get(name, code)))
+        for name, a in arrays.items()
     }
     _write_atomic(out / OPENSET_FILE, save(tensors))
     return OPENSET_FILE

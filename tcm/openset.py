@@ -20,6 +20,21 @@ gallery is other photos of other classes):
 Only the top ``k`` impostor scores per probe are kept: ``p_i(tau)`` is exact while at most
 ``k`` of a probe's scores reach tau, which holds for every tau in the tail a target FPIR
 selects (:func:`tau_at_fpir` refuses a target the tails cannot resolve).
+
+A tenant's gallery is not N photos of N strangers but a few photos of each of G subjects, and
+photos of one subject hit a probe together or not at all (a Summer Tanager probe is accepted by
+every photo of a Scarlet Tanager, and by none of a wren's). Tails that keep the class of each
+kept score (``top_class``, ``class_sizes``) give the expected FPIR for a gallery *shape*,
+``P_s`` photos of each subject s (:func:`fpir_gallery`): subjects are unseen classes drawn from
+the held-out ones, photos drawn from their class,
+
+    FPIR = mean_i [1 - prod_s m_i(P_s)],  m_i(P) = mean over classes c != c_i of (1 - p_ic)^P,
+
+``p_ic`` = the share of class c's photos scoring at or above tau against probe i. With one
+photo per subject and equal class sizes it equals :func:`fpir` at N = G; with several photos per
+subject it is lower than :func:`fpir` at N = sum P_s (measured on the bird default's held-out
+species: 0.335 against 0.427 for 15 subjects x 8 photos, where galleries drawn from those
+species gave 0.37; ``docs/results.md``).
 """
 
 from __future__ import annotations
@@ -42,6 +57,11 @@ class ProbeTails:
     top: np.ndarray  # (P, k) float
     impostors: np.ndarray  # (P,) int
     mate: np.ndarray  # (P,) float
+    # optional (tails written before they existed lack them): the class code of each kept
+    # score (-1 pads), each probe's own class, and every class's photo count
+    top_class: np.ndarray | None = None  # (P, k) int
+    probe_class: np.ndarray | None = None  # (P,) int
+    class_sizes: np.ndarray | None = None  # (C,) int
 
     def __post_init__(self) -> None:
         if self.top.ndim != 2 or self.top.shape[0] != self.impostors.shape[0]:
@@ -50,6 +70,23 @@ class ProbeTails:
             raise ValueError("one mate score per probe")
         if (self.impostors < 1).any():
             raise ValueError("every probe needs at least one impostor")
+        parts = (self.top_class, self.probe_class, self.class_sizes)
+        if any(x is not None for x in parts):
+            if any(x is None for x in parts):
+                raise ValueError("top_class, probe_class and class_sizes come together")
+            assert self.top_class is not None and self.probe_class is not None
+            assert self.class_sizes is not None
+            if self.top_class.shape != self.top.shape:
+                raise ValueError("top_class must have top's shape")
+            if self.probe_class.shape != self.impostors.shape:
+                raise ValueError("one class per probe")
+            if len(self.class_sizes) < 2 or (self.class_sizes < 1).any():
+                raise ValueError("class_sizes needs two or more classes of at least one photo")
+
+    @property
+    def has_classes(self) -> bool:
+        """Whether the kept scores carry their classes (:func:`fpir_gallery` needs them)."""
+        return self.class_sizes is not None
 
     @property
     def k(self) -> int:
@@ -66,22 +103,45 @@ class ProbeTails:
         return bool(((c < self.k) | (self.impostors <= self.k)).all())
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"top": self.top, "impostors": self.impostors, "mate": self.mate}
+        out = {"top": self.top, "impostors": self.impostors, "mate": self.mate}
+        if self.has_classes:
+            assert self.top_class is not None and self.probe_class is not None
+            assert self.class_sizes is not None
+            out |= {
+                "top_class": self.top_class,
+                "probe_class": self.probe_class,
+                "class_sizes": self.class_sizes,
+            }
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ProbeTails:
+        def ints(key: str) -> np.ndarray | None:
+            return np.asarray(arrays[key], np.int64) if key in arrays else None
+
         return cls(
             np.asarray(arrays["top"], np.float64),
             np.asarray(arrays["impostors"], np.int64),
             np.asarray(arrays["mate"], np.float64),
+            ints("top_class"),
+            ints("probe_class"),
+            ints("class_sizes"),
         )
 
 
 def probe_tails(
-    embeddings: object, labels: object, *, k: int = DEFAULT_TOP_K, block_size: int = 1024
+    embeddings: object,
+    labels: object,
+    *,
+    k: int = DEFAULT_TOP_K,
+    block_size: int = 1024,
+    resolve_at: float | None = None,
 ) -> ProbeTails:
     """Every image of a labelled held-out set as a probe against all the others, blockwise
-    (memory O(block_size x N)): its top ``k`` impostor scores, impostor count, best mate."""
+    (memory O(block_size x N)): its top ``k`` impostor scores, impostor count, best mate.
+    ``resolve_at`` raises ``k`` until every probe keeps all its impostor scores at or above
+    that tau (an artefact's own tau: the FPIR there must be exact; a probe that resembles a
+    whole genus can have far more than 64 impostors above a pair-FAR tau)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     ps = prepare(embeddings, labels)
@@ -91,8 +151,15 @@ def probe_tails(
     impostors = (n - sizes[codes]).numpy()
     if (impostors < 1).any():
         raise ValueError("need at least two classes: a probe needs impostors")
+    if resolve_at is not None:
+        most = 0
+        for start in range(0, n, block_size):
+            s = emb[start : start + block_size] @ emb.T
+            other = codes[start : start + block_size, None] != codes[None, :]
+            most = max(most, int(((s >= resolve_at) & other).sum(dim=1).max()))
+        k = max(k, most + 1)
     kk = min(k, int(impostors.max()))
-    tops, mates = [], []
+    tops, top_classes, mates = [], [], []
     for start in range(0, n, block_size):
         s = emb[start : start + block_size] @ emb.T  # (b, N)
         same = codes[start : start + block_size, None] == codes[None, :]
@@ -101,9 +168,20 @@ def probe_tails(
         mate[rows, rows + start] = -torch.inf  # not against itself
         best = mate.max(dim=1).values
         mates.append(torch.where(torch.isinf(best), torch.nan, best))
-        tops.append(torch.topk(s.masked_fill(same, -torch.inf), kk, dim=1).values)
+        best_k = torch.topk(s.masked_fill(same, -torch.inf), kk, dim=1)
+        tops.append(best_k.values)
+        top_classes.append(codes[best_k.indices])
     top = torch.cat(tops).double().numpy()
-    return ProbeTails(top, impostors.astype(np.int64), torch.cat(mates).double().numpy())
+    top_class = torch.cat(top_classes).numpy().astype(np.int64)
+    top_class[~np.isfinite(top)] = -1  # padding of a probe with fewer than k impostors
+    return ProbeTails(
+        top,
+        impostors.astype(np.int64),
+        torch.cat(mates).double().numpy(),
+        top_class,
+        codes.cpu().numpy().astype(np.int64),
+        np.asarray(ps.class_sizes, np.int64),
+    )
 
 
 def _check_n(gallery_size: float) -> float:
@@ -118,6 +196,64 @@ def fpir(tails: ProbeTails, tau: float, gallery_size: float) -> float:
     n = _check_n(gallery_size)
     p = tails.exceed(tau) / tails.impostors
     return float(np.mean(1.0 - (1.0 - p) ** n))
+
+
+def gallery_shape(photos_per_subject: object) -> dict[int, int]:
+    """A gallery's shape, ``{photos: subjects with that many photos}``, from each subject's
+    photo count (an iterable of ints) or from such a mapping (checked)."""
+    if isinstance(photos_per_subject, dict):
+        shape = {int(p): int(g) for p, g in photos_per_subject.items() if int(g) != 0}
+    else:
+        shape = {}
+        for p in photos_per_subject:  # type: ignore[attr-defined]
+            shape[int(p)] = shape.get(int(p), 0) + 1
+    if not shape or any(p < 1 or g < 1 for p, g in shape.items()):
+        raise ValueError("a gallery shape needs at least one subject, each of >= 1 photos")
+    return shape
+
+
+@dataclass(frozen=True)
+class GalleryFpir:
+    """:func:`fpir_gallery` at one tau, with the tails' part computed once: call it with a
+    gallery shape (the service evaluates every tenant's shape against one tau)."""
+
+    probe: np.ndarray  # (E,) the probe of each (probe, class) pair with exceedances
+    p: np.ndarray  # (E,) the share of that class's photos at or above tau
+    n_probes: int
+    n_classes: int
+
+    @classmethod
+    def at(cls, tails: ProbeTails, tau: float) -> GalleryFpir:
+        if not tails.has_classes:
+            raise ValueError(
+                "these open-set tails do not keep their classes: re-run tcm-train openset"
+            )
+        assert tails.top_class is not None and tails.class_sizes is not None
+        n_probes, n_classes = len(tails.impostors), len(tails.class_sizes)
+        rows, cols = np.nonzero(tails.top >= tau)
+        key = rows * n_classes + tails.top_class[rows, cols]
+        pairs, hits = np.unique(key, return_counts=True)
+        return cls(
+            pairs // n_classes, hits / tails.class_sizes[pairs % n_classes], n_probes, n_classes
+        )
+
+    def __call__(self, photos_per_subject: object) -> float:
+        log_miss = np.zeros(self.n_probes)
+        for photos, subjects in gallery_shape(photos_per_subject).items():
+            # per probe, the sum over the classes it reaches of 1 - (1 - p)^P (others add 0)
+            reached = np.bincount(
+                self.probe, weights=1.0 - (1.0 - self.p) ** photos, minlength=self.n_probes
+            )
+            with np.errstate(divide="ignore"):
+                log_miss += subjects * np.log(1.0 - reached / (self.n_classes - 1))
+        return float(np.mean(1.0 - np.exp(log_miss)))
+
+
+def fpir_gallery(tails: ProbeTails, tau: float, photos_per_subject: object) -> float:
+    """Expected FPIR at ``tau`` against a gallery of subjects with the given photo counts
+    (module doc; ``photos_per_subject`` as :func:`gallery_shape` takes it). Needs tails that
+    keep their classes (``has_classes``)."""
+    return GalleryFpir.at(tails, tau)(photos_per_subject)
 
 
 def fnir(tails: ProbeTails, tau: float, gallery_size: float) -> float:
@@ -169,10 +305,13 @@ def fpir_from_pair_far(pair_far: float, gallery_size: float) -> float:
 
 __all__ = [
     "DEFAULT_TOP_K",
+    "GalleryFpir",
     "ProbeTails",
     "fnir",
     "fpir",
     "fpir_from_pair_far",
+    "fpir_gallery",
+    "gallery_shape",
     "probe_tails",
     "tau_at_fpir",
 ]

@@ -320,12 +320,18 @@ def openset_cmd(
         if cfg.freeze_backbone:  # the splits hold backbone features: the head embeds them
             model = torch.nn.Sequential(model.head, model.norm)
         emb = embed(model, splits.test.x, device="cpu")
-        tails = probe_tails(emb, splits.test.y)
         cal = manifest.calibration
+        tails = probe_tails(emb, splits.test.y, resolve_at=cal.tau)
         section = {
             "file": save_openset(artefact, tails),
-            **openset_summary(tails, cal.tau, cal.far_at_tau, cfg),
-            "threshold_target": "far",  # tau is the artefact's, calibrated for the pair FAR
+            **openset_summary(
+                tails,
+                cal.tau,
+                cal.far_at_tau,
+                threshold_target="far",  # tau is the artefact's, calibrated for the pair FAR
+                target_fpir=cfg.target_fpir,
+                reference_gallery_size=cfg.reference_gallery_size,
+            ),
         }
         write_manifest(artefact, dataclasses.replace(manifest, openset=section))
     except ValueError as exc:
@@ -438,9 +444,15 @@ def face_model(
     tcm: Annotated[bool, typer.Option(help="train the head with TCM")] = False,
     m_plus: Annotated[float, typer.Option()] = 0.8,
     m_minus: Annotated[float, typer.Option()] = 0.5,
+    target_fpir: Annotated[
+        float,
+        typer.Option(help="the FPIR tau honours at --gallery-size photos; 0: the pair FAR 1e-3"),
+    ] = 0.01,
+    gallery_size: Annotated[int, typer.Option(help="reference gallery size (photos)")] = 1000,
 ) -> None:
     """Build the served face model: dlib detection, 5-point alignment and descriptor, and a
-    head trained on LFW peopleDevTrain identities (needs the ``faces`` extra)."""
+    head trained on LFW peopleDevTrain identities (needs the ``faces`` extra); tau is
+    calibrated for open-set use (an FPIR at a gallery size) on the validation identities."""
     if (out / "manifest.json").exists() and not force:
         console.print(f"model already at {out} (pass --force to rebuild)")
         return
@@ -460,7 +472,15 @@ def face_model(
         if head not in ("none", "linear", "mlp") or (tcm and head == "none"):
             raise ValueError(f"--head must be none, linear or mlp (TCM needs a head), got {head!r}")
         cfg = HeadConfig(kind=head, tcm=tcm, m_plus=m_plus, m_minus=m_minus, steps=400)
-        m = build_face_model(Path(data_dir), out, head=cfg, cache_root=cache, progress=progress)
+        m = build_face_model(
+            Path(data_dir),
+            out,
+            head=cfg,
+            cache_root=cache,
+            progress=progress,
+            target_fpir=target_fpir or None,
+            reference_gallery_size=gallery_size,
+        )
     except (ValueError, OSError, ModelFilesError) as exc:
         _fail(exc)
         return

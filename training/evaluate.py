@@ -110,6 +110,8 @@ def evaluate_embeddings(
     if source == "unsupported" and fallback_tau is not None:
         cal = calibrate_threshold(emb, labels, target_far=config.target_far, tau=fallback_tau)
         source = "inherited"
+    if not tails.resolved(cal.tau):  # keep every impostor score at or above the served tau
+        tails = probe_tails(emb, labels, resolve_at=cal.tau)
     cons = consistency_report(
         emb,
         labels,
@@ -169,7 +171,14 @@ def evaluate_embeddings(
             "frr_spread": float(np.ptp(at.frr)),
             "far_over_2x_target": int((at.far > 2 * config.target_far).sum()),
         },
-        "openset": openset_summary(tails, cal.tau, cal.far, config),
+        "openset": openset_summary(
+            tails,
+            cal.tau,
+            cal.far,
+            threshold_target=config.threshold_target,
+            target_fpir=config.target_fpir,
+            reference_gallery_size=config.reference_gallery_size,
+        ),
         "_openset": tails,  # not serialised: for the artefact
         "_curves": cons,  # not serialised: used for plots
         "_reference": reference_subsample(emb, labels),  # not serialised: for the artefact
@@ -177,13 +186,19 @@ def evaluate_embeddings(
 
 
 def openset_summary(
-    tails: ProbeTails, tau: float, pair_far: float, config: TrainConfig
+    tails: ProbeTails,
+    tau: float,
+    pair_far: float,
+    *,
+    threshold_target: str,
+    target_fpir: float,
+    reference_gallery_size: int,
 ) -> dict[str, Any]:
     """The manifest's ``openset`` numbers (all but the file name) at ``tau``."""
-    n_ref = config.reference_gallery_size
+    n_ref = reference_gallery_size
     return {
-        "threshold_target": config.threshold_target,
-        "target_fpir": config.target_fpir,
+        "threshold_target": threshold_target,
+        "target_fpir": target_fpir,
         "reference_gallery_size": n_ref,
         "fpir_at_tau": fpir(tails, tau, n_ref),
         "fnir_at_tau": fnir(tails, tau, n_ref),

@@ -28,10 +28,14 @@ from tcm import (
     Preprocessing,
     calibrate_threshold,
     consistency_report,
+    impostor_pairs_needed,
     retrieval_metrics,
     save_artefact,
+    save_openset,
 )
+from tcm.openset import probe_tails, tau_at_fpir
 from training import face_cache as fc
+from training.evaluate import openset_summary
 from training.face_head import HeadConfig, embed_descriptors, train_head
 
 TARGET_FAR = 1e-3
@@ -42,6 +46,14 @@ FAR_RANGE = (1e-4, 1e-2)
 # none is served; ``tcm-train face-model --head linear [--tcm]`` still builds one.
 SERVED_HEAD = HeadConfig(kind="none")
 SERVED_OPTIONS = FaceOptions(fallback="none")
+# Users run 1:N identification against galleries of many photos (issue 28): the served tau
+# honours an FPIR target at a reference gallery size, measured on the validation identities as
+# probes (tcm.openset), rather than the pair FAR, whenever the validation tails can resolve it;
+# the pair FAR and FRR at that tau are still reported. The photo model (N photos of N people)
+# is used to choose it: galleries hold several photos per person, which accept fewer strangers
+# (tcm.openset.fpir_gallery), so the target holds with room.
+SERVED_TARGET_FPIR = 1e-2
+SERVED_GALLERY_SIZE = 1000
 
 
 def build_face_model(
@@ -52,7 +64,14 @@ def build_face_model(
     cache_root: Path = fc.DEFAULT_ROOT,
     val_share: float = 0.15,
     progress: Any = None,
+    target_fpir: float | None = SERVED_TARGET_FPIR,
+    reference_gallery_size: int = SERVED_GALLERY_SIZE,
 ) -> Manifest:
+    """``target_fpir`` None calibrates tau for the pair FAR (TARGET_FAR) instead."""
+    if target_fpir is not None and not 0.0 < target_fpir < 1.0:
+        raise ValueError(f"target_fpir must lie in (0, 1), got {target_fpir}")
+    if reference_gallery_size < 1:
+        raise ValueError(f"the reference gallery size must be >= 1, got {reference_gallery_size}")
     train, val = fc.served_split(data_dir, head.seed, val_share)
     members = val + (train if head.kind != "none" else [])
     desc = fc.descriptors(
@@ -69,11 +88,30 @@ def build_face_model(
     model = train_head(desc.vectors[rows_tr], y[rows_tr], head)  # "none": nothing to train
     emb_val = embed_descriptors(model, desc.vectors[rows_val])
     cal = calibrate_threshold(emb_val, y[rows_val], target_far=TARGET_FAR)
+    tails = probe_tails(emb_val, y[rows_val], resolve_at=cal.tau)
+    source = "calibrated"
+    if target_fpir is not None:
+        tau = tau_at_fpir(tails, target_fpir, reference_gallery_size)
+        cal = calibrate_threshold(emb_val, y[rows_val], target_far=TARGET_FAR, tau=tau)
+        source = "fpir"
+        if not tails.resolved(cal.tau):  # a tau below the FAR one: keep every score above it
+            tails = probe_tails(emb_val, y[rows_val], resolve_at=cal.tau)
     rep = consistency_report(emb_val, y[rows_val], far_range=FAR_RANGE)
     ret = retrieval_metrics(emb_val, y[rows_val])
     weights = hashlib.sha256(
         b"".join(p.detach().numpy().tobytes() for p in model.parameters())
     ).hexdigest()
+    openset = {
+        "file": save_openset(out, tails),
+        **openset_summary(
+            tails,
+            cal.tau,
+            cal.far,
+            threshold_target="far" if target_fpir is None else "fpir",
+            target_fpir=SERVED_TARGET_FPIR if target_fpir is None else target_fpir,
+            reference_gallery_size=reference_gallery_size,
+        ),
+    }
     now = time.time()
     tcm = f"-tcm{head.m_plus}-{head.m_minus}" if head.tcm else ""
     manifest = Manifest(
@@ -101,6 +139,9 @@ def build_face_model(
             tau_lo=rep.tau_lo,
             tau_hi=rep.tau_hi,
             far_range=FAR_RANGE,
+            tau_source=source,
+            impostor_pairs=cal.num_impostor,
+            impostor_pairs_needed=impostor_pairs_needed(TARGET_FAR),
         ),
         baseline=Baseline(
             opis=rep.opis,
@@ -133,5 +174,6 @@ def build_face_model(
             "options": replace(SERVED_OPTIONS).to_dict(),
             "model_files": model_checksums(),
         },
+        openset=openset,
     )
     return save_artefact(out, model, manifest)

@@ -132,7 +132,8 @@ class IndexSync:
         self._locks.pop(tenant_id, None)
 
     def publish_sizes(self) -> None:
-        self.metrics.set_gallery_size(self.slot.current.indexes.sizes())
+        indexes = self.slot.current.indexes
+        self.metrics.set_gallery_size(indexes.sizes(), indexes.shapes())
 
     # --- rebuilds ------------------------------------------------------------------------------
     async def ensure_loaded(self) -> None:
@@ -183,7 +184,7 @@ class IndexSync:
         self.skipped_items = sum(skipped.values())
         self.feed_cursor = cursor
         sizes = serving.indexes.sizes()
-        self.metrics.set_gallery_size(sizes)
+        self.metrics.set_gallery_size(sizes, serving.indexes.shapes())
         log.info(
             "indexes of %s rebuilt: %d tenants, %d items%s",
             serving.model_version,
@@ -416,7 +417,7 @@ class IndexSync:
                 async with self._locks[change.tenant_id]:
                     await self._apply_add(serving, change.tenant_id, change.item_ids, change.seqs)
             self.changes_applied += 1
-            self.metrics.set_gallery_size(indexes.sizes())
+            self.metrics.set_gallery_size(indexes.sizes(), indexes.shapes())
 
     async def _apply_add(
         self, serving: Serving, tenant_id: str, item_ids: Sequence[str], seqs: Sequence[int] = ()

@@ -244,6 +244,10 @@ class TenantIndex:
         self._postings: dict[tuple[str, str], set[int]] = {}
         self._canon: dict[tuple[str, str], tuple[str, str]] = {}  # a term -> its shared object
         self._tombstones: set[int] = set()
+        # the gallery's shape for the expected FPIR (tcm.openset.fpir_gallery): live photos per
+        # subject, and how many subjects have each photo count (one dict entry per subject)
+        self._photos: dict[str, int] = {}
+        self._shape: dict[int, int] = {}
         self._index = self._empty_index(trainable_vectors=None)
 
     # --- construction ----------------------------------------------------------------------
@@ -317,7 +321,8 @@ class TenantIndex:
         with self._lock:
             self._index, self._items, self._terms = fresh._index, fresh._items, fresh._terms
             self._postings, self._tombstones = fresh._postings, fresh._tombstones
-            self._canon, self._stats = fresh._canon, fresh._stats
+            self._canon, self._photos, self._shape = fresh._canon, fresh._photos, fresh._shape
+            self._stats = fresh._stats
 
     def _needs_training(self) -> bool:
         if self._torch_device is not None:
@@ -366,6 +371,7 @@ class TenantIndex:
             if ok:
                 seq = int(s)  # one int object per item, shared by its postings
                 self._items[seq] = _pack(iid, subj)
+                self._count_photo_locked(subj, +1)
                 if item_terms is not None and item_terms[row]:
                     # a term (key, value) shared by many items is one object, referenced from
                     # each item's tuple: ~8 bytes per item and term instead of a tuple and two
@@ -374,6 +380,21 @@ class TenantIndex:
                     self._terms[seq] = shared
                     for t in shared:
                         self._postings.setdefault(t, set()).add(seq)
+
+    def _count_photo_locked(self, subject: str, delta: int) -> None:
+        before = self._photos.get(subject, 0)
+        after = before + delta
+        for photos, change in ((before, -1), (after, +1)):
+            if photos > 0:
+                left = self._shape.get(photos, 0) + change
+                if left:
+                    self._shape[photos] = left
+                else:
+                    del self._shape[photos]
+        if after:
+            self._photos[subject] = after
+        else:
+            del self._photos[subject]
 
     def _forget_terms_locked(self, seq: int) -> None:
         for t in self._terms.pop(seq, ()):
@@ -390,7 +411,7 @@ class TenantIndex:
             if not present:
                 return
             for s in present:
-                del self._items[s]
+                self._count_photo_locked(_unpack(self._items.pop(s))[1], -1)
                 self._stats.pop(s, None)
                 self._forget_terms_locked(s)
             ids = np.asarray(present, np.int64)
@@ -409,6 +430,8 @@ class TenantIndex:
         self._postings = {}
         self._canon = {}
         self._tombstones = set()
+        self._photos = {}
+        self._shape = {}
         self._stats = {}
 
     def _compact_locked(self) -> None:
@@ -443,6 +466,11 @@ class TenantIndex:
             rows = [self._stats[int(s)] for s in seqs]
         mean = np.array([r[0] for r in rows], np.float32)
         return CohortStats(mean, np.array([r[1] for r in rows], np.float32))
+
+    def shape(self) -> dict[int, int]:
+        """The gallery's shape: ``{photos: number of subjects with that many live photos}``."""
+        with self._lock:
+            return dict(self._shape)
 
     def held(self, seqs: Sequence[int]) -> list[bool]:
         """Whether each seq is in the index (live)."""
@@ -612,6 +640,12 @@ class IndexRegistry:
     def sizes(self) -> dict[str, int]:
         with self._lock:
             return {t: len(ix) for t, ix in self._indexes.items()}
+
+    def shapes(self) -> dict[str, dict[int, int]]:
+        """Each tenant's gallery shape (:meth:`TenantIndex.shape`)."""
+        with self._lock:
+            indexes = dict(self._indexes)
+        return {t: ix.shape() for t, ix in indexes.items()}
 
     def clear(self) -> None:
         with self._lock:

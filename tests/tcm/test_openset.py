@@ -3,14 +3,20 @@ every probe's full impostor list."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from tcm.artefact import load_openset, save_openset
 from tcm.openset import (
     ProbeTails,
     fnir,
     fpir,
     fpir_from_pair_far,
+    fpir_gallery,
+    gallery_shape,
     probe_tails,
     tau_at_fpir,
 )
@@ -98,3 +104,123 @@ def test_bad_inputs_are_clear_errors() -> None:
         fpir(tails, 0.5, 0)
     with pytest.raises(ValueError, match="two classes"):
         probe_tails(x[:5], [0] * 5)
+
+
+# --- a gallery of subjects with several photos each (fpir_gallery) ----------------------------
+
+
+def test_gallery_shape_hand_computed() -> None:
+    # 3 classes of 2, 2 and 4 photos; probe 0 (class 0) has 1 of class 1's 2 photos and 2 of
+    # class 2's 4 photos at or above 0.5; probe 1 (class 1) has none.
+    tails = ProbeTails(
+        top=np.array([[0.9, 0.7, 0.6, 0.1], [0.4, 0.3, 0.2, 0.1]]),
+        impostors=np.array([6, 6]),
+        mate=np.array([np.nan, np.nan]),
+        top_class=np.array([[2, 1, 2, 1], [0, 2, 2, 2]]),
+        probe_class=np.array([0, 1]),
+        class_sizes=np.array([2, 2, 4]),
+    )
+    # probe 0: p = (1/2, 2/4) for classes 1, 2. One subject of 2 photos:
+    # m = mean(1 - ... ) = mean((1/2)^2, (1/2)^2) = 1/4 -> FPIR_0 = 3/4; probe 1: 0
+    assert fpir_gallery(tails, 0.5, [2]) == pytest.approx(0.375)
+    # two subjects of 1 photo: m = mean(1/2, 1/2) = 1/2 -> 1 - 1/4 = 3/4 -> mean 0.375 again;
+    # one of 1 and one of 3: (1/2) * (1/8) -> 15/16
+    assert fpir_gallery(tails, 0.5, {1: 2}) == pytest.approx(0.375)
+    assert fpir_gallery(tails, 0.5, [1, 3]) == pytest.approx(15 / 32)
+    assert fpir_gallery(tails, 0.95, [5, 5]) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gallery_fpir_matches_brute_force_over_classes(seed: int) -> None:
+    x, labels = clustered(seed, num_classes=7, sizes=[4, 6, 5, 7, 6, 3, 5])
+    y = np.asarray(labels)
+    tails = probe_tails(x, y, k=40, block_size=5)  # k >= every probe's impostors: exact
+    s = cosine_matrix(x)
+    classes = np.unique(y)
+    # (the +1e-7 keeps tau off a score: the pair (i, j) appears twice, so a quantile can land
+    # on one exactly, where float32 and float64 cosines disagree)
+    for tau in np.quantile(s[y[:, None] != y[None, :]], [0.5, 0.9, 0.99]) + 1e-7:
+        for shape in ([1], [3, 3], [1, 2, 4, 4], [8] * 5):
+            want = []
+            for i in range(len(y)):
+                miss = [
+                    np.mean([(1 - np.mean(s[i, y == c] >= tau)) ** p for c in classes if c != y[i]])
+                    for p in shape
+                ]
+                want.append(1 - np.prod(miss))
+            assert fpir_gallery(tails, tau, shape) == pytest.approx(np.mean(want), abs=1e-12)
+
+
+def test_one_photo_per_subject_and_equal_classes_is_the_photo_model() -> None:
+    x, labels = clustered(3, num_classes=6, per_class=5)
+    tails = probe_tails(x, np.asarray(labels), k=25)
+    for tau in (0.2, 0.5, 0.8):
+        for g in (1, 4, 30):
+            assert fpir_gallery(tails, tau, [1] * g) == pytest.approx(fpir(tails, tau, g))
+
+
+def test_photos_of_one_subject_hit_together_so_the_gallery_model_is_lower() -> None:
+    """Monte Carlo under the model's own sampling (subjects: classes drawn with replacement;
+    photos: drawn from their class with replacement) agrees with the formula, and it is below
+    the photo model at the same number of photos."""
+    x, labels = clustered(5, num_classes=8, per_class=6)
+    y = np.asarray(labels)
+    tails = probe_tails(x, y, k=48)
+    s = cosine_matrix(x)
+    tau = float(np.quantile(s[y[:, None] != y[None, :]], 0.9))
+    rng = np.random.default_rng(0)
+    shape = [4, 4, 4]
+    hits = 0
+    trials = 20000
+    for _ in range(trials):
+        i = rng.integers(len(y))
+        others = np.unique(y[y != y[i]])
+        accepted = False
+        for p in shape:
+            c = rng.choice(others)
+            photos = rng.choice(np.flatnonzero(y == c), p)
+            accepted |= bool((s[i, photos] >= tau).any())
+        hits += accepted
+    assert fpir_gallery(tails, tau, shape) == pytest.approx(hits / trials, abs=0.015)
+    assert fpir_gallery(tails, tau, shape) < fpir(tails, tau, sum(shape))
+
+
+def test_class_ids_survive_the_artefact_and_old_tails_still_load(tmp_path: Path) -> None:
+    x, labels = clustered(1, num_classes=5, per_class=4)
+    tails = probe_tails(x, np.asarray(labels), k=8)
+    manifest = SimpleNamespace(openset={"file": save_openset(tmp_path, tails)})
+    back = load_openset(tmp_path, manifest)  # type: ignore[arg-type]
+    assert back is not None and back.has_classes
+    assert fpir_gallery(back, 0.5, [2, 2]) == pytest.approx(fpir_gallery(tails, 0.5, [2, 2]))
+    old = ProbeTails(tails.top, tails.impostors, tails.mate)  # written before class ids
+    save_openset(tmp_path, old)
+    back = load_openset(tmp_path, manifest)  # type: ignore[arg-type]
+    assert back is not None and not back.has_classes
+    with pytest.raises(ValueError, match="re-run tcm-train openset"):
+        fpir_gallery(back, 0.5, [2])
+
+
+def test_bad_gallery_shapes_and_partial_class_arrays_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least one subject"):
+        gallery_shape([])
+    with pytest.raises(ValueError, match="at least one subject"):
+        gallery_shape([2, 0])
+    assert gallery_shape([2, 2, 5]) == {2: 2, 5: 1}
+    with pytest.raises(ValueError, match="come together"):
+        ProbeTails(np.zeros((1, 1)), np.ones(1, int), np.zeros(1), top_class=np.zeros((1, 1), int))
+
+
+def test_resolve_at_keeps_every_impostor_score_above_that_tau() -> None:
+    """The bird default's tails at k = 64 were not exact at its own tau (289 of 2,474 probes
+    had more impostors above it); ``resolve_at`` raises k until they are."""
+    x, labels = clustered(2, num_classes=8, per_class=6, spread=1.4)
+    y = np.asarray(labels)
+    s = cosine_matrix(x)
+    tau = float(np.quantile(s[y[:, None] != y[None, :]], 0.7))
+    small = probe_tails(x, y, k=3)
+    assert not small.resolved(tau)  # the case this guards against
+    exact = probe_tails(x, y, k=3, resolve_at=tau)
+    assert exact.resolved(tau) and exact.k > 3
+    full = probe_tails(x, y, k=100)
+    assert fpir(exact, tau, 50) == pytest.approx(fpir(full, tau, 50), abs=1e-12)
+    assert fpir_gallery(exact, tau, [3, 3]) == pytest.approx(fpir_gallery(full, tau, [3, 3]))

@@ -315,3 +315,43 @@ def test_metadata_terms_cost_bytes_not_objects_per_item() -> None:
     assert set(index.matching({"field_3": "value-2"})) == want
     index.remove([next(iter(want))])
     assert set(index.matching({"field_3": "value-2"})) == want - {next(iter(want))}
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16"])
+def test_the_gallery_shape_follows_adds_removes_rebuilds_and_compaction(factory: str) -> None:
+    """``shape()`` (photos per subject -> subjects, for the expected FPIR) equals a count over
+    the live items after every kind of change, tombstoned removals and compaction included."""
+    index = TenantIndex(DIM, factory, tombstone_limit=3)
+
+    def counted() -> dict[int, int]:
+        per_subject: dict[str, int] = {}
+        for packed in index._items.values():
+            subject = packed[1] if isinstance(packed, tuple) else packed.split("\x00", 1)[1]
+            per_subject[subject] = per_subject.get(subject, 0) + 1
+        shape: dict[int, int] = {}
+        for photos in per_subject.values():
+            shape[photos] = shape.get(photos, 0) + 1
+        return shape
+
+    assert index.shape() == {}
+    x, ids = fill(index, 12)  # subject s(i % 5): s1, s2 3 photos; s0, s3, s4 2
+    assert index.shape() == counted() == {3: 2, 2: 3}
+    index.add(ids[:2], ["again", "again"], ["zz", "zz"], x[:2])  # already held: no change
+    assert index.shape() == {3: 2, 2: 3}
+    index.remove([5, 11])  # s0 -> 1 photo, s1 -> 2
+    assert index.shape() == counted() == {1: 1, 3: 1, 2: 3}
+    index.remove(list(range(1, 12)))  # everything but id 12 (s2), compacting HNSW on the way
+    assert index.shape() == counted() == {1: 1}
+    index.rebuild(ids, [f"i{i}" for i in ids], ["a"] * 12, x)
+    assert index.shape() == {12: 1}
+    index.rebuild_chunks(
+        iter([GalleryVectors(ids[:4], ["p", "q", "r", "s"], ["b", "b", "c", "d"], x[:4], None)])
+    )
+    assert index.shape() == counted() == {2: 1, 1: 2}
+
+
+def test_the_registry_reports_every_tenants_shape() -> None:
+    registry = IndexRegistry(DIM, "Flat")
+    fill(registry.get("t1"), 5)
+    registry.get("t2")
+    assert registry.shapes() == {"t1": {1: 5}, "t2": {}}

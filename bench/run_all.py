@@ -22,6 +22,7 @@ BENCHES: list[list[str]] = [
     ["bench.bench_pretrained", "--images", "64", "--batch", "32"],
     ["bench.bench_cpu_forward", "--rounds", "5"],
     ["bench.bench_sampling", "--items", "30000", "120000", "--per-subject", "3"],
+    ["bench.bench_asnorm", "--n", "100000", "--dim", "128", "--queries", "1000"],
 ]
 
 

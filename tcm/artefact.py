@@ -9,6 +9,7 @@ reuse, and the baseline consistency numbers measured on held-out classes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tcm.asnorm import Cohort
 from tcm.embedders import build_embedder, file_sha256
 from tcm.openset import ProbeTails
 from tcm.preprocess import Preprocessing
@@ -100,6 +102,16 @@ class Manifest:
     # file, the reference gallery size, which target tau honours ("far": the pair FAR,
     # "fpir": FPIR at that gallery size), and FPIR/FNIR at tau there
     openset: dict[str, Any] | None = None
+    # Serve-time score normalisation (optional, additive; tcm.asnorm): {"kind": "as-norm",
+    # "file", "top_k", "cohort_size", "sha256", "threshold_units", "cosine_calibration"}.
+    # With it, ``calibration`` is in ``threshold_units`` ("as-norm": tau was calibrated on
+    # AS-normalised held-out pair scores) and ``cosine_calibration`` keeps the cosine one.
+    score_norm: dict[str, Any] | None = None
+
+    @property
+    def threshold_units(self) -> str:
+        """What ``calibration.tau`` thresholds: "cosine", or "as-norm" (AS-normalised)."""
+        return str((self.score_norm or {}).get("threshold_units", "cosine"))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -139,6 +151,7 @@ class Manifest:
                 face=dict(d["face"]) if d.get("face") else None,
                 weights_exclude=tuple(str(p) for p in d.get("weights_exclude", ())),
                 openset=dict(d["openset"]) if d.get("openset") else None,
+                score_norm=dict(d["score_norm"]) if d.get("score_norm") else None,
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"manifest is missing or has a malformed field: {exc}") from exc
@@ -200,6 +213,188 @@ def load_openset(directory: str | Path, manifest: Manifest) -> ProbeTails | None
         return None
     t = load_file(str(path), device="cpu")
     return ProbeTails.from_arrays({k: v.numpy() for k, v in t.items()})
+
+
+COHORT_FILE = "cohort.safetensors"
+SCORE_NORM_KIND = "as-norm"
+MAX_COHORT = 2000  # embeddings; per query the service scores a probe against every one
+ASNORM_VERSION_TAG = "-asnorm-"  # model_version suffix: + the first 8 of the cohort's sha256
+
+
+def save_cohort(directory: str | Path, embeddings: np.ndarray, *, top_k: int) -> dict[str, Any]:
+    """Writes an AS-norm cohort (embeddings of training-class images, float16) beside the
+    weights; returns the manifest's ``score_norm`` section without its calibration fields."""
+    from safetensors.torch import save
+
+    e = np.asarray(embeddings, dtype=np.float32)
+    if e.ndim != 2 or not 1 <= e.shape[0] <= MAX_COHORT:
+        raise ValueError(f"a cohort holds 1..{MAX_COHORT} embeddings, got shape {e.shape}")
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    half = torch.from_numpy(e).to(torch.float16).contiguous()
+    Cohort.of(half.float().numpy(), dim=e.shape[1], top_k=top_k)  # refuse a k it cannot serve
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / COHORT_FILE, save({"embeddings": half}))
+    return {
+        "kind": SCORE_NORM_KIND,
+        "file": COHORT_FILE,
+        "top_k": int(top_k),
+        "cohort_size": int(e.shape[0]),
+        "sha256": file_sha256(out / COHORT_FILE),
+    }
+
+
+def load_cohort(directory: str | Path, manifest: Manifest) -> Cohort | None:
+    """The artefact's AS-norm cohort, or None when the manifest has no ``score_norm`` section
+    (raw cosine). Raises one line when the file is missing, hashes differently from the
+    manifest, or does not fit the model (dimension, top-k, size)."""
+    sec = manifest.score_norm
+    if not sec:
+        return None
+    if sec.get("kind") != SCORE_NORM_KIND:
+        raise ValueError(f"score_norm kind {sec.get('kind')!r} is not supported (only as-norm)")
+    path = Path(directory) / str(sec.get("file", COHORT_FILE))
+    if not path.is_file():
+        raise ValueError(f"the manifest names a cohort file {path} that is missing")
+    if file_sha256(path) != sec.get("sha256"):
+        raise ValueError(f"{path} does not match the sha256 in its manifest; re-add the cohort")
+    emb = load_cohort_arrays(path)
+    if emb.ndim != 2 or emb.shape[1] != manifest.embedding_dim:
+        raise ValueError(
+            f"{path}: the cohort's embeddings have shape {tuple(emb.shape)}, the model's "
+            f"dimension is {manifest.embedding_dim}; re-add the cohort with this model"
+        )
+    if emb.shape[0] != int(sec.get("cohort_size", -1)) or emb.shape[0] > MAX_COHORT:
+        raise ValueError(
+            f"{path} holds {emb.shape[0]} embeddings, the manifest says "
+            f"{sec.get('cohort_size')} (at most {MAX_COHORT})"
+        )
+    return Cohort.of(emb, dim=manifest.embedding_dim, top_k=int(sec.get("top_k", 0)))
+
+
+def add_cohort(
+    directory: str | Path,
+    manifest: Manifest,
+    cohort: np.ndarray,
+    heldout: np.ndarray,
+    heldout_labels: np.ndarray,
+    *,
+    top_k: int,
+) -> Manifest:
+    """Adds AS-norm to an artefact: writes the cohort (``cohort``: embeddings of training-class
+    images, disjoint from every gallery) and recalibrates tau, for the same target FAR and
+    calibration range, on the AS-normalised pair scores of the held-out classes; the cosine
+    calibration is kept in ``score_norm["cosine_calibration"]``. The model version gets the
+    suffix ``-asnorm-<sha8 of the cohort>`` (replacing an earlier one). Weights are untouched;
+    the manifest is rewritten. Returns the new manifest."""
+    from tcm.asnorm import as_norm_pair_scores
+    from tcm.calibration import (
+        calibrate_threshold_from_scores,
+        impostor_pairs_needed,
+        threshold_at_far,
+    )
+
+    if manifest.score_norm:  # recalibrate from the cosine calibration, not the AS one
+        cosine = Calibration(**manifest.score_norm["cosine_calibration"])
+    else:
+        cosine = manifest.calibration
+    section = save_cohort(directory, cohort, top_k=top_k)
+    loaded = Cohort.of(
+        load_cohort_arrays(Path(directory) / COHORT_FILE), dim=manifest.embedding_dim, top_k=top_k
+    )
+    genuine, impostor = as_norm_pair_scores(heldout, heldout_labels, loaded)
+    cal = calibrate_threshold_from_scores(genuine, impostor, target_far=cosine.target_far)
+    lo, hi = cosine.far_range
+    calibration = dataclasses.replace(
+        cosine,
+        tau=float(cal.tau),
+        far_at_tau=float(cal.far),
+        frr_at_tau=float(cal.frr),
+        tau_lo=float(threshold_at_far(impostor, hi)),
+        tau_hi=float(threshold_at_far(impostor, lo)),
+        tau_source="calibrated",
+        impostor_pairs=len(impostor),
+        impostor_pairs_needed=impostor_pairs_needed(cosine.target_far),
+    )
+    cosine_baseline = (manifest.score_norm or {}).get("cosine_baseline") or _opis_of(manifest)
+    baseline = _as_norm_baseline(manifest.baseline, loaded, heldout, heldout_labels, calibration)
+    section |= {
+        "threshold_units": SCORE_NORM_KIND,
+        "cosine_calibration": {**asdict(cosine), "far_range": list(cosine.far_range)},
+        "cosine_baseline": cosine_baseline,
+    }
+    # another threshold (and score) means another served model: the version says so, so that
+    # a switch to it is a switch and the monitor never pools its scores with the cosine ones
+    base = manifest.model_version.split(ASNORM_VERSION_TAG)[0]
+    version = f"{base}{ASNORM_VERSION_TAG}{section['sha256'][:8]}"
+    new = dataclasses.replace(
+        manifest,
+        model_version=version,
+        calibration=calibration,
+        baseline=baseline,
+        score_norm=section,
+    )
+    write_manifest(directory, new)
+    return new
+
+
+def _opis_of(manifest: Manifest) -> dict[str, Any]:
+    b = manifest.baseline
+    return {
+        "opis": b.opis,
+        "eps_opis": b.eps_opis,
+        "opis_interval": None if b.opis_interval is None else list(b.opis_interval),
+        "eps_opis_interval": None if b.eps_opis_interval is None else list(b.eps_opis_interval),
+    }
+
+
+def _as_norm_baseline(
+    baseline: Baseline,
+    cohort: Cohort,
+    heldout: np.ndarray,
+    labels: np.ndarray,
+    cal: Calibration,
+) -> Baseline:
+    """OPIS and eps-OPIS of the held-out classes on AS-normalised scores, over the new
+    calibration range: the baseline the monitor's live OPIS (measured on those scores) is
+    compared with. Intervals by the same class bootstrap as at export."""
+    from tcm.asnorm import as_norm_class_scores
+    from tcm.consistency import consistency_from_scores
+    from tcm.drift import bootstrap_interval
+
+    gen, imp = as_norm_class_scores(heldout, labels, cohort)
+    cons = consistency_from_scores(
+        gen,
+        imp,
+        tau_range=(cal.tau_lo, cal.tau_hi),
+        num_thresholds=cal.num_thresholds,
+        beta=cal.beta,
+        eps=baseline.eps,
+        tau=cal.tau,
+    )
+    opis_ci = eps_ci = None
+    resamples = baseline.bootstrap_resamples or 1000
+    if len(cons.utility) >= 2:
+        level = baseline.interval_level
+        opis_ci = bootstrap_interval(cons.utility, resamples=resamples, level=level)
+        eps_ci = bootstrap_interval(
+            cons.utility, resamples=resamples, level=level, eps=baseline.eps
+        )
+    return dataclasses.replace(
+        baseline,
+        opis=float(cons.opis),
+        eps_opis=float(cons.eps_opis),
+        opis_interval=opis_ci,
+        eps_opis_interval=eps_ci,
+        bootstrap_resamples=resamples if opis_ci is not None else baseline.bootstrap_resamples,
+    )
+
+
+def load_cohort_arrays(path: Path) -> np.ndarray:
+    """A cohort file's embeddings as float32 (the float16 values, exactly)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")["embeddings"].float().numpy()
 
 
 def load_reference(
@@ -294,4 +489,6 @@ def load_artefact(
             )
     else:
         model.load_state_dict(state)
+    if verify:
+        load_cohort(directory, manifest)  # a cohort that does not fit refuses the artefact
     return model.to(device).eval(), manifest

@@ -30,7 +30,7 @@ import numpy as np
 #: cohort, k = 1) gives a finite score instead of a division by zero.
 MIN_SPREAD = 1e-6
 
-_BLOCK = 4096
+_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,113 @@ def cohort_stats(embeddings: np.ndarray, cohort: np.ndarray, k: int) -> CohortSt
     Rows and cohort are L2-normalised here, so raw embeddings may be passed."""
     e = _unit(embeddings, "the embeddings")
     c = validate_cohort(cohort, e.shape[1], k)
+    return _unit_stats(e, c.astype(np.float64), k)
+
+
+def _unit_stats(e: np.ndarray, c64: np.ndarray, k: int) -> CohortStats:
+    """:func:`cohort_stats` of unit rows against a unit float64 cohort.
+
+    The scores, their mean and spread are computed in float64 and only the results rounded to
+    float32, so that a row's statistics do not depend on the rows it is computed with: a
+    float32 matrix product of one row and of a block that holds it differ in the last bits
+    (BLAS picks other kernels), and the service computes an item's statistics alone at
+    enrolment and in blocks at start-up. In float64 they differ by ~1e-16, which rounds to the
+    same float32 except at a rounding tie (about 1e-9 per number). float64 also keeps the
+    spread exact where it is tiny next to the scores (top-k scores of 0.99 +- 1e-4: float32
+    scores would leave the spread ~1e-3 off)."""
     mean = np.empty(e.shape[0], dtype=np.float32)
     std = np.empty(e.shape[0], dtype=np.float32)
     for start in range(0, e.shape[0], _BLOCK):
-        s = e[start : start + _BLOCK] @ c.T  # (b, C)
-        top = -np.partition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else s
+        s = e[start : start + _BLOCK].astype(np.float64) @ c64.T  # (b, C)
+        top = np.partition(s, s.shape[1] - k, axis=1)[:, -k:] if k < s.shape[1] else s
         mean[start : start + _BLOCK] = top.mean(axis=1)
         std[start : start + _BLOCK] = top.std(axis=1)
     return CohortStats(mean, np.maximum(std, MIN_SPREAD).astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """An artefact's cohort, checked once (unit rows, ``1 <= top_k <= size``), so that the
+    service's per-query statistics skip the validation :func:`cohort_stats` does."""
+
+    embeddings: np.ndarray  # (C, d) float64, unit rows
+    top_k: int
+
+    @classmethod
+    def of(cls, cohort: np.ndarray, *, dim: int, top_k: int) -> Cohort:
+        validate_cohort(cohort, dim, top_k)
+        # normalised in float64: a float32 norm moves each score by ~1e-7, which is not small
+        # next to the spread of a tight cohort's top-k scores (1e-4 for an untrained model)
+        c = np.asarray(cohort, dtype=np.float64)
+        return cls(c / np.linalg.norm(c, axis=1, keepdims=True), int(top_k))
+
+    @property
+    def size(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def stats(self, unit_rows: np.ndarray) -> CohortStats:
+        """Statistics of rows that are already L2-normalised (the service's vectors)."""
+        e = np.asarray(unit_rows, dtype=np.float32)
+        if e.ndim != 2 or e.shape[1] != self.dim:
+            raise ValueError(f"expected (rows, {self.dim}) embeddings, got shape {e.shape}")
+        return _unit_stats(e, self.embeddings, self.top_k)
+
+
+def as_norm_class_scores(
+    embeddings: np.ndarray, labels: np.ndarray, cohort: Cohort, *, block: int = 1024
+) -> tuple[dict[object, np.ndarray], dict[object, np.ndarray]]:
+    """Per class, the AS-normalised scores of its genuine pairs (both items in it) and of its
+    impostor pairs (one item in it, the other not: each impostor pair counts for both of its
+    classes), as ``tcm.consistency_from_scores`` takes them. Memory: about twice
+    :func:`as_norm_pair_scores`'."""
+    e = _unit(embeddings, "the embeddings")
+    y = np.asarray(labels).reshape(-1)
+    if len(y) != len(e):
+        raise ValueError(f"{len(y)} labels for {len(e)} embeddings")
+    st = cohort.stats(e)
+    gen: dict[object, list[np.ndarray]] = {}
+    imp: dict[object, list[np.ndarray]] = {}
+    for start in range(0, len(e), block):
+        rows = slice(start, start + block)
+        s = as_norm(e[rows] @ e.T, st.take(np.arange(len(e))[rows]), st)
+        i, j = np.triu_indices(s.shape[0], k=start + 1, m=len(e))
+        vals, yi, yj = s[i, j], y[rows][i], y[j]
+        same = yi == yj
+        for c in np.unique(y):
+            gen.setdefault(c.item(), []).append(vals[same & (yi == c)])
+            imp.setdefault(c.item(), []).append(vals[~same & ((yi == c) | (yj == c))])
+    return (
+        {c: np.concatenate(v) for c, v in gen.items()},
+        {c: np.concatenate(v) for c, v in imp.items()},
+    )
+
+
+def as_norm_pair_scores(
+    embeddings: np.ndarray, labels: np.ndarray, cohort: Cohort, *, block: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """AS-normalised scores of every pair ``i < j`` of a labelled set: (genuine, impostor),
+    float32, for calibrating a threshold on normalised scores. Memory: one float32 per pair
+    (the set's size squared over two) plus ``block x n`` scores at a time."""
+    e = _unit(embeddings, "the embeddings")
+    y = np.asarray(labels).reshape(-1)
+    if len(y) != len(e):
+        raise ValueError(f"{len(y)} labels for {len(e)} embeddings")
+    st = cohort.stats(e)
+    genuine: list[np.ndarray] = []
+    impostor: list[np.ndarray] = []
+    for start in range(0, len(e), block):
+        rows = slice(start, start + block)
+        s = as_norm(e[rows] @ e.T, st.take(np.arange(len(e))[rows]), st)
+        i, j = np.triu_indices(s.shape[0], k=start + 1, m=len(e))
+        vals = s[i, j]
+        same = y[rows][i] == y[j]
+        genuine.append(vals[same])
+        impostor.append(vals[~same])
+    return np.concatenate(genuine), np.concatenate(impostor)
 
 
 def as_norm(

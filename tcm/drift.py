@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tcm._pairs import counts_at_or_above
+from tcm.asnorm import CohortStats, as_norm
 from tcm.consistency import _bounds, range_average, utility
 
 
@@ -79,13 +80,20 @@ class Curves:
 
 
 def class_histograms(
-    embeddings: np.ndarray, labels: Sequence[object], grid: Grid, *, block: int = 512
+    embeddings: np.ndarray,
+    labels: Sequence[object],
+    grid: Grid,
+    *,
+    block: int = 512,
+    stats: CohortStats | None = None,
 ) -> tuple[list, np.ndarray, np.ndarray]:
     """Per-class genuine and impostor bucket counts over all pairs of one labelled set.
 
     Class c's genuine pairs: both items in c; its impostor pairs: one item in c, the other not
     (``tcm.consistency_report``'s definition). Returns ``(classes, pos, neg)`` with pair
     counts (each unordered pair once per class it belongs to). O(n^2) time, O(block * n) memory.
+    ``stats`` (the rows' AS-norm cohort statistics, :mod:`tcm.asnorm`): bucket the
+    AS-normalised scores instead of the cosines, for a grid in those units.
     """
     x = np.asarray(embeddings, np.float32)
     n = len(x)
@@ -98,6 +106,8 @@ def class_histograms(
         for start in range(0, n, block):
             rows = np.arange(start, min(n, start + block))
             sims = np.clip(x[rows] @ x.T, -1.0, 1.0).astype(np.float64)
+            if stats is not None:
+                sims = as_norm(sims, stats.take(rows), stats).astype(np.float64)
             buckets = np.searchsorted(grid.bounds, sims, side="right")
             same = codes[rows][:, None] == codes[None, :]
             not_self = rows[:, None] != np.arange(n)[None, :]
@@ -281,6 +291,7 @@ def _matched_histograms(
     counts: Sequence[int],
     grid: Grid,
     rng: np.random.Generator,
+    stats: CohortStats | None = None,
 ) -> tuple[list, np.ndarray, np.ndarray]:
     n_classes = int(ref_codes.max()) + 1 if len(ref_codes) else 0
     counts = np.asarray(counts, int)
@@ -292,7 +303,8 @@ def _matched_histograms(
         members = np.flatnonzero(ref_codes == cls)
         idx.append(rng.choice(members, size=min(int(k), len(members)), replace=False))
     take = np.concatenate(idx) if idx else np.zeros(0, int)
-    return class_histograms(ref_x[take], ref_codes[take], grid)
+    sub = None if stats is None else stats.take(take)
+    return class_histograms(ref_x[take], ref_codes[take], grid, stats=sub)
 
 
 def level_at_tau(pos: np.ndarray, neg: np.ndarray, grid: Grid) -> tuple[float, float] | None:
@@ -317,15 +329,17 @@ def matched_reference(
     *,
     draws: int,
     seed: int,
+    stats: CohortStats | None = None,
 ) -> list[Summary]:
     """``draws`` count-matched reference galleries (:func:`matched_draw`), summarised (a draw
     with fewer eligible classes than ``rules.min_subjects`` has no OPIS of its own, but pools),
-    each with its FRR and utility at tau over all its pairs (:func:`level_at_tau`)."""
+    each with its FRR and utility at tau over all its pairs (:func:`level_at_tau`).
+    ``stats``: the reference rows' AS-norm statistics (AS-normalised scores, as served)."""
     _, codes = np.unique(np.asarray(ref_labels), return_inverse=True)
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(draws):
-        classes, pos, neg = _matched_histograms(ref_x, codes, counts, grid, rng)
+        classes, pos, neg = _matched_histograms(ref_x, codes, counts, grid, rng, stats)
         summary = Summary.of(curves(classes, pos, neg, grid, rules).utility)
         out.append(dataclasses.replace(summary, level=level_at_tau(pos, neg, grid)))
     return out

@@ -345,6 +345,58 @@ def openset_cmd(
     )
 
 
+@app.command("cohort")
+def cohort_cmd(
+    artefact: Annotated[Path, typer.Argument(help="an exported artefact folder")],
+    size: Annotated[
+        int, typer.Option(help="training-class images in the cohort (at most 2,000)")
+    ] = 2000,
+    top_k: Annotated[int, typer.Option(help="AS-norm's k: the top cohort scores per side")] = 200,
+    data_dir: Annotated[
+        str | None, typer.Option(help="the data sets (default: the artefact's own)")
+    ] = None,
+) -> None:
+    """Adds serve-time score normalisation (AS-norm, tcm.asnorm) to an artefact: embeds up to
+    SIZE images of its training classes (identities no gallery holds) as the cohort, writes
+    cohort.safetensors and the manifest's score_norm section, and recalibrates tau for the
+    same target FAR on the AS-normalised scores of its held-out classes (the threshold is then
+    in as-norm units; the cosine calibration is kept beside it). Weights stay as they are."""
+    from tcm import load_artefact
+    from tcm.artefact import MANIFEST_FILE
+    from training.cohort import cohort_onto
+
+    try:
+        if not 1 <= size <= 2000:
+            raise ValueError(f"--size must lie in 1..2000, got {size}")
+        model, manifest = load_artefact(artefact)
+        if (manifest.openset or {}).get("threshold_target") == "fpir":
+            raise ValueError(
+                f"{artefact}: tau honours an FPIR target; an AS-norm cohort recalibrates "
+                "for the pair FAR only (re-export with threshold_target=far)"
+            )
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        values = {k: v for k, v in manifest.training_config.items() if k in known}
+        if not values:
+            raise ValueError(f"{artefact}: the manifest has no training config to find its data")
+        overrides = [f"data_dir={data_dir}"] if data_dir else []
+        cfg = load_config(None, overrides, base=TrainConfig(**values))
+        splits = load_splits(cfg)
+        if cfg.freeze_backbone:  # the splits hold backbone features: the head embeds them
+            model = torch.nn.Sequential(model.head, model.norm)
+        new = cohort_onto(artefact, manifest, model, splits, size=size, top_k=top_k)
+    except ValueError as exc:
+        _fail(exc)
+        return
+    cal, sec = new.calibration, new.score_norm or {}
+    cos = sec["cosine_calibration"]
+    console.print(
+        f"{artefact / MANIFEST_FILE}: AS-norm with {sec['cohort_size']:,} cohort embeddings, "
+        f"top-k {sec['top_k']}; tau {cal.tau:.4f} (as-norm units; FAR {cal.far_at_tau:.4g}, "
+        f"FRR {cal.frr_at_tau:.4f} on the held-out classes), cosine tau was "
+        f"{cos['tau']:.4f} (FRR {cos['frr_at_tau']:.4f})"
+    )
+
+
 @app.command("default-model")
 def default_model(
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("artefacts/default"),

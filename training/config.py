@@ -98,6 +98,10 @@ class TrainConfig:
     threshold_target: str = "far"
     target_fpir: float = 1e-2
     reference_gallery_size: int = 1000
+    # serve-time AS-norm (tcm.asnorm): export a cohort of this many training-class images
+    # (0: none, raw cosine) and calibrate tau on AS-normalised scores with this top-k
+    cohort_size: int = 0
+    cohort_top_k: int = 200
     far_lo: float = 1e-3
     far_hi: float = 1e-1
     num_thresholds: int = 101
@@ -147,6 +151,14 @@ class TrainConfig:
             problems.append("target_fpir must lie in (0, 1)")
         if self.reference_gallery_size < 1:
             problems.append("reference_gallery_size must be >= 1 (photos in a gallery)")
+        if not 0 <= self.cohort_size <= 2000:
+            problems.append("cohort_size must lie in 0..2000 (0: no AS-norm cohort)")
+        elif self.cohort_size and not 1 <= self.cohort_top_k <= self.cohort_size:
+            problems.append("cohort_top_k must lie in 1..cohort_size")
+        if self.cohort_size and self.threshold_target != "far":
+            problems.append(
+                "a cohort (AS-norm) calibrates tau for target_far: set threshold_target=far"
+            )
         if not (0 < self.far_lo < self.target_far < self.far_hi < 1):
             problems.append("need 0 < far_lo < target_far < far_hi < 1")
         if not (0 < self.test_fraction < 1):

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from tcm import Manifest
 from training.config import TrainConfig
 from training.data import Split, Splits, load_splits
@@ -102,7 +105,7 @@ def export_run(
     splits = splits or load_splits(config)
     emb = embed(model, splits.test.x, device=resolve_device(config.device))
     result = evaluate_embeddings(emb, splits.test.y, config)
-    return export_artefact(
+    manifest = export_artefact(
         model,
         config,
         result,
@@ -110,6 +113,32 @@ def export_run(
         int(splits.test.x.shape[1]),
         out_dir,
         splits.description,
+    )
+    return _with_cohort(out_dir, manifest, model, config, splits, emb)
+
+
+def _with_cohort(
+    out_dir: str | Path,
+    manifest: Manifest,
+    model: nn.Module,
+    config: TrainConfig,
+    splits: Splits,
+    heldout: torch.Tensor | None = None,
+) -> Manifest:
+    """The exported artefact with an AS-norm cohort when ``cohort_size`` asks for one."""
+    if not config.cohort_size:
+        return manifest
+    from training.cohort import cohort_onto
+
+    return cohort_onto(
+        out_dir,
+        manifest,
+        model,
+        splits,
+        size=config.cohort_size,
+        top_k=config.cohort_top_k,
+        seed=config.seed,
+        heldout=heldout,
     )
 
 
@@ -133,8 +162,9 @@ def train_evaluate_export(
     result = evaluate_run(run_dir, splits=splits, plots=plots, fallback_tau=fallback_tau)
     out: dict[str, Any] = {k: v for k, v in result.items() if not k.startswith("_")}
     if artefact_dir is not None:
+        model = load_trained_model(run_dir)[0]
         manifest = export_artefact(
-            load_trained_model(run_dir)[0],
+            model,
             config,
             result,
             splits.preprocessing,
@@ -142,6 +172,7 @@ def train_evaluate_export(
             artefact_dir,
             splits.description,
         )
+        manifest = _with_cohort(artefact_dir, manifest, model, config, splits)
         out["model_version"] = manifest.model_version
     return out
 

@@ -85,12 +85,14 @@ class Candidate(Model):
     item_id: str
     subject: str
     score: float
+    cosine: float | None = None  # the raw cosine, when the model normalises scores (AS-norm)
 
 
 class Decision(Model):
     accepted: bool
     subject: str | None
     score: float | None
+    cosine: float | None = None
 
 
 class MatchResult(Model):
@@ -104,6 +106,7 @@ class MatchResult(Model):
 class VerifyResult(Model):
     score: float
     accepted: bool
+    cosine: float | None = None
     threshold: float
     model_version: str
 

@@ -3,8 +3,10 @@
 - **Live limits**: schema nodes marked ``x-limit`` (``schemas.py``, routers) get the bound of
   this deployment: ``embedding_dim`` (the served model's: ``minItems = maxItems``), ``max_k``
   (``maximum``), ``max_batch_items`` and ``max_enrol_items`` (``maxItems``), ``max_list_limit``
-  (``maximum``), ``embedding_b64_chars`` (a base64 embedding's exact length). The
-  document is rendered per served embedding dimension (a model switch may change it).
+  (``maximum``), ``embedding_b64_chars`` (a base64 embedding's exact length),
+  ``threshold_bound`` (``minimum = -bound``, ``maximum = bound``: 1 for a cosine threshold,
+  1000 for an AS-normalised one). The document is rendered per served embedding dimension and
+  threshold units (a model switch may change them).
 - **X-Request-ID**: an optional header parameter of every operation, and a response header of
   every answer (``service.api.request_id``); ``Retry-After`` on 429 and 503, ``WWW-Authenticate``
   on 401, ``Allow`` on 405.
@@ -125,14 +127,18 @@ def operation_id(route: APIRoute) -> str:
     return first + "".join(w.capitalize() for w in rest)
 
 
+THRESHOLD_BOUND = 1000  # |threshold| of a what-if in as-norm units (the query's own bound)
+
+
 def install(app: FastAPI, settings: Settings) -> None:
     """Replaces ``app.openapi`` with the rendering described in the module doc."""
-    cache: dict[int | None, dict[str, Any]] = {}
+    cache: dict[tuple[int | None, str], dict[str, Any]] = {}
 
     def openapi() -> dict[str, Any]:
         runtime = getattr(app.state, "runtime", None)
         dim = runtime.serving.manifest.embedding_dim if runtime is not None else None
-        if dim not in cache:
+        units = runtime.serving.manifest.threshold_units if runtime is not None else "cosine"
+        if (dim, units) not in cache:
             base = get_openapi(
                 title=app.title,
                 version=app.version,
@@ -148,9 +154,10 @@ def install(app: FastAPI, settings: Settings) -> None:
                 # base64 of embedding_dim float32: its exact length in characters
                 "embedding_b64_chars": None if dim is None else (dim * 4 + 2) // 3 * 4,
                 "max_list_limit": settings.max_list_limit,
+                "threshold_bound": 1 if units == "cosine" else THRESHOLD_BOUND,
             }
-            cache[dim] = complete(base, limits)
-        return cache[dim]
+            cache[dim, units] = complete(base, limits)
+        return cache[dim, units]
 
     app.openapi = openapi  # type: ignore[method-assign]
 
@@ -199,7 +206,9 @@ def _apply_limits(node: Any, limits: dict[str, int | None]) -> None:
         name = node.get("x-limit")
         value = limits.get(name) if isinstance(name, str) else None
         if value is not None:
-            if node.get("type") == "array":
+            if name == "threshold_bound":
+                node["minimum"], node["maximum"] = -value, value
+            elif node.get("type") == "array":
                 node["maxItems"] = value
                 if name == "embedding_dim":
                     node["minItems"] = value

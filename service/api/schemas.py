@@ -504,16 +504,38 @@ class MatchRequest(Request):
     filter: MetadataFilter | None = None
 
 
+def _cosine_field(what: str) -> Any:
+    """The raw cosine beside a normalised score: present only when the served artefact
+    normalises scores (AS-norm, ``GET /v1/model`` ``score_normalisation``); absent otherwise,
+    where ``score`` is the cosine itself."""
+    return Field(
+        None,
+        description=f"{what}'s raw cosine similarity, present only when the model normalises "
+        "scores (score_normalisation on /v1/model): then score is the AS-normalised score "
+        "that the decision compares with the threshold, and candidates are ranked by this "
+        "cosine",
+        exclude_if=lambda v: v is None,
+    )
+
+
 class Candidate(BaseModel):
     item_id: str
     subject: str
-    score: float
+    score: float = Field(
+        description="the score decisions use: the cosine, or the AS-normalised score when the "
+        "model normalises scores"
+    )
+    cosine: float | None = _cosine_field("the candidate")
 
 
 class DecisionOut(BaseModel):
     accepted: bool
     subject: str | None
-    score: float | None = Field(description="best candidate's score; null for an empty gallery")
+    score: float | None = Field(
+        description="best candidate's score (the one compared with the threshold); null for an "
+        "empty gallery"
+    )
+    cosine: float | None = _cosine_field("the best candidate")
 
 
 class MatchResponse(WithFaces):
@@ -593,7 +615,11 @@ class VerifyRequest(Request):
 
 
 class VerifyResponse(WithFaces):
-    score: float
+    score: float = Field(
+        description="the best pair's score (the one compared with the threshold): the cosine, "
+        "or the AS-normalised score of the best pair by cosine when the model normalises scores"
+    )
+    cosine: float | None = _cosine_field("the best pair")
     accepted: bool
     threshold: float
     model_version: str
@@ -702,9 +728,32 @@ class ModelInfo(BaseModel):
     weights_sha256: str
     open_set: OpenSetCalibration | None = Field(
         default=None,
-        description="1:N open-set calibration (null for an artefact exported without it)",
+        description="1:N open-set calibration (null for an artefact exported without it, and "
+        "for one whose threshold is in as-norm units: the open-set tails are cosine scores)",
+    )
+    score_normalisation: ScoreNormalisation | None = Field(
+        default=None,
+        description="serve-time score normalisation; null: scores are raw cosine similarities",
+        exclude_if=lambda v: v is None,
     )
     activation: Activation | None = None  # a model switch this replica is running, or ran last
+
+
+class ScoreNormalisation(BaseModel):
+    """Adaptive S-norm (``tcm.asnorm``): each side of a pair is standardised by the mean and
+    spread of its top_k cosine scores against a cohort of training-class embeddings (identities
+    no gallery holds); the score is the mean of the two z-scores. Candidates stay ranked by
+    cosine; decisions, FAR/FRR and the threshold use the normalised score."""
+
+    kind: Literal["as-norm"]
+    top_k: int
+    cohort_size: int
+    threshold_units: Literal["as-norm"] = Field(
+        description="the threshold (and calibration range) is in AS-normalised units"
+    )
+    cosine_threshold: float = Field(
+        description="the cosine threshold the model had before normalisation, for reference"
+    )
 
 
 class OpenSetCalibration(BaseModel):

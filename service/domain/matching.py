@@ -1,10 +1,13 @@
 """1:N match, 1:1 verify, and feedback on past matches.
 
-One rule decides everywhere: a pair is accepted iff its cosine score >= tau, the model's global
-threshold. A match is decided by its best candidate. In verify, a subject stands for its best
-matching enrolled item (max score over the subject's items, the same rule 1:N matching applies),
-so "is this the person enrolled as S?" gets the answer match would give if S were the only
-subject in the gallery.
+One rule decides everywhere: a pair is accepted iff its score >= tau, the model's global
+threshold. The score is the cosine, or, when the artefact carries an AS-norm cohort, the
+AS-normalised cosine (``tcm.asnorm``: each side standardised by its top-k cohort scores; tau is
+then calibrated in those units). Candidates are ranked by cosine either way, and a match is
+decided by its best candidate (the best by cosine, at its normalised score). In verify, a
+subject stands for its best matching enrolled item (the best cosine over the subject's items,
+the same rule 1:N matching applies), so "is this the person enrolled as S?" gets the answer
+match would give if S were the only subject in the gallery.
 
 Every decision is stored (the monitor reads the store's records, on every replica alike).
 """
@@ -23,11 +26,12 @@ from starlette.concurrency import run_in_threadpool
 from service.domain.inputs import InputResolver
 from service.engine.index import Hit, IndexRegistry
 from service.engine.metadata_filter import matches
-from service.engine.pairwise import max_inner_product
+from service.engine.pairwise import best_pair, max_inner_product
 from service.engine.search import SearchBatcher
 from service.errors import InvalidInputError, NotFoundError
 from service.metrics import Outcome, ServiceMetrics, decision_outcome, probe_outcome
 from service.store import Feedback, MatchRecord, Store
+from tcm.asnorm import Cohort, as_norm
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,7 @@ class Matcher:
         max_k: int,
         max_verify_pairs: int = 50_000_000,
         search: SearchBatcher | None = None,
+        cohort: Cohort | None = None,
     ) -> None:
         self.store = store
         self.indexes = indexes
@@ -108,6 +113,7 @@ class Matcher:
         self.model_version = model_version
         self.max_k = max_k
         self.max_verify_pairs = max_verify_pairs
+        self.cohort = cohort
 
     def accepts(self, score: float) -> bool:
         return score >= self.threshold
@@ -198,9 +204,13 @@ class Matcher:
             allowed = await run_in_threadpool(self.indexes.get(tenant_id).matching, filter)
         return await self.resolver.subject_vectors(tenant_id, inp.subject, seqs=allowed)
 
-    async def verify(self, tenant_id: str, a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
+    async def verify(
+        self, tenant_id: str, a: np.ndarray, b: np.ndarray
+    ) -> tuple[float, bool, float | None]:
         """Best cosine over all pairs of a's and b's vectors (one pair unless subjects), in
-        tiles (bounded memory) and at most ``max_verify_pairs`` pairs (bounded CPU)."""
+        tiles (bounded memory) and at most ``max_verify_pairs`` pairs (bounded CPU) ->
+        (score, accepted, cosine). With an AS-norm cohort the score is that pair's normalised
+        score and the cosine comes beside it; without, the score is the cosine (and None)."""
         pairs = len(a) * len(b)
         if pairs > self.max_verify_pairs:
             raise InvalidInputError(
@@ -210,13 +220,27 @@ class Matcher:
                 code="too_many_pairs",
                 detail={"pairs": pairs, "max_verify_pairs": self.max_verify_pairs},
             )
-        best = await run_in_threadpool(max_inner_product, a, b)
-        score = float(np.clip(best, -1.0, 1.0))
+        cosine: float | None = None
+        if self.cohort is None:
+            best = await run_in_threadpool(max_inner_product, a, b)
+            score = float(np.clip(best, -1.0, 1.0))
+        else:
+            score, cosine = await run_in_threadpool(self._normalised_best, a, b)
         accepted = self.accepts(score)
         self.metrics.verify_decisions.labels(
             tenant=self.metrics.tenant_label(tenant_id), decision="accept" if accepted else "reject"
         ).inc()
-        return score, accepted
+        return score, accepted, cosine
+
+    def _normalised_best(self, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+        """(AS-normalised score, cosine) of the best pair by cosine. A gallery item's
+        statistics are computed from its stored vector here: the same numbers the index keeps
+        for it (``tcm.asnorm`` statistics do not depend on the batch)."""
+        assert self.cohort is not None
+        best, i, j = best_pair(a, b)
+        cosine = float(np.clip(best, -1.0, 1.0))
+        left, right = self.cohort.stats(a[i : i + 1]), self.cohort.stats(b[j : j + 1])
+        return float(as_norm(np.array([cosine]), left, right)[0]), cosine
 
     def subject_enrolled(self, tenant_id: str, subject: str) -> bool:
         """Whether the tenant's gallery holds an item of ``subject`` now (blocking)."""

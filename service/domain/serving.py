@@ -34,7 +34,8 @@ from service.engine.search import SearchBatcher
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.store import Store
-from tcm import Manifest, load_openset
+from tcm import Manifest, load_cohort, load_openset
+from tcm.asnorm import Cohort
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Serving:
     resolver: InputResolver
     indexes: IndexRegistry
     matcher: Matcher
+    cohort: Cohort | None = None  # AS-norm: decisions use normalised scores (tcm.asnorm)
 
     @property
     def model_version(self) -> str:
@@ -66,12 +68,14 @@ async def build_serving(
 ) -> Serving:
     """Loads the artefact at ``path`` and starts its batcher; the indexes start empty."""
     model, manifest, preparer = await run_in_threadpool(load_served_model, path, device=device)
+    cohort = await run_in_threadpool(load_cohort, path, manifest)
     indexes = IndexRegistry(
         manifest.embedding_dim,
         settings.index_factory,
         device=str(device.type),
         search_params=settings.index_search_params,
         threads=settings.index_threads,
+        cohort=cohort,
     )
     forward = model
     if settings.cpu_traced_forward and device.type == "cpu" and manifest.face is None:
@@ -103,6 +107,7 @@ async def build_serving(
         model_version=manifest.model_version,
         max_k=settings.max_k,
         max_verify_pairs=settings.max_verify_pairs,
+        cohort=cohort,
         search=SearchBatcher(
             indexes,
             max_batch=settings.search_max_batch,
@@ -119,6 +124,7 @@ async def build_serving(
         resolver=resolver,
         indexes=indexes,
         matcher=matcher,
+        cohort=cohort,
     )
 
 
@@ -152,7 +158,9 @@ class ServingSlot:
             }
         )
         self._metrics.threshold.set(m.calibration.tau)
-        self._metrics.set_openset(load_openset(self.current.path, m), m.calibration.tau)
+        # the open-set tails are cosine scores: they say nothing about an as-norm tau
+        tails = load_openset(self.current.path, m) if m.threshold_units == "cosine" else None
+        self._metrics.set_openset(tails, m.calibration.tau)
 
 
 class SwitchGate:

@@ -42,6 +42,7 @@ import faiss
 import numpy as np
 
 from service.engine.metadata_filter import filter_terms, terms
+from tcm.asnorm import Cohort, CohortStats, as_norm
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,15 @@ _MIN_TRAIN_PER_CENTROID = 39  # faiss's own warning threshold for k-means
 
 @dataclass(frozen=True)
 class Hit:
+    """A candidate. ``score`` is what decisions use: the cosine, or with an AS-norm cohort the
+    AS-normalised score, with the raw ``cosine`` beside it (None without a cohort, where the
+    score is the cosine). Candidates are ranked by cosine either way."""
+
     seq: int
     item_id: str
     subject: str
     score: float
+    cosine: float | None = None
 
 
 TORCH_FACTORY = "Torch"
@@ -217,10 +223,16 @@ class TenantIndex:
         tombstone_limit: int = 1024,
         torch_device: str | None = None,
         search_params: str = "",
+        cohort: Cohort | None = None,
     ) -> None:
         self.dim = dim
         self.search_params = search_params
         self.factory = factory
+        # AS-norm (the artefact's cohort): each item's cohort statistics are computed when it
+        # enters the index, whatever the path (enrolment, start-up, resync, re-embed, change
+        # feed, compaction), and kept beside it; a probe's per search
+        self.cohort = cohort
+        self._stats: dict[int, tuple[float, float]] = {}  # seq -> (mean, std)
         # the torch engine: for factory "Torch", or for "Flat" on a GPU faiss cannot use
         self._torch_device = torch_device or ("cpu" if factory == TORCH_FACTORY else None)
         self._gpu_res = gpu_resources
@@ -291,6 +303,7 @@ class TenantIndex:
             tombstone_limit=self._tombstone_limit,
             torch_device=self._torch_device,
             search_params=self.search_params,
+            cohort=self.cohort,
         )
         if self._needs_training():
             parts = list(chunks)
@@ -309,6 +322,7 @@ class TenantIndex:
             self._index, self._items, self._terms = fresh._index, fresh._items, fresh._terms
             self._postings, self._tombstones = fresh._postings, fresh._tombstones
             self._canon, self._photos, self._shape = fresh._canon, fresh._photos, fresh._shape
+            self._stats = fresh._stats
 
     def _needs_training(self) -> bool:
         if self._torch_device is not None:
@@ -349,6 +363,10 @@ class TenantIndex:
         if not fresh.any():
             return
         self._index.add_with_ids(vectors[fresh], seqs[fresh])
+        if self.cohort is not None:
+            st = self.cohort.stats(vectors[fresh])
+            pairs = zip(st.mean.tolist(), st.std.tolist(), strict=True)
+            self._stats.update(zip(seqs[fresh].tolist(), pairs, strict=True))
         for row, (s, iid, subj, ok) in enumerate(zip(seqs, item_ids, subjects, fresh, strict=True)):
             if ok:
                 seq = int(s)  # one int object per item, shared by its postings
@@ -394,6 +412,7 @@ class TenantIndex:
                 return
             for s in present:
                 self._count_photo_locked(_unpack(self._items.pop(s))[1], -1)
+                self._stats.pop(s, None)
                 self._forget_terms_locked(s)
             ids = np.asarray(present, np.int64)
             try:
@@ -413,6 +432,7 @@ class TenantIndex:
         self._tombstones = set()
         self._photos = {}
         self._shape = {}
+        self._stats = {}
 
     def _compact_locked(self) -> None:
         live = np.fromiter(self._items.keys(), dtype=np.int64, count=len(self._items))
@@ -421,7 +441,7 @@ class TenantIndex:
             if len(live)
             else np.zeros((0, self.dim), np.float32)
         )
-        items, item_terms = dict(self._items), dict(self._terms)
+        items, item_terms, stats = dict(self._items), dict(self._terms), self._stats
         self._reset_locked(vectors)
         pairs = [_unpack(items[int(s)]) for s in live]
         self._add_locked(
@@ -431,11 +451,21 @@ class TenantIndex:
             _as_matrix(vectors, self.dim),
             [list(item_terms.get(int(s), ())) for s in live],
         )
+        if self.cohort is not None:  # the items' own statistics, not a lossy index's rebuild
+            self._stats = {int(s): stats[int(s)] for s in live}
         log.info("compacted a FAISS index to %d live vectors", len(live))
 
     # --- queries ---------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._items)
+
+    def cohort_stats(self, seqs: Sequence[int]) -> CohortStats:
+        """The kept AS-norm statistics of indexed items (KeyError: not indexed; needs a
+        cohort)."""
+        with self._lock:
+            rows = [self._stats[int(s)] for s in seqs]
+        mean = np.array([r[0] for r in rows], np.float32)
+        return CohortStats(mean, np.array([r[1] for r in rows], np.float32))
 
     def shape(self) -> dict[int, int]:
         """The gallery's shape: ``{photos: number of subjects with that many live photos}``."""
@@ -469,6 +499,7 @@ class TenantIndex:
         ``where``, the top k among the items whose metadata passes that filter."""
         queries = _as_matrix(queries, self.dim)
         wanted = filter_terms(where) if where else None
+        probes = self.cohort.stats(queries) if self.cohort is not None else None
         with self._lock:
             n = len(self._items)
             if n == 0 or k <= 0:
@@ -496,7 +527,13 @@ class TenantIndex:
                     if len(hits) == k:
                         break
                 out.append(hits)
-            return out
+            if probes is None:
+                return out
+            item_stats = [[self._stats[h.seq] for h in hits] for hits in out]
+        return [
+            _normalised(hits, rows, probes.take(np.array([q])))
+            for q, (hits, rows) in enumerate(zip(out, item_stats, strict=True))
+        ]
 
     def _params(self, selector: faiss.IDSelector) -> faiss.SearchParameters:
         """Search parameters carrying the selector, of the type the inner index expects (IVF
@@ -542,12 +579,16 @@ class IndexRegistry:
         device: str = "cpu",
         search_params: str = "",
         threads: int = 0,
+        cohort: Cohort | None = None,
     ) -> None:
         if threads > 0:
             faiss.omp_set_num_threads(threads)  # process-wide, like the setting
         self.dim = dim
         self.factory = factory
         self.search_params = search_params
+        self.cohort = cohort
+        if cohort is not None and cohort.dim != dim:
+            raise ValueError(f"the AS-norm cohort has dimension {cohort.dim}, the index {dim}")
         self._torch_device: str | None = None
         if factory == TORCH_FACTORY:
             self.on_gpu = device != "cpu" and torch_cuda_available()
@@ -585,6 +626,7 @@ class IndexRegistry:
                     gpu_resources=self._gpu_res,
                     torch_device=self._torch_device,
                     search_params=self.search_params,
+                    cohort=self.cohort,
                 )
                 if tenant_id not in self._dropped:
                     self._indexes[tenant_id] = index
@@ -608,6 +650,22 @@ class IndexRegistry:
     def clear(self) -> None:
         with self._lock:
             self._indexes.clear()
+
+
+def _normalised(hits: list[Hit], items: list[tuple[float, float]], probe: CohortStats) -> list[Hit]:
+    """The hits (in their cosine order) with the AS-normalised score, the cosine beside it."""
+    if not hits:
+        return hits
+    cos = np.array([h.score for h in hits], np.float64)
+    left = CohortStats(
+        np.array([m for m, _ in items], np.float32), np.array([s for _, s in items], np.float32)
+    )
+    right = probe.take(np.zeros(len(hits), dtype=np.int64))
+    scores = as_norm(cos, left, right).tolist()
+    return [
+        Hit(h.seq, h.item_id, h.subject, float(v), h.score)
+        for h, v in zip(hits, scores, strict=True)
+    ]
 
 
 def _is_ivf(index: faiss.Index) -> bool:

@@ -26,3 +26,21 @@ def max_inner_product(a: np.ndarray, b: np.ndarray, *, block: int = BLOCK) -> fl
         for j in range(0, len(b), block):
             best = max(best, float((rows @ b[j : j + block].T).max()))
     return best
+
+
+def best_pair(a: np.ndarray, b: np.ndarray, *, block: int = BLOCK) -> tuple[float, int, int]:
+    """``max(a @ b.T)`` and where it is (row of ``a``, row of ``b``; the first on ties), tile
+    by tile: the pair whose cosine ranks first, for a score normalised per side."""
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("both sides need at least one vector")
+    if block < 1:
+        raise ValueError(f"block must be positive, got {block}")
+    best, at = -np.inf, (0, 0)
+    for i in range(0, len(a), block):
+        rows = a[i : i + block]
+        for j in range(0, len(b), block):
+            tile = rows @ b[j : j + block].T
+            r, c = np.unravel_index(int(np.argmax(tile)), tile.shape)
+            if float(tile[r, c]) > best:
+                best, at = float(tile[r, c]), (i + int(r), j + int(c))
+    return best, at[0], at[1]

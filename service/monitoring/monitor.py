@@ -67,7 +67,8 @@ from service.monitoring.subjects import (
     tenant_subjects,
 )
 from service.store import Store
-from tcm import Manifest, load_reference, utility
+from tcm import Manifest, load_cohort, load_reference, utility
+from tcm.asnorm import Cohort, CohortStats
 from tcm.drift import Summary, matched_reference
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,21 @@ class Monitor:
         self._reference_cache: OrderedDict[tuple[str, tuple[int, ...]], list[Summary]] = (
             OrderedDict()
         )
+        self._cohort = self._load_cohort(artefact_path)
         self._reference_data = self._load_reference(artefact_path)
+
+    def _load_cohort(self, path: Path | None) -> Cohort | None:
+        """The artefact's AS-norm cohort: with one, every pair the monitor scores is scored
+        as the service decides it (AS-normalised, in the threshold's units). The service
+        refused the artefact already if the cohort does not fit it."""
+        return None if path is None else load_cohort(path, self.manifest)
+
+    def _reference_stats(self) -> CohortStats | None:
+        ref = self._reference_data
+        if ref is None or self._cohort is None:
+            return None
+        x = ref[0] / np.maximum(np.linalg.norm(ref[0], axis=1, keepdims=True), 1e-12)
+        return self._cohort.stats(x)
 
     def _load_reference(self, path: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
         """The artefact's held-out embeddings (None: an older artefact without them)."""
@@ -204,6 +219,7 @@ class Monitor:
         self.metrics.snapshot.snapshot = None
         with self._reference_lock:
             self._reference_cache.clear()
+            self._cohort = self._load_cohort(path)
             self._reference_data = self._load_reference(path)
         self._wake.set()
 
@@ -232,7 +248,11 @@ class Monitor:
         seed = seed_for(t, version)
         pairs = {
             "feedback": feedback_scores(
-                decisions, model_version=version, until=now, max_pairs=cfg.max_pairs
+                decisions,
+                model_version=version,
+                until=now,
+                max_pairs=cfg.max_pairs,
+                bounded=self._cohort is None,
             ),
             "gallery": gallery_scores(
                 vectors.subjects,
@@ -240,6 +260,7 @@ class Monitor:
                 max_items=cfg.max_gallery_items,
                 max_pairs=cfg.max_pairs,
                 seed=seed,
+                cohort=self._cohort,
             ),
         }
         per_subject = None
@@ -253,6 +274,7 @@ class Monitor:
                 seed=seed,
                 model_version=version,
                 until=now,
+                cohort=self._cohort,
             )
         return pairs, per_subject
 
@@ -277,6 +299,7 @@ class Monitor:
             self.config.rules,
             draws=self.config.reference_draws,
             seed=self.reference_seed(tenant, counts),
+            stats=self._reference_stats(),
         )
         with self._reference_lock:
             self._reference_cache[key] = draws
@@ -554,7 +577,12 @@ class Monitor:
         pairs = self.pairs.get_many(key, wanted, lambda ts: self.load_scores(ts, now=now))
         cal = self.manifest.calibration
         result = what_if(
-            pairs, threshold, tau=cal.tau, beta=cal.beta, include_pooled=tenant_ids is None
+            pairs,
+            threshold,
+            tau=cal.tau,
+            beta=cal.beta,
+            include_pooled=tenant_ids is None,
+            units=self.manifest.threshold_units,
         )
         result.update(
             in_calibration_range=cal.tau_lo <= threshold <= cal.tau_hi,

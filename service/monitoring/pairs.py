@@ -21,6 +21,7 @@ import numpy as np
 
 from service.metrics import OUTCOMES, Outcome
 from service.store.base import Decision
+from tcm.asnorm import Cohort, as_norm
 
 KINDS = ("genuine", "impostor")
 SOURCES = ("feedback", "gallery")
@@ -49,6 +50,7 @@ def feedback_scores(
     model_version: str,
     until: float | None = None,
     max_pairs: int | None = None,
+    bounded: bool = True,
 ) -> LabelledScores:
     """Labelled decisions -> their outcomes (the probe's, as labelled at each decision's own
     threshold) and pairs (query, best candidate).
@@ -57,6 +59,8 @@ def feedback_scores(
     A labelled decision without a candidate (empty gallery) has an outcome but no pair. With
     ``until``, decisions made or labelled later are left out (so that a snapshot's pairs can be
     reloaded exactly); with ``max_pairs`` the most recent pairs of each kind are kept.
+    ``bounded``: the scores are cosines, clipped to [-1, 1]; False for AS-normalised scores
+    (an artefact with a cohort), which are unbounded and kept as decided.
     """
     genuine: list[float] = []
     impostor: list[float] = []
@@ -76,7 +80,9 @@ def feedback_scores(
     g, i = np.asarray(genuine, np.float64), np.asarray(impostor, np.float64)
     if max_pairs is not None:
         g, i = g[-max_pairs:], i[-max_pairs:]
-    return LabelledScores(np.sort(np.clip(g, -1.0, 1.0)), np.sort(np.clip(i, -1.0, 1.0)), outcomes)
+    if bounded:
+        g, i = np.clip(g, -1.0, 1.0), np.clip(i, -1.0, 1.0)
+    return LabelledScores(np.sort(g), np.sort(i), outcomes)
 
 
 def seed_for(*parts: str) -> int:
@@ -118,7 +124,13 @@ def sample_gallery(
 
 
 def gallery_scores(
-    subjects: Sequence[str], vectors: np.ndarray, *, max_items: int, max_pairs: int, seed: int
+    subjects: Sequence[str],
+    vectors: np.ndarray,
+    *,
+    max_items: int,
+    max_pairs: int,
+    seed: int,
+    cohort: Cohort | None = None,
 ) -> LabelledScores:
     """Genuine (same subject) and impostor (different subjects) scores within a gallery.
 
@@ -126,6 +138,9 @@ def gallery_scores(
     filled (drawing single items would break subjects up and starve the genuine pairs); each
     kind is then capped at ``max_pairs`` by a seeded draw. The same gallery and seed give the
     same pairs on every replica. Cost: O(max_items^2 * dim) time, O(max_items^2) memory.
+    With ``cohort`` (an artefact's AS-norm cohort) the pairs are scored as the service decides
+    them: AS-normalised, with each item's cohort statistics computed from its stored vector
+    (the numbers the index keeps for it).
     """
     n = len(subjects)
     if n != len(vectors):
@@ -138,6 +153,9 @@ def gallery_scores(
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     rows, cols = np.triu_indices(len(idx), k=1)
     scores = np.clip((x @ x.T)[rows, cols].astype(np.float64), -1.0, 1.0)
+    if cohort is not None:
+        st = cohort.stats(np.asarray(vectors, dtype=np.float32)[idx])
+        scores = as_norm(scores, st.take(rows), st.take(cols)).astype(np.float64)
     same = codes[idx][rows] == codes[idx][cols]
 
     def cap(s: np.ndarray) -> np.ndarray:

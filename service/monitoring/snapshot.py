@@ -186,20 +186,33 @@ def score_buckets(
     fine_step: float = 0.01,
     fine_margin: float = 0.1,
     coarse_step: float = 0.1,
+    units: str = "cosine",
 ) -> tuple[float, ...]:
     """Histogram upper bounds (``le``): ``fine_step`` apart over [tau_lo - margin,
     tau_hi + margin] so that FAR/FRR at any threshold in and near the calibration range can be
     read in PromQL, ``coarse_step`` apart elsewhere in [-1, 1], and tau itself (FAR at tau
-    exactly). Grid points are on multiples of the step (readable ``le`` labels)."""
+    exactly). Grid points are on multiples of the step (readable ``le`` labels).
+
+    ``units="as-norm"`` (AS-normalised scores, unbounded, a few units wide where a cosine's
+    calibration range is a few tenths): every step and the margin are 10 times wider and the
+    coarse buckets span [-10, 10], so the bucket count stays about the cosine one's."""
 
     def grid(lo: float, hi: float, step: float) -> np.ndarray:
         k0, k1 = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
         return np.round(np.arange(k0, k1 + 1) * step, 10)
 
-    lo = max(-1.0, tau_lo - fine_margin)
-    hi = min(1.0, tau_hi + fine_margin)
-    b = np.concatenate([grid(-1.0, 1.0, coarse_step), grid(lo, hi, fine_step), [tau]])
-    b = np.unique(np.clip(b, -1.0, 1.0))
+    span = 1.0
+    if units != "cosine":
+        span, fine_step, fine_margin, coarse_step = (
+            10.0,
+            fine_step * 10,
+            fine_margin * 10,
+            coarse_step * 10,
+        )
+    lo = max(-span, tau_lo - fine_margin)
+    hi = min(span, tau_hi + fine_margin)
+    b = np.concatenate([grid(-span, span, coarse_step), grid(lo, hi, fine_step), [tau]])
+    b = np.unique(np.clip(b, -span, span))
     return tuple(float(x) for x in b)
 
 
@@ -312,6 +325,7 @@ def compute_snapshot(
         fine_step=config.fine_step,
         fine_margin=config.fine_margin,
         coarse_step=config.coarse_step,
+        units=manifest.threshold_units,
     )
     by_label: dict[str, LabelMonitorRow] = {}
     for label in dict.fromkeys(labels[t] for t in order):
@@ -408,14 +422,17 @@ def what_if(
     tau: float,
     beta: float,
     include_pooled: bool = True,
+    units: str = "cosine",
 ) -> dict[str, Any]:
     """Per-tenant FAR/FRR at a candidate threshold (and at tau, for comparison), per source and
     pooled, with the pairs behind each; ``pooled_over_tenants`` adds all tenants' pairs up.
-    Cost: O(tenants * log pairs) on sorted scores."""
-    if not (
-        isinstance(threshold, int | float) and math.isfinite(threshold) and -1.0 <= threshold <= 1.0
-    ):
+    Cost: O(tenants * log pairs) on sorted scores. ``units``: the scores' ("cosine": a
+    threshold in [-1, 1]; "as-norm": any finite one)."""
+    finite = isinstance(threshold, int | float) and math.isfinite(threshold)
+    if units == "cosine" and not (finite and -1.0 <= threshold <= 1.0):
         raise ValueError(f"threshold must be a cosine score in [-1, 1], got {threshold!r}")
+    if not finite:
+        raise ValueError(f"threshold must be a finite score, got {threshold!r}")
     tenants: dict[str, Any] = {}
     totals = {src: {"g": 0, "i": 0, "fa": 0, "fr": 0} for src in SOURCES}
     for t, parts in pairs.items():

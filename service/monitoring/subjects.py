@@ -41,6 +41,7 @@ from service.monitoring.pairs import sample_gallery
 from service.store.base import Decision
 from tcm import utility
 from tcm._pairs import counts_at_or_above
+from tcm.asnorm import Cohort
 from tcm.drift import (
     Grid,
     Rules,
@@ -89,6 +90,7 @@ def tenant_subjects(
     seed: int,
     model_version: str,
     until: float | None = None,
+    cohort: Cohort | None = None,
 ) -> TenantSubjects:
     """Per-subject histograms of a tenant's gallery sample (the rows ``gallery_scores`` uses for
     the same seed) and its labelled feedback of ``model_version`` up to ``until``."""
@@ -99,7 +101,9 @@ def tenant_subjects(
     if len(subjects) >= 1:
         _, idx = sample_gallery(subjects, max_items, np.random.default_rng(seed))
         kept = [str(subjects[i]) for i in idx]
-        names, pos, neg_g = class_histograms(np.asarray(vectors)[idx], kept, grid)
+        rows = np.asarray(vectors, dtype=np.float32)[idx]
+        stats = None if cohort is None else cohort.stats(rows)  # AS-norm: scores as decided
+        names, pos, neg_g = class_histograms(rows, kept, grid, stats=stats)
         counts = dict(
             zip(
                 *np.unique(np.asarray(kept, dtype=object).astype(str), return_counts=True),
@@ -131,10 +135,11 @@ def tenant_subjects(
     row = {s: i for i, s in enumerate(names)}
     pos = pos.copy()
     neg_f = np.zeros_like(pos)
+    lo, hi = (-1.0, 1.0) if cohort is None else (-np.inf, np.inf)  # AS-norm is unbounded
     for s, scores in gen.items():
-        pos[row[s]] += grid.histogram(np.clip(scores, -1.0, 1.0))
+        pos[row[s]] += grid.histogram(np.clip(scores, lo, hi))
     for s, scores in imp.items():
-        neg_f[row[s]] += grid.histogram(np.clip(scores, -1.0, 1.0))
+        neg_f[row[s]] += grid.histogram(np.clip(scores, lo, hi))
     return TenantSubjects(names, images, pos, neg_g, neg_f)
 
 

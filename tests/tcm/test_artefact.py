@@ -120,3 +120,78 @@ def test_preprocessing_validation() -> None:
         to_input_tensor([], Preprocessing())
     spec = Preprocessing.from_dict(Preprocessing(image_size=(5, 7), invert=True).to_dict())
     assert spec.image_size == (5, 7) and spec.invert
+
+
+def _with_cohort(tmp_path, dim: int = 16):
+    from tcm import load_cohort
+    from tcm.artefact import add_cohort
+
+    torch.manual_seed(0)
+    model = build_embedder("small_cnn", in_channels=1, embedding_dim=16, width=8).eval()
+    saved = save_artefact(tmp_path, model, _manifest())
+    rng = np.random.default_rng(0)
+    cohort = rng.normal(size=(50, dim)).astype(np.float32)
+    held = rng.normal(size=(60, 16)).astype(np.float32)
+    labels = np.repeat(np.arange(12), 5)
+    return saved, add_cohort(tmp_path, saved, cohort, held, labels, top_k=10), load_cohort
+
+
+def test_cohort_round_trip_and_as_norm_calibration(tmp_path) -> None:
+    from tcm.asnorm import Cohort, as_norm_pair_scores
+    from tcm.calibration import threshold_at_far
+
+    saved, m, load_cohort = _with_cohort(tmp_path)
+    assert read_manifest(tmp_path) == m
+    assert m.threshold_units == "as-norm" and saved.threshold_units == "cosine"
+    assert m.model_version == f"test-v1-asnorm-{m.score_norm['sha256'][:8]}"
+    sec = m.score_norm
+    assert sec["kind"] == "as-norm" and sec["top_k"] == 10 and sec["cohort_size"] == 50
+    assert sec["cosine_calibration"]["tau"] == saved.calibration.tau
+    _, loaded = load_artefact(tmp_path)
+    cohort = load_cohort(tmp_path, loaded)
+    assert isinstance(cohort, Cohort) and cohort.size == 50 and cohort.top_k == 10
+    # tau is the AS-norm threshold at the same target FAR (recomputed here from the file)
+    rng = np.random.default_rng(0)
+    rng.normal(size=(50, 16))
+    held = rng.normal(size=(60, 16)).astype(np.float32)
+    _, imp = as_norm_pair_scores(held, np.repeat(np.arange(12), 5), cohort)
+    assert m.calibration.tau == threshold_at_far(imp, saved.calibration.target_far)
+    assert m.calibration.target_far == saved.calibration.target_far
+    assert m.calibration.tau_lo <= m.calibration.tau <= m.calibration.tau_hi
+    assert (tmp_path / "cohort.safetensors").stat().st_mode & 0o777 == 0o644
+    # the baseline OPIS is re-measured on the AS-normalised held-out scores (the cosine one kept)
+    from tcm import consistency_from_scores
+    from tcm.asnorm import as_norm_class_scores
+
+    assert sec["cosine_baseline"]["opis"] == saved.baseline.opis
+    gen, imp = as_norm_class_scores(held, np.repeat(np.arange(12), 5), cohort)
+    cal = m.calibration
+    want = consistency_from_scores(
+        gen, imp, tau_range=(cal.tau_lo, cal.tau_hi), eps=saved.baseline.eps, tau=cal.tau
+    )
+    assert m.baseline.opis == pytest.approx(want.opis) and m.baseline.opis != saved.baseline.opis
+    assert m.baseline.opis_interval is not None
+
+
+def test_cohort_of_another_dimension_or_hash_is_refused(tmp_path) -> None:
+    import json as _json
+
+    from tcm.artefact import save_cohort
+
+    _with_cohort(tmp_path)
+    d = _json.loads((tmp_path / "manifest.json").read_text())
+    good = dict(d["score_norm"])
+    d["score_norm"]["sha256"] = "0" * 64
+    (tmp_path / "manifest.json").write_text(_json.dumps(d))
+    with pytest.raises(ValueError, match="does not match the sha256") as e:
+        load_artefact(tmp_path)
+    assert "\n" not in str(e.value)
+    d["score_norm"] = good | save_cohort(tmp_path, np.ones((5, 8), np.float32), top_k=2)
+    (tmp_path / "manifest.json").write_text(_json.dumps(d))
+    with pytest.raises(ValueError, match="dimension is 16") as e:
+        load_artefact(tmp_path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"1\.\.2000 embeddings"):
+        save_cohort(tmp_path, np.ones((2001, 16), np.float32), top_k=2)
+    with pytest.raises(ValueError, match="top-k"):
+        save_cohort(tmp_path, np.ones((5, 16), np.float32), top_k=6)

@@ -102,3 +102,68 @@ def test_shape_mismatches_are_refused() -> None:
         as_norm(np.zeros((3, 2)), st, st)
     with pytest.raises(ValueError, match="one left and one right"):
         as_norm(np.zeros(3), st, st)
+
+
+def test_a_rows_statistics_do_not_depend_on_its_batch() -> None:
+    """The service computes an item's statistics alone (enrolment) and in blocks (start-up):
+    they must be the same numbers, bit for bit."""
+    from tcm.asnorm import Cohort
+
+    rng = np.random.default_rng(3)
+    cohort = Cohort.of(rng.normal(size=(300, 32)).astype(np.float32), dim=32, top_k=20)
+    x = rng.normal(size=(257, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    block = cohort.stats(x)
+    for i in range(0, 257, 16):
+        one = cohort.stats(x[i : i + 1])
+        assert one.mean[0] == block.mean[i] and one.std[0] == block.std[i]
+    ref = cohort_stats(x, cohort.embeddings, 20)  # re-normalises x: the last bit may move
+    np.testing.assert_allclose(ref.mean, block.mean, rtol=1e-6)
+
+
+def test_pair_scores_match_brute_force() -> None:
+    from tcm.asnorm import Cohort, as_norm_pair_scores
+
+    rng = np.random.default_rng(4)
+    cohort = Cohort.of(rng.normal(size=(40, 8)).astype(np.float32), dim=8, top_k=5)
+    x = rng.normal(size=(23, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = rng.integers(0, 4, size=23)
+    genuine, impostor = as_norm_pair_scores(x, y, cohort, block=7)
+    st = cohort.stats(x)
+    want_g, want_i = [], []
+    for i in range(23):
+        for j in range(i + 1, 23):
+            s = float(x[i] @ x[j])
+            v = 0.5 * ((s - st.mean[i]) / st.std[i] + (s - st.mean[j]) / st.std[j])
+            (want_g if y[i] == y[j] else want_i).append(v)
+    np.testing.assert_allclose(np.sort(genuine), np.sort(want_g), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.sort(impostor), np.sort(want_i), rtol=1e-5, atol=1e-5)
+
+
+def test_class_scores_match_brute_force() -> None:
+    """Per class: genuine pairs inside it, impostor pairs with one side in it (each impostor
+    pair counted for both its classes)."""
+    from tcm.asnorm import Cohort, as_norm_class_scores
+
+    rng = np.random.default_rng(5)
+    cohort = Cohort.of(rng.normal(size=(30, 6)).astype(np.float32), dim=6, top_k=4)
+    x = rng.normal(size=(17, 6)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = rng.integers(0, 3, size=17)
+    gen, imp = as_norm_class_scores(x, y, cohort, block=5)
+    st = cohort.stats(x)
+    want_g: dict[int, list[float]] = {}
+    want_i: dict[int, list[float]] = {}
+    for i in range(17):
+        for j in range(i + 1, 17):
+            s = float(x[i] @ x[j])
+            v = 0.5 * ((s - st.mean[i]) / st.std[i] + (s - st.mean[j]) / st.std[j])
+            if y[i] == y[j]:
+                want_g.setdefault(int(y[i]), []).append(v)
+            else:
+                want_i.setdefault(int(y[i]), []).append(v)
+                want_i.setdefault(int(y[j]), []).append(v)
+    for c in range(3):
+        np.testing.assert_allclose(np.sort(gen[c]), np.sort(want_g.get(c, [])), atol=1e-5)
+        np.testing.assert_allclose(np.sort(imp[c]), np.sort(want_i[c]), atol=1e-5)

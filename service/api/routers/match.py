@@ -35,8 +35,16 @@ def _response(
 ) -> MatchResponse:
     return MatchResponse(
         match_id=record.match_id,
-        decision=DecisionOut(accepted=record.accepted, subject=record.subject, score=record.score),
-        candidates=[Candidate(item_id=h.item_id, subject=h.subject, score=h.score) for h in hits],
+        decision=DecisionOut(
+            accepted=record.accepted,
+            subject=record.subject,
+            score=record.score,
+            cosine=hits[0].cosine if hits else None,
+        ),
+        candidates=[
+            Candidate(item_id=h.item_id, subject=h.subject, score=h.score, cosine=h.cosine)
+            for h in hits
+        ],
         threshold=record.threshold,
         model_version=record.model_version,
         faces=faces_out(faces or []),

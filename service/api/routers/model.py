@@ -9,7 +9,7 @@ from fastapi import APIRouter
 
 from service.api.auth_first import AuthFirstRoute
 from service.api.dependencies import RuntimeDep
-from service.api.schemas import ModelInfo, OpenSetCalibration, errors
+from service.api.schemas import ModelInfo, OpenSetCalibration, ScoreNormalisation, errors
 
 router = APIRouter(tags=["model"], route_class=AuthFirstRoute)
 
@@ -38,7 +38,8 @@ async def get_model(runtime: RuntimeDep) -> ModelInfo:
         preprocessing=m.preprocessing.to_dict(),
         created_at=m.created_at,
         weights_sha256=m.weights_sha256,
-        open_set=open_set(m.openset),
+        open_set=open_set(m.openset) if m.threshold_units == "cosine" else None,
+        score_normalisation=score_normalisation(m.score_norm),
         activation=runtime.lifecycle.status() if runtime.lifecycle else None,
     )
 
@@ -53,4 +54,16 @@ def open_set(section: dict[str, Any] | None) -> OpenSetCalibration | None:
         fpir_at_threshold=section["fpir_at_tau"],
         fnir_at_threshold=section["fnir_at_tau"],
         fpir_from_pair_far=section["fpir_from_pair_far"],
+    )
+
+
+def score_normalisation(section: dict[str, Any] | None) -> ScoreNormalisation | None:
+    if not section:
+        return None
+    return ScoreNormalisation(
+        kind=section["kind"],
+        top_k=section["top_k"],
+        cohort_size=section["cohort_size"],
+        threshold_units=section["threshold_units"],
+        cosine_threshold=section["cosine_calibration"]["tau"],
     )

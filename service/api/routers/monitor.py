@@ -18,7 +18,7 @@ from service.api.dependencies import (
 )
 from service.api.dependencies import token_of as _token
 from service.api.schemas import AdminWhatIf, MonitorReference, MonitorView, WhatIf, errors
-from service.errors import NotFoundError
+from service.errors import InvalidInputError, NotFoundError
 from service.monitoring.monitor import Monitor
 
 router = APIRouter(tags=["monitor"], route_class=AuthFirstRoute)
@@ -26,10 +26,13 @@ router = APIRouter(tags=["monitor"], route_class=AuthFirstRoute)
 Threshold = Annotated[
     float | None,
     Query(
-        ge=-1.0,
-        le=1.0,
+        ge=-1000.0,
+        le=1000.0,
         allow_inf_nan=False,
-        description="candidate cosine threshold in [-1, 1]: per-tenant FAR/FRR there",
+        description="candidate threshold, in the model's threshold units: a cosine in [-1, 1], "
+        "or an AS-normalised score when /v1/model has score_normalisation; per-tenant FAR/FRR "
+        "there",
+        json_schema_extra={"x-limit": "threshold_bound"},
     ),
 ]
 
@@ -58,6 +61,12 @@ async def monitor_view(
         )
     snapshot = monitor.view(tenant_id)
     what_if = None
+    cosine = monitor.manifest.threshold_units == "cosine"
+    if threshold is not None and cosine and not -1.0 <= threshold <= 1.0:
+        raise InvalidInputError(
+            f"threshold must lie in [-1, 1] for this model (cosine scores), got {threshold}",
+            detail={"threshold": threshold, "units": "cosine"},
+        )
     if threshold is not None:
         model = AdminWhatIf if tenant_id is None else WhatIf
         what_if = model.model_validate(

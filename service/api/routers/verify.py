@@ -20,9 +20,12 @@ from service.engine.faces import face_report
 router = APIRouter(tags=["verify"], route_class=AuthFirstRoute)
 
 
-def _response(serving: Serving, score: float, accepted: bool, faces: list[dict]) -> VerifyResponse:
+def _response(
+    serving: Serving, score: float, accepted: bool, cosine: float | None, faces: list[dict]
+) -> VerifyResponse:
     return VerifyResponse(
         score=score,
+        cosine=cosine,
         accepted=accepted,
         threshold=serving.threshold,
         model_version=serving.model_version,

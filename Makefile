@@ -30,6 +30,7 @@ PRESET := $(if $(filter omniglot,$(MODEL)),omniglot,birds)
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
 .PHONY: install run test lint bench study study-faces study-orl study-cub study-faces-descriptor \
+	study-consistency \
 	noise-floor derived model clean audit
 
 $(RUN_STAMP): pyproject.toml client/pyproject.toml
@@ -127,6 +128,16 @@ derived: $(STAMP)
 # runs/features: extraction runs once; resumes from runs/study_cub).
 study-cub: $(STAMP)
 	$(PY) -m studies.cub --data-dir $(DATA_DIR) --out runs/study_cub --docs docs/results
+
+# Issue 27's pre-registered study (docs/results.md): ProxyAnchor and multi-similarity on the
+# frozen Lite0 features of CUB, anchored TCM against longer-training and loss-scale controls,
+# each +- AS-norm, 10 paired seeds. Resumable: each (loss, arm, seed) writes its JSON and npz
+# under docs/results/consistency/ and is skipped once there; the table, JSON and plot are rebuilt
+# from those files alone (`--aggregate-only`). STOP_AT=HH:MM (UTC) starts no run after it.
+STOP_AT ?=
+study-consistency: $(STAMP)
+	$(PY) -m studies.consistency --data-dir $(DATA_DIR) --out docs/results/consistency \
+		--docs docs/results $(if $(STOP_AT),--stop-at $(STOP_AT))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -727,7 +727,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--losses", nargs="+", default=DEFAULT_LOSSES, choices=list(LOSSES))
     p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--threads", type=int, default=2)
+    # one thread: the head's steps are ~10 ms, and two threads on the busy 2-core VM made
+    # them ~25x slower (thread hand-offs under contention); two losses run as two processes
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stop-at", default="", help="UTC HH:MM: start no new run after it")
     p.add_argument("--aggregate-only", action="store_true")
     args = p.parse_args()

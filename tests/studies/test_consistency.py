@@ -139,7 +139,7 @@ def test_study_end_to_end_resumes_and_aggregates_from_files(tmp_path: Path) -> N
     out = tmp_path / "runs"
     losses = {"ProxyAnchor": ["loss=proxy_anchor"]}
     ran = cs.run_study(out, losses, TINY, [0, 1], data, log_every=5)
-    assert len(ran) == 2 * len(cs.ARMS)
+    assert len(ran) == 2 * len(cs.RUN_ARMS)
     v = json.loads((out / "ProxyAnchor" / "validation.json").read_text())
     assert len(v["rows"]) == 1 + 2 * len(cs.LAMBDAS)
     assert v["chosen"]["m_plus"] == pytest.approx(min(1.0, v["tau_far_1e-2"] + 0.1), abs=1e-4)
@@ -151,6 +151,8 @@ def test_study_end_to_end_resumes_and_aggregates_from_files(tmp_path: Path) -> N
     )
     scaled = json.loads(cs.run_path(out, "ProxyAnchor", "base_scaled", 0).read_text())
     assert scaled["loss_scale"] == pytest.approx(1 + v["chosen"]["lambda"])
+    faster = json.loads(cs.run_path(out, "ProxyAnchor", "base_lr", 0).read_text())["config"]
+    assert faster["lr"] == pytest.approx(1e-2 * (1 + v["chosen"]["lambda"]))
     tcm_run = json.loads(cs.run_path(out, "ProxyAnchor", "tcm", 0).read_text())
     assert tcm_run["config"]["tcm"] and tcm_run["log"][0]["tcm_term"] > 0
 
@@ -180,6 +182,7 @@ def test_study_end_to_end_resumes_and_aggregates_from_files(tmp_path: Path) -> N
         summary["table"][f"{best}/raw"]["opis"][0] <= summary["table"][f"{a}/raw"]["opis"][0]
         for a in cs.CONTROLS
     )
+    assert "base_lr/raw" in summary["table"] and len(summary["supplementary_comparisons"]) == 1
     comp = summary["comparisons"]["tcm/raw"]["differences"]
     t, c = summary["table"]["tcm/raw"]["opis"][0], summary["table"][f"{best}/raw"]["opis"][0]
     assert comp["opis"]["estimate"] == pytest.approx(100 * (t / c - 1))

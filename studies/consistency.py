@@ -62,6 +62,7 @@ MIN_DROP = 0.20
 R1_SLACK_PT = 0.5
 VAL_R1_SLACK = 0.01
 RULE_KEYS = ("opis", "frr_sd", "far_sd")
+LOG_KEYS = ("frac_pos_violating", "frac_neg_violating", "tcm_pos_part", "tcm_neg_part", "base_loss")
 
 
 @dataclass(frozen=True)
@@ -549,8 +550,14 @@ def aggregate(out: Path, *, draws: int, eps: float = 0.05) -> dict[str, Any]:
         best = min(CONTROLS, key=lambda a: table[f"{a}/raw"]["opis"][0])
         candidates = [("tcm", "raw"), *((a, "asnorm") for a in ARMS)]
 
-        def metrics(r: dict, idx: np.ndarray) -> dict[str, float]:
-            return class_metrics(r, idx, eps)
+        cache: dict[tuple[int, bytes], dict[str, float]] = {}
+
+        def metrics(r: dict, idx: np.ndarray, cache: dict = cache) -> dict[str, float]:
+            # every comparison draws the same (seeded) resamples: the control's are reused
+            key = (id(r), idx.tobytes())
+            if key not in cache:
+                cache[key] = class_metrics(r, idx, eps)
+            return cache[key]
 
         comparisons = {}
         for arm, sc in candidates:
@@ -563,8 +570,16 @@ def aggregate(out: Path, *, draws: int, eps: float = 0.05) -> dict[str, Any]:
                     views[("tcm", "raw")], views[(arm, "raw")], metrics, c, draws=draws
                 )
                 supplementary[f"tcm/raw vs {arm}/raw"] = {"differences": d, **verdict(d)}
+        # what TCM saw at the end of training (the last logged window), mean over seeds
+        last_window = {
+            arm: {
+                k: float(np.mean([arms[arm][s][0]["log"][-1][k] for s in seeds])) for k in LOG_KEYS
+            }
+            for arm in present
+        }
         summary[loss] = {
             "seeds": seeds,
+            "last_window": last_window,
             "num_test_classes": c,
             "table": table,
             "best_control": best,
@@ -632,6 +647,17 @@ def render(summary: dict[str, Any], draws: int) -> str:
             lines.append(
                 f"| {name} | " + " | ".join(cells) + f" | {'yes' if comp['helps'] else 'no'} |"
             )
+        lines += [
+            "",
+            "Last 100 training steps (mean over seeds), at the chosen margins: share of batch "
+            "genuine pairs below m+, of impostor pairs above m−, and TCM's two parts (means of "
+            "m+ − s and s − m− over those pairs, before λ):",
+            "",
+            "| arm | genuine < m+ | impostor > m− | positive part | negative part | base loss |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arm, w in s["last_window"].items():
+            lines.append(f"| {arm} | " + " | ".join(f"{w[k]:.3f}" for k in LOG_KEYS) + " |")
         lines.append("")
     return "\n".join(lines)
 

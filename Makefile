@@ -129,9 +129,10 @@ derived: $(STAMP)
 study-cub: $(STAMP)
 	$(PY) -m studies.cub --data-dir $(DATA_DIR) --out runs/study_cub --docs docs/results
 
-# Issue 27's pre-registered study (docs/results.md): ProxyAnchor and multi-similarity on the
-# frozen Lite0 features of CUB, anchored TCM against longer-training and loss-scale controls,
-# each +- AS-norm, 10 paired seeds. Resumable: each (loss, arm, seed) writes its JSON and npz
+# Issue 27's pre-registered study (docs/results.md): four PML base losses on the frozen Lite0
+# features of CUB, anchored TCM against longer-training and loss-scale controls, each +- AS-norm,
+# 10 paired seeds (55 min of run time summed over the committed runs on the busy 2-core VM,
+# after the one-off feature extraction). Resumable: each (loss, arm, seed) writes its JSON and npz
 # under docs/results/consistency/ and is skipped once there; the table, JSON and plot are rebuilt
 # from those files alone (`--aggregate-only`). STOP_AT=HH:MM (UTC) starts no run after it.
 STOP_AT ?=

@@ -30,7 +30,7 @@ PRESET := $(if $(filter omniglot,$(MODEL)),omniglot,birds)
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
 .PHONY: install run test lint bench study study-faces study-orl study-cub study-faces-descriptor \
-	noise-floor derived model clean audit drift-sensitivity
+	study-consistency noise-floor derived model clean audit drift-sensitivity
 
 $(RUN_STAMP): pyproject.toml client/pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -134,6 +134,17 @@ study-cub: $(STAMP)
 # the rules in simulated time (docs/results/drift_sensitivity.json).
 drift-sensitivity: $(STAMP)
 	$(PY) -m studies.drift_sensitivity --data-dir $(DATA_DIR) --out docs/results/drift_sensitivity.json
+
+# Issue 27's pre-registered study (docs/results.md): four PML base losses on the frozen Lite0
+# features of CUB, anchored TCM against longer-training and loss-scale controls, each +- AS-norm,
+# 10 paired seeds (55 min of run time summed over the committed runs on the busy 2-core VM,
+# after the one-off feature extraction). Resumable: each (loss, arm, seed) writes its JSON and npz
+# under docs/results/consistency/ and is skipped once there; the table, JSON and plot are rebuilt
+# from those files alone (`--aggregate-only`). STOP_AT=HH:MM (UTC) starts no run after it.
+STOP_AT ?=
+study-consistency: $(STAMP)
+	$(PY) -m studies.consistency --data-dir $(DATA_DIR) --out docs/results/consistency \
+		--docs docs/results $(if $(STOP_AT),--stop-at $(STOP_AT))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 from service.app import create_app
 from service.cli import app as serve_cli
 from service.settings import Settings
+from studies.promtool_replay import DRIFT_ALERTS
 from tests.deploy.promserver import Prometheus, free_port, running_prometheus, wait_for
 from tests.service.conftest import ADMIN_TOKEN, Digits, b64_png
 from tests.service.conftest import digits as digits  # the fixture
@@ -55,14 +56,6 @@ STEPS = [
     "device=cpu",
     "augment=false",
 ]
-DRIFT_ALERTS = {
-    "TCMSubjectsOpisDegraded",
-    "TCMSubjectsOpisPooledDegraded",
-    "TCMOpisDegraded",
-    "TCMEpsOpisDegraded",
-    "TCMTenantInconsistent",
-    "TCMTenantLevelDegraded",
-}
 HELD_OUT = range(5, 10)
 FAILED_RUNS = 'tcm_monitor_runs_total{result="failed"}'
 

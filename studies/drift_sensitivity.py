@@ -315,20 +315,24 @@ def repeat_over_ids(
         horizon_s=WARMUP_S + DETECT_WITHIN_S,
     )
 
-    def level_alerts(state: str) -> int:
+    def alerted(state: str, names: tuple[str, ...]) -> int:
         return sum(
             any(
-                k.startswith("TCMTenantLevelDegraded/") and v <= DETECT_WITHIN_S
+                k.startswith(names) and v <= DETECT_WITHIN_S
                 for k, v in first_seen(timeline, since=WARMUP_S, tenant=t, state=state).items()
             )
             for t in ids
         )
 
+    level = ("TCMTenantLevelDegraded/",)
+    either = (*level, "TCMTenantPairFARHigh/")  # the per-tenant level-type alerts
     rows = [signals(snap, t) for t in ids]
     return {
         "copies": copies,
-        "level_alert_pending_within_10_min": level_alerts("pending"),
-        "level_alert_firing_within_10_min": level_alerts("firing"),
+        "level_alert_pending_within_10_min": alerted("pending", level),
+        "level_alert_firing_within_10_min": alerted("firing", level),
+        "level_or_pair_far_alert_pending_within_10_min": alerted("pending", either),
+        "level_or_pair_far_alert_firing_within_10_min": alerted("firing", either),
         "gallery_utility_at_tau": rows[0]["gallery_utility_at_tau"],
         "reference_utility_lo": sorted(r["level_reference_utility"]["lo"] for r in rows),
     }
@@ -480,6 +484,9 @@ def main() -> None:
         "firing_within_10_min_one_id": {k: [list(x) for x in v] for k, v in fired.items()},
         "mildest_firing_from_one_id": {k: mildest_from(v) for k, v in fired.items()},
         "mildest_firing_every_id": every_id(grid, repeats, "level_alert_firing_within_10_min"),
+        "mildest_firing_every_id_level_or_pair_far": every_id(
+            grid, repeats, "level_or_pair_far_alert_firing_within_10_min"
+        ),
         "false_alerts": {
             "healthy_draws_with_a_tenant_alert": sum(draws),
             "healthy_draws": len(draws),

@@ -37,11 +37,17 @@ DRIFT_ALERTS = frozenset(
         "TCMEpsOpisDegraded",
         "TCMTenantInconsistent",
         "TCMTenantLevelDegraded",
+        "TCMTenantPairFARHigh",
     }
 )
 # those of them that name one tenant
 TENANT_ALERTS = frozenset(
-    {"TCMSubjectsOpisDegraded", "TCMTenantInconsistent", "TCMTenantLevelDegraded"}
+    {
+        "TCMSubjectsOpisDegraded",
+        "TCMTenantInconsistent",
+        "TCMTenantLevelDegraded",
+        "TCMTenantPairFARHigh",
+    }
 )
 _LABELS = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 _ALERTS_AT = re.compile(r'expr: "ALERTS", time: (\S+?),')

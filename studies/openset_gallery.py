@@ -23,7 +23,6 @@ Writes ``<docs>/openset_gallery.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -33,26 +32,12 @@ import torch
 from scipy.special import gammaln
 
 from studies.common import machine
-from tcm import load_artefact, load_openset, read_manifest
+from tcm import load_openset
 from tcm.openset import fpir, fpir_gallery
-from training.config import TrainConfig, load_config
-from training.data import load_splits
-from training.evaluate import embed
+from training.artefact_data import held_out_embeddings
 
 SHAPES = [(15, 8, 15), (20, 6, 20), (12, 10, 20), (10, 8, 20)]  # (G, P, stranger species S)
 PROBES_PER_SPECIES = 6
-
-
-def held_out_embeddings(artefact: Path, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    model, manifest = load_artefact(artefact)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in manifest.training_config.items() if k in known}
-    overrides = [f"data_dir={data_dir}"] if data_dir else []
-    cfg = load_config(None, overrides, base=TrainConfig(**values)).replace(max_train_classes=2)
-    splits = load_splits(cfg)
-    head = torch.nn.Sequential(model.head, model.norm)
-    emb = embed(head, splits.test.x, device="cpu").numpy()
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True), np.asarray(splits.test.y)
 
 
 def _lcomb(n: np.ndarray, k: int) -> np.ndarray:
@@ -94,8 +79,11 @@ def main() -> None:
     ap.add_argument("--docs", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
     torch.manual_seed(0)
-    emb, y = held_out_embeddings(args.artefact, args.data_dir)
-    manifest = read_manifest(args.artefact)
+    emb_t, y, manifest, _ = held_out_embeddings(
+        args.artefact, [f"data_dir={args.data_dir}"] if args.data_dir else []
+    )
+    emb = emb_t.numpy()
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     tau = manifest.calibration.tau
     tails = load_openset(args.artefact, manifest)
     assert tails is not None and tails.resolved(tau), "re-run tcm-train openset on the artefact"

@@ -20,7 +20,7 @@ from rich.console import Console
 from tcm import read_manifest
 from training.compare import compare as compare_runs
 from training.config import TrainConfig, load_config
-from training.data import SEEDED_SPLITS, Splits, load_splits
+from training.data import Splits, load_splits
 from training.pipeline import evaluate_run, export_run, train_evaluate_export
 from training.sweep import parse_grid
 from training.sweep import sweep as run_sweep
@@ -299,29 +299,19 @@ def openset_cmd(
     its held-out classes with its own weights and writes openset.safetensors and the manifest's
     openset section (FPIR and FNIR at its tau for the reference gallery size). tau, weights and
     everything else stay as they are."""
-    from tcm import load_artefact, save_openset
+    from tcm import save_openset
     from tcm.artefact import MANIFEST_FILE, write_manifest
     from tcm.openset import probe_tails
-    from training.evaluate import embed, openset_summary
+    from training.artefact_data import held_out_embeddings
+    from training.evaluate import openset_summary
 
     try:
-        model, manifest = load_artefact(artefact)
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        values = {k: v for k, v in manifest.training_config.items() if k in known}
         overrides = [f"data_dir={data_dir}"] if data_dir else []
         if gallery_size is not None:
             overrides.append(f"reference_gallery_size={gallery_size}")
-        cfg = load_config(None, overrides, base=TrainConfig(**values))
-        if cfg.freeze_backbone and cfg.dataset not in SEEDED_SPLITS:
-            # only the held-out side is embedded: an official split's test classes do not
-            # depend on the training side, whose backbone features need not be extracted
-            cfg = cfg.replace(max_train_classes=2)
-        splits = load_splits(cfg)
-        if cfg.freeze_backbone:  # the splits hold backbone features: the head embeds them
-            model = torch.nn.Sequential(model.head, model.norm)
-        emb = embed(model, splits.test.x, device="cpu")
+        emb, labels, manifest, cfg = held_out_embeddings(artefact, overrides)
         cal = manifest.calibration
-        tails = probe_tails(emb, splits.test.y, resolve_at=cal.tau)
+        tails = probe_tails(emb, labels, resolve_at=cal.tau)
         section = {
             "file": save_openset(artefact, tails),
             **openset_summary(
@@ -363,6 +353,7 @@ def cohort_cmd(
     in as-norm units; the cosine calibration is kept beside it). Weights stay as they are."""
     from tcm import load_artefact
     from tcm.artefact import MANIFEST_FILE
+    from training.artefact_data import artefact_config, splits_model
     from training.cohort import cohort_onto
 
     try:
@@ -374,15 +365,11 @@ def cohort_cmd(
                 f"{artefact}: tau honours an FPIR target; an AS-norm cohort recalibrates "
                 "for the pair FAR only (re-export with threshold_target=far)"
             )
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        values = {k: v for k, v in manifest.training_config.items() if k in known}
-        if not values:
+        if not {f.name for f in dataclasses.fields(TrainConfig)} & set(manifest.training_config):
             raise ValueError(f"{artefact}: the manifest has no training config to find its data")
-        overrides = [f"data_dir={data_dir}"] if data_dir else []
-        cfg = load_config(None, overrides, base=TrainConfig(**values))
+        cfg = artefact_config(manifest, [f"data_dir={data_dir}"] if data_dir else [])
         splits = load_splits(cfg)
-        if cfg.freeze_backbone:  # the splits hold backbone features: the head embeds them
-            model = torch.nn.Sequential(model.head, model.norm)
+        model = splits_model(model, cfg)
         new = cohort_onto(artefact, manifest, model, splits, size=size, top_k=top_k)
     except ValueError as exc:
         _fail(exc)

@@ -181,6 +181,29 @@ def redis_cleanup(url: str, prefix: str) -> None:
         r.close()
 
 
+def serve_process(kind: str, artefact: Path, workdir: Path, env: dict[str, str]) -> Iterator[str]:
+    """A real ``tcm-serve`` process (``bench.soak.serve``) on ``kind``'s store: SQLite in
+    ``workdir``, or Redis under its own key prefix, removed afterwards. Yields its base URL."""
+    from bench import soak
+
+    prefix = f"tcmtest:{uuid.uuid4().hex}:"
+    redis_kind = kind == "redis"
+    store_url = REDIS_URL if redis_kind else f"sqlite:///{workdir / 'tcm.db'}"
+    try:
+        with soak.serve(
+            artefact,
+            store_url,
+            workdir,
+            redis_prefix=prefix if redis_kind else None,
+            admin_token=ADMIN_TOKEN,
+            extra_env=env,
+        ) as srv:
+            yield srv.base
+    finally:
+        if redis_kind:
+            redis_cleanup(REDIS_URL, prefix)
+
+
 @pytest.fixture
 def store_settings(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory

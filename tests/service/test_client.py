@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,17 +13,15 @@ import httpx
 import numpy as np
 import pytest
 
-from bench import soak
 from tcm_client import ApiError, AsyncClient, Client, retry_after
 from tcm_client import models as m
 from tests.service.conftest import (
     ADMIN_TOKEN,
-    REDIS_URL,
     STORES,
     Digits,
     b64_png,
     png_bytes,
-    redis_cleanup,
+    serve_process,
     unit,
 )
 
@@ -49,28 +46,12 @@ def slow_refill_server(
 def _serve(
     kind: str, artefact: Path, tmp_path_factory: pytest.TempPathFactory, *, per_s: float
 ) -> Iterator[str]:
-    prefix = f"tcmtest:{uuid.uuid4().hex}:"
-    workdir = tmp_path_factory.mktemp("client")
-    redis = kind == "redis"
-    store_url = REDIS_URL if redis else f"sqlite:///{workdir / 'tcm.db'}"
     env = {
         "TCM_MONITOR_INTERVAL_S": "3600",
         "TCM_RATE_LIMIT_PER_S": f"{per_s:g}",
         "TCM_RATE_LIMIT_BURST": "5",
     }
-    try:
-        with soak.serve(
-            artefact,
-            store_url,
-            workdir,
-            redis_prefix=prefix if redis else None,
-            admin_token=ADMIN_TOKEN,
-            extra_env=env,
-        ) as srv:
-            yield srv.base
-    finally:
-        if redis:
-            redis_cleanup(REDIS_URL, prefix)
+    yield from serve_process(kind, artefact, tmp_path_factory.mktemp("client"), env)
 
 
 def test_sync_client_every_route_family(server: str, digits: Digits) -> None:

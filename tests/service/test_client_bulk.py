@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import soak
 from tcm_client import (
     ApiError,
     AsyncClient,
@@ -35,11 +34,10 @@ from tests.faultproxy import Cut, FaultProxy
 from tests.service.conftest import (
     ADMIN_TOKEN,
     DIM,
-    REDIS_URL,
     STORES,
     Digits,
     png_bytes,
-    redis_cleanup,
+    serve_process,
 )
 
 MAX_ENROL = 40  # the service's max_enrol_items here: an upload batch of more is split
@@ -49,28 +47,12 @@ MAX_ENROL = 40  # the service's max_enrol_items here: an upload batch of more is
 def server(
     request: pytest.FixtureRequest, artefact: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    prefix = f"tcmtest:{uuid.uuid4().hex}:"
-    workdir = tmp_path_factory.mktemp("client-bulk")
-    redis = request.param == "redis"
-    store_url = REDIS_URL if redis else f"sqlite:///{workdir / 'tcm.db'}"
     env = {
         "TCM_MONITOR_INTERVAL_S": "3600",
         "TCM_MAX_BATCH_ITEMS": "16",
         "TCM_MAX_ENROL_ITEMS": str(MAX_ENROL),
     }
-    try:
-        with soak.serve(
-            artefact,
-            store_url,
-            workdir,
-            redis_prefix=prefix if redis else None,
-            admin_token=ADMIN_TOKEN,
-            extra_env=env,
-        ) as srv:
-            yield srv.base
-    finally:
-        if redis:
-            redis_cleanup(REDIS_URL, prefix)
+    yield from serve_process(request.param, artefact, tmp_path_factory.mktemp("client-bulk"), env)
 
 
 def new_key(server: str) -> str:

@@ -60,15 +60,20 @@ def as_unit_vector(values: Sequence[float] | np.ndarray, dim: int, *, where: str
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
-def decode_float32(text: str, dim: int, *, where: str) -> np.ndarray:
-    """base64 of ``dim`` little-endian float32 -> float32 array; 422 naming ``where`` when the
-    text is not base64 or holds another number of values."""
+def _b64_bytes(text: str, *, where: str) -> bytes:
+    """Strict base64 -> bytes; 422 naming ``where`` when the text is not base64."""
     try:
-        raw = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInputError(
             f"{where} is not valid base64", code="invalid_embedding", detail={"where": where}
         ) from None
+
+
+def decode_float32(text: str, dim: int, *, where: str) -> np.ndarray:
+    """base64 of ``dim`` little-endian float32 -> float32 array; 422 naming ``where`` when the
+    text is not base64 or holds another number of values."""
+    raw = _b64_bytes(text, where=where)
     if len(raw) != dim * 4:
         raise InvalidInputError(
             f"{where} decodes to {len(raw)} bytes; {dim} little-endian float32 values are "
@@ -117,12 +122,7 @@ class InputResolver:
         columnar enrolment), decoded with one ``frombuffer`` -> (rows, d) unit float32. 422
         ``column_lengths`` when it holds another number of bytes; a bad row (NaN, inf, zero)
         is refused as :meth:`embedding` refuses it, named ``<where>[row]``."""
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidInputError(
-                f"{where} is not valid base64", code="invalid_embedding", detail={"where": where}
-            ) from None
+        raw = _b64_bytes(text, where=where)
         expected = rows * self.dim * 4
         if len(raw) != expected:
             raise InvalidInputError(

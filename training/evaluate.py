@@ -96,9 +96,11 @@ def evaluate_embeddings(
     cal = calibrate_threshold(emb, labels, target_far=config.target_far)
     needed = impostor_pairs_needed(config.target_far)
     source = "calibrated" if cal.num_impostor >= needed else "unsupported"
-    tails = probe_tails(emb, labels)
+    # for a pair-FAR tau the tails are kept to it at once; an FPIR tau is chosen from them
+    fpir_target = config.threshold_target == "fpir"
+    tails = probe_tails(emb, labels, resolve_at=None if fpir_target else cal.tau)
     n_ref = config.reference_gallery_size
-    if config.threshold_target == "fpir":
+    if fpir_target:
         try:
             tau = tau_at_fpir(tails, config.target_fpir, n_ref)
             cal = calibrate_threshold(emb, labels, target_far=config.target_far, tau=tau)

@@ -14,8 +14,9 @@ Seven parts, run in this order, each recorded (or its error) in ``DIR/gpu_proof.
 3. ``batcher``: the service's :class:`service.engine.embedding.EmbeddingBatcher` with the committed
    default model, single-image requests from many concurrent tasks, against the raw forward pass
    at its best batch and at batch 1.
-4. ``batcher_ceiling``: the same batcher with a model that costs nothing: the per-image CPU
-   path's own limit (``--only batcher_ceiling --device cpu`` runs it anywhere).
+4. ``batcher_ceiling``: the same batcher with a model that costs nothing
+   (``bench.bench_batcher.ceiling``): uint8 batches handed to the device, through a thread hop,
+   and normalised on the device (``--only batcher_ceiling --device cpu`` runs it anywhere).
 5. ``search``: the service's exact torch engine (``service.engine.index.TorchFlat``) on
    the device
    vs FAISS ``IndexFlatIP`` on the CPU, N x d random unit vectors: q/s one query per call and
@@ -208,13 +209,6 @@ def part_tcm_overhead(args: argparse.Namespace, device: str) -> dict[str, Any]:
     }
 
 
-class DoNothing(torch.nn.Module):
-    """A model that costs nothing: the batcher's own ceiling (preprocessing, queueing, threads)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
-
-
 async def drive_batcher(
     model: torch.nn.Module,
     spec: Any,
@@ -226,6 +220,7 @@ async def drive_batcher(
 ) -> dict[str, Any]:
     """``clients`` tasks each embedding one image at a time through the service's batcher for
     ``args.batcher_seconds``: images/s and the mean forward batch."""
+    from bench.bench_batcher import drive
     from service.engine.embedding import EmbeddingBatcher
     from service.engine.preparing import PixelPreparer
 
@@ -237,43 +232,25 @@ async def drive_batcher(
         max_wait_s=args.max_wait_ms / 1e3,
     )
     await batcher.start()
-    await batcher.embed([images[0]])  # warm-up
-    stop = time.perf_counter() + args.batcher_seconds
-    batches_before, before = batcher.batches_run, batcher.images_embedded
 
-    async def client(i: int) -> None:
-        while time.perf_counter() < stop:
-            await batcher.embed([images[i % len(images)]])
-            i += clients
+    async def request(i: int) -> object:
+        return await batcher.embed([images[i % len(images)]])
 
-    t = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    elapsed = time.perf_counter() - t
-    n = batcher.images_embedded - before
-    batches = batcher.batches_run - batches_before
+    row = await drive(batcher, request, clients=clients, seconds=args.batcher_seconds)
     await batcher.stop()
-    return {
-        "max_batch": max_batch,
-        "clients": clients,
-        "images_per_s": n / elapsed,
-        "mean_batch": n / max(batches, 1),
-    }
+    return {"max_batch": max_batch, **row}
 
 
 def part_batcher_ceiling(args: argparse.Namespace, device: str) -> dict[str, Any]:
-    """The batcher with :class:`DoNothing` at the default model's input size: what the per-image
-    CPU path allows whatever the model (no weights needed)."""
-    from tcm import Preprocessing
+    """The batcher with a do-nothing model at the default model's input size
+    (``bench.bench_batcher.ceiling``): what the batcher itself allows whatever the model, the
+    batch handed to the device as uint8 (``queued``), through a thread hop, and with the
+    conversion and normalisation run on ``device``."""
+    from bench.bench_batcher import ceiling
 
-    spec = Preprocessing(
-        image_size=(224, 224), channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
-    )
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(64)]
-    model = DoNothing().to(device)
     return {
         "runs": [
-            asyncio.run(drive_batcher(model, spec, device, images, mb, clients, args))
+            asyncio.run(ceiling(clients, mb, args.batcher_seconds, device=device))
             for mb, clients in args.batcher_runs
         ]
     }

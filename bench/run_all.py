@@ -17,6 +17,7 @@ import torch
 BENCHES: list[list[str]] = [
     ["bench.bench_tcm", "--sizes", "2000", "5000", "10000", "20000", "--naive-max", "10000"],
     ["bench.bench_service", "--concurrency", "1", "8", "32", "--seconds", "5"],
+    ["bench.bench_batcher", "--seconds", "4", "--jpegs", "256", "--rounds", "2"],
     ["bench.bench_client", "--dims", "128", "512", "--items", "20000", "--rounds", "3"],
     ["bench.bench_faces", "--images", "64", "--concurrency", "1", "4", "16"],
     ["bench.bench_pretrained", "--images", "64", "--batch", "32"],

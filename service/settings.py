@@ -193,6 +193,14 @@ class Settings(BaseSettings):
     embed_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a forward pass waits for more requests to join it"
     )
+    decode_processes: int = Field(
+        -1,
+        ge=-1,
+        description="worker processes that decode and stage image files, so that decoding "
+        "runs on every core beside the server's GIL (each ~150-250 MiB: torch imported); 0: "
+        "the request's thread; -1: one per core (at most 8) on a CUDA device, none on a CPU "
+        "(where the forward binds)",
+    )
 
     search_max_batch: int = Field(
         256,

@@ -18,13 +18,13 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from starlette.concurrency import run_in_threadpool
 
+from service.engine.decoding import DecodePool
 from service.engine.embedding import EmbeddingBatcher
 from service.engine.faces import record_faces
 from service.engine.images import decode_base64, header_pixels
-from service.engine.preparing import Found, decode_for
+from service.engine.preparing import Found, PixelPreparer, decode_for
 from service.errors import (
     ConflictError,
     InvalidInputError,
@@ -32,6 +32,11 @@ from service.errors import (
     PayloadTooLargeError,
 )
 from service.store import Store
+
+# a request this small has its base64 and image headers read on the event loop when the images
+# go to decoding processes (about 50 us per image; a thread hop costs more)
+INLINE_IMAGES = 4
+INLINE_BYTES = 256 * 1024
 
 
 def as_unit_vector(values: Sequence[float] | np.ndarray, dim: int, *, where: str) -> np.ndarray:
@@ -94,8 +99,12 @@ class InputResolver:
         max_image_pixels: int,
         model_version: str,
         max_request_pixels: int | None = None,
+        decoding: DecodePool | None = None,
     ) -> None:
+        """``decoding``: worker processes that decode and stage a pixel model's images
+        (``service.engine.decoding``); None decodes in the request's thread."""
         self.batcher = batcher
+        self.decoding = decoding if isinstance(batcher.preparer, PixelPreparer) else None
         self.store = store
         self.dim = dim
         self.max_image_pixels = max_image_pixels
@@ -171,37 +180,58 @@ class InputResolver:
                 },
             )
 
-    def prepare(
-        self, images: Sequence[tuple[str, bytes | str]], found: Found | None = None
-    ) -> torch.Tensor:
-        """(where, base64 text or raw bytes) pairs -> the model's input tensor, one image at a
-        time (decode as the model's preparer needs it, prepare, drop the pixels); call in a
-        worker thread. What the preparer found in each image (a face model: the face used) is
-        appended to ``found``."""
+    def raw_images(self, images: Sequence[tuple[str, bytes | str]]) -> list[tuple[str, bytes]]:
+        """(where, base64 text or raw bytes) pairs -> (where, bytes), within the request's
+        pixel budget (read from the headers: nothing decoded yet)."""
         raws = [
             (where, decode_base64(data, where=where) if isinstance(data, str) else data)
             for where, data in images
         ]
         self.check_pixels(raws)
+        return raws
+
+    def prepare(
+        self, images: Sequence[tuple[str, bytes | str]], found: Found | None = None
+    ) -> list[np.ndarray]:
+        """(where, base64 text or raw bytes) pairs -> staged images for the batcher, one image
+        at a time (decode as the model's preparer needs it, stage, drop the pixels); call in a
+        worker thread. What the preparer found in each image (a face model: the face used) is
+        appended to ``found``."""
         preparer = self.batcher.preparer
-        tensors = []
-        for where, raw in raws:
+        staged: list[np.ndarray] = []
+        for where, raw in self.raw_images(images):
             arr = decode_for(preparer, raw, max_pixels=self.max_image_pixels, where=where)
-            tensor, what = preparer([arr], [where])
-            tensors.append(tensor)
+            one, what = preparer.stage([arr], [where])
+            staged.extend(one)
             if found is not None:
                 found.extend(what)
-        return torch.cat(tensors)
+        return staged
 
     async def images(self, images: Sequence[tuple[str, bytes | str]]) -> np.ndarray:
         """Decodes and embeds images; (n, d) float32. The faces a face model used are
         reported to the request (``service.engine.faces.face_report``)."""
         if not images:
             return np.zeros((0, self.dim), np.float32)
+        if self.decoding is not None:
+            return await self.batcher.embed_from(self._decoded_elsewhere(images))
         found: Found = []
         out = await self.batcher.embed_prepared(lambda: self.prepare(images, found))
         record_faces(found)
         return out
+
+    async def _decoded_elsewhere(
+        self, images: Sequence[tuple[str, bytes | str]]
+    ) -> list[np.ndarray]:
+        """Staged by the decoding processes; a small request's base64 and headers are read on
+        the event loop (cheaper than the thread hop), a large one's in a thread."""
+        assert self.decoding is not None
+        small = len(images) <= INLINE_IMAGES and sum(len(d) for _, d in images) <= INLINE_BYTES
+        if small:
+            raws = self.raw_images(images)
+        else:
+            raws = await run_in_threadpool(self.raw_images, images)
+        spec = self.batcher.preparer.spec  # type: ignore[attr-defined]
+        return await self.decoding.stage(raws, spec, max_pixels=self.max_image_pixels)
 
     async def item_vector(
         self,

@@ -27,6 +27,7 @@ from torch import nn
 from service.domain.inputs import InputResolver
 from service.domain.matching import Matcher
 from service.engine.cpu_forward import optimised_for_cpu
+from service.engine.decoding import DecodePool
 from service.engine.embedding import EmbeddingBatcher
 from service.engine.faces import load_served_model
 from service.engine.index import IndexRegistry
@@ -64,9 +65,16 @@ class Serving:
 
 
 async def build_serving(
-    settings: Settings, path: Path, *, device: torch.device, store: Store, metrics: ServiceMetrics
+    settings: Settings,
+    path: Path,
+    *,
+    device: torch.device,
+    store: Store,
+    metrics: ServiceMetrics,
+    decoding: DecodePool | None = None,
 ) -> Serving:
-    """Loads the artefact at ``path`` and starts its batcher; the indexes start empty."""
+    """Loads the artefact at ``path`` and starts its batcher; the indexes start empty.
+    ``decoding``: the replica's decoding processes (owned by the runtime, shared by models)."""
     model, manifest, preparer = await run_in_threadpool(load_served_model, path, device=device)
     cohort = await run_in_threadpool(load_cohort, path, manifest)
     indexes = IndexRegistry(
@@ -97,6 +105,7 @@ async def build_serving(
         max_image_pixels=settings.max_image_pixels,
         max_request_pixels=settings.max_request_pixels,
         model_version=manifest.model_version,
+        decoding=decoding,
     )
     matcher = Matcher(
         store=store,

@@ -1,11 +1,17 @@
 """The embedding model behind a dynamic batcher.
 
-Concurrent requests put their (preprocessed) images on one queue; a single worker task takes what
-is queued, waits at most ``max_wait`` for more until ``max_batch`` images are gathered, and runs
-one forward pass for all of them in a worker thread. Under load, batches fill up while the
-previous pass runs, so throughput grows with concurrency instead of requests queueing behind one
-another's forward passes. The worker only waits while other requests are still being
-preprocessed (about to join): a lone request is never delayed.
+Concurrent requests put their staged images (``service.engine.preparing``: each image's own
+work done, on the CPU) on one queue; a single worker task takes what is queued, waits at most
+``max_wait`` for more until ``max_batch`` images are gathered, and runs one pass for all of them
+in a worker thread: the batch's input made on the device (uint8 pixels stacked once, converted
+and normalised there) and the forward. Under load, batches fill up while the previous pass
+runs, so throughput grows with concurrency instead of requests queueing behind one another's
+forward passes. The worker only waits while other requests are still being prepared (about to
+join): a lone request is never delayed.
+
+Nothing per image runs after a batch is formed, and images that are already staged (decoded at
+the model's size) join the queue from the event loop without a thread hop: the batcher's own
+ceiling is far above a GPU's forward rate (``bench/gpu_proof.py --only batcher_ceiling``).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,13 +46,13 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class _Job:
-    inputs: torch.Tensor  # (n, C, H, W), CPU
+    staged: list[np.ndarray]  # per image, what the preparer's ``stage`` gave (CPU)
     future: asyncio.Future[np.ndarray]
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
     def size(self) -> int:
-        return int(self.inputs.shape[0])
+        return len(self.staged)
 
 
 class EmbeddingBatcher:
@@ -106,50 +112,66 @@ class EmbeddingBatcher:
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done()
 
-    # --- public ----------------------------------------------------------------------------
+    # --- public ---------------------------------------------------------------------------
     async def embed(
-        self, images: list[np.ndarray], wheres: Sequence[str] | None = None
+        self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
     ) -> np.ndarray:
         """Decoded uint8 images (``service.engine.preparing.decode_for``) -> float32 (n, d)
-        L2-normalised embeddings. ``wheres`` names the images in errors."""
+        L2-normalised embeddings. ``wheres`` names the images in errors. Images already at the
+        model's input size are staged on the event loop (a check) and join the queue at once;
+        others are staged in a worker thread."""
         if not images:
             raise InvalidInputError("no images given")
-        return await self.embed_prepared(lambda: self.preparer(images, wheres)[0])
+        if all(self.preparer.ready(img) for img in images):
+            try:
+                staged, _ = self.preparer.stage(images, wheres)
+            except ValueError as exc:
+                raise InvalidInputError(f"cannot preprocess the image: {exc}") from exc
+            return await self.embed_staged(staged)
+        return await self.embed_prepared(lambda: self.preparer.stage(images, wheres)[0])
 
-    async def embed_prepared(self, prepare: Callable[[], torch.Tensor]) -> np.ndarray:
-        """Embeds what ``prepare`` (run in a worker thread) returns: the input tensor
-        (n, C, H, W), e.g. built image by image as they are decoded, so that no more than one
-        full-size image is held at a time."""
+    async def embed_prepared(self, prepare: Callable[[], list[np.ndarray]]) -> np.ndarray:
+        """Embeds what ``prepare`` (run in a worker thread) returns: staged images, e.g. built
+        image by image as they are decoded, so that no more than one full-size image is held at
+        a time."""
+        return await self.embed_from(run_in_threadpool(prepare))
+
+    async def embed_from(self, staging: Awaitable[list[np.ndarray]]) -> np.ndarray:
+        """Embeds the staged images ``staging`` gives (a thread, or decoding processes); while
+        it runs the request counts as about to join, so the worker waits for it."""
         self._preparing += 1
         try:
             try:
-                inputs = await run_in_threadpool(prepare)
+                staged = await staging
             except ValueError as exc:
                 raise InvalidInputError(f"cannot preprocess the image: {exc}") from exc
-            futures = self._enqueue(inputs)
+            futures = self._enqueue(staged)
         finally:
             self._preparing -= 1
         return await self._gather(futures)
 
-    async def embed_tensor(self, inputs: torch.Tensor) -> np.ndarray:
-        """Preprocessed input (n, C, H, W) -> embeddings."""
-        return await self._gather(self._enqueue(inputs))
+    async def embed_staged(self, staged: list[np.ndarray]) -> np.ndarray:
+        """Staged images (the preparer's ``stage``, done elsewhere) -> embeddings."""
+        if not staged:
+            raise InvalidInputError("no images given")
+        return await self._gather(self._enqueue(staged))
 
-    def _enqueue(self, inputs: torch.Tensor) -> list[asyncio.Future[np.ndarray]]:
+    def _enqueue(self, staged: list[np.ndarray]) -> list[asyncio.Future[np.ndarray]]:
         if self._queue is None or not self.running:
             raise NotReadyError("the embedding model is not running")
         loop = asyncio.get_running_loop()
         futures = []
-        for start in range(0, inputs.shape[0], self.max_batch):
-            job = _Job(inputs[start : start + self.max_batch], loop.create_future())
+        for start in range(0, len(staged), self.max_batch):
+            job = _Job(staged[start : start + self.max_batch], loop.create_future())
             futures.append(job.future)
             self._queue.put_nowait(job)
         return futures
 
     @staticmethod
     async def _gather(futures: list[asyncio.Future[np.ndarray]]) -> np.ndarray:
-        parts = await asyncio.gather(*futures)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(futures) == 1:
+            return await futures[0]
+        return np.concatenate(await asyncio.gather(*futures))
 
     # --- worker ----------------------------------------------------------------------------
     async def _next(self, timeout: float | None) -> _Job | None:
@@ -192,16 +214,16 @@ class EmbeddingBatcher:
 
     async def _forward_jobs(self, jobs: list[_Job]) -> None:
         started = time.perf_counter()
-        batch = torch.cat([j.inputs for j in jobs]) if len(jobs) > 1 else jobs[0].inputs
+        staged = jobs[0].staged if len(jobs) == 1 else [s for j in jobs for s in j.staged]
         try:
-            out = await run_in_threadpool(self._forward, batch)
+            out = await run_in_threadpool(self._forward, staged)
         except Exception as exc:
-            log.exception("forward pass failed for a batch of %d images", batch.shape[0])
+            log.exception("forward pass failed for a batch of %d images", len(staged))
             for j in jobs:
                 if not j.future.done():
                     j.future.set_exception(exc)
             return
-        n = int(batch.shape[0])
+        n = len(staged)
         self.batches_run += 1
         self.images_embedded += n
         self.largest_batch = max(self.largest_batch, n)
@@ -217,8 +239,9 @@ class EmbeddingBatcher:
                 j.future.set_result(out[offset : offset + j.size])
             offset += j.size
 
-    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+    def _forward(self, staged: list[np.ndarray]) -> np.ndarray:
+        """One batch: its input made on the device, the forward, L2-normalised rows."""
         with torch.inference_mode():
-            out = self.model(batch.to(self.device, non_blocking=True))
+            out = self.model(self.preparer.to_device(staged, self.device))
             out = torch.nn.functional.normalize(out.float(), dim=-1)
         return np.ascontiguousarray(out.cpu().numpy(), dtype=np.float32)

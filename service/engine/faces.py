@@ -93,9 +93,9 @@ class FacePreparer:
     def __init__(self, front: Any) -> None:
         self.front = front
 
-    def __call__(
+    def stage(
         self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
-    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
         from facekit import NoFaceError
 
         chips, infos = [], []
@@ -111,8 +111,14 @@ class FacePreparer:
                 ) from exc
             chips.append(face.chip)
             infos.append({"where": where, **face.info()})
-        batch = torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float() / 255.0
-        return batch, infos
+        return chips, infos
+
+    def ready(self, image: np.ndarray) -> bool:
+        return False  # a photo always needs its face found
+
+    def to_device(self, staged: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+        """The chips stay on the CPU: :class:`FaceModel`'s descriptor (dlib) runs there."""
+        return torch.from_numpy(np.stack(staged)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def load_served_model(

@@ -10,6 +10,11 @@ branches on the kind of model:
   (:func:`tcm.to_input_tensor`); it finds nothing to report.
 - ``service.engine.faces.FacePreparer`` (face artefacts): decodes photos whole (the face may be
   a small part), detects and aligns the face into a chip, and reports the face it used.
+
+Preparing is split in two (issue 32), so that nothing per image runs after a batch is formed:
+``stage`` does each image's own work on the CPU (a request's thread, or a decoding process:
+``service.engine.decoding``) and ``to_device`` does the batch's, once, on the model's device:
+uint8 pixels travel there as one batch and are converted and normalised there.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import numpy as np
 import torch
 
 from service.engine.images import decode_image
-from tcm import Preprocessing, to_input_tensor
+from tcm import Preprocessing
+from tcm.preprocess import normalise_staged, stage_image
 
 Found = list[dict[str, Any]]  # per image, what the preparer found (faces: the face used)
 
@@ -30,10 +36,20 @@ class Preparer(Protocol):
     channels: int
     decode_target: tuple[int, int] | None
 
-    def __call__(
+    def stage(
         self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
-    ) -> tuple[torch.Tensor, Found]:
-        """Decoded uint8 images -> the model's input (n, C, H, W) and what was found."""
+    ) -> tuple[list[np.ndarray], Found]:
+        """Decoded uint8 images -> each one's staged pixels (CPU work, one image at a time)
+        and what was found in each."""
+        ...
+
+    def ready(self, image: np.ndarray) -> bool:
+        """Whether staging ``image`` costs next to nothing (it is decoded at the model's size),
+        so that it may run on the event loop instead of a worker thread."""
+        ...
+
+    def to_device(self, staged: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+        """A batch of staged images -> the model's input (n, C, H, W) on ``device``."""
         ...
 
 
@@ -42,11 +58,29 @@ class PixelPreparer:
         self.spec = spec
         self.channels = spec.channels
         self.decode_target: tuple[int, int] | None = tuple(spec.image_size)  # type: ignore[assignment]
+        self._ready_shapes = {(*spec.image_size, spec.channels)}
+        if spec.channels == 1:
+            self._ready_shapes.add(tuple(spec.image_size))
 
-    def __call__(
+    def stage(
         self, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
-    ) -> tuple[torch.Tensor, Found]:
-        return to_input_tensor(list(images), self.spec), []
+    ) -> tuple[list[np.ndarray], Found]:
+        return [stage_image(img, self.spec) for img in images], []
+
+    def ready(self, image: np.ndarray) -> bool:
+        """Decoded at the model's size with its channels: staging is a check (microseconds)."""
+        return image.dtype == np.uint8 and image.shape in self._ready_shapes
+
+    def to_device(self, staged: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+        return normalise_staged(staged, self.spec, device)
+
+
+def prepare_on_cpu(
+    preparer: Preparer, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
+) -> tuple[torch.Tensor, Found]:
+    """Both halves on the CPU: decoded images -> the model's input and what was found."""
+    staged, found = preparer.stage(images, wheres)
+    return preparer.to_device(staged, torch.device("cpu")), found
 
 
 def decode_for(preparer: Preparer, raw: bytes, *, max_pixels: int, where: str) -> np.ndarray:

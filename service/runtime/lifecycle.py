@@ -44,6 +44,7 @@ from service.domain import model_registry as reg
 from service.domain.index_sync import IndexSync
 from service.domain.model_registry import ModelRegistry
 from service.domain.serving import Serving, ServingSlot, build_serving
+from service.engine.decoding import DecodePool
 from service.engine.faces import load_served_model
 from service.errors import ConflictError, InvalidInputError, StoreUnavailableError
 from service.metrics import ServiceMetrics
@@ -141,8 +142,10 @@ class ModelLifecycle:
         sync: IndexSync,
         metrics: ServiceMetrics,
         device: torch.device,
+        decoding: DecodePool | None = None,
     ) -> None:
         self.settings = settings
+        self.decoding = decoding
         self.store = store
         self.slot = slot
         self.sync = sync
@@ -306,6 +309,7 @@ class ModelLifecycle:
                 device=self.device,
                 store=self.store,
                 metrics=metrics,
+                decoding=self.decoding,
             )
             if new.model_version != version:
                 raise ValueError(f"{record['path']} now holds {new.model_version}, not {version}")

@@ -23,6 +23,7 @@ from service.domain.gallery import Gallery
 from service.domain.index_sync import IndexSync
 from service.domain.serving import Serving, ServingSlot, build_serving
 from service.domain.tenants import Tenants
+from service.engine.decoding import DecodePool, decode_processes_for
 from service.engine.embedding import resolve_device
 from service.engine.faces import FacesExtraMissing
 from service.errors import RateLimitedError, StoreUnavailableError
@@ -48,6 +49,7 @@ class Runtime:
     lifecycle: ModelLifecycle
     retention: Retention
     rate_limiter: RateLimiter | None = None
+    decoding: DecodePool | None = None  # image decoding processes (service.engine.decoding)
 
     @property
     def serving(self) -> Serving:
@@ -58,15 +60,23 @@ class Runtime:
     async def start(cls, settings: Settings, metrics: ServiceMetrics) -> Runtime:
         device = resolve_device(settings.device)
         store = await run_in_threadpool(open_store, settings)
+        decoding: DecodePool | None = None
         try:
             await run_in_threadpool(store.claim_serving)
             path = await run_in_threadpool(startup_model, store, settings)
+            processes = decode_processes_for(settings.decode_processes, device.type)
+            if processes:
+                decoding = DecodePool(processes)
+                pids = await run_in_threadpool(decoding.warm)
+                log.info("image decoding in %d worker processes %s", processes, pids)
             serving = await build_serving(
-                settings, path, device=device, store=store, metrics=metrics
+                settings, path, device=device, store=store, metrics=metrics, decoding=decoding
             )
         except Exception as exc:
             if isinstance(exc, StoreInUseError | FacesExtraMissing):  # what to do, in one line
                 log.error("%s", exc)
+            if decoding is not None:
+                await run_in_threadpool(decoding.close)
             await run_in_threadpool(store.close)
             raise
         manifest = serving.manifest
@@ -103,7 +113,13 @@ class Runtime:
                 idempotency_ttl_s=settings.idempotency_ttl_s,
             ),
             lifecycle=ModelLifecycle(
-                settings=settings, store=store, slot=slot, sync=sync, metrics=metrics, device=device
+                settings=settings,
+                store=store,
+                slot=slot,
+                sync=sync,
+                metrics=metrics,
+                device=device,
+                decoding=decoding,
             ),
             retention=Retention(
                 store,
@@ -113,6 +129,7 @@ class Runtime:
             rate_limiter=open_rate_limiter(
                 store, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst
             ),
+            decoding=decoding,
         )
         try:
             await sync.ensure_loaded()
@@ -129,6 +146,8 @@ class Runtime:
         await self.lifecycle.close()
         await self.sync.stop_follower()
         await self.slot.current.close()
+        if self.decoding is not None:
+            await run_in_threadpool(self.decoding.close)
         await run_in_threadpool(self.store.close)
 
     async def readiness(self) -> dict[str, str]:

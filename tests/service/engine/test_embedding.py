@@ -98,3 +98,43 @@ def test_failures_reach_every_caller_and_the_worker_survives(
 def test_resolve_device() -> None:
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_images_at_the_models_size_join_without_a_thread_hop(
+    artefact: Path, digits: Digits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 32: only the forward pass goes to a thread when the images need no staging; an
+    image of another size is staged in one. The embeddings are the same either way."""
+    from service.engine import embedding
+
+    batcher, model = make(artefact)
+    hops: list[str] = []
+    real = embedding.run_in_threadpool
+
+    async def counting(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(fn, "__name__", "?"))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(embedding, "run_in_threadpool", counting)
+    h, w = batcher.preparer.spec.image_size  # type: ignore[attr-defined]
+    at_size = np.kron(digits.images[0], np.ones((4, 4), np.uint8))[:h, :w]  # the model's size
+    bigger = np.kron(at_size, np.ones((2, 2), np.uint8))  # resized when staged
+    assert batcher.preparer.ready(at_size) and not batcher.preparer.ready(bigger)
+
+    async def main() -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
+        await batcher.start()
+        try:
+            a = await batcher.embed([at_size])
+            first = list(hops)
+            b = await batcher.embed([bigger])
+            return a, first, b, hops[len(first) :]
+        finally:
+            await batcher.stop()
+
+    a, first_hops, b, second_hops = asyncio.run(main())
+    assert first_hops == ["_forward"]
+    assert len(second_hops) == 2 and second_hops[1] == "_forward"
+    with torch.no_grad():
+        ref = model(to_input_tensor([at_size, bigger], batcher.preparer.spec)).numpy()  # type: ignore[attr-defined]
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.concatenate([a, b]), ref, atol=1e-6)

@@ -9,8 +9,10 @@ return exactly what the request's own thread would have computed (same functions
 inputs), so embeddings do not change with the setting (``tests/service/engine/
 test_decoding.py``).
 
-What it costs: each worker is a spawned interpreter with torch imported (roughly 150-250 MiB
-resident each, most of it torch's libraries). It pays where the forward outruns the CPU's
+What it costs: each worker is a spawned interpreter with torch imported (244 MiB resident each
+on the 2-core VM, ``bench/bench_batcher.py``). Spawned workers import the server's main module
+as ``__mp_main__``: ``tcm-serve`` and uvicorn guard theirs; a script embedding the service must
+keep its start-up under ``if __name__ == "__main__":``. It pays where the forward outruns the CPU's
 decoding (a GPU); on a CPU-only machine the forward binds and the request's thread decodes
 (``TCM_DECODE_PROCESSES``: -1 picks processes on CUDA only).
 

@@ -193,8 +193,8 @@ class Settings(BaseSettings):
     )
     cpu_onnxruntime: bool = Field(
         True,
-        description="try ONNX Runtime first for the optimised CPU forward (4-6x the "
-        "TorchScript forward of the bird model on the loaded 2-core VM, docs/benchmarks.md); "
+        description="try ONNX Runtime first for the optimised CPU forward (3.3-4.5x the "
+        "TorchScript forward of the bird model on the shared 2-core VM, docs/benchmarks.md); "
         "false, or onnxruntime/onnx not installed: TorchScript",
     )
     embed_max_wait_ms: float = Field(

@@ -7,9 +7,11 @@ serve and whose recall cost ``bench.bench_cpu_forward`` reports.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -75,7 +77,9 @@ def compiled(model: nn.Module, example: torch.Tensor) -> Built:
     service's first start would have)."""
     import torch._inductor.config as inductor
 
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
+    cache = tempfile.mkdtemp(prefix="bench-inductor-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     t = time.perf_counter()
     inductor.freezing = True  # fold weights and batch norms as jit.freeze does
     cl = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)

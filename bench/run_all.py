@@ -19,9 +19,9 @@ BENCHES: list[list[str]] = [
     ["bench.bench_service", "--concurrency", "1", "8", "32", "--seconds", "5"],
     ["bench.bench_batcher", "--seconds", "4", "--jpegs", "256", "--rounds", "2"],
     ["bench.bench_client", "--dims", "128", "512", "--items", "20000", "--rounds", "3"],
-    ["bench.bench_faces", "--images", "64", "--concurrency", "1", "4", "16"],
+    ["bench.bench_faces", "--images", "64", "--concurrency", "1", "4", "16", "--chips", "16"],
     ["bench.bench_pretrained", "--images", "64", "--batch", "32"],
-    ["bench.bench_cpu_forward", "--rounds", "5"],
+    ["bench.bench_cpu_forward", "--rounds", "5", "--compile", "--recall-images", "600"],
     ["bench.bench_sampling", "--items", "30000", "120000", "--per-subject", "3"],
     ["bench.bench_asnorm", "--n", "100000", "--dim", "128", "--queries", "1000"],
 ]

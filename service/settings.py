@@ -186,9 +186,16 @@ class Settings(BaseSettings):
     embed_max_batch: int = Field(32, ge=1, description="images per forward pass")
     cpu_traced_forward: bool = Field(
         True,
-        description="on a CPU, serve the model traced and frozen in channels_last (1.7-1.95x the "
-        "eager forward for the bird model, embeddings within 1e-4; checked at start-up, the "
-        "eager model served when it differs)",
+        description="on a CPU, serve an optimised forward of the model (ONNX Runtime, else "
+        "TorchScript traced and frozen in channels_last; see cpu_onnxruntime), each checked at "
+        "start-up against the eager model (embeddings within 1e-4) and skipped when it "
+        "differs; false: the eager model",
+    )
+    cpu_onnxruntime: bool = Field(
+        True,
+        description="try ONNX Runtime first for the optimised CPU forward (3.3-4.5x the "
+        "TorchScript forward of the bird model on the shared 2-core VM, docs/benchmarks.md); "
+        "false, or onnxruntime/onnx not installed: TorchScript",
     )
     embed_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a forward pass waits for more requests to join it"

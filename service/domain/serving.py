@@ -26,7 +26,7 @@ from torch import nn
 
 from service.domain.inputs import InputResolver
 from service.domain.matching import Matcher
-from service.engine.cpu_forward import optimised_for_cpu
+from service.engine.cpu_forward import RUNTIMES, optimised_for_cpu
 from service.engine.decoding import DecodePool
 from service.engine.embedding import EmbeddingBatcher
 from service.engine.faces import load_served_model
@@ -89,7 +89,8 @@ async def build_serving(
     if settings.cpu_traced_forward and device.type == "cpu" and manifest.face is None:
         pre = manifest.preprocessing
         shape = (pre.channels, *pre.image_size)
-        forward = await run_in_threadpool(optimised_for_cpu, model, shape)
+        runtimes = RUNTIMES if settings.cpu_onnxruntime else ("torchscript",)
+        forward = await run_in_threadpool(optimised_for_cpu, model, shape, runtimes)
     batcher = EmbeddingBatcher(
         forward,
         preparer,

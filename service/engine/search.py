@@ -19,6 +19,12 @@ waited that long, for deployments where a few ms of latency buy larger batches (
 index). Same shape as the embedding batcher (``service.engine.embedding``), but without a
 permanent worker: the drain task exists only while there is work, so there is nothing to start
 or stop.
+
+A caller may pass ``then`` (:meth:`SearchBatcher.search_then`), a function of the tenant and the
+hits of its rows, run in the same worker thread right after the search, once per turn over all
+the turn's queries that passed it: the matcher's record write, so that a match costs one thread
+hop and one store write per turn instead of one more hop per request (issue 32). Its per-row
+results come back beside the hits; an exception it raises fails only the queries that passed it.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -37,13 +44,18 @@ from service.engine.index import Hit, IndexRegistry
 
 log = logging.getLogger(__name__)
 
+# (tenant id, the hits of each row of the queries that passed it) -> one result per row
+Then = Callable[[str, list[list[Hit]]], Sequence[Any]]
+_Answer = tuple[list[list[Hit]], Sequence[Any]]  # a query's hits and its rows' ``then`` results
+
 
 @dataclass
 class _Query:
     tenant_id: str
     vectors: np.ndarray  # float32 (n, d), L2-normalised
     k: int
-    future: asyncio.Future[list[list[Hit]]]
+    future: asyncio.Future[_Answer]
+    then: Then | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -63,12 +75,26 @@ class SearchBatcher:
 
     async def search(self, tenant_id: str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k hits of each row of ``vectors`` in the tenant's index, best first."""
-        future: asyncio.Future[list[list[Hit]]] = asyncio.get_running_loop().create_future()
+        hits, _ = await self._enqueue(tenant_id, vectors, k, None)
+        return hits
+
+    async def search_then(
+        self, tenant_id: str, vectors: np.ndarray, k: int, then: Then
+    ) -> tuple[list[list[Hit]], Sequence[Any]]:
+        """:meth:`search`, and ``then(tenant_id, hits)`` run in the search's worker thread,
+        once per turn over the rows of every query of the turn that passed an equal ``then``:
+        (hits, ``then``'s result for each of this query's rows)."""
+        return await self._enqueue(tenant_id, vectors, k, then)
+
+    async def _enqueue(
+        self, tenant_id: str, vectors: np.ndarray, k: int, then: Then | None
+    ) -> _Answer:
+        future: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
         queue = self._queues.get(tenant_id)
         if queue is None:
             queue = self._queues[tenant_id] = deque()
             self._ring.append(tenant_id)
-        queue.append(_Query(tenant_id, vectors, k, future))
+        queue.append(_Query(tenant_id, vectors, k, future, then))
         if self._drain_task is None or self._drain_task.done():
             self._drain_task = asyncio.create_task(self._drain(), name="search-batcher")
         return await future
@@ -128,12 +154,17 @@ class SearchBatcher:
         rows = self._rows(turn)
         self.queries_searched += rows
         self.largest_batch = max(self.largest_batch, rows)
-        for q, hits in zip(turn, results, strict=True):
-            if not q.future.done():
-                q.future.set_result(hits)
+        for q, answer in zip(turn, results, strict=True):
+            if q.future.done():
+                continue
+            if isinstance(answer, BaseException):
+                q.future.set_exception(answer)
+            else:
+                q.future.set_result(answer)
 
-    def _search(self, tenant_id: str, queries: list[_Query]) -> list[list[list[Hit]]]:
-        """One index search for the turn's queries; each query's rows, cut to its ``k``."""
+    def _search(self, tenant_id: str, queries: list[_Query]) -> list[_Answer | Exception]:
+        """One index search for the turn's queries; each query's rows, cut to its ``k``, then
+        each distinct ``then`` once over the rows of its queries."""
         vectors = (
             queries[0].vectors
             if len(queries) == 1
@@ -142,9 +173,27 @@ class SearchBatcher:
         k = max(q.k for q in queries)
         hits = self.indexes.get(tenant_id).search(vectors, k)
         self.searches_run += 1
-        out = []
+        per_query: list[list[list[Hit]]] = []
         offset = 0
         for q in queries:
-            out.append([h[: q.k] for h in hits[offset : offset + len(q.vectors)]])
+            per_query.append([h[: q.k] for h in hits[offset : offset + len(q.vectors)]])
             offset += len(q.vectors)
+        out: list[_Answer | Exception] = [(h, ()) for h in per_query]
+        groups: dict[Then, list[int]] = {}
+        for i, q in enumerate(queries):
+            if q.then is not None:
+                groups.setdefault(q.then, []).append(i)
+        for then, members in groups.items():
+            rows = [row for i in members for row in per_query[i]]
+            try:
+                results = then(tenant_id, rows)
+            except Exception as exc:  # e.g. the store is down: those queries fail, others not
+                for i in members:
+                    out[i] = exc
+                continue
+            offset = 0
+            for i in members:
+                n = len(per_query[i])
+                out[i] = (per_query[i], results[offset : offset + n])
+                offset += n
         return out

@@ -30,6 +30,7 @@ results come back beside the hits; an exception it raises fails only the queries
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -139,22 +140,46 @@ class SearchBatcher:
         return sum(len(q.vectors) for q in queries)
 
     async def _run(self, tenant_id: str, turn: list[_Query]) -> None:
+        """The turn's search in a worker thread. The turn ends when the search does: the
+        queries' ``then`` functions go on in that thread while the next turn searches, so a
+        slow ``then`` (a record write waiting for its fsync) never holds the other tenants'
+        turns, and the writes of consecutive turns can share a commit."""
+        loop = asyncio.get_running_loop()
+        searched: asyncio.Future[None] = loop.create_future()
+
+        def search_done() -> None:  # in the worker thread, between the search and the thens
+            with contextlib.suppress(RuntimeError):  # the loop closed: the thens still run
+                loop.call_soon_threadsafe(_resolve, searched)
+
+        work = asyncio.ensure_future(run_in_threadpool(self._search, tenant_id, turn, search_done))
+        work.add_done_callback(lambda done: self._deliver(turn, done))
         try:
-            results = await run_in_threadpool(self._search, tenant_id, turn)
+            await asyncio.wait([searched, work], return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # the drain itself is cancelled (shutdown)
             for q in turn:
                 q.future.cancel()
             raise
-        except Exception as exc:  # a bug, not bad input (that was rejected before)
-            log.exception("a batched index search failed")
+        finally:
+            searched.cancel()
+        rows = self._rows(turn)
+        self.queries_searched += rows
+        self.largest_batch = max(self.largest_batch, rows)
+
+    @staticmethod
+    def _deliver(turn: list[_Query], work: asyncio.Future[list[_Answer | Exception]]) -> None:
+        """Each query's answer, once its turn's search and ``then`` functions are done."""
+        if work.cancelled():
+            for q in turn:
+                q.future.cancel()
+            return
+        exc = work.exception()
+        if exc is not None:  # a bug, not bad input (that was rejected before)
+            log.error("a batched index search failed", exc_info=exc)
             for q in turn:
                 if not q.future.done():
                     q.future.set_exception(exc)
             return
-        rows = self._rows(turn)
-        self.queries_searched += rows
-        self.largest_batch = max(self.largest_batch, rows)
-        for q, answer in zip(turn, results, strict=True):
+        for q, answer in zip(turn, work.result(), strict=True):
             if q.future.done():
                 continue
             if isinstance(answer, BaseException):
@@ -162,9 +187,11 @@ class SearchBatcher:
             else:
                 q.future.set_result(answer)
 
-    def _search(self, tenant_id: str, queries: list[_Query]) -> list[_Answer | Exception]:
+    def _search(
+        self, tenant_id: str, queries: list[_Query], search_done: Callable[[], None]
+    ) -> list[_Answer | Exception]:
         """One index search for the turn's queries; each query's rows, cut to its ``k``, then
-        each distinct ``then`` once over the rows of its queries."""
+        (after ``search_done``) each distinct ``then`` once over the rows of its queries."""
         vectors = (
             queries[0].vectors
             if len(queries) == 1
@@ -178,6 +205,7 @@ class SearchBatcher:
         for q in queries:
             per_query.append([h[: q.k] for h in hits[offset : offset + len(q.vectors)]])
             offset += len(q.vectors)
+        search_done()
         out: list[_Answer | Exception] = [(h, ()) for h in per_query]
         groups: dict[Then, list[int]] = {}
         for i, q in enumerate(queries):
@@ -197,3 +225,8 @@ class SearchBatcher:
                 out[i] = (per_query[i], results[offset : offset + n])
                 offset += n
         return out
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

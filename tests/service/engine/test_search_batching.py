@@ -304,3 +304,31 @@ def test_then_runs_once_per_turn_beside_the_search_and_fails_only_its_queries() 
     assert len(calls) <= batcher.searches_run < 12
     assert sum(n for _, n, _ in calls) == sum(1 + i % 2 for i in range(12))
     assert all(t == "a" and name != threading.main_thread().name for t, _, name in calls)
+
+
+def test_a_slow_then_does_not_hold_the_next_turn() -> None:
+    """A turn ends with its search: its ``then`` (a record write waiting for an fsync) goes on in
+    the worker thread while other tenants' turns search. Here tenant a's ``then`` blocks until
+    tenant b has been answered; were thens part of the turn, b would wait behind it (the 10 s
+    bound only keeps a broken build from hanging)."""
+    reg = IndexRegistry(DIM, "Flat")
+    for t in ("a", "b"):
+        reg.get(t).add(np.arange(50), [f"{t}{i}" for i in range(50)], ["s"] * 50, units(50, 3))
+    batcher = SearchBatcher(reg, max_batch=8)
+    released = threading.Event()
+    waited_out: list[bool] = []
+
+    def slow(tenant_id: str, rows: list[list]) -> list[None]:
+        waited_out.append(not released.wait(10))
+        return [None] * len(rows)
+
+    async def go() -> int:
+        a = asyncio.ensure_future(batcher.search_then("a", units(1, 4), 3, slow))
+        await asyncio.sleep(0)  # a's turn has started
+        b = await batcher.search("b", units(1, 5), 3)
+        released.set()
+        await a
+        return len(b[0])
+
+    assert asyncio.run(go()) == 3
+    assert waited_out == [False]  # released by b's answer, not by the bound

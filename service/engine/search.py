@@ -35,11 +35,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 from service.engine.index import Hit, IndexRegistry
 
@@ -73,6 +73,10 @@ class SearchBatcher:
         self._queues: dict[str, deque[_Query]] = {}
         self._ring: deque[str] = deque()  # tenants with waiting queries, in turn order
         self._drain_task: asyncio.Task[None] | None = None
+        # searches run one turn at a time, but the thens of several turns may wait on the store
+        # at once (one per turn); threads start on demand and end with the batcher
+        self._threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="search")
+        self._wait_over: asyncio.Future[None] | None = None  # see _run
 
     async def search(self, tenant_id: str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k hits of each row of ``vectors`` in the tenant's index, best first."""
@@ -95,6 +99,8 @@ class SearchBatcher:
         if queue is None:
             queue = self._queues[tenant_id] = deque()
             self._ring.append(tenant_id)
+            if self._wait_over is not None:  # a turn's thens are not worth this tenant's wait
+                _resolve(self._wait_over)
         queue.append(_Query(tenant_id, vectors, k, future, then))
         if self._drain_task is None or self._drain_task.done():
             self._drain_task = asyncio.create_task(self._drain(), name="search-batcher")
@@ -140,10 +146,12 @@ class SearchBatcher:
         return sum(len(q.vectors) for q in queries)
 
     async def _run(self, tenant_id: str, turn: list[_Query]) -> None:
-        """The turn's search in a worker thread. The turn ends when the search does: the
-        queries' ``then`` functions go on in that thread while the next turn searches, so a
-        slow ``then`` (a record write waiting for its fsync) never holds the other tenants'
-        turns, and the writes of consecutive turns can share a commit."""
+        """The turn's search in a worker thread. When other tenants wait, the turn ends with
+        the search: its ``then`` functions go on in that thread while the next turn searches,
+        so a slow ``then`` (a record write waiting for its fsync) never holds another tenant's
+        turn. When none waits, the turn also waits for its thens, so that the tenant's queries
+        arriving meanwhile gather into its next turn (one search, one write) instead of
+        trickling into small ones; a tenant that queues meanwhile ends that wait."""
         loop = asyncio.get_running_loop()
         searched: asyncio.Future[None] = loop.create_future()
 
@@ -151,16 +159,26 @@ class SearchBatcher:
             with contextlib.suppress(RuntimeError):  # the loop closed: the thens still run
                 loop.call_soon_threadsafe(_resolve, searched)
 
-        work = asyncio.ensure_future(run_in_threadpool(self._search, tenant_id, turn, search_done))
+        # the batcher's own threads, through the loop's executor interface: one hop costs
+        # less than through anyio's pool (no task, cancel scope or limiter per turn)
+        work = loop.run_in_executor(self._threads, self._search, tenant_id, turn, search_done)
+        finished: asyncio.Future[None] = loop.create_future()  # or another tenant queued
         work.add_done_callback(lambda done: self._deliver(turn, done))
+        work.add_done_callback(lambda _: (_resolve(searched), _resolve(finished)))
         try:
-            await asyncio.wait([searched, work], return_when=asyncio.FIRST_COMPLETED)
+            await searched  # (a failed search ends it too)
+            if not self._ring:
+                # no other tenant waits: this tenant's next turn waits for these thens, so that
+                # its queries arriving meanwhile gather into one search and one write (until
+                # another tenant queues: _enqueue ends the wait)
+                self._wait_over = finished
+                await finished
         except asyncio.CancelledError:  # the drain itself is cancelled (shutdown)
             for q in turn:
                 q.future.cancel()
             raise
         finally:
-            searched.cancel()
+            self._wait_over = None
         rows = self._rows(turn)
         self.queries_searched += rows
         self.largest_batch = max(self.largest_batch, rows)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import platform
@@ -50,6 +51,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +62,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from bench.bench_service import random_artefact
-from bench.soak import free_port, rss_kib, serve
+from bench.soak import ServerProcess, free_port, rss_kib, serve
 
 K = 10
 ENROL_BATCH = 5000
@@ -273,6 +276,56 @@ def check_exact(
     return {"queries": len(queries), "max_cosine_diff": worst}
 
 
+@dataclass
+class Served:
+    """One ``tcm-serve`` under test: its source tree, process, tenant key and prepared requests."""
+
+    name: str
+    server: ServerProcess
+    auth: dict[str, str]
+    requests: list[bytes]
+
+    @property
+    def port(self) -> int:
+        return int(self.server.base.rsplit(":", 1)[1])
+
+
+@contextlib.contextmanager
+def serve_from(
+    tree: Path | None, artefact: Path, work: Path, env: dict[str, str], queries: np.ndarray
+) -> Iterator[Served]:
+    """A ``tcm-serve`` started from ``tree`` (a checkout, e.g. ``git worktree add`` of an
+    older commit: ``python -m service.cli`` imports from its working directory), or from this
+    one; with a fresh SQLite store and a tenant."""
+    work.mkdir()
+    here = Path.cwd()
+    saved = os.environ.pop("PYTHONPATH", None)  # the tree's own packages, not this one's
+    try:
+        if tree is not None:
+            os.chdir(tree)
+        context = serve(artefact, f"sqlite:///{work / 'tcm.db'}", work, extra_env=env)
+        server = context.__enter__()
+    finally:
+        os.chdir(here)
+        if saved is not None:
+            os.environ["PYTHONPATH"] = saved
+    try:
+        key = httpx.post(
+            f"{server.base}/v1/tenants",
+            json={"name": "bench"},
+            headers={"Authorization": f"Bearer {server.admin_token}"},
+            timeout=60,
+        ).json()["api_key"]
+        yield Served(
+            str(tree) if tree is not None else "this tree",
+            server,
+            {"Authorization": f"Bearer {key}"},
+            [request_bytes("127.0.0.1", key, q) for q in queries],
+        )
+    finally:
+        context.__exit__(None, None, None)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = sorted(args.sizes)
     gallery = unit_rows(sizes[-1], args.dim, seed=args.dim)
@@ -285,65 +338,81 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "TCM_STORE_TIMEOUT_S": "30",
         **dict(kv.split("=", 1) for kv in args.server_env),
     }
-    with tempfile.TemporaryDirectory(prefix="tcm-match-path-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tcm-match-path-") as tmp, contextlib.ExitStack() as st:
         work = Path(tmp)
         artefact = random_artefact(work / "model", dim=args.dim)
-        with serve(artefact, f"sqlite:///{work / 'tcm.db'}", work, extra_env=env) as server:
-            host, port = "127.0.0.1", int(server.base.rsplit(":", 1)[1])
-            api_key = httpx.post(
-                f"{server.base}/v1/tenants",
-                json={"name": "bench"},
-                headers={"Authorization": f"Bearer {server.admin_token}"},
-                timeout=60,
-            ).json()["api_key"]
-            auth = {"Authorization": f"Bearer {api_key}"}
-            requests = [request_bytes(host, api_key, q) for q in queries]
-            done = 0
-            for n in sizes:
-                enrol_rate = enrol(server.base, auth, gallery[done:n], done)
-                done = n
-                index = faiss.IndexFlatIP(args.dim)
-                index.add(gallery[:n])
-                exact = check_exact(server.base, auth, index, queries[: args.check])
-                rounds = []
-                for _ in range(args.rounds):
-                    one = {
-                        t: in_process_qps(index, queries, threads=t, seconds=args.seconds / 2)
-                        for t in (1, 2)
-                    }
-                    served = service_load(
-                        host,
-                        port,
-                        requests,
+        service = st.enter_context(serve_from(None, artefact, work / "this", env, queries))
+        baseline = None
+        if args.baseline_tree is not None:
+            baseline = st.enter_context(
+                serve_from(args.baseline_tree, artefact, work / "baseline", env, queries)
+            )
+        done = 0
+        for n in sizes:
+            enrol_rate = enrol(service.server.base, service.auth, gallery[done:n], done)
+            if baseline is not None:
+                enrol(baseline.server.base, baseline.auth, gallery[done:n], done)
+            done = n
+            index = faiss.IndexFlatIP(args.dim)
+            index.add(gallery[:n])
+            exact = check_exact(service.server.base, service.auth, index, queries[: args.check])
+            rounds = []
+            for _ in range(args.rounds):
+                one = {
+                    t: in_process_qps(index, queries, threads=t, seconds=args.seconds / 2)
+                    for t in (1, 2)
+                }
+                loads = {
+                    s.name: service_load(
+                        "127.0.0.1",
+                        s.port,
+                        s.requests,
                         clients=args.clients,
                         seconds=args.seconds,
-                        server_pid=server.pid,
+                        server_pid=s.server.pid,
                     )
-                    best = max(one.values())
-                    rounds.append(
-                        {
-                            "in_process_qps": {str(t): q for t, q in one.items()},
-                            "service": served,
-                            "ratio": served["qps"] / best,
-                        }
-                    )
-                floor = floor_load(queries, clients=args.clients, seconds=args.seconds)
-                best_all = statistics.median(max(r["in_process_qps"].values()) for r in rounds)
-                row = {
-                    "items": n,
-                    "dim": args.dim,
-                    "clients": args.clients,
-                    "enrol_items_per_s": enrol_rate,
-                    "exactness": exact,
-                    "rounds": rounds,
-                    "ratio_median": statistics.median(r["ratio"] for r in rounds),
-                    "framework_floor": floor,
-                    "floor_ratio": floor["qps"] / best_all,
-                    "server_rss_mib": rss_kib(server.pid) / 1024,
-                    "raw_vectors_mib": n * args.dim * 4 / 2**20,
+                    for s in (service, baseline)
+                    if s is not None
                 }
-                rows.append(row)
-                print(summary(row), flush=True)
+                served = loads[service.name]
+                best = max(one.values())
+                rounds.append(
+                    {
+                        "in_process_qps": {str(t): q for t, q in one.items()},
+                        "service": served,
+                        "ratio": served["qps"] / best,
+                        **(
+                            {
+                                "baseline": loads[baseline.name],
+                                "baseline_ratio": loads[baseline.name]["qps"] / best,
+                            }
+                            if baseline is not None
+                            else {}
+                        ),
+                    }
+                )
+            floor = floor_load(queries, clients=args.clients, seconds=args.seconds)
+            best_all = statistics.median(max(r["in_process_qps"].values()) for r in rounds)
+            row = {
+                "items": n,
+                "dim": args.dim,
+                "clients": args.clients,
+                "enrol_items_per_s": enrol_rate,
+                "exactness": exact,
+                "rounds": rounds,
+                "ratio_median": statistics.median(r["ratio"] for r in rounds),
+                "framework_floor": floor,
+                "floor_ratio": floor["qps"] / best_all,
+                "server_rss_mib": rss_kib(service.server.pid) / 1024,
+                "raw_vectors_mib": n * args.dim * 4 / 2**20,
+            }
+            if baseline is not None:
+                row["baseline_tree"] = baseline.name
+                row["baseline_ratio_median"] = statistics.median(
+                    r["baseline_ratio"] for r in rounds
+                )
+            rows.append(row)
+            print(summary(row), flush=True)
     return {
         "command": "python -m bench.bench_match_path " + " ".join(args.argv),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
@@ -367,12 +436,27 @@ def summary(row: dict[str, Any]) -> str:
             f"{s['server_cpu_ms_per_request']:.2f} ms/request, clients "
             f"{s['client_cpu_cores']:.2f}) | ratio {r['ratio']:.2f}x"
         )
+        if "baseline" in r:
+            b = r["baseline"]
+            parts.append(
+                f"    baseline tree {b['qps']:,.0f} q/s (p50 {b['p50_ms']:.1f} ms, "
+                f"{b['server_cpu_ms_per_request']:.2f} ms CPU/request) | ratio "
+                f"{r['baseline_ratio']:.2f}x"
+            )
     f = row["framework_floor"]
     parts.append(
         f"  framework floor (bare FastAPI route, same models, no work): {f['qps']:,.0f} q/s "
         f"({f['server_cpu_ms_per_request']:.2f} ms CPU/request) = {row['floor_ratio']:.2f}x the "
         "median best in-process loop"
     )
+    if "baseline_ratio_median" in row:
+        speedup = statistics.median(
+            r["service"]["qps"] / r["baseline"]["qps"] for r in row["rounds"]
+        )
+        parts.append(
+            f"  baseline ({row['baseline_tree']}): ratio (median) "
+            f"{row['baseline_ratio_median']:.2f}x; this tree / baseline q/s {speedup:.2f}x"
+        )
     parts.append(
         f"  ratio (median of {len(row['rounds'])} rounds): {row['ratio_median']:.2f}x; "
         f"exact on {row['exactness']['queries']} queries (max cosine diff "
@@ -395,6 +479,13 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="TCM_X=V",
         help="extra settings for the server (e.g. to measure one lever)",
+    )
+    p.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="also serve from this checkout (e.g. a git worktree of an older commit), "
+        "measured in the same rounds",
     )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)

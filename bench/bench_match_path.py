@@ -327,6 +327,7 @@ def serve_from(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_before = os.getloadavg()
     sizes = sorted(args.sizes)
     gallery = unit_rows(sizes[-1], args.dim, seed=args.dim)
     queries = unit_rows(2000, args.dim, seed=args.dim + 1)
@@ -417,7 +418,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m bench.bench_match_path " + " ".join(args.argv),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{platform.platform()}",
-        "load_average_before": os.getloadavg(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "faiss": faiss.__version__,
         "server_env": env,
         "k": K,

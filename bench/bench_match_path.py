@@ -45,6 +45,7 @@ import os
 import platform
 import re
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,51 @@ def in_process_qps(
         index.search(queries[n % len(queries)][None], K)
         n += 1
     return n / (time.perf_counter() - started)
+
+
+def faiss_batches(index: faiss.Index, queries: np.ndarray, *, seconds: float) -> dict[str, Any]:
+    """FAISS's own batching lever, one thread: q/s at 1, 2, 4 and 8 queries per ``search``
+    with the default ``distance_compute_blas_threshold`` and with BLAS forced (threshold 1),
+    and whether the two answer alike."""
+    faiss.omp_set_num_threads(1)
+    default = faiss.cvar.distance_compute_blas_threshold
+    out: dict[str, Any] = {"default_threshold": default, "qps": {}}
+    answers = {}
+    try:
+        for threshold in (default, 1):
+            faiss.cvar.distance_compute_blas_threshold = threshold
+            answers[threshold] = index.search(queries[:4], K)
+            for nq in (1, 2, 4, 8):
+                n, started = 0, time.perf_counter()
+                while time.perf_counter() - started < seconds:
+                    lo = n % (len(queries) - nq)
+                    index.search(queries[lo : lo + nq], K)
+                    n += nq
+                out["qps"][f"threshold={threshold} nq={nq}"] = n / (time.perf_counter() - started)
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = default
+    (d0, i0), (d1, i1) = answers[default], answers[1]
+    out["same_ids"] = bool((i0 == i1).all())
+    out["max_score_diff"] = float(np.abs(d0 - d1).max())
+    return out
+
+
+def fsync_commit_ms(directory: Path, commits: int = 30) -> float:
+    """One small SQLite commit with the store's pragmas (WAL, ``synchronous=FULL``): what a
+    match's record waits for on this disk."""
+    conn = sqlite3.connect(directory / "fsync.db", isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE t (a INTEGER, b TEXT)")
+        started = time.perf_counter()
+        for i in range(commits):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (?, ?)", (i, "x" * 200))
+            conn.execute("COMMIT")
+        return (time.perf_counter() - started) * 1e3 / commits
+    finally:
+        conn.close()
 
 
 def enrol(base: str, auth: dict[str, str], vectors: np.ndarray, first: int) -> float:
@@ -342,6 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tcm-match-path-") as tmp, contextlib.ExitStack() as st:
         work = Path(tmp)
         artefact = random_artefact(work / "model", dim=args.dim)
+        fsync_ms = fsync_commit_ms(work)
         service = st.enter_context(serve_from(None, artefact, work / "this", env, queries))
         baseline = None
         if args.baseline_tree is not None:
@@ -393,6 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
             floor = floor_load(queries, clients=args.clients, seconds=args.seconds)
+            batches = faiss_batches(index, queries, seconds=args.seconds / 8)
             best_all = statistics.median(max(r["in_process_qps"].values()) for r in rounds)
             row = {
                 "items": n,
@@ -404,6 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "ratio_median": statistics.median(r["ratio"] for r in rounds),
                 "framework_floor": floor,
                 "floor_ratio": floor["qps"] / best_all,
+                "faiss_batches": batches,
                 "server_rss_mib": rss_kib(service.server.pid) / 1024,
                 "raw_vectors_mib": n * args.dim * 4 / 2**20,
             }
@@ -422,6 +471,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_after": os.getloadavg(),
         "faiss": faiss.__version__,
         "server_env": env,
+        "sqlite_fsync_commit_ms": fsync_ms,
         "k": K,
         "rows": rows,
     }
@@ -450,6 +500,16 @@ def summary(row: dict[str, Any]) -> str:
         f"  framework floor (bare FastAPI route, same models, no work): {f['qps']:,.0f} q/s "
         f"({f['server_cpu_ms_per_request']:.2f} ms CPU/request) = {row['floor_ratio']:.2f}x the "
         "median best in-process loop"
+    )
+    b = row["faiss_batches"]
+
+    def rates(threshold: int) -> str:
+        return " / ".join(f"{b['qps'][f'threshold={threshold} nq={n}']:,.0f}" for n in (1, 2, 4, 8))
+
+    parts.append(
+        f"  FAISS, 1 thread, q/s at 1 / 2 / 4 / 8 queries per call: default BLAS threshold "
+        f"({b['default_threshold']}) {rates(b['default_threshold'])}; BLAS forced {rates(1)} "
+        f"(same ids {b['same_ids']}, max score diff {b['max_score_diff']:.1e})"
     )
     if "baseline_ratio_median" in row:
         speedup = statistics.median(

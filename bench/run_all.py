@@ -24,6 +24,7 @@ BENCHES: list[list[str]] = [
     ["bench.bench_cpu_forward", "--rounds", "5", "--compile", "--recall-images", "600"],
     ["bench.bench_sampling", "--items", "30000", "120000", "--per-subject", "3"],
     ["bench.bench_asnorm", "--n", "100000", "--dim", "128", "--queries", "1000"],
+    ["bench.bench_match_path", "--sizes", "10000", "100000", "--seconds", "2", "--rounds", "2"],
 ]
 
 

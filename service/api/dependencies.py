@@ -55,7 +55,13 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+async def runtime_of(request: Request) -> Runtime:
+    """``get_runtime`` as a dependency: ``async`` because FastAPI runs a plain ``def``
+    dependency in the thread pool, a thread hop per request for one attribute read (issue 32)."""
+    return get_runtime(request)
+
+
+RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 
 
 def token_of(credentials: Credentials) -> str:

@@ -144,21 +144,40 @@ class Matcher:
         self.check_k(k)
         started = time.perf_counter()
         if where:
-            all_hits = await run_in_threadpool(
-                self.indexes.get(tenant_id).search, queries, k, where
+            all_hits, stored = await run_in_threadpool(
+                self._search_and_store, tenant_id, queries, k, where
             )
-        else:
-            all_hits = await self.search.search(tenant_id, queries, k)
-        self.metrics.index_search_seconds.observe(time.perf_counter() - started)
-        now = time.time()
-        records = [self._record(tenant_id, hits, now) for hits in all_hits]
-        await run_in_threadpool(self.store.add_matches, records)
+        else:  # the records are written in the search's own thread hop, a turn at a time
+            all_hits, stored = await self.search.search_then(
+                tenant_id, queries, k, self._store_records
+            )
+        records = [record for record, _ in stored]
+        searched = stored[0][1] if stored else time.perf_counter()
+        self.metrics.index_search_seconds.observe(searched - started)  # not the record write
         label = self.metrics.tenant_label(tenant_id)
         for record in records:
             self.metrics.match_decisions.labels(
                 tenant=label, decision="accept" if record.accepted else "reject"
             ).inc()
         return list(zip(records, all_hits, strict=True))
+
+    def _search_and_store(
+        self, tenant_id: str, queries: np.ndarray, k: int, where: Mapping[str, Any]
+    ) -> tuple[list[list[Hit]], list[tuple[MatchRecord, float]]]:
+        """A filtered search (its own, not batched) and its records (blocking)."""
+        all_hits = self.indexes.get(tenant_id).search(queries, k, where)
+        return all_hits, self._store_records(tenant_id, all_hits)
+
+    def _store_records(
+        self, tenant_id: str, all_hits: list[list[Hit]]
+    ) -> list[tuple[MatchRecord, float]]:
+        """A record per query row, stored in one write (blocking: in the search's worker
+        thread), each with the ``perf_counter`` time its search ended (for the search metric)."""
+        searched = time.perf_counter()
+        now = time.time()
+        records = [self._record(tenant_id, hits, now) for hits in all_hits]
+        self.store.add_matches(records)
+        return [(r, searched) for r in records]
 
     def _record(self, tenant_id: str, hits: list[Hit], now: float) -> MatchRecord:
         top = hits[0] if hits else None

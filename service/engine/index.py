@@ -72,6 +72,19 @@ TORCH_FACTORY = "Torch"
 PackedItem = str | tuple[str, str]
 
 
+_omp_thread = threading.local()  # the OpenMP thread count set in this thread (0: none)
+
+
+def use_omp_threads(threads: int) -> None:
+    """Sets FAISS's OpenMP thread count for the calling thread (once per thread; 0: leave
+    OpenMP's default). OpenMP keeps the count per thread: ``omp_set_num_threads`` in the main
+    thread at start-up left every worker thread that searches at the default, one thread per
+    core (issue 32: the service searched with 2 threads while ``TCM_INDEX_THREADS=1``)."""
+    if threads > 0 and getattr(_omp_thread, "threads", 0) != threads:
+        faiss.omp_set_num_threads(threads)
+        _omp_thread.threads = threads
+
+
 def _pack(item_id: str, subject: str) -> PackedItem:
     return (item_id, subject) if "\x00" in item_id else f"{item_id}\x00{subject}"
 
@@ -224,10 +237,12 @@ class TenantIndex:
         torch_device: str | None = None,
         search_params: str = "",
         cohort: Cohort | None = None,
+        threads: int = 0,
     ) -> None:
         self.dim = dim
         self.search_params = search_params
         self.factory = factory
+        self.threads = threads  # FAISS's OpenMP threads in whichever thread calls (0: default)
         # AS-norm (the artefact's cohort): each item's cohort statistics are computed when it
         # enters the index, whatever the path (enrolment, start-up, resync, re-embed, change
         # feed, compaction), and kept beside it; a probe's per search
@@ -278,6 +293,7 @@ class TenantIndex:
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         """Replaces the contents (training the factory's index on these vectors if it needs it)."""
+        use_omp_threads(self.threads)
         vectors = _as_matrix(vectors, self.dim)
         with self._lock:
             self._reset_locked(vectors)
@@ -304,6 +320,7 @@ class TenantIndex:
             torch_device=self._torch_device,
             search_params=self.search_params,
             cohort=self.cohort,
+            threads=self.threads,
         )
         if self._needs_training():
             parts = list(chunks)
@@ -341,6 +358,7 @@ class TenantIndex:
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         """``metadata``, row-aligned, makes the items findable by a filtered search."""
+        use_omp_threads(self.threads)
         with self._lock:
             self._add_locked(
                 np.asarray(seqs, np.int64),
@@ -406,6 +424,7 @@ class TenantIndex:
                     self._canon.pop(t, None)
 
     def remove(self, seqs: list[int]) -> None:
+        use_omp_threads(self.threads)
         with self._lock:
             present = [s for s in seqs if s in self._items]
             if not present:
@@ -497,6 +516,7 @@ class TenantIndex:
     ) -> list[list[Hit]]:
         """Top-k hits per query row, best first (fewer when the gallery is smaller); with
         ``where``, the top k among the items whose metadata passes that filter."""
+        use_omp_threads(self.threads)
         queries = _as_matrix(queries, self.dim)
         wanted = filter_terms(where) if where else None
         probes = self.cohort.stats(queries) if self.cohort is not None else None
@@ -581,8 +601,7 @@ class IndexRegistry:
         threads: int = 0,
         cohort: Cohort | None = None,
     ) -> None:
-        if threads > 0:
-            faiss.omp_set_num_threads(threads)  # process-wide, like the setting
+        self.threads = threads  # set in each thread that calls FAISS (use_omp_threads)
         self.dim = dim
         self.factory = factory
         self.search_params = search_params
@@ -627,6 +646,7 @@ class IndexRegistry:
                     torch_device=self._torch_device,
                     search_params=self.search_params,
                     cohort=self.cohort,
+                    threads=self.threads,
                 )
                 if tenant_id not in self._dropped:
                     self._indexes[tenant_id] = index

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -355,3 +356,24 @@ def test_the_registry_reports_every_tenants_shape() -> None:
     fill(registry.get("t1"), 5)
     registry.get("t2")
     assert registry.shapes() == {"t1": {1: 5}, "t2": {}}
+
+
+def test_the_faiss_thread_setting_holds_in_the_thread_that_searches() -> None:
+    """OpenMP keeps its thread count per thread: set once at start-up in the main thread, it
+    left the worker threads that search at OpenMP's default (issue 32). A search sets it in
+    the thread it runs in; a count other than this machine's default makes the test able to
+    fail on any number of cores."""
+    import faiss
+
+    with ThreadPoolExecutor(1) as pool:
+        default = pool.submit(faiss.omp_get_max_threads).result()
+    wanted = default + 1
+    reg = IndexRegistry(4, "Flat", threads=wanted)
+    reg.get("t").add([1], ["a"], ["s"], np.eye(4, dtype=np.float32)[:1])
+
+    def search_then_count() -> int:
+        reg.get("t").search(np.eye(4, dtype=np.float32)[:1], 1)
+        return faiss.omp_get_max_threads()
+
+    with ThreadPoolExecutor(1) as pool:  # a thread that never set it itself
+        assert pool.submit(search_then_count).result() == wanted

@@ -263,3 +263,72 @@ def test_oversized_and_cancelled_queries() -> None:
     assert calls == [("a", 40), ("b", 2)]
     assert same_hits(big, originals["a"](q[:40], 2))
     assert same_hits(small, originals["b"](q[3:5], 2))
+
+
+def test_then_runs_once_per_turn_beside_the_search_and_fails_only_its_queries() -> None:
+    """``search_then``: the hits equal a plain search's; ``then`` runs once per turn over the
+    rows of every query of the turn that passed it (the match records' one write per turn),
+    each query gets its own rows' results back; a ``then`` that raises fails its queries only."""
+    reg = IndexRegistry(DIM, "Flat")
+    v = units(300, 11)
+    reg.get("a").add(np.arange(300), [f"a{i}" for i in range(300)], ["s"] * 300, v)
+    queries = units(24, 12)
+    batcher = SearchBatcher(reg, max_batch=64)
+    calls: list[tuple[str, int, str]] = []
+
+    def record(tenant_id: str, rows: list[list]) -> list[str]:
+        calls.append((tenant_id, len(rows), threading.current_thread().name))
+        return [row[0].item_id for row in rows]
+
+    def broken(tenant_id: str, rows: list[list]) -> list[str]:
+        raise RuntimeError("the store is down")
+
+    async def go() -> list:
+        tasks = [batcher.search_then("a", queries[i : i + 1 + i % 2], 3, record) for i in range(12)]
+        tasks.append(batcher.search_then("a", queries[20:21], 3, broken))
+        tasks.append(batcher.search("a", queries[21:22], 3))
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    got = asyncio.run(go())
+    for i, (hits, firsts) in enumerate(got[:12]):
+        want = reg.get("a").search(queries[i : i + 1 + i % 2], 3)
+        assert [[(h.item_id, h.score) for h in row] for row in hits] == [
+            [(h.item_id, h.score) for h in row] for row in want
+        ]
+        assert list(firsts) == [row[0].item_id for row in want]
+    assert isinstance(got[12], RuntimeError)
+    assert [h.item_id for h in got[13][0]] == [
+        h.item_id for h in reg.get("a").search(queries[21:22], 3)[0]
+    ]
+    # at most one call per turn, and the queries met in few turns (not one call per query)
+    assert len(calls) <= batcher.searches_run < 12
+    assert sum(n for _, n, _ in calls) == sum(1 + i % 2 for i in range(12))
+    assert all(t == "a" and name != threading.main_thread().name for t, _, name in calls)
+
+
+def test_a_slow_then_does_not_hold_the_next_turn() -> None:
+    """A turn ends with its search: its ``then`` (a record write waiting for an fsync) goes on in
+    the worker thread while other tenants' turns search. Here tenant a's ``then`` blocks until
+    tenant b has been answered; were thens part of the turn, b would wait behind it (the 10 s
+    bound only keeps a broken build from hanging)."""
+    reg = IndexRegistry(DIM, "Flat")
+    for t in ("a", "b"):
+        reg.get(t).add(np.arange(50), [f"{t}{i}" for i in range(50)], ["s"] * 50, units(50, 3))
+    batcher = SearchBatcher(reg, max_batch=8)
+    released = threading.Event()
+    waited_out: list[bool] = []
+
+    def slow(tenant_id: str, rows: list[list]) -> list[None]:
+        waited_out.append(not released.wait(10))
+        return [None] * len(rows)
+
+    async def go() -> int:
+        a = asyncio.ensure_future(batcher.search_then("a", units(1, 4), 3, slow))
+        await asyncio.sleep(0)  # a's turn has started
+        b = await batcher.search("b", units(1, 5), 3)
+        released.set()
+        await a
+        return len(b[0])
+
+    assert asyncio.run(go()) == 3
+    assert waited_out == [False]  # released by b's answer, not by the bound

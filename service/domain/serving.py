@@ -61,6 +61,7 @@ class Serving:
 
     async def close(self) -> None:
         await self.batcher.stop()
+        self.matcher.search.close()
         self.indexes.clear()
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from service.engine.index import Hit, IndexRegistry
+from service.errors import NotReadyError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ class SearchBatcher:
         self._threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="search")
         self._wait_over: asyncio.Future[None] | None = None  # see _run
         self.then_seconds = 0.0  # moving average of a turn's thens (see _run)
+
+    def close(self) -> None:
+        """Ends the worker threads once their work is done (the model is retired); a search
+        arriving later fails with NotReadyError (503)."""
+        self._threads.shutdown(wait=False)
 
     async def search(self, tenant_id: str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k hits of each row of ``vectors`` in the tenant's index, best first."""
@@ -167,7 +173,13 @@ class SearchBatcher:
 
         # the batcher's own threads, through the loop's executor interface: one hop costs
         # less than through anyio's pool (no task, cancel scope or limiter per turn)
-        work = loop.run_in_executor(self._threads, self._search, tenant_id, turn, search_done)
+        try:
+            work = loop.run_in_executor(self._threads, self._search, tenant_id, turn, search_done)
+        except RuntimeError:  # closed (the model was retired): a late query is not lost silently
+            for q in turn:
+                if not q.future.done():
+                    q.future.set_exception(NotReadyError("this model version has been retired"))
+            return
         finished: asyncio.Future[None] = loop.create_future()  # or another tenant queued
         work.add_done_callback(lambda done: self._deliver(turn, done))
         work.add_done_callback(lambda _: (_resolve(searched), _resolve(finished)))

@@ -332,3 +332,20 @@ def test_a_slow_then_does_not_hold_the_next_turn() -> None:
 
     assert asyncio.run(go()) == 3
     assert waited_out == [False]  # released by b's answer, not by the bound
+
+
+def test_a_closed_batcher_ends_its_threads_and_refuses_later_searches() -> None:
+    """A retired model's batcher (``Serving.close``) lets its threads go; a search that still
+    arrives fails with NotReadyError (503) instead of hanging or an unhandled RuntimeError."""
+    from service.errors import NotReadyError
+
+    calls: list[tuple[str, int]] = []
+    reg, originals = recording_registry(calls)
+    batcher = SearchBatcher(reg, max_batch=8)
+    q = units(4, 42)
+    before = asyncio.run(batcher.search("a", q, 2))
+    assert same_hits(before, originals["a"](q, 2))
+    batcher.close()
+    with pytest.raises(NotReadyError, match="retired"):
+        asyncio.run(batcher.search("a", q, 2))
+    assert calls == [("a", 4)]

@@ -17,6 +17,8 @@ import argparse
 import asyncio
 import base64
 import io
+import json
+import os
 import platform
 import socket
 import tempfile
@@ -126,7 +128,7 @@ async def load(
     return latencies
 
 
-def run(args: argparse.Namespace, artefact: Path, store_dir: Path) -> None:
+def run(args: argparse.Namespace, artefact: Path, store_dir: Path) -> list[dict[str, object]]:
     print(
         f"# bench_service: {platform.processor() or platform.machine()}, "
         f"torch threads {torch.get_num_threads()}, {args.seconds:.0f}s per cell, "
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace, artefact: Path, store_dir: Path) -> None:
         f"{'route':<10} {'batching':<18} {'clients':>7} {'req/s':>8} {'p50 ms':>8} "
         f"{'p95 ms':>8} {'p99 ms':>8} {'mean batch':>10}"
     )
+    rows: list[dict[str, object]] = []
     for batching in (True, False):
         max_batch = args.max_batch if batching else 1
         settings = Settings(
@@ -177,6 +180,19 @@ def run(args: argparse.Namespace, artefact: Path, store_dir: Path) -> None:
                         f"{route:<10} {label:<18} {n:>7} {len(lat) / args.seconds:>8.1f} "
                         f"{ms[0]:>8.1f} {ms[1]:>8.1f} {ms[2]:>8.1f} {images / passes:>10.2f}"
                     )
+                    rows.append(
+                        {
+                            "route": route,
+                            "batching": label,
+                            "clients": n,
+                            "req_per_s": len(lat) / args.seconds,
+                            "p50_ms": ms[0],
+                            "p95_ms": ms[1],
+                            "p99_ms": ms[2],
+                            "mean_batch": images / passes,
+                        }
+                    )
+    return rows
 
 
 def main() -> None:
@@ -188,10 +204,25 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--gallery", type=int, default=1000, help="items enrolled before /v1/match")
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         artefact = args.artefact or random_artefact(Path(tmp) / "artefact")
-        run(args, artefact, Path(tmp))
+        rows = run(args, artefact, Path(tmp))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "load_average_before": load_before,
+                    "load_average_after": os.getloadavg(),
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

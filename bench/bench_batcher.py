@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--jpegs", type=int, default=256)
-    p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    # one core left to the server process, as TCM_DECODE_PROCESSES=-1 leaves it on CUDA
+    p.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

@@ -205,8 +205,8 @@ class Settings(BaseSettings):
         ge=-1,
         description="worker processes that decode and stage image files, so that decoding "
         "runs on every core beside the server's GIL (each ~150-250 MiB: torch imported); 0: "
-        "the request's thread; -1: one per core (at most 8) on a CUDA device, none on a CPU "
-        "(where the forward binds)",
+        "the request's thread; -1: on a CUDA device one per core but one (left to the server), "
+        "1-8; none on a CPU (where the forward binds)",
     )
 
     search_max_batch: int = Field(

@@ -301,10 +301,11 @@ AUTO_MAX = 8  # -1 never starts more: a container may see the host's cores, not 
 
 
 def decode_processes_for(setting: int, device_type: str) -> int:
-    """``TCM_DECODE_PROCESSES``: -1 (auto) = one per core this process may run on (at most
-    ``AUTO_MAX``) on a CUDA device, none on a CPU."""
+    """``TCM_DECODE_PROCESSES``: -1 (auto) = on a CUDA device, one per core this process may
+    run on but one (the server's own: its per-image work is what the workers' rate is read
+    against), at least 1 and at most ``AUTO_MAX``; none on a CPU."""
     if setting >= 0:
         return setting
     if device_type != "cuda":
         return 0
-    return max(1, min(AUTO_MAX, len(os.sched_getaffinity(0))))
+    return max(1, min(AUTO_MAX, len(os.sched_getaffinity(0)) - 1))

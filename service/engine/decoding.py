@@ -254,6 +254,9 @@ class DecodePool:
                 except BrokenProcessPool as exc:
                     self._finish(items, slots, exc)
                     continue
+                except RuntimeError:  # the pool was shut down (closed): no request may hang
+                    self._finish(items, slots, NotReadyError("image decoding has stopped"))
+                    continue
                 chunk.add_done_callback(functools.partial(self._chunk_done, items, slots))
 
     def _chunk_done(

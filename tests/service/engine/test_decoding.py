@@ -103,6 +103,15 @@ def test_dead_workers_are_replaced_and_the_request_still_answered() -> None:
         pool.close()
 
 
+def test_a_closed_pool_refuses_with_503_instead_of_hanging() -> None:
+    from service.errors import NotReadyError
+
+    pool = DecodePool(1)
+    pool.close()
+    with pytest.raises(NotReadyError, match="stopped"):
+        asyncio.run(pool.stage(_files()[:2], SPEC, max_pixels=MAX_PIXELS))
+
+
 def test_auto_means_processes_on_cuda_only() -> None:
     assert decode_processes_for(-1, "cpu") == 0
     assert decode_processes_for(-1, "cuda") == max(1, min(8, len(os.sched_getaffinity(0)) - 1))

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.soak import rss_kib
 from service.domain.inputs import InputResolver
 from service.engine.decoding import DecodePool, decode_and_stage
 from service.engine.embedding import EmbeddingBatcher
@@ -132,12 +133,6 @@ async def ceiling(
     if device == "cuda":
         torch.cuda.synchronize()
     return {"clients": clients, "max_batch": max_batch, "device": device, "ways": rows}
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return kb / 1024
 
 
 def cub_jpegs(n: int) -> tuple[list[bytes], str]:
@@ -279,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     decoding = DecodePool(args.processes)
     pids = decoding.warm()
-    rss = [_rss_mib(pid) for pid in pids]
+    rss = [rss_kib(pid) / 1024 for pid in pids]
     print(
         f"worker processes' resident memory after start: {', '.join(f'{r:.0f}' for r in rss)} MiB"
     )

@@ -38,7 +38,6 @@ within 1e-6); a difference fails the run.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -62,17 +61,13 @@ import httpx
 import numpy as np
 from fastapi import FastAPI
 
+from bench.bench_scale import enrol, unit_rows
 from bench.bench_service import random_artefact
 from bench.soak import ServerProcess, free_port, rss_kib, serve
 
 K = 10
 ENROL_BATCH = 5000
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
-
-
-def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def in_process_qps(
@@ -130,25 +125,6 @@ def fsync_commit_ms(directory: Path, commits: int = 30) -> float:
         return (time.perf_counter() - started) * 1e3 / commits
     finally:
         conn.close()
-
-
-def enrol(base: str, auth: dict[str, str], vectors: np.ndarray, first: int) -> float:
-    """Rows as items ``i<first>..`` (four per subject); returns items/s."""
-    started = time.perf_counter()
-    with httpx.Client(base_url=base, headers=auth, timeout=600) as client:
-        for lo in range(0, len(vectors), ENROL_BATCH):
-            items = [
-                {
-                    "subject": f"s{(first + r) // 4}",
-                    "item_id": f"i{first + r}",
-                    "embedding_b64": base64.b64encode(vectors[r].astype("<f4").tobytes()).decode(),
-                }
-                for r in range(lo, min(len(vectors), lo + ENROL_BATCH))
-            ]
-            r = client.post("/v1/gallery", json={"items": items})
-            if r.status_code != 201:
-                raise RuntimeError(f"enrol failed: {r.status_code} {r.text[:300]}")
-    return len(vectors) / (time.perf_counter() - started)
 
 
 def request_bytes(host: str, api_key: str, query: np.ndarray) -> bytes:
@@ -397,9 +373,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         done = 0
         for n in sizes:
-            enrol_rate = enrol(service.server.base, service.auth, gallery[done:n], done)
+            enrol_rate = enrol(
+                service.server.base,
+                service.auth,
+                gallery[done:n],
+                done,
+                batch=ENROL_BATCH,
+                clients=1,
+            )
             if baseline is not None:
-                enrol(baseline.server.base, baseline.auth, gallery[done:n], done)
+                enrol(
+                    baseline.server.base,
+                    baseline.auth,
+                    gallery[done:n],
+                    done,
+                    batch=ENROL_BATCH,
+                    clients=1,
+                )
             done = n
             index = faiss.IndexFlatIP(args.dim)
             index.add(gallery[:n])

@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -39,7 +40,9 @@ from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
+import torch
 
+from service.engine.preparing import PixelPreparer, decode_for
 from service.errors import InvalidInputError, NotReadyError
 from tcm import Preprocessing
 
@@ -53,41 +56,26 @@ _SLOTS: shared_memory.SharedMemory | None = None  # in a worker: the pool's resu
 
 
 def _start_worker(slots_name: str) -> None:
-    """In each worker: one torch thread (the pool is the parallelism), the imports paid, the
-    result slots attached."""
+    """In each worker (this module's imports, torch's among them, are paid as it starts): one
+    torch thread (the pool is the parallelism) and the result slots attached."""
     global _SLOTS
-    import torch
-
-    import service.engine.images  # noqa: F401
-    import tcm.preprocess  # noqa: F401
-
     torch.set_num_threads(1)
     _SLOTS = shared_memory.SharedMemory(name=slots_name)
 
 
 def _ping() -> int:
-    import os
-    import time
-
     time.sleep(0.05)  # busy long enough that the next submission starts another worker
     return os.getpid()
 
 
 def decode_and_stage(raw: bytes, where: str, spec: Preprocessing, max_pixels: int) -> Outcome:
-    """One image file -> ("ok", its staged pixels) or ("error", message, code, detail): errors
-    travel as plain values (an exception with keyword arguments does not survive pickling)."""
-    from service.engine.images import decode_image
-    from tcm.preprocess import stage_image
-
+    """One image file -> ("ok", its staged pixels) or ("error", message, code, detail), by the
+    request's thread's own two steps (``decode_for``, ``PixelPreparer.stage``); errors travel
+    as plain values (an exception with keyword arguments does not survive pickling)."""
+    preparer = PixelPreparer(spec)
     try:
-        arr = decode_image(
-            raw,
-            channels=spec.channels,
-            max_pixels=max_pixels,
-            where=where,
-            target=tuple(spec.image_size),  # type: ignore[arg-type]
-        )
-        return ("ok", stage_image(arr, spec), None, None)
+        arr = decode_for(preparer, raw, max_pixels=max_pixels, where=where)
+        return ("ok", preparer.stage([arr], [where])[0][0], None, None)
     except InvalidInputError as exc:
         return ("error", exc.message, exc.code, exc.detail)
     except ValueError as exc:

@@ -123,12 +123,14 @@ class EmbeddingBatcher:
         if not images:
             raise InvalidInputError("no images given")
         if all(self.preparer.ready(img) for img in images):
-            try:
-                staged, _ = self.preparer.stage(images, wheres)
-            except ValueError as exc:
-                raise InvalidInputError(f"cannot preprocess the image: {exc}") from exc
-            return await self.embed_staged(staged)
+            return await self.embed_from(self._staged_here(images, wheres))
         return await self.embed_prepared(lambda: self.preparer.stage(images, wheres)[0])
+
+    async def _staged_here(
+        self, images: Sequence[np.ndarray], wheres: Sequence[str] | None
+    ) -> list[np.ndarray]:
+        """Staged on the event loop: only for images ``ready`` says cost a check."""
+        return self.preparer.stage(images, wheres)[0]
 
     async def embed_prepared(self, prepare: Callable[[], list[np.ndarray]]) -> np.ndarray:
         """Embeds what ``prepare`` (run in a worker thread) returns: staged images, e.g. built

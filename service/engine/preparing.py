@@ -75,14 +75,6 @@ class PixelPreparer:
         return normalise_staged(staged, self.spec, device)
 
 
-def prepare_on_cpu(
-    preparer: Preparer, images: Sequence[np.ndarray], wheres: Sequence[str] | None = None
-) -> tuple[torch.Tensor, Found]:
-    """Both halves on the CPU: decoded images -> the model's input and what was found."""
-    staged, found = preparer.stage(images, wheres)
-    return preparer.to_device(staged, torch.device("cpu")), found
-
-
 def decode_for(preparer: Preparer, raw: bytes, *, max_pixels: int, where: str) -> np.ndarray:
     """Decodes one image file the way ``preparer`` needs it (InvalidInputError naming
     ``where`` when it is not an image, or too large)."""

@@ -30,7 +30,6 @@ import math
 import multiprocessing
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -64,7 +63,6 @@ def _start_worker(slots_name: str) -> None:
 
 
 def _ping() -> int:
-    time.sleep(0.05)  # busy long enough that the next submission starts another worker
     return os.getpid()
 
 
@@ -152,10 +150,14 @@ class DecodePool:
         )
 
     def warm(self) -> list[int]:
-        """Starts every worker now, not on the first request (the pool starts one per submission
-        that finds no idle worker), waits for their imports; their pids."""
-        futures = [self._pool.submit(_ping) for _ in range(self.processes * 2)]
-        for f in futures:
+        """Starts every worker now, not on the first requests, and waits for a task to run;
+        their pids. A spawning pool otherwise starts a worker per submission that finds none
+        idle, which depends on timing; CPython's own launcher (what it uses under fork) starts
+        them all, and is called while the pool is fresh."""
+        launch = getattr(self._pool, "_launch_processes", None)
+        if launch is not None and self._pool._executor_manager_thread is None:
+            launch()
+        for f in [self._pool.submit(_ping) for _ in range(self.processes)]:
             f.result()
         return self.pids()
 

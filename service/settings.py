@@ -216,6 +216,15 @@ class Settings(BaseSettings):
         "tenant coalesce into one search); tenants with waiting queries take turns round robin, "
         "one such search per turn, so no tenant waits behind another's backlog",
     )
+    search_lanes: int = Field(
+        0,
+        ge=0,
+        description="batched index searches running at once (each in its own thread, one "
+        "OpenMP thread each by default), so that one busy tenant's searches use several cores "
+        "while the event loop answers; a tenant's waiting queries are shared among the free "
+        "lanes. 0: one per core but one, left to the event loop (so 1 on a 2-core machine; "
+        "always 1 on a GPU FAISS index, whose resources are not for concurrent use)",
+    )
     search_max_wait_ms: float = Field(
         0.0,
         ge=0,

@@ -31,7 +31,7 @@ from service.engine.decoding import DecodePool
 from service.engine.embedding import EmbeddingBatcher
 from service.engine.faces import load_served_model
 from service.engine.index import IndexRegistry
-from service.engine.search import SearchBatcher
+from service.engine.search import SearchBatcher, search_lanes
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.store import Store
@@ -123,6 +123,7 @@ async def build_serving(
             indexes,
             max_batch=settings.search_max_batch,
             max_wait_s=settings.search_max_wait_ms / 1e3,
+            lanes=search_lanes(settings.search_lanes, indexes),
         ),
     )
     await batcher.start()

@@ -42,6 +42,7 @@ import faiss
 import numpy as np
 
 from service.engine.metadata_filter import filter_terms, terms
+from service.engine.rwlock import ReadWriteLock
 from tcm.asnorm import Cohort, CohortStats, as_norm
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,10 @@ class TenantIndex:
         self._torch_device = torch_device or ("cpu" if factory == TORCH_FACTORY else None)
         self._gpu_res = gpu_resources
         self._tombstone_limit = tombstone_limit
-        self._lock = threading.Lock()
+        # searches share the lock, changes take it alone (a GPU index searches alone too:
+        # faiss's GPU resources are not for concurrent use)
+        self._lock = ReadWriteLock()
+        self._search_lock = self._lock.exclusive if gpu_resources is not None else self._lock.shared
         self._items: dict[int, PackedItem] = {}  # seq -> item id and subject (_pack)
         # seq -> its metadata terms, each term one shared object (see _add_locked)
         self._terms: dict[int, tuple[tuple[str, str], ...]] = {}
@@ -295,7 +299,7 @@ class TenantIndex:
         """Replaces the contents (training the factory's index on these vectors if it needs it)."""
         use_omp_threads(self.threads)
         vectors = _as_matrix(vectors, self.dim)
-        with self._lock:
+        with self._lock.exclusive():
             self._reset_locked(vectors)
             self._add_locked(
                 np.asarray(seqs, np.int64),
@@ -335,7 +339,7 @@ class TenantIndex:
         else:
             for c in chunks:
                 fresh.add(c.seqs, c.item_ids, c.subjects, c.vectors, c.metadata)
-        with self._lock:
+        with self._lock.exclusive():
             self._index, self._items, self._terms = fresh._index, fresh._items, fresh._terms
             self._postings, self._tombstones = fresh._postings, fresh._tombstones
             self._canon, self._photos, self._shape = fresh._canon, fresh._photos, fresh._shape
@@ -359,7 +363,7 @@ class TenantIndex:
     ) -> None:
         """``metadata``, row-aligned, makes the items findable by a filtered search."""
         use_omp_threads(self.threads)
-        with self._lock:
+        with self._lock.exclusive():
             self._add_locked(
                 np.asarray(seqs, np.int64),
                 item_ids,
@@ -425,7 +429,7 @@ class TenantIndex:
 
     def remove(self, seqs: list[int]) -> None:
         use_omp_threads(self.threads)
-        with self._lock:
+        with self._lock.exclusive():
             present = [s for s in seqs if s in self._items]
             if not present:
                 return
@@ -481,25 +485,25 @@ class TenantIndex:
     def cohort_stats(self, seqs: Sequence[int]) -> CohortStats:
         """The kept AS-norm statistics of indexed items (KeyError: not indexed; needs a
         cohort)."""
-        with self._lock:
+        with self._lock.shared():
             rows = [self._stats[int(s)] for s in seqs]
         mean = np.array([r[0] for r in rows], np.float32)
         return CohortStats(mean, np.array([r[1] for r in rows], np.float32))
 
     def shape(self) -> dict[int, int]:
         """The gallery's shape: ``{photos: number of subjects with that many live photos}``."""
-        with self._lock:
+        with self._lock.shared():
             return dict(self._shape)
 
     def held(self, seqs: Sequence[int]) -> list[bool]:
         """Whether each seq is in the index (live)."""
-        with self._lock:
+        with self._lock.shared():
             return [int(s) in self._items for s in seqs]
 
     def matching(self, where: Mapping[str, Any]) -> set[int]:
         """Seqs of the live items whose metadata passes the filter."""
         wanted = filter_terms(where)
-        with self._lock:
+        with self._lock.shared():
             return self._matching_locked(wanted)
 
     def _matching_locked(self, wanted: list[tuple[str, str]]) -> set[int]:
@@ -520,7 +524,7 @@ class TenantIndex:
         queries = _as_matrix(queries, self.dim)
         wanted = filter_terms(where) if where else None
         probes = self.cohort.stats(queries) if self.cohort is not None else None
-        with self._lock:
+        with self._search_lock():
             n = len(self._items)
             if n == 0 or k <= 0:
                 return [[] for _ in range(len(queries))]
@@ -634,6 +638,12 @@ class IndexRegistry:
         # deleted tenant (authenticated just before the delete) gets a throwaway empty index
         # instead of re-creating one that would stay in memory and in the size metric
         self._dropped: set[str] = set()
+
+    @property
+    def concurrent_searches(self) -> bool:
+        """Whether one tenant's index answers searches from several threads at once (CPU
+        FAISS and the torch engine; not FAISS's GPU indexes)."""
+        return self._gpu_res is None
 
     def get(self, tenant_id: str) -> TenantIndex:
         with self._lock:

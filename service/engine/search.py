@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -62,10 +63,15 @@ class _Query:
 
 
 class SearchBatcher:
-    def __init__(self, indexes: IndexRegistry, *, max_batch: int, max_wait_s: float = 0.0) -> None:
+    def __init__(
+        self, indexes: IndexRegistry, *, max_batch: int, max_wait_s: float = 0.0, lanes: int = 1
+    ) -> None:
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, not {lanes}")
         self.indexes = indexes
         self.max_batch = max_batch  # rows of one tenant's turn (one index search)
         self.max_wait_s = max_wait_s
+        self.lanes = lanes  # turns searching at once (see the module's docstring)
         self.searches_run = 0  # index searches (one per turn)
         self.queries_searched = 0
         self.largest_batch = 0
@@ -73,6 +79,11 @@ class SearchBatcher:
         # its turn runs, so a query of the tenant in turn does not put it in the ring twice
         self._queues: dict[str, deque[_Query]] = {}
         self._ring: deque[str] = deque()  # tenants with waiting queries, in turn order
+        self._in_ring: set[str] = set()
+        self._running: dict[str, int] = {}  # tenant -> its turns in flight
+        self._in_flight = 0  # lanes in use
+        self._lane_free: asyncio.Future[None] | None = None  # the drain waits for a lane
+        self._turns: set[asyncio.Task[None]] = set()
         self._drain_task: asyncio.Task[None] | None = None
         # searches run one turn at a time, but the thens of several turns may wait on the store
         # at once (one per turn); threads start on demand and end with the batcher
@@ -105,36 +116,91 @@ class SearchBatcher:
         queue = self._queues.get(tenant_id)
         if queue is None:
             queue = self._queues[tenant_id] = deque()
-            self._ring.append(tenant_id)
             if self._wait_over is not None:  # a turn's thens are not worth this tenant's wait
                 _resolve(self._wait_over)
         queue.append(_Query(tenant_id, vectors, k, future, then))
-        if self._drain_task is None or self._drain_task.done():
-            self._drain_task = asyncio.create_task(self._drain(), name="search-batcher")
+        # a tenant whose turn runs queues behind the tenants that come meanwhile (it is put
+        # back in the ring when its turn ends), unless a lane is free for it now
+        if tenant_id not in self._in_ring and (
+            not self._running.get(tenant_id) or self._in_flight < self.lanes
+        ):
+            self._to_ring(tenant_id)
+        self._ensure_drain()
         return await future
 
-    async def _drain(self) -> None:
-        while self._ring:
-            tenant_id = self._ring.popleft()
-            queue = self._queues[tenant_id]
-            try:
-                if self.max_wait_s > 0 and queue and self._rows(queue) < self.max_batch:
-                    held = time.perf_counter() - queue[0].enqueued
-                    if held < self.max_wait_s:
-                        await asyncio.sleep(self.max_wait_s - held)
-                turn = self._take_turn(queue)
-                if turn:
-                    await self._run(tenant_id, turn)
-            finally:  # also when cancelled: the tenant's waiting queries stay reachable
-                # back of the ring, behind the tenants that queued while this turn ran
-                if queue:
-                    self._ring.append(tenant_id)
-                else:
-                    del self._queues[tenant_id]
+    def _to_ring(self, tenant_id: str) -> None:
+        self._ring.append(tenant_id)
+        self._in_ring.add(tenant_id)
 
-    def _take_turn(self, queue: deque[_Query]) -> list[_Query]:
-        """The tenant's next turn: its waiting queries in order, up to ``max_batch`` rows (at
-        least one query); queries cancelled by their clients are dropped."""
+    def _ensure_drain(self) -> None:
+        if self._ring and (self._drain_task is None or self._drain_task.done()):
+            self._drain_task = asyncio.create_task(self._drain(), name="search-batcher")
+
+    async def _drain(self) -> None:
+        """Starts the ring's turns, each on a free lane, until no tenant waits."""
+        loop = asyncio.get_running_loop()
+        while self._ring:
+            if self._in_flight >= self.lanes:
+                self._lane_free = loop.create_future()
+                await self._lane_free
+                continue
+            tenant_id = self._ring.popleft()
+            self._in_ring.discard(tenant_id)
+            queue = self._queues[tenant_id]
+            if self.max_wait_s > 0 and queue and self._rows(queue) < self.max_batch:
+                held = time.perf_counter() - queue[0].enqueued
+                if held < self.max_wait_s:
+                    await asyncio.sleep(self.max_wait_s - held)
+            # with several free lanes a tenant's waiting rows are shared among them (a flat
+            # index costs the same per row whether rows go together or not), so that its
+            # turns search on several cores at once
+            free = self.lanes - self._in_flight
+            turn = self._take_turn(queue, -(-self._rows(queue) // free))
+            if not turn:
+                self._settle(tenant_id, queue)
+                continue
+            self._in_flight += 1
+            self._running[tenant_id] = self._running.get(tenant_id, 0) + 1
+            if queue and tenant_id not in self._in_ring and self._in_flight < self.lanes:
+                self._to_ring(tenant_id)  # the rest of its rows, on the next free lane
+            task = asyncio.create_task(self._lane(tenant_id, queue, turn))
+            self._turns.add(task)
+            task.add_done_callback(self._turns.discard)
+
+    async def _lane(self, tenant_id: str, queue: deque[_Query], turn: list[_Query]) -> None:
+        try:
+            await self._run(tenant_id, turn)
+        finally:  # also when cancelled: the tenant's waiting queries stay reachable
+            self._in_flight -= 1
+            left = self._running[tenant_id] - 1
+            if left:
+                self._running[tenant_id] = left
+            else:
+                del self._running[tenant_id]
+            self._settle(tenant_id, queue)
+            if self._lane_free is not None:
+                _resolve(self._lane_free)
+            self._ensure_drain()
+
+    def _settle(self, tenant_id: str, queue: deque[_Query]) -> None:
+        """After a turn (or an empty one): a tenant with waiting queries goes to the back of
+        the ring, behind the tenants that queued meanwhile; one with none and no turn in
+        flight leaves the batcher."""
+        if queue:
+            if tenant_id not in self._in_ring:
+                self._to_ring(tenant_id)
+        elif (
+            not self._running.get(tenant_id)
+            and tenant_id not in self._in_ring
+            and self._queues.get(tenant_id) is queue
+        ):
+            del self._queues[tenant_id]
+
+    def _take_turn(self, queue: deque[_Query], rows_wanted: int) -> list[_Query]:
+        """The tenant's next turn: its waiting queries in order, up to ``max_batch`` rows and
+        about ``rows_wanted`` (at least one query); queries cancelled by their clients are
+        dropped."""
+        cap = max(1, min(self.max_batch, rows_wanted))
         turn: list[_Query] = []
         rows = 0
         while queue:
@@ -142,7 +208,7 @@ class SearchBatcher:
             if q.future.done():  # cancelled by its client
                 queue.popleft()
                 continue
-            if turn and rows + len(q.vectors) > self.max_batch:
+            if turn and rows + len(q.vectors) > cap:
                 break
             turn.append(queue.popleft())
             rows += len(q.vectors)
@@ -185,7 +251,7 @@ class SearchBatcher:
         work.add_done_callback(lambda _: (_resolve(searched), _resolve(finished)))
         try:
             await searched  # (a failed search ends it too)
-            if not self._ring and search_s[0] < self.then_seconds:
+            if self._wait_over is None and not self._ring and search_s[0] < self.then_seconds:
                 # no other tenant waits and the search was quicker than the thens take: this
                 # tenant's next turn waits for them, so that its queries arriving meanwhile
                 # gather into one search and one write (until another tenant queues: _enqueue
@@ -197,7 +263,8 @@ class SearchBatcher:
                 q.future.cancel()
             raise
         finally:
-            self._wait_over = None
+            if self._wait_over is finished:
+                self._wait_over = None
         rows = self._rows(turn)
         self.queries_searched += rows
         self.largest_batch = max(self.largest_batch, rows)
@@ -268,6 +335,16 @@ class SearchBatcher:
             spent = time.perf_counter() - thens_started
             self.then_seconds += 0.2 * (spent - self.then_seconds)
         return out
+
+
+def search_lanes(requested: int, indexes: IndexRegistry) -> int:
+    """``TCM_SEARCH_LANES``: as set, or (0) one per core this process may run on but one, left
+    to the event loop (one on a 2-core machine, where a second lane measured no faster: the
+    loop's own work needs that core); one where the indexes do not take concurrent searches
+    (GPU FAISS)."""
+    if not indexes.concurrent_searches:
+        return 1
+    return requested if requested > 0 else max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

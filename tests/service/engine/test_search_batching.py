@@ -349,3 +349,72 @@ def test_a_closed_batcher_ends_its_threads_and_refuses_later_searches() -> None:
     with pytest.raises(NotReadyError, match="retired"):
         asyncio.run(batcher.search("a", q, 2))
     assert calls == [("a", 4)]
+
+
+def test_lanes_search_one_tenants_queries_at_once_sharing_its_rows() -> None:
+    """With two lanes, a tenant's four waiting single-row queries become two turns of two rows
+    that are inside the index search together (a two-party barrier in the search: with one
+    lane the second never arrives and the barrier breaks); each query gets its own hits."""
+    calls: list[tuple[str, int]] = []
+    both_in = threading.Barrier(2, timeout=30)
+    reg, originals = recording_registry(calls, lambda tenant: both_in.wait() and None)
+    batcher = SearchBatcher(reg, max_batch=64, lanes=2)
+    q = units(4, 51)
+
+    async def go() -> list:
+        return await asyncio.gather(*[batcher.search("a", q[i : i + 1], 3) for i in range(4)])
+
+    got = asyncio.run(go())
+    assert calls == [("a", 2), ("a", 2)], calls
+    for i, hits in enumerate(got):
+        assert same_hits(hits, originals["a"](q[i : i + 1], 3))
+    assert batcher.searches_run == 2 and batcher.queries_searched == 4
+
+
+def test_one_lane_searches_one_turn_at_a_time() -> None:
+    """``lanes=1`` (a GPU FAISS index): never two searches at once, whatever waits."""
+    inside, most = [0], [0]
+    guard = threading.Lock()
+
+    def count(tenant: str) -> None:
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+
+    calls: list[tuple[str, int]] = []
+    reg, _ = recording_registry(calls, count)
+    for t in ("a", "b"):
+        wrapped = reg.get(t).search
+
+        def leave(*args, _wrapped=wrapped, **kwargs):
+            try:
+                return _wrapped(*args, **kwargs)
+            finally:
+                with guard:
+                    inside[0] -= 1
+
+        reg.get(t).search = leave  # type: ignore[method-assign]
+    batcher = SearchBatcher(reg, max_batch=2, lanes=1)
+    q = units(12, 52)
+
+    async def go() -> list:
+        return await asyncio.gather(
+            *[batcher.search("ab"[i % 2], q[i : i + 1], 2) for i in range(12)]
+        )
+
+    asyncio.run(go())
+    assert most[0] == 1 and len(calls) >= 6, (most, calls)
+
+
+def test_search_lanes_setting() -> None:
+    """``TCM_SEARCH_LANES``: as set, or one per core this process may use but one (0)."""
+    import os
+
+    from service.engine.search import search_lanes
+
+    reg = IndexRegistry(DIM, "Flat")
+    assert reg.concurrent_searches
+    assert search_lanes(3, reg) == 3
+    assert search_lanes(0, reg) == max(1, len(os.sched_getaffinity(0)) - 1)
+    with pytest.raises(ValueError, match="lanes"):
+        SearchBatcher(reg, max_batch=4, lanes=0)

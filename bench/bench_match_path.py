@@ -27,6 +27,15 @@ during the load, over the wall time: a share of one core) beside the server's.
 costs before the service does anything. Its q/s over the in-process loop's is the best ratio a
 one-process FastAPI service could reach.
 
+**Where the server's CPU goes**: each load reports the server's CPU per request, split into its
+main thread (the event loop: HTTP, middleware, auth, validation, the response, all under the
+GIL) and its other threads (the searches, the store's writer, key lookups), from
+``/proc/<pid>/task/<tid>/stat``.
+
+**Search lanes**: the search batcher alone (:func:`batcher_lanes`: no HTTP, no record), 8
+concurrent one-query callers over two tenants, with 1 and with 2 lanes (``TCM_SEARCH_LANES``),
+alternating: what a second lane gives when the searches are the work.
+
 **Exactness**: before the load, ``--check`` queries are matched one by one through the API and
 their candidates compared with the in-process exact top-k (same item ids in order, cosines
 within 1e-6); a difference fails the run.
@@ -213,9 +222,11 @@ class Connection:
         self.sock.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``), or of one of its
+    threads (``/proc/<pid>/task/<tid>/stat``)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -243,12 +254,14 @@ def service_load(
         t.start()
     barrier.wait()
     own0, server0, started = os.times(), cpu_seconds(server_pid), time.perf_counter()
+    main0 = cpu_seconds(server_pid, server_pid)  # the main thread: the event loop
     time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
     own1, server1 = os.times(), cpu_seconds(server_pid)
+    main1 = cpu_seconds(server_pid, server_pid)
     for c in conns:
         c.close()
     ms = np.concatenate([np.asarray(x) for x in lat]) * 1e3
@@ -261,6 +274,12 @@ def service_load(
         "client_cpu_cores": (own1.user + own1.system - own0.user - own0.system) / elapsed,
         "server_cpu_cores": (server1 - server0) / elapsed,
         "server_cpu_ms_per_request": (server1 - server0) * 1e3 / max(1, len(ms)),
+        # the event loop's thread (HTTP, middleware, auth, validation, the response: under
+        # the GIL) and all the others (searches, the store's writer, key lookups)
+        "server_main_thread_ms_per_request": (main1 - main0) * 1e3 / max(1, len(ms)),
+        "server_other_threads_ms_per_request": (server1 - server0 - main1 + main0)
+        * 1e3
+        / max(1, len(ms)),
     }
 
 
@@ -533,7 +552,9 @@ def summary(row: dict[str, Any]) -> str:
             f"  in-process 1 thread {one['1']:,.0f} q/s, 2 threads {one['2']:,.0f} q/s | service "
             f"{s['qps']:,.0f} q/s (p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, "
             f"{s['errors']} errors; server CPU {s['server_cpu_cores']:.2f} cores = "
-            f"{s['server_cpu_ms_per_request']:.2f} ms/request, clients "
+            f"{s['server_cpu_ms_per_request']:.2f} ms/request: main thread "
+            f"{s['server_main_thread_ms_per_request']:.2f}, others "
+            f"{s['server_other_threads_ms_per_request']:.2f}; clients "
             f"{s['client_cpu_cores']:.2f}) | ratio {r['ratio']:.2f}x"
         )
         if "baseline" in r:

@@ -4,7 +4,10 @@ for "longer training" and "more gradient", each with and without serve-time AS-n
 
 The plan and the success rule are in ``docs/results.md`` ("Pre-registered: ..."), committed
 before the first run. Regime (a): frozen ImageNet EfficientNet-Lite0 features of CUB (cached
-by ``training.features``), a linear 128-d head.
+by ``training.features``), a linear 128-d head. The faces part (``--study faces``, the plan's
+addendum): the same head and arms on the served dlib descriptors of LFW (cached by
+``training.face_cache``), tested on LFW's held-out people and on ORL, plus the ``descriptor``
+arm (no head: what is served) among the controls.
 
 Resumable at the grain of one (loss, arm, seed): each run writes
 ``<out>/<loss>/<arm>_seed<k>.json`` (metrics raw and AS-normed, config, the per-100-step log)
@@ -54,6 +57,16 @@ ARMS = (*CONTROLS, "tcm")
 # beside the others; NOT one of the rule's controls, which stay the pre-registered three.
 SUPPLEMENTARY = ("base_lr",)
 RUN_ARMS = (*ARMS, *SUPPLEMENTARY)
+# the faces part (docs/results.md, its addendum): no head at all, the raw descriptor that is
+# served today; a control wherever a study runs it
+DESCRIPTOR = "descriptor"
+FACE_ARMS = (DESCRIPTOR, *RUN_ARMS)
+# the face model's operating point: tau at pooled pair FAR 1e-3, OPIS over FAR 1e-2 -> 1e-4
+FACES_SETTINGS = ["target_far=1e-3", "far_hi=1e-2", "far_lo=1e-4"]
+FACES_TEST_PEOPLE = 150
+FACES_VAL_PEOPLE = 60
+FACES_SPLIT_SEED = 27
+FACES_MAX_IMAGES = 10
 SCORINGS = ("raw", "asnorm")
 LAMBDAS = (0.3, 1.0, 3.0)
 KS = (50, 200)
@@ -339,11 +352,18 @@ def validate(base: TrainConfig, train: FeatureSet, val: FeatureSet, path: Path) 
 # --- one main run ------------------------------------------------------------------------------
 
 
+class Normalised(torch.nn.Module):
+    """The ``descriptor`` arm's "model": the input itself, L2-normalised (no head)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), dim=1)
+
+
 def arm_config(base: TrainConfig, arm: str, seed: int, chosen: dict) -> tuple[TrainConfig, float]:
     """The config and loss scale of one arm (``chosen``: validation.json's choice)."""
     cfg = base.replace(tcm=False, seed=seed)
     lam = float(chosen["lambda"])
-    if arm == "base":
+    if arm in ("base", DESCRIPTOR):  # the descriptor trains nothing: its config is base's
         return cfg, 1.0
     if arm == "base_5x":
         return cfg.replace(epochs=cfg.epochs * LONGER), 1.0
@@ -360,7 +380,7 @@ def arm_config(base: TrainConfig, arm: str, seed: int, chosen: dict) -> tuple[Tr
             lambda_minus=lam,
         )
         return tcm, 1.0
-    raise ValueError(f"unknown arm {arm!r}; arms: {list(RUN_ARMS)}")
+    raise ValueError(f"unknown arm {arm!r}; arms: {list(FACE_ARMS)}")
 
 
 def run_path(out: Path, loss: str, arm: str, seed: int) -> Path:
@@ -386,13 +406,17 @@ def run_one(
     chosen = validation["chosen"]
     cfg, scale = arm_config(base, arm, seed, chosen)
     t0 = time.perf_counter()
-    model, log = train_head(
-        cfg,
-        train,
-        loss_scale=scale,
-        log_margins=(float(chosen["m_plus"]), float(chosen["m_minus"])),
-        log_every=log_every,
-    )
+    model: torch.nn.Module
+    if arm == DESCRIPTOR:
+        model, log = Normalised(), []
+    else:
+        model, log = train_head(
+            cfg,
+            train,
+            loss_scale=scale,
+            log_margins=(float(chosen["m_plus"]), float(chosen["m_minus"])),
+            log_every=log_every,
+        )
     seconds = time.perf_counter() - t0
     k = min(int(validation["asnorm_k"]), len(train.y))
     metrics, arrays = evaluate_run(embed(model, test.x), test.y, embed(model, train.x), k, cfg)
@@ -405,7 +429,7 @@ def run_one(
             "arm": arm,
             "seed": seed,
             "loss_scale": scale,
-            "steps": cfg.epochs * cfg.steps_per_epoch,
+            "steps": 0 if arm == DESCRIPTOR else cfg.epochs * cfg.steps_per_epoch,
             "log_margins": {"m_plus": chosen["m_plus"], "m_minus": chosen["m_minus"]},
             "asnorm_k": k,
             "metrics": metrics,
@@ -521,10 +545,14 @@ def aggregate(out: Path, *, draws: int, eps: float = 0.05) -> dict[str, Any]:
         seeds = sorted(set.intersection(*(set(arms[a]) for a in ARMS)))
         if not seeds:
             continue
+        optional = (DESCRIPTOR, *SUPPLEMENTARY)
+        extra = [a for a in optional if a in arms and set(seeds) <= set(arms[a])]
         present = [
+            *(a for a in extra if a == DESCRIPTOR),
             *ARMS,
-            *(a for a in SUPPLEMENTARY if a in arms and set(seeds) <= set(arms[a])),
+            *(a for a in extra if a != DESCRIPTOR),
         ]
+        controls = (DESCRIPTOR, *CONTROLS) if DESCRIPTOR in present else CONTROLS
         views = {
             (arm, sc): [scoring_arrays(arms[arm][s][1], sc) for s in seeds]
             for arm in present
@@ -549,8 +577,8 @@ def aggregate(out: Path, *, draws: int, eps: float = 0.05) -> dict[str, Any]:
                 ]
                 for k in per_seed[0]
             }
-        best = min(CONTROLS, key=lambda a: table[f"{a}/raw"]["opis"][0])
-        candidates = [("tcm", "raw"), *((a, "asnorm") for a in ARMS)]
+        best = min(controls, key=lambda a: table[f"{a}/raw"]["opis"][0])
+        candidates = [("tcm", "raw"), *((a, "asnorm") for a in present if a not in SUPPLEMENTARY)]
 
         cache: dict[tuple[int, bytes], dict[str, float]] = {}
 
@@ -578,6 +606,7 @@ def aggregate(out: Path, *, draws: int, eps: float = 0.05) -> dict[str, Any]:
                 k: float(np.mean([arms[arm][s][0]["log"][-1][k] for s in seeds])) for k in LOG_KEYS
             }
             for arm in present
+            if arm != DESCRIPTOR  # trains nothing, logs nothing
         }
         summary[loss] = {
             "seeds": seeds,
@@ -590,7 +619,7 @@ def aggregate(out: Path, *, draws: int, eps: float = 0.05) -> dict[str, Any]:
             "chosen": json.loads((out / loss / "validation.json").read_text())["chosen"]
             if (out / loss / "validation.json").is_file()
             else None,
-            "runs_per_arm": {a: sorted(arms[a]) for a in RUN_ARMS if a in arms},
+            "runs_per_arm": {a: sorted(arms[a]) for a in FACE_ARMS if a in arms},
         }
     return summary
 
@@ -600,7 +629,7 @@ TABLE_KEYS = [
     ("map_at_r", "MAP@R", 100, ".2f"),
     ("opis", "OPIS ×1e-3", 1e3, ".2f"),
     ("eps_opis", "ε-OPIS", 1, ".3f"),
-    ("tau", "τ (FAR 1e-2)", 1, ".3f"),
+    ("tau", "τ", 1, ".3f"),
     ("frr_at_tau", "FRR at τ", 1, ".3f"),
     ("frr_sd", "per-class FRR sd", 1, ".3f"),
     ("far_sd", "per-class FAR sd", 1, ".4f"),
@@ -613,7 +642,7 @@ def render(summary: dict[str, Any], draws: int) -> str:
         ch = s["chosen"] or {}
         lines += [
             f"### {loss}: {len(s['seeds'])} paired seeds ({', '.join(map(str, s['seeds']))}), "
-            f"{s['num_test_classes']} test species",
+            f"{s['num_test_classes']} test classes",
             "",
             f"Chosen on validation species: m+ = {ch.get('m_plus')}, m− = {ch.get('m_minus')}, "
             f"λ = {ch.get('lambda')} ({ch.get('rule')}). Best control (lowest mean OPIS): "
@@ -677,7 +706,7 @@ def plot_logs(out: Path, summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(len(losses), 2, figsize=(10, 3.2 * len(losses)), squeeze=False)
     for row, loss in enumerate(losses):
         seed = summary[loss]["seeds"][0]
-        for arm in RUN_ARMS:
+        for arm in RUN_ARMS:  # (the descriptor arm trains nothing: no log)
             if not run_path(out, loss, arm, seed).is_file():
                 continue
             meta = json.loads(run_path(out, loss, arm, seed).read_text())
@@ -694,15 +723,25 @@ def plot_logs(out: Path, summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, docs: Path, draws: int, *, plot: bool = True) -> dict[str, Any]:
+def write_outputs(
+    out: Path,
+    docs: Path,
+    draws: int,
+    *,
+    plot: bool = True,
+    name: str = "consistency",
+    what: str = "regime (a)",
+    command: str = "python -m studies.consistency --aggregate-only",
+) -> dict[str, Any]:
+    """``<name>_table.md``, ``<name>_summary.json`` and ``<name>_violations.png`` in ``docs``."""
     summary = aggregate(out, draws=draws)
     docs.mkdir(parents=True, exist_ok=True)
     text = render(summary, draws)
-    (docs / "consistency_table.md").write_text(
-        "# Consistency study (issue 27), regime (a): generated by `python -m studies.consistency "
-        "--aggregate-only` from the per-run files in `docs/results/consistency/`\n\n" + text
+    (docs / f"{name}_table.md").write_text(
+        f"# Consistency study (issue 27), {what}: generated by `{command}` from the per-run "
+        f"files in `{out}/`\n\n" + text
     )
-    (docs / "consistency_summary.json").write_text(
+    (docs / f"{name}_summary.json").write_text(
         json.dumps(
             {
                 "draws": draws,
@@ -713,7 +752,7 @@ def write_outputs(out: Path, docs: Path, draws: int, *, plot: bool = True) -> di
         )
     )
     if plot:
-        plot_logs(out, summary, docs / "consistency_violations.png")
+        plot_logs(out, summary, docs / f"{name}_violations.png")
     return summary
 
 
@@ -736,6 +775,73 @@ def load_cub(
     return (fs(val_splits.train), fs(val_splits.val)), (fs(main_splits.train), fs(main_splits.test))
 
 
+def person_of(member: str) -> str:
+    """The person of a face archive member (``<root>/<person>/<file>``)."""
+    return member.split("/")[-2]
+
+
+def faces_split(
+    names: Sequence[str], vectors: np.ndarray, detected: np.ndarray
+) -> tuple[tuple[FeatureSet, FeatureSet], tuple[FeatureSet, FeatureSet]]:
+    """The addendum's LFW split of cached descriptors: detected faces only, at most
+    ``FACES_MAX_IMAGES`` per person (the first by file name); of the people with >= 4, a fixed
+    permutation gives ``FACES_TEST_PEOPLE`` test and then ``FACES_VAL_PEOPLE`` validation
+    people; every other person with >= 2 trains. Returns ((training people, validation people),
+    (training + validation people, test people)), rows in file-name order, labels per person."""
+    keep: dict[str, list[int]] = {}
+    for i in sorted(range(len(names)), key=lambda i: names[i]):
+        if detected[i]:
+            rows = keep.setdefault(person_of(names[i]), [])
+            if len(rows) < FACES_MAX_IMAGES:
+                rows.append(i)
+    people = sorted(keep)
+    label = {p: k for k, p in enumerate(people)}
+    four = [p for p in people if len(keep[p]) >= 4]
+    order = np.random.default_rng(FACES_SPLIT_SEED).permutation(len(four))
+    need = FACES_TEST_PEOPLE + FACES_VAL_PEOPLE
+    if len(four) < need:
+        raise ValueError(f"{len(four)} people with >= 4 detected images; the split needs {need}")
+    test = {four[i] for i in order[:FACES_TEST_PEOPLE]}
+    val = {four[i] for i in order[FACES_TEST_PEOPLE:need]}
+    train = {p for p in people if len(keep[p]) >= 2 and p not in test and p not in val}
+
+    def features(group: set[str]) -> FeatureSet:
+        rows = [i for p in sorted(group) for i in keep[p]]
+        x = torch.from_numpy(np.asarray(vectors[rows], np.float32))
+        y = torch.tensor([label[person_of(names[i])] for i in rows], dtype=torch.int64)
+        return FeatureSet(x, y)
+
+    return (features(train), features(val)), (features(train | val), features(test))
+
+
+def faces_orl(names: Sequence[str], vectors: np.ndarray, detected: np.ndarray) -> FeatureSet:
+    """ORL, the second test population: every detected photo of its 40 people."""
+    rows = sorted((i for i in range(len(names)) if detected[i]), key=lambda i: names[i])
+    people = sorted({person_of(names[i]) for i in rows})
+    label = {p: k for k, p in enumerate(people)}
+    x = torch.from_numpy(np.asarray(vectors[rows], np.float32))
+    return FeatureSet(x, torch.tensor([label[person_of(names[i])] for i in rows]))
+
+
+def load_faces(
+    data_dir: Path, cache: Path
+) -> tuple[tuple[tuple[FeatureSet, FeatureSet], tuple[FeatureSet, FeatureSet]], FeatureSet]:
+    """(LFW's split, ORL) from the descriptor cache (``python -m training.face_cache`` fills
+    it; nothing is extracted here)."""
+    from training import face_cache as fc
+
+    lfw = fc.cached(data_dir / fc.LFW_ZIP, root=cache)
+    orl = fc.cached(data_dir / fc.ORL_ZIP, root=cache)
+    if not lfw.names or not orl.names:
+        raise FileNotFoundError(
+            f"no cached face descriptors under {cache}: run `python -m training.face_cache "
+            f"--data-dir {data_dir} --what orl lfw` first"
+        )
+    return faces_split(lfw.names, lfw.vectors, lfw.detected), faces_orl(
+        orl.names, orl.vectors, orl.detected
+    )
+
+
 def run_study(
     out: Path,
     losses: dict[str, list[str]],
@@ -745,6 +851,7 @@ def run_study(
     *,
     stop_at: float | None = None,
     log_every: int = LOG_EVERY,
+    arms: Sequence[str] = RUN_ARMS,
 ) -> list[tuple[str, str, int]]:
     """Validation per loss, then seed by seed every loss and arm; returns what ran now.
     ``stop_at`` (a ``time.time()``): start no new run after it."""
@@ -761,7 +868,7 @@ def run_study(
     for seed in seeds:
         for loss, settings in losses.items():
             base = load_config(None, [*common, *settings, "tcm=false"])
-            for arm in RUN_ARMS:
+            for arm in arms:
                 if stop_at is not None and time.time() > stop_at:
                     console.print("stop time reached: no new runs")
                     return ran
@@ -775,10 +882,12 @@ def run_study(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--study", choices=["cub", "faces"], default="cub")
     p.add_argument("--data-dir", default="../shared/data")
-    p.add_argument("--out", type=Path, default=Path("docs/results/consistency"))
+    p.add_argument("--out", type=Path, default=None, help="default: per study")
     p.add_argument("--docs", type=Path, default=Path("docs/results"))
     p.add_argument("--feature-cache", default="runs/features")
+    p.add_argument("--face-cache", type=Path, default=Path("runs/face_cache"))
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--losses", nargs="+", default=DEFAULT_LOSSES, choices=list(LOSSES))
     p.add_argument("--bootstrap", type=int, default=2000)
@@ -789,31 +898,55 @@ def main() -> None:
     p.add_argument("--aggregate-only", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if not args.aggregate_only:
-        common = [
-            *COMMON,
-            f"data_dir={args.data_dir}",
-            f"feature_cache={args.feature_cache}",
-            "epochs=2",
-            "steps_per_epoch=100",
-        ]
-        stop_at = None
-        if args.stop_at:
-            import datetime as dt
+    stop_at = None
+    if args.stop_at:
+        import datetime as dt
 
-            h, m = map(int, args.stop_at.split(":"))
-            now = dt.datetime.now(dt.UTC)
-            stop_at = now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
-        run_study(
-            args.out,
-            {k: LOSSES[k] for k in args.losses},
-            common,
-            args.seeds,
-            load_cub(common),
-            stop_at=stop_at,
+        h, m = map(int, args.stop_at.split(":"))
+        now = dt.datetime.now(dt.UTC)
+        stop_at = now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
+    losses = {k: LOSSES[k] for k in args.losses}
+    common = [*COMMON, "epochs=2", "steps_per_epoch=100"]
+    if args.study == "cub":
+        out = args.out or Path("docs/results/consistency")
+        if not args.aggregate_only:
+            common += [f"data_dir={args.data_dir}", f"feature_cache={args.feature_cache}"]
+            run_study(out, losses, common, args.seeds, load_cub(common), stop_at=stop_at)
+        summary = write_outputs(out, args.docs, args.bootstrap)
+        console.print(render(summary, args.bootstrap))
+        return
+    # faces (docs/results.md, the addendum): the same training on LFW, tested on LFW and ORL
+    out = args.out or Path("docs/results/consistency_faces")
+    common += FACES_SETTINGS
+    if not args.aggregate_only:
+        data, orl = load_faces(Path(args.data_dir), args.face_cache)
+        (tr_val, val), (train, test) = data
+        console.print(
+            f"faces: {len(torch.unique(train.y))} training people ({len(train.y)} images), "
+            f"{len(torch.unique(val.y))} validation, {len(torch.unique(test.y))} test "
+            f"({len(test.y)} images); ORL {len(torch.unique(orl.y))} people ({len(orl.y)})"
         )
-    summary = write_outputs(args.out, args.docs, args.bootstrap)
-    console.print(render(summary, args.bootstrap))
+        for seed in args.seeds:  # seed by seed, both populations, so they finish together
+            for population, test_set in (("lfw", test), ("orl", orl)):
+                run_study(
+                    out / population,
+                    losses,
+                    common,
+                    [seed],
+                    ((tr_val, val), (train, test_set)),
+                    stop_at=stop_at,
+                    arms=FACE_ARMS,
+                )
+    for population in ("lfw", "orl"):
+        summary = write_outputs(
+            out / population,
+            args.docs,
+            args.bootstrap,
+            name=f"consistency_faces_{population}",
+            what=f"faces, tested on {population.upper()}",
+            command="python -m studies.consistency --study faces --aggregate-only",
+        )
+        console.print(render(summary, args.bootstrap))
 
 
 if __name__ == "__main__":

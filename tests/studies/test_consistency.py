@@ -196,3 +196,76 @@ def test_study_end_to_end_resumes_and_aggregates_from_files(tmp_path: Path) -> N
     cs.write_outputs(copy, docs, draws=20, plot=False)
     assert "best control" in (docs / "consistency_table.md").read_text().lower()
     assert (docs / "consistency_summary.json").is_file()
+
+
+def test_faces_split_is_the_addendums() -> None:
+    """People disjoint; 150 test and 60 validation people, each with >= 4 detected images;
+    at most 10 images a person (the first by name); undetected images and one-image people
+    never train; the same split from the rows in any order."""
+    rng = np.random.default_rng(3)
+    names, detected = [], []
+    for p in range(500):
+        count = [1, 2, 3, 4, 6, 14][p % 6]
+        for k in range(count):
+            names.append(f"lfw/person{p:03d}/person{p:03d}_{k + 1:04d}.jpg")
+            detected.append(not (p % 7 == 0 and k == 0))  # some faces not found
+    vectors = rng.standard_normal((len(names), 5)).astype(np.float32)
+    detected = np.array(detected)
+    (tr_val, val), (train, test) = cs.faces_split(names, vectors, detected)
+
+    def people(fs: cs.FeatureSet) -> set[int]:
+        return set(fs.y.tolist())
+
+    assert len(people(test)) == cs.FACES_TEST_PEOPLE and len(people(val)) == cs.FACES_VAL_PEOPLE
+    assert not people(test) & people(train) and not people(val) & people(tr_val)
+    assert people(train) == people(tr_val) | people(val)
+    for fs in (val, test):
+        counts = np.bincount(fs.y.numpy())
+        assert counts[counts > 0].min() >= 4
+    counts = np.bincount(train.y.numpy())
+    assert counts[counts > 0].min() >= 2 and counts.max() <= cs.FACES_MAX_IMAGES
+    # no undetected row: every row's vector is a detected one's
+    kept = {v.tobytes() for v in vectors[detected]}
+    assert all(x.numpy().tobytes() in kept for fs in (train, test) for x in fs.x)
+    # the capped images are the first ten by name of a 14-image person
+    rows = [i for i, n in enumerate(names) if "person005/" in n]  # 14 images, all detected
+    theirs = {vectors[i].tobytes() for i in rows}
+    got = {x.numpy().tobytes() for fs in (train, test) for x in fs.x} & theirs
+    assert got == {vectors[i].tobytes() for i in rows[:10]}
+    shuffled = rng.permutation(len(names))
+    again = cs.faces_split([names[i] for i in shuffled], vectors[shuffled], detected[shuffled])
+    assert torch.equal(again[1][1].x, test.x) and torch.equal(again[1][1].y, test.y)
+
+
+def test_the_descriptor_arm_is_the_input_itself_and_a_control(tmp_path: Path) -> None:
+    """The faces part's ``descriptor`` arm trains nothing (no steps, no log), scores the
+    L2-normalised inputs, is among the controls, and its AS-norm scoring is a candidate."""
+    torch.set_num_threads(1)
+    train_all = _clusters(list(range(12)), 8, 16, seed=0)
+    val_pick = torch.isin(train_all.y, torch.tensor([0, 1, 2, 3]))
+    data = (
+        (
+            cs.FeatureSet(train_all.x[~val_pick], train_all.y[~val_pick]),
+            cs.FeatureSet(train_all.x[val_pick], train_all.y[val_pick]),
+        ),
+        (train_all, _clusters(list(range(12, 18)), 8, 16, seed=5)),
+    )
+    out = tmp_path / "faces"
+    losses = {"ProxyAnchor": ["loss=proxy_anchor"]}
+    ran = cs.run_study(out, losses, TINY, [0, 1], data, log_every=5, arms=cs.FACE_ARMS)
+    assert len(ran) == 2 * len(cs.FACE_ARMS)
+    meta = json.loads(cs.run_path(out, "ProxyAnchor", cs.DESCRIPTOR, 0).read_text())
+    assert meta["steps"] == 0 and meta["log"] == []
+    test = data[1][1]
+    e = torch.nn.functional.normalize(test.x, dim=1)
+    config = load_config(None, [*TINY, "loss=proxy_anchor"])
+    want, _ = cs.evaluate_run(
+        e, test.y, torch.nn.functional.normalize(train_all.x, dim=1), 8, config
+    )
+    assert meta["metrics"]["raw"]["opis"] == pytest.approx(want["raw"]["opis"], rel=1e-9)
+    assert meta["metrics"]["raw"]["recall_at_1"] == pytest.approx(want["raw"]["recall_at_1"])
+    summary = cs.aggregate(out, draws=20)["ProxyAnchor"]
+    assert "descriptor/raw" in summary["table"] and "descriptor/asnorm" in summary["comparisons"]
+    opis = {a: summary["table"][f"{a}/raw"]["opis"][0] for a in ("descriptor", *cs.CONTROLS)}
+    assert summary["best_control"] == min(opis, key=opis.get)
+    assert "descriptor" not in summary["last_window"]

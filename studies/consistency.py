@@ -644,7 +644,7 @@ def render(summary: dict[str, Any], draws: int) -> str:
             f"### {loss}: {len(s['seeds'])} paired seeds ({', '.join(map(str, s['seeds']))}), "
             f"{s['num_test_classes']} test classes",
             "",
-            f"Chosen on validation species: m+ = {ch.get('m_plus')}, m− = {ch.get('m_minus')}, "
+            f"Chosen on validation classes: m+ = {ch.get('m_plus')}, m− = {ch.get('m_minus')}, "
             f"λ = {ch.get('lambda')} ({ch.get('rule')}). Best control (lowest mean OPIS): "
             f"`{s['best_control']}`.",
             "",
@@ -657,7 +657,7 @@ def render(summary: dict[str, Any], draws: int) -> str:
         lines += [
             "",
             f"Against `{s['best_control']}/raw` (mean over seeds; 95% interval from {draws} joint "
-            "resamplings of seeds and test species):",
+            "resamplings of seeds and test classes):",
             "",
             "| candidate | ΔR@1 pt | ΔOPIS % | Δ per-class FRR sd % | Δ per-class FAR sd % "
             "| Δε-OPIS % | ΔMAP@R pt | helps (rule) |",

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from service.api import docs, error_handlers, openapi
 from service.api.body_limit import BodySizeLimitMiddleware
+from service.api.consistency import ConsistencyTokenMiddleware
 from service.api.request_id import RequestIdMiddleware
 from service.api.routers import (
     admin,
@@ -120,6 +121,8 @@ def create_app(
         app.include_router(r)
     # the last added is the outermost: request metrics see every response, the 413s of the
     # body limit included, which refuses oversize bodies before any route runs
+    # innermost of ours: a gallery write's X-Consistency-Token onto its response
+    app.add_middleware(ConsistencyTokenMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     # outermost: every answer carries X-Request-ID, every request is logged once (the admin

@@ -216,6 +216,14 @@ class Settings(BaseSettings):
         "tenant coalesce into one search); tenants with waiting queries take turns round robin, "
         "one such search per turn, so no tenant waits behind another's backlog",
     )
+    consistency_wait_ms: float = Field(
+        2000.0,
+        ge=0,
+        le=60_000,
+        description="how long a match or verify carrying X-Consistency-Token (a gallery write's "
+        "token) waits for this replica's indexes to reach that write before answering 503 "
+        "not_caught_up",
+    )
     search_lanes: int = Field(
         0,
         ge=0,

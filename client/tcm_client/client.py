@@ -204,6 +204,19 @@ class RetryPolicy:
 
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+# read-your-writes across replicas: every gallery write answers its token, and the client sends
+# the newest one it has seen with each match and verify (the server waits, bounded, until the
+# replica answering has applied that write)
+CONSISTENCY_HEADER = "X-Consistency-Token"
+CONSISTENT_READS = ("/v1/match", "/v1/verify")
+
+
+def _feed_position(token: str) -> tuple[int, int]:
+    """A token's place in the server's change feed (``<ms>-<seq>[#<n>]``); (-1, -1) for a
+    token of another shape, which then never replaces a known one."""
+    ms, _, seq = token.partition("#")[0].partition("-")
+    seq = seq or "0"  # "<ms>" alone is "<ms>-0"
+    return (int(ms), int(seq)) if ms.isdigit() and seq.isdigit() else (-1, -1)
 
 
 def _idempotency_key() -> str:
@@ -787,6 +800,25 @@ class _Base(_Routes):
         self.retries, self.backoff_s, self.max_wait_s = retries, backoff_s, max_wait_s
         self.policy = RetryPolicy(retries=retries, backoff_s=backoff_s, max_wait_s=max_wait_s)
         self.retried = 0  # how many times a request was sent again (observability, tests)
+        # the newest X-Consistency-Token a write answered; sent with matches and verifies
+        # (``consistent_reads``) so that they see this client's writes on any replica
+        self.consistency_token: str | None = None
+        self.consistent_reads = True
+
+    def _args(self, call: Call[Any]) -> dict[str, Any]:
+        args = _request_args(call)
+        token = self.consistency_token
+        if token is not None and self.consistent_reads and call.path.startswith(CONSISTENT_READS):
+            args["headers"][CONSISTENCY_HEADER] = token
+        return args
+
+    def _saw(self, r: httpx.Response) -> None:
+        token = r.headers.get(CONSISTENCY_HEADER)
+        if token is not None and (
+            self.consistency_token is None
+            or _feed_position(token) > _feed_position(self.consistency_token)
+        ):
+            self.consistency_token = token
 
     def _batch_call(self, batch: Batch) -> Call[bool]:
         """One upload batch as a columnar enrolment; its answer: whether it was a replay (the
@@ -825,6 +857,7 @@ class _Base(_Routes):
             error = _error(r)
             error.attempts, error.earlier_attempt_may_have_acted = attempts, acted
             raise error
+        self._saw(r)
         return call.parse(r)
 
 
@@ -861,7 +894,7 @@ class Client(_Base):
         attempt, acted = 0, False
         while True:
             try:
-                r = self._http.request(call.method, call.path, **_request_args(call))
+                r = self._http.request(call.method, call.path, **self._args(call))
             except httpx.TransportError as exc:
                 wait = self.policy.next_wait(attempt, safe=call.safe, error=exc)
                 if wait is None:
@@ -1005,7 +1038,7 @@ class AsyncClient(_Base):
         attempt, acted = 0, False
         while True:
             try:
-                r = await self._http.request(call.method, call.path, **_request_args(call))
+                r = await self._http.request(call.method, call.path, **self._args(call))
             except httpx.TransportError as exc:
                 wait = self.policy.next_wait(attempt, safe=call.safe, error=exc)
                 if wait is None:

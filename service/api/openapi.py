@@ -9,7 +9,9 @@
   threshold units (a model switch may change them).
 - **X-Request-ID**: an optional header parameter of every operation, and a response header of
   every answer (``service.api.request_id``); ``Retry-After`` on 429 and 503, ``WWW-Authenticate``
-  on 401, ``Allow`` on 405.
+  on 401, ``Allow`` on 405; ``X-Consistency-Token`` on a gallery write's answer.
+- **Optional headers** are strings or absent, never ``null`` (FastAPI writes ``str | None`` as
+  ``anyOf`` string/null).
 - **Links** for stateful clients and testers: an enrolment's item ids lead to the item's
   get / put / delete, a match's id to its feedback, a tenant's id to its keys.
 """
@@ -24,6 +26,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
 from service.api.request_id import HEADER, REQUEST_ID_PATTERN
+from service.domain.consistency import HEADER as CONSISTENCY_HEADER
+from service.domain.consistency import TOKEN_PATTERN
 from service.settings import Settings
 
 DESCRIPTION = """Threshold-consistent retrieval as a service: 1:N match, 1:1 verify and embed
@@ -167,7 +171,16 @@ def complete(spec: dict[str, Any], limits: dict[str, int | None]) -> dict[str, A
     _apply_limits(spec, limits)
     id_schema = {"type": "string", "pattern": REQUEST_ID_PATTERN}
     for ops in spec.get("paths", {}).values():
-        for op in ops.values():
+        for method, op in ops.items():
+            for param in op.get("parameters", []):
+                # an optional header is absent or a string, never null (FastAPI writes
+                # ``str | None`` as anyOf string/null, and testers then send "null")
+                any_of = param.get("schema", {}).get("anyOf")
+                if param.get("in") == "header" and any_of and {"type": "null"} in any_of:
+                    rest = [a for a in any_of if a != {"type": "null"}]
+                    if len(rest) == 1:
+                        extra = {k: v for k, v in param["schema"].items() if k != "anyOf"}
+                        param["schema"] = {**rest[0], **extra}
             op.setdefault("parameters", []).append(
                 {
                     "name": HEADER,
@@ -195,6 +208,13 @@ def complete(spec: dict[str, Any], limits: dict[str, int | None]) -> dict[str, A
                     }
                 if status == "401":
                     headers["WWW-Authenticate"] = {"schema": {"type": "string"}}
+                if status < "300" and "gallery" in op.get("tags", ()) and method != "get":
+                    headers[CONSISTENCY_HEADER] = {
+                        "description": "the change feed's position after this write (with a "
+                        "Redis store): send it back with a match or verify to see this write "
+                        "on any replica",
+                        "schema": {"type": "string", "pattern": TOKEN_PATTERN},
+                    }
             for status, links in _LINKS.get(op.get("operationId", ""), {}).items():
                 if status in op.get("responses", {}):
                     op["responses"][status]["links"] = copy.deepcopy(links)

@@ -128,8 +128,9 @@ class Gallery:
                 ids = await self._enrol(self.slot.current, tenant_id, items, images, idempotency)
             except IdempotentReplay as replay:
                 assert idempotency is not None
+                await self.sync.written(publish=False)  # the feed is past the first answer's write
                 return _replay(replay.record, idempotency)
-        self.sync.publish_sizes()
+        await self.sync.written()
         return Enrolled(ids)
 
     async def enrol_columns(
@@ -158,8 +159,9 @@ class Gallery:
                 stored = await self._store(serving, tenant_id, new_items, vectors, idempotency)
             except IdempotentReplay as replay:
                 assert idempotency is not None
+                await self.sync.written(publish=False)  # the feed is past the first answer's write
                 return _replay(replay.record, idempotency)
-        self.sync.publish_sizes()
+        await self.sync.written()
         return Enrolled(stored)
 
     def check_columns(self, columns: ColumnsContent) -> None:
@@ -351,7 +353,7 @@ class Gallery:
                     vector[None],
                     [body.metadata],
                 )
-        self.sync.publish_sizes()
+        await self.sync.written()
         return old is None
 
     async def subjects(
@@ -411,7 +413,7 @@ class Gallery:
             if seq is None:
                 raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
             await self.sync.removed(serving, tenant_id, [seq])
-        self.sync.publish_sizes()
+        await self.sync.written()
 
     async def delete_subject(self, tenant_id: str, subject: str) -> int:
         async with self.sync.writing(tenant_id) as serving:
@@ -421,7 +423,7 @@ class Gallery:
                     f"no gallery items for subject {subject!r}", detail={"subject": subject}
                 )
             await self.sync.removed(serving, tenant_id, seqs)
-        self.sync.publish_sizes()
+        await self.sync.written()
         return len(seqs)
 
 

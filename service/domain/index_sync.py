@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from service.domain import consistency
 from service.domain.serving import Serving, ServingSlot
 from service.engine.preparing import decode_for
 from service.errors import InvalidInputError, StoreUnavailableError
@@ -80,6 +81,8 @@ class IndexSync:
         self.loaded = False  # every index was built from the store at least once
         self.skipped_items = 0  # left out at the last rebuild: no embedding and no image
         self.feed_cursor: str | None = None  # the change feed's position the indexes reflect
+        self._cursor_moved = asyncio.Event()  # set (and replaced) whenever feed_cursor moves
+        self.reads_waiting = 0  # reads waiting for a consistency token (caught_up)
         self.changes_applied = 0
         self.items_read_back = 0  # items the change feed made this replica read from the store
         self.resyncs = 0  # full rebuilds because the feed lost entries this replica had not read
@@ -127,6 +130,43 @@ class IndexSync:
         self.slot.current.indexes.drop(tenant_id)
         self.metrics.forget_tenant(tenant_id)
         self.publish_sizes()
+
+    async def written(self, *, publish: bool = True) -> None:
+        """After a gallery write of this request: the size metrics (``publish``) and the
+        write's consistency token, the feed's position now, for the response
+        (``service.domain.consistency``; none without a feed)."""
+        if publish:
+            self.publish_sizes()
+        if self.feed_cursor is not None:
+            consistency.record(await run_in_threadpool(self.store.change_cursor))
+
+    async def caught_up(self, token: str, timeout_s: float) -> bool:
+        """Whether the indexes reflect the feed up to ``token`` (a valid consistency token),
+        waiting up to ``timeout_s`` for the follower to get there. Without a feed every write
+        went through this process: met at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        wanted = consistency.feed_position(token)
+        while True:
+            cursor = self.feed_cursor
+            if cursor is None or consistency.feed_position(cursor) >= wanted:
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self.reads_waiting += 1
+            try:
+                await asyncio.wait_for(self._cursor_moved.wait(), left)
+            except TimeoutError:
+                return False
+            finally:
+                self.reads_waiting -= 1
+
+    def _set_cursor(self, cursor: str | None) -> None:
+        """The feed position the indexes now reflect; wakes the reads waiting for one."""
+        self.feed_cursor = cursor
+        self._cursor_moved.set()
+        self._cursor_moved = asyncio.Event()
 
     def forget_lock(self, tenant_id: str) -> None:
         self._locks.pop(tenant_id, None)
@@ -182,7 +222,7 @@ class IndexSync:
         for tenant_id in set(serving.indexes.sizes()) - live:  # deleted meanwhile
             serving.indexes.drop(tenant_id)
         self.skipped_items = sum(skipped.values())
-        self.feed_cursor = cursor
+        self._set_cursor(cursor)
         sizes = serving.indexes.sizes()
         self.metrics.set_gallery_size(sizes, serving.indexes.shapes())
         log.info(
@@ -358,7 +398,7 @@ class IndexSync:
                     continue
                 for change in changes:
                     await self._apply_or_quarantine(change)
-                self.feed_cursor = cursor
+                self._set_cursor(cursor)
             except asyncio.CancelledError:
                 raise
             except StoreUnavailableError as exc:

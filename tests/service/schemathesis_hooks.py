@@ -96,6 +96,11 @@ def positive_data_acceptance_but_content(ctx: object, response: object, case: ob
         code = None
     if status == 422 and code in CONTENT_CODES:
         return
+    # an enrolment mixing images and embeddings may list up to max_enrol_items items, of which
+    # at most max_batch_items images (each a forward pass): a count over one kind of the
+    # array's items, which no JSON Schema states (seen in the stateful phase: 9 images of 8)
+    if status == 422 and code == "too_many_items" and "images in one request" in response.text:  # type: ignore[attr-defined]
+        return
     # base64 of the right length whose float32 bit patterns are NaN/inf or all zero (an
     # embedding_b64, or a row of the columnar matrix): no JSON Schema can state that (JSON-list
     # embeddings are fully described: they never get here)

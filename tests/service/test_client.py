@@ -218,3 +218,34 @@ def test_503_is_retried_with_backoff() -> None:
     assert retry_after(r, 0, backoff_s=0.1, max_wait_s=30) == 7
     assert retry_after(httpx.Response(503), 3, backoff_s=0.1, max_wait_s=30) == pytest.approx(0.8)
     assert retry_after(r, 0, backoff_s=0.1, max_wait_s=2) == 2
+
+
+def test_the_client_sends_its_writes_token_with_matches_and_verifies(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    """Every write's X-Consistency-Token is kept (the newest) and sent with each match and
+    verify, not with other requests; with the embedded store there is none to send. Seen on
+    the wire through httpx's request hook, against the real server."""
+    with Client(server, ADMIN_TOKEN) as admin:
+        key = admin.create_tenant("tokens").api_key
+    sent: list[tuple[str, str | None]] = []
+    with Client(server, key) as c:
+        c._http.event_hooks["request"].append(
+            lambda req: sent.append((req.url.path, req.headers.get("X-Consistency-Token")))
+        )
+        assert c.consistency_token is None
+        c.enrol([{"subject": "zed", "embedding": unit(3), "item_id": "zed-1"}])
+        first = c.consistency_token
+        c.put_item("zed-2", subject="zed", embedding=unit(4))
+        token = c.consistency_token
+        assert c.match(embedding=unit(3), k=1).candidates[0].item_id == "zed-1"
+        c.verify({"embedding": unit(3)}, {"item_id": "zed-1"})
+        c.list_items()
+    on_wire = dict(sent)
+    if request.node.callspec.params["server"] == "sqlite":
+        assert first is None and token is None
+        assert all(t is None for _, t in sent)
+    else:
+        assert first is not None and token is not None and token != first
+        assert on_wire["/v1/match"] == token and on_wire["/v1/verify"] == token
+        assert on_wire["/v1/gallery"] is None  # writes and other reads carry none

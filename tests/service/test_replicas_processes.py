@@ -274,6 +274,37 @@ def test_read_after_write_lag(cluster: Cluster) -> None:
     assert lags[-1] < 2.0, lags
 
 
+def test_a_write_token_makes_the_next_read_on_another_replica_see_the_write(
+    cluster: Cluster,
+) -> None:
+    """Read-your-writes (issue 31 item 3) across real processes: each enrolment's
+    X-Consistency-Token sent with a match on another replica at once: the item is found every
+    time. (On an idle machine the same reads without the token also found every item here, the
+    lag being shorter than a round trip; the token's own effect is shown deterministically, with
+    a paused follower, in ``tests/service/api/test_consistency_token.py``.)"""
+    reps = cluster.replicas
+    _, _, auth = cluster.new_tenant(reps[0])
+    found = 0
+    for i in range(60):
+        writer, reader = reps[i % 3], reps[(i + 1) % 3]
+        vec = unit(20_000 + i)
+        r = writer.client.post(
+            "/v1/gallery",
+            headers=auth,
+            json={"items": [{"subject": f"t{i}", "embedding": vec, "item_id": f"tok-{i}"}]},
+        )
+        assert r.status_code == 201, r.text
+        token = r.headers["X-Consistency-Token"]
+        m = reader.client.post(
+            "/v1/match",
+            headers={**auth, "X-Consistency-Token": token},
+            json={"embedding": vec, "k": 1},
+        )
+        assert m.status_code == 200, m.text
+        found += m.json()["candidates"][0]["item_id"] == f"tok-{i}"
+    assert found == 60
+
+
 # --- metrics aggregation ------------------------------------------------------------------------
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

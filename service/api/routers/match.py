@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from service.api.auth_first import AuthFirstRoute
+from service.api.consistency import consistent_read
 from service.api.dependencies import RuntimeDep, TenantId
 from service.api.routers.uploads import read_upload
 from service.api.schemas import (
@@ -27,7 +28,10 @@ from service.engine.index import Hit
 from service.errors import InvalidInputError
 from service.store import MatchRecord
 
-router = APIRouter(tags=["match"], route_class=AuthFirstRoute)
+# a request carrying a gallery write's X-Consistency-Token sees that write on any replica
+router = APIRouter(
+    tags=["match"], route_class=AuthFirstRoute, dependencies=[Depends(consistent_read)]
+)
 
 
 def _response(

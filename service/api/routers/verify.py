@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, Depends, File, UploadFile
 
 from service.api.auth_first import AuthFirstRoute
+from service.api.consistency import consistent_read
 from service.api.dependencies import RuntimeDep, TenantId
 from service.api.routers.uploads import read_upload
 from service.api.schemas import VerifyRequest, VerifyResponse, errors, faces_out
 from service.domain.serving import Serving
 from service.engine.faces import face_report
 
-router = APIRouter(tags=["verify"], route_class=AuthFirstRoute)
+# a request carrying a gallery write's X-Consistency-Token sees that write on any replica
+router = APIRouter(
+    tags=["verify"], route_class=AuthFirstRoute, dependencies=[Depends(consistent_read)]
+)
 
 
 def _response(

@@ -181,6 +181,21 @@ def top_ids(rep: Replica, auth: dict[str, str], vec: list[float], k: int = 5) ->
     return [c["item_id"] for c in r.json()["candidates"]]
 
 
+def write_then_read(
+    reps: list[Replica], auth: dict[str, str], i: int, seed: int, item_id: str
+) -> tuple[Replica, Replica, list[float], httpx.Response]:
+    """The i-th write of a read-after-write loop: one item enrolled on replica i % 3, to be read
+    on the next one; (writer, reader, the item's vector, the enrolment's answer)."""
+    writer, reader = reps[i % 3], reps[(i + 1) % 3]
+    vec = unit(seed + i)
+    r = writer.client.post(
+        "/v1/gallery",
+        headers=auth,
+        json={"items": [{"subject": f"s{seed}-{i}", "embedding": vec, "item_id": item_id}]},
+    )
+    return writer, reader, vec, r
+
+
 # --- consistency of reads and writes across processes ------------------------------------------
 def test_enrol_delete_revoke_across_replicas(cluster: Cluster) -> None:
     a, b, c = cluster.replicas
@@ -240,13 +255,7 @@ def test_read_after_write_lag(cluster: Cluster) -> None:
     _, _, auth = cluster.new_tenant(reps[0])
     lags: list[float] = []
     for i in range(LAG_WRITES):
-        writer, reader = reps[i % 3], reps[(i + 1) % 3]
-        vec = unit(10_000 + i)
-        r = writer.client.post(
-            "/v1/gallery",
-            headers=auth,
-            json={"items": [{"subject": f"s{i}", "embedding": vec, "item_id": f"lag-{i}"}]},
-        )
+        writer, reader, vec, r = write_then_read(reps, auth, i, 10_000, f"lag-{i}")
         acked = time.perf_counter()
         assert r.status_code == 201, r.text
         while True:
@@ -286,13 +295,7 @@ def test_a_write_token_makes_the_next_read_on_another_replica_see_the_write(
     _, _, auth = cluster.new_tenant(reps[0])
     found = 0
     for i in range(60):
-        writer, reader = reps[i % 3], reps[(i + 1) % 3]
-        vec = unit(20_000 + i)
-        r = writer.client.post(
-            "/v1/gallery",
-            headers=auth,
-            json={"items": [{"subject": f"t{i}", "embedding": vec, "item_id": f"tok-{i}"}]},
-        )
+        _, reader, vec, r = write_then_read(reps, auth, i, 20_000, f"tok-{i}")
         assert r.status_code == 201, r.text
         token = r.headers["X-Consistency-Token"]
         m = reader.client.post(

@@ -20,6 +20,12 @@ index). Same shape as the embedding batcher (``service.engine.embedding``), but 
 permanent worker: the drain task exists only while there is work, so there is nothing to start
 or stop.
 
+**Lanes** (``lanes``, ``TCM_SEARCH_LANES``): up to that many turns search at once, each in its own
+worker thread, so that the searches of one busy tenant, or of several, use several cores. With
+several lanes free, a tenant's waiting rows are shared among them (a flat index costs the same
+per row together or apart); a tenant whose turn runs joins the ring again at once only while a
+lane is free, so with one lane the order is exactly the one-turn-at-a-time order above.
+
 A caller may pass ``then`` (:meth:`SearchBatcher.search_then`), a function of the tenant and the
 hits of its rows, run in the same worker thread right after the search, once per turn over all
 the turn's queries that passed it: the matcher's record write, so that a match costs one thread
@@ -75,18 +81,18 @@ class SearchBatcher:
         self.searches_run = 0  # index searches (one per turn)
         self.queries_searched = 0
         self.largest_batch = 0
-        # tenant -> its waiting queries; a tenant is in the dict while it is in the ring or
-        # its turn runs, so a query of the tenant in turn does not put it in the ring twice
+        # tenant -> its waiting queries; a tenant is in the dict while it is in the ring, has
+        # turns in flight or waiting queries (its queue outlives a turn that emptied it)
         self._queues: dict[str, deque[_Query]] = {}
         self._ring: deque[str] = deque()  # tenants with waiting queries, in turn order
-        self._in_ring: set[str] = set()
+        self._in_ring: set[str] = set()  # the ring's tenants (a set: enqueue checks it per query)
         self._running: dict[str, int] = {}  # tenant -> its turns in flight
         self._in_flight = 0  # lanes in use
         self._lane_free: asyncio.Future[None] | None = None  # the drain waits for a lane
         self._turns: set[asyncio.Task[None]] = set()
         self._drain_task: asyncio.Task[None] | None = None
-        # searches run one turn at a time, but the thens of several turns may wait on the store
-        # at once (one per turn); threads start on demand and end with the batcher
+        # up to ``lanes`` turns search at once, and the thens of earlier turns may still wait on
+        # the store (one thread per turn); threads start on demand and end with the batcher
         self._threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="search")
         self._wait_over: asyncio.Future[None] | None = None  # see _run
         self.then_seconds = 0.0  # moving average of a turn's thens (see _run)

@@ -22,20 +22,14 @@ that every write path (enrol, columns, upload, put, delete) sets it in one place
 
 from __future__ import annotations
 
-import re
 from contextvars import ContextVar
 
 HEADER = "X-Consistency-Token"
 # a feed position of the Redis store: "<ms>-<seq>" (as Redis writes stream ids, "<ms>" alone
 # meaning "<ms>-0"), optionally "#<entries added>"
 TOKEN_PATTERN = r"^[0-9]{1,20}(-[0-9]{1,20})?(#[0-9]{1,20})?$"
-_TOKEN = re.compile(TOKEN_PATTERN)
 
 _box: ContextVar[dict[str, str] | None] = ContextVar("consistency_token_box", default=None)
-
-
-def valid_token(token: str) -> bool:
-    return _TOKEN.fullmatch(token) is not None
 
 
 def open_box() -> dict[str, str]:
@@ -54,7 +48,8 @@ def record(token: str | None) -> None:
 
 
 def feed_position(token: str) -> tuple[int, int]:
-    """A valid token's position, ordered as the feed is: ``(ms, seq)`` of its entry id."""
+    """A token's position (one matching :data:`TOKEN_PATTERN`, which the API's header checks),
+    ordered as the feed is: ``(ms, seq)`` of its entry id."""
     entry = token.partition("#")[0]
     ms, _, seq = entry.partition("-")
     return int(ms), int(seq or 0)

@@ -806,21 +806,25 @@ def faces_split(
     train = {p for p in people if len(keep[p]) >= 2 and p not in test and p not in val}
 
     def features(group: set[str]) -> FeatureSet:
-        rows = [i for p in sorted(group) for i in keep[p]]
-        x = torch.from_numpy(np.asarray(vectors[rows], np.float32))
-        y = torch.tensor([label[person_of(names[i])] for i in rows], dtype=torch.int64)
-        return FeatureSet(x, y)
+        return _labelled(names, vectors, [i for p in sorted(group) for i in keep[p]], label)
 
     return (features(train), features(val)), (features(train | val), features(test))
+
+
+def _labelled(
+    names: Sequence[str], vectors: np.ndarray, rows: list[int], label: dict[str, int]
+) -> FeatureSet:
+    """These rows' descriptors, each labelled with its person's number in ``label``."""
+    x = torch.from_numpy(np.asarray(vectors[rows], np.float32))
+    y = torch.tensor([label[person_of(names[i])] for i in rows], dtype=torch.int64)
+    return FeatureSet(x, y)
 
 
 def faces_orl(names: Sequence[str], vectors: np.ndarray, detected: np.ndarray) -> FeatureSet:
     """ORL, the second test population: every detected photo of its 40 people."""
     rows = sorted((i for i in range(len(names)) if detected[i]), key=lambda i: names[i])
     people = sorted({person_of(names[i]) for i in rows})
-    label = {p: k for k, p in enumerate(people)}
-    x = torch.from_numpy(np.asarray(vectors[rows], np.float32))
-    return FeatureSet(x, torch.tensor([label[person_of(names[i])] for i in rows]))
+    return _labelled(names, vectors, rows, {p: k for k, p in enumerate(people)})
 
 
 def load_faces(

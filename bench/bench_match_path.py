@@ -437,25 +437,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             baseline = st.enter_context(
                 serve_from(args.baseline_tree, artefact, work / "baseline", env, queries)
             )
+        servers = [s for s in (service, baseline) if s is not None]
         done = 0
         for n in sizes:
-            enrol_rate = enrol(
-                service.server.base,
-                service.auth,
-                gallery[done:n],
-                done,
-                batch=ENROL_BATCH,
-                clients=1,
-            )
-            if baseline is not None:
-                enrol(
-                    baseline.server.base,
-                    baseline.auth,
-                    gallery[done:n],
-                    done,
-                    batch=ENROL_BATCH,
-                    clients=1,
-                )
+            enrol_rate, *_ = [  # this tree's rate is the one reported
+                enrol(s.server.base, s.auth, gallery[done:n], done, batch=ENROL_BATCH, clients=1)
+                for s in servers
+            ]
             done = n
             index = faiss.IndexFlatIP(args.dim)
             index.add(gallery[:n])
@@ -475,8 +463,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         seconds=args.seconds,
                         server_pid=s.server.pid,
                     )
-                    for s in (service, baseline)
-                    if s is not None
+                    for s in servers
                 }
                 served = loads[service.name]
                 best = max(one.values())

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.engine.cores import cores_but_one
 from service.engine.preparing import PixelPreparer, decode_for
 from service.errors import InvalidInputError, NotReadyError
 from tcm import Preprocessing
@@ -301,4 +302,4 @@ def decode_processes_for(setting: int, device_type: str) -> int:
         return setting
     if device_type != "cuda":
         return 0
-    return max(1, min(AUTO_MAX, len(os.sched_getaffinity(0)) - 1))
+    return min(AUTO_MAX, cores_but_one())

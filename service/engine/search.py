@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -48,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from service.engine.cores import cores_but_one
 from service.engine.index import Hit, IndexRegistry
 from service.errors import NotReadyError
 
@@ -350,7 +350,7 @@ def search_lanes(requested: int, indexes: IndexRegistry) -> int:
     (GPU FAISS)."""
     if not indexes.concurrent_searches:
         return 1
-    return requested if requested > 0 else max(1, len(os.sched_getaffinity(0)) - 1)
+    return requested if requested > 0 else cores_but_one()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

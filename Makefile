@@ -30,7 +30,7 @@ PRESET := $(if $(filter omniglot,$(MODEL)),omniglot,birds)
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
 .PHONY: install run test lint bench study study-faces study-orl study-cub study-faces-descriptor \
-	study-consistency study-consistency-faces noise-floor derived model clean audit drift-sensitivity
+	study-consistency study-consistency-faces study-consistency-b noise-floor derived model clean audit drift-sensitivity
 
 $(RUN_STAMP): pyproject.toml client/pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -153,6 +153,17 @@ study-consistency-faces: $(STAMP)
 	$(PY) -m training.face_cache --data-dir $(DATA_DIR) --what orl lfw
 	$(PY) -m studies.consistency --study faces --data-dir $(DATA_DIR) \
 		--docs docs/results $(if $(STOP_AT),--stop-at $(STOP_AT))
+
+# Its regime (b) (plan: docs/results.md, the regime (b) addendum): Lite0's last stage tuned with
+# the head on cached feature maps, ProxyAnchor and SupCon, 5 paired seeds, one process per loss
+# (one torch thread each). Resumable like the others; the maps are extracted once (~4 min).
+study-consistency-b: $(STAMP)
+	$(PY) -m studies.consistency --regime b --data-dir $(DATA_DIR) --losses ProxyAnchor \
+		--docs docs/results $(if $(STOP_AT),--stop-at $(STOP_AT)) & pid=$$!; \
+	$(PY) -m studies.consistency --regime b --data-dir $(DATA_DIR) --losses SupCon \
+		--docs docs/results $(if $(STOP_AT),--stop-at $(STOP_AT)); rc=$$?; \
+	wait $$pid && exit $$rc
+	$(PY) -m studies.consistency --regime b --aggregate-only --docs docs/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache

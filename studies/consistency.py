@@ -67,6 +67,11 @@ FACES_TEST_PEOPLE = 150
 FACES_VAL_PEOPLE = 60
 FACES_SPLIT_SEED = 27
 FACES_MAX_IMAGES = 10
+# regime (b): Lite0's last block (its last stage) and 1x1 head convolution train on cached
+# feature maps, at a tenth of the head's learning rate (training.partial)
+REGIME_B_SETTINGS = ["tune_blocks=1", "tune_lr_factor=0.1"]
+REGIME_B_LOSSES = ["ProxyAnchor", "SupCon"]
+REGIME_B_SEEDS = list(range(5))
 SCORINGS = ("raw", "asnorm")
 LAMBDAS = (0.3, 1.0, 3.0)
 KS = (50, 200)
@@ -533,26 +538,49 @@ def load_runs(out: Path) -> dict[str, dict[str, dict[int, tuple[dict, dict]]]]:
     return runs
 
 
-def aggregate(out: Path, *, draws: int, eps: float = 0.05) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Design:
+    """Which arms a study's plan runs, which of them are the rule's controls, and which are
+    reported outside the rule (``base_lr`` in regime (a), where it was added post hoc)."""
+
+    arms: tuple[str, ...] = ARMS
+    controls: tuple[str, ...] = CONTROLS
+    supplementary: tuple[str, ...] = SUPPLEMENTARY
+
+
+# regime (b)'s addendum (docs/results.md): base_scaled is not run (it reproduced base to every
+# printed digit in regime (a): AdamW ignores a constant loss scale) and base_lr, the "more
+# gradient" control that works for Adam, is one of the rule's controls from the start
+REGIME_B = Design(
+    arms=("base", "base_5x", "base_lr", "tcm"),
+    controls=("base", "base_5x", "base_lr"),
+    supplementary=(),
+)
+
+
+def aggregate(
+    out: Path, *, draws: int, eps: float = 0.05, design: Design = Design()
+) -> dict[str, Any]:
     """Every number of the table from the per-run files: per (arm, scoring) the mean and sd over
     the seeds every arm of the loss finished; the best control; each candidate against it with
     joint-bootstrap intervals, and the rule's verdict."""
     runs = load_runs(out)
     summary: dict[str, Any] = {}
+    required, outside = design.arms, design.supplementary
     for loss, arms in runs.items():
-        if not all(a in arms for a in ARMS):
+        if not all(a in arms for a in required):
             continue
-        seeds = sorted(set.intersection(*(set(arms[a]) for a in ARMS)))
+        seeds = sorted(set.intersection(*(set(arms[a]) for a in required)))
         if not seeds:
             continue
-        optional = (DESCRIPTOR, *SUPPLEMENTARY)
+        optional = (DESCRIPTOR, *outside)
         extra = [a for a in optional if a in arms and set(seeds) <= set(arms[a])]
         present = [
             *(a for a in extra if a == DESCRIPTOR),
-            *ARMS,
+            *required,
             *(a for a in extra if a != DESCRIPTOR),
         ]
-        controls = (DESCRIPTOR, *CONTROLS) if DESCRIPTOR in present else CONTROLS
+        controls = (DESCRIPTOR, *design.controls) if DESCRIPTOR in present else design.controls
         views = {
             (arm, sc): [scoring_arrays(arms[arm][s][1], sc) for s in seeds]
             for arm in present
@@ -578,7 +606,7 @@ def aggregate(out: Path, *, draws: int, eps: float = 0.05) -> dict[str, Any]:
                 for k in per_seed[0]
             }
         best = min(controls, key=lambda a: table[f"{a}/raw"]["opis"][0])
-        candidates = [("tcm", "raw"), *((a, "asnorm") for a in present if a not in SUPPLEMENTARY)]
+        candidates = [("tcm", "raw"), *((a, "asnorm") for a in present if a not in outside)]
 
         cache: dict[tuple[int, bytes], dict[str, float]] = {}
 
@@ -594,7 +622,7 @@ def aggregate(out: Path, *, draws: int, eps: float = 0.05) -> dict[str, Any]:
             d = joint_bootstrap(views[(arm, sc)], views[(best, "raw")], metrics, c, draws=draws)
             comparisons[f"{arm}/{sc}"] = {"differences": d, **verdict(d)}
         supplementary = {}
-        for arm in SUPPLEMENTARY:
+        for arm in outside:
             if arm in present:  # outside the rule: TCM against the post-hoc control
                 d = joint_bootstrap(
                     views[("tcm", "raw")], views[(arm, "raw")], metrics, c, draws=draws
@@ -732,9 +760,10 @@ def write_outputs(
     name: str = "consistency",
     what: str = "regime (a)",
     command: str = "python -m studies.consistency --aggregate-only",
+    design: Design = Design(),
 ) -> dict[str, Any]:
     """``<name>_table.md``, ``<name>_summary.json`` and ``<name>_violations.png`` in ``docs``."""
-    summary = aggregate(out, draws=draws)
+    summary = aggregate(out, draws=draws, design=design)
     docs.mkdir(parents=True, exist_ok=True)
     text = render(summary, draws)
     (docs / f"{name}_table.md").write_text(
@@ -887,13 +916,19 @@ def run_study(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--study", choices=["cub", "faces"], default="cub")
+    p.add_argument(
+        "--regime",
+        choices=["a", "b"],
+        default="a",
+        help="cub: a = frozen Lite0 + head; b = its last stage tuned too (docs/results.md)",
+    )
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--out", type=Path, default=None, help="default: per study")
     p.add_argument("--docs", type=Path, default=Path("docs/results"))
     p.add_argument("--feature-cache", default="runs/features")
     p.add_argument("--face-cache", type=Path, default=Path("runs/face_cache"))
-    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    p.add_argument("--losses", nargs="+", default=DEFAULT_LOSSES, choices=list(LOSSES))
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the plan's")
+    p.add_argument("--losses", nargs="+", default=None, choices=list(LOSSES))
     p.add_argument("--bootstrap", type=int, default=2000)
     # one thread: the head's steps are ~10 ms, and two threads on the busy 2-core VM made
     # them ~25x slower (thread hand-offs under contention); two losses run as two processes
@@ -909,8 +944,33 @@ def main() -> None:
         h, m = map(int, args.stop_at.split(":"))
         now = dt.datetime.now(dt.UTC)
         stop_at = now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
-    losses = {k: LOSSES[k] for k in args.losses}
+    regime_b = args.study == "cub" and args.regime == "b"
+    if args.seeds is None:
+        args.seeds = REGIME_B_SEEDS if regime_b else list(range(10))
+    losses = {
+        k: LOSSES[k] for k in args.losses or (REGIME_B_LOSSES if regime_b else DEFAULT_LOSSES)
+    }
     common = [*COMMON, "epochs=2", "steps_per_epoch=100"]
+    if regime_b:
+        # regime (b) (docs/results.md, its addendum): Lite0's last stage and head convolution
+        # train with the head on cached feature maps; four arms, base_lr among the controls
+        out = args.out or Path("docs/results/consistency_b")
+        common += REGIME_B_SETTINGS
+        if not args.aggregate_only:
+            common += [f"data_dir={args.data_dir}", f"feature_cache={args.feature_cache}"]
+            data = load_cub(common)
+            run_study(out, losses, common, args.seeds, data, stop_at=stop_at, arms=REGIME_B.arms)
+        summary = write_outputs(
+            out,
+            args.docs,
+            args.bootstrap,
+            name="consistency_b",
+            what="regime (b), Lite0's last stage tuned",
+            command="python -m studies.consistency --regime b --aggregate-only",
+            design=REGIME_B,
+        )
+        console.print(render(summary, args.bootstrap))
+        return
     if args.study == "cub":
         out = args.out or Path("docs/results/consistency")
         if not args.aggregate_only:

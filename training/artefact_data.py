@@ -27,7 +27,13 @@ def artefact_config(manifest: Manifest, overrides: list[str] | None = None) -> T
 
 def splits_model(model: nn.Module, config: TrainConfig) -> nn.Module:
     """What embeds ``load_splits(config)``: with a frozen backbone the splits hold its cached
-    features, so the artefact's head and norm; otherwise the whole model."""
+    features, so the artefact's head and norm (with ``tune_blocks``, its feature maps: the tuned
+    blocks first); otherwise the whole model."""
+    if config.freeze_backbone and config.tune_blocks:
+        from training.partial import TunedSuffix
+
+        suffix = TunedSuffix(model.backbone, config.tune_blocks)
+        return nn.Sequential(suffix, model.head, model.norm)
     return nn.Sequential(model.head, model.norm) if config.freeze_backbone else model
 
 

@@ -59,6 +59,11 @@ class TrainConfig:
     # cached on disk under feature_cache, and only the embedding head trains on them
     freeze_backbone: bool = False
     feature_cache: str = "runs/features"
+    # partial fine-tuning (training.partial, issue 27's regime (b)): with freeze_backbone, the
+    # last tune_blocks blocks of the backbone train too, on cached feature maps at their input,
+    # at lr x tune_lr_factor; 0 keeps the whole backbone frozen
+    tune_blocks: int = 0
+    tune_lr_factor: float = 0.1
     # loss
     loss: str = "multi_similarity"
     ms_alpha: float = 2.0
@@ -129,6 +134,13 @@ class TrainConfig:
 
         if self.freeze_backbone and self.arch not in PRETRAINED:
             problems.append(f"freeze_backbone needs a pretrained arch ({sorted(PRETRAINED)})")
+        if self.tune_blocks < 0 or (self.tune_blocks and not self.freeze_backbone):
+            problems.append(
+                "tune_blocks (the backbone's last blocks that train on cached maps) must be >= 0 "
+                "and needs freeze_backbone=true"
+            )
+        if not 0 < self.tune_lr_factor <= 1:
+            problems.append(f"tune_lr_factor must be in (0, 1], got {self.tune_lr_factor}")
         if self.dataset == "cub" and not self.freeze_backbone:
             problems.append(
                 "dataset=cub trains on cached backbone features: set "

@@ -410,7 +410,8 @@ def load_splits(config: TrainConfig) -> Splits:
     _check(test_raw, "test", config.dataset)
     spec = preprocessing_for(config)
     if config.freeze_backbone:
-        # from here on each "image" is its backbone feature vector, cached across runs
+        # from here on each "image" is its backbone feature vector (with tune_blocks, the
+        # feature maps at the tuned blocks' input), cached across runs
         from training.features import cached_features
 
         train_raw, test_raw = (
@@ -422,6 +423,7 @@ def load_splits(config: TrainConfig) -> Splits:
                     spec,
                     config.feature_cache,
                     description=f"{side} features",
+                    tune_blocks=config.tune_blocks,
                 ),
                 raw.labels,
                 raw.class_names,

@@ -39,16 +39,22 @@ def images_fingerprint(images, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def cache_key(arch: str, weights_sha256: str, spec: Preprocessing, data_fingerprint: str) -> str:
-    blob = json.dumps(
-        {
-            "arch": arch,
-            "weights": weights_sha256,
-            "preprocessing": spec.to_dict(),
-            "data": data_fingerprint,
-        },
-        sort_keys=True,
-    )
+def cache_key(
+    arch: str,
+    weights_sha256: str,
+    spec: Preprocessing,
+    data_fingerprint: str,
+    tune_blocks: int = 0,
+) -> str:
+    fields = {
+        "arch": arch,
+        "weights": weights_sha256,
+        "preprocessing": spec.to_dict(),
+        "data": data_fingerprint,
+    }
+    if tune_blocks:  # feature maps before the last tune_blocks blocks (older keys unchanged)
+        fields["tune_blocks"] = tune_blocks
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -120,8 +126,11 @@ def cached_features(
     chunk: int = 256,
     reverse: bool = False,
     start: float = 0.0,
+    tune_blocks: int = 0,
 ) -> np.ndarray:
     """The backbone's features of ``images``: read from the cache, else extracted and stored.
+    With ``tune_blocks`` > 0, the feature maps ``(N, C, H, W)`` at the input of the backbone's
+    last ``tune_blocks`` blocks instead (``training.partial``: those blocks train on them).
 
     Extraction is resumable: each ``chunk`` of images is stored as it completes (``<key>.parts``)
     and an interrupted run continues from the chunks on disk. Two processes may share the work
@@ -131,8 +140,9 @@ def cached_features(
     from safetensors.numpy import load_file
 
     weights_sha = file_sha256(pretrained_weights_file(arch))
-    key = cache_key(arch, weights_sha, spec, images_fingerprint(images, labels))
-    path = Path(cache_dir) / f"{arch}-{key[:24]}.safetensors"
+    key = cache_key(arch, weights_sha, spec, images_fingerprint(images, labels), tune_blocks)
+    kind = f"-maps{tune_blocks}" if tune_blocks else ""
+    path = Path(cache_dir) / f"{arch}{kind}-{key[:24]}.safetensors"
     if path.is_file():
         feats = load_file(str(path))["features"]
         if len(feats) == len(labels):
@@ -141,8 +151,12 @@ def cached_features(
             return feats
     parts = path.with_suffix(".parts")
     starts = list(range(0, len(labels), chunk))
-    backbone = build_pretrained_backbone(arch, backbone_sha256=weights_sha)
-    meta = {"arch": arch, "weights_sha256": weights_sha}
+    backbone: torch.nn.Module = build_pretrained_backbone(arch, backbone_sha256=weights_sha)
+    if tune_blocks:
+        from training.partial import FrozenPrefix
+
+        backbone = FrozenPrefix(backbone, tune_blocks)
+    meta = {"arch": arch, "weights_sha256": weights_sha, "tune_blocks": str(tune_blocks)}
     t0, done = time.perf_counter(), 0
     k = int(len(starts) * start)
     order = (

@@ -35,7 +35,13 @@ def architecture_kwargs(config: TrainConfig, in_channels: int) -> dict[str, Any]
 
 def build_model(config: TrainConfig, in_channels: int) -> nn.Module:
     """With ``freeze_backbone`` the training input is the backbone's features (``in_channels``
-    is their width) and only the head is built; :func:`full_model` puts it on the backbone."""
+    is their width) and only the head is built; :func:`full_model` puts it on the backbone.
+    With ``tune_blocks`` the input is the feature maps at the tuned blocks' input, and those
+    blocks are built with the head (``training.partial``)."""
+    if config.freeze_backbone and config.tune_blocks:
+        from training.partial import PartialModel
+
+        return PartialModel(config.arch, config.tune_blocks, config.embedding_dim)
     if config.freeze_backbone:
         return build_embedder(
             "feature_head", in_features=in_channels, embedding_dim=config.embedding_dim
@@ -46,10 +52,17 @@ def build_model(config: TrainConfig, in_channels: int) -> nn.Module:
 def full_model(model: nn.Module, config: TrainConfig) -> tuple[nn.Module, tuple[str, ...]]:
     """The network the artefact serves, and the state-dict prefixes it need not store: a head
     trained on cached features goes onto its frozen packaged backbone, which the service
-    rebuilds from the wheel (so the artefact holds the head's few hundred KB only)."""
+    rebuilds from the wheel (so the artefact holds the head's few hundred KB only). Partially
+    tuned blocks go in with the head; only the frozen prefix is left to the wheel."""
     if not config.freeze_backbone:
         return model, ()
     net = build_embedder(config.arch, **architecture_kwargs(config, 3))
+    if config.tune_blocks:
+        from training.partial import PartialModel, frozen_prefixes
+
+        assert isinstance(model, PartialModel)
+        model.load_into(net)
+        return net, frozen_prefixes(net, config.tune_blocks)
     net.head.load_state_dict(model.head.state_dict())
     return net, ("backbone.",)
 

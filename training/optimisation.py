@@ -16,7 +16,15 @@ from training.config import TrainConfig
 
 
 def parameter_groups(model: nn.Module, loss: nn.Module, config: TrainConfig) -> list[dict]:
-    groups = [{"params": list(model.parameters()), "lr": config.lr}]
+    trunk = getattr(model, "trunk", None)  # training.partial: pretrained blocks, a smaller step
+    if trunk is not None and config.tune_blocks:
+        tuned = {id(p) for p in trunk.parameters()}
+        groups = [
+            {"params": [p for p in model.parameters() if id(p) not in tuned], "lr": config.lr},
+            {"params": list(trunk.parameters()), "lr": config.lr * config.tune_lr_factor},
+        ]
+    else:
+        groups = [{"params": list(model.parameters()), "lr": config.lr}]
     proxy_params = list(loss.parameters())
     if proxy_params:
         groups.append({"params": proxy_params, "lr": config.proxy_lr, "weight_decay": 0.0})

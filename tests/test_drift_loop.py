@@ -243,7 +243,7 @@ def test_a_one_tenant_whose_subjects_drift(tmp_path: Path, synthetic: Path) -> N
                 prom,
             )
             hold_quiet(prom, 4.0)
-            healthy = prom.query("tenant:tcm_subjects_opis_over_reference:ratio")[solo]
+            healthy = prom.value("tenant:tcm_subjects_opis_over_reference:ratio", solo)
             # drift: 15 new subjects whose images the model cannot hold together (a camera it
             # has not seen): their genuine pairs collapse while the others' do not
             enrol_vectors(http, auth, *identities(rng, 15, 3, noise=2.5), prefix="new")
@@ -254,7 +254,7 @@ def test_a_one_tenant_whose_subjects_drift(tmp_path: Path, synthetic: Path) -> N
                 "the across-subjects alerts to fire",
                 prom,
             )
-            drifted = prom.query("tenant:tcm_subjects_opis_over_reference:ratio")[solo]
+            drifted = prom.value("tenant:tcm_subjects_opis_over_reference:ratio", solo)
             print(
                 f"(a) one tenant: live / reference upper bound {healthy:.3g} healthy, "
                 f"{drifted:.3g} after drift (alert factor "
@@ -302,7 +302,7 @@ def test_b_one_drifting_tenant_then_retrain_clears(
                 for a in drift_alerts(prom, "firing")
                 if a[0] in ("TCMTenantInconsistent", "TCMOpisDegraded", "TCMEpsOpisDegraded")
             }
-            before = prom.query('tcm_tenant_utility_ratio{source="pooled"}')[drifter]
+            before = prom.value('tcm_tenant_utility_ratio{source="pooled"}', drifter)
 
             # the loop: export what the service holds, retrain from v1, stage, activate
             monkeypatch.setenv("TCM_STORE_URL", settings.store_url)
@@ -357,10 +357,10 @@ def test_b_one_drifting_tenant_then_retrain_clears(
                 prom,
                 state=seen,
             )
-            after = prom.query('tcm_tenant_utility_ratio{source="pooled"}')[drifter]
-            deviation = prom.query("tcm_tenant_deviation")[drifter]
+            after = prom.value('tcm_tenant_utility_ratio{source="pooled"}', drifter)
+            deviation = prom.value("tcm_tenant_deviation", drifter)
             bound = config_factor("tenant_deviation_factor") * max(
-                prom.query("max(tcm_tenants_deviation_reference)")[""],
+                prom.value("max(tcm_tenants_deviation_reference)"),
                 config_factor("opis_reference_floor"),
             )
             print(

@@ -44,6 +44,24 @@ class Prometheus:
             for s in self.get("/api/v1/query", query=expr)["result"]
         }
 
+    def value(self, expr: str, key: str = "", timeout: float = 30.0) -> float:
+        """The sample of ``expr`` for tenant ``key`` ('' when unlabelled), waiting for it to be
+        there: with 1 s scrapes the scrape timeout is 1 s too, and on a busy machine a scrape
+        that runs over marks every series of the target stale, so a recorded series that a
+        test has just seen can be absent for an evaluation or two. A read straight after
+        ``wait_for`` is a read, not the property under test."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.query(expr)
+            if key in found:
+                return found[key]
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"no sample of {expr} for {key!r} in {timeout:.0f} s (seen {found})\n"
+                    f"prometheus log:\n{self.log_tail()}"
+                )
+            time.sleep(0.25)
+
     def alerts(self, state: str = "firing") -> set[tuple[str, str]]:
         """(alertname, tenant label or '') of the alerts in ``state``."""
         return {

@@ -304,5 +304,5 @@ def test_prometheus_sees_one_tenant_drift_on_the_running_service(
         assert drifter["far"] > max(
             snap["tenants"][clients.ids[n]]["far"] for n in NAMES if n != DRIFTER
         )
-        scraped = prom.query("tcm_opis")[""]
+        scraped = prom.value("tcm_opis")
         assert scraped > 2 * snap["baseline"]["opis"]

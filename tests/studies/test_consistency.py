@@ -192,6 +192,13 @@ def test_study_end_to_end_resumes_and_aggregates_from_files(tmp_path: Path) -> N
         == summary["table"]["base/raw"]["recall_at_1"]
     )
     assert cs.aggregate(copy, draws=50)["ProxyAnchor"]["table"] == summary["table"]
+    # regime (b)'s design: base_scaled is not one of its arms and base_lr is a rule control
+    b = cs.aggregate(copy, draws=20, design=cs.REGIME_B)["ProxyAnchor"]
+    assert "base_scaled/raw" not in b["table"] and not b["supplementary_comparisons"]
+    assert b["best_control"] == min(
+        cs.REGIME_B.controls, key=lambda a: b["table"][f"{a}/raw"]["opis"][0]
+    )
+    assert set(b["comparisons"]) == {"tcm/raw", *(f"{a}/asnorm" for a in cs.REGIME_B.arms)}
     docs = tmp_path / "docs"
     cs.write_outputs(copy, docs, draws=20, plot=False)
     assert "best control" in (docs / "consistency_table.md").read_text().lower()

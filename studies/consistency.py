@@ -559,11 +559,18 @@ REGIME_B = Design(
 
 
 def aggregate(
-    out: Path, *, draws: int, eps: float = 0.05, design: Design = Design()
+    out: Path,
+    *,
+    draws: int,
+    eps: float = 0.05,
+    design: Design = Design(),
+    reference: Path | None = None,
 ) -> dict[str, Any]:
     """Every number of the table from the per-run files: per (arm, scoring) the mean and sd over
     the seeds every arm of the loss finished; the best control; each candidate against it with
-    joint-bootstrap intervals, and the rule's verdict."""
+    joint-bootstrap intervals, and the rule's verdict. With ``reference`` (another regime's run
+    folder), the best control and each candidate are also compared, descriptively, with that
+    regime's ``base/raw`` of the same loss on the seeds both have."""
     runs = load_runs(out)
     summary: dict[str, Any] = {}
     required, outside = design.arms, design.supplementary
@@ -628,6 +635,17 @@ def aggregate(
                     views[("tcm", "raw")], views[(arm, "raw")], metrics, c, draws=draws
                 )
                 supplementary[f"tcm/raw vs {arm}/raw"] = {"differences": d, **verdict(d)}
+        against_reference = {}
+        ref_base = load_runs(reference).get(loss, {}).get("base", {}) if reference else {}
+        shared = [i for i, s in enumerate(seeds) if s in ref_base]
+        if shared:
+            ref_view = [scoring_arrays(ref_base[seeds[i]][1], "raw") for i in shared]
+            mine_classes = views[("base", "raw")][0]["classes"]
+            assert all((r["classes"] == mine_classes).all() for r in ref_view)
+            for arm, sc in [(best, "raw"), *candidates]:
+                mine = [views[(arm, sc)][i] for i in shared]
+                d = joint_bootstrap(mine, ref_view, metrics, c, draws=draws)
+                against_reference[f"{arm}/{sc}"] = {"differences": d, **verdict(d)}
         # what TCM saw at the end of training (the last logged window), mean over seeds
         last_window = {
             arm: {
@@ -644,6 +662,8 @@ def aggregate(
             "best_control": best,
             "comparisons": comparisons,
             "supplementary_comparisons": supplementary,
+            "reference_comparisons": against_reference,
+            "reference_seeds": [seeds[i] for i in shared],
             "chosen": json.loads((out / loss / "validation.json").read_text())["chosen"]
             if (out / loss / "validation.json").is_file()
             else None,
@@ -706,6 +726,26 @@ def render(summary: dict[str, Any], draws: int) -> str:
             lines.append(
                 f"| {name} | " + " | ".join(cells) + f" | {'yes' if comp['helps'] else 'no'} |"
             )
+        if s.get("reference_comparisons"):
+            lines += [
+                "",
+                f"Descriptive, outside the rule: against the reference regime's `base/raw` (the "
+                f"served training) on seeds {', '.join(map(str, s['reference_seeds']))}, same "
+                f"test classes, same {draws} joint resamplings:",
+                "",
+                "| this regime's arm | ΔR@1 pt | ΔOPIS % | Δ per-class FRR sd % "
+                "| Δ per-class FAR sd % | Δε-OPIS % | ΔMAP@R pt | clears the rule's bars |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for name, comp in s["reference_comparisons"].items():
+                d = comp["differences"]
+                cells = [
+                    f"{d[k]['estimate']:+.1f} [{d[k]['ci95'][0]:+.1f}, {d[k]['ci95'][1]:+.1f}]"
+                    for k in ("recall_at_1", "opis", "frr_sd", "far_sd", "eps_opis", "map_at_r")
+                ]
+                lines.append(
+                    f"| {name} | " + " | ".join(cells) + f" | {'yes' if comp['helps'] else 'no'} |"
+                )
         lines += [
             "",
             "Last 100 training steps (mean over seeds), at the chosen margins: share of batch "
@@ -761,9 +801,10 @@ def write_outputs(
     what: str = "regime (a)",
     command: str = "python -m studies.consistency --aggregate-only",
     design: Design = Design(),
+    reference: Path | None = None,
 ) -> dict[str, Any]:
     """``<name>_table.md``, ``<name>_summary.json`` and ``<name>_violations.png`` in ``docs``."""
-    summary = aggregate(out, draws=draws, design=design)
+    summary = aggregate(out, draws=draws, design=design, reference=reference)
     docs.mkdir(parents=True, exist_ok=True)
     text = render(summary, draws)
     (docs / f"{name}_table.md").write_text(
@@ -968,6 +1009,7 @@ def main() -> None:
             what="regime (b), Lite0's last stage tuned",
             command="python -m studies.consistency --regime b --aggregate-only",
             design=REGIME_B,
+            reference=Path("docs/results/consistency"),  # regime (a)'s committed runs
         )
         console.print(render(summary, args.bootstrap))
         return

@@ -1,0 +1,265 @@
+"""The tenant-move protocol (issue 31 item 4; ``service.domain.placement``), checked by
+exhaustive interleaving: every order in which replicas refresh their copy of the placement
+table, load or drop the tenant, the controller steps the move, and client requests arrive at any
+replica, are forwarded, delivered to any replica of a group and answered.
+
+Properties, over every reachable end state: every request is answered by a replica that holds
+the tenant (no refusal, no answer from a replica without it: never misrouted), no request is
+forwarded twice, and the move finishes with only the target group holding the tenant. Each
+rule of the protocol is then removed in turn (a mutant) and the check must find the request
+that fails. Not modelled: replica crashes (a crashed replica's requests fail with it; its lease
+expires and it stops counting for acknowledgements) and the store itself (Redis Cluster's own
+failover is issue 31's item 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import pytest
+
+from service.domain import placement as pl
+
+TENANT = "acme"
+GROUPS = ("S", "T", "X")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The rules under check; a mutant replaces one."""
+
+    route: Callable[..., pl.Decision] = pl.route
+    step: Callable[..., pl.Placement | None] = pl.next_move_step
+    acknowledged: Callable[..., int] = pl.acknowledged
+
+
+@dataclass(frozen=True)
+class Req:
+    # pending | exec (at `at`) | net (to group `group`) | ok | failed
+    phase: str = "pending"
+    at: int = -1  # the replica answering it (exec)
+    sender: int = -1  # the replica a client sent it to (it stays unanswered there)
+    sent_under: int = 0  # the version under which `sender` routed it
+    served_under: int = 0  # the version under which `at` accepted it
+    group: str = ""
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class State:
+    tables: tuple[pl.Placement, ...]  # every version so far; the last is the store's
+    cached: tuple[int, ...]  # each replica's copy (a version)
+    holds: tuple[bool, ...]
+    reqs: tuple[Req, ...]
+
+
+def initial(groups_of: tuple[str, ...], requests: int) -> State:
+    table = pl.Placement(version=1, groups=GROUPS, explicit=((TENANT, "S"),))
+    return State(
+        tables=(table,),
+        cached=tuple(1 for _ in groups_of),
+        holds=tuple(g == "S" for g in groups_of),
+        reqs=tuple(Req() for _ in range(requests)),
+    )
+
+
+def unanswered(s: State, r: int) -> list[int]:
+    """The versions under which replica r accepted requests still unanswered."""
+    out = []
+    for q in s.reqs:
+        if q.phase in ("exec", "net") and q.sender == r:
+            out.append(q.sent_under)
+        if q.phase == "exec" and q.at == r:
+            out.append(q.served_under)
+    return out
+
+
+def successors(s: State, groups_of: tuple[str, ...], p: Protocol) -> Iterator[State]:
+    store = s.tables[-1]
+    n = len(groups_of)
+    for r in range(n):
+        if s.cached[r] < store.version:  # a replica reads the table again
+            yield replace(s, cached=_set(s.cached, r, store.version))
+        should = groups_of[r] in s.tables[s.cached[r] - 1].holders(TENANT)
+        if should != s.holds[r]:  # loads (and follows) or drops the tenant
+            yield replace(s, holds=_set(s.holds, r, should))
+    # the controller: begin once, then the protocol's steps
+    if store.version == 1:
+        yield replace(s, tables=(*s.tables, store.begin(TENANT, "T")))
+    else:
+        ready = all(s.holds[r] for r in range(n) if groups_of[r] == "T")
+        acked = min(p.acknowledged(s.cached[r], unanswered(s, r)) for r in range(n))
+        nxt = p.step(store, TENANT, target_ready=ready, min_acknowledged=acked)
+        if nxt is not None:
+            yield replace(s, tables=(*s.tables, nxt))
+    for i, q in enumerate(s.reqs):
+        if q.phase == "pending":
+            if any(o.phase == "pending" for o in s.reqs[:i]):
+                continue  # requests are alike: the first pending one arrives first
+            for r in range(n):  # a client sends it to any replica
+                table = s.tables[s.cached[r] - 1]
+                d = p.route(table, groups_of[r], s.holds[r], TENANT, None)
+                yield _decided(s, i, d, r, r, s.cached[r], groups_of)
+        elif q.phase == "net":
+            for r in range(n):
+                if groups_of[r] != q.group:
+                    continue
+                cached = s.cached[r]
+                d = p.route(s.tables[cached - 1], q.group, s.holds[r], TENANT, q.sent_under)
+                if isinstance(d, pl.Refresh):  # one read of the table, then decide
+                    cached = store.version
+                    d = p.route(s.tables[cached - 1], q.group, s.holds[r], TENANT, q.sent_under)
+                t = replace(s, cached=_set(s.cached, r, cached))
+                yield _decided(t, i, d, r, q.sender, q.sent_under, groups_of, forwarded=True)
+        elif q.phase == "exec":  # answered from the index, which must hold the tenant
+            done = Req("ok") if s.holds[q.at] else Req("failed", why="answered without the tenant")
+            yield replace(s, reqs=_set(s.reqs, i, done))
+
+
+def _decided(
+    s: State,
+    i: int,
+    d: pl.Decision,
+    r: int,
+    sender: int,
+    sent_under: int,
+    groups_of: tuple[str, ...],
+    *,
+    forwarded: bool = False,
+) -> State:
+    if isinstance(d, pl.Serve):
+        q = Req("exec", at=r, sender=sender, sent_under=sent_under, served_under=s.cached[r])
+    elif isinstance(d, pl.Forward):
+        q = (
+            Req("failed", why="forwarded twice")
+            if forwarded
+            else Req("net", sender=r, sent_under=d.version, group=d.group)
+        )
+    elif isinstance(d, pl.Refuse):
+        q = Req("failed", why=f"refused: {d.reason}")
+    else:
+        q = Req("failed", why="refresh did not settle")
+    return replace(s, reqs=_set(s.reqs, i, q))
+
+
+def _set(t: tuple, i: int, v: object) -> tuple:
+    return (*t[:i], v, *t[i + 1 :])
+
+
+@dataclass
+class Outcome:
+    states: int
+    ends: int
+    failures: set[str]
+    unfinished: int  # end states where the move did not finish
+    wrong_holders: int  # end states where a replica holds what its final copy says it must not
+
+
+def explore(groups_of: tuple[str, ...], requests: int, p: Protocol = Protocol()) -> Outcome:
+    start = initial(groups_of, requests)
+    seen, stack = {start}, [start]
+    ends = unfinished = wrong = 0
+    failures: set[str] = set()
+    while stack:
+        s = stack.pop()
+        nexts = list(successors(s, groups_of, p))
+        for q in s.reqs:
+            if q.phase == "failed":
+                failures.add(q.why)
+        if not nexts:
+            ends += 1
+            final = s.tables[-1]
+            if final.moves or final.owner(TENANT) != "T" or len(s.tables) < 4:
+                unfinished += 1
+            if any(h != (g == "T") for h, g in zip(s.holds, groups_of, strict=True)):
+                wrong += 1
+        for t in nexts:
+            if t not in seen:
+                seen.add(t)
+                stack.append(t)
+    return Outcome(len(seen), ends, failures, unfinished, wrong)
+
+
+# S has one replica, T two (the switch waits for both), X one that owns nothing of this tenant
+FLEET = ("S", "T", "T", "X")
+
+
+def test_every_interleaving_answers_every_request_and_finishes_the_move() -> None:
+    out = explore(FLEET, requests=2)
+    assert out.states > 10_000 and out.ends > 0  # the space really was explored
+    assert out.failures == set()
+    assert out.unfinished == 0 and out.wrong_holders == 0
+
+
+def _finish_at_once(table: pl.Placement, tenant: str, **facts: object) -> pl.Placement | None:
+    return pl.next_move_step(
+        table, tenant, target_ready=facts["target_ready"], min_acknowledged=10**9
+    )
+
+
+def _switch_before_ready(table: pl.Placement, tenant: str, **facts: object) -> pl.Placement | None:
+    return pl.next_move_step(
+        table, tenant, target_ready=True, min_acknowledged=facts["min_acknowledged"]
+    )
+
+
+def _forward_again(
+    table: pl.Placement, group: str, holds: bool, tenant: str, fwd: int | None
+) -> pl.Decision:
+    d = pl.route(table, group, holds, tenant, fwd)
+    return pl.Forward(table.owner(tenant), table.version) if isinstance(d, pl.Refuse) else d
+
+
+@pytest.mark.parametrize(
+    "mutant, failure",
+    [
+        # the source drops the tenant while a stale replica's forward is still on its way
+        (Protocol(step=_finish_at_once), "refused: stale placement"),
+        # the target becomes the owner before its replicas have loaded the tenant
+        (Protocol(step=_switch_before_ready), "refused: loading"),
+        # acknowledging the new version while a request routed under the old one is unanswered
+        (Protocol(acknowledged=lambda version, unanswered: version), "refused: stale placement"),
+        # a stale forward forwarded on instead of refused
+        (Protocol(route=_forward_again, step=_finish_at_once), "forwarded twice"),
+    ],
+)
+def test_each_rule_is_needed(mutant: Protocol, failure: str) -> None:
+    out = explore(FLEET, requests=1, p=mutant)
+    assert failure in out.failures, out.failures
+
+
+def test_routing_decisions() -> None:
+    t = pl.Placement(version=3, groups=GROUPS, explicit=((TENANT, "S"),))
+    assert pl.route(t, "S", True, TENANT, None) == pl.Serve()
+    assert pl.route(t, "S", False, TENANT, None) == pl.Refuse("loading")
+    assert pl.route(t, "X", False, TENANT, None) == pl.Forward("S", 3)
+    assert pl.route(t, "X", False, TENANT, 2) == pl.Refuse("stale placement")
+    assert pl.route(t, "X", True, TENANT, 2) == pl.Serve()  # a move's source still holds it
+    assert pl.route(t, "X", False, TENANT, 4) == pl.Refresh()  # the sender's table is newer
+
+
+def test_the_table_refuses_impossible_moves() -> None:
+    t = pl.Placement(version=1, groups=GROUPS, explicit=((TENANT, "S"),))
+    with pytest.raises(ValueError, match="unknown group"):
+        t.begin(TENANT, "Z")
+    with pytest.raises(ValueError, match="already in group"):
+        t.begin(TENANT, "S")
+    moving = t.begin(TENANT, "T")
+    with pytest.raises(ValueError, match="already moving"):
+        moving.begin(TENANT, "X")
+    with pytest.raises(ValueError, match="no switched move"):
+        moving.finish(TENANT)
+    switched = moving.switch(TENANT)
+    assert switched.owner(TENANT) == "T" and switched.holders(TENANT) == {"S", "T"}
+    done = switched.finish(TENANT)
+    assert done.version == 4 and done.holders(TENANT) == {"T"} and not done.moves
+
+
+def test_hash_placement_is_stable_and_uses_every_group() -> None:
+    t = pl.Placement(version=1, groups=GROUPS)
+    owners = [t.owner(f"tenant-{i}") for i in range(300)]
+    assert owners == [t.owner(f"tenant-{i}") for i in range(300)]
+    assert set(owners) == set(GROUPS)
+    # a big tenant pinned by an explicit entry goes where it is told
+    pinned = replace(t, explicit=(("tenant-0", "X"),))
+    assert pinned.owner("tenant-0") == "X"

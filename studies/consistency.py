@@ -684,6 +684,16 @@ TABLE_KEYS = [
 ]
 
 
+def _comparison_row(name: str, comp: dict[str, Any]) -> str:
+    """One comparison as a table row: each difference with its interval, then the verdict."""
+    d = comp["differences"]
+    cells = [
+        f"{d[k]['estimate']:+.1f} [{d[k]['ci95'][0]:+.1f}, {d[k]['ci95'][1]:+.1f}]"
+        for k in ("recall_at_1", "opis", "frr_sd", "far_sd", "eps_opis", "map_at_r")
+    ]
+    return f"| {name} | " + " | ".join(cells) + f" | {'yes' if comp['helps'] else 'no'} |"
+
+
 def render(summary: dict[str, Any], draws: int) -> str:
     lines = []
     for loss, s in summary.items():
@@ -718,14 +728,7 @@ def render(summary: dict[str, Any], draws: int) -> str:
                 for k, v in s["supplementary_comparisons"].items()
             ),
         ]:
-            d = comp["differences"]
-            cells = [
-                f"{d[k]['estimate']:+.1f} [{d[k]['ci95'][0]:+.1f}, {d[k]['ci95'][1]:+.1f}]"
-                for k in ("recall_at_1", "opis", "frr_sd", "far_sd", "eps_opis", "map_at_r")
-            ]
-            lines.append(
-                f"| {name} | " + " | ".join(cells) + f" | {'yes' if comp['helps'] else 'no'} |"
-            )
+            lines.append(_comparison_row(name, comp))
         if s.get("reference_comparisons"):
             lines += [
                 "",
@@ -737,15 +740,7 @@ def render(summary: dict[str, Any], draws: int) -> str:
                 "| Δ per-class FAR sd % | Δε-OPIS % | ΔMAP@R pt | clears the rule's bars |",
                 "|---|---|---|---|---|---|---|---|",
             ]
-            for name, comp in s["reference_comparisons"].items():
-                d = comp["differences"]
-                cells = [
-                    f"{d[k]['estimate']:+.1f} [{d[k]['ci95'][0]:+.1f}, {d[k]['ci95'][1]:+.1f}]"
-                    for k in ("recall_at_1", "opis", "frr_sd", "far_sd", "eps_opis", "map_at_r")
-                ]
-                lines.append(
-                    f"| {name} | " + " | ".join(cells) + f" | {'yes' if comp['helps'] else 'no'} |"
-                )
+            lines += [_comparison_row(n, c) for n, c in s["reference_comparisons"].items()]
         lines += [
             "",
             "Last 100 training steps (mean over seeds), at the chosen margins: share of batch "

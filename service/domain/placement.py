@@ -17,10 +17,13 @@ The protocol (``docs/scaling.md``, "Moving a tenant"):
   ``finish``, once every live replica has acknowledged the switch's version, removes the move,
   and S's replicas drop t when their copy reaches that version.
 - **Routing** (:func:`route`) at a replica of group g: the owner's replicas serve what they
-  hold; any other replica forwards a request once, to the owner in its copy, with its copy's
+  hold; any other replica (or an owner's replica still loading) forwards a request once, to a
+  replica of the owner group in its copy that reports holding the tenant, with its copy's
   version; a forwarded request is served wherever the tenant is held (a move's source still
   holds it), makes a receiver whose copy is older than the sender's refresh first, and is
-  otherwise refused with 503 and ``Retry-After`` ("stale placement"), never forwarded again.
+  otherwise refused with 503 and ``Retry-After`` ("loading", "stale placement"), never
+  forwarded again. A replica is ready (in the load balancer) when it holds every tenant its
+  copy says its group owns.
 """
 
 from __future__ import annotations
@@ -160,9 +163,11 @@ def route(
     if forwarded_under is not None and forwarded_under > table.version:
         return Refresh()
     owner = table.owner(tenant)
+    if owner == group and holds:
+        return Serve()
+    if forwarded_under is None:  # to the owner, or to a peer that has loaded it (this one is
+        return Forward(owner, table.version)  # restarting: the load balancer should skip it)
     if owner == group:
-        return Serve() if holds else Refuse("loading")
-    if forwarded_under is None:
-        return Forward(owner, table.version)
+        return Refuse("loading")
     # forwarded once already: serve it if the tenant is here (a move's source), never forward
     return Serve() if holds else Refuse("stale placement")

@@ -7,8 +7,10 @@ Properties, over every reachable end state: every request is answered by a repli
 the tenant (no refusal, no answer from a replica without it: never misrouted), no request is
 forwarded twice, and the move finishes with only the target group holding the tenant. Each
 rule of the protocol is then removed in turn (a mutant) and the check must find the request
-that fails. Not modelled: replica crashes (a crashed replica's requests fail with it; its lease
-expires and it stops counting for acknowledgements) and the store itself (Redis Cluster's own
+that fails. With ``crashes=1`` any one replica may also crash at any point (losing its index
+and its unanswered requests, which fail with it, as do forwards to a group left with no live
+replica) and restart; the controller counts live replicas only, and a restarted replica reads
+the table before it routes anything. Not modelled: the store itself (Redis Cluster's own
 failover is issue 31's item 1)."""
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Protocol:
     route: Callable[..., pl.Decision] = pl.route
     step: Callable[..., pl.Placement | None] = pl.next_move_step
     acknowledged: Callable[..., int] = pl.acknowledged
+    refresh_on_restart: bool = True
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,19 @@ class State:
     cached: tuple[int, ...]  # each replica's copy (a version)
     holds: tuple[bool, ...]
     reqs: tuple[Req, ...]
+    alive: tuple[bool, ...]
+    crashes_left: int = 0
 
 
-def initial(groups_of: tuple[str, ...], requests: int) -> State:
+def initial(groups_of: tuple[str, ...], requests: int, crashes: int = 0) -> State:
     table = pl.Placement(version=1, groups=GROUPS, explicit=((TENANT, "S"),))
     return State(
         tables=(table,),
         cached=tuple(1 for _ in groups_of),
         holds=tuple(g == "S" for g in groups_of),
         reqs=tuple(Req() for _ in range(requests)),
+        alive=tuple(True for _ in groups_of),
+        crashes_left=crashes,
     )
 
 
@@ -77,7 +84,14 @@ def unanswered(s: State, r: int) -> list[int]:
 def successors(s: State, groups_of: tuple[str, ...], p: Protocol) -> Iterator[State]:
     store = s.tables[-1]
     n = len(groups_of)
+    live = [r for r in range(n) if s.alive[r]]
     for r in range(n):
+        if not s.alive[r]:  # it restarts with an empty memory, and reads the table first
+            cached = store.version if p.refresh_on_restart else s.cached[r]
+            yield replace(s, alive=_set(s.alive, r, True), cached=_set(s.cached, r, cached))
+            continue
+        if s.crashes_left:
+            yield _crash(s, r)
         if s.cached[r] < store.version:  # a replica reads the table again
             yield replace(s, cached=_set(s.cached, r, store.version))
         should = groups_of[r] in s.tables[s.cached[r] - 1].holders(TENANT)
@@ -87,8 +101,9 @@ def successors(s: State, groups_of: tuple[str, ...], p: Protocol) -> Iterator[St
     if store.version == 1:
         yield replace(s, tables=(*s.tables, store.begin(TENANT, "T")))
     else:
-        ready = all(s.holds[r] for r in range(n) if groups_of[r] == "T")
-        acked = min(p.acknowledged(s.cached[r], unanswered(s, r)) for r in range(n))
+        targets = [r for r in live if groups_of[r] == "T"]
+        ready = bool(targets) and all(s.holds[r] for r in targets)
+        acked = min(p.acknowledged(s.cached[r], unanswered(s, r)) for r in live)
         nxt = p.step(store, TENANT, target_ready=ready, min_acknowledged=acked)
         if nxt is not None:
             yield replace(s, tables=(*s.tables, nxt))
@@ -96,14 +111,18 @@ def successors(s: State, groups_of: tuple[str, ...], p: Protocol) -> Iterator[St
         if q.phase == "pending":
             if any(o.phase == "pending" for o in s.reqs[:i]):
                 continue  # requests are alike: the first pending one arrives first
-            for r in range(n):  # a client sends it to any replica
+            for r in live:  # the load balancer sends it to any ready replica
                 table = s.tables[s.cached[r] - 1]
+                if table.owner(TENANT) == groups_of[r] and not s.holds[r]:
+                    continue  # not ready: it has not loaded a tenant its group owns
                 d = p.route(table, groups_of[r], s.holds[r], TENANT, None)
                 yield _decided(s, i, d, r, r, s.cached[r], groups_of)
         elif q.phase == "net":
-            for r in range(n):
-                if groups_of[r] != q.group:
-                    continue
+            # a forward goes to a live replica of the group that reports holding the tenant
+            holders = [r for r in live if groups_of[r] == q.group and s.holds[r]]
+            if not holders:
+                yield replace(s, reqs=_set(s.reqs, i, Req("failed", why="no holder in the group")))
+            for r in holders:
                 cached = s.cached[r]
                 d = p.route(s.tables[cached - 1], q.group, s.holds[r], TENANT, q.sent_under)
                 if isinstance(d, pl.Refresh):  # one read of the table, then decide
@@ -114,6 +133,23 @@ def successors(s: State, groups_of: tuple[str, ...], p: Protocol) -> Iterator[St
         elif q.phase == "exec":  # answered from the index, which must hold the tenant
             done = Req("ok") if s.holds[q.at] else Req("failed", why="answered without the tenant")
             yield replace(s, reqs=_set(s.reqs, i, done))
+
+
+def _crash(s: State, r: int) -> State:
+    """Replica r dies: its index is gone, and so is every request it had not answered."""
+    reqs = tuple(
+        Req("failed", why="crashed")
+        if q.phase in ("exec", "net") and r in (q.sender, q.at if q.phase == "exec" else -1)
+        else q
+        for q in s.reqs
+    )
+    return replace(
+        s,
+        alive=_set(s.alive, r, False),
+        holds=_set(s.holds, r, False),
+        reqs=reqs,
+        crashes_left=s.crashes_left - 1,
+    )
 
 
 def _decided(
@@ -155,8 +191,16 @@ class Outcome:
     wrong_holders: int  # end states where a replica holds what its final copy says it must not
 
 
-def explore(groups_of: tuple[str, ...], requests: int, p: Protocol = Protocol()) -> Outcome:
-    start = initial(groups_of, requests)
+def explore(
+    groups_of: tuple[str, ...],
+    requests: int,
+    p: Protocol = Protocol(),
+    crashes: int = 0,
+    stop_at: Callable[[str], bool] = lambda why: False,
+) -> Outcome:
+    """Every reachable state from the start; ``stop_at(why)``: return at the first such failure
+    (a mutant's check needs one counterexample, not the whole space)."""
+    start = initial(groups_of, requests, crashes)
     seen, stack = {start}, [start]
     ends = unfinished = wrong = 0
     failures: set[str] = set()
@@ -166,6 +210,8 @@ def explore(groups_of: tuple[str, ...], requests: int, p: Protocol = Protocol())
         for q in s.reqs:
             if q.phase == "failed":
                 failures.add(q.why)
+                if stop_at(q.why):
+                    return Outcome(len(seen), ends, failures, unfinished, wrong)
         if not nexts:
             ends += 1
             final = s.tables[-1]
@@ -191,6 +237,23 @@ def test_every_interleaving_answers_every_request_and_finishes_the_move() -> Non
     assert out.unfinished == 0 and out.wrong_holders == 0
 
 
+# groups of two replicas (the issue's shard groups): one crash must cost only what it held
+PAIRS = ("S", "S", "T", "T", "X")
+
+
+def test_a_crash_during_a_move_costs_only_the_dead_replicas_requests() -> None:
+    out = explore(PAIRS, requests=1, crashes=1)
+    assert out.states > 10_000
+    assert out.failures == {"crashed"}
+    assert out.unfinished == 0 and out.wrong_holders == 0
+
+
+def test_a_restarted_replica_must_read_the_table_before_routing() -> None:
+    mutant = Protocol(refresh_on_restart=False)
+    out = explore(PAIRS, 1, mutant, crashes=1, stop_at=lambda why: why != "crashed")
+    assert out.failures - {"crashed"}, out.failures
+
+
 def _finish_at_once(table: pl.Placement, tenant: str, **facts: object) -> pl.Placement | None:
     return pl.next_move_step(
         table, tenant, target_ready=facts["target_ready"], min_acknowledged=10**9
@@ -203,35 +266,27 @@ def _switch_before_ready(table: pl.Placement, tenant: str, **facts: object) -> p
     )
 
 
-def _forward_again(
-    table: pl.Placement, group: str, holds: bool, tenant: str, fwd: int | None
-) -> pl.Decision:
-    d = pl.route(table, group, holds, tenant, fwd)
-    return pl.Forward(table.owner(tenant), table.version) if isinstance(d, pl.Refuse) else d
-
-
 @pytest.mark.parametrize(
     "mutant, failure",
     [
         # the source drops the tenant while a stale replica's forward is still on its way
-        (Protocol(step=_finish_at_once), "refused: stale placement"),
+        (Protocol(step=_finish_at_once), "no holder in the group"),
         # the target becomes the owner before its replicas have loaded the tenant
-        (Protocol(step=_switch_before_ready), "refused: loading"),
+        (Protocol(step=_switch_before_ready), "no holder in the group"),
         # acknowledging the new version while a request routed under the old one is unanswered
-        (Protocol(acknowledged=lambda version, unanswered: version), "refused: stale placement"),
-        # a stale forward forwarded on instead of refused
-        (Protocol(route=_forward_again, step=_finish_at_once), "forwarded twice"),
+        (Protocol(acknowledged=lambda version, unanswered: version), "no holder in the group"),
     ],
 )
 def test_each_rule_is_needed(mutant: Protocol, failure: str) -> None:
-    out = explore(FLEET, requests=1, p=mutant)
+    out = explore(FLEET, requests=1, p=mutant, stop_at=lambda why: why == failure)
     assert failure in out.failures, out.failures
 
 
 def test_routing_decisions() -> None:
     t = pl.Placement(version=3, groups=GROUPS, explicit=((TENANT, "S"),))
     assert pl.route(t, "S", True, TENANT, None) == pl.Serve()
-    assert pl.route(t, "S", False, TENANT, None) == pl.Refuse("loading")
+    assert pl.route(t, "S", False, TENANT, None) == pl.Forward("S", 3)  # to a peer holding it
+    assert pl.route(t, "S", False, TENANT, 3) == pl.Refuse("loading")  # forwarded once already
     assert pl.route(t, "X", False, TENANT, None) == pl.Forward("S", 3)
     assert pl.route(t, "X", False, TENANT, 2) == pl.Refuse("stale placement")
     assert pl.route(t, "X", True, TENANT, 2) == pl.Serve()  # a move's source still holds it

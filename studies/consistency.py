@@ -564,16 +564,18 @@ def aggregate(
     draws: int,
     eps: float = 0.05,
     design: Design = Design(),
-    reference: Path | None = None,
+    reference: tuple[Path, str] | None = None,
 ) -> dict[str, Any]:
     """Every number of the table from the per-run files: per (arm, scoring) the mean and sd over
     the seeds every arm of the loss finished; the best control; each candidate against it with
     joint-bootstrap intervals, and the rule's verdict. With ``reference`` (another regime's run
-    folder), the best control and each candidate are also compared, descriptively, with that
-    regime's ``base/raw`` of the same loss on the seeds both have."""
+    folder and one of its losses: the served training), ``base/raw``, the best control and each
+    candidate are also compared, descriptively, with that run's ``base/raw`` on the seeds both
+    have."""
     runs = load_runs(out)
     summary: dict[str, Any] = {}
     required, outside = design.arms, design.supplementary
+    ref_base = load_runs(reference[0]).get(reference[1], {}).get("base", {}) if reference else {}
     for loss, arms in runs.items():
         if not all(a in arms for a in required):
             continue
@@ -636,13 +638,12 @@ def aggregate(
                 )
                 supplementary[f"tcm/raw vs {arm}/raw"] = {"differences": d, **verdict(d)}
         against_reference = {}
-        ref_base = load_runs(reference).get(loss, {}).get("base", {}) if reference else {}
         shared = [i for i, s in enumerate(seeds) if s in ref_base]
         if shared:
             ref_view = [scoring_arrays(ref_base[seeds[i]][1], "raw") for i in shared]
             mine_classes = views[("base", "raw")][0]["classes"]
             assert all((r["classes"] == mine_classes).all() for r in ref_view)
-            for arm, sc in [(best, "raw"), *candidates]:
+            for arm, sc in dict.fromkeys([("base", "raw"), (best, "raw"), *candidates]):
                 mine = [views[(arm, sc)][i] for i in shared]
                 d = joint_bootstrap(mine, ref_view, metrics, c, draws=draws)
                 against_reference[f"{arm}/{sc}"] = {"differences": d, **verdict(d)}
@@ -664,6 +665,7 @@ def aggregate(
             "supplementary_comparisons": supplementary,
             "reference_comparisons": against_reference,
             "reference_seeds": [seeds[i] for i in shared],
+            "reference": f"{reference[1]} in {reference[0]}" if reference else None,
             "chosen": json.loads((out / loss / "validation.json").read_text())["chosen"]
             if (out / loss / "validation.json").is_file()
             else None,
@@ -732,9 +734,9 @@ def render(summary: dict[str, Any], draws: int) -> str:
         if s.get("reference_comparisons"):
             lines += [
                 "",
-                f"Descriptive, outside the rule: against the reference regime's `base/raw` (the "
-                f"served training) on seeds {', '.join(map(str, s['reference_seeds']))}, same "
-                f"test classes, same {draws} joint resamplings:",
+                f"Descriptive, outside the rule: against {s['reference']} `base/raw` (the served "
+                f"training) on seeds {', '.join(map(str, s['reference_seeds']))}, same test "
+                f"classes, same {draws} joint resamplings:",
                 "",
                 "| this regime's arm | ΔR@1 pt | ΔOPIS % | Δ per-class FRR sd % "
                 "| Δ per-class FAR sd % | Δε-OPIS % | ΔMAP@R pt | clears the rule's bars |",
@@ -796,7 +798,7 @@ def write_outputs(
     what: str = "regime (a)",
     command: str = "python -m studies.consistency --aggregate-only",
     design: Design = Design(),
-    reference: Path | None = None,
+    reference: tuple[Path, str] | None = None,
 ) -> dict[str, Any]:
     """``<name>_table.md``, ``<name>_summary.json`` and ``<name>_violations.png`` in ``docs``."""
     summary = aggregate(out, draws=draws, design=design, reference=reference)
@@ -1004,7 +1006,8 @@ def main() -> None:
             what="regime (b), Lite0's last stage tuned",
             command="python -m studies.consistency --regime b --aggregate-only",
             design=REGIME_B,
-            reference=Path("docs/results/consistency"),  # regime (a)'s committed runs
+            # the served bird model's training: regime (a), ProxyAnchor (its committed runs)
+            reference=(Path("docs/results/consistency"), "ProxyAnchor"),
         )
         console.print(render(summary, args.bootstrap))
         return

@@ -200,10 +200,12 @@ def test_study_end_to_end_resumes_and_aggregates_from_files(tmp_path: Path) -> N
     )
     assert set(b["comparisons"]) == {"tcm/raw", *(f"{a}/asnorm" for a in cs.REGIME_B.arms)}
     # against another regime's served training (here: these very runs), descriptively
-    r = cs.aggregate(copy, draws=20, design=cs.REGIME_B, reference=copy)["ProxyAnchor"]
+    r = cs.aggregate(copy, draws=20, design=cs.REGIME_B, reference=(copy, "ProxyAnchor"))
+    r = r["ProxyAnchor"]
     assert r["reference_seeds"] == [0, 1] and r["table"] == b["table"]
     ref = r["reference_comparisons"]
-    assert set(ref) == {f"{b['best_control']}/raw", *b["comparisons"]}
+    assert set(ref) == {"base/raw", f"{b['best_control']}/raw", *b["comparisons"]}
+    assert ref["base/raw"]["differences"]["opis"]["estimate"] == 0  # itself
     assert ref["base/asnorm"]["differences"]["recall_at_1"]["estimate"] == 0  # cosine ranks
     t, c = r["table"]["tcm/raw"]["opis"][0], r["table"]["base/raw"]["opis"][0]
     assert ref["tcm/raw"]["differences"]["opis"]["estimate"] == pytest.approx(100 * (t / c - 1))

@@ -39,9 +39,9 @@ def build_model(config: TrainConfig, in_channels: int) -> nn.Module:
     With ``tune_blocks`` the input is the feature maps at the tuned blocks' input, and those
     blocks are built with the head (``training.partial``)."""
     if config.freeze_backbone and config.tune_blocks:
-        from training.partial import PartialModel
+        from training.partial import partial_model
 
-        return PartialModel(config.arch, config.tune_blocks, config.embedding_dim)
+        return partial_model(config.arch, config.tune_blocks, config.embedding_dim)
     if config.freeze_backbone:
         return build_embedder(
             "feature_head", in_features=in_channels, embedding_dim=config.embedding_dim
@@ -58,10 +58,9 @@ def full_model(model: nn.Module, config: TrainConfig) -> tuple[nn.Module, tuple[
         return model, ()
     net = build_embedder(config.arch, **architecture_kwargs(config, 3))
     if config.tune_blocks:
-        from training.partial import PartialModel, frozen_prefixes
+        from training.partial import frozen_prefixes, load_into
 
-        assert isinstance(model, PartialModel)
-        model.load_into(net)
+        load_into(model, net)
         return net, frozen_prefixes(net, config.tune_blocks)
     net.head.load_state_dict(model.head.state_dict())
     return net, ("backbone.",)

@@ -16,12 +16,14 @@ from training.config import TrainConfig
 
 
 def parameter_groups(model: nn.Module, loss: nn.Module, config: TrainConfig) -> list[dict]:
-    trunk = getattr(model, "trunk", None)  # training.partial: pretrained blocks, a smaller step
-    if trunk is not None and config.tune_blocks:
-        tuned = {id(p) for p in trunk.parameters()}
+    if config.freeze_backbone and config.tune_blocks:  # pretrained blocks: a smaller step
+        from training.partial import tuned_suffix
+
+        suffix = tuned_suffix(model)
+        tuned = {id(p) for p in suffix.parameters()}
         groups = [
             {"params": [p for p in model.parameters() if id(p) not in tuned], "lr": config.lr},
-            {"params": list(trunk.parameters()), "lr": config.lr * config.tune_lr_factor},
+            {"params": list(suffix.parameters()), "lr": config.lr * config.tune_lr_factor},
         ]
     else:
         groups = [{"params": list(model.parameters()), "lr": config.lr}]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tcm.embedders import L2Normalise, build_pretrained_backbone
+from tcm.embedders import BackboneWithHead, build_pretrained_backbone
 
 
 def _blocks(backbone: nn.Module) -> nn.ModuleList:
@@ -78,28 +78,32 @@ class TunedSuffix(nn.Module):
         return self.act(self.bn1(self.conv_head(x))).mean(dim=(2, 3))
 
 
-class PartialModel(nn.Module):
-    """What regime (b) trains: ``TunedSuffix`` + the linear head, on cached feature maps. The
-    head's names (``head.*``) are those of the served ``BackboneWithHead``."""
+def partial_model(arch: str, tune_blocks: int, embedding_dim: int) -> BackboneWithHead:
+    """What regime (b) trains: the served network's own head (``BackboneWithHead``) on a
+    ``TunedSuffix`` in place of the whole backbone, so its names (``head.*``) are the served
+    ones."""
+    backbone = build_pretrained_backbone(arch)
+    suffix = TunedSuffix(backbone, tune_blocks)
+    return BackboneWithHead(suffix, backbone.net._conv_head.out_channels, embedding_dim)
 
-    def __init__(self, arch: str, tune_blocks: int, embedding_dim: int) -> None:
-        super().__init__()
-        backbone = build_pretrained_backbone(arch)
-        self.trunk = TunedSuffix(backbone, tune_blocks)
-        self.head = nn.Linear(backbone.net._conv_head.out_channels, embedding_dim)
-        self.norm = L2Normalise()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.head(self.trunk(x)))
+def tuned_suffix(model: nn.Module) -> TunedSuffix:
+    """The tuned part of a model :func:`partial_model` built."""
+    suffix = getattr(model, "backbone", None)
+    if not isinstance(suffix, TunedSuffix):
+        raise TypeError(f"not a partially tuned model: {type(model).__name__}")
+    return suffix
 
-    def load_into(self, served: nn.Module) -> None:
-        """Copies the tuned weights into the full served network (``BackboneWithHead``)."""
-        net = served.backbone.net
-        for i, block in enumerate(self.trunk.blocks):
-            net._blocks[self.trunk.first + i].load_state_dict(block.state_dict())
-        net._conv_head.load_state_dict(self.trunk.conv_head.state_dict())
-        net._bn1.load_state_dict(self.trunk.bn1.state_dict())
-        served.head.load_state_dict(self.head.state_dict())
+
+def load_into(trained: nn.Module, served: nn.Module) -> None:
+    """Copies a :func:`partial_model`'s weights into the full served network."""
+    suffix = tuned_suffix(trained)
+    net = served.backbone.net
+    for i, block in enumerate(suffix.blocks):
+        net._blocks[suffix.first + i].load_state_dict(block.state_dict())
+    net._conv_head.load_state_dict(suffix.conv_head.state_dict())
+    net._bn1.load_state_dict(suffix.bn1.state_dict())
+    served.head.load_state_dict(trained.head.state_dict())
 
 
 def frozen_prefixes(served: nn.Module, tune_blocks: int) -> tuple[str, ...]:

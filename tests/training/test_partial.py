@@ -16,7 +16,7 @@ from training.config import TrainConfig, load_config
 from training.features import cache_key
 from training.models import architecture_kwargs, build_model, full_model
 from training.optimisation import parameter_groups
-from training.partial import FrozenPrefix, PartialModel, TunedSuffix, frozen_prefixes
+from training.partial import FrozenPrefix, TunedSuffix, frozen_prefixes, partial_model
 
 ARCH = "efficientnet_lite0"
 
@@ -44,7 +44,7 @@ def test_prefix_then_suffix_is_the_packaged_backbone(images: torch.Tensor, k: in
 
 
 def test_training_mode_keeps_batchnorm_statistics(images: torch.Tensor) -> None:
-    model = PartialModel(ARCH, 1, 16)
+    model = partial_model(ARCH, 1, 16)
     maps = FrozenPrefix(build_pretrained_backbone(ARCH), 1)(images).detach()
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in bns]
@@ -58,7 +58,7 @@ def test_training_mode_keeps_batchnorm_statistics(images: torch.Tensor) -> None:
 def test_the_served_network_computes_what_was_trained(images: torch.Tensor) -> None:
     cfg = config()
     model = build_model(cfg, 192)
-    assert isinstance(model, PartialModel)
+    assert isinstance(model.backbone, TunedSuffix)
     # move the tuned weights away from ImageNet's, as training would
     with torch.no_grad():
         for p in model.parameters():
@@ -96,7 +96,7 @@ def test_tuned_blocks_take_the_smaller_step() -> None:
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each once
-    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.trunk.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.backbone.parameters()}
 
 
 @pytest.mark.parametrize(
@@ -114,7 +114,7 @@ def test_bad_settings_are_refused(settings: list[str], message: str) -> None:
 
 def test_too_many_blocks_is_refused() -> None:
     with pytest.raises(ValueError, match=r"tune_blocks must be in 1\.\.16"):
-        PartialModel(ARCH, 17, 16)
+        partial_model(ARCH, 17, 16)
 
 
 def test_the_cache_key_of_pooled_features_is_unchanged() -> None:

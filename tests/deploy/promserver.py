@@ -50,17 +50,15 @@ class Prometheus:
         that runs over marks every series of the target stale, so a recorded series that a
         test has just seen can be absent for an evaluation or two. A read straight after
         ``wait_for`` is a read, not the property under test."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.query(expr)
-            if key in found:
-                return found[key]
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"no sample of {expr} for {key!r} in {timeout:.0f} s (seen {found})\n"
-                    f"prometheus log:\n{self.log_tail()}"
-                )
-            time.sleep(0.25)
+        seen: dict[str, float] = {}
+
+        def present() -> bool:
+            seen.clear()
+            seen.update(self.query(expr))
+            return key in seen
+
+        wait_for(present, timeout, f"a sample of {expr} for {key!r}", self, state=lambda: str(seen))
+        return seen[key]
 
     def alerts(self, state: str = "firing") -> set[tuple[str, str]]:
         """(alertname, tenant label or '') of the alerts in ``state``."""

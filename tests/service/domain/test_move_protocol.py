@@ -116,7 +116,7 @@ def successors(s: State, groups_of: tuple[str, ...], p: Protocol) -> Iterator[St
                 if table.owner(TENANT) == groups_of[r] and not s.holds[r]:
                     continue  # not ready: it has not loaded a tenant its group owns
                 d = p.route(table, groups_of[r], s.holds[r], TENANT, None)
-                yield _decided(s, i, d, r, r, s.cached[r], groups_of)
+                yield _decided(s, i, d, r, r, s.cached[r])
         elif q.phase == "net":
             # a forward goes to a live replica of the group that reports holding the tenant
             holders = [r for r in live if groups_of[r] == q.group and s.holds[r]]
@@ -129,7 +129,7 @@ def successors(s: State, groups_of: tuple[str, ...], p: Protocol) -> Iterator[St
                     cached = store.version
                     d = p.route(s.tables[cached - 1], q.group, s.holds[r], TENANT, q.sent_under)
                 t = replace(s, cached=_set(s.cached, r, cached))
-                yield _decided(t, i, d, r, q.sender, q.sent_under, groups_of, forwarded=True)
+                yield _decided(t, i, d, r, q.sender, q.sent_under, forwarded=True)
         elif q.phase == "exec":  # answered from the index, which must hold the tenant
             done = Req("ok") if s.holds[q.at] else Req("failed", why="answered without the tenant")
             yield replace(s, reqs=_set(s.reqs, i, done))
@@ -159,7 +159,6 @@ def _decided(
     r: int,
     sender: int,
     sent_under: int,
-    groups_of: tuple[str, ...],
     *,
     forwarded: bool = False,
 ) -> State:

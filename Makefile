@@ -156,7 +156,7 @@ study-consistency-faces: $(STAMP)
 
 # Its regime (b) (plan: docs/results.md, the regime (b) addendum): Lite0's last stage tuned with
 # the head on cached feature maps, ProxyAnchor and SupCon, 5 paired seeds, one process per loss
-# (one torch thread each). Resumable like the others; the maps are extracted once (~4 min).
+# (one torch thread each). Resumable like the others; the feature maps are extracted once.
 study-consistency-b: $(STAMP)
 	$(PY) -m studies.consistency --regime b --data-dir $(DATA_DIR) --losses ProxyAnchor \
 		--docs docs/results $(if $(STOP_AT),--stop-at $(STOP_AT)) & pid=$$!; \

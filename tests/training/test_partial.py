@@ -112,6 +112,14 @@ def test_bad_settings_are_refused(settings: list[str], message: str) -> None:
         load_config(None, settings)
 
 
+def test_the_last_stage_is_a_third_of_the_backbone() -> None:
+    """What regime (b) tunes for Lite0 and k = 1 (the figures docs/architecture.md quotes):
+    its last block, head convolution and BatchNorm, ~1.0M of the backbone's ~3.4M weights."""
+    tuned = sum(p.numel() for p in partial_model(ARCH, 1, 16).backbone.parameters())
+    whole = sum(p.numel() for p in build_pretrained_backbone(ARCH).parameters())
+    assert (tuned, whole) == (1_017_600, 3_371_008)
+
+
 def test_too_many_blocks_is_refused() -> None:
     with pytest.raises(ValueError, match=r"tune_blocks must be in 1\.\.16"):
         partial_model(ARCH, 17, 16)

@@ -118,6 +118,17 @@ class Settings(BaseSettings):
     )
     redis_key_prefix: str = Field("tcm:", min_length=1, max_length=64)
     store_timeout_s: float = Field(2.0, gt=0, description="socket/busy timeout of the store")
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Redis replicas that must hold a write of record (tenants, keys, gallery "
+        "writes, feedback) before it is confirmed (WAIT); else 503 and the write stays on the "
+        "primary for a retry. 0: confirmed by the primary alone (replication is asynchronous)",
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000, ge=1, description="how long a write waits for redis_wait_replicas replicas"
+    )
 
     # --- security and request limits -------------------------------------------------------
     admin_token: SecretStr | None = Field(
@@ -312,6 +323,15 @@ class Settings(BaseSettings):
                 f"match_retention_days ({self.match_retention_days}) must cover "
                 f"monitor_window_s ({self.monitor_window_s} s): the monitor reads "
                 "the feedback of its window"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _wait_fits_the_socket_timeout(self) -> Settings:
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms >= self.store_timeout_s * 1000:
+            raise ValueError(
+                f"redis_wait_timeout_ms ({self.redis_wait_timeout_ms}) must be shorter than "
+                f"store_timeout_s ({self.store_timeout_s} s): the socket would give up first"
             )
         return self
 

@@ -32,7 +32,13 @@ def open_store(settings: Settings) -> Store:
         return SQLiteStore(path_from_url(url), timeout_s=settings.store_timeout_s)
     from service.store.redis_store import RedisStore
 
-    return RedisStore(url, prefix=settings.redis_key_prefix, timeout_s=settings.store_timeout_s)
+    return RedisStore(
+        url,
+        prefix=settings.redis_key_prefix,
+        timeout_s=settings.store_timeout_s,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
+    )
 
 
 __all__ = [

@@ -38,6 +38,7 @@ separator and no key is a prefix-collision of another)::
                                        writer: the last write's token (a resend knows its own)
     P ratelimit:T               hash   tokens, ts: the tenant's rate-limit bucket (with a TTL;
                                        written only by ``service.store.ratelimit``'s Lua script)
+    P acks                      string counter written right before each ``WAIT`` (below)
 
 Multi-key writes run in MULTI/EXEC transactions (all-or-nothing); checks that must hold when
 they commit (feedback not yet given, an upserted item's previous version) WATCH their keys. A
@@ -50,11 +51,25 @@ the stream (XREAD) sees exactly the committed writes, in order; the stream is ca
 that (cut off from Redis, or stalled) is told so by a "resync" change and rebuilds its indexes
 from the store (:meth:`RedisStore.read_changes`). Connection failures become
 :class:`StoreUnavailableError`; the client reconnects on the next call.
+
+**Acknowledged writes** (``wait_replicas`` > 0, ``TCM_REDIS_WAIT_REPLICAS``): Redis replicates
+asynchronously, so a write the primary confirmed can still be lost when the primary dies before
+its replica received it and the replica is promoted (Sentinel, Cluster). With ``wait_replicas``
+= N, every write of record (tenants, keys, gallery writes, feedback, the model registry; not the
+match records a match writes) is confirmed only once N replicas hold it, by ``WAIT N``: else
+the call raises :class:`StoreUnavailableError` (503) and the write stays on the primary, where
+a retry finds it (an enrolment retried with its ``Idempotency-Key`` is replayed, and
+acknowledged, not applied twice). ``WAIT`` counts the writes of the connection it is sent on,
+while a redis-py transaction gives its pooled connection back when it executes; so the store
+writes one more key (``P acks``) and sends ``WAIT`` right behind it, in one pipeline on one
+connection: the primary's replication stream is one sequence, so replicas that hold that
+later write hold the acknowledged one (:meth:`RedisStore._acknowledge`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import uuid
@@ -93,6 +108,7 @@ from service.store.base import (
 )
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 _CHUNK = 500
 CHANGES_MAXLEN = 100_000
 
@@ -264,6 +280,26 @@ def _enc(v: Any) -> str:
     return str(v)
 
 
+def acknowledged(what: str) -> Callable[[F], F]:
+    """A write of record: its method returns (or replays an earlier write, raising
+    :class:`IdempotentReplay`) only after :meth:`RedisStore._acknowledge`."""
+
+    def wrap(method: F) -> F:
+        @functools.wraps(method)
+        def run(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
+            try:
+                result = method(self, *args, **kwargs)
+            except IdempotentReplay:
+                self._acknowledge(what)
+                raise
+            self._acknowledge(what)
+            return result
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
 class RedisStore:
     def __init__(
         self,
@@ -272,10 +308,21 @@ class RedisStore:
         prefix: str = "tcm:",
         timeout_s: float = 2.0,
         client: redis.Redis | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
+        if wait_replicas < 0 or wait_timeout_ms <= 0:
+            raise ValueError("wait_replicas must be >= 0 and wait_timeout_ms > 0")
+        if wait_replicas and wait_timeout_ms >= timeout_s * 1000:
+            raise ValueError(
+                f"wait_timeout_ms ({wait_timeout_ms}) must be shorter than the store's socket "
+                f"timeout ({timeout_s * 1000:.0f} ms), or the socket gives up first"
+            )
         self.prefix = prefix
         self._url = url
         self._timeout_s = timeout_s
+        self.wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
         self._sentinel = SentinelURL.parse(url) if url.startswith(SENTINEL_SCHEME) else None
         self.r = client or self._connect(socket_timeout=timeout_s, health_check_interval=30)
         self._feed: redis.Redis | None = None  # blocking XREADs get their own connection
@@ -344,6 +391,33 @@ class RedisStore:
                     code="concurrent_update",
                 ) from exc
 
+    def _acknowledge(self, what: str) -> None:
+        """Returns once ``wait_replicas`` replicas hold every write this store made before the
+        call (nothing to do when it is 0); else raises :class:`StoreUnavailableError`, the
+        write kept on the primary. ``WAIT`` acknowledges the writes of its own connection up to
+        the primary's replication offset at that connection's last write, so it goes in one
+        pipeline (one connection) right behind a write of ``P acks``, made after ``what``
+        committed, hence later in the one replication stream."""
+        if not self.wait_replicas:
+            return
+        with self._translate(f"{what}: wait for replicas"):
+            pipe = self.r.pipeline(transaction=False)
+            pipe.incr(self._k("acks"))
+            pipe.wait(self.wait_replicas, self._wait_timeout_ms)
+            _, held = pipe.execute()
+        if int(held) < self.wait_replicas:
+            raise StoreUnavailableError(
+                f"the write ({what}) reached the Redis primary but only {held} of the "
+                f"{self.wait_replicas} replica(s) it must reach acknowledged it within "
+                f"{self._wait_timeout_ms} ms, so it is not confirmed; retry (an enrolment "
+                "with the same Idempotency-Key is not applied twice)",
+                detail={
+                    "store": "redis",
+                    "replicas_required": self.wait_replicas,
+                    "replicas_acknowledged": int(held),
+                },
+            )
+
     def _check_tenant(self, pipe: redis.client.Pipeline, tenant_id: str) -> None:
         """Every write under ``tenant:T:`` WATCHes the tenant record and checks it here: a
         write that would commit after :meth:`delete_tenant` removed the record aborts instead
@@ -409,6 +483,7 @@ class RedisStore:
                 self.r.set(marker, "1")
         self._names_ready = True
 
+    @acknowledged("create tenant")
     def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
         """One transaction WATCHing the name's key: of two concurrent creates of one name, the
         second's EXEC fails and its retry finds the name taken (409 ``duplicate_tenant_name``)."""
@@ -472,6 +547,7 @@ class RedisStore:
             if h
         ]
 
+    @acknowledged("delete tenant")
     def delete_tenant(self, tenant_id: str) -> bool:
         """Removes the tenant record and its keys in one transaction (from then on no key
         authenticates), then sweeps its data. Nothing is swept for a tenant that does not
@@ -515,6 +591,7 @@ class RedisStore:
                 self.r.unlink(*batch)
         return True
 
+    @acknowledged("add key")
     def add_key(self, key: ApiKey, *, revoke_others_at: float | None = None) -> list[str]:
         keys_set = self._tenant(key.tenant_id, "keys")
         record = self._tenant(key.tenant_id)
@@ -562,6 +639,7 @@ class RedisStore:
         keys = [self._key(kid, h) for kid, h in zip(ids, rows, strict=True) if h]
         return sorted(keys, key=lambda k: (k.created_at, k.key_id))
 
+    @acknowledged("revoke key")
     def revoke_key(self, tenant_id: str, key_id: str, at: float) -> bool:
         with self._translate("revoke key"):
             if not self.r.sismember(self._tenant(tenant_id, "keys"), key_id):
@@ -577,6 +655,7 @@ class RedisStore:
             return True
 
     # --- gallery ---------------------------------------------------------------------------
+    @acknowledged("add items")
     def add_items(
         self,
         tenant_id: str,
@@ -708,8 +787,11 @@ class RedisStore:
             (fingerprint, result), ttl = pipe.execute()
         if fingerprint is None:
             return None
+        # a replay confirms the write it repeats: only once the replicas hold it
+        self._acknowledge("replay an enrolment")
         return Idempotent(key, _s(fingerprint) or "", _s(result) or "", now + max(int(ttl), 0))
 
+    @acknowledged("put item")
     def put_item(
         self, tenant_id: str, item: NewItem, *, model_version: str, created_at: float
     ) -> tuple[int, int | None]:
@@ -863,6 +945,7 @@ class RedisStore:
         with self._translate("count items"):
             return int(self.r.zcard(self._tenant(tenant_id, "items")))
 
+    @acknowledged("delete item")
     def delete_item(self, tenant_id: str, item_id: str) -> int | None:
         key = self._tenant(tenant_id, "item", item_id)
 
@@ -880,6 +963,7 @@ class RedisStore:
 
         return self._tx("delete item", [key], body)
 
+    @acknowledged("delete subject")
     def delete_subject(self, tenant_id: str, subject: str) -> list[int]:
         zkey = self._tenant(tenant_id, "subject", subject)
 
@@ -1232,6 +1316,7 @@ class RedisStore:
             h = self.r.hgetall(self._tenant(tenant_id, "match", match_id))
         return self._match(tenant_id, match_id, h) if h else None
 
+    @acknowledged("add feedback")
     def add_feedback(self, feedback: Feedback) -> None:
         f = feedback
         key = self._tenant(f.tenant_id, "feedback", f.match_id)
@@ -1351,6 +1436,7 @@ class RedisStore:
             rev, body = self.r.hmget(self._k("models"), ["rev", "body"])
         return (None, 0) if body is None else (json.loads(body), int(rev or 0))
 
+    @acknowledged("put model registry")
     def put_model_registry(self, registry: Mapping[str, Any], *, expected_rev: int) -> bool:
         """Compare-and-set, safe to resend: redis-py resends a command whose reply was lost
         (on a new connection), and the resend must not read its own applied write as a lost

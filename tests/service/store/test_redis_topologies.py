@@ -81,6 +81,9 @@ def _redis(port: int, data: Path, *extra: str) -> subprocess.Popen[bytes]:
             "always",
             "--dir",
             str(data),
+            # a replica's first sync starts at once (the default waits 5 s for more replicas)
+            "--repl-diskless-sync-delay",
+            "0",
             *extra,
         ],
         stdout=subprocess.DEVNULL,

@@ -257,7 +257,11 @@ def test_secrets_in_urls_never_reach_the_log(artefact: Path, tmp_path: Path) -> 
     [
         ("/v1/gallery/tcm_0123456789abcdef_" + "A1b" * 14 + "c", (), "/v1/gallery/[redacted]"),
         ("/v1/gallery/item-1", (), "/v1/gallery/item-1"),
-        ("/v1/gallery/" + "3f2b8c1e9d7a4b6c8e0f1a2b3c4d5e6f", (), None),  # uuid hex: an id, not a secret
+        (
+            "/v1/gallery/" + "3f2b8c1e9d7a4b6c8e0f1a2b3c4d5e6f",
+            (),
+            None,
+        ),  # uuid hex: an id, not a secret
         ("/v1/gallery/" + "0123456789ABCDEF" * 4, (), None),  # upper-case hex too
         ("/v1/subjects/alice.smith@example.com", (), None),
         (

@@ -14,10 +14,18 @@ from urllib.parse import parse_qs, unquote
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-STORE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://", "redis+sentinel://")
+STORE_SCHEMES = (
+    "sqlite:///",
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+sentinel://",
+    "redis+cluster://",
+)
 
 
 SENTINEL_SCHEME = "redis+sentinel://"
+CLUSTER_SCHEME = "redis+cluster://"
 
 
 def store_location(url: str) -> str:
@@ -80,6 +88,36 @@ class SentinelURL:
         )
 
 
+@dataclass(frozen=True)
+class ClusterURL:
+    """``redis+cluster://[[user]:password@]host:port[,host:port...]``: some of the cluster's
+    nodes (the client learns the rest, and every move of a slot, from them)."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterURL:
+        if not url.startswith(CLUSTER_SCHEME):
+            raise ValueError(f"not a {CLUSTER_SCHEME} URL")
+        rest = url.removeprefix(CLUSTER_SCHEME)
+        if "?" in rest or "/" in rest.rstrip("/"):
+            raise ValueError(
+                "a Cluster URL lists nodes only (Cluster has one database): "
+                "redis+cluster://host:6379[,host:6379]"
+            )
+        userinfo, _, hosts = rest.rstrip("/").rpartition("@")
+        nodes = []
+        for hp in hosts.split(","):
+            host, _, port = hp.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"Cluster node address {hp!r} is not host:port")
+            nodes.append((host, int(port)))
+        username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+        return cls(tuple(nodes), unquote(username) or None, unquote(password) or None)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TCM_", extra="ignore", frozen=True)
 
@@ -114,7 +152,9 @@ class Settings(BaseSettings):
     store_url: str = Field(
         "sqlite:///./data/tcm.db",
         description="sqlite:///relative/path.db, sqlite:////absolute/path.db, redis://..., or "
-        "redis+sentinel://host:26379[,host:26379]/service[/db] (the primary Sentinel names)",
+        "redis+sentinel://host:26379[,host:26379]/service[/db] (the primary Sentinel names), "
+        "or redis+cluster://host:6379[,host:6379] (Redis Cluster: each tenant's data in its "
+        "own hash slot)",
     )
     redis_key_prefix: str = Field("tcm:", min_length=1, max_length=64)
     store_timeout_s: float = Field(2.0, gt=0, description="socket/busy timeout of the store")
@@ -314,6 +354,8 @@ class Settings(BaseSettings):
             raise ValueError("store_url needs a file path: an in-memory SQLite would lose data")
         if v.startswith(SENTINEL_SCHEME):
             SentinelURL.parse(v)  # a malformed one stops the process at start-up
+        if v.startswith(CLUSTER_SCHEME):
+            ClusterURL.parse(v)
         return v
 
     @model_validator(mode="after")

@@ -58,7 +58,7 @@ async def consistent_read(
     if token is None:  # (a malformed one is a 422 of the header's pattern, before this)
         return
     wait_s = runtime.settings.consistency_wait_ms / 1e3
-    if not await runtime.sync.caught_up(token, wait_s):
+    if not await runtime.sync.caught_up(token, wait_s, tenant):
         raise NotReadyError(
             f"this replica has not yet applied the write of {consistency.HEADER} "
             f"{token} (waited {wait_s:g} s): retry, or send the request to the replica that "

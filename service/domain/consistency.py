@@ -11,7 +11,7 @@ find its own write on whichever replica answers next sends the token of that wri
   ``TCM_CONSISTENCY_WAIT_MS``, else 503 ``not_caught_up`` with ``Retry-After``.
 
 With the embedded SQLite store one process holds every write: no token is issued and every
-well-formed token is already met. The token is only compared (``Store.feed_reached``), never put
+well-formed token is already met. The token is only compared (``Store.feed_covers``), never put
 into a key or a query.
 
 The write's token travels from the domain code that wrote to the HTTP response through a
@@ -45,11 +45,3 @@ def record(token: str | None) -> None:
     box = _box.get()
     if box is not None and token is not None:
         box["token"] = token
-
-
-def feed_position(token: str) -> tuple[int, int]:
-    """A token's position (one matching :data:`TOKEN_PATTERN`, which the API's header checks),
-    ordered as the feed is: ``(ms, seq)`` of its entry id."""
-    entry = token.partition("#")[0]
-    ms, _, seq = entry.partition("-")
-    return int(ms), int(seq or 0)

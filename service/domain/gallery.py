@@ -128,9 +128,10 @@ class Gallery:
                 ids = await self._enrol(self.slot.current, tenant_id, items, images, idempotency)
             except IdempotentReplay as replay:
                 assert idempotency is not None
-                await self.sync.written(publish=False)  # the feed is past the first answer's write
+                # the feed is past the first answer's write
+                await self.sync.written(tenant_id, publish=False)
                 return _replay(replay.record, idempotency)
-        await self.sync.written()
+        await self.sync.written(tenant_id)
         return Enrolled(ids)
 
     async def enrol_columns(
@@ -159,9 +160,10 @@ class Gallery:
                 stored = await self._store(serving, tenant_id, new_items, vectors, idempotency)
             except IdempotentReplay as replay:
                 assert idempotency is not None
-                await self.sync.written(publish=False)  # the feed is past the first answer's write
+                # the feed is past the first answer's write
+                await self.sync.written(tenant_id, publish=False)
                 return _replay(replay.record, idempotency)
-        await self.sync.written()
+        await self.sync.written(tenant_id)
         return Enrolled(stored)
 
     def check_columns(self, columns: ColumnsContent) -> None:
@@ -353,7 +355,7 @@ class Gallery:
                     vector[None],
                     [body.metadata],
                 )
-        await self.sync.written()
+        await self.sync.written(tenant_id)
         return old is None
 
     async def subjects(
@@ -413,7 +415,7 @@ class Gallery:
             if seq is None:
                 raise NotFoundError(f"no gallery item {item_id!r}", detail={"item_id": item_id})
             await self.sync.removed(serving, tenant_id, [seq])
-        await self.sync.written()
+        await self.sync.written(tenant_id)
 
     async def delete_subject(self, tenant_id: str, subject: str) -> int:
         async with self.sync.writing(tenant_id) as serving:
@@ -423,7 +425,7 @@ class Gallery:
                     f"no gallery items for subject {subject!r}", detail={"subject": subject}
                 )
             await self.sync.removed(serving, tenant_id, seqs)
-        await self.sync.written()
+        await self.sync.written(tenant_id)
         return len(seqs)
 
 

@@ -131,25 +131,24 @@ class IndexSync:
         self.metrics.forget_tenant(tenant_id)
         self.publish_sizes()
 
-    async def written(self, *, publish: bool = True) -> None:
-        """After a gallery write of this request: the size metrics (``publish``) and the
-        write's consistency token, the feed's position now, for the response
-        (``service.domain.consistency``; none without a feed)."""
+    async def written(self, tenant_id: str, *, publish: bool = True) -> None:
+        """After a gallery write of ``tenant_id`` in this request: the size metrics
+        (``publish``) and the write's consistency token, the feed's position now, for the
+        response (``service.domain.consistency``; none without a feed)."""
         if publish:
             self.publish_sizes()
         if self.feed_cursor is not None:
-            consistency.record(await run_in_threadpool(self.store.change_cursor))
+            consistency.record(await run_in_threadpool(self.store.change_cursor, tenant_id))
 
-    async def caught_up(self, token: str, timeout_s: float) -> bool:
-        """Whether the indexes reflect the feed up to ``token`` (a valid consistency token),
-        waiting up to ``timeout_s`` for the follower to get there. Without a feed every write
-        went through this process: met at once."""
+    async def caught_up(self, token: str, timeout_s: float, tenant_id: str) -> bool:
+        """Whether the indexes reflect the feed up to ``token`` (a valid consistency token of
+        a write of ``tenant_id``), waiting up to ``timeout_s`` for the follower to get there.
+        Without a feed every write went through this process: met at once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        wanted = consistency.feed_position(token)
         while True:
             cursor = self.feed_cursor
-            if cursor is None or consistency.feed_position(cursor) >= wanted:
+            if cursor is None or self.store.feed_covers(cursor, token, tenant_id):
                 return True
             left = deadline - loop.time()
             if left <= 0:

@@ -30,9 +30,12 @@ def open_store(settings: Settings) -> Store:
         from service.store.sqlite import SQLiteStore, path_from_url
 
         return SQLiteStore(path_from_url(url), timeout_s=settings.store_timeout_s)
+    from service.settings import CLUSTER_SCHEME
+    from service.store.redis_cluster import RedisClusterStore
     from service.store.redis_store import RedisStore
 
-    return RedisStore(
+    kind = RedisClusterStore if url.startswith(CLUSTER_SCHEME) else RedisStore
+    return kind(
         url,
         prefix=settings.redis_key_prefix,
         timeout_s=settings.store_timeout_s,

@@ -21,8 +21,9 @@ Contract every implementation keeps:
 - Tenant names are unique under :func:`tenant_name_key` (case, Unicode form and spaces aside):
   :meth:`Store.create_tenant` refuses a taken name with :func:`duplicate_name`, atomically (two
   concurrent creates of one name never both succeed), and deleting a tenant frees its name.
-- ``seq`` is a positive int64 assigned by the store, unique within the store and never reused; it
-  is the id of the item's vector in FAISS.
+- ``seq`` is a positive int64 assigned by the store, unique within its tenant and never reused; it
+  is the id of the item's vector in its tenant's FAISS index. (SQLite and one Redis draw every
+  tenant's seqs from one counter; Redis Cluster keeps a counter per tenant, in its slot.)
 - Times are Unix seconds (float).
 
 Reading for monitoring: :meth:`Store.list_tenants`, :meth:`Store.list_decisions` (match records
@@ -388,9 +389,15 @@ class Store(Protocol):
         """Drops every tenant's embeddings of one model version (retention); returns how many."""
 
     # --- change feed (replicas) ------------------------------------------------------------
-    def change_cursor(self) -> str | None:
-        """The feed's current end, to tail from after a rebuild; None when the store has no
-        feed because only one process uses it (SQLite)."""
+    def change_cursor(self, tenant_id: str | None = None) -> str | None:
+        """The feed's current end, to tail from after a rebuild; with ``tenant_id``, the
+        position a consistency token of that tenant's write names (:meth:`feed_covers`);
+        None when the store has no feed because only one process uses it (SQLite)."""
+
+    def feed_covers(self, cursor: str, token: str, tenant_id: str) -> bool:
+        """Whether a reader at ``cursor`` (of :meth:`read_changes`) has read the write of
+        ``tenant_id`` whose consistency token (:meth:`change_cursor` of that tenant right
+        after it) is ``token``."""
 
     def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
         """Changes after ``cursor`` (waiting up to ``block_ms`` for one) and the new cursor.

@@ -280,24 +280,31 @@ def _enc(v: Any) -> str:
     return str(v)
 
 
-def acknowledged(what: str) -> Callable[[F], F]:
+def acknowledged(what: str, tenant: Callable[..., str] | None = None) -> Callable[[F], F]:
     """A write of record: its method returns (or replays an earlier write, raising
-    :class:`IdempotentReplay`) only after :meth:`RedisStore._acknowledge`."""
+    :class:`IdempotentReplay`) only after :meth:`RedisStore._acknowledge`. ``tenant`` picks the
+    tenant whose data the write touches from the method's arguments (None: an admin write,
+    which may touch keys of any slot; a Cluster store then waits on every shard)."""
 
     def wrap(method: F) -> F:
         @functools.wraps(method)
         def run(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
+            tid = None if tenant is None else tenant(*args, **kwargs)
             try:
                 result = method(self, *args, **kwargs)
             except IdempotentReplay:
-                self._acknowledge(what)
+                self._acknowledge(what, tid)
                 raise
-            self._acknowledge(what)
+            self._acknowledge(what, tid)
             return result
 
         return run  # type: ignore[return-value]
 
     return wrap
+
+
+def _first(tenant_id: str, *_: Any, **__: Any) -> str:
+    return tenant_id
 
 
 class RedisStore:
@@ -353,6 +360,14 @@ class RedisStore:
     def _tenant(self, tid: str, *rest: str) -> str:
         return self._k("tenant", tid, *rest)
 
+    def _seq_key(self, tenant_id: str) -> str:
+        """The counter behind ``tenant_id``'s item seqs: one for the whole store here."""
+        return self._k("seq")
+
+    def _changes_key(self, tenant_id: str) -> str:
+        """The change stream ``tenant_id``'s writes append to: one for the whole store here."""
+        return self._k("changes")
+
     @contextmanager
     def _translate(self, what: str) -> Iterator[None]:
         try:
@@ -375,7 +390,7 @@ class RedisStore:
         """A pipeline WATCHing ``watch``: a change to one of them before EXEC is a conflict
         (409), a lost connection a 503. While it watches, redis-py does not resend a command
         after a connection error, so a write whose reply was lost is never applied twice."""
-        with self._translate(what), self.r.pipeline() as pipe:
+        with self._translate(what), self.r.pipeline(transaction=True) as pipe:
             try:
                 if watch:
                     pipe.watch(*watch)
@@ -391,21 +406,31 @@ class RedisStore:
                     code="concurrent_update",
                 ) from exc
 
-    def _acknowledge(self, what: str) -> None:
+    def _acknowledge(self, what: str, tenant_id: str | None = None) -> None:
         """Returns once ``wait_replicas`` replicas hold every write this store made before the
         call (nothing to do when it is 0); else raises :class:`StoreUnavailableError`, the
         write kept on the primary. ``WAIT`` acknowledges the writes of its own connection up to
         the primary's replication offset at that connection's last write, so it goes in one
         pipeline (one connection) right behind a write of ``P acks``, made after ``what``
-        committed, hence later in the one replication stream."""
+        committed, hence later in the one replication stream. (One primary: ``tenant_id``, the
+        tenant whose data was written, does not matter here.)"""
         if not self.wait_replicas:
             return
         with self._translate(f"{what}: wait for replicas"):
-            pipe = self.r.pipeline(transaction=False)
-            pipe.incr(self._k("acks"))
-            pipe.wait(self.wait_replicas, self._wait_timeout_ms)
-            _, held = pipe.execute()
-        if int(held) < self.wait_replicas:
+            held = self._wait_behind(self.r, self._k("acks"))
+        self._check_held(what, held)
+
+    def _wait_behind(self, client: redis.Redis, marker: str) -> int:
+        """Writes ``marker`` and sends ``WAIT`` behind it on one connection of ``client``;
+        returns how many replicas acknowledged."""
+        pipe = client.pipeline(transaction=False)
+        pipe.incr(marker)
+        pipe.wait(self.wait_replicas, self._wait_timeout_ms)
+        _, held = pipe.execute()
+        return int(held)
+
+    def _check_held(self, what: str, held: int) -> None:
+        if held < self.wait_replicas:
             raise StoreUnavailableError(
                 f"the write ({what}) reached the Redis primary but only {held} of the "
                 f"{self.wait_replicas} replica(s) it must reach acknowledged it within "
@@ -457,7 +482,7 @@ class RedisStore:
         if seqs:
             fields["seqs"] = json.dumps([int(s) for s in seqs])
         pipe.xadd(
-            self._k("changes"),
+            self._changes_key(tenant_id),
             fields,  # type: ignore[arg-type]
             maxlen=CHANGES_MAXLEN,
             approximate=True,
@@ -515,7 +540,9 @@ class RedisStore:
                 if exc.code != "concurrent_update" or attempt == 2:
                     raise
 
-    def _queue_key(self, pipe: redis.client.Pipeline, key: ApiKey) -> None:
+    def _queue_key(
+        self, pipe: redis.client.Pipeline, key: ApiKey, *, with_set: bool = True
+    ) -> None:
         pipe.hset(
             self._k("key", key.key_id),
             mapping={
@@ -525,7 +552,8 @@ class RedisStore:
                 "revoked_at": _enc(key.revoked_at),
             },
         )
-        pipe.sadd(self._tenant(key.tenant_id, "keys"), key.key_id)
+        if with_set:
+            pipe.sadd(self._tenant(key.tenant_id, "keys"), key.key_id)
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
         with self._translate("get tenant"):
@@ -655,7 +683,7 @@ class RedisStore:
             return True
 
     # --- gallery ---------------------------------------------------------------------------
-    @acknowledged("add items")
+    @acknowledged("add items", _first)
     def add_items(
         self,
         tenant_id: str,
@@ -729,10 +757,10 @@ class RedisStore:
         subject_key = self._tenant(tenant_id, "subject") + ":"
         keys = [
             self._tenant(tenant_id),
-            self._k("seq"),
+            self._seq_key(tenant_id),
             self._tenant(tenant_id, "items"),
             self._tenant(tenant_id, "subjects"),
-            self._k("changes"),
+            self._changes_key(tenant_id),
             *(item_key + key_part(it.item_id) for it in items),
             *staged,
             *(subject_key + key_part(sub) for sub in slots),
@@ -788,10 +816,10 @@ class RedisStore:
         if fingerprint is None:
             return None
         # a replay confirms the write it repeats: only once the replicas hold it
-        self._acknowledge("replay an enrolment")
+        self._acknowledge("replay an enrolment", tenant_id)
         return Idempotent(key, _s(fingerprint) or "", _s(result) or "", now + max(int(ttl), 0))
 
-    @acknowledged("put item")
+    @acknowledged("put item", _first)
     def put_item(
         self, tenant_id: str, item: NewItem, *, model_version: str, created_at: float
     ) -> tuple[int, int | None]:
@@ -800,7 +828,7 @@ class RedisStore:
         def body(pipe: redis.client.Pipeline) -> tuple[int, int | None]:
             self._check_tenant(pipe, tenant_id)
             old_seq, old_subject, old_created = pipe.hmget(key, ["seq", "subject", "created_at"])
-            seq = int(pipe.incr(self._k("seq")))
+            seq = int(pipe.incr(self._seq_key(tenant_id)))
             pipe.multi()
             if old_seq is not None:
                 pipe.delete(key)
@@ -945,7 +973,7 @@ class RedisStore:
         with self._translate("count items"):
             return int(self.r.zcard(self._tenant(tenant_id, "items")))
 
-    @acknowledged("delete item")
+    @acknowledged("delete item", _first)
     def delete_item(self, tenant_id: str, item_id: str) -> int | None:
         key = self._tenant(tenant_id, "item", item_id)
 
@@ -963,7 +991,7 @@ class RedisStore:
 
         return self._tx("delete item", [key], body)
 
-    @acknowledged("delete subject")
+    @acknowledged("delete subject", _first)
     def delete_subject(self, tenant_id: str, subject: str) -> list[int]:
         zkey = self._tenant(tenant_id, "subject", subject)
 
@@ -1097,7 +1125,9 @@ class RedisStore:
                 pipe = self.r.pipeline(transaction=True)
                 for iid, vec in chunk:
                     # only for items that still exist: HSET on a deleted key would resurrect it
-                    pipe.eval(
+                    # (EVAL as a plain command: a Cluster pipeline has no eval())
+                    pipe.execute_command(
+                        "EVAL",
                         "if redis.call('EXISTS', KEYS[1]) == 1 then "
                         "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 1",
                         1,
@@ -1147,15 +1177,21 @@ class RedisStore:
     # ever received up to it (XINFO's entries-added, Redis >= 7). Trimming removes the oldest
     # entries first, so entries after the cursor were lost exactly when more than n entries
     # have been removed (entries-added - length). Before Redis 7 the cursor is the bare id.
-    def change_cursor(self) -> str | None:
+    def change_cursor(self, tenant_id: str | None = None) -> str | None:
         """The position after the last entry ever added (the stream may be trimmed empty);
-        the start of the stream before it exists."""
+        the start of the stream before it exists. One stream holds every tenant's changes:
+        ``tenant_id`` (whose write the position is a token for) does not matter here."""
         with self._translate("read change feed"):
             try:
                 info = self.r.xinfo_stream(self._k("changes"))
             except redis.exceptions.ResponseError:  # no such key: nothing written yet
                 return "0-0#0"
         return _cursor(_s(info["last-generated-id"]) or "0-0", info.get("entries-added"))
+
+    def feed_covers(self, cursor: str, token: str, tenant_id: str) -> bool:
+        """Whether a follower at ``cursor`` has read up to the consistency ``token`` of a write
+        of ``tenant_id`` (one stream: compare their entry ids)."""
+        return stream_position(cursor) >= stream_position(token)
 
     def interrupt_changes(self) -> None:
         """Shuts the feed connection's socket down (``SHUT_RDWR``), which wakes a blocking XREAD
@@ -1172,30 +1208,44 @@ class RedisStore:
         if self._feed is None:
             self._feed = self._connect(socket_timeout=self._timeout_s + block_ms / 1e3)
         key = self._k("changes")
-        entry_id, _, counted = cursor.partition("#")
-        n = int(counted) if counted else None
         with self._translate("read change feed"):
-            reply = self._feed.xread({key: entry_id}, count=1000, block=block_ms)
+            reply = self._feed.xread({key: cursor.partition("#")[0]}, count=1000, block=block_ms)
             try:  # one read of the stream's counters serves every check below
                 info: Mapping[str, Any] | None = self._feed.xinfo_stream(key)
             except redis.exceptions.ResponseError:  # no stream at all
                 info = None
-            if self._moved_back(info, entry_id, n, sum(len(e) for _, e in reply or [])):
-                return cursor, [Change("resync", "")]
-            if reply and info is not None:
+            return self._read_stream(self._feed, key, cursor, reply, info)
+
+    def _read_stream(
+        self,
+        client: redis.Redis,
+        key: str,
+        cursor: str,
+        reply: Any,
+        info: Mapping[str, Any] | None,
+    ) -> tuple[str, list[Change]]:
+        """The changes in ``reply`` (an XREAD of stream ``key`` after ``cursor``, followed by
+        the stream's XINFO ``info``, None when there is no stream) and the cursor after them;
+        ``[Change("resync", "")]`` (cursor unchanged) when entries were trimmed away unread or
+        the stream went back (:meth:`_moved_back`)."""
+        entry_id, _, counted = cursor.partition("#")
+        n = int(counted) if counted else None
+        if self._moved_back(info, entry_id, n, sum(len(e) for _, e in reply or [])):
+            return cursor, [Change("resync", "")]
+        if reply and info is not None:
+            removed = self._removed(info)
+            if n is None:
+                if self._oldest_after(info, entry_id):
+                    return cursor, [Change("resync", "")]
+            elif removed is not None and removed > n:
+                # trimmed before or after this read? read and count in one transaction
+                pipe = client.pipeline(transaction=True)
+                pipe.xread({key: entry_id}, count=1000)
+                pipe.xinfo_stream(key)
+                reply, info = pipe.execute()
                 removed = self._removed(info)
-                if n is None:
-                    if self._oldest_after(info, entry_id):
-                        return cursor, [Change("resync", "")]
-                elif removed is not None and removed > n:
-                    # trimmed before or after this read? read and count in one transaction
-                    pipe = self._feed.pipeline(transaction=True)
-                    pipe.xread({key: entry_id}, count=1000)
-                    pipe.xinfo_stream(key)
-                    reply, info = pipe.execute()
-                    removed = self._removed(info)
-                    if removed is not None and removed > n:
-                        return cursor, [Change("resync", "")]
+                if removed is not None and removed > n:
+                    return cursor, [Change("resync", "")]
         changes: list[Change] = []
         for _stream, entries in reply or []:
             for entry_id_b, fields in entries:
@@ -1316,7 +1366,7 @@ class RedisStore:
             h = self.r.hgetall(self._tenant(tenant_id, "match", match_id))
         return self._match(tenant_id, match_id, h) if h else None
 
-    @acknowledged("add feedback")
+    @acknowledged("add feedback", lambda feedback: feedback.tenant_id)
     def add_feedback(self, feedback: Feedback) -> None:
         f = feedback
         key = self._tenant(f.tenant_id, "feedback", f.match_id)
@@ -1480,6 +1530,12 @@ class RedisStore:
 
 def _cursor(entry_id: str, entries_added: Any) -> str:
     return entry_id if entries_added is None else f"{entry_id}#{int(entries_added)}"
+
+
+def stream_position(token: str) -> tuple[int, int]:
+    """A feed position (a cursor or consistency token, ``"<ms>-<seq>[#<entries added>]"``),
+    ordered as the stream is: ``(ms, seq)`` of its entry id (``"<ms>"`` is ``"<ms>-0"``)."""
+    return _stream_id(token.partition("#")[0])
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:

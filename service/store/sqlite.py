@@ -823,8 +823,11 @@ class SQLiteStore:
         return _vectors(rows, with_metadata=True)
 
     # --- change feed -----------------------------------------------------------------------
-    def change_cursor(self) -> str | None:
+    def change_cursor(self, tenant_id: str | None = None) -> str | None:
         return None  # one process per SQLite file: nothing to follow
+
+    def feed_covers(self, cursor: str, token: str, tenant_id: str) -> bool:
+        return True  # (never asked: no cursor) every write went through this process
 
     def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
         return cursor, []

@@ -48,6 +48,8 @@ REDIS_URL = os.environ.get("TCM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN_TOKEN = "test-admin-token-" + "x" * 16
 DIM = 64
 STORES = ["sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+# the store contract's own tests run on Redis Cluster too (the app-level suite on the two above)
+ALL_STORES = [*STORES, pytest.param("cluster", marks=pytest.mark.redis)]
 
 
 # --- the artefact ---------------------------------------------------------------------------
@@ -144,6 +146,23 @@ def unit(seed: int, dim: int = DIM) -> list[float]:
 
 
 # --- stores and apps ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Redis Cluster of 3 masters with a replica each (``tests.service.rediscluster``),
+    started once per session (per worker) and shared: tests keep to their own key prefix."""
+    from tests.service.rediscluster import LocalCluster
+
+    if shutil.which("redis-server") is None:
+        pytest.fail(
+            "redis-server is not installed: the Cluster tests start their own", pytrace=False
+        )
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
 def redis_server_binary() -> str:
     """The ``redis-server`` binary, for tests that start (and kill) their own Redis. Missing,
@@ -208,20 +227,26 @@ def serve_process(kind: str, artefact: Path, workdir: Path, env: dict[str, str])
 def store_settings(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[[str], dict[str, Any]]]:
-    """A factory: store kind -> settings fields for a fresh, isolated store."""
-    prefixes: list[str] = []
+    """A factory: store kind (sqlite, redis, cluster) -> settings fields for a fresh, isolated
+    store."""
+    prefixes: list[tuple[str, Any]] = []
 
     def make(kind: str) -> dict[str, Any]:
         if kind == "sqlite":
             path = tmp_path_factory.mktemp("store") / "tcm.db"
             return {"store_url": f"sqlite:///{path}"}
         prefix = f"tcmtest:{uuid.uuid4().hex}:"
-        prefixes.append(prefix)
-        return {"store_url": REDIS_URL, "redis_key_prefix": prefix}
+        cluster = request.getfixturevalue("redis_cluster") if kind == "cluster" else None
+        prefixes.append((prefix, cluster))
+        url = REDIS_URL if cluster is None else cluster.url
+        return {"store_url": url, "redis_key_prefix": prefix}
 
     yield make
-    for p in prefixes:
-        redis_cleanup(REDIS_URL, p)
+    for p, cluster in prefixes:
+        if cluster is None:
+            redis_cleanup(REDIS_URL, p)
+        else:
+            cluster.cleanup(p)
 
 
 class CountingStore(SQLiteStore):

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.domain import consistency
+from service.store.redis_store import stream_position
 from tests.service.conftest import ADMIN_TOKEN, STORES, make_settings, unit
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -51,8 +52,8 @@ def test_tokens_are_parsed_and_ordered_as_the_feed() -> None:
     ):
         assert not valid_token(bad), bad
     order = ["0-0#0", "5", "5-1#9", "5-10", "40-0#1", "1733500000000-2"]
-    assert sorted(order, key=consistency.feed_position) == order
-    assert consistency.feed_position("7-3#100") == consistency.feed_position("7-3")
+    assert sorted(order, key=stream_position) == order
+    assert stream_position("7-3#100") == stream_position("7-3")
 
 
 def test_writes_answer_a_token_and_reads_carrying_it_see_them(served) -> None:
@@ -83,9 +84,7 @@ def test_writes_answer_a_token_and_reads_carrying_it_see_them(served) -> None:
     assert put.status_code in (200, 201) and gone.status_code == 204
     if store == "redis":
         tokens = [token, put.headers[HEADER], gone.headers[HEADER]]
-        assert [consistency.feed_position(t) for t in tokens] == sorted(
-            consistency.feed_position(t) for t in tokens
-        )
+        assert [stream_position(t) for t in tokens] == sorted(stream_position(t) for t in tokens)
     # a read never answers one
     assert HEADER not in m.headers
 

@@ -1,0 +1,357 @@
+"""The Redis store on **Redis Cluster** (``redis+cluster://``; issue 31 item 1).
+
+Cluster runs a command, a transaction or a script only over keys of one hash slot. The layout is
+:mod:`service.store.redis_store`'s, with three changes that make every write of a tenant's data
+single-slot:
+
+- every tenant key carries the tenant's id as a **hash tag**, ``P tenant:{T}:...``, so a tenant's
+  item hashes, sorted sets, staged enrolments, idempotency keys and match records share one
+  slot (and one shard);
+- the item counter and the change stream are **per tenant**: ``P tenant:{T}:seq`` and
+  ``P tenant:{T}:changes`` (an item's seq is unique within its tenant, which is all FAISS needs:
+  one index per tenant), so an enrolment stays one script and a put one transaction;
+- the records that are not a tenant's data (``P tenants``, ``P tenant_name:H``, ``P key:K``)
+  live in slots of their own, so creating and deleting a tenant and adding a key are **ordered
+  single-slot writes** instead of one transaction, each order chosen so that a crash between two
+  steps leaves nothing a client can see or use (:meth:`RedisClusterStore.create_tenant`,
+  :meth:`RedisClusterStore.delete_tenant`); a retry completes them.
+
+The change feed is every tenant's stream: the cursor is a JSON object of tenant id -> that
+stream's position, and a read polls the streams of the tenants ``P tenants`` lists (one
+pipelined XREAD + XINFO per tenant, grouped by shard; every ``FEED_POLL_MS`` until ``block_ms``),
+so a blocking XREAD over many slots, which Cluster refuses, is never needed. A tenant that
+leaves ``P tenants`` is a ``drop_tenant`` change. A consistency token is the position of the
+written tenant's own stream.
+
+Acknowledged writes (``wait_replicas``): a tenant's write waits on its own shard (a marker in
+the tenant's slot, then ``WAIT``, on one connection to that shard); an admin write (tenants,
+keys, the model registry), which can touch several slots, waits on every shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis
+import redis.cluster
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from service.errors import NotFoundError, StoreUnavailableError
+from service.ids import glob_escape, key_part
+from service.settings import ClusterURL
+from service.store.base import ApiKey, Change, MatchRecord, Tenant, duplicate_name
+from service.store.redis_store import (
+    ADD_ITEMS_LUA,
+    RedisStore,
+    _cursor,
+    _enc,
+    _s,
+    acknowledged,
+    stream_position,
+)
+
+FEED_POLL_MS = 50  # how often an idle feed read looks at the tenants' streams again
+
+
+class RedisClusterStore(RedisStore):
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        self._cluster = ClusterURL.parse(url)
+        self._stop_reading = threading.Event()
+        self._scripts_on: set[str] = set()  # shards the enrolment script was loaded on
+        super().__init__(url, **kwargs)
+        # a Cluster store is new: no store older than the name and labelled keys to backfill
+        self._labelled_ready = self._names_ready = True
+
+    def _connect(self, *, socket_timeout: float, **kwargs: Any) -> redis.Redis:
+        kwargs.pop("health_check_interval", None)
+        client = redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in self._cluster.nodes],
+            username=self._cluster.username,
+            password=self._cluster.password,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=self._timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1),
+            **kwargs,
+        )
+        return client  # type: ignore[return-value]
+
+    # --- layout ------------------------------------------------------------------------------
+    def _tenant(self, tid: str, *rest: str) -> str:
+        return (
+            self.prefix
+            + "tenant:{"
+            + key_part(tid)
+            + "}"
+            + "".join(":" + key_part(p) for p in rest)
+        )
+
+    def _seq_key(self, tenant_id: str) -> str:
+        return self._tenant(tenant_id, "seq")
+
+    def _changes_key(self, tenant_id: str) -> str:
+        return self._tenant(tenant_id, "changes")
+
+    # --- acknowledged writes -------------------------------------------------------------------
+    def _acknowledge(self, what: str, tenant_id: str | None = None) -> None:
+        if not self.wait_replicas:
+            return
+        cluster: Any = self.r
+        with self._translate(f"{what}: wait for replicas"):
+            if tenant_id is not None:
+                marker = self._tenant(tenant_id, "ack")
+                targets = [(cluster.get_node_from_key(marker), marker)]
+            else:
+                targets = self._marker_per_shard()
+            for node, marker in targets:
+                self._check_held(what, self._wait_behind(node.redis_connection, marker))
+
+    def _marker_per_shard(self) -> list[tuple[Any, str]]:
+        """A marker key on each primary (``P ack:{n}``, the smallest n whose slot it owns)."""
+        cluster: Any = self.r
+        wanted = {node.name for node in cluster.get_primaries()}
+        found: dict[str, tuple[Any, str]] = {}
+        n = 0
+        while len(found) < len(wanted) and n < 1_000_000:
+            marker = self._k("ack") + "{" + str(n) + "}"
+            node = cluster.get_node_from_key(marker)
+            found.setdefault(node.name, (node, marker))
+            n += 1
+        return list(found.values())
+
+    # --- tenants and keys: ordered single-slot writes -------------------------------------------
+    def _listed(self, tenant_id: str) -> bool:
+        return self.r.zscore(self._k("tenants"), tenant_id) is not None
+
+    @acknowledged("create tenant")
+    def create_tenant(self, tenant: Tenant, key: ApiKey) -> None:
+        """1. the name (``SET NX``; a name held by a tenant that never got listed, left by a
+        crashed create or delete, is taken over); 2. the tenant's record and key set (its
+        slot); 3. the key's record; 4. the listing ``P tenants``, which makes the tenant exist
+        for every reader. The API key reaches the caller only after step 4, so a crash before
+        it leaves records nobody can authenticate with, and the name free again."""
+        name_key = self._name_key(tenant.name)
+        with self._translate("create tenant"):
+            if not self.r.set(name_key, tenant.tenant_id, nx=True):
+
+                def take_over(pipe: redis.client.Pipeline) -> None:
+                    holder = _s(pipe.get(name_key))
+                    if holder is not None and holder != tenant.tenant_id and self._listed(holder):
+                        raise duplicate_name(tenant.name, holder)
+                    pipe.multi()
+                    pipe.set(name_key, tenant.tenant_id)
+
+                self._tx("create tenant", [name_key], take_over)
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    self._tenant(tenant.tenant_id),
+                    mapping={
+                        "name": tenant.name,
+                        "created_at": _enc(tenant.created_at),
+                        "subjects_indexed": "1",
+                    },
+                )
+                pipe.sadd(self._tenant(tenant.tenant_id, "keys"), key.key_id)
+                pipe.execute()
+            self._write_key(key)
+            self.r.zadd(self._k("tenants"), {tenant.tenant_id: tenant.created_at})
+
+    def _write_key(self, key: ApiKey) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        self._queue_key(pipe, key, with_set=False)
+        pipe.execute()
+
+    @acknowledged("delete tenant")
+    def delete_tenant(self, tenant_id: str) -> bool:
+        """1. its API keys' records (from then on no key authenticates); 2. its record (every
+        write of its data, which checks the record under WATCH, aborts); 3. the listing; 4. its
+        name, if still its own; 5. the sweep of its slot. Each step is idempotent, so a delete
+        cut short by a crash is finished by the next call, which finds the tenant listed or
+        its record still there."""
+        record = self._tenant(tenant_id)
+        with self._translate("delete tenant"):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hget(record, "name")
+            pipe.smembers(self._tenant(tenant_id, "keys"))
+            name, key_ids = pipe.execute()
+            listed = self._listed(tenant_id)
+            if name is None and not listed:
+                return False
+            for kid in sorted(_s(k) or "" for k in key_ids):
+                self.r.delete(self._k("key", kid))
+            self.r.delete(record)
+            self.r.zrem(self._k("tenants"), tenant_id)
+            if name is not None:
+                name_key = self._name_key(_s(name) or "")
+                # freed only if it is still this tenant's (compare and delete, in one step)
+                self.r.eval(
+                    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                    "return redis.call('DEL', KEYS[1]) end return 0",
+                    1,
+                    name_key,
+                    tenant_id,
+                )
+            self._sweep(tenant_id)
+        return True
+
+    def _sweep(self, tenant_id: str) -> None:
+        """Deletes every key of the tenant's slot that is the tenant's (a SCAN on its shard)."""
+        cluster: Any = self.r
+        node = cluster.get_node_from_key(self._tenant(tenant_id))
+        pattern = glob_escape(self._tenant(tenant_id) + ":") + "*"
+        client = node.redis_connection
+        batch: list[bytes] = []
+        for k in client.scan_iter(match=pattern, count=1000):
+            batch.append(k)
+            if len(batch) >= 500:
+                client.unlink(*batch)
+                batch.clear()
+        if batch:
+            client.unlink(*batch)
+
+    @acknowledged("add key")
+    def add_key(self, key: ApiKey, *, revoke_others_at: float | None = None) -> list[str]:
+        """The key's record, then its tenant's key set (checked to exist first); the others
+        are revoked after, each its own write."""
+        with self._translate("add key"):
+            if not self.r.exists(self._tenant(key.tenant_id)):
+                raise NotFoundError(
+                    f"no tenant {key.tenant_id!r}", detail={"tenant_id": key.tenant_id}
+                )
+            others = sorted(
+                _s(k) or "" for k in self.r.smembers(self._tenant(key.tenant_id, "keys"))
+            )
+            self._write_key(key)
+            self.r.sadd(self._tenant(key.tenant_id, "keys"), key.key_id)
+            revoked: list[str] = []
+            if revoke_others_at is not None:
+                for kid in others:
+                    if self._revoke(kid, revoke_others_at):
+                        revoked.append(kid)
+        return revoked
+
+    def _revoke(self, key_id: str, at: float) -> bool:
+        return bool(
+            self.r.eval(
+                "if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "
+                "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) return 1 end return 0",
+                1,
+                self._k("key", key_id),
+                _enc(at),
+            )
+        )
+
+    # --- enrolment: its script, loaded on the tenant's shard first ----------------------------
+    def _commit_staged(self, tenant_id: str, *args: Any) -> list[int]:
+        """A script queued in a Cluster transaction is sent as EVALSHA without the load
+        redis-py does for a plain pipeline: load it on the tenant's shard first (again after
+        a NOSCRIPT, e.g. on a replica promoted since)."""
+        node = self.r.get_node_from_key(self._tenant(tenant_id))  # type: ignore[attr-defined]
+        for attempt in range(2):
+            if attempt or node.name not in self._scripts_on:
+                with self._translate("load the enrolment script"):
+                    node.redis_connection.script_load(ADD_ITEMS_LUA)
+                self._scripts_on.add(node.name)
+            try:
+                return super()._commit_staged(tenant_id, *args)
+            except redis.exceptions.NoScriptError:
+                self._scripts_on.discard(node.name)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    # --- matches: one transaction per tenant (its slot) -----------------------------------------
+    def add_matches(self, records: Sequence[MatchRecord]) -> None:
+        by_tenant: dict[str, list[MatchRecord]] = {}
+        for r in records:
+            by_tenant.setdefault(r.tenant_id, []).append(r)
+        for group in by_tenant.values():
+            super().add_matches(group)
+
+    # --- the change feed: every tenant's stream ------------------------------------------------
+    def change_cursor(self, tenant_id: str | None = None) -> str | None:
+        """With ``tenant_id``: that tenant's stream position (a consistency token); else the
+        cursor of every listed tenant's stream, now."""
+        with self._translate("read change feed"):
+            tenants = (
+                [tenant_id]
+                if tenant_id is not None
+                else [_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1)]
+            )
+            pipe = self.r.pipeline(transaction=False)
+            for tid in tenants:
+                pipe.xinfo_stream(self._changes_key(tid))
+            infos = pipe.execute(raise_on_error=False)
+        positions = {
+            tid: "0-0#0"
+            if isinstance(info, Exception)
+            else _cursor(_s(info["last-generated-id"]) or "0-0", info.get("entries-added"))
+            for tid, info in zip(tenants, infos, strict=True)
+        }
+        if tenant_id is not None:
+            return positions[tenant_id]
+        return json.dumps(positions, sort_keys=True)
+
+    def feed_covers(self, cursor: str, token: str, tenant_id: str) -> bool:
+        position = json.loads(cursor).get(tenant_id)
+        return position is not None and stream_position(position) >= stream_position(token)
+
+    def interrupt_changes(self) -> None:
+        self._stop_reading.set()
+
+    def read_changes(self, cursor: str, *, block_ms: int) -> tuple[str, list[Change]]:
+        """Polls the listed tenants' streams until one has entries after ``cursor`` or
+        ``block_ms`` passed; a tenant no longer listed is a ``drop_tenant`` change."""
+        positions: dict[str, str] = json.loads(cursor)
+        deadline = time.monotonic() + block_ms / 1e3
+        while True:
+            if self._stop_reading.is_set():
+                self._stop_reading.clear()
+                raise StoreUnavailableError(
+                    "the change feed read was interrupted", detail={"store": "redis"}
+                )
+            with self._translate("read change feed"):
+                moved, changes = self._poll(positions)
+            if changes and changes[0].op == "resync":
+                return cursor, changes
+            if changes or moved != positions or time.monotonic() >= deadline:
+                return json.dumps(moved, sort_keys=True), changes
+            self._stop_reading.wait(min(FEED_POLL_MS / 1e3, max(0.0, deadline - time.monotonic())))
+
+    def _poll(self, positions: Mapping[str, str]) -> tuple[dict[str, str], list[Change]]:
+        listed = [_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1)]
+        changes = [Change("drop_tenant", tid) for tid in sorted(set(positions) - set(listed))]
+        pipe = self.r.pipeline(transaction=False)
+        for tid in listed:
+            key = self._changes_key(tid)
+            pipe.xread({key: positions.get(tid, "0-0#0").partition("#")[0]}, count=1000)
+            pipe.xinfo_stream(key)
+        replies = pipe.execute(raise_on_error=False)
+        moved: dict[str, str] = {}
+        for i, tid in enumerate(listed):
+            reply, info = replies[2 * i], replies[2 * i + 1]
+            if isinstance(reply, Exception):
+                raise reply
+            position = positions.get(tid, "0-0#0")
+            if isinstance(info, Exception):
+                info = None
+                if position.partition("#")[0] != "0-0" and not self._listed(tid):
+                    changes.append(Change("drop_tenant", tid))  # deleted since the listing
+                    continue
+            moved[tid], found = self._read_stream(
+                self.r, self._changes_key(tid), position, reply, info
+            )
+            if found and found[0].op == "resync":
+                return dict(positions), found
+            changes += found
+        return moved, changes
+
+    def close(self) -> None:
+        self._stop_reading.set()
+        with contextlib.suppress(Exception):
+            self.r.close()

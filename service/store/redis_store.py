@@ -234,6 +234,12 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.ReadOnlyError,
     redis.exceptions.BusyLoadingError,
     *((redis.exceptions.MasterDownError,) if hasattr(redis.exceptions, "MasterDownError") else ()),
+    # Redis Cluster: a shard without a master (until its replica is promoted), a slot being
+    # moved (TRYAGAIN), or redirections that did not settle
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.SlotNotCoveredError,
 )
 
 

@@ -62,6 +62,12 @@ class LocalCluster:
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "1000",
+                # what deploy/README.md asks of a production cluster: the shards that have a
+                # master keep serving while another has none, and replicas answer reads then
+                "--cluster-require-full-coverage",
+                "no",
+                "--cluster-allow-reads-when-down",
+                "yes",
                 "--dir",
                 str(data),
                 "--save",
@@ -131,6 +137,30 @@ class LocalCluster:
             return True
 
         self._wait(ok, "become ok")
+
+    def replica_of(self, port: int) -> int:
+        """The port of the replica of the master on ``port``."""
+        node = redis.Redis(port=port, socket_timeout=1)
+        try:
+            return int(node.info("replication")["slave0"]["port"])
+        finally:
+            node.close()
+
+    def role(self, port: int) -> str:
+        node = redis.Redis(port=port, socket_timeout=1)
+        try:
+            return str(node.info("replication")["role"])
+        finally:
+            node.close()
+
+    def kill(self, port: int) -> None:
+        self.procs[port].kill()
+        self.procs[port].wait(timeout=10)
+
+    def restart(self, port: int) -> None:
+        """Starts the node on ``port`` again, on its own data and cluster config (as its
+        supervisor would): it rejoins, as a replica if it was failed over meanwhile."""
+        self._start_node(port)
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -207,46 +207,79 @@ def test_service_on_sentinel_survives_a_failover(topology: Topology, artefact: P
         assert c.get("/readyz").status_code == 200 and other.get("/readyz").status_code == 200
 
 
-def test_key_layout_spans_cluster_slots(store_settings: Callable[[str], dict[str, Any]]) -> None:
-    """Why Redis Cluster is not supported (deploy/README.md): one enrolment's transaction
-    touches keys in several hash slots (Cluster refuses it: CROSSSLOT), unless the prefix is a
-    hash tag, which puts every key in one slot, i.e. on one shard."""
+def test_key_layout_spans_cluster_slots(
+    store_settings: Callable[[str], dict[str, Any]],
+) -> None:
+    """Why the one-server layout cannot run on Redis Cluster (deploy/README.md): one
+    enrolment's transaction touches keys in several hash slots (Cluster refuses it: CROSSSLOT),
+    unless the prefix is a hash tag, which puts every key in one slot, i.e. on one shard. The
+    Cluster store (``redis+cluster://``) tags each tenant's keys with the tenant instead, its
+    counter and stream included: one enrolment, one slot; tenants spread over the slots."""
     from redis.crc import key_slot
 
     from service.store import NewItem, Tenant
     from service.store.base import ApiKey
+    from service.store.redis_cluster import RedisClusterStore
     from service.store.redis_store import RedisStore
 
-    cfg = store_settings("redis")
-    for prefix, one_slot in (
-        (cfg["redis_key_prefix"], False),
-        ("{" + cfg["redis_key_prefix"].rstrip(":") + "}:", True),
-    ):
-        store = RedisStore(cfg["store_url"], prefix=prefix, timeout_s=2.0)
+    cfg, clustered = store_settings("redis"), store_settings("cluster")
+    cases: list[tuple[RedisStore, bool, str]] = [
+        (RedisStore(cfg["store_url"], prefix=cfg["redis_key_prefix"], timeout_s=2.0), False, "t"),
+        (
+            RedisStore(
+                cfg["store_url"],
+                prefix="{" + cfg["redis_key_prefix"].rstrip(":") + "}:",
+                timeout_s=2.0,
+            ),
+            True,
+            "t",
+        ),
+        (
+            RedisClusterStore(
+                clustered["store_url"], prefix=clustered["redis_key_prefix"], timeout_s=2.0
+            ),
+            True,
+            "{t}",
+        ),
+    ]
+    for store, one_slot, tag in cases:
+        prefix = store.prefix
+
+        def keys(store: RedisStore = store, prefix: str = prefix) -> set[bytes]:
+            if isinstance(store, RedisClusterStore):
+                return {
+                    k
+                    for node in store.r.get_primaries()  # type: ignore[attr-defined]
+                    for k in node.redis_connection.scan_iter(match=glob_escape(prefix) + "*")
+                }
+            return set(store.r.scan_iter(match=glob_escape(prefix) + "*"))
+
         try:
-            before = set(store.r.scan_iter(match=glob_escape(store.prefix) + "*"))
+            before = keys()
             store.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
-            after_tenant = set(store.r.scan_iter(match=glob_escape(store.prefix) + "*"))
+            after_tenant = keys()
             store.add_items(
                 "t",
                 [NewItem("i", "s", np.ones(8, np.float32) / np.sqrt(8))],
                 model_version="v",
                 created_at=1.0,
             )
-            touched = set(store.r.scan_iter(match=glob_escape(store.prefix) + "*")) - after_tenant
+            touched = keys() - after_tenant
             assert before == set()
             # the enrolment wrote the item, three sorted sets (items, the subject's items, the
             # subject listing), the seq counter and the stream
+            per_tenant = tag != "t"
             assert {k.decode().removeprefix(prefix) for k in touched} == {
-                "tenant:t:item:i",
-                "tenant:t:items",
-                "tenant:t:subject:s",
-                "tenant:t:subjects",
-                "seq",
-                "changes",
+                f"tenant:{tag}:item:i",
+                f"tenant:{tag}:items",
+                f"tenant:{tag}:subject:s",
+                f"tenant:{tag}:subjects",
+                f"tenant:{tag}:seq" if per_tenant else "seq",
+                f"tenant:{tag}:changes" if per_tenant else "changes",
             }
             slots = {key_slot(k) for k in touched}
             assert (len(slots) == 1) is one_slot, slots
         finally:
-            store.r.delete(*store.r.scan_iter(match=glob_escape(store.prefix) + "*"))
+            if not isinstance(store, RedisClusterStore):
+                store.r.delete(*keys())
             store.close()

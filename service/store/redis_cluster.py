@@ -34,7 +34,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -64,6 +64,7 @@ class RedisClusterStore(RedisStore):
         self._cluster = ClusterURL.parse(url)
         self._stop_reading = threading.Event()
         self._scripts_on: set[str] = set()  # shards the enrolment script was loaded on
+        self._follows: Callable[[str], bool] = lambda _tenant: True
         super().__init__(url, **kwargs)
         # a Cluster store is new: no store older than the name and labelled keys to backfill
         self._labelled_ready = self._names_ready = True
@@ -266,14 +267,16 @@ class RedisClusterStore(RedisStore):
             return self._key(key_id, h) if h else None
 
     def _read_replica(self, key: str) -> dict[bytes, bytes] | None:
-        """HGETALL of ``key`` on a replica of its slot (READONLY on that connection), or
-        None when no replica answers."""
+        """HGETALL of ``key`` on a replica of its slot (READONLY on that connection), or on
+        the master a live node names for it, or None when none answers. The nodes are asked
+        of the cluster (``CLUSTER SLOTS``): while a master is down, or just after its replica
+        was promoted, the client's own slot table may still name only the dead one."""
         cluster: Any = self.r
-        nodes = cluster.nodes_manager.slots_cache.get(cluster.keyslot(key), [])
-        for node in nodes[1:]:  # the first is the slot's primary
+        slot = cluster.keyslot(key)
+        for host, port in self._nodes_of(slot):
             client = redis.Redis(
-                host=node.host,
-                port=node.port,
+                host=host,
+                port=port,
                 username=self._cluster.username,
                 password=self._cluster.password,
                 socket_timeout=self._timeout_s,
@@ -289,6 +292,32 @@ class RedisClusterStore(RedisStore):
             finally:
                 client.close()
         return None
+
+    def _nodes_of(self, slot: int) -> list[tuple[str, int]]:
+        """The nodes serving ``slot`` as the first reachable node sees them, replicas first."""
+        cluster: Any = self.r
+        known = {(n.host, n.port) for n in cluster.nodes_manager.nodes_cache.values()}
+        for host, port in sorted(known | set(self._cluster.nodes)):
+            client = redis.Redis(
+                host=host,
+                port=port,
+                username=self._cluster.username,
+                password=self._cluster.password,
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=min(self._timeout_s, 0.5),
+            )
+            try:
+                ranges = client.execute_command("CLUSTER SLOTS")
+            except redis.exceptions.RedisError:
+                continue
+            finally:
+                client.close()
+            for first, last, *nodes in ranges:
+                if int(first) <= slot <= int(last):
+                    # replicas first; then the primary it names, which is a promoted replica
+                    # when the client's table still names the dead master
+                    return [(_s(n[0]) or "", int(n[1])) for n in [*nodes[1:], nodes[0]]]
+        return []
 
     def _revoke(self, key_id: str, at: float) -> bool:
         return bool(
@@ -336,7 +365,11 @@ class RedisClusterStore(RedisStore):
             tenants = (
                 [tenant_id]
                 if tenant_id is not None
-                else [_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1)]
+                else [
+                    tid
+                    for tid in (_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1))
+                    if self._follows(tid)
+                ]
             )
             pipe = self.r.pipeline(transaction=False)
             for tid in tenants:
@@ -351,6 +384,11 @@ class RedisClusterStore(RedisStore):
         if tenant_id is not None:
             return positions[tenant_id]
         return json.dumps(positions, sort_keys=True)
+
+    def follow_only(self, tenants: Callable[[str], bool]) -> None:
+        """Only these tenants' streams are read; one that stops being followed is a
+        ``drop_tenant`` change for the reader (its index goes)."""
+        self._follows = tenants
 
     def feed_covers(self, cursor: str, token: str, tenant_id: str) -> bool:
         position = json.loads(cursor).get(tenant_id)
@@ -379,7 +417,11 @@ class RedisClusterStore(RedisStore):
             self._stop_reading.wait(min(FEED_POLL_MS / 1e3, max(0.0, deadline - time.monotonic())))
 
     def _poll(self, positions: Mapping[str, str]) -> tuple[dict[str, str], list[Change]]:
-        listed = [_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1)]
+        listed = [
+            tid
+            for tid in (_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1))
+            if self._follows(tid)
+        ]
         changes = [Change("drop_tenant", tid) for tid in sorted(set(positions) - set(listed))]
         pipe = self.r.pipeline(transaction=False)
         for tid in listed:

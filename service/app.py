@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from service.api import docs, error_handlers, openapi
+from service.api import docs, error_handlers, forwarding, openapi
 from service.api.body_limit import BodySizeLimitMiddleware
 from service.api.consistency import ConsistencyTokenMiddleware
 from service.api.request_id import RequestIdMiddleware
@@ -59,6 +59,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings, metrics)
         app.state.runtime = runtime
+        app.state.forwarder = forwarding.open_forwarder(settings.forward_timeout_s)
         closers = []
         try:
             for hook in hooks:
@@ -90,6 +91,7 @@ def create_app(
                     log.exception("closing a start-up hook's resource failed")
             app.state.runtime = None
             app.state.monitor = None
+            await app.state.forwarder.aclose()
             await runtime.close()
 
     app = FastAPI(
@@ -106,6 +108,7 @@ def create_app(
     app.state.runtime = None
     app.state.monitor = None
     error_handlers.install(app, on_store_error=metrics.store_errors.inc)
+    forwarding.install(app)
     for r in (
         health.router,
         model.router,

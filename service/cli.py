@@ -146,6 +146,63 @@ def serve(
     )
 
 
+@app.command("placement")
+def placement_cmd(
+    groups: Annotated[
+        str | None,
+        typer.Option(help="the shard groups, comma-separated (e.g. g1,g2,g3): writes a new table"),
+    ] = None,
+    pin: Annotated[
+        list[str] | None,
+        typer.Option(help="TENANT=GROUP: place this tenant by hand (repeat; e.g. big tenants)"),
+    ] = None,
+) -> None:
+    """Shows the shard groups' placement table in the store (TCM_STORE_URL), or writes the
+    next version of it (--groups, --pin): replicas started with TCM_SHARD_GROUP read it within
+    TCM_PLACEMENT_POLL_S and load the tenants their group now holds."""
+    from service.domain.placement import Placement
+    from service.errors import StoreUnavailableError
+    from service.store import open_store
+
+    settings = _settings()
+    try:
+        store = open_store(settings)
+    except StoreUnavailableError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from exc
+    try:
+        doc, rev = store.get_placement()
+        if groups is None and not pin:
+            _print({"revision": rev, "table": doc})
+            return
+        current = None if doc is None else Placement.from_doc(doc)
+        names = tuple(g.strip() for g in (groups or "").split(",") if g.strip()) or (
+            current.groups if current is not None else ()
+        )
+        explicit = []
+        for entry in pin or []:
+            tenant, sep, group = entry.partition("=")
+            if not sep or group not in names:
+                raise ValueError(f"--pin {entry!r}: give TENANT=GROUP with GROUP among {names}")
+            explicit.append((tenant, group))
+        table = Placement.from_doc(
+            {
+                "version": (current.version if current is not None else 0) + 1,
+                "groups": list(names),
+                "explicit": explicit,
+                "moves": [] if current is None else current.to_doc()["moves"],
+            }
+        )
+        if not store.put_placement(table.to_doc(), expected_rev=rev):
+            raise ValueError("the table changed while this ran: run it again")
+        _print({"revision": rev + 1, "table": table.to_doc()})
+    except (ValueError, StoreUnavailableError) as exc:
+        console.print(f"[red]{getattr(exc, 'message', exc)}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        store.close()
+
+
 @app.command("export-dataset")
 def export_dataset_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="new folder for the dataset")],

@@ -166,6 +166,28 @@ class Settings(BaseSettings):
         "writes, feedback) before it is confirmed (WAIT); else 503 and the write stays on the "
         "primary for a retry. 0: confirmed by the primary alone (replication is asynchronous)",
     )
+    shard_group: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="this replica's shard group (issue 31): it loads and follows only the "
+        "tenants the placement table gives its group, and forwards requests for others to a "
+        "replica of their group (needs a Redis store and advertise_url); unset: every tenant",
+    )
+    advertise_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/?#]+$",
+        description="the base URL other replicas forward requests to this one at "
+        "(http://host:port), with shard_group",
+    )
+    forward_timeout_s: float = Field(
+        60.0, gt=0, description="how long a request forwarded to another shard group may take"
+    )
+    placement_poll_s: float = Field(
+        1.0,
+        gt=0,
+        description="how often a grouped replica reads the placement table and "
+        "says it is alive (peers forget a replica silent for 3 polls)",
+    )
     redis_wait_timeout_ms: int = Field(
         1000, ge=1, description="how long a write waits for redis_wait_replicas replicas"
     )
@@ -366,6 +388,21 @@ class Settings(BaseSettings):
                 f"monitor_window_s ({self.monitor_window_s} s): the monitor reads "
                 "the feedback of its window"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _groups_need_a_shared_store(self) -> Settings:
+        if self.shard_group is not None:
+            if self.store_url.startswith("sqlite:///"):
+                raise ValueError(
+                    "shard_group needs a shared Redis store (store_url redis://, "
+                    "redis+sentinel:// or redis+cluster://): one SQLite file serves one process"
+                )
+            if self.advertise_url is None:
+                raise ValueError(
+                    "shard_group needs advertise_url, the http://host:port other replicas "
+                    "forward this group's requests to"
+                )
         return self
 
     @model_validator(mode="after")

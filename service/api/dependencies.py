@@ -25,9 +25,11 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.forwarding import ForwardTo
 from service.domain.tenants import same_secret
-from service.errors import AuthenticationError, NotReadyError
+from service.errors import AuthenticationError, InvalidInputError, NotReadyError
 from service.ids import IdPath as IdPath  # every id a path carries: the one id pattern
+from service.runtime.groups import FORWARDED_HEADER
 from service.runtime.runtime import Runtime
 
 admin_bearer = HTTPBearer(
@@ -83,9 +85,27 @@ async def authenticate_tenant(request: Request, runtime: Runtime, token: str) ->
     tid: str | None = getattr(request.state, _AUTHENTICATED_TENANT, None)
     if tid is None:
         tid = await runtime.tenants.authenticate(token)
+        # shard groups: another group's tenant goes there, before its rate limit is taken
+        # (the owner's replica takes it) and before its body is read
+        peer = await runtime.routing.route(tid, _forwarded_under(request))
+        if peer is not None:
+            raise ForwardTo(*peer, runtime.routing.groups.version)
         await runtime.check_rate(tid)
         setattr(request.state, _AUTHENTICATED_TENANT, tid)
     return tid
+
+
+def _forwarded_under(request: Request) -> int | None:
+    """The sender's placement table version, on a request another replica forwarded."""
+    raw = request.headers.get(FORWARDED_HEADER)
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidInputError(
+            f"{FORWARDED_HEADER} must be a placement table version (digits)",
+            code="invalid_header",
+        )
+    return int(raw)
 
 
 async def tenant_id(

@@ -65,8 +65,12 @@ class IndexSync:
         metrics: ServiceMetrics,
         embed_chunk: int,
         max_image_pixels: int,
+        holds: Callable[[str], bool] | None = None,
     ) -> None:
         self.store = store
+        # which tenants this replica loads and follows (shard groups: its group's; else all)
+        self.holds: Callable[[str], bool] = holds or (lambda _tenant: True)
+        self._rebuild_requested = False
         self.slot = slot
         self.metrics = metrics
         self.embed_chunk = max(1, embed_chunk)
@@ -122,8 +126,9 @@ class IndexSync:
         await run_in_threadpool(serving.indexes.get(tenant_id).remove, list(seqs))
 
     def tenant_created(self, tenant_id: str) -> None:
-        self.slot.current.indexes.get(tenant_id)
-        self.publish_sizes()
+        if self.holds(tenant_id):  # (shard groups: another group's tenant has no index here)
+            self.slot.current.indexes.get(tenant_id)
+            self.publish_sizes()
 
     def tenant_dropped(self, tenant_id: str) -> None:
         """Drops the index (call under :meth:`writing`, after the store dropped the tenant)."""
@@ -167,6 +172,12 @@ class IndexSync:
         self._cursor_moved.set()
         self._cursor_moved = asyncio.Event()
 
+    def request_rebuild(self) -> None:
+        """Which tenants this replica holds changed (a new placement table): the follower
+        rebuilds every index from the store after its current read (dropping the tenants no
+        longer held, loading the new ones) and follows on from there."""
+        self._rebuild_requested = True
+
     def forget_lock(self, tenant_id: str) -> None:
         self._locks.pop(tenant_id, None)
 
@@ -194,7 +205,9 @@ class IndexSync:
         that lands during the rebuild is applied again from the feed). Returns, per tenant,
         how many items had to be left out (no embedding for this model and no image)."""
         cursor = await run_in_threadpool(self.store.change_cursor)
-        tenants = await run_in_threadpool(self.store.list_tenants)
+        tenants = [
+            t for t in await run_in_threadpool(self.store.list_tenants) if self.holds(t.tenant_id)
+        ]
         skipped: dict[str, int] = {}
         for tenant in tenants:
             try:
@@ -382,6 +395,11 @@ class IndexSync:
                     self.store.read_changes, self.feed_cursor, block_ms=1000
                 )
                 cursor, changes = await asyncio.wrap_future(self._reading)
+                if self._rebuild_requested:  # the tenants this replica holds changed
+                    self._rebuild_requested = False
+                    async with self.slot.gate.shared():
+                        await self.rebuild_all(self.slot.current)
+                    continue
                 if any(change.op == "resync" for change in changes):
                     log.warning(
                         "the change feed lost entries this replica had not read yet "
@@ -442,6 +460,8 @@ class IndexSync:
                 await asyncio.sleep(0.1 * attempt)
 
     async def _apply(self, change: Change) -> None:
+        if change.op != "drop_tenant" and not self.holds(change.tenant_id):
+            return  # another group's tenant
         async with self.slot.gate.shared():
             serving = self.slot.current
             indexes = serving.indexes

@@ -29,8 +29,9 @@ The protocol (``docs/scaling.md``, "Moving a tenant"):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,29 @@ class Placement:
     groups: tuple[str, ...]
     explicit: tuple[tuple[str, str], ...] = ()
     moves: tuple[Move, ...] = ()
+
+    def to_doc(self) -> dict[str, object]:
+        """The table as stored (JSON)."""
+        return {
+            "version": self.version,
+            "groups": list(self.groups),
+            "explicit": [list(e) for e in self.explicit],
+            "moves": [[m.tenant, m.source, m.target, m.switched_at] for m in self.moves],
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> Placement:
+        groups = tuple(str(g) for g in doc["groups"])
+        if not groups or len(set(groups)) != len(groups):
+            raise ValueError(f"a placement table needs distinct groups, got {list(groups)}")
+        return cls(
+            version=int(doc["version"]),
+            groups=groups,
+            explicit=tuple((str(t), str(g)) for t, g in doc.get("explicit", ())),
+            moves=tuple(
+                Move(str(t), str(s), str(g), int(v)) for t, s, g, v in doc.get("moves", ())
+            ),
+        )
 
     def owner(self, tenant: str) -> str:
         for t, group in self.explicit:

@@ -22,12 +22,14 @@ from starlette.concurrency import run_in_threadpool
 from service.domain.gallery import Gallery
 from service.domain.index_sync import IndexSync
 from service.domain.serving import Serving, ServingSlot, build_serving
+from service.domain.shard_groups import ShardGroups
 from service.domain.tenants import Tenants
 from service.engine.decoding import DecodePool, decode_processes_for
 from service.engine.embedding import resolve_device
 from service.engine.faces import FacesExtraMissing
 from service.errors import RateLimitedError, StoreUnavailableError
 from service.metrics import ServiceMetrics
+from service.runtime.groups import GroupRouting
 from service.runtime.lifecycle import ModelLifecycle, startup_model
 from service.runtime.retention import Retention
 from service.settings import Settings
@@ -48,6 +50,7 @@ class Runtime:
     gallery: Gallery
     lifecycle: ModelLifecycle
     retention: Retention
+    routing: GroupRouting  # shard groups: which tenants this replica serves, where others go
     rate_limiter: RateLimiter | None = None
     decoding: DecodePool | None = None  # image decoding processes (service.engine.decoding)
 
@@ -89,12 +92,25 @@ class Runtime:
             manifest.calibration.tau,
         )
         slot = ServingSlot(serving, metrics)
+        groups = ShardGroups(
+            store,
+            group=settings.shard_group,
+            advertise_url=settings.advertise_url,
+            poll_s=settings.placement_poll_s,
+        )
+        if groups.group is not None:
+            try:  # the table first: which tenants to load
+                await run_in_threadpool(groups.refresh)
+            except StoreUnavailableError as exc:
+                log.warning("placement table not read at start-up: %s", exc.message)
+            store.follow_only(groups.holds)
         sync = IndexSync(
             store=store,
             slot=slot,
             metrics=metrics,
             embed_chunk=settings.embed_max_batch,
             max_image_pixels=settings.max_image_pixels,
+            holds=groups.holds,
         )
         runtime = cls(
             settings=settings,
@@ -103,6 +119,7 @@ class Runtime:
             slot=slot,
             sync=sync,
             tenants=Tenants(store, sync),
+            routing=GroupRouting(groups, sync),
             gallery=Gallery(
                 store=store,
                 slot=slot,
@@ -139,9 +156,11 @@ class Runtime:
             )
         runtime.lifecycle.start()
         runtime.retention.start()
+        runtime.routing.start()
         return runtime
 
     async def close(self) -> None:
+        await self.routing.close()
         await self.retention.close()
         await self.lifecycle.close()
         await self.sync.stop_follower()

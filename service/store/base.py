@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -389,6 +389,25 @@ class Store(Protocol):
         """Drops every tenant's embeddings of one model version (retention); returns how many."""
 
     # --- change feed (replicas) ------------------------------------------------------------
+    def get_placement(self) -> tuple[dict[str, Any] | None, int]:
+        """The shard groups' placement table (``service.domain.placement``) and its revision;
+        (None, 0) before one is written (and always, on a store of one process)."""
+
+    def put_placement(self, table: Mapping[str, Any], *, expected_rev: int) -> bool:
+        """Compare-and-set of the placement table: False when its revision is not
+        ``expected_rev`` any more."""
+
+    def put_replica(self, url: str, info: Mapping[str, Any], *, now: float) -> None:
+        """A service replica's heartbeat: the URL peers forward to, its group and state."""
+
+    def list_replicas(self, *, now: float, max_age_s: float) -> dict[str, dict[str, Any]]:
+        """The replicas heard from within ``max_age_s`` (URL -> what they last said)."""
+
+    def follow_only(self, tenants: Callable[[str], bool]) -> None:
+        """Narrows :meth:`read_changes` to the tenants ``tenants`` accepts, where the store
+        can read less for it (Redis Cluster: one stream per tenant); elsewhere the reader
+        filters what it gets."""
+
     def change_cursor(self, tenant_id: str | None = None) -> str | None:
         """The feed's current end, to tail from after a rebuild; with ``tenant_id``, the
         position a consistency token of that tenant's write names (:meth:`feed_covers`);

@@ -1183,6 +1183,9 @@ class RedisStore:
     # ever received up to it (XINFO's entries-added, Redis >= 7). Trimming removes the oldest
     # entries first, so entries after the cursor were lost exactly when more than n entries
     # have been removed (entries-added - length). Before Redis 7 the cursor is the bare id.
+    def follow_only(self, tenants: Callable[[str], bool]) -> None:
+        """One stream holds every tenant's changes: the reader filters them."""
+
     def change_cursor(self, tenant_id: str | None = None) -> str | None:
         """The position after the last entry ever added (the stream may be trimmed empty);
         the start of the stream before it exists. One stream holds every tenant's changes:
@@ -1488,21 +1491,29 @@ class RedisStore:
 
     # --- model registry --------------------------------------------------------------------
     def get_model_registry(self) -> tuple[dict[str, Any] | None, int]:
-        with self._translate("get model registry"):
-            rev, body = self.r.hmget(self._k("models"), ["rev", "body"])
+        return self._get_document("models", "get model registry")
+
+    def _get_document(self, name: str, what: str) -> tuple[dict[str, Any] | None, int]:
+        with self._translate(what):
+            rev, body = self.r.hmget(self._k(name), ["rev", "body"])
         return (None, 0) if body is None else (json.loads(body), int(rev or 0))
 
     @acknowledged("put model registry")
     def put_model_registry(self, registry: Mapping[str, Any], *, expected_rev: int) -> bool:
+        return self._put_document("models", registry, expected_rev, "put model registry")
+
+    def _put_document(
+        self, name: str, doc: Mapping[str, Any], expected_rev: int, what: str
+    ) -> bool:
         """Compare-and-set, safe to resend: redis-py resends a command whose reply was lost
         (on a new connection), and the resend must not read its own applied write as a lost
         race (the caller would apply its change a second time). Each call writes a token of
         its own beside the body; a revision one past the expected one carrying this call's
         token is this call's write, reported as done (a body alone would not do: two racing
         writers may compute the same one)."""
-        body = json.dumps(registry, allow_nan=False, separators=(",", ":"))
+        body = json.dumps(doc, allow_nan=False, separators=(",", ":"))
         token = uuid.uuid4().hex
-        with self._translate("put model registry"):
+        with self._translate(what):
             done = self.r.eval(
                 "local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0') "
                 "local want = tonumber(ARGV[1]) "
@@ -1512,12 +1523,42 @@ class RedisStore:
                 "redis.call('HSET', KEYS[1], 'rev', rev + 1, 'body', ARGV[2], 'writer', ARGV[3]) "
                 "return 1",
                 1,
-                self._k("models"),
+                self._k(name),
                 expected_rev,
                 body,
                 token,
             )
         return bool(done)
+
+    # --- shard groups (issue 31 item 2) ------------------------------------------------------
+    def get_placement(self) -> tuple[dict[str, Any] | None, int]:
+        """The placement table (``P placement``: rev, body), as the model registry is kept."""
+        return self._get_document("placement", "get placement")
+
+    @acknowledged("put placement")
+    def put_placement(self, table: Mapping[str, Any], *, expected_rev: int) -> bool:
+        return self._put_document("placement", table, expected_rev, "put placement")
+
+    def put_replica(self, url: str, info: Mapping[str, Any], *, now: float) -> None:
+        """This replica's heartbeat (``P replicas``: its URL -> ``info`` and ``now``)."""
+        body = json.dumps({**info, "seen": now}, separators=(",", ":"))
+        with self._translate("put replica"):
+            self.r.hset(self._k("replicas"), url, body)
+
+    def list_replicas(self, *, now: float, max_age_s: float) -> dict[str, dict[str, Any]]:
+        """Replicas heard from within ``max_age_s``; older entries are removed."""
+        with self._translate("list replicas"):
+            rows = self.r.hgetall(self._k("replicas"))
+            live, stale = {}, []
+            for url, body in rows.items():
+                info = json.loads(body)
+                if now - float(info.get("seen", 0)) <= max_age_s:
+                    live[_s(url) or ""] = info
+                elif now - float(info.get("seen", 0)) > 10 * max_age_s:
+                    stale.append(url)
+            if stale:
+                self.r.hdel(self._k("replicas"), *stale)
+        return live
 
     def delete_embeddings(self, model_version: str) -> int:
         field = f"emb:{model_version}"

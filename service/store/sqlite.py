@@ -823,6 +823,9 @@ class SQLiteStore:
         return _vectors(rows, with_metadata=True)
 
     # --- change feed -----------------------------------------------------------------------
+    def follow_only(self, tenants: Callable[[str], bool]) -> None:
+        return None  # no feed
+
     def change_cursor(self, tenant_id: str | None = None) -> str | None:
         return None  # one process per SQLite file: nothing to follow
 
@@ -992,6 +995,19 @@ class SQLiteStore:
         return None if row is None else json.loads(row[0])
 
     # --- model registry --------------------------------------------------------------------
+    # --- shard groups: a shared store's (Redis); one process per SQLite file has none ------------
+    def get_placement(self) -> tuple[dict[str, Any] | None, int]:
+        return None, 0
+
+    def put_placement(self, table: Mapping[str, Any], *, expected_rev: int) -> bool:
+        raise ValueError("shard groups need a shared Redis store (TCM_STORE_URL=redis...)")
+
+    def put_replica(self, url: str, info: Mapping[str, Any], *, now: float) -> None:
+        return None
+
+    def list_replicas(self, *, now: float, max_age_s: float) -> dict[str, dict[str, Any]]:
+        return {}
+
     def get_model_registry(self) -> tuple[dict[str, Any] | None, int]:
         with self._read("get model registry") as conn:
             row = conn.execute("SELECT rev, body FROM model_registry WHERE id = 1").fetchone()

@@ -1,0 +1,97 @@
+"""Forwarding a tenant's request to a replica of its shard group (issue 31 item 2).
+
+Authentication (``service.api.dependencies.authenticate_tenant``) asks the runtime's
+:class:`~service.runtime.groups.GroupRouting` where an authenticated tenant's request belongs;
+when it is another replica, it raises :class:`ForwardTo` before the rate limit is taken (the
+owner's replica takes it) and before a byte of the body is read (routes with a body
+authenticate first: ``service.api.auth_first``). The handler here sends the request as it came
+(method, path, query, headers, body, with ``X-TCM-Forwarded: <this replica's table version>``)
+to the peer and answers what the peer answered. A forwarded request is never forwarded again
+(``service.domain.placement.route``); a peer that cannot be reached is a 503 with
+``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
+
+from service.errors import error_body
+from service.runtime.groups import FORWARDED_HEADER
+
+log = logging.getLogger(__name__)
+
+# hop-by-hop headers (RFC 9110 7.6.1) and those httpx sets itself
+_NOT_FORWARDED = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-encoding",
+}
+
+
+class ForwardTo(Exception):  # a control-flow signal, handled by forward()
+    """This request belongs to shard group ``group``, whose replica at ``url`` takes it."""
+
+    def __init__(self, url: str, group: str, version: int) -> None:
+        super().__init__(url)
+        self.url = url
+        self.group = group
+        self.version = version
+
+
+async def forward(request: Request, exc: Exception) -> Response:
+    """Sends the request to ``exc.url``; one that could not connect (the peer died since it
+    last said it was alive) goes to another live replica of the group, once."""
+    assert isinstance(exc, ForwardTo)
+    client: httpx.AsyncClient = request.app.state.forwarder
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+    headers[FORWARDED_HEADER] = str(exc.version)
+    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    body = await request.body()
+    url: str | None = exc.url
+    tried: set[str] = set()
+    while url is not None:
+        tried.add(url)
+        try:
+            answer = await client.request(request.method, url + path, headers=headers, content=body)
+        except httpx.ConnectError as err:  # never reached the peer: safe to send elsewhere
+            log.warning("forwarding to %s failed: %s", url, err)
+            routing = request.app.state.runtime.routing
+            peer = await run_in_threadpool(routing.groups.peer_of, exc.group, exclude=tried)
+            url = None if peer is None or len(tried) >= 2 else peer.url
+            continue
+        except httpx.HTTPError as err:  # it may have reached the peer: not sent again
+            log.warning("forwarding to %s failed: %s", url, err)
+            break
+        kept = {k: v for k, v in answer.headers.items() if k.lower() not in _NOT_FORWARDED}
+        return Response(answer.content, status_code=answer.status_code, headers=kept)
+    return JSONResponse(
+        error_body(
+            "group_unavailable",
+            "the replica serving this tenant's shard group could not be reached: retry shortly",
+            {"group": exc.group},
+        ),
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ForwardTo, forward)
+
+
+def open_forwarder(timeout_s: float) -> httpx.AsyncClient:
+    """The app's one HTTP client for forwarding (the lifespan opens and closes it)."""
+    return httpx.AsyncClient(timeout=timeout_s)

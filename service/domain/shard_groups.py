@@ -1,0 +1,134 @@
+"""Shard groups (issue 31 item 2): this replica's group, its copy of the placement table, and
+who else is up.
+
+A replica started with ``TCM_SHARD_GROUP`` loads and follows only the tenants its copy of the
+placement table (``service.domain.placement``, stored in Redis) gives its group, and answers a
+request for any other tenant by forwarding it once to a live replica of the owner group
+(``service.api.forwarding``). Without a group, or before a table is written, a replica holds
+every tenant (today's mode). Replicas say they are alive in the store every
+``placement_poll_s`` (URL, group, table version, whether their indexes are loaded); a replica
+silent for three polls is not forwarded to.
+
+What is not built yet: live moves (item 4: the protocol is :mod:`~service.domain.placement`'s,
+checked; a changed table here makes every replica rebuild what it holds), the controller that
+writes the table (``tcm-serve placement`` writes it by hand), per-group deployment (item 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from service.domain.placement import Decision, Placement, Refresh, route
+from service.store import Store
+
+log = logging.getLogger(__name__)
+
+LIVE_POLLS = 3  # a replica silent for this many polls is taken for dead
+
+
+@dataclass(frozen=True)
+class Peer:
+    url: str
+    group: str
+    version: int
+    loaded: bool
+
+
+class ShardGroups:
+    def __init__(
+        self, store: Store, *, group: str | None, advertise_url: str | None, poll_s: float
+    ) -> None:
+        self.store = store
+        self.group = group
+        self.advertise_url = advertise_url
+        self.poll_s = poll_s
+        self.table: Placement | None = None
+        self.rev = 0
+
+    @property
+    def version(self) -> int:
+        """This replica's copy's table version (0: no table)."""
+        return 0 if self.table is None else self.table.version
+
+    @property
+    def grouped(self) -> bool:
+        """Whether this replica holds only some tenants (a group, and a table naming it)."""
+        return self.group is not None and self.table is not None
+
+    def holds(self, tenant_id: str) -> bool:
+        """Whether this replica loads and follows ``tenant_id`` under its copy of the table."""
+        if not self.grouped:
+            return True
+        assert self.table is not None and self.group is not None
+        return self.group in self.table.holders(tenant_id)
+
+    def refresh(self) -> bool:
+        """Reads the table (blocking); whether this replica's copy changed."""
+        doc, rev = self.store.get_placement()
+        if rev == self.rev:
+            return False
+        table = None if doc is None else Placement.from_doc(doc)
+        if table is not None and self.group is not None and self.group not in table.groups:
+            log.warning(
+                "the placement table (version %d) has no group %r (groups: %s): this "
+                "replica holds no tenant until it names it",
+                table.version,
+                self.group,
+                list(table.groups),
+            )
+        self.table, self.rev = table, rev
+        log.info(
+            "placement table version %s (store revision %d)",
+            None if table is None else table.version,
+            rev,
+        )
+        return True
+
+    def beat(self, *, loaded: bool) -> None:
+        """Says this replica is alive (blocking)."""
+        if self.group is None or self.advertise_url is None:
+            return
+        self.store.put_replica(
+            self.advertise_url,
+            {
+                "group": self.group,
+                "version": 0 if self.table is None else self.table.version,
+                "loaded": loaded,
+            },
+            now=time.time(),
+        )
+
+    def decide(self, tenant_id: str, *, loaded: bool, forwarded_under: int | None) -> Decision:
+        """What to do with a request for ``tenant_id`` (``forwarded_under``: the sender's table
+        version, for a request another replica forwarded)."""
+        if not self.grouped:
+            return route(_ALONE, "-", loaded, tenant_id, None)
+        assert self.table is not None and self.group is not None
+        return route(
+            self.table, self.group, loaded and self.holds(tenant_id), tenant_id, forwarded_under
+        )
+
+    def peer_of(self, group: str, *, exclude: Collection[str] = ()) -> Peer | None:
+        """A live replica of ``group`` whose indexes are loaded, other than this one and those
+        in ``exclude`` (blocking); None when there is none."""
+        now = time.time()
+        peers = [
+            Peer(url, str(info.get("group")), int(info.get("version", 0)), bool(info["loaded"]))
+            for url, info in self.store.list_replicas(
+                now=now, max_age_s=LIVE_POLLS * self.poll_s
+            ).items()
+            if info.get("group") == group
+            and url != self.advertise_url
+            and url not in exclude
+            and info.get("loaded")
+        ]
+        return random.choice(peers) if peers else None
+
+
+_ALONE = Placement(version=0, groups=("-",))  # no groups: every replica owns every tenant
+
+__all__ = ["LIVE_POLLS", "Peer", "Refresh", "ShardGroups"]

@@ -1,0 +1,92 @@
+"""A grouped replica's background duties and its routing (issue 31 item 2;
+``service.domain.shard_groups`` holds the state).
+
+Every ``placement_poll_s`` the replica reads the placement table (a new one makes its indexes
+follow the tenants it now holds: ``IndexSync.request_rebuild``) and says it is alive. For each
+authenticated tenant request, :meth:`GroupRouting.route` says whether this replica serves it or
+which peer it goes to (``service.api.forwarding`` forwards it), or refuses it (503 with
+``Retry-After``): never a request served from an index that lacks the tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from starlette.concurrency import run_in_threadpool
+
+from service.domain.index_sync import IndexSync
+from service.domain.placement import Forward, Refresh, Refuse, Serve
+from service.domain.shard_groups import ShardGroups
+from service.errors import NotReadyError, StoreUnavailableError
+
+log = logging.getLogger(__name__)
+
+FORWARDED_HEADER = "X-TCM-Forwarded"  # the sender's placement table version
+
+
+class GroupRouting:
+    def __init__(self, groups: ShardGroups, sync: IndexSync) -> None:
+        self.groups = groups
+        self.sync = sync
+        self._task: asyncio.Task[None] | None = None
+
+    async def poll_once(self) -> None:
+        if await run_in_threadpool(self.groups.refresh):
+            self.sync.request_rebuild()
+        await run_in_threadpool(lambda: self.groups.beat(loaded=self.sync.loaded))
+
+    def start(self) -> None:
+        if self.groups.group is not None:
+            self._task = asyncio.create_task(self._run(), name="placement-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.groups.poll_s)
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailableError as exc:
+                log.warning("placement table not read, the store is unavailable: %s", exc.message)
+            except Exception:
+                log.exception("reading the placement table failed; it is read again later")
+
+    async def route(self, tenant_id: str, forwarded_under: int | None) -> tuple[str, str] | None:
+        """None: this replica serves the request; else the base URL of the peer to forward it
+        to and the peer's group. Raises :class:`NotReadyError` (503, ``Retry-After``) when
+        neither is possible."""
+        for _ in range(2):
+            decision = self.groups.decide(
+                tenant_id, loaded=self.sync.loaded, forwarded_under=forwarded_under
+            )
+            if isinstance(decision, Refresh):  # the sender's table is newer than this copy
+                if await run_in_threadpool(self.groups.refresh):
+                    self.sync.request_rebuild()
+                continue
+            break
+        if isinstance(decision, Serve):
+            return None
+        if isinstance(decision, Forward):
+            peer = await run_in_threadpool(self.groups.peer_of, decision.group)
+            if peer is None:
+                raise NotReadyError(
+                    f"no replica of shard group {decision.group!r}, which serves this tenant, "
+                    "is up and loaded: retry shortly",
+                    code="group_unavailable",
+                    detail={"group": decision.group},
+                )
+            return peer.url, peer.group
+        reason = decision.reason if isinstance(decision, Refuse) else "stale placement"
+        raise NotReadyError(
+            f"this tenant cannot be served here right now ({reason}): retry shortly",
+            code="placement_" + reason.replace(" ", "_"),
+        )

@@ -1,0 +1,207 @@
+"""Shard groups on a real Redis Cluster (issue 31 item 2): replicas of a group load and follow
+only the tenants the placement table gives their group, and any replica answers any tenant's
+request by forwarding it once, over HTTP, to a live replica of the owner group. Three real HTTP
+servers (uvicorn, in threads of this process, so their indexes can be inspected): a1 and a2 in
+g1, b1 in g2.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.domain.placement import Placement
+from service.store.redis_cluster import RedisClusterStore
+from tests.service.conftest import ADMIN_TOKEN, make_settings, unit
+from tests.service.rediscluster import LocalCluster
+from tests.service.store.test_redis_down import free_port
+
+pytestmark = [pytest.mark.redis, pytest.mark.usefixtures("redis_server_binary")]
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@dataclass
+class Replica:
+    name: str
+    group: str
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def sizes(self) -> dict[str, int]:
+        return dict(self.app.state.runtime.slot.current.indexes.sizes())
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _start(name: str, group: str, store: dict[str, Any], artefact: Path) -> Replica:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    app = create_app(
+        make_settings(artefact, store, shard_group=group, advertise_url=url, placement_poll_s=0.2)
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"replica-{name}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (server.started and httpx.get(url + "/readyz").status_code == 200):
+        assert time.monotonic() < deadline and thread.is_alive(), f"{name} did not start"
+        time.sleep(0.05)
+    return Replica(name, group, url, app, server, thread)
+
+
+@pytest.fixture
+def fleet(redis_cluster: LocalCluster, artefact: Path) -> Iterator[dict[str, Replica]]:
+    prefix = f"tcmtest:{uuid.uuid4().hex}:"
+    store = {"store_url": redis_cluster.url, "redis_key_prefix": prefix}
+    table = RedisClusterStore(redis_cluster.url, prefix=prefix)
+    assert table.put_placement(Placement(1, ("g1", "g2")).to_doc(), expected_rev=0)
+    table.close()
+    replicas: dict[str, Replica] = {}
+    try:
+        for name, group in (("a1", "g1"), ("a2", "g1"), ("b1", "g2")):
+            replicas[name] = _start(name, group, store, artefact)
+        yield replicas
+    finally:
+        for r in replicas.values():
+            r.stop()
+        redis_cluster.cleanup(prefix)
+
+
+def _wait(check: Any, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_groups_hold_their_tenants_and_forward_the_others(fleet: dict[str, Replica]) -> None:
+    a1, a2, b1 = fleet["a1"], fleet["a2"], fleet["b1"]
+    table = Placement(1, ("g1", "g2"))
+    tenants: dict[str, dict[str, str]] = {}
+    owners: dict[str, str] = {}
+    for i in range(40):  # until each group owns two tenants
+        r = httpx.post(a1.url + "/v1/tenants", json={"name": f"t{i}"}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        tid = r.json()["tenant_id"]
+        tenants[tid] = {"Authorization": f"Bearer {r.json()['api_key']}"}
+        owners[tid] = table.owner(tid)
+        if min(list(owners.values()).count(g) for g in ("g1", "g2")) >= 2:
+            break
+    # every tenant enrolled through a1, whichever group owns it
+    for n, (tid, auth) in enumerate(tenants.items()):
+        body = {"items": [{"subject": "s", "embedding": unit(n), "item_id": f"{tid}-x"}]}
+        r = httpx.post(a1.url + "/v1/gallery", json=body, headers=auth)
+        assert r.status_code == 201, r.text
+    mine = {g: {t for t, o in owners.items() if o == g} for g in ("g1", "g2")}
+    _wait(lambda: set(a2.sizes()) == mine["g1"], f"a2 holds {a2.sizes()}")
+    _wait(lambda: set(b1.sizes()) == mine["g2"], f"b1 holds {b1.sizes()}")
+    assert set(a1.sizes()) == mine["g1"]  # only its group's indexes, nothing of g2
+    # every tenant matched through every replica: served or forwarded once, same answer
+    for n, (tid, auth) in enumerate(tenants.items()):
+        for replica in (a1, a2, b1):
+            m = httpx.post(
+                replica.url + "/v1/match", json={"embedding": unit(n), "k": 1}, headers=auth
+            )
+            assert m.status_code == 200, (replica.name, m.text)
+            assert m.json()["candidates"][0]["item_id"] == f"{tid}-x"
+    # a forwarded request is never forwarded again: sent to b1 as if forwarded, a g1 tenant's
+    # request is refused (b1 does not hold it), not sent on
+    g1_tenant = next(iter(mine["g1"]))
+    r = httpx.post(
+        b1.url + "/v1/match",
+        json={"embedding": unit(0), "k": 1},
+        headers={**tenants[g1_tenant], "X-TCM-Forwarded": "1"},
+    )
+    assert r.status_code == 503 and r.json()["code"] == "placement_stale_placement", r.text
+    assert r.headers["Retry-After"] == "1"
+    bad = httpx.post(
+        b1.url + "/v1/match",
+        json={"embedding": unit(0), "k": 1},
+        headers={**tenants[g1_tenant], "X-TCM-Forwarded": "x"},
+    )
+    assert bad.status_code == 422
+
+    # a new table pins a g1 tenant on g2: b1 loads it, g1's replicas drop it, and a request
+    # for it through a2 now goes to b1 (a re-placement by rebuild; live moves are item 4's)
+    store = RedisClusterStore(
+        a1.app.state.settings.store_url, prefix=a1.app.state.settings.redis_key_prefix
+    )
+    try:
+        pinned = Placement(2, ("g1", "g2"), explicit=((g1_tenant, "g2"),))
+        assert store.put_placement(pinned.to_doc(), expected_rev=1)
+    finally:
+        store.close()
+    _wait(lambda: g1_tenant in b1.sizes(), f"b1 did not load the pinned tenant: {b1.sizes()}")
+    _wait(lambda: g1_tenant not in a2.sizes(), "a2 did not drop the pinned tenant")
+    n = list(tenants).index(g1_tenant)
+    m = httpx.post(
+        a2.url + "/v1/match", json={"embedding": unit(n), "k": 1}, headers=tenants[g1_tenant]
+    )
+    assert m.status_code == 200 and m.json()["candidates"][0]["item_id"] == f"{g1_tenant}-x"
+    owners[g1_tenant] = "g2"
+
+    # a1 stops: g1's requests through b1 still answered (by a2), not one failed
+    a1.stop()
+    for n, (tid, auth) in enumerate(tenants.items()):
+        if owners[tid] != "g1":
+            continue
+        m = httpx.post(b1.url + "/v1/match", json={"embedding": unit(n), "k": 1}, headers=auth)
+        assert m.status_code == 200, m.text
+
+
+def test_the_placement_command_writes_the_next_table(store_settings: Any) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    cfg = store_settings("redis")
+    env = {"TCM_STORE_URL": cfg["store_url"], "TCM_REDIS_KEY_PREFIX": cfg["redis_key_prefix"]}
+    runner = CliRunner()
+    shown = runner.invoke(app, ["placement"], env=env)
+    assert shown.exit_code == 0 and json.loads(shown.output) == {"revision": 0, "table": None}
+    wrote = runner.invoke(app, ["placement", "--groups", "g1,g2", "--pin", "t9=g2"], env=env)
+    assert wrote.exit_code == 0, wrote.output
+    table = Placement.from_doc(json.loads(wrote.output)["table"])
+    assert (table.version, table.groups, table.owner("t9")) == (1, ("g1", "g2"), "g2")
+    again = runner.invoke(app, ["placement", "--groups", "g1,g2,g3"], env=env)
+    assert json.loads(again.output)["table"]["version"] == 2
+    bad = runner.invoke(app, ["placement", "--pin", "t9=g7"], env=env)
+    assert bad.exit_code == 1 and "GROUP among" in bad.output
+    sqlite = runner.invoke(
+        app,
+        ["placement", "--groups", "g1"],
+        env={"TCM_STORE_URL": store_settings("sqlite")["store_url"]},
+    )
+    assert sqlite.exit_code == 1 and "shared Redis store" in sqlite.output
+
+
+def test_a_group_needs_a_shared_store_and_an_address() -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="shared Redis store"):
+        Settings(shard_group="g1", advertise_url="http://10.0.0.1:8000")
+    with pytest.raises(ValidationError, match="advertise_url"):
+        Settings(shard_group="g1", store_url="redis://127.0.0.1:6379/0")
+    with pytest.raises(ValidationError):
+        Settings(shard_group="g 1", store_url="redis://h:6379/0", advertise_url="http://h:1")
+    ok = Settings(shard_group="g1", store_url="redis://h:6379/0", advertise_url="http://h:8000")
+    assert ok.shard_group == "g1"

@@ -22,7 +22,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from service.domain.placement import Decision, Placement, Refresh, route
+from service.domain.placement import Decision, Placement, Refresh, Serve, route
 from service.store import Store
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class ShardGroups:
         """What to do with a request for ``tenant_id`` (``forwarded_under``: the sender's table
         version, for a request another replica forwarded)."""
         if not self.grouped:
-            return route(_ALONE, "-", loaded, tenant_id, None)
+            return Serve()  # every replica holds every tenant (loading or not: it waits)
         assert self.table is not None and self.group is not None
         return route(
             self.table, self.group, loaded and self.holds(tenant_id), tenant_id, forwarded_under
@@ -127,8 +127,5 @@ class ShardGroups:
             and info.get("loaded")
         ]
         return random.choice(peers) if peers else None
-
-
-_ALONE = Placement(version=0, groups=("-",))  # no groups: every replica owns every tenant
 
 __all__ = ["LIVE_POLLS", "Peer", "Refresh", "ShardGroups"]

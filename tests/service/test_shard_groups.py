@@ -205,3 +205,25 @@ def test_a_group_needs_a_shared_store_and_an_address() -> None:
         Settings(shard_group="g 1", store_url="redis://h:6379/0", advertise_url="http://h:1")
     ok = Settings(shard_group="g1", store_url="redis://h:6379/0", advertise_url="http://h:8000")
     assert ok.shard_group == "g1"
+
+
+def test_decisions_without_and_with_a_group(tmp_path: Path) -> None:
+    """Ungrouped, a replica serves every tenant (loaded or not: a request then waits for the
+    load, as before groups); grouped, it serves its group's tenants once loaded and forwards
+    the others to their owner group."""
+    from service.domain.placement import Forward, Serve
+    from service.domain.shard_groups import ShardGroups
+    from service.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "s.db")
+    try:
+        alone = ShardGroups(store, group=None, advertise_url=None, poll_s=1.0)
+        assert alone.decide("t", loaded=False, forwarded_under=None) == Serve()
+        assert alone.holds("t") and not alone.grouped
+        g1 = ShardGroups(store, group="g1", advertise_url="http://h:1", poll_s=1.0)
+        g1.table = Placement(3, ("g1", "g2"), explicit=(("a", "g1"), ("b", "g2")))
+        assert g1.decide("a", loaded=True, forwarded_under=None) == Serve()
+        assert g1.decide("b", loaded=True, forwarded_under=None) == Forward("g2", 3)
+        assert g1.holds("a") and not g1.holds("b")
+    finally:
+        store.close()

@@ -40,6 +40,7 @@ from service.logs import ExplainedStartupFailure, JsonFormatter
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from service.store import Store
     from tcm_client import Client
 
 
@@ -86,6 +87,18 @@ def _settings() -> Settings:
     except ValidationError as exc:
         console.print(f"[red]invalid settings (TCM_* environment variables):[/red]\n{exc}")
         raise typer.Exit(2) from exc
+
+
+def _open_store(settings: Settings) -> Store:
+    """The store TCM_STORE_URL names; a message and exit status 1 when it cannot be opened."""
+    from service.errors import StoreUnavailableError
+    from service.store import open_store
+
+    try:
+        return open_store(settings)
+    except StoreUnavailableError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from exc
 
 
 def _check_artefact(path: Path) -> None:
@@ -162,14 +175,8 @@ def placement_cmd(
     TCM_PLACEMENT_POLL_S and load the tenants their group now holds."""
     from service.domain.placement import Placement
     from service.errors import StoreUnavailableError
-    from service.store import open_store
 
-    settings = _settings()
-    try:
-        store = open_store(settings)
-    except StoreUnavailableError as exc:
-        console.print(f"[red]{exc.message}[/red]")
-        raise typer.Exit(1) from exc
+    store = _open_store(_settings())
     try:
         doc, rev = store.get_placement()
         if groups is None and not pin:
@@ -218,7 +225,6 @@ def export_dataset_cmd(
     feedback into a dataset folder tcm-train reads (dataset=imagefolder)."""
     from service.errors import StoreUnavailableError
     from service.ops.export import export_dataset
-    from service.store import open_store
 
     settings = _settings()
     url = settings.store_url
@@ -228,11 +234,7 @@ def export_dataset_cmd(
             "point TCM_STORE_URL at the service's store[/red]"
         )
         raise typer.Exit(1)
-    try:
-        store = open_store(settings)
-    except StoreUnavailableError as exc:
-        console.print(f"[red]{exc.message}[/red]")
-        raise typer.Exit(1) from exc
+    store = _open_store(settings)
     try:
         if not store.list_tenants():
             raise ValueError(

@@ -128,4 +128,5 @@ class ShardGroups:
         ]
         return random.choice(peers) if peers else None
 
+
 __all__ = ["LIVE_POLLS", "Peer", "Refresh", "ShardGroups"]

@@ -10,8 +10,6 @@ which peer it goes to (``service.api.forwarding`` forwards it), or refuses it (5
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from service.domain.index_sync import IndexSync
 from service.domain.placement import Forward, Refresh, Refuse, Serve
 from service.domain.shard_groups import ShardGroups
-from service.errors import NotReadyError, StoreUnavailableError
+from service.errors import NotReadyError
+from service.runtime.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,9 @@ class GroupRouting:
     def __init__(self, groups: ShardGroups, sync: IndexSync) -> None:
         self.groups = groups
         self.sync = sync
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic(
+            "placement-watch", groups.poll_s, self.poll_once, first_at_once=False
+        )
 
     async def poll_once(self) -> None:
         if await run_in_threadpool(self.groups.refresh):
@@ -39,26 +40,10 @@ class GroupRouting:
 
     def start(self) -> None:
         if self.groups.group is not None:
-            self._task = asyncio.create_task(self._run(), name="placement-watch")
+            self._periodic.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.groups.poll_s)
-            try:
-                await self.poll_once()
-            except asyncio.CancelledError:
-                raise
-            except StoreUnavailableError as exc:
-                log.warning("placement table not read, the store is unavailable: %s", exc.message)
-            except Exception:
-                log.exception("reading the placement table failed; it is read again later")
+        await self._periodic.close()
 
     async def route(self, tenant_id: str, forwarded_under: int | None) -> tuple[str, str] | None:
         """None: this replica serves the request; else the base URL of the peer to forward it

@@ -9,15 +9,13 @@ runs it; pruning twice is harmless.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import StoreUnavailableError
+from service.runtime.periodic import Periodic
 from service.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,7 +36,7 @@ class Retention:
         self.keep = keep
         self.interval_s = interval_s
         self.clock = clock
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("match-retention", interval_s, self.prune_once)
 
     async def prune_once(self) -> int:
         """Prunes every tenant now; returns how many records were deleted."""
@@ -55,23 +53,7 @@ class Retention:
         return pruned
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="match-retention")
+        self._periodic.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.prune_once()
-            except asyncio.CancelledError:
-                raise
-            except StoreUnavailableError as exc:
-                log.warning("retention skipped, the store is unavailable: %s", exc.message)
-            except Exception:
-                log.exception("retention failed; it runs again later")
-            await asyncio.sleep(self.interval_s)
+        await self._periodic.close()

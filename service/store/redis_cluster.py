@@ -52,6 +52,7 @@ from service.store.redis_store import (
     _cursor,
     _enc,
     _s,
+    _tenant_record,
     acknowledged,
     stream_position,
 )
@@ -166,14 +167,7 @@ class RedisClusterStore(RedisStore):
 
                 self._tx("create tenant", [name_key], take_over)
             with self.r.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    self._tenant(tenant.tenant_id),
-                    mapping={
-                        "name": tenant.name,
-                        "created_at": _enc(tenant.created_at),
-                        "subjects_indexed": "1",
-                    },
-                )
+                pipe.hset(self._tenant(tenant.tenant_id), mapping=_tenant_record(tenant))
                 pipe.sadd(self._tenant(tenant.tenant_id, "keys"), key.key_id)
                 pipe.execute()
             self._write_key(key)
@@ -274,14 +268,7 @@ class RedisClusterStore(RedisStore):
         cluster: Any = self.r
         slot = cluster.keyslot(key)
         for host, port in self._nodes_of(slot):
-            client = redis.Redis(
-                host=host,
-                port=port,
-                username=self._cluster.username,
-                password=self._cluster.password,
-                socket_timeout=self._timeout_s,
-                socket_connect_timeout=self._timeout_s,
-            )
+            client = self._node_client(host, port)
             try:
                 pipe = client.pipeline(transaction=False)
                 pipe.execute_command("READONLY")
@@ -293,19 +280,23 @@ class RedisClusterStore(RedisStore):
                 client.close()
         return None
 
+    def _node_client(self, host: str, port: int) -> redis.Redis:
+        """A plain client of one node, for the reads a failover needs (closed by the caller)."""
+        return redis.Redis(
+            host=host,
+            port=port,
+            username=self._cluster.username,
+            password=self._cluster.password,
+            socket_timeout=self._timeout_s,
+            socket_connect_timeout=min(self._timeout_s, 0.5),
+        )
+
     def _nodes_of(self, slot: int) -> list[tuple[str, int]]:
         """The nodes serving ``slot`` as the first reachable node sees them, replicas first."""
         cluster: Any = self.r
         known = {(n.host, n.port) for n in cluster.nodes_manager.nodes_cache.values()}
         for host, port in sorted(known | set(self._cluster.nodes)):
-            client = redis.Redis(
-                host=host,
-                port=port,
-                username=self._cluster.username,
-                password=self._cluster.password,
-                socket_timeout=self._timeout_s,
-                socket_connect_timeout=min(self._timeout_s, 0.5),
-            )
+            client = self._node_client(host, port)
             try:
                 ranges = client.execute_command("CLUSTER SLOTS")
             except redis.exceptions.RedisError:

@@ -526,14 +526,7 @@ class RedisStore:
             if holder is not None and pipe.exists(self._tenant(holder)):
                 raise duplicate_name(tenant.name, holder)
             pipe.multi()
-            pipe.hset(
-                self._tenant(tenant.tenant_id),
-                mapping={
-                    "name": tenant.name,
-                    "created_at": _enc(tenant.created_at),
-                    "subjects_indexed": "1",
-                },
-            )
+            pipe.hset(self._tenant(tenant.tenant_id), mapping=_tenant_record(tenant))
             pipe.zadd(self._k("tenants"), {tenant.tenant_id: tenant.created_at})
             pipe.set(name_key, tenant.tenant_id)
             self._queue_key(pipe, key)
@@ -1577,6 +1570,11 @@ class RedisStore:
 
 def _cursor(entry_id: str, entries_added: Any) -> str:
     return entry_id if entries_added is None else f"{entry_id}#{int(entries_added)}"
+
+
+def _tenant_record(tenant: Tenant) -> dict[str, str]:
+    """The fields of a tenant's record hash (``P tenant:T``)."""
+    return {"name": tenant.name, "created_at": _enc(tenant.created_at), "subjects_indexed": "1"}
 
 
 def stream_position(token: str) -> tuple[int, int]:

@@ -391,6 +391,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _cluster_prefix_has_no_hash_tag(self) -> Settings:
+        if self.store_url.startswith(CLUSTER_SCHEME) and any(
+            c in self.redis_key_prefix for c in "{}"
+        ):
+            raise ValueError(
+                f"redis_key_prefix {self.redis_key_prefix!r} must not contain braces on Redis "
+                "Cluster: each tenant's keys carry the tenant as their hash tag"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _groups_need_a_shared_store(self) -> Settings:
         if self.shard_group is not None:
             if self.store_url.startswith("sqlite:///"):

@@ -62,6 +62,11 @@ FEED_POLL_MS = 50  # how often an idle feed read looks at the tenants' streams a
 
 class RedisClusterStore(RedisStore):
     def __init__(self, url: str, **kwargs: Any) -> None:
+        if any(c in kwargs.get("prefix", "") for c in "{}"):
+            raise ValueError(
+                "on Redis Cluster the key prefix must not contain braces: each tenant's keys "
+                "carry the tenant as their hash tag"
+            )
         self._cluster = ClusterURL.parse(url)
         self._stop_reading = threading.Event()
         self._scripts_on: set[str] = set()  # shards the enrolment script was loaded on

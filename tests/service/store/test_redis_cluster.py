@@ -235,3 +235,24 @@ def test_answers_on_a_cluster_equal_a_single_node_run(
         assert [x[0] for x in a] == [x[0] for x in b]
         assert max(abs(x[1] - y[1]) for x, y in zip(a, b, strict=True)) <= 1e-6
         assert a[0][2] == b[0][2]
+
+
+def test_cluster_urls_and_prefixes() -> None:
+    from pydantic import ValidationError
+
+    from service.settings import ClusterURL, Settings
+
+    u = ClusterURL.parse("redis+cluster://app:p%40ss@n1:6379,10.0.0.2:6380")
+    assert u == ClusterURL((("n1", 6379), ("10.0.0.2", 6380)), "app", "p@ss")
+    assert ClusterURL.parse("redis+cluster://n1:7000/").nodes == (("n1", 7000),)
+    for bad in (
+        "redis+cluster://n1",
+        "redis+cluster://n1:x",
+        "redis+cluster://n1:6379/0",
+        "redis+cluster://n1:6379?password=x",
+    ):
+        with pytest.raises(ValidationError):
+            Settings(store_url=bad)
+    with pytest.raises(ValidationError, match="must not contain braces"):
+        Settings(store_url="redis+cluster://n1:6379", redis_key_prefix="{tcm}:")
+    Settings(store_url="redis://n1:6379/0", redis_key_prefix="{tcm}:")  # one server: allowed

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
+from service.api.request_id import request_id
 from service.errors import error_body
 from service.runtime.groups import FORWARDED_HEADER
 
@@ -58,6 +59,9 @@ async def forward(request: Request, exc: Exception) -> Response:
     client: httpx.AsyncClient = request.app.state.forwarder
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
     headers[FORWARDED_HEADER] = str(exc.version)
+    rid = request_id.get()
+    if rid is not None:  # one id for the request on both replicas (their logs correlate)
+        headers["x-request-id"] = rid
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     body = await request.body()
     url: str | None = exc.url

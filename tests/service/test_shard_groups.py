@@ -119,6 +119,15 @@ def test_groups_hold_their_tenants_and_forward_the_others(fleet: dict[str, Repli
             )
             assert m.status_code == 200, (replica.name, m.text)
             assert m.json()["candidates"][0]["item_id"] == f"{tid}-x"
+    # the forwarded answer carries the client's request id (both replicas log it)
+    g2_tenant = next(t for t, o in owners.items() if o == "g2")
+    m = httpx.post(
+        a1.url + "/v1/match",
+        json={"embedding": unit(0), "k": 1},
+        headers={**tenants[g2_tenant], "X-Request-ID": "req-forwarded-1"},
+    )
+    assert m.status_code == 200 and m.headers["x-request-id"] == "req-forwarded-1"
+    assert m.headers.get_list("x-request-id") == ["req-forwarded-1"]
     # a forwarded request is never forwarded again: sent to b1 as if forwarded, a g1 tenant's
     # request is refused (b1 does not hold it), not sent on
     g1_tenant = next(iter(mine["g1"]))

@@ -235,6 +235,14 @@ class ServiceMetrics:
             "requests failed because the store was unavailable",
             registry=registry,
         )
+        self.forwarded = Counter(
+            "tcm_forwarded_requests_total",
+            "requests of another shard group's tenant sent on to a replica of that group "
+            "(outcome: answered, whatever its status; unreachable: no replica of it could be "
+            "reached, a 503)",
+            ["group", "outcome"],
+            registry=registry,
+        )
         self.feed_resyncs = Counter(
             "tcm_change_feed_resyncs_total",
             "full index rebuilds because the store's change "

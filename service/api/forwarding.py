@@ -57,6 +57,7 @@ async def forward(request: Request, exc: Exception) -> Response:
     last said it was alive) goes to another live replica of the group, once."""
     assert isinstance(exc, ForwardTo)
     client: httpx.AsyncClient = request.app.state.forwarder
+    metrics = request.app.state.runtime.metrics
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
     headers[FORWARDED_HEADER] = str(exc.version)
     rid = request_id.get()
@@ -80,7 +81,9 @@ async def forward(request: Request, exc: Exception) -> Response:
             log.warning("forwarding to %s failed: %s", url, err)
             break
         kept = {k: v for k, v in answer.headers.items() if k.lower() not in _NOT_FORWARDED}
+        metrics.forwarded.labels(group=exc.group, outcome="answered").inc()
         return Response(answer.content, status_code=answer.status_code, headers=kept)
+    metrics.forwarded.labels(group=exc.group, outcome="unreachable").inc()
     return JSONResponse(
         error_body(
             "group_unavailable",

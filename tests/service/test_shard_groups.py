@@ -164,6 +164,10 @@ def test_groups_hold_their_tenants_and_forward_the_others(fleet: dict[str, Repli
     assert m.status_code == 200 and m.json()["candidates"][0]["item_id"] == f"{g1_tenant}-x"
     owners[g1_tenant] = "g2"
 
+    # a1 forwarded g2's requests, and counted them
+    forwarded = httpx.get(a1.url + "/metrics").text
+    assert 'tcm_forwarded_requests_total{group="g2",outcome="answered"}' in forwarded
+
     # a1 stops: g1's requests through b1 still answered (by a2), not one failed
     a1.stop()
     for n, (tid, auth) in enumerate(tenants.items()):

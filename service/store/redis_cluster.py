@@ -43,14 +43,13 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from service.errors import NotFoundError, StoreUnavailableError
-from service.ids import glob_escape, key_part
+from service.ids import key_part
 from service.settings import ClusterURL
 from service.store.base import ApiKey, Change, MatchRecord, Tenant, duplicate_name
 from service.store.redis_store import (
     ADD_ITEMS_LUA,
     RedisStore,
     _cursor,
-    _enc,
     _s,
     _tenant_record,
     acknowledged,
@@ -149,6 +148,11 @@ class RedisClusterStore(RedisStore):
         return list(found.values())
 
     # --- tenants and keys: ordered single-slot writes -------------------------------------------
+    def _followed(self) -> list[str]:
+        """The listed tenants this store's feed reader follows (:meth:`follow_only`)."""
+        listed = (_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1))
+        return [tid for tid in listed if self._follows(tid)]
+
     def _listed(self, tenant_id: str) -> bool:
         return self.r.zscore(self._k("tenants"), tenant_id) is not None
 
@@ -213,23 +217,14 @@ class RedisClusterStore(RedisStore):
                     name_key,
                     tenant_id,
                 )
-            self._sweep(tenant_id)
+            self._sweep(self.r, tenant_id)
         return True
 
-    def _sweep(self, tenant_id: str) -> None:
-        """Deletes every key of the tenant's slot that is the tenant's (a SCAN on its shard)."""
+    def _sweep(self, client: redis.Redis, tenant_id: str) -> None:
+        """On the tenant's shard: the one node that holds its slot."""
         cluster: Any = self.r
         node = cluster.get_node_from_key(self._tenant(tenant_id))
-        pattern = glob_escape(self._tenant(tenant_id) + ":") + "*"
-        client = node.redis_connection
-        batch: list[bytes] = []
-        for k in client.scan_iter(match=pattern, count=1000):
-            batch.append(k)
-            if len(batch) >= 500:
-                client.unlink(*batch)
-                batch.clear()
-        if batch:
-            client.unlink(*batch)
+        super()._sweep(node.redis_connection, tenant_id)
 
     @acknowledged("add key")
     def add_key(self, key: ApiKey, *, revoke_others_at: float | None = None) -> list[str]:
@@ -315,17 +310,6 @@ class RedisClusterStore(RedisStore):
                     return [(_s(n[0]) or "", int(n[1])) for n in [*nodes[1:], nodes[0]]]
         return []
 
-    def _revoke(self, key_id: str, at: float) -> bool:
-        return bool(
-            self.r.eval(
-                "if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "
-                "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) return 1 end return 0",
-                1,
-                self._k("key", key_id),
-                _enc(at),
-            )
-        )
-
     # --- enrolment: its script, loaded on the tenant's shard first ----------------------------
     def _commit_staged(self, tenant_id: str, *args: Any) -> list[int]:
         """A script queued in a Cluster transaction is sent as EVALSHA without the load
@@ -358,15 +342,7 @@ class RedisClusterStore(RedisStore):
         """With ``tenant_id``: that tenant's stream position (a consistency token); else the
         cursor of every listed tenant's stream, now."""
         with self._translate("read change feed"):
-            tenants = (
-                [tenant_id]
-                if tenant_id is not None
-                else [
-                    tid
-                    for tid in (_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1))
-                    if self._follows(tid)
-                ]
-            )
+            tenants = [tenant_id] if tenant_id is not None else self._followed()
             pipe = self.r.pipeline(transaction=False)
             for tid in tenants:
                 pipe.xinfo_stream(self._changes_key(tid))
@@ -413,11 +389,7 @@ class RedisClusterStore(RedisStore):
             self._stop_reading.wait(min(FEED_POLL_MS / 1e3, max(0.0, deadline - time.monotonic())))
 
     def _poll(self, positions: Mapping[str, str]) -> tuple[dict[str, str], list[Change]]:
-        listed = [
-            tid
-            for tid in (_s(t) or "" for t in self.r.zrange(self._k("tenants"), 0, -1))
-            if self._follows(tid)
-        ]
+        listed = self._followed()
         changes = [Change("drop_tenant", tid) for tid in sorted(set(positions) - set(listed))]
         pipe = self.r.pipeline(transaction=False)
         for tid in listed:

@@ -227,6 +227,11 @@ end
 return {1, last}
 """
 STAGE_CHUNK = 256  # items per staging pipeline
+# KEYS: 1 an API key's hash; ARGV: 1 the revocation time. 1 if it was active (now revoked)
+REVOKE_LUA = (
+    "if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "
+    "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) return 1 end return 0"
+)
 STAGE_TTL_S = 3600  # a staged batch not committed by then is dropped by Redis
 UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
@@ -607,16 +612,20 @@ class RedisStore:
             return False
         with self._translate("delete tenant"):
             # the tenant is gone (no key authenticates); sweep its data
-            pattern = glob_escape(self._tenant(tenant_id) + ":") + "*"
-            batch: list[bytes] = []
-            for k in self.r.scan_iter(match=pattern, count=1000):
-                batch.append(k)
-                if len(batch) >= _CHUNK:
-                    self.r.unlink(*batch)
-                    batch.clear()
-            if batch:
-                self.r.unlink(*batch)
+            self._sweep(self.r, tenant_id)
         return True
+
+    def _sweep(self, client: redis.Redis, tenant_id: str) -> None:
+        """Unlinks every key under ``tenant:T:`` that ``client`` holds (a SCAN), in chunks."""
+        pattern = glob_escape(self._tenant(tenant_id) + ":") + "*"
+        batch: list[bytes] = []
+        for k in client.scan_iter(match=pattern, count=1000):
+            batch.append(k)
+            if len(batch) >= _CHUNK:
+                client.unlink(*batch)
+                batch.clear()
+        if batch:
+            client.unlink(*batch)
 
     @acknowledged("add key")
     def add_key(self, key: ApiKey, *, revoke_others_at: float | None = None) -> list[str]:
@@ -671,15 +680,13 @@ class RedisStore:
         with self._translate("revoke key"):
             if not self.r.sismember(self._tenant(tenant_id, "keys"), key_id):
                 return False
-            # only sets revoked_at if still active (keeps the first revocation time)
-            self.r.eval(
-                "if redis.call('HGET', KEYS[1], 'revoked_at') == '' then "
-                "redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1]) end return 1",
-                1,
-                self._k("key", key_id),
-                _enc(at),
-            )
+            self._revoke(key_id, at)
             return True
+
+    def _revoke(self, key_id: str, at: float) -> bool:
+        """Sets the key's ``revoked_at`` if it is still active (the first revocation time is
+        kept); whether it was active."""
+        return bool(self.r.eval(REVOKE_LUA, 1, self._k("key", key_id), _enc(at)))
 
     # --- gallery ---------------------------------------------------------------------------
     @acknowledged("add items", _first)

@@ -180,7 +180,7 @@ class LocalCluster:
                 conn = node.redis_connection
                 pattern = prefix.replace("*", r"\*") + "*"
                 keys = list(conn.scan_iter(match=pattern, count=1000))
-                for k in keys:
+                for k in keys:  # one at a time: a cluster node refuses keys of several slots
                     conn.unlink(k)
         finally:
             client.close()

@@ -76,7 +76,8 @@ def _response(
     return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)
 
 
-async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+async def service_error(request: Request, exc: Exception) -> JSONResponse:
+    """A :class:`ServiceError` in the one body shape (503s with ``Retry-After``, logged)."""
     assert isinstance(exc, ServiceError)
     status = status_of(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -184,7 +185,7 @@ def install(app: FastAPI, *, on_store_error: Callable[[], None] | None = None) -
     """Renders every error in one body shape; ``on_store_error`` is called for each 503
     ``store_unavailable`` (the app counts them on /metrics)."""
     app.state.on_store_error = on_store_error
-    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

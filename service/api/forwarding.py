@@ -18,10 +18,11 @@ import logging
 import httpx
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from service.api.error_handlers import service_error
 from service.api.request_id import request_id
-from service.errors import error_body
+from service.errors import NotReadyError
 from service.runtime.groups import FORWARDED_HEADER
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,11 @@ async def forward(request: Request, exc: Exception) -> Response:
             answer = await client.request(request.method, url + path, headers=headers, content=body)
         except httpx.ConnectError as err:  # never reached the peer: safe to send elsewhere
             log.warning("forwarding to %s failed: %s", url, err)
-            routing = request.app.state.runtime.routing
-            peer = await run_in_threadpool(routing.groups.peer_of, exc.group, exclude=tried)
-            url = None if peer is None or len(tried) >= 2 else peer.url
+            url = None
+            if len(tried) < 2:
+                groups = request.app.state.runtime.routing.groups
+                peer = await run_in_threadpool(groups.peer_of, exc.group, exclude=tried)
+                url = None if peer is None else peer.url
             continue
         except httpx.HTTPError as err:  # it may have reached the peer: not sent again
             log.warning("forwarding to %s failed: %s", url, err)
@@ -84,14 +87,13 @@ async def forward(request: Request, exc: Exception) -> Response:
         metrics.forwarded.labels(group=exc.group, outcome="answered").inc()
         return Response(answer.content, status_code=answer.status_code, headers=kept)
     metrics.forwarded.labels(group=exc.group, outcome="unreachable").inc()
-    return JSONResponse(
-        error_body(
-            "group_unavailable",
+    return await service_error(
+        request,
+        NotReadyError(
             "the replica serving this tenant's shard group could not be reached: retry shortly",
-            {"group": exc.group},
+            code="group_unavailable",
+            detail={"group": exc.group},
         ),
-        status_code=503,
-        headers={"Retry-After": "1"},
     )
 
 

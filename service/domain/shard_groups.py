@@ -22,7 +22,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from service.domain.placement import Decision, Placement, Refresh, Serve, route
+from service.domain.placement import Decision, Placement, Serve, route
 from service.store import Store
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,6 @@ LIVE_POLLS = 3  # a replica silent for this many polls is taken for dead
 class Peer:
     url: str
     group: str
-    version: int
-    loaded: bool
 
 
 class ShardGroups:
@@ -48,6 +46,7 @@ class ShardGroups:
         self.poll_s = poll_s
         self.table: Placement | None = None
         self.rev = 0
+        self._peers: dict[str, Peer] = {}  # live, loaded replicas at the last poll
 
     @property
     def version(self) -> int:
@@ -96,7 +95,7 @@ class ShardGroups:
             self.advertise_url,
             {
                 "group": self.group,
-                "version": 0 if self.table is None else self.table.version,
+                "version": self.version,
                 "loaded": loaded,
             },
             now=time.time(),
@@ -112,21 +111,27 @@ class ShardGroups:
             self.table, self.group, loaded and self.holds(tenant_id), tenant_id, forwarded_under
         )
 
+    def refresh_peers(self) -> None:
+        """Reads which replicas are alive (blocking): every poll, so that choosing a peer
+        for a request reads no store."""
+        self._peers = {
+            url: Peer(url, str(info.get("group")))
+            for url, info in self.store.list_replicas(
+                now=time.time(), max_age_s=LIVE_POLLS * self.poll_s
+            ).items()
+            if info.get("loaded") and url != self.advertise_url
+        }
+
     def peer_of(self, group: str, *, exclude: Collection[str] = ()) -> Peer | None:
         """A live replica of ``group`` whose indexes are loaded, other than this one and those
-        in ``exclude`` (blocking); None when there is none."""
-        now = time.time()
-        peers = [
-            Peer(url, str(info.get("group")), int(info.get("version", 0)), bool(info["loaded"]))
-            for url, info in self.store.list_replicas(
-                now=now, max_age_s=LIVE_POLLS * self.poll_s
-            ).items()
-            if info.get("group") == group
-            and url != self.advertise_url
-            and url not in exclude
-            and info.get("loaded")
-        ]
-        return random.choice(peers) if peers else None
+        in ``exclude`` (blocking: from the last poll's list, read again when it has none)."""
+        for attempt in range(2):
+            if attempt:
+                self.refresh_peers()
+            peers = [p for p in self._peers.values() if p.group == group and p.url not in exclude]
+            if peers:
+                return random.choice(peers)
+        return None
 
 
-__all__ = ["LIVE_POLLS", "Peer", "Refresh", "ShardGroups"]
+__all__ = ["LIVE_POLLS", "Peer", "ShardGroups"]

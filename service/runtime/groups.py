@@ -34,9 +34,14 @@ class GroupRouting:
         )
 
     async def poll_once(self) -> None:
+        await self._refresh_table()
+        await run_in_threadpool(lambda: self.groups.beat(loaded=self.sync.loaded))
+        await run_in_threadpool(self.groups.refresh_peers)
+
+    async def _refresh_table(self) -> None:
+        """Reads the table; a new one changes which tenants this replica's indexes hold."""
         if await run_in_threadpool(self.groups.refresh):
             self.sync.request_rebuild()
-        await run_in_threadpool(lambda: self.groups.beat(loaded=self.sync.loaded))
 
     def start(self) -> None:
         if self.groups.group is not None:
@@ -54,8 +59,7 @@ class GroupRouting:
                 tenant_id, loaded=self.sync.loaded, forwarded_under=forwarded_under
             )
             if isinstance(decision, Refresh):  # the sender's table is newer than this copy
-                if await run_in_threadpool(self.groups.refresh):
-                    self.sync.request_rebuild()
+                await self._refresh_table()
                 continue
             break
         if isinstance(decision, Serve):

@@ -126,6 +126,8 @@ def create_app(
     # body limit included, which refuses oversize bodies before any route runs
     # innermost of ours: a gallery write's X-Consistency-Token onto its response
     app.add_middleware(ConsistencyTokenMiddleware)
+    # shard groups: a request's placement table version is unanswered until its response
+    app.add_middleware(forwarding.UnansweredMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     # outermost: every answer carries X-Request-ID, every request is logged once (the admin

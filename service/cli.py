@@ -169,16 +169,32 @@ def placement_cmd(
         list[str] | None,
         typer.Option(help="TENANT=GROUP: place this tenant by hand (repeat; e.g. big tenants)"),
     ] = None,
+    move: Annotated[
+        str | None,
+        typer.Option(
+            help="TENANT=GROUP: move this tenant to GROUP live (its requests keep being "
+            "answered throughout); waits until the move is done"
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="seconds --move waits for the replicas before giving up")
+    ] = 300.0,
 ) -> None:
-    """Shows the shard groups' placement table in the store (TCM_STORE_URL), or writes the
-    next version of it (--groups, --pin): replicas started with TCM_SHARD_GROUP read it within
-    TCM_PLACEMENT_POLL_S and load the tenants their group now holds."""
+    """Shows the shard groups' placement table in the store (TCM_STORE_URL), writes the next
+    version of it (--groups, --pin): replicas started with TCM_SHARD_GROUP read it within
+    TCM_PLACEMENT_POLL_S and load the tenants their group now holds; or moves a tenant live
+    (--move). A new set of groups keeps every existing tenant where it is (pinned), so that
+    adding a group moves no tenant without --move."""
     from service.domain.placement import Placement
     from service.errors import StoreUnavailableError
 
-    store = _open_store(_settings())
+    settings = _settings()
+    store = _open_store(settings)
     try:
         doc, rev = store.get_placement()
+        if move is not None:
+            _move(store, move, settings.placement_poll_s, timeout)
+            return
         if groups is None and not pin:
             _print({"revision": rev, "table": doc})
             return
@@ -186,28 +202,66 @@ def placement_cmd(
         names = tuple(g.strip() for g in (groups or "").split(",") if g.strip()) or (
             current.groups if current is not None else ()
         )
-        explicit = []
+        explicit = dict(current.explicit) if current is not None else {}
+        if current is not None and names != current.groups:  # nobody moves unasked
+            after = Placement(0, names, tuple(explicit.items()))
+            for t in store.list_tenants():
+                if after.owner(t.tenant_id) != current.owner(t.tenant_id):
+                    explicit[t.tenant_id] = current.owner(t.tenant_id)
         for entry in pin or []:
             tenant, sep, group = entry.partition("=")
             if not sep or group not in names:
                 raise ValueError(f"--pin {entry!r}: give TENANT=GROUP with GROUP among {names}")
-            explicit.append((tenant, group))
+            explicit[tenant] = group
+        lost = sorted({g for g in explicit.values() if g not in names})
+        if lost:
+            raise ValueError(
+                f"tenants are placed in groups {lost}, which --groups leaves out: move them "
+                "first (--move), or --pin them elsewhere"
+            )
         table = Placement.from_doc(
             {
                 "version": (current.version if current is not None else 0) + 1,
                 "groups": list(names),
-                "explicit": explicit,
+                "explicit": [[t, g] for t, g in explicit.items()],
                 "moves": [] if current is None else current.to_doc()["moves"],
             }
         )
         if not store.put_placement(table.to_doc(), expected_rev=rev):
             raise ValueError("the table changed while this ran: run it again")
         _print({"revision": rev + 1, "table": table.to_doc()})
-    except (ValueError, StoreUnavailableError) as exc:
+    except (ValueError, TimeoutError, StoreUnavailableError) as exc:
         console.print(f"[red]{getattr(exc, 'message', exc)}[/red]")
         raise typer.Exit(1) from exc
     finally:
         store.close()
+
+
+def _move(store: Store, entry: str, poll_s: float, timeout_s: float) -> None:
+    """``tcm-serve placement --move TENANT=GROUP``: drives the move, printing each step."""
+    from service.domain.moves import Step, move_tenant
+    from service.domain.shard_groups import LIVE_POLLS
+
+    tenant, sep, group = entry.partition("=")
+    if not sep or not tenant or not group:
+        raise ValueError(f"--move {entry!r}: give TENANT=GROUP")
+
+    def said(step: Step) -> None:
+        console.print(
+            f"{step.seconds:7.2f} s  {step.name}: table version {step.table.version}",
+            markup=False,
+        )
+
+    move_tenant(
+        store,
+        tenant,
+        group,
+        max_age_s=LIVE_POLLS * poll_s,
+        poll_s=poll_s / 2,
+        timeout_s=timeout_s,
+        on_step=said,
+    )
+    console.print(f"tenant {tenant} now in group {group}", markup=False)
 
 
 @app.command("export-dataset")

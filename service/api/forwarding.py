@@ -9,6 +9,10 @@ authenticate first: ``service.api.auth_first``). The handler here sends the requ
 to the peer and answers what the peer answered. A forwarded request is never forwarded again
 (``service.domain.placement.route``); a peer that cannot be reached is a 503 with
 ``Retry-After``.
+
+:class:`UnansweredMiddleware` spans each request's whole life, forwarding included, so that
+the table version it was routed under counts as unanswered until its response is sent
+(``GroupRouting.request_scope``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import httpx
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.error_handlers import service_error
 from service.api.request_id import request_id
@@ -95,6 +100,19 @@ async def forward(request: Request, exc: Exception) -> Response:
             detail={"group": exc.group},
         ),
     )
+
+
+class UnansweredMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = getattr(scope["app"].state, "runtime", None) if "app" in scope else None
+        if scope["type"] != "http" or runtime is None:
+            await self.app(scope, receive, send)
+            return
+        with runtime.routing.request_scope():
+            await self.app(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:

@@ -45,6 +45,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.domain import consistency
 from service.domain.serving import Serving, ServingSlot
+from service.engine.index import TenantIndex
 from service.engine.preparing import decode_for
 from service.errors import InvalidInputError, StoreUnavailableError
 from service.metrics import ServiceMetrics
@@ -66,11 +67,22 @@ class IndexSync:
         embed_chunk: int,
         max_image_pixels: int,
         holds: Callable[[str], bool] | None = None,
+        holds_version: int = 0,
     ) -> None:
         self.store = store
-        # which tenants this replica loads and follows (shard groups: its group's; else all)
+        # which tenants this replica loads and follows (shard groups: its group's under the
+        # placement table it has applied; else all), and that table's version once every one
+        # of them is loaded (0 before any table). A new table comes in through request_holds
+        # and is applied by the follower between two feed reads (_reconcile).
         self.holds: Callable[[str], bool] = holds or (lambda _tenant: True)
-        self._rebuild_requested = False
+        self.holds_version = holds_version
+        self._wanted: tuple[Callable[[str], bool], int] | None = None
+        self._target_version = holds_version
+        # tenants this replica now holds whose index is being built aside (a tenant moving
+        # into its group): their feed changes wait here and are applied to the new index
+        # before it is installed
+        self._loading: dict[str, list[Change]] = {}
+        self._loader: asyncio.Task[None] | None = None
         self.slot = slot
         self.metrics = metrics
         self.embed_chunk = max(1, embed_chunk)
@@ -90,6 +102,7 @@ class IndexSync:
         self.changes_applied = 0
         self.items_read_back = 0  # items the change feed made this replica read from the store
         self.resyncs = 0  # full rebuilds because the feed lost entries this replica had not read
+        self.rebuilds = 0  # rebuilds of every index (start-up, resync, model switch)
         # tenants whose gallery could not be indexed at the last rebuild, and feed entries
         # skipped because applying them kept failing (tcm_quarantined_total)
         self.quarantined_tenants: set[str] = set()
@@ -172,11 +185,16 @@ class IndexSync:
         self._cursor_moved.set()
         self._cursor_moved = asyncio.Event()
 
-    def request_rebuild(self) -> None:
-        """Which tenants this replica holds changed (a new placement table): the follower
-        rebuilds every index from the store after its current read (dropping the tenants no
-        longer held, loading the new ones) and follows on from there."""
-        self._rebuild_requested = True
+    def request_holds(self, holds: Callable[[str], bool], version: int) -> None:
+        """Which tenants this replica holds changed (placement table ``version``): after its
+        current read the follower releases the indexes of the tenants no longer held and
+        starts loading the new ones aside (:meth:`_reconcile`); the others are untouched."""
+        self._wanted = (holds, version)
+
+    def serves(self, tenant_id: str) -> bool:
+        """Whether this replica's index of ``tenant_id`` is loaded and followed: it may answer
+        the tenant's requests."""
+        return self.loaded and self.holds(tenant_id) and tenant_id not in self._loading
 
     def forget_lock(self, tenant_id: str) -> None:
         self._locks.pop(tenant_id, None)
@@ -204,9 +222,12 @@ class IndexSync:
         lack its embedding), and the feed position to follow on from (taken first: a write
         that lands during the rebuild is applied again from the feed). Returns, per tenant,
         how many items had to be left out (no embedding for this model and no image)."""
+        self.rebuilds += 1
         cursor = await run_in_threadpool(self.store.change_cursor)
-        tenants = [
-            t for t in await run_in_threadpool(self.store.list_tenants) if self.holds(t.tenant_id)
+        tenants = [  # (a tenant loading aside is left to its loader)
+            t
+            for t in await run_in_threadpool(self.store.list_tenants)
+            if self.holds(t.tenant_id) and t.tenant_id not in self._loading
         ]
         skipped: dict[str, int] = {}
         for tenant in tenants:
@@ -230,7 +251,7 @@ class IndexSync:
                 self.metrics.quarantined.labels(stage="startup").inc()
                 continue
             self.quarantined_tenants.discard(tenant.tenant_id)
-        live = {t.tenant_id for t in tenants}
+        live = {t.tenant_id for t in tenants} | set(self._loading)
         for tenant_id in set(serving.indexes.sizes()) - live:  # deleted meanwhile
             serving.indexes.drop(tenant_id)
         self.skipped_items = sum(skipped.values())
@@ -253,13 +274,7 @@ class IndexSync:
         """Streams the tenant's stored gallery into its index (blocking: a worker thread, the
         one the store may read through); the store's reader is closed here even when a chunk
         cannot be indexed."""
-        chunks = self.store.iter_gallery_vectors(tenant_id, model_version=serving.model_version)
-        try:
-            serving.indexes.get(tenant_id).rebuild_chunks(chunks)
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+        self._fill(serving, tenant_id, serving.indexes.get(tenant_id))
 
     async def backfill(
         self,
@@ -371,6 +386,11 @@ class IndexSync:
         socket call: shutdown need not wait for a blocking read to time out, and an interpreter
         exit never finds one running (it aborted now and then, "terminate called without an
         active exception")."""
+        if self._loader is not None:
+            self._loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loader
+            self._loader = None
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -395,10 +415,8 @@ class IndexSync:
                     self.store.read_changes, self.feed_cursor, block_ms=1000
                 )
                 cursor, changes = await asyncio.wrap_future(self._reading)
-                if self._rebuild_requested:  # the tenants this replica holds changed
-                    self._rebuild_requested = False
-                    async with self.slot.gate.shared():
-                        await self.rebuild_all(self.slot.current)
+                if self._wanted is not None:  # the tenants this replica holds changed
+                    await self._reconcile(*self._wanted)  # (from the cursor before this read)
                     continue
                 if any(change.op == "resync" for change in changes):
                     log.warning(
@@ -424,6 +442,101 @@ class IndexSync:
             except Exception:
                 log.exception("applying the change feed failed; retrying")
                 await asyncio.sleep(0.5)
+
+    # --- placement changes (shard groups): tenants moving in and out ------------------------
+    async def _reconcile(self, holds: Callable[[str], bool], version: int) -> None:
+        """Applies a new set of held tenants, in the follower, between two reads: releases the
+        indexes of the tenants no longer held, and starts loading the newly held ones aside
+        (their feed changes from here on are kept for them), so that no other tenant's index
+        is touched and the follower keeps applying every other change meanwhile."""
+        self._wanted = None
+        serving = self.slot.current
+        listed = [t.tenant_id for t in await run_in_threadpool(self.store.list_tenants)]
+        have = set(serving.indexes.sizes()) | set(self._loading)
+        for tenant_id in sorted(t for t in have if not holds(t)):
+            serving.indexes.release(tenant_id)
+            self._loading.pop(tenant_id, None)
+            self.forget_lock(tenant_id)
+            self.metrics.forget_tenant(tenant_id)
+            log.info("tenant %s: released (placement table version %d)", tenant_id, version)
+        cursor = self.feed_cursor
+        new = [t for t in listed if holds(t) and t not in have]
+        for tenant_id in new:
+            # its feed from now on (where the store keeps one stream per tenant, the follower
+            # reads the tenant's stream from here); the load reads the store after this
+            position = await run_in_threadpool(self.store.change_cursor, tenant_id)
+            if cursor is not None and position is not None:
+                cursor = self.store.cursor_with(cursor, tenant_id, position)
+            self._loading[tenant_id] = []
+        self.holds, self._target_version = holds, version
+        self.feed_cursor = cursor  # (moved for the new tenants only: no read is woken)
+        self.publish_sizes()
+        if new and (self._loader is None or self._loader.done()):
+            self._loader = asyncio.create_task(self._load_aside(), name="tenant-loader")
+        elif not self._loading:
+            self.holds_version = version
+
+    async def _load_aside(self) -> None:
+        """Builds each newly held tenant's index aside from the store, applies the feed changes
+        kept for it meanwhile, then installs it, one tenant at a time; retries while the store
+        is down. ``holds_version`` then says this replica holds every tenant of its table."""
+        while self._loading:
+            tenant_id = next(iter(self._loading))
+            try:
+                async with self.slot.gate.shared():  # one model from store read to install
+                    serving = self.slot.current
+                    index = serving.indexes.fresh()
+                    await self.backfill(serving, tenant_id)
+                    await run_in_threadpool(self._fill, serving, tenant_id, index)
+                    await self._install(serving, tenant_id, index)
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailableError as exc:
+                log.warning("tenant %s: loading it waits for the store: %s", tenant_id, exc.message)
+                await asyncio.sleep(0.5)
+            except Exception:
+                log.exception(
+                    "tenant %s: its gallery could not be indexed; it is installed without it "
+                    "(quarantined; fix or delete the item named above and restart)",
+                    tenant_id,
+                )
+                self.quarantined_tenants.add(tenant_id)
+                self.metrics.quarantined.labels(stage="startup").inc()
+                serving = self.slot.current
+                await self._install(serving, tenant_id, serving.indexes.fresh())
+        self.holds_version = self._target_version
+        self.publish_sizes()
+
+    def _fill(self, serving: Serving, tenant_id: str, index: TenantIndex) -> None:
+        """The tenant's stored gallery into ``index`` (blocking), closing the store's reader."""
+        chunks = self.store.iter_gallery_vectors(tenant_id, model_version=serving.model_version)
+        try:
+            index.rebuild_chunks(chunks)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    async def _install(self, serving: Serving, tenant_id: str, index: TenantIndex) -> None:
+        """Applies the changes kept for ``tenant_id`` to ``index``, then makes it the tenant's,
+        with no await between the last kept change and the install."""
+        async with self._locks[tenant_id]:
+            while (buffer := self._loading.get(tenant_id)) is not None and buffer:
+                change = buffer.pop(0)
+                if change.op == "drop_tenant":  # deleted meanwhile
+                    serving.indexes.drop(tenant_id)
+                    del self._loading[tenant_id]
+                    return
+                if change.op == "remove":
+                    await run_in_threadpool(index.remove, list(change.seqs))
+                elif change.op == "add":
+                    await self._apply_add(
+                        serving, tenant_id, change.item_ids, change.seqs, index=index
+                    )
+            if self._loading.pop(tenant_id, None) is not None and serving.indexes.put(
+                tenant_id, index
+            ):
+                log.info("tenant %s: loaded, %d items", tenant_id, len(index))
 
     async def _apply_or_quarantine(self, change: Change) -> None:
         """Applies one change; one that fails for a reason other than the store being down
@@ -460,8 +573,12 @@ class IndexSync:
                 await asyncio.sleep(0.1 * attempt)
 
     async def _apply(self, change: Change) -> None:
-        if change.op != "drop_tenant" and not self.holds(change.tenant_id):
-            return  # another group's tenant
+        if not self.holds(change.tenant_id):
+            return  # another group's tenant (its index, if any, was released at _reconcile)
+        buffer = self._loading.get(change.tenant_id)
+        if buffer is not None:  # its index is being built aside: applied before installing
+            buffer.append(change)
+            return
         async with self.slot.gate.shared():
             serving = self.slot.current
             indexes = serving.indexes
@@ -479,11 +596,18 @@ class IndexSync:
             self.metrics.set_gallery_size(indexes.sizes(), indexes.shapes())
 
     async def _apply_add(
-        self, serving: Serving, tenant_id: str, item_ids: Sequence[str], seqs: Sequence[int] = ()
+        self,
+        serving: Serving,
+        tenant_id: str,
+        item_ids: Sequence[str],
+        seqs: Sequence[int] = (),
+        index: TenantIndex | None = None,
     ) -> None:
+        """``index``: the tenant's index being built aside (else the registered one)."""
         version = serving.model_version
+        target = index if index is not None else serving.indexes.get(tenant_id)
         if len(seqs) == len(item_ids):  # read back only what this replica's index lacks
-            held = serving.indexes.get(tenant_id).held(seqs)
+            held = target.held(seqs)
             item_ids = [i for i, h in zip(item_ids, held, strict=True) if not h]
             if not item_ids:
                 return
@@ -501,7 +625,7 @@ class IndexSync:
         self.items_read_back += len(vectors)
         if len(vectors):
             await run_in_threadpool(
-                serving.indexes.get(tenant_id).add,
+                target.add,
                 vectors.seqs,
                 vectors.item_ids,
                 vectors.subjects,

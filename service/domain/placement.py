@@ -146,6 +146,20 @@ def next_move_step(
     return table.finish(tenant) if min_acknowledged >= move.switched_at else None
 
 
+def target_ready(replicas: Mapping[str, Mapping[str, Any]], group: str, version: int) -> bool:
+    """Whether the live replicas (URL -> heartbeat, as ``Store.list_replicas`` gives them)
+    include ``group``'s, and every one of them holds, loaded, every tenant that table
+    ``version`` (or a later one) gives it."""
+    ready = [int(r.get("ready", 0)) for r in replicas.values() if r.get("group") == group]
+    return bool(ready) and min(ready) >= version
+
+
+def min_acknowledged(replicas: Mapping[str, Mapping[str, Any]]) -> int:
+    """The lowest table version a live replica of any group has acknowledged (0 for one that
+    does not say: it holds a move back rather than let it finish too soon)."""
+    return min((int(r.get("acknowledged", 0)) for r in replicas.values()), default=0)
+
+
 def acknowledged(table_version: int, unanswered: tuple[int, ...] | list[int]) -> int:
     """What a replica publishes: its copy's version, held back to the oldest version under which
     it accepted a request it has not answered yet (that request may still reach a group that

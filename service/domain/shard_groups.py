@@ -9,9 +9,12 @@ every tenant (today's mode). Replicas say they are alive in the store every
 ``placement_poll_s`` (URL, group, table version, whether their indexes are loaded); a replica
 silent for three polls is not forwarded to.
 
-What is not built yet: live moves (item 4: the protocol is :mod:`~service.domain.placement`'s,
-checked; a changed table here makes every replica rebuild what it holds), the controller that
-writes the table (``tcm-serve placement`` writes it by hand), per-group deployment (item 5).
+A new table changes which tenants a replica holds: the replica's ``IndexSync`` releases the
+ones it no longer holds and loads the new ones aside, touching no other tenant's index; a
+replica serves a tenant only once its index is loaded (``IndexSync.serves``). Heartbeats also
+say which table version the replica holds every tenant of (``ready``) and the version it has
+**acknowledged** (its copy's, held back to the oldest version under which it accepted a request
+still unanswered): what a tenant move waits on between its steps (``service.domain.moves``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from service.domain.placement import Decision, Placement, Serve, route
@@ -58,12 +61,13 @@ class ShardGroups:
         """Whether this replica holds only some tenants (a group, and a table naming it)."""
         return self.group is not None and self.table is not None
 
-    def holds(self, tenant_id: str) -> bool:
-        """Whether this replica loads and follows ``tenant_id`` under its copy of the table."""
-        if not self.grouped:
-            return True
-        assert self.table is not None and self.group is not None
-        return self.group in self.table.holders(tenant_id)
+    def holding(self) -> Callable[[str], bool]:
+        """Which tenants this replica loads and follows under its copy of the table now (a
+        predicate over that copy: a later copy does not change it)."""
+        table, group = self.table, self.group
+        if table is None or group is None:
+            return lambda _tenant: True
+        return lambda tenant: group in table.holders(tenant)
 
     def refresh(self) -> bool:
         """Reads the table (blocking); whether this replica's copy changed."""
@@ -87,8 +91,9 @@ class ShardGroups:
         )
         return True
 
-    def beat(self, *, loaded: bool) -> None:
-        """Says this replica is alive (blocking)."""
+    def beat(self, *, loaded: bool, ready: int, acknowledged: int) -> None:
+        """Says this replica is alive (blocking): whether its indexes are loaded, the table
+        version whose every tenant it holds loaded (``ready``), the version it acknowledged."""
         if self.group is None or self.advertise_url is None:
             return
         self.store.put_replica(
@@ -97,19 +102,20 @@ class ShardGroups:
                 "group": self.group,
                 "version": self.version,
                 "loaded": loaded,
+                "ready": ready,
+                "acknowledged": acknowledged,
             },
             now=time.time(),
         )
 
-    def decide(self, tenant_id: str, *, loaded: bool, forwarded_under: int | None) -> Decision:
-        """What to do with a request for ``tenant_id`` (``forwarded_under``: the sender's table
-        version, for a request another replica forwarded)."""
+    def decide(self, tenant_id: str, *, serves: bool, forwarded_under: int | None) -> Decision:
+        """What to do with a request for ``tenant_id`` (``serves``: this replica's index of it
+        is loaded and followed; ``forwarded_under``: the sender's table version, for a request
+        another replica forwarded)."""
         if not self.grouped:
             return Serve()  # every replica holds every tenant (loading or not: it waits)
         assert self.table is not None and self.group is not None
-        return route(
-            self.table, self.group, loaded and self.holds(tenant_id), tenant_id, forwarded_under
-        )
+        return route(self.table, self.group, serves, tenant_id, forwarded_under)
 
     def refresh_peers(self) -> None:
         """Reads which replicas are alive (blocking): every poll, so that choosing a peer

@@ -645,27 +645,46 @@ class IndexRegistry:
         FAISS and the torch engine; not FAISS's GPU indexes)."""
         return self._gpu_res is None
 
+    def fresh(self) -> TenantIndex:
+        """A new empty index of this registry's kind, not registered (:meth:`put` it)."""
+        return TenantIndex(
+            self.dim,
+            self.factory,
+            gpu_resources=self._gpu_res,
+            torch_device=self._torch_device,
+            search_params=self.search_params,
+            cohort=self.cohort,
+            threads=self.threads,
+        )
+
     def get(self, tenant_id: str) -> TenantIndex:
         with self._lock:
             index = self._indexes.get(tenant_id)
             if index is None:
-                index = TenantIndex(
-                    self.dim,
-                    self.factory,
-                    gpu_resources=self._gpu_res,
-                    torch_device=self._torch_device,
-                    search_params=self.search_params,
-                    cohort=self.cohort,
-                    threads=self.threads,
-                )
+                index = self.fresh()
                 if tenant_id not in self._dropped:
                     self._indexes[tenant_id] = index
             return index
 
+    def put(self, tenant_id: str, index: TenantIndex) -> bool:
+        """Installs ``index`` (built off the registry, e.g. a tenant moving to this replica's
+        shard group) as the tenant's; False, and nothing installed, for a deleted tenant."""
+        with self._lock:
+            if tenant_id in self._dropped:
+                return False
+            self._indexes[tenant_id] = index
+            return True
+
     def drop(self, tenant_id: str) -> None:
+        """The tenant was deleted: its index goes, and a late request gets a throwaway one."""
         with self._lock:
             self._indexes.pop(tenant_id, None)
             self._dropped.add(tenant_id)
+
+    def release(self, tenant_id: str) -> None:
+        """The tenant moved to another shard group: its index goes (it may come back)."""
+        with self._lock:
+            self._indexes.pop(tenant_id, None)
 
     def sizes(self) -> dict[str, int]:
         with self._lock:

@@ -103,15 +103,17 @@ class Runtime:
                 await run_in_threadpool(groups.refresh)
             except StoreUnavailableError as exc:
                 log.warning("placement table not read at start-up: %s", exc.message)
-            store.follow_only(groups.holds)
         sync = IndexSync(
             store=store,
             slot=slot,
             metrics=metrics,
             embed_chunk=settings.embed_max_batch,
             max_image_pixels=settings.max_image_pixels,
-            holds=groups.holds,
+            holds=groups.holding(),
+            holds_version=groups.version,
         )
+        if groups.group is not None:  # (the holdings sync has applied, loading ones included)
+            store.follow_only(lambda tenant: sync.holds(tenant))
         runtime = cls(
             settings=settings,
             metrics=metrics,

@@ -413,6 +413,11 @@ class Store(Protocol):
         position a consistency token of that tenant's write names (:meth:`feed_covers`);
         None when the store has no feed because only one process uses it (SQLite)."""
 
+    def cursor_with(self, cursor: str, tenant_id: str, position: str) -> str:
+        """``cursor`` reading ``tenant_id``'s changes from ``position`` (its
+        :meth:`change_cursor`) on, for a reader that starts following the tenant (it moved
+        into the reader's shard group); unchanged where one feed carries every tenant."""
+
     def feed_covers(self, cursor: str, token: str, tenant_id: str) -> bool:
         """Whether a reader at ``cursor`` (of :meth:`read_changes`) has read the write of
         ``tenant_id`` whose consistency token (:meth:`change_cursor` of that tenant right

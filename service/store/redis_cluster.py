@@ -362,6 +362,9 @@ class RedisClusterStore(RedisStore):
         ``drop_tenant`` change for the reader (its index goes)."""
         self._follows = tenants
 
+    def cursor_with(self, cursor: str, tenant_id: str, position: str) -> str:
+        return json.dumps({**json.loads(cursor), tenant_id: position}, sort_keys=True)
+
     def feed_covers(self, cursor: str, token: str, tenant_id: str) -> bool:
         position = json.loads(cursor).get(tenant_id)
         return position is not None and stream_position(position) >= stream_position(token)

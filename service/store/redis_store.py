@@ -1197,6 +1197,9 @@ class RedisStore:
                 return "0-0#0"
         return _cursor(_s(info["last-generated-id"]) or "0-0", info.get("entries-added"))
 
+    def cursor_with(self, cursor: str, tenant_id: str, position: str) -> str:
+        return cursor  # one stream: the reader already reads every tenant's changes
+
     def feed_covers(self, cursor: str, token: str, tenant_id: str) -> bool:
         """Whether a follower at ``cursor`` has read up to the consistency ``token`` of a write
         of ``tenant_id`` (one stream: compare their entry ids)."""

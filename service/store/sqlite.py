@@ -829,6 +829,9 @@ class SQLiteStore:
     def change_cursor(self, tenant_id: str | None = None) -> str | None:
         return None  # one process per SQLite file: nothing to follow
 
+    def cursor_with(self, cursor: str, tenant_id: str, position: str) -> str:
+        return cursor  # (never asked: no cursor)
+
     def feed_covers(self, cursor: str, token: str, tenant_id: str) -> bool:
         return True  # (never asked: no cursor) every write went through this process
 

@@ -7,6 +7,7 @@ g1, b1 in g2.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -146,7 +148,7 @@ def test_groups_hold_their_tenants_and_forward_the_others(fleet: dict[str, Repli
     assert bad.status_code == 422
 
     # a new table pins a g1 tenant on g2: b1 loads it, g1's replicas drop it, and a request
-    # for it through a2 now goes to b1 (a re-placement by rebuild; live moves are item 4's)
+    # for it through a2 now goes to b1 (a re-placement by hand, without the move protocol)
     store = RedisClusterStore(
         a1.app.state.settings.store_url, prefix=a1.app.state.settings.redis_key_prefix
     )
@@ -193,10 +195,32 @@ def test_the_placement_command_writes_the_next_table(store_settings: Any) -> Non
     assert wrote.exit_code == 0, wrote.output
     table = Placement.from_doc(json.loads(wrote.output)["table"])
     assert (table.version, table.groups, table.owner("t9")) == (1, ("g1", "g2"), "g2")
+    # a third group moves no existing tenant: those it would rehash are pinned where they are
+    from service.store.base import ApiKey, Tenant
+    from service.store.redis_store import RedisStore
+
+    store = RedisStore(cfg["store_url"], prefix=cfg["redis_key_prefix"])
+    try:
+        for i in range(12):
+            store.create_tenant(
+                Tenant(f"u{i}", f"u{i}", 1.0), ApiKey(f"k{i}", f"u{i}", "h" * 64, 1.0)
+            )
+    finally:
+        store.close()
     again = runner.invoke(app, ["placement", "--groups", "g1,g2,g3"], env=env)
-    assert json.loads(again.output)["table"]["version"] == 2
+    grown = Placement.from_doc(json.loads(again.output)["table"])
+    assert grown.version == 2 and grown.groups == ("g1", "g2", "g3")
+    assert all(grown.owner(f"u{i}") == table.owner(f"u{i}") for i in range(12))
+    assert grown.owner("t9") == "g2" and grown.owner("new") == Placement(0, grown.groups).owner(
+        "new"
+    )
+    assert len(grown.explicit) > 1  # (some would have rehashed to g3)
     bad = runner.invoke(app, ["placement", "--pin", "t9=g7"], env=env)
     assert bad.exit_code == 1 and "GROUP among" in bad.output
+    dropped = runner.invoke(app, ["placement", "--groups", "g1,g3"], env=env)
+    assert dropped.exit_code == 1 and "move them first" in dropped.output, dropped.output
+    unknown = runner.invoke(app, ["placement", "--move", "u0=g9"], env=env)
+    assert unknown.exit_code == 1 and "unknown group 'g9'" in unknown.output
     sqlite = runner.invoke(
         app,
         ["placement", "--groups", "g1"],
@@ -231,12 +255,142 @@ def test_decisions_without_and_with_a_group(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     try:
         alone = ShardGroups(store, group=None, advertise_url=None, poll_s=1.0)
-        assert alone.decide("t", loaded=False, forwarded_under=None) == Serve()
-        assert alone.holds("t") and not alone.grouped
+        assert alone.decide("t", serves=False, forwarded_under=None) == Serve()
+        assert alone.holding()("t") and not alone.grouped
         g1 = ShardGroups(store, group="g1", advertise_url="http://h:1", poll_s=1.0)
         g1.table = Placement(3, ("g1", "g2"), explicit=(("a", "g1"), ("b", "g2")))
-        assert g1.decide("a", loaded=True, forwarded_under=None) == Serve()
-        assert g1.decide("b", loaded=True, forwarded_under=None) == Forward("g2", 3)
-        assert g1.holds("a") and not g1.holds("b")
+        assert g1.decide("a", serves=True, forwarded_under=None) == Serve()
+        assert g1.decide("b", serves=True, forwarded_under=None) == Forward("g2", 3)
+        # its index of "a" not loaded yet: sent to a peer of its own group that has it
+        assert g1.decide("a", serves=False, forwarded_under=None) == Forward("g1", 3)
+        holds = g1.holding()
+        assert holds("a") and not holds("b")
+        g1.table = Placement(4, ("g1", "g2"), explicit=(("a", "g2"), ("b", "g2")))
+        assert holds("a")  # a predicate over the copy it was taken from
     finally:
         store.close()
+
+
+def _columns(rows: np.ndarray, ids: list[str]) -> dict[str, Any]:
+    return {
+        "subjects": [i.rsplit("-", 1)[0] for i in ids],
+        "item_ids": ids,
+        "embeddings_b64": base64.b64encode(np.ascontiguousarray(rows, "<f4").tobytes()).decode(),
+    }
+
+
+def test_a_live_move_fails_no_request_and_touches_no_other_tenant(
+    fleet: dict[str, Replica],
+) -> None:
+    """A g1 tenant of 2,048 items moves to g2 (``tcm-serve placement --move``) while matches of
+    it and of one tenant per group go through every replica, and enrolments of it go on
+    through a2: not one request fails or answers wrongly, b1 loads the tenant aside (no
+    rebuild of what it held), g1's replicas release it, and every item acknowledged during the
+    move is in b1's index, found through another replica by its consistency token."""
+    from typer.testing import CliRunner
+
+    from service.cli import app as cli
+
+    a1, a2, b1 = fleet["a1"], fleet["a2"], fleet["b1"]
+    table = Placement(1, ("g1", "g2"))
+    auth: dict[str, dict[str, str]] = {}
+    created: list[str] = []
+    for i in range(60):  # until g1 owns two tenants and g2 one
+        r = httpx.post(a1.url + "/v1/tenants", json={"name": f"m{i}"}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        tid = r.json()["tenant_id"]
+        created.append(tid)
+        owner = table.owner(tid)
+        if list(map(table.owner, auth)).count(owner) < (2 if owner == "g1" else 1):
+            auth[tid] = {"Authorization": f"Bearer {r.json()['api_key']}"}
+        if len(auth) == 3:
+            break
+    moving = next(t for t in auth if table.owner(t) == "g1")
+    rng = np.random.default_rng(7)
+    probes: dict[str, tuple[list[float], str]] = {}  # tenant -> a query and its top item
+    for tid in auth:
+        n = 2048 if tid == moving else 64
+        rows = rng.standard_normal((n, 64)).astype(np.float32)
+        ids = [f"s{j // 4}-{j}" for j in range(n)]
+        for lo in range(0, n, 256):
+            r = httpx.post(
+                a1.url + "/v1/gallery/columns",
+                json=_columns(rows[lo : lo + 256], ids[lo : lo + 256]),
+                headers=auth[tid],
+            )
+            assert r.status_code == 201, r.text
+        probes[tid] = ((rows[5] / np.linalg.norm(rows[5])).tolist(), ids[5])
+    _wait(lambda: b1.sizes().get(moving) is None and a2.sizes().get(moving) == 2048, "loads")
+    rebuilds = {r.name: r.app.state.runtime.sync.rebuilds for r in (a1, a2, b1)}
+
+    stop = threading.Event()
+    answers: list[tuple[str, str, int, bool]] = []  # replica, tenant, status, right answer
+    enrolled: list[tuple[str, str]] = []  # item id, its consistency token
+
+    def matches(replica: Replica) -> None:
+        with httpx.Client(base_url=replica.url, timeout=30) as c:
+            while not stop.is_set():
+                for tid, (query, top) in probes.items():
+                    r = c.post("/v1/match", json={"embedding": query, "k": 1}, headers=auth[tid])
+                    right = r.status_code == 200 and r.json()["candidates"][0]["item_id"] == top
+                    answers.append((replica.name, tid, r.status_code, right))
+
+    def enrolments() -> None:
+        with httpx.Client(base_url=a2.url, timeout=30) as c:
+            j = 0
+            while not stop.is_set():
+                item = f"late-{j}"
+                body = {"items": [{"subject": "late", "item_id": item, "embedding": unit(j)}]}
+                r = c.post("/v1/gallery", json=body, headers=auth[moving])
+                if r.status_code != 201:
+                    answers.append(("a2", moving, r.status_code, False))
+                    return
+                enrolled.append((item, r.headers["X-Consistency-Token"]))
+                j += 1
+
+    workers = [threading.Thread(target=matches, args=(r,)) for r in (a1, a2, b1)]
+    workers.append(threading.Thread(target=enrolments))
+    for w in workers:
+        w.start()
+    try:
+        _wait(lambda: len(answers) > 30 and enrolled, "traffic before the move")
+        env = {
+            "TCM_STORE_URL": a1.app.state.settings.store_url,
+            "TCM_REDIS_KEY_PREFIX": a1.app.state.settings.redis_key_prefix,
+            "TCM_PLACEMENT_POLL_S": "0.2",
+        }
+        moved = CliRunner().invoke(cli, ["placement", "--move", f"{moving}=g2"], env=env)
+        assert moved.exit_code == 0, moved.output
+        assert [line.split()[2] for line in moved.output.splitlines()[:3]] == [
+            "begin:",
+            "switch:",
+            "finish:",
+        ], moved.output
+        _wait(lambda: moving not in a1.sizes() and moving not in a2.sizes(), "g1 released it")
+        during = len(answers)
+        _wait(lambda: len(answers) > during + 30, "traffic after the move")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+    failed = [a for a in answers if a[2] != 200 or not a[3]]
+    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
+    assert {a[0] for a in answers if a[1] == moving} == {"a1", "a2", "b1"}
+    # b1 loaded the tenant aside; nobody rebuilt anything
+    assert {r.name: r.app.state.runtime.sync.rebuilds for r in (a1, a2, b1)} == rebuilds
+    assert set(b1.sizes()) == {moving} | {t for t in created if table.owner(t) == "g2"}
+    assert (
+        set(a1.sizes())
+        == set(a2.sizes())
+        == {t for t in created if table.owner(t) == "g1" and t != moving}
+    )
+    # every enrolment acknowledged during the move is in b1's index, and found through a1
+    # by its token
+    assert b1.sizes()[moving] == 2048 + len(enrolled)
+    item, token = enrolled[-1]
+    m = httpx.post(
+        a1.url + "/v1/match",
+        json={"embedding": unit(len(enrolled) - 1), "k": 1},
+        headers={**auth[moving], "X-Consistency-Token": token},
+    )
+    assert m.status_code == 200 and m.json()["candidates"][0]["item_id"] == item, m.text

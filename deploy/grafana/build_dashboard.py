@@ -881,6 +881,68 @@ def build() -> dict[str, Any]:
         w=8,
     )
 
+    # shard groups (docs/scaling.md): shard_group is each pod's group, set by the scrape
+    # config (deploy/k8s/monitoring); ungrouped replicas have none and these panels stay empty
+    lay.row("Shard groups")
+    grouped = 'job="tcm-service", shard_group!=""'
+    lay.add(
+        timeseries(
+            "Replicas up by shard group",
+            "Replicas of each group Prometheus scrapes (TCMShardGroupDegraded fires below 2, "
+            "TCMShardGroupDown at 0).",
+            targets((f"sum by (shard_group) (up{{{grouped}}})", "{{shard_group}}")),
+            thresholds=[(1, "orange"), (2, "green")],
+            min_=0,
+        ),
+        w=6,
+    )
+    lay.add(
+        timeseries(
+            "Requests by shard group",
+            "Requests per second each group's replicas answered, those forwarded on included.",
+            targets(
+                (
+                    "sum by (shard_group) "
+                    f'(rate(tcm_http_request_duration_seconds_count{{shard_group!=""}}{rate}))',
+                    "{{shard_group}}",
+                )
+            ),
+            unit="reqps",
+        ),
+        w=6,
+    )
+    lay.add(
+        timeseries(
+            "Forwarded to another group",
+            "Requests each group's replicas sent on to the owner group of their tenant, by "
+            "that group and outcome (unreachable: answered 503 group_unavailable).",
+            targets(
+                (
+                    "sum by (shard_group, group, outcome) "
+                    f'(rate(tcm_forwarded_requests_total{{shard_group!=""}}{rate}))',
+                    "{{shard_group}} -> {{group}} {{outcome}}",
+                )
+            ),
+            unit="reqps",
+        ),
+        w=6,
+    )
+    lay.add(
+        timeseries(
+            "Gallery items held by shard group",
+            "Items in the indexes of each group's tenants (each replica of a group holds them "
+            "all: counted once per group); a tenant moving holds in both groups meanwhile.",
+            targets(
+                (
+                    "sum by (shard_group) "
+                    '(max by (shard_group, tenant) (tcm_gallery_items{shard_group!=""}))',
+                    "{{shard_group}}",
+                )
+            ),
+        ),
+        w=6,
+    )
+
     variables = [
         {
             "name": "datasource",

@@ -103,11 +103,16 @@ def wait_for(
 
 @contextmanager
 def running_prometheus(
-    tmp_path: Path, target_port: int, *, alert_for: str | None = None
+    tmp_path: Path,
+    target_port: int,
+    *,
+    alert_for: str | None = None,
+    target_labels: dict[str, str] | None = None,
 ) -> Iterator[Prometheus]:
     """Prometheus scraping ``127.0.0.1:target_port`` as the tcm-service job, every second.
     ``alert_for`` replaces every alert's ``for:`` (a test cannot wait 30 minutes); the
-    expressions and factors stay the project's."""
+    expressions and factors stay the project's. ``target_labels``: labels the scrape puts on
+    the target's series (as the Kubernetes scrape configs put ``shard_group``)."""
     binary = tool("prometheus")
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
     cfg["global"]["scrape_interval"] = "1s"
@@ -131,6 +136,8 @@ def running_prometheus(
             f"127.0.0.1:{target_port}" if job["job_name"] == "tcm-service" else f"127.0.0.1:{port}"
         )
         job["static_configs"] = [{"targets": [target]}]
+        if target_labels and job["job_name"] == "tcm-service":
+            job["static_configs"][0]["labels"] = dict(target_labels)
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     log = tmp_path / "prometheus.log"
     with log.open("w") as out:

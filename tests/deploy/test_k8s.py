@@ -26,7 +26,7 @@ from tests.deploy.conftest import DEPLOY, PROM_DIR, ROOT, RULE_FILES, run_promto
 from tests.deploy.kustomize_lite import Manifest, build, containers, json_patch, pod_template
 
 K8S = DEPLOY / "k8s"
-KUSTOMIZATIONS = ["overlays/cpu", "overlays/gpu", "monitoring", "retrain"]
+KUSTOMIZATIONS = ["overlays/cpu", "overlays/gpu", "overlays/shard-groups", "monitoring", "retrain"]
 OVERLAYS = ["overlays/cpu", "overlays/gpu"]
 K8S_VERSIONS = ["1.28.0", "1.37.0"]  # the oldest we claim and the newest schemas bundled
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
@@ -91,6 +91,14 @@ def test_kustomizations_build(directory: str) -> None:
             "PodDisruptionBudget",
             "StatefulSet",
             "NetworkPolicy",
+        },
+        "overlays/shard-groups": {  # a Deployment, HPA and PDB per group; Redis Cluster apart
+            "ConfigMap",
+            "PersistentVolumeClaim",
+            "Deployment",
+            "Service",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
         },
         "monitoring": {"ServiceMonitor", "PrometheusRule", "ConfigMap"},
         "retrain": {"Job", "PersistentVolumeClaim"},
@@ -562,7 +570,7 @@ def test_models_volume_is_read_write_many() -> None:
     from several nodes: only a ReadWriteMany claim lets them."""
     pvc = one(built("overlays/cpu"), "PersistentVolumeClaim", "tcm-models")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert "ReadWriteMany" in (K8S / "base" / "models-pvc.yaml").read_text()
+    assert "ReadWriteMany" in (K8S / "base" / "shared" / "models-pvc.yaml").read_text()
     claims = {}
     for directory in ("overlays/cpu", "overlays/gpu", "retrain"):
         for m, spec in pod_specs(built(directory)):
@@ -640,7 +648,9 @@ def _uid(dockerfile: Path) -> int:
     return int(users[-1])
 
 
-@pytest.mark.parametrize("directory", ["overlays/cpu", "overlays/gpu", "retrain"])
+@pytest.mark.parametrize(
+    "directory", ["overlays/cpu", "overlays/gpu", "overlays/shard-groups", "retrain"]
+)
 def test_pods_are_locked_down(directory: str) -> None:
     for m, spec in pod_specs(built(directory)):
         what = m["metadata"]["name"]

@@ -26,11 +26,13 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from service.domain.placement import Decision, Placement, Serve, route
+from service.errors import StoreUnavailableError
 from service.store import Store
 
 log = logging.getLogger(__name__)
 
-LIVE_POLLS = 3  # a replica silent for this many polls is taken for dead
+LIVE_POLLS = 3  # a replica silent for this many polls is not chosen while others are
+STALE_POLLS = 60  # nor at all once silent for this many
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class ShardGroups:
         self.poll_s = poll_s
         self.table: Placement | None = None
         self.rev = 0
-        self._peers: dict[str, Peer] = {}  # live, loaded replicas at the last poll
+        # loaded replicas heard from at the last poll: URL -> (peer, when it last said so)
+        self._known: dict[str, tuple[Peer, float]] = {}
 
     @property
     def version(self) -> int:
@@ -120,23 +123,37 @@ class ShardGroups:
     def refresh_peers(self) -> None:
         """Reads which replicas are alive (blocking): every poll, so that choosing a peer
         for a request reads no store."""
-        self._peers = {
-            url: Peer(url, str(info.get("group")))
-            for url, info in self.store.list_replicas(
-                now=time.time(), max_age_s=LIVE_POLLS * self.poll_s
-            ).items()
-            if info.get("loaded") and url != self.advertise_url
+        now = time.time()
+        heard = self.store.list_replicas(now=now, max_age_s=STALE_POLLS * self.poll_s)
+        heard.pop(self.advertise_url or "", None)
+        self._known = {
+            url: (Peer(url, str(info.get("group"))), float(info.get("seen", 0)))
+            for url, info in heard.items()
+            if info.get("loaded")
         }
 
     def peer_of(self, group: str, *, exclude: Collection[str] = ()) -> Peer | None:
-        """A live replica of ``group`` whose indexes are loaded, other than this one and those
-        in ``exclude`` (blocking: from the last poll's list, read again when it has none)."""
+        """A replica of ``group`` whose indexes are loaded, other than this one and those in
+        ``exclude`` (blocking: from the last poll's list, read again when it has none): one
+        heard from within ``LIVE_POLLS`` polls if any, else one heard from within
+        ``STALE_POLLS`` (when the shard holding the heartbeats fails over, every beat stalls
+        for seconds: the peers are not dead for it, and a forward to one that is dead fails to
+        connect and goes to another)."""
         for attempt in range(2):
             if attempt:
-                self.refresh_peers()
-            peers = [p for p in self._peers.values() if p.group == group and p.url not in exclude]
-            if peers:
-                return random.choice(peers)
+                try:
+                    self.refresh_peers()
+                except StoreUnavailableError as exc:
+                    log.warning("the list of replicas could not be read: %s", exc.message)
+            known = [
+                (peer, seen)
+                for peer, seen in self._known.values()
+                if peer.group == group and peer.url not in exclude
+            ]
+            fresh_after = time.time() - LIVE_POLLS * self.poll_s
+            fresh = [peer for peer, seen in known if seen >= fresh_after]
+            if fresh or known:
+                return random.choice(fresh or [peer for peer, _ in known])
         return None
 
 

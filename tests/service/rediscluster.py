@@ -1,6 +1,6 @@
-"""A real Redis Cluster on loopback for tests: N masters with one replica each, every node a
-``redis-server`` of its own (free ports whose cluster-bus port, +10000, is free too), built with
-``redis-cli --cluster create``; killed and removed afterwards."""
+"""A real Redis Cluster on loopback for tests: N masters with R replicas each (1 by default),
+every node a ``redis-server`` of its own (free ports whose cluster-bus port, +10000, is free
+too), built with ``redis-cli --cluster create``; killed and removed afterwards."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def cluster_ports(n: int) -> list[int]:
 class LocalCluster:
     workdir: Path
     masters: int = 3
+    replicas: int = 1  # per master
     ports: list[int] = field(default_factory=list)
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -84,7 +85,7 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         if shutil.which("redis-cli") is None:
             raise RuntimeError("redis-cli is not installed (apt-get install redis-tools)")
-        self.ports = cluster_ports(2 * self.masters)
+        self.ports = cluster_ports((1 + self.replicas) * self.masters)
         for port in self.ports:
             self._start_node(port)
         for port in self.ports:
@@ -96,7 +97,7 @@ class LocalCluster:
                 "create",
                 *(f"127.0.0.1:{p}" for p in self.ports),
                 "--cluster-replicas",
-                "1",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,

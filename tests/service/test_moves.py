@@ -17,6 +17,7 @@ import pytest
 
 from service.domain.moves import move_tenant
 from service.domain.placement import Placement
+from service.domain.shard_groups import Peer, ShardGroups
 from service.store.redis_store import RedisStore
 from tests.service.conftest import ADMIN_TOKEN, unit
 from tests.service.test_shard_groups import _start, _wait
@@ -177,4 +178,30 @@ def test_an_unanswered_request_holds_the_acknowledged_version_back(
         peer.close()
         if replica is not None:
             replica.stop()
+        store.close()
+
+
+def test_a_stall_of_every_heartbeat_takes_nobody_for_dead(store_settings: Any) -> None:
+    """A peer heard from lately is preferred; when none is (the store's heartbeats stalled for
+    everyone: the shard holding them failing over), one heard from within ``STALE_POLLS`` is
+    still a forwarding target (a dead one fails to connect, and the forward goes to another);
+    one silent for longer never is."""
+    cfg = store_settings("redis")
+    store = RedisStore(cfg["store_url"], prefix=cfg["redis_key_prefix"])
+    try:
+        groups = ShardGroups(store, group="g1", advertise_url="http://a1", poll_s=0.5)
+        now = time.time()
+        for url, age in (("http://a1", 0.0), ("http://b1", 5.0), ("http://b2", 5.4)):
+            store.put_replica(url, {"group": "g2", "loaded": True}, now=now - age)
+        store.put_replica("http://b3", {"group": "g2", "loaded": True}, now=now - 100)
+        groups.refresh_peers()
+        stalled = {groups.peer_of("g2", exclude=[u]) for u in ("http://b1", "http://b2")}
+        assert stalled == {Peer("http://b2", "g2"), Peer("http://b1", "g2")}
+        assert groups.peer_of("g2", exclude=["http://b1", "http://b2"]) is None  # not b3
+        store.put_replica("http://b1", {"group": "g2", "loaded": True}, now=now)  # b2 stopped
+        groups.refresh_peers()
+        assert {groups.peer_of("g2") for _ in range(20)} == {Peer("http://b1", "g2")}
+        assert groups.peer_of("g2", exclude=["http://b1"]) == Peer("http://b2", "g2")
+        assert groups.peer_of("g3") is None
+    finally:
         store.close()

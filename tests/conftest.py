@@ -3,7 +3,7 @@
 ``-m gpu`` selects the CUDA twins of the CPU tests. Run where CUDA is missing (a CPU torch
 wheel on a GPU machine, a driver that does not load), they fail: a GPU run that skips all of
 them and exits 0 would pass without testing anything. ``make test`` deselects them
-(``-m "not gpu"``).
+(``-m "not gpu"``), and the goal run (``-m "not gpu and not goals"``: ``make goals`` runs it).
 """
 
 from __future__ import annotations

@@ -415,8 +415,10 @@ class IndexSync:
                     self.store.read_changes, self.feed_cursor, block_ms=1000
                 )
                 cursor, changes = await asyncio.wrap_future(self._reading)
-                if self._wanted is not None:  # the tenants this replica holds changed
-                    await self._reconcile(*self._wanted)  # (from the cursor before this read)
+                if (wanted := self._wanted) is not None:  # the tenants it holds changed
+                    await self._reconcile(*wanted)  # (from the cursor before this read)
+                    if self._wanted is wanted:  # (kept if it failed, or another came meanwhile)
+                        self._wanted = None
                     continue
                 if any(change.op == "resync" for change in changes):
                     log.warning(
@@ -449,7 +451,6 @@ class IndexSync:
         indexes of the tenants no longer held, and starts loading the newly held ones aside
         (their feed changes from here on are kept for them), so that no other tenant's index
         is touched and the follower keeps applying every other change meanwhile."""
-        self._wanted = None
         serving = self.slot.current
         listed = [t.tenant_id for t in await run_in_threadpool(self.store.list_tenants)]
         have = set(serving.indexes.sizes()) | set(self._loading)

@@ -1,7 +1,8 @@
 """Which shard group serves a tenant, and how a tenant moves between groups without a failed
 request (issue 31, items 2 and 4): the pure decisions, with no I/O, so that the exhaustive
 interleaving check of the move protocol (``tests/service/domain/test_move_protocol.py``)
-checks the very functions the service will call once shard groups are built.
+checks the very functions the service calls (``service.domain.shard_groups``,
+``service.domain.moves``).
 
 The protocol (``docs/scaling.md``, "Moving a tenant"):
 

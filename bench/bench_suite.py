@@ -1,9 +1,10 @@
 """The test suite's wall time in one process against pytest-xdist workers, side by side.
 
-Runs ``pytest -q -m "not gpu and not goals" -p no:cacheprovider`` (what ``make test`` runs, without the
-install and lint) once per worker count per round, the counts alternating within each round so
-that a busy spell of the machine hits both, and prints each run's time and the ratio of the
-one-process time to each other count's. Every run must pass: a failed run's time says nothing.
+Runs ``pytest -q -m "not gpu and not goals" -p no:cacheprovider`` (what ``make test`` runs,
+without the install and lint) once per worker count per round, the counts alternating within
+each round so that a busy spell of the machine hits both, and prints each run's time and the
+ratio of the first count's time to each other count's. Every run must pass: a failed run's
+time says nothing.
 
     python -m bench.bench_suite --workers 0 2 --rounds 1 --json docs/results/bench_suite.json
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,6 +58,8 @@ from service.store.redis_store import (
 )
 
 FEED_POLL_MS = 50  # how often an idle feed read looks at the tenants' streams again
+MAX_DEFERRED_MATCHES = 10_000  # match records one tenant keeps in memory while its shard is down
+log = logging.getLogger(__name__)
 
 
 class RedisClusterStore(RedisStore):
@@ -70,6 +73,9 @@ class RedisClusterStore(RedisStore):
         self._stop_reading = threading.Event()
         self._scripts_on: set[str] = set()  # shards the enrolment script was loaded on
         self._follows: Callable[[str], bool] = lambda _tenant: True
+        # match records whose tenant's shard had no master when written (add_matches)
+        self._deferred: dict[str, list[MatchRecord]] = {}
+        self._deferred_lock = threading.Lock()
         super().__init__(url, **kwargs)
         # a Cluster store is new: no store older than the name and labelled keys to backfill
         self._labelled_ready = self._names_ready = True
@@ -331,11 +337,35 @@ class RedisClusterStore(RedisStore):
 
     # --- matches: one transaction per tenant (its slot) -----------------------------------------
     def add_matches(self, records: Sequence[MatchRecord]) -> None:
+        """One transaction per tenant. While the tenant's shard has no master (a failover,
+        seconds) the records are kept in this process and written with the tenant's next
+        match, at most ``MAX_DEFERRED_MATCHES`` per tenant, so that its matches keep being
+        answered: a match record is the trail feedback is checked against, not a write the
+        client was promised (feedback on such a match is a 404 until it is written; a process
+        killed meanwhile loses them)."""
         by_tenant: dict[str, list[MatchRecord]] = {}
         for r in records:
             by_tenant.setdefault(r.tenant_id, []).append(r)
-        for group in by_tenant.values():
-            super().add_matches(group)
+        for tenant_id, group in by_tenant.items():
+            with self._deferred_lock:
+                waiting = self._deferred.pop(tenant_id, [])
+            try:
+                super().add_matches([*waiting, *group])
+            except StoreUnavailableError as exc:
+                with self._deferred_lock:
+                    kept = [*waiting, *group, *self._deferred.get(tenant_id, [])]
+                    self._deferred[tenant_id] = kept[-MAX_DEFERRED_MATCHES:]
+                if not waiting:
+                    log.warning(
+                        "tenant %s: match records kept in memory until its shard is back: %s",
+                        tenant_id,
+                        exc.message,
+                    )
+
+    def deferred_matches(self) -> int:
+        """Match records kept in this process, waiting for their tenant's shard."""
+        with self._deferred_lock:
+            return sum(map(len, self._deferred.values()))
 
     # --- the change feed: every tenant's stream ------------------------------------------------
     def change_cursor(self, tenant_id: str | None = None) -> str | None:

@@ -11,8 +11,9 @@ processes serving the committed default model (dim 128), 9 tenants of 200k down 
 3. a service replica SIGKILLed under traffic: no request fails later than 1 s after the kill
    (clients leave the dead replica at once, as a load balancer's health check would);
 4. a Redis master SIGKILLed: its tenants' enrolments are acknowledged again within 5 s, every
-   other tenant's matches are answered throughout, and no acknowledged enrolment is lost or
-   stored twice (each write retried with its ``Idempotency-Key`` until acknowledged);
+   tenant's matches are answered throughout (the dead shard's included), and no acknowledged
+   enrolment is lost or stored twice (each write retried with its ``Idempotency-Key`` until
+   acknowledged);
 5. a live move of the 200k tenant to another group under traffic: 0 failed requests;
 6. an enrolment through one replica is found through another, 100% of the time, when its
    consistency token is passed;
@@ -414,8 +415,8 @@ def _master_of(f: Fleet, tid: str, *, ask: int | None = None) -> int:
 
 
 def goal_master_kill(f: Fleet, round_: int) -> dict[str, Any]:
-    """(4) a Redis master SIGKILLed: its tenants' writes acknowledged again within 5 s, the
-    other shards' tenants' matches all answered, no acknowledged enrolment lost or doubled."""
+    """(4) a Redis master SIGKILLed: its tenants' writes acknowledged again within 5 s, every
+    tenant's matches answered throughout, no acknowledged enrolment lost or doubled."""
     victim = f.tenants[-1 - round_]  # a small tenant (writes to it are the measure)
     port = _master_of(f, victim.tid)
     others = [t for t in f.tenants if _master_of(f, t.tid) != port]
@@ -471,14 +472,10 @@ def goal_master_kill(f: Fleet, round_: int) -> dict[str, Any]:
     assert back <= 5.0, f"writes acknowledged again only {back:.1f} s after the kill"
     shard = {t.tid for t in f.tenants} - {t.tid for t in others}
     failed_elsewhere = [x for x in traffic.failures if x[2] not in shard]
-    assert not failed_elsewhere, f"other shards' matches failed: {failed_elsewhere[:3]}"
-    # the dead shard's own tenants: a match writes its record to their shard, so their matches
-    # are refused (503, Retry-After) until a replica is promoted, and only until then
     refused = [x[0] - killed_at for x in traffic.failures if x[2] in shard]
-    assert all(x[3].startswith("503") for x in traffic.failures), traffic.failures[:3]
-    assert max(refused, default=0.0) <= 5.0, (
-        f"the shard's matches refused until {max(refused):.1f} s"
-    )
+    # every tenant's matches are answered, the dead shard's too (their match records wait in
+    # memory for the promotion: RedisClusterStore.add_matches)
+    assert not traffic.failures, f"matches failed: {traffic.failures[:3]}"
     victim.extra += [(item, vec) for item, vec, _, _ in acked]
     # nothing lost, nothing doubled: every acknowledged item once, and no other late item
     want = len(victim.vectors) + len(victim.extra)

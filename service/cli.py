@@ -179,6 +179,15 @@ def placement_cmd(
     timeout: Annotated[
         float, typer.Option(help="seconds --move waits for the replicas before giving up")
     ] = 300.0,
+    balance: Annotated[
+        bool,
+        typer.Option(
+            "--balance",
+            help="print a size-aware placement (by each tenant's item count) and the moves "
+            "that reach it; with --apply, make those moves live, one after another",
+        ),
+    ] = False,
+    apply: Annotated[bool, typer.Option("--apply", help="with --balance: make the moves")] = False,
 ) -> None:
     """Shows the shard groups' placement table in the store (TCM_STORE_URL), writes the next
     version of it (--groups, --pin): replicas started with TCM_SHARD_GROUP read it within
@@ -195,6 +204,11 @@ def placement_cmd(
         if move is not None:
             _move(store, move, settings.placement_poll_s, timeout)
             return
+        if balance:
+            _balance(store, apply, settings.placement_poll_s, timeout)
+            return
+        if apply:
+            raise ValueError("--apply goes with --balance")
         if groups is None and not pin:
             _print({"revision": rev, "table": doc})
             return
@@ -262,6 +276,33 @@ def _move(store: Store, entry: str, poll_s: float, timeout_s: float) -> None:
         on_step=said,
     )
     console.print(f"tenant {tenant} now in group {group}", markup=False)
+
+
+def _balance(store: Store, apply: bool, poll_s: float, timeout_s: float) -> None:
+    """``tcm-serve placement --balance [--apply]``: the size-aware plan, and its moves."""
+    from service.domain.placement import Placement, balanced
+
+    doc, _ = store.get_placement()
+    if doc is None:
+        raise ValueError("there is no placement table: write one first (--groups)")
+    table = Placement.from_doc(doc)
+    sizes = {t.tenant_id: store.count_items(t.tenant_id) for t in store.list_tenants()}
+    plan = balanced(sizes, table)
+    moves = {t: g for t, g in plan.items() if table.owner(t) != g}
+
+    def loads(owner: dict[str, str]) -> dict[str, int]:
+        return {g: sum(n for t, n in sizes.items() if owner[t] == g) for g in table.groups}
+
+    _print(
+        {
+            "items_per_group_now": loads({t: table.owner(t) for t in sizes}),
+            "items_per_group_balanced": loads(plan),
+            "moves": [{"tenant": t, "items": sizes[t], "to": g} for t, g in moves.items()],
+        }
+    )
+    if apply:
+        for tenant, group in moves.items():
+            _move(store, f"{tenant}={group}", poll_s, timeout_s)
 
 
 @app.command("export-dataset")

@@ -133,6 +133,23 @@ class Placement:
         )
 
 
+def balanced(sizes: Mapping[str, int], table: Placement) -> dict[str, str]:
+    """A size-aware placement of the tenants (id -> items) over ``table``'s groups: largest
+    first, each to the group holding the fewest items so far (longest-processing-time first:
+    the largest group is within 4/3 of the best possible, and within one tenant of the
+    average), a tie going to the tenant's current owner so that fewer tenants move. Returns
+    each tenant's group; the ones that differ from ``table.owner`` are the moves to make."""
+    load = dict.fromkeys(table.groups, 0)
+    plan: dict[str, str] = {}
+    for tenant in sorted(sizes, key=lambda t: (-sizes[t], t)):
+        least = min(load.values())
+        current = table.owner(tenant)
+        group = current if load[current] == least else min(load, key=lambda g: (load[g], g))
+        plan[tenant] = group
+        load[group] += sizes[tenant]
+    return plan
+
+
 def next_move_step(
     table: Placement, tenant: str, *, target_ready: bool, min_acknowledged: int
 ) -> Placement | None:

@@ -221,6 +221,35 @@ def test_the_placement_command_writes_the_next_table(store_settings: Any) -> Non
     assert dropped.exit_code == 1 and "move them first" in dropped.output, dropped.output
     unknown = runner.invoke(app, ["placement", "--move", "u0=g9"], env=env)
     assert unknown.exit_code == 1 and "unknown group 'g9'" in unknown.output
+
+    # a size-aware plan: every tenant's items counted, the moves that even the groups out
+    from service.store.base import NewItem
+
+    store = RedisStore(cfg["store_url"], prefix=cfg["redis_key_prefix"])
+    try:
+        for i in range(12):
+            vectors = np.eye(8, dtype=np.float32)[np.arange(3 * i + 1) % 8]
+            store.add_items(
+                f"u{i}",
+                [NewItem(f"x{j}", "s", v) for j, v in enumerate(vectors)],
+                model_version="v",
+                created_at=1.0,
+            )
+    finally:
+        store.close()
+    planned = runner.invoke(app, ["placement", "--balance"], env=env)
+    assert planned.exit_code == 0, planned.output
+    plan = json.loads(planned.output)
+    now, after = plan["items_per_group_now"], plan["items_per_group_balanced"]
+    assert sum(now.values()) == sum(after.values()) == sum(3 * i + 1 for i in range(12))
+    assert max(after.values()) < max(now.values()) and plan["moves"]
+    assert all(m["to"] in ("g1", "g2", "g3") for m in plan["moves"])
+    # --apply makes the first move: with no replica running it begins and waits, then stops
+    applied = runner.invoke(app, ["placement", "--balance", "--apply", "--timeout", "0.3"], env=env)
+    assert applied.exit_code == 1 and "begin: table version 3" in applied.output
+    assert "run the command again to resume it" in applied.output
+    lone = runner.invoke(app, ["placement", "--apply"], env=env)
+    assert lone.exit_code == 1 and "--apply goes with --balance" in lone.output
     sqlite = runner.invoke(
         app,
         ["placement", "--groups", "g1"],

@@ -1,4 +1,4 @@
-"""Issue 31's goals, in one run (``make goals``; ``.ci/run`` runs it after ``make test``).
+"""Issue 31's goals, in one run (``make goals``; not in ``.ci/run`` yet, ``docs/scaling.md``).
 
 A 3-master Redis Cluster (a replica each) on loopback, 3 shard groups x 2 real ``tcm-serve``
 processes serving the committed default model (dim 128), 9 tenants of 200k down to 10k items

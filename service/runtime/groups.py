@@ -45,6 +45,9 @@ class GroupRouting:
         self.groups = groups
         self.sync = sync
         self._unanswered: Counter[int] = Counter()
+        # a poll read the table and the peers at least once: until then a grouped replica
+        # could not route a request (readiness waits for it)
+        self.polled = False
         self._periodic = Periodic(
             "placement-watch", groups.poll_s, self.poll_once, first_at_once=False
         )
@@ -85,6 +88,7 @@ class GroupRouting:
             )
         )
         await run_in_threadpool(self.groups.refresh_peers)
+        self.polled = True
 
     async def _refresh_table(self) -> None:
         """Reads the table; a new one changes which tenants this replica's indexes hold."""

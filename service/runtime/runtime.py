@@ -184,6 +184,10 @@ class Runtime:
             except StoreUnavailableError as exc:
                 checks["store"] = exc.message
         checks["indexes"] = "ok" if self.sync.loaded else "not loaded"
+        if self.routing.groups.group is not None:  # shard groups: it must know where to forward
+            checks["placement"] = (
+                "ok" if self.routing.polled else "placement table and peers not read yet"
+            )
         if not self.slot.current.batcher.running:
             checks["model"] = "embedding worker not running"
         return checks

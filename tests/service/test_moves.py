@@ -135,6 +135,9 @@ def test_an_unanswered_request_holds_the_acknowledged_version_back(
         assert store.put_placement(table.to_doc(), expected_rev=0)
         replica = _start("a1", "g1", cfg, artefact)
         routing = replica.app.state.runtime.routing
+        # ready only once it has read the table and its peers: it can route what it receives
+        ready = httpx.get(replica.url + "/readyz").json()
+        assert routing.polled and ready["checks"]["placement"] == "ok", ready
         for i in range(60):  # a tenant of g2's, which a1 forwards
             r = httpx.post(replica.url + "/v1/tenants", json={"name": f"h{i}"}, headers=ADMIN)
             if table.owner(r.json()["tenant_id"]) == "g2":

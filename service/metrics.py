@@ -243,6 +243,18 @@ class ServiceMetrics:
             ["group", "outcome"],
             registry=registry,
         )
+        self.match_records_deferred = Gauge(
+            "tcm_match_records_deferred",
+            "match records answered but not yet stored because their tenant's Redis Cluster "
+            "shard had no master (a failover); written once it is back",
+            registry=registry,
+        )
+        self.match_records_dropped = Counter(
+            "tcm_match_records_dropped_total",
+            "match records never stored: more than the cap per tenant waited for their shard "
+            "(feedback on those matches answers 404)",
+            registry=registry,
+        )
         self.feed_resyncs = Counter(
             "tcm_change_feed_resyncs_total",
             "full index rebuilds because the store's change "

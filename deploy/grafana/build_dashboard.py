@@ -942,6 +942,27 @@ def build() -> dict[str, Any]:
         ),
         w=6,
     )
+    lay.add(
+        timeseries(
+            "Match records waiting for their shard",
+            "Match records each replica answered but could not store yet: their tenant's Redis "
+            "Cluster shard had no master (a failover; written once it is back), and those "
+            "dropped over the per-tenant cap (TCMMatchRecordsWaiting, TCMMatchRecordsDropped).",
+            targets(
+                (
+                    'sum by (instance) (tcm_match_records_deferred{job="tcm-service"})',
+                    "{{instance}} waiting",
+                ),
+                (
+                    "sum by (instance) "
+                    f'(increase(tcm_match_records_dropped_total{{job="tcm-service"}}{rate}))',
+                    "{{instance}} dropped",
+                ),
+            ),
+            min_=0,
+        ),
+        w=24,
+    )
 
     variables = [
         {

@@ -29,6 +29,7 @@ from service.engine.embedding import resolve_device
 from service.engine.faces import FacesExtraMissing
 from service.errors import RateLimitedError, StoreUnavailableError
 from service.metrics import ServiceMetrics
+from service.runtime.deferred_writes import DeferredWrites
 from service.runtime.groups import GroupRouting
 from service.runtime.lifecycle import ModelLifecycle, startup_model
 from service.runtime.retention import Retention
@@ -51,6 +52,7 @@ class Runtime:
     lifecycle: ModelLifecycle
     retention: Retention
     routing: GroupRouting  # shard groups: which tenants this replica serves, where others go
+    deferred: DeferredWrites  # match records waiting for their shard (Redis Cluster)
     rate_limiter: RateLimiter | None = None
     decoding: DecodePool | None = None  # image decoding processes (service.engine.decoding)
 
@@ -145,6 +147,7 @@ class Runtime:
                 max_age_s=settings.match_retention_days * 86400.0,
                 keep=settings.match_retention_per_tenant,
             ),
+            deferred=DeferredWrites(store, metrics),
             rate_limiter=open_rate_limiter(
                 store, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst
             ),
@@ -159,9 +162,11 @@ class Runtime:
         runtime.lifecycle.start()
         runtime.retention.start()
         runtime.routing.start()
+        runtime.deferred.start()
         return runtime
 
     async def close(self) -> None:
+        await self.deferred.close()
         await self.routing.close()
         await self.retention.close()
         await self.lifecycle.close()

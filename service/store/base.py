@@ -348,6 +348,15 @@ class Store(Protocol):
     def add_matches(self, records: Sequence[MatchRecord]) -> None:
         """Stores several match records in one write (all or none)."""
 
+    def deferred_matches(self) -> tuple[int, int]:
+        """Match records :meth:`add_matches` accepted but has not written yet, and how many it
+        has dropped since the process started: (waiting, dropped). Only a store that keeps
+        records in memory while a shard has no master (Redis Cluster) has any."""
+
+    def flush_deferred(self) -> int:
+        """Writes the waiting match records whose shard is back; returns how many it wrote
+        (those still without a master keep waiting)."""
+
     def get_match(self, tenant_id: str, match_id: str) -> MatchRecord | None: ...
 
     def add_feedback(self, feedback: Feedback) -> None:

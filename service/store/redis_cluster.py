@@ -76,6 +76,7 @@ class RedisClusterStore(RedisStore):
         # match records whose tenant's shard had no master when written (add_matches)
         self._deferred: dict[str, list[MatchRecord]] = {}
         self._deferred_lock = threading.Lock()
+        self._deferred_dropped = 0
         super().__init__(url, **kwargs)
         # a Cluster store is new: no store older than the name and labelled keys to backfill
         self._labelled_ready = self._names_ready = True
@@ -338,34 +339,65 @@ class RedisClusterStore(RedisStore):
     # --- matches: one transaction per tenant (its slot) -----------------------------------------
     def add_matches(self, records: Sequence[MatchRecord]) -> None:
         """One transaction per tenant. While the tenant's shard has no master (a failover,
-        seconds) the records are kept in this process and written with the tenant's next
-        match, at most ``MAX_DEFERRED_MATCHES`` per tenant, so that its matches keep being
-        answered: a match record is the trail feedback is checked against, not a write the
-        client was promised (feedback on such a match is a 404 until it is written; a process
-        killed meanwhile loses them)."""
+        seconds) the records are kept in this process, at most ``MAX_DEFERRED_MATCHES`` per
+        tenant (the oldest dropped beyond), and written with the tenant's next match or by
+        :meth:`flush_deferred` (the runtime calls it every few seconds and at shutdown), so
+        that its matches keep being answered: a match record is the trail feedback is checked
+        against, not a write the client was promised (feedback on such a match is a 404 until
+        it is written; a process killed meanwhile loses them)."""
         by_tenant: dict[str, list[MatchRecord]] = {}
         for r in records:
             by_tenant.setdefault(r.tenant_id, []).append(r)
         for tenant_id, group in by_tenant.items():
-            with self._deferred_lock:
-                waiting = self._deferred.pop(tenant_id, [])
-            try:
-                super().add_matches([*waiting, *group])
-            except StoreUnavailableError as exc:
-                with self._deferred_lock:
-                    kept = [*waiting, *group, *self._deferred.get(tenant_id, [])]
-                    self._deferred[tenant_id] = kept[-MAX_DEFERRED_MATCHES:]
-                if not waiting:
-                    log.warning(
-                        "tenant %s: match records kept in memory until its shard is back: %s",
-                        tenant_id,
-                        exc.message,
-                    )
+            self._write_or_keep(tenant_id, group)
 
-    def deferred_matches(self) -> int:
-        """Match records kept in this process, waiting for their tenant's shard."""
+    def _write_or_keep(self, tenant_id: str, records: list[MatchRecord]) -> int | None:
+        """Writes ``records`` with those already waiting for ``tenant_id``; keeps them all
+        waiting if its shard cannot take them. How many were written, None if kept."""
         with self._deferred_lock:
-            return sum(map(len, self._deferred.values()))
+            waiting = self._deferred.pop(tenant_id, [])
+        try:
+            super().add_matches([*waiting, *records])
+        except StoreUnavailableError as exc:
+            with self._deferred_lock:
+                kept = [*waiting, *records, *self._deferred.get(tenant_id, [])]
+                over = max(0, len(kept) - MAX_DEFERRED_MATCHES)
+                self._deferred[tenant_id] = kept[over:]
+                self._deferred_dropped += over
+            if not waiting:
+                log.warning(
+                    "tenant %s: match records kept in memory until its shard is back: %s",
+                    tenant_id,
+                    exc.message,
+                )
+            if over:
+                log.warning(
+                    "tenant %s: %d match records dropped, more than %d waited for its shard",
+                    tenant_id,
+                    over,
+                    MAX_DEFERRED_MATCHES,
+                )
+            return None
+        return len(waiting) + len(records)
+
+    def deferred_matches(self) -> tuple[int, int]:
+        with self._deferred_lock:
+            return sum(map(len, self._deferred.values())), self._deferred_dropped
+
+    def flush_deferred(self, *, until_failure: bool = False) -> int:
+        """As the protocol's; ``until_failure`` stops at the first tenant whose shard is
+        still down (at shutdown, so that closing waits at most one socket timeout)."""
+        with self._deferred_lock:
+            tenants = [t for t, waiting in self._deferred.items() if waiting]
+        written = 0
+        for tenant_id in tenants:
+            n = self._write_or_keep(tenant_id, [])
+            if n is None and until_failure:
+                break
+            written += n or 0
+        if written:
+            log.info("wrote %d match records that had waited for their shard", written)
+        return written
 
     # --- the change feed: every tenant's stream ------------------------------------------------
     def change_cursor(self, tenant_id: str | None = None) -> str | None:
@@ -451,5 +483,10 @@ class RedisClusterStore(RedisStore):
 
     def close(self) -> None:
         self._stop_reading.set()
+        with contextlib.suppress(Exception):
+            self.flush_deferred(until_failure=True)
+        waiting, _ = self.deferred_matches()
+        if waiting:
+            log.warning("closing with %d match records unwritten: their shard is down", waiting)
         with contextlib.suppress(Exception):
             self.r.close()

@@ -1373,6 +1373,12 @@ class RedisStore:
             created_at=float(h[b"created_at"]),
         )
 
+    def deferred_matches(self) -> tuple[int, int]:
+        return 0, 0  # add_matches writes or fails: nothing waits
+
+    def flush_deferred(self) -> int:
+        return 0
+
     def get_match(self, tenant_id: str, match_id: str) -> MatchRecord | None:
         with self._translate("get match"):
             h = self.r.hgetall(self._tenant(tenant_id, "match", match_id))

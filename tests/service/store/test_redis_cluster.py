@@ -180,7 +180,7 @@ def test_a_master_killed_loses_no_acknowledged_enrolment(tmp_path: Path, artefac
             assert set(other_statuses) == {200}, other_errors[:3]
             assert set(match_statuses) == {200}, other_errors[:3]
             store = c.app.state.runtime.store
-            assert store.deferred_matches() == 0
+            assert store.deferred_matches() == (0, 0)
             for mid in match_ids:
                 assert store.get_match(tid, mid) is not None, mid
             listed = c.get("/v1/gallery?limit=100", headers=auth).json()["items"]
@@ -266,3 +266,77 @@ def test_cluster_urls_and_prefixes() -> None:
     with pytest.raises(ValidationError, match="must not contain braces"):
         Settings(store_url="redis+cluster://n1:6379", redis_key_prefix="{tcm}:")
     Settings(store_url="redis://n1:6379/0", redis_key_prefix="{tcm}:")  # one server: allowed
+
+
+def test_match_records_wait_for_their_shard_and_are_written_once_it_is_back(
+    redis_cluster: LocalCluster, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard that takes no writes (its master paused with CLIENT PAUSE WRITE, which blocks
+    the records' transaction until the store's socket timeout: no race) keeps the records in
+    the process up to the cap, the oldest dropped beyond; DeferredWrites publishes both and
+    writes the waiting ones once the shard takes writes again, without another match."""
+    import asyncio
+
+    import redis
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import ServiceMetrics
+    from service.runtime.deferred_writes import DeferredWrites
+    from service.store import redis_cluster as cluster_store
+    from service.store.base import ApiKey, MatchRecord, Tenant
+    from service.store.redis_cluster import RedisClusterStore
+
+    monkeypatch.setattr(cluster_store, "MAX_DEFERRED_MATCHES", 3)
+    store = RedisClusterStore(redis_cluster.url, prefix=prefix, timeout_s=0.5)
+    registry = CollectorRegistry()
+    writes = DeferredWrites(store, ServiceMetrics(registry, tenant_label_cap=10))
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value(name)
+
+    try:
+        store.create_tenant(Tenant("t", "t", 1.0), ApiKey("k", "t", "h" * 64, 1.0))
+        records = [
+            MatchRecord(f"m{i}", "t", False, None, None, None, None, 0.5, "v", float(i))
+            for i in range(5)
+        ]
+        store.add_matches(records[:1])  # the shard takes writes: written at once
+        assert store.get_match("t", "m0") is not None
+        assert store.deferred_matches() == (0, 0)
+        node = store.r.get_node_from_key(store._tenant("t"))  # type: ignore[attr-defined]
+        master = redis.Redis(host=node.host, port=node.port)
+        master.client_pause(60_000, all=False)  # writes wait; reads are answered
+        try:
+            store.add_matches(records[1:])  # 4 records, the cap is 3: the oldest is dropped
+            assert store.deferred_matches() == (3, 1)
+            assert asyncio.run(writes.flush_once()) == 0  # still paused: they keep waiting
+            assert store.deferred_matches() == (3, 1)
+            assert sample("tcm_match_records_deferred") == 3
+            assert sample("tcm_match_records_dropped_total") == 1
+        finally:
+            master.client_unpause()
+            master.close()
+        assert asyncio.run(writes.flush_once()) == 3
+        assert store.deferred_matches() == (0, 1)
+        assert sample("tcm_match_records_deferred") == 0
+        assert sample("tcm_match_records_dropped_total") == 1  # counted once, not per round
+        for i in (2, 3, 4):
+            assert store.get_match("t", f"m{i}") is not None, i
+        # one more waits, and the shard is back by shutdown: closing the store writes it
+        master = redis.Redis(host=node.host, port=node.port)
+        master.client_pause(60_000, all=False)
+        try:
+            store.add_matches(
+                [MatchRecord("m5", "t", False, None, None, None, None, 0.5, "v", 5.0)]
+            )
+            assert store.deferred_matches() == (1, 1)
+        finally:
+            master.client_unpause()
+            master.close()
+    finally:
+        store.close()
+    reader = RedisClusterStore(redis_cluster.url, prefix=prefix)
+    try:
+        assert reader.get_match("t", "m5") is not None
+    finally:
+        reader.close()

@@ -40,6 +40,7 @@ from service.logs import ExplainedStartupFailure, JsonFormatter
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from service.domain.placement import Placement
     from service.store import Store
     from tcm_client import Client
 
@@ -187,14 +188,23 @@ def placement_cmd(
             "that reach it; with --apply, make those moves live, one after another",
         ),
     ] = False,
-    apply: Annotated[bool, typer.Option("--apply", help="with --balance: make the moves")] = False,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="with --balance or --retire: make the moves")
+    ] = False,
+    retire: Annotated[
+        str | None,
+        typer.Option(
+            help="GROUP: print where its tenants go (largest first, to the groups holding the "
+            "fewest items); with --apply, move them live, then drop GROUP from the table"
+        ),
+    ] = None,
 ) -> None:
     """Shows the shard groups' placement table in the store (TCM_STORE_URL), writes the next
     version of it (--groups, --pin): replicas started with TCM_SHARD_GROUP read it within
     TCM_PLACEMENT_POLL_S and load the tenants their group now holds; or moves a tenant live
-    (--move). A new set of groups keeps every existing tenant where it is (pinned), so that
-    adding a group moves no tenant without --move."""
-    from service.domain.placement import Placement
+    (--move), evens the groups out (--balance) or empties a group and drops it (--retire).
+    A new set of groups keeps every existing tenant where it is (pinned), so that adding a
+    group moves no tenant without --move."""
     from service.errors import StoreUnavailableError
 
     settings = _settings()
@@ -207,48 +217,60 @@ def placement_cmd(
         if balance:
             _balance(store, apply, settings.placement_poll_s, timeout)
             return
+        if retire is not None:
+            _retire(store, retire, apply, settings.placement_poll_s, timeout)
+            return
         if apply:
-            raise ValueError("--apply goes with --balance")
+            raise ValueError("--apply goes with --balance or --retire")
         if groups is None and not pin:
             _print({"revision": rev, "table": doc})
             return
-        current = None if doc is None else Placement.from_doc(doc)
-        names = tuple(g.strip() for g in (groups or "").split(",") if g.strip()) or (
-            current.groups if current is not None else ()
-        )
-        explicit = dict(current.explicit) if current is not None else {}
-        if current is not None and names != current.groups:  # nobody moves unasked
-            after = Placement(0, names, tuple(explicit.items()))
-            for t in store.list_tenants():
-                if after.owner(t.tenant_id) != current.owner(t.tenant_id):
-                    explicit[t.tenant_id] = current.owner(t.tenant_id)
-        for entry in pin or []:
-            tenant, sep, group = entry.partition("=")
-            if not sep or group not in names:
-                raise ValueError(f"--pin {entry!r}: give TENANT=GROUP with GROUP among {names}")
-            explicit[tenant] = group
-        lost = sorted({g for g in explicit.values() if g not in names})
-        if lost:
-            raise ValueError(
-                f"tenants are placed in groups {lost}, which --groups leaves out: move them "
-                "first (--move), or --pin them elsewhere"
-            )
-        table = Placement.from_doc(
-            {
-                "version": (current.version if current is not None else 0) + 1,
-                "groups": list(names),
-                "explicit": [[t, g] for t, g in explicit.items()],
-                "moves": [] if current is None else current.to_doc()["moves"],
-            }
-        )
-        if not store.put_placement(table.to_doc(), expected_rev=rev):
-            raise ValueError("the table changed while this ran: run it again")
-        _print({"revision": rev + 1, "table": table.to_doc()})
+        names = tuple(g.strip() for g in (groups or "").split(",") if g.strip())
+        _print(_write_table(store, names, pin or []))
     except (ValueError, TimeoutError, StoreUnavailableError) as exc:
         console.print(f"[red]{getattr(exc, 'message', exc)}[/red]")
         raise typer.Exit(1) from exc
     finally:
         store.close()
+
+
+def _write_table(store: Store, groups: tuple[str, ...], pins: list[str]) -> dict[str, Any]:
+    """The next version of the table, with ``groups`` (none: the current ones) and the
+    ``TENANT=GROUP`` pins; an existing tenant the new groups would rehash is pinned where it
+    is. Returns what was written, with the store's revision."""
+    from service.domain.placement import Placement
+
+    doc, rev = store.get_placement()
+    current = None if doc is None else Placement.from_doc(doc)
+    names = groups or (current.groups if current is not None else ())
+    explicit = dict(current.explicit) if current is not None else {}
+    if current is not None and names != current.groups:  # nobody moves unasked
+        after = Placement(0, names, tuple(explicit.items()))
+        for t in store.list_tenants():
+            if after.owner(t.tenant_id) != current.owner(t.tenant_id):
+                explicit[t.tenant_id] = current.owner(t.tenant_id)
+    for entry in pins:
+        tenant, sep, group = entry.partition("=")
+        if not sep or group not in names:
+            raise ValueError(f"--pin {entry!r}: give TENANT=GROUP with GROUP among {names}")
+        explicit[tenant] = group
+    lost = sorted({g for g in explicit.values() if g not in names})
+    if lost:
+        raise ValueError(
+            f"tenants are placed in groups {lost}, which --groups leaves out: move them "
+            "first (--move, or --retire GROUP --apply), or --pin them elsewhere"
+        )
+    table = Placement.from_doc(
+        {
+            "version": (current.version if current is not None else 0) + 1,
+            "groups": list(names),
+            "explicit": [[t, g] for t, g in explicit.items()],
+            "moves": [] if current is None else current.to_doc()["moves"],
+        }
+    )
+    if not store.put_placement(table.to_doc(), expected_rev=rev):
+        raise ValueError("the table changed while this ran: run it again")
+    return {"revision": rev + 1, "table": table.to_doc()}
 
 
 def _move(store: Store, entry: str, poll_s: float, timeout_s: float) -> None:
@@ -290,19 +312,55 @@ def _balance(store: Store, apply: bool, poll_s: float, timeout_s: float) -> None
     plan = balanced(sizes, table)
     moves = {t: g for t, g in plan.items() if table.owner(t) != g}
 
-    def loads(owner: dict[str, str]) -> dict[str, int]:
-        return {g: sum(n for t, n in sizes.items() if owner[t] == g) for g in table.groups}
-
     _print(
         {
-            "items_per_group_now": loads({t: table.owner(t) for t in sizes}),
-            "items_per_group_balanced": loads(plan),
+            "items_per_group_now": _loads(sizes, {t: table.owner(t) for t in sizes}, table),
+            "items_per_group_balanced": _loads(sizes, plan, table),
             "moves": [{"tenant": t, "items": sizes[t], "to": g} for t, g in moves.items()],
         }
     )
     if apply:
         for tenant, group in moves.items():
             _move(store, f"{tenant}={group}", poll_s, timeout_s)
+
+
+def _retire(store: Store, group: str, apply: bool, poll_s: float, timeout_s: float) -> None:
+    """``tcm-serve placement --retire GROUP [--apply]``: where its tenants go; with --apply
+    those moves, live, then the table without the group (its replicas then hold nothing and
+    can be stopped)."""
+    from service.domain.placement import Placement, retiring
+
+    doc, _ = store.get_placement()
+    if doc is None:
+        raise ValueError("there is no placement table: write one first (--groups)")
+    table = Placement.from_doc(doc)
+    sizes = {t.tenant_id: store.count_items(t.tenant_id) for t in store.list_tenants()}
+    plan = retiring(sizes, table, group)
+    owner = {t: plan.get(t, table.owner(t)) for t in sizes}
+    _print(
+        {
+            "retire": group,
+            "items_per_group_now": _loads(sizes, {t: table.owner(t) for t in sizes}, table),
+            "items_per_group_after": _loads(sizes, owner, table),
+            "moves": [{"tenant": t, "items": sizes[t], "to": g} for t, g in plan.items()],
+        }
+    )
+    if not apply:
+        return
+    for tenant, target in plan.items():
+        _move(store, f"{tenant}={target}", poll_s, timeout_s)
+    now = Placement.from_doc(store.get_placement()[0] or doc)
+    rest = tuple(g for g in now.groups if g != group)
+    _print(_write_table(store, rest, []))
+    console.print(
+        f"group {group} retired: its replicas hold no tenant now and can be stopped",
+        markup=False,
+    )
+
+
+def _loads(sizes: dict[str, int], owner: dict[str, str], table: Placement) -> dict[str, int]:
+    """Items per group of ``table`` when each tenant is in ``owner``'s group."""
+    return {g: sum(n for t, n in sizes.items() if owner[t] == g) for g in table.groups}
 
 
 @app.command("export-dataset")

@@ -150,6 +150,38 @@ def balanced(sizes: Mapping[str, int], table: Placement) -> dict[str, str]:
     return plan
 
 
+def retiring(sizes: Mapping[str, int], table: Placement, group: str) -> dict[str, str]:
+    """Where the tenants of ``group`` go when it is retired (tenant id -> items for every
+    tenant): largest first, each to the remaining group holding the fewest items so far,
+    counting what each holds now (the same rule as :func:`balanced`, with the others' tenants
+    staying where they are). Returns the new group of each of ``group``'s tenants."""
+    if group not in table.groups:
+        raise ValueError(f"unknown group {group!r}; groups: {list(table.groups)}")
+    rest = [g for g in table.groups if g != group]
+    if not rest:
+        raise ValueError(f"{group!r} is the only group: there is nowhere to move its tenants")
+    moving = [t for t in table.moves if group in (t.source, t.target)]
+    if moving:
+        raise ValueError(
+            f"tenant {moving[0].tenant!r} is moving from {moving[0].source!r} to "
+            f"{moving[0].target!r}: finish that move first (--move)"
+        )
+    load = dict.fromkeys(rest, 0)
+    leaving = []
+    for tenant, n in sizes.items():
+        owner = table.owner(tenant)
+        if owner == group:
+            leaving.append(tenant)
+        elif owner in load:
+            load[owner] += n
+    plan: dict[str, str] = {}
+    for tenant in sorted(leaving, key=lambda t: (-sizes[t], t)):
+        target = min(load, key=lambda g: (load[g], g))
+        plan[tenant] = target
+        load[target] += sizes[tenant]
+    return plan
+
+
 def next_move_step(
     table: Placement, tenant: str, *, target_ready: bool, min_acknowledged: int
 ) -> Placement | None:

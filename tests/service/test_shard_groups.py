@@ -8,10 +8,11 @@ g1, b1 in g2.
 from __future__ import annotations
 
 import base64
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,71 @@ def _wait(check: Any, what: str, timeout_s: float = 30) -> None:
     while not check():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)
+
+
+Answer = tuple[str, str, int, bool]  # replica, tenant, status, whether the answer was right
+
+
+@contextlib.contextmanager
+def _matching(
+    replicas: list[Replica],
+    auth: dict[str, dict[str, str]],
+    probes: dict[str, tuple[list[float], str]],
+    *more: Callable[[threading.Event, list[Answer]], None],
+) -> Iterator[list[Answer]]:
+    """Matches of every tenant of ``probes`` (tenant -> a query and its expected top item)
+    through each replica in a loop, and the ``more`` workers beside them, while the block
+    runs; yields the list every answer is appended to."""
+    stop = threading.Event()
+    answers: list[Answer] = []
+
+    def matches(replica: Replica) -> None:
+        with httpx.Client(base_url=replica.url, timeout=30) as c:
+            while not stop.is_set():
+                for tid, (query, top) in probes.items():
+                    r = c.post("/v1/match", json={"embedding": query, "k": 1}, headers=auth[tid])
+                    right = r.status_code == 200 and r.json()["candidates"][0]["item_id"] == top
+                    answers.append((replica.name, tid, r.status_code, right))
+
+    workers = [threading.Thread(target=matches, args=(r,)) for r in replicas]
+    workers += [threading.Thread(target=work, args=(stop, answers)) for work in more]
+    for w in workers:
+        w.start()
+    try:
+        yield answers
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+
+
+def _tenants(
+    replica: Replica, table: Placement, want: dict[str, int], name: str
+) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Creates tenants until ``table`` gives each group its ``want`` of them: their API-key
+    headers, and every tenant created on the way (the surplus ones included)."""
+    auth: dict[str, dict[str, str]] = {}
+    created: list[str] = []
+    for i in range(60):
+        r = httpx.post(replica.url + "/v1/tenants", json={"name": f"{name}{i}"}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        tid = r.json()["tenant_id"]
+        created.append(tid)
+        owner = table.owner(tid)
+        if list(map(table.owner, auth)).count(owner) < want.get(owner, 0):
+            auth[tid] = {"Authorization": f"Bearer {r.json()['api_key']}"}
+        if len(auth) == sum(want.values()):
+            return auth, created
+    raise AssertionError(f"60 tenants did not give {want}")
+
+
+def _cli_env(replica: Replica) -> dict[str, str]:
+    """What ``tcm-serve placement`` needs to reach the fleet's table (polling as fast)."""
+    return {
+        "TCM_STORE_URL": replica.app.state.settings.store_url,
+        "TCM_REDIS_KEY_PREFIX": replica.app.state.settings.redis_key_prefix,
+        "TCM_PLACEMENT_POLL_S": "0.2",
+    }
 
 
 def test_groups_hold_their_tenants_and_forward_the_others(fleet: dict[str, Replica]) -> None:
@@ -322,18 +388,7 @@ def test_a_live_move_fails_no_request_and_touches_no_other_tenant(
 
     a1, a2, b1 = fleet["a1"], fleet["a2"], fleet["b1"]
     table = Placement(1, ("g1", "g2"))
-    auth: dict[str, dict[str, str]] = {}
-    created: list[str] = []
-    for i in range(60):  # until g1 owns two tenants and g2 one
-        r = httpx.post(a1.url + "/v1/tenants", json={"name": f"m{i}"}, headers=ADMIN)
-        assert r.status_code == 201, r.text
-        tid = r.json()["tenant_id"]
-        created.append(tid)
-        owner = table.owner(tid)
-        if list(map(table.owner, auth)).count(owner) < (2 if owner == "g1" else 1):
-            auth[tid] = {"Authorization": f"Bearer {r.json()['api_key']}"}
-        if len(auth) == 3:
-            break
+    auth, created = _tenants(a1, table, {"g1": 2, "g2": 1}, "m")
     moving = next(t for t in auth if table.owner(t) == "g1")
     rng = np.random.default_rng(7)
     probes: dict[str, tuple[list[float], str]] = {}  # tenant -> a query and its top item
@@ -352,19 +407,9 @@ def test_a_live_move_fails_no_request_and_touches_no_other_tenant(
     _wait(lambda: b1.sizes().get(moving) is None and a2.sizes().get(moving) == 2048, "loads")
     rebuilds = {r.name: r.app.state.runtime.sync.rebuilds for r in (a1, a2, b1)}
 
-    stop = threading.Event()
-    answers: list[tuple[str, str, int, bool]] = []  # replica, tenant, status, right answer
     enrolled: list[tuple[str, str]] = []  # item id, its consistency token
 
-    def matches(replica: Replica) -> None:
-        with httpx.Client(base_url=replica.url, timeout=30) as c:
-            while not stop.is_set():
-                for tid, (query, top) in probes.items():
-                    r = c.post("/v1/match", json={"embedding": query, "k": 1}, headers=auth[tid])
-                    right = r.status_code == 200 and r.json()["candidates"][0]["item_id"] == top
-                    answers.append((replica.name, tid, r.status_code, right))
-
-    def enrolments() -> None:
+    def enrolments(stop: threading.Event, answers: list[Answer]) -> None:
         with httpx.Client(base_url=a2.url, timeout=30) as c:
             j = 0
             while not stop.is_set():
@@ -377,17 +422,9 @@ def test_a_live_move_fails_no_request_and_touches_no_other_tenant(
                 enrolled.append((item, r.headers["X-Consistency-Token"]))
                 j += 1
 
-    workers = [threading.Thread(target=matches, args=(r,)) for r in (a1, a2, b1)]
-    workers.append(threading.Thread(target=enrolments))
-    for w in workers:
-        w.start()
-    try:
+    with _matching([a1, a2, b1], auth, probes, enrolments) as answers:
         _wait(lambda: len(answers) > 30 and enrolled, "traffic before the move")
-        env = {
-            "TCM_STORE_URL": a1.app.state.settings.store_url,
-            "TCM_REDIS_KEY_PREFIX": a1.app.state.settings.redis_key_prefix,
-            "TCM_PLACEMENT_POLL_S": "0.2",
-        }
+        env = _cli_env(a1)
         moved = CliRunner().invoke(cli, ["placement", "--move", f"{moving}=g2"], env=env)
         assert moved.exit_code == 0, moved.output
         assert [line.split()[2] for line in moved.output.splitlines()[:3]] == [
@@ -398,10 +435,6 @@ def test_a_live_move_fails_no_request_and_touches_no_other_tenant(
         _wait(lambda: moving not in a1.sizes() and moving not in a2.sizes(), "g1 released it")
         during = len(answers)
         _wait(lambda: len(answers) > during + 30, "traffic after the move")
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(timeout=60)
     failed = [a for a in answers if a[2] != 200 or not a[3]]
     assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
     assert {a[0] for a in answers if a[1] == moving} == {"a1", "a2", "b1"}
@@ -423,3 +456,68 @@ def test_a_live_move_fails_no_request_and_touches_no_other_tenant(
         headers={**auth[moving], "X-Consistency-Token": token},
     )
     assert m.status_code == 200 and m.json()["candidates"][0]["item_id"] == item, m.text
+
+
+def test_retiring_a_group_moves_its_tenants_live_then_drops_it(
+    fleet: dict[str, Replica],
+) -> None:
+    """``tcm-serve placement --retire g2`` prints where g2's tenants go; with ``--apply`` it
+    moves each live while matches go on through every replica (b1, the retired group's own
+    replica, included), then writes the table without g2: b1 holds nothing and forwards, g1's
+    replicas hold every tenant, not one request failed, and the other tenants kept their
+    group (none rehashed by the smaller set of groups)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from service.cli import app as cli
+
+    a1, a2, b1 = fleet["a1"], fleet["a2"], fleet["b1"]
+    table = Placement(1, ("g1", "g2"))
+    auth, _ = _tenants(a1, table, {"g1": 1, "g2": 2}, "r")
+    leaving = sorted(t for t in auth if table.owner(t) == "g2")
+    staying = next(t for t in auth if table.owner(t) == "g1")
+    for n, (tid, headers) in enumerate(auth.items()):
+        items = [
+            {"subject": f"s{j}", "embedding": unit(10 * n + j), "item_id": f"{tid}-{j}"}
+            for j in range(3 + n)
+        ]
+        r = httpx.post(a1.url + "/v1/gallery", json={"items": items}, headers=headers)
+        assert r.status_code == 201, r.text
+    _wait(lambda: set(b1.sizes()) >= set(leaving), f"b1 holds {b1.sizes()}")
+    env = _cli_env(a1)
+    runner = CliRunner()
+    planned = runner.invoke(cli, ["placement", "--retire", "g2"], env=env)
+    assert planned.exit_code == 0, planned.output
+    plan = json.loads(planned.output)
+    assert sorted(m["tenant"] for m in plan["moves"]) == leaving
+    assert {m["to"] for m in plan["moves"]} == {"g1"}
+    assert plan["items_per_group_after"]["g2"] == 0
+    assert sum(plan["items_per_group_after"].values()) == sum(plan["items_per_group_now"].values())
+
+    probes = {tid: (unit(10 * n), f"{tid}-0") for n, tid in enumerate(auth)}
+    with _matching([a1, a2, b1], auth, probes) as answers:
+        _wait(lambda: len(answers) > 30, "traffic before the retirement")
+        retired = runner.invoke(cli, ["placement", "--retire", "g2", "--apply"], env=env)
+        assert retired.exit_code == 0, retired.output
+        assert "group g2 retired" in retired.output
+        _wait(lambda: not b1.sizes(), f"b1 still holds {b1.sizes()}")
+        during = len(answers)
+        _wait(lambda: len(answers) > during + 30, "traffic after the retirement")
+    failed = [a for a in answers if a[2] != 200 or not a[3]]
+    assert not failed, f"{len(failed)} of {len(answers)} requests failed: {failed[:5]}"
+    store = RedisClusterStore(
+        a1.app.state.settings.store_url, prefix=a1.app.state.settings.redis_key_prefix
+    )
+    try:
+        doc, _ = store.get_placement()
+    finally:
+        store.close()
+    after = Placement.from_doc(doc or {})
+    assert after.groups == ("g1",) and not after.moves
+    assert all(after.owner(t) == "g1" for t in auth)
+    assert set(a1.sizes()) == set(a2.sizes()) >= set(auth)
+    assert a1.sizes()[staying] == 3 + list(auth).index(staying)
+    # nothing left to retire into: the last group cannot go
+    last = runner.invoke(cli, ["placement", "--retire", "g1"], env=env)
+    assert last.exit_code == 1 and "the only group" in last.output

@@ -191,6 +191,16 @@ def placement_cmd(
     apply: Annotated[
         bool, typer.Option("--apply", help="with --balance or --retire: make the moves")
     ] = False,
+    min_gain: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="with --balance --apply: move only if the plan shrinks the largest group by "
+            "at least this fraction (e.g. 0.1), so that a scheduled run moves nobody for a "
+            "small gain",
+        ),
+    ] = 0.0,
     retire: Annotated[
         str | None,
         typer.Option(
@@ -215,7 +225,7 @@ def placement_cmd(
             _move(store, move, settings.placement_poll_s, timeout)
             return
         if balance:
-            _balance(store, apply, settings.placement_poll_s, timeout)
+            _balance(store, apply, min_gain, settings.placement_poll_s, timeout)
             return
         if retire is not None:
             _retire(store, retire, apply, settings.placement_poll_s, timeout)
@@ -300,28 +310,48 @@ def _move(store: Store, entry: str, poll_s: float, timeout_s: float) -> None:
     console.print(f"tenant {tenant} now in group {group}", markup=False)
 
 
-def _balance(store: Store, apply: bool, poll_s: float, timeout_s: float) -> None:
-    """``tcm-serve placement --balance [--apply]``: the size-aware plan, and its moves."""
-    from service.domain.placement import Placement, balanced
+def _balance(store: Store, apply: bool, min_gain: float, poll_s: float, timeout_s: float) -> None:
+    """``tcm-serve placement --balance [--apply [--min-gain F]]``: the size-aware plan, and
+    its moves. With --apply, moves a stopped run left under way are finished first (to their
+    recorded targets), then the plan is made from the table as it is."""
+    from service.domain.placement import Placement, balanced, largest_group_drop
 
     doc, _ = store.get_placement()
     if doc is None:
         raise ValueError("there is no placement table: write one first (--groups)")
-    table = Placement.from_doc(doc)
+    if apply:
+        for under_way in Placement.from_doc(doc).moves:
+            console.print(
+                f"finishing the move of {under_way.tenant} to {under_way.target}", markup=False
+            )
+            _move(store, f"{under_way.tenant}={under_way.target}", poll_s, timeout_s)
+        doc, _ = store.get_placement()
+    table = Placement.from_doc(doc or {})
     sizes = {t.tenant_id: store.count_items(t.tenant_id) for t in store.list_tenants()}
     plan = balanced(sizes, table)
     moves = {t: g for t, g in plan.items() if table.owner(t) != g}
-
+    now = _loads(sizes, {t: table.owner(t) for t in sizes}, table)
+    after = _loads(sizes, plan, table)
+    drop = largest_group_drop(now, after)
     _print(
         {
-            "items_per_group_now": _loads(sizes, {t: table.owner(t) for t in sizes}, table),
-            "items_per_group_balanced": _loads(sizes, plan, table),
+            "items_per_group_now": now,
+            "items_per_group_balanced": after,
+            "largest_group_drop": round(drop, 4),
             "moves": [{"tenant": t, "items": sizes[t], "to": g} for t, g in moves.items()],
         }
     )
-    if apply:
-        for tenant, group in moves.items():
-            _move(store, f"{tenant}={group}", poll_s, timeout_s)
+    if not apply:
+        return
+    if moves and drop < min_gain:
+        console.print(
+            f"no move made: the plan shrinks the largest group by {drop:.1%}, "
+            f"under --min-gain {min_gain:.1%}",
+            markup=False,
+        )
+        return
+    for tenant, group in moves.items():
+        _move(store, f"{tenant}={group}", poll_s, timeout_s)
 
 
 def _retire(store: Store, group: str, apply: bool, poll_s: float, timeout_s: float) -> None:

@@ -150,6 +150,17 @@ def balanced(sizes: Mapping[str, int], table: Placement) -> dict[str, str]:
     return plan
 
 
+def largest_group_drop(now: Mapping[str, int], after: Mapping[str, int]) -> float:
+    """How much a plan shrinks the largest group (items per group now and after): 0.25 when
+    it holds a quarter fewer items; 0 for an empty fleet. What ``--balance --min-gain``
+    compares, so that a small gain moves nobody (a rebalancer run on a schedule must not
+    move tenants back and forth over a few items)."""
+    largest = max(now.values(), default=0)
+    if largest == 0:
+        return 0.0
+    return (largest - max(after.values(), default=0)) / largest
+
+
 def retiring(sizes: Mapping[str, int], table: Placement, group: str) -> dict[str, str]:
     """Where the tenants of ``group`` go when it is retired (tenant id -> items for every
     tenant): largest first, each to the remaining group holding the fewest items so far,

@@ -109,6 +109,9 @@ def _apply_labels(out: list[Manifest], label: dict[str, Any], kfile: Path) -> No
             tpl.setdefault("metadata", {}).setdefault("labels", {}).update(pairs)
             for claim in m["spec"].get("volumeClaimTemplates", []):  # StatefulSet
                 claim.setdefault("metadata", {}).setdefault("labels", {}).update(pairs)
+            if m["kind"] == "CronJob":  # kustomize labels the Job template too
+                job = m["spec"]["jobTemplate"]
+                job.setdefault("metadata", {}).setdefault("labels", {}).update(pairs)
 
 
 def _apply_image(out: list[Manifest], image: dict[str, Any]) -> None:

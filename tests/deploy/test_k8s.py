@@ -99,6 +99,7 @@ def test_kustomizations_build(directory: str) -> None:
             "Service",
             "HorizontalPodAutoscaler",
             "PodDisruptionBudget",
+            "CronJob",  # the scheduled rebalance
         },
         "monitoring": {"ServiceMonitor", "PrometheusRule", "ConfigMap"},
         "retrain": {"Job", "PersistentVolumeClaim"},

@@ -95,3 +95,61 @@ def test_the_settings_are_a_grouped_replica_on_redis_cluster() -> None:
     assert settings.redis_wait_replicas == 1
     assert settings.redis_wait_timeout_ms < settings.store_timeout_s * 1000
     assert re.fullmatch(r"redis\+cluster://tcm-redis-cluster:\d+", settings.store_url)
+
+
+def test_the_scheduled_rebalance_runs_a_command_the_cli_takes() -> None:
+    """The CronJob is suspended until turned on, never runs twice at once, reads the same
+    ConfigMap as the replicas, and its command runs: against a real Redis table of two groups
+    and one lopsided pair of tenants it prints the plan and makes no move under --min-gain."""
+    import json
+    import uuid
+
+    import redis
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from service.domain.placement import Placement
+    from service.store.base import ApiKey, NewItem, Tenant
+    from service.store.redis_store import RedisStore
+
+    cron = one(built("overlays/shard-groups"), "CronJob", "tcm-rebalance")
+    assert cron["spec"]["suspend"] is True and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "tcm-config"}}]
+    command = container["command"]
+    assert command[:2] == ["tcm-serve", "placement"] and "--apply" in command
+    gain = float(command[command.index("--min-gain") + 1])
+    assert 0 < gain < 1
+
+    prefix = f"tcmtest:{uuid.uuid4().hex}:"
+    store = RedisStore("redis://127.0.0.1:6379/0", prefix=prefix)
+    try:
+        table = Placement(1, ("g1", "g2"), explicit=(("a", "g1"), ("b", "g1")))
+        assert store.put_placement(table.to_doc(), expected_rev=0)
+        # two tenants in g1 by hand, of 10 and 9 items: balancing would move the smaller
+        # one and shrink g1 by 9/19 = 47%, above the committed gain; 9 vs 10 items apart
+        for name, n in (("a", 10), ("b", 9)):
+            store.create_tenant(Tenant(name, name, 1.0), ApiKey(f"k{name}", name, "h" * 64, 1.0))
+            vectors = [[1.0] + [0.0] * 7] * n
+            store.add_items(
+                name,
+                [NewItem(f"x{j}", "s", v) for j, v in enumerate(vectors)],
+                model_version="v",
+                created_at=1.0,
+            )
+        env = {"TCM_STORE_URL": "redis://127.0.0.1:6379/0", "TCM_REDIS_KEY_PREFIX": prefix}
+        args = [*command[1:], "--min-gain", "0.5"]  # the committed command, a higher bar
+        result = CliRunner().invoke(app, args, env=env)
+        assert result.exit_code == 0, result.output
+        assert "no move made" in result.output
+        plan = json.loads(result.output[: result.output.index("no move made")])
+        assert plan["items_per_group_now"] == {"g1": 19, "g2": 0}
+        assert plan["largest_group_drop"] > gain  # the committed command would move it
+    finally:
+        store.close()
+        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()

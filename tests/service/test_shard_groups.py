@@ -310,10 +310,20 @@ def test_the_placement_command_writes_the_next_table(store_settings: Any) -> Non
     assert sum(now.values()) == sum(after.values()) == sum(3 * i + 1 for i in range(12))
     assert max(after.values()) < max(now.values()) and plan["moves"]
     assert all(m["to"] in ("g1", "g2", "g3") for m in plan["moves"])
+    assert 0 < plan["largest_group_drop"] < 1
+    # a gain under --min-gain moves nobody (a scheduled run must not shuffle tenants for little)
+    idle = runner.invoke(app, ["placement", "--balance", "--apply", "--min-gain", "0.99"], env=env)
+    assert idle.exit_code == 0 and "no move made" in idle.output, idle.output
+    assert json.loads(runner.invoke(app, ["placement"], env=env).output)["table"]["version"] == 2
     # --apply makes the first move: with no replica running it begins and waits, then stops
     applied = runner.invoke(app, ["placement", "--balance", "--apply", "--timeout", "0.3"], env=env)
     assert applied.exit_code == 1 and "begin: table version 3" in applied.output
     assert "run the command again to resume it" in applied.output
+    # run again, it finishes that move first (to its recorded target), whatever the plan is now
+    first = plan["moves"][0]
+    again = runner.invoke(app, ["placement", "--balance", "--apply", "--timeout", "0.3"], env=env)
+    assert again.exit_code == 1
+    assert f"finishing the move of {first['tenant']} to {first['to']}" in again.output
     lone = runner.invoke(app, ["placement", "--apply"], env=env)
     assert lone.exit_code == 1 and "--apply goes with --balance" in lone.output
     sqlite = runner.invoke(

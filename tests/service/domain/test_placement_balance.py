@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from service.domain.placement import Move, Placement, balanced, retiring
+from service.domain.placement import Move, Placement, balanced, largest_group_drop, retiring
 
 
 def _loads(plan: dict[str, str], sizes: dict[str, int], groups: tuple[str, ...]) -> list[int]:
@@ -83,3 +83,10 @@ def test_retiring_refuses_what_it_cannot_do() -> None:
     moving = Placement(3, ("g1", "g2"), moves=(Move("a", "g1", "g2"),))
     with pytest.raises(ValueError, match="finish that move first"):
         retiring({"a": 1}, moving, "g2")
+
+
+def test_the_largest_group_s_drop() -> None:
+    assert largest_group_drop({"g1": 400, "g2": 100}, {"g1": 250, "g2": 250}) == 0.375
+    assert largest_group_drop({"g1": 200, "g2": 200}, {"g1": 200, "g2": 200}) == 0.0
+    assert largest_group_drop({"g1": 0, "g2": 0}, {"g1": 0, "g2": 0}) == 0.0
+    assert largest_group_drop({}, {}) == 0.0

@@ -334,6 +334,44 @@ def test_the_placement_command_writes_the_next_table(store_settings: Any) -> Non
     assert sqlite.exit_code == 1 and "shared Redis store" in sqlite.output
 
 
+def test_balance_apply_finishes_a_move_its_plan_would_not_make(store_settings: Any) -> None:
+    """A move a stopped run left under way (begun, never switched) is finished by the next
+    ``--balance --apply`` even when the new plan leaves the tenant where the table has it
+    now: otherwise the tenant would stay held by two groups for good. With no replica
+    running, the resumed move waits for the target and stops, naming it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from service.cli import app
+    from service.store.base import ApiKey, NewItem, Tenant
+    from service.store.redis_store import RedisStore
+
+    cfg = store_settings("redis")
+    store = RedisStore(cfg["store_url"], prefix=cfg["redis_key_prefix"])
+    try:
+        store.create_tenant(Tenant("x", "x", 1.0), ApiKey("kx", "x", "h" * 64, 1.0))
+        vectors = np.eye(8, dtype=np.float32)[:4]
+        store.add_items(
+            "x",
+            [NewItem(f"i{j}", "s", v) for j, v in enumerate(vectors)],
+            model_version="v",
+            created_at=1.0,
+        )
+        table = Placement(1, ("g1", "g2", "g3"), explicit=(("x", "g1"),)).begin("x", "g3")
+        assert store.put_placement(table.to_doc(), expected_rev=0)
+    finally:
+        store.close()
+    env = {"TCM_STORE_URL": cfg["store_url"], "TCM_REDIS_KEY_PREFIX": cfg["redis_key_prefix"]}
+    runner = CliRunner()
+    planned = runner.invoke(app, ["placement", "--balance"], env=env)
+    assert planned.exit_code == 0 and json.loads(planned.output)["moves"] == []  # x stays
+    resumed = runner.invoke(app, ["placement", "--balance", "--apply", "--timeout", "0.3"], env=env)
+    assert resumed.exit_code == 1, resumed.output
+    assert "finishing the move of x to g3" in resumed.output
+    assert "run the command again to resume it" in resumed.output
+
+
 def test_a_group_needs_a_shared_store_and_an_address() -> None:
     from pydantic import ValidationError
 

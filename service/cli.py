@@ -220,7 +220,6 @@ def placement_cmd(
     settings = _settings()
     store = _open_store(settings)
     try:
-        doc, rev = store.get_placement()
         if move is not None:
             _move(store, move, settings.placement_poll_s, timeout)
             return
@@ -233,6 +232,7 @@ def placement_cmd(
         if apply:
             raise ValueError("--apply goes with --balance or --retire")
         if groups is None and not pin:
+            doc, rev = store.get_placement()
             _print({"revision": rev, "table": doc})
             return
         names = tuple(g.strip() for g in (groups or "").split(",") if g.strip())
@@ -314,20 +314,17 @@ def _balance(store: Store, apply: bool, min_gain: float, poll_s: float, timeout_
     """``tcm-serve placement --balance [--apply [--min-gain F]]``: the size-aware plan, and
     its moves. With --apply, moves a stopped run left under way are finished first (to their
     recorded targets), then the plan is made from the table as it is."""
-    from service.domain.placement import Placement, balanced, largest_group_drop
+    from service.domain.placement import balanced, largest_group_drop
 
-    doc, _ = store.get_placement()
-    if doc is None:
-        raise ValueError("there is no placement table: write one first (--groups)")
-    if apply:
-        for under_way in Placement.from_doc(doc).moves:
+    table = _table(store)
+    if apply and table.moves:
+        for under_way in table.moves:
             console.print(
                 f"finishing the move of {under_way.tenant} to {under_way.target}", markup=False
             )
             _move(store, f"{under_way.tenant}={under_way.target}", poll_s, timeout_s)
-        doc, _ = store.get_placement()
-    table = Placement.from_doc(doc or {})
-    sizes = {t.tenant_id: store.count_items(t.tenant_id) for t in store.list_tenants()}
+        table = _table(store)
+    sizes = _item_counts(store)
     plan = balanced(sizes, table)
     moves = {t: g for t, g in plan.items() if table.owner(t) != g}
     now = _loads(sizes, {t: table.owner(t) for t in sizes}, table)
@@ -358,13 +355,10 @@ def _retire(store: Store, group: str, apply: bool, poll_s: float, timeout_s: flo
     """``tcm-serve placement --retire GROUP [--apply]``: where its tenants go; with --apply
     those moves, live, then the table without the group (its replicas then hold nothing and
     can be stopped)."""
-    from service.domain.placement import Placement, retiring
+    from service.domain.placement import retiring
 
-    doc, _ = store.get_placement()
-    if doc is None:
-        raise ValueError("there is no placement table: write one first (--groups)")
-    table = Placement.from_doc(doc)
-    sizes = {t.tenant_id: store.count_items(t.tenant_id) for t in store.list_tenants()}
+    table = _table(store)
+    sizes = _item_counts(store)
     plan = retiring(sizes, table, group)
     owner = {t: plan.get(t, table.owner(t)) for t in sizes}
     _print(
@@ -379,13 +373,27 @@ def _retire(store: Store, group: str, apply: bool, poll_s: float, timeout_s: flo
         return
     for tenant, target in plan.items():
         _move(store, f"{tenant}={target}", poll_s, timeout_s)
-    now = Placement.from_doc(store.get_placement()[0] or doc)
-    rest = tuple(g for g in now.groups if g != group)
+    rest = tuple(g for g in _table(store).groups if g != group)  # as it is after the moves
     _print(_write_table(store, rest, []))
     console.print(
         f"group {group} retired: its replicas hold no tenant now and can be stopped",
         markup=False,
     )
+
+
+def _table(store: Store) -> Placement:
+    """The placement table as it is now; there must be one."""
+    from service.domain.placement import Placement
+
+    doc, _ = store.get_placement()
+    if doc is None:
+        raise ValueError("there is no placement table: write one first (--groups)")
+    return Placement.from_doc(doc)
+
+
+def _item_counts(store: Store) -> dict[str, int]:
+    """Every tenant's gallery items (what --balance and --retire weigh groups by)."""
+    return {t.tenant_id: store.count_items(t.tenant_id) for t in store.list_tenants()}
 
 
 def _loads(sizes: dict[str, int], owner: dict[str, str], table: Placement) -> dict[str, int]:

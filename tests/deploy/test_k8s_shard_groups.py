@@ -97,6 +97,7 @@ def test_the_settings_are_a_grouped_replica_on_redis_cluster() -> None:
     assert re.fullmatch(r"redis\+cluster://tcm-redis-cluster:\d+", settings.store_url)
 
 
+@pytest.mark.redis
 def test_the_scheduled_rebalance_runs_a_command_the_cli_takes() -> None:
     """The CronJob is suspended until turned on, never runs twice at once, reads the same
     ConfigMap as the replicas, and its command runs: against a real Redis table of two groups
@@ -104,13 +105,13 @@ def test_the_scheduled_rebalance_runs_a_command_the_cli_takes() -> None:
     import json
     import uuid
 
-    import redis
     from typer.testing import CliRunner
 
     from service.cli import app
     from service.domain.placement import Placement
     from service.store.base import ApiKey, NewItem, Tenant
     from service.store.redis_store import RedisStore
+    from tests.service.conftest import REDIS_URL, redis_cleanup
 
     cron = one(built("overlays/shard-groups"), "CronJob", "tcm-rebalance")
     assert cron["spec"]["suspend"] is True and cron["spec"]["concurrencyPolicy"] == "Forbid"
@@ -123,12 +124,12 @@ def test_the_scheduled_rebalance_runs_a_command_the_cli_takes() -> None:
     assert 0 < gain < 1
 
     prefix = f"tcmtest:{uuid.uuid4().hex}:"
-    store = RedisStore("redis://127.0.0.1:6379/0", prefix=prefix)
+    store = RedisStore(REDIS_URL, prefix=prefix)
     try:
         table = Placement(1, ("g1", "g2"), explicit=(("a", "g1"), ("b", "g1")))
         assert store.put_placement(table.to_doc(), expected_rev=0)
         # two tenants in g1 by hand, of 10 and 9 items: balancing would move the smaller
-        # one and shrink g1 by 9/19 = 47%, above the committed gain; 9 vs 10 items apart
+        # one and shrink g1 by 9/19 = 47%, above the committed gain, under the 50% asked here
         for name, n in (("a", 10), ("b", 9)):
             store.create_tenant(Tenant(name, name, 1.0), ApiKey(f"k{name}", name, "h" * 64, 1.0))
             vectors = [[1.0] + [0.0] * 7] * n
@@ -138,7 +139,7 @@ def test_the_scheduled_rebalance_runs_a_command_the_cli_takes() -> None:
                 model_version="v",
                 created_at=1.0,
             )
-        env = {"TCM_STORE_URL": "redis://127.0.0.1:6379/0", "TCM_REDIS_KEY_PREFIX": prefix}
+        env = {"TCM_STORE_URL": REDIS_URL, "TCM_REDIS_KEY_PREFIX": prefix}
         args = [*command[1:], "--min-gain", "0.5"]  # the committed command, a higher bar
         result = CliRunner().invoke(app, args, env=env)
         assert result.exit_code == 0, result.output
@@ -148,8 +149,4 @@ def test_the_scheduled_rebalance_runs_a_command_the_cli_takes() -> None:
         assert plan["largest_group_drop"] > gain  # the committed command would move it
     finally:
         store.close()
-        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-        keys = list(client.scan_iter(match=f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        redis_cleanup(REDIS_URL, prefix)

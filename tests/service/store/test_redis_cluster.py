@@ -276,6 +276,7 @@ def test_match_records_wait_for_their_shard_and_are_written_once_it_is_back(
     the process up to the cap, the oldest dropped beyond; DeferredWrites publishes both and
     writes the waiting ones once the shard takes writes again, without another match."""
     import asyncio
+    import contextlib
 
     import redis
     from prometheus_client import CollectorRegistry
@@ -304,18 +305,24 @@ def test_match_records_wait_for_their_shard_and_are_written_once_it_is_back(
         assert store.get_match("t", "m0") is not None
         assert store.deferred_matches() == (0, 0)
         node = store.r.get_node_from_key(store._tenant("t"))  # type: ignore[attr-defined]
-        master = redis.Redis(host=node.host, port=node.port)
-        master.client_pause(60_000, all=False)  # writes wait; reads are answered
-        try:
+
+        @contextlib.contextmanager
+        def writes_paused() -> Iterator[None]:
+            master = redis.Redis(host=node.host, port=node.port)
+            master.client_pause(60_000, all=False)  # writes wait; reads are answered
+            try:
+                yield
+            finally:
+                master.client_unpause()
+                master.close()
+
+        with writes_paused():
             store.add_matches(records[1:])  # 4 records, the cap is 3: the oldest is dropped
             assert store.deferred_matches() == (3, 1)
             assert asyncio.run(writes.flush_once()) == 0  # still paused: they keep waiting
             assert store.deferred_matches() == (3, 1)
             assert sample("tcm_match_records_deferred") == 3
             assert sample("tcm_match_records_dropped_total") == 1
-        finally:
-            master.client_unpause()
-            master.close()
         assert asyncio.run(writes.flush_once()) == 3
         assert store.deferred_matches() == (0, 1)
         assert sample("tcm_match_records_deferred") == 0
@@ -323,16 +330,11 @@ def test_match_records_wait_for_their_shard_and_are_written_once_it_is_back(
         for i in (2, 3, 4):
             assert store.get_match("t", f"m{i}") is not None, i
         # one more waits, and the shard is back by shutdown: closing the store writes it
-        master = redis.Redis(host=node.host, port=node.port)
-        master.client_pause(60_000, all=False)
-        try:
+        with writes_paused():
             store.add_matches(
                 [MatchRecord("m5", "t", False, None, None, None, None, 0.5, "v", 5.0)]
             )
             assert store.deferred_matches() == (1, 1)
-        finally:
-            master.client_unpause()
-            master.close()
     finally:
         store.close()
     reader = RedisClusterStore(redis_cluster.url, prefix=prefix)

@@ -1,8 +1,8 @@
-"""Issue 31's goals, in one run (``make goals``; not in ``.ci/run`` yet, ``docs/scaling.md``).
+"""Issue 31's goals, in one run (``make goals``; ``.ci/run`` runs it after ``make test``).
 
-A 3-master Redis Cluster (a replica each) on loopback, 3 shard groups x 2 real ``tcm-serve``
-processes serving the committed default model (dim 128), 9 tenants of 200k down to 10k items
-(670k in all), enrolled over HTTP. The goals, each asserted:
+A 3-master Redis Cluster (two replicas each: ``docs/scaling.md`` says why) on loopback, 3
+shard groups x 2 real ``tcm-serve`` processes serving the committed default model (dim 128), 9
+tenants of 200k down to 10k items (670k in all), enrolled over HTTP. The goals, each asserted:
 
 1. every replica answers every tenant's queries as one exact search over that tenant's whole
    gallery would (the oracle: numpy over the vectors enrolled; same top-10 ids, scores within
@@ -22,7 +22,7 @@ processes serving the committed default model (dim 128), 9 tenants of 200k down 
 
 What it measured goes to the JSON named by ``TCM_GOALS_JSON`` (``make goals`` writes
 ``docs/results/scaling_goals.json``). Timings are bounds the issue sets, not speeds; on these
-2-core machines 6-8 service processes and 6 Redis nodes share two cores.
+2-core machines 6-8 service processes and 9 Redis nodes share two cores.
 """
 
 from __future__ import annotations
